@@ -1,0 +1,381 @@
+//! Map keys, values, names and flags shared by the eBPF programs (`lb-ebpf`)
+//! and the agent (`lb-userspace`).
+//!
+//! Rules for every type here: `#[repr(C)]`, `Copy`, explicit `_pad` fields so
+//! that no byte is uninitialised (the kernel hashes whole keys), no `bool`,
+//! `enum` or `Option`, and a size assertion. Addresses are byte arrays in
+//! network order; ports carry their byte order in the field name (`_be`).
+//! IPv4 and IPv6 types mirror each other field for field.
+#![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding is public so both sides can build the types; `_pad` says it holds no data"
+)]
+
+use core::mem::size_of;
+
+/// Map names. At most 15 characters: the kernel cuts object names at 16.
+/// A layout change to a pinned map bumps the suffix so an old pin is not
+/// reused with a new layout.
+pub mod map_names {
+    /// IPv4 services: `Lb4Key` -> `LbService`.
+    pub const SERVICES4: &str = "LB4_SVC_V1";
+    /// IPv6 services: `Lb6Key` -> `LbService`.
+    pub const SERVICES6: &str = "LB6_SVC_V1";
+    /// IPv4 backends: backend id -> `Lb4Backend`.
+    pub const BACKENDS4: &str = "LB4_BE_V1";
+    /// IPv6 backends: backend id -> `Lb6Backend`.
+    pub const BACKENDS6: &str = "LB6_BE_V1";
+    /// IPv4 reverse NAT: rev-NAT id -> `Lb4RevNat`.
+    pub const REVNAT4: &str = "LB4_RNAT_V1";
+    /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
+    pub const REVNAT6: &str = "LB6_RNAT_V1";
+    /// IPv4 connection tracking (LRU): `Ct4Key` -> `CtEntry`.
+    pub const CT4: &str = "LB4_CT_V1";
+    /// IPv6 connection tracking (LRU): `Ct6Key` -> `CtEntry`.
+    pub const CT6: &str = "LB6_CT_V1";
+    /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
+    pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
+    /// Per-CPU packet counters per verdict reason, indexed by `reason::*`.
+    pub const REASONS: &str = "LB_REASONS_V1";
+}
+
+/// Program names as they appear in the object file and in the kernel.
+pub mod prog_names {
+    /// TC program translating service traffic and its replies.
+    pub const TC_LB: &str = "lb_tc";
+    /// Empty TC program: the measurement floor for benchmarks and tests.
+    pub const TC_FLOOR: &str = "lb_floor";
+}
+
+/// Capacity of the maps (entries). Frontends are VIP:port/proto pairs.
+pub mod limits {
+    /// Largest rev-NAT id + 1; also the size of the per-service stats array.
+    pub const MAX_FRONTENDS: u32 = 1 << 18;
+    /// Service map entries (frontend slot 0 plus backend slots).
+    pub const MAX_SERVICE_SLOTS: u32 = 1 << 21;
+    /// Backend map entries per family.
+    pub const MAX_BACKENDS: u32 = 1 << 20;
+    /// Default conntrack entries per family (an LRU: the oldest go first).
+    pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
+    /// Highest backend slot number a service may use (slots 1..=this).
+    pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX - 1;
+}
+
+/// IP protocol numbers carried in keys (raw numbers, as on the wire).
+pub mod proto {
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// `ICMPv6`.
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Service key scopes (reserved for the external/internal split).
+pub mod scope {
+    /// Reached from inside the cluster (`ClusterIP`).
+    pub const INTERNAL: u8 = 0;
+}
+
+/// `LbService::flags` bits.
+pub mod svc_flags {
+    /// Frontend is a `ClusterIP`.
+    pub const CLUSTER_IP: u16 = 1 << 0;
+}
+
+/// `Lb4Backend::flags` / `Lb6Backend::flags` values.
+pub mod backend_flags {
+    /// Backend takes new flows.
+    pub const ACTIVE: u8 = 0;
+    /// Backend takes no new flows; established flows drain.
+    pub const TERMINATING: u8 = 1;
+}
+
+/// Conntrack key directions (`Ct4Key::dir`).
+pub mod ct_dir {
+    /// Client -> service address; the entry names the chosen backend.
+    pub const SERVICE: u8 = 0;
+    /// Backend -> client; the entry names the frontend to restore.
+    pub const REPLY: u8 = 1;
+}
+
+/// `CtEntry::flags` bits.
+pub mod ct_flags {
+    /// A TCP FIN or RST was seen: the entry gets the short timeout.
+    pub const CLOSING: u32 = 1 << 0;
+}
+
+/// Conntrack lifetimes (nanoseconds since the last packet of the flow).
+pub mod ct_timeout {
+    /// Established TCP flow.
+    pub const TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+    /// TCP flow after FIN or RST.
+    pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+    /// UDP flow.
+    pub const UDP_NS: u64 = 60 * 1_000_000_000;
+    /// `last_seen_ns` is refreshed at most this often to save map writes.
+    pub const REFRESH_NS: u64 = 1_000_000_000;
+}
+
+/// Verdict reasons; index into the `REASONS` per-CPU array.
+pub mod reason {
+    /// New flow to a service: backend chosen, destination translated.
+    pub const NAT_NEW: u32 = 0;
+    /// Packet of a tracked flow: destination translated.
+    pub const NAT_ESTABLISHED: u32 = 1;
+    /// Reply from a backend: source translated back to the service.
+    pub const NAT_REPLY: u32 = 2;
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed.
+    pub const PASS_NOT_IP: u32 = 3;
+    /// IP packet not for a service and not a reply: passed.
+    pub const PASS_NO_SERVICE: u32 = 4;
+    /// Header cut short at some layer: passed untouched.
+    pub const PASS_TRUNCATED: u32 = 5;
+    /// IPv4 fragment or IPv6 fragment header: passed untouched.
+    pub const PASS_FRAGMENT: u32 = 6;
+    /// IPv6 extension header before L4: passed untouched.
+    pub const PASS_EXT_HDR: u32 = 7;
+    /// L4 protocol other than TCP/UDP (ICMP included): passed.
+    pub const PASS_OTHER_PROTO: u32 = 8;
+    /// IPv4 header with options (IHL > 5) or bad IHL: passed untouched.
+    pub const PASS_IP_OPTIONS: u32 = 9;
+    /// IPv6 UDP with a zero checksum (invalid, RFC 8200): passed untouched.
+    pub const PASS_UDP6_ZERO_CSUM: u32 = 10;
+    /// Service has no backends: dropped.
+    pub const DROP_NO_BACKEND: u32 = 11;
+    /// Slot points at a backend id missing from the backend map: dropped.
+    pub const DROP_BACKEND_MISSING: u32 = 12;
+    /// Conntrack insert failed: dropped.
+    pub const DROP_CT_INSERT: u32 = 13;
+    /// Packet rewrite (store or checksum helper) failed: dropped.
+    pub const DROP_REWRITE: u32 = 14;
+    /// Number of reasons (size of the `REASONS` array).
+    pub const COUNT: u32 = 15;
+
+    /// Reason names for metrics and the CLI, indexed by reason number.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "nat_new",
+        "nat_established",
+        "nat_reply",
+        "pass_not_ip",
+        "pass_no_service",
+        "pass_truncated",
+        "pass_fragment",
+        "pass_ext_hdr",
+        "pass_other_proto",
+        "pass_ip_options",
+        "pass_udp6_zero_csum",
+        "drop_no_backend",
+        "drop_backend_missing",
+        "drop_ct_insert",
+        "drop_rewrite",
+    ];
+}
+
+/// IPv4 service key. Slot 0 is the frontend; slots 1..=count hold backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb4Key {
+    /// Service address (VIP), network order.
+    pub addr: [u8; 4],
+    /// Service port, network byte order.
+    pub dport_be: u16,
+    /// 0 for the frontend, 1..=count for backend slots.
+    pub backend_slot: u16,
+    /// IP protocol number (`proto::TCP` / `proto::UDP`).
+    pub proto: u8,
+    /// `scope::*`.
+    pub scope: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+/// IPv6 service key; mirrors `Lb4Key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lb6Key {
+    /// Service address (VIP), network order.
+    pub addr: [u8; 16],
+    /// Service port, network byte order.
+    pub dport_be: u16,
+    /// 0 for the frontend, 1..=count for backend slots.
+    pub backend_slot: u16,
+    /// IP protocol number (`proto::TCP` / `proto::UDP`).
+    pub proto: u8,
+    /// `scope::*`.
+    pub scope: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+/// Service value; the same shape for both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbService {
+    /// Slot > 0: the backend id in that slot. Slot 0: zero.
+    pub backend_id: u32,
+    /// Slot 0: number of backend slots. Slot > 0: zero.
+    pub count: u16,
+    /// Slot 0: `svc_flags::*`. Slot > 0: zero.
+    pub flags: u16,
+    /// Slot 0: rev-NAT id of this frontend (also its stats index).
+    pub rev_nat_id: u32,
+    /// Reserved for session affinity (seconds); zero.
+    pub affinity_timeout_s: u32,
+}
+
+/// IPv4 backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lb4Backend {
+    /// Backend address, network order.
+    pub addr: [u8; 4],
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+
+/// IPv6 backend; mirrors `Lb4Backend`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lb6Backend {
+    /// Backend address, network order.
+    pub addr: [u8; 16],
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
+
+/// IPv4 reverse-NAT entry: what a reply's source is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lb4RevNat {
+    /// Service address, network order.
+    pub addr: [u8; 4],
+    /// Service port, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub _pad: u16,
+}
+
+/// IPv6 reverse-NAT entry; mirrors `Lb4RevNat`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lb6RevNat {
+    /// Service address, network order.
+    pub addr: [u8; 16],
+    /// Service port, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub _pad: u16,
+}
+
+/// IPv4 conntrack key: the packet's own tuple as seen at the hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct4Key {
+    /// Source address, network order.
+    pub saddr: [u8; 4],
+    /// Destination address, network order.
+    pub daddr: [u8; 4],
+    /// Source port, network byte order.
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `ct_dir::*`.
+    pub dir: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+/// IPv6 conntrack key; mirrors `Ct4Key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ct6Key {
+    /// Source address, network order.
+    pub saddr: [u8; 16],
+    /// Destination address, network order.
+    pub daddr: [u8; 16],
+    /// Source port, network byte order.
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `ct_dir::*`.
+    pub dir: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
+/// Conntrack value; the same shape for both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` when the flow was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns` of a recent packet (refreshed at most once per `REFRESH_NS`).
+    pub last_seen_ns: u64,
+    /// Backend the flow was sent to.
+    pub backend_id: u32,
+    /// Frontend the flow was addressed to.
+    pub rev_nat_id: u32,
+    /// `ct_flags::*`.
+    pub flags: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// Per-frontend counters (one per CPU; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbStats {
+    /// Packets translated towards the service.
+    pub packets: u64,
+    /// Bytes (L3 length) translated towards the service.
+    pub bytes: u64,
+}
+
+const _: () = assert!(size_of::<Lb4Key>() == 12);
+const _: () = assert!(size_of::<Lb6Key>() == 24);
+const _: () = assert!(size_of::<LbService>() == 16);
+const _: () = assert!(size_of::<Lb4Backend>() == 8);
+const _: () = assert!(size_of::<Lb6Backend>() == 20);
+const _: () = assert!(size_of::<Lb4RevNat>() == 8);
+const _: () = assert!(size_of::<Lb6RevNat>() == 20);
+const _: () = assert!(size_of::<Ct4Key>() == 16);
+const _: () = assert!(size_of::<Ct6Key>() == 40);
+const _: () = assert!(size_of::<CtEntry>() == 32);
+const _: () = assert!(size_of::<LbStats>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
+        LbService, LbStats,
+    };
+    // SAFETY: all are repr(C), Copy, with explicit padding: every bit
+    // pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for Lb4Key {}
+    unsafe impl aya::Pod for Lb6Key {}
+    unsafe impl aya::Pod for LbService {}
+    unsafe impl aya::Pod for Lb4Backend {}
+    unsafe impl aya::Pod for Lb6Backend {}
+    unsafe impl aya::Pod for Lb4RevNat {}
+    unsafe impl aya::Pod for Lb6RevNat {}
+    unsafe impl aya::Pod for Ct4Key {}
+    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for LbStats {}
+}

@@ -1,0 +1,54 @@
+//! The maps, named after `lb_common::map_names` (checked by the loader).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
+    LbService, LbStats, limits, reason,
+};
+
+#[map]
+pub static LB4_SVC_V1: HashMap<Lb4Key, LbService> = HashMap::pinned(limits::MAX_SERVICE_SLOTS, 0);
+#[map]
+pub static LB6_SVC_V1: HashMap<Lb6Key, LbService> = HashMap::pinned(limits::MAX_SERVICE_SLOTS, 0);
+#[map]
+pub static LB4_BE_V1: HashMap<u32, Lb4Backend> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+#[map]
+pub static LB6_BE_V1: HashMap<u32, Lb6Backend> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+#[map]
+pub static LB4_RNAT_V1: HashMap<u32, Lb4RevNat> = HashMap::pinned(limits::MAX_FRONTENDS, 0);
+#[map]
+pub static LB6_RNAT_V1: HashMap<u32, Lb6RevNat> = HashMap::pinned(limits::MAX_FRONTENDS, 0);
+#[map]
+pub static LB4_CT_V1: LruHashMap<Ct4Key, CtEntry> =
+    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
+#[map]
+pub static LB6_CT_V1: LruHashMap<Ct6Key, CtEntry> =
+    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
+#[map]
+pub static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
+#[map]
+pub static LB_REASONS_V1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+
+/// Counts one packet for `reason`.
+#[inline(always)]
+pub fn count_reason(reason: u32) {
+    if let Some(counter) = LB_REASONS_V1.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot; no other writer on this CPU while we run.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Counts one translated packet of `len` bytes for the frontend `rev_nat_id`.
+#[inline(always)]
+pub fn count_service(rev_nat_id: u32, len: u32) {
+    if let Some(stats) = LB_SVC_STATS_V1.get_ptr_mut(rev_nat_id) {
+        // SAFETY: per-CPU slot; no other writer on this CPU while we run.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(len);
+        }
+    }
+}

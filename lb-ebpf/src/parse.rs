@@ -1,0 +1,130 @@
+//! Packet access: one bounds-checked `ptr_at`, header layouts, verdicts.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use lb_common::reason;
+
+/// Ethernet header length (no VLAN tag: TC sees the tag in skb metadata).
+pub const ETH_HLEN: usize = 14;
+/// EtherType IPv4 as it sits in the packet (network order read natively).
+pub const ETH_P_IP_BE: u16 = 0x0800_u16.to_be();
+/// EtherType IPv6 as it sits in the packet.
+pub const ETH_P_IPV6_BE: u16 = 0x86DD_u16.to_be();
+/// Bytes that must be linear for the largest header stack we parse
+/// (Ethernet + IPv6 + TCP without options).
+pub const MAX_PARSED_HEADERS: u32 = 14 + 40 + 20;
+
+/// IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len_be: u16,
+    pub id_be: u16,
+    pub frag_off_be: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// IPv6 fixed header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: [u8; 4],
+    pub payload_len_be: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// The part of a TCP or UDP header the load balancer reads.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// TCP header offsets and flag bits.
+pub const TCP_HLEN: usize = 20;
+pub const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// UDP header length and checksum offset.
+pub const UDP_HLEN: usize = 8;
+pub const UDP_CSUM_OFF: usize = 6;
+
+/// What to do with the packet and why; produced once per packet.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    /// TC action.
+    pub action: i32,
+    /// `lb_common::reason::*`.
+    pub reason: u32,
+}
+
+impl Verdict {
+    /// Let the packet continue (translated or not).
+    #[inline(always)]
+    pub const fn pass(reason: u32) -> Self {
+        Self {
+            action: TC_ACT_OK as i32,
+            reason,
+        }
+    }
+
+    /// Drop the packet.
+    #[inline(always)]
+    pub const fn drop(reason: u32) -> Self {
+        Self {
+            action: TC_ACT_SHOT as i32,
+            reason,
+        }
+    }
+}
+
+/// A pointer to a `T` at `offset` in the packet, or a pass verdict if the
+/// packet is too short.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Verdict> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(Verdict::pass(reason::PASS_TRUNCATED));
+    }
+    Ok((start + offset) as *const T)
+}
+
+/// Reads a `T` at `offset`.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Verdict> {
+    let ptr = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: bounds checked by ptr_at; T is plain bytes.
+    Ok(unsafe { ptr.read_unaligned() })
+}
+
+/// Makes the headers we parse linear when the skb keeps them in fragments,
+/// so direct packet access sees them. Failure just means we see less.
+#[inline(always)]
+pub fn linearize_headers(ctx: &TcContext) {
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    let len = ctx.len();
+    if linear < MAX_PARSED_HEADERS && len > linear {
+        let want = if len < MAX_PARSED_HEADERS {
+            len
+        } else {
+            MAX_PARSED_HEADERS
+        };
+        let _ = ctx.pull_data(want);
+    }
+}

@@ -1,0 +1,10 @@
+//! The `lb` node agent: sources -> model -> diff -> apply, the loader and the
+//! inspection CLI of the dual-stack eBPF service load balancer.
+
+pub mod agent;
+pub mod http;
+pub mod loader;
+pub mod maps;
+pub mod model;
+pub mod plan;
+pub mod source;

@@ -1,0 +1,341 @@
+//! Loading the embedded eBPF object, pinning, attaching and detaching.
+//!
+//! Pin layout under the pin path (default `/sys/fs/bpf/lb`):
+//! - `<MAP_NAME>`: every map (`lb_common::map_names`), reused on the next load;
+//! - `links/<ifname>`: the TCX ingress link of each interface, so that the
+//!   program stays attached when the agent exits or is killed, and a new
+//!   agent replaces the program in that link (atomically) instead of adding
+//!   a second one.
+//!
+//! Kernels without TCX (< 6.6) get a clsact qdisc filter with a fixed
+//! priority and handle, replaced in place on restart.
+
+use std::{
+    ffi::CString,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttach, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcHandle},
+    },
+};
+use lb_common::prog_names;
+
+/// The eBPF object, built by build.rs (empty when built with `AYA_BUILD_SKIP`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Priority and handle of the clsact fallback filter.
+const NETLINK_PRIORITY: u16 = 0x1b;
+const NETLINK_HANDLE: u32 = 0x1b;
+
+/// Loading or attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// This binary was built without its eBPF object.
+    #[error("this lb binary was built without its eBPF object (AYA_BUILD_SKIP); rebuild it")]
+    NoObject,
+    /// bpffs is not where the pins should go.
+    #[error("pin path {path} is not on a bpf filesystem (mount it: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs {
+        /// The pin path.
+        path: PathBuf,
+    },
+    /// The pin directory could not be made.
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        /// The directory.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused the object (the verifier log is in the source).
+    #[error("cannot load the eBPF object: {source}")]
+    Load {
+        /// Underlying error, with the verifier log.
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// The program is missing from the object or has another type.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// Underlying error (with the verifier log when loading failed).
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// No interface of that name exists in this network namespace.
+    #[error("interface {0} does not exist in this network namespace")]
+    NoSuchInterface(String),
+    /// Attaching to an interface failed.
+    #[error("cannot attach to {iface}: {reason}")]
+    Attach {
+        /// Interface name.
+        iface: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// How a program ended up on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// A new TCX link, pinned.
+    TcxNew,
+    /// The pinned TCX link of an earlier agent, now running this program.
+    TcxAdopted,
+    /// A clsact filter (kernel without TCX).
+    Netlink,
+}
+
+/// Checks that `path` (or its closest existing parent) is on bpffs.
+///
+/// # Errors
+/// The path is elsewhere.
+pub fn check_bpffs(path: &Path) -> Result<(), LoadError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mut probe = path;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    let c_path =
+        CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|_| LoadError::NotBpffs {
+            path: path.to_owned(),
+        })?;
+    // SAFETY: statfs writes into a zeroed, properly sized struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and pointer.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
+    if rc != 0 || stat.f_type != BPF_FS_MAGIC {
+        return Err(LoadError::NotBpffs {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Loads the object with its maps pinned under `pin_path` (reusing pins).
+///
+/// # Errors
+/// No object, no bpffs, or the kernel refused the object.
+pub fn load(pin_path: &Path) -> Result<Ebpf, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    check_bpffs(pin_path)?;
+    for dir in [pin_path.to_owned(), pin_path.join("links")] {
+        std::fs::create_dir_all(&dir).map_err(|source| LoadError::PinDir { path: dir, source })?;
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_path)
+        .load(OBJECT)
+        .map_err(|source| LoadError::Load { source })?;
+    program(&mut ebpf)?
+        .load()
+        .map_err(|source| LoadError::Program {
+            name: prog_names::TC_LB,
+            source,
+        })?;
+    Ok(ebpf)
+}
+
+/// The TC program of a loaded object.
+///
+/// # Errors
+/// The object lacks the program.
+pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
+    let program = ebpf
+        .program_mut(prog_names::TC_LB)
+        .ok_or(LoadError::Program {
+            name: prog_names::TC_LB,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+    program.try_into().map_err(|source| LoadError::Program {
+        name: prog_names::TC_LB,
+        source,
+    })
+}
+
+/// `if_nametoindex`, or `None` if there is no such interface.
+#[must_use]
+pub fn if_index(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join("links").join(iface)
+}
+
+/// Attaches `program` to ingress of `iface`: adopts the pinned link of an
+/// earlier agent when there is one, else creates and pins a TCX link, else
+/// (no TCX) installs a clsact filter.
+///
+/// # Errors
+/// No such interface, or the kernel refused every way of attaching.
+pub fn attach(
+    program: &mut SchedClassifier,
+    iface: &str,
+    pin_path: &Path,
+) -> Result<Attachment, LoadError> {
+    let index = if_index(iface).ok_or_else(|| LoadError::NoSuchInterface(iface.to_owned()))?;
+    let attach_err = |reason: String| LoadError::Attach {
+        iface: iface.to_owned(),
+        reason,
+    };
+    let pin = link_pin(pin_path, iface);
+    if pin.exists() {
+        match adopt(program, &pin) {
+            Ok(()) => return Ok(Attachment::TcxAdopted),
+            Err(reason) => {
+                tracing::info!(iface, %reason, "pinned link not reusable, attaching anew");
+                let _ = std::fs::remove_file(&pin);
+            }
+        }
+    }
+    match program.attach(
+        index,
+        TcAttach::Tcx {
+            attach_type: TcAttachType::Ingress,
+            order: LinkOrder::default(),
+        },
+    ) {
+        Ok(link_id) => {
+            let link = program
+                .take_link(link_id)
+                .map_err(|e| attach_err(e.to_string()))?;
+            let link: FdLink = link.try_into().map_err(|e| attach_err(format!("{e}")))?;
+            link.pin(&pin)
+                .map_err(|e| attach_err(format!("pin link at {}: {e}", pin.display())))?;
+            Ok(Attachment::TcxNew)
+        }
+        Err(tcx_error) => {
+            tracing::warn!(iface, error = %tcx_error, "TCX attach failed, falling back to clsact");
+            attach_netlink(program, index)
+                .map_err(|e| attach_err(format!("TCX: {tcx_error}; clsact: {e}")))?;
+            Ok(Attachment::Netlink)
+        }
+    }
+}
+
+/// Puts `program` into the pinned link at `pin`. A link whose interface
+/// went away (even if one of the same name came back) is defunct and the
+/// kernel refuses the update, so only a live link is adopted.
+fn adopt(program: &mut SchedClassifier, pin: &Path) -> Result<(), String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let fd_link: FdLink = pinned.into();
+    let link = SchedClassifierLink::try_from(fd_link).map_err(|e| e.to_string())?;
+    let link_id = program.attach_to_link(link).map_err(|e| e.to_string())?;
+    let link = program.take_link(link_id).map_err(|e| e.to_string())?;
+    // The pin keeps the link; dropping our fd leaves it attached.
+    let fd_link: FdLink = link.try_into().map_err(|e| format!("{e}"))?;
+    drop(fd_link);
+    Ok(())
+}
+
+fn attach_netlink(program: &mut SchedClassifier, index: u32) -> Result<(), String> {
+    if let Err(e) = tc::qdisc_add_clsact(index)
+        && !e.to_string().contains("exists")
+    {
+        return Err(format!("add clsact: {e}"));
+    }
+    let options = || NlOptions {
+        priority: NETLINK_PRIORITY,
+        handle: TcHandle::from(NETLINK_HANDLE),
+        ..NlOptions::default()
+    };
+    let attach = |program: &mut SchedClassifier| {
+        program.attach(
+            index,
+            TcAttach::Netlink {
+                parent: TcAttachType::Ingress.into(),
+                options: options(),
+            },
+        )
+    };
+    let link_id = if let Ok(id) = attach(program) {
+        id
+    } else {
+        // An earlier agent's filter holds our priority/handle: replace it.
+        let _ = tc::qdisc_detach_program(index, TcAttachType::Ingress.into(), prog_names::TC_LB);
+        attach(program).map_err(|e| e.to_string())?
+    };
+    let link = program.take_link(link_id).map_err(|e| e.to_string())?;
+    // Netlink filters stay until removed; do not let the drop detach it.
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Detaches everything under `pin_path` and removes the pins. Interfaces in
+/// `ifaces` also lose a clsact filter of ours, if any.
+///
+/// # Errors
+/// A pin could not be removed.
+pub fn cleanup(pin_path: &Path, ifaces: &[String]) -> io::Result<Vec<String>> {
+    let mut done = Vec::new();
+    let links = pin_path.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            std::fs::remove_file(entry.path())?;
+            done.push(format!("detached {}", entry.file_name().to_string_lossy()));
+        }
+    }
+    for iface in ifaces {
+        if let Some(index) = if_index(iface)
+            && tc::qdisc_detach_program(index, TcAttachType::Ingress.into(), prog_names::TC_LB)
+                .is_ok()
+        {
+            done.push(format!("removed clsact filter on {iface}"));
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(pin_path) {
+        for entry in entries.flatten() {
+            if entry.path().is_dir() {
+                continue;
+            }
+            std::fs::remove_file(entry.path())?;
+            done.push(format!("unpinned {}", entry.file_name().to_string_lossy()));
+        }
+    }
+    if links.exists() {
+        std::fs::remove_dir(&links)?;
+    }
+    if pin_path.exists() {
+        std::fs::remove_dir(pin_path)?;
+    }
+    Ok(done)
+}
+
+/// Names of all interfaces in this network namespace (asked over netlink:
+/// /sys/class/net may show another namespace under `nsenter --net`).
+#[must_use]
+pub fn all_interfaces() -> Vec<String> {
+    let mut names = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry,
+    // freed with if_freenameindex.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return names;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            names.push(
+                std::ffi::CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    names
+}

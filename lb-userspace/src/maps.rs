@@ -1,0 +1,530 @@
+//! Typed access to the datapath maps: read them back as a `DatapathState`,
+//! apply a plan, list conntrack entries and counters.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+};
+use lb_common::{
+    Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
+    LbService, LbStats, backend_flags, ct_dir, map_names, reason, scope, svc_flags,
+};
+
+use crate::{
+    model::{Frontend, Protocol},
+    plan::{BackendKey, DatapathState, FrontendState, Op},
+};
+
+/// A map could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// The object has no map of that name (object and agent out of step).
+    #[error("map {0} missing from the eBPF object")]
+    Missing(&'static str),
+    /// A pinned map could not be opened.
+    #[error("cannot open pinned map {path}: {source}")]
+    OpenPin {
+        /// Pin path.
+        path: String,
+        /// Underlying error.
+        #[source]
+        source: MapError,
+    },
+    /// A map has another type or layout than this agent expects.
+    #[error("map {name} has an unexpected type or layout: {source}")]
+    Layout {
+        /// Map name.
+        name: &'static str,
+        /// Underlying error.
+        #[source]
+        source: MapError,
+    },
+    /// A read or write failed.
+    #[error("{what}: {source}")]
+    Access {
+        /// What was being done.
+        what: String,
+        /// Underlying error.
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Every datapath map, typed.
+pub struct Maps {
+    services4: HashMap<MapData, Lb4Key, LbService>,
+    services6: HashMap<MapData, Lb6Key, LbService>,
+    backends4: HashMap<MapData, u32, Lb4Backend>,
+    backends6: HashMap<MapData, u32, Lb6Backend>,
+    rev_nat4: HashMap<MapData, u32, Lb4RevNat>,
+    rev_nat6: HashMap<MapData, u32, Lb6RevNat>,
+    ct4: HashMap<MapData, Ct4Key, CtEntry>,
+    ct6: HashMap<MapData, Ct6Key, CtEntry>,
+    svc_stats: PerCpuArray<MapData, LbStats>,
+    reasons: PerCpuArray<MapData, u64>,
+}
+
+/// One conntrack entry, decoded.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CtRecord {
+    /// "service" (client -> VIP) or "reply" (backend -> client).
+    pub direction: &'static str,
+    /// Protocol name.
+    pub protocol: &'static str,
+    /// Source address and port of packets in this direction.
+    pub source: std::net::SocketAddr,
+    /// Destination address and port of packets in this direction.
+    pub destination: std::net::SocketAddr,
+    /// Backend chosen for the flow.
+    pub backend_id: u32,
+    /// Frontend of the flow.
+    pub rev_nat_id: u32,
+    /// Seconds since the last refresh (at most one second stale).
+    pub idle_seconds: u64,
+    /// TCP FIN or RST seen.
+    pub closing: bool,
+}
+
+fn typed<T>(
+    name: &'static str,
+    map: Option<Map>,
+    convert: impl FnOnce(Map) -> Result<T, MapError>,
+) -> Result<T, MapsError> {
+    let map = map.ok_or(MapsError::Missing(name))?;
+    convert(map).map_err(|source| MapsError::Layout { name, source })
+}
+
+fn access(what: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
+    let what = what.into();
+    move |source| MapsError::Access { what, source }
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    ///
+    /// # Errors
+    /// A map is missing or has another layout.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::build(|name| Ok(ebpf.take_map(name)))
+    }
+
+    /// Opens the maps pinned under `dir`.
+    ///
+    /// # Errors
+    /// A pin is missing or has another layout.
+    pub fn open_pinned(dir: &Path) -> Result<Self, MapsError> {
+        Self::build(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::OpenPin {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let map = Map::from_map_data(data).map_err(|source| MapsError::Layout {
+                name: map_names::SERVICES4,
+                source,
+            })?;
+            Ok(Some(map))
+        })
+    }
+
+    fn build(
+        mut take: impl FnMut(&'static str) -> Result<Option<Map>, MapsError>,
+    ) -> Result<Self, MapsError> {
+        use map_names as n;
+        Ok(Self {
+            services4: typed(n::SERVICES4, take(n::SERVICES4)?, HashMap::try_from)?,
+            services6: typed(n::SERVICES6, take(n::SERVICES6)?, HashMap::try_from)?,
+            backends4: typed(n::BACKENDS4, take(n::BACKENDS4)?, HashMap::try_from)?,
+            backends6: typed(n::BACKENDS6, take(n::BACKENDS6)?, HashMap::try_from)?,
+            rev_nat4: typed(n::REVNAT4, take(n::REVNAT4)?, HashMap::try_from)?,
+            rev_nat6: typed(n::REVNAT6, take(n::REVNAT6)?, HashMap::try_from)?,
+            ct4: typed(n::CT4, take(n::CT4)?, HashMap::try_from)?,
+            ct6: typed(n::CT6, take(n::CT6)?, HashMap::try_from)?,
+            svc_stats: typed(n::SVC_STATS, take(n::SVC_STATS)?, PerCpuArray::try_from)?,
+            reasons: typed(n::REASONS, take(n::REASONS)?, PerCpuArray::try_from)?,
+        })
+    }
+
+    /// Reads services, backends and rev-NAT entries back.
+    ///
+    /// # Errors
+    /// A map could not be iterated.
+    pub fn read_state(&self) -> Result<DatapathState, MapsError> {
+        let mut state = DatapathState::default();
+        let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
+        let mut counts: BTreeMap<Frontend, (u16, u32)> = BTreeMap::new();
+        let mut add = |frontend: Frontend, slot: u16, value: LbService| {
+            if slot == 0 {
+                counts.insert(frontend, (value.count, value.rev_nat_id));
+            } else {
+                slots
+                    .entry(frontend)
+                    .or_default()
+                    .insert(slot, value.backend_id);
+            }
+        };
+        for item in &self.services4 {
+            let (key, value) = item.map_err(access("iterate IPv4 services"))?;
+            if let Some(proto) = protocol(key.proto) {
+                let frontend = Frontend {
+                    addr: IpAddr::V4(Ipv4Addr::from(key.addr)),
+                    port: u16::from_be(key.dport_be),
+                    proto,
+                };
+                add(frontend, key.backend_slot, value);
+            }
+        }
+        for item in &self.services6 {
+            let (key, value) = item.map_err(access("iterate IPv6 services"))?;
+            if let Some(proto) = protocol(key.proto) {
+                let frontend = Frontend {
+                    addr: IpAddr::V6(Ipv6Addr::from(key.addr)),
+                    port: u16::from_be(key.dport_be),
+                    proto,
+                };
+                add(frontend, key.backend_slot, value);
+            }
+        }
+        for (frontend, (count, rev_nat_id)) in counts {
+            let known = slots.remove(&frontend).unwrap_or_default();
+            // Slots beyond the count are leftovers of an interrupted apply:
+            // leaving them out of the state makes the next diff delete them.
+            let slots = (1..=count)
+                .map(|slot| known.get(&slot).copied().unwrap_or(0))
+                .collect();
+            state
+                .frontends
+                .insert(frontend, FrontendState { rev_nat_id, slots });
+        }
+        for item in &self.backends4 {
+            let (id, value) = item.map_err(access("iterate IPv4 backends"))?;
+            if let Some(proto) = protocol(value.proto) {
+                let addr = IpAddr::V4(Ipv4Addr::from(value.addr));
+                let port = u16::from_be(value.port_be);
+                state.backends.insert(id, BackendKey { addr, port, proto });
+            }
+        }
+        for item in &self.backends6 {
+            let (id, value) = item.map_err(access("iterate IPv6 backends"))?;
+            if let Some(proto) = protocol(value.proto) {
+                let addr = IpAddr::V6(Ipv6Addr::from(value.addr));
+                let port = u16::from_be(value.port_be);
+                state.backends.insert(id, BackendKey { addr, port, proto });
+            }
+        }
+        for item in &self.rev_nat4 {
+            let (id, value) = item.map_err(access("iterate IPv4 rev-NAT"))?;
+            let addr = IpAddr::V4(Ipv4Addr::from(value.addr));
+            state
+                .rev_nats
+                .insert(id, (addr, u16::from_be(value.port_be)));
+        }
+        for item in &self.rev_nat6 {
+            let (id, value) = item.map_err(access("iterate IPv6 rev-NAT"))?;
+            let addr = IpAddr::V6(Ipv6Addr::from(value.addr));
+            state
+                .rev_nats
+                .insert(id, (addr, u16::from_be(value.port_be)));
+        }
+        Ok(state)
+    }
+
+    /// Writes one plan step.
+    ///
+    /// # Errors
+    /// The map rejected the write (full, or gone).
+    pub fn apply_op(&mut self, op: &Op) -> Result<(), MapsError> {
+        match *op {
+            Op::PutBackend { id, backend } => {
+                let what = || format!("write backend {id}");
+                match backend.addr {
+                    IpAddr::V4(addr) => self.backends4.insert(
+                        &id,
+                        &Lb4Backend {
+                            addr: addr.octets(),
+                            port_be: backend.port.to_be(),
+                            proto: backend.proto.number(),
+                            flags: backend_flags::ACTIVE,
+                        },
+                        0,
+                    ),
+                    IpAddr::V6(addr) => self.backends6.insert(
+                        &id,
+                        &Lb6Backend {
+                            addr: addr.octets(),
+                            port_be: backend.port.to_be(),
+                            proto: backend.proto.number(),
+                            flags: backend_flags::ACTIVE,
+                        },
+                        0,
+                    ),
+                }
+                .map_err(access(what()))
+            }
+            Op::PutRevNat { id, frontend } => {
+                self.reset_stats(id)?;
+                let what = || format!("write rev-NAT {id}");
+                match frontend.addr {
+                    IpAddr::V4(addr) => self.rev_nat4.insert(
+                        &id,
+                        &Lb4RevNat {
+                            addr: addr.octets(),
+                            port_be: frontend.port.to_be(),
+                            _pad: 0,
+                        },
+                        0,
+                    ),
+                    IpAddr::V6(addr) => self.rev_nat6.insert(
+                        &id,
+                        &Lb6RevNat {
+                            addr: addr.octets(),
+                            port_be: frontend.port.to_be(),
+                            _pad: 0,
+                        },
+                        0,
+                    ),
+                }
+                .map_err(access(what()))
+            }
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => self.put_service(
+                &frontend,
+                slot,
+                LbService {
+                    backend_id,
+                    ..LbService::default()
+                },
+            ),
+            Op::PutFrontend {
+                frontend,
+                count,
+                rev_nat_id,
+            } => self.put_service(
+                &frontend,
+                0,
+                LbService {
+                    count,
+                    flags: svc_flags::CLUSTER_IP,
+                    rev_nat_id,
+                    ..LbService::default()
+                },
+            ),
+            Op::DeleteSlot { frontend, slot } => self.delete_service(&frontend, slot),
+            Op::DeleteFrontend { frontend } => self.delete_service(&frontend, 0),
+            Op::DeleteRevNat { id, addr } => ignore_missing(match addr {
+                IpAddr::V4(_) => self.rev_nat4.remove(&id),
+                IpAddr::V6(_) => self.rev_nat6.remove(&id),
+            })
+            .map_err(access(format!("delete rev-NAT {id}"))),
+            Op::DeleteBackend { id, addr } => ignore_missing(match addr {
+                IpAddr::V4(_) => self.backends4.remove(&id),
+                IpAddr::V6(_) => self.backends6.remove(&id),
+            })
+            .map_err(access(format!("delete backend {id}"))),
+        }
+    }
+
+    fn put_service(
+        &mut self,
+        frontend: &Frontend,
+        slot: u16,
+        value: LbService,
+    ) -> Result<(), MapsError> {
+        let what = || {
+            format!(
+                "write slot {slot} of {}",
+                crate::plan::frontend_label(frontend)
+            )
+        };
+        match frontend.addr {
+            IpAddr::V4(addr) => self
+                .services4
+                .insert(&key4(addr, frontend, slot), &value, 0),
+            IpAddr::V6(addr) => self
+                .services6
+                .insert(&key6(addr, frontend, slot), &value, 0),
+        }
+        .map_err(access(what()))
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend, slot: u16) -> Result<(), MapsError> {
+        let result = match frontend.addr {
+            IpAddr::V4(addr) => self.services4.remove(&key4(addr, frontend, slot)),
+            IpAddr::V6(addr) => self.services6.remove(&key6(addr, frontend, slot)),
+        };
+        ignore_missing(result).map_err(access(format!(
+            "delete slot {slot} of {}",
+            crate::plan::frontend_label(frontend)
+        )))
+    }
+
+    fn reset_stats(&mut self, rev_nat_id: u32) -> Result<(), MapsError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, io)| MapsError::Access {
+            what: "count CPUs".into(),
+            source: MapError::IoError(io),
+        })?;
+        let zeros = PerCpuValues::try_from(vec![LbStats::default(); cpus.get() as usize])
+            .map_err(|io| access("zero service counters")(MapError::IoError(io)))?;
+        self.svc_stats
+            .set(rev_nat_id, zeros, 0)
+            .map_err(access(format!("zero counters of rev-NAT {rev_nat_id}")))
+    }
+
+    /// Packets and bytes per rev-NAT id, summed over CPUs.
+    ///
+    /// # Errors
+    /// The stats map could not be read.
+    pub fn service_stats(&self, rev_nat_id: u32) -> Result<LbStats, MapsError> {
+        let values = self
+            .svc_stats
+            .get(&rev_nat_id, 0)
+            .map_err(access(format!("read counters of rev-NAT {rev_nat_id}")))?;
+        Ok(values.iter().fold(LbStats::default(), |sum, cpu| LbStats {
+            packets: sum.packets + cpu.packets,
+            bytes: sum.bytes + cpu.bytes,
+        }))
+    }
+
+    /// Packets per verdict reason, summed over CPUs, as (name, count).
+    ///
+    /// # Errors
+    /// The reasons map could not be read.
+    pub fn reason_counts(&self) -> Result<Vec<(&'static str, u64)>, MapsError> {
+        let mut out = Vec::with_capacity(reason::NAMES.len());
+        for (index, name) in (0u32..).zip(reason::NAMES) {
+            let values = self
+                .reasons
+                .get(&index, 0)
+                .map_err(access(format!("read reason counter {name}")))?;
+            out.push((name, values.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// Every conntrack entry of both families.
+    ///
+    /// # Errors
+    /// A conntrack map could not be iterated.
+    pub fn conntrack(&self) -> Result<Vec<CtRecord>, MapsError> {
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        for item in &self.ct4 {
+            let (key, entry) = item.map_err(access("iterate IPv4 conntrack"))?;
+            out.push(ct_record(
+                key.dir,
+                key.proto,
+                (IpAddr::V4(key.saddr.into()), key.sport_be),
+                (IpAddr::V4(key.daddr.into()), key.dport_be),
+                &entry,
+                now,
+            ));
+        }
+        for item in &self.ct6 {
+            let (key, entry) = item.map_err(access("iterate IPv6 conntrack"))?;
+            out.push(ct_record(
+                key.dir,
+                key.proto,
+                (IpAddr::V6(key.saddr.into()), key.sport_be),
+                (IpAddr::V6(key.daddr.into()), key.dport_be),
+                &entry,
+                now,
+            ));
+        }
+        out.sort_by_key(|record| (record.source, record.destination));
+        Ok(out)
+    }
+
+    /// Number of conntrack entries per family (v4, v6).
+    ///
+    /// # Errors
+    /// A conntrack map could not be iterated.
+    pub fn conntrack_len(&self) -> Result<(usize, usize), MapsError> {
+        Ok((self.ct4.keys().count(), self.ct6.keys().count()))
+    }
+}
+
+fn ct_record(
+    dir: u8,
+    proto: u8,
+    source: (IpAddr, u16),
+    destination: (IpAddr, u16),
+    entry: &CtEntry,
+    now: u64,
+) -> CtRecord {
+    CtRecord {
+        direction: if dir == ct_dir::SERVICE {
+            "service"
+        } else {
+            "reply"
+        },
+        protocol: protocol(proto).map_or("?", Protocol::name),
+        source: std::net::SocketAddr::new(source.0, u16::from_be(source.1)),
+        destination: std::net::SocketAddr::new(destination.0, u16::from_be(destination.1)),
+        backend_id: entry.backend_id,
+        rev_nat_id: entry.rev_nat_id,
+        idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+        closing: entry.flags & lb_common::ct_flags::CLOSING != 0,
+    }
+}
+
+fn key4(addr: Ipv4Addr, frontend: &Frontend, slot: u16) -> Lb4Key {
+    Lb4Key {
+        addr: addr.octets(),
+        dport_be: frontend.port.to_be(),
+        backend_slot: slot,
+        proto: frontend.proto.number(),
+        scope: scope::INTERNAL,
+        _pad: [0; 2],
+    }
+}
+
+fn key6(addr: Ipv6Addr, frontend: &Frontend, slot: u16) -> Lb6Key {
+    Lb6Key {
+        addr: addr.octets(),
+        dport_be: frontend.port.to_be(),
+        backend_slot: slot,
+        proto: frontend.proto.number(),
+        scope: scope::INTERNAL,
+        _pad: [0; 2],
+    }
+}
+
+fn protocol(number: u8) -> Option<Protocol> {
+    match number {
+        lb_common::proto::TCP => Some(Protocol::Tcp),
+        lb_common::proto::UDP => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// A delete of something already gone is a success.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}

@@ -1,0 +1,588 @@
+//! Diff: what the maps hold versus what the model wants, as an ordered plan.
+//!
+//! Pure: no maps here. The order is make before break, so that a packet
+//! arriving at any point during apply sees a complete service:
+//! 1. new backends and rev-NAT entries,
+//! 2. backend slots (each slot always names an existing backend),
+//! 3. the frontend (slot 0) with its new count,
+//! 4. slots beyond the new count, removed frontends (slot 0 first),
+//! 5. rev-NAT entries and backends nothing refers to any more.
+//!
+//! Ids are stable: a frontend keeps its rev-NAT id and a backend address
+//! keeps its backend id for as long as they exist, also across agent restarts
+//! (the state is read back from the pinned maps).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::limits;
+
+use crate::model::{Backend, Frontend, FrontendSpec, Protocol};
+
+/// A backend as stored in the backend maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// Backend address.
+    pub addr: IpAddr,
+    /// Backend port.
+    pub port: u16,
+    /// L4 protocol.
+    pub proto: Protocol,
+}
+
+/// A frontend as stored in the service maps.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FrontendState {
+    /// Rev-NAT id (also the stats index).
+    pub rev_nat_id: u32,
+    /// Backend id per slot, slot 1 first.
+    pub slots: Vec<u32>,
+}
+
+/// What the maps hold, in userspace terms.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DatapathState {
+    /// Frontends (service slot 0 entries) with their slots.
+    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Backends by id.
+    pub backends: BTreeMap<u32, BackendKey>,
+    /// Rev-NAT entries by id.
+    pub rev_nats: BTreeMap<u32, (IpAddr, u16)>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or overwrite backend `id`.
+    PutBackend { id: u32, backend: BackendKey },
+    /// Insert rev-NAT `id` for `frontend` (and zero its counters).
+    PutRevNat { id: u32, frontend: Frontend },
+    /// Point `slot` (>= 1) of `frontend` at `backend_id`.
+    PutSlot {
+        frontend: Frontend,
+        slot: u16,
+        backend_id: u32,
+    },
+    /// Write slot 0 of `frontend`.
+    PutFrontend {
+        frontend: Frontend,
+        count: u16,
+        rev_nat_id: u32,
+    },
+    /// Remove `slot` (>= 1) of `frontend`.
+    DeleteSlot { frontend: Frontend, slot: u16 },
+    /// Remove slot 0 of `frontend`.
+    DeleteFrontend { frontend: Frontend },
+    /// Remove rev-NAT `id` of the family of `addr`.
+    DeleteRevNat { id: u32, addr: IpAddr },
+    /// Remove backend `id` of the family of `addr`.
+    DeleteBackend { id: u32, addr: IpAddr },
+}
+
+/// The plan, and what could not be planned.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Map writes in the order they must happen.
+    pub ops: Vec<Op>,
+    /// Frontends left out, with the reason (id space or slot limit).
+    pub problems: Vec<String>,
+}
+
+/// Hands out ids that are not in use, moving forward so that a freed id is
+/// not reused at once (stale conntrack entries may still name it).
+#[derive(Debug)]
+struct IdAllocator {
+    in_use: BTreeSet<u32>,
+    next: u32,
+    max: u32,
+}
+
+impl IdAllocator {
+    fn new(in_use: impl IntoIterator<Item = u32>, max: u32) -> Self {
+        let in_use: BTreeSet<u32> = in_use.into_iter().collect();
+        let next = in_use.last().map_or(1, |last| last.saturating_add(1));
+        Self { in_use, next, max }
+    }
+
+    fn allocate(&mut self) -> Option<u32> {
+        if self.in_use.len() >= self.max as usize {
+            return None;
+        }
+        loop {
+            if self.next == 0 || self.next > self.max {
+                self.next = 1;
+            }
+            let candidate = self.next;
+            self.next += 1;
+            if self.in_use.insert(candidate) {
+                return Some(candidate);
+            }
+        }
+    }
+}
+
+/// Computes the plan that turns `current` into `desired`.
+#[must_use]
+pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Plan {
+    let mut planner = Planner::new(current);
+    for (frontend, spec) in desired {
+        planner.frontend(frontend, &spec.backends);
+    }
+    planner.removals(desired);
+    planner.finish()
+}
+
+/// Builds a plan in three buckets that are concatenated in order.
+struct Planner<'a> {
+    current: &'a DatapathState,
+    /// New backends and rev-NAT entries.
+    head: Vec<Op>,
+    /// Slot and frontend writes.
+    slots: Vec<Op>,
+    /// Everything that removes.
+    tail: Vec<Op>,
+    problems: Vec<String>,
+    backend_ids: BTreeMap<BackendKey, u32>,
+    backend_alloc: IdAllocator,
+    rev_nat_alloc: IdAllocator,
+    backends_used: BTreeSet<u32>,
+    rev_nats_used: BTreeSet<u32>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(current: &'a DatapathState) -> Self {
+        Self {
+            current,
+            head: Vec::new(),
+            slots: Vec::new(),
+            tail: Vec::new(),
+            problems: Vec::new(),
+            // Reuse the id of an identical backend.
+            backend_ids: current
+                .backends
+                .iter()
+                .map(|(id, key)| (*key, *id))
+                .collect(),
+            backend_alloc: IdAllocator::new(
+                current.backends.keys().copied(),
+                limits::MAX_BACKENDS - 1,
+            ),
+            rev_nat_alloc: IdAllocator::new(
+                current
+                    .rev_nats
+                    .keys()
+                    .copied()
+                    .chain(current.frontends.values().map(|f| f.rev_nat_id)),
+                limits::MAX_FRONTENDS - 1,
+            ),
+            backends_used: BTreeSet::new(),
+            rev_nats_used: BTreeSet::new(),
+        }
+    }
+
+    /// Plans one desired frontend.
+    fn frontend(&mut self, frontend: &Frontend, backends: &[Backend]) {
+        let existing = self.current.frontends.get(frontend);
+        let rev_nat_id = if let Some(state) = existing {
+            state.rev_nat_id
+        } else if let Some(id) = self.rev_nat_alloc.allocate() {
+            id
+        } else {
+            self.problems.push(format!(
+                "{}: no free rev-NAT id (limit {})",
+                frontend_label(frontend),
+                limits::MAX_FRONTENDS - 1
+            ));
+            return;
+        };
+        if self.current.rev_nats.get(&rev_nat_id) != Some(&(frontend.addr, frontend.port)) {
+            self.head.push(Op::PutRevNat {
+                id: rev_nat_id,
+                frontend: *frontend,
+            });
+        }
+        self.rev_nats_used.insert(rev_nat_id);
+
+        let wanted = truncate_backends(frontend, backends, &mut self.problems);
+        let new_slots: Vec<u32> = wanted
+            .iter()
+            .filter_map(|backend| self.backend_id(frontend, backend))
+            .collect();
+
+        let old_slots = existing.map_or(&[][..], |state| &state.slots[..]);
+        for (index, id) in new_slots.iter().enumerate() {
+            if old_slots.get(index) != Some(id) {
+                self.slots.push(Op::PutSlot {
+                    frontend: *frontend,
+                    slot: slot_number(index),
+                    backend_id: *id,
+                });
+            }
+        }
+        if existing.is_none_or(|state| state.slots.len() != new_slots.len()) {
+            self.slots.push(Op::PutFrontend {
+                frontend: *frontend,
+                count: u16::try_from(new_slots.len()).unwrap_or(u16::MAX),
+                rev_nat_id,
+            });
+        }
+        for index in new_slots.len()..old_slots.len() {
+            self.tail.push(Op::DeleteSlot {
+                frontend: *frontend,
+                slot: slot_number(index),
+            });
+        }
+    }
+
+    /// The id of `backend` for `frontend`'s protocol, allocated if new.
+    fn backend_id(&mut self, frontend: &Frontend, backend: &Backend) -> Option<u32> {
+        let key = BackendKey {
+            addr: backend.addr,
+            port: backend.port,
+            proto: frontend.proto,
+        };
+        let id = if let Some(id) = self.backend_ids.get(&key) {
+            *id
+        } else {
+            let Some(id) = self.backend_alloc.allocate() else {
+                self.problems.push(format!(
+                    "{}: no free backend id for {}",
+                    frontend_label(frontend),
+                    backend_label(backend)
+                ));
+                return None;
+            };
+            self.backend_ids.insert(key, id);
+            self.head.push(Op::PutBackend { id, backend: key });
+            id
+        };
+        self.backends_used.insert(id);
+        Some(id)
+    }
+
+    /// Plans the removal of what `desired` no longer has.
+    fn removals(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
+        for (frontend, state) in &self.current.frontends {
+            if desired.contains_key(frontend) {
+                continue;
+            }
+            self.tail.push(Op::DeleteFrontend {
+                frontend: *frontend,
+            });
+            for index in 0..state.slots.len() {
+                self.tail.push(Op::DeleteSlot {
+                    frontend: *frontend,
+                    slot: slot_number(index),
+                });
+            }
+        }
+        for (id, (addr, _)) in &self.current.rev_nats {
+            if !self.rev_nats_used.contains(id) {
+                self.tail.push(Op::DeleteRevNat {
+                    id: *id,
+                    addr: *addr,
+                });
+            }
+        }
+        for (id, key) in &self.current.backends {
+            if !self.backends_used.contains(id) {
+                self.tail.push(Op::DeleteBackend {
+                    id: *id,
+                    addr: key.addr,
+                });
+            }
+        }
+    }
+
+    fn finish(self) -> Plan {
+        let mut ops = self.head;
+        ops.extend(self.slots);
+        ops.extend(self.tail);
+        Plan {
+            ops,
+            problems: self.problems,
+        }
+    }
+}
+
+/// Slot number for a 0-based index (slot 0 is the frontend).
+fn slot_number(index: usize) -> u16 {
+    u16::try_from(index + 1).unwrap_or(u16::MAX)
+}
+
+fn truncate_backends<'a>(
+    frontend: &Frontend,
+    backends: &'a [Backend],
+    problems: &mut Vec<String>,
+) -> &'a [Backend] {
+    let max = usize::from(limits::MAX_BACKENDS_PER_SERVICE);
+    if backends.len() > max {
+        problems.push(format!(
+            "{}: {} endpoints, only the first {max} are used",
+            frontend_label(frontend),
+            backends.len()
+        ));
+        &backends[..max]
+    } else {
+        backends
+    }
+}
+
+/// `addr:port/PROTO`, with brackets for IPv6.
+#[must_use]
+pub fn frontend_label(frontend: &Frontend) -> String {
+    format!(
+        "{}/{}",
+        std::net::SocketAddr::new(frontend.addr, frontend.port),
+        frontend.proto.name()
+    )
+}
+
+fn backend_label(backend: &Backend) -> String {
+    std::net::SocketAddr::new(backend.addr, backend.port).to_string()
+}
+
+/// Applies `plan` to `state` the way the maps would change: used by tests
+/// and as the agent's cache of what it wrote.
+pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::PutBackend { id, backend } => {
+                state.backends.insert(*id, *backend);
+            }
+            Op::PutRevNat { id, frontend } => {
+                state.rev_nats.insert(*id, (frontend.addr, frontend.port));
+            }
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                let entry = state.frontends.entry(*frontend).or_default();
+                let index = usize::from(*slot) - 1;
+                if entry.slots.len() <= index {
+                    entry.slots.resize(index + 1, 0);
+                }
+                entry.slots[index] = *backend_id;
+            }
+            Op::PutFrontend {
+                frontend,
+                count,
+                rev_nat_id,
+            } => {
+                let entry = state.frontends.entry(*frontend).or_default();
+                entry.rev_nat_id = *rev_nat_id;
+                entry.slots.resize(usize::from(*count), 0);
+            }
+            Op::DeleteSlot { frontend, slot } => {
+                if let Some(entry) = state.frontends.get_mut(frontend) {
+                    entry.slots.truncate(usize::from(*slot) - 1);
+                }
+            }
+            Op::DeleteFrontend { frontend } => {
+                state.frontends.remove(frontend);
+            }
+            Op::DeleteRevNat { id, .. } => {
+                state.rev_nats.remove(id);
+            }
+            Op::DeleteBackend { id, .. } => {
+                state.backends.remove(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceRef;
+
+    fn fe(addr: &str, port: u16) -> Frontend {
+        Frontend {
+            addr: addr.parse().unwrap(),
+            port,
+            proto: Protocol::Tcp,
+        }
+    }
+
+    fn spec(backends: &[(&str, u16)]) -> FrontendSpec {
+        FrontendSpec {
+            service: ServiceRef {
+                namespace: "default".into(),
+                name: "web".into(),
+                port_name: String::new(),
+            },
+            backends: backends
+                .iter()
+                .map(|(addr, port)| Backend {
+                    addr: addr.parse().unwrap(),
+                    port: *port,
+                })
+                .collect(),
+        }
+    }
+
+    /// Applies the plan and checks that the result is what was desired.
+    fn converge(state: &mut DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Vec<Op> {
+        let plan = diff(state, desired);
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        apply_to_state(state, &plan.ops);
+        for (frontend, spec) in desired {
+            let got = &state.frontends[frontend];
+            let addrs: Vec<_> = got
+                .slots
+                .iter()
+                .map(|id| {
+                    let key = state.backends[id];
+                    (key.addr, key.port)
+                })
+                .collect();
+            let want: Vec<_> = spec.backends.iter().map(|b| (b.addr, b.port)).collect();
+            assert_eq!(addrs, want);
+            assert_eq!(
+                state.rev_nats[&got.rev_nat_id],
+                (frontend.addr, frontend.port)
+            );
+        }
+        assert_eq!(state.frontends.len(), desired.len());
+        assert!(diff(state, desired).ops.is_empty(), "not idempotent");
+        plan.ops
+    }
+
+    #[test]
+    fn new_service_writes_backends_then_slots_then_frontend() {
+        let mut state = DatapathState::default();
+        let desired = BTreeMap::from([(
+            fe("198.19.0.10", 80),
+            spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)]),
+        )]);
+        let ops = converge(&mut state, &desired);
+        let kinds: Vec<_> = ops
+            .iter()
+            .map(|op| match op {
+                Op::PutRevNat { .. } => "revnat",
+                Op::PutBackend { .. } => "backend",
+                Op::PutSlot { .. } => "slot",
+                Op::PutFrontend { .. } => "frontend",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["revnat", "backend", "backend", "slot", "slot", "frontend"]
+        );
+    }
+
+    #[test]
+    fn ids_are_stable_across_changes() {
+        let mut state = DatapathState::default();
+        let v4 = fe("198.19.0.10", 80);
+        let v6 = fe("fd00:96::10", 80);
+        let mut desired = BTreeMap::from([
+            (v4, spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)])),
+            (v6, spec(&[("fd00:2::2", 8080)])),
+        ]);
+        converge(&mut state, &desired);
+        let rev_v4 = state.frontends[&v4].rev_nat_id;
+        let rev_v6 = state.frontends[&v6].rev_nat_id;
+        let be_id = state.frontends[&v4].slots[1];
+
+        desired.insert(v4, spec(&[("198.18.3.2", 8080), ("198.18.4.2", 8080)]));
+        let ops = converge(&mut state, &desired);
+        assert_eq!(state.frontends[&v4].rev_nat_id, rev_v4);
+        assert_eq!(state.frontends[&v6].rev_nat_id, rev_v6);
+        assert_eq!(state.frontends[&v4].slots[0], be_id, "kept backend id");
+        // The removed backend goes last, after every slot write.
+        let last = ops.last().unwrap();
+        assert!(matches!(last, Op::DeleteBackend { .. }), "{ops:?}");
+        // A frontend whose count did not change is not rewritten.
+        assert!(!ops.iter().any(|op| matches!(op, Op::PutFrontend { .. })));
+    }
+
+    #[test]
+    fn shrinking_writes_count_before_deleting_slots() {
+        let mut state = DatapathState::default();
+        let v4 = fe("198.19.0.10", 80);
+        let mut desired = BTreeMap::from([(
+            v4,
+            spec(&[
+                ("198.18.2.2", 8080),
+                ("198.18.3.2", 8080),
+                ("198.18.4.2", 8080),
+            ]),
+        )]);
+        converge(&mut state, &desired);
+        desired.insert(v4, spec(&[("198.18.2.2", 8080)]));
+        let ops = converge(&mut state, &desired);
+        let frontend_at = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutFrontend { count: 1, .. }))
+            .unwrap();
+        let first_delete = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteSlot { .. }))
+            .unwrap();
+        assert!(frontend_at < first_delete, "{ops:?}");
+    }
+
+    #[test]
+    fn removed_frontend_deletes_slot_zero_first_and_frees_everything() {
+        let mut state = DatapathState::default();
+        let v4 = fe("198.19.0.10", 80);
+        let desired = BTreeMap::from([(v4, spec(&[("198.18.2.2", 8080)]))]);
+        converge(&mut state, &desired);
+        let ops = converge(&mut state, &BTreeMap::new());
+        assert!(matches!(ops[0], Op::DeleteFrontend { .. }), "{ops:?}");
+        assert_eq!(state, DatapathState::default());
+    }
+
+    #[test]
+    fn same_backend_in_two_services_shares_one_id() {
+        let mut state = DatapathState::default();
+        let desired = BTreeMap::from([
+            (fe("198.19.0.10", 80), spec(&[("198.18.2.2", 8080)])),
+            (fe("198.19.0.11", 80), spec(&[("198.18.2.2", 8080)])),
+        ]);
+        converge(&mut state, &desired);
+        assert_eq!(state.backends.len(), 1);
+    }
+
+    #[test]
+    fn empty_service_has_zero_count() {
+        let mut state = DatapathState::default();
+        let desired = BTreeMap::from([(fe("198.19.0.10", 80), spec(&[]))]);
+        let ops = converge(&mut state, &desired);
+        assert!(ops.contains(&Op::PutFrontend {
+            frontend: fe("198.19.0.10", 80),
+            count: 0,
+            rev_nat_id: 1
+        }));
+    }
+
+    #[test]
+    fn allocator_moves_forward_and_wraps() {
+        let mut alloc = IdAllocator::new([1, 2, 5], 6);
+        assert_eq!(alloc.allocate(), Some(6));
+        assert_eq!(alloc.allocate(), Some(3));
+        assert_eq!(alloc.allocate(), Some(4));
+        assert_eq!(alloc.allocate(), None);
+    }
+
+    #[test]
+    fn new_ids_continue_after_the_highest_in_use() {
+        let mut state = DatapathState::default();
+        let a = fe("198.19.0.10", 80);
+        let b = fe("198.19.0.11", 80);
+        converge(&mut state, &BTreeMap::from([(a, spec(&[]))]));
+        converge(&mut state, &BTreeMap::new());
+        converge(&mut state, &BTreeMap::from([(b, spec(&[]))]));
+        assert_eq!(state.frontends[&b].rev_nat_id, 1, "empty maps start at 1");
+        converge(
+            &mut state,
+            &BTreeMap::from([(b, spec(&[])), (a, spec(&[]))]),
+        );
+        assert_eq!(state.frontends[&a].rev_nat_id, 2);
+    }
+}

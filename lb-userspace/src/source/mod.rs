@@ -1,0 +1,3 @@
+//! Where Services and `EndpointSlice`s come from.
+
+pub mod file;
