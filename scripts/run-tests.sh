@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, privileged tests included (run as root): formatting,
+# clippy, unit tests, BPF_PROG_TEST_RUN datapath tests and the veth harness.
+# Privileged tests fail (they never silently pass) without root or bpffs,
+# unless LB_SKIP_PRIVILEGED=1 is set.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+"$ROOT/scripts/setup.sh"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+step() { printf '\n==== %s\n' "$*"; }
+start=$(date +%s)
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo xtask build-ebpf"
+cargo xtask build-ebpf
+
+step "cargo test (unit, datapath, harness)"
+cargo test --all-targets -- --test-threads="${LB_TEST_THREADS:-2}"
+
+printf '\n==== all tests passed in %ss\n' "$(($(date +%s) - start))"

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Checks for, and installs when missing, everything lb needs to build and to
+# run its tests and demo on a fresh Debian machine (run as root):
+#   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
+#   - LLVM 22 development files and bpf-linker built against them
+#   - iproute2, nsenter (util-linux), socat, curl, bpftool, iperf3 (tests, demo)
+#   - a bpf filesystem at /sys/fs/bpf
+# Every step says what it checks and what it does. Idempotent.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLCHAIN="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")"
+BPF_LINKER_VERSION="0.13.0"
+LLVM_MAJOR="22"
+APT_PACKAGES=(
+  "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 util-linux socat curl
+  bpftool iperf3 procps
+)
+
+say() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "need root for: $* (run this script as root)"
+  fi
+}
+
+# --- Debian packages -------------------------------------------------------
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$pkg")
+  fi
+done
+if ((${#missing[@]})); then
+  command -v apt-get >/dev/null || die "missing packages ${missing[*]} and no apt-get to install them"
+  say "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  say "Debian packages present: ${APT_PACKAGES[*]}"
+fi
+
+# --- Rust toolchain --------------------------------------------------------
+command -v rustup >/dev/null || die "rustup not found: install rustup first (https://rustup.rs)"
+if rustup run "$TOOLCHAIN" rustc --version >/dev/null 2>&1 &&
+  [[ -d "$(rustup run "$TOOLCHAIN" rustc --print sysroot)/lib/rustlib/src/rust/library" ]] &&
+  rustup run "$TOOLCHAIN" cargo clippy --version >/dev/null 2>&1 &&
+  rustup run "$TOOLCHAIN" rustfmt --version >/dev/null 2>&1; then
+  say "Rust $TOOLCHAIN with rust-src, clippy, rustfmt present"
+else
+  say "installing Rust $TOOLCHAIN with rust-src, clippy, rustfmt (pinned: bpf-linker needs its LLVM $LLVM_MAJOR)"
+  rustup toolchain install "$TOOLCHAIN" --profile minimal --component rust-src,clippy,rustfmt
+fi
+
+# --- bpf-linker ------------------------------------------------------------
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+export PATH="$CARGO_BIN:$PATH"
+if command -v bpf-linker >/dev/null && bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  say "bpf-linker $BPF_LINKER_VERSION present ($(command -v bpf-linker))"
+else
+  say "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM_MAJOR (about a minute)"
+  PATH="/usr/lib/llvm-${LLVM_MAJOR}/bin:$PATH" rustup run "$TOOLCHAIN" cargo install --quiet \
+    bpf-linker --version "$BPF_LINKER_VERSION" --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+
+# --- bpffs -----------------------------------------------------------------
+if [[ "$(stat -f -c %T /sys/fs/bpf 2>/dev/null)" == "bpf_fs" ]]; then
+  say "bpffs mounted at /sys/fs/bpf"
+else
+  say "mounting bpffs at /sys/fs/bpf"
+  as_root mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf"
+fi
+
+say "ready: toolchain $TOOLCHAIN, bpf-linker, LLVM $LLVM_MAJOR, test tools, bpffs"
