@@ -101,7 +101,11 @@ fn services(count: u32) -> BTreeMap<Frontend, FrontendSpec> {
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let repeat = if quick { 100_000 } else { 1_000_000 };
-    let scales: &[u32] = if quick { &[1, 1000] } else { &[1, 1000, 10_000] };
+    let scales: &[u32] = if quick {
+        &[1, 1000]
+    } else {
+        &[1, 1000, 10_000]
+    };
     let pin_path = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
     let mut ebpf = loader::load(&pin_path)?;
     let result = (|| -> anyhow::Result<()> {
