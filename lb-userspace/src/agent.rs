@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use crate::{
@@ -15,17 +15,14 @@ use crate::{
     maps::{Maps, MapsError},
     model,
     plan::{self, DatapathState},
-    source::file::{DirWatcher, FileSourceError, load_dir},
+    source::{self, SourceSpec, SourceUpdate, file::FileSourceError},
 };
-
-/// How often the source directory is checked for changes.
-const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What `lb agent` was asked to do.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Directory of manifests (`--source file:DIR`).
-    pub source_dir: PathBuf,
+    /// Where Services and `EndpointSlices` come from.
+    pub source: SourceSpec,
     /// Interfaces to attach to.
     pub interfaces: Vec<String>,
     /// bpffs directory for pins.
@@ -98,11 +95,9 @@ pub struct Shared {
 /// # Errors
 /// Startup failed (bad directory, interface, bpffs, kernel refusal, port).
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
-    // Check every input before touching the kernel. The watcher takes its
-    // first look before the first load so no change in between is missed.
-    let mut watcher = DirWatcher::new(config.source_dir.clone());
-    let _ = watcher.changed();
-    let first = load_dir(&config.source_dir)?;
+    // Check every input before touching the kernel.
+    let (tx, mut updates) = tokio::sync::mpsc::channel(4);
+    let source_task = source::spawn(&config.source, tx)?;
     for iface in &config.interfaces {
         if loader::if_index(iface).is_none() {
             return Err(LoadError::NoSuchInterface(iface.clone()).into());
@@ -147,33 +142,29 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let mut reported = BTreeSet::new();
-    let mut snapshot = Some(first);
-    let mut ticker = tokio::time::interval(POLL_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if snapshot.is_none() {
-            match watcher.changed() {
-                Ok(true) => match load_dir(&config.source_dir) {
-                    Ok(loaded) => snapshot = Some(loaded),
-                    Err(error) => {
-                        tracing::error!(%error, "cannot read the source directory; keeping the last good state");
-                    }
-                },
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::error!(%error, "cannot watch the source directory; keeping the last good state");
-                }
-            }
-        }
-        if let Some(loaded) = snapshot.take() {
-            sync(&loaded, &maps, &mut state, &shared, &mut reported);
-        }
         tokio::select! {
-            _ = ticker.tick() => {}
+            update = updates.recv() => match update {
+                Some(SourceUpdate::Snapshot(snapshot)) => {
+                    sync(&snapshot, &maps, &mut state, &shared, &mut reported);
+                }
+                Some(SourceUpdate::Stale(reason)) => {
+                    tracing::error!(%reason, "source has no fresh state; keeping the last good state");
+                    let mut shared = lock(&shared);
+                    if !shared.ready {
+                        shared.not_ready_reason = reason;
+                    }
+                }
+                None => {
+                    tracing::error!("source ended; keeping the last good state");
+                    break;
+                }
+            },
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
     }
+    source_task.abort();
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
 }
@@ -186,7 +177,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// One pass: model, diff, apply.
 fn sync(
-    snapshot: &crate::source::file::Snapshot,
+    snapshot: &source::Snapshot,
     maps: &Mutex<Maps>,
     state: &mut DatapathState,
     shared: &Mutex<Shared>,

@@ -9,6 +9,7 @@ use lb_userspace::{
     loader,
     maps::Maps,
     plan,
+    source::SourceSpec,
 };
 
 /// Default bpffs directory for maps and links.
@@ -126,7 +127,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 return Err(anyhow!("--attach needs at least one interface"));
             }
             let config = AgentConfig {
-                source_dir: PathBuf::from(dir),
+                source: SourceSpec::File(PathBuf::from(dir)),
                 interfaces: attach,
                 pin_path,
                 metrics_addr,

@@ -11,20 +11,11 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+pub use super::Snapshot;
 use crate::model::{DEFAULT_NAMESPACE, ObjectError};
-
-/// The objects found in the directory at one moment, and what was rejected.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub errors: Vec<ObjectError>,
-}
 
 /// The directory itself is unusable; individual files never cause this.
 #[derive(Debug, thiserror::Error)]

@@ -1,3 +1,85 @@
-//! Where Services and `EndpointSlice`s come from.
+//! Where Services and `EndpointSlice`s come from. Every source sends whole
+//! snapshots over a channel; the agent turns each into maps.
+
+use std::{path::PathBuf, time::Duration};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use tokio::sync::mpsc;
+
+use crate::model::ObjectError;
 
 pub mod file;
+
+/// The objects a source holds at one moment, and what it rejected.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Services.
+    pub services: Vec<Service>,
+    /// `EndpointSlices`.
+    pub slices: Vec<EndpointSlice>,
+    /// Objects (or files) that could not be read, with the reason.
+    pub errors: Vec<ObjectError>,
+}
+
+/// What a source tells the agent.
+#[derive(Debug)]
+pub enum SourceUpdate {
+    /// The complete current state.
+    Snapshot(Snapshot),
+    /// The source cannot deliver fresh state (the last good state keeps
+    /// serving); the text says why.
+    Stale(String),
+}
+
+/// Which source to run.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// `file:DIR`.
+    File(PathBuf),
+}
+
+/// How often the file source checks its directory.
+pub const FILE_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Starts `spec`, sending updates to `tx` until `tx` is closed.
+///
+/// # Errors
+/// The source cannot start at all (for `file:`, the directory is unusable).
+pub fn spawn(
+    spec: &SourceSpec,
+    tx: mpsc::Sender<SourceUpdate>,
+) -> Result<tokio::task::JoinHandle<()>, file::FileSourceError> {
+    match spec {
+        SourceSpec::File(dir) => {
+            // The watcher takes its first look before the first load so that
+            // no change in between is missed.
+            let mut watcher = file::DirWatcher::new(dir.clone());
+            let _ = watcher.changed();
+            let first = file::load_dir(dir)?;
+            let dir = dir.clone();
+            Ok(tokio::spawn(async move {
+                if tx.send(SourceUpdate::Snapshot(first)).await.is_err() {
+                    return;
+                }
+                let mut ticker = tokio::time::interval(FILE_POLL_INTERVAL);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticker.tick().await;
+                    let update = match watcher.changed() {
+                        Ok(false) => continue,
+                        Ok(true) => match file::load_dir(&dir) {
+                            Ok(snapshot) => SourceUpdate::Snapshot(snapshot),
+                            Err(error) => SourceUpdate::Stale(error.to_string()),
+                        },
+                        Err(error) => {
+                            SourceUpdate::Stale(format!("cannot watch {}: {error}", dir.display()))
+                        }
+                    };
+                    if tx.send(update).await.is_err() {
+                        return;
+                    }
+                }
+            }))
+        }
+    }
+}
