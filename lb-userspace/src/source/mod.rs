@@ -3,7 +3,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use tokio::sync::mpsc;
 
 use crate::model::ObjectError;
@@ -17,6 +20,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// `EndpointSlices`.
     pub slices: Vec<EndpointSlice>,
+    /// This agent's own Node object, when the source knows it (kube source).
+    pub node: Option<Node>,
     /// Objects (or files) that could not be read, with the reason.
     pub errors: Vec<ObjectError>,
 }
