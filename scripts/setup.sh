@@ -4,6 +4,8 @@
 #   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
 #   - LLVM 22 development files and bpf-linker built against them
 #   - iproute2, nsenter (util-linux), socat, curl, bpftool, iperf3 (tests, demo)
+#   - wrk, nginx-light, nftables, iptables, conntrack (cargo xtask bench)
+#   - kubectl (Debian's kubernetes-client) when missing (tests/deploy.rs)
 #   - a bpf filesystem at /sys/fs/bpf
 # Every step says what it checks and what it does. Idempotent.
 set -euo pipefail
@@ -15,6 +17,7 @@ LLVM_MAJOR="22"
 APT_PACKAGES=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 util-linux socat curl
   bpftool iperf3 procps
+  wrk nginx-light nftables iptables conntrack
 )
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -40,6 +43,17 @@ if ((${#missing[@]})); then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
   say "Debian packages present: ${APT_PACKAGES[*]}"
+fi
+
+# --- kubectl (tests/deploy.rs renders and dry-runs deploy/) ------------------
+# Any kubectl will do; Debian's comes with kubernetes-client.
+if command -v kubectl >/dev/null; then
+  say "kubectl present ($(command -v kubectl))"
+else
+  command -v apt-get >/dev/null || die "kubectl missing and no apt-get to install kubernetes-client"
+  say "installing kubectl (Debian package kubernetes-client)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
 fi
 
 # --- Rust toolchain --------------------------------------------------------

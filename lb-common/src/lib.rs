@@ -31,9 +31,19 @@ pub mod map_names {
     /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
     pub const REVNAT6: &str = "LB6_RNAT_V1";
     /// IPv4 connection tracking (LRU): `Ct4Key` -> `CtEntry`.
-    pub const CT4: &str = "LB4_CT_V1";
+    pub const CT4: &str = "LB4_CT_V2";
     /// IPv6 connection tracking (LRU): `Ct6Key` -> `CtEntry`.
-    pub const CT6: &str = "LB6_CT_V1";
+    pub const CT6: &str = "LB6_CT_V2";
+    /// IPv4 session affinity (LRU): `Affinity4Key` -> `AffinityEntry`.
+    pub const AFFINITY4: &str = "LB4_AFF_V1";
+    /// IPv6 session affinity (LRU): `Affinity6Key` -> `AffinityEntry`.
+    pub const AFFINITY6: &str = "LB6_AFF_V1";
+    /// IPv4 allowed source ranges (LPM trie): `SourceRange4Key` -> `u8`.
+    pub const SRC_RANGES4: &str = "LB4_SRC_V1";
+    /// IPv6 allowed source ranges (LPM trie): `SourceRange6Key` -> `u8`.
+    pub const SRC_RANGES6: &str = "LB6_SRC_V1";
+    /// Node configuration (array of one `LbConfig`).
+    pub const CONFIG: &str = "LB_CONFIG_V1";
     /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`.
@@ -58,6 +68,10 @@ pub mod limits {
     pub const MAX_BACKENDS: u32 = 1 << 20;
     /// Default conntrack entries per family (an LRU: the oldest go first).
     pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
+    /// Session-affinity entries per family (an LRU).
+    pub const AFFINITY_ENTRIES: u32 = 1 << 16;
+    /// Source-range prefixes per family, over all frontends.
+    pub const SOURCE_RANGES: u32 = 1 << 14;
     /// Highest backend slot number a service may use (slots 1..=this).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX - 1;
 }
@@ -74,24 +88,37 @@ pub mod proto {
     pub const ICMPV6: u8 = 58;
 }
 
-/// Service key scopes (reserved for the external/internal split).
+/// Service key scopes.
 pub mod scope {
-    /// Reached from inside the cluster (`ClusterIP`).
+    /// Any frontend (the only scope used so far).
     pub const INTERNAL: u8 = 0;
 }
 
-/// `LbService::flags` bits.
+/// `LbService::flags` bits (slot 0).
 pub mod svc_flags {
     /// Frontend is a `ClusterIP`.
     pub const CLUSTER_IP: u16 = 1 << 0;
+    /// Frontend is reached from outside (`NodePort`, `LoadBalancer`, external IP).
+    pub const EXTERNAL: u16 = 1 << 1;
+    /// External frontend with externalTrafficPolicy Local: never source-NAT.
+    pub const EXT_LOCAL: u16 = 1 << 2;
+    /// `ClientIP` session affinity (`LbService::affinity_timeout_s`).
+    pub const AFFINITY: u16 = 1 << 3;
+    /// Clients must match a prefix of this frontend in the source-range map.
+    pub const SOURCE_RANGES: u16 = 1 << 4;
+    /// Marker entry (port 0, protocol 0): the address is a service address,
+    /// so TCP/UDP to a port it does not serve is rejected.
+    pub const ADDRESS_MARKER: u16 = 1 << 5;
 }
 
-/// `Lb4Backend::flags` / `Lb6Backend::flags` values.
+/// `Lb4Backend::flags` / `Lb6Backend::flags` bits.
 pub mod backend_flags {
-    /// Backend takes new flows.
+    /// No bits: an active backend on another node.
     pub const ACTIVE: u8 = 0;
     /// Backend takes no new flows; established flows drain.
-    pub const TERMINATING: u8 = 1;
+    pub const TERMINATING: u8 = 1 << 0;
+    /// Backend runs on this node (external traffic to it keeps its source).
+    pub const LOCAL: u8 = 1 << 1;
 }
 
 /// Conntrack key directions (`Ct4Key::dir`).
@@ -106,6 +133,9 @@ pub mod ct_dir {
 pub mod ct_flags {
     /// A TCP FIN or RST was seen: the entry gets the short timeout.
     pub const CLOSING: u32 = 1 << 0;
+    /// The flow's source was translated too (`NodePort` to a remote backend,
+    /// or hairpin): `nat_addr`/`nat_port_be` hold the other end of it.
+    pub const SNAT: u32 = 1 << 1;
 }
 
 /// Conntrack lifetimes (nanoseconds since the last packet of the flow).
@@ -152,8 +182,18 @@ pub mod reason {
     pub const DROP_CT_INSERT: u32 = 13;
     /// Packet rewrite (store or checksum helper) failed: dropped.
     pub const DROP_REWRITE: u32 = 14;
+    /// No usable backend or unknown port of a service address: ICMP
+    /// port unreachable sent back to the client.
+    pub const REJECT: u32 = 15;
+    /// Building the reject failed: dropped.
+    pub const DROP_REJECT_FAILED: u32 = 16;
+    /// Client outside the frontend's source ranges: dropped.
+    pub const DROP_SOURCE_RANGE: u32 = 17;
+    /// Source NAT needed but no node address of the family is configured,
+    /// or no free port: dropped.
+    pub const DROP_NO_SNAT: u32 = 18;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 19;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -172,6 +212,10 @@ pub mod reason {
         "drop_backend_missing",
         "drop_ct_insert",
         "drop_rewrite",
+        "reject",
+        "drop_reject_failed",
+        "drop_source_range",
+        "drop_no_snat",
     ];
 }
 
@@ -334,7 +378,15 @@ pub struct CtEntry {
     /// `ct_flags::*`.
     pub flags: u32,
     /// Zero.
-    pub _pad: u32,
+    pub _pad: u16,
+    /// `SNAT` flows: the translated source port of the flow's other side
+    /// (service entry: the port chosen on the node; reply entry: the
+    /// client's own port), network byte order.
+    pub nat_port_be: u16,
+    /// `SNAT` flows: the matching address (service entry: the node or
+    /// loopback address used as source; reply entry: the client's own
+    /// address); IPv4 uses the first 4 bytes.
+    pub nat_addr: [u8; 16],
 }
 
 /// Per-frontend counters (one per CPU; userspace sums them).
@@ -347,6 +399,79 @@ pub struct LbStats {
     pub bytes: u64,
 }
 
+/// IPv4 session-affinity key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity4Key {
+    /// Client address, network order.
+    pub client: [u8; 4],
+    /// Frontend (rev-NAT id) the affinity belongs to.
+    pub rev_nat_id: u32,
+}
+
+/// IPv6 session-affinity key; mirrors `Affinity4Key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Affinity6Key {
+    /// Client address, network order.
+    pub client: [u8; 16],
+    /// Frontend (rev-NAT id) the affinity belongs to.
+    pub rev_nat_id: u32,
+}
+
+/// Session-affinity value; the same for both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AffinityEntry {
+    /// Backend the client was last sent to.
+    pub backend_id: u32,
+    /// Zero.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the client's last new flow to the frontend.
+    pub last_used_ns: u64,
+}
+
+/// IPv4 source-range LPM data (after the trie's `prefix_len`): the frontend
+/// first (always matched in full: `prefix_len` = 32 + range prefix), then
+/// the client prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRange4 {
+    /// Frontend rev-NAT id, big-endian (LPM matches bytes in order).
+    pub rev_nat_id_be: u32,
+    /// Client address or prefix, network order.
+    pub addr: [u8; 4],
+}
+
+/// IPv6 source-range LPM data; mirrors `SourceRange4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRange6 {
+    /// Frontend rev-NAT id, big-endian (LPM matches bytes in order).
+    pub rev_nat_id_be: u32,
+    /// Client address or prefix, network order.
+    pub addr: [u8; 16],
+}
+
+/// Node configuration written by the agent (array of one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    /// Source for SNAT of IPv4 external traffic to remote backends (zero: none).
+    pub node_addr4: [u8; 4],
+    /// Source for hairpin flows over IPv4 (pod to its own service).
+    pub loopback4: [u8; 4],
+    /// Source for SNAT of IPv6 external traffic to remote backends (zero: none).
+    pub node_addr6: [u8; 16],
+    /// Source for hairpin flows over IPv6.
+    pub loopback6: [u8; 16],
+}
+
+/// First port of the range used for source NAT on the node.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Number of ports in that range (61000..=65535).
+pub const SNAT_PORT_COUNT: u16 = 4536;
+
 const _: () = assert!(size_of::<Lb4Key>() == 12);
 const _: () = assert!(size_of::<Lb6Key>() == 24);
 const _: () = assert!(size_of::<LbService>() == 16);
@@ -356,14 +481,21 @@ const _: () = assert!(size_of::<Lb4RevNat>() == 8);
 const _: () = assert!(size_of::<Lb6RevNat>() == 20);
 const _: () = assert!(size_of::<Ct4Key>() == 16);
 const _: () = assert!(size_of::<Ct6Key>() == 40);
-const _: () = assert!(size_of::<CtEntry>() == 32);
+const _: () = assert!(size_of::<CtEntry>() == 48);
+const _: () = assert!(size_of::<Affinity4Key>() == 8);
+const _: () = assert!(size_of::<Affinity6Key>() == 20);
+const _: () = assert!(size_of::<AffinityEntry>() == 16);
+const _: () = assert!(size_of::<SourceRange4>() == 8);
+const _: () = assert!(size_of::<SourceRange6>() == 20);
+const _: () = assert!(size_of::<LbConfig>() == 40);
 const _: () = assert!(size_of::<LbStats>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
-        LbService, LbStats,
+        Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
+        Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SourceRange4,
+        SourceRange6,
     };
     // SAFETY: all are repr(C), Copy, with explicit padding: every bit
     // pattern is valid and no byte is uninitialised.
@@ -378,4 +510,10 @@ mod pod {
     unsafe impl aya::Pod for Ct6Key {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for LbStats {}
+    unsafe impl aya::Pod for Affinity4Key {}
+    unsafe impl aya::Pod for Affinity6Key {}
+    unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SourceRange4 {}
+    unsafe impl aya::Pod for SourceRange6 {}
+    unsafe impl aya::Pod for LbConfig {}
 }

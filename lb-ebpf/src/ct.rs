@@ -73,6 +73,8 @@ pub fn new_entry(backend_id: u32, rev_nat_id: u32, tcp_flags: u8, now: u64) -> C
         rev_nat_id,
         flags: flags_from_tcp(tcp_flags),
         _pad: 0,
+        nat_port_be: 0,
+        nat_addr: [0; 16],
     }
 }
 

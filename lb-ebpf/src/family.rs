@@ -2,25 +2,27 @@
 //! address rewrite. The translation logic in `tc` is written once over this.
 
 use aya_ebpf::{
-    maps::{HashMap, LruHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use lb_common::{
-    Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
-    LbService,
+    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
+    Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, SourceRange4, SourceRange6,
 };
 
 use crate::{
     ct::{hash_finish, hash_mix},
     maps::{
-        LB4_BE_V1, LB4_CT_V1, LB4_RNAT_V1, LB4_SVC_V1, LB6_BE_V1, LB6_CT_V1, LB6_RNAT_V1,
-        LB6_SVC_V1,
+        LB4_AFF_V1, LB4_BE_V1, LB4_CT_V2, LB4_RNAT_V1, LB4_SRC_V1, LB4_SVC_V1, LB6_AFF_V1,
+        LB6_BE_V1, LB6_CT_V2, LB6_RNAT_V1, LB6_SRC_V1, LB6_SVC_V1,
     },
     nat::{self, IP4_DADDR_OFF, IP4_SADDR_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, L4Csum},
     parse::Verdict,
+    reject,
 };
 
 /// A flow as read from the packet (addresses and ports in network order).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Tuple<A> {
     pub saddr: A,
@@ -28,6 +30,18 @@ pub struct Tuple<A> {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
+}
+
+/// The parsed packet, handed from the parse step to the to-backend step
+/// (per-CPU scratch: see `tc::try_lb`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Packet {
+    pub tuple4: Tuple<[u8; 4]>,
+    pub tuple6: Tuple<[u8; 16]>,
+    pub frontend: LbService,
+    pub l4_off: u32,
+    pub tcp_flags: u8,
 }
 
 /// One address family.
@@ -38,6 +52,8 @@ pub trait Family {
     type CtKey: 'static;
     type Backend: Copy + 'static;
     type RevNat: Copy + 'static;
+    type AffinityKey: 'static;
+    type SourceRange: 'static;
 
     /// True for IPv4 (UDP zero checksum means "none").
     const IS_V4: bool;
@@ -50,12 +66,32 @@ pub trait Family {
     fn backends() -> &'static HashMap<u32, Self::Backend>;
     fn rev_nats() -> &'static HashMap<u32, Self::RevNat>;
     fn conntrack() -> &'static LruHashMap<Self::CtKey, CtEntry>;
+    fn affinity() -> &'static LruHashMap<Self::AffinityKey, AffinityEntry>;
+    fn source_ranges() -> &'static LpmTrie<Self::SourceRange, u8>;
 
     fn svc_key(addr: Self::Addr, dport_be: u16, slot: u16, proto: u8) -> Self::SvcKey;
     fn ct_key(tuple: &Tuple<Self::Addr>, dir: u8) -> Self::CtKey;
-    fn backend_target(backend: &Self::Backend) -> (Self::Addr, u16);
+    fn affinity_key(client: Self::Addr, rev_nat_id: u32) -> Self::AffinityKey;
+    /// Full-length LPM key: the frontend, then the client address.
+    fn source_range_key(rev_nat_id: u32, client: Self::Addr) -> Key<Self::SourceRange>;
+    /// Backend address, port (network order) and `backend_flags`.
+    fn backend_target(backend: &Self::Backend) -> (Self::Addr, u16, u8);
     fn rev_nat_target(rev_nat: &Self::RevNat) -> (Self::Addr, u16);
     fn flow_hash(tuple: &Tuple<Self::Addr>) -> u32;
+    /// Source for SNAT towards remote backends (zero when not configured).
+    fn node_addr(config: &LbConfig) -> Self::Addr;
+    /// Source for hairpin flows.
+    fn loopback(config: &LbConfig) -> Self::Addr;
+    fn is_unspecified(addr: &Self::Addr) -> bool;
+    /// Widens to the 16 bytes kept in `CtEntry::nat_addr`.
+    fn to_nat(addr: Self::Addr) -> [u8; 16];
+    fn from_nat(addr: &[u8; 16]) -> Self::Addr;
+    /// A zeroed backend (placeholder before one is chosen).
+    fn empty_backend() -> Self::Backend;
+    /// This family's tuple in the packet scratch.
+    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<Self::Addr>;
+    /// Answers the packet with ICMP port unreachable.
+    fn reject(ctx: &TcContext) -> Result<Verdict, Verdict>;
     fn rewrite_addr(
         ctx: &TcContext,
         off: usize,
@@ -76,6 +112,8 @@ impl Family for V4 {
     type CtKey = Ct4Key;
     type Backend = Lb4Backend;
     type RevNat = Lb4RevNat;
+    type AffinityKey = Affinity4Key;
+    type SourceRange = SourceRange4;
 
     const IS_V4: bool = true;
     const SADDR_OFF: usize = IP4_SADDR_OFF;
@@ -95,7 +133,29 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<Ct4Key, CtEntry> {
-        &LB4_CT_V1
+        &LB4_CT_V2
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<Affinity4Key, AffinityEntry> {
+        &LB4_AFF_V1
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRange4, u8> {
+        &LB4_SRC_V1
+    }
+    #[inline(always)]
+    fn affinity_key(client: [u8; 4], rev_nat_id: u32) -> Affinity4Key {
+        Affinity4Key { client, rev_nat_id }
+    }
+    #[inline(always)]
+    fn source_range_key(rev_nat_id: u32, client: [u8; 4]) -> Key<SourceRange4> {
+        Key::new(
+            64,
+            SourceRange4 {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr: client,
+            },
+        )
     }
     #[inline(always)]
     fn svc_key(addr: [u8; 4], dport_be: u16, slot: u16, proto: u8) -> Lb4Key {
@@ -121,8 +181,8 @@ impl Family for V4 {
         }
     }
     #[inline(always)]
-    fn backend_target(b: &Lb4Backend) -> ([u8; 4], u16) {
-        (b.addr, b.port_be)
+    fn backend_target(b: &Lb4Backend) -> ([u8; 4], u16, u8) {
+        (b.addr, b.port_be, b.flags)
     }
     #[inline(always)]
     fn rev_nat_target(r: &Lb4RevNat) -> ([u8; 4], u16) {
@@ -134,6 +194,48 @@ impl Family for V4 {
         h = hash_mix(h, u32::from_ne_bytes(t.daddr));
         h = hash_mix(h, (u32::from(t.sport_be) << 16) | u32::from(t.dport_be));
         hash_finish(hash_mix(h, u32::from(t.proto)))
+    }
+    #[inline(always)]
+    fn node_addr(config: &LbConfig) -> [u8; 4] {
+        config.node_addr4
+    }
+    #[inline(always)]
+    fn loopback(config: &LbConfig) -> [u8; 4] {
+        config.loopback4
+    }
+    #[inline(always)]
+    fn is_unspecified(addr: &[u8; 4]) -> bool {
+        u32::from_ne_bytes(*addr) == 0
+    }
+    #[inline(always)]
+    fn to_nat(addr: [u8; 4]) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[0] = addr[0];
+        out[1] = addr[1];
+        out[2] = addr[2];
+        out[3] = addr[3];
+        out
+    }
+    #[inline(always)]
+    fn from_nat(addr: &[u8; 16]) -> [u8; 4] {
+        [addr[0], addr[1], addr[2], addr[3]]
+    }
+    #[inline(always)]
+    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<[u8; 4]> {
+        &mut packet.tuple4
+    }
+    #[inline(always)]
+    fn empty_backend() -> Lb4Backend {
+        Lb4Backend {
+            addr: [0; 4],
+            port_be: 0,
+            proto: 0,
+            flags: 0,
+        }
+    }
+    #[inline(always)]
+    fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
+        reject::reject4(ctx)
     }
     #[inline(always)]
     fn rewrite_addr(
@@ -153,6 +255,8 @@ impl Family for V6 {
     type CtKey = Ct6Key;
     type Backend = Lb6Backend;
     type RevNat = Lb6RevNat;
+    type AffinityKey = Affinity6Key;
+    type SourceRange = SourceRange6;
 
     const IS_V4: bool = false;
     const SADDR_OFF: usize = IP6_SADDR_OFF;
@@ -172,7 +276,29 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<Ct6Key, CtEntry> {
-        &LB6_CT_V1
+        &LB6_CT_V2
+    }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<Affinity6Key, AffinityEntry> {
+        &LB6_AFF_V1
+    }
+    #[inline(always)]
+    fn source_ranges() -> &'static LpmTrie<SourceRange6, u8> {
+        &LB6_SRC_V1
+    }
+    #[inline(always)]
+    fn affinity_key(client: [u8; 16], rev_nat_id: u32) -> Affinity6Key {
+        Affinity6Key { client, rev_nat_id }
+    }
+    #[inline(always)]
+    fn source_range_key(rev_nat_id: u32, client: [u8; 16]) -> Key<SourceRange6> {
+        Key::new(
+            160,
+            SourceRange6 {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr: client,
+            },
+        )
     }
     #[inline(always)]
     fn svc_key(addr: [u8; 16], dport_be: u16, slot: u16, proto: u8) -> Lb6Key {
@@ -198,8 +324,8 @@ impl Family for V6 {
         }
     }
     #[inline(always)]
-    fn backend_target(b: &Lb6Backend) -> ([u8; 16], u16) {
-        (b.addr, b.port_be)
+    fn backend_target(b: &Lb6Backend) -> ([u8; 16], u16, u8) {
+        (b.addr, b.port_be, b.flags)
     }
     #[inline(always)]
     fn rev_nat_target(r: &Lb6RevNat) -> ([u8; 16], u16) {
@@ -218,6 +344,43 @@ impl Family for V6 {
         }
         h = hash_mix(h, (u32::from(t.sport_be) << 16) | u32::from(t.dport_be));
         hash_finish(hash_mix(h, u32::from(t.proto)))
+    }
+    #[inline(always)]
+    fn node_addr(config: &LbConfig) -> [u8; 16] {
+        config.node_addr6
+    }
+    #[inline(always)]
+    fn loopback(config: &LbConfig) -> [u8; 16] {
+        config.loopback6
+    }
+    #[inline(always)]
+    fn is_unspecified(addr: &[u8; 16]) -> bool {
+        u128::from_ne_bytes(*addr) == 0
+    }
+    #[inline(always)]
+    fn to_nat(addr: [u8; 16]) -> [u8; 16] {
+        addr
+    }
+    #[inline(always)]
+    fn from_nat(addr: &[u8; 16]) -> [u8; 16] {
+        *addr
+    }
+    #[inline(always)]
+    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<[u8; 16]> {
+        &mut packet.tuple6
+    }
+    #[inline(always)]
+    fn empty_backend() -> Lb6Backend {
+        Lb6Backend {
+            addr: [0; 16],
+            port_be: 0,
+            proto: 0,
+            flags: 0,
+        }
+    }
+    #[inline(always)]
+    fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
+        reject::reject6(ctx)
     }
     #[inline(always)]
     fn rewrite_addr(

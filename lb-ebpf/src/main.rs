@@ -18,6 +18,8 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod tc;
 
 #[cfg(target_arch = "bpf")]

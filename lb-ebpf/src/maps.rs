@@ -2,11 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
-    LbService, LbStats, limits, reason,
+    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
+    Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SourceRange4,
+    SourceRange6, limits, reason,
 };
 
 #[map]
@@ -22,11 +23,23 @@ pub static LB4_RNAT_V1: HashMap<u32, Lb4RevNat> = HashMap::pinned(limits::MAX_FR
 #[map]
 pub static LB6_RNAT_V1: HashMap<u32, Lb6RevNat> = HashMap::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-pub static LB4_CT_V1: LruHashMap<Ct4Key, CtEntry> =
+pub static LB4_CT_V2: LruHashMap<Ct4Key, CtEntry> =
     LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
 #[map]
-pub static LB6_CT_V1: LruHashMap<Ct6Key, CtEntry> =
+pub static LB6_CT_V2: LruHashMap<Ct6Key, CtEntry> =
     LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
+#[map]
+pub static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
+    LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
+#[map]
+pub static LB6_AFF_V1: LruHashMap<Affinity6Key, AffinityEntry> =
+    LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
+#[map]
+pub static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+#[map]
+pub static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+#[map]
+pub static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 pub static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
@@ -52,3 +65,14 @@ pub fn count_service(rev_nat_id: u32, len: u32) {
         }
     }
 }
+
+/// Per-CPU scratch space for building reject replies (not pinned: private
+/// to one loaded program).
+#[map]
+pub static LB_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU scratch: the parsed packet between the parse and to-backend
+/// steps (not pinned: private to one loaded program).
+#[map]
+pub static LB_PACKET: PerCpuArray<crate::family::Packet> = PerCpuArray::with_max_entries(1, 0);

@@ -93,6 +93,46 @@ impl Verdict {
     }
 }
 
+/// Marks an encoded verdict as present (an encoded `Ok(())` is 0).
+const ENCODED: u64 = 1 << 62;
+
+impl Verdict {
+    /// Packs into a scalar: BPF subprograms must not return structs (the
+    /// verifier refuses a stack pointer left in R0 by the struct return).
+    #[inline(always)]
+    pub const fn encode(self) -> u64 {
+        ENCODED | ((self.action as u32 as u64) << 32) | self.reason as u64
+    }
+
+    /// Unpacks `encode`'s result.
+    #[inline(always)]
+    pub const fn decode(code: u64) -> Self {
+        Self {
+            action: (code >> 32) as u32 as i32 & 0x3fff_ffff,
+            reason: code as u32,
+        }
+    }
+}
+
+/// `Result<(), Verdict>` as a scalar, for subprogram returns.
+#[inline(always)]
+pub fn encode_unit(result: Result<(), Verdict>) -> u64 {
+    match result {
+        Ok(()) => 0,
+        Err(verdict) => verdict.encode(),
+    }
+}
+
+/// The inverse of `encode_unit`.
+#[inline(always)]
+pub fn decode_unit(code: u64) -> Result<(), Verdict> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(Verdict::decode(code))
+    }
+}
+
 /// A pointer to a `T` at `offset` in the packet, or a pass verdict if the
 /// packet is too short.
 #[inline(always)]

@@ -4,18 +4,24 @@
 use std::{
     collections::BTreeSet,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use crate::{
-    http,
+    healthcheck::HealthServers,
+    http::{self, Histogram},
+    ifwatch::{self, IfWatchError, LinkEvent, Patterns},
     loader::{self, Attachment, LoadError},
     maps::{Maps, MapsError},
     model,
+    node::{self, NodeSettings},
     plan::{self, DatapathState},
-    source::{self, SourceSpec, SourceUpdate, file::FileSourceError},
+    source::{
+        self, SourceError, SourceSpec, SourceUpdate,
+        kube::{EventReporter, TriggerTimes},
+    },
 };
 
 /// What `lb agent` was asked to do.
@@ -25,18 +31,27 @@ pub struct AgentConfig {
     pub source: SourceSpec,
     /// Interfaces to attach to.
     pub interfaces: Vec<String>,
+    /// Globs of interfaces to attach to, now and when they appear.
+    pub attach_patterns: Vec<String>,
     /// bpffs directory for pins.
     pub pin_path: PathBuf,
     /// Address of the metrics/health server.
     pub metrics_addr: SocketAddr,
+    /// Node name, addresses, zone and hairpin sources from the flags.
+    pub node: NodeSettings,
+    /// Conntrack entries per family.
+    pub ct_entries: u32,
 }
 
 /// The agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The source directory is unusable.
+    /// The source cannot start.
     #[error(transparent)]
-    Source(#[from] FileSourceError),
+    Source(#[from] SourceError),
+    /// Interface discovery cannot start.
+    #[error(transparent)]
+    IfWatch(#[from] IfWatchError),
     /// Loading or attaching failed.
     #[error(transparent)]
     Load(#[from] LoadError),
@@ -88,6 +103,12 @@ pub struct Shared {
     pub maps: Option<Arc<Mutex<Maps>>>,
     /// Frontends with their rev-NAT id, for per-service counters.
     pub frontend_ids: Vec<(String, u32)>,
+    /// Sync durations.
+    pub sync_duration: Histogram,
+    /// `EndpointSlice` trigger time -> maps written.
+    pub network_programming: Histogram,
+    /// Entries per map (conntrack is read at scrape time).
+    pub map_entries: Vec<(&'static str, usize)>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Pins and links stay in place.
@@ -98,6 +119,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Check every input before touching the kernel.
     let (tx, mut updates) = tokio::sync::mpsc::channel(4);
     let source_task = source::spawn(&config.source, tx)?;
+    let patterns = Patterns::new(config.attach_patterns.iter().cloned())?;
     for iface in &config.interfaces {
         if loader::if_index(iface).is_none() {
             return Err(LoadError::NoSuchInterface(iface.clone()).into());
@@ -116,7 +138,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }));
     tokio::spawn(http::serve(listener, Arc::clone(&shared)));
 
-    let mut ebpf = loader::load(&config.pin_path)?;
+    let mut ebpf = loader::load_with(&config.pin_path, config.ct_entries)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     let program = loader::program(&mut ebpf)?;
     let mut attachments = Vec::new();
@@ -139,21 +161,41 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         shared.maps = Some(Arc::clone(&maps));
     }
 
+    let (link_tx, mut links) = tokio::sync::mpsc::channel(64);
+    let link_task = if patterns.is_empty() {
+        None
+    } else {
+        Some(ifwatch::spawn(patterns, link_tx)?)
+    };
+    let mut hooks = Hooks {
+        node_name: match &config.source {
+            SourceSpec::Kube(kube) => kube.node_name.clone(),
+            SourceSpec::File(_) => String::new(),
+        },
+        events: source::kube::event_reporter(&config.source),
+        trigger_times: TriggerTimes::new(SystemTime::now()),
+        node_settings: config.node.clone(),
+        datapath_config: None,
+        health: HealthServers::default(),
+    };
+
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let mut reported = BTreeSet::new();
     loop {
         tokio::select! {
+            Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
             update = updates.recv() => match update {
                 Some(SourceUpdate::Snapshot(snapshot)) => {
-                    sync(&snapshot, &maps, &mut state, &shared, &mut reported);
+                    sync(&snapshot, &maps, &mut state, &shared, &mut reported, &mut hooks);
                 }
                 Some(SourceUpdate::Stale(reason)) => {
                     tracing::error!(%reason, "source has no fresh state; keeping the last good state");
+                    // Not ready until the source delivers again (the next
+                    // snapshot's sync makes it ready); /readyz says why.
                     let mut shared = lock(&shared);
-                    if !shared.ready {
-                        shared.not_ready_reason = reason;
-                    }
+                    shared.ready = false;
+                    shared.not_ready_reason = reason;
                 }
                 None => {
                     tracing::error!("source ended; keeping the last good state");
@@ -165,6 +207,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
     source_task.abort();
+    if let Some(task) = link_task {
+        task.abort();
+    }
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
 }
@@ -182,9 +227,14 @@ fn sync(
     state: &mut DatapathState,
     shared: &Mutex<Shared>,
     reported: &mut BTreeSet<String>,
+    hooks: &mut Hooks,
 ) {
     let started = Instant::now();
-    let model = model::build(&snapshot.services, &snapshot.slices);
+    let from_source = source::kube::node_context(snapshot.node.as_ref(), &hooks.node_name);
+    let node = node::context(&hooks.node_settings, &from_source);
+    let model = model::build(&snapshot.services, &snapshot.slices, &node);
+    write_node_config(maps, hooks, &node);
+    hooks.health.update(&model.health_checks);
     let mut current_errors = BTreeSet::new();
     for error in snapshot.errors.iter().chain(&model.errors) {
         let line = error.to_string();
@@ -197,6 +247,9 @@ fn sync(
                 "invalid object skipped"
             );
             lock(shared).invalid_objects_reported += 1;
+            if let Some(events) = &hooks.events {
+                events.report(error, snapshot);
+            }
         }
         current_errors.insert(line);
     }
@@ -252,7 +305,14 @@ fn sync(
         .iter()
         .map(|(frontend, fs)| (plan::frontend_label(frontend), fs.rev_nat_id))
         .collect();
+    shared.sync_duration.observe(elapsed.as_secs_f64());
+    shared.map_entries = map_occupancy(state);
     if failures == 0 {
+        let written = SystemTime::now();
+        for trigger in hooks.trigger_times.take_new(&snapshot.slices) {
+            let latency = written.duration_since(trigger).unwrap_or_default();
+            shared.network_programming.observe(latency.as_secs_f64());
+        }
         shared.syncs += 1;
         shared.ready = true;
         shared.not_ready_reason.clear();
@@ -262,4 +322,117 @@ fn sync(
             shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Interface discovery, Kubernetes Events, programming latency, occupancy.
+// ---------------------------------------------------------------------------
+
+/// Writes the datapath's node configuration when it changed.
+fn write_node_config(maps: &Mutex<Maps>, hooks: &mut Hooks, node: &model::NodeContext) {
+    let config = node::datapath_config(&hooks.node_settings, node);
+    if hooks.datapath_config == Some(config) {
+        return;
+    }
+    match lock(maps).write_config(&config) {
+        Ok(()) => {
+            tracing::info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node configuration written");
+            hooks.datapath_config = Some(config);
+        }
+        Err(error) => tracing::error!(%error, "cannot write the node configuration"),
+    }
+}
+
+/// Per-sync extras beyond the maps.
+struct Hooks {
+    /// Node settings from the flags.
+    node_settings: NodeSettings,
+    /// The node configuration last written to the datapath.
+    datapath_config: Option<lb_common::LbConfig>,
+    /// `healthCheckNodePort` listeners.
+    health: HealthServers,
+    /// This node's name (kube source), for the model's `NodeContext`.
+    node_name: String,
+    /// Raises Events on invalid objects (kube source only).
+    events: Option<EventReporter>,
+    /// Turns slice trigger times into `network_programming` observations.
+    trigger_times: TriggerTimes,
+}
+
+/// Attaches to an interface that appeared; forgets one that went away
+/// (its TCX link died with it, so only the pin is left to remove).
+fn on_link_event(event: &LinkEvent, ebpf: &mut aya::Ebpf, pin_path: &Path, shared: &Mutex<Shared>) {
+    match event {
+        LinkEvent::Added(iface) => {
+            if lock(shared)
+                .attachments
+                .iter()
+                .any(|(name, _)| name == iface)
+            {
+                return;
+            }
+            let attached =
+                loader::program(ebpf).and_then(|program| loader::attach(program, iface, pin_path));
+            match attached {
+                Ok(how) => {
+                    tracing::info!(iface = %iface, attachment = ?how, "attached to new interface");
+                    lock(shared).attachments.push((iface.clone(), how));
+                }
+                // It may be gone again already; the removal event follows.
+                Err(error) => {
+                    tracing::warn!(iface = %iface, %error, "cannot attach to new interface");
+                }
+            }
+        }
+        LinkEvent::Removed(iface) => {
+            lock(shared).attachments.retain(|(name, _)| name != iface);
+            let pin = pin_path.join("links").join(iface);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => tracing::info!(iface = %iface, "interface gone; link pin removed"),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(iface = %iface, "interface gone");
+                }
+                Err(error) => {
+                    tracing::warn!(iface = %iface, %error, pin = %pin.display(), "cannot remove link pin");
+                }
+            }
+        }
+    }
+}
+
+/// Entries per map, from what the agent wrote.
+fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
+    use lb_common::map_names;
+    let (mut svc4, mut svc6, mut be4, mut be6, mut rnat4, mut rnat6) = (0, 0, 0, 0, 0, 0);
+    for (frontend, fs) in &state.frontends {
+        // Slot 0 (the frontend) plus one entry per backend slot.
+        let entries = 1 + fs.slots.len();
+        if frontend.addr.is_ipv4() {
+            svc4 += entries;
+        } else {
+            svc6 += entries;
+        }
+    }
+    for backend in state.backends.values() {
+        if backend.key.addr.is_ipv4() {
+            be4 += 1;
+        } else {
+            be6 += 1;
+        }
+    }
+    for (addr, _) in state.rev_nats.values() {
+        if addr.is_ipv4() {
+            rnat4 += 1;
+        } else {
+            rnat6 += 1;
+        }
+    }
+    vec![
+        (map_names::SERVICES4, svc4),
+        (map_names::SERVICES6, svc6),
+        (map_names::BACKENDS4, be4),
+        (map_names::BACKENDS6, be6),
+        (map_names::REVNAT4, rnat4),
+        (map_names::REVNAT6, rnat6),
+    ]
 }

@@ -159,6 +159,7 @@ fn metrics(shared: &Shared) -> String {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    latency_and_occupancy_metrics(shared, &mut out);
     if let Some(maps) = &shared.maps {
         let maps = maps
             .lock()
@@ -166,6 +167,78 @@ fn metrics(shared: &Shared) -> String {
         datapath_metrics(&maps, &shared.frontend_ids, &mut out);
     }
     out
+}
+
+/// Histograms (names as kube-proxy's, `kubeproxy_` -> `lb_`) and map
+/// occupancy.
+fn latency_and_occupancy_metrics(shared: &Shared, out: &mut String) {
+    shared.sync_duration.render(
+        "lb_sync_proxy_rules_duration_seconds",
+        "Time to turn a snapshot into map writes (model, diff, apply).",
+        out,
+    );
+    shared.network_programming.render(
+        "lb_network_programming_duration_seconds",
+        "From an EndpointSlice's last-change trigger time to its state in the maps.",
+        out,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP lb_map_entries Entries in each map the agent writes.\n# TYPE lb_map_entries gauge"
+    );
+    for (map, entries) in &shared.map_entries {
+        let _ = writeln!(out, "lb_map_entries{{map=\"{map}\"}} {entries}");
+    }
+}
+
+/// Upper bounds (seconds) of the histogram buckets: milliseconds (what a
+/// sync takes) up to minutes (what a slow control plane takes).
+pub const BUCKETS: [f64; 18] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// A Prometheus histogram with the fixed [`BUCKETS`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); `None` until the first.
+    counts: Option<[u64; BUCKETS.len()]>,
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    /// Records one value (seconds).
+    pub fn observe(&mut self, value: f64) {
+        let counts = self.counts.get_or_insert([0; BUCKETS.len()]);
+        if let Some(bucket) = BUCKETS.iter().position(|&bound| value <= bound) {
+            counts[bucket] += 1;
+        }
+        self.count += 1;
+        self.sum += value;
+    }
+
+    /// Observations so far.
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Appends the exposition of this histogram as NAME.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let counts = self.counts.unwrap_or_default();
+        let mut cumulative = 0;
+        for (bound, count) in BUCKETS.iter().zip(counts) {
+            cumulative += count;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
+    }
 }
 
 /// Counters read from the maps at scrape time.

@@ -120,11 +120,22 @@ pub fn check_bpffs(path: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Loads the object with its maps pinned under `pin_path` (reusing pins).
+/// Loads the object with its maps pinned under `pin_path` (reusing pins),
+/// with the default conntrack size.
 ///
 /// # Errors
 /// No object, no bpffs, or the kernel refused the object.
 pub fn load(pin_path: &Path) -> Result<Ebpf, LoadError> {
+    load_with(pin_path, lb_common::limits::DEFAULT_CT_ENTRIES)
+}
+
+/// Loads the object with its maps pinned under `pin_path` (reusing pins)
+/// and `ct_entries` conntrack entries per family. An existing pinned
+/// conntrack map keeps its size (run `lb cleanup` to change it).
+///
+/// # Errors
+/// No object, no bpffs, or the kernel refused the object.
+pub fn load_with(pin_path: &Path, ct_entries: u32) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -134,6 +145,8 @@ pub fn load(pin_path: &Path) -> Result<Ebpf, LoadError> {
     }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_path)
+        .map_max_entries(lb_common::map_names::CT4, ct_entries)
+        .map_max_entries(lb_common::map_names::CT6, ct_entries)
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })?;
     program(&mut ebpf)?

@@ -1,6 +1,10 @@
 //! `lb`: the node agent and its inspection CLI.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
@@ -8,8 +12,9 @@ use lb_userspace::{
     agent::{self, AgentConfig},
     loader,
     maps::Maps,
+    node::{self, NodeSettings},
     plan,
-    source::SourceSpec,
+    source::{SourceSpec, kube::KubeSourceConfig},
 };
 
 /// Default bpffs directory for maps and links.
@@ -23,26 +28,56 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing the agent's flags buys nothing"
+)]
 enum Command {
     /// Run the node agent in the foreground.
     Agent {
-        /// Where `Services` and `EndpointSlices` come from: `file:DIR`.
-        #[arg(long, value_name = "file:DIR")]
+        /// Where `Services` and `EndpointSlices` come from: `file:DIR`, or
+        /// `kube` (the API server: in-cluster, `KUBECONFIG` or `--kubeconfig`).
+        #[arg(long, value_name = "file:DIR|kube")]
         source: String,
         /// Interfaces whose ingress gets the TC program.
-        #[arg(
-            long,
-            value_name = "IFACE[,IFACE...]",
-            value_delimiter = ',',
-            required = true
-        )]
+        #[arg(long, value_name = "IFACE[,IFACE...]", value_delimiter = ',')]
         attach: Vec<String>,
+        /// Globs (`*`, `?`) of interfaces to attach to, now and whenever one
+        /// appears (e.g. `lxc*,veth*,cali*`).
+        #[arg(long, value_name = "GLOB[,GLOB...]", value_delimiter = ',')]
+        attach_pattern: Vec<String>,
+        /// This node's name (`--source kube`: its Node object).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Kubeconfig file (`--source kube`); default: `KUBECONFIG`,
+        /// `~/.kube/config`, else the in-cluster service account.
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
         /// bpffs directory for pinned maps and links.
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "127.0.0.1:9917")]
         metrics_addr: SocketAddr,
+        /// Node addresses (both families) `NodePort` listens on; the first
+        /// of each family is the source NAT address towards other nodes.
+        /// Default: the Node object's, else this namespace's interfaces'.
+        #[arg(long = "node-ip", value_name = "IP[,IP...]", value_delimiter = ',')]
+        node_ips: Vec<IpAddr>,
+        /// This node's topology zone (default: the Node's zone label).
+        #[arg(long)]
+        zone: Option<String>,
+        /// Conntrack entries per family (an LRU table).
+        #[arg(long, default_value_t = lb_common::limits::DEFAULT_CT_ENTRIES,
+              value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
+        ct_entries: u32,
+        /// Source address of hairpin flows (a pod reaching itself through
+        /// its Service), IPv4.
+        #[arg(long, default_value_t = node::DEFAULT_LOOPBACK4)]
+        hairpin_ipv4: Ipv4Addr,
+        /// Source address of hairpin flows, IPv6.
+        #[arg(long, default_value_t = node::DEFAULT_LOOPBACK6)]
+        hairpin_ipv6: Ipv6Addr,
     },
     /// Detach the programs and remove every pin.
     Cleanup {
@@ -113,24 +148,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent {
             source,
             attach,
+            attach_pattern,
+            node_name,
+            kubeconfig,
             pin_path,
             metrics_addr,
+            node_ips,
+            zone,
+            ct_entries,
+            hairpin_ipv4,
+            hairpin_ipv6,
         } => {
-            let dir = source
-                .strip_prefix("file:")
-                .ok_or_else(|| anyhow!("unsupported --source {source:?}: expected file:DIR"))?;
-            if dir.is_empty() {
-                return Err(anyhow!("--source file: needs a directory"));
-            }
+            let node = NodeSettings {
+                name: node_name.clone().unwrap_or_default(),
+                addresses: node_ips,
+                zone,
+                loopback4: hairpin_ipv4,
+                loopback6: hairpin_ipv6,
+            };
+            let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();
-            if attach.is_empty() {
-                return Err(anyhow!("--attach needs at least one interface"));
+            let attach_pattern: Vec<String> = attach_pattern
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect();
+            if attach.is_empty() && attach_pattern.is_empty() {
+                return Err(anyhow!(
+                    "--attach or --attach-pattern needs at least one interface"
+                ));
             }
             let config = AgentConfig {
-                source: SourceSpec::File(PathBuf::from(dir)),
+                source,
                 interfaces: attach,
+                attach_patterns: attach_pattern,
                 pin_path,
                 metrics_addr,
+                node,
+                ct_entries,
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -180,6 +234,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `--source` and the flags that go with it.
+fn source_spec(
+    source: &str,
+    node_name: Option<String>,
+    kubeconfig: Option<PathBuf>,
+) -> anyhow::Result<SourceSpec> {
+    if source == "kube" {
+        let node_name = node_name.filter(|n| !n.is_empty()).ok_or_else(|| {
+            anyhow!("--source kube needs the node's name: --node-name or NODE_NAME")
+        })?;
+        return Ok(SourceSpec::Kube(KubeSourceConfig {
+            node_name,
+            kubeconfig,
+        }));
+    }
+    let dir = source
+        .strip_prefix("file:")
+        .ok_or_else(|| anyhow!("unsupported --source {source:?}: expected file:DIR or kube"))?;
+    if dir.is_empty() {
+        return Err(anyhow!("--source file: needs a directory"));
+    }
+    Ok(SourceSpec::File(PathBuf::from(dir)))
+}
+
 fn open(pin_path: &std::path::Path) -> anyhow::Result<Maps> {
     Maps::open_pinned(pin_path).with_context(|| {
         format!(
@@ -206,6 +284,15 @@ struct BackendView {
     address: std::net::IpAddr,
     port: u16,
     state: &'static str,
+    local: bool,
+}
+
+fn backend_state(backend: Option<&plan::BackendEntry>) -> &'static str {
+    match backend {
+        None => "missing",
+        Some(b) if b.flags & lb_common::backend_flags::TERMINATING != 0 => "terminating",
+        Some(_) => "active",
+    }
 }
 
 fn services(json: bool, pin_path: &std::path::Path) -> anyhow::Result<()> {
@@ -230,13 +317,12 @@ fn services(json: bool, pin_path: &std::path::Path) -> anyhow::Result<()> {
                     let backend = state.backends.get(id);
                     BackendView {
                         id: *id,
-                        address: backend.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |b| b.addr),
-                        port: backend.map_or(0, |b| b.port),
-                        state: if backend.is_some() {
-                            "active"
-                        } else {
-                            "missing"
-                        },
+                        address: backend
+                            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |b| b.key.addr),
+                        port: backend.map_or(0, |b| b.key.port),
+                        state: backend_state(backend),
+                        local: backend
+                            .is_some_and(|b| b.flags & lb_common::backend_flags::LOCAL != 0),
                     }
                 })
                 .collect(),

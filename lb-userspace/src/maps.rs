@@ -9,16 +9,20 @@ use std::{
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
     Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
-    LbService, LbStats, backend_flags, ct_dir, map_names, reason, scope, svc_flags,
+    LbConfig, LbService, LbStats, SourceRange4, SourceRange6, ct_dir, map_names, reason, scope,
+    svc_flags,
 };
 
 use crate::{
     model::{Frontend, Protocol},
-    plan::{BackendKey, DatapathState, FrontendState, Op},
+    plan::{BackendEntry, BackendKey, DatapathState, FrontendState, Op, SourceRange},
 };
 
 /// A map could not be opened, read or written.
@@ -68,6 +72,9 @@ pub struct Maps {
     ct6: HashMap<MapData, Ct6Key, CtEntry>,
     svc_stats: PerCpuArray<MapData, LbStats>,
     reasons: PerCpuArray<MapData, u64>,
+    ranges4: LpmTrie<MapData, SourceRange4, u8>,
+    ranges6: LpmTrie<MapData, SourceRange6, u8>,
+    config: Array<MapData, LbConfig>,
 }
 
 /// One conntrack entry, decoded.
@@ -148,6 +155,9 @@ impl Maps {
             ct6: typed(n::CT6, take(n::CT6)?, HashMap::try_from)?,
             svc_stats: typed(n::SVC_STATS, take(n::SVC_STATS)?, PerCpuArray::try_from)?,
             reasons: typed(n::REASONS, take(n::REASONS)?, PerCpuArray::try_from)?,
+            ranges4: typed(n::SRC_RANGES4, take(n::SRC_RANGES4)?, LpmTrie::try_from)?,
+            ranges6: typed(n::SRC_RANGES6, take(n::SRC_RANGES6)?, LpmTrie::try_from)?,
+            config: typed(n::CONFIG, take(n::CONFIG)?, Array::try_from)?,
         })
     }
 
@@ -158,10 +168,10 @@ impl Maps {
     pub fn read_state(&self) -> Result<DatapathState, MapsError> {
         let mut state = DatapathState::default();
         let mut slots: BTreeMap<Frontend, BTreeMap<u16, u32>> = BTreeMap::new();
-        let mut counts: BTreeMap<Frontend, (u16, u32)> = BTreeMap::new();
+        let mut heads: BTreeMap<Frontend, LbService> = BTreeMap::new();
         let mut add = |frontend: Frontend, slot: u16, value: LbService| {
             if slot == 0 {
-                counts.insert(frontend, (value.count, value.rev_nat_id));
+                heads.insert(frontend, value);
             } else {
                 slots
                     .entry(frontend)
@@ -171,7 +181,9 @@ impl Maps {
         };
         for item in &self.services4 {
             let (key, value) = item.map_err(access("iterate IPv4 services"))?;
-            if let Some(proto) = protocol(key.proto) {
+            if value.flags & svc_flags::ADDRESS_MARKER != 0 {
+                state.markers.insert(IpAddr::V4(Ipv4Addr::from(key.addr)));
+            } else if let Some(proto) = protocol(key.proto) {
                 let frontend = Frontend {
                     addr: IpAddr::V4(Ipv4Addr::from(key.addr)),
                     port: u16::from_be(key.dport_be),
@@ -182,7 +194,9 @@ impl Maps {
         }
         for item in &self.services6 {
             let (key, value) = item.map_err(access("iterate IPv6 services"))?;
-            if let Some(proto) = protocol(key.proto) {
+            if value.flags & svc_flags::ADDRESS_MARKER != 0 {
+                state.markers.insert(IpAddr::V6(Ipv6Addr::from(key.addr)));
+            } else if let Some(proto) = protocol(key.proto) {
                 let frontend = Frontend {
                     addr: IpAddr::V6(Ipv6Addr::from(key.addr)),
                     port: u16::from_be(key.dport_be),
@@ -191,33 +205,25 @@ impl Maps {
                 add(frontend, key.backend_slot, value);
             }
         }
-        for (frontend, (count, rev_nat_id)) in counts {
+        for (frontend, head) in heads {
             let known = slots.remove(&frontend).unwrap_or_default();
             // Slots beyond the count are leftovers of an interrupted apply:
             // leaving them out of the state makes the next diff delete them.
-            let slots = (1..=count)
+            let slots = (1..=head.count)
                 .map(|slot| known.get(&slot).copied().unwrap_or(0))
                 .collect();
-            state
-                .frontends
-                .insert(frontend, FrontendState { rev_nat_id, slots });
+            state.frontends.insert(
+                frontend,
+                FrontendState {
+                    rev_nat_id: head.rev_nat_id,
+                    slots,
+                    flags: head.flags,
+                    affinity_timeout_s: head.affinity_timeout_s,
+                },
+            );
         }
-        for item in &self.backends4 {
-            let (id, value) = item.map_err(access("iterate IPv4 backends"))?;
-            if let Some(proto) = protocol(value.proto) {
-                let addr = IpAddr::V4(Ipv4Addr::from(value.addr));
-                let port = u16::from_be(value.port_be);
-                state.backends.insert(id, BackendKey { addr, port, proto });
-            }
-        }
-        for item in &self.backends6 {
-            let (id, value) = item.map_err(access("iterate IPv6 backends"))?;
-            if let Some(proto) = protocol(value.proto) {
-                let addr = IpAddr::V6(Ipv6Addr::from(value.addr));
-                let port = u16::from_be(value.port_be);
-                state.backends.insert(id, BackendKey { addr, port, proto });
-            }
-        }
+        self.read_ranges(&mut state)?;
+        self.read_backends(&mut state)?;
         for item in &self.rev_nat4 {
             let (id, value) = item.map_err(access("iterate IPv4 rev-NAT"))?;
             let addr = IpAddr::V4(Ipv4Addr::from(value.addr));
@@ -235,63 +241,62 @@ impl Maps {
         Ok(state)
     }
 
+    fn read_ranges(&self, state: &mut DatapathState) -> Result<(), MapsError> {
+        for item in self.ranges4.keys() {
+            let key = item.map_err(access("iterate IPv4 source ranges"))?;
+            let data = key.data();
+            let prefix = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(0);
+            state.source_ranges.insert((
+                u32::from_be(data.rev_nat_id_be),
+                IpAddr::V4(Ipv4Addr::from(data.addr)),
+                prefix,
+            ));
+        }
+        for item in self.ranges6.keys() {
+            let key = item.map_err(access("iterate IPv6 source ranges"))?;
+            let data = key.data();
+            let prefix = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(0);
+            state.source_ranges.insert((
+                u32::from_be(data.rev_nat_id_be),
+                IpAddr::V6(Ipv6Addr::from(data.addr)),
+                prefix,
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_backends(&self, state: &mut DatapathState) -> Result<(), MapsError> {
+        for item in &self.backends4 {
+            let (id, value) = item.map_err(access("iterate IPv4 backends"))?;
+            if let Some(proto) = protocol(value.proto) {
+                let addr = IpAddr::V4(Ipv4Addr::from(value.addr));
+                let port = u16::from_be(value.port_be);
+                let key = BackendKey { addr, port, proto };
+                let flags = value.flags;
+                state.backends.insert(id, BackendEntry { key, flags });
+            }
+        }
+        for item in &self.backends6 {
+            let (id, value) = item.map_err(access("iterate IPv6 backends"))?;
+            if let Some(proto) = protocol(value.proto) {
+                let addr = IpAddr::V6(Ipv6Addr::from(value.addr));
+                let port = u16::from_be(value.port_be);
+                let key = BackendKey { addr, port, proto };
+                let flags = value.flags;
+                state.backends.insert(id, BackendEntry { key, flags });
+            }
+        }
+        Ok(())
+    }
+
     /// Writes one plan step.
     ///
     /// # Errors
     /// The map rejected the write (full, or gone).
     pub fn apply_op(&mut self, op: &Op) -> Result<(), MapsError> {
         match *op {
-            Op::PutBackend { id, backend } => {
-                let what = || format!("write backend {id}");
-                match backend.addr {
-                    IpAddr::V4(addr) => self.backends4.insert(
-                        &id,
-                        &Lb4Backend {
-                            addr: addr.octets(),
-                            port_be: backend.port.to_be(),
-                            proto: backend.proto.number(),
-                            flags: backend_flags::ACTIVE,
-                        },
-                        0,
-                    ),
-                    IpAddr::V6(addr) => self.backends6.insert(
-                        &id,
-                        &Lb6Backend {
-                            addr: addr.octets(),
-                            port_be: backend.port.to_be(),
-                            proto: backend.proto.number(),
-                            flags: backend_flags::ACTIVE,
-                        },
-                        0,
-                    ),
-                }
-                .map_err(access(what()))
-            }
-            Op::PutRevNat { id, frontend } => {
-                self.reset_stats(id)?;
-                let what = || format!("write rev-NAT {id}");
-                match frontend.addr {
-                    IpAddr::V4(addr) => self.rev_nat4.insert(
-                        &id,
-                        &Lb4RevNat {
-                            addr: addr.octets(),
-                            port_be: frontend.port.to_be(),
-                            _pad: 0,
-                        },
-                        0,
-                    ),
-                    IpAddr::V6(addr) => self.rev_nat6.insert(
-                        &id,
-                        &Lb6RevNat {
-                            addr: addr.octets(),
-                            port_be: frontend.port.to_be(),
-                            _pad: 0,
-                        },
-                        0,
-                    ),
-                }
-                .map_err(access(what()))
-            }
+            Op::PutBackend { id, backend } => self.put_backend(id, backend),
+            Op::PutRevNat { id, frontend } => self.put_rev_nat(id, frontend),
             Op::PutSlot {
                 frontend,
                 slot,
@@ -308,16 +313,30 @@ impl Maps {
                 frontend,
                 count,
                 rev_nat_id,
+                flags,
+                affinity_timeout_s,
             } => self.put_service(
                 &frontend,
                 0,
                 LbService {
                     count,
-                    flags: svc_flags::CLUSTER_IP,
+                    flags,
                     rev_nat_id,
+                    affinity_timeout_s,
                     ..LbService::default()
                 },
             ),
+            Op::PutMarker { addr } => self.put_service(
+                &marker(addr),
+                0,
+                LbService {
+                    flags: svc_flags::ADDRESS_MARKER,
+                    ..LbService::default()
+                },
+            ),
+            Op::DeleteMarker { addr } => self.delete_service(&marker(addr), 0),
+            Op::PutSourceRange(range) => self.source_range(range, true),
+            Op::DeleteSourceRange(range) => self.source_range(range, false),
             Op::DeleteSlot { frontend, slot } => self.delete_service(&frontend, slot),
             Op::DeleteFrontend { frontend } => self.delete_service(&frontend, 0),
             Op::DeleteRevNat { id, addr } => ignore_missing(match addr {
@@ -354,6 +373,110 @@ impl Maps {
                 .insert(&key6(addr, frontend, slot), &value, 0),
         }
         .map_err(access(what()))
+    }
+
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapsError> {
+        let BackendEntry { key, flags } = backend;
+        let what = || format!("write backend {id}");
+        match key.addr {
+            IpAddr::V4(addr) => self.backends4.insert(
+                &id,
+                &Lb4Backend {
+                    addr: addr.octets(),
+                    port_be: key.port.to_be(),
+                    proto: key.proto.number(),
+                    flags,
+                },
+                0,
+            ),
+            IpAddr::V6(addr) => self.backends6.insert(
+                &id,
+                &Lb6Backend {
+                    addr: addr.octets(),
+                    port_be: key.port.to_be(),
+                    proto: key.proto.number(),
+                    flags,
+                },
+                0,
+            ),
+        }
+        .map_err(access(what()))
+    }
+
+    fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
+        self.reset_stats(id)?;
+        let what = || format!("write rev-NAT {id}");
+        match frontend.addr {
+            IpAddr::V4(addr) => self.rev_nat4.insert(
+                &id,
+                &Lb4RevNat {
+                    addr: addr.octets(),
+                    port_be: frontend.port.to_be(),
+                    _pad: 0,
+                },
+                0,
+            ),
+            IpAddr::V6(addr) => self.rev_nat6.insert(
+                &id,
+                &Lb6RevNat {
+                    addr: addr.octets(),
+                    port_be: frontend.port.to_be(),
+                    _pad: 0,
+                },
+                0,
+            ),
+        }
+        .map_err(access(what()))
+    }
+
+    fn source_range(&mut self, range: SourceRange, insert: bool) -> Result<(), MapsError> {
+        let (rev_nat_id, addr, prefix) = range;
+        let what = format!(
+            "{} source range {addr}/{prefix} of rev-NAT {rev_nat_id}",
+            if insert { "write" } else { "delete" }
+        );
+        let prefix_len = 32 + u32::from(prefix);
+        let result = match addr {
+            IpAddr::V4(addr) => {
+                let key = Key::new(
+                    prefix_len,
+                    SourceRange4 {
+                        rev_nat_id_be: rev_nat_id.to_be(),
+                        addr: addr.octets(),
+                    },
+                );
+                if insert {
+                    self.ranges4.insert(&key, &1, 0)
+                } else {
+                    ignore_missing(self.ranges4.remove(&key))
+                }
+            }
+            IpAddr::V6(addr) => {
+                let key = Key::new(
+                    prefix_len,
+                    SourceRange6 {
+                        rev_nat_id_be: rev_nat_id.to_be(),
+                        addr: addr.octets(),
+                    },
+                );
+                if insert {
+                    self.ranges6.insert(&key, &1, 0)
+                } else {
+                    ignore_missing(self.ranges6.remove(&key))
+                }
+            }
+        };
+        result.map_err(access(what))
+    }
+
+    /// Writes the node configuration (SNAT and hairpin source addresses).
+    ///
+    /// # Errors
+    /// The config map rejected the write.
+    pub fn write_config(&mut self, config: &LbConfig) -> Result<(), MapsError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(access("write node configuration"))
     }
 
     fn delete_service(&mut self, frontend: &Frontend, slot: u16) -> Result<(), MapsError> {
@@ -476,12 +599,30 @@ fn ct_record(
     }
 }
 
+/// The marker "frontend" of a service address: port 0, protocol 0.
+fn marker(addr: IpAddr) -> Frontend {
+    Frontend {
+        addr,
+        port: 0,
+        proto: Protocol::Tcp,
+    }
+}
+
+/// Protocol number in a key; the marker (port 0) has protocol 0.
+fn key_proto(frontend: &Frontend) -> u8 {
+    if frontend.port == 0 {
+        0
+    } else {
+        frontend.proto.number()
+    }
+}
+
 fn key4(addr: Ipv4Addr, frontend: &Frontend, slot: u16) -> Lb4Key {
     Lb4Key {
         addr: addr.octets(),
         dport_be: frontend.port.to_be(),
         backend_slot: slot,
-        proto: frontend.proto.number(),
+        proto: key_proto(frontend),
         scope: scope::INTERNAL,
         _pad: [0; 2],
     }
@@ -492,7 +633,7 @@ fn key6(addr: Ipv6Addr, frontend: &Frontend, slot: u16) -> Lb6Key {
         addr: addr.octets(),
         dport_be: frontend.port.to_be(),
         backend_slot: slot,
-        proto: frontend.proto.number(),
+        proto: key_proto(frontend),
         scope: scope::INTERNAL,
         _pad: [0; 2],
     }

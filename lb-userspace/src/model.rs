@@ -4,13 +4,26 @@
 //! A pure function, so every rule is unit tested without a cluster or root.
 //! Bad objects never abort the build: each is reported as an [`ObjectError`]
 //! and skipped, so one typo cannot take down the other Services.
+//!
+//! What it implements, as kube-proxy does:
+//!
+//! - Frontends: each `ClusterIP`; for `NodePort` and `LoadBalancer` Services
+//!   each `nodePort` on every node address of the Service's families; for
+//!   `LoadBalancer` each `status.loadBalancer.ingress[].ip` (VIP mode); each
+//!   `spec.externalIPs` entry.
+//! - Endpoints (kube-proxy's `CategorizeEndpoints`): the traffic policy
+//!   (`internalTrafficPolicy` for `ClusterIP`s, `externalTrafficPolicy` for the
+//!   rest) first, then zone hints, then ready endpoints, or, when none is
+//!   ready, the serving and terminating ones (KEP-1669). Terminating endpoints
+//!   that take no new flows are listed apart so that established flows drain.
+//! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -20,16 +33,37 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Namespace of an object that names none, as `kubectl apply` would place it.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// Service annotation that turns on zone hints (`Auto`).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// The deprecated name of [`TOPOLOGY_MODE_ANNOTATION`], still honoured.
+pub const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest `timeoutSeconds` the API accepts (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// What the model needs to know about the node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// Endpoints whose `nodeName` equals this are local. Empty: none is.
+    pub name: String,
+    /// Node addresses of both families; `NodePort` frontends listen on these.
+    pub addresses: Vec<IpAddr>,
+    /// Topology zone, matched against endpoint zone hints.
+    pub zone: Option<String>,
+}
 
 /// Everything the datapath must serve, plus what was rejected on the way.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Model {
     pub frontends: BTreeMap<Frontend, FrontendSpec>,
+    /// Sorted by port.
+    pub health_checks: Vec<HealthCheck>,
     /// Sorted and deduplicated, so that unchanged input logs the same lines.
     pub errors: Vec<ObjectError>,
 }
 
-/// A virtual address clients connect to: one `ClusterIP` x one service port.
+/// A virtual address clients connect to: one address x one service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
     pub addr: IpAddr,
@@ -45,6 +79,45 @@ impl fmt::Display for Frontend {
             SocketAddr::new(self.addr, self.port),
             self.proto
         )
+    }
+}
+
+/// Where a frontend's address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// `spec.clusterIPs` x `port`: in-cluster traffic.
+    ClusterIp,
+    /// A node address x `nodePort`.
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip` x `port`.
+    LoadBalancer,
+    /// `spec.externalIPs` x `port`.
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Whether traffic to it is governed by `externalTrafficPolicy` (and,
+    /// for `LoadBalancer` Services, `loadBalancerSourceRanges`).
+    #[must_use]
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+
+    /// Spelling used by the Kubernetes API and `kubectl`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -111,8 +184,27 @@ pub struct UnsupportedProtocol(pub String);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendSpec {
     pub service: ServiceRef,
-    /// Sorted and deduplicated, so equal input gives equal slots.
+    pub kind: FrontendKind,
+    /// Endpoints that take new flows, after readiness, traffic policy and
+    /// topology. Sorted and deduplicated, so equal input gives equal slots.
+    /// Empty: the datapath rejects new flows.
     pub backends: Vec<Backend>,
+    /// Terminating endpoints not in `backends`: no new flows, but the
+    /// established ones keep going until the endpoint leaves its slice.
+    /// Sorted and deduplicated.
+    pub terminating: Vec<Backend>,
+    /// An external frontend (`NodePort`, `LoadBalancer`, `ExternalIP`) of a
+    /// Service with `externalTrafficPolicy: Local`: only this node's
+    /// endpoints, client source preserved.
+    pub external_local: bool,
+    /// A `ClusterIP` frontend of a Service with `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// 0: no session affinity; else the `ClientIP` affinity timeout.
+    pub affinity_timeout_s: u32,
+    /// Client prefixes allowed in, of this frontend's family, with host bits
+    /// cleared; sorted. Empty: everyone. Only external frontends of
+    /// `LoadBalancer` Services have any.
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 /// The Service port a frontend came from, for logs, metrics and the CLI.
@@ -139,12 +231,27 @@ impl fmt::Display for ServiceRef {
 pub struct Backend {
     pub addr: IpAddr,
     pub port: u16,
+    /// The endpoint's `nodeName` is this node's [`NodeContext::name`].
+    pub node_local: bool,
 }
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         SocketAddr::new(self.addr, self.port).fmt(f)
     }
+}
+
+/// A `healthCheckNodePort` to serve (Services with
+/// `externalTrafficPolicy: Local`): 200 while `local_endpoints > 0`, else 503.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `port_name` is empty: the check is per Service.
+    pub service: ServiceRef,
+    pub port: u16,
+    /// Distinct addresses of this node's ready, non-terminating endpoints
+    /// over all ports and families (kube-proxy fails the check when only
+    /// terminating endpoints are left, so load balancers drain the node).
+    pub local_endpoints: usize,
 }
 
 /// An object (or part of one) that was skipped, and why.
@@ -190,14 +297,19 @@ impl std::error::Error for ObjectError {}
 const SERVICE: &str = "Service";
 const ENDPOINT_SLICE: &str = "EndpointSlice";
 
-/// Turns Services and `EndpointSlice`s into the desired frontends.
+/// Turns Services and `EndpointSlice`s into the desired frontends, as seen
+/// from `node`.
 ///
 /// The result depends only on the set of objects, not their order, except
-/// that of two objects with the same namespace/name the first one wins.
+/// that of two objects with the same namespace/name the first one wins. Of
+/// two Services that claim one frontend (or health check port), the first by
+/// namespace/name wins and the other is skipped whole.
 #[must_use]
-pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
     let mut errors = Vec::new();
-    let endpoints = EndpointIndex::new(slices, &mut errors);
+    let endpoints = EndpointIndex::new(slices, node, &mut errors);
+    let node_addrs: BTreeSet<IpAddr> = node.addresses.iter().copied().collect();
+    let zone = node.zone.as_deref().filter(|zone| !zone.is_empty());
 
     let mut ordered: Vec<&Service> = services.iter().collect();
     // Stable, so that among duplicates the first given wins.
@@ -205,6 +317,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
 
     let mut seen = BTreeSet::new();
     let mut frontends: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     for service in ordered {
         let meta = &service.metadata;
         let Some(name) = meta.name.as_deref() else {
@@ -232,33 +345,87 @@ pub fn build(services: &[Service], slices: &[EndpointSlice]) -> Model {
                 continue;
             }
         };
-        let claimed = parsed.frontends().find_map(|(frontend, _)| {
-            frontends
-                .get(&frontend)
-                .map(|owner| (frontend, owner.service.clone()))
-        });
-        if let Some((frontend, owner)) = claimed {
-            errors.push(ObjectError::for_object(
-                SERVICE,
-                meta,
-                format!("frontend {frontend} is already served by Service {owner}"),
-            ));
+        let planned = parsed.frontends(&node_addrs);
+        if let Some(reason) = conflict(
+            &planned,
+            parsed.health_check_port,
+            &frontends,
+            &health_checks,
+        ) {
+            errors.push(ObjectError::for_object(SERVICE, meta, reason));
             continue;
         }
-        for (frontend, port) in parsed.frontends() {
-            let backends = endpoints.backends(namespace, name, frontend.addr, port);
-            let service = ServiceRef {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                port_name: port.name.to_owned(),
+
+        let mut selector = Selector {
+            slices: endpoints.of(namespace, name),
+            parsed: &parsed,
+            zone,
+            cache: HashMap::new(),
+        };
+        for PlannedFrontend {
+            frontend,
+            kind,
+            port,
+        } in planned
+        {
+            let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
+            let spec = parsed.spec(
+                ServiceRef {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    port_name: parsed.ports[port].name.to_owned(),
+                },
+                frontend.addr,
+                kind,
+                selection,
+            );
+            frontends.insert(frontend, spec);
+        }
+        if let Some(port) = parsed.health_check_port {
+            let check = HealthCheck {
+                service: ServiceRef {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    port_name: String::new(),
+                },
+                port,
+                local_endpoints: selector.local_ready_endpoints(),
             };
-            frontends.insert(frontend, FrontendSpec { service, backends });
+            health_checks.insert(port, check);
         }
     }
 
     errors.sort();
     errors.dedup();
-    Model { frontends, errors }
+    Model {
+        frontends,
+        health_checks: health_checks.into_values().collect(),
+        errors,
+    }
+}
+
+/// Why a Service cannot have what it claims, if another one has it already.
+fn conflict(
+    planned: &[PlannedFrontend],
+    health_check_port: Option<u16>,
+    frontends: &BTreeMap<Frontend, FrontendSpec>,
+    health_checks: &BTreeMap<u16, HealthCheck>,
+) -> Option<String> {
+    let frontend = planned.iter().find_map(|planned| {
+        let owner = frontends.get(&planned.frontend)?;
+        Some(format!(
+            "frontend {} is already served by Service {}",
+            planned.frontend, owner.service
+        ))
+    });
+    frontend.or_else(|| {
+        let port = health_check_port?;
+        let owner = health_checks.get(&port)?;
+        Some(format!(
+            "healthCheckNodePort {port} is already used by Service {}",
+            owner.service
+        ))
+    })
 }
 
 fn namespace_of(meta: &ObjectMeta) -> &str {
@@ -276,6 +443,10 @@ fn is_ipv4(addr: IpAddr) -> bool {
     addr.is_ipv4()
 }
 
+fn family_name(ipv4: bool) -> &'static str {
+    if ipv4 { "IPv4" } else { "IPv6" }
+}
+
 /// A Service port that passed validation.
 #[derive(Clone, Copy)]
 struct ServicePortSpec<'a> {
@@ -283,31 +454,167 @@ struct ServicePortSpec<'a> {
     name: &'a str,
     port: u16,
     proto: Protocol,
+    /// For `NodePort` and `LoadBalancer` Services, when allocated and valid.
+    node_port: Option<u16>,
 }
 
-/// A Service that passed validation: its `ClusterIP`s and usable ports.
+/// `spec.type`, with `ExternalName` already skipped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// The IP families a Service serves.
+#[derive(Clone, Copy, Default)]
+struct Families {
+    ipv4: bool,
+    ipv6: bool,
+}
+
+impl Families {
+    fn insert(&mut self, ipv4: bool) {
+        if ipv4 {
+            self.ipv4 = true;
+        } else {
+            self.ipv6 = true;
+        }
+    }
+
+    fn contains(self, addr: IpAddr) -> bool {
+        if is_ipv4(addr) { self.ipv4 } else { self.ipv6 }
+    }
+
+    fn iter(self) -> impl Iterator<Item = bool> {
+        [(self.ipv4, true), (self.ipv6, false)]
+            .into_iter()
+            .filter_map(|(has, ipv4)| has.then_some(ipv4))
+    }
+}
+
+/// `internalTrafficPolicy` and `externalTrafficPolicy`.
+#[derive(Clone, Copy, Default)]
+struct TrafficPolicies {
+    internal_local: bool,
+    external_local: bool,
+}
+
+/// How endpoints are picked, beyond the traffic policies.
+#[derive(Clone, Copy, Default)]
+struct EndpointRules {
+    /// `publishNotReadyAddresses`: every endpoint counts as ready.
+    publish_not_ready: bool,
+    /// `trafficDistribution: PreferClose` or topology mode `Auto`.
+    zone_hints: bool,
+}
+
+/// A Service that passed validation.
 struct ParsedService<'a> {
-    addrs: Vec<IpAddr>,
+    cluster_ips: Vec<IpAddr>,
+    families: Families,
     ports: Vec<ServicePortSpec<'a>>,
+    /// VIP-mode ingress IPs of the Service's families, for `LoadBalancer`s.
+    load_balancer_ips: Vec<IpAddr>,
+    /// `externalIPs` of the Service's families.
+    external_ips: Vec<IpAddr>,
+    policies: TrafficPolicies,
+    rules: EndpointRules,
+    affinity_timeout_s: u32,
+    /// Sorted, host bits cleared; only for `LoadBalancer` Services.
+    source_ranges: Vec<(IpAddr, u8)>,
+    /// Only with `externalTrafficPolicy: Local`.
+    health_check_port: Option<u16>,
 }
 
-impl<'a> ParsedService<'a> {
-    fn frontends(&self) -> impl Iterator<Item = (Frontend, ServicePortSpec<'a>)> + '_ {
-        self.addrs.iter().flat_map(|&addr| {
-            self.ports.iter().map(move |&port| {
-                let frontend = Frontend {
-                    addr,
-                    port: port.port,
-                    proto: port.proto,
-                };
-                (frontend, port)
-            })
-        })
+/// One frontend a Service asks for; `port` indexes `ParsedService::ports`.
+struct PlannedFrontend {
+    frontend: Frontend,
+    kind: FrontendKind,
+    port: usize,
+}
+
+impl ParsedService<'_> {
+    /// Every frontend of the Service, each once: where one address is two
+    /// kinds (an ingress IP also listed in `externalIPs`), the first kind in
+    /// `ClusterIP`, `NodePort`, `LoadBalancer`, `ExternalIP` order is kept.
+    fn frontends(&self, node_addrs: &BTreeSet<IpAddr>) -> Vec<PlannedFrontend> {
+        let mut planned = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut add = |addr: IpAddr, port: u16, index: usize, kind: FrontendKind| {
+            let frontend = Frontend {
+                addr,
+                port,
+                proto: self.ports[index].proto,
+            };
+            if seen.insert(frontend) {
+                planned.push(PlannedFrontend {
+                    frontend,
+                    kind,
+                    port: index,
+                });
+            }
+        };
+        for (index, port) in self.ports.iter().enumerate() {
+            for &addr in &self.cluster_ips {
+                add(addr, port.port, index, FrontendKind::ClusterIp);
+            }
+        }
+        for (index, port) in self.ports.iter().enumerate() {
+            let Some(node_port) = port.node_port else {
+                continue;
+            };
+            for &addr in node_addrs {
+                if self.families.contains(addr) {
+                    add(addr, node_port, index, FrontendKind::NodePort);
+                }
+            }
+        }
+        for (kind, addrs) in [
+            (FrontendKind::LoadBalancer, &self.load_balancer_ips),
+            (FrontendKind::ExternalIp, &self.external_ips),
+        ] {
+            for (index, port) in self.ports.iter().enumerate() {
+                for &addr in addrs {
+                    add(addr, port.port, index, kind);
+                }
+            }
+        }
+        planned
+    }
+
+    fn spec(
+        &self,
+        service: ServiceRef,
+        addr: IpAddr,
+        kind: FrontendKind,
+        selection: Selection,
+    ) -> FrontendSpec {
+        let source_ranges = if kind.is_external() {
+            self.source_ranges
+                .iter()
+                .copied()
+                .filter(|&(prefix, _)| is_ipv4(prefix) == is_ipv4(addr))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        FrontendSpec {
+            service,
+            kind,
+            backends: selection.backends,
+            terminating: selection.terminating,
+            external_local: kind.is_external() && self.policies.external_local,
+            internal_local: !kind.is_external() && self.policies.internal_local,
+            affinity_timeout_s: self.affinity_timeout_s,
+            source_ranges,
+        }
     }
 }
 
 /// `Ok(None)`: not ours to serve, skipped silently. `Err`: the whole Service
-/// is invalid. Per-port problems go to `errors` and skip only that port.
+/// is invalid. Problems with one part (a port, an address) go to `errors`
+/// and skip only that part.
 fn parse_service<'a>(
     service: &'a Service,
     errors: &mut Vec<ObjectError>,
@@ -324,21 +631,130 @@ fn parse_service<'a>(
     let Some(spec) = service.spec.as_ref() else {
         return Ok(None);
     };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let type_ = match spec.type_.as_deref() {
+        None | Some("" | "ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => return Ok(None),
+        Some(other) => {
+            return Err(format!(
+                "type {other:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"
+            ));
+        }
+    };
+    let Some(cluster_ips) = cluster_ips(spec)? else {
         return Ok(None);
+    };
+    let families = families(spec, &cluster_ips)?;
+    let ports = ports(service, type_, errors)?;
+    let policies = TrafficPolicies {
+        internal_local: is_local_policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )?,
+        external_local: is_local_policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?,
+    };
+    let rules = endpoint_rules(meta, spec);
+    let affinity_timeout_s = affinity_timeout(spec)?;
+    let source_ranges = if type_ == ServiceType::LoadBalancer {
+        source_ranges(
+            spec.load_balancer_source_ranges
+                .as_deref()
+                .unwrap_or_default(),
+        )?
+    } else {
+        Vec::new()
+    };
+    let health_check_port = if policies.external_local {
+        health_check_port(service, errors)
+    } else {
+        None
+    };
+
+    let load_balancer_ips = if type_ == ServiceType::LoadBalancer {
+        external_addrs(
+            service,
+            families,
+            "status.loadBalancer.ingress ip",
+            load_balancer_ingress_ips(service),
+            errors,
+        )
+    } else {
+        Vec::new()
+    };
+    let external_ips = external_addrs(
+        service,
+        families,
+        "externalIPs entry",
+        spec.external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|text| !text.is_empty()),
+        errors,
+    );
+
+    Ok(Some(ParsedService {
+        cluster_ips,
+        families,
+        ports,
+        load_balancer_ips,
+        external_ips,
+        policies,
+        rules,
+        affinity_timeout_s,
+        source_ranges,
+        health_check_port,
+    }))
+}
+
+/// Parses ingress or external IPs: sorted and deduplicated, of the
+/// Service's families only.
+fn external_addrs<'t>(
+    service: &Service,
+    families: Families,
+    field: &str,
+    texts: impl Iterator<Item = &'t str>,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<IpAddr> {
+    let meta = &service.metadata;
+    let mut addrs = Vec::new();
+    for text in texts {
+        match text.parse::<IpAddr>() {
+            Ok(addr) if families.contains(addr) => addrs.push(addr),
+            // kube-proxy ignores these quietly too: each family's proxier
+            // only knows the Services with a ClusterIP of its family.
+            Ok(addr) => tracing::debug!(
+                namespace = namespace_of(meta), name = ?meta.name, %addr,
+                "ignoring {field} of a family the Service does not have"
+            ),
+            Err(_) => errors.push(ObjectError::for_object(
+                SERVICE,
+                meta,
+                format!("{field} {text:?} is not an IP address; address skipped"),
+            )),
+        }
     }
-    let cluster_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
+/// The Service's `ClusterIP`s; `None` when headless or not allocated yet.
+fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
+    let texts: Vec<&str> = match spec.cluster_ips.as_deref() {
         Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
         _ => spec.cluster_ip.as_deref().into_iter().collect(),
     };
-    match cluster_ips.first() {
-        // Not allocated yet, or headless.
+    match texts.first() {
         None | Some(&("" | "None")) => return Ok(None),
         Some(_) => {}
     }
-
-    let mut addrs = Vec::with_capacity(cluster_ips.len());
-    for text in cluster_ips {
+    let mut addrs = Vec::with_capacity(texts.len());
+    for text in texts {
         let addr: IpAddr = text
             .parse()
             .map_err(|_| format!("clusterIP {text:?} is not an IP address"))?;
@@ -352,8 +768,45 @@ fn parse_service<'a>(
         }
         addrs.push(addr);
     }
+    Ok(Some(addrs))
+}
 
-    let service_ports = spec.ports.as_deref().unwrap_or_default();
+/// `spec.ipFamilies` when given, else the families of the `ClusterIP`s.
+fn families(spec: &ServiceSpec, cluster_ips: &[IpAddr]) -> Result<Families, String> {
+    let mut families = Families::default();
+    match spec.ip_families.as_deref() {
+        Some(names) if !names.is_empty() => {
+            for name in names {
+                match name.as_str() {
+                    "IPv4" => families.insert(true),
+                    "IPv6" => families.insert(false),
+                    other => return Err(format!("ipFamilies entry {other:?} is not IPv4 or IPv6")),
+                }
+            }
+        }
+        _ => {
+            for &addr in cluster_ips {
+                families.insert(is_ipv4(addr));
+            }
+        }
+    }
+    Ok(families)
+}
+
+/// The usable ports. A bad number or a duplicate rejects the Service; an
+/// unsupported protocol or a bad `nodePort` skips only that port or its
+/// `NodePort` frontends.
+fn ports<'a>(
+    service: &'a Service,
+    type_: ServiceType,
+    errors: &mut Vec<ObjectError>,
+) -> Result<Vec<ServicePortSpec<'a>>, String> {
+    let meta = &service.metadata;
+    let service_ports = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.ports.as_deref())
+        .unwrap_or_default();
     let mut numbers_seen = BTreeSet::new();
     for port in service_ports {
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
@@ -368,31 +821,204 @@ fn parse_service<'a>(
     let mut ports = Vec::with_capacity(service_ports.len());
     for port in service_ports {
         let name = port.name.as_deref().unwrap_or_default();
-        match Protocol::from_k8s(port.protocol.as_deref()) {
-            Ok(proto) => ports.push(ServicePortSpec {
-                name,
-                // Checked above.
-                port: u16::try_from(port.port).unwrap_or_default(),
-                proto,
-            }),
-            Err(unsupported) => errors.push(ObjectError::for_object(
-                SERVICE,
-                meta,
-                format!(
-                    "port {:?} ({}): {unsupported}; port skipped",
-                    name, port.port
-                ),
-            )),
+        let proto = match Protocol::from_k8s(port.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(unsupported) => {
+                errors.push(ObjectError::for_object(
+                    SERVICE,
+                    meta,
+                    format!(
+                        "port {:?} ({}): {unsupported}; port skipped",
+                        name, port.port
+                    ),
+                ));
+                continue;
+            }
+        };
+        let node_port = match (type_, port.node_port) {
+            (ServiceType::ClusterIp, _) | (_, None) => None,
+            (_, Some(number)) => {
+                let valid = u16::try_from(number).ok().filter(|&number| number != 0);
+                if valid.is_none() {
+                    errors.push(ObjectError::for_object(
+                        SERVICE,
+                        meta,
+                        format!(
+                            "port {:?} ({}): nodePort {number} is outside 1..=65535; nodePort skipped",
+                            name, port.port
+                        ),
+                    ));
+                }
+                valid
+            }
+        };
+        ports.push(ServicePortSpec {
+            name,
+            // Checked above.
+            port: u16::try_from(port.port).unwrap_or_default(),
+            proto,
+            node_port,
+        });
+    }
+    Ok(ports)
+}
+
+/// `publishNotReadyAddresses`, and whether zone hints apply: with
+/// `trafficDistribution: PreferClose` (or its newer name `PreferSameZone`),
+/// or the topology mode annotation (or its deprecated name) set to `Auto`.
+fn endpoint_rules(meta: &ObjectMeta, spec: &ServiceSpec) -> EndpointRules {
+    let annotated_auto = |key: &str| {
+        meta.annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(key))
+            .is_some_and(|value| matches!(value.as_str(), "Auto" | "auto"))
+    };
+    EndpointRules {
+        publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+        zone_hints: matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone")
+        ) || annotated_auto(TOPOLOGY_MODE_ANNOTATION)
+            || annotated_auto(TOPOLOGY_AWARE_HINTS_ANNOTATION),
+    }
+}
+
+/// `true` for `Local`; absent means `Cluster`.
+fn is_local_policy(field: &str, value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("" | "Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(format!("{field} {other:?} is not Cluster or Local")),
+    }
+}
+
+/// 0 without affinity, else the `ClientIP` timeout in seconds.
+fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => Ok(0),
+        Some("ClientIP") => {
+            let configured = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds);
+            match configured {
+                None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(seconds) => u32::try_from(seconds)
+                    .ok()
+                    .filter(|seconds| (1..=MAX_AFFINITY_TIMEOUT_S).contains(seconds))
+                    .ok_or_else(|| {
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"
+                        )
+                    }),
+            }
+        }
+        Some(other) => Err(format!("sessionAffinity {other:?} is not None or ClientIP")),
+    }
+}
+
+/// Parses `loadBalancerSourceRanges`: sorted, deduplicated, host bits cleared.
+fn source_ranges(texts: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
+    let mut ranges = texts
+        .iter()
+        .map(|text| {
+            parse_cidr(text)
+                .ok_or_else(|| format!("loadBalancerSourceRanges entry {text:?} is not a CIDR"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ranges.sort_unstable();
+    ranges.dedup();
+    Ok(ranges)
+}
+
+/// `"203.0.113.0/24"`, `"2001:db8::/32"`, or a bare address (a host prefix).
+/// Host bits are cleared, as kube-proxy's CIDR parsing does.
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let text = text.trim();
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => {
+            if len.is_empty() || !len.bytes().all(|byte| byte.is_ascii_digit()) {
+                return None;
+            }
+            (addr.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?))
+        }
+        None => (text.parse::<IpAddr>().ok()?, None),
+    };
+    match addr {
+        IpAddr::V4(addr) => {
+            let len = len.unwrap_or(32);
+            if len > 32 {
+                return None;
+            }
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V4(Ipv4Addr::from(u32::from(addr) & mask)), len))
+        }
+        IpAddr::V6(addr) => {
+            let len = len.unwrap_or(128);
+            if len > 128 {
+                return None;
+            }
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V6(Ipv6Addr::from(u128::from(addr) & mask)), len))
         }
     }
-    Ok(Some(ParsedService { addrs, ports }))
+}
+
+/// `healthCheckNodePort`, if set and valid.
+fn health_check_port(service: &Service, errors: &mut Vec<ObjectError>) -> Option<u16> {
+    let number = service.spec.as_ref()?.health_check_node_port?;
+    let port = u16::try_from(number).ok().filter(|&port| port != 0);
+    if port.is_none() {
+        errors.push(ObjectError::for_object(
+            SERVICE,
+            &service.metadata,
+            format!("healthCheckNodePort {number} is outside 1..=65535; health check skipped"),
+        ));
+    }
+    port
+}
+
+/// Ingress IPs the datapath must answer on: hostname-only entries have none,
+/// and `ipMode: Proxy` ones are reached through the nodes, not on the VIP
+/// (kube-proxy skips them as well).
+fn load_balancer_ingress_ips(service: &Service) -> impl Iterator<Item = &str> {
+    service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ingress| ingress.ip.as_deref())
+        .filter(|ip| !ip.is_empty())
+}
+
+/// An endpoint's conditions, with Kubernetes' defaults applied.
+#[derive(Clone, Copy)]
+struct Conditions {
+    /// Absent means ready.
+    ready: bool,
+    /// Absent means the same as `ready`.
+    serving: bool,
+    /// Absent means not terminating.
+    terminating: bool,
+}
+
+/// One endpoint of a slice, by its first valid address.
+struct EndpointInfo {
+    addr: IpAddr,
+    node_local: bool,
+    conditions: Conditions,
+    /// `hints.forZones` names; empty when there are no hints.
+    zones: Vec<String>,
 }
 
 /// One `EndpointSlice`, validated once however many Service ports use it.
 struct SliceEndpoints {
     ipv4: bool,
-    /// Ready addresses, one per endpoint.
-    ready: Vec<IpAddr>,
+    endpoints: Vec<EndpointInfo>,
     /// (name, protocol) -> target port.
     ports: BTreeMap<(String, Protocol), u16>,
 }
@@ -403,7 +1029,7 @@ struct EndpointIndex {
 }
 
 impl EndpointIndex {
-    fn new(slices: &[EndpointSlice], errors: &mut Vec<ObjectError>) -> Self {
+    fn new(slices: &[EndpointSlice], node: &NodeContext, errors: &mut Vec<ObjectError>) -> Self {
         let mut ordered: Vec<&EndpointSlice> = slices.iter().collect();
         ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
 
@@ -451,7 +1077,7 @@ impl EndpointIndex {
             };
             let parsed = SliceEndpoints {
                 ipv4,
-                ready: ready_addresses(slice, ipv4, errors),
+                endpoints: endpoints(slice, ipv4, node, errors),
                 ports: slice_ports(slice, errors),
             };
             by_service
@@ -462,58 +1088,25 @@ impl EndpointIndex {
         Self { by_service }
     }
 
-    /// Backends of one frontend: ready endpoints of the frontend's family,
-    /// each on the target port its own slice resolved for this port.
-    fn backends(
-        &self,
-        namespace: &str,
-        service: &str,
-        frontend_addr: IpAddr,
-        port: ServicePortSpec<'_>,
-    ) -> Vec<Backend> {
-        let Some(slices) = self
-            .by_service
+    fn of(&self, namespace: &str, service: &str) -> &[SliceEndpoints] {
+        self.by_service
             .get(&(namespace.to_owned(), service.to_owned()))
-        else {
-            return Vec::new();
-        };
-        let mut backends: Vec<Backend> = slices
-            .iter()
-            .filter(|slice| slice.ipv4 == is_ipv4(frontend_addr))
-            .filter_map(|slice| {
-                let target = *slice.ports.get(&(port.name.to_owned(), port.proto))?;
-                Some(
-                    slice
-                        .ready
-                        .iter()
-                        .map(move |&addr| Backend { addr, port: target }),
-                )
-            })
-            .flatten()
-            .collect();
-        backends.sort_unstable();
-        backends.dedup();
-        backends
+            .map_or(&[], Vec::as_slice)
     }
 }
 
-/// Validates every address, and keeps the first valid one of each ready
-/// endpoint: an endpoint's addresses are one pod and fungible (kube-proxy
-/// uses only the first), so taking all would weigh that pod more.
-fn ready_addresses(
+/// Validates every address, and keeps the first valid one of each endpoint:
+/// an endpoint's addresses are one pod and fungible (kube-proxy uses only
+/// the first), so taking all would weigh that pod more.
+fn endpoints(
     slice: &EndpointSlice,
     ipv4: bool,
+    node: &NodeContext,
     errors: &mut Vec<ObjectError>,
-) -> Vec<IpAddr> {
-    let family = if ipv4 { "IPv4" } else { "IPv6" };
-    let mut ready = Vec::new();
+) -> Vec<EndpointInfo> {
+    let family = family_name(ipv4);
+    let mut endpoints = Vec::new();
     for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
-        // Kubernetes: a nil `ready` means ready.
-        let is_ready = endpoint
-            .conditions
-            .as_ref()
-            .and_then(|conditions| conditions.ready)
-            .unwrap_or(true);
         let mut first_valid = None;
         for text in &endpoint.addresses {
             match text.parse::<IpAddr>() {
@@ -532,11 +1125,35 @@ fn ready_addresses(
                 )),
             }
         }
-        if is_ready {
-            ready.extend(first_valid);
-        }
+        let Some(addr) = first_valid else {
+            continue;
+        };
+        let conditions = endpoint.conditions.as_ref();
+        // Kubernetes: a nil `ready` means ready, a nil `serving` means the
+        // same as `ready`, a nil `terminating` means not terminating.
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let conditions = Conditions {
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        };
+        let zones = endpoint
+            .hints
+            .as_ref()
+            .and_then(|hints| hints.for_zones.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|zone| zone.name.clone())
+            .collect();
+        endpoints.push(EndpointInfo {
+            addr,
+            node_local: !node.name.is_empty()
+                && endpoint.node_name.as_deref() == Some(node.name.as_str()),
+            conditions,
+            zones,
+        });
     }
-    ready
+    endpoints
 }
 
 /// The slice's (name, protocol) -> port table. Ports without a number or of
@@ -578,6 +1195,164 @@ fn slice_ports(
     ports
 }
 
+/// One endpoint as a candidate backend of one Service port.
+#[derive(Clone, Copy)]
+struct Candidate<'a> {
+    backend: Backend,
+    /// With `publishNotReadyAddresses` applied.
+    conditions: Conditions,
+    zones: &'a [String],
+}
+
+/// The endpoints of one frontend.
+#[derive(Clone, Default)]
+struct Selection {
+    backends: Vec<Backend>,
+    terminating: Vec<Backend>,
+}
+
+/// Picks the endpoints of one Service's frontends, each (port, family,
+/// policy) once.
+struct Selector<'a> {
+    slices: &'a [SliceEndpoints],
+    parsed: &'a ParsedService<'a>,
+    /// This node's zone, if known.
+    zone: Option<&'a str>,
+    /// (port index, IPv4, local policy) -> selection.
+    cache: HashMap<(usize, bool, bool), Selection>,
+}
+
+impl<'a> Selector<'a> {
+    fn select(&mut self, port: usize, ipv4: bool, kind: FrontendKind) -> Selection {
+        let policies = self.parsed.policies;
+        let local = if kind.is_external() {
+            policies.external_local
+        } else {
+            policies.internal_local
+        };
+        if let Some(selection) = self.cache.get(&(port, ipv4, local)) {
+            return selection.clone();
+        }
+        // Zone hints only narrow the Cluster policy's endpoints.
+        let zone = self.zone.filter(|_| !local && self.parsed.rules.zone_hints);
+        let selection = select(&self.candidates(port, ipv4), local, zone);
+        self.cache.insert((port, ipv4, local), selection.clone());
+        selection
+    }
+
+    /// Every endpoint of the port's family, on the target port its own
+    /// slice resolved for this port.
+    fn candidates(&self, port: usize, ipv4: bool) -> Vec<Candidate<'a>> {
+        let port = self.parsed.ports[port];
+        let publish_not_ready = self.parsed.rules.publish_not_ready;
+        self.slices
+            .iter()
+            .filter(|slice| slice.ipv4 == ipv4)
+            .filter_map(|slice| {
+                let target = *slice.ports.get(&(port.name.to_owned(), port.proto))?;
+                Some(slice.endpoints.iter().map(move |endpoint| Candidate {
+                    backend: Backend {
+                        addr: endpoint.addr,
+                        port: target,
+                        node_local: endpoint.node_local,
+                    },
+                    conditions: Conditions {
+                        ready: endpoint.conditions.ready || publish_not_ready,
+                        ..endpoint.conditions
+                    },
+                    zones: &endpoint.zones,
+                }))
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Distinct addresses of this node's ready, non-terminating endpoints,
+    /// over every port and family of the Service.
+    fn local_ready_endpoints(&self) -> usize {
+        let mut addrs = BTreeSet::new();
+        for port in 0..self.parsed.ports.len() {
+            for ipv4 in self.parsed.families.iter() {
+                addrs.extend(
+                    self.candidates(port, ipv4)
+                        .iter()
+                        .filter(|candidate| {
+                            candidate.backend.node_local
+                                && candidate.conditions.ready
+                                && !candidate.conditions.terminating
+                        })
+                        .map(|candidate| candidate.backend.addr),
+                );
+            }
+        }
+        addrs.len()
+    }
+}
+
+/// kube-proxy's `CategorizeEndpoints` for one frontend: the policy's
+/// endpoints (all, or this node's), narrowed to this zone's by hints when
+/// `zone` is given and every ready endpoint has hints and one names the zone;
+/// of those the ready ones, or when none is ready (anywhere in the policy's
+/// set) the serving and terminating ones.
+fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Selection {
+    let pool: Vec<&Candidate<'_>> = candidates
+        .iter()
+        .filter(|candidate| !local || candidate.backend.node_local)
+        .collect();
+    let ready: Vec<&Candidate<'_>> = pool
+        .iter()
+        .copied()
+        .filter(|candidate| candidate.conditions.ready)
+        .collect();
+    let close: Vec<&Candidate<'_>> = match zone {
+        Some(zone)
+            if !ready.is_empty() && ready.iter().all(|candidate| !candidate.zones.is_empty()) =>
+        {
+            ready
+                .iter()
+                .copied()
+                .filter(|candidate| candidate.zones.iter().any(|hint| hint == zone))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let chosen = if !close.is_empty() {
+        close
+    } else if !ready.is_empty() {
+        ready
+    } else {
+        pool.iter()
+            .copied()
+            .filter(|candidate| candidate.conditions.serving && candidate.conditions.terminating)
+            .collect()
+    };
+    let backends = sorted_unique(chosen.iter().map(|candidate| candidate.backend));
+    let in_backends = |backend: &Backend| {
+        backends
+            .binary_search_by(|other| (other.addr, other.port).cmp(&(backend.addr, backend.port)))
+            .is_ok()
+    };
+    let terminating = sorted_unique(
+        pool.iter()
+            .filter(|candidate| candidate.conditions.terminating)
+            .map(|candidate| candidate.backend)
+            .filter(|backend| !in_backends(backend)),
+    );
+    Selection {
+        backends,
+        terminating,
+    }
+}
+
+/// Sorted, one per address and port (one endpoint listed by two slices,
+/// during a slice migration, counts once).
+fn sorted_unique(backends: impl Iterator<Item = Backend>) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = backends.collect();
+    backends.sort_unstable();
+    backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    backends
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,8 +1378,49 @@ mod tests {
     }
 
     fn build_yaml(manifests: &str) -> Model {
+        build_on(manifests, &NodeContext::default())
+    }
+
+    fn build_on(manifests: &str, node: &NodeContext) -> Model {
         let (services, slices) = objects(manifests);
-        build(&services, &slices)
+        build(&services, &slices, node)
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// The node of most tests: dual-stack, in zone-a.
+    fn node_a() -> NodeContext {
+        NodeContext {
+            name: "node-a".into(),
+            addresses: vec![ip("192.168.1.10"), ip("2001:db8:1::10")],
+            zone: Some("zone-a".into()),
+        }
+    }
+
+    fn be(addr: &str, port: u16, node_local: bool) -> Backend {
+        Backend {
+            addr: ip(addr),
+            port,
+            node_local,
+        }
+    }
+
+    fn spec_of<'m>(model: &'m Model, addr: &str, port: u16, proto: Protocol) -> &'m FrontendSpec {
+        model
+            .frontends
+            .get(&frontend(addr, port, proto))
+            .unwrap_or_else(|| panic!("no frontend {addr}:{port}/{proto}: {model:#?}"))
+    }
+
+    /// "frontend kind" lines, in frontend order.
+    fn frontend_kinds(model: &Model) -> Vec<String> {
+        model
+            .frontends
+            .iter()
+            .map(|(frontend, spec)| format!("{frontend} {}", spec.kind))
+            .collect()
     }
 
     fn frontend(addr: &str, port: u16, proto: Protocol) -> Frontend {
@@ -620,6 +1436,7 @@ mod tests {
             .map(|&(addr, port)| Backend {
                 addr: addr.parse().unwrap(),
                 port,
+                node_local: false,
             })
             .collect()
     }
@@ -1316,7 +2133,7 @@ spec:
   ports: [{port: 80}, {port: 81}]
 ";
         let (mut services, slices) = objects(manifests);
-        let model = build(&services, &slices);
+        let model = build(&services, &slices, &NodeContext::default());
         assert_eq!(
             error_lines(&model),
             ["Service b/alpha: frontend 10.96.0.10:80/TCP is already served by Service a/zeta"]
@@ -1332,7 +2149,7 @@ spec:
 
         services.reverse();
         assert_eq!(
-            build(&services, &slices),
+            build(&services, &slices, &NodeContext::default()),
             model,
             "input order does not matter"
         );
@@ -1511,5 +2328,1289 @@ endpoints: [{addresses: [10.244.0.4]}, {addresses: [10.244.0.20]}]
             reason: "bad".into(),
         };
         assert_eq!(error.to_string(), "File a.yaml: bad");
+    }
+
+    // ---- NodePort, LoadBalancer, ExternalIPs -------------------------------
+
+    /// A dual-stack Service with one endpoint per family on node-a and one on
+    /// node-b; `{type}` and `{extra}` (more spec lines) vary per test.
+    fn dual_stack_web(type_: &str, extra: &str) -> String {
+        format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: {type_}
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:10:96::10"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: PreferDualStack
+  selector: {{app: web}}
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
+{extra}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v4
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: node-a
+- addresses: [10.244.2.7]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: node-b
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv6
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- addresses: ["fd00:10:244:1::5"]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: node-a
+- addresses: ["fd00:10:244:2::7"]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: node-b
+"#
+        )
+    }
+
+    #[test]
+    fn node_port_listens_on_every_node_address_of_the_service_families() {
+        let node = NodeContext {
+            addresses: vec![ip("192.168.1.10"), ip("10.0.0.10"), ip("2001:db8:1::10")],
+            ..node_a()
+        };
+        let model = build_on(&dual_stack_web("NodePort", ""), &node);
+        assert_eq!(model.errors, []);
+        assert_eq!(
+            frontend_kinds(&model),
+            [
+                "10.0.0.10:30080/TCP NodePort",
+                "10.96.0.10:80/TCP ClusterIP",
+                "192.168.1.10:30080/TCP NodePort",
+                "[2001:db8:1::10]:30080/TCP NodePort",
+                "[fd00:10:96::10]:80/TCP ClusterIP",
+            ]
+        );
+        // Each family's NodePort takes that family's endpoints; locality is
+        // the endpoint's nodeName against this node's name.
+        let v4 = spec_of(&model, "192.168.1.10", 30080, Protocol::Tcp);
+        assert_eq!(
+            v4.backends,
+            [be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)]
+        );
+        assert_eq!(v4.service.to_string(), "shop/web:http");
+        let v6 = spec_of(&model, "2001:db8:1::10", 30080, Protocol::Tcp);
+        assert_eq!(
+            v6.backends,
+            [
+                be("fd00:10:244:1::5", 8080, true),
+                be("fd00:10:244:2::7", 8080, false)
+            ]
+        );
+        assert!(!v6.external_local && !v6.internal_local);
+        assert_eq!((v6.affinity_timeout_s, v6.source_ranges.len()), (0, 0));
+        assert_eq!(model.health_checks, []);
+    }
+
+    #[test]
+    fn node_port_of_a_single_stack_service_uses_node_addresses_of_its_family_only() {
+        let model = build_on(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: kube-system}
+spec:
+  type: NodePort
+  clusterIP: "fd00:10:96::a"
+  clusterIPs: ["fd00:10:96::a"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 53, nodePort: 30053}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: kube-system}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.53
+  ports:
+  - {port: 8080, nodePort: 30081}
+"#,
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        assert_eq!(
+            frontend_kinds(&model),
+            [
+                "10.96.0.53:8080/TCP ClusterIP",
+                "192.168.1.10:30081/TCP NodePort",
+                "[2001:db8:1::10]:30053/UDP NodePort",
+                "[fd00:10:96::a]:53/UDP ClusterIP",
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_or_missing_node_port_skips_only_the_node_port_frontends() {
+        let model = build_on(
+            r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, nodePort: 70000}
+  - {name: https, port: 443, nodePort: 30443}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  allocateLoadBalancerNodePorts: false
+  clusterIP: 10.96.0.11
+  ports: [{port: 80}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.11}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{port: 80, nodePort: 30012}]
+",
+            &node_a(),
+        );
+        assert_eq!(
+            error_lines(&model),
+            [
+                r#"Service shop/web: port "http" (80): nodePort 70000 is outside 1..=65535; nodePort skipped"#
+            ]
+        );
+        assert_eq!(
+            frontend_kinds(&model),
+            [
+                "10.96.0.10:80/TCP ClusterIP",
+                "10.96.0.10:443/TCP ClusterIP",
+                "10.96.0.11:80/TCP ClusterIP",
+                "10.96.0.12:80/TCP ClusterIP",
+                "192.168.1.10:30443/TCP NodePort",
+                "203.0.113.11:80/TCP LoadBalancer",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_balancer_serves_ingress_ips_of_its_families() {
+        let status = r#"status:
+  loadBalancer:
+    ingress:
+    - {ip: 203.0.113.10, ipMode: VIP}
+    - ip: "2001:db8:ff::10"
+    - hostname: lb-1234.elb.example.com
+    - ip: 203.0.113.300
+    - {ip: 198.51.100.7, ipMode: Proxy}
+    - ip: 203.0.113.10
+"#;
+        let mut manifests = dual_stack_web("LoadBalancer", status);
+        manifests.push_str(
+            r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v4only, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  ipFamilies: [IPv4]
+  ports: [{port: 443, nodePort: 30443}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.20}, {ip: "2001:db8:ff::20"}]
+"#,
+        );
+        let model = build_on(&manifests, &node_a());
+        assert_eq!(
+            error_lines(&model),
+            [
+                r#"Service shop/web: status.loadBalancer.ingress ip "203.0.113.300" is not an IP address; address skipped"#
+            ]
+        );
+        assert_eq!(
+            frontend_kinds(&model),
+            [
+                "10.96.0.10:80/TCP ClusterIP",
+                "10.96.0.20:443/TCP ClusterIP",
+                "192.168.1.10:30080/TCP NodePort",
+                "192.168.1.10:30443/TCP NodePort",
+                "203.0.113.10:80/TCP LoadBalancer",
+                "203.0.113.20:443/TCP LoadBalancer",
+                "[2001:db8:1::10]:30080/TCP NodePort",
+                "[2001:db8:ff::10]:80/TCP LoadBalancer",
+                "[fd00:10:96::10]:80/TCP ClusterIP",
+            ]
+        );
+        assert_eq!(
+            spec_of(&model, "2001:db8:ff::10", 80, Protocol::Tcp).backends,
+            [
+                be("fd00:10:244:1::5", 8080, true),
+                be("fd00:10:244:2::7", 8080, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn external_ips_are_served_for_any_type_with_a_cluster_ip() {
+        let extra = r#"  externalIPs: [198.51.100.20, "2001:db8:ee::20", 198.51.100.999, ""]"#;
+        let model = build_on(&dual_stack_web("ClusterIP", extra), &node_a());
+        assert_eq!(
+            error_lines(&model),
+            [
+                r#"Service shop/web: externalIPs entry "198.51.100.999" is not an IP address; address skipped"#
+            ]
+        );
+        assert_eq!(
+            frontend_kinds(&model),
+            [
+                "10.96.0.10:80/TCP ClusterIP",
+                "198.51.100.20:80/TCP ExternalIP",
+                "[2001:db8:ee::20]:80/TCP ExternalIP",
+                "[fd00:10:96::10]:80/TCP ClusterIP",
+            ]
+        );
+        let external = spec_of(&model, "198.51.100.20", 80, Protocol::Tcp);
+        assert_eq!(
+            external.backends,
+            [be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)]
+        );
+        assert!(!external.external_local);
+    }
+
+    #[test]
+    fn type_changes_give_exactly_the_frontends_of_the_new_type() {
+        let status = "status:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.10}]";
+        let with_external_ip = "  externalIPs: [198.51.100.20]";
+        let cases: [(&str, &str, &[&str]); 5] = [
+            (
+                "ClusterIP",
+                "",
+                &[
+                    "10.96.0.10:80/TCP ClusterIP",
+                    "[fd00:10:96::10]:80/TCP ClusterIP",
+                ],
+            ),
+            (
+                "NodePort",
+                "",
+                &[
+                    "10.96.0.10:80/TCP ClusterIP",
+                    "192.168.1.10:30080/TCP NodePort",
+                    "[2001:db8:1::10]:30080/TCP NodePort",
+                    "[fd00:10:96::10]:80/TCP ClusterIP",
+                ],
+            ),
+            (
+                "LoadBalancer",
+                status,
+                &[
+                    "10.96.0.10:80/TCP ClusterIP",
+                    "192.168.1.10:30080/TCP NodePort",
+                    "203.0.113.10:80/TCP LoadBalancer",
+                    "[2001:db8:1::10]:30080/TCP NodePort",
+                    "[fd00:10:96::10]:80/TCP ClusterIP",
+                ],
+            ),
+            // Back to ClusterIP while the old status and nodePort linger.
+            (
+                "ClusterIP",
+                status,
+                &[
+                    "10.96.0.10:80/TCP ClusterIP",
+                    "[fd00:10:96::10]:80/TCP ClusterIP",
+                ],
+            ),
+            ("ExternalName", with_external_ip, &[]),
+        ];
+        for (type_, extra, expected) in cases {
+            let model = build_on(&dual_stack_web(type_, extra), &node_a());
+            assert_eq!(model.errors, [], "{type_}");
+            assert_eq!(frontend_kinds(&model), expected, "{type_}");
+        }
+    }
+
+    #[test]
+    fn colliding_frontends_go_to_the_first_service_by_namespace_and_name() {
+        let model = build_on(
+            r"
+apiVersion: v1
+kind: Service
+metadata: {name: alpha, namespace: a}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: beta, namespace: b}
+spec:
+  clusterIP: 10.96.0.11
+  externalIPs: [10.96.0.10]
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: gamma, namespace: c}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  ports: [{name: http, port: 80, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: delta, namespace: c}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.13
+  ports: [{name: web, port: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: self, namespace: d}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.14
+  externalIPs: [203.0.113.14]
+  ports: [{port: 443}]
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.14}]
+",
+            &node_a(),
+        );
+        assert_eq!(
+            error_lines(&model),
+            [
+                "Service b/beta: frontend 10.96.0.10:80/TCP is already served by Service a/alpha",
+                "Service c/gamma: frontend 192.168.1.10:30080/TCP is already served by Service c/delta:web",
+            ]
+        );
+        // Losers are skipped whole; one Service listing an address as both
+        // ingress IP and external IP is no collision: the ingress IP wins.
+        assert_eq!(
+            frontend_kinds(&model),
+            [
+                "10.96.0.10:80/TCP ClusterIP",
+                "10.96.0.13:8080/TCP ClusterIP",
+                "10.96.0.14:443/TCP ClusterIP",
+                "192.168.1.10:30080/TCP NodePort",
+                "203.0.113.14:443/TCP LoadBalancer",
+            ]
+        );
+    }
+
+    // ---- Traffic policies and endpoint conditions --------------------------
+
+    #[test]
+    fn external_traffic_policy_local_without_local_endpoints_has_no_backends() {
+        let status = "  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}, {ip: \"2001:db8:ff::10\"}]";
+        let node = NodeContext {
+            name: "node-c".into(),
+            ..node_a()
+        };
+        let model = build_on(&dual_stack_web("LoadBalancer", status), &node);
+        assert_eq!(model.errors, []);
+        for (addr, port) in [
+            ("192.168.1.10", 30080),
+            ("2001:db8:1::10", 30080),
+            ("203.0.113.10", 80),
+            ("2001:db8:ff::10", 80),
+        ] {
+            let spec = spec_of(&model, addr, port, Protocol::Tcp);
+            assert_eq!(spec.backends, [], "{addr}");
+            assert_eq!(spec.terminating, [], "{addr}");
+            assert!(spec.external_local && !spec.internal_local, "{addr}");
+        }
+        // In-cluster traffic still reaches every endpoint.
+        let cluster_ip = spec_of(&model, "fd00:10:96::10", 80, Protocol::Tcp);
+        assert!(!cluster_ip.external_local && !cluster_ip.internal_local);
+        assert_eq!(
+            cluster_ip.backends,
+            [
+                be("fd00:10:244:1::5", 8080, false),
+                be("fd00:10:244:2::7", 8080, false)
+            ]
+        );
+        assert_eq!(
+            model.health_checks,
+            [HealthCheck {
+                service: ServiceRef {
+                    namespace: "shop".into(),
+                    name: "web".into(),
+                    port_name: String::new(),
+                },
+                port: 32000,
+                local_endpoints: 0,
+            }]
+        );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_keeps_local_endpoints_and_counts_them_for_the_health_check() {
+        let model = build_on(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: shop-lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.30
+  clusterIPs: [10.96.0.30, "fd00:10:96::30"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 31999
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: https, port: 443, targetPort: 8443, nodePort: 30443}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.30}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: shop-lb-v4
+  namespace: shop
+  labels: {kubernetes.io/service-name: shop-lb}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: https, port: 8443, protocol: TCP}
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true}
+  nodeName: node-a
+- addresses: [10.244.1.6]
+  conditions: {ready: false}
+  nodeName: node-a
+- addresses: [10.244.2.7]
+  conditions: {ready: true}
+  nodeName: node-b
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: shop-lb-v6
+  namespace: shop
+  labels: {kubernetes.io/service-name: shop-lb}
+addressType: IPv6
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: https, port: 8443, protocol: TCP}
+endpoints:
+- addresses: ["fd00:10:244:1::5"]
+  conditions: {ready: true}
+  nodeName: node-a
+- addresses: ["fd00:10:244:2::7"]
+  conditions: {ready: true}
+  nodeName: node-b
+"#,
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        let lb = spec_of(&model, "203.0.113.30", 443, Protocol::Tcp);
+        assert_eq!(lb.kind, FrontendKind::LoadBalancer);
+        assert_eq!(lb.backends, [be("10.244.1.5", 8443, true)]);
+        assert!(lb.external_local);
+        assert_eq!(
+            spec_of(&model, "2001:db8:1::10", 30080, Protocol::Tcp).backends,
+            [be("fd00:10:244:1::5", 8080, true)]
+        );
+        assert_eq!(
+            spec_of(&model, "10.96.0.30", 80, Protocol::Tcp).backends,
+            [be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)]
+        );
+        // One v4 and one v6 address, each behind two ports: 2.
+        assert_eq!(model.health_checks.len(), 1);
+        assert_eq!(model.health_checks[0].port, 31999);
+        assert_eq!(model.health_checks[0].local_endpoints, 2);
+    }
+
+    /// One local endpoint that is terminating but still serving, one remote
+    /// ready one, under each combination of traffic policies (as the e2e
+    /// tests "should fallback to local terminating endpoints when there are
+    /// no ready endpoints with {internal,external}TrafficPolicy=Local" and
+    /// the Cluster counterparts do).
+    #[test]
+    fn terminating_fallback_is_per_traffic_policy_set() {
+        let manifests = |internal: &str, external: &str| {
+            format!(
+                r"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  internalTrafficPolicy: {internal}
+  externalTrafficPolicy: {external}
+  ports: [{{port: 80, targetPort: 8080, nodePort: 30080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {{ready: false, serving: true, terminating: true}}
+  nodeName: node-a
+- addresses: [10.244.1.6]
+  conditions: {{ready: false, serving: false, terminating: true}}
+  nodeName: node-a
+- addresses: [10.244.2.7]
+  conditions: {{ready: true, serving: true, terminating: false}}
+  nodeName: node-b
+"
+            )
+        };
+        let local_serving = be("10.244.1.5", 8080, true);
+        let local_stopping = be("10.244.1.6", 8080, true);
+        let remote = be("10.244.2.7", 8080, false);
+        // Cluster: a ready endpoint exists, so no fallback; both local
+        // terminating endpoints only drain. Local: no local endpoint is
+        // ready, so the serving terminating one takes new flows.
+        let cluster = (vec![remote], vec![local_serving, local_stopping]);
+        let local = (vec![local_serving], vec![local_stopping]);
+        for internal in ["Cluster", "Local"] {
+            for external in ["Cluster", "Local"] {
+                let model = build_on(&manifests(internal, external), &node_a());
+                assert_eq!(model.errors, []);
+                let cluster_ip = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+                let node_port = spec_of(&model, "192.168.1.10", 30080, Protocol::Tcp);
+                let want = |policy| if policy == "Local" { &local } else { &cluster };
+                assert_eq!(
+                    (&cluster_ip.backends, &cluster_ip.terminating),
+                    (&want(internal).0, &want(internal).1),
+                    "ClusterIP, ITP {internal} ETP {external}"
+                );
+                assert_eq!(
+                    (&node_port.backends, &node_port.terminating),
+                    (&want(external).0, &want(external).1),
+                    "NodePort, ITP {internal} ETP {external}"
+                );
+                assert_eq!(cluster_ip.internal_local, internal == "Local");
+                assert_eq!(node_port.external_local, external == "Local");
+            }
+        }
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
+        let model = build_on(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: node-cache, namespace: kube-system}
+spec:
+  clusterIP: "fd00:10:96::53"
+  clusterIPs: ["fd00:10:96::53"]
+  ipFamilies: [IPv6]
+  internalTrafficPolicy: Local
+  ports: [{name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: node-cache-1
+  namespace: kube-system
+  labels: {kubernetes.io/service-name: node-cache}
+addressType: IPv6
+ports: [{name: dns, port: 53, protocol: UDP}]
+endpoints:
+- addresses: ["fd00:10:244:1::53"]
+  nodeName: node-a
+- addresses: ["fd00:10:244:2::53"]
+  nodeName: node-b
+---
+apiVersion: v1
+kind: Service
+metadata: {name: elsewhere, namespace: kube-system}
+spec:
+  clusterIP: 10.96.0.54
+  internalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: elsewhere-1
+  namespace: kube-system
+  labels: {kubernetes.io/service-name: elsewhere}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- addresses: [10.244.2.54]
+  nodeName: node-b
+"#,
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        let spec = spec_of(&model, "fd00:10:96::53", 53, Protocol::Udp);
+        assert!(spec.internal_local && !spec.external_local);
+        assert_eq!(spec.backends, [be("fd00:10:244:1::53", 53, true)]);
+        // No local endpoint: no backends, so the datapath rejects.
+        let elsewhere = spec_of(&model, "10.96.0.54", 80, Protocol::Tcp);
+        assert!(elsewhere.internal_local);
+        assert_eq!(elsewhere.backends, []);
+        assert_eq!(model.health_checks, []);
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
+        let model = build_on(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: "fd00:10:96::10"
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv6
+ports: [{port: 8080}]
+endpoints:
+- addresses: ["fd00::1"]
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: ["fd00::2"]
+  conditions: {ready: false, serving: false, terminating: true}
+- addresses: ["fd00::3"]
+  conditions: {ready: false, terminating: true}
+- addresses: ["fd00::4"]
+  conditions: {ready: false}
+- addresses: ["fd00::5"]
+  conditions: {ready: false, serving: true}
+"#,
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        let spec = spec_of(&model, "fd00:10:96::10", 80, Protocol::Tcp);
+        // ::3 has no `serving`: it means the same as `ready`, false. ::4 and
+        // ::5 are neither usable nor terminating.
+        assert_eq!(spec.backends, [be("fd00::1", 8080, false)]);
+        assert_eq!(
+            spec.terminating,
+            [be("fd00::2", 8080, false), be("fd00::3", 8080, false)]
+        );
+    }
+
+    #[test]
+    fn terminating_endpoint_drains_while_others_serve() {
+        let model = build_on(
+            r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.1]
+  conditions: {ready: true, serving: true, terminating: false}
+- addresses: [10.244.1.2]
+  conditions: {ready: false, serving: true, terminating: true}
+  nodeName: node-a
+- addresses: [10.244.1.3]
+  conditions: {ready: true, serving: true, terminating: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-2
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.3]
+  conditions: {ready: false, serving: true, terminating: true}
+",
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(
+            spec.backends,
+            [be("10.244.1.1", 8080, false), be("10.244.1.3", 8080, false)]
+        );
+        // 10.244.1.3, listed twice during a slice move, stays a backend.
+        assert_eq!(spec.terminating, [be("10.244.1.2", 8080, true)]);
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_makes_every_endpoint_usable() {
+        let model = build_on(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: peers, namespace: db}
+spec:
+  clusterIP: 10.96.0.40
+  clusterIPs: [10.96.0.40, "fd00:10:96::40"]
+  ipFamilies: [IPv4, IPv6]
+  publishNotReadyAddresses: true
+  ports: [{name: gossip, port: 7000}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: peers-v4
+  namespace: db
+  labels: {kubernetes.io/service-name: peers}
+addressType: IPv4
+ports: [{name: gossip, port: 7000}]
+endpoints:
+- addresses: [10.244.1.1]
+  conditions: {ready: false, serving: false, terminating: false}
+- addresses: [10.244.1.2]
+  conditions: {ready: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: peers-v6
+  namespace: db
+  labels: {kubernetes.io/service-name: peers}
+addressType: IPv6
+ports: [{name: gossip, port: 7000}]
+endpoints:
+- addresses: ["fd00:10:244::1"]
+  conditions: {ready: false, serving: false, terminating: true}
+"#,
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        let v4 = spec_of(&model, "10.96.0.40", 7000, Protocol::Tcp);
+        assert_eq!(
+            v4.backends,
+            [be("10.244.1.1", 7000, false), be("10.244.1.2", 7000, false)]
+        );
+        let v6 = spec_of(&model, "fd00:10:96::40", 7000, Protocol::Tcp);
+        assert_eq!(v6.backends, [be("fd00:10:244::1", 7000, false)]);
+        assert_eq!(v6.terminating, []);
+    }
+
+    #[test]
+    fn node_locality_needs_a_node_name() {
+        let manifests = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  internalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{port: 80}]
+endpoints:
+- addresses: [10.244.1.1]
+  nodeName: node-a
+- addresses: [10.244.1.2]
+";
+        let on_a = build_on(manifests, &node_a());
+        assert_eq!(
+            on_a.frontends[&frontend("10.96.0.10", 80, Protocol::Tcp)].backends,
+            [be("10.244.1.1", 80, true)]
+        );
+        // An agent that does not know its node name has no local endpoint.
+        let unnamed = build_yaml(manifests);
+        assert_eq!(
+            unnamed.frontends[&frontend("10.96.0.10", 80, Protocol::Tcp)].backends,
+            []
+        );
+    }
+
+    #[test]
+    fn traffic_policy_and_type_must_be_known_values() {
+        let model = build_yaml(
+            r"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: shop}
+spec:
+  clusterIP: 10.96.0.1
+  internalTrafficPolicy: Nearby
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.2
+  externalTrafficPolicy: local
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c, namespace: shop}
+spec:
+  type: Ingress
+  clusterIP: 10.96.0.3
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: d, namespace: shop}
+spec:
+  clusterIP: 10.96.0.4
+  ipFamilies: [IPv5]
+  ports: [{port: 80}]
+",
+        );
+        assert!(model.frontends.is_empty());
+        assert_eq!(
+            error_lines(&model),
+            [
+                r#"Service shop/a: internalTrafficPolicy "Nearby" is not Cluster or Local"#,
+                r#"Service shop/b: externalTrafficPolicy "local" is not Cluster or Local"#,
+                r#"Service shop/c: type "Ingress" is not ClusterIP, NodePort, LoadBalancer or ExternalName"#,
+                r#"Service shop/d: ipFamilies entry "IPv5" is not IPv4 or IPv6"#,
+            ]
+        );
+    }
+
+    // ---- Topology ----------------------------------------------------------
+
+    /// Endpoints in zone-a (one on this node), zone-b and zone-c, with the
+    /// hints the `EndpointSlice` controller writes for `PreferClose`.
+    fn zoned_web(service_lines: &str, extra_endpoints: &str) -> String {
+        format!(
+            r"
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: shop
+{service_lines}
+  type: NodePort
+  clusterIP: 10.96.0.10
+  ports: [{{port: 80, targetPort: 8080, nodePort: 30080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- addresses: [10.244.1.1]
+  conditions: {{ready: true}}
+  nodeName: node-a
+  zone: zone-a
+  hints: {{forZones: [{{name: zone-a}}]}}
+- addresses: [10.244.4.1]
+  conditions: {{ready: true}}
+  nodeName: node-d
+  zone: zone-a
+  hints: {{forZones: [{{name: zone-a}}]}}
+- addresses: [10.244.2.1]
+  conditions: {{ready: true}}
+  nodeName: node-b
+  zone: zone-b
+  hints: {{forZones: [{{name: zone-b}}, {{name: zone-c}}]}}
+{extra_endpoints}
+"
+        )
+    }
+
+    const PREFER_CLOSE: &str = "spec:\n  trafficDistribution: PreferClose";
+
+    fn cluster_and_node_port_backends(model: &Model) -> (Vec<Backend>, Vec<Backend>) {
+        assert_eq!(model.errors, []);
+        (
+            spec_of(model, "10.96.0.10", 80, Protocol::Tcp)
+                .backends
+                .clone(),
+            spec_of(model, "192.168.1.10", 30080, Protocol::Tcp)
+                .backends
+                .clone(),
+        )
+    }
+
+    #[test]
+    fn prefer_close_keeps_the_endpoints_hinted_for_this_zone() {
+        let model = build_on(&zoned_web(PREFER_CLOSE, ""), &node_a());
+        let zone_a = vec![be("10.244.1.1", 8080, true), be("10.244.4.1", 8080, false)];
+        assert_eq!(
+            cluster_and_node_port_backends(&model),
+            (zone_a.clone(), zone_a)
+        );
+
+        let in_zone_c = NodeContext {
+            zone: Some("zone-c".into()),
+            ..node_a()
+        };
+        let model = build_on(&zoned_web(PREFER_CLOSE, ""), &in_zone_c);
+        let zone_c = vec![be("10.244.2.1", 8080, false)];
+        assert_eq!(
+            cluster_and_node_port_backends(&model),
+            (zone_c.clone(), zone_c)
+        );
+    }
+
+    #[test]
+    fn zone_hints_fall_back_to_all_endpoints() {
+        let all = vec![
+            be("10.244.1.1", 8080, true),
+            be("10.244.2.1", 8080, false),
+            be("10.244.4.1", 8080, false),
+        ];
+        let in_zone = |zone: Option<&str>| NodeContext {
+            zone: zone.map(str::to_owned),
+            ..node_a()
+        };
+        // No endpoint hinted for this node's zone.
+        let model = build_on(&zoned_web(PREFER_CLOSE, ""), &in_zone(Some("zone-z")));
+        assert_eq!(cluster_and_node_port_backends(&model).0, all);
+        // The node's zone is unknown.
+        let model = build_on(&zoned_web(PREFER_CLOSE, ""), &in_zone(None));
+        assert_eq!(cluster_and_node_port_backends(&model).0, all);
+        // The Service does not ask for topology: hints are ignored.
+        let model = build_on(&zoned_web("spec:", ""), &node_a());
+        assert_eq!(cluster_and_node_port_backends(&model).0, all);
+
+        // One ready endpoint without hints turns the hints off.
+        let unhinted = "- addresses: [10.244.3.1]\n  conditions: {ready: true}\n  zone: zone-a";
+        let model = build_on(&zoned_web(PREFER_CLOSE, unhinted), &node_a());
+        let mut with_unhinted = all.clone();
+        with_unhinted.insert(2, be("10.244.3.1", 8080, false));
+        assert_eq!(cluster_and_node_port_backends(&model).0, with_unhinted);
+        // An endpoint that is not ready does not count.
+        let not_ready = "- addresses: [10.244.3.1]\n  conditions: {ready: false, serving: true, terminating: true}";
+        let model = build_on(&zoned_web(PREFER_CLOSE, not_ready), &node_a());
+        let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(
+            spec.backends,
+            [be("10.244.1.1", 8080, true), be("10.244.4.1", 8080, false)]
+        );
+        assert_eq!(spec.terminating, [be("10.244.3.1", 8080, false)]);
+    }
+
+    #[test]
+    fn topology_mode_auto_annotation_also_turns_hints_on() {
+        for annotation in [
+            "  annotations: {service.kubernetes.io/topology-mode: Auto}\nspec:",
+            "  annotations: {service.kubernetes.io/topology-aware-hints: auto}\nspec:",
+        ] {
+            let model = build_on(&zoned_web(annotation, ""), &node_a());
+            assert_eq!(
+                cluster_and_node_port_backends(&model).0,
+                [be("10.244.1.1", 8080, true), be("10.244.4.1", 8080, false)],
+                "{annotation}"
+            );
+        }
+    }
+
+    #[test]
+    fn topology_does_not_apply_to_local_traffic_policies() {
+        // This node's only endpoint is hinted for another zone: with Local
+        // policies it is used anyway, while the Cluster policy side follows
+        // the hints.
+        let service = "spec:\n  trafficDistribution: PreferClose\n  externalTrafficPolicy: Local";
+        let local_elsewhere = "- addresses: [10.244.1.9]
+  conditions: {ready: true}
+  nodeName: node-a
+  hints: {forZones: [{name: zone-b}]}";
+        let model = build_on(&zoned_web(service, local_elsewhere), &node_a());
+        assert_eq!(
+            cluster_and_node_port_backends(&model),
+            (
+                vec![be("10.244.1.1", 8080, true), be("10.244.4.1", 8080, false)],
+                vec![be("10.244.1.1", 8080, true), be("10.244.1.9", 8080, true)],
+            )
+        );
+    }
+
+    // ---- Session affinity --------------------------------------------------
+
+    #[test]
+    fn client_ip_affinity_timeout_defaults_to_three_hours() {
+        let cases = [
+            ("  sessionAffinity: ClientIP", 10_800),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+                60,
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}",
+                86_400,
+            ),
+            ("  sessionAffinity: None", 0),
+            ("", 0),
+        ];
+        for (lines, timeout) in cases {
+            let model = build_on(&dual_stack_web("NodePort", lines), &node_a());
+            assert_eq!(model.errors, [], "{lines}");
+            for spec in model.frontends.values() {
+                assert_eq!(spec.affinity_timeout_s, timeout, "{lines}");
+            }
+            assert_eq!(model.frontends.len(), 4);
+        }
+    }
+
+    #[test]
+    fn invalid_affinity_rejects_the_service() {
+        for (lines, reason) in [
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+                "sessionAffinityConfig.clientIP.timeoutSeconds 0 is outside 1..=86400",
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+                "sessionAffinityConfig.clientIP.timeoutSeconds 86401 is outside 1..=86400",
+            ),
+            (
+                "  sessionAffinity: Cookie",
+                r#"sessionAffinity "Cookie" is not None or ClientIP"#,
+            ),
+        ] {
+            let model = build_on(&dual_stack_web("ClusterIP", lines), &node_a());
+            assert!(model.frontends.is_empty(), "{lines}");
+            assert_eq!(error_lines(&model), [format!("Service shop/web: {reason}")]);
+        }
+    }
+
+    // ---- Source ranges -----------------------------------------------------
+
+    #[test]
+    fn source_ranges_guard_every_external_frontend_per_family() {
+        let lines = r#"  externalIPs: [198.51.100.20, "2001:db8:ee::20"]
+  loadBalancerSourceRanges:
+  - 203.0.113.77/24
+  - 198.51.100.5
+  - " 192.0.2.0/26 "
+  - 2001:db8:abcd:12::1/48
+  - 2001:db8:abcd::/48
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}, {ip: "2001:db8:ff::10"}]"#;
+        let model = build_on(&dual_stack_web("LoadBalancer", lines), &node_a());
+        assert_eq!(model.errors, []);
+        let v4 = vec![
+            (ip("192.0.2.0"), 26),
+            (ip("198.51.100.5"), 32),
+            (ip("203.0.113.0"), 24),
+        ];
+        let v6 = vec![(ip("2001:db8:abcd::"), 48)];
+        for (frontend, spec) in &model.frontends {
+            let expected = match (spec.kind, frontend.addr) {
+                (FrontendKind::ClusterIp, _) => &vec![],
+                (_, IpAddr::V4(_)) => &v4,
+                (_, IpAddr::V6(_)) => &v6,
+            };
+            assert_eq!(&spec.source_ranges, expected, "{frontend} {}", spec.kind);
+        }
+        assert_eq!(model.frontends.len(), 8);
+    }
+
+    #[test]
+    fn source_ranges_of_one_family_leave_the_other_open() {
+        let lines = "  loadBalancerSourceRanges: [10.0.0.0/8]\nstatus:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.10}, {ip: \"2001:db8:ff::10\"}]";
+        let model = build_on(&dual_stack_web("LoadBalancer", lines), &node_a());
+        assert_eq!(model.errors, []);
+        assert_eq!(
+            spec_of(&model, "203.0.113.10", 80, Protocol::Tcp).source_ranges,
+            [(ip("10.0.0.0"), 8)]
+        );
+        assert_eq!(
+            spec_of(&model, "192.168.1.10", 30080, Protocol::Tcp).source_ranges,
+            [(ip("10.0.0.0"), 8)]
+        );
+        assert_eq!(
+            spec_of(&model, "2001:db8:ff::10", 80, Protocol::Tcp).source_ranges,
+            []
+        );
+        // Only LoadBalancer Services are guarded; kube-proxy ignores the
+        // field elsewhere.
+        let model = build_on(
+            &dual_stack_web(
+                "NodePort",
+                "  loadBalancerSourceRanges: [10.0.0.0/8, bogus]",
+            ),
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        assert!(
+            model
+                .frontends
+                .values()
+                .all(|spec| spec.source_ranges.is_empty())
+        );
+    }
+
+    #[test]
+    fn invalid_source_range_rejects_the_service() {
+        for range in [
+            "10.0.0.0/33",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "2001:db8::/129",
+            "example.com",
+        ] {
+            let model = build_on(
+                &dual_stack_web(
+                    "LoadBalancer",
+                    &format!("  loadBalancerSourceRanges: [\"{range}\"]"),
+                ),
+                &node_a(),
+            );
+            assert!(model.frontends.is_empty(), "{range}");
+            assert_eq!(
+                error_lines(&model),
+                [format!(
+                    "Service shop/web: loadBalancerSourceRanges entry {range:?} is not a CIDR"
+                )]
+            );
+        }
+    }
+
+    #[test]
+    fn cidr_parsing_masks_host_bits() {
+        assert_eq!(parse_cidr("192.0.2.1/0"), Some((ip("0.0.0.0"), 0)));
+        assert_eq!(parse_cidr("192.0.2.255/31"), Some((ip("192.0.2.254"), 31)));
+        assert_eq!(parse_cidr("192.0.2.1"), Some((ip("192.0.2.1"), 32)));
+        assert_eq!(parse_cidr("2001:db8::1/0"), Some((ip("::"), 0)));
+        assert_eq!(
+            parse_cidr("2001:db8::ff/120"),
+            Some((ip("2001:db8::"), 120))
+        );
+        assert_eq!(parse_cidr("2001:db8::1"), Some((ip("2001:db8::1"), 128)));
+        assert_eq!(
+            parse_cidr("2001:db8::1/128"),
+            Some((ip("2001:db8::1"), 128))
+        );
+        assert_eq!(parse_cidr("192.0.2.0/24/1"), None);
+        assert_eq!(parse_cidr(""), None);
+    }
+
+    // ---- Health checks -----------------------------------------------------
+
+    #[test]
+    fn health_checks_are_sorted_by_port_and_need_local_policy_and_a_valid_port() {
+        let service = |name: &str, lines: &str| {
+            format!(
+                r"
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.1.{n}
+{lines}
+  ports: [{{port: 80}}]
+",
+                n = name.len()
+            )
+        };
+        let manifests = [
+            service(
+                "z",
+                "  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000",
+            ),
+            service(
+                "yy",
+                "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+            ),
+            service(
+                "xxx",
+                "  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 32100",
+            ),
+            service(
+                "wwww",
+                "  externalTrafficPolicy: Local\n  healthCheckNodePort: 65536",
+            ),
+            service(
+                "vvvvv",
+                "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000",
+            ),
+            service("uuuuuu", "  externalTrafficPolicy: Local"),
+        ]
+        .concat();
+        let model = build_on(manifests.trim_start_matches("\n---"), &node_a());
+        assert_eq!(
+            error_lines(&model),
+            [
+                "Service shop/wwww: healthCheckNodePort 65536 is outside 1..=65535; health check skipped",
+                "Service shop/yy: healthCheckNodePort 32000 is already used by Service shop/vvvvv",
+            ]
+        );
+        assert_eq!(
+            model
+                .health_checks
+                .iter()
+                .map(|check| (check.port, check.service.name.as_str()))
+                .collect::<Vec<_>>(),
+            [(31000, "z"), (32000, "vvvvv")]
+        );
+        // The Service with the bad port is still served.
+        assert!(
+            model
+                .frontends
+                .values()
+                .any(|spec| spec.service.name == "wwww")
+        );
     }
 }

@@ -17,9 +17,9 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::limits;
+use lb_common::{backend_flags, limits, svc_flags};
 
-use crate::model::{Backend, Frontend, FrontendSpec, Protocol};
+use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
 
 /// A backend as stored in the backend maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,6 +32,15 @@ pub struct BackendKey {
     pub proto: Protocol,
 }
 
+/// A backend entry: its identity and `backend_flags`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendEntry {
+    /// Address, port, protocol.
+    pub key: BackendKey,
+    /// `lb_common::backend_flags` bits.
+    pub flags: u8,
+}
+
 /// A frontend as stored in the service maps.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct FrontendState {
@@ -39,7 +48,14 @@ pub struct FrontendState {
     pub rev_nat_id: u32,
     /// Backend id per slot, slot 1 first.
     pub slots: Vec<u32>,
+    /// `lb_common::svc_flags` bits of slot 0.
+    pub flags: u16,
+    /// Session-affinity timeout (0: none).
+    pub affinity_timeout_s: u32,
 }
+
+/// A source-range entry: frontend rev-NAT id, prefix address, prefix length.
+pub type SourceRange = (u32, IpAddr, u8);
 
 /// What the maps hold, in userspace terms.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -47,16 +63,20 @@ pub struct DatapathState {
     /// Frontends (service slot 0 entries) with their slots.
     pub frontends: BTreeMap<Frontend, FrontendState>,
     /// Backends by id.
-    pub backends: BTreeMap<u32, BackendKey>,
+    pub backends: BTreeMap<u32, BackendEntry>,
     /// Rev-NAT entries by id.
     pub rev_nats: BTreeMap<u32, (IpAddr, u16)>,
+    /// Service addresses whose unserved ports are rejected.
+    pub markers: BTreeSet<IpAddr>,
+    /// Allowed client prefixes per frontend.
+    pub source_ranges: BTreeSet<SourceRange>,
 }
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Insert or overwrite backend `id`.
-    PutBackend { id: u32, backend: BackendKey },
+    PutBackend { id: u32, backend: BackendEntry },
     /// Insert rev-NAT `id` for `frontend` (and zero its counters).
     PutRevNat { id: u32, frontend: Frontend },
     /// Point `slot` (>= 1) of `frontend` at `backend_id`.
@@ -70,7 +90,17 @@ pub enum Op {
         frontend: Frontend,
         count: u16,
         rev_nat_id: u32,
+        flags: u16,
+        affinity_timeout_s: u32,
     },
+    /// Allow a client prefix into a frontend.
+    PutSourceRange(SourceRange),
+    /// Mark `addr` as a service address (unserved ports are rejected).
+    PutMarker { addr: IpAddr },
+    /// Remove a client prefix of a frontend.
+    DeleteSourceRange(SourceRange),
+    /// Remove the service-address mark of `addr`.
+    DeleteMarker { addr: IpAddr },
     /// Remove `slot` (>= 1) of `frontend`.
     DeleteSlot { frontend: Frontend, slot: u16 },
     /// Remove slot 0 of `frontend`.
@@ -126,44 +156,98 @@ impl IdAllocator {
 /// Computes the plan that turns `current` into `desired`.
 #[must_use]
 pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Plan {
-    let mut planner = Planner::new(current);
+    let mut planner = Planner::new(current, desired);
     for (frontend, spec) in desired {
-        planner.frontend(frontend, &spec.backends);
+        planner.frontend(frontend, spec);
     }
     planner.removals(desired);
+    planner.markers(desired);
     planner.finish()
+}
+
+/// `svc_flags` of a frontend.
+#[must_use]
+pub fn frontend_flags(spec: &FrontendSpec) -> u16 {
+    let mut flags = if spec.kind == FrontendKind::ClusterIp {
+        svc_flags::CLUSTER_IP
+    } else {
+        svc_flags::EXTERNAL
+    };
+    if spec.kind.is_external() && spec.external_local {
+        flags |= svc_flags::EXT_LOCAL;
+    }
+    if spec.affinity_timeout_s > 0 {
+        flags |= svc_flags::AFFINITY;
+    }
+    if !spec.source_ranges.is_empty() {
+        flags |= svc_flags::SOURCE_RANGES;
+    }
+    flags
+}
+
+/// The `backend_flags` every backend should have: local if the endpoint
+/// is on this node; terminating unless some frontend still sends it new
+/// flows.
+fn desired_backend_flags(desired: &BTreeMap<Frontend, FrontendSpec>) -> BTreeMap<BackendKey, u8> {
+    let mut flags: BTreeMap<BackendKey, u8> = BTreeMap::new();
+    for (frontend, spec) in desired {
+        let key = |b: &Backend| BackendKey {
+            addr: b.addr,
+            port: b.port,
+            proto: frontend.proto,
+        };
+        let local = |b: &Backend| {
+            if b.node_local {
+                backend_flags::LOCAL
+            } else {
+                0
+            }
+        };
+        for backend in &spec.terminating {
+            flags
+                .entry(key(backend))
+                .or_insert(backend_flags::TERMINATING | local(backend));
+        }
+        for backend in &spec.backends {
+            flags.insert(key(backend), local(backend));
+        }
+    }
+    flags
 }
 
 /// Builds a plan in three buckets that are concatenated in order.
 struct Planner<'a> {
     current: &'a DatapathState,
-    /// New backends and rev-NAT entries.
+    /// New backends, rev-NAT entries and source ranges.
     head: Vec<Op>,
-    /// Slot and frontend writes.
+    /// Slot and frontend writes, then new markers.
     slots: Vec<Op>,
     /// Everything that removes.
     tail: Vec<Op>,
     problems: Vec<String>,
+    backend_flags: BTreeMap<BackendKey, u8>,
     backend_ids: BTreeMap<BackendKey, u32>,
     backend_alloc: IdAllocator,
     rev_nat_alloc: IdAllocator,
     backends_used: BTreeSet<u32>,
     rev_nats_used: BTreeSet<u32>,
+    ranges_used: BTreeSet<SourceRange>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a DatapathState) -> Self {
+    fn new(current: &'a DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Self {
         Self {
             current,
             head: Vec::new(),
             slots: Vec::new(),
             tail: Vec::new(),
             problems: Vec::new(),
+            backend_flags: desired_backend_flags(desired),
             // Reuse the id of an identical backend.
             backend_ids: current
                 .backends
                 .iter()
-                .map(|(id, key)| (*key, *id))
+                .map(|(id, entry)| (entry.key, *id))
                 .collect(),
             backend_alloc: IdAllocator::new(
                 current.backends.keys().copied(),
@@ -179,11 +263,12 @@ impl<'a> Planner<'a> {
             ),
             backends_used: BTreeSet::new(),
             rev_nats_used: BTreeSet::new(),
+            ranges_used: BTreeSet::new(),
         }
     }
 
     /// Plans one desired frontend.
-    fn frontend(&mut self, frontend: &Frontend, backends: &[Backend]) {
+    fn frontend(&mut self, frontend: &Frontend, spec: &FrontendSpec) {
         let existing = self.current.frontends.get(frontend);
         let rev_nat_id = if let Some(state) = existing {
             state.rev_nat_id
@@ -204,12 +289,23 @@ impl<'a> Planner<'a> {
             });
         }
         self.rev_nats_used.insert(rev_nat_id);
+        for (addr, prefix) in &spec.source_ranges {
+            let range = (rev_nat_id, *addr, *prefix);
+            if !self.current.source_ranges.contains(&range) {
+                self.head.push(Op::PutSourceRange(range));
+            }
+            self.ranges_used.insert(range);
+        }
 
-        let wanted = truncate_backends(frontend, backends, &mut self.problems);
+        let wanted = truncate_backends(frontend, &spec.backends, &mut self.problems);
         let new_slots: Vec<u32> = wanted
             .iter()
             .filter_map(|backend| self.backend_id(frontend, backend))
             .collect();
+        // Terminating backends stay in the backend map (flows drain).
+        for backend in &spec.terminating {
+            let _ = self.backend_id(frontend, backend);
+        }
 
         let old_slots = existing.map_or(&[][..], |state| &state.slots[..]);
         for (index, id) in new_slots.iter().enumerate() {
@@ -221,11 +317,18 @@ impl<'a> Planner<'a> {
                 });
             }
         }
-        if existing.is_none_or(|state| state.slots.len() != new_slots.len()) {
+        let flags = frontend_flags(spec);
+        if existing.is_none_or(|state| {
+            state.slots.len() != new_slots.len()
+                || state.flags != flags
+                || state.affinity_timeout_s != spec.affinity_timeout_s
+        }) {
             self.slots.push(Op::PutFrontend {
                 frontend: *frontend,
                 count: u16::try_from(new_slots.len()).unwrap_or(u16::MAX),
                 rev_nat_id,
+                flags,
+                affinity_timeout_s: spec.affinity_timeout_s,
             });
         }
         for index in new_slots.len()..old_slots.len() {
@@ -236,13 +339,16 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// The id of `backend` for `frontend`'s protocol, allocated if new.
+    /// The id of `backend` for `frontend`'s protocol, allocated if new; its
+    /// entry is (re)written when new or when its flags changed.
     fn backend_id(&mut self, frontend: &Frontend, backend: &Backend) -> Option<u32> {
         let key = BackendKey {
             addr: backend.addr,
             port: backend.port,
             proto: frontend.proto,
         };
+        let flags = self.backend_flags.get(&key).copied().unwrap_or(0);
+        let entry = BackendEntry { key, flags };
         let id = if let Some(id) = self.backend_ids.get(&key) {
             *id
         } else {
@@ -255,11 +361,29 @@ impl<'a> Planner<'a> {
                 return None;
             };
             self.backend_ids.insert(key, id);
-            self.head.push(Op::PutBackend { id, backend: key });
             id
         };
-        self.backends_used.insert(id);
+        if self.backends_used.insert(id) && self.current.backends.get(&id) != Some(&entry) {
+            self.head.push(Op::PutBackend { id, backend: entry });
+        }
         Some(id)
+    }
+
+    /// Marks service addresses (`ClusterIP`, load-balancer, external IPs) so
+    /// that ports they do not serve are rejected. Node addresses are never
+    /// marked: the node serves its own ports.
+    fn markers(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
+        let wanted: BTreeSet<IpAddr> = desired
+            .iter()
+            .filter(|(_, spec)| spec.kind != FrontendKind::NodePort)
+            .map(|(frontend, _)| frontend.addr)
+            .collect();
+        for addr in wanted.difference(&self.current.markers) {
+            self.slots.push(Op::PutMarker { addr: *addr });
+        }
+        for addr in self.current.markers.difference(&wanted) {
+            self.tail.push(Op::DeleteMarker { addr: *addr });
+        }
     }
 
     /// Plans the removal of what `desired` no longer has.
@@ -278,6 +402,11 @@ impl<'a> Planner<'a> {
                 });
             }
         }
+        for range in &self.current.source_ranges {
+            if !self.ranges_used.contains(range) {
+                self.tail.push(Op::DeleteSourceRange(*range));
+            }
+        }
         for (id, (addr, _)) in &self.current.rev_nats {
             if !self.rev_nats_used.contains(id) {
                 self.tail.push(Op::DeleteRevNat {
@@ -286,11 +415,11 @@ impl<'a> Planner<'a> {
                 });
             }
         }
-        for (id, key) in &self.current.backends {
+        for (id, entry) in &self.current.backends {
             if !self.backends_used.contains(id) {
                 self.tail.push(Op::DeleteBackend {
                     id: *id,
-                    addr: key.addr,
+                    addr: entry.key.addr,
                 });
             }
         }
@@ -371,10 +500,26 @@ pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
                 frontend,
                 count,
                 rev_nat_id,
+                flags,
+                affinity_timeout_s,
             } => {
                 let entry = state.frontends.entry(*frontend).or_default();
                 entry.rev_nat_id = *rev_nat_id;
+                entry.flags = *flags;
+                entry.affinity_timeout_s = *affinity_timeout_s;
                 entry.slots.resize(usize::from(*count), 0);
+            }
+            Op::PutSourceRange(range) => {
+                state.source_ranges.insert(*range);
+            }
+            Op::DeleteSourceRange(range) => {
+                state.source_ranges.remove(range);
+            }
+            Op::PutMarker { addr } => {
+                state.markers.insert(*addr);
+            }
+            Op::DeleteMarker { addr } => {
+                state.markers.remove(addr);
             }
             Op::DeleteSlot { frontend, slot } => {
                 if let Some(entry) = state.frontends.get_mut(frontend) {
@@ -407,6 +552,14 @@ mod tests {
         }
     }
 
+    fn backend(addr: &str, port: u16) -> Backend {
+        Backend {
+            addr: addr.parse().unwrap(),
+            port,
+            node_local: false,
+        }
+    }
+
     fn spec(backends: &[(&str, u16)]) -> FrontendSpec {
         FrontendSpec {
             service: ServiceRef {
@@ -414,13 +567,16 @@ mod tests {
                 name: "web".into(),
                 port_name: String::new(),
             },
+            kind: FrontendKind::ClusterIp,
             backends: backends
                 .iter()
-                .map(|(addr, port)| Backend {
-                    addr: addr.parse().unwrap(),
-                    port: *port,
-                })
+                .map(|(addr, port)| backend(addr, *port))
                 .collect(),
+            terminating: Vec::new(),
+            external_local: false,
+            internal_local: false,
+            affinity_timeout_s: 0,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -435,7 +591,7 @@ mod tests {
                 .slots
                 .iter()
                 .map(|id| {
-                    let key = state.backends[id];
+                    let key = state.backends[id].key;
                     (key.addr, key.port)
                 })
                 .collect();
@@ -466,12 +622,15 @@ mod tests {
                 Op::PutBackend { .. } => "backend",
                 Op::PutSlot { .. } => "slot",
                 Op::PutFrontend { .. } => "frontend",
+                Op::PutMarker { .. } => "marker",
                 _ => "other",
             })
             .collect();
         assert_eq!(
             kinds,
-            ["revnat", "backend", "backend", "slot", "slot", "frontend"]
+            [
+                "revnat", "backend", "backend", "slot", "slot", "frontend", "marker"
+            ]
         );
     }
 
@@ -557,8 +716,116 @@ mod tests {
         assert!(ops.contains(&Op::PutFrontend {
             frontend: fe("198.19.0.10", 80),
             count: 0,
-            rev_nat_id: 1
+            rev_nat_id: 1,
+            flags: svc_flags::CLUSTER_IP,
+            affinity_timeout_s: 0,
         }));
+    }
+
+    #[test]
+    fn service_addresses_are_marked_after_their_frontends_but_node_ports_are_not() {
+        let mut state = DatapathState::default();
+        let mut node_port = spec(&[("198.18.2.2", 8080)]);
+        node_port.kind = FrontendKind::NodePort;
+        let desired = BTreeMap::from([
+            (fe("198.19.0.10", 80), spec(&[("198.18.2.2", 8080)])),
+            (fe("198.18.0.1", 30080), node_port),
+        ]);
+        let ops = converge(&mut state, &desired);
+        let marker = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutMarker { .. }))
+            .unwrap();
+        let last_frontend = ops
+            .iter()
+            .rposition(|op| matches!(op, Op::PutFrontend { .. }))
+            .unwrap();
+        assert!(marker > last_frontend, "{ops:?}");
+        assert_eq!(
+            state.markers,
+            BTreeSet::from(["198.19.0.10".parse::<IpAddr>().unwrap()])
+        );
+        converge(&mut state, &BTreeMap::new());
+        assert!(state.markers.is_empty());
+    }
+
+    #[test]
+    fn flags_and_affinity_changes_rewrite_the_frontend() {
+        let mut state = DatapathState::default();
+        let v4 = fe("198.19.0.10", 80);
+        let mut web = spec(&[("198.18.2.2", 8080)]);
+        converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+        web.affinity_timeout_s = 30;
+        let ops = converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+        assert_eq!(
+            ops,
+            [Op::PutFrontend {
+                frontend: v4,
+                count: 1,
+                rev_nat_id: 1,
+                flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
+                affinity_timeout_s: 30,
+            }]
+        );
+        web.affinity_timeout_s = 0;
+        let ops = converge(&mut state, &BTreeMap::from([(v4, web)]));
+        assert!(matches!(
+            ops[..],
+            [Op::PutFrontend {
+                flags: svc_flags::CLUSTER_IP,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn source_ranges_go_in_before_the_flag_and_out_after_it() {
+        let mut state = DatapathState::default();
+        let lb = fe("198.19.1.1", 80);
+        let mut spec_lb = spec(&[("198.18.2.2", 8080)]);
+        spec_lb.kind = FrontendKind::LoadBalancer;
+        spec_lb.source_ranges = vec![("198.18.1.0".parse().unwrap(), 24)];
+        let ops = converge(&mut state, &BTreeMap::from([(lb, spec_lb.clone())]));
+        let range = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutSourceRange(_)))
+            .unwrap();
+        let frontend = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutFrontend { flags, .. } if flags & svc_flags::SOURCE_RANGES != 0))
+            .unwrap();
+        assert!(range < frontend);
+        spec_lb.source_ranges.clear();
+        let ops = converge(&mut state, &BTreeMap::from([(lb, spec_lb)]));
+        let frontend = ops
+            .iter()
+            .position(|op| matches!(op, Op::PutFrontend { .. }))
+            .unwrap();
+        let removed = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteSourceRange(_)))
+            .unwrap();
+        assert!(frontend < removed);
+        assert!(state.source_ranges.is_empty());
+    }
+
+    #[test]
+    fn terminating_backends_stay_without_slots_and_local_is_flagged() {
+        let mut state = DatapathState::default();
+        let v4 = fe("198.19.0.10", 80);
+        let mut web = spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)]);
+        web.backends[0].node_local = true;
+        converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+        let terminating = web.backends.remove(1);
+        web.terminating = vec![terminating];
+        converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+        assert_eq!(state.frontends[&v4].slots.len(), 1);
+        let flags: Vec<u8> = state.backends.values().map(|b| b.flags).collect();
+        assert_eq!(flags, [backend_flags::LOCAL, backend_flags::TERMINATING]);
+        // Gone from the slice: gone from the maps.
+        web.terminating.clear();
+        converge(&mut state, &BTreeMap::from([(v4, web)]));
+        assert_eq!(state.backends.len(), 1);
     }
 
     #[test]

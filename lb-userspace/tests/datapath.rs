@@ -16,16 +16,45 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
+use lb_common::LbConfig;
 use lb_common::prog_names;
 use lb_userspace::{
     loader,
     maps::{CtRecord, Maps},
-    model::{Backend, Frontend, FrontendSpec, Protocol, ServiceRef},
+    model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
     plan,
 };
 
+/// A frontend spec of `kind` with remote (not node-local) `backends`.
+fn spec(kind: FrontendKind, backends: &[SocketAddr]) -> FrontendSpec {
+    let mut backends: Vec<Backend> = backends
+        .iter()
+        .map(|b| Backend {
+            addr: b.ip(),
+            port: b.port(),
+            node_local: false,
+        })
+        .collect();
+    backends.sort();
+    FrontendSpec {
+        service: ServiceRef {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: String::new(),
+        },
+        kind,
+        backends,
+        terminating: Vec::new(),
+        external_local: false,
+        internal_local: false,
+        affinity_timeout_s: 0,
+        source_ranges: Vec::new(),
+    }
+}
+
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const TCP_PSH: u8 = 0x08;
@@ -69,32 +98,18 @@ impl Fixture {
         loader::program(&mut self.ebpf).expect("program")
     }
 
-    /// Writes `services` through the real diff/apply path.
+    /// Writes `ClusterIP` `services` through the real diff/apply path.
     fn set_services(&mut self, services: &[(Frontend, &[SocketAddr])]) {
-        let desired: BTreeMap<Frontend, FrontendSpec> = services
+        let specs: Vec<(Frontend, FrontendSpec)> = services
             .iter()
-            .map(|(frontend, backends)| {
-                let mut backends: Vec<Backend> = backends
-                    .iter()
-                    .map(|b| Backend {
-                        addr: b.ip(),
-                        port: b.port(),
-                    })
-                    .collect();
-                backends.sort();
-                (
-                    *frontend,
-                    FrontendSpec {
-                        service: ServiceRef {
-                            namespace: "default".into(),
-                            name: "web".into(),
-                            port_name: String::new(),
-                        },
-                        backends,
-                    },
-                )
-            })
+            .map(|(frontend, backends)| (*frontend, spec(FrontendKind::ClusterIp, backends)))
             .collect();
+        self.set_specs(&specs);
+    }
+
+    /// Writes `specs` through the real diff/apply path.
+    fn set_specs(&mut self, specs: &[(Frontend, FrontendSpec)]) {
+        let desired: BTreeMap<Frontend, FrontendSpec> = specs.iter().cloned().collect();
         let state = self.maps.read_state().expect("read state");
         let plan = plan::diff(&state, &desired);
         assert!(plan.problems.is_empty(), "{:?}", plan.problems);
@@ -584,29 +599,6 @@ fn established_flow_keeps_backend_until_it_is_removed() {
 }
 
 #[test]
-fn unknown_port_on_a_vip_is_passed_untouched() {
-    let Some(mut fx) = Fixture::new("unknown_port_on_a_vip_is_passed_untouched") else {
-        return;
-    };
-    fx.set_services(&[
-        (frontend(VIP4, 80, Protocol::Tcp), &addrs(&BACKENDS4)),
-        (frontend(VIP6, 80, Protocol::Tcp), &addrs(&BACKENDS6)),
-    ]);
-    for frame in [
-        Frame::tcp("198.18.1.2:40000", "198.19.0.10:81", TCP_SYN),
-        Frame::udp("198.18.1.2:40000", "198.19.0.10:80"),
-        Frame::tcp("[fd00:1::2]:40000", "[fd00:96::10]:81", TCP_SYN),
-    ] {
-        let input = frame.bytes();
-        let (verdict, out) = fx.run(&input);
-        assert_eq!(verdict, TC_ACT_OK);
-        assert_eq!(out, input);
-    }
-    assert_eq!(fx.reason("pass_no_service"), 3);
-    assert!(fx.conntrack().is_empty());
-}
-
-#[test]
 fn non_ip_frames_are_passed_untouched() {
     let Some(mut fx) = Fixture::new("non_ip_frames_are_passed_untouched") else {
         return;
@@ -739,16 +731,270 @@ fn icmp_and_other_protocols_are_passed_untouched() {
     assert_eq!(fx.reason("pass_other_proto"), 1);
 }
 
+/// Checks an ICMP/ICMPv6 port-unreachable reply to `offending`: swapped
+/// MACs, service address -> client, the offending IP header + 8 bytes
+/// quoted, every checksum right.
+fn assert_port_unreachable(reply: &[u8], offending: &[u8]) {
+    assert_eq!(&reply[0..6], &offending[6..12], "destination MAC");
+    assert_eq!(&reply[6..12], &offending[0..6], "source MAC");
+    assert_eq!(&reply[12..14], &offending[12..14], "EtherType");
+    if offending[12..14] == [0x08, 0x00] {
+        assert_eq!(reply.len(), 14 + 20 + 8 + 28);
+        let ip = &reply[14..34];
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
+        assert_eq!(ip[9], 1, "protocol ICMP");
+        assert_eq!(&ip[12..16], &offending[30..34], "from the service address");
+        assert_eq!(&ip[16..20], &offending[26..30], "to the client");
+        assert_eq!(checksum(ip, 0), 0, "IPv4 header checksum");
+        let icmp = &reply[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+        assert_eq!(&icmp[8..], &offending[14..14 + 28], "quote");
+        assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    } else {
+        assert_eq!(reply.len(), 14 + 40 + 8 + 48);
+        let ip = &reply[14..54];
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
+        assert_eq!(ip[6], 58, "next header ICMPv6");
+        assert_eq!(&ip[8..24], &offending[38..54], "from the service address");
+        assert_eq!(&ip[24..40], &offending[22..38], "to the client");
+        let icmp = &reply[54..];
+        assert_eq!((icmp[0], icmp[1]), (1, 4), "destination/port unreachable");
+        assert_eq!(&icmp[8..], &offending[14..14 + 48], "quote");
+        let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        let mut pseudo = pseudo_header(src, dst, Protocol::Tcp, icmp.len());
+        pseudo[39] = 58;
+        pseudo.extend(icmp);
+        assert_eq!(checksum(&pseudo, 0), 0, "ICMPv6 checksum");
+    }
+}
+
 #[test]
-fn service_without_backends_drops() {
-    let Some(mut fx) = Fixture::new("service_without_backends_drops") else {
+fn service_without_backends_rejects_with_port_unreachable() {
+    let Some(mut fx) = Fixture::new("service_without_backends_rejects_with_port_unreachable")
+    else {
         return;
     };
-    fx.set_services(&[(frontend(VIP4, 80, Protocol::Tcp), &[])]);
-    let input = Frame::tcp("198.18.1.2:40000", "198.19.0.10:80", TCP_SYN).bytes();
-    let (verdict, _) = fx.run(&input);
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(fx.reason("drop_no_backend"), 1);
+    fx.set_services(&[
+        (frontend(VIP4, 80, Protocol::Tcp), &[]),
+        (frontend(VIP6, 53, Protocol::Udp), &[]),
+    ]);
+    for frame in [
+        Frame::tcp("198.18.1.2:40000", "198.19.0.10:80", TCP_SYN),
+        Frame::udp("[fd00:1::2]:40000", "[fd00:96::10]:53"),
+    ] {
+        let input = frame.bytes();
+        let (verdict, out) = fx.run(&input);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the client");
+        assert_port_unreachable(&out, &input);
+    }
+    assert_eq!(fx.reason("reject"), 2);
+    assert!(fx.conntrack().is_empty());
+}
+
+#[test]
+fn unserved_port_of_a_service_address_is_rejected() {
+    let Some(mut fx) = Fixture::new("unserved_port_of_a_service_address_is_rejected") else {
+        return;
+    };
+    fx.set_services(&[
+        (frontend(VIP4, 80, Protocol::Tcp), &addrs(&BACKENDS4)),
+        (frontend(VIP6, 80, Protocol::Tcp), &addrs(&BACKENDS6)),
+    ]);
+    for frame in [
+        Frame::tcp("198.18.1.2:40000", "198.19.0.10:81", TCP_SYN),
+        Frame::udp("198.18.1.2:40000", "198.19.0.10:80"),
+        Frame::tcp("[fd00:1::2]:40000", "[fd00:96::10]:8080", TCP_SYN),
+    ] {
+        let input = frame.bytes();
+        let (verdict, out) = fx.run(&input);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_port_unreachable(&out, &input);
+    }
+    // Another address is not a service address: passed.
+    let other = Frame::tcp("198.18.1.2:40000", "198.18.2.2:81", TCP_SYN).bytes();
+    assert_eq!(fx.run(&other), (TC_ACT_OK, other));
+}
+
+const NODE4: &str = "198.18.0.1";
+const NODE6: &str = "fd00::1";
+
+fn node_config() -> LbConfig {
+    LbConfig {
+        node_addr4: NODE4.parse::<std::net::Ipv4Addr>().unwrap().octets(),
+        loopback4: [169, 254, 42, 1],
+        node_addr6: NODE6.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        loopback6: "100::6c62:1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    }
+}
+
+#[test]
+fn node_port_to_a_remote_backend_is_source_nated_and_reversed() {
+    let Some(mut fx) = Fixture::new("node_port_to_a_remote_backend_is_source_nated_and_reversed")
+    else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    for (node, client, backend) in [
+        (NODE4, "198.18.9.2", "198.18.12.2:8080"),
+        (NODE6, "fd00:9::2", "[fd00:12::2]:8080"),
+    ] {
+        let node_port = SocketAddr::new(node.parse().unwrap(), 30080);
+        let fe = frontend(node, 30080, Protocol::Tcp);
+        let backends = addrs(&[backend]);
+        fx.set_specs(&[(fe, spec(FrontendKind::NodePort, &backends))]);
+        let client = SocketAddr::new(client.parse().unwrap(), 45000);
+        let syn = Frame::tcp(&client.to_string(), &node_port.to_string(), TCP_SYN);
+        let (verdict, out) = fx.run(&syn.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, dst) = verify_checksums(&out);
+        assert_eq!(dst, backends[0]);
+        assert_eq!(src.ip(), node_port.ip(), "source NAT to the node address");
+        assert!(
+            (61_000..=65_535).contains(&src.port()),
+            "port {}",
+            src.port()
+        );
+        let mut expected = syn.with_dst(backends[0]).with_src(src);
+        expected.tcp_flags = TCP_SYN;
+        assert_eq!(out, expected.bytes());
+
+        // The backend answers the node; the client gets the NodePort back.
+        let reply = Frame::tcp(
+            &backends[0].to_string(),
+            &src.to_string(),
+            TCP_SYN | TCP_ACK,
+        );
+        let (verdict, out) = fx.run(&reply.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verify_checksums(&out), (node_port, client));
+        assert_eq!(out, reply.with_src(node_port).with_dst(client).bytes());
+    }
+}
+
+#[test]
+fn external_traffic_to_a_local_backend_keeps_its_source() {
+    let Some(mut fx) = Fixture::new("external_traffic_to_a_local_backend_keeps_its_source") else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    let backends = addrs(&["198.18.2.2:8080"]);
+    let mut local = spec(FrontendKind::NodePort, &backends);
+    local.backends[0].node_local = true;
+    let mut etp_local = spec(FrontendKind::LoadBalancer, &addrs(&["198.18.3.2:8080"]));
+    etp_local.external_local = true;
+    fx.set_specs(&[
+        (frontend(NODE4, 30080, Protocol::Tcp), local),
+        (frontend("198.19.1.1", 80, Protocol::Tcp), etp_local),
+    ]);
+    for (dst, backend) in [
+        ("198.18.0.1:30080", "198.18.2.2:8080"),
+        ("198.19.1.1:80", "198.18.3.2:8080"),
+    ] {
+        let syn = Frame::tcp("198.18.9.2:45000", dst, TCP_SYN);
+        let (_, out) = fx.run(&syn.bytes());
+        assert_eq!(out, syn.with_dst(backend.parse().unwrap()).bytes());
+    }
+}
+
+#[test]
+fn hairpin_flow_is_source_nated_to_the_loopback_address() {
+    let Some(mut fx) = Fixture::new("hairpin_flow_is_source_nated_to_the_loopback_address") else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    for (vip, pod, loopback) in [
+        (VIP4, "198.18.2.2", "169.254.42.1"),
+        (VIP6, "fd00:2::2", "100::6c62:1"),
+    ] {
+        let backend = SocketAddr::new(pod.parse().unwrap(), 8080);
+        fx.set_services(&[(frontend(vip, 80, Protocol::Tcp), &[backend])]);
+        let client = SocketAddr::new(pod.parse().unwrap(), 41000);
+        let service = SocketAddr::new(vip.parse().unwrap(), 80);
+        let syn = Frame::tcp(&client.to_string(), &service.to_string(), TCP_SYN);
+        let (_, out) = fx.run(&syn.bytes());
+        let (src, dst) = verify_checksums(&out);
+        assert_eq!(dst, backend);
+        assert_eq!(src.ip(), loopback.parse::<IpAddr>().unwrap());
+        // The pod answers the loopback address; it gets the service back.
+        let reply = Frame::tcp(&backend.to_string(), &src.to_string(), TCP_SYN | TCP_ACK);
+        let (_, out) = fx.run(&reply.bytes());
+        assert_eq!(verify_checksums(&out), (service, client));
+        assert_eq!(out, reply.with_src(service).with_dst(client).bytes());
+    }
+}
+
+#[test]
+fn session_affinity_sticks_then_expires() {
+    let Some(mut fx) = Fixture::new("session_affinity_sticks_then_expires") else {
+        return;
+    };
+    for (vip, client, list) in [
+        (VIP4, "198.18.1.2", &BACKENDS4),
+        (VIP6, "fd00:1::2", &BACKENDS6),
+    ] {
+        let mut web = spec(FrontendKind::ClusterIp, &addrs(list));
+        web.affinity_timeout_s = 1;
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, web)]);
+        let service = SocketAddr::new(vip.parse().unwrap(), 80).to_string();
+        let backend_of = |fx: &mut Fixture, sport: u16| {
+            let src = SocketAddr::new(client.parse().unwrap(), sport).to_string();
+            let (_, out) = fx.run(&Frame::tcp(&src, &service, TCP_SYN).bytes());
+            verify_checksums(&out).1
+        };
+        let first = backend_of(&mut fx, 42000);
+        for sport in 42001..42015 {
+            assert_eq!(backend_of(&mut fx, sport), first, "affinity hit");
+        }
+        // After the timeout the choice is made anew (by the flow hash):
+        // idle past the timeout before each new flow until another backend
+        // comes up. The hash is deterministic, so the outcome is too.
+        let mut chosen = Vec::new();
+        for round in 0..6u16 {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            chosen.push(backend_of(&mut fx, 43000 + round * 7));
+            if chosen.iter().any(|b| *b != first) {
+                break;
+            }
+        }
+        assert!(
+            chosen.iter().any(|b| *b != first),
+            "affinity never expired: {chosen:?}"
+        );
+    }
+}
+
+#[test]
+fn source_ranges_admit_listed_clients_only() {
+    let Some(mut fx) = Fixture::new("source_ranges_admit_listed_clients_only") else {
+        return;
+    };
+    let mut lb4 = spec(FrontendKind::LoadBalancer, &addrs(&BACKENDS4));
+    lb4.source_ranges = vec![("198.18.1.0".parse().unwrap(), 24)];
+    let mut lb6 = spec(FrontendKind::LoadBalancer, &addrs(&BACKENDS6));
+    lb6.source_ranges = vec![("fd00:1::".parse().unwrap(), 64)];
+    fx.set_specs(&[
+        (frontend("198.19.1.1", 80, Protocol::Tcp), lb4),
+        (frontend("fd00:97::1", 80, Protocol::Tcp), lb6),
+    ]);
+    fx.maps.write_config(&node_config()).unwrap();
+    for (allowed, denied, lb) in [
+        ("198.18.1.7:40000", "198.18.9.7:40000", "198.19.1.1:80"),
+        ("[fd00:1::7]:40000", "[fd00:9::7]:40000", "[fd00:97::1]:80"),
+    ] {
+        let (verdict, out) = fx.run(&Frame::tcp(allowed, lb, TCP_SYN).bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_ne!(verify_checksums(&out).1, lb.parse().unwrap(), "translated");
+        let (verdict, _) = fx.run(&Frame::tcp(denied, lb, TCP_SYN).bytes());
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(fx.reason("drop_source_range"), 2);
 }
 
 #[test]

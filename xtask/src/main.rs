@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask check-setup`,
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask setup`,
 //! `cargo xtask bench`.
 
 use std::{
@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod bench;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "lb developer tasks")]
@@ -26,11 +28,19 @@ enum Task {
     },
     /// Check (and install what is missing of) the build and test prerequisites.
     Setup,
-    /// Run the benchmarks (per-packet cost of the TC program; root).
+    /// Run the benchmarks and write the report (root): per-packet cost
+    /// (`BPF_PROG_TEST_RUN`), end to end in network namespaces against
+    /// kube-proxy's rule shapes, control plane. A full run updates
+    /// docs/benchmarks.md, docs/benchmarks.json and the plots; every run
+    /// keeps its raw results in docs/bench-results/RUN/.
     Bench {
-        /// Fewer repeats: a smoke run.
+        /// A smoke run of about a minute (small scales, one short round);
+        /// its report stays in docs/bench-results/.
         #[arg(long)]
         quick: bool,
+        /// Only these parts: datapath, e2e (comma-separated; default both).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -39,22 +49,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::BuildEbpf { debug } => build_ebpf(&root, debug),
         Task::Setup => run(Command::new(root.join("scripts/setup.sh"))),
-        Task::Bench { quick } => {
-            let mut cmd = cargo();
-            cmd.current_dir(&root).args([
-                "run",
-                "--release",
-                "--package",
-                "lb-userspace",
-                "--example",
-                "datapath_cost",
-                "--",
-            ]);
-            if quick {
-                cmd.arg("--quick");
-            }
-            run(cmd)
-        }
+        Task::Bench { quick, only } => bench::run_bench(&root, quick, &only),
     }
 }
 
@@ -66,11 +61,11 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
         .context("xtask has no parent directory")
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn run(mut cmd: Command) -> anyhow::Result<()> {
+pub(crate) fn run(mut cmd: Command) -> anyhow::Result<()> {
     eprintln!("[xtask] {cmd:?}");
     let status = cmd
         .status()
@@ -121,7 +116,7 @@ fn build_ebpf(root: &Path, debug: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())

@@ -626,7 +626,11 @@ metadata:
             )
         );
 
-        let model = model::build(&snapshot.services, &snapshot.slices);
+        let model = model::build(
+            &snapshot.services,
+            &snapshot.slices,
+            &model::NodeContext::default(),
+        );
         assert_eq!(model.errors, []);
         let backends = |addr: &str| {
             let frontend = Frontend {

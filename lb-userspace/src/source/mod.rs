@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::model::ObjectError;
 
 pub mod file;
+pub mod kube;
 
 /// The objects a source holds at one moment, and what it rejected.
 #[derive(Clone, Debug, Default)]
@@ -28,6 +29,10 @@ pub struct Snapshot {
 
 /// What a source tells the agent.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one update at a time passes through a short channel; a box buys nothing"
+)]
 pub enum SourceUpdate {
     /// The complete current state.
     Snapshot(Snapshot),
@@ -41,6 +46,19 @@ pub enum SourceUpdate {
 pub enum SourceSpec {
     /// `file:DIR`.
     File(PathBuf),
+    /// `kube`: the API server (in-cluster or a kubeconfig).
+    Kube(kube::KubeSourceConfig),
+}
+
+/// A source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The file source's directory is unusable.
+    #[error(transparent)]
+    File(#[from] file::FileSourceError),
+    /// The Kubernetes source has no usable configuration.
+    #[error(transparent)]
+    Kube(#[from] kube::KubeSourceError),
 }
 
 /// How often the file source checks its directory.
@@ -49,12 +67,14 @@ pub const FILE_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Starts `spec`, sending updates to `tx` until `tx` is closed.
 ///
 /// # Errors
-/// The source cannot start at all (for `file:`, the directory is unusable).
+/// The source cannot start at all (for `file:`, the directory is unusable;
+/// for `kube`, no node name or cluster configuration).
 pub fn spawn(
     spec: &SourceSpec,
     tx: mpsc::Sender<SourceUpdate>,
-) -> Result<tokio::task::JoinHandle<()>, file::FileSourceError> {
+) -> Result<tokio::task::JoinHandle<()>, SourceError> {
     match spec {
+        SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
         SourceSpec::File(dir) => {
             // The watcher takes its first look before the first load so that
             // no change in between is missed.

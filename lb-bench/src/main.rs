@@ -1,0 +1,110 @@
+//! `lb-bench`: the end-to-end and control-plane benchmarks of `lb`, and the
+//! report. Run through `cargo xtask bench` (root; it builds everything in
+//! release mode and runs the per-packet runner first).
+//!
+//! ```text
+//! lb-bench run --lb PATH --json FILE [--quick]     e2e + control plane (root)
+//! lb-bench report --dir DIR [--publish DOCS_DIR]  markdown + SVG from DIR/*.json
+//! ```
+
+mod e2e;
+mod report;
+mod rules;
+mod stats;
+mod sys;
+mod topo;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-bench",
+    about = "lb benchmarks: end to end, control plane, report"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// End-to-end and control-plane benchmarks in network namespaces (root).
+    Run {
+        /// The `lb` binary (release build).
+        #[arg(long)]
+        lb: PathBuf,
+        /// Where to write the JSON results.
+        #[arg(long)]
+        json: PathBuf,
+        /// A smoke run: small scales, one short round.
+        #[arg(long)]
+        quick: bool,
+        /// Override the scales (Services), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        scales: Option<Vec<u32>>,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<usize>,
+    },
+    /// Renders the report from a results directory.
+    Report {
+        /// Directory with datapath.json, e2e.json and machine.json.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Also write benchmarks.md, benchmarks.json and the SVGs here.
+        #[arg(long)]
+        publish: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run {
+            lb,
+            json,
+            quick,
+            scales,
+            rounds,
+        } => {
+            sys::install_signal_handlers();
+            let mut settings = if quick {
+                e2e::Settings {
+                    lb,
+                    scales: vec![10, 1_000],
+                    rounds: 1,
+                    conn_secs: 1,
+                    latency_secs: 1,
+                    bulk_secs: 1,
+                    changes: 20,
+                    connections: 32,
+                }
+            } else {
+                e2e::Settings {
+                    lb,
+                    scales: vec![10, 1_000, 10_000],
+                    rounds: 3,
+                    conn_secs: 5,
+                    latency_secs: 3,
+                    bulk_secs: 3,
+                    changes: 100,
+                    connections: 32,
+                }
+            };
+            if let Some(scales) = scales {
+                settings.scales = scales;
+            }
+            if let Some(rounds) = rounds {
+                settings.rounds = rounds;
+            }
+            let result = e2e::run(&settings)?;
+            std::fs::write(&json, serde_json::to_string_pretty(&result)?)
+                .with_context(|| format!("write {}", json.display()))?;
+            eprintln!("[e2e] wrote {}", json.display());
+            Ok(())
+        }
+        Cmd::Report { dir, publish } => report::render(&dir, publish.as_deref()),
+    }
+}

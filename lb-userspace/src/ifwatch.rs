@@ -1,0 +1,531 @@
+//! Interface discovery: which interfaces match `--attach-pattern`, now and
+//! as they come and go.
+//!
+//! A `NETLINK_ROUTE` socket subscribed to `RTMGRP_LINK` reports every link
+//! created, renamed or deleted in the agent's network namespace. The watcher
+//! subscribes first and lists the existing interfaces second, so no interface
+//! created in between is missed; if the kernel drops events (socket buffer
+//! full), it lists again and reports the difference.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+/// A change the agent acts on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A matching interface exists (at start, created, or renamed to match).
+    Added(String),
+    /// A matching interface went away (deleted, moved to another namespace,
+    /// or renamed).
+    Removed(String),
+}
+
+/// Interface discovery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IfWatchError {
+    /// A pattern is empty or longer than an interface name can be.
+    #[error("invalid --attach-pattern {0:?}: expected a glob of 1 to 15 characters")]
+    BadPattern(String),
+    /// The netlink socket could not be opened or subscribed.
+    #[error("cannot subscribe to link events (netlink): {0}")]
+    Netlink(#[source] io::Error),
+}
+
+/// `--attach-pattern` globs: `*` matches any run of characters, `?` one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Patterns(Vec<String>);
+
+impl Patterns {
+    /// Checks and keeps PATTERNS (`IFNAMSIZ` - 1 = 15 characters at most).
+    ///
+    /// # Errors
+    /// An empty or over-long pattern.
+    pub fn new(patterns: impl IntoIterator<Item = String>) -> Result<Self, IfWatchError> {
+        let patterns: Vec<String> = patterns.into_iter().collect();
+        if let Some(bad) = patterns.iter().find(|p| p.is_empty() || p.len() > 15) {
+            return Err(IfWatchError::BadPattern(bad.clone()));
+        }
+        Ok(Self(patterns))
+    }
+
+    /// Whether NAME matches any pattern.
+    #[must_use]
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|pattern| glob_match(pattern, name))
+    }
+
+    /// No pattern at all.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Glob matching with `*` (any run, empty included) and `?` (one character).
+#[must_use]
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let name: Vec<char> = name.chars().collect();
+    let (mut p, mut n) = (0, 0);
+    // Where the last `*` was, and how much of NAME it has swallowed so far.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some('*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == '?' || c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((star_p, star_n)) => {
+                    p = star_p + 1;
+                    n = star_n + 1;
+                    star = Some((star_p, star_n + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+/// The interfaces seen so far (index -> name), turning link messages into
+/// [`LinkEvent`]s for the matching ones.
+#[derive(Debug)]
+pub struct Tracker {
+    patterns: Patterns,
+    known: BTreeMap<u32, String>,
+}
+
+impl Tracker {
+    /// An empty tracker.
+    #[must_use]
+    pub fn new(patterns: Patterns) -> Self {
+        Self {
+            patterns,
+            known: BTreeMap::new(),
+        }
+    }
+
+    /// Interface INDEX is now called NAME.
+    pub fn link_up(&mut self, index: u32, name: &str, out: &mut Vec<LinkEvent>) {
+        match self.known.get(&index) {
+            Some(old) if old == name => return,
+            Some(_) => self.link_gone(index, out),
+            None => {}
+        }
+        self.known.insert(index, name.to_owned());
+        if self.patterns.matches(name) {
+            out.push(LinkEvent::Added(name.to_owned()));
+        }
+    }
+
+    /// Interface INDEX is gone from this namespace.
+    pub fn link_gone(&mut self, index: u32, out: &mut Vec<LinkEvent>) {
+        if let Some(old) = self.known.remove(&index)
+            && self.patterns.matches(&old)
+        {
+            out.push(LinkEvent::Removed(old));
+        }
+    }
+
+    /// Replaces what is known with a full listing, reporting the difference.
+    pub fn resync(&mut self, links: &BTreeMap<u32, String>, out: &mut Vec<LinkEvent>) {
+        let gone: Vec<u32> = self
+            .known
+            .keys()
+            .filter(|index| !links.contains_key(index))
+            .copied()
+            .collect();
+        for index in gone {
+            self.link_gone(index, out);
+        }
+        for (&index, name) in links {
+            self.link_up(index, name, out);
+        }
+    }
+}
+
+/// Starts watching: sends an `Added` for every matching interface that
+/// exists now, then an event for each later change, until `tx` is closed.
+///
+/// # Errors
+/// The netlink socket could not be opened (must be called inside a tokio
+/// runtime).
+pub fn spawn(
+    patterns: Patterns,
+    tx: mpsc::Sender<LinkEvent>,
+) -> Result<tokio::task::JoinHandle<()>, IfWatchError> {
+    let socket = subscribe().map_err(IfWatchError::Netlink)?;
+    // SAFETY: the OwnedFd keeps its descriptor open, and returns the same
+    // one, for as long as the AsyncFd owns it.
+    let socket = unsafe { AsyncFd::register(socket) }
+        .map_err(|e| IfWatchError::Netlink(io::Error::other(e.to_string())))?;
+    Ok(tokio::spawn(async move {
+        if let Err(error) = watch(&socket, Tracker::new(patterns), &tx).await {
+            tracing::error!(%error, "interface watcher stopped; new interfaces are not attached");
+        }
+    }))
+}
+
+async fn watch(
+    socket: &AsyncFd<OwnedFd>,
+    mut tracker: Tracker,
+    tx: &mpsc::Sender<LinkEvent>,
+) -> io::Result<()> {
+    let mut events = Vec::new();
+    tracker.resync(&list_links(), &mut events);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        for event in events.drain(..) {
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+        let received = tokio::select! {
+            () = tx.closed() => return Ok(()),
+            received = read(socket, &mut buf) => received,
+        };
+        match received {
+            Ok(len) => {
+                for message in parse_link_messages(&buf[..len]) {
+                    match message {
+                        LinkMessage::New { index, name } => {
+                            tracker.link_up(index, &name, &mut events);
+                        }
+                        LinkMessage::Del { index } => tracker.link_gone(index, &mut events),
+                    }
+                }
+            }
+            // The kernel dropped events: list again.
+            Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::warn!("link events were lost; listing interfaces again");
+                tracker.resync(&list_links(), &mut events);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn read(socket: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let mut guard = socket.readable().await?;
+        let result = guard.try_io(|fd| {
+            // SAFETY: recv into a valid, writable buffer of the given length.
+            let n = unsafe {
+                libc::recv(
+                    fd.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        });
+        if let Ok(result) = result {
+            return result;
+        }
+    }
+}
+
+/// A non-blocking `NETLINK_ROUTE` socket subscribed to link events.
+fn subscribe() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // A larger buffer makes lost events (ENOBUFS) rare when many pods start.
+    let size: libc::c_int = 1 << 20;
+    // SAFETY: valid fd, option value of the declared size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            c_len(size_of::<libc::c_int>()),
+        );
+    }
+    // SAFETY: sockaddr_nl is plain data; zero is a valid start.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
+    addr.nl_groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
+    // SAFETY: valid fd and a sockaddr_nl of the declared size.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const addr).cast(),
+            c_len(size_of::<libc::sockaddr_nl>()),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+fn c_len(len: usize) -> libc::socklen_t {
+    libc::socklen_t::try_from(len).unwrap_or(libc::socklen_t::MAX)
+}
+
+/// Every interface of this namespace, index -> name (`if_nameindex`, which
+/// asks the kernel over netlink).
+#[must_use]
+pub fn list_links() -> BTreeMap<u32, String> {
+    let mut links = BTreeMap::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed
+    // with if_freenameindex; names are valid C strings until then.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return links;
+        }
+        let mut entry = list;
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            let name = std::ffi::CStr::from_ptr((*entry).if_name);
+            links.insert((*entry).if_index, name.to_string_lossy().into_owned());
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    links
+}
+
+/// A link message, reduced to what the tracker needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkMessage {
+    /// `RTM_NEWLINK`: created or changed.
+    New {
+        /// Interface index.
+        index: u32,
+        /// Interface name.
+        name: String,
+    },
+    /// `RTM_DELLINK`.
+    Del {
+        /// Interface index.
+        index: u32,
+    },
+}
+
+const NLMSG_HDR_LEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+const RTA_HDR_LEN: usize = 4;
+
+fn align4(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Parses one datagram of netlink messages; anything malformed or not a
+/// link message is skipped.
+#[must_use]
+pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkMessage> {
+    let mut messages = Vec::new();
+    let mut at = 0;
+    while let (Some(len), Some(kind)) = (u32_at(buf, at), u16_at(buf, at + 4)) {
+        let len = len as usize;
+        if len < NLMSG_HDR_LEN || at + len > buf.len() {
+            break;
+        }
+        let body = &buf[at + NLMSG_HDR_LEN..at + len];
+        if let Some(index) = u32_at(body, 4).filter(|_| body.len() >= IFINFOMSG_LEN) {
+            match kind {
+                libc::RTM_NEWLINK => {
+                    if let Some(name) = ifname(&body[IFINFOMSG_LEN..]) {
+                        messages.push(LinkMessage::New { index, name });
+                    }
+                }
+                libc::RTM_DELLINK => messages.push(LinkMessage::Del { index }),
+                _ => {}
+            }
+        }
+        at += align4(len);
+    }
+    messages
+}
+
+/// The `IFLA_IFNAME` attribute among ATTRS.
+fn ifname(attrs: &[u8]) -> Option<String> {
+    let mut at = 0;
+    while let (Some(len), Some(kind)) = (u16_at(attrs, at), u16_at(attrs, at + 2)) {
+        let len = usize::from(len);
+        if len < RTA_HDR_LEN || at + len > attrs.len() {
+            return None;
+        }
+        if kind == libc::IFLA_IFNAME {
+            let value = &attrs[at + RTA_HDR_LEN..at + len];
+            let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+            return Some(String::from_utf8_lossy(&value[..end]).into_owned());
+        }
+        at += align4(len);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        for (pattern, name, expected) in [
+            ("lxc*", "lxc12ab", true),
+            ("lxc*", "lxc", true),
+            ("lxc*", "veth0", false),
+            ("eth0", "eth0", true),
+            ("eth0", "eth01", false),
+            ("eth?", "eth1", true),
+            ("eth?", "eth", false),
+            ("*", "anything", true),
+            ("h-*-x", "h-a-b-x", true),
+            ("h-*-x", "h-a-b-y", false),
+            ("*a*b", "xxaxxb", true),
+            ("*a*b", "xxbxxa", false),
+            ("c?li*", "cali1234", true),
+        ] {
+            assert_eq!(glob_match(pattern, name), expected, "{pattern} vs {name}");
+        }
+    }
+
+    #[test]
+    fn patterns_are_checked() {
+        assert!(Patterns::new(vec![String::new()]).is_err());
+        assert!(Patterns::new(vec!["x".repeat(16)]).is_err());
+        let patterns = Patterns::new(vec!["lxc*".into(), "eth0".into()]).expect("valid");
+        assert!(patterns.matches("eth0") && patterns.matches("lxcab") && !patterns.matches("lo"));
+    }
+
+    fn tracker() -> Tracker {
+        Tracker::new(Patterns::new(vec!["h-*".into()]).expect("valid"))
+    }
+
+    #[test]
+    fn tracker_reports_matching_changes_once() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.link_up(1, "lo", &mut out);
+        t.link_up(5, "h-a", &mut out);
+        // Flags change: same index and name, nothing new.
+        t.link_up(5, "h-a", &mut out);
+        assert_eq!(out, vec![LinkEvent::Added("h-a".into())]);
+        out.clear();
+        // Renamed out of the pattern, then another one renamed into it.
+        t.link_up(5, "x-a", &mut out);
+        t.link_up(6, "tmp", &mut out);
+        t.link_up(6, "h-b", &mut out);
+        t.link_gone(6, &mut out);
+        t.link_gone(1, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                LinkEvent::Removed("h-a".into()),
+                LinkEvent::Added("h-b".into()),
+                LinkEvent::Removed("h-b".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn resync_reports_the_difference() {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        t.resync(
+            &BTreeMap::from([(1, "lo".into()), (2, "h-a".into()), (3, "h-b".into())]),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                LinkEvent::Added("h-a".into()),
+                LinkEvent::Added("h-b".into())
+            ]
+        );
+        out.clear();
+        t.resync(
+            &BTreeMap::from([(1, "lo".into()), (3, "h-b".into()), (4, "h-c".into())]),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                LinkEvent::Removed("h-a".into()),
+                LinkEvent::Added("h-c".into())
+            ]
+        );
+    }
+
+    fn message(kind: u16, index: u32, name: Option<&str>) -> Vec<u8> {
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        // An attribute before the name, as the kernel sends (IFLA_MTU).
+        body.extend_from_slice(&8u16.to_ne_bytes());
+        body.extend_from_slice(&4u16.to_ne_bytes());
+        body.extend_from_slice(&1500u32.to_ne_bytes());
+        if let Some(name) = name {
+            let value_len = name.len() + 1;
+            body.extend_from_slice(
+                &u16::try_from(RTA_HDR_LEN + value_len)
+                    .unwrap()
+                    .to_ne_bytes(),
+            );
+            body.extend_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.resize(align4(body.len()), 0);
+        }
+        let mut msg = Vec::new();
+        msg.extend_from_slice(
+            &u32::try_from(NLMSG_HDR_LEN + body.len())
+                .unwrap()
+                .to_ne_bytes(),
+        );
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&[0u8; 10]);
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    #[test]
+    fn parses_new_and_del_link_messages() {
+        let mut datagram = message(libc::RTM_NEWLINK, 7, Some("h-pod1"));
+        datagram.extend(message(libc::RTM_DELLINK, 3, Some("h-old")));
+        // Another message type and a truncated tail are skipped.
+        datagram.extend(message(libc::RTM_NEWADDR, 9, None));
+        datagram.extend_from_slice(&[0xff, 0, 0]);
+        assert_eq!(
+            parse_link_messages(&datagram),
+            vec![
+                LinkMessage::New {
+                    index: 7,
+                    name: "h-pod1".into()
+                },
+                LinkMessage::Del { index: 3 },
+            ]
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! `cargo xtask bench`: builds in release mode, runs the per-packet runner
+//! (`lb-userspace/examples/datapath_cost.rs`) and the end-to-end and
+//! control-plane benchmarks (`lb-bench`), then renders the report.
+//!
+//! A stage that fails does not stop the others: the report is written with
+//! what was measured, and the task exits non-zero naming the failed stages.
+//! Numbers never fail it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+
+use crate::{cargo, run, which};
+
+/// Ignores SIGINT/SIGTERM in this process while a child runs, so that the
+/// child (which gets Ctrl-C from the terminal too) can clean up its
+/// namespaces and report before this task exits.
+struct IgnoreSignals;
+
+impl IgnoreSignals {
+    fn new() -> Self {
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: setting a signal disposition to SIG_IGN.
+            unsafe { libc::signal(signal, libc::SIG_IGN) };
+        }
+        Self
+    }
+}
+
+impl Drop for IgnoreSignals {
+    fn drop(&mut self) {
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: restoring the default disposition.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn text_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn stage(
+    name: &str,
+    mut cmd: Command,
+    stages: &mut serde_json::Map<String, serde_json::Value>,
+    failed: &mut Vec<String>,
+) {
+    eprintln!("\n[xtask] ==== {name}");
+    let started = Instant::now();
+    let outcome = {
+        let _ignore = IgnoreSignals::new();
+        cmd.env("RUST_BACKTRACE", "0");
+        run(cmd)
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if let Err(error) = &outcome {
+        eprintln!("[xtask] {name} FAILED after {seconds:.0} s: {error:#}");
+        failed.push(name.to_owned());
+    } else {
+        eprintln!("[xtask] {name} done in {seconds:.0} s");
+    }
+    stages.insert(
+        name.to_owned(),
+        json!({"seconds": seconds, "ok": outcome.is_ok()}),
+    );
+}
+
+/// Runs the benchmarks.
+///
+/// # Errors
+/// Not root, the build failed, or a stage failed.
+pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load eBPF programs and create network namespaces: run as root");
+    }
+    if which("bpf-linker").is_none() {
+        bail!("bpf-linker not found on PATH: run `cargo xtask setup` (scripts/setup.sh)");
+    }
+    let wants = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
+    let started = Instant::now();
+    eprintln!("[xtask] building in release mode (lb, datapath_cost, lb-bench)");
+    let mut build = cargo();
+    build.current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "lb",
+        "--example",
+        "datapath_cost",
+        "--package",
+        "lb-bench",
+    ]);
+    run(build)?;
+    let release = root.join("target/release");
+
+    let date =
+        text_of(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])).unwrap_or_default();
+    let stamp: String = date.chars().filter(char::is_ascii_alphanumeric).collect();
+    let dir: PathBuf = root
+        .join("docs/bench-results")
+        .join(format!("{stamp}{}", if quick { "-quick" } else { "" }));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    eprintln!("[xtask] results: {}", dir.display());
+
+    let mut stages = serde_json::Map::new();
+    let mut failed = Vec::new();
+    if wants("datapath") {
+        let mut cmd = Command::new(release.join("examples/datapath_cost"));
+        cmd.arg("--json").arg(dir.join("datapath.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("datapath", cmd, &mut stages, &mut failed);
+    }
+    if wants("e2e") {
+        let mut cmd = Command::new(release.join("lb-bench"));
+        cmd.arg("run")
+            .arg("--lb")
+            .arg(release.join("lb"))
+            .arg("--json")
+            .arg(dir.join("e2e.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("e2e", cmd, &mut stages, &mut failed);
+    }
+
+    let commit =
+        text_of(
+            Command::new("git")
+                .current_dir(root)
+                .args(["rev-parse", "--short", "HEAD"]),
+        )
+        .unwrap_or_default();
+    let dirty = text_of(
+        Command::new("git")
+            .current_dir(root)
+            .args(["status", "--porcelain"]),
+    )
+    .is_some_and(|s| !s.is_empty());
+    let run_info = json!({
+        "quick": quick,
+        "date": date,
+        "commit": if dirty { format!("{commit} (with uncommitted changes)") } else { commit },
+        "total_s": started.elapsed().as_secs_f64(),
+        "stages": stages,
+    });
+    std::fs::write(
+        dir.join("run.json"),
+        serde_json::to_string_pretty(&run_info)?,
+    )?;
+
+    let mut report = Command::new(release.join("lb-bench"));
+    report.arg("report").arg("--dir").arg(&dir);
+    // Only a complete full run replaces the committed report.
+    if !quick && only.is_empty() && failed.is_empty() {
+        report.arg("--publish").arg(root.join("docs"));
+    }
+    run(report)?;
+    eprintln!(
+        "[xtask] benchmarks finished in {:.0} s; report: {}",
+        started.elapsed().as_secs_f64(),
+        dir.join("benchmarks.md").display()
+    );
+    if !failed.is_empty() {
+        bail!("benchmark stages failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
