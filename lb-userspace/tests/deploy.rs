@@ -14,11 +14,11 @@ use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize as _;
 use serde_yaml::Value;
@@ -51,10 +51,23 @@ fn kubectl_cmd(home: &Path) -> Command {
     cmd
 }
 
+/// Runs CMD (60 s at most, then killed) and checks that it succeeded.
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait for kubectl").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("kubectl output");
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}{}",
@@ -381,7 +394,12 @@ impl Discovery {
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
-                        Ok((stream, _)) => answer(stream, &requests),
+                        // One thread per connection: kubectl may open one
+                        // it never uses, which must not hold up the others.
+                        Ok((stream, _)) => {
+                            let requests = Arc::clone(&requests);
+                            std::thread::spawn(move || answer(stream, &requests));
+                        }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
