@@ -32,6 +32,8 @@ pub struct Settings {
     pub changes: u32,
     /// wrk connections for the new-connection test.
     pub connections: u32,
+    /// Contenders to measure (all are set up); empty: all.
+    pub contenders: Vec<String>,
 }
 
 /// The three end-to-end tests.
@@ -300,6 +302,15 @@ impl Agent {
     /// Waits for the next `synced` line; returns when it was read and the
     /// sync's own duration (`millis=`).
     fn next_sync(&mut self, timeout: Duration) -> anyhow::Result<(Instant, f64)> {
+        self.next_sync_noting(timeout, &mut |_, _| {})
+    }
+
+    /// [`Self::next_sync`], showing every line read before to NOTE.
+    fn next_sync_noting(
+        &mut self,
+        timeout: Duration,
+        note: &mut dyn FnMut(Instant, &str),
+    ) -> anyhow::Result<(Instant, f64)> {
         let deadline = Instant::now() + timeout;
         loop {
             sys::check_interrupted()?;
@@ -312,6 +323,7 @@ impl Agent {
             }
             match self.lines.recv_timeout(left.min(Duration::from_millis(50))) {
                 Ok((at, line)) => {
+                    note(at, &line);
                     self.tail.push(line.clone());
                     if self.tail.len() > 20 {
                         self.tail.remove(0);
@@ -423,9 +435,18 @@ fn start_agent(
         node: node.name().to_owned(),
         tail: Vec::new(),
     };
-    let (synced_at, sync_ms) = agent.next_sync(Duration::from_secs(300))?;
+    // When the program was loaded and attached (the agent logs the state it
+    // recovered from the pins right after attaching).
+    let mut attached_at = None;
+    let (synced_at, sync_ms) =
+        agent.next_sync_noting(Duration::from_mins(5), &mut |at, line| {
+            if attached_at.is_none() && line.contains("recovered state") {
+                attached_at = Some(at);
+            }
+        })?;
     let cold = json!({
         "start_to_maps_written_ms": ms(synced_at - spawned),
+        "start_to_attached_ms": attached_at.map(|at| ms(at - spawned)),
         "sync_ms": sync_ms,
         "vmrss_kib_after_start": proc_status_kib(agent.daemon.pid(), "VmRSS"),
     });
@@ -584,7 +605,9 @@ fn run_scale(
                 for contender in order {
                     sys::check_interrupted()?;
                     *step += 1;
-                    if is_broken(contender, family) {
+                    let wanted = settings.contenders.is_empty()
+                        || settings.contenders.iter().any(|c| c == contender.name());
+                    if !wanted || is_broken(contender, family) {
                         continue;
                     }
                     flush_conntrack(topo);

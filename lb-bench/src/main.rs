@@ -48,6 +48,10 @@ enum Cmd {
         /// Override the number of rounds.
         #[arg(long)]
         rounds: Option<usize>,
+        /// Measure only these contenders (direct, lb, nftables, iptables);
+        /// for profiling. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        contenders: Vec<String>,
     },
     /// Renders the report from a results directory.
     Report {
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             quick,
             scales,
             rounds,
+            contenders,
         } => {
             sys::install_signal_handlers();
             let mut settings = if quick {
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                     bulk_secs: 1,
                     changes: 20,
                     connections: 32,
+                    contenders,
                 }
             } else {
                 e2e::Settings {
@@ -91,6 +97,7 @@ fn main() -> anyhow::Result<()> {
                     bulk_secs: 3,
                     changes: 100,
                     connections: 32,
+                    contenders,
                 }
             };
             if let Some(scales) = scales {

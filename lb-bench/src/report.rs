@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
+use plotters::coord::ranged1d::ValueFormatter;
 use plotters::prelude::*;
 use serde_json::{Value, json};
 
@@ -598,9 +599,9 @@ fn control_section(md: &mut String, e2e: &Value) {
     );
     let _ = writeln!(
         md,
-        "| Services | lb cold start ms | lb sync ms | change rename→maps p50 / p99 ms | change sync p50 / p99 ms | lb VmHWM MiB | nft -f v4 + v6 s | iptables-restore v4 + v6 s |"
+        "| Services | lb cold start ms | of which load + attach ms | lb sync ms | change rename→maps p50 / p99 ms | change sync p50 / p99 ms | lb VmHWM MiB | nft -f v4 + v6 s | iptables-restore v4 + v6 s |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for scale in scales {
         let n = scale["services"].as_u64().unwrap_or(0);
         let lb = &scale["control"]["lb"];
@@ -615,9 +616,10 @@ fn control_section(md: &mut String, e2e: &Value) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |",
             scale_name(n),
             num(lb["cold_start"]["start_to_maps_written_ms"].as_f64(), 0),
+            num(lb["cold_start"]["start_to_attached_ms"].as_f64(), 0),
             num(lb["cold_start"]["sync_ms"].as_f64(), 1),
             num(change["rename_to_maps_ms"]["p50"].as_f64(), 1),
             num(change["rename_to_maps_ms"]["p99"].as_f64(), 1),
@@ -637,20 +639,55 @@ fn control_section(md: &mut String, e2e: &Value) {
 
 type Series = (String, Vec<(f64, f64)>);
 
-fn line_plot(path: &Path, title: &str, y_desc: &str, series: &[Series]) -> anyhow::Result<()> {
+/// A line plot over a log-scale x axis (Services), y linear from 0 or
+/// (`log_y`) logarithmic. The x axis extends to the right of the data to
+/// leave the legend room.
+fn line_plot(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    log_y: bool,
+    series: &[Series],
+) -> anyhow::Result<()> {
     let points = || series.iter().flat_map(|(_, p)| p.iter().copied());
-    let x_max = points().map(|p| p.0).fold(1.0, f64::max) * 2.0;
+    let x_max = points().map(|p| p.0).fold(1.0, f64::max) * 40.0;
     let y_max = points().map(|p| p.1).fold(0.0, f64::max) * 1.15;
+    let y_min = points().map(|p| p.1).fold(f64::INFINITY, f64::min) / 1.5;
     anyhow::ensure!(y_max > 0.0, "nothing to plot");
-    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
+    let mut builder = ChartBuilder::on(&root);
+    builder
         .caption(title, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((0.5f64..x_max).log_scale(), 0f64..y_max)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .y_label_area_size(70);
+    if log_y {
+        let chart = builder
+            .build_cartesian_2d(
+                (0.5f64..x_max).log_scale(),
+                (y_min.max(1.0)..y_max).log_scale(),
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        draw_lines(chart, y_desc, series)?;
+    } else {
+        let chart = builder
+            .build_cartesian_2d((0.5f64..x_max).log_scale(), 0f64..y_max)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        draw_lines(chart, y_desc, series)?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn draw_lines<'a, Y>(
+    mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<LogCoord<f64>, Y>>,
+    y_desc: &str,
+    series: &[Series],
+) -> anyhow::Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
     chart
         .configure_mesh()
         .x_desc("Services (log scale)")
@@ -678,7 +715,6 @@ fn line_plot(path: &Path, title: &str, y_desc: &str, series: &[Series]) -> anyho
         .border_style(BLACK)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
 
@@ -708,7 +744,8 @@ fn datapath_plot(dp: &Value, path: &Path) -> anyhow::Result<()> {
     line_plot(
         path,
         "lb_tc per-packet cost (BPF_PROG_TEST_RUN)",
-        "ns per packet",
+        "ns per packet (log scale)",
+        true,
         &series,
     )
 }
@@ -736,6 +773,7 @@ fn e2e_plot(e2e: &Value, path: &Path) -> anyhow::Result<()> {
         path,
         "New TCP connections per second (wrk, Connection: close)",
         "connections/s",
+        false,
         &series,
     )
 }

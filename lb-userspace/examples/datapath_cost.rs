@@ -411,29 +411,40 @@ struct Config {
     flows: u16,
     scales: Vec<u32>,
     json: Option<PathBuf>,
+    /// `--profile CASE`: run only that case (IPv4 TCP, 1k Services) in a
+    /// loop for `profile_secs`, for `perf record` to sample.
+    profile: Option<String>,
+    profile_secs: u64,
 }
 
 impl Config {
     fn from_args() -> anyhow::Result<Self> {
         let mut quick = false;
         let mut json = None;
+        let mut profile = None;
+        let mut profile_secs = 10;
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => quick = true,
                 "--json" => json = Some(PathBuf::from(args.next().context("--json FILE")?)),
-                other => {
-                    bail!("unknown argument {other}; usage: datapath_cost [--quick] [--json FILE]")
-                }
+                "--profile" => profile = Some(args.next().context("--profile CASE")?),
+                "--seconds" => profile_secs = args.next().context("--seconds N")?.parse()?,
+                other => bail!(
+                    "unknown argument {other}; usage: datapath_cost [--quick] [--json FILE] \
+                     | --profile established|reply|miss|first [--seconds N]"
+                ),
             }
         }
-        Ok(if quick {
+        let mut config = if quick {
             Self {
                 repeat: 100_000,
                 rounds: 2,
                 flows: 2_000,
                 scales: vec![1, 1_000],
                 json,
+                profile: None,
+                profile_secs,
             }
         } else {
             Self {
@@ -442,8 +453,12 @@ impl Config {
                 flows: 20_000,
                 scales: vec![1, 1_000, 10_000, 100_000],
                 json,
+                profile: None,
+                profile_secs,
             }
-        })
+        };
+        config.profile = profile;
+        Ok(config)
     }
 }
 
@@ -572,6 +587,70 @@ fn measure_round(
     Ok(())
 }
 
+/// Writes `count` Services (and the mirrors) into the maps, on top of what
+/// is there.
+fn populate(maps: &mut Maps, count: u32) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (services, slices) = objects(count)?;
+    let model = model::build(&services, &slices, &NodeContext::default());
+    if !model.errors.is_empty() {
+        bail!("generated objects rejected: {:?}", &model.errors[..1]);
+    }
+    let state = maps.read_state()?;
+    let plan = plan::diff(&state, &model.frontends);
+    if !plan.problems.is_empty() {
+        bail!("plan problems: {:?}", &plan.problems[..1]);
+    }
+    for op in &plan.ops {
+        maps.apply_op(op)?;
+    }
+    eprintln!(
+        "[datapath] {count} services (+10 mirrors): {} frontends, {} map writes in {:.1}s",
+        model.frontends.len(),
+        plan.ops.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Loops one IPv4 TCP case at 1k Services for `perf record`.
+fn profile(ebpf: &mut Ebpf, pin_path: &Path, config: &Config, case: &str) -> anyhow::Result<Value> {
+    let mut maps = Maps::from_ebpf(ebpf)?;
+    let count = 1_000;
+    populate(&mut maps, count)?;
+    let lb = program(ebpf, prog_names::TC_LB)?;
+    let combo = Combo::ALL[0];
+    let (client, vip) = (combo.client(), combo.vip(count - 1));
+    let to_vip = frame(client, vip, CLIENT_PORT, HTTP_PORT, TCP, TCP_ACK);
+    let (_, to_endpoint) = run(lb, &to_vip, 1)?;
+    run(lb, &to_endpoint, 1)?;
+    let reply = swapped(&to_endpoint);
+    let miss = frame(client, MISS4.into(), CLIENT_PORT, HTTP_PORT, TCP, TCP_ACK);
+    let firsts: Vec<Vec<u8>> = (0..config.flows)
+        .map(|k| frame(client, vip, FIRST_SPORT + k, HTTP_PORT, TCP, TCP_SYN))
+        .collect();
+    let deadline = Instant::now() + std::time::Duration::from_secs(config.profile_secs);
+    let mut samples = Vec::new();
+    while Instant::now() < deadline {
+        let ns = match case {
+            "established" => run(lb, &to_vip, config.repeat)?.0,
+            "reply" => run(lb, &reply, config.repeat)?.0,
+            "miss" => run(lb, &miss, config.repeat)?.0,
+            "first" => {
+                clear_conntrack(pin_path)?;
+                run_each(lb, &firsts)?
+            }
+            other => bail!("unknown case {other}: established, reply, miss or first"),
+        };
+        samples.push(ns);
+    }
+    eprintln!(
+        "[datapath] profile {case}: {:?} ns",
+        summary(&samples)["median"]
+    );
+    Ok(json!({"profile": case, "ns": summary(&samples)}))
+}
+
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -612,7 +691,11 @@ fn main() -> anyhow::Result<()> {
     let config = Config::from_args()?;
     let pin_path = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
     let mut ebpf = loader::load(&pin_path)?;
-    let result = measure(&mut ebpf, &pin_path, &config);
+    let result = if let Some(case) = &config.profile {
+        profile(&mut ebpf, &pin_path, &config, case)
+    } else {
+        measure(&mut ebpf, &pin_path, &config)
+    };
     drop(ebpf);
     let _ = loader::cleanup(&pin_path, &[]);
     let _ = std::fs::remove_dir_all(&pin_path);
@@ -645,26 +728,7 @@ fn measure(ebpf: &mut Ebpf, pin_path: &Path, config: &Config) -> anyhow::Result<
     );
     let mut rows = Vec::new();
     for &count in &config.scales {
-        let started = Instant::now();
-        let (services, slices) = objects(count)?;
-        let model = model::build(&services, &slices, &NodeContext::default());
-        if !model.errors.is_empty() {
-            bail!("generated objects rejected: {:?}", &model.errors[..1]);
-        }
-        let state = maps.read_state()?;
-        let plan = plan::diff(&state, &model.frontends);
-        if !plan.problems.is_empty() {
-            bail!("plan problems: {:?}", &plan.problems[..1]);
-        }
-        for op in &plan.ops {
-            maps.apply_op(op)?;
-        }
-        eprintln!(
-            "[datapath] {count} services (+10 mirrors): {} frontends, {} map writes in {:.1}s",
-            model.frontends.len(),
-            plan.ops.len(),
-            started.elapsed().as_secs_f64()
-        );
+        populate(&mut maps, count)?;
         for combo in Combo::ALL {
             let mut results = BTreeMap::new();
             for _ in 0..config.rounds {

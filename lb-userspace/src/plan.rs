@@ -369,13 +369,13 @@ impl<'a> Planner<'a> {
         Some(id)
     }
 
-    /// Marks service addresses (`ClusterIP`, load-balancer, external IPs) so
-    /// that ports they do not serve are rejected. Node addresses are never
-    /// marked: the node serves its own ports.
+    /// Marks `ClusterIP`s so that ports they do not serve are rejected, as
+    /// kube-proxy does. Node, load-balancer and external IPs are not marked:
+    /// they may be real hosts' addresses serving other ports themselves.
     fn markers(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
         let wanted: BTreeSet<IpAddr> = desired
             .iter()
-            .filter(|(_, spec)| spec.kind != FrontendKind::NodePort)
+            .filter(|(_, spec)| spec.kind == FrontendKind::ClusterIp)
             .map(|(frontend, _)| frontend.addr)
             .collect();
         for addr in wanted.difference(&self.current.markers) {
@@ -723,7 +723,7 @@ mod tests {
     }
 
     #[test]
-    fn service_addresses_are_marked_after_their_frontends_but_node_ports_are_not() {
+    fn cluster_ips_are_marked_after_their_frontends_but_node_ports_are_not() {
         let mut state = DatapathState::default();
         let mut node_port = spec(&[("198.18.2.2", 8080)]);
         node_port.kind = FrontendKind::NodePort;
