@@ -204,6 +204,7 @@ pub fn attach(
         iface: iface.to_owned(),
         reason,
     };
+    accept_local_sources(iface);
     let pin = link_pin(pin_path, iface);
     if pin.exists() {
         match adopt(program, &pin) {
@@ -236,6 +237,25 @@ pub fn attach(
                 .map_err(|e| attach_err(format!("TCX: {tcx_error}; clsact: {e}")))?;
             Ok(Attachment::Netlink)
         }
+    }
+}
+
+/// Lets IPv4 packets whose source the datapath set to one of the node's own
+/// addresses (source NAT of external traffic, and the `NodePort` address
+/// restored on its replies) through the kernel's input routing, which
+/// otherwise drops them as martians (`accept_local` = 0). IPv6 has no such
+/// check. Strict reverse-path filtering (`rp_filter` = 1) would still drop
+/// them: the agent says so.
+fn accept_local_sources(iface: &str) {
+    let base = std::path::Path::new("/proc/sys/net/ipv4/conf").join(iface);
+    if let Err(error) = std::fs::write(base.join("accept_local"), "1") {
+        tracing::warn!(iface, %error, "cannot set accept_local; source-NATed IPv4 traffic may be dropped");
+    }
+    if std::fs::read_to_string(base.join("rp_filter")).is_ok_and(|v| v.trim() == "1") {
+        tracing::warn!(
+            iface,
+            "rp_filter is strict (1): IPv4 NodePort and source-NATed traffic will be dropped; set it to 0 or 2"
+        );
     }
 }
 
