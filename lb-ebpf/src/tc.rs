@@ -10,6 +10,7 @@ use lb_common::{
 use crate::{
     ct,
     family::{Family, Packet, Tuple, V4, V6},
+    fwd,
     maps::{LB_CONFIG_V1, LB_PACKET, count_reason, count_service},
     nat::{L4Csum, rewrite_port},
     parse::{
@@ -56,21 +57,31 @@ fn try_lb(ctx: &TcContext) -> Result<Verdict, Verdict> {
     };
     // SAFETY: per-CPU scratch used by this run only.
     let packet = unsafe { &mut *packet };
-    if ether_type == ETH_P_IP_BE {
-        let code = v4(ctx, packet);
-        if code == GO_TO_BACKEND {
-            return Ok(Verdict::decode(to_backend_sub::<V4>(ctx, packet)));
-        }
-        Ok(Verdict::decode(code))
-    } else if ether_type == ETH_P_IPV6_BE {
-        let code = v6(ctx, packet);
-        if code == GO_TO_BACKEND {
-            return Ok(Verdict::decode(to_backend_sub::<V6>(ctx, packet)));
-        }
-        Ok(Verdict::decode(code))
-    } else {
-        Ok(Verdict::pass(reason::PASS_NOT_IP))
+    let v4_packet = ether_type == ETH_P_IP_BE;
+    if !v4_packet && ether_type != ETH_P_IPV6_BE {
+        return Ok(Verdict::pass(reason::PASS_NOT_IP));
     }
+    let mut code = if v4_packet {
+        v4(ctx, packet)
+    } else {
+        v6(ctx, packet)
+    };
+    if code == GO_TO_BACKEND {
+        code = if v4_packet {
+            to_backend_sub::<V4>(ctx, packet)
+        } else {
+            to_backend_sub::<V6>(ctx, packet)
+        };
+    }
+    let verdict = Verdict::decode(code);
+    let translated = verdict.reason == reason::NAT_NEW
+        || verdict.reason == reason::NAT_ESTABLISHED
+        || verdict.reason == reason::NAT_REPLY;
+    if translated {
+        // Forward it ourselves (see `fwd`); the stack if that cannot be done.
+        return Ok(Verdict::decode(fwd::forward(ctx, v4_packet, code)));
+    }
+    Ok(verdict)
 }
 
 // Not inlined: each family gets its own BPF stack frame. Scalar returns:

@@ -240,12 +240,13 @@ pub fn attach(
     }
 }
 
-/// Lets IPv4 packets whose source the datapath set to one of the node's own
-/// addresses (source NAT of external traffic, and the `NodePort` address
-/// restored on its replies) through the kernel's input routing, which
-/// otherwise drops them as martians (`accept_local` = 0). IPv6 has no such
-/// check. Strict reverse-path filtering (`rp_filter` = 1) would still drop
-/// them: the agent says so.
+/// Fallback for translated packets the datapath cannot forward itself
+/// (see `lb-ebpf/src/fwd.rs`) and hands to the stack: lets IPv4 packets
+/// whose source the datapath set to one of the node's own addresses (source
+/// NAT of external traffic, the `NodePort` address restored on replies)
+/// through input routing, which otherwise drops them as martians
+/// (`accept_local` = 0). Best effort: /proc/sys may be read-only in a
+/// container, and strict `rp_filter` would still drop them (said in a log).
 fn accept_local_sources(iface: &str) {
     let base = std::path::Path::new("/proc/sys/net/ipv4/conf").join(iface);
     if let Err(error) = std::fs::write(base.join("accept_local"), "1") {

@@ -74,6 +74,18 @@ impl Fixture {
         if !common::require_privileged(what) {
             return None;
         }
+        // BPF_PROG_TEST_RUN runs in the caller's network namespace, and the
+        // program's forwarding step asks that namespace's FIB. A fresh one
+        // (this test thread only) has no routes and forwarding off, so the
+        // translated packet is handed back, whatever the host's settings.
+        // SAFETY: unshare affects only this thread.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         let pin_path = PathBuf::from(format!(
             "/sys/fs/bpf/lb-dp-test-{}-{}",
             std::process::id(),
