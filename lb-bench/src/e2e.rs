@@ -361,8 +361,10 @@ impl Drop for Agent {
             .arg(&self.lb)
             .args(["cleanup", "--pin-path"])
             .arg(&self.pin_path);
-        if let Err(error) = sys::run_ok_within(&mut cmd, Duration::from_secs(30)) {
-            eprintln!("[e2e] warning: lb cleanup: {error:#}");
+        match sys::cleanup_output(&mut cmd, Duration::from_secs(30)) {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!("[e2e] warning: lb cleanup: {}", out.stderr.trim()),
+            Err(error) => eprintln!("[e2e] warning: lb cleanup: {error:#}"),
         }
         let _ = std::fs::remove_dir_all(&self.pin_path);
     }

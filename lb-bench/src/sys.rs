@@ -152,7 +152,7 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         kill_processes_in(&self.name);
-        match output_with_timeout(
+        match cleanup_output(
             Command::new("ip").args(["netns", "delete", &self.name]),
             Duration::from_secs(30),
         ) {
@@ -182,7 +182,7 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
 /// SIGKILLs every process in namespace NAME (a namespace this process
 /// created, so all of them were started by it), except this process.
 fn kill_processes_in(name: &str) {
-    let Ok(out) = output_with_timeout(
+    let Ok(out) = cleanup_output(
         Command::new("ip").args(["netns", "pids", name]),
         Duration::from_secs(5),
     ) else {
@@ -243,6 +243,20 @@ pub struct Output {
 /// # Errors
 /// Spawn failure, timeout or interruption.
 pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    output_within(cmd, timeout, true)
+}
+
+/// [`output_with_timeout`] for cleanup: SIGINT/SIGTERM do not cut it short
+/// (the time limit still holds).
+pub fn cleanup_output(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Output> {
+    output_within(cmd, timeout, false)
+}
+
+fn output_within(
+    cmd: &mut Command,
+    timeout: Duration,
+    interruptible: bool,
+) -> anyhow::Result<Output> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -265,7 +279,8 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Resu
         }
         buf
     });
-    let status = wait_child(&mut child, timeout).with_context(|| format!("{cmd:?}"))?;
+    let status = wait_child_within(&mut child, timeout, interruptible)
+        .with_context(|| format!("{cmd:?}"))?;
     Ok(Output {
         status,
         stdout: String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned(),
@@ -273,17 +288,26 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> anyhow::Resu
     })
 }
 
-/// Waits for CHILD at most TIMEOUT; kills it on timeout or interruption.
+/// Waits for CHILD at most TIMEOUT; kills it on timeout, and (when
+/// INTERRUPTIBLE) on SIGINT/SIGTERM.
 ///
 /// # Errors
 /// Timeout or interruption (the child is killed and reaped).
-pub fn wait_child(child: &mut Child, timeout: Duration) -> anyhow::Result<ExitStatus> {
+fn wait_child_within(
+    child: &mut Child,
+    timeout: Duration,
+    interruptible: bool,
+) -> anyhow::Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(status);
         }
-        let interrupted = check_interrupted();
+        let interrupted = if interruptible {
+            check_interrupted()
+        } else {
+            Ok(())
+        };
         if interrupted.is_err() || Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();

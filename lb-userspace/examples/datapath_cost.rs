@@ -72,7 +72,7 @@ const UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// All addresses are inside 198.18.0.0/15 and fd00::/8 (never sent anywhere).
+/// All addresses are inside 198.18.0.0/15 and `fd00::/8` (never sent anywhere).
 fn v4_at(offset: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + offset)
 }
@@ -102,7 +102,7 @@ fn endpoint6(i: u32, b: u32) -> Ipv6Addr {
         (i >> 16) as u16,
         (i & 0xffff) as u16,
         0,
-        b as u16 + 1,
+        u16::try_from(b).unwrap_or(0) + 1,
     )
 }
 
@@ -301,7 +301,7 @@ fn run_each(program: &SchedClassifier, frames: &[Vec<u8>]) -> anyhow::Result<f64
     for frame in frames {
         total += run(program, frame, 1)?.0;
     }
-    Ok(total / frames.len() as f64)
+    Ok(total / f64::from(u32::try_from(frames.len()).unwrap_or(u32::MAX)))
 }
 
 fn program<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a SchedClassifier> {
@@ -489,7 +489,6 @@ fn summary(samples: &[f64]) -> Value {
 }
 
 /// One round of every case for one family/protocol at one scale.
-#[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn measure_round(
     ebpf: &Ebpf,
     maps: &Maps,
@@ -708,7 +707,6 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[expect(clippy::too_many_lines, reason = "one linear measurement script")]
 fn measure(ebpf: &mut Ebpf, pin_path: &Path, config: &Config) -> anyhow::Result<Value> {
     let mut maps = Maps::from_ebpf(ebpf)?;
     {

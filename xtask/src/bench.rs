@@ -90,22 +90,29 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
     }
     let wants = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
     let started = Instant::now();
-    eprintln!("[xtask] building in release mode (lb, datapath_cost, lb-bench)");
+    // A full run measures release builds. The smoke run checks that every
+    // part still works, so it reuses the dev builds the test suite made.
+    let profile = if quick { "debug" } else { "release" };
+    eprintln!("[xtask] building ({profile}): lb, datapath_cost, lb-bench");
     let mut build = cargo();
-    build.current_dir(root).args([
-        "build",
-        "--release",
+    build.current_dir(root).arg("build");
+    if !quick {
+        build.arg("--release");
+    }
+    build.args([
         "--package",
         "lb-userspace",
-        "--bin",
-        "lb",
-        "--example",
-        "datapath_cost",
         "--package",
         "lb-bench",
+        "--bin",
+        "lb",
+        "--bin",
+        "lb-bench",
+        "--example",
+        "datapath_cost",
     ]);
     run(build)?;
-    let release = root.join("target/release");
+    let release = root.join("target").join(profile);
 
     let date =
         text_of(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])).unwrap_or_default();

@@ -34,8 +34,8 @@ enum Task {
     /// docs/benchmarks.md, docs/benchmarks.json and the plots; every run
     /// keeps its raw results in docs/bench-results/RUN/.
     Bench {
-        /// A smoke run of about a minute (small scales, one short round);
-        /// its report stays in docs/bench-results/.
+        /// A smoke run of about a minute and a half (small scales, one
+        /// short round, dev builds); its report stays in docs/bench-results/.
         #[arg(long)]
         quick: bool,
         /// Only these parts: datapath, e2e (comma-separated; default both).
