@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, privileged tests included (run as root): formatting,
-# clippy, unit tests, BPF_PROG_TEST_RUN datapath tests and the veth harness.
+# clippy, unit tests, BPF_PROG_TEST_RUN datapath tests, the veth harnesses,
+# and a quick smoke run of the benchmarks.
 # Privileged tests fail (they never silently pass) without root or bpffs,
 # unless LB_SKIP_PRIVILEGED=1 is set.
 set -euo pipefail
@@ -20,7 +21,10 @@ cargo clippy --all-targets -- -D warnings
 step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 
-step "cargo test (unit, datapath, harness)"
+step "cargo test (unit, kube source, deploy, datapath, harness)"
 cargo test --all-targets -- --test-threads="${LB_TEST_THREADS:-2}"
+
+step "cargo xtask bench --quick (a smoke run: reports numbers, never fails on them)"
+cargo xtask bench --quick
 
 printf '\n==== all tests passed in %ss\n' "$(($(date +%s) - start))"

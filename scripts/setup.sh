@@ -41,6 +41,12 @@ if ((${#missing[@]})); then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  if [[ " ${missing[*]} " == *" nginx-light "* ]]; then
+    # The benchmarks start their own nginx inside their namespaces; the
+    # package's service on the host is not wanted.
+    say "stopping and disabling the host nginx service the package started"
+    as_root systemctl disable --now nginx >/dev/null 2>&1 || as_root service nginx stop >/dev/null 2>&1 || true
+  fi
 else
   say "Debian packages present: ${APT_PACKAGES[*]}"
 fi

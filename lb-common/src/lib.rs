@@ -19,21 +19,21 @@ use core::mem::size_of;
 /// reused with a new layout.
 pub mod map_names {
     /// IPv4 services: `Lb4Key` -> `LbService`.
-    pub const SERVICES4: &str = "LB4_SVC_V1";
+    pub const SERVICES4: &str = "LB4_SVC_V2";
     /// IPv6 services: `Lb6Key` -> `LbService`.
-    pub const SERVICES6: &str = "LB6_SVC_V1";
+    pub const SERVICES6: &str = "LB6_SVC_V2";
     /// IPv4 backends: backend id -> `Lb4Backend`.
-    pub const BACKENDS4: &str = "LB4_BE_V1";
+    pub const BACKENDS4: &str = "LB4_BE_V2";
     /// IPv6 backends: backend id -> `Lb6Backend`.
-    pub const BACKENDS6: &str = "LB6_BE_V1";
+    pub const BACKENDS6: &str = "LB6_BE_V2";
     /// IPv4 reverse NAT: rev-NAT id -> `Lb4RevNat`.
-    pub const REVNAT4: &str = "LB4_RNAT_V1";
+    pub const REVNAT4: &str = "LB4_RNAT_V2";
     /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
-    pub const REVNAT6: &str = "LB6_RNAT_V1";
+    pub const REVNAT6: &str = "LB6_RNAT_V2";
     /// IPv4 connection tracking (LRU): `Ct4Key` -> `CtEntry`.
-    pub const CT4: &str = "LB4_CT_V2";
+    pub const CT4: &str = "LB4_CT_V3";
     /// IPv6 connection tracking (LRU): `Ct6Key` -> `CtEntry`.
-    pub const CT6: &str = "LB6_CT_V2";
+    pub const CT6: &str = "LB6_CT_V3";
     /// IPv4 session affinity (LRU): `Affinity4Key` -> `AffinityEntry`.
     pub const AFFINITY4: &str = "LB4_AFF_V1";
     /// IPv6 session affinity (LRU): `Affinity6Key` -> `AffinityEntry`.
@@ -56,6 +56,16 @@ pub mod prog_names {
     pub const TC_LB: &str = "lb_tc";
     /// Empty TC program: the measurement floor for benchmarks and tests.
     pub const TC_FLOOR: &str = "lb_floor";
+}
+
+/// Map creation flags.
+pub mod map_flags {
+    /// `BPF_F_NO_PREALLOC`: entries are allocated on insert, so a large
+    /// capacity costs nothing until used (the service maps would otherwise
+    /// pin hundreds of MiB of kernel memory at load).
+    pub const NO_PREALLOC: u32 = 1;
+    /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, no shared lock on insert.
+    pub const NO_COMMON_LRU: u32 = 2;
 }
 
 /// Capacity of the maps (entries). Frontends are VIP:port/proto pairs.

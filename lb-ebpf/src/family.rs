@@ -13,8 +13,8 @@ use lb_common::{
 use crate::{
     ct::{hash_finish, hash_mix},
     maps::{
-        LB4_AFF_V1, LB4_BE_V1, LB4_CT_V2, LB4_RNAT_V1, LB4_SRC_V1, LB4_SVC_V1, LB6_AFF_V1,
-        LB6_BE_V1, LB6_CT_V2, LB6_RNAT_V1, LB6_SRC_V1, LB6_SVC_V1,
+        LB4_AFF_V1, LB4_BE_V2, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V1,
+        LB6_BE_V2, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
     nat::{self, IP4_DADDR_OFF, IP4_SADDR_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, L4Csum},
     parse::Verdict,
@@ -121,19 +121,19 @@ impl Family for V4 {
 
     #[inline(always)]
     fn services() -> &'static HashMap<Lb4Key, LbService> {
-        &LB4_SVC_V1
+        &LB4_SVC_V2
     }
     #[inline(always)]
     fn backends() -> &'static HashMap<u32, Lb4Backend> {
-        &LB4_BE_V1
+        &LB4_BE_V2
     }
     #[inline(always)]
     fn rev_nats() -> &'static HashMap<u32, Lb4RevNat> {
-        &LB4_RNAT_V1
+        &LB4_RNAT_V2
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<Ct4Key, CtEntry> {
-        &LB4_CT_V2
+        &LB4_CT_V3
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<Affinity4Key, AffinityEntry> {
@@ -264,19 +264,19 @@ impl Family for V6 {
 
     #[inline(always)]
     fn services() -> &'static HashMap<Lb6Key, LbService> {
-        &LB6_SVC_V1
+        &LB6_SVC_V2
     }
     #[inline(always)]
     fn backends() -> &'static HashMap<u32, Lb6Backend> {
-        &LB6_BE_V1
+        &LB6_BE_V2
     }
     #[inline(always)]
     fn rev_nats() -> &'static HashMap<u32, Lb6RevNat> {
-        &LB6_RNAT_V1
+        &LB6_RNAT_V2
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<Ct6Key, CtEntry> {
-        &LB6_CT_V2
+        &LB6_CT_V3
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<Affinity6Key, AffinityEntry> {

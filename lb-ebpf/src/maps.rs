@@ -7,27 +7,33 @@ use aya_ebpf::{
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
     Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SourceRange4,
-    SourceRange6, limits, reason,
+    SourceRange6, limits, map_flags, reason,
 };
 
 #[map]
-pub static LB4_SVC_V1: HashMap<Lb4Key, LbService> = HashMap::pinned(limits::MAX_SERVICE_SLOTS, 0);
+pub static LB4_SVC_V2: HashMap<Lb4Key, LbService> =
+    HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB6_SVC_V1: HashMap<Lb6Key, LbService> = HashMap::pinned(limits::MAX_SERVICE_SLOTS, 0);
+pub static LB6_SVC_V2: HashMap<Lb6Key, LbService> =
+    HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB4_BE_V1: HashMap<u32, Lb4Backend> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+pub static LB4_BE_V2: HashMap<u32, Lb4Backend> =
+    HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB6_BE_V1: HashMap<u32, Lb6Backend> = HashMap::pinned(limits::MAX_BACKENDS, 0);
+pub static LB6_BE_V2: HashMap<u32, Lb6Backend> =
+    HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB4_RNAT_V1: HashMap<u32, Lb4RevNat> = HashMap::pinned(limits::MAX_FRONTENDS, 0);
+pub static LB4_RNAT_V2: HashMap<u32, Lb4RevNat> =
+    HashMap::pinned(limits::MAX_FRONTENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB6_RNAT_V1: HashMap<u32, Lb6RevNat> = HashMap::pinned(limits::MAX_FRONTENDS, 0);
+pub static LB6_RNAT_V2: HashMap<u32, Lb6RevNat> =
+    HashMap::pinned(limits::MAX_FRONTENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB4_CT_V2: LruHashMap<Ct4Key, CtEntry> =
-    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
+pub static LB4_CT_V3: LruHashMap<Ct4Key, CtEntry> =
+    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
 #[map]
-pub static LB6_CT_V2: LruHashMap<Ct6Key, CtEntry> =
-    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
+pub static LB6_CT_V3: LruHashMap<Ct6Key, CtEntry> =
+    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
 #[map]
 pub static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
