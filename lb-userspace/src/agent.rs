@@ -413,6 +413,13 @@ fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
             svc6 += entries;
         }
     }
+    for marker in &state.markers {
+        if marker.is_ipv4() {
+            svc4 += 1;
+        } else {
+            svc6 += 1;
+        }
+    }
     for backend in state.backends.values() {
         if backend.key.addr.is_ipv4() {
             be4 += 1;

@@ -524,12 +524,21 @@ fn pods_created_after_the_agent_are_served() {
     // Metrics: map occupancy, sync durations, and the programming latency
     // of the one slice change made after the agent started.
     let (_, metrics) = http_get(node.name(), "/metrics").expect("GET /metrics");
-    for line in [
-        "lb_map_entries{map=\"LB4_SVC_V1\"} 3",
-        "lb_map_entries{map=\"LB6_SVC_V1\"} 3",
-        "lb_map_entries{map=\"LB4_BE_V1\"} 2",
-        "lb_network_programming_duration_seconds_count 2",
-    ] {
+    // Services: slot 0, two backend slots and the ClusterIP's marker.
+    let names = lb_common::map_names::SERVICES4;
+    let expected = [
+        format!("lb_map_entries{{map=\"{names}\"}} 4"),
+        format!(
+            "lb_map_entries{{map=\"{}\"}} 4",
+            lb_common::map_names::SERVICES6
+        ),
+        format!(
+            "lb_map_entries{{map=\"{}\"}} 2",
+            lb_common::map_names::BACKENDS4
+        ),
+        "lb_network_programming_duration_seconds_count 2".to_owned(),
+    ];
+    for line in &expected {
         assert!(
             metrics.lines().any(|l| l == line),
             "no `{line}` in:\n{metrics}"
