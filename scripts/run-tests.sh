@@ -22,9 +22,19 @@ step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 
 step "cargo test (unit, kube source, deploy, datapath, harness)"
-cargo test --all-targets -- --test-threads="${LB_TEST_THREADS:-2}"
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+cargo test --all-targets -- --test-threads="${LB_TEST_THREADS:-2}" 2>&1 | tee "$results"
+# Totals over every test binary, for the summary line at the end.
+read -r passed failed < <(awk '/^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($i == "passed;") p += $(i - 1)
+      if ($i == "failed;") f += $(i - 1)
+    }
+  } END { print p + 0, f + 0 }' "$results")
 
 step "cargo xtask bench --quick (a smoke run: reports numbers, never fails on them)"
 cargo xtask bench --quick
 
 printf '\n==== all tests passed in %ss\n' "$(($(date +%s) - start))"
+printf 'Tests: %s passed, %s failed\n' "$passed" "$failed"
