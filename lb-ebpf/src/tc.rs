@@ -177,8 +177,6 @@ fn translate<F: Family>(
         dport_be: ports.dport_be,
         proto: l4_proto,
     };
-    let csum = L4Csum::new(l4_proto, l4_off, F::IS_V4);
-
     let frontend_key = F::svc_key(daddr, ports.dport_be, 0, l4_proto);
     // SAFETY: the value is copied out at once.
     if let Some(frontend) = unsafe { F::services().get(&frontend_key) } {
@@ -190,6 +188,7 @@ fn translate<F: Family>(
     }
     let reply_key = F::ct_key(&tuple, ct_dir::REPLY);
     if let Some(entry) = F::conntrack().get_ptr_mut(&reply_key) {
+        let csum = L4Csum::new(l4_proto, l4_off, F::IS_V4);
         return from_backend::<F>(ctx, &tuple, entry, tcp_flags, l4_off, csum).map(Verdict::encode);
     }
     // A service address, but not a port it serves: refuse, as kube-proxy does.
@@ -519,8 +518,7 @@ fn to_backend_sub<F: Family>(ctx: &TcContext, packet: &mut Packet) -> u64 {
     let frontend = packet.frontend;
     let tcp_flags = packet.tcp_flags;
     let tuple = *F::packet_tuple(packet);
-    let csum = L4Csum::new(tuple.proto, l4_off, F::IS_V4);
-    match to_backend::<F>(ctx, &tuple, &frontend, tcp_flags, l4_off, csum) {
+    match to_backend::<F>(ctx, &tuple, &frontend, tcp_flags, l4_off) {
         Ok(verdict) | Err(verdict) => verdict.encode(),
     }
 }
@@ -534,7 +532,6 @@ fn to_backend<F: Family>(
     frontend: &LbService,
     tcp_flags: u8,
     l4_off: usize,
-    csum: L4Csum,
 ) -> Result<Verdict, Verdict> {
     if frontend.flags & svc_flags::SOURCE_RANGES != 0
         && F::source_ranges()
@@ -572,7 +569,6 @@ fn to_backend<F: Family>(
         ))?;
     }
     decode_unit(rewrite_to_backend::<F>(ctx, tuple, &flow, l4_off))?;
-    let _ = csum;
     count_service(frontend.rev_nat_id, ctx.len());
     Ok(Verdict::pass(if established {
         reason::NAT_ESTABLISHED
