@@ -303,7 +303,7 @@ fn sync(
     shared.frontend_ids = state
         .frontends
         .iter()
-        .map(|(frontend, fs)| (plan::frontend_label(frontend), fs.rev_nat_id))
+        .map(|(frontend, fs)| (frontend.to_string(), fs.rev_nat_id))
         .collect();
     shared.sync_duration.observe(elapsed.as_secs_f64());
     shared.map_entries = map_occupancy(state);

@@ -335,7 +335,7 @@ fn services(json: bool, pin_path: &std::path::Path) -> anyhow::Result<()> {
     for (view, (frontend, _)) in views.iter().zip(&state.frontends) {
         println!(
             "{}  rev-nat {}  {} backends  {} packets",
-            plan::frontend_label(frontend),
+            frontend,
             view.rev_nat_id,
             view.backends.len(),
             view.packets

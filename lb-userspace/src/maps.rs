@@ -132,10 +132,8 @@ impl Maps {
                 path: path.display().to_string(),
                 source,
             })?;
-            let map = Map::from_map_data(data).map_err(|source| MapsError::Layout {
-                name: map_names::SERVICES4,
-                source,
-            })?;
+            let map =
+                Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })?;
             Ok(Some(map))
         })
     }
@@ -358,12 +356,7 @@ impl Maps {
         slot: u16,
         value: LbService,
     ) -> Result<(), MapsError> {
-        let what = || {
-            format!(
-                "write slot {slot} of {}",
-                crate::plan::frontend_label(frontend)
-            )
-        };
+        let what = || format!("write slot {slot} of {frontend}");
         match frontend.addr {
             IpAddr::V4(addr) => self
                 .services4
@@ -484,10 +477,7 @@ impl Maps {
             IpAddr::V4(addr) => self.services4.remove(&key4(addr, frontend, slot)),
             IpAddr::V6(addr) => self.services6.remove(&key6(addr, frontend, slot)),
         };
-        ignore_missing(result).map_err(access(format!(
-            "delete slot {slot} of {}",
-            crate::plan::frontend_label(frontend)
-        )))
+        ignore_missing(result).map_err(access(format!("delete slot {slot} of {frontend}")))
     }
 
     fn reset_stats(&mut self, rev_nat_id: u32) -> Result<(), MapsError> {

@@ -277,7 +277,7 @@ impl<'a> Planner<'a> {
         } else {
             self.problems.push(format!(
                 "{}: no free rev-NAT id (limit {})",
-                frontend_label(frontend),
+                frontend,
                 limits::MAX_FRONTENDS - 1
             ));
             return;
@@ -353,11 +353,8 @@ impl<'a> Planner<'a> {
             *id
         } else {
             let Some(id) = self.backend_alloc.allocate() else {
-                self.problems.push(format!(
-                    "{}: no free backend id for {}",
-                    frontend_label(frontend),
-                    backend_label(backend)
-                ));
+                self.problems
+                    .push(format!("{frontend}: no free backend id for {backend}"));
                 return None;
             };
             self.backend_ids.insert(key, id);
@@ -450,27 +447,13 @@ fn truncate_backends<'a>(
     if backends.len() > max {
         problems.push(format!(
             "{}: {} endpoints, only the first {max} are used",
-            frontend_label(frontend),
+            frontend,
             backends.len()
         ));
         &backends[..max]
     } else {
         backends
     }
-}
-
-/// `addr:port/PROTO`, with brackets for IPv6.
-#[must_use]
-pub fn frontend_label(frontend: &Frontend) -> String {
-    format!(
-        "{}/{}",
-        std::net::SocketAddr::new(frontend.addr, frontend.port),
-        frontend.proto.name()
-    )
-}
-
-fn backend_label(backend: &Backend) -> String {
-    std::net::SocketAddr::new(backend.addr, backend.port).to_string()
 }
 
 /// Applies `plan` to `state` the way the maps would change: used by tests
