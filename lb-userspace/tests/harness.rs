@@ -34,8 +34,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    Netns, enter_netns, have_program, in_netns, ns_command, output_with_timeout,
-    require_privileged, sweep_stale_netns, unique_prefix,
+    Netns, PinGuard, TempDir, enter_netns, have_program, in_netns, lb_binary, ns_command,
+    output_with_timeout, require_privileged, sweep_stale_netns, unique_prefix,
 };
 
 /// Namespace name tag: namespaces are `lbh<pid>-<n>-<role>`.
@@ -61,10 +61,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn lb_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lb"))
 }
 
 // ---------------------------------------------------------------------------
@@ -847,68 +843,6 @@ impl Drop for Agent {
     }
 }
 
-/// The pin directory; on drop `lb cleanup` (inside the node namespace, while
-/// it still exists) and then removal of whatever is left.
-struct PinGuard {
-    path: PathBuf,
-    node_ns: String,
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if !self.path.exists() {
-            return;
-        }
-        let mut cmd = ns_command(&self.node_ns, lb_binary());
-        cmd.arg("cleanup").arg("--pin-path").arg(&self.path);
-        match output_with_timeout(&mut cmd, Duration::from_secs(15)) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "warning: `lb cleanup --pin-path {}` failed ({}): {}",
-                self.path.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("warning: `lb cleanup`: {e}"),
-        }
-        if self.path.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.path)
-        {
-            eprintln!("warning: cannot remove {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes pin directories of dead runs of this test (`lb-test-<pid>-<n>`).
-fn sweep_stale_pins() {
-    let Ok(entries) = std::fs::read_dir(common::BPFFS) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("lb-test-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("note: removing stale pins {}", entry.path().display());
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 /// Fields are dropped in declaration order, which is the teardown order:
 /// agent, pins (needs the node namespace), servers, namespaces, files.
 struct Lab {
@@ -931,7 +865,7 @@ impl Lab {
             );
         }
         sweep_stale_netns(TAG);
-        sweep_stale_pins();
+        common::sweep_stale_pins("lb-test-");
         let prefix = unique_prefix(TAG);
         let work = TempDir(std::env::temp_dir().join(&prefix));
         let manifests = work.0.join("manifests");

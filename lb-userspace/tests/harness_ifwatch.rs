@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 
 use common::{
-    Netns, enter_netns, have_program, in_netns, ns_command, output_with_timeout,
-    require_privileged, sweep_stale_netns, unique_prefix,
+    ChildGuard, Netns, PinGuard, TempDir, enter_netns, have_program, in_netns, lb_binary,
+    ns_command, output_with_timeout, require_privileged, sweep_stale_netns, unique_prefix,
 };
 
 const TAG: &str = "lbi";
@@ -46,10 +46,6 @@ const VIP_PORT: u16 = 80;
 const METRICS_ADDR: &str = "127.0.0.1:9917";
 const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
-
-fn lb_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lb"))
-}
 
 /// One pod: namespace `PREFIX-NAME`, `eth0` inside, `iface` on the node,
 /// `198.18.K.2/24` and `fd00:K::2/64` (the node side `.1`, `::1`).
@@ -186,45 +182,6 @@ impl Drop for Server {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-    }
-}
-
-/// The agent; killed (`SIGKILL`) and reaped on drop.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A pin directory: `lb cleanup` inside the node namespace on drop, then
-/// removal of whatever is left.
-struct Pins {
-    path: PathBuf,
-    node_ns: String,
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if !self.path.exists() {
-            return;
-        }
-        let mut cmd = ns_command(&self.node_ns, lb_binary());
-        cmd.arg("cleanup").arg("--pin-path").arg(&self.path);
-        if let Err(e) = output_with_timeout(&mut cmd, Duration::from_secs(15)) {
-            eprintln!("warning: lb cleanup: {e}");
-        }
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -394,7 +351,7 @@ fn pods_created_after_the_agent_are_served() {
         manifest(&[&be1], "2020-01-01T00:00:00Z"),
     )
     .expect("write manifest");
-    let pins = Pins {
+    let pins = PinGuard {
         path: Path::new(common::BPFFS).join(unique_prefix("lb-ifw-")),
         node_ns: node.name().to_owned(),
     };
@@ -416,7 +373,7 @@ fn pods_created_after_the_agent_are_served() {
     // Each capability is necessary: without it the agent exits with an error.
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
-        let probe_pins = Pins {
+        let probe_pins = PinGuard {
             path: Path::new(common::BPFFS).join(unique_prefix("lb-ifw-cap-")),
             node_ns: node.name().to_owned(),
         };
@@ -448,7 +405,7 @@ fn pods_created_after_the_agent_are_served() {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log handle"))
         .stderr(log);
-    let mut agent = Agent(cmd.spawn().expect("start the agent"));
+    let mut agent = ChildGuard(cmd.spawn().expect("start the agent"));
     let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let guard = scopeguard_log(&log_path);
     wait_for("agent ready", || {

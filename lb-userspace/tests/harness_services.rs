@@ -51,7 +51,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, U
 use std::ops::RangeInclusive;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::thread::JoinHandle;
@@ -60,8 +60,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use common::{
-    Netns, enter_netns, have_program, in_netns, ns_command, output_with_timeout,
-    require_privileged, sweep_stale_netns, unique_prefix,
+    ChildGuard, Netns, PinGuard, TempDir, enter_netns, have_program, in_netns, lb_binary,
+    ns_command, output_with_timeout, require_privileged, sweep_stale_netns, unique_prefix,
 };
 
 /// Namespace name tag: namespaces are `lbs<pid>-<n>-<role>`.
@@ -100,10 +100,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn lb_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_lb"))
 }
 
 // ---------------------------------------------------------------------------
@@ -1219,82 +1215,10 @@ fn fe(addr: IpAddr, port: u16, proto: &str) -> Fe {
 // The lab: topology + servers + manifest directory + two agents
 // ---------------------------------------------------------------------------
 
-/// The pin directory of one agent; on drop `lb cleanup` (inside the node
-/// namespace, while it still exists) and removal of whatever is left.
-struct PinGuard {
-    path: PathBuf,
-    node_ns: String,
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if !self.path.exists() {
-            return;
-        }
-        let mut cmd = ns_command(&self.node_ns, lb_binary());
-        cmd.arg("cleanup").arg("--pin-path").arg(&self.path);
-        match output_with_timeout(&mut cmd, Duration::from_secs(15)) {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "warning: `lb cleanup --pin-path {}` failed ({}): {}",
-                self.path.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("warning: `lb cleanup`: {e}"),
-        }
-        if self.path.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.path)
-        {
-            eprintln!("warning: cannot remove {}: {e}", self.path.display());
-        }
-    }
-}
-
-/// A running agent; `SIGKILLed` and reaped on drop.
-struct AgentProc(Child);
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes pin directories of dead runs of this test.
-fn sweep_stale_pins() {
-    let Ok(entries) = std::fs::read_dir(common::BPFFS) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PIN_TAG)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("note: removing stale pins {}", entry.path().display());
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 /// Fields drop in declaration order, the teardown order: agents, pins
 /// (need the node namespaces), servers, namespaces, files.
 struct Lab {
-    agents: Vec<AgentProc>,
+    agents: Vec<ChildGuard>,
     pins: Vec<PinGuard>,
     _servers: Servers,
     topo: Topology,
@@ -1313,7 +1237,7 @@ impl Lab {
             );
         }
         sweep_stale_netns(TAG);
-        sweep_stale_pins();
+        common::sweep_stale_pins(PIN_TAG);
         let started = Instant::now();
         let prefix = unique_prefix(TAG);
         let work = TempDir(std::env::temp_dir().join(&prefix));
@@ -1397,7 +1321,7 @@ impl Lab {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        self.agents.push(AgentProc(child));
+        self.agents.push(ChildGuard(child));
     }
 
     fn assert_agents_alive(&mut self) {

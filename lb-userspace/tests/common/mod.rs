@@ -340,3 +340,82 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The `lb` binary of this build.
+pub fn lb_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lb"))
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process (an agent), `SIGKILL`ed and reaped on drop.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The pin directory of one agent; on drop `lb cleanup` (inside the node
+/// namespace, while it still exists) and removal of whatever is left.
+pub struct PinGuard {
+    /// The pin directory.
+    pub path: PathBuf,
+    /// The namespace the agent ran in.
+    pub node_ns: String,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        let mut cmd = ns_command(&self.node_ns, lb_binary());
+        cmd.arg("cleanup").arg("--pin-path").arg(&self.path);
+        match output_with_timeout(&mut cmd, Duration::from_secs(15)) {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "warning: `lb cleanup --pin-path {}` failed ({}): {}",
+                self.path.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("warning: `lb cleanup`: {e}"),
+        }
+        if self.path.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.path)
+        {
+            eprintln!("warning: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Removes pin directories `BPFFS/<tag><pid>-...` of dead runs.
+pub fn sweep_stale_pins(tag: &str) {
+    let Ok(entries) = std::fs::read_dir(BPFFS) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(tag)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("note: removing stale pins {}", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
