@@ -377,9 +377,9 @@ pub struct Ct6Key {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns` when the flow was created.
+    /// `bpf_ktime_get_coarse_ns` when the flow was created.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns` of a recent packet (refreshed at most once per `REFRESH_NS`).
+    /// `bpf_ktime_get_coarse_ns` of a recent packet (refreshed at most once per `REFRESH_NS`).
     pub last_seen_ns: u64,
     /// Backend the flow was sent to.
     pub backend_id: u32,
@@ -437,7 +437,7 @@ pub struct AffinityEntry {
     pub backend_id: u32,
     /// Zero.
     pub _pad: u32,
-    /// `bpf_ktime_get_ns` of the client's last new flow to the frontend.
+    /// `bpf_ktime_get_coarse_ns` of the client's last new flow to the frontend.
     pub last_used_ns: u64,
 }
 

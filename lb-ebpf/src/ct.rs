@@ -1,15 +1,17 @@
 //! Conntrack and selection helpers shared by both families.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{CtEntry, ct_flags, ct_timeout, proto};
 
 use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-/// Monotonic clock in nanoseconds.
+/// Monotonic clock in nanoseconds, at tick resolution (`CLOCK_MONOTONIC_COARSE`):
+/// timeouts are seconds, and the coarse clock costs a fraction of the
+/// precise one, which reads the (paravirtual) TSC.
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Lifetime of an entry after its last packet.

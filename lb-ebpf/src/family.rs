@@ -16,8 +16,8 @@ use crate::{
         LB4_AFF_V1, LB4_BE_V2, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V1,
         LB6_BE_V2, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
-    nat::{self, IP4_DADDR_OFF, IP4_SADDR_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, L4Csum},
-    parse::Verdict,
+    nat::{self, CsumDiff},
+    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict},
     reject,
 };
 
@@ -40,7 +40,6 @@ pub struct Packet {
     pub tuple4: Tuple<[u8; 4]>,
     pub tuple6: Tuple<[u8; 16]>,
     pub frontend: LbService,
-    pub l4_off: u32,
     pub tcp_flags: u8,
 }
 
@@ -57,10 +56,9 @@ pub trait Family {
 
     /// True for IPv4 (UDP zero checksum means "none").
     const IS_V4: bool;
-    /// Source address offset in the frame.
-    const SADDR_OFF: usize;
-    /// Destination address offset in the frame.
-    const DADDR_OFF: usize;
+    /// Offset of the TCP/UDP header in the frame (IPv4 options and IPv6
+    /// extension headers are passed untranslated, so it is fixed).
+    const L4_OFF: usize;
 
     fn services() -> &'static HashMap<Self::SvcKey, LbService>;
     fn backends() -> &'static HashMap<u32, Self::Backend>;
@@ -92,13 +90,14 @@ pub trait Family {
     fn packet_tuple(packet: &mut Packet) -> &mut Tuple<Self::Addr>;
     /// Answers the packet with ICMP port unreachable.
     fn reject(ctx: &TcContext) -> Result<Verdict, Verdict>;
-    fn rewrite_addr(
+    /// Writes `new`'s addresses over `old`'s (direct packet access, IPv4
+    /// header checksum included); the L4 pseudo-header difference, `None`
+    /// when both are unchanged.
+    fn write_addrs(
         ctx: &TcContext,
-        off: usize,
-        old: Self::Addr,
-        new: Self::Addr,
-        csum: L4Csum,
-    ) -> Result<(), Verdict>;
+        old: &Tuple<Self::Addr>,
+        new: &Tuple<Self::Addr>,
+    ) -> Result<Option<CsumDiff>, Verdict>;
 }
 
 /// IPv4.
@@ -116,8 +115,7 @@ impl Family for V4 {
     type SourceRange = SourceRange4;
 
     const IS_V4: bool = true;
-    const SADDR_OFF: usize = IP4_SADDR_OFF;
-    const DADDR_OFF: usize = IP4_DADDR_OFF;
+    const L4_OFF: usize = ETH_HLEN + core::mem::size_of::<Ipv4Hdr>();
 
     #[inline(always)]
     fn services() -> &'static HashMap<Lb4Key, LbService> {
@@ -238,14 +236,12 @@ impl Family for V4 {
         reject::reject4(ctx)
     }
     #[inline(always)]
-    fn rewrite_addr(
+    fn write_addrs(
         ctx: &TcContext,
-        off: usize,
-        old: [u8; 4],
-        new: [u8; 4],
-        csum: L4Csum,
-    ) -> Result<(), Verdict> {
-        nat::rewrite_addr4(ctx, off, old, new, csum)
+        old: &Tuple<[u8; 4]>,
+        new: &Tuple<[u8; 4]>,
+    ) -> Result<Option<CsumDiff>, Verdict> {
+        nat::write_addrs4(ctx, old, new)
     }
 }
 
@@ -259,8 +255,7 @@ impl Family for V6 {
     type SourceRange = SourceRange6;
 
     const IS_V4: bool = false;
-    const SADDR_OFF: usize = IP6_SADDR_OFF;
-    const DADDR_OFF: usize = IP6_DADDR_OFF;
+    const L4_OFF: usize = ETH_HLEN + core::mem::size_of::<Ipv6Hdr>();
 
     #[inline(always)]
     fn services() -> &'static HashMap<Lb6Key, LbService> {
@@ -383,13 +378,11 @@ impl Family for V6 {
         reject::reject6(ctx)
     }
     #[inline(always)]
-    fn rewrite_addr(
+    fn write_addrs(
         ctx: &TcContext,
-        off: usize,
-        old: [u8; 16],
-        new: [u8; 16],
-        csum: L4Csum,
-    ) -> Result<(), Verdict> {
-        nat::rewrite_addr6(ctx, off, old, new, csum)
+        old: &Tuple<[u8; 16]>,
+        new: &Tuple<[u8; 16]>,
+    ) -> Result<Option<CsumDiff>, Verdict> {
+        nat::write_addrs6(ctx, old, new)
     }
 }

@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    nat::IP4_CSUM_OFF,
-    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict, read},
+    nat::{CsumDiff, IP4_CSUM_OFF},
+    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict, read, write},
 };
 
 const AF_INET: u8 = 2;
@@ -45,11 +45,9 @@ pub fn forward(ctx: &TcContext, v4: bool, verdict: u64) -> u64 {
 
 #[inline(always)]
 fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
-    // SAFETY: all-zero is a valid `bpf_fib_lookup`.
-    let mut params: FibLookup = unsafe { core::mem::zeroed() };
+    let mut params = zeroed_params();
     // SAFETY: the context of a TC program is an `__sk_buff`.
     params.ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    let ttl_off;
     if v4 {
         let ip: Ipv4Hdr = read(ctx, ETH_HLEN).ok()?;
         if ip.ttl <= 1 {
@@ -59,7 +57,6 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
         params.l4_protocol = ip.proto;
         params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
         params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);
-        ttl_off = ETH_HLEN + 8;
     } else {
         let ip: Ipv6Hdr = read(ctx, ETH_HLEN).ok()?;
         if ip.hop_limit <= 1 {
@@ -69,7 +66,6 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
         params.l4_protocol = ip.next_hdr;
         params.__bindgen_anon_3.ipv6_src = words(&ip.saddr);
         params.__bindgen_anon_4.ipv6_dst = words(&ip.daddr);
-        ttl_off = ETH_HLEN + 7;
     }
     // SAFETY: `params` is a properly sized, initialised lookup structure.
     let rc = unsafe {
@@ -84,7 +80,7 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
-    decrement_ttl(ctx, ttl_off, v4)?;
+    decrement_ttl(ctx, v4)?;
     let action = if rc == BPF_FIB_LKUP_RET_SUCCESS {
         // SAFETY: after a successful lookup the union holds the MACs.
         let (smac, dmac) = unsafe {
@@ -93,10 +89,8 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
                 params.__bindgen_anon_6.__bindgen_anon_2.dmac,
             )
         };
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&dmac);
-        macs[6..].copy_from_slice(&smac);
-        ctx.store(0, &macs, 0).ok()?;
+        write(ctx, 0, dmac).ok()?;
+        write(ctx, 6, smac).ok()?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(params.ifindex, 0) }
     } else {
@@ -104,6 +98,28 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
         unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
     };
     (action == i64::from(TC_ACT_REDIRECT)).then_some(TC_ACT_REDIRECT as i32)
+}
+
+/// An all-zero lookup structure, zeroed with eight word stores: LLVM turns
+/// a plain zeroing into a byte-by-byte `memset` subprogram call here.
+#[inline(always)]
+fn zeroed_params() -> FibLookup {
+    const _: () = assert!(core::mem::size_of::<FibLookup>() == 64);
+    let mut params = core::mem::MaybeUninit::<FibLookup>::uninit();
+    let base = params.as_mut_ptr().cast::<u64>();
+    // SAFETY: eight u64 stores cover the 64-byte structure exactly;
+    // volatile so that they are not merged back into a `memset`.
+    unsafe {
+        core::ptr::write_volatile(base, 0);
+        core::ptr::write_volatile(base.add(1), 0);
+        core::ptr::write_volatile(base.add(2), 0);
+        core::ptr::write_volatile(base.add(3), 0);
+        core::ptr::write_volatile(base.add(4), 0);
+        core::ptr::write_volatile(base.add(5), 0);
+        core::ptr::write_volatile(base.add(6), 0);
+        core::ptr::write_volatile(base.add(7), 0);
+        params.assume_init()
+    }
 }
 
 #[inline(always)]
@@ -116,17 +132,26 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
+/// IPv4 TTL and IPv6 hop limit offsets in the frame.
+const IP4_TTL_OFF: usize = ETH_HLEN + 8;
+const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
+
 /// What routing would do: one hop less (and the IPv4 checksum with it).
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, ttl_off: usize, v4: bool) -> Option<()> {
-    let ttl: u8 = read(ctx, ttl_off).ok()?;
-    let new = ttl - 1;
+fn decrement_ttl(ctx: &TcContext, v4: bool) -> Option<()> {
     if v4 {
         // TTL shares a 16-bit word with the protocol byte.
-        let old_word = u16::from_be_bytes([ttl, 0]).to_be();
-        let new_word = u16::from_be_bytes([new, 0]).to_be();
-        ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old_word), u64::from(new_word), 2)
-            .ok()?;
+        let old: [u8; 2] = read(ctx, IP4_TTL_OFF).ok()?;
+        let new = [old[0] - 1, old[1]];
+        let check: u16 = read(ctx, IP4_CSUM_OFF).ok()?;
+        let diff = CsumDiff::NONE.word(
+            u32::from(u16::from_ne_bytes(old)),
+            u32::from(u16::from_ne_bytes(new)),
+        );
+        write(ctx, IP4_TTL_OFF, new).ok()?;
+        write(ctx, IP4_CSUM_OFF, diff.apply(check)).ok()
+    } else {
+        let hop_limit: u8 = read(ctx, IP6_HOP_LIMIT_OFF).ok()?;
+        write(ctx, IP6_HOP_LIMIT_OFF, hop_limit - 1).ok()
     }
-    ctx.store(ttl_off, &new, 0).ok()
 }

@@ -1,17 +1,24 @@
 //! Address and port rewrites with incremental checksum updates.
 //!
-//! The kernel helpers are used for every checksum change so that all skb
-//! checksum states work: CHECKSUM_PARTIAL (local senders over veth: only the
-//! pseudo-header part is updated), CHECKSUM_COMPLETE and CHECKSUM_NONE.
+//! The new bytes are written with direct packet access, the IPv4 header
+//! checksum is updated in place (it covers only the header), and the L4
+//! checksum gets at most two `bpf_l4_csum_replace` calls per packet: one
+//! for the address change (pseudo-header) and one for the port change. The
+//! helper is kept for L4 because only the kernel knows the skb's checksum
+//! state: with CHECKSUM_PARTIAL (local senders over veth) only the
+//! pseudo-header part may be applied to the field, with CHECKSUM_COMPLETE
+//! `skb->csum` must follow an IPv4 pseudo-header change.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
+    bindings::{BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use lb_common::{proto, reason};
 
-use crate::parse::{ETH_HLEN, TCP_CSUM_OFF, UDP_CSUM_OFF, Verdict};
+use crate::{
+    family::{Family, Tuple},
+    parse::{ETH_HLEN, Ports, TCP_CSUM_OFF, UDP_CSUM_OFF, Verdict, read, write},
+};
 
 /// IPv4 header offsets.
 pub const IP4_CSUM_OFF: usize = ETH_HLEN + 10;
@@ -53,83 +60,179 @@ impl L4Csum {
     }
 }
 
+/// A ones'-complement checksum difference (RFC 1624), accumulated over
+/// 32-bit words as they sit in the packet (read natively, as the kernel's
+/// checksum helpers do).
+#[derive(Clone, Copy)]
+pub struct CsumDiff(u64);
+
+impl CsumDiff {
+    /// No change.
+    pub const NONE: Self = Self(0);
+
+    /// Adds the change of one 32-bit word from `old` to `new`.
+    #[inline(always)]
+    pub fn word(self, old: u32, new: u32) -> Self {
+        Self(self.0 + u64::from(!old) + u64::from(new))
+    }
+
+    /// Adds the change of a 4-byte field.
+    #[inline(always)]
+    pub fn bytes4(self, old: [u8; 4], new: [u8; 4]) -> Self {
+        self.word(u32::from_ne_bytes(old), u32::from_ne_bytes(new))
+    }
+
+    /// Adds the change of a 16-byte field.
+    #[inline(always)]
+    pub fn bytes16(self, old: &[u8; 16], new: &[u8; 16]) -> Self {
+        let mut diff = self;
+        let mut i = 0;
+        while i < 16 {
+            diff = diff.bytes4(
+                [old[i], old[i + 1], old[i + 2], old[i + 3]],
+                [new[i], new[i + 1], new[i + 2], new[i + 3]],
+            );
+            i += 4;
+        }
+        diff
+    }
+
+    /// The difference as the kernel's 32-bit `__wsum`.
+    #[inline(always)]
+    pub fn wsum(self) -> u32 {
+        let x = (self.0 & 0xffff_ffff) + (self.0 >> 32);
+        ((x & 0xffff_ffff) + (x >> 32)) as u32
+    }
+
+    /// `check` (a 16-bit checksum field as read) updated by this difference.
+    #[inline(always)]
+    pub fn apply(self, check: u16) -> u16 {
+        let mut x = u64::from(!check) + self.0;
+        x = (x & 0xffff) + (x >> 16);
+        x = (x & 0xffff) + (x >> 16);
+        x = (x & 0xffff) + (x >> 16);
+        x = (x & 0xffff) + (x >> 16);
+        !(x as u16)
+    }
+}
+
 #[inline(always)]
 fn rewrite_failed<E>(_: E) -> Verdict {
     Verdict::drop(reason::DROP_REWRITE)
 }
 
-/// Rewrites an IPv4 address at `addr_off` and fixes the IP and L4 checksums.
+/// Rewrites the packet of `old` (the tuple as parsed) to carry `new`'s addresses and ports, with every checksum
+/// updated. Fields equal in both are not touched.
 #[inline(always)]
-pub fn rewrite_addr4(
+pub fn rewrite<F: Family>(
     ctx: &TcContext,
-    addr_off: usize,
-    old: [u8; 4],
-    new: [u8; 4],
-    csum: L4Csum,
+    old: &Tuple<F::Addr>,
+    new: &Tuple<F::Addr>,
 ) -> Result<(), Verdict> {
-    let old = u32::from_ne_bytes(old);
-    let new = u32::from_ne_bytes(new);
-    if old == new {
-        return Ok(());
+    let l4_off = F::L4_OFF;
+    let csum = L4Csum::new(old.proto, l4_off, F::IS_V4);
+    // Direct writes first: the checksum helpers invalidate packet pointers.
+    let addr_diff = F::write_addrs(ctx, old, new)?;
+    let ports_changed = old.sport_be != new.sport_be || old.dport_be != new.dport_be;
+    let mut port_diff = CsumDiff::NONE;
+    if ports_changed {
+        let old_ports = Ports {
+            sport_be: old.sport_be,
+            dport_be: old.dport_be,
+        };
+        let new_ports = Ports {
+            sport_be: new.sport_be,
+            dport_be: new.dport_be,
+        };
+        write(ctx, l4_off, new_ports)?;
+        port_diff = port_diff.word(ports_word(old_ports), ports_word(new_ports));
     }
-    ctx.store(addr_off, &new, 0).map_err(rewrite_failed)?;
-    ctx.l3_csum_replace(IP4_CSUM_OFF, u64::from(old), u64::from(new), 4)
-        .map_err(rewrite_failed)?;
-    ctx.l4_csum_replace(
-        csum.off,
-        u64::from(old),
-        u64::from(new),
-        u64::from(BPF_F_PSEUDO_HDR) | 4 | csum.flags,
-    )
-    .map_err(rewrite_failed)
+    if let Some(diff) = addr_diff {
+        pseudo_csum_replace(ctx, csum, F::IS_V4, diff)?;
+    }
+    if ports_changed {
+        ctx.l4_csum_replace(csum.off, 0, u64::from(port_diff.wsum()), csum.flags)
+            .map_err(rewrite_failed)?;
+    }
+    Ok(())
 }
 
-/// Rewrites an IPv6 address at `addr_off` and fixes the L4 checksum
-/// (IPv6 has no header checksum; the address is in the pseudo-header).
+/// The two ports as the one 32-bit word they occupy in the packet.
 #[inline(always)]
-pub fn rewrite_addr6(
+fn ports_word(ports: Ports) -> u32 {
+    let s = ports.sport_be.to_ne_bytes();
+    let d = ports.dport_be.to_ne_bytes();
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// Applies a pseudo-header (address) change to the L4 checksum. For IPv6,
+/// `BPF_F_IPV6` tells the kernel that `skb->csum` (CHECKSUM_COMPLETE) must
+/// not change, since the address bytes themselves changed by the same
+/// amount; kernels before 6.16 refuse the flag, and get the call without it.
+#[inline(always)]
+fn pseudo_csum_replace(
     ctx: &TcContext,
-    addr_off: usize,
-    old: [u8; 16],
-    new: [u8; 16],
     csum: L4Csum,
+    v4: bool,
+    diff: CsumDiff,
 ) -> Result<(), Verdict> {
-    if old == new {
+    let flags = u64::from(BPF_F_PSEUDO_HDR) | csum.flags;
+    let diff = u64::from(diff.wsum());
+    if v4 {
+        return ctx
+            .l4_csum_replace(csum.off, 0, diff, flags)
+            .map_err(rewrite_failed);
+    }
+    if ctx
+        .l4_csum_replace(csum.off, 0, diff, flags | u64::from(BPF_F_IPV6))
+        .is_ok()
+    {
         return Ok(());
     }
-    let mut from = old;
-    let mut to = new;
-    // SAFETY: both buffers are 16 readable bytes on our stack.
-    let diff =
-        unsafe { bpf_csum_diff(from.as_mut_ptr().cast(), 16, to.as_mut_ptr().cast(), 16, 0) };
-    if diff < 0 {
-        return Err(Verdict::drop(reason::DROP_REWRITE));
-    }
-    ctx.store(addr_off, &new, 0).map_err(rewrite_failed)?;
-    #[expect(clippy::cast_sign_loss, reason = "checked non-negative above")]
-    let diff = diff as u64;
-    ctx.l4_csum_replace(csum.off, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | csum.flags)
+    ctx.l4_csum_replace(csum.off, 0, diff, flags)
         .map_err(rewrite_failed)
 }
 
-/// Rewrites a TCP/UDP port at `port_off` and fixes the L4 checksum.
+/// Writes IPv4 addresses and updates the header checksum; returns the
+/// pseudo-header difference, or `None` when the addresses are unchanged.
 #[inline(always)]
-pub fn rewrite_port(
+pub fn write_addrs4(
     ctx: &TcContext,
-    port_off: usize,
-    old_be: u16,
-    new_be: u16,
-    csum: L4Csum,
-) -> Result<(), Verdict> {
-    if old_be == new_be {
-        return Ok(());
+    old: &Tuple<[u8; 4]>,
+    new: &Tuple<[u8; 4]>,
+) -> Result<Option<CsumDiff>, Verdict> {
+    if old.saddr == new.saddr && old.daddr == new.daddr {
+        return Ok(None);
     }
-    ctx.store(port_off, &new_be, 0).map_err(rewrite_failed)?;
-    ctx.l4_csum_replace(
-        csum.off,
-        u64::from(old_be),
-        u64::from(new_be),
-        2 | csum.flags,
-    )
-    .map_err(rewrite_failed)
+    let diff = CsumDiff::NONE
+        .bytes4(old.saddr, new.saddr)
+        .bytes4(old.daddr, new.daddr);
+    let check: u16 = read(ctx, IP4_CSUM_OFF)?;
+    write(ctx, IP4_SADDR_OFF, new.saddr)?;
+    write(ctx, IP4_DADDR_OFF, new.daddr)?;
+    write(ctx, IP4_CSUM_OFF, diff.apply(check))?;
+    Ok(Some(diff))
+}
+
+/// Writes the IPv6 addresses that change (IPv6 has no header checksum);
+/// returns the pseudo-header difference, or `None` when none changes.
+#[inline(always)]
+pub fn write_addrs6(
+    ctx: &TcContext,
+    old: &Tuple<[u8; 16]>,
+    new: &Tuple<[u8; 16]>,
+) -> Result<Option<CsumDiff>, Verdict> {
+    let mut diff = CsumDiff::NONE;
+    let mut changed = false;
+    if old.saddr != new.saddr {
+        diff = diff.bytes16(&old.saddr, &new.saddr);
+        write(ctx, IP6_SADDR_OFF, new.saddr)?;
+        changed = true;
+    }
+    if old.daddr != new.daddr {
+        diff = diff.bytes16(&old.daddr, &new.daddr);
+        write(ctx, IP6_DADDR_OFF, new.daddr)?;
+        changed = true;
+    }
+    Ok(changed.then_some(diff))
 }

@@ -153,6 +153,16 @@ pub fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Verdict> {
     Ok(unsafe { ptr.read_unaligned() })
 }
 
+/// Writes a `T` at `offset` (direct packet access; a TC program that
+/// writes gets the verifier's unclone prologue, so the bytes are its own).
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Verdict> {
+    let ptr = ptr_at::<T>(ctx, offset)?.cast_mut();
+    // SAFETY: bounds checked by ptr_at; T is plain bytes.
+    unsafe { ptr.write_unaligned(value) };
+    Ok(())
+}
+
 /// Makes the headers we parse linear when the skb keeps them in fragments,
 /// so direct packet access sees them. Failure just means we see less.
 #[inline(always)]

@@ -12,7 +12,7 @@ use crate::{
     family::{Family, Packet, Tuple, V4, V6},
     fwd,
     maps::{LB_CONFIG_V1, LB_PACKET, count_reason, count_service},
-    nat::{L4Csum, rewrite_port},
+    nat,
     parse::{
         ETH_HLEN, ETH_P_IP_BE, ETH_P_IPV6_BE, Ipv4Hdr, Ipv6Hdr, Ports, TCP_FLAGS_OFF, TCP_HLEN,
         UDP_CSUM_OFF, UDP_HLEN, Verdict, decode_unit, encode_unit, linearize_headers, ptr_at, read,
@@ -115,8 +115,7 @@ fn try_v4(ctx: &TcContext, packet: &mut Packet) -> Result<u64, Verdict> {
     if u16::from_be(ip.frag_off_be) & IP4_FRAG_MASK != 0 {
         return Err(Verdict::pass(reason::PASS_FRAGMENT));
     }
-    let l4_off = ETH_HLEN + core::mem::size_of::<Ipv4Hdr>();
-    translate::<V4>(ctx, ip.saddr, ip.daddr, ip.proto, l4_off, packet)
+    translate::<V4>(ctx, ip.saddr, ip.daddr, ip.proto, packet)
 }
 
 /// Parses IPv6; `Ok` holds an encoded verdict or `GO_TO_BACKEND`.
@@ -141,8 +140,7 @@ fn try_v6(ctx: &TcContext, packet: &mut Packet) -> Result<u64, Verdict> {
     {
         return Err(Verdict::pass(reason::PASS_EXT_HDR));
     }
-    let l4_off = ETH_HLEN + core::mem::size_of::<Ipv6Hdr>();
-    translate::<V6>(ctx, ip.saddr, ip.daddr, next, l4_off, packet)
+    translate::<V6>(ctx, ip.saddr, ip.daddr, next, packet)
 }
 
 /// Common TCP/UDP handling for both families: a frontend hit is handed
@@ -154,9 +152,9 @@ fn translate<F: Family>(
     saddr: F::Addr,
     daddr: F::Addr,
     l4_proto: u8,
-    l4_off: usize,
     packet: &mut Packet,
 ) -> Result<u64, Verdict> {
+    let l4_off = F::L4_OFF;
     let tcp_flags = if l4_proto == proto::TCP {
         ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off)?;
         read::<u8>(ctx, l4_off + TCP_FLAGS_OFF)?
@@ -182,14 +180,12 @@ fn translate<F: Family>(
     if let Some(frontend) = unsafe { F::services().get(&frontend_key) } {
         packet.frontend = *frontend;
         packet.tcp_flags = tcp_flags;
-        packet.l4_off = l4_off as u32;
         *F::packet_tuple(packet) = tuple;
         return Ok(GO_TO_BACKEND);
     }
     let reply_key = F::ct_key(&tuple, ct_dir::REPLY);
     if let Some(entry) = F::conntrack().get_ptr_mut(&reply_key) {
-        let csum = L4Csum::new(l4_proto, l4_off, F::IS_V4);
-        return from_backend::<F>(ctx, &tuple, entry, tcp_flags, l4_off, csum).map(Verdict::encode);
+        return from_backend::<F>(ctx, &tuple, entry, tcp_flags).map(Verdict::encode);
     }
     // A service address, but not a port it serves: refuse, as kube-proxy does.
     let marker_key = F::svc_key(daddr, 0, 0, 0);
@@ -491,34 +487,26 @@ fn established_flow<F: Family>(
 /// DNAT (and SNAT) of a packet towards its flow's backend. A leaf
 /// subprogram with a scalar result (`encode_unit`).
 #[inline(never)]
-fn rewrite_to_backend<F: Family>(
-    ctx: &TcContext,
-    tuple: &Tuple<F::Addr>,
-    flow: &Flow<F>,
-    l4_off: usize,
-) -> u64 {
-    let csum = L4Csum::new(tuple.proto, l4_off, F::IS_V4);
+fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
     let (backend_addr, backend_port_be, _) = F::backend_target(&flow.backend);
-    encode_unit((|| {
-        F::rewrite_addr(ctx, F::DADDR_OFF, tuple.daddr, backend_addr, csum)?;
-        rewrite_port(ctx, l4_off + 2, tuple.dport_be, backend_port_be, csum)?;
-        if flow.snat {
-            F::rewrite_addr(ctx, F::SADDR_OFF, tuple.saddr, flow.nat_addr, csum)?;
-            rewrite_port(ctx, l4_off, tuple.sport_be, flow.nat_port_be, csum)?;
-        }
-        Ok(())
-    })())
+    let mut new = *tuple;
+    new.daddr = backend_addr;
+    new.dport_be = backend_port_be;
+    if flow.snat {
+        new.saddr = flow.nat_addr;
+        new.sport_be = flow.nat_port_be;
+    }
+    encode_unit(nat::rewrite::<F>(ctx, tuple, &new))
 }
 
 /// `to_backend` as a subprogram (its own stack frame, a scalar result) on
 /// the packet the parse step left in the scratch.
 #[inline(never)]
 fn to_backend_sub<F: Family>(ctx: &TcContext, packet: &mut Packet) -> u64 {
-    let l4_off = packet.l4_off as usize;
     let frontend = packet.frontend;
     let tcp_flags = packet.tcp_flags;
     let tuple = *F::packet_tuple(packet);
-    match to_backend::<F>(ctx, &tuple, &frontend, tcp_flags, l4_off) {
+    match to_backend::<F>(ctx, &tuple, &frontend, tcp_flags) {
         Ok(verdict) | Err(verdict) => verdict.encode(),
     }
 }
@@ -531,7 +519,6 @@ fn to_backend<F: Family>(
     tuple: &Tuple<F::Addr>,
     frontend: &LbService,
     tcp_flags: u8,
-    l4_off: usize,
 ) -> Result<Verdict, Verdict> {
     if frontend.flags & svc_flags::SOURCE_RANGES != 0
         && F::source_ranges()
@@ -568,7 +555,7 @@ fn to_backend<F: Family>(
             now,
         ))?;
     }
-    decode_unit(rewrite_to_backend::<F>(ctx, tuple, &flow, l4_off))?;
+    decode_unit(rewrite_to_backend::<F>(ctx, tuple, &flow))?;
     count_service(frontend.rev_nat_id, ctx.len());
     Ok(Verdict::pass(if established {
         reason::NAT_ESTABLISHED
@@ -585,8 +572,6 @@ fn from_backend<F: Family>(
     tuple: &Tuple<F::Addr>,
     entry: *mut CtEntry,
     tcp_flags: u8,
-    l4_off: usize,
-    csum: L4Csum,
 ) -> Result<Verdict, Verdict> {
     let now = ct::now_ns();
     // SAFETY: map value pointer; read once.
@@ -600,13 +585,14 @@ fn from_backend<F: Family>(
     };
     let (vip, vport_be) = F::rev_nat_target(rev_nat);
     ct::touch(entry, tcp_flags, now);
-    F::rewrite_addr(ctx, F::SADDR_OFF, tuple.saddr, vip, csum)?;
-    rewrite_port(ctx, l4_off, tuple.sport_be, vport_be, csum)?;
+    let mut new = *tuple;
+    new.saddr = vip;
+    new.sport_be = vport_be;
     if current.flags & ct_flags::SNAT != 0 {
-        let client = F::from_nat(&current.nat_addr);
-        F::rewrite_addr(ctx, F::DADDR_OFF, tuple.daddr, client, csum)?;
-        rewrite_port(ctx, l4_off + 2, tuple.dport_be, current.nat_port_be, csum)?;
+        new.daddr = F::from_nat(&current.nat_addr);
+        new.dport_be = current.nat_port_be;
     }
+    nat::rewrite::<F>(ctx, tuple, &new)?;
     Ok(Verdict::pass(reason::NAT_REPLY))
 }
 
