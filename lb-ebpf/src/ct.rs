@@ -1,5 +1,7 @@
 //! Conntrack and selection helpers shared by both families.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{CtEntry, ct_flags, ct_timeout, proto};
 
@@ -65,19 +67,36 @@ pub fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
     false
 }
 
-/// A new entry.
+/// A new entry, built in place in `slot`: zeroed with six word stores
+/// (a plain zero initialisation of the 16-byte address becomes a
+/// byte-by-byte `memset` subprogram call), then filled in.
 #[inline(always)]
-pub fn new_entry(backend_id: u32, rev_nat_id: u32, tcp_flags: u8, now: u64) -> CtEntry {
-    CtEntry {
-        created_ns: now,
-        last_seen_ns: now,
-        backend_id,
-        rev_nat_id,
-        flags: flags_from_tcp(tcp_flags),
-        _pad: 0,
-        nat_port_be: 0,
-        nat_addr: [0; 16],
-    }
+pub fn new_entry(
+    slot: &mut MaybeUninit<CtEntry>,
+    backend_id: u32,
+    rev_nat_id: u32,
+    tcp_flags: u8,
+    now: u64,
+) -> &mut CtEntry {
+    const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
+    let words = slot.as_mut_ptr().cast::<u64>();
+    // SAFETY: six u64 stores cover the 48-byte, 8-aligned entry exactly;
+    // volatile so that they are not merged into a `memset` call.
+    let entry = unsafe {
+        core::ptr::write_volatile(words, 0);
+        core::ptr::write_volatile(words.add(1), 0);
+        core::ptr::write_volatile(words.add(2), 0);
+        core::ptr::write_volatile(words.add(3), 0);
+        core::ptr::write_volatile(words.add(4), 0);
+        core::ptr::write_volatile(words.add(5), 0);
+        slot.assume_init_mut()
+    };
+    entry.created_ns = now;
+    entry.last_seen_ns = now;
+    entry.backend_id = backend_id;
+    entry.rev_nat_id = rev_nat_id;
+    entry.flags = flags_from_tcp(tcp_flags);
+    entry
 }
 
 /// murmur3 mixing step.

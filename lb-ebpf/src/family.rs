@@ -81,11 +81,12 @@ pub trait Family {
     /// Source for hairpin flows.
     fn loopback(config: &LbConfig) -> Self::Addr;
     fn is_unspecified(addr: &Self::Addr) -> bool;
-    /// Widens to the 16 bytes kept in `CtEntry::nat_addr`.
-    fn to_nat(addr: Self::Addr) -> [u8; 16];
+    /// Stores `addr` in a zeroed `CtEntry::nat_addr` (16 bytes).
+    fn set_nat(nat: &mut [u8; 16], addr: Self::Addr);
     fn from_nat(addr: &[u8; 16]) -> Self::Addr;
-    /// A zeroed backend (placeholder before one is chosen).
-    fn empty_backend() -> Self::Backend;
+    /// A placeholder backend before one is chosen, with `addr` copied in
+    /// (zeroing the address would cost a `memset` subprogram call).
+    fn placeholder_backend(addr: Self::Addr) -> Self::Backend;
     /// This family's tuple in the packet scratch.
     fn packet_tuple(packet: &mut Packet) -> &mut Tuple<Self::Addr>;
     /// Answers the packet with ICMP port unreachable.
@@ -206,13 +207,11 @@ impl Family for V4 {
         u32::from_ne_bytes(*addr) == 0
     }
     #[inline(always)]
-    fn to_nat(addr: [u8; 4]) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        out[0] = addr[0];
-        out[1] = addr[1];
-        out[2] = addr[2];
-        out[3] = addr[3];
-        out
+    fn set_nat(nat: &mut [u8; 16], addr: [u8; 4]) {
+        nat[0] = addr[0];
+        nat[1] = addr[1];
+        nat[2] = addr[2];
+        nat[3] = addr[3];
     }
     #[inline(always)]
     fn from_nat(addr: &[u8; 16]) -> [u8; 4] {
@@ -223,9 +222,9 @@ impl Family for V4 {
         &mut packet.tuple4
     }
     #[inline(always)]
-    fn empty_backend() -> Lb4Backend {
+    fn placeholder_backend(addr: [u8; 4]) -> Lb4Backend {
         Lb4Backend {
-            addr: [0; 4],
+            addr,
             port_be: 0,
             proto: 0,
             flags: 0,
@@ -353,8 +352,8 @@ impl Family for V6 {
         u128::from_ne_bytes(*addr) == 0
     }
     #[inline(always)]
-    fn to_nat(addr: [u8; 16]) -> [u8; 16] {
-        addr
+    fn set_nat(nat: &mut [u8; 16], addr: [u8; 16]) {
+        *nat = addr;
     }
     #[inline(always)]
     fn from_nat(addr: &[u8; 16]) -> [u8; 16] {
@@ -365,9 +364,9 @@ impl Family for V6 {
         &mut packet.tuple6
     }
     #[inline(always)]
-    fn empty_backend() -> Lb6Backend {
+    fn placeholder_backend(addr: [u8; 16]) -> Lb6Backend {
         Lb6Backend {
-            addr: [0; 16],
+            addr,
             port_be: 0,
             proto: 0,
             flags: 0,

@@ -10,6 +10,8 @@
 //! place (local delivery, no route, forwarding off, MTU exceeded, TTL about
 //! to expire) goes to the stack as before.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -45,7 +47,8 @@ pub fn forward(ctx: &TcContext, v4: bool, verdict: u64) -> u64 {
 
 #[inline(always)]
 fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
-    let mut params = zeroed_params();
+    let mut storage = MaybeUninit::uninit();
+    let params = zeroed_params(&mut storage);
     // SAFETY: the context of a TC program is an `__sk_buff`.
     params.ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
     if v4 {
@@ -71,7 +74,7 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &raw mut params,
+            core::ptr::from_mut(params),
             core::mem::size_of::<FibLookup>() as i32,
             0,
         )
@@ -100,12 +103,12 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
     (action == i64::from(TC_ACT_REDIRECT)).then_some(TC_ACT_REDIRECT as i32)
 }
 
-/// An all-zero lookup structure, zeroed with eight word stores: LLVM turns
-/// a plain zeroing into a byte-by-byte `memset` subprogram call here.
+/// Zeroes the lookup structure with eight word stores, in place: LLVM turns
+/// a plain zeroing (or a copy of a zeroed value) into a byte-by-byte
+/// `memset` subprogram call here.
 #[inline(always)]
-fn zeroed_params() -> FibLookup {
+fn zeroed_params(params: &mut MaybeUninit<FibLookup>) -> &mut FibLookup {
     const _: () = assert!(core::mem::size_of::<FibLookup>() == 64);
-    let mut params = core::mem::MaybeUninit::<FibLookup>::uninit();
     let base = params.as_mut_ptr().cast::<u64>();
     // SAFETY: eight u64 stores cover the 64-byte structure exactly;
     // volatile so that they are not merged back into a `memset`.
@@ -118,7 +121,7 @@ fn zeroed_params() -> FibLookup {
         core::ptr::write_volatile(base.add(5), 0);
         core::ptr::write_volatile(base.add(6), 0);
         core::ptr::write_volatile(base.add(7), 0);
-        params.assume_init()
+        params.assume_init_mut()
     }
 }
 
