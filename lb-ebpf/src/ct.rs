@@ -5,7 +5,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{CtEntry, ct_flags, ct_timeout, proto};
 
-use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, zeroed_in_place};
 
 /// Monotonic clock in nanoseconds, at tick resolution (`CLOCK_MONOTONIC_COARSE`):
 /// timeouts are seconds, and the coarse clock costs a fraction of the
@@ -67,9 +67,7 @@ pub fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
     false
 }
 
-/// A new entry, built in place in `slot`: zeroed with six word stores
-/// (a plain zero initialisation of the 16-byte address becomes a
-/// byte-by-byte `memset` subprogram call), then filled in.
+/// A new entry, built in place in `slot` (see `zeroed_in_place`).
 #[inline(always)]
 pub fn new_entry(
     slot: &mut MaybeUninit<CtEntry>,
@@ -78,19 +76,7 @@ pub fn new_entry(
     tcp_flags: u8,
     now: u64,
 ) -> &mut CtEntry {
-    const _: () = assert!(core::mem::size_of::<CtEntry>() == 48);
-    let words = slot.as_mut_ptr().cast::<u64>();
-    // SAFETY: six u64 stores cover the 48-byte, 8-aligned entry exactly;
-    // volatile so that they are not merged into a `memset` call.
-    let entry = unsafe {
-        core::ptr::write_volatile(words, 0);
-        core::ptr::write_volatile(words.add(1), 0);
-        core::ptr::write_volatile(words.add(2), 0);
-        core::ptr::write_volatile(words.add(3), 0);
-        core::ptr::write_volatile(words.add(4), 0);
-        core::ptr::write_volatile(words.add(5), 0);
-        slot.assume_init_mut()
-    };
+    let entry = zeroed_in_place(slot);
     entry.created_ns = now;
     entry.last_seen_ns = now;
     entry.backend_id = backend_id;

@@ -24,7 +24,7 @@ use aya_ebpf::{
 
 use crate::{
     nat::{CsumDiff, IP4_CSUM_OFF},
-    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict, read, write},
+    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict, read, write, zeroed_in_place},
 };
 
 const AF_INET: u8 = 2;
@@ -47,8 +47,8 @@ pub fn forward(ctx: &TcContext, v4: bool, verdict: u64) -> u64 {
 
 #[inline(always)]
 fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
-    let mut storage = MaybeUninit::uninit();
-    let params = zeroed_params(&mut storage);
+    let mut slot = MaybeUninit::uninit();
+    let params: &mut FibLookup = zeroed_in_place(&mut slot);
     // SAFETY: the context of a TC program is an `__sk_buff`.
     params.ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
     if v4 {
@@ -101,28 +101,6 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
         unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
     };
     (action == i64::from(TC_ACT_REDIRECT)).then_some(TC_ACT_REDIRECT as i32)
-}
-
-/// Zeroes the lookup structure with eight word stores, in place: LLVM turns
-/// a plain zeroing (or a copy of a zeroed value) into a byte-by-byte
-/// `memset` subprogram call here.
-#[inline(always)]
-fn zeroed_params(params: &mut MaybeUninit<FibLookup>) -> &mut FibLookup {
-    const _: () = assert!(core::mem::size_of::<FibLookup>() == 64);
-    let base = params.as_mut_ptr().cast::<u64>();
-    // SAFETY: eight u64 stores cover the 64-byte structure exactly;
-    // volatile so that they are not merged back into a `memset`.
-    unsafe {
-        core::ptr::write_volatile(base, 0);
-        core::ptr::write_volatile(base.add(1), 0);
-        core::ptr::write_volatile(base.add(2), 0);
-        core::ptr::write_volatile(base.add(3), 0);
-        core::ptr::write_volatile(base.add(4), 0);
-        core::ptr::write_volatile(base.add(5), 0);
-        core::ptr::write_volatile(base.add(6), 0);
-        core::ptr::write_volatile(base.add(7), 0);
-        params.assume_init_mut()
-    }
 }
 
 #[inline(always)]

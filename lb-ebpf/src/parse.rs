@@ -1,5 +1,7 @@
 //! Packet access: one bounds-checked `ptr_at`, header layouts, verdicts.
 
+use core::mem::{MaybeUninit, align_of, size_of};
+
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
@@ -161,6 +163,29 @@ pub fn write<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Ve
     // SAFETY: bounds checked by ptr_at; T is plain bytes.
     unsafe { ptr.write_unaligned(value) };
     Ok(())
+}
+
+/// Zeroes `slot` in place with 4-byte volatile stores and returns it.
+/// LLVM turns a plain zero initialisation of a struct or array into a call
+/// of a byte-by-byte `memset` subprogram here (several hundred
+/// instructions); volatile stores are neither merged nor turned into one.
+/// `T` must be a plain-bytes type (all zeros valid), its size a multiple
+/// of 4 and its alignment at least 4.
+#[inline(always)]
+pub fn zeroed_in_place<T>(slot: &mut MaybeUninit<T>) -> &mut T {
+    const {
+        assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4);
+    }
+    let words = slot.as_mut_ptr().cast::<u32>();
+    let mut i = 0;
+    while i < size_of::<T>() / 4 {
+        // SAFETY: `i` words are inside the slot (size checked above); the
+        // slot is 4-aligned.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte is zero, a valid value of the plain-bytes `T`.
+    unsafe { slot.assume_init_mut() }
 }
 
 /// Makes the headers we parse linear when the skb keeps them in fragments,
