@@ -228,7 +228,7 @@ pub mod reason {
 }
 
 /// IPv4 service key. Slot 0 is the frontend; slots 1..=count hold backends.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lb4Key {
     /// Service address (VIP), network order.
@@ -246,7 +246,7 @@ pub struct Lb4Key {
 }
 
 /// IPv6 service key; mirrors `Lb4Key`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Lb6Key {
     /// Service address (VIP), network order.
@@ -280,7 +280,7 @@ pub struct LbService {
 }
 
 /// IPv4 backend.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lb4Backend {
     /// Backend address, network order.
@@ -294,7 +294,7 @@ pub struct Lb4Backend {
 }
 
 /// IPv6 backend; mirrors `Lb4Backend`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lb6Backend {
     /// Backend address, network order.
@@ -308,7 +308,7 @@ pub struct Lb6Backend {
 }
 
 /// IPv4 reverse-NAT entry: what a reply's source is rewritten to.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lb4RevNat {
     /// Service address, network order.
@@ -320,7 +320,7 @@ pub struct Lb4RevNat {
 }
 
 /// IPv6 reverse-NAT entry; mirrors `Lb4RevNat`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Lb6RevNat {
     /// Service address, network order.
@@ -332,7 +332,7 @@ pub struct Lb6RevNat {
 }
 
 /// IPv4 conntrack key: the packet's own tuple as seen at the hook.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ct4Key {
     /// Source address, network order.
@@ -352,7 +352,7 @@ pub struct Ct4Key {
 }
 
 /// IPv6 conntrack key; mirrors `Ct4Key`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Ct6Key {
     /// Source address, network order.
@@ -497,6 +497,13 @@ const _: () = assert!(size_of::<SourceRange4>() == 8);
 const _: () = assert!(size_of::<SourceRange6>() == 20);
 const _: () = assert!(size_of::<LbConfig>() == 40);
 const _: () = assert!(size_of::<LbStats>() == 16);
+// Keys and values holding addresses are 4-aligned (no padding added: every
+// size above is a multiple of 4), so that the eBPF side copies addresses
+// word by word instead of byte by byte.
+const _: () = assert!(align_of::<Lb4Key>() == 4 && align_of::<Lb6Key>() == 4);
+const _: () = assert!(align_of::<Lb4Backend>() == 4 && align_of::<Lb6Backend>() == 4);
+const _: () = assert!(align_of::<Lb4RevNat>() == 4 && align_of::<Lb6RevNat>() == 4);
+const _: () = assert!(align_of::<Ct4Key>() == 4 && align_of::<Ct6Key>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {

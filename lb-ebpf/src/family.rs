@@ -22,7 +22,8 @@ use crate::{
 };
 
 /// A flow as read from the packet (addresses and ports in network order).
-#[repr(C)]
+/// 4-aligned: addresses are copied word by word.
+#[repr(C, align(4))]
 #[derive(Clone, Copy)]
 pub struct Tuple<A> {
     pub saddr: A,
