@@ -307,9 +307,8 @@ const ENDPOINT_SLICE: &str = "EndpointSlice";
 #[must_use]
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
     let mut errors = Vec::new();
-    let endpoints = EndpointIndex::new(slices, node, &mut errors);
-    let node_addrs: BTreeSet<IpAddr> = node.addresses.iter().copied().collect();
-    let zone = node.zone.as_deref().filter(|zone| !zone.is_empty());
+    let endpoints = EndpointIndex::new(slices, &mut errors);
+    let context = ServiceContext::new(node);
 
     let mut ordered: Vec<&Service> = services.iter().collect();
     // Stable, so that among duplicates the first given wins.
@@ -337,61 +336,21 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
             ));
             continue;
         }
-        let parsed = match parse_service(service, &mut errors) {
-            Ok(Some(parsed)) => parsed,
-            Ok(None) => continue,
-            Err(reason) => {
-                errors.push(ObjectError::for_object(SERVICE, meta, reason));
-                continue;
-            }
-        };
-        let planned = parsed.frontends(&node_addrs);
+        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace, name).iter().collect();
+        let output = service_output(service, &slices, &context);
+        errors.extend(output.errors);
         if let Some(reason) = conflict(
-            &planned,
-            parsed.health_check_port,
+            output.frontends.iter().map(|(frontend, _)| frontend),
+            output.health_check.as_ref().map(|check| check.port),
             &frontends,
             &health_checks,
         ) {
             errors.push(ObjectError::for_object(SERVICE, meta, reason));
             continue;
         }
-
-        let mut selector = Selector {
-            slices: endpoints.of(namespace, name),
-            parsed: &parsed,
-            zone,
-            cache: HashMap::new(),
-        };
-        for PlannedFrontend {
-            frontend,
-            kind,
-            port,
-        } in planned
-        {
-            let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
-            let spec = parsed.spec(
-                ServiceRef {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                    port_name: parsed.ports[port].name.to_owned(),
-                },
-                frontend.addr,
-                kind,
-                selection,
-            );
-            frontends.insert(frontend, spec);
-        }
-        if let Some(port) = parsed.health_check_port {
-            let check = HealthCheck {
-                service: ServiceRef {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                    port_name: String::new(),
-                },
-                port,
-                local_endpoints: selector.local_ready_endpoints(),
-            };
-            health_checks.insert(port, check);
+        frontends.extend(output.frontends);
+        if let Some(check) = output.health_check {
+            health_checks.insert(check.port, check);
         }
     }
 
@@ -404,18 +363,104 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
     }
 }
 
+/// What one Service asks for, before conflicts with other Services.
+#[derive(Clone, Debug, Default)]
+struct ServiceOutput {
+    /// Each frontend once, in the Service's own order.
+    frontends: Vec<(Frontend, FrontendSpec)>,
+    health_check: Option<HealthCheck>,
+    /// Its own problems: the whole Service, or parts of it, skipped.
+    errors: Vec<ObjectError>,
+}
+
+/// The node facts every Service's frontends and endpoints depend on.
+struct ServiceContext<'a> {
+    node_name: &'a str,
+    node_addrs: BTreeSet<IpAddr>,
+    zone: Option<&'a str>,
+}
+
+impl<'a> ServiceContext<'a> {
+    fn new(node: &'a NodeContext) -> Self {
+        Self {
+            node_name: &node.name,
+            node_addrs: node.addresses.iter().copied().collect(),
+            zone: node.zone.as_deref().filter(|zone| !zone.is_empty()),
+        }
+    }
+}
+
+/// One named Service with its slices (of its namespace, by the service-name
+/// label) turned into frontends; independent of every other Service.
+fn service_output(
+    service: &Service,
+    slices: &[&SliceEndpoints],
+    context: &ServiceContext<'_>,
+) -> ServiceOutput {
+    let meta = &service.metadata;
+    let namespace = namespace_of(meta);
+    let name = meta.name.as_deref().unwrap_or_default();
+    let mut output = ServiceOutput::default();
+    let parsed = match parse_service(service, &mut output.errors) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return output,
+        Err(reason) => {
+            output
+                .errors
+                .push(ObjectError::for_object(SERVICE, meta, reason));
+            return output;
+        }
+    };
+    let mut selector = Selector {
+        slices,
+        parsed: &parsed,
+        node_name: context.node_name,
+        zone: context.zone,
+        cache: HashMap::new(),
+    };
+    for PlannedFrontend {
+        frontend,
+        kind,
+        port,
+    } in parsed.frontends(&context.node_addrs)
+    {
+        let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
+        let spec = parsed.spec(
+            ServiceRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port_name: parsed.ports[port].name.to_owned(),
+            },
+            frontend.addr,
+            kind,
+            selection,
+        );
+        output.frontends.push((frontend, spec));
+    }
+    output.health_check = parsed.health_check_port.map(|port| HealthCheck {
+        service: ServiceRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port_name: String::new(),
+        },
+        port,
+        local_endpoints: selector.local_ready_endpoints(),
+    });
+    output
+}
+
 /// Why a Service cannot have what it claims, if another one has it already.
-fn conflict(
-    planned: &[PlannedFrontend],
+fn conflict<'f>(
+    mut planned: impl Iterator<Item = &'f Frontend>,
     health_check_port: Option<u16>,
     frontends: &BTreeMap<Frontend, FrontendSpec>,
     health_checks: &BTreeMap<u16, HealthCheck>,
 ) -> Option<String> {
-    let frontend = planned.iter().find_map(|planned| {
-        let owner = frontends.get(&planned.frontend)?;
+    let frontend = planned.find_map(|planned| {
+        let owner = frontends.get(planned)?;
         Some(format!(
-            "frontend {} is already served by Service {}",
-            planned.frontend, owner.service
+            "frontend {planned} is already served by Service {}",
+            owner.service
         ))
     });
     frontend.or_else(|| {
@@ -996,7 +1041,7 @@ fn load_balancer_ingress_ips(service: &Service) -> impl Iterator<Item = &str> {
 }
 
 /// An endpoint's conditions, with Kubernetes' defaults applied.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Conditions {
     /// Absent means ready.
     ready: bool,
@@ -1007,15 +1052,19 @@ struct Conditions {
 }
 
 /// One endpoint of a slice, by its first valid address.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct EndpointInfo {
     addr: IpAddr,
-    node_local: bool,
+    /// `nodeName`; compared with the node's name when selecting, so that a
+    /// parsed slice does not depend on the node.
+    node_name: Option<Box<str>>,
     conditions: Conditions,
     /// `hints.forZones` names; empty when there are no hints.
     zones: Vec<String>,
 }
 
 /// One `EndpointSlice`, validated once however many Service ports use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEndpoints {
     ipv4: bool,
     endpoints: Vec<EndpointInfo>,
@@ -1029,7 +1078,7 @@ struct EndpointIndex {
 }
 
 impl EndpointIndex {
-    fn new(slices: &[EndpointSlice], node: &NodeContext, errors: &mut Vec<ObjectError>) -> Self {
+    fn new(slices: &[EndpointSlice], errors: &mut Vec<ObjectError>) -> Self {
         let mut ordered: Vec<&EndpointSlice> = slices.iter().collect();
         ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
 
@@ -1037,12 +1086,7 @@ impl EndpointIndex {
         let mut by_service: HashMap<(String, String), Vec<SliceEndpoints>> = HashMap::new();
         for slice in ordered {
             let meta = &slice.metadata;
-            let Some(service) = meta
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            else {
-                // Not managed for a Service (custom slices): none of ours.
+            let Some(service) = slice_service(meta) else {
                 continue;
             };
             let Some(name) = meta.name.as_deref() else {
@@ -1062,28 +1106,12 @@ impl EndpointIndex {
                 ));
                 continue;
             }
-            let ipv4 = match slice.address_type.as_str() {
-                "IPv4" => true,
-                "IPv6" => false,
-                "FQDN" => continue,
-                other => {
-                    errors.push(ObjectError::for_object(
-                        ENDPOINT_SLICE,
-                        meta,
-                        format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
-                    ));
-                    continue;
-                }
-            };
-            let parsed = SliceEndpoints {
-                ipv4,
-                endpoints: endpoints(slice, ipv4, node, errors),
-                ports: slice_ports(slice, errors),
-            };
-            by_service
-                .entry((namespace.to_owned(), service.clone()))
-                .or_default()
-                .push(parsed);
+            if let Some(parsed) = parse_slice(slice, errors) {
+                by_service
+                    .entry((namespace.to_owned(), service.to_owned()))
+                    .or_default()
+                    .push(parsed);
+            }
         }
         Self { by_service }
     }
@@ -1095,13 +1123,44 @@ impl EndpointIndex {
     }
 }
 
+/// The Service a slice belongs to; none for slices not managed for a
+/// Service (custom slices), which are none of ours.
+fn slice_service(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .map(String::as_str)
+}
+
+/// A named slice of a Service, validated; `None` when it has nothing to
+/// serve (FQDN slices, or an unknown address type, reported).
+fn parse_slice(slice: &EndpointSlice, errors: &mut Vec<ObjectError>) -> Option<SliceEndpoints> {
+    let ipv4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        "FQDN" => return None,
+        other => {
+            errors.push(ObjectError::for_object(
+                ENDPOINT_SLICE,
+                &slice.metadata,
+                format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
+            ));
+            return None;
+        }
+    };
+    Some(SliceEndpoints {
+        ipv4,
+        endpoints: endpoints(slice, ipv4, errors),
+        ports: slice_ports(slice, errors),
+    })
+}
+
 /// Validates every address, and keeps the first valid one of each endpoint:
 /// an endpoint's addresses are one pod and fungible (kube-proxy uses only
 /// the first), so taking all would weigh that pod more.
 fn endpoints(
     slice: &EndpointSlice,
     ipv4: bool,
-    node: &NodeContext,
     errors: &mut Vec<ObjectError>,
 ) -> Vec<EndpointInfo> {
     let family = family_name(ipv4);
@@ -1147,8 +1206,7 @@ fn endpoints(
             .collect();
         endpoints.push(EndpointInfo {
             addr,
-            node_local: !node.name.is_empty()
-                && endpoint.node_name.as_deref() == Some(node.name.as_str()),
+            node_name: endpoint.node_name.as_deref().map(Box::from),
             conditions,
             zones,
         });
@@ -1214,8 +1272,10 @@ struct Selection {
 /// Picks the endpoints of one Service's frontends, each (port, family,
 /// policy) once.
 struct Selector<'a> {
-    slices: &'a [SliceEndpoints],
+    slices: &'a [&'a SliceEndpoints],
     parsed: &'a ParsedService<'a>,
+    /// This node's name; empty: no endpoint is local.
+    node_name: &'a str,
     /// This node's zone, if known.
     zone: Option<&'a str>,
     /// (port index, IPv4, local policy) -> selection.
@@ -1250,11 +1310,13 @@ impl<'a> Selector<'a> {
             .filter(|slice| slice.ipv4 == ipv4)
             .filter_map(|slice| {
                 let target = *slice.ports.get(&(port.name.to_owned(), port.proto))?;
+                let node_name = self.node_name;
                 Some(slice.endpoints.iter().map(move |endpoint| Candidate {
                     backend: Backend {
                         addr: endpoint.addr,
                         port: target,
-                        node_local: endpoint.node_local,
+                        node_local: !node_name.is_empty()
+                            && endpoint.node_name.as_deref() == Some(node_name),
                     },
                     conditions: Conditions {
                         ready: endpoint.conditions.ready || publish_not_ready,
