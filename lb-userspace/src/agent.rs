@@ -17,9 +17,9 @@ use crate::{
     maps::{Maps, MapsError},
     model,
     node::{self, NodeSettings},
-    plan::{self, DatapathState},
+    plan::{self, DatapathState, PlanIndex},
     source::{
-        self, SourceError, SourceSpec, SourceUpdate,
+        self, Changes, Snapshot, SourceError, SourceSpec, SourceUpdate,
         kube::{EventReporter, TriggerTimes},
     },
 };
@@ -101,14 +101,13 @@ pub struct Shared {
     pub attachments: Vec<(String, Attachment)>,
     /// The maps (for datapath counters on scrape).
     pub maps: Option<Arc<Mutex<Maps>>>,
-    /// Frontends with their rev-NAT id, for per-service counters.
-    pub frontend_ids: Vec<(String, u32)>,
+    /// What the agent wrote (frontends with their rev-NAT id for
+    /// per-service counters, and map occupancy, on scrape).
+    pub datapath: Option<Arc<Mutex<DatapathState>>>,
     /// Sync durations.
     pub sync_duration: Histogram,
     /// `EndpointSlice` trigger time -> maps written.
     pub network_programming: Histogram,
-    /// Entries per map (conntrack is read at scrape time).
-    pub map_entries: Vec<(&'static str, usize)>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Pins and links stay in place.
@@ -147,7 +146,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         tracing::info!(iface = %iface, attachment = ?how, "attached");
         attachments.push((iface.clone(), how));
     }
-    let mut state = maps.read_state()?;
+    let state = maps.read_state()?;
     tracing::info!(
         frontends = state.frontends.len(),
         backends = state.backends.len(),
@@ -155,10 +154,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         "recovered state from pinned maps"
     );
     let maps = Arc::new(Mutex::new(maps));
+    let state = Arc::new(Mutex::new(state));
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
         shared.maps = Some(Arc::clone(&maps));
+        shared.datapath = Some(Arc::clone(&state));
     }
 
     let (link_tx, mut links) = tokio::sync::mpsc::channel(64);
@@ -174,6 +175,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         },
         events: source::kube::event_reporter(&config.source),
         trigger_times: TriggerTimes::new(SystemTime::now()),
+        pending_trigger_times: Vec::new(),
         node_settings: config.node.clone(),
         datapath_config: None,
         health: HealthServers::default(),
@@ -182,12 +184,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let mut reported = BTreeSet::new();
+    let mut desired = Desired {
+        model: model::Incremental::new(model::NodeContext::default()),
+        node: None,
+        plan_index: None,
+    };
     loop {
         tokio::select! {
             Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
             update = updates.recv() => match update {
                 Some(SourceUpdate::Snapshot(snapshot)) => {
-                    sync(&snapshot, &maps, &mut state, &shared, &mut reported, &mut hooks);
+                    let input = Input::Snapshot(snapshot);
+                    sync(input, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
+                }
+                Some(SourceUpdate::Changes(changes)) => {
+                    let input = Input::Changes(changes);
+                    sync(input, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
                 }
                 Some(SourceUpdate::Stale(reason)) => {
                     tracing::error!(%reason, "source has no fresh state; keeping the last good state");
@@ -220,42 +232,83 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What the agent wants in the maps, kept between syncs so that a change
+/// costs O(change).
+struct Desired {
+    model: model::Incremental,
+    /// The Node object of the last snapshot (kube source).
+    node: Option<k8s_openapi::api::core::v1::Node>,
+    /// `None` when the next plan must cover everything: first sync, after
+    /// a failed write or a plan with problems.
+    plan_index: Option<PlanIndex>,
+}
+
+/// One update from the source.
+enum Input {
+    Snapshot(Snapshot),
+    Changes(Changes),
+}
+
 /// One pass: model, diff, apply.
 fn sync(
-    snapshot: &source::Snapshot,
+    input: Input,
     maps: &Mutex<Maps>,
-    state: &mut DatapathState,
+    state: &Mutex<DatapathState>,
+    desired: &mut Desired,
     shared: &Mutex<Shared>,
     reported: &mut BTreeSet<String>,
     hooks: &mut Hooks,
 ) {
     let started = Instant::now();
-    let from_source = source::kube::node_context(snapshot.node.as_ref(), &hooks.node_name);
-    let node = node::context(&hooks.node_settings, &from_source);
-    let model = model::build(&snapshot.services, &snapshot.slices, &node);
-    write_node_config(maps, hooks, &node);
-    hooks.health.update(&model.health_checks);
-    let mut current_errors = BTreeSet::new();
-    for error in snapshot.errors.iter().chain(&model.errors) {
-        let line = error.to_string();
-        if !reported.contains(&line) {
-            tracing::warn!(
-                kind = error.kind,
-                namespace = %error.namespace,
-                name = %error.name,
-                reason = %error.reason,
-                "invalid object skipped"
-            );
-            lock(shared).invalid_objects_reported += 1;
-            if let Some(events) = &hooks.events {
-                events.report(error, snapshot);
-            }
-        }
-        current_errors.insert(line);
+    if let Input::Snapshot(snapshot) = &input {
+        desired.node.clone_from(&snapshot.node);
     }
-    *reported = current_errors;
+    let from_source = source::kube::node_context(desired.node.as_ref(), &hooks.node_name);
+    let node = node::context(&hooks.node_settings, &from_source);
+    desired.model.set_node(&node);
+    let (snapshot, source_errors) = match input {
+        Input::Snapshot(mut snapshot) => {
+            desired.model.reset(&snapshot.services, &snapshot.slices);
+            let errors = std::mem::take(&mut snapshot.errors);
+            (Some(snapshot), errors)
+        }
+        Input::Changes(changes) => {
+            for key in &changes.removed_services {
+                desired.model.remove_service(key);
+            }
+            for key in &changes.removed_slices {
+                desired.model.remove_slice(key);
+            }
+            for slice in &changes.slices {
+                desired.model.upsert_slice(slice);
+            }
+            for service in changes.services {
+                desired.model.upsert_service(service);
+            }
+            let network_programming = hooks
+                .trigger_times
+                .take_changed(&changes.slices, &changes.removed_slices);
+            hooks.pending_trigger_times.extend(network_programming);
+            (None, changes.errors)
+        }
+    };
+    let changes = desired.model.commit();
+    write_node_config(maps, hooks, &node);
+    hooks.health.update(&desired.model.health_checks());
+    report_errors(
+        source_errors.iter().chain(&desired.model.errors()),
+        snapshot.as_ref(),
+        shared,
+        reported,
+        hooks,
+    );
 
-    let plan = plan::diff(state, &model.frontends);
+    let mut state = lock(state);
+    let frontends = desired.model.frontends();
+    let plan = match &mut desired.plan_index {
+        Some(index) => plan::diff_changes(&state, index, frontends, &changes),
+        None => plan::diff(&state, frontends),
+    };
     for problem in &plan.problems {
         tracing::warn!(%problem, "frontend not fully programmed");
     }
@@ -273,8 +326,19 @@ fn sync(
             }
         }
         if failures == 0 {
-            plan::apply_to_state(state, &plan.ops);
+            if let Some(index) = &mut desired.plan_index {
+                index.note_applied(&state, &plan.ops);
+            }
+            plan::apply_to_state(&mut state, &plan.ops);
+            if plan.problems.is_empty() {
+                if desired.plan_index.is_none() {
+                    desired.plan_index = Some(PlanIndex::new(&state, frontends));
+                }
+            } else {
+                desired.plan_index = None;
+            }
         } else {
+            desired.plan_index = None;
             // Re-read what really is in the maps; the next sync retries.
             match maps.read_state() {
                 Ok(read) => *state = read,
@@ -300,16 +364,15 @@ fn sync(
     shared.last_sync_seconds = elapsed.as_secs_f64();
     shared.frontends = state.frontends.len();
     shared.backends = state.backends.len();
-    shared.frontend_ids = state
-        .frontends
-        .iter()
-        .map(|(frontend, fs)| (frontend.to_string(), fs.rev_nat_id))
-        .collect();
+    drop(state);
     shared.sync_duration.observe(elapsed.as_secs_f64());
-    shared.map_entries = map_occupancy(state);
     if failures == 0 {
         let written = SystemTime::now();
-        for trigger in hooks.trigger_times.take_new(&snapshot.slices) {
+        let triggers = match &snapshot {
+            Some(snapshot) => hooks.trigger_times.take_new(&snapshot.slices),
+            None => std::mem::take(&mut hooks.pending_trigger_times),
+        };
+        for trigger in triggers {
             let latency = written.duration_since(trigger).unwrap_or_default();
             shared.network_programming.observe(latency.as_secs_f64());
         }
@@ -322,6 +385,36 @@ fn sync(
             shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
         }
     }
+}
+
+/// Logs (and raises Events for) errors not reported before; remembers the
+/// current ones.
+fn report_errors<'e>(
+    errors: impl Iterator<Item = &'e model::ObjectError>,
+    snapshot: Option<&Snapshot>,
+    shared: &Mutex<Shared>,
+    reported: &mut BTreeSet<String>,
+    hooks: &Hooks,
+) {
+    let mut current_errors = BTreeSet::new();
+    for error in errors {
+        let line = error.to_string();
+        if !reported.contains(&line) {
+            tracing::warn!(
+                kind = error.kind,
+                namespace = %error.namespace,
+                name = %error.name,
+                reason = %error.reason,
+                "invalid object skipped"
+            );
+            lock(shared).invalid_objects_reported += 1;
+            if let (Some(events), Some(snapshot)) = (&hooks.events, snapshot) {
+                events.report(error, snapshot);
+            }
+        }
+        current_errors.insert(line);
+    }
+    *reported = current_errors;
 }
 
 // ---------------------------------------------------------------------------
@@ -357,6 +450,9 @@ struct Hooks {
     events: Option<EventReporter>,
     /// Turns slice trigger times into `network_programming` observations.
     trigger_times: TriggerTimes,
+    /// Trigger times of changed slices, observed once their state is in
+    /// the maps.
+    pending_trigger_times: Vec<SystemTime>,
 }
 
 /// Attaches to an interface that appeared; forgets one that went away
@@ -401,7 +497,8 @@ fn on_link_event(event: &LinkEvent, ebpf: &mut aya::Ebpf, pin_path: &Path, share
 }
 
 /// Entries per map, from what the agent wrote.
-fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
+#[must_use]
+pub fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
     use lb_common::map_names;
     let (mut svc4, mut svc6, mut be4, mut be6, mut rnat4, mut rnat6) = (0, 0, 0, 0, 0, 0);
     for (frontend, fs) in &state.frontends {

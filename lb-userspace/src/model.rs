@@ -18,7 +18,7 @@
 //!   that take no new flows are listed apart so that established flows drain.
 //! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -1502,21 +1502,14 @@ impl Incremental {
     }
 
     /// Replaces every object, as [`build`] takes them (of two with the same
-    /// namespace/name the first given wins). Commit to see the result.
-    pub fn reset(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>) {
-        let stored_services: Vec<ObjectKey> = self.services.keys().cloned().collect();
-        let stored_slices: Vec<ObjectKey> = self.slices.keys().cloned().collect();
-        for key in stored_services {
-            self.remove_service(&key);
-        }
-        for key in stored_slices {
-            self.remove_slice(&key);
-        }
+    /// namespace/name the first given wins). Objects equal to the stored
+    /// ones change nothing, so that the commit recomputes only what differs.
+    pub fn reset(&mut self, services: &[Service], slices: &[EndpointSlice]) {
         self.duplicates.clear();
-        let mut seen = BTreeSet::new();
+        let mut present = BTreeSet::new();
         for service in services {
             let key = key_of(&service.metadata);
-            if service.metadata.name.is_some() && !seen.insert(key) {
+            if !present.insert(key) && service.metadata.name.is_some() {
                 self.duplicates.push(ObjectError::for_object(
                     SERVICE,
                     &service.metadata,
@@ -1524,16 +1517,25 @@ impl Incremental {
                 ));
                 continue;
             }
-            self.upsert_service(service);
+            self.upsert_service(service.clone());
         }
-        let mut seen = BTreeSet::new();
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove_service(key);
+        }
+        let mut present = HashSet::new();
         for slice in slices {
-            let key = key_of(&slice.metadata);
             // Slices of no Service are none of ours (and no duplicates).
             if slice_service(&slice.metadata).is_none() {
                 continue;
             }
-            if slice.metadata.name.is_some() && !seen.insert(key) {
+            let key = key_of(&slice.metadata);
+            if !present.insert(key) && slice.metadata.name.is_some() {
                 self.duplicates.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
                     &slice.metadata,
@@ -1541,7 +1543,16 @@ impl Incremental {
                 ));
                 continue;
             }
-            self.upsert_slice(&slice);
+            self.upsert_slice(slice);
+        }
+        let gone: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove_slice(key);
         }
     }
 
@@ -4308,27 +4319,37 @@ spec:
             let mut model = Incremental::new(node.clone());
             let mut previous = BTreeMap::new();
             for step in 0..60 {
+                // Some steps arrive as whole snapshots, as the kube source sends.
+                let via_snapshot = rng.below(4) == 0;
                 for _ in 0..=rng.below(3) {
                     match rng.below(9) {
                         0..=2 => {
                             let service = random_service(&mut rng);
                             services.insert(key_of(&service.metadata), service.clone());
-                            model.upsert_service(service);
+                            if !via_snapshot {
+                                model.upsert_service(service);
+                            }
                         }
                         3 => {
                             let key = random_service(&mut rng).metadata;
                             services.remove(&key_of(&key));
-                            model.remove_service(&key_of(&key));
+                            if !via_snapshot {
+                                model.remove_service(&key_of(&key));
+                            }
                         }
                         4..=6 => {
                             let slice = random_slice(&mut rng);
                             slices.insert(key_of(&slice.metadata), slice.clone());
-                            model.upsert_slice(&slice);
+                            if !via_snapshot {
+                                model.upsert_slice(&slice);
+                            }
                         }
                         7 => {
                             let key = key_of(&random_slice(&mut rng).metadata);
                             slices.remove(&key);
-                            model.remove_slice(&key);
+                            if !via_snapshot {
+                                model.remove_slice(&key);
+                            }
                         }
                         _ => {
                             node = nodes[usize::try_from(rng.below(2)).unwrap()].clone();
@@ -4336,9 +4357,12 @@ spec:
                         }
                     }
                 }
-                let changes = model.commit();
                 let services: Vec<Service> = services.values().cloned().collect();
                 let slices: Vec<EndpointSlice> = slices.values().cloned().collect();
+                if via_snapshot {
+                    model.reset(&services, &slices);
+                }
+                let changes = model.commit();
                 let expected = build(&services, &slices, &node);
                 assert_eq!(model.model(), expected, "seed {seed} step {step}");
                 let mut expected_changes = FrontendChanges::new();
@@ -4369,8 +4393,8 @@ spec:
         let slice = random_slice(&mut rng);
         let mut model = Incremental::new(node_a());
         model.reset(
-            vec![first.clone(), second.clone()],
-            vec![slice.clone(), slice.clone()],
+            &[first.clone(), second.clone()],
+            &[slice.clone(), slice.clone()],
         );
         model.commit();
         let expected = build(
@@ -4387,7 +4411,7 @@ spec:
             "{:?}",
             model.errors()
         );
-        model.reset(vec![first.clone()], vec![slice.clone()]);
+        model.reset(&[first.clone()], &[slice.clone()]);
         model.commit();
         assert_eq!(model.model(), build(&[first], &[slice], &node_a()));
     }

@@ -9,7 +9,7 @@ use k8s_openapi::api::{
 };
 use tokio::sync::mpsc;
 
-use crate::model::ObjectError;
+use crate::model::{ObjectError, ObjectKey};
 
 pub mod file;
 pub mod kube;
@@ -27,6 +27,22 @@ pub struct Snapshot {
     pub errors: Vec<ObjectError>,
 }
 
+/// What changed since the source's previous update: objects added or
+/// replaced, and the keys (namespace, name) of objects removed.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    /// Services added or replaced.
+    pub services: Vec<Service>,
+    /// Services removed.
+    pub removed_services: Vec<ObjectKey>,
+    /// `EndpointSlices` added or replaced.
+    pub slices: Vec<EndpointSlice>,
+    /// `EndpointSlices` removed.
+    pub removed_slices: Vec<ObjectKey>,
+    /// Every object (or file) the source cannot read now, not only new ones.
+    pub errors: Vec<ObjectError>,
+}
+
 /// What a source tells the agent.
 #[derive(Debug)]
 #[expect(
@@ -36,6 +52,9 @@ pub struct Snapshot {
 pub enum SourceUpdate {
     /// The complete current state.
     Snapshot(Snapshot),
+    /// What changed since the previous update (which was a snapshot or
+    /// changes); the node stays as the last snapshot gave it.
+    Changes(Changes),
     /// The source cannot deliver fresh state (the last good state keeps
     /// serving); the text says why.
     Stale(String),
