@@ -168,18 +168,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     } else {
         Some(ifwatch::spawn(patterns, link_tx)?)
     };
-    let mut hooks = Hooks {
-        node_name: match &config.source {
-            SourceSpec::Kube(kube) => kube.node_name.clone(),
-            SourceSpec::File(_) => String::new(),
-        },
-        events: source::kube::event_reporter(&config.source),
-        trigger_times: TriggerTimes::new(SystemTime::now()),
-        pending_trigger_times: Vec::new(),
-        node_settings: config.node.clone(),
-        datapath_config: None,
-        health: HealthServers::default(),
-    };
+    let mut hooks = Hooks::new(&config);
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
@@ -194,7 +183,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
             update = updates.recv() => match update {
                 Some(SourceUpdate::Snapshot(snapshot)) => {
-                    let input = Input::Snapshot(snapshot);
+                    let input = Input::Snapshot(Box::new(snapshot));
                     sync(input, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
                 }
                 Some(SourceUpdate::Changes(changes)) => {
@@ -245,7 +234,7 @@ struct Desired {
 
 /// One update from the source.
 enum Input {
-    Snapshot(Snapshot),
+    Snapshot(Box<Snapshot>),
     Changes(Changes),
 }
 
@@ -297,7 +286,7 @@ fn sync(
     hooks.health.update(&desired.model.health_checks());
     report_errors(
         source_errors.iter().chain(&desired.model.errors()),
-        snapshot.as_ref(),
+        snapshot.as_deref(),
         shared,
         reported,
         hooks,
@@ -312,40 +301,7 @@ fn sync(
     for problem in &plan.problems {
         tracing::warn!(%problem, "frontend not fully programmed");
     }
-    let mut writes = 0u64;
-    let mut failures = 0u64;
-    {
-        let mut maps = lock(maps);
-        for op in &plan.ops {
-            match maps.apply_op(op) {
-                Ok(()) => writes += 1,
-                Err(error) => {
-                    failures += 1;
-                    tracing::error!(%error, ?op, "map write failed");
-                }
-            }
-        }
-        if failures == 0 {
-            if let Some(index) = &mut desired.plan_index {
-                index.note_applied(&state, &plan.ops);
-            }
-            plan::apply_to_state(&mut state, &plan.ops);
-            if plan.problems.is_empty() {
-                if desired.plan_index.is_none() {
-                    desired.plan_index = Some(PlanIndex::new(&state, frontends));
-                }
-            } else {
-                desired.plan_index = None;
-            }
-        } else {
-            desired.plan_index = None;
-            // Re-read what really is in the maps; the next sync retries.
-            match maps.read_state() {
-                Ok(read) => *state = read,
-                Err(error) => tracing::error!(%error, "cannot read the maps back"),
-            }
-        }
-    }
+    let (writes, failures) = apply_plan(&plan, &mut lock(maps), &mut state, desired);
     let elapsed = started.elapsed();
     if !plan.ops.is_empty() {
         tracing::info!(
@@ -385,6 +341,47 @@ fn sync(
             shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
         }
     }
+}
+
+/// Writes the plan; keeps the state (and the plan index) in step with what
+/// the maps now hold. Returns (writes, failures).
+fn apply_plan(
+    plan: &plan::Plan,
+    maps: &mut Maps,
+    state: &mut DatapathState,
+    desired: &mut Desired,
+) -> (u64, u64) {
+    let mut writes = 0u64;
+    let mut failures = 0u64;
+    for op in &plan.ops {
+        match maps.apply_op(op) {
+            Ok(()) => writes += 1,
+            Err(error) => {
+                failures += 1;
+                tracing::error!(%error, ?op, "map write failed");
+            }
+        }
+    }
+    if failures == 0 {
+        if let Some(index) = &mut desired.plan_index {
+            index.note_applied(state, &plan.ops);
+        }
+        plan::apply_to_state(state, &plan.ops);
+        if !plan.problems.is_empty() {
+            // Left-out frontends are retried by a plan over everything.
+            desired.plan_index = None;
+        } else if desired.plan_index.is_none() {
+            desired.plan_index = Some(PlanIndex::new(state, desired.model.frontends()));
+        }
+    } else {
+        desired.plan_index = None;
+        // Re-read what really is in the maps; the next sync retries.
+        match maps.read_state() {
+            Ok(read) => *state = read,
+            Err(error) => tracing::error!(%error, "cannot read the maps back"),
+        }
+    }
+    (writes, failures)
 }
 
 /// Logs (and raises Events for) errors not reported before; remembers the
@@ -453,6 +450,23 @@ struct Hooks {
     /// Trigger times of changed slices, observed once their state is in
     /// the maps.
     pending_trigger_times: Vec<SystemTime>,
+}
+
+impl Hooks {
+    fn new(config: &AgentConfig) -> Self {
+        Self {
+            node_name: match &config.source {
+                SourceSpec::Kube(kube) => kube.node_name.clone(),
+                SourceSpec::File(_) => String::new(),
+            },
+            events: source::kube::event_reporter(&config.source),
+            trigger_times: TriggerTimes::new(SystemTime::now()),
+            pending_trigger_times: Vec::new(),
+            node_settings: config.node.clone(),
+            datapath_config: None,
+            health: HealthServers::default(),
+        }
+    }
 }
 
 /// Attaches to an interface that appeared; forgets one that went away

@@ -4411,7 +4411,7 @@ spec:
             "{:?}",
             model.errors()
         );
-        model.reset(&[first.clone()], &[slice.clone()]);
+        model.reset(std::slice::from_ref(&first), std::slice::from_ref(&slice));
         model.commit();
         assert_eq!(model.model(), build(&[first], &[slice], &node_a()));
     }

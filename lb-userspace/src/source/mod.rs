@@ -95,29 +95,59 @@ pub fn spawn(
     match spec {
         SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
         SourceSpec::File(dir) => {
-            // The watcher takes its first look before the first load so that
-            // no change in between is missed.
-            let mut watcher = file::DirWatcher::new(dir.clone());
-            let _ = watcher.changed();
-            let first = file::load_dir(dir)?;
+            // Fail at once on an unusable directory; read it in the
+            // background, so that it overlaps loading the BPF program.
+            file::load_dir_check(dir)?;
+            let mut state = file::DirState::new(dir.clone());
+            let events = match file::DirEvents::new(dir) {
+                Ok(events) => Some(events),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only");
+                    None
+                }
+            };
+            let first = tokio::task::spawn_blocking(move || {
+                let first = state.refresh();
+                (state, first)
+            });
             let dir = dir.clone();
             Ok(tokio::spawn(async move {
-                if tx.send(SourceUpdate::Snapshot(first)).await.is_err() {
+                let Ok((mut state, first)) = first.await else {
+                    return;
+                };
+                let update = match first {
+                    Ok(update) => update,
+                    Err(error) => Some(SourceUpdate::Stale(error.to_string())),
+                };
+                if let Some(update) = update
+                    && tx.send(update).await.is_err()
+                {
                     return;
                 }
+                // The poll stays as a fallback: for symlinked files whose
+                // target changes elsewhere, and if inotify is unavailable.
                 let mut ticker = tokio::time::interval(FILE_POLL_INTERVAL);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut events = events;
                 loop {
-                    ticker.tick().await;
-                    let update = match watcher.changed() {
-                        Ok(false) => continue,
-                        Ok(true) => match file::load_dir(&dir) {
-                            Ok(snapshot) => SourceUpdate::Snapshot(snapshot),
-                            Err(error) => SourceUpdate::Stale(error.to_string()),
-                        },
-                        Err(error) => {
-                            SourceUpdate::Stale(format!("cannot watch {}: {error}", dir.display()))
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        woke = async { events.as_ref()?.wait().await.err() }, if events.is_some() => {
+                            if let Some(error) = woke {
+                                tracing::warn!(dir = %dir.display(), %error, "inotify failed; polling only");
+                                events = None;
+                            }
                         }
+                    }
+                    let update = match state.refresh() {
+                        Ok(None) => continue,
+                        Ok(Some(update)) => update,
+                        Err(error) => SourceUpdate::Stale(format!(
+                            "cannot watch {}: {}",
+                            dir.display(),
+                            std::error::Error::source(&error)
+                                .map_or_else(|| error.to_string(), ToString::to_string)
+                        )),
                     };
                     if tx.send(update).await.is_err() {
                         return;
