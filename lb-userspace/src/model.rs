@@ -1751,7 +1751,7 @@ impl Incremental {
         self.unclaim(key);
         let Some(output) = output else {
             self.services.remove(key);
-            Self::settle(changes, &self.frontends);
+            Self::settle(changes, &self.frontends, &old_claims);
             return true;
         };
         for error in &output.errors {
@@ -1775,13 +1775,28 @@ impl Incremental {
             entry.health_check_port = new_port;
             entry.errors = output.errors;
         }
-        Self::settle(changes, &self.frontends);
+        Self::settle(changes, &self.frontends, &old_claims);
+        if let Some(entry) = self.services.get(key) {
+            Self::settle(changes, &self.frontends, &entry.claims);
+        }
         true
     }
 
-    /// Drops changes that turned out to be none (same spec as before).
-    fn settle(changes: &mut FrontendChanges, frontends: &BTreeMap<Frontend, FrontendSpec>) {
-        changes.retain(|frontend, old| frontends.get(frontend) != old.as_ref());
+    /// Drops changes of `touched` that turned out to be none (same spec as
+    /// before).
+    fn settle(
+        changes: &mut FrontendChanges,
+        frontends: &BTreeMap<Frontend, FrontendSpec>,
+        touched: &[Frontend],
+    ) {
+        for frontend in touched {
+            if changes
+                .get(frontend)
+                .is_some_and(|old| frontends.get(frontend) == old.as_ref())
+            {
+                changes.remove(frontend);
+            }
+        }
     }
 
     /// Forgets what a Service claimed and reported.
