@@ -67,6 +67,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The thread that loads and attaches ended without a result.
+    #[error("loading the eBPF object stopped: {0}")]
+    LoadTask(#[source] tokio::task::JoinError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -137,16 +140,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }));
     tokio::spawn(http::serve(listener, Arc::clone(&shared)));
 
-    let mut ebpf = loader::load_with(&config.pin_path, config.ct_entries)?;
-    let maps = Maps::from_ebpf(&mut ebpf)?;
-    let program = loader::program(&mut ebpf)?;
-    let mut attachments = Vec::new();
-    for iface in &config.interfaces {
-        let how = loader::attach(program, iface, &config.pin_path)?;
-        tracing::info!(iface = %iface, attachment = ?how, "attached");
-        attachments.push((iface.clone(), how));
-    }
-    let state = maps.read_state()?;
+    // Load and attach (verifier, map creation: hundreds of milliseconds) on
+    // another thread, while the first objects from the source go into the
+    // model here.
+    let loading = {
+        let (pin_path, ct_entries) = (config.pin_path.clone(), config.ct_entries);
+        let interfaces = config.interfaces.clone();
+        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, ct_entries, &interfaces))
+    };
+    let mut desired = Desired {
+        model: model::Incremental::new(model::NodeContext::default()),
+        node: None,
+        plan_index: None,
+    };
+    let mut hooks = Hooks::new(&config);
+    let (loaded, first_update) = prefeed(loading, &mut updates, &mut desired, &mut hooks).await;
+    let (mut ebpf, maps, attachments, state) = loaded?;
     tracing::info!(
         frontends = state.frontends.len(),
         backends = state.backends.len(),
@@ -168,41 +177,31 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     } else {
         Some(ifwatch::spawn(patterns, link_tx)?)
     };
-    let mut hooks = Hooks::new(&config);
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let mut reported = BTreeSet::new();
-    let mut desired = Desired {
-        model: model::Incremental::new(model::NodeContext::default()),
-        node: None,
-        plan_index: None,
-    };
+    if let Some(update) = first_update {
+        on_update(
+            update,
+            &maps,
+            &state,
+            &mut desired,
+            &shared,
+            &mut reported,
+            &mut hooks,
+        );
+    }
     loop {
         tokio::select! {
             Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
-            update = updates.recv() => match update {
-                Some(SourceUpdate::Snapshot(snapshot)) => {
-                    let input = Input::Snapshot(Box::new(snapshot));
-                    sync(input, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
-                }
-                Some(SourceUpdate::Changes(changes)) => {
-                    let input = Input::Changes(changes);
-                    sync(input, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
-                }
-                Some(SourceUpdate::Stale(reason)) => {
-                    tracing::error!(%reason, "source has no fresh state; keeping the last good state");
-                    // Not ready until the source delivers again (the next
-                    // snapshot's sync makes it ready); /readyz says why.
-                    let mut shared = lock(&shared);
-                    shared.ready = false;
-                    shared.not_ready_reason = reason;
-                }
-                None => {
+            update = updates.recv() => {
+                let Some(update) = update else {
                     tracing::error!("source ended; keeping the last good state");
                     break;
-                }
-            },
+                };
+                on_update(update, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -219,6 +218,113 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What loading yields: the object, its maps, the attachments and the
+/// state recovered from the pins.
+type Loaded = (aya::Ebpf, Maps, Vec<(String, Attachment)>, DatapathState);
+
+fn load_and_attach(
+    pin_path: &Path,
+    ct_entries: u32,
+    interfaces: &[String],
+) -> Result<Loaded, AgentError> {
+    let mut ebpf = loader::load_with(pin_path, ct_entries)?;
+    let maps = Maps::from_ebpf(&mut ebpf)?;
+    let program = loader::program(&mut ebpf)?;
+    let mut attachments = Vec::new();
+    for iface in interfaces {
+        let how = loader::attach(program, iface, pin_path)?;
+        tracing::info!(iface = %iface, attachment = ?how, "attached");
+        attachments.push((iface.clone(), how));
+    }
+    let state = maps.read_state()?;
+    Ok((ebpf, maps, attachments, state))
+}
+
+/// Until loading is done, puts the source's first objects into the model
+/// (as long as more follow; a complete update waits for the maps and is
+/// returned).
+async fn prefeed(
+    mut loading: tokio::task::JoinHandle<Result<Loaded, AgentError>>,
+    updates: &mut tokio::sync::mpsc::Receiver<SourceUpdate>,
+    desired: &mut Desired,
+    hooks: &mut Hooks,
+) -> (Result<Loaded, AgentError>, Option<SourceUpdate>) {
+    let mut first_update = None;
+    let mut source_open = true;
+    loop {
+        tokio::select! {
+            loaded = &mut loading => {
+                let loaded = loaded.unwrap_or_else(|error| Err(AgentError::LoadTask(error)));
+                return (loaded, first_update);
+            }
+            update = updates.recv(), if first_update.is_none() && source_open => match update {
+                Some(SourceUpdate::Changes(changes)) if changes.more_follow => {
+                    feed(changes, desired, hooks);
+                }
+                Some(update) => first_update = Some(update),
+                // The main loop notices and says so.
+                None => source_open = false,
+            },
+        }
+    }
+}
+
+/// One update from the source: a sync, or (while more follow) only into the
+/// model.
+fn on_update(
+    update: SourceUpdate,
+    maps: &Mutex<Maps>,
+    state: &Mutex<DatapathState>,
+    desired: &mut Desired,
+    shared: &Mutex<Shared>,
+    reported: &mut BTreeSet<String>,
+    hooks: &mut Hooks,
+) {
+    match update {
+        SourceUpdate::Snapshot(snapshot) => {
+            let input = Input::Snapshot(Box::new(snapshot));
+            sync(input, maps, state, desired, shared, reported, hooks);
+        }
+        SourceUpdate::Changes(changes) if changes.more_follow => {
+            feed(changes, desired, hooks);
+        }
+        SourceUpdate::Changes(changes) => {
+            let input = Input::Changes(changes);
+            sync(input, maps, state, desired, shared, reported, hooks);
+        }
+        SourceUpdate::Stale(reason) => {
+            tracing::error!(%reason, "source has no fresh state; keeping the last good state");
+            // Not ready until the source delivers again (the next
+            // snapshot's sync makes it ready); /readyz says why.
+            let mut shared = lock(shared);
+            shared.ready = false;
+            shared.not_ready_reason = reason;
+        }
+    }
+}
+
+/// Puts changes into the model (not yet committed); returns the source's
+/// errors.
+fn feed(changes: Changes, desired: &mut Desired, hooks: &mut Hooks) -> Vec<model::ObjectError> {
+    for key in &changes.removed_services {
+        desired.model.remove_service(key);
+    }
+    for key in &changes.removed_slices {
+        desired.model.remove_slice(key);
+    }
+    for slice in &changes.slices {
+        desired.model.upsert_slice(slice);
+    }
+    for service in changes.services {
+        desired.model.upsert_service(service);
+    }
+    let network_programming = hooks
+        .trigger_times
+        .take_changed(&changes.slices, &changes.removed_slices);
+    hooks.pending_trigger_times.extend(network_programming);
+    changes.errors
 }
 
 /// What the agent wants in the maps, kept between syncs so that a change
@@ -261,25 +367,7 @@ fn sync(
             let errors = std::mem::take(&mut snapshot.errors);
             (Some(snapshot), errors)
         }
-        Input::Changes(changes) => {
-            for key in &changes.removed_services {
-                desired.model.remove_service(key);
-            }
-            for key in &changes.removed_slices {
-                desired.model.remove_slice(key);
-            }
-            for slice in &changes.slices {
-                desired.model.upsert_slice(slice);
-            }
-            for service in changes.services {
-                desired.model.upsert_service(service);
-            }
-            let network_programming = hooks
-                .trigger_times
-                .take_changed(&changes.slices, &changes.removed_slices);
-            hooks.pending_trigger_times.extend(network_programming);
-            (None, changes.errors)
-        }
+        Input::Changes(changes) => (None, feed(changes, desired, hooks)),
     };
     let changes = desired.model.commit();
     write_node_config(maps, hooks, &node);

@@ -513,6 +513,27 @@ impl DirState {
     ///
     /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
     pub fn refresh(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(None)
+    }
+
+    /// [`DirState::refresh`], but the objects of each file read are handed
+    /// to `partial` (as [`Changes`] with `more_follow`) as soon as they are
+    /// read; the result then holds only what is left (removals, errors).
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh_streaming(
+        &mut self,
+        partial: &mut dyn FnMut(Changes),
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(Some(partial))
+    }
+
+    fn look(
+        &mut self,
+        mut partial: Option<&mut dyn FnMut(Changes)>,
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
         let first = self.files.is_empty() && !self.failed;
         let listing = match manifest_files(&self.dir) {
             Ok(listing) => listing,
@@ -564,6 +585,14 @@ impl DirState {
             new_objects.extend(read.objects.iter().cloned());
             changes.services.extend(read.services);
             changes.slices.extend(read.slices);
+            if let Some(partial) = partial.as_mut() {
+                partial(Changes {
+                    services: std::mem::take(&mut changes.services),
+                    slices: std::mem::take(&mut changes.slices),
+                    more_follow: true,
+                    ..Changes::default()
+                });
+            }
             self.files.insert(
                 file.name.clone(),
                 FileEntry {

@@ -41,6 +41,10 @@ pub struct Changes {
     pub removed_slices: Vec<ObjectKey>,
     /// Every object (or file) the source cannot read now, not only new ones.
     pub errors: Vec<ObjectError>,
+    /// More changes follow at once (a first read, sent file by file so
+    /// that not every object is in memory at the same time): apply them
+    /// together with the following ones; `errors` is not yet complete.
+    pub more_follow: bool,
 }
 
 /// What a source tells the agent.
@@ -106,8 +110,13 @@ pub fn spawn(
                     None
                 }
             };
+            // File by file, so that only a few files' objects are in memory
+            // (and in the channel) at once.
+            let first_tx = tx.clone();
             let first = tokio::task::spawn_blocking(move || {
-                let first = state.refresh();
+                let first = state.refresh_streaming(&mut |part| {
+                    let _ = first_tx.blocking_send(SourceUpdate::Changes(part));
+                });
                 (state, first)
             });
             let dir = dir.clone();
