@@ -401,6 +401,13 @@ fn sync(
             "synced"
         );
     }
+    // After a plan over everything, index what was written, once the ops
+    // are gone (on a first sync they are the largest allocation).
+    let plan_complete = failures == 0 && plan.problems.is_empty();
+    drop(plan);
+    if plan_complete && desired.plan_index.is_none() {
+        desired.plan_index = Some(PlanIndex::new(&state, desired.model.frontends()));
+    }
     let mut shared = lock(shared);
     shared.map_writes += writes;
     shared.map_write_errors += failures;
@@ -458,8 +465,6 @@ fn apply_plan(
         if !plan.problems.is_empty() {
             // Left-out frontends are retried by a plan over everything.
             desired.plan_index = None;
-        } else if desired.plan_index.is_none() {
-            desired.plan_index = Some(PlanIndex::new(state, desired.model.frontends()));
         }
     } else {
         desired.plan_index = None;
