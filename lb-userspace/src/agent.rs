@@ -448,15 +448,13 @@ fn apply_plan(
 ) -> (u64, u64) {
     let mut writes = 0u64;
     let mut failures = 0u64;
-    for op in &plan.ops {
-        match maps.apply_op(op) {
-            Ok(()) => writes += 1,
-            Err(error) => {
-                failures += 1;
-                tracing::error!(%error, ?op, "map write failed");
-            }
+    maps.apply_ops(&plan.ops, &mut |op, result| match result {
+        Ok(()) => writes += 1,
+        Err(error) => {
+            failures += 1;
+            tracing::error!(%error, ?op, "map write failed");
         }
-    }
+    });
     if failures == 0 {
         if let Some(index) = &mut desired.plan_index {
             index.note_applied(state, &plan.ops);

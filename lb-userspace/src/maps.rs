@@ -287,6 +287,98 @@ impl Maps {
         Ok(())
     }
 
+    /// Applies `ops` in order, telling `on_result` how each went. Runs of
+    /// consecutive writes to one service or backend map go to the kernel as
+    /// one `BPF_MAP_UPDATE_BATCH` (in order, as single writes would), which
+    /// makes a first sync of 10k Services several times faster; where a
+    /// batch fails, the rest of its run is written one by one, so that every
+    /// failure is reported with its op.
+    pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        let mut start = 0;
+        while start < ops.len() {
+            let target = BatchTarget::of(&ops[start]);
+            let end = target.map_or(start + 1, |target| {
+                start
+                    + ops[start..]
+                        .iter()
+                        .take_while(|op| BatchTarget::of(op) == Some(target))
+                        .count()
+            });
+            let run = &ops[start..end];
+            let written = match target {
+                Some(target) if run.len() > 1 => self.update_batch(target, run),
+                _ => 0,
+            };
+            for op in &run[..written] {
+                on_result(op, Ok(()));
+            }
+            for op in &run[written..] {
+                on_result(op, self.apply_op(op));
+            }
+            start = end;
+        }
+    }
+
+    /// Writes a run of ops to `target` as one batch; returns how many the
+    /// kernel wrote (all, or those before the one that failed).
+    fn update_batch(&self, target: BatchTarget, run: &[Op]) -> usize {
+        use aya::maps::IterableMap as _;
+        match target {
+            BatchTarget::Services4 => {
+                let (keys, values): (Vec<Lb4Key>, Vec<LbService>) = run
+                    .iter()
+                    .filter_map(|op| {
+                        let (frontend, slot, value) = service_write(op)?;
+                        let IpAddr::V4(addr) = frontend.addr else {
+                            return None;
+                        };
+                        Some((key4(addr, &frontend, slot), value))
+                    })
+                    .unzip();
+                update_batch(self.services4.map(), &keys, &values)
+            }
+            BatchTarget::Services6 => {
+                let (keys, values): (Vec<Lb6Key>, Vec<LbService>) = run
+                    .iter()
+                    .filter_map(|op| {
+                        let (frontend, slot, value) = service_write(op)?;
+                        let IpAddr::V6(addr) = frontend.addr else {
+                            return None;
+                        };
+                        Some((key6(addr, &frontend, slot), value))
+                    })
+                    .unzip();
+                update_batch(self.services6.map(), &keys, &values)
+            }
+            BatchTarget::Backends4 => {
+                let (keys, values): (Vec<u32>, Vec<Lb4Backend>) = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::PutBackend { id, backend } => match backend.key.addr {
+                            IpAddr::V4(addr) => Some((id, backend4(addr, backend))),
+                            IpAddr::V6(_) => None,
+                        },
+                        _ => None,
+                    })
+                    .unzip();
+                update_batch(self.backends4.map(), &keys, &values)
+            }
+            BatchTarget::Backends6 => {
+                let (keys, values): (Vec<u32>, Vec<Lb6Backend>) = run
+                    .iter()
+                    .filter_map(|op| match *op {
+                        Op::PutBackend { id, backend } => match backend.key.addr {
+                            IpAddr::V6(addr) => Some((id, backend6(addr, backend))),
+                            IpAddr::V4(_) => None,
+                        },
+                        _ => None,
+                    })
+                    .unzip();
+                update_batch(self.backends6.map(), &keys, &values)
+            }
+        }
+    }
+
     /// Writes one plan step.
     ///
     /// # Errors
@@ -595,6 +687,158 @@ fn marker(addr: IpAddr) -> Frontend {
         addr,
         port: 0,
         proto: Protocol::Tcp,
+    }
+}
+
+/// The maps whose writes are batched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchTarget {
+    Services4,
+    Services6,
+    Backends4,
+    Backends6,
+}
+
+impl BatchTarget {
+    fn of(op: &Op) -> Option<Self> {
+        let v4 = |addr: IpAddr| addr.is_ipv4();
+        match op {
+            Op::PutSlot { frontend, .. } | Op::PutFrontend { frontend, .. } => {
+                Some(if v4(frontend.addr) {
+                    Self::Services4
+                } else {
+                    Self::Services6
+                })
+            }
+            Op::PutMarker { addr } => Some(if v4(*addr) {
+                Self::Services4
+            } else {
+                Self::Services6
+            }),
+            Op::PutBackend { backend, .. } => Some(if v4(backend.key.addr) {
+                Self::Backends4
+            } else {
+                Self::Backends6
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The service-map write an op makes: key parts and value.
+fn service_write(op: &Op) -> Option<(Frontend, u16, LbService)> {
+    match *op {
+        Op::PutSlot {
+            frontend,
+            slot,
+            backend_id,
+        } => Some((
+            frontend,
+            slot,
+            LbService {
+                backend_id,
+                ..LbService::default()
+            },
+        )),
+        Op::PutFrontend {
+            frontend,
+            count,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s,
+        } => Some((
+            frontend,
+            0,
+            LbService {
+                count,
+                flags,
+                rev_nat_id,
+                affinity_timeout_s,
+                ..LbService::default()
+            },
+        )),
+        Op::PutMarker { addr } => Some((
+            marker(addr),
+            0,
+            LbService {
+                flags: svc_flags::ADDRESS_MARKER,
+                ..LbService::default()
+            },
+        )),
+        _ => None,
+    }
+}
+
+fn backend4(addr: Ipv4Addr, backend: BackendEntry) -> Lb4Backend {
+    Lb4Backend {
+        addr: addr.octets(),
+        port_be: backend.key.port.to_be(),
+        proto: backend.key.proto.number(),
+        flags: backend.flags,
+    }
+}
+
+fn backend6(addr: Ipv6Addr, backend: BackendEntry) -> Lb6Backend {
+    Lb6Backend {
+        addr: addr.octets(),
+        port_be: backend.key.port.to_be(),
+        proto: backend.key.proto.number(),
+        flags: backend.flags,
+    }
+}
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h; hash maps, Linux >= 5.6).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no
+/// batch update); returns how many were written.
+fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> usize {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if keys.len() != values.len() || keys.is_empty() {
+        return 0;
+    }
+    let Ok(count) = u32::try_from(keys.len()) else {
+        return 0;
+    };
+    let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
+        return 0;
+    };
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points at `count` keys and values of the map's sizes
+    // (the map was opened with these types), alive for the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if result == 0 {
+        keys.len()
+    } else {
+        // The kernel reports in `count` how many it wrote before failing.
+        usize::try_from(attr.count).unwrap_or(0).min(keys.len())
     }
 }
 
