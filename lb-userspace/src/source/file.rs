@@ -724,6 +724,21 @@ fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRead {
             return read;
         }
     };
+    // Most files are one document, a list: then one pass finds its items.
+    if let Ok(JsonHead {
+        api_version: Some(api_version),
+        kind: Some(list_kind),
+        items: Some(items),
+    }) = serde_json::from_str::<JsonHead<'_>>(&text)
+        && list_kind.ends_with("List")
+    {
+        let origin = Origin {
+            file: &file.name,
+            location: "document 1".to_owned(),
+        };
+        read_json_items(&items, &api_version, &list_kind, &origin, &known, &mut read);
+        return read;
+    }
     for (index, document) in serde_json::Deserializer::from_str(&text)
         .into_iter::<&RawValue>()
         .enumerate()
@@ -793,20 +808,32 @@ fn read_json_document(
     }) = &head
         && list_kind.ends_with("List")
     {
-        let defaults = list_kind
-            .strip_suffix("List")
-            .filter(|kind| !kind.is_empty())
-            .map(|kind| ItemDefaults { api_version, kind });
-        for (index, item) in items.iter().enumerate() {
-            let origin = Origin {
-                file: origin.file,
-                location: format!("{} item {}", origin.location, index + 1),
-            };
-            read_json_object(item, &origin, defaults, known, read);
-        }
+        read_json_items(items, api_version, list_kind, origin, known, read);
         return;
     }
     read_json_object(document, origin, None, known, read);
+}
+
+/// The items of a list, each with the list's defaults.
+fn read_json_items(
+    items: &[&RawValue],
+    api_version: &str,
+    list_kind: &str,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let defaults = list_kind
+        .strip_suffix("List")
+        .filter(|kind| !kind.is_empty())
+        .map(|kind| ItemDefaults { api_version, kind });
+    for (index, item) in items.iter().enumerate() {
+        let origin = Origin {
+            file: origin.file,
+            location: format!("{} item {}", origin.location, index + 1),
+        };
+        read_json_object(item, &origin, defaults, known, read);
+    }
 }
 
 fn read_json_object(
