@@ -287,46 +287,93 @@ impl Maps {
         Ok(())
     }
 
-    /// Applies `ops` in order, telling `on_result` how each went. Runs of
-    /// consecutive writes to one service or backend map go to the kernel as
-    /// one `BPF_MAP_UPDATE_BATCH` (in order, as single writes would), which
-    /// makes a first sync of 10k Services several times faster; where a
-    /// batch fails, the rest of its run is written one by one, so that every
-    /// failure is reported with its op.
+    /// Applies `ops` in order, telling `on_result` how each went.
+    ///
+    /// Writes to the service and backend maps go to the kernel as
+    /// `BPF_MAP_UPDATE_BATCH`es (aya 0.16 has none), which makes a first
+    /// sync of 10k Services several times faster. Where a batch fails, the
+    /// rest of it is written one by one, so that every failure is reported
+    /// with its op. The plan's order is kept where it matters: a run of new
+    /// backends, rev-NAT entries and source ranges (independent of each
+    /// other) may be written in any order; a run of slot, frontend and
+    /// marker writes keeps its order per family (each family has its own
+    /// map). Large runs write the two families' maps on two threads.
     pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
         let mut start = 0;
         while start < ops.len() {
-            let target = BatchTarget::of(&ops[start]);
-            let end = target.map_or(start + 1, |target| {
-                start
-                    + ops[start..]
-                        .iter()
-                        .take_while(|op| BatchTarget::of(op) == Some(target))
-                        .count()
-            });
+            let class = RunClass::of(&ops[start]);
+            let end = start
+                + ops[start..]
+                    .iter()
+                    .take_while(|op| RunClass::of(op) == class)
+                    .count();
             let run = &ops[start..end];
-            let written = match target {
-                Some(target) if run.len() > 1 => self.update_batch(target, run),
-                _ => 0,
-            };
-            for op in &run[..written] {
-                on_result(op, Ok(()));
-            }
-            for op in &run[written..] {
-                on_result(op, self.apply_op(op));
+            if class == RunClass::Single {
+                for op in run {
+                    on_result(op, self.apply_op(op));
+                }
+            } else {
+                self.apply_run(run, on_result);
             }
             start = end;
         }
     }
 
+    /// Writes a run of reorderable ops: batches per map (in parallel when
+    /// large), then what cannot be batched and what a batch left, one by one.
+    fn apply_run(&mut self, run: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        const PARALLEL_FROM: usize = 4096;
+        let mut groups: [Vec<&Op>; 4] = Default::default();
+        let mut singles = Vec::new();
+        for op in run {
+            match BatchTarget::of(op) {
+                Some(target) => groups[target as usize].push(op),
+                None => singles.push(op),
+            }
+        }
+        let mut written = [0usize; 4];
+        let this = &*self;
+        if run.len() >= PARALLEL_FROM {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = BatchTarget::ALL
+                    .iter()
+                    .zip(&groups)
+                    .map(|(target, group)| scope.spawn(move || this.update_batch(*target, group)))
+                    .collect();
+                for (slot, handle) in written.iter_mut().zip(handles) {
+                    *slot = handle.join().unwrap_or(0);
+                }
+            });
+        } else {
+            for ((slot, target), group) in written.iter_mut().zip(BatchTarget::ALL).zip(&groups) {
+                *slot = this.update_batch(target, group);
+            }
+        }
+        for (group, written) in groups.iter().zip(written) {
+            for op in &group[..written] {
+                on_result(op, Ok(()));
+            }
+            for op in &group[written..] {
+                on_result(op, self.apply_op(op));
+            }
+        }
+        for op in singles {
+            on_result(op, self.apply_op(op));
+        }
+    }
+
     /// Writes a run of ops to `target` as one batch; returns how many the
     /// kernel wrote (all, or those before the one that failed).
-    fn update_batch(&self, target: BatchTarget, run: &[Op]) -> usize {
+    fn update_batch(&self, target: BatchTarget, run: &[&Op]) -> usize {
         use aya::maps::IterableMap as _;
+        if run.len() < 2 {
+            return 0;
+        }
         match target {
             BatchTarget::Services4 => {
                 let (keys, values): (Vec<Lb4Key>, Vec<LbService>) = run
                     .iter()
+                    .copied()
                     .filter_map(|op| {
                         let (frontend, slot, value) = service_write(op)?;
                         let IpAddr::V4(addr) = frontend.addr else {
@@ -340,6 +387,7 @@ impl Maps {
             BatchTarget::Services6 => {
                 let (keys, values): (Vec<Lb6Key>, Vec<LbService>) = run
                     .iter()
+                    .copied()
                     .filter_map(|op| {
                         let (frontend, slot, value) = service_write(op)?;
                         let IpAddr::V6(addr) = frontend.addr else {
@@ -353,6 +401,7 @@ impl Maps {
             BatchTarget::Backends4 => {
                 let (keys, values): (Vec<u32>, Vec<Lb4Backend>) = run
                     .iter()
+                    .copied()
                     .filter_map(|op| match *op {
                         Op::PutBackend { id, backend } => match backend.key.addr {
                             IpAddr::V4(addr) => Some((id, backend4(addr, backend))),
@@ -366,6 +415,7 @@ impl Maps {
             BatchTarget::Backends6 => {
                 let (keys, values): (Vec<u32>, Vec<Lb6Backend>) = run
                     .iter()
+                    .copied()
                     .filter_map(|op| match *op {
                         Op::PutBackend { id, backend } => match backend.key.addr {
                             IpAddr::V6(addr) => Some((id, backend6(addr, backend))),
@@ -693,13 +743,45 @@ fn marker(addr: IpAddr) -> Frontend {
 /// The maps whose writes are batched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum BatchTarget {
-    Services4,
-    Services6,
-    Backends4,
-    Backends6,
+    Services4 = 0,
+    Services6 = 1,
+    Backends4 = 2,
+    Backends6 = 3,
+}
+
+/// How a run of consecutive ops may be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunClass {
+    /// New backends, rev-NAT entries, source ranges: any order.
+    IndependentPuts,
+    /// Slots, frontends, markers: in order within each family.
+    ServiceWrites,
+    /// Removals: one by one, in order.
+    Single,
+}
+
+impl RunClass {
+    fn of(op: &Op) -> Self {
+        match op {
+            Op::PutBackend { .. } | Op::PutRevNat { .. } | Op::PutSourceRange(_) => {
+                Self::IndependentPuts
+            }
+            Op::PutSlot { .. } | Op::PutFrontend { .. } | Op::PutMarker { .. } => {
+                Self::ServiceWrites
+            }
+            _ => Self::Single,
+        }
+    }
 }
 
 impl BatchTarget {
+    const ALL: [Self; 4] = [
+        Self::Services4,
+        Self::Services6,
+        Self::Backends4,
+        Self::Backends6,
+    ];
+
     fn of(op: &Op) -> Option<Self> {
         let v4 = |addr: IpAddr| addr.is_ipv4();
         match op {
