@@ -1455,6 +1455,9 @@ struct ServiceEntry {
 
 /// One stored `EndpointSlice`, reduced to what the model uses.
 struct SliceEntry {
+    /// `metadata.resourceVersion` (API objects): the same version is the
+    /// same object, so a snapshot need not parse it again.
+    resource_version: Option<String>,
     /// The Service it belongs to (service-name label); `None`: not ours.
     service: Option<String>,
     parsed: Option<SliceEndpoints>,
@@ -1524,7 +1527,7 @@ impl Incremental {
         let mut present = BTreeSet::new();
         for service in services {
             let key = key_of(&service.metadata);
-            if !present.insert(key) && service.metadata.name.is_some() {
+            if !present.insert(key.clone()) && service.metadata.name.is_some() {
                 self.duplicates.push(ObjectError::for_object(
                     SERVICE,
                     &service.metadata,
@@ -1532,7 +1535,13 @@ impl Incremental {
                 ));
                 continue;
             }
-            self.upsert_service(service.clone());
+            let stored = self
+                .services
+                .get(&key)
+                .and_then(|entry| entry.service.as_ref());
+            if stored != Some(service) {
+                self.upsert_service(service.clone());
+            }
         }
         let gone: Vec<ObjectKey> = self
             .services
@@ -1612,6 +1621,15 @@ impl Incremental {
     /// Adds or replaces an `EndpointSlice`.
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         let key = key_of(&slice.metadata);
+        let resource_version = slice.metadata.resource_version.clone();
+        if resource_version.is_some()
+            && self
+                .slices
+                .get(&key)
+                .is_some_and(|old| old.resource_version == resource_version)
+        {
+            return;
+        }
         let service = slice_service(&slice.metadata).map(str::to_owned);
         let mut errors = Vec::new();
         let parsed = match &service {
@@ -1627,15 +1645,17 @@ impl Incremental {
             Some(_) => parse_slice(slice, &mut errors),
         };
         let entry = SliceEntry {
+            resource_version,
             service,
             parsed,
             errors,
         };
-        if let Some(old) = self.slices.get(&key)
+        if let Some(old) = self.slices.get_mut(&key)
             && old.service == entry.service
             && old.parsed == entry.parsed
             && old.errors == entry.errors
         {
+            old.resource_version = entry.resource_version;
             return;
         }
         self.remove_slice(&key);
@@ -4444,5 +4464,42 @@ spec:
         model.reset(std::slice::from_ref(&first), std::slice::from_ref(&slice));
         model.commit();
         assert_eq!(model.model(), build(&[first], &[slice], &node_a()));
+    }
+    /// A snapshot of API objects whose resourceVersions did not change
+    /// recomputes nothing; a new version of a slice is parsed again.
+    #[test]
+    fn incremental_snapshot_skips_unchanged_resource_versions() {
+        let mut rng = Rng(11);
+        let mut service = random_service(&mut rng);
+        service.metadata.name = Some("svc-1".into());
+        service.metadata.namespace = Some("a".into());
+        service.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("TCP".into());
+        let mut slice = random_slice(&mut rng);
+        slice.metadata.name = Some("svc-1-a".into());
+        slice.metadata.namespace = Some("a".into());
+        slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "svc-1".to_owned())].into());
+        slice.metadata.resource_version = Some("7".into());
+        let mut model = Incremental::new(node_a());
+        model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+        model.commit();
+        model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+        assert!(model.commit().is_empty());
+
+        let mut changed = slice.clone();
+        changed.metadata.resource_version = Some("8".into());
+        changed.address_type = "IPv4".into();
+        changed.endpoints = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "addresses": ["10.1.0.99"],
+            }))
+            .unwrap(),
+        ]);
+        model.reset(
+            std::slice::from_ref(&service),
+            std::slice::from_ref(&changed),
+        );
+        model.commit();
+        assert_eq!(model.model(), build(&[service], &[changed], &node_a()));
     }
 }
