@@ -34,6 +34,9 @@ pub struct Settings {
     pub connections: u32,
     /// Contenders to measure (all are set up); empty: all.
     pub contenders: Vec<String>,
+    /// Only the control plane of `lb` (cold start, endpoint changes,
+    /// memory): no traffic, no kube-proxy rules. For profiling.
+    pub control_only: bool,
 }
 
 /// The three end-to-end tests.
@@ -570,11 +573,20 @@ fn run_scale(
             .unwrap_or(f64::NAN),
         cold["sync_ms"].as_f64().unwrap_or(f64::NAN)
     );
-    let mut rules = load_rules(topo, work, &cluster)?;
+    let mut rules = if settings.control_only {
+        Value::Null
+    } else {
+        load_rules(topo, work, &cluster)?
+    };
 
     // Every contender must answer before it is measured.
     let mut broken = Vec::new();
-    for contender in Contender::ALL {
+    let checked: &[Contender] = if settings.control_only {
+        &[]
+    } else {
+        &Contender::ALL
+    };
+    for &contender in checked {
         for family in Family::BOTH {
             if let Err(error) = wait_http_to(
                 topo,
@@ -598,7 +610,12 @@ fn run_scale(
 
     let mut series: std::collections::BTreeMap<(Contender, Family, &'static str), Series> =
         std::collections::BTreeMap::new();
-    for round in 0..settings.rounds {
+    let rounds = if settings.control_only {
+        0
+    } else {
+        settings.rounds
+    };
+    for round in 0..rounds {
         for family in Family::BOTH {
             for test in Test::ALL {
                 let mut order = Contender::ALL.to_vec();
@@ -708,7 +725,9 @@ fn run_scale(
     let vmrss = proc_status_kib(pid, "VmRSS");
     let alive = agent.daemon.alive();
     drop(agent);
-    unload_rules(topo, &mut rules)?;
+    if !settings.control_only {
+        unload_rules(topo, &mut rules)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
     let e2e: Vec<Value> = series

@@ -52,6 +52,10 @@ enum Cmd {
         /// for profiling. Default: all.
         #[arg(long, value_delimiter = ',')]
         contenders: Vec<String>,
+        /// Only `lb`'s control plane (cold start, endpoint changes, memory):
+        /// no traffic and no kube-proxy rules.
+        #[arg(long)]
+        control_only: bool,
     },
     /// Renders the report from a results directory.
     Report {
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             scales,
             rounds,
             contenders,
+            control_only,
         } => {
             sys::install_signal_handlers();
             let mut settings = if quick {
@@ -86,6 +91,7 @@ fn main() -> anyhow::Result<()> {
                     changes: 20,
                     connections: 32,
                     contenders,
+                    control_only,
                 }
             } else {
                 e2e::Settings {
@@ -98,6 +104,7 @@ fn main() -> anyhow::Result<()> {
                     changes: 100,
                     connections: 32,
                     contenders,
+                    control_only,
                 }
             };
             if let Some(scales) = scales {

@@ -416,7 +416,7 @@ fn targets(md: &mut String, dp: &Value, e2e: &Value) {
         let sync_p99 = change["sync_ms"]["p99"].as_f64();
         let _ = writeln!(
             md,
-            "| one endpoint change < 10 ms at p99 ({} Services) | file rename → maps: p99 {} ms (p50 {} ms: the file source's 200 ms poll, re-reading every file, the sync); the sync itself: p99 {} ms | {} (sync), {} (file to maps) |",
+            "| one endpoint change < 10 ms at p99 ({} Services) | file rename → maps: p99 {} ms (p50 {} ms: inotify wake-up, re-reading the changed file, the sync); the sync itself: p99 {} ms | {} (sync), {} (file to maps) |",
             scale_name(n),
             num(p99, 1),
             num(change["rename_to_maps_ms"]["p50"].as_f64(), 1),
@@ -595,7 +595,7 @@ fn control_section(md: &mut String, e2e: &Value) {
          `synced` log line (maps written; load and attach included). Endpoint change: one \
          endpoint address of one Service rewritten (temporary file + rename), {} times at \
          random phases; `rename → maps` is until the agent's `synced` line (includes the file \
-         source's 200 ms poll and the re-read of every file), `sync` is the agent's own \
+         source's wake-up and its re-read of the changed file), `sync` is the agent's own \
          `millis=` (model + diff + map writes). Memory: `VmHWM` of the agent after all of it. \
          kube-proxy: `nft -f` / `iptables-restore` of the equivalent rules into an empty \
          namespace, IPv4 + IPv6.\n",

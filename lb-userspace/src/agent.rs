@@ -17,9 +17,9 @@ use crate::{
     maps::{Maps, MapsError},
     model,
     node::{self, NodeSettings},
-    plan::{self, DatapathState},
+    plan::{self, DatapathState, PlanIndex},
     source::{
-        self, SourceError, SourceSpec, SourceUpdate,
+        self, Changes, Snapshot, SourceError, SourceSpec, SourceUpdate,
         kube::{EventReporter, TriggerTimes},
     },
 };
@@ -67,6 +67,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The thread that loads and attaches ended without a result.
+    #[error("loading the eBPF object stopped: {0}")]
+    LoadTask(#[source] tokio::task::JoinError),
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
@@ -101,14 +104,13 @@ pub struct Shared {
     pub attachments: Vec<(String, Attachment)>,
     /// The maps (for datapath counters on scrape).
     pub maps: Option<Arc<Mutex<Maps>>>,
-    /// Frontends with their rev-NAT id, for per-service counters.
-    pub frontend_ids: Vec<(String, u32)>,
+    /// What the agent wrote (frontends with their rev-NAT id for
+    /// per-service counters, and map occupancy, on scrape).
+    pub datapath: Option<Arc<Mutex<DatapathState>>>,
     /// Sync durations.
     pub sync_duration: Histogram,
     /// `EndpointSlice` trigger time -> maps written.
     pub network_programming: Histogram,
-    /// Entries per map (conntrack is read at scrape time).
-    pub map_entries: Vec<(&'static str, usize)>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. Pins and links stay in place.
@@ -138,16 +140,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }));
     tokio::spawn(http::serve(listener, Arc::clone(&shared)));
 
-    let mut ebpf = loader::load_with(&config.pin_path, config.ct_entries)?;
-    let maps = Maps::from_ebpf(&mut ebpf)?;
-    let program = loader::program(&mut ebpf)?;
-    let mut attachments = Vec::new();
-    for iface in &config.interfaces {
-        let how = loader::attach(program, iface, &config.pin_path)?;
-        tracing::info!(iface = %iface, attachment = ?how, "attached");
-        attachments.push((iface.clone(), how));
-    }
-    let mut state = maps.read_state()?;
+    // Load and attach (verifier, map creation: hundreds of milliseconds) on
+    // another thread, while the first objects from the source go into the
+    // model here.
+    let loading = {
+        let (pin_path, ct_entries) = (config.pin_path.clone(), config.ct_entries);
+        let interfaces = config.interfaces.clone();
+        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, ct_entries, &interfaces))
+    };
+    let mut desired = Desired {
+        model: model::Incremental::new(model::NodeContext::default()),
+        node: None,
+        plan_index: None,
+    };
+    let mut hooks = Hooks::new(&config);
+    let (loaded, first_update) = prefeed(loading, &mut updates, &mut desired, &mut hooks).await;
+    let (mut ebpf, maps, attachments, state) = loaded?;
     tracing::info!(
         frontends = state.frontends.len(),
         backends = state.backends.len(),
@@ -155,10 +163,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         "recovered state from pinned maps"
     );
     let maps = Arc::new(Mutex::new(maps));
+    let state = Arc::new(Mutex::new(state));
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
         shared.maps = Some(Arc::clone(&maps));
+        shared.datapath = Some(Arc::clone(&state));
     }
 
     let (link_tx, mut links) = tokio::sync::mpsc::channel(64);
@@ -167,41 +177,31 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     } else {
         Some(ifwatch::spawn(patterns, link_tx)?)
     };
-    let mut hooks = Hooks {
-        node_name: match &config.source {
-            SourceSpec::Kube(kube) => kube.node_name.clone(),
-            SourceSpec::File(_) => String::new(),
-        },
-        events: source::kube::event_reporter(&config.source),
-        trigger_times: TriggerTimes::new(SystemTime::now()),
-        node_settings: config.node.clone(),
-        datapath_config: None,
-        health: HealthServers::default(),
-    };
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
     let mut reported = BTreeSet::new();
+    if let Some(update) = first_update {
+        on_update(
+            update,
+            &maps,
+            &state,
+            &mut desired,
+            &shared,
+            &mut reported,
+            &mut hooks,
+        );
+    }
     loop {
         tokio::select! {
             Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
-            update = updates.recv() => match update {
-                Some(SourceUpdate::Snapshot(snapshot)) => {
-                    sync(&snapshot, &maps, &mut state, &shared, &mut reported, &mut hooks);
-                }
-                Some(SourceUpdate::Stale(reason)) => {
-                    tracing::error!(%reason, "source has no fresh state; keeping the last good state");
-                    // Not ready until the source delivers again (the next
-                    // snapshot's sync makes it ready); /readyz says why.
-                    let mut shared = lock(&shared);
-                    shared.ready = false;
-                    shared.not_ready_reason = reason;
-                }
-                None => {
+            update = updates.recv() => {
+                let Some(update) = update else {
                     tracing::error!("source ended; keeping the last good state");
                     break;
-                }
-            },
+                };
+                on_update(update, &maps, &state, &mut desired, &shared, &mut reported, &mut hooks);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -220,68 +220,176 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What loading yields: the object, its maps, the attachments and the
+/// state recovered from the pins.
+type Loaded = (aya::Ebpf, Maps, Vec<(String, Attachment)>, DatapathState);
+
+fn load_and_attach(
+    pin_path: &Path,
+    ct_entries: u32,
+    interfaces: &[String],
+) -> Result<Loaded, AgentError> {
+    let mut ebpf = loader::load_with(pin_path, ct_entries)?;
+    let maps = Maps::from_ebpf(&mut ebpf)?;
+    let program = loader::program(&mut ebpf)?;
+    let mut attachments = Vec::new();
+    for iface in interfaces {
+        let how = loader::attach(program, iface, pin_path)?;
+        tracing::info!(iface = %iface, attachment = ?how, "attached");
+        attachments.push((iface.clone(), how));
+    }
+    let state = maps.read_state()?;
+    Ok((ebpf, maps, attachments, state))
+}
+
+/// Until loading is done, puts the source's first objects into the model
+/// (as long as more follow; a complete update waits for the maps and is
+/// returned).
+async fn prefeed(
+    mut loading: tokio::task::JoinHandle<Result<Loaded, AgentError>>,
+    updates: &mut tokio::sync::mpsc::Receiver<SourceUpdate>,
+    desired: &mut Desired,
+    hooks: &mut Hooks,
+) -> (Result<Loaded, AgentError>, Option<SourceUpdate>) {
+    let mut first_update = None;
+    let mut source_open = true;
+    loop {
+        tokio::select! {
+            loaded = &mut loading => {
+                let loaded = loaded.unwrap_or_else(|error| Err(AgentError::LoadTask(error)));
+                return (loaded, first_update);
+            }
+            update = updates.recv(), if first_update.is_none() && source_open => match update {
+                Some(SourceUpdate::Changes(changes)) if changes.more_follow => {
+                    feed(changes, desired, hooks);
+                }
+                Some(update) => first_update = Some(update),
+                // The main loop notices and says so.
+                None => source_open = false,
+            },
+        }
+    }
+}
+
+/// One update from the source: a sync, or (while more follow) only into the
+/// model.
+fn on_update(
+    update: SourceUpdate,
+    maps: &Mutex<Maps>,
+    state: &Mutex<DatapathState>,
+    desired: &mut Desired,
+    shared: &Mutex<Shared>,
+    reported: &mut BTreeSet<String>,
+    hooks: &mut Hooks,
+) {
+    match update {
+        SourceUpdate::Snapshot(snapshot) => {
+            let input = Input::Snapshot(Box::new(snapshot));
+            sync(input, maps, state, desired, shared, reported, hooks);
+        }
+        SourceUpdate::Changes(changes) if changes.more_follow => {
+            feed(changes, desired, hooks);
+        }
+        SourceUpdate::Changes(changes) => {
+            let input = Input::Changes(changes);
+            sync(input, maps, state, desired, shared, reported, hooks);
+        }
+        SourceUpdate::Stale(reason) => {
+            tracing::error!(%reason, "source has no fresh state; keeping the last good state");
+            // Not ready until the source delivers again (the next
+            // snapshot's sync makes it ready); /readyz says why.
+            let mut shared = lock(shared);
+            shared.ready = false;
+            shared.not_ready_reason = reason;
+        }
+    }
+}
+
+/// Puts changes into the model (not yet committed); returns the source's
+/// errors.
+fn feed(changes: Changes, desired: &mut Desired, hooks: &mut Hooks) -> Vec<model::ObjectError> {
+    for key in &changes.removed_services {
+        desired.model.remove_service(key);
+    }
+    for key in &changes.removed_slices {
+        desired.model.remove_slice(key);
+    }
+    for slice in &changes.slices {
+        desired.model.upsert_slice(slice);
+    }
+    for service in changes.services {
+        desired.model.upsert_service(service);
+    }
+    let network_programming = hooks
+        .trigger_times
+        .take_changed(&changes.slices, &changes.removed_slices);
+    hooks.pending_trigger_times.extend(network_programming);
+    changes.errors
+}
+
+/// What the agent wants in the maps, kept between syncs so that a change
+/// costs O(change).
+struct Desired {
+    model: model::Incremental,
+    /// The Node object of the last snapshot (kube source).
+    node: Option<k8s_openapi::api::core::v1::Node>,
+    /// `None` when the next plan must cover everything: first sync, after
+    /// a failed write or a plan with problems.
+    plan_index: Option<PlanIndex>,
+}
+
+/// One update from the source.
+enum Input {
+    Snapshot(Box<Snapshot>),
+    Changes(Changes),
+}
+
 /// One pass: model, diff, apply.
 fn sync(
-    snapshot: &source::Snapshot,
+    input: Input,
     maps: &Mutex<Maps>,
-    state: &mut DatapathState,
+    state: &Mutex<DatapathState>,
+    desired: &mut Desired,
     shared: &Mutex<Shared>,
     reported: &mut BTreeSet<String>,
     hooks: &mut Hooks,
 ) {
     let started = Instant::now();
-    let from_source = source::kube::node_context(snapshot.node.as_ref(), &hooks.node_name);
-    let node = node::context(&hooks.node_settings, &from_source);
-    let model = model::build(&snapshot.services, &snapshot.slices, &node);
-    write_node_config(maps, hooks, &node);
-    hooks.health.update(&model.health_checks);
-    let mut current_errors = BTreeSet::new();
-    for error in snapshot.errors.iter().chain(&model.errors) {
-        let line = error.to_string();
-        if !reported.contains(&line) {
-            tracing::warn!(
-                kind = error.kind,
-                namespace = %error.namespace,
-                name = %error.name,
-                reason = %error.reason,
-                "invalid object skipped"
-            );
-            lock(shared).invalid_objects_reported += 1;
-            if let Some(events) = &hooks.events {
-                events.report(error, snapshot);
-            }
-        }
-        current_errors.insert(line);
+    if let Input::Snapshot(snapshot) = &input {
+        desired.node.clone_from(&snapshot.node);
     }
-    *reported = current_errors;
+    let from_source = source::kube::node_context(desired.node.as_ref(), &hooks.node_name);
+    let node = node::context(&hooks.node_settings, &from_source);
+    desired.model.set_node(&node);
+    let (snapshot, source_errors) = match input {
+        Input::Snapshot(mut snapshot) => {
+            desired.model.reset(&snapshot.services, &snapshot.slices);
+            let errors = std::mem::take(&mut snapshot.errors);
+            (Some(snapshot), errors)
+        }
+        Input::Changes(changes) => (None, feed(changes, desired, hooks)),
+    };
+    let changes = desired.model.commit();
+    write_node_config(maps, hooks, &node);
+    hooks.health.update(&desired.model.health_checks());
+    report_errors(
+        source_errors.iter().chain(&desired.model.errors()),
+        snapshot.as_deref(),
+        shared,
+        reported,
+        hooks,
+    );
 
-    let plan = plan::diff(state, &model.frontends);
+    let mut state = lock(state);
+    let frontends = desired.model.frontends();
+    let plan = match &mut desired.plan_index {
+        Some(index) => plan::diff_changes(&state, index, frontends, &changes),
+        None => plan::diff(&state, frontends),
+    };
     for problem in &plan.problems {
         tracing::warn!(%problem, "frontend not fully programmed");
     }
-    let mut writes = 0u64;
-    let mut failures = 0u64;
-    {
-        let mut maps = lock(maps);
-        for op in &plan.ops {
-            match maps.apply_op(op) {
-                Ok(()) => writes += 1,
-                Err(error) => {
-                    failures += 1;
-                    tracing::error!(%error, ?op, "map write failed");
-                }
-            }
-        }
-        if failures == 0 {
-            plan::apply_to_state(state, &plan.ops);
-        } else {
-            // Re-read what really is in the maps; the next sync retries.
-            match maps.read_state() {
-                Ok(read) => *state = read,
-                Err(error) => tracing::error!(%error, "cannot read the maps back"),
-            }
-        }
-    }
+    let (writes, failures) = apply_plan(&plan, &mut lock(maps), &mut state, desired);
     let elapsed = started.elapsed();
     if !plan.ops.is_empty() {
         tracing::info!(
@@ -293,6 +401,13 @@ fn sync(
             "synced"
         );
     }
+    // After a plan over everything, index what was written, once the ops
+    // are gone (on a first sync they are the largest allocation).
+    let plan_complete = failures == 0 && plan.problems.is_empty();
+    drop(plan);
+    if plan_complete && desired.plan_index.is_none() {
+        desired.plan_index = Some(PlanIndex::new(&state, desired.model.frontends()));
+    }
     let mut shared = lock(shared);
     shared.map_writes += writes;
     shared.map_write_errors += failures;
@@ -300,16 +415,15 @@ fn sync(
     shared.last_sync_seconds = elapsed.as_secs_f64();
     shared.frontends = state.frontends.len();
     shared.backends = state.backends.len();
-    shared.frontend_ids = state
-        .frontends
-        .iter()
-        .map(|(frontend, fs)| (frontend.to_string(), fs.rev_nat_id))
-        .collect();
+    drop(state);
     shared.sync_duration.observe(elapsed.as_secs_f64());
-    shared.map_entries = map_occupancy(state);
     if failures == 0 {
         let written = SystemTime::now();
-        for trigger in hooks.trigger_times.take_new(&snapshot.slices) {
+        let triggers = match &snapshot {
+            Some(snapshot) => hooks.trigger_times.take_new(&snapshot.slices),
+            None => std::mem::take(&mut hooks.pending_trigger_times),
+        };
+        for trigger in triggers {
             let latency = written.duration_since(trigger).unwrap_or_default();
             shared.network_programming.observe(latency.as_secs_f64());
         }
@@ -322,6 +436,73 @@ fn sync(
             shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
         }
     }
+}
+
+/// Writes the plan; keeps the state (and the plan index) in step with what
+/// the maps now hold. Returns (writes, failures).
+fn apply_plan(
+    plan: &plan::Plan,
+    maps: &mut Maps,
+    state: &mut DatapathState,
+    desired: &mut Desired,
+) -> (u64, u64) {
+    let mut writes = 0u64;
+    let mut failures = 0u64;
+    maps.apply_ops(&plan.ops, &mut |op, result| match result {
+        Ok(()) => writes += 1,
+        Err(error) => {
+            failures += 1;
+            tracing::error!(%error, ?op, "map write failed");
+        }
+    });
+    if failures == 0 {
+        if let Some(index) = &mut desired.plan_index {
+            index.note_applied(state, &plan.ops);
+        }
+        plan::apply_to_state(state, &plan.ops);
+        if !plan.problems.is_empty() {
+            // Left-out frontends are retried by a plan over everything.
+            desired.plan_index = None;
+        }
+    } else {
+        desired.plan_index = None;
+        // Re-read what really is in the maps; the next sync retries.
+        match maps.read_state() {
+            Ok(read) => *state = read,
+            Err(error) => tracing::error!(%error, "cannot read the maps back"),
+        }
+    }
+    (writes, failures)
+}
+
+/// Logs (and raises Events for) errors not reported before; remembers the
+/// current ones.
+fn report_errors<'e>(
+    errors: impl Iterator<Item = &'e model::ObjectError>,
+    snapshot: Option<&Snapshot>,
+    shared: &Mutex<Shared>,
+    reported: &mut BTreeSet<String>,
+    hooks: &Hooks,
+) {
+    let mut current_errors = BTreeSet::new();
+    for error in errors {
+        let line = error.to_string();
+        if !reported.contains(&line) {
+            tracing::warn!(
+                kind = error.kind,
+                namespace = %error.namespace,
+                name = %error.name,
+                reason = %error.reason,
+                "invalid object skipped"
+            );
+            lock(shared).invalid_objects_reported += 1;
+            if let (Some(events), Some(snapshot)) = (&hooks.events, snapshot) {
+                events.report(error, snapshot);
+            }
+        }
+        current_errors.insert(line);
+    }
+    *reported = current_errors;
 }
 
 // ---------------------------------------------------------------------------
@@ -357,6 +538,26 @@ struct Hooks {
     events: Option<EventReporter>,
     /// Turns slice trigger times into `network_programming` observations.
     trigger_times: TriggerTimes,
+    /// Trigger times of changed slices, observed once their state is in
+    /// the maps.
+    pending_trigger_times: Vec<SystemTime>,
+}
+
+impl Hooks {
+    fn new(config: &AgentConfig) -> Self {
+        Self {
+            node_name: match &config.source {
+                SourceSpec::Kube(kube) => kube.node_name.clone(),
+                SourceSpec::File(_) => String::new(),
+            },
+            events: source::kube::event_reporter(&config.source),
+            trigger_times: TriggerTimes::new(SystemTime::now()),
+            pending_trigger_times: Vec::new(),
+            node_settings: config.node.clone(),
+            datapath_config: None,
+            health: HealthServers::default(),
+        }
+    }
 }
 
 /// Attaches to an interface that appeared; forgets one that went away
@@ -401,7 +602,8 @@ fn on_link_event(event: &LinkEvent, ebpf: &mut aya::Ebpf, pin_path: &Path, share
 }
 
 /// Entries per map, from what the agent wrote.
-fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
+#[must_use]
+pub fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
     use lb_common::map_names;
     let (mut svc4, mut svc6, mut be4, mut be6, mut rnat4, mut rnat6) = (0, 0, 0, 0, 0, 0);
     for (frontend, fs) in &state.frontends {

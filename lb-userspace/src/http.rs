@@ -160,17 +160,33 @@ fn metrics(shared: &Shared) -> String {
         );
     }
     latency_and_occupancy_metrics(shared, &mut out);
+    // Frontend labels and occupancy are computed here, at scrape time, not
+    // on every sync: both are O(all frontends).
+    let (frontend_ids, map_entries) = shared.datapath.as_ref().map_or_else(
+        || (Vec::new(), Vec::new()),
+        |datapath| {
+            let state = datapath
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ids: Vec<(String, u32)> = state
+                .frontends
+                .iter()
+                .map(|(frontend, fs)| (frontend.to_string(), fs.rev_nat_id))
+                .collect();
+            (ids, crate::agent::map_occupancy(&state))
+        },
+    );
+    render_map_entries(&map_entries, &mut out);
     if let Some(maps) = &shared.maps {
         let maps = maps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        datapath_metrics(&maps, &shared.frontend_ids, &mut out);
+        datapath_metrics(&maps, &frontend_ids, &mut out);
     }
     out
 }
 
-/// Histograms (names as kube-proxy's, `kubeproxy_` -> `lb_`) and map
-/// occupancy.
+/// Histograms (names as kube-proxy's, `kubeproxy_` -> `lb_`).
 fn latency_and_occupancy_metrics(shared: &Shared, out: &mut String) {
     shared.sync_duration.render(
         "lb_sync_proxy_rules_duration_seconds",
@@ -182,11 +198,15 @@ fn latency_and_occupancy_metrics(shared: &Shared, out: &mut String) {
         "From an EndpointSlice's last-change trigger time to its state in the maps.",
         out,
     );
+}
+
+/// Entries per map the agent writes (conntrack is read with the counters).
+fn render_map_entries(map_entries: &[(&'static str, usize)], out: &mut String) {
     let _ = writeln!(
         out,
         "# HELP lb_map_entries Entries in each map the agent writes.\n# TYPE lb_map_entries gauge"
     );
-    for (map, entries) in &shared.map_entries {
+    for (map, entries) in map_entries {
         let _ = writeln!(out, "lb_map_entries{{map=\"{map}\"}} {entries}");
     }
 }

@@ -287,6 +287,148 @@ impl Maps {
         Ok(())
     }
 
+    /// Applies `ops` in order, telling `on_result` how each went.
+    ///
+    /// Writes to the service and backend maps go to the kernel as
+    /// `BPF_MAP_UPDATE_BATCH`es (aya 0.16 has none), which makes a first
+    /// sync of 10k Services several times faster. Where a batch fails, the
+    /// rest of it is written one by one, so that every failure is reported
+    /// with its op. The plan's order is kept where it matters: a run of new
+    /// backends, rev-NAT entries and source ranges (independent of each
+    /// other) may be written in any order; a run of slot, frontend and
+    /// marker writes keeps its order per family (each family has its own
+    /// map). Large runs write the two families' maps on two threads.
+    pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        let mut start = 0;
+        while start < ops.len() {
+            let class = RunClass::of(&ops[start]);
+            let end = start
+                + ops[start..]
+                    .iter()
+                    .take_while(|op| RunClass::of(op) == class)
+                    .count();
+            let run = &ops[start..end];
+            if class == RunClass::Single {
+                for op in run {
+                    on_result(op, self.apply_op(op));
+                }
+            } else {
+                self.apply_run(run, on_result);
+            }
+            start = end;
+        }
+    }
+
+    /// Writes a run of reorderable ops: batches per map (in parallel when
+    /// large), then what cannot be batched and what a batch left, one by one.
+    fn apply_run(&mut self, run: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        const PARALLEL_FROM: usize = 4096;
+        let mut groups: [Vec<&Op>; 4] = Default::default();
+        let mut singles = Vec::new();
+        for op in run {
+            match BatchTarget::of(op) {
+                Some(target) => groups[target as usize].push(op),
+                None => singles.push(op),
+            }
+        }
+        let mut written = [0usize; 4];
+        let this = &*self;
+        if run.len() >= PARALLEL_FROM {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = BatchTarget::ALL
+                    .iter()
+                    .zip(&groups)
+                    .map(|(target, group)| scope.spawn(move || this.update_batch(*target, group)))
+                    .collect();
+                for (slot, handle) in written.iter_mut().zip(handles) {
+                    *slot = handle.join().unwrap_or(0);
+                }
+            });
+        } else {
+            for ((slot, target), group) in written.iter_mut().zip(BatchTarget::ALL).zip(&groups) {
+                *slot = this.update_batch(target, group);
+            }
+        }
+        for (group, written) in groups.iter().zip(written) {
+            for op in &group[..written] {
+                on_result(op, Ok(()));
+            }
+            for op in &group[written..] {
+                on_result(op, self.apply_op(op));
+            }
+        }
+        for op in singles {
+            on_result(op, self.apply_op(op));
+        }
+    }
+
+    /// Writes a run of ops to `target` as one batch; returns how many the
+    /// kernel wrote (all, or those before the one that failed).
+    fn update_batch(&self, target: BatchTarget, run: &[&Op]) -> usize {
+        use aya::maps::IterableMap as _;
+        if run.len() < 2 {
+            return 0;
+        }
+        match target {
+            BatchTarget::Services4 => {
+                let (keys, values): (Vec<Lb4Key>, Vec<LbService>) = run
+                    .iter()
+                    .copied()
+                    .filter_map(|op| {
+                        let (frontend, slot, value) = service_write(op)?;
+                        let IpAddr::V4(addr) = frontend.addr else {
+                            return None;
+                        };
+                        Some((key4(addr, &frontend, slot), value))
+                    })
+                    .unzip();
+                update_batch(self.services4.map(), &keys, &values)
+            }
+            BatchTarget::Services6 => {
+                let (keys, values): (Vec<Lb6Key>, Vec<LbService>) = run
+                    .iter()
+                    .copied()
+                    .filter_map(|op| {
+                        let (frontend, slot, value) = service_write(op)?;
+                        let IpAddr::V6(addr) = frontend.addr else {
+                            return None;
+                        };
+                        Some((key6(addr, &frontend, slot), value))
+                    })
+                    .unzip();
+                update_batch(self.services6.map(), &keys, &values)
+            }
+            BatchTarget::Backends4 => {
+                let (keys, values): (Vec<u32>, Vec<Lb4Backend>) = run
+                    .iter()
+                    .copied()
+                    .filter_map(|op| match *op {
+                        Op::PutBackend { id, backend } => match backend.key.addr {
+                            IpAddr::V4(addr) => Some((id, backend4(addr, backend))),
+                            IpAddr::V6(_) => None,
+                        },
+                        _ => None,
+                    })
+                    .unzip();
+                update_batch(self.backends4.map(), &keys, &values)
+            }
+            BatchTarget::Backends6 => {
+                let (keys, values): (Vec<u32>, Vec<Lb6Backend>) = run
+                    .iter()
+                    .copied()
+                    .filter_map(|op| match *op {
+                        Op::PutBackend { id, backend } => match backend.key.addr {
+                            IpAddr::V6(addr) => Some((id, backend6(addr, backend))),
+                            IpAddr::V4(_) => None,
+                        },
+                        _ => None,
+                    })
+                    .unzip();
+                update_batch(self.backends6.map(), &keys, &values)
+            }
+        }
+    }
+
     /// Writes one plan step.
     ///
     /// # Errors
@@ -595,6 +737,190 @@ fn marker(addr: IpAddr) -> Frontend {
         addr,
         port: 0,
         proto: Protocol::Tcp,
+    }
+}
+
+/// The maps whose writes are batched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchTarget {
+    Services4 = 0,
+    Services6 = 1,
+    Backends4 = 2,
+    Backends6 = 3,
+}
+
+/// How a run of consecutive ops may be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunClass {
+    /// New backends, rev-NAT entries, source ranges: any order.
+    IndependentPuts,
+    /// Slots, frontends, markers: in order within each family.
+    ServiceWrites,
+    /// Removals: one by one, in order.
+    Single,
+}
+
+impl RunClass {
+    fn of(op: &Op) -> Self {
+        match op {
+            Op::PutBackend { .. } | Op::PutRevNat { .. } | Op::PutSourceRange(_) => {
+                Self::IndependentPuts
+            }
+            Op::PutSlot { .. } | Op::PutFrontend { .. } | Op::PutMarker { .. } => {
+                Self::ServiceWrites
+            }
+            _ => Self::Single,
+        }
+    }
+}
+
+impl BatchTarget {
+    const ALL: [Self; 4] = [
+        Self::Services4,
+        Self::Services6,
+        Self::Backends4,
+        Self::Backends6,
+    ];
+
+    fn of(op: &Op) -> Option<Self> {
+        let v4 = |addr: IpAddr| addr.is_ipv4();
+        match op {
+            Op::PutSlot { frontend, .. } | Op::PutFrontend { frontend, .. } => {
+                Some(if v4(frontend.addr) {
+                    Self::Services4
+                } else {
+                    Self::Services6
+                })
+            }
+            Op::PutMarker { addr } => Some(if v4(*addr) {
+                Self::Services4
+            } else {
+                Self::Services6
+            }),
+            Op::PutBackend { backend, .. } => Some(if v4(backend.key.addr) {
+                Self::Backends4
+            } else {
+                Self::Backends6
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The service-map write an op makes: key parts and value.
+fn service_write(op: &Op) -> Option<(Frontend, u16, LbService)> {
+    match *op {
+        Op::PutSlot {
+            frontend,
+            slot,
+            backend_id,
+        } => Some((
+            frontend,
+            slot,
+            LbService {
+                backend_id,
+                ..LbService::default()
+            },
+        )),
+        Op::PutFrontend {
+            frontend,
+            count,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s,
+        } => Some((
+            frontend,
+            0,
+            LbService {
+                count,
+                flags,
+                rev_nat_id,
+                affinity_timeout_s,
+                ..LbService::default()
+            },
+        )),
+        Op::PutMarker { addr } => Some((
+            marker(addr),
+            0,
+            LbService {
+                flags: svc_flags::ADDRESS_MARKER,
+                ..LbService::default()
+            },
+        )),
+        _ => None,
+    }
+}
+
+fn backend4(addr: Ipv4Addr, backend: BackendEntry) -> Lb4Backend {
+    Lb4Backend {
+        addr: addr.octets(),
+        port_be: backend.key.port.to_be(),
+        proto: backend.key.proto.number(),
+        flags: backend.flags,
+    }
+}
+
+fn backend6(addr: Ipv6Addr, backend: BackendEntry) -> Lb6Backend {
+    Lb6Backend {
+        addr: addr.octets(),
+        port_be: backend.key.port.to_be(),
+        proto: backend.key.proto.number(),
+        flags: backend.flags,
+    }
+}
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h; hash maps, Linux >= 5.6).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no
+/// batch update); returns how many were written.
+fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> usize {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if keys.len() != values.len() || keys.is_empty() {
+        return 0;
+    }
+    let Ok(count) = u32::try_from(keys.len()) else {
+        return 0;
+    };
+    let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
+        return 0;
+    };
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points at `count` keys and values of the map's sizes
+    // (the map was opened with these types), alive for the call.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &raw mut attr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if result == 0 {
+        keys.len()
+    } else {
+        // The kernel reports in `count` how many it wrote before failing.
+        usize::try_from(attr.count).unwrap_or(0).min(keys.len())
     }
 }
 

@@ -18,7 +18,7 @@
 //!   that take no new flows are listed apart so that established flows drain.
 //! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -307,9 +307,8 @@ const ENDPOINT_SLICE: &str = "EndpointSlice";
 #[must_use]
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
     let mut errors = Vec::new();
-    let endpoints = EndpointIndex::new(slices, node, &mut errors);
-    let node_addrs: BTreeSet<IpAddr> = node.addresses.iter().copied().collect();
-    let zone = node.zone.as_deref().filter(|zone| !zone.is_empty());
+    let endpoints = EndpointIndex::new(slices, &mut errors);
+    let context = ServiceContext::new(node);
 
     let mut ordered: Vec<&Service> = services.iter().collect();
     // Stable, so that among duplicates the first given wins.
@@ -337,61 +336,21 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
             ));
             continue;
         }
-        let parsed = match parse_service(service, &mut errors) {
-            Ok(Some(parsed)) => parsed,
-            Ok(None) => continue,
-            Err(reason) => {
-                errors.push(ObjectError::for_object(SERVICE, meta, reason));
-                continue;
-            }
-        };
-        let planned = parsed.frontends(&node_addrs);
+        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace, name).iter().collect();
+        let output = service_output(service, &slices, &context);
+        errors.extend(output.errors);
         if let Some(reason) = conflict(
-            &planned,
-            parsed.health_check_port,
+            output.frontends.iter().map(|(frontend, _)| frontend),
+            output.health_check.as_ref().map(|check| check.port),
             &frontends,
             &health_checks,
         ) {
             errors.push(ObjectError::for_object(SERVICE, meta, reason));
             continue;
         }
-
-        let mut selector = Selector {
-            slices: endpoints.of(namespace, name),
-            parsed: &parsed,
-            zone,
-            cache: HashMap::new(),
-        };
-        for PlannedFrontend {
-            frontend,
-            kind,
-            port,
-        } in planned
-        {
-            let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
-            let spec = parsed.spec(
-                ServiceRef {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                    port_name: parsed.ports[port].name.to_owned(),
-                },
-                frontend.addr,
-                kind,
-                selection,
-            );
-            frontends.insert(frontend, spec);
-        }
-        if let Some(port) = parsed.health_check_port {
-            let check = HealthCheck {
-                service: ServiceRef {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                    port_name: String::new(),
-                },
-                port,
-                local_endpoints: selector.local_ready_endpoints(),
-            };
-            health_checks.insert(port, check);
+        frontends.extend(output.frontends);
+        if let Some(check) = output.health_check {
+            health_checks.insert(check.port, check);
         }
     }
 
@@ -404,18 +363,104 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
     }
 }
 
+/// What one Service asks for, before conflicts with other Services.
+#[derive(Clone, Debug, Default)]
+struct ServiceOutput {
+    /// Each frontend once, in the Service's own order.
+    frontends: Vec<(Frontend, FrontendSpec)>,
+    health_check: Option<HealthCheck>,
+    /// Its own problems: the whole Service, or parts of it, skipped.
+    errors: Vec<ObjectError>,
+}
+
+/// The node facts every Service's frontends and endpoints depend on.
+struct ServiceContext<'a> {
+    node_name: &'a str,
+    node_addrs: BTreeSet<IpAddr>,
+    zone: Option<&'a str>,
+}
+
+impl<'a> ServiceContext<'a> {
+    fn new(node: &'a NodeContext) -> Self {
+        Self {
+            node_name: &node.name,
+            node_addrs: node.addresses.iter().copied().collect(),
+            zone: node.zone.as_deref().filter(|zone| !zone.is_empty()),
+        }
+    }
+}
+
+/// One named Service with its slices (of its namespace, by the service-name
+/// label) turned into frontends; independent of every other Service.
+fn service_output(
+    service: &Service,
+    slices: &[&SliceEndpoints],
+    context: &ServiceContext<'_>,
+) -> ServiceOutput {
+    let meta = &service.metadata;
+    let namespace = namespace_of(meta);
+    let name = meta.name.as_deref().unwrap_or_default();
+    let mut output = ServiceOutput::default();
+    let parsed = match parse_service(service, &mut output.errors) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return output,
+        Err(reason) => {
+            output
+                .errors
+                .push(ObjectError::for_object(SERVICE, meta, reason));
+            return output;
+        }
+    };
+    let mut selector = Selector {
+        slices,
+        parsed: &parsed,
+        node_name: context.node_name,
+        zone: context.zone,
+        cache: HashMap::new(),
+    };
+    for PlannedFrontend {
+        frontend,
+        kind,
+        port,
+    } in parsed.frontends(&context.node_addrs)
+    {
+        let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
+        let spec = parsed.spec(
+            ServiceRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port_name: parsed.ports[port].name.to_owned(),
+            },
+            frontend.addr,
+            kind,
+            selection,
+        );
+        output.frontends.push((frontend, spec));
+    }
+    output.health_check = parsed.health_check_port.map(|port| HealthCheck {
+        service: ServiceRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port_name: String::new(),
+        },
+        port,
+        local_endpoints: selector.local_ready_endpoints(),
+    });
+    output
+}
+
 /// Why a Service cannot have what it claims, if another one has it already.
-fn conflict(
-    planned: &[PlannedFrontend],
+fn conflict<'f>(
+    mut planned: impl Iterator<Item = &'f Frontend>,
     health_check_port: Option<u16>,
     frontends: &BTreeMap<Frontend, FrontendSpec>,
     health_checks: &BTreeMap<u16, HealthCheck>,
 ) -> Option<String> {
-    let frontend = planned.iter().find_map(|planned| {
-        let owner = frontends.get(&planned.frontend)?;
+    let frontend = planned.find_map(|planned| {
+        let owner = frontends.get(planned)?;
         Some(format!(
-            "frontend {} is already served by Service {}",
-            planned.frontend, owner.service
+            "frontend {planned} is already served by Service {}",
+            owner.service
         ))
     });
     frontend.or_else(|| {
@@ -996,7 +1041,7 @@ fn load_balancer_ingress_ips(service: &Service) -> impl Iterator<Item = &str> {
 }
 
 /// An endpoint's conditions, with Kubernetes' defaults applied.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Conditions {
     /// Absent means ready.
     ready: bool,
@@ -1007,20 +1052,26 @@ struct Conditions {
 }
 
 /// One endpoint of a slice, by its first valid address.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct EndpointInfo {
     addr: IpAddr,
-    node_local: bool,
+    /// `nodeName`; compared with the node's name when selecting, so that a
+    /// parsed slice does not depend on the node.
+    node_name: Option<Box<str>>,
     conditions: Conditions,
     /// `hints.forZones` names; empty when there are no hints.
     zones: Vec<String>,
 }
 
 /// One `EndpointSlice`, validated once however many Service ports use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct SliceEndpoints {
     ipv4: bool,
     endpoints: Vec<EndpointInfo>,
     /// (name, protocol) -> target port.
-    ports: BTreeMap<(String, Protocol), u16>,
+    /// (name, protocol, target port), each (name, protocol) once: a slice
+    /// has a few ports, so a list is both smaller and faster than a map.
+    ports: Vec<(Box<str>, Protocol, u16)>,
 }
 
 /// Slices grouped by the Service they belong to: (namespace, service name).
@@ -1029,7 +1080,7 @@ struct EndpointIndex {
 }
 
 impl EndpointIndex {
-    fn new(slices: &[EndpointSlice], node: &NodeContext, errors: &mut Vec<ObjectError>) -> Self {
+    fn new(slices: &[EndpointSlice], errors: &mut Vec<ObjectError>) -> Self {
         let mut ordered: Vec<&EndpointSlice> = slices.iter().collect();
         ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
 
@@ -1037,12 +1088,7 @@ impl EndpointIndex {
         let mut by_service: HashMap<(String, String), Vec<SliceEndpoints>> = HashMap::new();
         for slice in ordered {
             let meta = &slice.metadata;
-            let Some(service) = meta
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            else {
-                // Not managed for a Service (custom slices): none of ours.
+            let Some(service) = slice_service(meta) else {
                 continue;
             };
             let Some(name) = meta.name.as_deref() else {
@@ -1062,28 +1108,12 @@ impl EndpointIndex {
                 ));
                 continue;
             }
-            let ipv4 = match slice.address_type.as_str() {
-                "IPv4" => true,
-                "IPv6" => false,
-                "FQDN" => continue,
-                other => {
-                    errors.push(ObjectError::for_object(
-                        ENDPOINT_SLICE,
-                        meta,
-                        format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
-                    ));
-                    continue;
-                }
-            };
-            let parsed = SliceEndpoints {
-                ipv4,
-                endpoints: endpoints(slice, ipv4, node, errors),
-                ports: slice_ports(slice, errors),
-            };
-            by_service
-                .entry((namespace.to_owned(), service.clone()))
-                .or_default()
-                .push(parsed);
+            if let Some(parsed) = parse_slice(slice, errors) {
+                by_service
+                    .entry((namespace.to_owned(), service.to_owned()))
+                    .or_default()
+                    .push(parsed);
+            }
         }
         Self { by_service }
     }
@@ -1095,13 +1125,49 @@ impl EndpointIndex {
     }
 }
 
+/// The Service a slice belongs to; none for slices not managed for a
+/// Service (custom slices), which are none of ours.
+fn slice_service(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .map(String::as_str)
+}
+
+/// A named slice of a Service, validated; `None` when it has nothing to
+/// serve (FQDN slices, or an unknown address type, reported).
+fn parse_slice(slice: &EndpointSlice, errors: &mut Vec<ObjectError>) -> Option<SliceEndpoints> {
+    let ipv4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        "FQDN" => return None,
+        other => {
+            errors.push(ObjectError::for_object(
+                ENDPOINT_SLICE,
+                &slice.metadata,
+                format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
+            ));
+            return None;
+        }
+    };
+    Some(SliceEndpoints {
+        ipv4,
+        endpoints: endpoints(slice, ipv4, errors),
+        ports: slice_ports(slice, errors),
+    })
+    .map(|mut parsed| {
+        // Parsed slices are kept (`Incremental`): no spare capacity.
+        parsed.endpoints.shrink_to_fit();
+        parsed
+    })
+}
+
 /// Validates every address, and keeps the first valid one of each endpoint:
 /// an endpoint's addresses are one pod and fungible (kube-proxy uses only
 /// the first), so taking all would weigh that pod more.
 fn endpoints(
     slice: &EndpointSlice,
     ipv4: bool,
-    node: &NodeContext,
     errors: &mut Vec<ObjectError>,
 ) -> Vec<EndpointInfo> {
     let family = family_name(ipv4);
@@ -1147,8 +1213,7 @@ fn endpoints(
             .collect();
         endpoints.push(EndpointInfo {
             addr,
-            node_local: !node.name.is_empty()
-                && endpoint.node_name.as_deref() == Some(node.name.as_str()),
+            node_name: endpoint.node_name.as_deref().map(Box::from),
             conditions,
             zones,
         });
@@ -1161,8 +1226,8 @@ fn endpoints(
 fn slice_ports(
     slice: &EndpointSlice,
     errors: &mut Vec<ObjectError>,
-) -> BTreeMap<(String, Protocol), u16> {
-    let mut ports = BTreeMap::new();
+) -> Vec<(Box<str>, Protocol, u16)> {
+    let mut ports: Vec<(Box<str>, Protocol, u16)> = Vec::new();
     for EndpointPort {
         name,
         port,
@@ -1182,7 +1247,10 @@ fn slice_ports(
             ));
             continue;
         };
-        if ports.contains_key(&(name.clone(), proto)) {
+        if ports
+            .iter()
+            .any(|(known, known_proto, _)| **known == *name && *known_proto == proto)
+        {
             errors.push(ObjectError::for_object(
                 ENDPOINT_SLICE,
                 &slice.metadata,
@@ -1190,8 +1258,9 @@ fn slice_ports(
             ));
             continue;
         }
-        ports.insert((name, proto), number);
+        ports.push((name.into_boxed_str(), proto, number));
     }
+    ports.shrink_to_fit();
     ports
 }
 
@@ -1214,8 +1283,10 @@ struct Selection {
 /// Picks the endpoints of one Service's frontends, each (port, family,
 /// policy) once.
 struct Selector<'a> {
-    slices: &'a [SliceEndpoints],
+    slices: &'a [&'a SliceEndpoints],
     parsed: &'a ParsedService<'a>,
+    /// This node's name; empty: no endpoint is local.
+    node_name: &'a str,
     /// This node's zone, if known.
     zone: Option<&'a str>,
     /// (port index, IPv4, local policy) -> selection.
@@ -1249,12 +1320,18 @@ impl<'a> Selector<'a> {
             .iter()
             .filter(|slice| slice.ipv4 == ipv4)
             .filter_map(|slice| {
-                let target = *slice.ports.get(&(port.name.to_owned(), port.proto))?;
+                let target = slice
+                    .ports
+                    .iter()
+                    .find(|(name, proto, _)| **name == *port.name && *proto == port.proto)
+                    .map(|(_, _, target)| *target)?;
+                let node_name = self.node_name;
                 Some(slice.endpoints.iter().map(move |endpoint| Candidate {
                     backend: Backend {
                         addr: endpoint.addr,
                         port: target,
-                        node_local: endpoint.node_local,
+                        node_local: !node_name.is_empty()
+                            && endpoint.node_name.as_deref() == Some(node_name),
                     },
                     conditions: Conditions {
                         ready: endpoint.conditions.ready || publish_not_ready,
@@ -1351,6 +1428,577 @@ fn sorted_unique(backends: impl Iterator<Item = Backend>) -> Vec<Backend> {
     backends.sort_unstable();
     backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
     backends
+}
+
+/// An object's identity: namespace (defaulted) and name (empty if missing).
+pub type ObjectKey = (String, String);
+
+/// The identity of a Service or `EndpointSlice`, as the model keys it.
+#[must_use]
+pub fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    (
+        namespace_of(meta).to_owned(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// One stored Service and what it asked for when last computed.
+struct ServiceEntry {
+    /// `None`: removed, to be forgotten at the next commit.
+    service: Option<Service>,
+    /// Frontends it claims (served, or refused by a conflict).
+    claims: Vec<Frontend>,
+    health_check_port: Option<u16>,
+    /// Its own errors, a conflict with another Service included.
+    errors: Vec<ObjectError>,
+}
+
+/// One stored `EndpointSlice`, reduced to what the model uses.
+struct SliceEntry {
+    /// `metadata.resourceVersion` (API objects): the same version is the
+    /// same object, so a snapshot need not parse it again.
+    resource_version: Option<String>,
+    /// The Service it belongs to (service-name label); `None`: not ours.
+    service: Option<String>,
+    parsed: Option<SliceEndpoints>,
+    errors: Vec<ObjectError>,
+}
+
+/// The frontends whose spec changed in one [`Incremental::commit`], with
+/// the spec each had before (`None`: it is new).
+pub type FrontendChanges = BTreeMap<Frontend, Option<FrontendSpec>>;
+
+/// [`build`] kept up to date object by object: a change recomputes only the
+/// Services it touches (the Service itself, or the Service its slice names),
+/// so that one endpoint change costs O(that Service), not O(all Services).
+///
+/// It gives the same frontends, health checks and errors as [`build`] over
+/// the same objects. Where a change involves two Services claiming one
+/// frontend or health check port (whose outcome depends on the order of
+/// all Services), or the node changes, it recomputes everything.
+///
+/// Slices are kept only in their parsed, compact form.
+pub struct Incremental {
+    node: NodeContext,
+    services: BTreeMap<ObjectKey, ServiceEntry>,
+    slices: HashMap<ObjectKey, SliceEntry>,
+    /// (namespace, service name) -> names of its slices, in name order.
+    slices_of: HashMap<ObjectKey, BTreeSet<String>>,
+    /// How many Services claim each frontend / health check port.
+    frontend_claims: HashMap<Frontend, u32>,
+    port_claims: HashMap<u16, u32>,
+    frontends: BTreeMap<Frontend, FrontendSpec>,
+    health_checks: BTreeMap<u16, HealthCheck>,
+    /// Every current error with the number of objects reporting it.
+    errors: BTreeMap<ObjectError, u32>,
+    /// Duplicates found by the last [`Incremental::reset`].
+    duplicates: Vec<ObjectError>,
+    /// Services to recompute at the next commit.
+    dirty: BTreeSet<ObjectKey>,
+    /// Everything is recomputed at the next commit.
+    all_dirty: bool,
+}
+
+impl Incremental {
+    /// An empty model for `node`.
+    #[must_use]
+    pub fn new(node: NodeContext) -> Self {
+        Self {
+            node,
+            services: BTreeMap::new(),
+            slices: HashMap::new(),
+            slices_of: HashMap::new(),
+            frontend_claims: HashMap::new(),
+            port_claims: HashMap::new(),
+            frontends: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            duplicates: Vec::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: false,
+        }
+    }
+
+    /// Replaces every object, as [`build`] takes them (of two with the same
+    /// namespace/name the first given wins). Objects equal to the stored
+    /// ones change nothing, so that the commit recomputes only what differs.
+    pub fn reset(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        self.duplicates.clear();
+        let mut present = BTreeSet::new();
+        for service in services {
+            let key = key_of(&service.metadata);
+            if !present.insert(key.clone()) && service.metadata.name.is_some() {
+                self.duplicates.push(ObjectError::for_object(
+                    SERVICE,
+                    &service.metadata,
+                    "duplicate Service, the first one given is used",
+                ));
+                continue;
+            }
+            let stored = self
+                .services
+                .get(&key)
+                .and_then(|entry| entry.service.as_ref());
+            if stored != Some(service) {
+                self.upsert_service(service.clone());
+            }
+        }
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove_service(key);
+        }
+        let mut present = HashSet::new();
+        for slice in slices {
+            // Slices of no Service are none of ours (and no duplicates).
+            if slice_service(&slice.metadata).is_none() {
+                continue;
+            }
+            let key = key_of(&slice.metadata);
+            if !present.insert(key) && slice.metadata.name.is_some() {
+                self.duplicates.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    &slice.metadata,
+                    "duplicate EndpointSlice, the first one given is used",
+                ));
+                continue;
+            }
+            self.upsert_slice(slice);
+        }
+        let gone: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove_slice(key);
+        }
+    }
+
+    /// Sets the node; a different node recomputes everything.
+    pub fn set_node(&mut self, node: &NodeContext) {
+        if *node != self.node {
+            self.node = node.clone();
+            self.all_dirty = true;
+        }
+    }
+
+    /// Adds or replaces a Service.
+    pub fn upsert_service(&mut self, service: Service) {
+        let key = key_of(&service.metadata);
+        if let Some(entry) = self.services.get_mut(&key) {
+            if entry.service.as_ref() == Some(&service) {
+                return;
+            }
+            entry.service = Some(service);
+        } else {
+            self.services.insert(
+                key.clone(),
+                ServiceEntry {
+                    service: Some(service),
+                    claims: Vec::new(),
+                    health_check_port: None,
+                    errors: Vec::new(),
+                },
+            );
+        }
+        self.dirty.insert(key);
+    }
+
+    /// Removes a Service, if present.
+    pub fn remove_service(&mut self, key: &ObjectKey) {
+        if let Some(entry) = self.services.get_mut(key) {
+            entry.service = None;
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// Adds or replaces an `EndpointSlice`.
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        let key = key_of(&slice.metadata);
+        let resource_version = slice.metadata.resource_version.clone();
+        if resource_version.is_some()
+            && self
+                .slices
+                .get(&key)
+                .is_some_and(|old| old.resource_version == resource_version)
+        {
+            return;
+        }
+        let service = slice_service(&slice.metadata).map(str::to_owned);
+        let mut errors = Vec::new();
+        let parsed = match &service {
+            None => None,
+            Some(_) if slice.metadata.name.is_none() => {
+                errors.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    &slice.metadata,
+                    "missing metadata.name",
+                ));
+                None
+            }
+            Some(_) => parse_slice(slice, &mut errors),
+        };
+        let entry = SliceEntry {
+            resource_version,
+            service,
+            parsed,
+            errors,
+        };
+        if let Some(old) = self.slices.get_mut(&key)
+            && old.service == entry.service
+            && old.parsed == entry.parsed
+            && old.errors == entry.errors
+        {
+            old.resource_version = entry.resource_version;
+            return;
+        }
+        self.remove_slice(&key);
+        for error in &entry.errors {
+            *self.errors.entry(error.clone()).or_default() += 1;
+        }
+        if let Some(service) = &entry.service {
+            let owner = (key.0.clone(), service.clone());
+            self.slices_of
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.1.clone());
+            self.dirty.insert(owner);
+        }
+        self.slices.insert(key, entry);
+    }
+
+    /// Removes an `EndpointSlice`, if present.
+    pub fn remove_slice(&mut self, key: &ObjectKey) {
+        let Some(entry) = self.slices.remove(key) else {
+            return;
+        };
+        for error in &entry.errors {
+            self.forget_error(error);
+        }
+        if let Some(service) = entry.service {
+            let owner = (key.0.clone(), service);
+            if let Some(names) = self.slices_of.get_mut(&owner) {
+                names.remove(&key.1);
+                if names.is_empty() {
+                    self.slices_of.remove(&owner);
+                }
+            }
+            self.dirty.insert(owner);
+        }
+    }
+
+    fn forget_error(&mut self, error: &ObjectError) {
+        if let Some(count) = self.errors.get_mut(error) {
+            *count -= 1;
+            if *count == 0 {
+                self.errors.remove(error);
+            }
+        }
+    }
+
+    /// Recomputes what changed since the last commit; returns the frontends
+    /// whose spec changed, with their previous spec.
+    pub fn commit(&mut self) -> FrontendChanges {
+        if !self.all_dirty {
+            let dirty = std::mem::take(&mut self.dirty);
+            let mut changes = FrontendChanges::new();
+            let mut contested = false;
+            for key in &dirty {
+                if !self.recompute(key, &mut changes) {
+                    contested = true;
+                    break;
+                }
+            }
+            if !contested {
+                return changes;
+            }
+            // Services done so far stay done; the full pass recomputes all
+            // of them, measured against the frontends before this commit.
+            let before = Self::restore(std::mem::take(&mut self.frontends), changes);
+            return self.recompute_all(&before);
+        }
+        let before = std::mem::take(&mut self.frontends);
+        self.recompute_all(&before)
+    }
+
+    /// The frontends as they were, from the current ones and the changes.
+    fn restore(
+        mut frontends: BTreeMap<Frontend, FrontendSpec>,
+        changes: FrontendChanges,
+    ) -> BTreeMap<Frontend, FrontendSpec> {
+        for (frontend, old) in changes {
+            match old {
+                Some(spec) => frontends.insert(frontend, spec),
+                None => frontends.remove(&frontend),
+            };
+        }
+        frontends
+    }
+
+    /// Recomputes one uncontested Service in place; false when it shares a
+    /// frontend or health check port with another Service (before or after),
+    /// where only a full pass in namespace/name order decides.
+    fn recompute(&mut self, key: &ObjectKey, changes: &mut FrontendChanges) -> bool {
+        let output = self
+            .services
+            .get(key)
+            .and_then(|entry| self.output_of(entry));
+        let (old_claims, old_port) = self
+            .services
+            .get(key)
+            .map(|entry| (entry.claims.clone(), entry.health_check_port))
+            .unwrap_or_default();
+        let new_claims: Vec<Frontend> = output
+            .iter()
+            .flat_map(|output| output.frontends.iter().map(|(frontend, _)| *frontend))
+            .collect();
+        let new_port = output
+            .as_ref()
+            .and_then(|output| output.health_check.as_ref().map(|check| check.port));
+        let others = |claims: &HashMap<Frontend, u32>, frontend: &Frontend, mine: &[Frontend]| {
+            claims.get(frontend).copied().unwrap_or(0) > u32::from(mine.contains(frontend))
+        };
+        let ports_contested = [old_port, new_port].into_iter().flatten().any(|port| {
+            self.port_claims.get(&port).copied().unwrap_or(0) > u32::from(old_port == Some(port))
+        });
+        if ports_contested
+            || old_claims
+                .iter()
+                .chain(&new_claims)
+                .any(|frontend| others(&self.frontend_claims, frontend, &old_claims))
+        {
+            return false;
+        }
+
+        for frontend in &old_claims {
+            let old = self.frontends.remove(frontend);
+            changes.entry(*frontend).or_insert(old);
+        }
+        if let Some(port) = old_port {
+            self.health_checks.remove(&port);
+        }
+        self.unclaim(key);
+        let Some(output) = output else {
+            self.services.remove(key);
+            Self::settle(changes, &self.frontends, &old_claims);
+            return true;
+        };
+        for error in &output.errors {
+            *self.errors.entry(error.clone()).or_default() += 1;
+        }
+        for frontend in &new_claims {
+            *self.frontend_claims.entry(*frontend).or_default() += 1;
+        }
+        if let Some(port) = new_port {
+            *self.port_claims.entry(port).or_default() += 1;
+        }
+        for (frontend, spec) in output.frontends {
+            let old = self.frontends.insert(frontend, spec);
+            changes.entry(frontend).or_insert(old);
+        }
+        if let Some(check) = output.health_check {
+            self.health_checks.insert(check.port, check);
+        }
+        if let Some(entry) = self.services.get_mut(key) {
+            entry.claims = new_claims;
+            entry.health_check_port = new_port;
+            entry.errors = output.errors;
+        }
+        Self::settle(changes, &self.frontends, &old_claims);
+        if let Some(entry) = self.services.get(key) {
+            Self::settle(changes, &self.frontends, &entry.claims);
+        }
+        true
+    }
+
+    /// Drops changes of `touched` that turned out to be none (same spec as
+    /// before).
+    fn settle(
+        changes: &mut FrontendChanges,
+        frontends: &BTreeMap<Frontend, FrontendSpec>,
+        touched: &[Frontend],
+    ) {
+        for frontend in touched {
+            if changes
+                .get(frontend)
+                .is_some_and(|old| frontends.get(frontend) == old.as_ref())
+            {
+                changes.remove(frontend);
+            }
+        }
+    }
+
+    /// Forgets what a Service claimed and reported.
+    fn unclaim(&mut self, key: &ObjectKey) {
+        let Some(entry) = self.services.get_mut(key) else {
+            return;
+        };
+        let claims = std::mem::take(&mut entry.claims);
+        let port = entry.health_check_port.take();
+        let errors = std::mem::take(&mut entry.errors);
+        for frontend in claims {
+            if let Some(count) = self.frontend_claims.get_mut(&frontend) {
+                *count -= 1;
+                if *count == 0 {
+                    self.frontend_claims.remove(&frontend);
+                }
+            }
+        }
+        if let Some(port) = port
+            && let Some(count) = self.port_claims.get_mut(&port)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.port_claims.remove(&port);
+            }
+        }
+        for error in &errors {
+            self.forget_error(error);
+        }
+    }
+
+    /// `None` for a removed Service.
+    fn output_of(&self, entry: &ServiceEntry) -> Option<ServiceOutput> {
+        let service = entry.service.as_ref()?;
+        let meta = &service.metadata;
+        if meta.name.is_none() {
+            return Some(ServiceOutput {
+                errors: vec![ObjectError::for_object(
+                    SERVICE,
+                    meta,
+                    "missing metadata.name",
+                )],
+                ..ServiceOutput::default()
+            });
+        }
+        let owner = key_of(meta);
+        let slices: Vec<&SliceEndpoints> = self
+            .slices_of
+            .get(&owner)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                self.slices
+                    .get(&(owner.0.clone(), name.clone()))?
+                    .parsed
+                    .as_ref()
+            })
+            .collect();
+        Some(service_output(
+            service,
+            &slices,
+            &ServiceContext::new(&self.node),
+        ))
+    }
+
+    /// Every Service in namespace/name order, as [`build`] does; the
+    /// changes are measured against `before`.
+    fn recompute_all(&mut self, before: &BTreeMap<Frontend, FrontendSpec>) -> FrontendChanges {
+        self.all_dirty = false;
+        self.dirty.clear();
+        let keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
+        for key in &keys {
+            self.unclaim(key);
+        }
+        self.services.retain(|_, entry| entry.service.is_some());
+        self.frontends.clear();
+        self.health_checks.clear();
+        for key in &keys {
+            let Some(entry) = self.services.get(key) else {
+                continue;
+            };
+            let (Some(service), Some(mut output)) = (&entry.service, self.output_of(entry)) else {
+                continue;
+            };
+            let meta = &service.metadata;
+            let claims: Vec<Frontend> = output.frontends.iter().map(|(f, _)| *f).collect();
+            let port = output.health_check.as_ref().map(|check| check.port);
+            let accepted = match conflict(claims.iter(), port, &self.frontends, &self.health_checks)
+            {
+                Some(reason) => {
+                    output
+                        .errors
+                        .push(ObjectError::for_object(SERVICE, meta, reason));
+                    false
+                }
+                None => true,
+            };
+            for error in &output.errors {
+                *self.errors.entry(error.clone()).or_default() += 1;
+            }
+            for frontend in &claims {
+                *self.frontend_claims.entry(*frontend).or_default() += 1;
+            }
+            if let Some(port) = port {
+                *self.port_claims.entry(port).or_default() += 1;
+            }
+            if accepted {
+                self.frontends.extend(output.frontends);
+                if let Some(check) = output.health_check {
+                    self.health_checks.insert(check.port, check);
+                }
+            }
+            if let Some(entry) = self.services.get_mut(key) {
+                entry.claims = claims;
+                entry.health_check_port = port;
+                entry.errors = output.errors;
+            }
+        }
+        let mut changes = FrontendChanges::new();
+        for (frontend, spec) in before {
+            if self.frontends.get(frontend) != Some(spec) {
+                changes.insert(*frontend, Some(spec.clone()));
+            }
+        }
+        for frontend in self.frontends.keys() {
+            if !before.contains_key(frontend) {
+                changes.insert(*frontend, None);
+            }
+        }
+        changes
+    }
+
+    /// The desired frontends.
+    #[must_use]
+    pub fn frontends(&self) -> &BTreeMap<Frontend, FrontendSpec> {
+        &self.frontends
+    }
+
+    /// Health checks to serve, sorted by port.
+    #[must_use]
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        self.health_checks.values().cloned().collect()
+    }
+
+    /// Current errors, sorted and deduplicated as [`build`] gives them.
+    #[must_use]
+    pub fn errors(&self) -> Vec<ObjectError> {
+        let mut errors: Vec<ObjectError> = self
+            .errors
+            .keys()
+            .chain(&self.duplicates)
+            .cloned()
+            .collect();
+        errors.sort();
+        errors.dedup();
+        errors
+    }
+
+    /// The whole model, as [`build`] returns it.
+    #[must_use]
+    pub fn model(&self) -> Model {
+        Model {
+            frontends: self.frontends.clone(),
+            health_checks: self.health_checks(),
+            errors: self.errors(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -3612,5 +4260,246 @@ spec:
                 .values()
                 .any(|spec| spec.service.name == "wwww")
         );
+    }
+    /// A tiny deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A random Service from a small space, so that Services often collide
+    /// on a `ClusterIP` or health check port and change type and policy.
+    fn random_service(rng: &mut Rng) -> Service {
+        let name = format!("svc-{}", rng.below(6));
+        let namespace = ["a", "b"][usize::try_from(rng.below(2)).unwrap()];
+        let v4 = format!("10.0.0.{}", rng.below(5) + 1);
+        let v6 = format!("fd00::{}", rng.below(5) + 1);
+        let cluster_ips = match rng.below(3) {
+            0 => serde_json::json!([v4]),
+            1 => serde_json::json!([v6]),
+            _ => serde_json::json!([v4, v6]),
+        };
+        let type_ =
+            ["ClusterIP", "NodePort", "LoadBalancer"][usize::try_from(rng.below(3)).unwrap()];
+        let local = rng.below(3) == 0;
+        let mut spec = serde_json::json!({
+            "type": type_,
+            "clusterIPs": cluster_ips,
+            "ports": [{"name": "http", "port": 80 + rng.below(2), "protocol": "TCP",
+                       "targetPort": "http", "nodePort": 30000 + rng.below(3)}],
+            "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+        });
+        if local && type_ != "ClusterIP" {
+            spec["healthCheckNodePort"] = serde_json::json!(32000 + rng.below(2));
+        }
+        if rng.below(4) == 0 {
+            spec["ports"][0]["protocol"] = serde_json::json!("SCTP");
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+            "status": {"loadBalancer": {"ingress": [{"ip": format!("192.0.2.{}", rng.below(3) + 1)}]}},
+        }))
+        .expect("valid Service")
+    }
+
+    fn random_slice(rng: &mut Rng) -> EndpointSlice {
+        let service = format!("svc-{}", rng.below(6));
+        let name = format!("{service}-{}", rng.below(3));
+        let namespace = ["a", "b"][usize::try_from(rng.below(2)).unwrap()];
+        let ipv4 = rng.below(2) == 0;
+        let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
+            .map(|_| {
+                let host = rng.below(6) + 1;
+                let address = if rng.below(10) == 0 {
+                    "not-an-ip".to_owned()
+                } else if ipv4 {
+                    format!("10.1.0.{host}")
+                } else {
+                    format!("fd01::{host}")
+                };
+                let node_name = ["node-a", "node-b"][usize::try_from(rng.below(2)).unwrap()];
+                serde_json::json!({
+                    "addresses": [address],
+                    "nodeName": node_name,
+                    "conditions": {"ready": rng.below(3) != 0, "serving": true,
+                                   "terminating": rng.below(3) == 0},
+                })
+            })
+            .collect();
+        let mut labels = serde_json::json!({ SERVICE_NAME_LABEL: service });
+        if rng.below(8) == 0 {
+            labels = serde_json::json!({});
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "addressType": if ipv4 { "IPv4" } else { "IPv6" },
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "port": 8080 + rng.below(2), "protocol": "TCP"}],
+        }))
+        .expect("valid EndpointSlice")
+    }
+
+    /// Applying random changes one by one gives, after every commit, what a
+    /// full build over the same objects gives, and the reported changes are
+    /// exactly the frontends that differ from the previous commit.
+    #[test]
+    fn incremental_model_matches_full_build_after_every_change() {
+        let nodes = [
+            node_a(),
+            NodeContext {
+                name: "node-b".into(),
+                addresses: vec![ip("192.168.1.11")],
+                zone: None,
+            },
+        ];
+        for seed in 1..40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut services: BTreeMap<ObjectKey, Service> = BTreeMap::new();
+            let mut slices: BTreeMap<ObjectKey, EndpointSlice> = BTreeMap::new();
+            let mut node = nodes[0].clone();
+            let mut model = Incremental::new(node.clone());
+            let mut previous = BTreeMap::new();
+            for step in 0..60 {
+                // Some steps arrive as whole snapshots, as the kube source sends.
+                let via_snapshot = rng.below(4) == 0;
+                for _ in 0..=rng.below(3) {
+                    match rng.below(9) {
+                        0..=2 => {
+                            let service = random_service(&mut rng);
+                            services.insert(key_of(&service.metadata), service.clone());
+                            if !via_snapshot {
+                                model.upsert_service(service);
+                            }
+                        }
+                        3 => {
+                            let key = random_service(&mut rng).metadata;
+                            services.remove(&key_of(&key));
+                            if !via_snapshot {
+                                model.remove_service(&key_of(&key));
+                            }
+                        }
+                        4..=6 => {
+                            let slice = random_slice(&mut rng);
+                            slices.insert(key_of(&slice.metadata), slice.clone());
+                            if !via_snapshot {
+                                model.upsert_slice(&slice);
+                            }
+                        }
+                        7 => {
+                            let key = key_of(&random_slice(&mut rng).metadata);
+                            slices.remove(&key);
+                            if !via_snapshot {
+                                model.remove_slice(&key);
+                            }
+                        }
+                        _ => {
+                            node = nodes[usize::try_from(rng.below(2)).unwrap()].clone();
+                            model.set_node(&node);
+                        }
+                    }
+                }
+                let services: Vec<Service> = services.values().cloned().collect();
+                let slices: Vec<EndpointSlice> = slices.values().cloned().collect();
+                if via_snapshot {
+                    model.reset(&services, &slices);
+                }
+                let changes = model.commit();
+                let expected = build(&services, &slices, &node);
+                assert_eq!(model.model(), expected, "seed {seed} step {step}");
+                let mut expected_changes = FrontendChanges::new();
+                for (frontend, spec) in &previous {
+                    if expected.frontends.get(frontend) != Some(spec) {
+                        expected_changes.insert(*frontend, Some(spec.clone()));
+                    }
+                }
+                for frontend in expected.frontends.keys() {
+                    if !previous.contains_key(frontend) {
+                        expected_changes.insert(*frontend, None);
+                    }
+                }
+                assert_eq!(changes, expected_changes, "seed {seed} step {step}");
+                previous = expected.frontends;
+            }
+        }
+    }
+
+    /// A reset keeps the first of two objects with one name and reports the
+    /// second, as `build` does; a later reset without it clears the report.
+    #[test]
+    fn incremental_reset_keeps_the_first_duplicate() {
+        let mut rng = Rng(7);
+        let first = random_service(&mut rng);
+        let mut second = random_service(&mut rng);
+        second.metadata = first.metadata.clone();
+        let slice = random_slice(&mut rng);
+        let mut model = Incremental::new(node_a());
+        model.reset(
+            &[first.clone(), second.clone()],
+            &[slice.clone(), slice.clone()],
+        );
+        model.commit();
+        let expected = build(
+            &[first.clone(), second],
+            &[slice.clone(), slice.clone()],
+            &node_a(),
+        );
+        assert_eq!(model.model(), expected);
+        assert!(
+            model
+                .errors()
+                .iter()
+                .any(|e| e.reason.starts_with("duplicate Service")),
+            "{:?}",
+            model.errors()
+        );
+        model.reset(std::slice::from_ref(&first), std::slice::from_ref(&slice));
+        model.commit();
+        assert_eq!(model.model(), build(&[first], &[slice], &node_a()));
+    }
+    /// A snapshot of API objects whose resourceVersions did not change
+    /// recomputes nothing; a new version of a slice is parsed again.
+    #[test]
+    fn incremental_snapshot_skips_unchanged_resource_versions() {
+        let mut rng = Rng(11);
+        let mut service = random_service(&mut rng);
+        service.metadata.name = Some("svc-1".into());
+        service.metadata.namespace = Some("a".into());
+        service.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("TCP".into());
+        let mut slice = random_slice(&mut rng);
+        slice.metadata.name = Some("svc-1-a".into());
+        slice.metadata.namespace = Some("a".into());
+        slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "svc-1".to_owned())].into());
+        slice.metadata.resource_version = Some("7".into());
+        let mut model = Incremental::new(node_a());
+        model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+        model.commit();
+        model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+        assert!(model.commit().is_empty());
+
+        let mut changed = slice.clone();
+        changed.metadata.resource_version = Some("8".into());
+        changed.address_type = "IPv4".into();
+        changed.endpoints = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "addresses": ["10.1.0.99"],
+            }))
+            .unwrap(),
+        ]);
+        model.reset(
+            std::slice::from_ref(&service),
+            std::slice::from_ref(&changed),
+        );
+        model.commit();
+        assert_eq!(model.model(), build(&[service], &[changed], &node_a()));
     }
 }

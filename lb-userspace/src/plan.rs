@@ -13,13 +13,13 @@
 //! (the state is read back from the pinned maps).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr},
 };
 
 use lb_common::{backend_flags, limits, svc_flags};
 
-use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
+use crate::model::{Backend, Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
 
 /// A backend as stored in the backend maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -120,24 +120,68 @@ pub struct Plan {
     pub problems: Vec<String>,
 }
 
+/// The ids in use before a plan: a set, or the keys of a state's map.
+#[derive(Debug)]
+enum IdsInUse<'a> {
+    Set(BTreeSet<u32>),
+    Backends(&'a BTreeMap<u32, BackendEntry>),
+    RevNats(&'a BTreeMap<u32, (IpAddr, u16)>),
+}
+
+impl IdsInUse<'_> {
+    fn contains(&self, id: u32) -> bool {
+        match self {
+            Self::Set(set) => set.contains(&id),
+            Self::Backends(map) => map.contains_key(&id),
+            Self::RevNats(map) => map.contains_key(&id),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Set(set) => set.len(),
+            Self::Backends(map) => map.len(),
+            Self::RevNats(map) => map.len(),
+        }
+    }
+
+    fn last(&self) -> Option<u32> {
+        match self {
+            Self::Set(set) => set.last().copied(),
+            Self::Backends(map) => map.last_key_value().map(|(id, _)| *id),
+            Self::RevNats(map) => map.last_key_value().map(|(id, _)| *id),
+        }
+    }
+}
+
 /// Hands out ids that are not in use, moving forward so that a freed id is
 /// not reused at once (stale conntrack entries may still name it).
 #[derive(Debug)]
-struct IdAllocator {
-    in_use: BTreeSet<u32>,
+struct IdAllocator<'a> {
+    in_use: IdsInUse<'a>,
+    /// Handed out by this allocator.
+    taken: BTreeSet<u32>,
     next: u32,
     max: u32,
 }
 
-impl IdAllocator {
+impl<'a> IdAllocator<'a> {
     fn new(in_use: impl IntoIterator<Item = u32>, max: u32) -> Self {
-        let in_use: BTreeSet<u32> = in_use.into_iter().collect();
+        Self::over(IdsInUse::Set(in_use.into_iter().collect()), max)
+    }
+
+    fn over(in_use: IdsInUse<'a>, max: u32) -> Self {
         let next = in_use.last().map_or(1, |last| last.saturating_add(1));
-        Self { in_use, next, max }
+        Self {
+            in_use,
+            taken: BTreeSet::new(),
+            next,
+            max,
+        }
     }
 
     fn allocate(&mut self) -> Option<u32> {
-        if self.in_use.len() >= self.max as usize {
+        if self.in_use.len() + self.taken.len() >= self.max as usize {
             return None;
         }
         loop {
@@ -146,7 +190,7 @@ impl IdAllocator {
             }
             let candidate = self.next;
             self.next += 1;
-            if self.in_use.insert(candidate) {
+            if !self.in_use.contains(candidate) && self.taken.insert(candidate) {
                 return Some(candidate);
             }
         }
@@ -156,13 +200,326 @@ impl IdAllocator {
 /// Computes the plan that turns `current` into `desired`.
 #[must_use]
 pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Plan {
-    let mut planner = Planner::new(current, desired);
+    let backend_ids = backend_ids(current);
+    let mut planner = Planner::new(current, desired, &backend_ids);
     for (frontend, spec) in desired {
         planner.frontend(frontend, spec);
     }
     planner.removals(desired);
     planner.markers(desired);
     planner.finish()
+}
+
+/// Backend ids by address, port and protocol.
+fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
+    state
+        .backends
+        .iter()
+        .map(|(id, entry)| (entry.key, *id))
+        .collect()
+}
+
+/// The backends a frontend's spec names (new flows or draining).
+fn backend_keys(frontend: &Frontend, spec: &FrontendSpec) -> impl Iterator<Item = BackendKey> {
+    spec.backends
+        .iter()
+        .chain(&spec.terminating)
+        .map(move |backend| BackendKey {
+            addr: backend.addr,
+            port: backend.port,
+            proto: frontend.proto,
+        })
+}
+
+/// What a plan over only the changed frontends needs beyond the state:
+/// backend ids by address, and which desired frontends name each backend.
+///
+/// Valid while the state is what the previous plans made of the desired
+/// frontends; after a failed write or a plan with problems, make a new one
+/// (and a full [`diff`]).
+#[derive(Debug, Default)]
+pub struct PlanIndex {
+    backend_ids: HashMap<BackendKey, u32>,
+    /// Desired frontends naming each backend, sorted.
+    users: HashMap<BackendKey, Vec<Frontend>>,
+}
+
+impl PlanIndex {
+    /// Indexes `state` and `desired` (O(all)).
+    #[must_use]
+    pub fn new(state: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Self {
+        let mut users: HashMap<BackendKey, Vec<Frontend>> = HashMap::new();
+        for (frontend, spec) in desired {
+            for key in backend_keys(frontend, spec) {
+                let list = users.entry(key).or_default();
+                // Frontends come in order; a spec may name a key twice.
+                if list.last() != Some(frontend) {
+                    list.push(*frontend);
+                }
+            }
+        }
+        Self {
+            backend_ids: backend_ids(state),
+            users,
+        }
+    }
+
+    /// Follows the desired frontends through `changes`; returns the backends
+    /// whose users changed.
+    fn follow(
+        &mut self,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+        changes: &FrontendChanges,
+    ) -> BTreeSet<BackendKey> {
+        let mut touched = BTreeSet::new();
+        for (frontend, old) in changes {
+            for key in old.iter().flat_map(|spec| backend_keys(frontend, spec)) {
+                if let Some(list) = self.users.get_mut(&key) {
+                    list.retain(|user| user != frontend);
+                    if list.is_empty() {
+                        self.users.remove(&key);
+                    }
+                }
+                touched.insert(key);
+            }
+            for key in desired
+                .get(frontend)
+                .into_iter()
+                .flat_map(|spec| backend_keys(frontend, spec))
+            {
+                let list = self.users.entry(key).or_default();
+                if let Err(at) = list.binary_search(frontend) {
+                    list.insert(at, *frontend);
+                }
+                touched.insert(key);
+            }
+        }
+        touched
+    }
+
+    /// Records the backend ids `ops` wrote; call once they are all in the
+    /// maps, with the state from before them.
+    pub fn note_applied(&mut self, before: &DatapathState, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::PutBackend { id, backend } => {
+                    if let Some(old) = before.backends.get(id)
+                        && old.key != backend.key
+                        && self.backend_ids.get(&old.key) == Some(id)
+                    {
+                        self.backend_ids.remove(&old.key);
+                    }
+                    self.backend_ids.insert(backend.key, *id);
+                }
+                Op::DeleteBackend { id, .. } => {
+                    if let Some(old) = before.backends.get(id)
+                        && self.backend_ids.get(&old.key) == Some(id)
+                    {
+                        self.backend_ids.remove(&old.key);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The flags `desired_backend_flags` gives `key`, from its users only;
+    /// `None` when no frontend names it.
+    fn flags_of(&self, key: &BackendKey, desired: &BTreeMap<Frontend, FrontendSpec>) -> Option<u8> {
+        let mut flags = None;
+        let same = |backend: &&Backend| backend.addr == key.addr && backend.port == key.port;
+        for frontend in self.users.get(key).into_iter().flatten() {
+            let Some(spec) = desired.get(frontend) else {
+                continue;
+            };
+            for backend in spec.terminating.iter().filter(same) {
+                flags.get_or_insert(backend_flags::TERMINATING | local_flag(backend));
+            }
+            for backend in spec.backends.iter().filter(same) {
+                flags = Some(local_flag(backend));
+            }
+        }
+        flags
+    }
+
+    /// Whether a plan over all of `desired` would keep `key` in the map:
+    /// some frontend has it in a slot (within the slot limit) or draining.
+    fn in_use(&self, key: &BackendKey, desired: &BTreeMap<Frontend, FrontendSpec>) -> bool {
+        let same = |backend: &Backend| backend.addr == key.addr && backend.port == key.port;
+        let max = usize::from(limits::MAX_BACKENDS_PER_SERVICE);
+        self.users.get(key).into_iter().flatten().any(|frontend| {
+            desired.get(frontend).is_some_and(|spec| {
+                spec.backends.iter().take(max).any(same) || spec.terminating.iter().any(same)
+            })
+        })
+    }
+}
+
+/// Computes the plan for `changes` (frontends whose desired spec changed,
+/// with the spec they had) only: O(changes), not O(all frontends).
+///
+/// `current` must be what the previous plans made of the desired frontends
+/// before `changes`, and `index` must have followed them; then the result is
+/// what [`diff`] gives over all of `desired`, except for the order of
+/// independent writes.
+pub fn diff_changes(
+    current: &DatapathState,
+    index: &mut PlanIndex,
+    desired: &BTreeMap<Frontend, FrontendSpec>,
+    changes: &FrontendChanges,
+) -> Plan {
+    let touched = index.follow(desired, changes);
+    let flags: BTreeMap<BackendKey, u8> = touched
+        .iter()
+        .filter_map(|key| Some((*key, index.flags_of(key, desired)?)))
+        .collect();
+    let mut planner = Planner {
+        current,
+        head: Vec::new(),
+        slots: Vec::new(),
+        tail: Vec::new(),
+        problems: Vec::new(),
+        backend_flags: flags,
+        known_backend_ids: &index.backend_ids,
+        new_backend_ids: BTreeMap::new(),
+        backend_alloc: IdAllocator::over(
+            IdsInUse::Backends(&current.backends),
+            limits::MAX_BACKENDS - 1,
+        ),
+        rev_nat_alloc: IdAllocator::over(
+            IdsInUse::RevNats(&current.rev_nats),
+            limits::MAX_FRONTENDS - 1,
+        ),
+        backends_used: BTreeSet::new(),
+        rev_nats_used: BTreeSet::new(),
+        ranges_used: BTreeSet::new(),
+    };
+    for frontend in changes.keys() {
+        if let Some(spec) = desired.get(frontend) {
+            planner.frontend(frontend, spec);
+        }
+    }
+    // Backends of unchanged frontends whose flags changed with the others.
+    for key in &touched {
+        if index.in_use(key, desired)
+            && let Some(&id) = index.backend_ids.get(key)
+            && planner.backends_used.insert(id)
+        {
+            let entry = BackendEntry {
+                key: *key,
+                flags: planner.backend_flags.get(key).copied().unwrap_or(0),
+            };
+            if current.backends.get(&id) != Some(&entry) {
+                planner.head.push(Op::PutBackend { id, backend: entry });
+            }
+        }
+    }
+    planner.removals_of(changes, &touched, index, desired);
+    planner.markers_of(changes, desired);
+    planner.finish()
+}
+
+impl Planner<'_> {
+    /// Removals for `changes` only: see [`Planner::removals`].
+    fn removals_of(
+        &mut self,
+        changes: &FrontendChanges,
+        touched: &BTreeSet<BackendKey>,
+        index: &PlanIndex,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+    ) {
+        for frontend in changes.keys() {
+            let Some(state) = self.current.frontends.get(frontend) else {
+                continue;
+            };
+            if !desired.contains_key(frontend) {
+                self.tail.push(Op::DeleteFrontend {
+                    frontend: *frontend,
+                });
+                for index in 0..state.slots.len() {
+                    self.tail.push(Op::DeleteSlot {
+                        frontend: *frontend,
+                        slot: slot_number(index),
+                    });
+                }
+            }
+        }
+        for frontend in changes.keys() {
+            let Some(state) = self.current.frontends.get(frontend) else {
+                continue;
+            };
+            let id = state.rev_nat_id;
+            for range in self
+                .current
+                .source_ranges
+                .range((id, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)..)
+                .take_while(|range| range.0 == id)
+            {
+                if !self.ranges_used.contains(range) {
+                    self.tail.push(Op::DeleteSourceRange(*range));
+                }
+            }
+        }
+        let mut freed_rev_nats = BTreeSet::new();
+        for frontend in changes.keys() {
+            if let Some(state) = self.current.frontends.get(frontend)
+                && !self.rev_nats_used.contains(&state.rev_nat_id)
+                && let Some((addr, _)) = self.current.rev_nats.get(&state.rev_nat_id)
+                && freed_rev_nats.insert(state.rev_nat_id)
+            {
+                self.tail.push(Op::DeleteRevNat {
+                    id: state.rev_nat_id,
+                    addr: *addr,
+                });
+            }
+        }
+        for key in touched {
+            if let Some(&id) = index.backend_ids.get(key)
+                && !self.backends_used.contains(&id)
+                && !index.in_use(key, desired)
+            {
+                self.tail.push(Op::DeleteBackend { id, addr: key.addr });
+            }
+        }
+    }
+
+    /// Markers of the addresses of `changes` only: see [`Planner::markers`].
+    fn markers_of(
+        &mut self,
+        changes: &FrontendChanges,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+    ) {
+        let addrs: BTreeSet<IpAddr> = changes.keys().map(|frontend| frontend.addr).collect();
+        for addr in addrs {
+            let first = Frontend {
+                addr,
+                port: 0,
+                proto: Protocol::Tcp,
+            };
+            let last = Frontend {
+                addr,
+                port: u16::MAX,
+                proto: Protocol::Udp,
+            };
+            let wanted = desired
+                .range(first..=last)
+                .any(|(_, spec)| spec.kind == FrontendKind::ClusterIp);
+            let marked = self.current.markers.contains(&addr);
+            if wanted && !marked {
+                self.slots.push(Op::PutMarker { addr });
+            } else if !wanted && marked {
+                self.tail.push(Op::DeleteMarker { addr });
+            }
+        }
+    }
+}
+
+fn local_flag(backend: &Backend) -> u8 {
+    if backend.node_local {
+        backend_flags::LOCAL
+    } else {
+        0
+    }
 }
 
 /// `svc_flags` of a frontend.
@@ -226,16 +583,23 @@ struct Planner<'a> {
     tail: Vec<Op>,
     problems: Vec<String>,
     backend_flags: BTreeMap<BackendKey, u8>,
-    backend_ids: BTreeMap<BackendKey, u32>,
-    backend_alloc: IdAllocator,
-    rev_nat_alloc: IdAllocator,
+    /// Ids of the backends in the maps.
+    known_backend_ids: &'a HashMap<BackendKey, u32>,
+    /// Ids allocated by this plan.
+    new_backend_ids: BTreeMap<BackendKey, u32>,
+    backend_alloc: IdAllocator<'a>,
+    rev_nat_alloc: IdAllocator<'a>,
     backends_used: BTreeSet<u32>,
     rev_nats_used: BTreeSet<u32>,
     ranges_used: BTreeSet<SourceRange>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Self {
+    fn new(
+        current: &'a DatapathState,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+        backend_ids: &'a HashMap<BackendKey, u32>,
+    ) -> Self {
         Self {
             current,
             head: Vec::new(),
@@ -244,11 +608,8 @@ impl<'a> Planner<'a> {
             problems: Vec::new(),
             backend_flags: desired_backend_flags(desired),
             // Reuse the id of an identical backend.
-            backend_ids: current
-                .backends
-                .iter()
-                .map(|(id, entry)| (entry.key, *id))
-                .collect(),
+            known_backend_ids: backend_ids,
+            new_backend_ids: BTreeMap::new(),
             backend_alloc: IdAllocator::new(
                 current.backends.keys().copied(),
                 limits::MAX_BACKENDS - 1,
@@ -349,7 +710,11 @@ impl<'a> Planner<'a> {
         };
         let flags = self.backend_flags.get(&key).copied().unwrap_or(0);
         let entry = BackendEntry { key, flags };
-        let id = if let Some(id) = self.backend_ids.get(&key) {
+        let id = if let Some(id) = self
+            .known_backend_ids
+            .get(&key)
+            .or_else(|| self.new_backend_ids.get(&key))
+        {
             *id
         } else {
             let Some(id) = self.backend_alloc.allocate() else {
@@ -357,7 +722,7 @@ impl<'a> Planner<'a> {
                     .push(format!("{frontend}: no free backend id for {backend}"));
                 return None;
             };
-            self.backend_ids.insert(key, id);
+            self.new_backend_ids.insert(key, id);
             id
         };
         if self.backends_used.insert(id) && self.current.backends.get(&id) != Some(&entry) {
@@ -834,5 +1199,113 @@ mod tests {
             &BTreeMap::from([(b, spec(&[])), (a, spec(&[]))]),
         );
         assert_eq!(state.frontends[&a].rev_nat_id, 2);
+    }
+    /// A tiny deterministic generator (xorshift), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+
+        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+            items[usize::try_from(self.below(items.len() as u64)).unwrap()]
+        }
+    }
+
+    /// One or two frontends added, changed or removed, from small pools, so that backends are shared,
+    /// change flags, and addresses carry several frontends of both kinds.
+    fn random_change(
+        rng: &mut Rng,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+    ) -> BTreeMap<Frontend, FrontendSpec> {
+        let addrs = ["198.19.0.1", "198.19.0.2", "fd00::1", "fd00::2"];
+        let backends = [
+            "198.18.2.1",
+            "198.18.2.2",
+            "198.18.2.3",
+            "fd00:2::1",
+            "fd00:2::2",
+        ];
+        let mut desired = desired.clone();
+        for _ in 0..=rng.below(2) {
+            let frontend = Frontend {
+                addr: rng.pick(&addrs).parse().unwrap(),
+                port: rng.pick(&[80, 443]),
+                proto: rng.pick(&[Protocol::Tcp, Protocol::Udp]),
+            };
+            if rng.below(3) == 0 {
+                desired.remove(&frontend);
+                continue;
+            }
+            let pick_backends = |rng: &mut Rng| -> Vec<Backend> {
+                let mut list: Vec<Backend> = (0..rng.below(4))
+                    .map(|_| Backend {
+                        addr: rng.pick(&backends).parse().unwrap(),
+                        port: rng.pick(&[8080, 8443]),
+                        node_local: rng.below(2) == 0,
+                    })
+                    .collect();
+                list.sort_unstable();
+                list.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+                list
+            };
+            let mut spec = spec(&[]);
+            spec.backends = pick_backends(rng);
+            spec.terminating = pick_backends(rng);
+            spec.kind = rng.pick(&[FrontendKind::ClusterIp, FrontendKind::LoadBalancer]);
+            spec.affinity_timeout_s = rng.pick(&[0, 30]);
+            if spec.kind.is_external() && rng.below(2) == 0 {
+                spec.source_ranges = vec![(frontend.addr, rng.pick(&[8, 16]))];
+            }
+            desired.insert(frontend, spec);
+        }
+        desired
+    }
+
+    /// A plan over only the changed frontends leaves the maps exactly as a
+    /// plan over everything does, ids included, through random changes.
+    #[test]
+    fn diff_of_changes_matches_full_diff() {
+        for seed in 1..200u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut state = DatapathState::default();
+            let mut desired = BTreeMap::new();
+            let mut index = PlanIndex::new(&state, &desired);
+            for step in 0..40 {
+                let next = random_change(&mut rng, &desired);
+                let mut changes = FrontendChanges::new();
+                for (frontend, spec) in &desired {
+                    if next.get(frontend) != Some(spec) {
+                        changes.insert(*frontend, Some(spec.clone()));
+                    }
+                }
+                for frontend in next.keys() {
+                    if !desired.contains_key(frontend) {
+                        changes.insert(*frontend, None);
+                    }
+                }
+                let full = diff(&state, &next);
+                let mut expected = state.clone();
+                apply_to_state(&mut expected, &full.ops);
+
+                let scoped = diff_changes(&state, &mut index, &next, &changes);
+                assert!(scoped.problems.is_empty());
+                let mut got = state.clone();
+                apply_to_state(&mut got, &scoped.ops);
+                assert_eq!(got, expected, "seed {seed} step {step}: {:?}", scoped.ops);
+                index.note_applied(&state, &scoped.ops);
+                state = got;
+                desired = next;
+                assert_eq!(
+                    index.backend_ids,
+                    PlanIndex::new(&state, &desired).backend_ids,
+                    "seed {seed} step {step}"
+                );
+            }
+        }
     }
 }

@@ -841,6 +841,7 @@ impl Source {
                     }
                 }
                 SourceUpdate::Stale(reason) => eprintln!("{what}: stale: {reason}"),
+                SourceUpdate::Changes(_) => panic!("{what}: the kube source sends snapshots"),
             }
         }
     }

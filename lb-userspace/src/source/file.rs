@@ -5,17 +5,20 @@
 //! A bad document is reported and skipped; only an unreadable directory is
 //! fatal, because then there is no state to serve at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_yaml::Value;
 
 pub use super::Snapshot;
-use crate::model::{DEFAULT_NAMESPACE, ObjectError};
+use super::{Changes, SourceUpdate};
+use crate::model::{DEFAULT_NAMESPACE, ObjectError, ObjectKey, key_of};
 
 /// The directory itself is unusable; individual files never cause this.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,21 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, FileSourceError> {
     Ok(snapshot)
 }
 
+/// Checks that `dir` can be listed, without reading any file.
+///
+/// # Errors
+///
+/// [`FileSourceError::ReadDir`] when `dir` is missing, not a directory or not
+/// readable.
+pub fn load_dir_check(dir: &Path) -> Result<(), FileSourceError> {
+    manifest_files(dir)
+        .map(drop)
+        .map_err(|source| FileSourceError::ReadDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
 /// Tells, from stats alone, whether the manifest files of a directory may
 /// have changed since the last look, so that polling stays cheap.
 #[derive(Debug)]
@@ -72,7 +90,7 @@ pub struct DirWatcher {
 /// What a stat says about one file; a change in any field means "reload".
 /// The inode catches atomic replaces (editors, `ConfigMap` symlink swaps) that
 /// keep length and mtime.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct FileStamp {
     dev: u64,
     ino: u64,
@@ -416,6 +434,564 @@ fn describe_error<T: serde::de::DeserializeOwned>(
             message.strip_suffix(&format!(" at line {} column {}", at.line(), at.column()))
         })
         .map_or_else(|| message.clone(), str::to_owned)
+}
+
+// ---------------------------------------------------------------------------
+// Following the directory file by file.
+// ---------------------------------------------------------------------------
+
+/// Which of the two kinds an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum ObjectKind {
+    Service,
+    Slice,
+}
+
+/// One object a file defines.
+#[derive(Clone, Debug)]
+struct ObjectRecord {
+    kind: ObjectKind,
+    key: ObjectKey,
+    /// Hash of the JSON text it was read from (with the list defaults);
+    /// `None` for YAML, whose objects are sent again whenever the file changes.
+    text_hash: Option<u64>,
+}
+
+/// What the source remembers of one file.
+#[derive(Debug)]
+struct FileEntry {
+    stamp: FileStamp,
+    objects: Vec<ObjectRecord>,
+    errors: Vec<ObjectError>,
+}
+
+/// One file read again: its objects (those whose text did not change are
+/// only recorded, not parsed again) and errors.
+struct FileRead {
+    objects: Vec<ObjectRecord>,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    errors: Vec<ObjectError>,
+}
+
+/// Follows a manifest directory file by file: a change re-reads only the
+/// files whose stat changed, parses only the JSON objects whose text
+/// changed, and reports what differs as [`Changes`].
+///
+/// Of two definitions of one object (in two files, or twice in one) the
+/// first in file name order wins, as in [`load_dir`]; whenever a change
+/// involves such a duplicate the whole directory is sent again as a
+/// [`Snapshot`], which resolves it the same way.
+#[derive(Debug)]
+pub struct DirState {
+    dir: PathBuf,
+    files: BTreeMap<String, FileEntry>,
+    /// Definitions of each object over all files.
+    definitions: HashMap<(ObjectKind, ObjectKey), u32>,
+    /// The last look failed: the next good one is sent even if it finds no
+    /// change, so that the agent knows the source is back.
+    failed: bool,
+}
+
+impl DirState {
+    /// Nothing read yet.
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            definitions: HashMap::new(),
+            failed: false,
+        }
+    }
+
+    /// Looks at the directory; `None` when no manifest file changed since
+    /// the previous look (the first look always sends).
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(None)
+    }
+
+    /// [`DirState::refresh`], but the objects of each file read are handed
+    /// to `partial` (as [`Changes`] with `more_follow`) as soon as they are
+    /// read; the result then holds only what is left (removals, errors).
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh_streaming(
+        &mut self,
+        partial: &mut dyn FnMut(Changes),
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(Some(partial))
+    }
+
+    fn look(
+        &mut self,
+        mut partial: Option<&mut dyn FnMut(Changes)>,
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        let started = std::time::Instant::now();
+        let first = self.files.is_empty() && !self.failed;
+        let listing = match manifest_files(&self.dir) {
+            Ok(listing) => listing,
+            Err(source) => {
+                self.failed = true;
+                return Err(FileSourceError::ReadDir {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        let mut stale_files = Vec::new();
+        for file in &listing {
+            let stamp = FileStamp::of(&file.metadata);
+            if self
+                .files
+                .get(&file.name)
+                .is_none_or(|entry| entry.stamp != stamp)
+            {
+                stale_files.push((file, stamp));
+            }
+        }
+        let listed: std::collections::HashSet<&str> =
+            listing.iter().map(|file| file.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .files
+            .keys()
+            .filter(|name| !listed.contains(name.as_str()))
+            .cloned()
+            .collect();
+        if stale_files.is_empty() && gone.is_empty() && !first && !self.failed {
+            return Ok(None);
+        }
+        self.failed = false;
+
+        let mut changes = Changes::default();
+        let mut old_objects = Vec::new();
+        let mut new_objects = Vec::new();
+        for name in gone {
+            if let Some(entry) = self.files.remove(&name) {
+                old_objects.extend(entry.objects);
+            }
+        }
+        for (file, stamp) in stale_files {
+            let read = read_file(file, self.files.get(&file.name));
+            if let Some(old) = self.files.remove(&file.name) {
+                old_objects.extend(old.objects);
+            }
+            new_objects.extend(read.objects.iter().cloned());
+            changes.services.extend(read.services);
+            changes.slices.extend(read.slices);
+            if let Some(partial) = partial.as_mut() {
+                partial(Changes {
+                    services: std::mem::take(&mut changes.services),
+                    slices: std::mem::take(&mut changes.slices),
+                    more_follow: true,
+                    ..Changes::default()
+                });
+            }
+            self.files.insert(
+                file.name.clone(),
+                FileEntry {
+                    stamp,
+                    objects: read.objects,
+                    errors: read.errors,
+                },
+            );
+        }
+        let duplicated = self.count_definitions(&old_objects, &new_objects);
+        changes.errors = self
+            .files
+            .values()
+            .flat_map(|entry| entry.errors.iter().cloned())
+            .collect();
+        if duplicated {
+            tracing::debug!(dir = %self.dir.display(), "a change involves an object defined twice; sending the whole directory");
+            return Ok(Some(SourceUpdate::Snapshot(load_dir(&self.dir)?)));
+        }
+        removals(old_objects, &new_objects, &mut changes);
+        tracing::debug!(
+            dir = %self.dir.display(),
+            services = changes.services.len(),
+            slices = changes.slices.len(),
+            removed_services = changes.removed_services.len(),
+            removed_slices = changes.removed_slices.len(),
+            errors = changes.errors.len(),
+            millis = started.elapsed().as_secs_f64() * 1000.0,
+            "manifest directory changed"
+        );
+        Ok(Some(SourceUpdate::Changes(changes)))
+    }
+}
+
+impl DirState {
+    /// Moves the definition counts from `old` to `new`; true when an
+    /// object involved is (or was) defined more than once.
+    fn count_definitions(&mut self, old: &[ObjectRecord], new: &[ObjectRecord]) -> bool {
+        let mut duplicated = false;
+        for record in old {
+            let id = (record.kind, record.key.clone());
+            if let Some(count) = self.definitions.get_mut(&id) {
+                duplicated |= *count > 1;
+                *count -= 1;
+                if *count == 0 {
+                    self.definitions.remove(&id);
+                }
+            }
+        }
+        for record in new {
+            let count = self
+                .definitions
+                .entry((record.kind, record.key.clone()))
+                .or_default();
+            *count += 1;
+            duplicated |= *count > 1;
+        }
+        duplicated
+    }
+}
+
+/// Objects of `old` that `new` no longer defines go to `changes` as removed.
+fn removals(old_objects: Vec<ObjectRecord>, new_objects: &[ObjectRecord], changes: &mut Changes) {
+    let still: std::collections::HashSet<(ObjectKind, &ObjectKey)> = new_objects
+        .iter()
+        .map(|record| (record.kind, &record.key))
+        .collect();
+    for record in old_objects {
+        if still.contains(&(record.kind, &record.key)) {
+            continue;
+        }
+        match record.kind {
+            ObjectKind::Service => changes.removed_services.push(record.key),
+            ObjectKind::Slice => changes.removed_slices.push(record.key),
+        }
+    }
+}
+
+/// Reads one file again; JSON objects whose text hash `old` records are
+/// recorded without being parsed.
+fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRead {
+    let is_json = Path::new(&file.name)
+        .extension()
+        .is_some_and(|extension| extension == "json");
+    if !is_json {
+        let mut snapshot = Snapshot::default();
+        load_file(file, &mut snapshot);
+        let objects = snapshot
+            .services
+            .iter()
+            .map(|service| (ObjectKind::Service, key_of(&service.metadata)))
+            .chain(
+                snapshot
+                    .slices
+                    .iter()
+                    .map(|slice| (ObjectKind::Slice, key_of(&slice.metadata))),
+            )
+            .map(|(kind, key)| ObjectRecord {
+                kind,
+                key,
+                text_hash: None,
+            })
+            .collect();
+        return FileRead {
+            objects,
+            services: snapshot.services,
+            slices: snapshot.slices,
+            errors: snapshot.errors,
+        };
+    }
+    let known: HashMap<u64, &ObjectRecord> = old
+        .into_iter()
+        .flat_map(|entry| &entry.objects)
+        .filter_map(|record| Some((record.text_hash?, record)))
+        .collect();
+    let mut read = FileRead {
+        objects: Vec::new(),
+        services: Vec::new(),
+        slices: Vec::new(),
+        errors: Vec::new(),
+    };
+    let text = match fs::read_to_string(&file.path) {
+        Ok(text) => text,
+        // Deleted since listed: the next look sees that.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return read,
+        Err(error) => {
+            read.errors
+                .push(file_error(&file.name, format!("cannot read: {error}")));
+            return read;
+        }
+    };
+    // Most files are one document, a list: then one pass finds its items.
+    if let Ok(JsonHead {
+        api_version: Some(api_version),
+        kind: Some(list_kind),
+        items: Some(items),
+    }) = serde_json::from_str::<JsonHead<'_>>(&text)
+        && list_kind.ends_with("List")
+    {
+        let origin = Origin {
+            file: &file.name,
+            location: "document 1".to_owned(),
+        };
+        read_json_items(&items, &api_version, &list_kind, &origin, &known, &mut read);
+        return read;
+    }
+    for (index, document) in serde_json::Deserializer::from_str(&text)
+        .into_iter::<&RawValue>()
+        .enumerate()
+    {
+        let document = match document {
+            Ok(document) => document,
+            Err(error) => {
+                read.errors
+                    .push(file_error(&file.name, format!("not valid JSON: {error}")));
+                break;
+            }
+        };
+        let origin = Origin {
+            file: &file.name,
+            location: format!("document {}", index + 1),
+        };
+        read_json_document(document, &origin, &known, &mut read);
+    }
+    read
+}
+
+/// A fast 64-bit hash of `parts` (eight bytes per step), to tell whether an
+/// object's text changed: every object of a changed file is hashed, so
+/// `SipHash` would cost more than the rest of reading the file. Not meant to
+/// resist crafted collisions: whoever writes the directory controls the
+/// objects anyway.
+fn text_hash(parts: &[&[u8]]) -> u64 {
+    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mix = |hash: u64, word: u64| (hash ^ word).wrapping_mul(MULTIPLIER).rotate_left(29);
+    let mut hash: u64 = 0x243f_6a88_85a3_08d3;
+    for part in parts {
+        let (words, rest) = part.as_chunks::<8>();
+        for word in words {
+            hash = mix(hash, u64::from_le_bytes(*word));
+        }
+        for &byte in rest {
+            hash = mix(hash, u64::from(byte));
+        }
+        hash = mix(hash, part.len() as u64);
+    }
+    hash ^ (hash >> 32)
+}
+
+/// The fields that say what a JSON object (or list) is.
+#[derive(Deserialize)]
+struct JsonHead<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(borrow)]
+    items: Option<Vec<&'a RawValue>>,
+}
+
+/// A list's items one by one; anything else as one object. What the fast
+/// path does not understand goes through [`add_object`], which reports it.
+fn read_json_document(
+    document: &RawValue,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let head = serde_json::from_str::<JsonHead<'_>>(document.get()).ok();
+    if let Some(JsonHead {
+        api_version: Some(api_version),
+        kind: Some(list_kind),
+        items: Some(items),
+    }) = &head
+        && list_kind.ends_with("List")
+    {
+        read_json_items(items, api_version, list_kind, origin, known, read);
+        return;
+    }
+    read_json_object(document, origin, None, known, read);
+}
+
+/// The items of a list, each with the list's defaults.
+fn read_json_items(
+    items: &[&RawValue],
+    api_version: &str,
+    list_kind: &str,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let defaults = list_kind
+        .strip_suffix("List")
+        .filter(|kind| !kind.is_empty())
+        .map(|kind| ItemDefaults { api_version, kind });
+    for (index, item) in items.iter().enumerate() {
+        let origin = Origin {
+            file: origin.file,
+            location: format!("{} item {}", origin.location, index + 1),
+        };
+        read_json_object(item, &origin, defaults, known, read);
+    }
+}
+
+fn read_json_object(
+    raw: &RawValue,
+    origin: &Origin<'_>,
+    defaults: Option<ItemDefaults<'_>>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let text_hash = text_hash(&[
+        defaults.map_or("", |d| d.api_version).as_bytes(),
+        defaults.map_or("", |d| d.kind).as_bytes(),
+        raw.get().as_bytes(),
+    ]);
+    if let Some(record) = known.get(&text_hash) {
+        read.objects.push((*record).clone());
+        return;
+    }
+    let head = serde_json::from_str::<JsonHead<'_>>(raw.get()).ok();
+    let api_version = head
+        .as_ref()
+        .and_then(|head| head.api_version.as_deref())
+        .or(defaults.map(|d| d.api_version));
+    let kind = head
+        .as_ref()
+        .and_then(|head| head.kind.as_deref())
+        .or(defaults.map(|d| d.kind));
+    let typed = match (api_version, kind) {
+        (Some("v1"), Some("Service")) => {
+            serde_json::from_str::<Service>(raw.get())
+                .ok()
+                .map(|service| {
+                    let key = key_of(&service.metadata);
+                    read.services.push(service);
+                    (ObjectKind::Service, key)
+                })
+        }
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
+            serde_json::from_str::<EndpointSlice>(raw.get())
+                .ok()
+                .map(|slice| {
+                    let key = key_of(&slice.metadata);
+                    read.slices.push(slice);
+                    (ObjectKind::Slice, key)
+                })
+        }
+        _ => None,
+    };
+    if let Some((kind, key)) = typed {
+        read.objects.push(ObjectRecord {
+            kind,
+            key,
+            text_hash: Some(text_hash),
+        });
+        return;
+    }
+    // Not a plain Service or slice: the general path, with its reports.
+    let mut snapshot = Snapshot::default();
+    match serde_json::from_str::<Value>(raw.get()) {
+        Ok(value) => add_object(&value, origin, defaults, &mut snapshot),
+        Err(error) => snapshot
+            .errors
+            .push(origin.error(&format!("not valid JSON: {error}"))),
+    }
+    for service in &snapshot.services {
+        read.objects.push(ObjectRecord {
+            kind: ObjectKind::Service,
+            key: key_of(&service.metadata),
+            text_hash: None,
+        });
+    }
+    for slice in &snapshot.slices {
+        read.objects.push(ObjectRecord {
+            kind: ObjectKind::Slice,
+            key: key_of(&slice.metadata),
+            text_hash: None,
+        });
+    }
+    read.services.extend(snapshot.services);
+    read.slices.extend(snapshot.slices);
+    read.errors.extend(snapshot.errors);
+}
+
+/// Wakes the file source when something in the directory changed
+/// (inotify), so that a change is seen at once instead of at the next poll.
+/// Only completed changes count: a closed written file, a rename, a
+/// removal, an attribute change; not every write of a file being written.
+#[derive(Debug)]
+pub struct DirEvents {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl DirEvents {
+    /// Watches `dir`.
+    ///
+    /// # Errors
+    ///
+    /// inotify is unavailable (or out of watches), or `dir` cannot be watched.
+    pub fn new(dir: &Path) -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain syscall; the result is checked.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mask = libc::IN_CLOSE_WRITE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_DELETE
+            | libc::IN_ATTRIB
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        // SAFETY: `fd` is an inotify descriptor and `path` a C string.
+        if unsafe { libc::inotify_add_watch(raw, path.as_ptr(), mask) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: an `OwnedFd` always returns the descriptor it owns, which
+        // stays open until the `AsyncFd` (its owner now) is dropped.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)?;
+        Ok(Self { fd })
+    }
+
+    /// Waits for the next events and consumes all that are queued.
+    ///
+    /// # Errors
+    ///
+    /// Reading the inotify descriptor failed.
+    pub async fn wait(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut buffer = [0u8; 4096];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let read = guard.try_io(|fd| {
+                // SAFETY: reads into a buffer of the given length.
+                let n = unsafe {
+                    libc::read(
+                        fd.get_ref().as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            match read {
+                Ok(result) => return result,
+                Err(_would_block) => {}
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -911,5 +1487,111 @@ items:
         assert!(watcher.changed().is_err());
         fs::create_dir(&dir.0).unwrap();
         assert!(watcher.changed().unwrap(), "back again: reload");
+    }
+    /// A JSON list of Services `first..=last`, each with one slice whose
+    /// endpoint is `endpoint` (or `10.244.0.N` by default).
+    fn json_list(first: u32, last: u32, endpoint: Option<(u32, &str)>) -> String {
+        let mut items = Vec::new();
+        for n in first..=last {
+            let address = match endpoint {
+                Some((which, address)) if which == n => address.to_owned(),
+                _ => format!("10.244.0.{n}"),
+            };
+            items.push(format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"svc-{n}","namespace":"ns"}},"spec":{{"clusterIP":"10.96.0.{n}","ports":[{{"port":80}}]}}}}"#
+            ));
+            items.push(format!(
+                r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"svc-{n}-a","namespace":"ns","labels":{{"kubernetes.io/service-name":"svc-{n}"}}}},"addressType":"IPv4","ports":[{{"port":80}}],"endpoints":[{{"addresses":["{address}"]}}]}}"#
+            ));
+        }
+        format!(
+            r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+            items.join(",")
+        )
+    }
+
+    /// Feeds an update to the model as the agent does.
+    fn feed(model: &mut model::Incremental, update: SourceUpdate) -> Option<Changes> {
+        match update {
+            SourceUpdate::Snapshot(snapshot) => {
+                model.reset(&snapshot.services, &snapshot.slices);
+                None
+            }
+            SourceUpdate::Changes(changes) => {
+                for key in &changes.removed_services {
+                    model.remove_service(key);
+                }
+                for key in &changes.removed_slices {
+                    model.remove_slice(key);
+                }
+                for slice in &changes.slices {
+                    model.upsert_slice(slice);
+                }
+                for service in &changes.services {
+                    model.upsert_service(service.clone());
+                }
+                Some(changes)
+            }
+            SourceUpdate::Stale(reason) => panic!("stale: {reason}"),
+        }
+    }
+
+    /// Following a directory file by file keeps the model equal to one
+    /// built from the whole directory, through edits, a move between
+    /// files, a duplicate and its removal, YAML and broken files, and
+    /// sends only what changed.
+    #[test]
+    fn dir_state_changes_match_reloading_the_directory() {
+        let dir = TempDir::new("dir-state");
+        let node = model::NodeContext::default();
+        let mut state = DirState::new(&dir.0);
+        let mut model = model::Incremental::new(node.clone());
+        let mut check = |state: &mut DirState, step: &str| -> Option<Changes> {
+            let update = state.refresh().expect("refresh");
+            let changes = update.and_then(|update| feed(&mut model, update));
+            model.commit();
+            let snapshot = load_dir(&dir.0).expect("load");
+            let expected = model::build(&snapshot.services, &snapshot.slices, &node);
+            assert_eq!(model.model(), expected, "{step}");
+            changes
+        };
+        dir.write("a.json", &json_list(1, 5, None));
+        dir.write("b.json", &json_list(6, 9, None));
+        let first = check(&mut state, "first").expect("changes");
+        assert_eq!((first.services.len(), first.slices.len()), (9, 9));
+        assert!(check(&mut state, "nothing changed").is_none());
+
+        // One endpoint of one Service: only its slice is sent again.
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("a.json", &json_list(1, 5, Some((3, "10.244.9.9"))));
+        let edit = check(&mut state, "edit").expect("changes");
+        assert_eq!((edit.services.len(), edit.slices.len()), (0, 1), "{edit:?}");
+        assert_eq!(edit.slices[0].metadata.name.as_deref(), Some("svc-3-a"));
+
+        // svc-5 moves from a.json to b.json: changed, never removed.
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("a.json", &json_list(1, 4, Some((3, "10.244.9.9"))));
+        dir.write("b.json", &json_list(5, 9, None));
+        let moved = check(&mut state, "move").expect("changes");
+        assert!(moved.removed_services.is_empty(), "{moved:?}");
+
+        // A duplicate in a YAML file, then its removal.
+        dir.write(
+            "c.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: svc-1, namespace: ns}\nspec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}\n",
+        );
+        check(&mut state, "duplicate");
+        dir.remove("c.yaml");
+        check(&mut state, "duplicate removed");
+
+        // A broken file is reported; its objects go away.
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("b.json", "{ not json");
+        let broken = check(&mut state, "broken").expect("changes");
+        assert_eq!(broken.removed_services.len(), 5, "{broken:?}");
+        assert_eq!(broken.errors.len(), 1, "{broken:?}");
+        dir.remove("b.json");
+        let removed = check(&mut state, "file removed").expect("changes");
+        assert!(removed.errors.is_empty());
     }
 }

@@ -657,6 +657,44 @@ impl TriggerTimes {
     }
 }
 
+impl TriggerTimes {
+    /// Trigger times of SLICES (changed ones) not seen before, forgetting
+    /// the REMOVED ones: [`TriggerTimes::take_new`] for a source that sends
+    /// changes instead of snapshots.
+    pub fn take_changed(
+        &mut self,
+        slices: &[EndpointSlice],
+        removed: &[crate::model::ObjectKey],
+    ) -> Vec<SystemTime> {
+        for (namespace, name) in removed {
+            // Keys carry the defaulted namespace; annotations are kept by
+            // the namespace as written.
+            self.seen.remove(&(namespace.clone(), name.clone()));
+            if namespace == crate::model::DEFAULT_NAMESPACE {
+                self.seen.remove(&(String::new(), name.clone()));
+            }
+        }
+        let mut fresh = Vec::new();
+        for slice in slices {
+            let key = (
+                slice.metadata.namespace.clone().unwrap_or_default(),
+                slice.metadata.name.clone().unwrap_or_default(),
+            );
+            let Some(value) = slice.annotations().get(TRIGGER_TIME_ANNOTATION) else {
+                self.seen.remove(&key);
+                continue;
+            };
+            if self.seen.get(&key) != Some(value)
+                && let Some(time) = parse_time(value).filter(|t| *t >= self.started)
+            {
+                fresh.push(time);
+            }
+            self.seen.insert(key, value.clone());
+        }
+        fresh
+    }
+}
+
 /// An RFC 3339 time, as the API writes annotations.
 #[must_use]
 pub fn parse_time(text: &str) -> Option<SystemTime> {

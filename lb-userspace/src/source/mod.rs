@@ -9,7 +9,7 @@ use k8s_openapi::api::{
 };
 use tokio::sync::mpsc;
 
-use crate::model::ObjectError;
+use crate::model::{ObjectError, ObjectKey};
 
 pub mod file;
 pub mod kube;
@@ -27,6 +27,26 @@ pub struct Snapshot {
     pub errors: Vec<ObjectError>,
 }
 
+/// What changed since the source's previous update: objects added or
+/// replaced, and the keys (namespace, name) of objects removed.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    /// Services added or replaced.
+    pub services: Vec<Service>,
+    /// Services removed.
+    pub removed_services: Vec<ObjectKey>,
+    /// `EndpointSlices` added or replaced.
+    pub slices: Vec<EndpointSlice>,
+    /// `EndpointSlices` removed.
+    pub removed_slices: Vec<ObjectKey>,
+    /// Every object (or file) the source cannot read now, not only new ones.
+    pub errors: Vec<ObjectError>,
+    /// More changes follow at once (a first read, sent file by file so
+    /// that not every object is in memory at the same time): apply them
+    /// together with the following ones; `errors` is not yet complete.
+    pub more_follow: bool,
+}
+
 /// What a source tells the agent.
 #[derive(Debug)]
 #[expect(
@@ -36,6 +56,9 @@ pub struct Snapshot {
 pub enum SourceUpdate {
     /// The complete current state.
     Snapshot(Snapshot),
+    /// What changed since the previous update (which was a snapshot or
+    /// changes); the node stays as the last snapshot gave it.
+    Changes(Changes),
     /// The source cannot deliver fresh state (the last good state keeps
     /// serving); the text says why.
     Stale(String),
@@ -76,29 +99,64 @@ pub fn spawn(
     match spec {
         SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
         SourceSpec::File(dir) => {
-            // The watcher takes its first look before the first load so that
-            // no change in between is missed.
-            let mut watcher = file::DirWatcher::new(dir.clone());
-            let _ = watcher.changed();
-            let first = file::load_dir(dir)?;
+            // Fail at once on an unusable directory; read it in the
+            // background, so that it overlaps loading the BPF program.
+            file::load_dir_check(dir)?;
+            let mut state = file::DirState::new(dir.clone());
+            let events = match file::DirEvents::new(dir) {
+                Ok(events) => Some(events),
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only");
+                    None
+                }
+            };
+            // File by file, so that only a few files' objects are in memory
+            // (and in the channel) at once.
+            let first_tx = tx.clone();
+            let first = tokio::task::spawn_blocking(move || {
+                let first = state.refresh_streaming(&mut |part| {
+                    let _ = first_tx.blocking_send(SourceUpdate::Changes(part));
+                });
+                (state, first)
+            });
             let dir = dir.clone();
             Ok(tokio::spawn(async move {
-                if tx.send(SourceUpdate::Snapshot(first)).await.is_err() {
+                let Ok((mut state, first)) = first.await else {
+                    return;
+                };
+                let update = match first {
+                    Ok(update) => update,
+                    Err(error) => Some(SourceUpdate::Stale(error.to_string())),
+                };
+                if let Some(update) = update
+                    && tx.send(update).await.is_err()
+                {
                     return;
                 }
+                // The poll stays as a fallback: for symlinked files whose
+                // target changes elsewhere, and if inotify is unavailable.
                 let mut ticker = tokio::time::interval(FILE_POLL_INTERVAL);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut events = events;
                 loop {
-                    ticker.tick().await;
-                    let update = match watcher.changed() {
-                        Ok(false) => continue,
-                        Ok(true) => match file::load_dir(&dir) {
-                            Ok(snapshot) => SourceUpdate::Snapshot(snapshot),
-                            Err(error) => SourceUpdate::Stale(error.to_string()),
-                        },
-                        Err(error) => {
-                            SourceUpdate::Stale(format!("cannot watch {}: {error}", dir.display()))
+                    tokio::select! {
+                        _ = ticker.tick() => {}
+                        woke = async { events.as_ref()?.wait().await.err() }, if events.is_some() => {
+                            if let Some(error) = woke {
+                                tracing::warn!(dir = %dir.display(), %error, "inotify failed; polling only");
+                                events = None;
+                            }
                         }
+                    }
+                    let update = match state.refresh() {
+                        Ok(None) => continue,
+                        Ok(Some(update)) => update,
+                        Err(error) => SourceUpdate::Stale(format!(
+                            "cannot watch {}: {}",
+                            dir.display(),
+                            std::error::Error::source(&error)
+                                .map_or_else(|| error.to_string(), ToString::to_string)
+                        )),
                     };
                     if tx.send(update).await.is_err() {
                         return;
