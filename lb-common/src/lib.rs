@@ -64,6 +64,8 @@ pub mod map_flags {
     /// capacity costs nothing until used (the service maps would otherwise
     /// pin hundreds of MiB of kernel memory at load).
     pub const NO_PREALLOC: u32 = 1;
+    /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, no shared lock on insert.
+    pub const NO_COMMON_LRU: u32 = 2;
 }
 
 /// Capacity of the maps (entries). Frontends are VIP:port/proto pairs.

@@ -432,7 +432,7 @@ impl Config {
                 "--seconds" => profile_secs = args.next().context("--seconds N")?.parse()?,
                 other => bail!(
                     "unknown argument {other}; usage: datapath_cost [--quick] [--json FILE] \
-                     | --profile established|reply|miss|first [--seconds N]"
+                     | --profile established|reply|miss|first|churn [--seconds N]"
                 ),
             }
         }
@@ -639,7 +639,18 @@ fn profile(ebpf: &mut Ebpf, pin_path: &Path, config: &Config, case: &str) -> any
                 clear_conntrack(pin_path)?;
                 run_each(lb, &firsts)?
             }
-            other => bail!("unknown case {other}: established, reply, miss or first"),
+            "churn" => {
+                // New flows from ever new clients, conntrack never cleared:
+                // after ~64 rounds the LRU maps are full and every insert
+                // evicts, as under sustained connection churn.
+                let round = u32::try_from(samples.len() % 16_384).unwrap_or(0);
+                let churn_client = IpAddr::V4(v4_at(65_536 + round));
+                let flows: Vec<Vec<u8>> = (0..config.flows)
+                    .map(|k| frame(churn_client, vip, FIRST_SPORT + k, HTTP_PORT, TCP, TCP_SYN))
+                    .collect();
+                run_each(lb, &flows)?
+            }
+            other => bail!("unknown case {other}: established, reply, miss, first or churn"),
         };
         samples.push(ns);
     }
@@ -686,9 +697,24 @@ fn program_info(ebpf: &Ebpf, name: &str) -> Value {
     }
 }
 
+/// The run's own pin directory, removed however the run ends (a program
+/// the verifier refuses included).
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.0, &[]);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let config = Config::from_args()?;
-    let pin_path = PathBuf::from(format!("/sys/fs/bpf/lb-bench-{}", std::process::id()));
+    let pins = PinDir(PathBuf::from(format!(
+        "/sys/fs/bpf/lb-bench-{}",
+        std::process::id()
+    )));
+    let pin_path = pins.0.clone();
     let mut ebpf = loader::load(&pin_path)?;
     let result = if let Some(case) = &config.profile {
         profile(&mut ebpf, &pin_path, &config, case)
@@ -696,8 +722,7 @@ fn main() -> anyhow::Result<()> {
         measure(&mut ebpf, &pin_path, &config)
     };
     drop(ebpf);
-    let _ = loader::cleanup(&pin_path, &[]);
-    let _ = std::fs::remove_dir_all(&pin_path);
+    drop(pins);
     let report = result?;
     if let Some(path) = &config.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
