@@ -153,6 +153,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         node: None,
         plan_index: None,
     };
+    desired
+        .model
+        .set_trust_resource_versions(matches!(config.source, SourceSpec::Kube(_)));
     let mut hooks = Hooks::new(&config);
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut desired, &mut hooks).await;
     let (mut ebpf, maps, attachments, state) = loaded?;

@@ -1497,6 +1497,11 @@ pub struct Incremental {
     dirty: BTreeSet<ObjectKey>,
     /// Everything is recomputed at the next commit.
     all_dirty: bool,
+    /// Objects come from the API server, where an unchanged
+    /// `metadata.resourceVersion` means an unchanged object; a slice whose
+    /// version did not change is then not parsed again. Off for files,
+    /// which may be edited by hand without touching the version.
+    trust_resource_versions: bool,
 }
 
 impl Incremental {
@@ -1516,7 +1521,13 @@ impl Incremental {
             duplicates: Vec::new(),
             dirty: BTreeSet::new(),
             all_dirty: false,
+            trust_resource_versions: false,
         }
+    }
+
+    /// See `trust_resource_versions`: on for the API server's objects.
+    pub fn set_trust_resource_versions(&mut self, trust: bool) {
+        self.trust_resource_versions = trust;
     }
 
     /// Replaces every object, as [`build`] takes them (of two with the same
@@ -1622,7 +1633,8 @@ impl Incremental {
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         let key = key_of(&slice.metadata);
         let resource_version = slice.metadata.resource_version.clone();
-        if resource_version.is_some()
+        if self.trust_resource_versions
+            && resource_version.is_some()
             && self
                 .slices
                 .get(&key)
@@ -4481,6 +4493,7 @@ spec:
         slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "svc-1".to_owned())].into());
         slice.metadata.resource_version = Some("7".into());
         let mut model = Incremental::new(node_a());
+        model.set_trust_resource_versions(true);
         model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
         model.commit();
         model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
@@ -4501,5 +4514,43 @@ spec:
         );
         model.commit();
         assert_eq!(model.model(), build(&[service], &[changed], &node_a()));
+    }
+
+    /// Without trusted versions (files, edited by hand), a slice edited
+    /// under its old resourceVersion is parsed again and followed.
+    #[test]
+    fn incremental_follows_an_edit_that_keeps_the_resource_version() {
+        let mut rng = Rng(12);
+        let mut service = random_service(&mut rng);
+        service.metadata.name = Some("svc-1".into());
+        service.metadata.namespace = Some("a".into());
+        service.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("TCP".into());
+        let mut slice = random_slice(&mut rng);
+        slice.metadata.name = Some("svc-1-a".into());
+        slice.metadata.namespace = Some("a".into());
+        slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "svc-1".to_owned())].into());
+        slice.metadata.resource_version = Some("7".into());
+        slice.address_type = "IPv4".into();
+        let mut model = Incremental::new(node_a());
+        model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+        model.commit();
+
+        let mut edited = slice.clone();
+        edited.endpoints = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "addresses": ["10.1.0.99"],
+            }))
+            .unwrap(),
+        ]);
+        model.upsert_slice(&edited);
+        model.commit();
+        let expected = build(std::slice::from_ref(&service), &[edited.clone()], &node_a());
+        assert_eq!(model.model(), expected);
+        assert_ne!(
+            expected,
+            build(&[service], &[slice], &node_a()),
+            "the edit must change the model for this test to mean anything"
+        );
     }
 }
