@@ -297,7 +297,8 @@ impl Maps {
     /// backends, rev-NAT entries and source ranges (independent of each
     /// other) may be written in any order; a run of slot, frontend and
     /// marker writes keeps its order per family (each family has its own
-    /// map). Large runs write the two families' maps on two threads.
+    /// map). Large runs write each map that has writes on its own thread
+    /// (the IPv4 and the IPv6 map of a run in parallel).
     pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
         let mut start = 0;
         while start < ops.len() {
@@ -334,14 +335,19 @@ impl Maps {
         let mut written = [0usize; 4];
         let this = &*self;
         if run.len() >= PARALLEL_FROM {
+            // One thread per map that has writes (a run holds one kind of
+            // map, so in practice the IPv4 and the IPv6 one).
             std::thread::scope(|scope| {
                 let handles: Vec<_> = BatchTarget::ALL
                     .iter()
                     .zip(&groups)
-                    .map(|(target, group)| scope.spawn(move || this.update_batch(*target, group)))
+                    .map(|(target, group)| {
+                        (!group.is_empty())
+                            .then(|| scope.spawn(move || this.update_batch(*target, group)))
+                    })
                     .collect();
                 for (slot, handle) in written.iter_mut().zip(handles) {
-                    *slot = handle.join().unwrap_or(0);
+                    *slot = handle.map_or(0, |handle| handle.join().unwrap_or(0));
                 }
             });
         } else {
@@ -917,11 +923,16 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V
         )
     };
     if result == 0 {
-        keys.len()
-    } else {
-        // The kernel reports in `count` how many it wrote before failing.
-        usize::try_from(attr.count).unwrap_or(0).min(keys.len())
+        return keys.len();
     }
+    let error = std::io::Error::last_os_error();
+    // Inside its write loop the kernel reports in `count` how many it wrote
+    // before failing, always fewer than given; an error before the loop
+    // (no memory, no write permission, bad flags) leaves `count` as given.
+    let written = usize::try_from(attr.count).unwrap_or(0);
+    let written = if written >= keys.len() { 0 } else { written };
+    tracing::debug!(%error, given = keys.len(), written, "batch map update failed; the rest goes one by one");
+    written
 }
 
 /// Protocol number in a key; the marker (port 0) has protocol 0.
