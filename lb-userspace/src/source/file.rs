@@ -491,6 +491,12 @@ pub struct DirState {
     /// The last look failed: the next good one is sent even if it finds no
     /// change, so that the agent knows the source is back.
     failed: bool,
+    /// A look has sent its update (the first look always sends, also for
+    /// an empty directory; later ones only when something changed).
+    sent: bool,
+    /// A whole-directory snapshot is owed: the one a duplicate called for
+    /// could not be read, and the files' state has moved on without it.
+    snapshot_owed: bool,
 }
 
 impl DirState {
@@ -502,6 +508,8 @@ impl DirState {
             files: BTreeMap::new(),
             definitions: HashMap::new(),
             failed: false,
+            sent: false,
+            snapshot_owed: false,
         }
     }
 
@@ -534,7 +542,7 @@ impl DirState {
         mut partial: Option<&mut dyn FnMut(Changes)>,
     ) -> Result<Option<SourceUpdate>, FileSourceError> {
         let started = std::time::Instant::now();
-        let first = self.files.is_empty() && !self.failed;
+        let first = !self.sent;
         let listing = match manifest_files(&self.dir) {
             Ok(listing) => listing,
             Err(source) => {
@@ -564,7 +572,12 @@ impl DirState {
             .filter(|name| !listed.contains(name.as_str()))
             .cloned()
             .collect();
-        if stale_files.is_empty() && gone.is_empty() && !first && !self.failed {
+        if stale_files.is_empty()
+            && gone.is_empty()
+            && !first
+            && !self.failed
+            && !self.snapshot_owed
+        {
             return Ok(None);
         }
         self.failed = false;
@@ -608,9 +621,9 @@ impl DirState {
             .values()
             .flat_map(|entry| entry.errors.iter().cloned())
             .collect();
-        if duplicated {
+        if duplicated || self.snapshot_owed {
             tracing::debug!(dir = %self.dir.display(), "a change involves an object defined twice; sending the whole directory");
-            return Ok(Some(SourceUpdate::Snapshot(load_dir(&self.dir)?)));
+            return self.whole_directory();
         }
         removals(old_objects, &new_objects, &mut changes);
         tracing::debug!(
@@ -623,11 +636,30 @@ impl DirState {
             millis = started.elapsed().as_secs_f64() * 1000.0,
             "manifest directory changed"
         );
+        self.sent = true;
         Ok(Some(SourceUpdate::Changes(changes)))
     }
 }
 
 impl DirState {
+    /// The whole directory as a snapshot, read after the files' state was
+    /// updated (so it is as new as that state or newer; a newer file is
+    /// read again at the next look). If it cannot be read, it stays owed.
+    fn whole_directory(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
+        match load_dir(&self.dir) {
+            Ok(snapshot) => {
+                self.snapshot_owed = false;
+                self.sent = true;
+                Ok(Some(SourceUpdate::Snapshot(snapshot)))
+            }
+            Err(error) => {
+                self.snapshot_owed = true;
+                self.failed = true;
+                Err(error)
+            }
+        }
+    }
+
     /// Moves the definition counts from `old` to `new`; true when an
     /// object involved is (or was) defined more than once.
     fn count_definitions(&mut self, old: &[ObjectRecord], new: &[ObjectRecord]) -> bool {
@@ -1488,6 +1520,42 @@ items:
         fs::create_dir(&dir.0).unwrap();
         assert!(watcher.changed().unwrap(), "back again: reload");
     }
+    #[test]
+    fn dir_state_sends_an_empty_directory_once() {
+        let dir = TempDir::new("dir-state-empty");
+        let mut state = DirState::new(dir.0.clone());
+        assert!(matches!(
+            state.refresh(),
+            Ok(Some(SourceUpdate::Changes(_)))
+        ));
+        assert!(
+            matches!(state.refresh(), Ok(None)),
+            "nothing changed: no update"
+        );
+    }
+
+    #[test]
+    fn dir_state_sends_an_owed_snapshot_at_the_next_look() {
+        let dir = TempDir::new("dir-state-owed");
+        dir.write("a.json", &json_list(1, 2, None));
+        let mut state = DirState::new(dir.0.clone());
+        assert!(matches!(
+            state.refresh(),
+            Ok(Some(SourceUpdate::Changes(_)))
+        ));
+        assert!(matches!(state.refresh(), Ok(None)));
+        // As after a duplicate whose whole-directory read failed.
+        state.snapshot_owed = true;
+        match state.refresh() {
+            Ok(Some(SourceUpdate::Snapshot(snapshot))) => {
+                assert_eq!(snapshot.services.len(), 2);
+                assert_eq!(snapshot.slices.len(), 2);
+            }
+            other => panic!("expected the owed snapshot, got {other:?}"),
+        }
+        assert!(matches!(state.refresh(), Ok(None)), "paid: no more");
+    }
+
     /// A JSON list of Services `first..=last`, each with one slice whose
     /// endpoint is `endpoint` (or `10.244.0.N` by default).
     fn json_list(first: u32, last: u32, endpoint: Option<(u32, &str)>) -> String {

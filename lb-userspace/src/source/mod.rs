@@ -138,6 +138,7 @@ pub fn spawn(
                 let mut ticker = tokio::time::interval(FILE_POLL_INTERVAL);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut events = events;
+                let mut dir_was_unreadable = false;
                 loop {
                     tokio::select! {
                         _ = ticker.tick() => {}
@@ -148,7 +149,18 @@ pub fn spawn(
                             }
                         }
                     }
-                    let update = match state.refresh() {
+                    let looked = state.refresh();
+                    if looked.is_err() {
+                        // Gone (or unreadable): a watch on a deleted
+                        // directory never fires again; re-arm once it is back.
+                        dir_was_unreadable = true;
+                    } else if dir_was_unreadable {
+                        dir_was_unreadable = false;
+                        events = file::DirEvents::new(&dir)
+                            .inspect_err(|error| tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only"))
+                            .ok();
+                    }
+                    let update = match looked {
                         Ok(None) => continue,
                         Ok(Some(update)) => update,
                         Err(error) => SourceUpdate::Stale(format!(
