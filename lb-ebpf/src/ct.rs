@@ -76,7 +76,8 @@ pub fn new_entry(
     tcp_flags: u8,
     now: u64,
 ) -> &mut CtEntry {
-    let entry = zeroed_in_place(slot);
+    // SAFETY: `CtEntry` is plain integers and bytes.
+    let entry = unsafe { zeroed_in_place(slot) };
     entry.created_ns = now;
     entry.last_seen_ns = now;
     entry.backend_id = backend_id;

@@ -48,7 +48,8 @@ pub fn forward(ctx: &TcContext, v4: bool, verdict: u64) -> u64 {
 #[inline(always)]
 fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
     let mut slot = MaybeUninit::uninit();
-    let params: &mut FibLookup = zeroed_in_place(&mut slot);
+    // SAFETY: `bpf_fib_lookup` is plain integers, bytes and their unions.
+    let params: &mut FibLookup = unsafe { zeroed_in_place(&mut slot) };
     // SAFETY: the context of a TC program is an `__sk_buff`.
     params.ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
     if v4 {

@@ -3,14 +3,17 @@
 //! The new bytes are written with direct packet access, the IPv4 header
 //! checksum is updated in place (it covers only the header), and the L4
 //! checksum gets at most two `bpf_l4_csum_replace` calls per packet: one
-//! for the address change (pseudo-header) and one for the port change. The
+//! for the address change (pseudo-header) and one for the port change
+//! (IPv6 on kernels before 6.16: two more, see `pseudo_csum_replace`). The
 //! helper is kept for L4 because only the kernel knows the skb's checksum
 //! state: with CHECKSUM_PARTIAL (local senders over veth) only the
 //! pseudo-header part may be applied to the field, with CHECKSUM_COMPLETE
 //! `skb->csum` must follow an IPv4 pseudo-header change.
 
 use aya_ebpf::{
-    bindings::{BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_update,
     programs::TcContext,
 };
 use lb_common::{proto, reason};
@@ -168,7 +171,9 @@ fn ports_word(ports: Ports) -> u32 {
 /// Applies a pseudo-header (address) change to the L4 checksum. For IPv6,
 /// `BPF_F_IPV6` tells the kernel that `skb->csum` (CHECKSUM_COMPLETE) must
 /// not change, since the address bytes themselves changed by the same
-/// amount; kernels before 6.16 refuse the flag, and get the call without it.
+/// amount. Kernels before 6.16 refuse the flag: they get the call without
+/// it, which takes the difference off `skb->csum`, and `bpf_csum_update`
+/// puts it back (it fails, harmlessly, for every other checksum state).
 #[inline(always)]
 fn pseudo_csum_replace(
     ctx: &TcContext,
@@ -190,7 +195,10 @@ fn pseudo_csum_replace(
         return Ok(());
     }
     ctx.l4_csum_replace(csum.off, 0, diff, flags)
-        .map_err(rewrite_failed)
+        .map_err(rewrite_failed)?;
+    // SAFETY: the context of a TC program is an `__sk_buff`.
+    unsafe { bpf_csum_update(ctx.as_ptr().cast::<__sk_buff>(), diff as u32) };
+    Ok(())
 }
 
 /// Writes IPv4 addresses and updates the header checksum; returns the

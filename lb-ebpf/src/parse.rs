@@ -169,10 +169,14 @@ pub fn write<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Ve
 /// LLVM turns a plain zero initialisation of a struct or array into a call
 /// of a byte-by-byte `memset` subprogram here (several hundred
 /// instructions); volatile stores are neither merged nor turned into one.
-/// `T` must be a plain-bytes type (all zeros valid), its size a multiple
-/// of 4 and its alignment at least 4.
+/// `T`'s size must be a multiple of 4 and its alignment at least 4
+/// (checked at compile time).
+///
+/// # Safety
+/// All-zero bytes must be a valid `T` (plain bytes: no references, no
+/// `NonZero`, no enums without a zero variant).
 #[inline(always)]
-pub fn zeroed_in_place<T>(slot: &mut MaybeUninit<T>) -> &mut T {
+pub unsafe fn zeroed_in_place<T>(slot: &mut MaybeUninit<T>) -> &mut T {
     const {
         assert!(size_of::<T>() % 4 == 0 && align_of::<T>() >= 4);
     }
@@ -184,7 +188,7 @@ pub fn zeroed_in_place<T>(slot: &mut MaybeUninit<T>) -> &mut T {
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
         i += 1;
     }
-    // SAFETY: every byte is zero, a valid value of the plain-bytes `T`.
+    // SAFETY: every byte is zero, a valid `T` (the caller's promise).
     unsafe { slot.assume_init_mut() }
 }
 
