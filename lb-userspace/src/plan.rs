@@ -154,8 +154,12 @@ impl IdsInUse<'_> {
     }
 }
 
-/// Hands out ids that are not in use, moving forward so that a freed id is
-/// not reused at once (stale conntrack entries may still name it).
+/// Hands out ids that are not in use, starting after the highest id in use
+/// and moving forward, so that ids freed below it are not handed out again
+/// soon (stale conntrack entries may still name them). An id freed at the
+/// top is the next one handed out by a later plan; a flow still naming it
+/// then reaches the new backend, as after any backend change (TCP gets a
+/// reset, UDP carries on).
 #[derive(Debug)]
 struct IdAllocator<'a> {
     in_use: IdsInUse<'a>,
