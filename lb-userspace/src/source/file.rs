@@ -553,25 +553,7 @@ impl DirState {
                 });
             }
         };
-        let mut stale_files = Vec::new();
-        for file in &listing {
-            let stamp = FileStamp::of(&file.metadata);
-            if self
-                .files
-                .get(&file.name)
-                .is_none_or(|entry| entry.stamp != stamp)
-            {
-                stale_files.push((file, stamp));
-            }
-        }
-        let listed: std::collections::HashSet<&str> =
-            listing.iter().map(|file| file.name.as_str()).collect();
-        let gone: Vec<String> = self
-            .files
-            .keys()
-            .filter(|name| !listed.contains(name.as_str()))
-            .cloned()
-            .collect();
+        let (stale_files, gone) = self.stale_and_gone(&listing);
         if stale_files.is_empty()
             && gone.is_empty()
             && !first
@@ -590,12 +572,22 @@ impl DirState {
                 old_objects.extend(entry.objects);
             }
         }
+        // Objects whose text changed in files that still define the same
+        // objects in the same order (the usual edit): their definition
+        // counts stay, only they can involve a duplicate.
+        let mut edited = Vec::new();
         for (file, stamp) in stale_files {
             let read = read_file(file, self.files.get(&file.name));
-            if let Some(old) = self.files.remove(&file.name) {
-                old_objects.extend(old.objects);
+            let old = self.files.remove(&file.name);
+            if let Some(ids) = old
+                .as_ref()
+                .and_then(|old| edited_in_place(&old.objects, &read.objects))
+            {
+                edited.extend(ids);
+            } else {
+                old_objects.extend(old.map(|old| old.objects).unwrap_or_default());
+                new_objects.extend(read.objects.iter().cloned());
             }
-            new_objects.extend(read.objects.iter().cloned());
             changes.services.extend(read.services);
             changes.slices.extend(read.slices);
             if let Some(partial) = partial.as_mut() {
@@ -615,7 +607,10 @@ impl DirState {
                 },
             );
         }
-        let duplicated = self.count_definitions(&old_objects, &new_objects);
+        let duplicated = self.count_definitions(&old_objects, &new_objects)
+            || edited
+                .iter()
+                .any(|id| self.definitions.get(id).is_some_and(|count| *count > 1));
         changes.errors = self
             .files
             .values()
@@ -642,6 +637,34 @@ impl DirState {
 }
 
 impl DirState {
+    /// The listed files whose stamp changed (or that are new), and the
+    /// names of remembered files that are no longer listed.
+    fn stale_and_gone<'a>(
+        &self,
+        listing: &'a [ManifestFile],
+    ) -> (Vec<(&'a ManifestFile, FileStamp)>, Vec<String>) {
+        let mut stale_files = Vec::new();
+        for file in listing {
+            let stamp = FileStamp::of(&file.metadata);
+            if self
+                .files
+                .get(&file.name)
+                .is_none_or(|entry| entry.stamp != stamp)
+            {
+                stale_files.push((file, stamp));
+            }
+        }
+        let listed: std::collections::HashSet<&str> =
+            listing.iter().map(|file| file.name.as_str()).collect();
+        let gone = self
+            .files
+            .keys()
+            .filter(|name| !listed.contains(name.as_str()))
+            .cloned()
+            .collect();
+        (stale_files, gone)
+    }
+
     /// The whole directory as a snapshot, read after the files' state was
     /// updated (so it is as new as that state or newer; a newer file is
     /// read again at the next look). If it cannot be read, it stays owed.
@@ -684,6 +707,29 @@ impl DirState {
         }
         duplicated
     }
+}
+
+/// When `new` defines the same objects as `old` in the same order, the ones
+/// whose text changed (YAML: all); `None` when the objects differ.
+fn edited_in_place(
+    old: &[ObjectRecord],
+    new: &[ObjectRecord],
+) -> Option<Vec<(ObjectKind, ObjectKey)>> {
+    if old.len() != new.len()
+        || old
+            .iter()
+            .zip(new)
+            .any(|(old, new)| old.kind != new.kind || old.key != new.key)
+    {
+        return None;
+    }
+    Some(
+        old.iter()
+            .zip(new)
+            .filter(|(old, new)| new.text_hash.is_none() || old.text_hash != new.text_hash)
+            .map(|(_, new)| (new.kind, new.key.clone()))
+            .collect(),
+    )
 }
 
 /// Objects of `old` that `new` no longer defines go to `changes` as removed.
@@ -1649,6 +1695,17 @@ items:
             "apiVersion: v1\nkind: Service\nmetadata: {name: svc-1, namespace: ns}\nspec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}\n",
         );
         check(&mut state, "duplicate");
+        // An edit in place (same objects, same order) of the duplicated
+        // Service: which definition wins depends on every file, so the
+        // whole directory is sent again.
+        std::thread::sleep(Duration::from_millis(20));
+        let edited = json_list(1, 4, Some((3, "10.244.9.9")))
+            .replace(r#""clusterIP":"10.96.0.1""#, r#""clusterIP":"10.96.0.201""#);
+        dir.write("a.json", &edited);
+        assert!(
+            check(&mut state, "duplicate edited in place").is_none(),
+            "a snapshot, not changes"
+        );
         dir.remove("c.yaml");
         check(&mut state, "duplicate removed");
 
