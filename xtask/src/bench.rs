@@ -90,6 +90,21 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
     }
     let wants = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
     let started = Instant::now();
+    // What is built and measured: taken now, before the build (the tree
+    // may change while the benchmarks run).
+    let commit =
+        text_of(
+            Command::new("git")
+                .current_dir(root)
+                .args(["rev-parse", "--short", "HEAD"]),
+        )
+        .unwrap_or_default();
+    let dirty = text_of(
+        Command::new("git")
+            .current_dir(root)
+            .args(["status", "--porcelain", "--untracked-files=no"]),
+    )
+    .is_some_and(|s| !s.is_empty());
     // A full run measures release builds. The smoke run checks that every
     // part still works, so it reuses the dev builds the test suite made.
     let profile = if quick { "debug" } else { "release" };
@@ -146,19 +161,6 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
         stage("e2e", cmd, &mut stages, &mut failed);
     }
 
-    let commit =
-        text_of(
-            Command::new("git")
-                .current_dir(root)
-                .args(["rev-parse", "--short", "HEAD"]),
-        )
-        .unwrap_or_default();
-    let dirty = text_of(
-        Command::new("git")
-            .current_dir(root)
-            .args(["status", "--porcelain"]),
-    )
-    .is_some_and(|s| !s.is_empty());
     let run_info = json!({
         "quick": quick,
         "date": date,
