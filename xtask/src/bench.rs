@@ -99,11 +99,11 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
                 .args(["rev-parse", "--short", "HEAD"]),
         )
         .unwrap_or_default();
-    let dirty = text_of(
-        Command::new("git")
-            .current_dir(root)
-            .args(["status", "--porcelain", "--untracked-files=no"]),
-    )
+    let dirty = text_of(Command::new("git").current_dir(root).args([
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ]))
     .is_some_and(|s| !s.is_empty());
     // A full run measures release builds. The smoke run checks that every
     // part still works, so it reuses the dev builds the test suite made.
