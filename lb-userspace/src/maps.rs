@@ -376,62 +376,34 @@ impl Maps {
             return 0;
         }
         match target {
-            BatchTarget::Services4 => {
-                let (keys, values): (Vec<Lb4Key>, Vec<LbService>) = run
-                    .iter()
-                    .copied()
-                    .filter_map(|op| {
-                        let (frontend, slot, value) = service_write(op)?;
-                        let IpAddr::V4(addr) = frontend.addr else {
-                            return None;
-                        };
-                        Some((key4(addr, &frontend, slot), value))
-                    })
-                    .unzip();
-                update_batch(self.services4.map(), &keys, &values)
-            }
-            BatchTarget::Services6 => {
-                let (keys, values): (Vec<Lb6Key>, Vec<LbService>) = run
-                    .iter()
-                    .copied()
-                    .filter_map(|op| {
-                        let (frontend, slot, value) = service_write(op)?;
-                        let IpAddr::V6(addr) = frontend.addr else {
-                            return None;
-                        };
-                        Some((key6(addr, &frontend, slot), value))
-                    })
-                    .unzip();
-                update_batch(self.services6.map(), &keys, &values)
-            }
-            BatchTarget::Backends4 => {
-                let (keys, values): (Vec<u32>, Vec<Lb4Backend>) = run
-                    .iter()
-                    .copied()
-                    .filter_map(|op| match *op {
-                        Op::PutBackend { id, backend } => match backend.key.addr {
-                            IpAddr::V4(addr) => Some((id, backend4(addr, backend))),
-                            IpAddr::V6(_) => None,
-                        },
-                        _ => None,
-                    })
-                    .unzip();
-                update_batch(self.backends4.map(), &keys, &values)
-            }
-            BatchTarget::Backends6 => {
-                let (keys, values): (Vec<u32>, Vec<Lb6Backend>) = run
-                    .iter()
-                    .copied()
-                    .filter_map(|op| match *op {
-                        Op::PutBackend { id, backend } => match backend.key.addr {
-                            IpAddr::V6(addr) => Some((id, backend6(addr, backend))),
-                            IpAddr::V4(_) => None,
-                        },
-                        _ => None,
-                    })
-                    .unzip();
-                update_batch(self.backends6.map(), &keys, &values)
-            }
+            BatchTarget::Services4 => batch_of(self.services4.map(), run, |op| {
+                let (frontend, slot, value) = service_write(op)?;
+                let IpAddr::V4(addr) = frontend.addr else {
+                    return None;
+                };
+                Some((key4(addr, &frontend, slot), value))
+            }),
+            BatchTarget::Services6 => batch_of(self.services6.map(), run, |op| {
+                let (frontend, slot, value) = service_write(op)?;
+                let IpAddr::V6(addr) = frontend.addr else {
+                    return None;
+                };
+                Some((key6(addr, &frontend, slot), value))
+            }),
+            BatchTarget::Backends4 => batch_of(self.backends4.map(), run, |op| match *op {
+                Op::PutBackend { id, backend } => match backend.key.addr {
+                    IpAddr::V4(addr) => Some((id, backend4(addr, backend))),
+                    IpAddr::V6(_) => None,
+                },
+                _ => None,
+            }),
+            BatchTarget::Backends6 => batch_of(self.backends6.map(), run, |op| match *op {
+                Op::PutBackend { id, backend } => match backend.key.addr {
+                    IpAddr::V6(addr) => Some((id, backend6(addr, backend))),
+                    IpAddr::V4(_) => None,
+                },
+                _ => None,
+            }),
         }
     }
 
@@ -891,6 +863,17 @@ struct BatchAttr {
 
 /// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h; hash maps, Linux >= 5.6).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The keys and values `entry` gives for the ops of `run`, written to
+/// `map` as one batch; how many were written.
+fn batch_of<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    run: &[&Op],
+    entry: impl Fn(&Op) -> Option<(K, V)>,
+) -> usize {
+    let (keys, values): (Vec<K>, Vec<V>) = run.iter().copied().filter_map(entry).unzip();
+    update_batch(map, &keys, &values)
+}
 
 /// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no
 /// batch update); returns how many were written.
