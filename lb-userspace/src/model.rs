@@ -4477,11 +4477,10 @@ spec:
         model.commit();
         assert_eq!(model.model(), build(&[first], &[slice], &node_a()));
     }
-    /// A snapshot of API objects whose resourceVersions did not change
-    /// recomputes nothing; a new version of a slice is parsed again.
-    #[test]
-    fn incremental_snapshot_skips_unchanged_resource_versions() {
-        let mut rng = Rng(11);
+    /// A `ClusterIP` Service `a/svc-1` and its slice `a/svc-1-a` at
+    /// resourceVersion 7, the rest random from `seed`.
+    fn versioned_service_and_slice(seed: u64) -> (Service, EndpointSlice) {
+        let mut rng = Rng(seed);
         let mut service = random_service(&mut rng);
         service.metadata.name = Some("svc-1".into());
         service.metadata.namespace = Some("a".into());
@@ -4492,6 +4491,14 @@ spec:
         slice.metadata.namespace = Some("a".into());
         slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "svc-1".to_owned())].into());
         slice.metadata.resource_version = Some("7".into());
+        (service, slice)
+    }
+
+    /// A snapshot of API objects whose resourceVersions did not change
+    /// recomputes nothing; a new version of a slice is parsed again.
+    #[test]
+    fn incremental_snapshot_skips_unchanged_resource_versions() {
+        let (service, slice) = versioned_service_and_slice(11);
         let mut model = Incremental::new(node_a());
         model.set_trust_resource_versions(true);
         model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
@@ -4520,17 +4527,7 @@ spec:
     /// under its old resourceVersion is parsed again and followed.
     #[test]
     fn incremental_follows_an_edit_that_keeps_the_resource_version() {
-        let mut rng = Rng(12);
-        let mut service = random_service(&mut rng);
-        service.metadata.name = Some("svc-1".into());
-        service.metadata.namespace = Some("a".into());
-        service.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
-        service.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].protocol = Some("TCP".into());
-        let mut slice = random_slice(&mut rng);
-        slice.metadata.name = Some("svc-1-a".into());
-        slice.metadata.namespace = Some("a".into());
-        slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_owned(), "svc-1".to_owned())].into());
-        slice.metadata.resource_version = Some("7".into());
+        let (service, mut slice) = versioned_service_and_slice(12);
         slice.address_type = "IPv4".into();
         let mut model = Incremental::new(node_a());
         model.reset(std::slice::from_ref(&service), std::slice::from_ref(&slice));
