@@ -275,7 +275,15 @@ struct Origin<'a> {
     location: String,
 }
 
-impl Origin<'_> {
+impl<'a> Origin<'a> {
+    /// Where item `index` (0-based) of the list here is.
+    fn item(&self, index: usize) -> Origin<'a> {
+        Origin {
+            file: self.file,
+            location: format!("{} item {}", self.location, index + 1),
+        }
+    }
+
     fn error(&self, reason: &str) -> ObjectError {
         file_error(self.file, format!("{}: {reason}", self.location))
     }
@@ -287,6 +295,17 @@ impl Origin<'_> {
 struct ItemDefaults<'a> {
     api_version: &'a str,
     kind: &'a str,
+}
+
+impl<'a> ItemDefaults<'a> {
+    /// What the items of a `FooList` default to (`kind: Foo`); none for a
+    /// plain `List`.
+    fn of_list(list_kind: &'a str, api_version: &'a str) -> Option<Self> {
+        list_kind
+            .strip_suffix("List")
+            .filter(|kind| !kind.is_empty())
+            .map(|kind| ItemDefaults { api_version, kind })
+    }
 }
 
 fn add_object(
@@ -361,16 +380,9 @@ fn add_list(
             .push(origin.error(&format!("{list_kind} items is not a list")));
         return;
     };
-    let defaults = list_kind
-        .strip_suffix("List")
-        .filter(|kind| !kind.is_empty())
-        .map(|kind| ItemDefaults { api_version, kind });
+    let defaults = ItemDefaults::of_list(list_kind, api_version);
     for (index, item) in items.iter().enumerate() {
-        let origin = Origin {
-            file: origin.file,
-            location: format!("{} item {}", origin.location, index + 1),
-        };
-        add_object(item, &origin, defaults, snapshot);
+        add_object(item, &origin.item(index), defaults, snapshot);
     }
 }
 
@@ -901,16 +913,9 @@ fn read_json_items(
     known: &HashMap<u64, &ObjectRecord>,
     read: &mut FileRead,
 ) {
-    let defaults = list_kind
-        .strip_suffix("List")
-        .filter(|kind| !kind.is_empty())
-        .map(|kind| ItemDefaults { api_version, kind });
+    let defaults = ItemDefaults::of_list(list_kind, api_version);
     for (index, item) in items.iter().enumerate() {
-        let origin = Origin {
-            file: origin.file,
-            location: format!("{} item {}", origin.location, index + 1),
-        };
-        read_json_object(item, &origin, defaults, known, read);
+        read_json_object(item, &origin.item(index), defaults, known, read);
     }
 }
 
