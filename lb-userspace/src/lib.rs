@@ -11,3 +11,5 @@ pub mod model;
 pub mod node;
 pub mod plan;
 pub mod source;
+#[cfg(test)]
+mod test_rng;

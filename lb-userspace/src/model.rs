@@ -4273,17 +4273,7 @@ spec:
                 .any(|spec| spec.service.name == "wwww")
         );
     }
-    /// A tiny deterministic generator (xorshift), so failures reproduce.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// A random Service from a small space, so that Services often collide
     /// on a `ClusterIP` or health check port and change type and policy.

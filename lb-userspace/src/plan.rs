@@ -1204,21 +1204,7 @@ mod tests {
         );
         assert_eq!(state.frontends[&a].rev_nat_id, 2);
     }
-    /// A tiny deterministic generator (xorshift), so failures reproduce.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-
-        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-            items[usize::try_from(self.below(items.len() as u64)).unwrap()]
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// One or two frontends added, changed or removed, from small pools, so that backends are shared,
     /// change flags, and addresses carry several frontends of both kinds.
