@@ -437,15 +437,7 @@ impl Planner<'_> {
                 continue;
             };
             if !desired.contains_key(frontend) {
-                self.tail.push(Op::DeleteFrontend {
-                    frontend: *frontend,
-                });
-                for index in 0..state.slots.len() {
-                    self.tail.push(Op::DeleteSlot {
-                        frontend: *frontend,
-                        slot: slot_number(index),
-                    });
-                }
+                self.remove_frontend(*frontend, state);
             }
         }
         for frontend in changes.keys() {
@@ -752,20 +744,23 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// Removes a frontend that is no longer wanted, then its slots.
+    fn remove_frontend(&mut self, frontend: Frontend, state: &FrontendState) {
+        self.tail.push(Op::DeleteFrontend { frontend });
+        for index in 0..state.slots.len() {
+            self.tail.push(Op::DeleteSlot {
+                frontend,
+                slot: slot_number(index),
+            });
+        }
+    }
+
     /// Plans the removal of what `desired` no longer has.
     fn removals(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
-        for (frontend, state) in &self.current.frontends {
-            if desired.contains_key(frontend) {
-                continue;
-            }
-            self.tail.push(Op::DeleteFrontend {
-                frontend: *frontend,
-            });
-            for index in 0..state.slots.len() {
-                self.tail.push(Op::DeleteSlot {
-                    frontend: *frontend,
-                    slot: slot_number(index),
-                });
+        let current = self.current;
+        for (frontend, state) in &current.frontends {
+            if !desired.contains_key(frontend) {
+                self.remove_frontend(*frontend, state);
             }
         }
         for range in &self.current.source_ranges {
