@@ -48,8 +48,7 @@ use aya::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{Ct4Key, Ct6Key, CtEntry, map_names, prog_names};
 use lb_userspace::{
-    loader,
-    maps::Maps,
+    datapath::{loader, maps::Maps},
     model::{self, NodeContext},
     plan,
 };

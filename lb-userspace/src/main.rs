@@ -10,12 +10,11 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent::{self, AgentConfig},
-    loader,
-    maps::Maps,
     node::{self, NodeSettings},
-    plan,
     source::{SourceSpec, kube::KubeSourceConfig},
 };
+
+mod cli;
 
 /// Default bpffs directory for maps and links.
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
@@ -200,44 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(agent::run(config))?;
             Ok(())
         }
-        Command::Cleanup { pin_path } => {
-            let done = loader::cleanup(&pin_path, &loader::all_interfaces())
-                .with_context(|| format!("cleanup of {}", pin_path.display()))?;
-            if done.is_empty() {
-                println!("nothing to clean up under {}", pin_path.display());
-            }
-            for line in done {
-                println!("{line}");
-            }
-            Ok(())
-        }
-        Command::Services { json, pin_path } => services(json, &pin_path),
-        Command::Conntrack { json, pin_path } => {
-            let maps = open(&pin_path)?;
-            let flows = maps.conntrack()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&flows)?);
-            } else {
-                println!(
-                    "{:<8} {:<4} {:<46} {:<46} {:>8} {:>7} {:>6}",
-                    "DIR", "PROTO", "SOURCE", "DESTINATION", "BACKEND", "REVNAT", "IDLE"
-                );
-                for flow in flows {
-                    println!(
-                        "{:<8} {:<4} {:<46} {:<46} {:>8} {:>7} {:>5}s{}",
-                        flow.direction,
-                        flow.protocol,
-                        flow.source.to_string(),
-                        flow.destination.to_string(),
-                        flow.backend_id,
-                        flow.rev_nat_id,
-                        flow.idle_seconds,
-                        if flow.closing { " closing" } else { "" }
-                    );
-                }
-            }
-            Ok(())
-        }
+        Command::Cleanup { pin_path } => cli::cleanup::run(&pin_path),
+        Command::Services { json, pin_path } => cli::services::print(json, &pin_path),
+        Command::Conntrack { json, pin_path } => cli::conntrack::print(json, &pin_path),
     }
 }
 
@@ -263,98 +227,4 @@ fn source_spec(
         return Err(anyhow!("--source file: needs a directory"));
     }
     Ok(SourceSpec::File(PathBuf::from(dir)))
-}
-
-fn open(pin_path: &std::path::Path) -> anyhow::Result<Maps> {
-    Maps::open_pinned(pin_path).with_context(|| {
-        format!(
-            "no lb maps pinned under {} (is the agent running there?)",
-            pin_path.display()
-        )
-    })
-}
-
-#[derive(serde::Serialize)]
-struct ServiceView {
-    address: std::net::IpAddr,
-    port: u16,
-    protocol: &'static str,
-    rev_nat_id: u32,
-    packets: u64,
-    bytes: u64,
-    backends: Vec<BackendView>,
-}
-
-#[derive(serde::Serialize)]
-struct BackendView {
-    id: u32,
-    address: std::net::IpAddr,
-    port: u16,
-    state: &'static str,
-    local: bool,
-}
-
-fn backend_state(backend: Option<&plan::BackendEntry>) -> &'static str {
-    match backend {
-        None => "missing",
-        Some(b) if b.flags & lb_common::backend_flags::TERMINATING != 0 => "terminating",
-        Some(_) => "active",
-    }
-}
-
-fn services(json: bool, pin_path: &std::path::Path) -> anyhow::Result<()> {
-    let maps = open(pin_path)?;
-    let state = maps.read_state()?;
-    let mut views = Vec::new();
-    for (frontend, frontend_state) in &state.frontends {
-        let counters = maps
-            .service_stats(frontend_state.rev_nat_id)
-            .unwrap_or_default();
-        views.push(ServiceView {
-            address: frontend.addr,
-            port: frontend.port,
-            protocol: frontend.proto.name(),
-            rev_nat_id: frontend_state.rev_nat_id,
-            packets: counters.packets,
-            bytes: counters.bytes,
-            backends: frontend_state
-                .slots
-                .iter()
-                .map(|id| {
-                    let backend = state.backends.get(id);
-                    BackendView {
-                        id: *id,
-                        address: backend
-                            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |b| b.key.addr),
-                        port: backend.map_or(0, |b| b.key.port),
-                        state: backend_state(backend),
-                        local: backend
-                            .is_some_and(|b| b.flags & lb_common::backend_flags::LOCAL != 0),
-                    }
-                })
-                .collect(),
-        });
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&views)?);
-        return Ok(());
-    }
-    for (view, (frontend, _)) in views.iter().zip(&state.frontends) {
-        println!(
-            "{}  rev-nat {}  {} backends  {} packets",
-            frontend,
-            view.rev_nat_id,
-            view.backends.len(),
-            view.packets
-        );
-        for backend in &view.backends {
-            println!(
-                "  -> {} (id {}, {})",
-                std::net::SocketAddr::new(backend.address, backend.port),
-                backend.id,
-                backend.state
-            );
-        }
-    }
-    Ok(())
 }

@@ -19,8 +19,10 @@ use aya::{
 use lb_common::LbConfig;
 use lb_common::prog_names;
 use lb_userspace::{
-    loader,
-    maps::{CtRecord, Maps},
+    datapath::{
+        loader,
+        maps::{CtRecord, Maps},
+    },
     model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
     plan,
 };

@@ -20,6 +20,7 @@ use lb_common::{
     svc_flags,
 };
 
+use super::batch::batch_of;
 use crate::{
     model::{Frontend, Protocol},
     plan::{BackendEntry, BackendKey, DatapathState, FrontendState, Op, SourceRange},
@@ -845,77 +846,6 @@ fn backend6(addr: Ipv6Addr, backend: BackendEntry) -> Lb6Backend {
         proto: backend.key.proto.number(),
         flags: backend.flags,
     }
-}
-
-/// The `batch` member of `union bpf_attr` (linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h; hash maps, Linux >= 5.6).
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// The keys and values `entry` gives for the ops of `run`, written to
-/// `map` as one batch; how many were written.
-fn batch_of<K: aya::Pod, V: aya::Pod>(
-    map: &MapData,
-    run: &[&Op],
-    entry: impl Fn(&Op) -> Option<(K, V)>,
-) -> usize {
-    let (keys, values): (Vec<K>, Vec<V>) = run.iter().copied().filter_map(entry).unzip();
-    update_batch(map, &keys, &values)
-}
-
-/// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no
-/// batch update); returns how many were written.
-fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> usize {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    if keys.len() != values.len() || keys.is_empty() {
-        return 0;
-    }
-    let Ok(count) = u32::try_from(keys.len()) else {
-        return 0;
-    };
-    let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
-        return 0;
-    };
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count,
-        map_fd,
-        ..BatchAttr::default()
-    };
-    // SAFETY: `attr` points at `count` keys and values of the map's sizes
-    // (the map was opened with these types), alive for the call.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if result == 0 {
-        return keys.len();
-    }
-    let error = std::io::Error::last_os_error();
-    // Inside its write loop the kernel reports in `count` how many it wrote
-    // before failing, always fewer than given; an error before the loop
-    // (no memory, no write permission, bad flags) leaves `count` as given.
-    let written = usize::try_from(attr.count).unwrap_or(0);
-    let written = if written >= keys.len() { 0 } else { written };
-    tracing::debug!(%error, given = keys.len(), written, "batch map update failed; the rest goes one by one");
-    written
 }
 
 /// Protocol number in a key; the marker (port 0) has protocol 0.

@@ -1,95 +1,12 @@
-//! `/healthz`, `/readyz` and `/metrics` over plain HTTP/1.x.
-//!
-//! Small on purpose: three GET routes, one response per connection.
+//! Prometheus text exposition of the agent's state and the datapath's
+//! counters (names as kube-proxy's where it has one, `kubeproxy_` -> `lb_`).
 
-use std::{
-    fmt::Write as _,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::fmt::Write as _;
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
-
-use crate::{agent::Shared, maps::Maps};
-
-/// Serves until the process ends.
-pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let shared = Arc::clone(&shared);
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(5), handle(stream, &shared)).await;
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-async fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && !buf[..len].ends_with(b"\n\n") {
-        if len == buf.len() {
-            break;
-        }
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    let request = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = request.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("");
-    let (status, content_type, body) = if method != "GET" && method != "HEAD" {
-        (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        )
-    } else {
-        route(path, shared)
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if method != "HEAD" {
-        stream.write_all(body.as_bytes()).await?;
-    }
-    stream.shutdown().await
-}
-
-fn route(path: &str, shared: &Mutex<Shared>) -> (&'static str, &'static str, String) {
-    let shared = shared
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    match path {
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/readyz" if shared.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
-        "/readyz" => (
-            "503 Service Unavailable",
-            "text/plain",
-            format!("not ready: {}\n", shared.not_ready_reason),
-        ),
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(&shared)),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-    }
-}
+use crate::{agent::Shared, datapath::maps::Maps};
 
 /// Prometheus text exposition.
-fn metrics(shared: &Shared) -> String {
+pub(super) fn metrics(shared: &Shared) -> String {
     let agent: [(&str, &str, &str, String); 10] = [
         (
             "lb_ready",
@@ -213,7 +130,7 @@ fn render_map_entries(map_entries: &[(&'static str, usize)], out: &mut String) {
 
 /// Upper bounds (seconds) of the histogram buckets: milliseconds (what a
 /// sync takes) up to minutes (what a slow control plane takes).
-pub const BUCKETS: [f64; 18] = [
+const BUCKETS: [f64; 18] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 ];

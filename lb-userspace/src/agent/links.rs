@@ -1,0 +1,82 @@
+//! Loading the program and attaching it: at start, and whenever an
+//! interface that matches `--attach-pattern` appears or goes.
+
+use std::{path::Path, sync::Mutex};
+
+use super::{AgentError, Shared, lock};
+use crate::{
+    datapath::{
+        loader::{self, Attachment},
+        maps::Maps,
+    },
+    net::ifwatch::LinkEvent,
+    plan::DatapathState,
+};
+
+/// What loading yields: the object, its maps, the attachments and the
+/// state recovered from the pins.
+pub(super) type Loaded = (aya::Ebpf, Maps, Vec<(String, Attachment)>, DatapathState);
+
+pub(super) fn load_and_attach(
+    pin_path: &Path,
+    ct_entries: u32,
+    interfaces: &[String],
+) -> Result<Loaded, AgentError> {
+    let mut ebpf = loader::load_with(pin_path, ct_entries)?;
+    let maps = Maps::from_ebpf(&mut ebpf)?;
+    let program = loader::program(&mut ebpf)?;
+    let mut attachments = Vec::new();
+    for iface in interfaces {
+        let how = loader::attach(program, iface, pin_path)?;
+        tracing::info!(iface = %iface, attachment = ?how, "attached");
+        attachments.push((iface.clone(), how));
+    }
+    let state = maps.read_state()?;
+    Ok((ebpf, maps, attachments, state))
+}
+
+/// Attaches to an interface that appeared; forgets one that went away
+/// (its TCX link died with it, so only the pin is left to remove).
+pub(super) fn on_link_event(
+    event: &LinkEvent,
+    ebpf: &mut aya::Ebpf,
+    pin_path: &Path,
+    shared: &Mutex<Shared>,
+) {
+    match event {
+        LinkEvent::Added(iface) => {
+            if lock(shared)
+                .attachments
+                .iter()
+                .any(|(name, _)| name == iface)
+            {
+                return;
+            }
+            let attached =
+                loader::program(ebpf).and_then(|program| loader::attach(program, iface, pin_path));
+            match attached {
+                Ok(how) => {
+                    tracing::info!(iface = %iface, attachment = ?how, "attached to new interface");
+                    lock(shared).attachments.push((iface.clone(), how));
+                }
+                // It may be gone again already; the removal event follows.
+                Err(error) => {
+                    tracing::warn!(iface = %iface, %error, "cannot attach to new interface");
+                }
+            }
+        }
+        LinkEvent::Removed(iface) => {
+            lock(shared).attachments.retain(|(name, _)| name != iface);
+            let pin = pin_path.join("links").join(iface);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => tracing::info!(iface = %iface, "interface gone; link pin removed"),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(iface = %iface, "interface gone");
+                }
+                Err(error) => {
+                    tracing::warn!(iface = %iface, %error, pin = %pin.display(), "cannot remove link pin");
+                }
+            }
+        }
+    }
+}

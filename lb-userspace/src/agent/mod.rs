@@ -1,0 +1,206 @@
+//! The agent loop: watch the source, rebuild the model, diff against the
+//! maps, apply. Side effects (maps, HTTP, signals) live here and in `http`.
+//!
+//! `reconcile` is one sync, `links` loading and attaching, `status` what
+//! the HTTP server shows.
+
+mod links;
+mod reconcile;
+mod status;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+pub use status::{Shared, map_occupancy};
+
+use crate::{
+    datapath::{
+        loader::{self, LoadError},
+        maps::MapsError,
+    },
+    http,
+    net::ifwatch::{self, IfWatchError, Patterns},
+    node::NodeSettings,
+    source::{self, SourceError, SourceSpec, SourceUpdate},
+};
+use links::{Loaded, load_and_attach, on_link_event};
+use reconcile::{Desired, Hooks, Pending, Reconciler};
+
+/// What `lb agent` was asked to do.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where Services and `EndpointSlices` come from.
+    pub source: SourceSpec,
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
+    /// Globs of interfaces to attach to, now and when they appear.
+    pub attach_patterns: Vec<String>,
+    /// bpffs directory for pins.
+    pub pin_path: PathBuf,
+    /// Address of the metrics/health server.
+    pub metrics_addr: SocketAddr,
+    /// Node name, addresses, zone and hairpin sources from the flags.
+    pub node: NodeSettings,
+    /// Conntrack entries per family.
+    pub ct_entries: u32,
+}
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The source cannot start.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Interface discovery cannot start.
+    #[error(transparent)]
+    IfWatch(#[from] IfWatchError),
+    /// Loading or attaching failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The maps could not be opened or read.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// The metrics address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The thread that loads and attaches ended without a result.
+    #[error("loading the eBPF object stopped: {0}")]
+    LoadTask(#[source] tokio::task::JoinError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Pins and links stay in place.
+///
+/// # Errors
+/// Startup failed (bad directory, interface, bpffs, kernel refusal, port).
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    // Check every input before touching the kernel.
+    let (tx, mut updates) = tokio::sync::mpsc::channel(4);
+    let source_task = source::spawn(&config.source, tx)?;
+    let patterns = Patterns::new(config.attach_patterns.iter().cloned())?;
+    for iface in &config.interfaces {
+        if loader::if_index(iface).is_none() {
+            return Err(LoadError::NoSuchInterface(iface.clone()).into());
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Listen {
+            addr: config.metrics_addr,
+            source,
+        })?;
+
+    let shared = Arc::new(Mutex::new(Shared {
+        not_ready_reason: "first sync not done".into(),
+        ..Shared::default()
+    }));
+    tokio::spawn(http::serve(listener, Arc::clone(&shared)));
+
+    // Load and attach (verifier, map creation: hundreds of milliseconds) on
+    // another thread, while the first objects from the source go into the
+    // model here.
+    let loading = {
+        let (pin_path, ct_entries) = (config.pin_path.clone(), config.ct_entries);
+        let interfaces = config.interfaces.clone();
+        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, ct_entries, &interfaces))
+    };
+    let mut pending = Pending {
+        desired: Desired::new(&config),
+        hooks: Hooks::new(&config),
+    };
+    let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
+    let (mut ebpf, maps, attachments, state) = loaded?;
+    tracing::info!(
+        frontends = state.frontends.len(),
+        backends = state.backends.len(),
+        pin_path = %config.pin_path.display(),
+        "recovered state from pinned maps"
+    );
+    let maps = Arc::new(Mutex::new(maps));
+    let state = Arc::new(Mutex::new(state));
+    {
+        let mut shared = lock(&shared);
+        shared.attachments = attachments;
+        shared.maps = Some(Arc::clone(&maps));
+        shared.datapath = Some(Arc::clone(&state));
+    }
+
+    let (link_tx, mut links) = tokio::sync::mpsc::channel(64);
+    let link_task = if patterns.is_empty() {
+        None
+    } else {
+        Some(ifwatch::spawn(patterns, link_tx)?)
+    };
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(AgentError::Signals)?;
+    let mut reconciler = Reconciler::new(maps, state, pending, Arc::clone(&shared));
+    if let Some(update) = first_update {
+        reconciler.on_update(update);
+    }
+    loop {
+        tokio::select! {
+            Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
+            update = updates.recv() => {
+                let Some(update) = update else {
+                    tracing::error!("source ended; keeping the last good state");
+                    break;
+                };
+                reconciler.on_update(update);
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    source_task.abort();
+    if let Some(task) = link_task {
+        task.abort();
+    }
+    tracing::info!("stopping; programs, links and maps stay in place");
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Until loading is done, puts the source's first objects into the model
+/// (as long as more follow; a complete update waits for the maps and is
+/// returned).
+async fn prefeed(
+    mut loading: tokio::task::JoinHandle<Result<Loaded, AgentError>>,
+    updates: &mut tokio::sync::mpsc::Receiver<SourceUpdate>,
+    pending: &mut Pending,
+) -> (Result<Loaded, AgentError>, Option<SourceUpdate>) {
+    let mut first_update = None;
+    let mut source_open = true;
+    loop {
+        tokio::select! {
+            loaded = &mut loading => {
+                let loaded = loaded.unwrap_or_else(|error| Err(AgentError::LoadTask(error)));
+                return (loaded, first_update);
+            }
+            update = updates.recv(), if first_update.is_none() && source_open => match update {
+                Some(SourceUpdate::Changes(changes)) if changes.more_follow => {
+                    pending.feed(changes);
+                }
+                Some(update) => first_update = Some(update),
+                // The main loop notices and says so.
+                None => source_open = false,
+            },
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! One sync: the source's update into the model, the model's changes into a
+//! plan, the plan into the maps, and what the sync learnt into the shared
+//! state (counters, readiness, Events, health-check listeners).
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
+
+use super::{AgentConfig, Shared, lock};
+use crate::{
+    datapath::maps::Maps,
+    http::healthcheck::HealthServers,
+    model,
+    node::{self, NodeSettings},
+    plan::{self, DatapathState, PlanIndex},
+    source::{
+        self, Changes, Snapshot, SourceSpec, SourceUpdate,
+        kube::{EventReporter, TriggerTimes},
+    },
+};
+
+/// What the agent wants in the maps, kept between syncs so that a change
+/// costs O(change).
+pub(super) struct Desired {
+    model: model::Incremental,
+    /// The Node object of the last snapshot (kube source).
+    node: Option<k8s_openapi::api::core::v1::Node>,
+    /// `None` when the next plan must cover everything: first sync, after
+    /// a failed write or a plan with problems.
+    plan_index: Option<PlanIndex>,
+}
+
+impl Desired {
+    pub(super) fn new(config: &AgentConfig) -> Self {
+        let mut model = model::Incremental::new(model::NodeContext::default());
+        model.set_trust_resource_versions(matches!(config.source, SourceSpec::Kube(_)));
+        Self {
+            model,
+            node: None,
+            plan_index: None,
+        }
+    }
+}
+
+/// Per-sync extras beyond the maps.
+pub(super) struct Hooks {
+    /// Node settings from the flags.
+    node_settings: NodeSettings,
+    /// The node configuration last written to the datapath.
+    datapath_config: Option<lb_common::LbConfig>,
+    /// `healthCheckNodePort` listeners.
+    health: HealthServers,
+    /// This node's name (kube source), for the model's `NodeContext`.
+    node_name: String,
+    /// Raises Events on invalid objects (kube source only).
+    events: Option<EventReporter>,
+    /// Turns slice trigger times into `network_programming` observations.
+    trigger_times: TriggerTimes,
+    /// Trigger times of changed slices, observed once their state is in
+    /// the maps.
+    pending_trigger_times: Vec<SystemTime>,
+}
+
+impl Hooks {
+    pub(super) fn new(config: &AgentConfig) -> Self {
+        Self {
+            node_name: match &config.source {
+                SourceSpec::Kube(kube) => kube.node_name.clone(),
+                SourceSpec::File(_) => String::new(),
+            },
+            events: source::kube::event_reporter(&config.source),
+            trigger_times: TriggerTimes::new(SystemTime::now()),
+            pending_trigger_times: Vec::new(),
+            node_settings: config.node.clone(),
+            datapath_config: None,
+            health: HealthServers::default(),
+        }
+    }
+}
+
+/// Model and extras before the maps exist: what the source's first
+/// updates feed while the program loads.
+pub(super) struct Pending {
+    pub(super) desired: Desired,
+    pub(super) hooks: Hooks,
+}
+
+impl Pending {
+    /// Puts changes into the model (not yet committed); returns the
+    /// source's errors.
+    pub(super) fn feed(&mut self, changes: Changes) -> Vec<model::ObjectError> {
+        let model = &mut self.desired.model;
+        for key in &changes.removed_services {
+            model.remove_service(key);
+        }
+        for key in &changes.removed_slices {
+            model.remove_slice(key);
+        }
+        for slice in &changes.slices {
+            model.upsert_slice(slice);
+        }
+        for service in changes.services {
+            model.upsert_service(service);
+        }
+        let network_programming = self
+            .hooks
+            .trigger_times
+            .take_changed(&changes.slices, &changes.removed_slices);
+        self.hooks.pending_trigger_times.extend(network_programming);
+        changes.errors
+    }
+}
+
+/// Everything a sync reads and writes: the maps and what they hold, the
+/// model, and the state the HTTP server shows.
+pub(super) struct Reconciler {
+    maps: Arc<Mutex<Maps>>,
+    /// What the maps hold, as the agent wrote it.
+    state: Arc<Mutex<DatapathState>>,
+    pending: Pending,
+    shared: Arc<Mutex<Shared>>,
+    /// The invalid objects reported so far (each is logged once).
+    reported: BTreeSet<String>,
+}
+
+/// One update from the source.
+enum Input {
+    Snapshot(Box<Snapshot>),
+    Changes(Changes),
+}
+
+impl Input {
+    /// What the sync's span calls its trigger.
+    fn trigger(&self) -> &'static str {
+        match self {
+            Self::Snapshot(_) => "snapshot",
+            Self::Changes(_) => "changes",
+        }
+    }
+}
+
+impl Reconciler {
+    pub(super) fn new(
+        maps: Arc<Mutex<Maps>>,
+        state: Arc<Mutex<DatapathState>>,
+        pending: Pending,
+        shared: Arc<Mutex<Shared>>,
+    ) -> Self {
+        Self {
+            maps,
+            state,
+            pending,
+            shared,
+            reported: BTreeSet::new(),
+        }
+    }
+
+    /// One update from the source: a sync, or (while more follow) only into
+    /// the model.
+    pub(super) fn on_update(&mut self, update: SourceUpdate) {
+        match update {
+            SourceUpdate::Snapshot(snapshot) => self.sync(Input::Snapshot(Box::new(snapshot))),
+            SourceUpdate::Changes(changes) if changes.more_follow => {
+                self.pending.feed(changes);
+            }
+            SourceUpdate::Changes(changes) => self.sync(Input::Changes(changes)),
+            SourceUpdate::Stale(reason) => {
+                tracing::error!(%reason, "source has no fresh state; keeping the last good state");
+                // Not ready until the source delivers again (the next
+                // snapshot's sync makes it ready); /readyz says why.
+                let mut shared = lock(&self.shared);
+                shared.ready = false;
+                shared.not_ready_reason = reason;
+            }
+        }
+    }
+
+    /// One pass: model, diff, apply.
+    fn sync(&mut self, input: Input) {
+        let span = tracing::info_span!("sync", trigger = input.trigger());
+        let _entered = span.enter();
+        let started = Instant::now();
+        let node = self.node_context(&input);
+        let (snapshot, source_errors) = match input {
+            Input::Snapshot(mut snapshot) => {
+                self.pending
+                    .desired
+                    .model
+                    .reset(&snapshot.services, &snapshot.slices);
+                let errors = std::mem::take(&mut snapshot.errors);
+                (Some(snapshot), errors)
+            }
+            Input::Changes(changes) => (None, self.pending.feed(changes)),
+        };
+        let changes = self.pending.desired.model.commit();
+        self.write_node_config(&node);
+        let hooks = &mut self.pending.hooks;
+        hooks
+            .health
+            .update(&self.pending.desired.model.health_checks());
+        self.report_errors(&source_errors, snapshot.as_deref());
+
+        let state = Arc::clone(&self.state);
+        let mut state = lock(&state);
+        let desired = &mut self.pending.desired;
+        let frontends = desired.model.frontends();
+        let plan = match &mut desired.plan_index {
+            Some(index) => plan::diff_changes(&state, index, frontends, &changes),
+            None => plan::diff(&state, frontends),
+        };
+        for problem in &plan.problems {
+            tracing::warn!(%problem, "frontend not fully programmed");
+        }
+        let (writes, failures) = apply_plan(&plan, &mut lock(&self.maps), &mut state, desired);
+        let elapsed = started.elapsed();
+        if !plan.ops.is_empty() {
+            tracing::info!(
+                writes,
+                failures,
+                frontends = state.frontends.len(),
+                backends = state.backends.len(),
+                millis = elapsed.as_secs_f64() * 1000.0,
+                "synced"
+            );
+        }
+        // After a plan over everything, index what was written, once the ops
+        // are gone (on a first sync they are the largest allocation).
+        let plan_complete = failures == 0 && plan.problems.is_empty();
+        drop(plan);
+        if plan_complete && desired.plan_index.is_none() {
+            desired.plan_index = Some(PlanIndex::new(&state, desired.model.frontends()));
+        }
+        let mut shared = lock(&self.shared);
+        shared.map_writes += writes;
+        shared.map_write_errors += failures;
+        shared.invalid_objects = self.reported.len() as u64;
+        shared.last_sync_seconds = elapsed.as_secs_f64();
+        shared.frontends = state.frontends.len();
+        shared.backends = state.backends.len();
+        drop(state);
+        shared.sync_duration.observe(elapsed.as_secs_f64());
+        if failures == 0 {
+            let written = SystemTime::now();
+            let hooks = &mut self.pending.hooks;
+            let triggers = match &snapshot {
+                Some(snapshot) => hooks.trigger_times.take_new(&snapshot.slices),
+                None => std::mem::take(&mut hooks.pending_trigger_times),
+            };
+            for trigger in triggers {
+                let latency = written.duration_since(trigger).unwrap_or_default();
+                shared.network_programming.observe(latency.as_secs_f64());
+            }
+            shared.syncs += 1;
+            shared.ready = true;
+            shared.not_ready_reason.clear();
+        } else {
+            shared.sync_errors += 1;
+            if !shared.ready {
+                shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
+            }
+        }
+    }
+
+    /// The node as this sync sees it (flags over the Node object over the
+    /// interfaces), set on the model.
+    fn node_context(&mut self, input: &Input) -> model::NodeContext {
+        let desired = &mut self.pending.desired;
+        if let Input::Snapshot(snapshot) = input {
+            desired.node.clone_from(&snapshot.node);
+        }
+        let hooks = &self.pending.hooks;
+        let from_source = source::kube::node_context(desired.node.as_ref(), &hooks.node_name);
+        let node = node::context(&hooks.node_settings, &from_source);
+        desired.model.set_node(&node);
+        node
+    }
+
+    /// Logs (and raises Events for) errors not reported before; remembers
+    /// the current ones.
+    fn report_errors(&mut self, source_errors: &[model::ObjectError], snapshot: Option<&Snapshot>) {
+        let model_errors = self.pending.desired.model.errors();
+        let mut current_errors = BTreeSet::new();
+        for error in source_errors.iter().chain(&model_errors) {
+            let line = error.to_string();
+            if !self.reported.contains(&line) {
+                tracing::warn!(
+                    kind = error.kind,
+                    namespace = %error.namespace,
+                    name = %error.name,
+                    reason = %error.reason,
+                    "invalid object skipped"
+                );
+                lock(&self.shared).invalid_objects_reported += 1;
+                if let (Some(events), Some(snapshot)) = (&self.pending.hooks.events, snapshot) {
+                    events.report(error, snapshot);
+                }
+            }
+            current_errors.insert(line);
+        }
+        self.reported = current_errors;
+    }
+
+    /// Writes the datapath's node configuration when it changed.
+    fn write_node_config(&mut self, node: &model::NodeContext) {
+        let hooks = &mut self.pending.hooks;
+        let config = node::datapath_config(&hooks.node_settings, node);
+        if hooks.datapath_config == Some(config) {
+            return;
+        }
+        match lock(&self.maps).write_config(&config) {
+            Ok(()) => {
+                tracing::info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node configuration written");
+                hooks.datapath_config = Some(config);
+            }
+            Err(error) => tracing::error!(%error, "cannot write the node configuration"),
+        }
+    }
+}
+
+/// Writes the plan; keeps the state (and the plan index) in step with what
+/// the maps now hold. Returns (writes, failures).
+fn apply_plan(
+    plan: &plan::Plan,
+    maps: &mut Maps,
+    state: &mut DatapathState,
+    desired: &mut Desired,
+) -> (u64, u64) {
+    let mut writes = 0u64;
+    let mut failures = 0u64;
+    maps.apply_ops(&plan.ops, &mut |op, result| match result {
+        Ok(()) => writes += 1,
+        Err(error) => {
+            failures += 1;
+            tracing::error!(%error, ?op, "map write failed");
+        }
+    });
+    if failures == 0 {
+        if let Some(index) = &mut desired.plan_index {
+            index.note_applied(state, &plan.ops);
+        }
+        plan::apply_to_state(state, &plan.ops);
+        if !plan.problems.is_empty() {
+            // Left-out frontends are retried by a plan over everything.
+            desired.plan_index = None;
+        }
+    } else {
+        desired.plan_index = None;
+        // Re-read what really is in the maps; the next sync retries.
+        match maps.read_state() {
+            Ok(read) => *state = read,
+            Err(error) => tracing::error!(%error, "cannot read the maps back"),
+        }
+    }
+    (writes, failures)
+}

@@ -1,0 +1,93 @@
+//! What the agent shows of itself: the state shared with the HTTP server
+//! (readiness, counters, histograms) and the map occupancy it reports.
+
+use std::sync::{Arc, Mutex};
+
+use crate::{
+    datapath::{loader::Attachment, maps::Maps},
+    http::Histogram,
+    plan::DatapathState,
+};
+
+/// Agent state shared with the HTTP server.
+#[derive(Default)]
+pub struct Shared {
+    /// The first full state has been written.
+    pub ready: bool,
+    /// Why the agent is not ready (shown by /readyz).
+    pub not_ready_reason: String,
+    /// Successful syncs.
+    pub syncs: u64,
+    /// Syncs with at least one failed map write.
+    pub sync_errors: u64,
+    /// Map writes done.
+    pub map_writes: u64,
+    /// Map writes that failed.
+    pub map_write_errors: u64,
+    /// Objects currently rejected as invalid.
+    pub invalid_objects: u64,
+    /// Rejections reported since start.
+    pub invalid_objects_reported: u64,
+    /// Duration of the last sync.
+    pub last_sync_seconds: f64,
+    /// Frontends and backends last written.
+    pub frontends: usize,
+    /// Backends last written.
+    pub backends: usize,
+    /// Attachments by interface.
+    pub attachments: Vec<(String, Attachment)>,
+    /// The maps (for datapath counters on scrape).
+    pub maps: Option<Arc<Mutex<Maps>>>,
+    /// What the agent wrote (frontends with their rev-NAT id for
+    /// per-service counters, and map occupancy, on scrape).
+    pub datapath: Option<Arc<Mutex<DatapathState>>>,
+    /// Sync durations.
+    pub sync_duration: Histogram,
+    /// `EndpointSlice` trigger time -> maps written.
+    pub network_programming: Histogram,
+}
+
+/// Entries per map, from what the agent wrote.
+#[must_use]
+pub fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
+    use lb_common::map_names;
+    let (mut svc4, mut svc6, mut be4, mut be6, mut rnat4, mut rnat6) = (0, 0, 0, 0, 0, 0);
+    for (frontend, fs) in &state.frontends {
+        // Slot 0 (the frontend) plus one entry per backend slot.
+        let entries = 1 + fs.slots.len();
+        if frontend.addr.is_ipv4() {
+            svc4 += entries;
+        } else {
+            svc6 += entries;
+        }
+    }
+    for marker in &state.markers {
+        if marker.is_ipv4() {
+            svc4 += 1;
+        } else {
+            svc6 += 1;
+        }
+    }
+    for backend in state.backends.values() {
+        if backend.key.addr.is_ipv4() {
+            be4 += 1;
+        } else {
+            be6 += 1;
+        }
+    }
+    for (addr, _) in state.rev_nats.values() {
+        if addr.is_ipv4() {
+            rnat4 += 1;
+        } else {
+            rnat6 += 1;
+        }
+    }
+    vec![
+        (map_names::SERVICES4, svc4),
+        (map_names::SERVICES6, svc6),
+        (map_names::BACKENDS4, be4),
+        (map_names::BACKENDS6, be6),
+        (map_names::REVNAT4, rnat4),
+        (map_names::REVNAT6, rnat6),
+    ]
+}

@@ -1,0 +1,7 @@
+//! The kernel side as the agent sees it: loading, pinning and attaching the
+//! eBPF object (`loader`), reading and writing its maps (`maps`), and the
+//! batched map writes aya has no call for (`batch`).
+
+mod batch;
+pub mod loader;
+pub mod maps;
