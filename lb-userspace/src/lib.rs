@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod error;
 pub mod http;
 pub mod model;
 pub mod net;

@@ -4,6 +4,7 @@
 use std::{path::Path, sync::Mutex};
 
 use super::{AgentError, Shared, lock};
+use crate::error::Causes;
 use crate::{
     datapath::{
         loader::{self, Attachment},
@@ -61,7 +62,7 @@ pub(super) fn on_link_event(
                 }
                 // It may be gone again already; the removal event follows.
                 Err(error) => {
-                    tracing::warn!(iface = %iface, %error, "cannot attach to new interface");
+                    tracing::warn!(iface = %iface, error = %Causes(&error), "cannot attach to new interface");
                 }
             }
         }

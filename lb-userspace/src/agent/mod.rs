@@ -64,7 +64,7 @@ pub enum AgentError {
     #[error(transparent)]
     Maps(#[from] MapsError),
     /// The metrics address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         /// The address.
         addr: SocketAddr,
@@ -73,10 +73,10 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// The thread that loads and attaches ended without a result.
-    #[error("loading the eBPF object stopped: {0}")]
+    #[error("loading the eBPF object stopped")]
     LoadTask(#[source] tokio::task::JoinError),
     /// Signal handlers could not be installed.
-    #[error("cannot install signal handlers: {0}")]
+    #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
 }
 

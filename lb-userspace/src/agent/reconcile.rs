@@ -11,6 +11,7 @@ use std::{
 use super::{AgentConfig, Shared, lock};
 use crate::{
     datapath::maps::Maps,
+    error::Causes,
     http::healthcheck::HealthServers,
     model,
     node::{self, NodeSettings},
@@ -314,7 +315,9 @@ impl Reconciler {
                 tracing::info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node configuration written");
                 hooks.datapath_config = Some(config);
             }
-            Err(error) => tracing::error!(%error, "cannot write the node configuration"),
+            Err(error) => {
+                tracing::error!(error = %Causes(&error), "cannot write the node configuration");
+            }
         }
     }
 }
@@ -333,7 +336,7 @@ fn apply_plan(
         Ok(()) => writes += 1,
         Err(error) => {
             failures += 1;
-            tracing::error!(%error, ?op, "map write failed");
+            tracing::error!(error = %Causes(&error), ?op, "map write failed");
         }
     });
     if failures == 0 {
@@ -350,7 +353,7 @@ fn apply_plan(
         // Re-read what really is in the maps; the next sync retries.
         match maps.read_state() {
             Ok(read) => *state = read,
-            Err(error) => tracing::error!(%error, "cannot read the maps back"),
+            Err(error) => tracing::error!(error = %Causes(&error), "cannot read the maps back"),
         }
     }
     (writes, failures)

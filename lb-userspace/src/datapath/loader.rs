@@ -20,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         LinkOrder, SchedClassifier, TcAttach, TcAttachType,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcHandle},
     },
 };
@@ -46,7 +46,7 @@ pub enum LoadError {
         path: PathBuf,
     },
     /// The pin directory could not be made.
-    #[error("cannot create pin directory {path}: {source}")]
+    #[error("cannot create pin directory {path}")]
     PinDir {
         /// The directory.
         path: PathBuf,
@@ -55,14 +55,14 @@ pub enum LoadError {
         source: io::Error,
     },
     /// The kernel refused the object (the verifier log is in the source).
-    #[error("cannot load the eBPF object: {source}")]
+    #[error("cannot load the eBPF object")]
     Load {
         /// Underlying error, with the verifier log.
         #[source]
         source: aya::EbpfError,
     },
     /// The program is missing from the object or has another type.
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         /// Program name.
         name: &'static str,
@@ -74,12 +74,15 @@ pub enum LoadError {
     #[error("interface {0} does not exist in this network namespace")]
     NoSuchInterface(String),
     /// Attaching to an interface failed.
-    #[error("cannot attach to {iface}: {reason}")]
+    #[error("cannot attach to {iface}: {step}")]
     Attach {
         /// Interface name.
         iface: String,
-        /// What went wrong.
-        reason: String,
+        /// The step that failed.
+        step: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -200,9 +203,13 @@ pub fn attach(
     pin_path: &Path,
 ) -> Result<Attachment, LoadError> {
     let index = if_index(iface).ok_or_else(|| LoadError::NoSuchInterface(iface.to_owned()))?;
-    let attach_err = |reason: String| LoadError::Attach {
-        iface: iface.to_owned(),
-        reason,
+    let attach_err = |step: String| {
+        let iface = iface.to_owned();
+        move |source: Box<dyn std::error::Error + Send + Sync>| LoadError::Attach {
+            iface,
+            step,
+            source,
+        }
     };
     accept_local_sources(iface);
     let pin = link_pin(pin_path, iface);
@@ -225,16 +232,19 @@ pub fn attach(
         Ok(link_id) => {
             let link = program
                 .take_link(link_id)
-                .map_err(|e| attach_err(e.to_string()))?;
-            let link: FdLink = link.try_into().map_err(|e| attach_err(format!("{e}")))?;
+                .map_err(|e| attach_err("take the TCX link".into())(e.into()))?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|e: LinkError| attach_err("use the TCX link".into())(e.into()))?;
             link.pin(&pin)
-                .map_err(|e| attach_err(format!("pin link at {}: {e}", pin.display())))?;
+                .map_err(|e| attach_err(format!("pin the link at {}", pin.display()))(e.into()))?;
             Ok(Attachment::TcxNew)
         }
         Err(tcx_error) => {
             tracing::warn!(iface, error = %tcx_error, "TCX attach failed, falling back to clsact");
-            attach_netlink(program, index)
-                .map_err(|e| attach_err(format!("TCX: {tcx_error}; clsact: {e}")))?;
+            attach_netlink(program, index).map_err(|e| {
+                attach_err(format!("TCX refused ({tcx_error}), then clsact"))(e.into())
+            })?;
             Ok(Attachment::Netlink)
         }
     }

@@ -33,7 +33,7 @@ pub enum MapsError {
     #[error("map {0} missing from the eBPF object")]
     Missing(&'static str),
     /// A pinned map could not be opened.
-    #[error("cannot open pinned map {path}: {source}")]
+    #[error("cannot open pinned map {path}")]
     OpenPin {
         /// Pin path.
         path: String,
@@ -42,7 +42,7 @@ pub enum MapsError {
         source: MapError,
     },
     /// A map has another type or layout than this agent expects.
-    #[error("map {name} has an unexpected type or layout: {source}")]
+    #[error("map {name} has an unexpected type or layout")]
     Layout {
         /// Map name.
         name: &'static str,
@@ -51,7 +51,7 @@ pub enum MapsError {
         source: MapError,
     },
     /// A read or write failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Access {
         /// What was being done.
         what: String,

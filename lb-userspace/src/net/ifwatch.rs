@@ -32,7 +32,7 @@ pub enum IfWatchError {
     #[error("invalid --attach-pattern {0:?}: expected a glob of 1 to 15 characters")]
     BadPattern(String),
     /// The netlink socket could not be opened or subscribed.
-    #[error("cannot subscribe to link events (netlink): {0}")]
+    #[error("cannot subscribe to link events (netlink)")]
     Netlink(#[source] io::Error),
 }
 
@@ -171,7 +171,7 @@ pub fn spawn(
         .map_err(|e| IfWatchError::Netlink(io::Error::other(e.to_string())))?;
     Ok(tokio::spawn(async move {
         if let Err(error) = watch(&socket, Tracker::new(patterns), &tx).await {
-            tracing::error!(%error, "interface watcher stopped; new interfaces are not attached");
+            tracing::error!(error = %crate::error::Causes(&error), "interface watcher stopped; new interfaces are not attached");
         }
     }))
 }
