@@ -70,6 +70,10 @@ enum Command {
         #[arg(long, default_value_t = lb_common::limits::DEFAULT_CT_ENTRIES,
               value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
         ct_entries: u32,
+        /// Seconds between full resyncs: every map is read back, compared
+        /// with what the agent wrote, and any difference repaired (0: off).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        resync_interval: u64,
         /// Source address of hairpin flows (a pod reaching itself through
         /// its Service), IPv4.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK4)]
@@ -155,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_ips,
             zone,
             ct_entries,
+            resync_interval,
             hairpin_ipv4,
             hairpin_ipv6,
         } => {
@@ -184,6 +189,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_addr,
                 node,
                 ct_entries,
+                resync_interval: (resync_interval > 0)
+                    .then(|| std::time::Duration::from_secs(resync_interval)),
             };
             // One malloc arena: the agent's few threads (source reading, BPF
             // loading) would otherwise each keep an arena of freed memory,

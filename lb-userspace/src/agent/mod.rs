@@ -7,6 +7,7 @@
 mod links;
 mod reconcile;
 mod status;
+mod timers;
 
 use std::{
     net::SocketAddr,
@@ -46,6 +47,9 @@ pub struct AgentConfig {
     pub node: NodeSettings,
     /// Conntrack entries per family.
     pub ct_entries: u32,
+    /// How often every map is read back and compared with what the agent
+    /// wrote (`None`: never).
+    pub resync_interval: Option<std::time::Duration>,
 }
 
 /// The agent could not start.
@@ -127,12 +131,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         pin_path = %config.pin_path.display(),
         "recovered state from pinned maps"
     );
+    // The scrapes' own handle on the same pinned maps; without one the
+    // metrics leave out the datapath counters, and the agent still runs.
+    let maps_reader = crate::datapath::maps::Maps::open_pinned(&config.pin_path)
+        .inspect_err(|error| {
+            tracing::warn!(error = %crate::error::Causes(error), "cannot open the maps for /metrics");
+        })
+        .ok();
     let maps = Arc::new(Mutex::new(maps));
     let state = Arc::new(Mutex::new(state));
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
-        shared.maps = Some(Arc::clone(&maps));
+        shared.maps_reader = maps_reader.map(Arc::new);
         shared.datapath = Some(Arc::clone(&state));
     }
 
@@ -145,7 +156,13 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
-    let mut reconciler = Reconciler::new(maps, state, pending, Arc::clone(&shared));
+    let mut reconciler = Reconciler::new(
+        maps,
+        state,
+        pending,
+        Arc::clone(&shared),
+        config.resync_interval,
+    );
     if let Some(update) = first_update {
         reconciler.on_update(update);
     }
@@ -159,6 +176,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 };
                 reconciler.on_update(update);
             }
+            () = timers::sleep_until(reconciler.next_timer()) => reconciler.on_timer(),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -171,7 +189,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

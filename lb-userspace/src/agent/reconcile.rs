@@ -8,7 +8,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use super::{AgentConfig, Shared, lock};
+use super::{
+    AgentConfig, Shared, lock,
+    timers::{Due, SyncTimers, UNREADY_AFTER_FAILURES},
+};
 use crate::{
     datapath::maps::Maps,
     error::Causes,
@@ -124,6 +127,11 @@ pub(super) struct Reconciler {
     shared: Arc<Mutex<Shared>>,
     /// The invalid objects reported so far (each is logged once).
     reported: BTreeSet<String>,
+    /// What the source last said it cannot read (kept for the syncs the
+    /// timers start).
+    source_errors: Vec<model::ObjectError>,
+    /// Retry and resync deadlines.
+    timers: SyncTimers,
 }
 
 /// One update from the source.
@@ -148,6 +156,7 @@ impl Reconciler {
         state: Arc<Mutex<DatapathState>>,
         pending: Pending,
         shared: Arc<Mutex<Shared>>,
+        resync_every: Option<std::time::Duration>,
     ) -> Self {
         Self {
             maps,
@@ -155,6 +164,59 @@ impl Reconciler {
             pending,
             shared,
             reported: BTreeSet::new(),
+            source_errors: Vec::new(),
+            timers: SyncTimers::new(resync_every, Instant::now()),
+        }
+    }
+
+    /// When [`Self::on_timer`] wants to run next.
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// A retry or a resync, whichever is due.
+    pub(super) fn on_timer(&mut self) {
+        match self.timers.take_due(Instant::now()) {
+            Some(Due::Retry) => {
+                lock(&self.shared).sync_retries += 1;
+                self.sync(None);
+            }
+            Some(Due::Resync) => self.resync(),
+            None => {}
+        }
+    }
+
+    /// Reads every map back and, where it differs from what the agent
+    /// believes it wrote (an entry deleted or overwritten behind its back,
+    /// a write that failed unnoticed), plans against what is really there
+    /// and writes the difference.
+    fn resync(&mut self) {
+        let span = tracing::info_span!("resync");
+        let _entered = span.enter();
+        let read = lock(&self.maps).read_state();
+        let read = match read {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::error!(error = %Causes(&error), "cannot read the maps back");
+                return;
+            }
+        };
+        lock(&self.shared).resyncs += 1;
+        {
+            let mut state = lock(&self.state);
+            if *state == read {
+                return;
+            }
+            *state = read;
+        }
+        self.pending.desired.plan_index = None;
+        let writes = self.sync(None);
+        if writes > 0 {
+            tracing::warn!(
+                writes,
+                "the maps had drifted from the agent's state; repaired"
+            );
+            lock(&self.shared).drift_repairs += writes;
         }
     }
 
@@ -162,11 +224,15 @@ impl Reconciler {
     /// the model.
     pub(super) fn on_update(&mut self, update: SourceUpdate) {
         match update {
-            SourceUpdate::Snapshot(snapshot) => self.sync(Input::Snapshot(Box::new(snapshot))),
+            SourceUpdate::Snapshot(snapshot) => {
+                self.sync(Some(Input::Snapshot(Box::new(snapshot))));
+            }
             SourceUpdate::Changes(changes) if changes.more_follow => {
                 self.pending.feed(changes);
             }
-            SourceUpdate::Changes(changes) => self.sync(Input::Changes(changes)),
+            SourceUpdate::Changes(changes) => {
+                self.sync(Some(Input::Changes(changes)));
+            }
             SourceUpdate::Stale(reason) => {
                 tracing::error!(%reason, "source has no fresh state; keeping the last good state");
                 // Not ready until the source delivers again (the next
@@ -178,22 +244,30 @@ impl Reconciler {
         }
     }
 
-    /// One pass: model, diff, apply.
-    fn sync(&mut self, input: Input) {
-        let span = tracing::info_span!("sync", trigger = input.trigger());
+    /// One pass: model, diff, apply; `None` is a pass the timers start
+    /// (nothing new from the source). Returns the map writes done.
+    fn sync(&mut self, input: Option<Input>) -> u64 {
+        let span = tracing::info_span!(
+            "sync",
+            trigger = input.as_ref().map_or("timer", Input::trigger)
+        );
         let _entered = span.enter();
         let started = Instant::now();
-        let node = self.node_context(&input);
-        let (snapshot, source_errors) = match input {
-            Input::Snapshot(mut snapshot) => {
+        let node = self.node_context(input.as_ref());
+        let snapshot = match input {
+            Some(Input::Snapshot(mut snapshot)) => {
                 self.pending
                     .desired
                     .model
                     .reset(&snapshot.services, &snapshot.slices);
-                let errors = std::mem::take(&mut snapshot.errors);
-                (Some(snapshot), errors)
+                self.source_errors = std::mem::take(&mut snapshot.errors);
+                Some(snapshot)
             }
-            Input::Changes(changes) => (None, self.pending.feed(changes)),
+            Some(Input::Changes(changes)) => {
+                self.source_errors = self.pending.feed(changes);
+                None
+            }
+            None => None,
         };
         let changes = self.pending.desired.model.commit();
         self.write_node_config(&node);
@@ -201,7 +275,7 @@ impl Reconciler {
         hooks
             .health
             .update(&self.pending.desired.model.health_checks());
-        self.report_errors(&source_errors, snapshot.as_deref());
+        self.report_errors(snapshot.as_deref());
 
         let state = Arc::clone(&self.state);
         let mut state = lock(&state);
@@ -229,6 +303,9 @@ impl Reconciler {
         // After a plan over everything, index what was written, once the ops
         // are gone (on a first sync they are the largest allocation).
         let plan_complete = failures == 0 && plan.problems.is_empty();
+        let retry_in = self
+            .timers
+            .after_sync(failures > 0, plan_complete, Instant::now());
         drop(plan);
         if plan_complete && desired.plan_index.is_none() {
             desired.plan_index = Some(PlanIndex::new(&state, desired.model.frontends()));
@@ -258,17 +335,30 @@ impl Reconciler {
             shared.not_ready_reason.clear();
         } else {
             shared.sync_errors += 1;
-            if !shared.ready {
-                shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
+            let retry =
+                retry_in.map_or_else(String::new, |delay| format!("; retrying in {delay:?}"));
+            if shared.syncs == 0 {
+                shared.ready = false;
+                shared.not_ready_reason =
+                    format!("{failures} map writes failed in the first sync{retry}");
+            } else if self.timers.failed_in_a_row >= UNREADY_AFTER_FAILURES {
+                // The maps no longer follow the cluster: an operator (and a
+                // rollout waiting on readiness) must see it.
+                shared.ready = false;
+                shared.not_ready_reason = format!(
+                    "syncs keep failing: {failures} map writes failed in the last sync, {} syncs in a row{retry}",
+                    self.timers.failed_in_a_row
+                );
             }
         }
+        writes
     }
 
     /// The node as this sync sees it (flags over the Node object over the
     /// interfaces), set on the model.
-    fn node_context(&mut self, input: &Input) -> model::NodeContext {
+    fn node_context(&mut self, input: Option<&Input>) -> model::NodeContext {
         let desired = &mut self.pending.desired;
-        if let Input::Snapshot(snapshot) = input {
+        if let Some(Input::Snapshot(snapshot)) = input {
             desired.node.clone_from(&snapshot.node);
         }
         let hooks = &self.pending.hooks;
@@ -280,10 +370,10 @@ impl Reconciler {
 
     /// Logs (and raises Events for) errors not reported before; remembers
     /// the current ones.
-    fn report_errors(&mut self, source_errors: &[model::ObjectError], snapshot: Option<&Snapshot>) {
+    fn report_errors(&mut self, snapshot: Option<&Snapshot>) {
         let model_errors = self.pending.desired.model.errors();
         let mut current_errors = BTreeSet::new();
-        for error in source_errors.iter().chain(&model_errors) {
+        for error in self.source_errors.iter().chain(&model_errors) {
             let line = error.to_string();
             if !self.reported.contains(&line) {
                 tracing::warn!(

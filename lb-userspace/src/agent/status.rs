@@ -20,6 +20,13 @@ pub struct Shared {
     pub syncs: u64,
     /// Syncs with at least one failed map write.
     pub sync_errors: u64,
+    /// Syncs the retry timer started (after an incomplete sync).
+    pub sync_retries: u64,
+    /// Periodic resyncs that read every map back.
+    pub resyncs: u64,
+    /// Map writes a resync made because the maps differed from what the
+    /// agent had written (drift repaired).
+    pub drift_repairs: u64,
     /// Map writes done.
     pub map_writes: u64,
     /// Map writes that failed.
@@ -36,8 +43,9 @@ pub struct Shared {
     pub backends: usize,
     /// Attachments by interface.
     pub attachments: Vec<(String, Attachment)>,
-    /// The maps (for datapath counters on scrape).
-    pub maps: Option<Arc<Mutex<Maps>>>,
+    /// A read-only handle on the pinned maps of the scrapes' own (datapath
+    /// counters), so that a scrape never waits for, nor holds up, a sync.
+    pub maps_reader: Option<Arc<Maps>>,
     /// What the agent wrote (frontends with their rev-NAT id for
     /// per-service counters, and map occupancy, on scrape).
     pub datapath: Option<Arc<Mutex<DatapathState>>>,

@@ -1,13 +1,59 @@
 //! Prometheus text exposition of the agent's state and the datapath's
 //! counters (names as kube-proxy's where it has one, `kubeproxy_` -> `lb_`).
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, sync::Mutex};
 
-use crate::{agent::Shared, datapath::maps::Maps};
+use crate::{
+    agent::{Shared, lock},
+    datapath::maps::Maps,
+    model::Frontend,
+};
 
-/// Prometheus text exposition.
-pub(super) fn metrics(shared: &Shared) -> String {
-    let agent: [(&str, &str, &str, String); 10] = [
+/// Prometheus text exposition. Never in the sync's way: the shared state is
+/// locked only to copy the agent's own numbers, the agent's view of the maps
+/// only to copy (frontend, id) pairs, and the maps are read through a handle
+/// of the scrape's own (no lock) on a blocking thread, so a scrape that walks
+/// conntrack does not hold up the agent's (single-threaded) loop.
+pub(super) async fn metrics(shared: &Mutex<Shared>) -> String {
+    let (mut out, datapath, reader) = {
+        let shared = lock(shared);
+        (
+            agent_metrics(&shared),
+            shared.datapath.clone(),
+            shared.maps_reader.clone(),
+        )
+    };
+    let datapath_part = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        // Frontend labels and occupancy are computed here, at scrape time,
+        // not on every sync: both are O(all frontends).
+        let (frontend_ids, map_entries) = datapath.map_or_else(
+            || (Vec::new(), Vec::new()),
+            |datapath| {
+                let state = lock(&datapath);
+                let ids: Vec<(Frontend, u32)> = state
+                    .frontends
+                    .iter()
+                    .map(|(frontend, fs)| (*frontend, fs.rev_nat_id))
+                    .collect();
+                (ids, crate::agent::map_occupancy(&state))
+            },
+        );
+        render_map_entries(&map_entries, &mut out);
+        if let Some(maps) = reader {
+            datapath_metrics(&maps, &frontend_ids, &mut out);
+        }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    out.push_str(&datapath_part);
+    out
+}
+
+/// The agent's own counters, gauges and histograms.
+fn agent_metrics(shared: &Shared) -> String {
+    let agent: [(&str, &str, &str, String); 13] = [
         (
             "lb_ready",
             "gauge",
@@ -25,6 +71,24 @@ pub(super) fn metrics(shared: &Shared) -> String {
             "counter",
             "Syncs with a failed map write.",
             shared.sync_errors.to_string(),
+        ),
+        (
+            "lb_sync_retries_total",
+            "counter",
+            "Syncs started by the retry timer after a sync that did not write everything.",
+            shared.sync_retries.to_string(),
+        ),
+        (
+            "lb_resyncs_total",
+            "counter",
+            "Periodic resyncs (every map read back and compared).",
+            shared.resyncs.to_string(),
+        ),
+        (
+            "lb_map_drift_repairs_total",
+            "counter",
+            "Map writes made by resyncs because the maps differed from what the agent wrote.",
+            shared.drift_repairs.to_string(),
         ),
         (
             "lb_map_writes_total",
@@ -77,29 +141,6 @@ pub(super) fn metrics(shared: &Shared) -> String {
         );
     }
     latency_and_occupancy_metrics(shared, &mut out);
-    // Frontend labels and occupancy are computed here, at scrape time, not
-    // on every sync: both are O(all frontends).
-    let (frontend_ids, map_entries) = shared.datapath.as_ref().map_or_else(
-        || (Vec::new(), Vec::new()),
-        |datapath| {
-            let state = datapath
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ids: Vec<(String, u32)> = state
-                .frontends
-                .iter()
-                .map(|(frontend, fs)| (frontend.to_string(), fs.rev_nat_id))
-                .collect();
-            (ids, crate::agent::map_occupancy(&state))
-        },
-    );
-    render_map_entries(&map_entries, &mut out);
-    if let Some(maps) = &shared.maps {
-        let maps = maps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        datapath_metrics(&maps, &frontend_ids, &mut out);
-    }
     out
 }
 
@@ -179,7 +220,7 @@ impl Histogram {
 }
 
 /// Counters read from the maps at scrape time.
-fn datapath_metrics(maps: &Maps, frontend_ids: &[(String, u32)], out: &mut String) {
+fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], out: &mut String) {
     if let Ok(reasons) = maps.reason_counts() {
         let _ = writeln!(
             out,

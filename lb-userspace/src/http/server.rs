@@ -13,7 +13,7 @@ use tokio::{
 };
 
 use super::metrics::metrics;
-use crate::agent::Shared;
+use crate::agent::{Shared, lock};
 
 /// Serves until the process ends.
 pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
@@ -57,8 +57,10 @@ async fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Resul
             "text/plain",
             "GET only\n".to_owned(),
         )
+    } else if path == "/metrics" {
+        ("200 OK", "text/plain; version=0.0.4", metrics(shared).await)
     } else {
-        route(path, shared)
+        route(path, &lock(shared))
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -71,10 +73,7 @@ async fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Resul
     stream.shutdown().await
 }
 
-fn route(path: &str, shared: &Mutex<Shared>) -> (&'static str, &'static str, String) {
-    let shared = shared
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+fn route(path: &str, shared: &Shared) -> (&'static str, &'static str, String) {
     match path {
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
         "/readyz" if shared.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
@@ -83,7 +82,6 @@ fn route(path: &str, shared: &Mutex<Shared>) -> (&'static str, &'static str, Str
             "text/plain",
             format!("not ready: {}\n", shared.not_ready_reason),
         ),
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(&shared)),
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     }
 }
