@@ -39,8 +39,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Node name, addresses, zone and hairpin sources from the flags.
     pub node: NodeSettings,
-    /// Conntrack entries per family.
-    pub ct_entries: u32,
+    /// Entries per family of the maps sized by flags.
+    pub capacities: loader::Capacities,
 }
 
 /// The agent could not start.
@@ -100,6 +100,8 @@ pub struct Shared {
     pub frontends: usize,
     /// Backends last written.
     pub backends: usize,
+    /// Map capacities, writes refused by full maps, Services left out.
+    pub capacity: crate::capacity::CapacityStatus,
     /// Attachments by interface.
     pub attachments: Vec<(String, Attachment)>,
     /// The maps (for datapath counters on scrape).
@@ -144,9 +146,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // another thread, while the first objects from the source go into the
     // model here.
     let loading = {
-        let (pin_path, ct_entries) = (config.pin_path.clone(), config.ct_entries);
+        let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
         let interfaces = config.interfaces.clone();
-        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, ct_entries, &interfaces))
+        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, &capacities, &interfaces))
     };
     let mut desired = Desired {
         model: model::Incremental::new(model::NodeContext::default()),
@@ -170,6 +172,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
+        shared.capacity.capacities = lock(&maps).capacities();
         shared.maps = Some(Arc::clone(&maps));
         shared.datapath = Some(Arc::clone(&state));
     }
@@ -229,10 +232,10 @@ type Loaded = (aya::Ebpf, Maps, Vec<(String, Attachment)>, DatapathState);
 
 fn load_and_attach(
     pin_path: &Path,
-    ct_entries: u32,
+    capacities: &loader::Capacities,
     interfaces: &[String],
 ) -> Result<Loaded, AgentError> {
-    let mut ebpf = loader::load_with(pin_path, ct_entries)?;
+    let mut ebpf = loader::load_with(pin_path, capacities)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     let program = loader::program(&mut ebpf)?;
     let mut attachments = Vec::new();
@@ -392,7 +395,13 @@ fn sync(
     for problem in &plan.problems {
         tracing::warn!(%problem, "frontend not fully programmed");
     }
-    let (writes, failures) = apply_plan(&plan, &mut lock(maps), &mut state, desired);
+    let mut shortfall = crate::capacity::Shortfall::default();
+    let (writes, failures) =
+        apply_plan(&plan, &mut lock(maps), &mut state, desired, &mut shortfall);
+    let unfit = shortfall.services(desired.model.frontends(), &plan.ops);
+    if !shortfall.is_empty() {
+        shortfall.log(&unfit);
+    }
     let elapsed = started.elapsed();
     if !plan.ops.is_empty() {
         tracing::info!(
@@ -414,6 +423,7 @@ fn sync(
     let mut shared = lock(shared);
     shared.map_writes += writes;
     shared.map_write_errors += failures;
+    shared.capacity.record(&shortfall, unfit);
     shared.invalid_objects = reported.len() as u64;
     shared.last_sync_seconds = elapsed.as_secs_f64();
     shared.frontends = state.frontends.len();
@@ -437,6 +447,10 @@ fn sync(
         shared.sync_errors += 1;
         if !shared.ready {
             shared.not_ready_reason = format!("{failures} map writes failed in the first sync");
+            let unfit = shared.capacity.reason();
+            if !unfit.is_empty() {
+                shared.not_ready_reason = format!("{}; {unfit}", shared.not_ready_reason);
+            }
         }
     }
 }
@@ -448,6 +462,7 @@ fn apply_plan(
     maps: &mut Maps,
     state: &mut DatapathState,
     desired: &mut Desired,
+    shortfall: &mut crate::capacity::Shortfall,
 ) -> (u64, u64) {
     let mut writes = 0u64;
     let mut failures = 0u64;
@@ -455,7 +470,10 @@ fn apply_plan(
         Ok(()) => writes += 1,
         Err(error) => {
             failures += 1;
-            tracing::error!(%error, ?op, "map write failed");
+            // Full maps are summed up after the writes, naming the Services.
+            if !shortfall.note(op, &error) {
+                tracing::error!(%error, ?op, "map write failed");
+            }
         }
     });
     if failures == 0 {

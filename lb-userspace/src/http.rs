@@ -177,6 +177,7 @@ fn metrics(shared: &Shared) -> String {
         },
     );
     render_map_entries(&map_entries, &mut out);
+    crate::capacity::render(&shared.capacity, &mut out);
     if let Some(maps) = &shared.maps {
         let maps = maps
             .lock()

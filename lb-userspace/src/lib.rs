@@ -2,6 +2,7 @@
 //! inspection CLI of the dual-stack eBPF service load balancer.
 
 pub mod agent;
+pub mod capacity;
 pub mod healthcheck;
 pub mod http;
 pub mod ifwatch;

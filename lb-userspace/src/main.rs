@@ -71,6 +71,23 @@ enum Command {
         #[arg(long, default_value_t = lb_common::limits::DEFAULT_CT_ENTRIES,
               value_parser = clap::value_parser!(u32).range(1024..=(1 << 26)))]
         ct_entries: u32,
+        /// Service frontends (address, port, protocol) per family: the
+        /// rev-NAT maps. At most 262143 over both families (the rev-NAT id
+        /// space). Default: 100k dual-stack Services of one port, +31%.
+        #[arg(long, default_value_t = lb_common::limits::DEFAULT_SERVICES,
+              value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_FRONTENDS)))]
+        max_services: u32,
+        /// Service map entries per family: one per frontend, one per backend
+        /// slot of each frontend, one per `ClusterIP`. Default: 100k Services
+        /// x 10 endpoints, +75%.
+        #[arg(long, default_value_t = lb_common::limits::MAX_SERVICE_SLOTS,
+              value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+        max_service_slots: u32,
+        /// Backends (endpoint address, port, protocol) per family. Default:
+        /// 1M endpoints per family, x2.
+        #[arg(long, default_value_t = lb_common::limits::DEFAULT_BACKENDS,
+              value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_BACKENDS)))]
+        max_backends: u32,
         /// Source address of hairpin flows (a pod reaching itself through
         /// its Service), IPv4.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK4)]
@@ -156,6 +173,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_ips,
             zone,
             ct_entries,
+            max_services,
+            max_service_slots,
+            max_backends,
             hairpin_ipv4,
             hairpin_ipv6,
         } => {
@@ -184,7 +204,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pin_path,
                 metrics_addr,
                 node,
-                ct_entries,
+                capacities: loader::Capacities {
+                    services: max_services,
+                    service_slots: max_service_slots,
+                    backends: max_backends,
+                    ct_entries,
+                },
             };
             // One malloc arena: the agent's few threads (source reading, BPF
             // loading) would otherwise each keep an arena of freed memory,
