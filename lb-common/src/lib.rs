@@ -68,14 +68,34 @@ pub mod map_flags {
     pub const NO_COMMON_LRU: u32 = 2;
 }
 
-/// Capacity of the maps (entries). Frontends are VIP:port/proto pairs.
+/// Id spaces and map capacities (entries). Frontends are VIP:port/proto
+/// triples. The maps the agent writes are sized at load time by its flags
+/// (`--max-services`, `--max-service-slots`, `--max-backends`,
+/// `--ct-entries`); the `DEFAULT_*` values hold 100k dual-stack Services of
+/// one port with 10 endpoints each (1M endpoints per family) with headroom.
+/// The map definitions in the eBPF object use the defaults (or the id
+/// spaces) and the loader overrides them.
 pub mod limits {
-    /// Largest rev-NAT id + 1; also the size of the per-service stats array.
+    /// Largest rev-NAT id + 1, over both families; also the size of the
+    /// per-service stats array (per CPU, preallocated: 16 bytes x CPUs x
+    /// this, 4 MiB per CPU), so it is not a flag. At most this - 1
+    /// frontends fit, IPv4 and IPv6 together.
     pub const MAX_FRONTENDS: u32 = 1 << 18;
-    /// Service map entries (frontend slot 0 plus backend slots).
+    /// Default rev-NAT map entries per family (`--max-services`): frontends
+    /// (address, port, protocol) of one family. 100k dual-stack Services
+    /// of one port take 100k per family.
+    pub const DEFAULT_SERVICES: u32 = 1 << 17;
+    /// Default service map entries per family (`--max-service-slots`): one
+    /// per frontend, one per backend slot of each frontend and one per
+    /// `ClusterIP` (its marker). 100k Services x (1 + 10 + 1) = 1.2M.
     pub const MAX_SERVICE_SLOTS: u32 = 1 << 21;
-    /// Backend map entries per family.
-    pub const MAX_BACKENDS: u32 = 1 << 20;
+    /// Largest backend id + 1, over both families (ids are handed out by
+    /// the agent, not an array index: the maps hold at most their capacity
+    /// whatever the ids). 1M endpoints of each family take 2M ids.
+    pub const MAX_BACKENDS: u32 = 1 << 22;
+    /// Default backend map entries per family (`--max-backends`): one per
+    /// distinct (address, port, protocol) of an endpoint.
+    pub const DEFAULT_BACKENDS: u32 = 1 << 21;
     /// Default conntrack entries per family (an LRU: the oldest go first).
     pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
     /// Session-affinity entries per family (an LRU).

@@ -10,6 +10,7 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent::{self, AgentConfig},
+    datapath::loader,
     node::{self, NodeSettings},
     source::{SourceSpec, kube::KubeSourceConfig},
 };
@@ -74,6 +75,23 @@ enum Command {
         /// with what the agent wrote, and any difference repaired (0: off).
         #[arg(long, value_name = "SECONDS", default_value_t = 60)]
         resync_interval: u64,
+        /// Service frontends (address, port, protocol) per family: the
+        /// rev-NAT maps. At most 262143 over both families (the rev-NAT id
+        /// space). Default: 100k dual-stack Services of one port, +31%.
+        #[arg(long, default_value_t = lb_common::limits::DEFAULT_SERVICES,
+              value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_FRONTENDS)))]
+        max_services: u32,
+        /// Service map entries per family: one per frontend, one per backend
+        /// slot of each frontend, one per `ClusterIP`. Default: 100k Services
+        /// x 10 endpoints, +75%.
+        #[arg(long, default_value_t = lb_common::limits::MAX_SERVICE_SLOTS,
+              value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+        max_service_slots: u32,
+        /// Backends (endpoint address, port, protocol) per family. Default:
+        /// 1M endpoints per family, x2.
+        #[arg(long, default_value_t = lb_common::limits::DEFAULT_BACKENDS,
+              value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_BACKENDS)))]
+        max_backends: u32,
         /// Source address of hairpin flows (a pod reaching itself through
         /// its Service), IPv4.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK4)]
@@ -160,6 +178,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             zone,
             ct_entries,
             resync_interval,
+            max_services,
+            max_service_slots,
+            max_backends,
             hairpin_ipv4,
             hairpin_ipv6,
         } => {
@@ -188,7 +209,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pin_path,
                 metrics_addr,
                 node,
-                ct_entries,
+                capacities: loader::Capacities {
+                    services: max_services,
+                    service_slots: max_service_slots,
+                    backends: max_backends,
+                    ct_entries,
+                },
                 resync_interval: (resync_interval > 0)
                     .then(|| std::time::Duration::from_secs(resync_interval)),
             };

@@ -20,10 +20,10 @@ pub(super) type Loaded = (aya::Ebpf, Maps, Vec<(String, Attachment)>, DatapathSt
 
 pub(super) fn load_and_attach(
     pin_path: &Path,
-    ct_entries: u32,
+    capacities: &loader::Capacities,
     interfaces: &[String],
 ) -> Result<Loaded, AgentError> {
-    let mut ebpf = loader::load_with(pin_path, ct_entries)?;
+    let mut ebpf = loader::load_with(pin_path, capacities)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
     let program = loader::program(&mut ebpf)?;
     let mut attachments = Vec::new();

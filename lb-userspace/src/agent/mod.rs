@@ -45,8 +45,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     /// Node name, addresses, zone and hairpin sources from the flags.
     pub node: NodeSettings,
-    /// Conntrack entries per family.
-    pub ct_entries: u32,
+    /// Entries per family of the maps sized by flags.
+    pub capacities: loader::Capacities,
     /// How often every map is read back and compared with what the agent
     /// wrote (`None`: never).
     pub resync_interval: Option<std::time::Duration>,
@@ -115,9 +115,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // another thread, while the first objects from the source go into the
     // model here.
     let loading = {
-        let (pin_path, ct_entries) = (config.pin_path.clone(), config.ct_entries);
+        let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
         let interfaces = config.interfaces.clone();
-        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, ct_entries, &interfaces))
+        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, &capacities, &interfaces))
     };
     let mut pending = Pending {
         desired: Desired::new(&config),
@@ -143,6 +143,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
+        shared.capacity.capacities = lock(&maps).capacities();
         shared.maps_reader = maps_reader.map(Arc::new);
         shared.datapath = Some(Arc::clone(&state));
     }

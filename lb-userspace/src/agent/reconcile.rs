@@ -13,7 +13,7 @@ use super::{
     timers::{Due, SyncTimers, UNREADY_AFTER_FAILURES},
 };
 use crate::{
-    datapath::maps::Maps,
+    datapath::{capacity::Shortfall, maps::Maps},
     error::Causes,
     http::healthcheck::HealthServers,
     model,
@@ -132,6 +132,21 @@ pub(super) struct Reconciler {
     source_errors: Vec<model::ObjectError>,
     /// Retry and resync deadlines.
     timers: SyncTimers,
+}
+
+/// What one pass did.
+struct Outcome {
+    writes: u64,
+    failures: u64,
+    elapsed: std::time::Duration,
+    /// When the timers retry, if the pass did not write everything.
+    retry_in: Option<std::time::Duration>,
+    /// Frontends and backends in the maps after the pass.
+    frontends: usize,
+    backends: usize,
+    /// Writes refused by full maps, and the Service ports left out.
+    shortfall: Shortfall,
+    unfit: Vec<String>,
 }
 
 /// One update from the source.
@@ -276,19 +291,35 @@ impl Reconciler {
             .health
             .update(&self.pending.desired.model.health_checks());
         self.report_errors(snapshot.as_deref());
+        let outcome = self.plan_and_write(&changes, started);
+        self.record(outcome, snapshot.as_deref())
+    }
 
+    /// Plans the model's changes against what the maps hold and writes them.
+    fn plan_and_write(&mut self, changes: &model::FrontendChanges, started: Instant) -> Outcome {
         let state = Arc::clone(&self.state);
         let mut state = lock(&state);
         let desired = &mut self.pending.desired;
         let frontends = desired.model.frontends();
         let plan = match &mut desired.plan_index {
-            Some(index) => plan::diff_changes(&state, index, frontends, &changes),
+            Some(index) => plan::diff_changes(&state, index, frontends, changes),
             None => plan::diff(&state, frontends),
         };
         for problem in &plan.problems {
             tracing::warn!(%problem, "frontend not fully programmed");
         }
-        let (writes, failures) = apply_plan(&plan, &mut lock(&self.maps), &mut state, desired);
+        let mut shortfall = Shortfall::default();
+        let (writes, failures) = apply_plan(
+            &plan,
+            &mut lock(&self.maps),
+            &mut state,
+            desired,
+            &mut shortfall,
+        );
+        let unfit = shortfall.services(desired.model.frontends(), &plan.ops);
+        if !shortfall.is_empty() {
+            shortfall.log(&unfit);
+        }
         let elapsed = started.elapsed();
         if !plan.ops.is_empty() {
             tracing::info!(
@@ -310,19 +341,44 @@ impl Reconciler {
         if plan_complete && desired.plan_index.is_none() {
             desired.plan_index = Some(PlanIndex::new(&state, desired.model.frontends()));
         }
+        Outcome {
+            writes,
+            failures,
+            elapsed,
+            retry_in,
+            frontends: state.frontends.len(),
+            backends: state.backends.len(),
+            shortfall,
+            unfit,
+        }
+    }
+
+    /// Puts what a pass did into the shared state: counters, latencies,
+    /// readiness and its reason. Returns the map writes done.
+    fn record(&mut self, outcome: Outcome, snapshot: Option<&Snapshot>) -> u64 {
+        let Outcome {
+            writes,
+            failures,
+            elapsed,
+            retry_in,
+            frontends,
+            backends,
+            shortfall,
+            unfit,
+        } = outcome;
         let mut shared = lock(&self.shared);
         shared.map_writes += writes;
         shared.map_write_errors += failures;
+        shared.capacity.record(&shortfall, unfit);
         shared.invalid_objects = self.reported.len() as u64;
         shared.last_sync_seconds = elapsed.as_secs_f64();
-        shared.frontends = state.frontends.len();
-        shared.backends = state.backends.len();
-        drop(state);
+        shared.frontends = frontends;
+        shared.backends = backends;
         shared.sync_duration.observe(elapsed.as_secs_f64());
         if failures == 0 {
             let written = SystemTime::now();
             let hooks = &mut self.pending.hooks;
-            let triggers = match &snapshot {
+            let triggers = match snapshot {
                 Some(snapshot) => hooks.trigger_times.take_new(&snapshot.slices),
                 None => std::mem::take(&mut hooks.pending_trigger_times),
             };
@@ -333,23 +389,27 @@ impl Reconciler {
             shared.syncs += 1;
             shared.ready = true;
             shared.not_ready_reason.clear();
-        } else {
-            shared.sync_errors += 1;
-            let retry =
-                retry_in.map_or_else(String::new, |delay| format!("; retrying in {delay:?}"));
-            if shared.syncs == 0 {
-                shared.ready = false;
-                shared.not_ready_reason =
-                    format!("{failures} map writes failed in the first sync{retry}");
-            } else if self.timers.failed_in_a_row >= UNREADY_AFTER_FAILURES {
-                // The maps no longer follow the cluster: an operator (and a
-                // rollout waiting on readiness) must see it.
-                shared.ready = false;
-                shared.not_ready_reason = format!(
-                    "syncs keep failing: {failures} map writes failed in the last sync, {} syncs in a row{retry}",
-                    self.timers.failed_in_a_row
-                );
-            }
+            return writes;
+        }
+        shared.sync_errors += 1;
+        let mut detail =
+            retry_in.map_or_else(String::new, |delay| format!("; retrying in {delay:?}"));
+        let unfit = shared.capacity.reason();
+        if !unfit.is_empty() {
+            detail = format!("; {unfit}{detail}");
+        }
+        if shared.syncs == 0 {
+            shared.ready = false;
+            shared.not_ready_reason =
+                format!("{failures} map writes failed in the first sync{detail}");
+        } else if self.timers.failed_in_a_row >= UNREADY_AFTER_FAILURES {
+            // The maps no longer follow the cluster: an operator (and a
+            // rollout waiting on readiness) must see it.
+            shared.ready = false;
+            shared.not_ready_reason = format!(
+                "syncs keep failing: {failures} map writes failed in the last sync, {} syncs in a row{detail}",
+                self.timers.failed_in_a_row
+            );
         }
         writes
     }
@@ -419,6 +479,7 @@ fn apply_plan(
     maps: &mut Maps,
     state: &mut DatapathState,
     desired: &mut Desired,
+    shortfall: &mut Shortfall,
 ) -> (u64, u64) {
     let mut writes = 0u64;
     let mut failures = 0u64;
@@ -426,7 +487,10 @@ fn apply_plan(
         Ok(()) => writes += 1,
         Err(error) => {
             failures += 1;
-            tracing::error!(error = %Causes(&error), ?op, "map write failed");
+            // Full maps are summed up after the writes, naming the Services.
+            if !shortfall.note(op, &error) {
+                tracing::error!(error = %Causes(&error), ?op, "map write failed");
+            }
         }
     });
     if failures == 0 {

@@ -41,6 +41,8 @@ pub struct Shared {
     pub frontends: usize,
     /// Backends last written.
     pub backends: usize,
+    /// Map capacities, writes refused by full maps, Services left out.
+    pub capacity: crate::datapath::capacity::CapacityStatus,
     /// Attachments by interface.
     pub attachments: Vec<(String, Attachment)>,
     /// A read-only handle on the pinned maps of the scrapes' own (datapath

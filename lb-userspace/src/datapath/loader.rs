@@ -123,22 +123,70 @@ pub fn check_bpffs(path: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// Entries per family of the maps whose size is a flag of `lb agent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Frontends per family (`--max-services`): the rev-NAT maps.
+    pub services: u32,
+    /// Service map entries per family (`--max-service-slots`): frontends,
+    /// their backend slots and the `ClusterIP` markers.
+    pub service_slots: u32,
+    /// Backend map entries per family (`--max-backends`).
+    pub backends: u32,
+    /// Conntrack entries per family (`--ct-entries`).
+    pub ct_entries: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        use lb_common::limits;
+        Self {
+            services: limits::DEFAULT_SERVICES,
+            service_slots: limits::MAX_SERVICE_SLOTS,
+            backends: limits::DEFAULT_BACKENDS,
+            ct_entries: limits::DEFAULT_CT_ENTRIES,
+        }
+    }
+}
+
+impl Capacities {
+    /// (map name, entries wanted) of every map these capacities size.
+    #[must_use]
+    pub fn by_map(&self) -> [(&'static str, u32); 8] {
+        use lb_common::map_names as n;
+        [
+            (n::SERVICES4, self.service_slots),
+            (n::SERVICES6, self.service_slots),
+            (n::BACKENDS4, self.backends),
+            (n::BACKENDS6, self.backends),
+            (n::REVNAT4, self.services),
+            (n::REVNAT6, self.services),
+            (n::CT4, self.ct_entries),
+            (n::CT6, self.ct_entries),
+        ]
+    }
+}
+
 /// Loads the object with its maps pinned under `pin_path` (reusing pins),
-/// with the default conntrack size.
+/// with the default capacities.
 ///
 /// # Errors
 /// No object, no bpffs, or the kernel refused the object.
 pub fn load(pin_path: &Path) -> Result<Ebpf, LoadError> {
-    load_with(pin_path, lb_common::limits::DEFAULT_CT_ENTRIES)
+    load_with(pin_path, &Capacities::default())
 }
 
 /// Loads the object with its maps pinned under `pin_path` (reusing pins)
-/// and `ct_entries` conntrack entries per family. An existing pinned
-/// conntrack map keeps its size (run `lb cleanup` to change it).
+/// and sized by `capacities`.
+///
+/// A pinned map of another size is kept, entries and all, with a warning:
+/// resizing would mean dropping what it holds (the conntrack entries of
+/// live flows, the Services being served), and a restart must not do that
+/// behind the operator's back. `lb cleanup` and a new start resize.
 ///
 /// # Errors
 /// No object, no bpffs, or the kernel refused the object.
-pub fn load_with(pin_path: &Path, ct_entries: u32) -> Result<Ebpf, LoadError> {
+pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -146,10 +194,12 @@ pub fn load_with(pin_path: &Path, ct_entries: u32) -> Result<Ebpf, LoadError> {
     for dir in [pin_path.to_owned(), pin_path.join("links")] {
         std::fs::create_dir_all(&dir).map_err(|source| LoadError::PinDir { path: dir, source })?;
     }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_path)
-        .map_max_entries(lb_common::map_names::CT4, ct_entries)
-        .map_max_entries(lb_common::map_names::CT6, ct_entries)
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_path);
+    for (name, wanted) in capacities.by_map() {
+        loader.map_max_entries(name, entries_to_use(pin_path, name, wanted));
+    }
+    let mut ebpf = loader
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })?;
     program(&mut ebpf)?
@@ -159,6 +209,34 @@ pub fn load_with(pin_path: &Path, ct_entries: u32) -> Result<Ebpf, LoadError> {
             source,
         })?;
     Ok(ebpf)
+}
+
+/// The size to create map `name` with: `wanted`, or the size of the map
+/// already pinned under that name (kept, see [`load_with`]).
+fn entries_to_use(pin_path: &Path, name: &'static str, wanted: u32) -> u32 {
+    let pin = pin_path.join(name);
+    if !pin.exists() {
+        return wanted;
+    }
+    let Ok(pinned) = aya::maps::MapInfo::from_pin(&pin).map(|info| info.max_entries()) else {
+        // Unreadable: the load reports the pin's problem.
+        return wanted;
+    };
+    // Per-CPU LRU maps (conntrack) round their size up to a multiple of
+    // the CPU count.
+    let cpus = aya::util::nr_cpus().map_or(1, std::num::NonZero::get);
+    let rounded = wanted.div_ceil(cpus).saturating_mul(cpus);
+    if pinned != wanted && pinned != rounded {
+        tracing::warn!(
+            map = name,
+            pinned,
+            wanted,
+            pin = %pin.display(),
+            "a pinned map has another size than the flags ask; keeping the pinned map and its \
+             entries (capacity {pinned}); run `lb cleanup` before starting to resize it"
+        );
+    }
+    pinned
 }
 
 /// The TC program of a loaded object.

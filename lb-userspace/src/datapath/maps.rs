@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -49,6 +49,24 @@ pub enum MapsError {
         /// Underlying error.
         #[source]
         source: MapError,
+    },
+    /// A write found its map full: what did not fit, named in the error.
+    #[error("{what}: map {map} is full")]
+    Full {
+        /// The full map.
+        map: &'static str,
+        /// What was being written.
+        what: String,
+    },
+    /// A write was left out because what it refers to could not be written
+    /// (its backend, its rev-NAT entry or an earlier slot of its frontend):
+    /// writing it would leave a frontend pointing at nothing.
+    #[error("{what}: not written, {because}")]
+    Unwritable {
+        /// What was left out.
+        what: String,
+        /// Which earlier write failed.
+        because: String,
     },
     /// A read or write failed.
     #[error("{what}")]
@@ -113,6 +131,23 @@ fn access(what: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
     move |source| MapsError::Access { what, source }
 }
 
+/// [`access`] for a write into `map`: a full map (`E2BIG` from a hash map,
+/// `ENOSPC` from an LPM trie) is [`MapsError::Full`].
+fn write_to(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
+    let what = what.into();
+    move |source| match &source {
+        MapError::SyscallError(error)
+            if matches!(
+                error.io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOSPC)
+            ) =>
+        {
+            MapsError::Full { map, what }
+        }
+        _ => MapsError::Access { what, source },
+    }
+}
+
 impl Maps {
     /// Takes the maps out of a loaded object.
     ///
@@ -158,6 +193,27 @@ impl Maps {
             ranges6: typed(n::SRC_RANGES6, take(n::SRC_RANGES6)?, LpmTrie::try_from)?,
             config: typed(n::CONFIG, take(n::CONFIG)?, Array::try_from)?,
         })
+    }
+
+    /// (map name, entries it holds at most) of the maps sized by flags, as
+    /// the kernel has them (a pinned map keeps its size).
+    #[must_use]
+    pub fn capacities(&self) -> Vec<(&'static str, u32)> {
+        use aya::maps::IterableMap as _;
+        use map_names as n;
+        [
+            (n::SERVICES4, self.services4.map()),
+            (n::SERVICES6, self.services6.map()),
+            (n::BACKENDS4, self.backends4.map()),
+            (n::BACKENDS6, self.backends6.map()),
+            (n::REVNAT4, self.rev_nat4.map()),
+            (n::REVNAT6, self.rev_nat6.map()),
+            (n::CT4, self.ct4.map()),
+            (n::CT6, self.ct6.map()),
+        ]
+        .into_iter()
+        .filter_map(|(name, map)| Some((name, map.info().ok()?.max_entries())))
+        .collect()
     }
 
     /// Reads services, backends and rev-NAT entries back.
@@ -300,7 +356,18 @@ impl Maps {
     /// marker writes keeps its order per family (each family has its own
     /// map). Large runs write each map that has writes on its own thread
     /// (the IPv4 and the IPv6 map of a run in parallel).
+    ///
+    /// A write that refers to one that failed (a slot to its backend, a
+    /// frontend to its rev-NAT entry or to its slots) is left out and
+    /// reported as [`MapsError::Unwritable`]: when a map is full, the
+    /// frontends that do not fit stay out whole, and a frontend already
+    /// there keeps its last complete entry.
     pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        let mut outcomes = Outcomes {
+            failed: Failed::default(),
+            on_result,
+        };
+        let on_result = &mut outcomes;
         let mut start = 0;
         while start < ops.len() {
             let class = RunClass::of(&ops[start]);
@@ -312,7 +379,7 @@ impl Maps {
             let run = &ops[start..end];
             if class == RunClass::Single {
                 for op in run {
-                    on_result(op, self.apply_op(op));
+                    self.apply_one(op, on_result);
                 }
             } else {
                 self.apply_run(run, on_result);
@@ -323,11 +390,15 @@ impl Maps {
 
     /// Writes a run of reorderable ops: batches per map (in parallel when
     /// large), then what cannot be batched and what a batch left, one by one.
-    fn apply_run(&mut self, run: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+    fn apply_run(&mut self, run: &[Op], on_result: &mut Outcomes<'_>) {
         const PARALLEL_FROM: usize = 4096;
         let mut groups: [Vec<&Op>; 4] = Default::default();
         let mut singles = Vec::new();
         for op in run {
+            if let Some(error) = on_result.failed.blocks(op) {
+                on_result.report(op, Err(error));
+                continue;
+            }
             match BatchTarget::of(op) {
                 Some(target) => groups[target as usize].push(op),
                 None => singles.push(op),
@@ -358,15 +429,24 @@ impl Maps {
         }
         for (group, written) in groups.iter().zip(written) {
             for op in &group[..written] {
-                on_result(op, Ok(()));
+                on_result.report(op, Ok(()));
             }
             for op in &group[written..] {
-                on_result(op, self.apply_op(op));
+                self.apply_one(op, on_result);
             }
         }
         for op in singles {
-            on_result(op, self.apply_op(op));
+            self.apply_one(op, on_result);
         }
+    }
+
+    /// Writes `op` unless it refers to a write that failed.
+    fn apply_one(&mut self, op: &Op, on_result: &mut Outcomes<'_>) {
+        let result = match on_result.failed.blocks(op) {
+            Some(error) => Err(error),
+            None => self.apply_op(op),
+        };
+        on_result.report(op, result);
     }
 
     /// Writes a run of ops to `target` as one batch; returns how many the
@@ -477,21 +557,30 @@ impl Maps {
         slot: u16,
         value: LbService,
     ) -> Result<(), MapsError> {
-        let what = || format!("write slot {slot} of {frontend}");
+        let what = format!("write slot {slot} of {frontend}");
         match frontend.addr {
             IpAddr::V4(addr) => self
                 .services4
-                .insert(&key4(addr, frontend, slot), &value, 0),
+                .insert(&key4(addr, frontend, slot), &value, 0)
+                .map_err(write_to(map_names::SERVICES4, what)),
             IpAddr::V6(addr) => self
                 .services6
-                .insert(&key6(addr, frontend, slot), &value, 0),
+                .insert(&key6(addr, frontend, slot), &value, 0)
+                .map_err(write_to(map_names::SERVICES6, what)),
         }
-        .map_err(access(what()))
     }
 
     fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapsError> {
         let BackendEntry { key, flags } = backend;
-        let what = || format!("write backend {id}");
+        let what = format!(
+            "write backend {id} ({})",
+            SocketAddr::new(key.addr, key.port)
+        );
+        let map = if key.addr.is_ipv4() {
+            map_names::BACKENDS4
+        } else {
+            map_names::BACKENDS6
+        };
         match key.addr {
             IpAddr::V4(addr) => self.backends4.insert(
                 &id,
@@ -514,12 +603,17 @@ impl Maps {
                 0,
             ),
         }
-        .map_err(access(what()))
+        .map_err(write_to(map, what))
     }
 
     fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
         self.reset_stats(id)?;
-        let what = || format!("write rev-NAT {id}");
+        let what = format!("write rev-NAT {id} of {frontend}");
+        let map = if frontend.addr.is_ipv4() {
+            map_names::REVNAT4
+        } else {
+            map_names::REVNAT6
+        };
         match frontend.addr {
             IpAddr::V4(addr) => self.rev_nat4.insert(
                 &id,
@@ -540,7 +634,7 @@ impl Maps {
                 0,
             ),
         }
-        .map_err(access(what()))
+        .map_err(write_to(map, what))
     }
 
     fn source_range(&mut self, range: SourceRange, insert: bool) -> Result<(), MapsError> {
@@ -580,7 +674,12 @@ impl Maps {
                 }
             }
         };
-        result.map_err(access(what))
+        let map = if addr.is_ipv4() {
+            map_names::SRC_RANGES4
+        } else {
+            map_names::SRC_RANGES6
+        };
+        result.map_err(write_to(map, what))
     }
 
     /// Writes the node configuration (SNAT and hairpin source addresses).
@@ -716,6 +815,73 @@ fn marker(addr: IpAddr) -> Frontend {
         addr,
         port: 0,
         proto: Protocol::Tcp,
+    }
+}
+
+/// The results of one `apply_ops`, and what failed so far.
+struct Outcomes<'a> {
+    failed: Failed,
+    on_result: &'a mut dyn FnMut(&Op, Result<(), MapsError>),
+}
+
+impl Outcomes<'_> {
+    fn report(&mut self, op: &Op, result: Result<(), MapsError>) {
+        if result.is_err() {
+            self.failed.note(op);
+        }
+        (self.on_result)(op, result);
+    }
+}
+
+/// Writes that failed, as what later writes may refer to.
+#[derive(Default)]
+struct Failed {
+    /// New backends not in the backend map.
+    backend_ids: std::collections::HashSet<u32>,
+    /// Frontends with a failed slot or rev-NAT write.
+    frontends: std::collections::HashSet<Frontend>,
+}
+
+impl Failed {
+    fn note(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend { id, .. } => {
+                self.backend_ids.insert(id);
+            }
+            Op::PutRevNat { frontend, .. } | Op::PutSlot { frontend, .. } => {
+                self.frontends.insert(frontend);
+            }
+            _ => {}
+        }
+    }
+
+    /// Why `op` must not be written, if it must not.
+    fn blocks(&self, op: &Op) -> Option<MapsError> {
+        if self.backend_ids.is_empty() && self.frontends.is_empty() {
+            return None;
+        }
+        let (what, because) = match *op {
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                let what = format!("write slot {slot} of {frontend}");
+                if self.backend_ids.contains(&backend_id) {
+                    (what, format!("backend {backend_id} could not be written"))
+                } else if self.frontends.contains(&frontend) {
+                    (what, format!("an earlier write of {frontend} failed"))
+                } else {
+                    return None;
+                }
+            }
+            Op::PutFrontend { frontend, .. } if self.frontends.contains(&frontend) => (
+                format!("write slot 0 of {frontend}"),
+                "its rev-NAT entry or one of its slots could not be written".to_owned(),
+            ),
+            _ => return None,
+        };
+        Some(MapsError::Unwritable { what, because })
     }
 }
 

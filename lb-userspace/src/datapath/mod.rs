@@ -3,5 +3,6 @@
 //! batched map writes aya has no call for (`batch`).
 
 mod batch;
+pub mod capacity;
 pub mod loader;
 pub mod maps;

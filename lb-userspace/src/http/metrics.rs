@@ -141,6 +141,7 @@ fn agent_metrics(shared: &Shared) -> String {
         );
     }
     latency_and_occupancy_metrics(shared, &mut out);
+    crate::datapath::capacity::render(&shared.capacity, &mut out);
     out
 }
 
