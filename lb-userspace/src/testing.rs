@@ -188,6 +188,12 @@ impl ServiceBuilder {
         self
     }
 
+    /// `spec.externalName`, of a `type: ExternalName` Service.
+    pub fn external_name(mut self, name: &str) -> Self {
+        self.spec().external_name = Some(name.to_owned());
+        self
+    }
+
     /// `spec.externalIPs`.
     pub fn external_ips<'a>(mut self, ips: impl IntoIterator<Item = &'a str>) -> Self {
         self.spec().external_ips = Some(strings(ips));
