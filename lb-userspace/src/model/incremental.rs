@@ -38,11 +38,11 @@ struct SliceEntry {
 /// the spec each had before (`None`: it is new).
 pub type FrontendChanges = BTreeMap<Frontend, Option<FrontendSpec>>;
 
-/// [`build`] kept up to date object by object: a change recomputes only the
+/// [`build`](super::build) kept up to date object by object: a change recomputes only the
 /// Services it touches (the Service itself, or the Service its slice names),
 /// so that one endpoint change costs O(that Service), not O(all Services).
 ///
-/// It gives the same frontends, health checks and errors as [`build`] over
+/// It gives the same frontends, health checks and errors as [`build`](super::build) over
 /// the same objects. Where a change involves two Services claiming one
 /// frontend or health check port (whose outcome depends on the order of
 /// all Services), or the node changes, it recomputes everything.
@@ -100,7 +100,7 @@ impl Incremental {
         self.trust_resource_versions = trust;
     }
 
-    /// Replaces every object, as [`build`] takes them (of two with the same
+    /// Replaces every object, as [`build`](super::build) takes them (of two with the same
     /// namespace/name the first given wins). Objects equal to the stored
     /// ones change nothing, so that the commit recomputes only what differs.
     pub fn reset(&mut self, services: &[Service], slices: &[EndpointSlice]) {
@@ -479,7 +479,7 @@ impl Incremental {
         ))
     }
 
-    /// Every Service in namespace/name order, as [`build`] does; the
+    /// Every Service in namespace/name order, as [`build`](super::build) does; the
     /// changes are measured against `before`.
     fn recompute_all(&mut self, before: &BTreeMap<Frontend, FrontendSpec>) -> FrontendChanges {
         self.all_dirty = false;
@@ -558,7 +558,7 @@ impl Incremental {
         self.health_checks.values().cloned().collect()
     }
 
-    /// Current errors, sorted and deduplicated as [`build`] gives them.
+    /// Current errors, sorted and deduplicated as [`build`](super::build) gives them.
     #[must_use]
     pub fn errors(&self) -> Vec<ObjectError> {
         let mut errors: Vec<ObjectError> = self
@@ -572,7 +572,7 @@ impl Incremental {
         errors
     }
 
-    /// The whole model, as [`build`] returns it.
+    /// The whole model, as [`build`](super::build) returns it.
     #[must_use]
     pub fn model(&self) -> Model {
         Model {

@@ -17,7 +17,6 @@
 //!   ready, the serving and terminating ones (KEP-1669). Terminating endpoints
 //!   that take no new flows are listed apart so that established flows drain.
 //! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
-
 //!
 //! Where each part lives: this file holds the types and [`build`];
 //! `service` parses a Service, `endpoints` its `EndpointSlice`s, `select`
