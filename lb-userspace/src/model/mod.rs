@@ -47,19 +47,19 @@ use select::Selector;
 use service::{PlannedFrontend, parse_service};
 
 /// Label that hands a Service to another proxy; kube-proxy skips those too.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the `EndpointSlice` controller sets to tie a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Namespace of an object that names none, as `kubectl apply` would place it.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// Service annotation that turns on zone hints (`Auto`).
-pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 /// The deprecated name of [`TOPOLOGY_MODE_ANNOTATION`], still honoured.
-pub const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given (3 hours).
-pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The largest `timeoutSeconds` the API accepts (1 day).
-pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// What the model needs to know about the node the agent runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -171,7 +171,7 @@ impl Protocol {
     /// # Errors
     ///
     /// [`UnsupportedProtocol`] for anything but `TCP` and `UDP` (SCTP included).
-    pub fn from_k8s(value: Option<&str>) -> Result<Self, UnsupportedProtocol> {
+    fn from_k8s(value: Option<&str>) -> Result<Self, UnsupportedProtocol> {
         value.map_or(Ok(Self::Tcp), str::parse)
     }
 }
@@ -287,7 +287,7 @@ pub struct ObjectError {
 impl ObjectError {
     /// Names an object by its metadata, with the namespace defaulted.
     #[must_use]
-    pub fn for_object(kind: &'static str, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
+    fn for_object(kind: &'static str, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
         Self {
             kind,
             namespace: namespace_of(meta).to_owned(),
