@@ -11,80 +11,79 @@ use crate::model::{
     FrontendChanges, Incremental, NodeContext, ObjectKey, SERVICE_NAME_LABEL, build, key_of,
 };
 use crate::test_rng::Rng;
-use crate::testing::EndpointBuilder;
+use crate::testing::{EndpointBuilder, IpFamily, ServiceBuilder, SliceBuilder};
 
 /// A random Service from a small space, so that Services often collide
 /// on a `ClusterIP` or health check port and change type and policy.
 fn random_service(rng: &mut Rng) -> Service {
     let name = format!("svc-{}", rng.below(6));
-    let namespace = ["a", "b"][usize::try_from(rng.below(2)).unwrap()];
+    let namespace = rng.pick(&["a", "b"]);
     let v4 = format!("10.0.0.{}", rng.below(5) + 1);
     let v6 = format!("fd00::{}", rng.below(5) + 1);
     let cluster_ips = match rng.below(3) {
-        0 => serde_json::json!([v4]),
-        1 => serde_json::json!([v6]),
-        _ => serde_json::json!([v4, v6]),
+        0 => vec![v4],
+        1 => vec![v6],
+        _ => vec![v4, v6],
     };
-    let type_ = ["ClusterIP", "NodePort", "LoadBalancer"][usize::try_from(rng.below(3)).unwrap()];
+    let type_ = rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
     let local = rng.below(3) == 0;
-    let mut spec = serde_json::json!({
-        "type": type_,
-        "clusterIPs": cluster_ips,
-        "ports": [{"name": "http", "port": 80 + rng.below(2), "protocol": "TCP",
-                   "targetPort": "http", "nodePort": 30000 + rng.below(3)}],
-        "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
-    });
-    if local && type_ != "ClusterIP" {
-        spec["healthCheckNodePort"] = serde_json::json!(32000 + rng.below(2));
+    let port = 80 + rng.below(2);
+    let node_port = 30000 + rng.below(3);
+    let health_check_port = (local && type_ != "ClusterIP").then(|| 32000 + rng.below(2));
+    let protocol = if rng.below(4) == 0 { "SCTP" } else { "TCP" };
+    let ingress_ip = format!("192.0.2.{}", rng.below(3) + 1);
+    let mut service = ServiceBuilder::new(namespace, &name)
+        .type_(type_)
+        .ips(cluster_ips.iter().map(String::as_str))
+        .named_target_port("http", small(port), protocol, "http")
+        .node_port_of_last(small(node_port))
+        .external_traffic_policy(if local { "Local" } else { "Cluster" })
+        .ingress_ip(&ingress_ip);
+    if let Some(port) = health_check_port {
+        service = service.health_check_node_port(small(port));
     }
-    if rng.below(4) == 0 {
-        spec["ports"][0]["protocol"] = serde_json::json!("SCTP");
-    }
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-        "status": {"loadBalancer": {"ingress": [{"ip": format!("192.0.2.{}", rng.below(3) + 1)}]}},
-    }))
-    .expect("valid Service")
+    service.build()
 }
 
 fn random_slice(rng: &mut Rng) -> EndpointSlice {
     let service = format!("svc-{}", rng.below(6));
     let name = format!("{service}-{}", rng.below(3));
-    let namespace = ["a", "b"][usize::try_from(rng.below(2)).unwrap()];
-    let ipv4 = rng.below(2) == 0;
-    let endpoints: Vec<serde_json::Value> = (0..rng.below(4))
-        .map(|_| {
-            let host = rng.below(6) + 1;
-            let address = if rng.below(10) == 0 {
-                "not-an-ip".to_owned()
-            } else if ipv4 {
-                format!("10.1.0.{host}")
-            } else {
-                format!("fd01::{host}")
-            };
-            let node_name = ["node-a", "node-b"][usize::try_from(rng.below(2)).unwrap()];
-            serde_json::json!({
-                "addresses": [address],
-                "nodeName": node_name,
-                "conditions": {"ready": rng.below(3) != 0, "serving": true,
-                               "terminating": rng.below(3) == 0},
-            })
-        })
-        .collect();
-    let mut labels = serde_json::json!({ SERVICE_NAME_LABEL: service });
-    if rng.below(8) == 0 {
-        labels = serde_json::json!({});
+    let namespace = rng.pick(&["a", "b"]);
+    let family = if rng.below(2) == 0 {
+        IpFamily::V4
+    } else {
+        IpFamily::V6
+    };
+    let mut slice = SliceBuilder::for_service(namespace, &service, family).name(&name);
+    for _ in 0..rng.below(4) {
+        let host = rng.below(6) + 1;
+        let address = if rng.below(10) == 0 {
+            "not-an-ip".to_owned()
+        } else if family == IpFamily::V4 {
+            format!("10.1.0.{host}")
+        } else {
+            format!("fd01::{host}")
+        };
+        let node_name = rng.pick(&["node-a", "node-b"]);
+        slice = slice.endpoint(
+            EndpointBuilder::new(&address)
+                .node(node_name)
+                .ready(rng.below(3) != 0)
+                .serving(true)
+                .terminating(rng.below(3) == 0),
+        );
     }
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "addressType": if ipv4 { "IPv4" } else { "IPv6" },
-        "endpoints": endpoints,
-        "ports": [{"name": "http", "port": 8080 + rng.below(2), "protocol": "TCP"}],
-    }))
-    .expect("valid EndpointSlice")
+    if rng.below(8) == 0 {
+        slice = slice.without_service();
+    }
+    slice
+        .port("http", small(8080 + rng.below(2)), "TCP")
+        .build()
+}
+
+/// A small random number as the API's `i32`.
+fn small(number: u64) -> i32 {
+    i32::try_from(number).unwrap()
 }
 
 /// Applying random changes one by one gives, after every commit, what a
