@@ -19,3 +19,5 @@ pub mod plan;
 pub mod source;
 #[cfg(test)]
 mod test_rng;
+#[doc(hidden)]
+pub mod testing;

@@ -1,0 +1,354 @@
+//! The full plan: every desired frontend against the state, in make-before-
+//! break order, and the `Planner` the incremental plan shares.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use lb_common::{backend_flags, limits, svc_flags};
+
+use super::ids::IdAllocator;
+use super::{BackendEntry, BackendKey, DatapathState, FrontendState, Op, Plan, SourceRange};
+use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec};
+
+/// Computes the plan that turns `current` into `desired`.
+#[must_use]
+pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Plan {
+    let backend_ids = backend_ids(current);
+    let mut planner = Planner::new(current, desired, &backend_ids);
+    for (frontend, spec) in desired {
+        planner.frontend(frontend, spec);
+    }
+    planner.removals(desired);
+    planner.markers(desired);
+    planner.finish()
+}
+
+/// Backend ids by address, port and protocol.
+pub(super) fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
+    state
+        .backends
+        .iter()
+        .map(|(id, entry)| (entry.key, *id))
+        .collect()
+}
+
+/// The backends a frontend's spec names (new flows or draining).
+pub(super) fn backend_keys(
+    frontend: &Frontend,
+    spec: &FrontendSpec,
+) -> impl Iterator<Item = BackendKey> {
+    spec.backends
+        .iter()
+        .chain(&spec.terminating)
+        .map(move |backend| BackendKey {
+            addr: backend.addr,
+            port: backend.port,
+            proto: frontend.proto,
+        })
+}
+
+pub(super) fn local_flag(backend: &Backend) -> u8 {
+    if backend.node_local {
+        backend_flags::LOCAL
+    } else {
+        0
+    }
+}
+
+/// `svc_flags` of a frontend.
+#[must_use]
+fn frontend_flags(spec: &FrontendSpec) -> u16 {
+    let mut flags = if spec.kind == FrontendKind::ClusterIp {
+        svc_flags::CLUSTER_IP
+    } else {
+        svc_flags::EXTERNAL
+    };
+    if spec.kind.is_external() && spec.external_local {
+        flags |= svc_flags::EXT_LOCAL;
+    }
+    if spec.affinity_timeout_s > 0 {
+        flags |= svc_flags::AFFINITY;
+    }
+    if !spec.source_ranges.is_empty() {
+        flags |= svc_flags::SOURCE_RANGES;
+    }
+    flags
+}
+
+/// The `backend_flags` every backend should have: local if the endpoint
+/// is on this node; terminating unless some frontend still sends it new
+/// flows.
+fn desired_backend_flags(desired: &BTreeMap<Frontend, FrontendSpec>) -> BTreeMap<BackendKey, u8> {
+    let mut flags: BTreeMap<BackendKey, u8> = BTreeMap::new();
+    for (frontend, spec) in desired {
+        let key = |b: &Backend| BackendKey {
+            addr: b.addr,
+            port: b.port,
+            proto: frontend.proto,
+        };
+        for backend in &spec.terminating {
+            flags
+                .entry(key(backend))
+                .or_insert(backend_flags::TERMINATING | local_flag(backend));
+        }
+        for backend in &spec.backends {
+            flags.insert(key(backend), local_flag(backend));
+        }
+    }
+    flags
+}
+
+/// Builds a plan in three buckets that are concatenated in order.
+pub(super) struct Planner<'a> {
+    pub(super) current: &'a DatapathState,
+    /// New backends, rev-NAT entries and source ranges.
+    pub(super) head: Vec<Op>,
+    /// Slot and frontend writes, then new markers.
+    pub(super) slots: Vec<Op>,
+    /// Everything that removes.
+    pub(super) tail: Vec<Op>,
+    pub(super) problems: Vec<String>,
+    pub(super) backend_flags: BTreeMap<BackendKey, u8>,
+    /// Ids of the backends in the maps.
+    pub(super) known_backend_ids: &'a HashMap<BackendKey, u32>,
+    /// Ids allocated by this plan.
+    pub(super) new_backend_ids: BTreeMap<BackendKey, u32>,
+    pub(super) backend_alloc: IdAllocator<'a>,
+    pub(super) rev_nat_alloc: IdAllocator<'a>,
+    pub(super) backends_used: BTreeSet<u32>,
+    pub(super) rev_nats_used: BTreeSet<u32>,
+    pub(super) ranges_used: BTreeSet<SourceRange>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        current: &'a DatapathState,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+        backend_ids: &'a HashMap<BackendKey, u32>,
+    ) -> Self {
+        Self {
+            current,
+            head: Vec::new(),
+            slots: Vec::new(),
+            tail: Vec::new(),
+            problems: Vec::new(),
+            backend_flags: desired_backend_flags(desired),
+            // Reuse the id of an identical backend.
+            known_backend_ids: backend_ids,
+            new_backend_ids: BTreeMap::new(),
+            backend_alloc: IdAllocator::new(
+                current.backends.keys().copied(),
+                limits::MAX_BACKENDS - 1,
+            ),
+            rev_nat_alloc: IdAllocator::new(
+                current
+                    .rev_nats
+                    .keys()
+                    .copied()
+                    .chain(current.frontends.values().map(|f| f.rev_nat_id)),
+                limits::MAX_FRONTENDS - 1,
+            ),
+            backends_used: BTreeSet::new(),
+            rev_nats_used: BTreeSet::new(),
+            ranges_used: BTreeSet::new(),
+        }
+    }
+
+    /// Plans one desired frontend.
+    pub(super) fn frontend(&mut self, frontend: &Frontend, spec: &FrontendSpec) {
+        let existing = self.current.frontends.get(frontend);
+        let rev_nat_id = if let Some(state) = existing {
+            state.rev_nat_id
+        } else if let Some(id) = self.rev_nat_alloc.allocate() {
+            id
+        } else {
+            self.problems.push(format!(
+                "{}: no free rev-NAT id (limit {})",
+                frontend,
+                limits::MAX_FRONTENDS - 1
+            ));
+            return;
+        };
+        if self.current.rev_nats.get(&rev_nat_id) != Some(&(frontend.addr, frontend.port)) {
+            self.head.push(Op::PutRevNat {
+                id: rev_nat_id,
+                frontend: *frontend,
+            });
+        }
+        self.rev_nats_used.insert(rev_nat_id);
+        for (addr, prefix) in &spec.source_ranges {
+            let range = (rev_nat_id, *addr, *prefix);
+            if !self.current.source_ranges.contains(&range) {
+                self.head.push(Op::PutSourceRange(range));
+            }
+            self.ranges_used.insert(range);
+        }
+
+        let wanted = truncate_backends(frontend, &spec.backends, &mut self.problems);
+        let new_slots: Vec<u32> = wanted
+            .iter()
+            .filter_map(|backend| self.backend_id(frontend, backend))
+            .collect();
+        // Terminating backends stay in the backend map (flows drain).
+        for backend in &spec.terminating {
+            let _ = self.backend_id(frontend, backend);
+        }
+
+        let old_slots = existing.map_or(&[][..], |state| &state.slots[..]);
+        for (index, id) in new_slots.iter().enumerate() {
+            if old_slots.get(index) != Some(id) {
+                self.slots.push(Op::PutSlot {
+                    frontend: *frontend,
+                    slot: slot_number(index),
+                    backend_id: *id,
+                });
+            }
+        }
+        let flags = frontend_flags(spec);
+        if existing.is_none_or(|state| {
+            state.slots.len() != new_slots.len()
+                || state.flags != flags
+                || state.affinity_timeout_s != spec.affinity_timeout_s
+        }) {
+            self.slots.push(Op::PutFrontend {
+                frontend: *frontend,
+                count: u16::try_from(new_slots.len()).unwrap_or(u16::MAX),
+                rev_nat_id,
+                flags,
+                affinity_timeout_s: spec.affinity_timeout_s,
+            });
+        }
+        for index in new_slots.len()..old_slots.len() {
+            self.tail.push(Op::DeleteSlot {
+                frontend: *frontend,
+                slot: slot_number(index),
+            });
+        }
+    }
+
+    /// The id of `backend` for `frontend`'s protocol, allocated if new; its
+    /// entry is (re)written when new or when its flags changed.
+    fn backend_id(&mut self, frontend: &Frontend, backend: &Backend) -> Option<u32> {
+        let key = BackendKey {
+            addr: backend.addr,
+            port: backend.port,
+            proto: frontend.proto,
+        };
+        let flags = self.backend_flags.get(&key).copied().unwrap_or(0);
+        let entry = BackendEntry { key, flags };
+        let id = if let Some(id) = self
+            .known_backend_ids
+            .get(&key)
+            .or_else(|| self.new_backend_ids.get(&key))
+        {
+            *id
+        } else {
+            let Some(id) = self.backend_alloc.allocate() else {
+                self.problems
+                    .push(format!("{frontend}: no free backend id for {backend}"));
+                return None;
+            };
+            self.new_backend_ids.insert(key, id);
+            id
+        };
+        if self.backends_used.insert(id) && self.current.backends.get(&id) != Some(&entry) {
+            self.head.push(Op::PutBackend { id, backend: entry });
+        }
+        Some(id)
+    }
+
+    /// Marks `ClusterIP`s so that ports they do not serve are rejected, as
+    /// kube-proxy does. Node, load-balancer and external IPs are not marked:
+    /// they may be real hosts' addresses serving other ports themselves.
+    fn markers(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
+        let wanted: BTreeSet<IpAddr> = desired
+            .iter()
+            .filter(|(_, spec)| spec.kind == FrontendKind::ClusterIp)
+            .map(|(frontend, _)| frontend.addr)
+            .collect();
+        for addr in wanted.difference(&self.current.markers) {
+            self.slots.push(Op::PutMarker { addr: *addr });
+        }
+        for addr in self.current.markers.difference(&wanted) {
+            self.tail.push(Op::DeleteMarker { addr: *addr });
+        }
+    }
+
+    /// Removes a frontend that is no longer wanted, then its slots.
+    pub(super) fn remove_frontend(&mut self, frontend: Frontend, state: &FrontendState) {
+        self.tail.push(Op::DeleteFrontend { frontend });
+        for index in 0..state.slots.len() {
+            self.tail.push(Op::DeleteSlot {
+                frontend,
+                slot: slot_number(index),
+            });
+        }
+    }
+
+    /// Plans the removal of what `desired` no longer has.
+    fn removals(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
+        let current = self.current;
+        for (frontend, state) in &current.frontends {
+            if !desired.contains_key(frontend) {
+                self.remove_frontend(*frontend, state);
+            }
+        }
+        for range in &self.current.source_ranges {
+            if !self.ranges_used.contains(range) {
+                self.tail.push(Op::DeleteSourceRange(*range));
+            }
+        }
+        for (id, (addr, _)) in &self.current.rev_nats {
+            if !self.rev_nats_used.contains(id) {
+                self.tail.push(Op::DeleteRevNat {
+                    id: *id,
+                    addr: *addr,
+                });
+            }
+        }
+        for (id, entry) in &self.current.backends {
+            if !self.backends_used.contains(id) {
+                self.tail.push(Op::DeleteBackend {
+                    id: *id,
+                    addr: entry.key.addr,
+                });
+            }
+        }
+    }
+
+    pub(super) fn finish(self) -> Plan {
+        let mut ops = self.head;
+        ops.extend(self.slots);
+        ops.extend(self.tail);
+        Plan {
+            ops,
+            problems: self.problems,
+        }
+    }
+}
+
+/// Slot number for a 0-based index (slot 0 is the frontend).
+fn slot_number(index: usize) -> u16 {
+    u16::try_from(index + 1).unwrap_or(u16::MAX)
+}
+
+fn truncate_backends<'a>(
+    frontend: &Frontend,
+    backends: &'a [Backend],
+    problems: &mut Vec<String>,
+) -> &'a [Backend] {
+    let max = usize::from(limits::MAX_BACKENDS_PER_SERVICE);
+    if backends.len() > max {
+        problems.push(format!(
+            "{}: {} endpoints, only the first {max} are used",
+            frontend,
+            backends.len()
+        ));
+        &backends[..max]
+    } else {
+        backends
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! Tests of the full plan: op order, stable ids, flags, markers, source
+//! ranges and terminating backends.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use lb_common::{backend_flags, svc_flags};
+
+use crate::model::FrontendKind;
+use crate::plan::test_fixtures::{converge, fe, spec};
+use crate::plan::{DatapathState, Op};
+
+#[test]
+fn new_service_writes_backends_then_slots_then_frontend() {
+    let mut state = DatapathState::default();
+    let desired = BTreeMap::from([(
+        fe("198.19.0.10", 80),
+        spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)]),
+    )]);
+    let ops = converge(&mut state, &desired);
+    let kinds: Vec<_> = ops
+        .iter()
+        .map(|op| match op {
+            Op::PutRevNat { .. } => "revnat",
+            Op::PutBackend { .. } => "backend",
+            Op::PutSlot { .. } => "slot",
+            Op::PutFrontend { .. } => "frontend",
+            Op::PutMarker { .. } => "marker",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "revnat", "backend", "backend", "slot", "slot", "frontend", "marker"
+        ]
+    );
+}
+
+#[test]
+fn ids_are_stable_across_changes() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let v6 = fe("fd00:96::10", 80);
+    let mut desired = BTreeMap::from([
+        (v4, spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)])),
+        (v6, spec(&[("fd00:2::2", 8080)])),
+    ]);
+    converge(&mut state, &desired);
+    let rev_v4 = state.frontends[&v4].rev_nat_id;
+    let rev_v6 = state.frontends[&v6].rev_nat_id;
+    let be_id = state.frontends[&v4].slots[1];
+
+    desired.insert(v4, spec(&[("198.18.3.2", 8080), ("198.18.4.2", 8080)]));
+    let ops = converge(&mut state, &desired);
+    assert_eq!(state.frontends[&v4].rev_nat_id, rev_v4);
+    assert_eq!(state.frontends[&v6].rev_nat_id, rev_v6);
+    assert_eq!(state.frontends[&v4].slots[0], be_id, "kept backend id");
+    // The removed backend goes last, after every slot write.
+    let last = ops.last().unwrap();
+    assert!(matches!(last, Op::DeleteBackend { .. }), "{ops:?}");
+    // A frontend whose count did not change is not rewritten.
+    assert!(!ops.iter().any(|op| matches!(op, Op::PutFrontend { .. })));
+}
+
+#[test]
+fn shrinking_writes_count_before_deleting_slots() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let mut desired = BTreeMap::from([(
+        v4,
+        spec(&[
+            ("198.18.2.2", 8080),
+            ("198.18.3.2", 8080),
+            ("198.18.4.2", 8080),
+        ]),
+    )]);
+    converge(&mut state, &desired);
+    desired.insert(v4, spec(&[("198.18.2.2", 8080)]));
+    let ops = converge(&mut state, &desired);
+    let frontend_at = ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend { count: 1, .. }))
+        .unwrap();
+    let first_delete = ops
+        .iter()
+        .position(|op| matches!(op, Op::DeleteSlot { .. }))
+        .unwrap();
+    assert!(frontend_at < first_delete, "{ops:?}");
+}
+
+#[test]
+fn removed_frontend_deletes_slot_zero_first_and_frees_everything() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let desired = BTreeMap::from([(v4, spec(&[("198.18.2.2", 8080)]))]);
+    converge(&mut state, &desired);
+    let ops = converge(&mut state, &BTreeMap::new());
+    assert!(matches!(ops[0], Op::DeleteFrontend { .. }), "{ops:?}");
+    assert_eq!(state, DatapathState::default());
+}
+
+#[test]
+fn same_backend_in_two_services_shares_one_id() {
+    let mut state = DatapathState::default();
+    let desired = BTreeMap::from([
+        (fe("198.19.0.10", 80), spec(&[("198.18.2.2", 8080)])),
+        (fe("198.19.0.11", 80), spec(&[("198.18.2.2", 8080)])),
+    ]);
+    converge(&mut state, &desired);
+    assert_eq!(state.backends.len(), 1);
+}
+
+#[test]
+fn empty_service_has_zero_count() {
+    let mut state = DatapathState::default();
+    let desired = BTreeMap::from([(fe("198.19.0.10", 80), spec(&[]))]);
+    let ops = converge(&mut state, &desired);
+    assert!(ops.contains(&Op::PutFrontend {
+        frontend: fe("198.19.0.10", 80),
+        count: 0,
+        rev_nat_id: 1,
+        flags: svc_flags::CLUSTER_IP,
+        affinity_timeout_s: 0,
+    }));
+}
+
+#[test]
+fn cluster_ips_are_marked_after_their_frontends_but_node_ports_are_not() {
+    let mut state = DatapathState::default();
+    let mut node_port = spec(&[("198.18.2.2", 8080)]);
+    node_port.kind = FrontendKind::NodePort;
+    let desired = BTreeMap::from([
+        (fe("198.19.0.10", 80), spec(&[("198.18.2.2", 8080)])),
+        (fe("198.18.0.1", 30080), node_port),
+    ]);
+    let ops = converge(&mut state, &desired);
+    let marker = ops
+        .iter()
+        .position(|op| matches!(op, Op::PutMarker { .. }))
+        .unwrap();
+    let last_frontend = ops
+        .iter()
+        .rposition(|op| matches!(op, Op::PutFrontend { .. }))
+        .unwrap();
+    assert!(marker > last_frontend, "{ops:?}");
+    assert_eq!(
+        state.markers,
+        BTreeSet::from(["198.19.0.10".parse::<IpAddr>().unwrap()])
+    );
+    converge(&mut state, &BTreeMap::new());
+    assert!(state.markers.is_empty());
+}
+
+#[test]
+fn flags_and_affinity_changes_rewrite_the_frontend() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let mut web = spec(&[("198.18.2.2", 8080)]);
+    converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    web.affinity_timeout_s = 30;
+    let ops = converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    assert_eq!(
+        ops,
+        [Op::PutFrontend {
+            frontend: v4,
+            count: 1,
+            rev_nat_id: 1,
+            flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
+            affinity_timeout_s: 30,
+        }]
+    );
+    web.affinity_timeout_s = 0;
+    let ops = converge(&mut state, &BTreeMap::from([(v4, web)]));
+    assert!(matches!(
+        ops[..],
+        [Op::PutFrontend {
+            flags: svc_flags::CLUSTER_IP,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn source_ranges_go_in_before_the_flag_and_out_after_it() {
+    let mut state = DatapathState::default();
+    let lb = fe("198.19.1.1", 80);
+    let mut spec_lb = spec(&[("198.18.2.2", 8080)]);
+    spec_lb.kind = FrontendKind::LoadBalancer;
+    spec_lb.source_ranges = vec![("198.18.1.0".parse().unwrap(), 24)];
+    let ops = converge(&mut state, &BTreeMap::from([(lb, spec_lb.clone())]));
+    let range = ops
+        .iter()
+        .position(|op| matches!(op, Op::PutSourceRange(_)))
+        .unwrap();
+    let frontend = ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend { flags, .. } if flags & svc_flags::SOURCE_RANGES != 0))
+        .unwrap();
+    assert!(range < frontend);
+    spec_lb.source_ranges.clear();
+    let ops = converge(&mut state, &BTreeMap::from([(lb, spec_lb)]));
+    let frontend = ops
+        .iter()
+        .position(|op| matches!(op, Op::PutFrontend { .. }))
+        .unwrap();
+    let removed = ops
+        .iter()
+        .position(|op| matches!(op, Op::DeleteSourceRange(_)))
+        .unwrap();
+    assert!(frontend < removed);
+    assert!(state.source_ranges.is_empty());
+}
+
+#[test]
+fn terminating_backends_stay_without_slots_and_local_is_flagged() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let mut web = spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)]);
+    web.backends[0].node_local = true;
+    converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    let terminating = web.backends.remove(1);
+    web.terminating = vec![terminating];
+    converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    assert_eq!(state.frontends[&v4].slots.len(), 1);
+    let flags: Vec<u8> = state.backends.values().map(|b| b.flags).collect();
+    assert_eq!(flags, [backend_flags::LOCAL, backend_flags::TERMINATING]);
+    // Gone from the slice: gone from the maps.
+    web.terminating.clear();
+    converge(&mut state, &BTreeMap::from([(v4, web)]));
+    assert_eq!(state.backends.len(), 1);
+}

@@ -1,0 +1,90 @@
+//! Backend and rev-NAT id allocation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::BackendEntry;
+
+/// The ids in use before a plan: a set, or the keys of a state's map.
+#[derive(Debug)]
+pub(super) enum IdsInUse<'a> {
+    Set(BTreeSet<u32>),
+    Backends(&'a BTreeMap<u32, BackendEntry>),
+    RevNats(&'a BTreeMap<u32, (IpAddr, u16)>),
+}
+
+impl IdsInUse<'_> {
+    fn contains(&self, id: u32) -> bool {
+        match self {
+            Self::Set(set) => set.contains(&id),
+            Self::Backends(map) => map.contains_key(&id),
+            Self::RevNats(map) => map.contains_key(&id),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Set(set) => set.len(),
+            Self::Backends(map) => map.len(),
+            Self::RevNats(map) => map.len(),
+        }
+    }
+
+    fn last(&self) -> Option<u32> {
+        match self {
+            Self::Set(set) => set.last().copied(),
+            Self::Backends(map) => map.last_key_value().map(|(id, _)| *id),
+            Self::RevNats(map) => map.last_key_value().map(|(id, _)| *id),
+        }
+    }
+}
+
+/// Hands out ids that are not in use, starting after the highest id in use
+/// and moving forward, so that ids freed below it are not handed out again
+/// soon (stale conntrack entries may still name them). An id freed at the
+/// top is the next one handed out by a later plan; a flow still naming it
+/// then reaches the new backend, as after any backend change (TCP gets a
+/// reset, UDP carries on).
+#[derive(Debug)]
+pub(super) struct IdAllocator<'a> {
+    in_use: IdsInUse<'a>,
+    /// Handed out by this allocator.
+    taken: BTreeSet<u32>,
+    next: u32,
+    max: u32,
+}
+
+impl<'a> IdAllocator<'a> {
+    pub(super) fn new(in_use: impl IntoIterator<Item = u32>, max: u32) -> Self {
+        Self::over(IdsInUse::Set(in_use.into_iter().collect()), max)
+    }
+
+    pub(super) fn over(in_use: IdsInUse<'a>, max: u32) -> Self {
+        let next = in_use.last().map_or(1, |last| last.saturating_add(1));
+        Self {
+            in_use,
+            taken: BTreeSet::new(),
+            next,
+            max,
+        }
+    }
+
+    pub(super) fn allocate(&mut self) -> Option<u32> {
+        if self.in_use.len() + self.taken.len() >= self.max as usize {
+            return None;
+        }
+        loop {
+            if self.next == 0 || self.next > self.max {
+                self.next = 1;
+            }
+            let candidate = self.next;
+            self.next += 1;
+            if !self.in_use.contains(candidate) && self.taken.insert(candidate) {
+                return Some(candidate);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+//! The property test of the plan over changes against the full plan.
+
+use std::collections::BTreeMap;
+
+use crate::model::{Backend, Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
+use crate::plan::test_fixtures::spec;
+use crate::plan::{DatapathState, PlanIndex, apply_to_state, diff, diff_changes};
+use crate::test_rng::Rng;
+
+/// One or two frontends added, changed or removed, from small pools, so that backends are shared,
+/// change flags, and addresses carry several frontends of both kinds.
+fn random_change(
+    rng: &mut Rng,
+    desired: &BTreeMap<Frontend, FrontendSpec>,
+) -> BTreeMap<Frontend, FrontendSpec> {
+    let addrs = ["198.19.0.1", "198.19.0.2", "fd00::1", "fd00::2"];
+    let backends = [
+        "198.18.2.1",
+        "198.18.2.2",
+        "198.18.2.3",
+        "fd00:2::1",
+        "fd00:2::2",
+    ];
+    let mut desired = desired.clone();
+    for _ in 0..=rng.below(2) {
+        let frontend = Frontend {
+            addr: rng.pick(&addrs).parse().unwrap(),
+            port: rng.pick(&[80, 443]),
+            proto: rng.pick(&[Protocol::Tcp, Protocol::Udp]),
+        };
+        if rng.below(3) == 0 {
+            desired.remove(&frontend);
+            continue;
+        }
+        let pick_backends = |rng: &mut Rng| -> Vec<Backend> {
+            let mut list: Vec<Backend> = (0..rng.below(4))
+                .map(|_| Backend {
+                    addr: rng.pick(&backends).parse().unwrap(),
+                    port: rng.pick(&[8080, 8443]),
+                    node_local: rng.below(2) == 0,
+                })
+                .collect();
+            list.sort_unstable();
+            list.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+            list
+        };
+        let mut spec = spec(&[]);
+        spec.backends = pick_backends(rng);
+        spec.terminating = pick_backends(rng);
+        spec.kind = rng.pick(&[FrontendKind::ClusterIp, FrontendKind::LoadBalancer]);
+        spec.affinity_timeout_s = rng.pick(&[0, 30]);
+        if spec.kind.is_external() && rng.below(2) == 0 {
+            spec.source_ranges = vec![(frontend.addr, rng.pick(&[8, 16]))];
+        }
+        desired.insert(frontend, spec);
+    }
+    desired
+}
+
+/// A plan over only the changed frontends leaves the maps exactly as a
+/// plan over everything does, ids included, through random changes.
+#[test]
+fn diff_of_changes_matches_full_diff() {
+    for seed in 1..200u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut state = DatapathState::default();
+        let mut desired = BTreeMap::new();
+        let mut index = PlanIndex::new(&state, &desired);
+        for step in 0..40 {
+            let next = random_change(&mut rng, &desired);
+            let mut changes = FrontendChanges::new();
+            for (frontend, spec) in &desired {
+                if next.get(frontend) != Some(spec) {
+                    changes.insert(*frontend, Some(spec.clone()));
+                }
+            }
+            for frontend in next.keys() {
+                if !desired.contains_key(frontend) {
+                    changes.insert(*frontend, None);
+                }
+            }
+            let full = diff(&state, &next);
+            let mut expected = state.clone();
+            apply_to_state(&mut expected, &full.ops);
+
+            let scoped = diff_changes(&state, &mut index, &next, &changes);
+            assert!(scoped.problems.is_empty());
+            let mut got = state.clone();
+            apply_to_state(&mut got, &scoped.ops);
+            assert_eq!(got, expected, "seed {seed} step {step}: {:?}", scoped.ops);
+            index.note_applied(&state, &scoped.ops);
+            state = got;
+            desired = next;
+            assert_eq!(
+                index.backend_ids,
+                PlanIndex::new(&state, &desired).backend_ids,
+                "seed {seed} step {step}"
+            );
+        }
+    }
+}

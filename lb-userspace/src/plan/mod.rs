@@ -1,0 +1,197 @@
+//! Diff: what the maps hold versus what the model wants, as an ordered plan.
+//!
+//! Pure: no maps here. The order is make before break, so that a packet
+//! arriving at any point during apply sees a complete service:
+//! 1. new backends and rev-NAT entries,
+//! 2. backend slots (each slot always names an existing backend),
+//! 3. the frontend (slot 0) with its new count,
+//! 4. slots beyond the new count, removed frontends (slot 0 first),
+//! 5. rev-NAT entries and backends nothing refers to any more.
+//!
+//! Ids are stable: a frontend keeps its rev-NAT id and a backend address
+//! keeps its backend id for as long as they exist, also across agent restarts
+//! (the state is read back from the pinned maps).
+//!
+//! Where each part lives: this file holds the state and op types and
+//! [`apply_to_state`]; `diff` plans over all frontends ([`diff()`]),
+//! `incremental` over the changed ones only ([`diff_changes`]), and `ids`
+//! allocates backend and rev-NAT ids.
+
+mod diff;
+mod ids;
+mod incremental;
+#[cfg(test)]
+mod test_fixtures;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{Frontend, Protocol};
+
+pub use diff::diff;
+pub use incremental::{PlanIndex, diff_changes};
+
+/// A backend as stored in the backend maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// Backend address.
+    pub addr: IpAddr,
+    /// Backend port.
+    pub port: u16,
+    /// L4 protocol.
+    pub proto: Protocol,
+}
+
+/// A backend entry: its identity and `backend_flags`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendEntry {
+    /// Address, port, protocol.
+    pub key: BackendKey,
+    /// `lb_common::backend_flags` bits.
+    pub flags: u8,
+}
+
+/// A frontend as stored in the service maps.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FrontendState {
+    /// Rev-NAT id (also the stats index).
+    pub rev_nat_id: u32,
+    /// Backend id per slot, slot 1 first.
+    pub slots: Vec<u32>,
+    /// `lb_common::svc_flags` bits of slot 0.
+    pub flags: u16,
+    /// Session-affinity timeout (0: none).
+    pub affinity_timeout_s: u32,
+}
+
+/// A source-range entry: frontend rev-NAT id, prefix address, prefix length.
+pub type SourceRange = (u32, IpAddr, u8);
+
+/// What the maps hold, in userspace terms.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DatapathState {
+    /// Frontends (service slot 0 entries) with their slots.
+    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Backends by id.
+    pub backends: BTreeMap<u32, BackendEntry>,
+    /// Rev-NAT entries by id.
+    pub rev_nats: BTreeMap<u32, (IpAddr, u16)>,
+    /// Service addresses whose unserved ports are rejected.
+    pub markers: BTreeSet<IpAddr>,
+    /// Allowed client prefixes per frontend.
+    pub source_ranges: BTreeSet<SourceRange>,
+}
+
+/// One map write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Insert or overwrite backend `id`.
+    PutBackend { id: u32, backend: BackendEntry },
+    /// Insert rev-NAT `id` for `frontend` (and zero its counters).
+    PutRevNat { id: u32, frontend: Frontend },
+    /// Point `slot` (>= 1) of `frontend` at `backend_id`.
+    PutSlot {
+        frontend: Frontend,
+        slot: u16,
+        backend_id: u32,
+    },
+    /// Write slot 0 of `frontend`.
+    PutFrontend {
+        frontend: Frontend,
+        count: u16,
+        rev_nat_id: u32,
+        flags: u16,
+        affinity_timeout_s: u32,
+    },
+    /// Allow a client prefix into a frontend.
+    PutSourceRange(SourceRange),
+    /// Mark `addr` as a service address (unserved ports are rejected).
+    PutMarker { addr: IpAddr },
+    /// Remove a client prefix of a frontend.
+    DeleteSourceRange(SourceRange),
+    /// Remove the service-address mark of `addr`.
+    DeleteMarker { addr: IpAddr },
+    /// Remove `slot` (>= 1) of `frontend`.
+    DeleteSlot { frontend: Frontend, slot: u16 },
+    /// Remove slot 0 of `frontend`.
+    DeleteFrontend { frontend: Frontend },
+    /// Remove rev-NAT `id` of the family of `addr`.
+    DeleteRevNat { id: u32, addr: IpAddr },
+    /// Remove backend `id` of the family of `addr`.
+    DeleteBackend { id: u32, addr: IpAddr },
+}
+
+/// The plan, and what could not be planned.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Map writes in the order they must happen.
+    pub ops: Vec<Op>,
+    /// Frontends left out, with the reason (id space or slot limit).
+    pub problems: Vec<String>,
+}
+
+/// Applies `plan` to `state` the way the maps would change: used by tests
+/// and as the agent's cache of what it wrote.
+pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
+    for op in ops {
+        match op {
+            Op::PutBackend { id, backend } => {
+                state.backends.insert(*id, *backend);
+            }
+            Op::PutRevNat { id, frontend } => {
+                state.rev_nats.insert(*id, (frontend.addr, frontend.port));
+            }
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                let entry = state.frontends.entry(*frontend).or_default();
+                let index = usize::from(*slot) - 1;
+                if entry.slots.len() <= index {
+                    entry.slots.resize(index + 1, 0);
+                }
+                entry.slots[index] = *backend_id;
+            }
+            Op::PutFrontend {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout_s,
+            } => {
+                let entry = state.frontends.entry(*frontend).or_default();
+                entry.rev_nat_id = *rev_nat_id;
+                entry.flags = *flags;
+                entry.affinity_timeout_s = *affinity_timeout_s;
+                entry.slots.resize(usize::from(*count), 0);
+            }
+            Op::PutSourceRange(range) => {
+                state.source_ranges.insert(*range);
+            }
+            Op::DeleteSourceRange(range) => {
+                state.source_ranges.remove(range);
+            }
+            Op::PutMarker { addr } => {
+                state.markers.insert(*addr);
+            }
+            Op::DeleteMarker { addr } => {
+                state.markers.remove(addr);
+            }
+            Op::DeleteSlot { frontend, slot } => {
+                if let Some(entry) = state.frontends.get_mut(frontend) {
+                    entry.slots.truncate(usize::from(*slot) - 1);
+                }
+            }
+            Op::DeleteFrontend { frontend } => {
+                state.frontends.remove(frontend);
+            }
+            Op::DeleteRevNat { id, .. } => {
+                state.rev_nats.remove(id);
+            }
+            Op::DeleteBackend { id, .. } => {
+                state.backends.remove(id);
+            }
+        }
+    }
+}
