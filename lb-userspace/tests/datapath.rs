@@ -3,7 +3,7 @@
 //! exact output bytes (built independently with checksums computed from
 //! scratch), the checksums themselves, and the conntrack/counter maps.
 
-mod common;
+mod support;
 
 use std::{
     collections::BTreeMap,
@@ -71,7 +71,7 @@ struct Fixture {
 impl Fixture {
     fn new(what: &str) -> Option<Self> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        if !common::require_privileged(what) {
+        if !support::pins::require_privileged(what) {
             return None;
         }
         // BPF_PROG_TEST_RUN runs in the caller's network namespace, and the
