@@ -13,3 +13,5 @@ pub mod plan;
 pub mod source;
 #[cfg(test)]
 mod test_rng;
+#[doc(hidden)]
+pub mod testing;

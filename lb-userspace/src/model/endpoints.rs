@@ -1,0 +1,246 @@
+//! `EndpointSlice`s validated and parsed once into a compact form, and
+//! grouped by the Service they belong to.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{
+    ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, is_ipv4, namespace_of, object_key,
+};
+
+/// An endpoint's conditions, with Kubernetes' defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Conditions {
+    /// Absent means ready.
+    pub(super) ready: bool,
+    /// Absent means the same as `ready`.
+    pub(super) serving: bool,
+    /// Absent means not terminating.
+    pub(super) terminating: bool,
+}
+
+/// One endpoint of a slice, by its first valid address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct EndpointInfo {
+    pub(super) addr: IpAddr,
+    /// `nodeName`; compared with the node's name when selecting, so that a
+    /// parsed slice does not depend on the node.
+    pub(super) node_name: Option<Box<str>>,
+    pub(super) conditions: Conditions,
+    /// `hints.forZones` names; empty when there are no hints.
+    pub(super) zones: Vec<String>,
+}
+
+/// One `EndpointSlice`, validated once however many Service ports use it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SliceEndpoints {
+    pub(super) ipv4: bool,
+    pub(super) endpoints: Vec<EndpointInfo>,
+    /// (name, protocol) -> target port.
+    /// (name, protocol, target port), each (name, protocol) once: a slice
+    /// has a few ports, so a list is both smaller and faster than a map.
+    pub(super) ports: Vec<(Box<str>, Protocol, u16)>,
+}
+
+/// Slices grouped by the Service they belong to: (namespace, service name).
+pub(super) struct EndpointIndex {
+    by_service: HashMap<(String, String), Vec<SliceEndpoints>>,
+}
+
+impl EndpointIndex {
+    pub(super) fn new(slices: &[EndpointSlice], errors: &mut Vec<ObjectError>) -> Self {
+        let mut ordered: Vec<&EndpointSlice> = slices.iter().collect();
+        ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+
+        let mut seen = BTreeSet::new();
+        let mut by_service: HashMap<(String, String), Vec<SliceEndpoints>> = HashMap::new();
+        for slice in ordered {
+            let meta = &slice.metadata;
+            let Some(service) = slice_service(meta) else {
+                continue;
+            };
+            let Some(name) = meta.name.as_deref() else {
+                errors.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    meta,
+                    "missing metadata.name",
+                ));
+                continue;
+            };
+            let namespace = namespace_of(meta);
+            if !seen.insert((namespace, name)) {
+                errors.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    meta,
+                    "duplicate EndpointSlice, the first one given is used",
+                ));
+                continue;
+            }
+            if let Some(parsed) = parse_slice(slice, errors) {
+                by_service
+                    .entry((namespace.to_owned(), service.to_owned()))
+                    .or_default()
+                    .push(parsed);
+            }
+        }
+        Self { by_service }
+    }
+
+    pub(super) fn of(&self, namespace: &str, service: &str) -> &[SliceEndpoints] {
+        self.by_service
+            .get(&(namespace.to_owned(), service.to_owned()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The Service a slice belongs to; none for slices not managed for a
+/// Service (custom slices), which are none of ours.
+pub(super) fn slice_service(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels
+        .as_ref()
+        .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        .map(String::as_str)
+}
+
+/// A named slice of a Service, validated; `None` when it has nothing to
+/// serve (FQDN slices, or an unknown address type, reported).
+pub(super) fn parse_slice(
+    slice: &EndpointSlice,
+    errors: &mut Vec<ObjectError>,
+) -> Option<SliceEndpoints> {
+    let ipv4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        "FQDN" => return None,
+        other => {
+            errors.push(ObjectError::for_object(
+                ENDPOINT_SLICE,
+                &slice.metadata,
+                format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
+            ));
+            return None;
+        }
+    };
+    Some(SliceEndpoints {
+        ipv4,
+        endpoints: endpoints(slice, ipv4, errors),
+        ports: slice_ports(slice, errors),
+    })
+    .map(|mut parsed| {
+        // Parsed slices are kept (`Incremental`): no spare capacity.
+        parsed.endpoints.shrink_to_fit();
+        parsed
+    })
+}
+
+/// Validates every address, and keeps the first valid one of each endpoint:
+/// an endpoint's addresses are one pod and fungible (kube-proxy uses only
+/// the first), so taking all would weigh that pod more.
+fn endpoints(
+    slice: &EndpointSlice,
+    ipv4: bool,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<EndpointInfo> {
+    let family = family_name(ipv4);
+    let mut endpoints = Vec::new();
+    for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
+        let mut first_valid = None;
+        for text in &endpoint.addresses {
+            match text.parse::<IpAddr>() {
+                Ok(addr) if is_ipv4(addr) == ipv4 => {
+                    first_valid.get_or_insert(addr);
+                }
+                Ok(addr) => errors.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    &slice.metadata,
+                    format!("address {addr} is not {family} like the slice's addressType; address skipped"),
+                )),
+                Err(_) => errors.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    &slice.metadata,
+                    format!("address {text:?} is not an IP address; address skipped"),
+                )),
+            }
+        }
+        let Some(addr) = first_valid else {
+            continue;
+        };
+        let conditions = endpoint.conditions.as_ref();
+        // Kubernetes: a nil `ready` means ready, a nil `serving` means the
+        // same as `ready`, a nil `terminating` means not terminating.
+        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        let conditions = Conditions {
+            ready,
+            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        };
+        let zones = endpoint
+            .hints
+            .as_ref()
+            .and_then(|hints| hints.for_zones.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|zone| zone.name.clone())
+            .collect();
+        endpoints.push(EndpointInfo {
+            addr,
+            node_name: endpoint.node_name.as_deref().map(Box::from),
+            conditions,
+            zones,
+        });
+    }
+    endpoints
+}
+
+/// The slice's (name, protocol) -> port table. Ports without a number or of
+/// another protocol (SCTP) cannot match a frontend and are left out.
+fn slice_ports(
+    slice: &EndpointSlice,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<(Box<str>, Protocol, u16)> {
+    let mut ports: Vec<(Box<str>, Protocol, u16)> = Vec::new();
+    for EndpointPort {
+        name,
+        port,
+        protocol,
+        ..
+    } in slice.ports.as_deref().unwrap_or_default()
+    {
+        let name = name.clone().unwrap_or_default();
+        let (Some(number), Ok(proto)) = (port, Protocol::from_k8s(protocol.as_deref())) else {
+            continue;
+        };
+        let Some(number) = u16::try_from(*number).ok().filter(|&number| number != 0) else {
+            errors.push(ObjectError::for_object(
+                ENDPOINT_SLICE,
+                &slice.metadata,
+                format!("port {name:?} number {number} is outside 1..=65535; port skipped"),
+            ));
+            continue;
+        };
+        if ports
+            .iter()
+            .any(|(known, known_proto, _)| **known == *name && *known_proto == proto)
+        {
+            errors.push(ObjectError::for_object(
+                ENDPOINT_SLICE,
+                &slice.metadata,
+                format!("port {name:?}/{proto} is listed twice; the first is used"),
+            ));
+            continue;
+        }
+        ports.push((name.into_boxed_str(), proto, number));
+    }
+    ports.shrink_to_fit();
+    ports
+}
+
+fn family_name(ipv4: bool) -> &'static str {
+    if ipv4 { "IPv4" } else { "IPv6" }
+}
+
+#[cfg(test)]
+mod tests;

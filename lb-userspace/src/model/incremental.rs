@@ -1,0 +1,587 @@
+//! [`Incremental`]: the model kept up to date object by object, so that a
+//! change costs what the Services it touches cost.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::endpoints::{SliceEndpoints, parse_slice, slice_service};
+use super::{
+    ENDPOINT_SLICE, Frontend, FrontendSpec, HealthCheck, Model, NodeContext, ObjectError,
+    ObjectKey, SERVICE, ServiceContext, ServiceOutput, conflict, key_of, service_output,
+};
+
+/// One stored Service and what it asked for when last computed.
+struct ServiceEntry {
+    /// `None`: removed, to be forgotten at the next commit.
+    service: Option<Service>,
+    /// Frontends it claims (served, or refused by a conflict).
+    claims: Vec<Frontend>,
+    health_check_port: Option<u16>,
+    /// Its own errors, a conflict with another Service included.
+    errors: Vec<ObjectError>,
+}
+
+/// One stored `EndpointSlice`, reduced to what the model uses.
+struct SliceEntry {
+    /// `metadata.resourceVersion` (API objects): the same version is the
+    /// same object, so a snapshot need not parse it again.
+    resource_version: Option<String>,
+    /// The Service it belongs to (service-name label); `None`: not ours.
+    service: Option<String>,
+    parsed: Option<SliceEndpoints>,
+    errors: Vec<ObjectError>,
+}
+
+/// The frontends whose spec changed in one [`Incremental::commit`], with
+/// the spec each had before (`None`: it is new).
+pub type FrontendChanges = BTreeMap<Frontend, Option<FrontendSpec>>;
+
+/// [`build`] kept up to date object by object: a change recomputes only the
+/// Services it touches (the Service itself, or the Service its slice names),
+/// so that one endpoint change costs O(that Service), not O(all Services).
+///
+/// It gives the same frontends, health checks and errors as [`build`] over
+/// the same objects. Where a change involves two Services claiming one
+/// frontend or health check port (whose outcome depends on the order of
+/// all Services), or the node changes, it recomputes everything.
+///
+/// Slices are kept only in their parsed, compact form.
+pub struct Incremental {
+    node: NodeContext,
+    services: BTreeMap<ObjectKey, ServiceEntry>,
+    slices: HashMap<ObjectKey, SliceEntry>,
+    /// (namespace, service name) -> names of its slices, in name order.
+    slices_of: HashMap<ObjectKey, BTreeSet<String>>,
+    /// How many Services claim each frontend / health check port.
+    frontend_claims: HashMap<Frontend, u32>,
+    port_claims: HashMap<u16, u32>,
+    frontends: BTreeMap<Frontend, FrontendSpec>,
+    health_checks: BTreeMap<u16, HealthCheck>,
+    /// Every current error with the number of objects reporting it.
+    errors: BTreeMap<ObjectError, u32>,
+    /// Duplicates found by the last [`Incremental::reset`].
+    duplicates: Vec<ObjectError>,
+    /// Services to recompute at the next commit.
+    dirty: BTreeSet<ObjectKey>,
+    /// Everything is recomputed at the next commit.
+    all_dirty: bool,
+    /// Objects come from the API server, where an unchanged
+    /// `metadata.resourceVersion` means an unchanged object; a slice whose
+    /// version did not change is then not parsed again. Off for files,
+    /// which may be edited by hand without touching the version.
+    trust_resource_versions: bool,
+}
+
+impl Incremental {
+    /// An empty model for `node`.
+    #[must_use]
+    pub fn new(node: NodeContext) -> Self {
+        Self {
+            node,
+            services: BTreeMap::new(),
+            slices: HashMap::new(),
+            slices_of: HashMap::new(),
+            frontend_claims: HashMap::new(),
+            port_claims: HashMap::new(),
+            frontends: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            duplicates: Vec::new(),
+            dirty: BTreeSet::new(),
+            all_dirty: false,
+            trust_resource_versions: false,
+        }
+    }
+
+    /// See `trust_resource_versions`: on for the API server's objects.
+    pub fn set_trust_resource_versions(&mut self, trust: bool) {
+        self.trust_resource_versions = trust;
+    }
+
+    /// Replaces every object, as [`build`] takes them (of two with the same
+    /// namespace/name the first given wins). Objects equal to the stored
+    /// ones change nothing, so that the commit recomputes only what differs.
+    pub fn reset(&mut self, services: &[Service], slices: &[EndpointSlice]) {
+        self.duplicates.clear();
+        let mut present = BTreeSet::new();
+        for service in services {
+            let key = key_of(&service.metadata);
+            if !present.insert(key.clone()) && service.metadata.name.is_some() {
+                self.duplicates.push(ObjectError::for_object(
+                    SERVICE,
+                    &service.metadata,
+                    "duplicate Service, the first one given is used",
+                ));
+                continue;
+            }
+            let stored = self
+                .services
+                .get(&key)
+                .and_then(|entry| entry.service.as_ref());
+            if stored != Some(service) {
+                self.upsert_service(service.clone());
+            }
+        }
+        let gone: Vec<ObjectKey> = self
+            .services
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove_service(key);
+        }
+        let mut present = HashSet::new();
+        for slice in slices {
+            // Slices of no Service are none of ours (and no duplicates).
+            if slice_service(&slice.metadata).is_none() {
+                continue;
+            }
+            let key = key_of(&slice.metadata);
+            if !present.insert(key) && slice.metadata.name.is_some() {
+                self.duplicates.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    &slice.metadata,
+                    "duplicate EndpointSlice, the first one given is used",
+                ));
+                continue;
+            }
+            self.upsert_slice(slice);
+        }
+        let gone: Vec<ObjectKey> = self
+            .slices
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in &gone {
+            self.remove_slice(key);
+        }
+    }
+
+    /// Sets the node; a different node recomputes everything.
+    pub fn set_node(&mut self, node: &NodeContext) {
+        if *node != self.node {
+            self.node = node.clone();
+            self.all_dirty = true;
+        }
+    }
+
+    /// Adds or replaces a Service.
+    pub fn upsert_service(&mut self, service: Service) {
+        let key = key_of(&service.metadata);
+        if let Some(entry) = self.services.get_mut(&key) {
+            if entry.service.as_ref() == Some(&service) {
+                return;
+            }
+            entry.service = Some(service);
+        } else {
+            self.services.insert(
+                key.clone(),
+                ServiceEntry {
+                    service: Some(service),
+                    claims: Vec::new(),
+                    health_check_port: None,
+                    errors: Vec::new(),
+                },
+            );
+        }
+        self.dirty.insert(key);
+    }
+
+    /// Removes a Service, if present.
+    pub fn remove_service(&mut self, key: &ObjectKey) {
+        if let Some(entry) = self.services.get_mut(key) {
+            entry.service = None;
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    /// Adds or replaces an `EndpointSlice`.
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        let key = key_of(&slice.metadata);
+        let resource_version = slice.metadata.resource_version.clone();
+        if self.trust_resource_versions
+            && resource_version.is_some()
+            && self
+                .slices
+                .get(&key)
+                .is_some_and(|old| old.resource_version == resource_version)
+        {
+            return;
+        }
+        let service = slice_service(&slice.metadata).map(str::to_owned);
+        let mut errors = Vec::new();
+        let parsed = match &service {
+            None => None,
+            Some(_) if slice.metadata.name.is_none() => {
+                errors.push(ObjectError::for_object(
+                    ENDPOINT_SLICE,
+                    &slice.metadata,
+                    "missing metadata.name",
+                ));
+                None
+            }
+            Some(_) => parse_slice(slice, &mut errors),
+        };
+        let entry = SliceEntry {
+            resource_version,
+            service,
+            parsed,
+            errors,
+        };
+        if let Some(old) = self.slices.get_mut(&key)
+            && old.service == entry.service
+            && old.parsed == entry.parsed
+            && old.errors == entry.errors
+        {
+            old.resource_version = entry.resource_version;
+            return;
+        }
+        self.remove_slice(&key);
+        for error in &entry.errors {
+            *self.errors.entry(error.clone()).or_default() += 1;
+        }
+        if let Some(service) = &entry.service {
+            let owner = (key.0.clone(), service.clone());
+            self.slices_of
+                .entry(owner.clone())
+                .or_default()
+                .insert(key.1.clone());
+            self.dirty.insert(owner);
+        }
+        self.slices.insert(key, entry);
+    }
+
+    /// Removes an `EndpointSlice`, if present.
+    pub fn remove_slice(&mut self, key: &ObjectKey) {
+        let Some(entry) = self.slices.remove(key) else {
+            return;
+        };
+        for error in &entry.errors {
+            self.forget_error(error);
+        }
+        if let Some(service) = entry.service {
+            let owner = (key.0.clone(), service);
+            if let Some(names) = self.slices_of.get_mut(&owner) {
+                names.remove(&key.1);
+                if names.is_empty() {
+                    self.slices_of.remove(&owner);
+                }
+            }
+            self.dirty.insert(owner);
+        }
+    }
+
+    fn forget_error(&mut self, error: &ObjectError) {
+        if let Some(count) = self.errors.get_mut(error) {
+            *count -= 1;
+            if *count == 0 {
+                self.errors.remove(error);
+            }
+        }
+    }
+
+    /// Recomputes what changed since the last commit; returns the frontends
+    /// whose spec changed, with their previous spec.
+    pub fn commit(&mut self) -> FrontendChanges {
+        if !self.all_dirty {
+            let dirty = std::mem::take(&mut self.dirty);
+            let mut changes = FrontendChanges::new();
+            let mut contested = false;
+            for key in &dirty {
+                if !self.recompute(key, &mut changes) {
+                    contested = true;
+                    break;
+                }
+            }
+            if !contested {
+                return changes;
+            }
+            // Services done so far stay done; the full pass recomputes all
+            // of them, measured against the frontends before this commit.
+            let before = Self::restore(std::mem::take(&mut self.frontends), changes);
+            return self.recompute_all(&before);
+        }
+        let before = std::mem::take(&mut self.frontends);
+        self.recompute_all(&before)
+    }
+
+    /// The frontends as they were, from the current ones and the changes.
+    fn restore(
+        mut frontends: BTreeMap<Frontend, FrontendSpec>,
+        changes: FrontendChanges,
+    ) -> BTreeMap<Frontend, FrontendSpec> {
+        for (frontend, old) in changes {
+            match old {
+                Some(spec) => frontends.insert(frontend, spec),
+                None => frontends.remove(&frontend),
+            };
+        }
+        frontends
+    }
+
+    /// Recomputes one uncontested Service in place; false when it shares a
+    /// frontend or health check port with another Service (before or after),
+    /// where only a full pass in namespace/name order decides.
+    fn recompute(&mut self, key: &ObjectKey, changes: &mut FrontendChanges) -> bool {
+        let output = self
+            .services
+            .get(key)
+            .and_then(|entry| self.output_of(entry));
+        let (old_claims, old_port) = self
+            .services
+            .get(key)
+            .map(|entry| (entry.claims.clone(), entry.health_check_port))
+            .unwrap_or_default();
+        let new_claims: Vec<Frontend> = output
+            .iter()
+            .flat_map(|output| output.frontends.iter().map(|(frontend, _)| *frontend))
+            .collect();
+        let new_port = output
+            .as_ref()
+            .and_then(|output| output.health_check.as_ref().map(|check| check.port));
+        let others = |claims: &HashMap<Frontend, u32>, frontend: &Frontend, mine: &[Frontend]| {
+            claims.get(frontend).copied().unwrap_or(0) > u32::from(mine.contains(frontend))
+        };
+        let ports_contested = [old_port, new_port].into_iter().flatten().any(|port| {
+            self.port_claims.get(&port).copied().unwrap_or(0) > u32::from(old_port == Some(port))
+        });
+        if ports_contested
+            || old_claims
+                .iter()
+                .chain(&new_claims)
+                .any(|frontend| others(&self.frontend_claims, frontend, &old_claims))
+        {
+            return false;
+        }
+
+        for frontend in &old_claims {
+            let old = self.frontends.remove(frontend);
+            changes.entry(*frontend).or_insert(old);
+        }
+        if let Some(port) = old_port {
+            self.health_checks.remove(&port);
+        }
+        self.unclaim(key);
+        let Some(output) = output else {
+            self.services.remove(key);
+            Self::settle(changes, &self.frontends, &old_claims);
+            return true;
+        };
+        for error in &output.errors {
+            *self.errors.entry(error.clone()).or_default() += 1;
+        }
+        for frontend in &new_claims {
+            *self.frontend_claims.entry(*frontend).or_default() += 1;
+        }
+        if let Some(port) = new_port {
+            *self.port_claims.entry(port).or_default() += 1;
+        }
+        for (frontend, spec) in output.frontends {
+            let old = self.frontends.insert(frontend, spec);
+            changes.entry(frontend).or_insert(old);
+        }
+        if let Some(check) = output.health_check {
+            self.health_checks.insert(check.port, check);
+        }
+        if let Some(entry) = self.services.get_mut(key) {
+            entry.claims = new_claims;
+            entry.health_check_port = new_port;
+            entry.errors = output.errors;
+        }
+        Self::settle(changes, &self.frontends, &old_claims);
+        if let Some(entry) = self.services.get(key) {
+            Self::settle(changes, &self.frontends, &entry.claims);
+        }
+        true
+    }
+
+    /// Drops changes of `touched` that turned out to be none (same spec as
+    /// before).
+    fn settle(
+        changes: &mut FrontendChanges,
+        frontends: &BTreeMap<Frontend, FrontendSpec>,
+        touched: &[Frontend],
+    ) {
+        for frontend in touched {
+            if changes
+                .get(frontend)
+                .is_some_and(|old| frontends.get(frontend) == old.as_ref())
+            {
+                changes.remove(frontend);
+            }
+        }
+    }
+
+    /// Forgets what a Service claimed and reported.
+    fn unclaim(&mut self, key: &ObjectKey) {
+        let Some(entry) = self.services.get_mut(key) else {
+            return;
+        };
+        let claims = std::mem::take(&mut entry.claims);
+        let port = entry.health_check_port.take();
+        let errors = std::mem::take(&mut entry.errors);
+        for frontend in claims {
+            if let Some(count) = self.frontend_claims.get_mut(&frontend) {
+                *count -= 1;
+                if *count == 0 {
+                    self.frontend_claims.remove(&frontend);
+                }
+            }
+        }
+        if let Some(port) = port
+            && let Some(count) = self.port_claims.get_mut(&port)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.port_claims.remove(&port);
+            }
+        }
+        for error in &errors {
+            self.forget_error(error);
+        }
+    }
+
+    /// `None` for a removed Service.
+    fn output_of(&self, entry: &ServiceEntry) -> Option<ServiceOutput> {
+        let service = entry.service.as_ref()?;
+        let meta = &service.metadata;
+        if meta.name.is_none() {
+            return Some(ServiceOutput {
+                errors: vec![ObjectError::for_object(
+                    SERVICE,
+                    meta,
+                    "missing metadata.name",
+                )],
+                ..ServiceOutput::default()
+            });
+        }
+        let owner = key_of(meta);
+        let slices: Vec<&SliceEndpoints> = self
+            .slices_of
+            .get(&owner)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                self.slices
+                    .get(&(owner.0.clone(), name.clone()))?
+                    .parsed
+                    .as_ref()
+            })
+            .collect();
+        Some(service_output(
+            service,
+            &slices,
+            &ServiceContext::new(&self.node),
+        ))
+    }
+
+    /// Every Service in namespace/name order, as [`build`] does; the
+    /// changes are measured against `before`.
+    fn recompute_all(&mut self, before: &BTreeMap<Frontend, FrontendSpec>) -> FrontendChanges {
+        self.all_dirty = false;
+        self.dirty.clear();
+        let keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
+        for key in &keys {
+            self.unclaim(key);
+        }
+        self.services.retain(|_, entry| entry.service.is_some());
+        self.frontends.clear();
+        self.health_checks.clear();
+        for key in &keys {
+            let Some(entry) = self.services.get(key) else {
+                continue;
+            };
+            let (Some(service), Some(mut output)) = (&entry.service, self.output_of(entry)) else {
+                continue;
+            };
+            let meta = &service.metadata;
+            let claims: Vec<Frontend> = output.frontends.iter().map(|(f, _)| *f).collect();
+            let port = output.health_check.as_ref().map(|check| check.port);
+            let accepted = match conflict(claims.iter(), port, &self.frontends, &self.health_checks)
+            {
+                Some(reason) => {
+                    output
+                        .errors
+                        .push(ObjectError::for_object(SERVICE, meta, reason));
+                    false
+                }
+                None => true,
+            };
+            for error in &output.errors {
+                *self.errors.entry(error.clone()).or_default() += 1;
+            }
+            for frontend in &claims {
+                *self.frontend_claims.entry(*frontend).or_default() += 1;
+            }
+            if let Some(port) = port {
+                *self.port_claims.entry(port).or_default() += 1;
+            }
+            if accepted {
+                self.frontends.extend(output.frontends);
+                if let Some(check) = output.health_check {
+                    self.health_checks.insert(check.port, check);
+                }
+            }
+            if let Some(entry) = self.services.get_mut(key) {
+                entry.claims = claims;
+                entry.health_check_port = port;
+                entry.errors = output.errors;
+            }
+        }
+        let mut changes = FrontendChanges::new();
+        for (frontend, spec) in before {
+            if self.frontends.get(frontend) != Some(spec) {
+                changes.insert(*frontend, Some(spec.clone()));
+            }
+        }
+        for frontend in self.frontends.keys() {
+            if !before.contains_key(frontend) {
+                changes.insert(*frontend, None);
+            }
+        }
+        changes
+    }
+
+    /// The desired frontends.
+    #[must_use]
+    pub fn frontends(&self) -> &BTreeMap<Frontend, FrontendSpec> {
+        &self.frontends
+    }
+
+    /// Health checks to serve, sorted by port.
+    #[must_use]
+    pub fn health_checks(&self) -> Vec<HealthCheck> {
+        self.health_checks.values().cloned().collect()
+    }
+
+    /// Current errors, sorted and deduplicated as [`build`] gives them.
+    #[must_use]
+    pub fn errors(&self) -> Vec<ObjectError> {
+        let mut errors: Vec<ObjectError> = self
+            .errors
+            .keys()
+            .chain(&self.duplicates)
+            .cloned()
+            .collect();
+        errors.sort();
+        errors.dedup();
+        errors
+    }
+
+    /// The whole model, as [`build`] returns it.
+    #[must_use]
+    pub fn model(&self) -> Model {
+        Model {
+            frontends: self.frontends.clone(),
+            health_checks: self.health_checks(),
+            errors: self.errors(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

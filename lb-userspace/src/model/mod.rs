@@ -1,0 +1,515 @@
+//! Kubernetes Service semantics: Services and `EndpointSlice`s in, the
+//! frontends and backends the datapath serves out.
+//!
+//! A pure function, so every rule is unit tested without a cluster or root.
+//! Bad objects never abort the build: each is reported as an [`ObjectError`]
+//! and skipped, so one typo cannot take down the other Services.
+//!
+//! What it implements, as kube-proxy does:
+//!
+//! - Frontends: each `ClusterIP`; for `NodePort` and `LoadBalancer` Services
+//!   each `nodePort` on every node address of the Service's families; for
+//!   `LoadBalancer` each `status.loadBalancer.ingress[].ip` (VIP mode); each
+//!   `spec.externalIPs` entry.
+//! - Endpoints (kube-proxy's `CategorizeEndpoints`): the traffic policy
+//!   (`internalTrafficPolicy` for `ClusterIP`s, `externalTrafficPolicy` for the
+//!   rest) first, then zone hints, then ready endpoints, or, when none is
+//!   ready, the serving and terminating ones (KEP-1669). Terminating endpoints
+//!   that take no new flows are listed apart so that established flows drain.
+//! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
+
+//!
+//! Where each part lives: this file holds the types and [`build`];
+//! `service` parses a Service, `endpoints` its `EndpointSlice`s, `select`
+//! picks a frontend's backends from them, and `incremental` keeps the
+//! model up to date object by object ([`Incremental`]).
+
+mod endpoints;
+mod incremental;
+mod select;
+mod service;
+#[cfg(test)]
+mod test_fixtures;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use endpoints::{EndpointIndex, SliceEndpoints};
+pub use incremental::{FrontendChanges, Incremental};
+use select::Selector;
+use service::{PlannedFrontend, parse_service};
+
+/// Label that hands a Service to another proxy; kube-proxy skips those too.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the `EndpointSlice` controller sets to tie a slice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Namespace of an object that names none, as `kubectl apply` would place it.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Service annotation that turns on zone hints (`Auto`).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// The deprecated name of [`TOPOLOGY_MODE_ANNOTATION`], still honoured.
+pub const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The largest `timeoutSeconds` the API accepts (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// What the model needs to know about the node the agent runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    /// Endpoints whose `nodeName` equals this are local. Empty: none is.
+    pub name: String,
+    /// Node addresses of both families; `NodePort` frontends listen on these.
+    pub addresses: Vec<IpAddr>,
+    /// Topology zone, matched against endpoint zone hints.
+    pub zone: Option<String>,
+}
+
+/// Everything the datapath must serve, plus what was rejected on the way.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    pub frontends: BTreeMap<Frontend, FrontendSpec>,
+    /// Sorted by port.
+    pub health_checks: Vec<HealthCheck>,
+    /// Sorted and deduplicated, so that unchanged input logs the same lines.
+    pub errors: Vec<ObjectError>,
+}
+
+/// A virtual address clients connect to: one address x one service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
+    }
+}
+
+/// Where a frontend's address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FrontendKind {
+    /// `spec.clusterIPs` x `port`: in-cluster traffic.
+    ClusterIp,
+    /// A node address x `nodePort`.
+    NodePort,
+    /// `status.loadBalancer.ingress[].ip` x `port`.
+    LoadBalancer,
+    /// `spec.externalIPs` x `port`.
+    ExternalIp,
+}
+
+impl FrontendKind {
+    /// Whether traffic to it is governed by `externalTrafficPolicy` (and,
+    /// for `LoadBalancer` Services, `loadBalancerSourceRanges`).
+    #[must_use]
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+
+    /// Spelling used by the Kubernetes API and `kubectl`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// L4 protocols the datapath balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number, as in the IP header.
+    #[must_use]
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+
+    /// Spelling used by the Kubernetes API.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+
+    /// Parses a Kubernetes `protocol` field, where absent means TCP.
+    ///
+    /// # Errors
+    ///
+    /// [`UnsupportedProtocol`] for anything but `TCP` and `UDP` (SCTP included).
+    pub fn from_k8s(value: Option<&str>) -> Result<Self, UnsupportedProtocol> {
+        value.map_or(Ok(Self::Tcp), str::parse)
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = UnsupportedProtocol;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            other => Err(UnsupportedProtocol(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A protocol string the datapath cannot serve.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("protocol {0} is not supported (only TCP and UDP)")]
+pub struct UnsupportedProtocol(pub String);
+
+/// What a frontend serves and for whom.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub service: ServiceRef,
+    pub kind: FrontendKind,
+    /// Endpoints that take new flows, after readiness, traffic policy and
+    /// topology. Sorted and deduplicated, so equal input gives equal slots.
+    /// Empty: the datapath rejects new flows.
+    pub backends: Vec<Backend>,
+    /// Terminating endpoints not in `backends`: no new flows, but the
+    /// established ones keep going until the endpoint leaves its slice.
+    /// Sorted and deduplicated.
+    pub terminating: Vec<Backend>,
+    /// An external frontend (`NodePort`, `LoadBalancer`, `ExternalIP`) of a
+    /// Service with `externalTrafficPolicy: Local`: only this node's
+    /// endpoints, client source preserved.
+    pub external_local: bool,
+    /// A `ClusterIP` frontend of a Service with `internalTrafficPolicy: Local`.
+    pub internal_local: bool,
+    /// 0: no session affinity; else the `ClientIP` affinity timeout.
+    pub affinity_timeout_s: u32,
+    /// Client prefixes allowed in, of this frontend's family, with host bits
+    /// cleared; sorted. Empty: everyone. Only external frontends of
+    /// `LoadBalancer` Services have any.
+    pub source_ranges: Vec<(IpAddr, u8)>,
+}
+
+/// The Service port a frontend came from, for logs, metrics and the CLI.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// Empty for the single unnamed port a Service may have.
+    pub port_name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        Ok(())
+    }
+}
+
+/// One endpoint address and the target port resolved for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// The endpoint's `nodeName` is this node's [`NodeContext::name`].
+    pub node_local: bool,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SocketAddr::new(self.addr, self.port).fmt(f)
+    }
+}
+
+/// A `healthCheckNodePort` to serve (Services with
+/// `externalTrafficPolicy: Local`): 200 while `local_endpoints > 0`, else 503.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `port_name` is empty: the check is per Service.
+    pub service: ServiceRef,
+    pub port: u16,
+    /// Distinct addresses of this node's ready, non-terminating endpoints
+    /// over all ports and families (kube-proxy fails the check when only
+    /// terminating endpoints are left, so load balancers drain the node).
+    pub local_endpoints: usize,
+}
+
+/// An object (or part of one) that was skipped, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectError {
+    /// `"Service"`, `"EndpointSlice"` or `"File"`.
+    pub kind: &'static str,
+    /// Empty for files.
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+impl ObjectError {
+    /// Names an object by its metadata, with the namespace defaulted.
+    #[must_use]
+    pub fn for_object(kind: &'static str, meta: &ObjectMeta, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            namespace: namespace_of(meta).to_owned(),
+            name: meta.name.clone().unwrap_or_default(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.namespace.is_empty(), self.name.is_empty()) {
+            (true, true) => write!(f, "{}: {}", self.kind, self.reason),
+            (true, false) => write!(f, "{} {}: {}", self.kind, self.name, self.reason),
+            (false, _) => write!(
+                f,
+                "{} {}/{}: {}",
+                self.kind, self.namespace, self.name, self.reason
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ObjectError {}
+
+const SERVICE: &str = "Service";
+const ENDPOINT_SLICE: &str = "EndpointSlice";
+
+/// Turns Services and `EndpointSlice`s into the desired frontends, as seen
+/// from `node`.
+///
+/// The result depends only on the set of objects, not their order, except
+/// that of two objects with the same namespace/name the first one wins. Of
+/// two Services that claim one frontend (or health check port), the first by
+/// namespace/name wins and the other is skipped whole.
+#[must_use]
+pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
+    let mut errors = Vec::new();
+    let endpoints = EndpointIndex::new(slices, &mut errors);
+    let context = ServiceContext::new(node);
+
+    let mut ordered: Vec<&Service> = services.iter().collect();
+    // Stable, so that among duplicates the first given wins.
+    ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+
+    let mut seen = BTreeSet::new();
+    let mut frontends: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    for service in ordered {
+        let meta = &service.metadata;
+        let Some(name) = meta.name.as_deref() else {
+            errors.push(ObjectError::for_object(
+                SERVICE,
+                meta,
+                "missing metadata.name",
+            ));
+            continue;
+        };
+        let namespace = namespace_of(meta);
+        if !seen.insert((namespace, name)) {
+            errors.push(ObjectError::for_object(
+                SERVICE,
+                meta,
+                "duplicate Service, the first one given is used",
+            ));
+            continue;
+        }
+        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace, name).iter().collect();
+        let output = service_output(service, &slices, &context);
+        errors.extend(output.errors);
+        if let Some(reason) = conflict(
+            output.frontends.iter().map(|(frontend, _)| frontend),
+            output.health_check.as_ref().map(|check| check.port),
+            &frontends,
+            &health_checks,
+        ) {
+            errors.push(ObjectError::for_object(SERVICE, meta, reason));
+            continue;
+        }
+        frontends.extend(output.frontends);
+        if let Some(check) = output.health_check {
+            health_checks.insert(check.port, check);
+        }
+    }
+
+    errors.sort();
+    errors.dedup();
+    Model {
+        frontends,
+        health_checks: health_checks.into_values().collect(),
+        errors,
+    }
+}
+
+/// What one Service asks for, before conflicts with other Services.
+#[derive(Clone, Debug, Default)]
+struct ServiceOutput {
+    /// Each frontend once, in the Service's own order.
+    frontends: Vec<(Frontend, FrontendSpec)>,
+    health_check: Option<HealthCheck>,
+    /// Its own problems: the whole Service, or parts of it, skipped.
+    errors: Vec<ObjectError>,
+}
+
+/// The node facts every Service's frontends and endpoints depend on.
+struct ServiceContext<'a> {
+    node_name: &'a str,
+    node_addrs: BTreeSet<IpAddr>,
+    zone: Option<&'a str>,
+}
+
+impl<'a> ServiceContext<'a> {
+    fn new(node: &'a NodeContext) -> Self {
+        Self {
+            node_name: &node.name,
+            node_addrs: node.addresses.iter().copied().collect(),
+            zone: node.zone.as_deref().filter(|zone| !zone.is_empty()),
+        }
+    }
+}
+
+/// One named Service with its slices (of its namespace, by the service-name
+/// label) turned into frontends; independent of every other Service.
+fn service_output(
+    service: &Service,
+    slices: &[&SliceEndpoints],
+    context: &ServiceContext<'_>,
+) -> ServiceOutput {
+    let meta = &service.metadata;
+    let namespace = namespace_of(meta);
+    let name = meta.name.as_deref().unwrap_or_default();
+    let mut output = ServiceOutput::default();
+    let parsed = match parse_service(service, &mut output.errors) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return output,
+        Err(reason) => {
+            output
+                .errors
+                .push(ObjectError::for_object(SERVICE, meta, reason));
+            return output;
+        }
+    };
+    let mut selector = Selector::new(slices, &parsed, context.node_name, context.zone);
+    for PlannedFrontend {
+        frontend,
+        kind,
+        port,
+    } in parsed.frontends(&context.node_addrs)
+    {
+        let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
+        let spec = parsed.spec(
+            ServiceRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                port_name: parsed.ports[port].name.to_owned(),
+            },
+            frontend.addr,
+            kind,
+            selection,
+        );
+        output.frontends.push((frontend, spec));
+    }
+    output.health_check = parsed.health_check_port.map(|port| HealthCheck {
+        service: ServiceRef {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port_name: String::new(),
+        },
+        port,
+        local_endpoints: selector.local_ready_endpoints(),
+    });
+    output
+}
+
+/// Why a Service cannot have what it claims, if another one has it already.
+fn conflict<'f>(
+    mut planned: impl Iterator<Item = &'f Frontend>,
+    health_check_port: Option<u16>,
+    frontends: &BTreeMap<Frontend, FrontendSpec>,
+    health_checks: &BTreeMap<u16, HealthCheck>,
+) -> Option<String> {
+    let frontend = planned.find_map(|planned| {
+        let owner = frontends.get(planned)?;
+        Some(format!(
+            "frontend {planned} is already served by Service {}",
+            owner.service
+        ))
+    });
+    frontend.or_else(|| {
+        let port = health_check_port?;
+        let owner = health_checks.get(&port)?;
+        Some(format!(
+            "healthCheckNodePort {port} is already used by Service {}",
+            owner.service
+        ))
+    })
+}
+
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace
+        .as_deref()
+        .filter(|namespace| !namespace.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE)
+}
+
+fn object_key(meta: &ObjectMeta) -> (&str, Option<&str>) {
+    (namespace_of(meta), meta.name.as_deref())
+}
+
+fn is_ipv4(addr: IpAddr) -> bool {
+    addr.is_ipv4()
+}
+
+/// An object's identity: namespace (defaulted) and name (empty if missing).
+pub type ObjectKey = (String, String);
+
+/// The identity of a Service or `EndpointSlice`, as the model keys it.
+#[must_use]
+pub fn key_of(meta: &ObjectMeta) -> ObjectKey {
+    (
+        namespace_of(meta).to_owned(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}

@@ -1,0 +1,194 @@
+//! Which endpoints a frontend sends new flows to (kube-proxy's
+//! `CategorizeEndpoints`): traffic policy, zone hints, readiness, and the
+//! terminating ones that only drain.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::endpoints::{Conditions, SliceEndpoints};
+use super::service::ParsedService;
+use super::{Backend, FrontendKind};
+
+/// One endpoint as a candidate backend of one Service port.
+#[derive(Clone, Copy)]
+struct Candidate<'a> {
+    backend: Backend,
+    /// With `publishNotReadyAddresses` applied.
+    conditions: Conditions,
+    zones: &'a [String],
+}
+
+/// The endpoints of one frontend.
+#[derive(Clone, Default)]
+pub(super) struct Selection {
+    pub(super) backends: Vec<Backend>,
+    pub(super) terminating: Vec<Backend>,
+}
+
+/// Picks the endpoints of one Service's frontends, each (port, family,
+/// policy) once.
+pub(super) struct Selector<'a> {
+    slices: &'a [&'a SliceEndpoints],
+    parsed: &'a ParsedService<'a>,
+    /// This node's name; empty: no endpoint is local.
+    node_name: &'a str,
+    /// This node's zone, if known.
+    zone: Option<&'a str>,
+    /// (port index, IPv4, local policy) -> selection.
+    cache: HashMap<(usize, bool, bool), Selection>,
+}
+
+impl<'a> Selector<'a> {
+    /// `node_name` empty: no endpoint is local.
+    pub(super) fn new(
+        slices: &'a [&'a SliceEndpoints],
+        parsed: &'a ParsedService<'a>,
+        node_name: &'a str,
+        zone: Option<&'a str>,
+    ) -> Self {
+        Self {
+            slices,
+            parsed,
+            node_name,
+            zone,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub(super) fn select(&mut self, port: usize, ipv4: bool, kind: FrontendKind) -> Selection {
+        let policies = self.parsed.policies;
+        let local = if kind.is_external() {
+            policies.external_local
+        } else {
+            policies.internal_local
+        };
+        if let Some(selection) = self.cache.get(&(port, ipv4, local)) {
+            return selection.clone();
+        }
+        // Zone hints only narrow the Cluster policy's endpoints.
+        let zone = self.zone.filter(|_| !local && self.parsed.rules.zone_hints);
+        let selection = select(&self.candidates(port, ipv4), local, zone);
+        self.cache.insert((port, ipv4, local), selection.clone());
+        selection
+    }
+
+    /// Every endpoint of the port's family, on the target port its own
+    /// slice resolved for this port.
+    fn candidates(&self, port: usize, ipv4: bool) -> Vec<Candidate<'a>> {
+        let port = self.parsed.ports[port];
+        let publish_not_ready = self.parsed.rules.publish_not_ready;
+        self.slices
+            .iter()
+            .filter(|slice| slice.ipv4 == ipv4)
+            .filter_map(|slice| {
+                let target = slice
+                    .ports
+                    .iter()
+                    .find(|(name, proto, _)| **name == *port.name && *proto == port.proto)
+                    .map(|(_, _, target)| *target)?;
+                let node_name = self.node_name;
+                Some(slice.endpoints.iter().map(move |endpoint| Candidate {
+                    backend: Backend {
+                        addr: endpoint.addr,
+                        port: target,
+                        node_local: !node_name.is_empty()
+                            && endpoint.node_name.as_deref() == Some(node_name),
+                    },
+                    conditions: Conditions {
+                        ready: endpoint.conditions.ready || publish_not_ready,
+                        ..endpoint.conditions
+                    },
+                    zones: &endpoint.zones,
+                }))
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Distinct addresses of this node's ready, non-terminating endpoints,
+    /// over every port and family of the Service.
+    pub(super) fn local_ready_endpoints(&self) -> usize {
+        let mut addrs = BTreeSet::new();
+        for port in 0..self.parsed.ports.len() {
+            for ipv4 in self.parsed.families.iter() {
+                addrs.extend(
+                    self.candidates(port, ipv4)
+                        .iter()
+                        .filter(|candidate| {
+                            candidate.backend.node_local
+                                && candidate.conditions.ready
+                                && !candidate.conditions.terminating
+                        })
+                        .map(|candidate| candidate.backend.addr),
+                );
+            }
+        }
+        addrs.len()
+    }
+}
+
+/// kube-proxy's `CategorizeEndpoints` for one frontend: the policy's
+/// endpoints (all, or this node's), narrowed to this zone's by hints when
+/// `zone` is given and every ready endpoint has hints and one names the zone;
+/// of those the ready ones, or when none is ready (anywhere in the policy's
+/// set) the serving and terminating ones.
+fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Selection {
+    let pool: Vec<&Candidate<'_>> = candidates
+        .iter()
+        .filter(|candidate| !local || candidate.backend.node_local)
+        .collect();
+    let ready: Vec<&Candidate<'_>> = pool
+        .iter()
+        .copied()
+        .filter(|candidate| candidate.conditions.ready)
+        .collect();
+    let close: Vec<&Candidate<'_>> = match zone {
+        Some(zone)
+            if !ready.is_empty() && ready.iter().all(|candidate| !candidate.zones.is_empty()) =>
+        {
+            ready
+                .iter()
+                .copied()
+                .filter(|candidate| candidate.zones.iter().any(|hint| hint == zone))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let chosen = if !close.is_empty() {
+        close
+    } else if !ready.is_empty() {
+        ready
+    } else {
+        pool.iter()
+            .copied()
+            .filter(|candidate| candidate.conditions.serving && candidate.conditions.terminating)
+            .collect()
+    };
+    let backends = sorted_unique(chosen.iter().map(|candidate| candidate.backend));
+    let in_backends = |backend: &Backend| {
+        backends
+            .binary_search_by(|other| (other.addr, other.port).cmp(&(backend.addr, backend.port)))
+            .is_ok()
+    };
+    let terminating = sorted_unique(
+        pool.iter()
+            .filter(|candidate| candidate.conditions.terminating)
+            .map(|candidate| candidate.backend)
+            .filter(|backend| !in_backends(backend)),
+    );
+    Selection {
+        backends,
+        terminating,
+    }
+}
+
+/// Sorted, one per address and port (one endpoint listed by two slices,
+/// during a slice migration, counts once).
+fn sorted_unique(backends: impl Iterator<Item = Backend>) -> Vec<Backend> {
+    let mut backends: Vec<Backend> = backends.collect();
+    backends.sort_unstable();
+    backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    backends
+}
+
+#[cfg(test)]
+mod tests;

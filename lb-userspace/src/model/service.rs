@@ -1,0 +1,566 @@
+//! One Service validated and parsed: its addresses, ports, policies and
+//! the frontends it asks for. Problems are reported, never fatal to others.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use k8s_openapi::api::core::v1::{Service, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::select::Selection;
+use super::{
+    DEFAULT_AFFINITY_TIMEOUT_S, Frontend, FrontendKind, FrontendSpec, MAX_AFFINITY_TIMEOUT_S,
+    ObjectError, Protocol, SERVICE, SERVICE_PROXY_NAME_LABEL, ServiceRef,
+    TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION, is_ipv4, namespace_of,
+};
+
+/// A Service port that passed validation.
+#[derive(Clone, Copy)]
+pub(super) struct ServicePortSpec<'a> {
+    /// Empty when unnamed; matched against the slice ports' names.
+    pub(super) name: &'a str,
+    port: u16,
+    pub(super) proto: Protocol,
+    /// For `NodePort` and `LoadBalancer` Services, when allocated and valid.
+    node_port: Option<u16>,
+}
+
+/// `spec.type`, with `ExternalName` already skipped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServiceType {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
+/// The IP families a Service serves.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Families {
+    ipv4: bool,
+    ipv6: bool,
+}
+
+impl Families {
+    fn insert(&mut self, ipv4: bool) {
+        if ipv4 {
+            self.ipv4 = true;
+        } else {
+            self.ipv6 = true;
+        }
+    }
+
+    fn contains(self, addr: IpAddr) -> bool {
+        if is_ipv4(addr) { self.ipv4 } else { self.ipv6 }
+    }
+
+    pub(super) fn iter(self) -> impl Iterator<Item = bool> {
+        [(self.ipv4, true), (self.ipv6, false)]
+            .into_iter()
+            .filter_map(|(has, ipv4)| has.then_some(ipv4))
+    }
+}
+
+/// `internalTrafficPolicy` and `externalTrafficPolicy`.
+#[derive(Clone, Copy, Default)]
+pub(super) struct TrafficPolicies {
+    pub(super) internal_local: bool,
+    pub(super) external_local: bool,
+}
+
+/// How endpoints are picked, beyond the traffic policies.
+#[derive(Clone, Copy, Default)]
+pub(super) struct EndpointRules {
+    /// `publishNotReadyAddresses`: every endpoint counts as ready.
+    pub(super) publish_not_ready: bool,
+    /// `trafficDistribution: PreferClose` or topology mode `Auto`.
+    pub(super) zone_hints: bool,
+}
+
+/// A Service that passed validation.
+pub(super) struct ParsedService<'a> {
+    cluster_ips: Vec<IpAddr>,
+    pub(super) families: Families,
+    pub(super) ports: Vec<ServicePortSpec<'a>>,
+    /// VIP-mode ingress IPs of the Service's families, for `LoadBalancer`s.
+    load_balancer_ips: Vec<IpAddr>,
+    /// `externalIPs` of the Service's families.
+    external_ips: Vec<IpAddr>,
+    pub(super) policies: TrafficPolicies,
+    pub(super) rules: EndpointRules,
+    affinity_timeout_s: u32,
+    /// Sorted, host bits cleared; only for `LoadBalancer` Services.
+    source_ranges: Vec<(IpAddr, u8)>,
+    /// Only with `externalTrafficPolicy: Local`.
+    pub(super) health_check_port: Option<u16>,
+}
+
+/// One frontend a Service asks for; `port` indexes `ParsedService::ports`.
+pub(super) struct PlannedFrontend {
+    pub(super) frontend: Frontend,
+    pub(super) kind: FrontendKind,
+    pub(super) port: usize,
+}
+
+impl ParsedService<'_> {
+    /// Every frontend of the Service, each once: where one address is two
+    /// kinds (an ingress IP also listed in `externalIPs`), the first kind in
+    /// `ClusterIP`, `NodePort`, `LoadBalancer`, `ExternalIP` order is kept.
+    pub(super) fn frontends(&self, node_addrs: &BTreeSet<IpAddr>) -> Vec<PlannedFrontend> {
+        let mut planned = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut add = |addr: IpAddr, port: u16, index: usize, kind: FrontendKind| {
+            let frontend = Frontend {
+                addr,
+                port,
+                proto: self.ports[index].proto,
+            };
+            if seen.insert(frontend) {
+                planned.push(PlannedFrontend {
+                    frontend,
+                    kind,
+                    port: index,
+                });
+            }
+        };
+        for (index, port) in self.ports.iter().enumerate() {
+            for &addr in &self.cluster_ips {
+                add(addr, port.port, index, FrontendKind::ClusterIp);
+            }
+        }
+        for (index, port) in self.ports.iter().enumerate() {
+            let Some(node_port) = port.node_port else {
+                continue;
+            };
+            for &addr in node_addrs {
+                if self.families.contains(addr) {
+                    add(addr, node_port, index, FrontendKind::NodePort);
+                }
+            }
+        }
+        for (kind, addrs) in [
+            (FrontendKind::LoadBalancer, &self.load_balancer_ips),
+            (FrontendKind::ExternalIp, &self.external_ips),
+        ] {
+            for (index, port) in self.ports.iter().enumerate() {
+                for &addr in addrs {
+                    add(addr, port.port, index, kind);
+                }
+            }
+        }
+        planned
+    }
+
+    pub(super) fn spec(
+        &self,
+        service: ServiceRef,
+        addr: IpAddr,
+        kind: FrontendKind,
+        selection: Selection,
+    ) -> FrontendSpec {
+        let source_ranges = if kind.is_external() {
+            self.source_ranges
+                .iter()
+                .copied()
+                .filter(|&(prefix, _)| is_ipv4(prefix) == is_ipv4(addr))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        FrontendSpec {
+            service,
+            kind,
+            backends: selection.backends,
+            terminating: selection.terminating,
+            external_local: kind.is_external() && self.policies.external_local,
+            internal_local: !kind.is_external() && self.policies.internal_local,
+            affinity_timeout_s: self.affinity_timeout_s,
+            source_ranges,
+        }
+    }
+}
+
+/// `Ok(None)`: not ours to serve, skipped silently. `Err`: the whole Service
+/// is invalid. Problems with one part (a port, an address) go to `errors`
+/// and skip only that part.
+pub(super) fn parse_service<'a>(
+    service: &'a Service,
+    errors: &mut Vec<ObjectError>,
+) -> Result<Option<ParsedService<'a>>, String> {
+    let meta = &service.metadata;
+    if meta
+        .labels
+        .as_ref()
+        .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        tracing::debug!(namespace = namespace_of(meta), name = ?meta.name, "skipping Service owned by another proxy");
+        return Ok(None);
+    }
+    let Some(spec) = service.spec.as_ref() else {
+        return Ok(None);
+    };
+    let type_ = match spec.type_.as_deref() {
+        None | Some("" | "ClusterIP") => ServiceType::ClusterIp,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => return Ok(None),
+        Some(other) => {
+            return Err(format!(
+                "type {other:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"
+            ));
+        }
+    };
+    let Some(cluster_ips) = cluster_ips(spec)? else {
+        return Ok(None);
+    };
+    let families = families(spec, &cluster_ips)?;
+    let ports = ports(service, type_, errors)?;
+    let policies = TrafficPolicies {
+        internal_local: is_local_policy(
+            "internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )?,
+        external_local: is_local_policy(
+            "externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref(),
+        )?,
+    };
+    let rules = endpoint_rules(meta, spec);
+    let affinity_timeout_s = affinity_timeout(spec)?;
+    let source_ranges = if type_ == ServiceType::LoadBalancer {
+        source_ranges(
+            spec.load_balancer_source_ranges
+                .as_deref()
+                .unwrap_or_default(),
+        )?
+    } else {
+        Vec::new()
+    };
+    let health_check_port = if policies.external_local {
+        health_check_port(service, errors)
+    } else {
+        None
+    };
+
+    let load_balancer_ips = if type_ == ServiceType::LoadBalancer {
+        external_addrs(
+            service,
+            families,
+            "status.loadBalancer.ingress ip",
+            load_balancer_ingress_ips(service),
+            errors,
+        )
+    } else {
+        Vec::new()
+    };
+    let external_ips = external_addrs(
+        service,
+        families,
+        "externalIPs entry",
+        spec.external_ips
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|text| !text.is_empty()),
+        errors,
+    );
+
+    Ok(Some(ParsedService {
+        cluster_ips,
+        families,
+        ports,
+        load_balancer_ips,
+        external_ips,
+        policies,
+        rules,
+        affinity_timeout_s,
+        source_ranges,
+        health_check_port,
+    }))
+}
+
+/// Parses ingress or external IPs: sorted and deduplicated, of the
+/// Service's families only.
+fn external_addrs<'t>(
+    service: &Service,
+    families: Families,
+    field: &str,
+    texts: impl Iterator<Item = &'t str>,
+    errors: &mut Vec<ObjectError>,
+) -> Vec<IpAddr> {
+    let meta = &service.metadata;
+    let mut addrs = Vec::new();
+    for text in texts {
+        match text.parse::<IpAddr>() {
+            Ok(addr) if families.contains(addr) => addrs.push(addr),
+            // kube-proxy ignores these quietly too: each family's proxier
+            // only knows the Services with a ClusterIP of its family.
+            Ok(addr) => tracing::debug!(
+                namespace = namespace_of(meta), name = ?meta.name, %addr,
+                "ignoring {field} of a family the Service does not have"
+            ),
+            Err(_) => errors.push(ObjectError::for_object(
+                SERVICE,
+                meta,
+                format!("{field} {text:?} is not an IP address; address skipped"),
+            )),
+        }
+    }
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
+/// The Service's `ClusterIP`s; `None` when headless or not allocated yet.
+fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
+    let texts: Vec<&str> = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    match texts.first() {
+        None | Some(&("" | "None")) => return Ok(None),
+        Some(_) => {}
+    }
+    let mut addrs = Vec::with_capacity(texts.len());
+    for text in texts {
+        let addr: IpAddr = text
+            .parse()
+            .map_err(|_| format!("clusterIP {text:?} is not an IP address"))?;
+        if addrs
+            .iter()
+            .any(|&other: &IpAddr| is_ipv4(other) == is_ipv4(addr))
+        {
+            return Err(format!(
+                "clusterIPs holds two addresses of the family of {addr}"
+            ));
+        }
+        addrs.push(addr);
+    }
+    Ok(Some(addrs))
+}
+
+/// `spec.ipFamilies` when given, else the families of the `ClusterIP`s.
+fn families(spec: &ServiceSpec, cluster_ips: &[IpAddr]) -> Result<Families, String> {
+    let mut families = Families::default();
+    match spec.ip_families.as_deref() {
+        Some(names) if !names.is_empty() => {
+            for name in names {
+                match name.as_str() {
+                    "IPv4" => families.insert(true),
+                    "IPv6" => families.insert(false),
+                    other => return Err(format!("ipFamilies entry {other:?} is not IPv4 or IPv6")),
+                }
+            }
+        }
+        _ => {
+            for &addr in cluster_ips {
+                families.insert(is_ipv4(addr));
+            }
+        }
+    }
+    Ok(families)
+}
+
+/// The usable ports. A bad number or a duplicate rejects the Service; an
+/// unsupported protocol or a bad `nodePort` skips only that port or its
+/// `NodePort` frontends.
+fn ports<'a>(
+    service: &'a Service,
+    type_: ServiceType,
+    errors: &mut Vec<ObjectError>,
+) -> Result<Vec<ServicePortSpec<'a>>, String> {
+    let meta = &service.metadata;
+    let service_ports = service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.ports.as_deref())
+        .unwrap_or_default();
+    let mut numbers_seen = BTreeSet::new();
+    for port in service_ports {
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        let Some(number) = u16::try_from(port.port).ok().filter(|&number| number != 0) else {
+            return Err(format!("port {} is outside 1..=65535", port.port));
+        };
+        if !numbers_seen.insert((number, protocol)) {
+            return Err(format!("port {number}/{protocol} is listed twice"));
+        }
+    }
+
+    let mut ports = Vec::with_capacity(service_ports.len());
+    for port in service_ports {
+        let name = port.name.as_deref().unwrap_or_default();
+        let proto = match Protocol::from_k8s(port.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(unsupported) => {
+                errors.push(ObjectError::for_object(
+                    SERVICE,
+                    meta,
+                    format!(
+                        "port {:?} ({}): {unsupported}; port skipped",
+                        name, port.port
+                    ),
+                ));
+                continue;
+            }
+        };
+        let node_port = match (type_, port.node_port) {
+            (ServiceType::ClusterIp, _) | (_, None) => None,
+            (_, Some(number)) => {
+                let valid = u16::try_from(number).ok().filter(|&number| number != 0);
+                if valid.is_none() {
+                    errors.push(ObjectError::for_object(
+                        SERVICE,
+                        meta,
+                        format!(
+                            "port {:?} ({}): nodePort {number} is outside 1..=65535; nodePort skipped",
+                            name, port.port
+                        ),
+                    ));
+                }
+                valid
+            }
+        };
+        ports.push(ServicePortSpec {
+            name,
+            // Checked above.
+            port: u16::try_from(port.port).unwrap_or_default(),
+            proto,
+            node_port,
+        });
+    }
+    Ok(ports)
+}
+
+/// `publishNotReadyAddresses`, and whether zone hints apply: with
+/// `trafficDistribution: PreferClose` (or its newer name `PreferSameZone`),
+/// or the topology mode annotation (or its deprecated name) set to `Auto`.
+fn endpoint_rules(meta: &ObjectMeta, spec: &ServiceSpec) -> EndpointRules {
+    let annotated_auto = |key: &str| {
+        meta.annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(key))
+            .is_some_and(|value| matches!(value.as_str(), "Auto" | "auto"))
+    };
+    EndpointRules {
+        publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+        zone_hints: matches!(
+            spec.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone")
+        ) || annotated_auto(TOPOLOGY_MODE_ANNOTATION)
+            || annotated_auto(TOPOLOGY_AWARE_HINTS_ANNOTATION),
+    }
+}
+
+/// `true` for `Local`; absent means `Cluster`.
+fn is_local_policy(field: &str, value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("" | "Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(format!("{field} {other:?} is not Cluster or Local")),
+    }
+}
+
+/// 0 without affinity, else the `ClientIP` timeout in seconds.
+fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
+    match spec.session_affinity.as_deref() {
+        None | Some("" | "None") => Ok(0),
+        Some("ClientIP") => {
+            let configured = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds);
+            match configured {
+                None => Ok(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(seconds) => u32::try_from(seconds)
+                    .ok()
+                    .filter(|seconds| (1..=MAX_AFFINITY_TIMEOUT_S).contains(seconds))
+                    .ok_or_else(|| {
+                        format!(
+                            "sessionAffinityConfig.clientIP.timeoutSeconds {seconds} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"
+                        )
+                    }),
+            }
+        }
+        Some(other) => Err(format!("sessionAffinity {other:?} is not None or ClientIP")),
+    }
+}
+
+/// Parses `loadBalancerSourceRanges`: sorted, deduplicated, host bits cleared.
+fn source_ranges(texts: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
+    let mut ranges = texts
+        .iter()
+        .map(|text| {
+            parse_cidr(text)
+                .ok_or_else(|| format!("loadBalancerSourceRanges entry {text:?} is not a CIDR"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ranges.sort_unstable();
+    ranges.dedup();
+    Ok(ranges)
+}
+
+/// `"203.0.113.0/24"`, `"2001:db8::/32"`, or a bare address (a host prefix).
+/// Host bits are cleared, as kube-proxy's CIDR parsing does.
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let text = text.trim();
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => {
+            if len.is_empty() || !len.bytes().all(|byte| byte.is_ascii_digit()) {
+                return None;
+            }
+            (addr.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?))
+        }
+        None => (text.parse::<IpAddr>().ok()?, None),
+    };
+    match addr {
+        IpAddr::V4(addr) => {
+            let len = len.unwrap_or(32);
+            if len > 32 {
+                return None;
+            }
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V4(Ipv4Addr::from(u32::from(addr) & mask)), len))
+        }
+        IpAddr::V6(addr) => {
+            let len = len.unwrap_or(128);
+            if len > 128 {
+                return None;
+            }
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            Some((IpAddr::V6(Ipv6Addr::from(u128::from(addr) & mask)), len))
+        }
+    }
+}
+
+/// `healthCheckNodePort`, if set and valid.
+fn health_check_port(service: &Service, errors: &mut Vec<ObjectError>) -> Option<u16> {
+    let number = service.spec.as_ref()?.health_check_node_port?;
+    let port = u16::try_from(number).ok().filter(|&port| port != 0);
+    if port.is_none() {
+        errors.push(ObjectError::for_object(
+            SERVICE,
+            &service.metadata,
+            format!("healthCheckNodePort {number} is outside 1..=65535; health check skipped"),
+        ));
+    }
+    port
+}
+
+/// Ingress IPs the datapath must answer on: hostname-only entries have none,
+/// and `ipMode: Proxy` ones are reached through the nodes, not on the VIP
+/// (kube-proxy skips them as well).
+fn load_balancer_ingress_ips(service: &Service) -> impl Iterator<Item = &str> {
+    service
+        .status
+        .as_ref()
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|ingress| ingress.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|ingress| ingress.ip.as_deref())
+        .filter(|ip| !ip.is_empty())
+}
+
+#[cfg(test)]
+mod tests;
