@@ -19,14 +19,12 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use support::clients::{
     Answer, Conn, assert_connected_to, assert_only, assert_source_preserved, assert_spread,
     conn_to, tcp_batch, udp_batch,
 };
 use support::lab::{BACKEND_PORT, DNS_PORT, Expect, HTTP_PORT, Lab, WEB_PORTS, service_file, vip};
-use support::manifests::{service, sp};
+use support::manifests::{Manifest, service, sp};
 use support::netns::{in_netns, ns_command};
 use support::pins::require_privileged;
 use support::process::{have_program, output_with_timeout};
@@ -307,15 +305,15 @@ fn malformed_manifests_are_reported_and_skipped() {
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: broken-yaml\n  namespace: default\n\
          spec:\n  clusterIPs: [\"198.19.0.40\"\n  ports: {port: 80\n - :\n",
     );
-    let mut bad_ip = service(
+    let bad_ip = service(
         "bad-vip",
         "ClusterIP",
         &[IpAddr::V4(Ipv4Addr::new(198, 19, 0, 50))],
         &WEB_PORTS[..1],
-    );
-    bad_ip["spec"]["clusterIP"] = json!("999.1.1.1");
-    bad_ip["spec"]["clusterIPs"] = json!(["999.1.1.1"]);
-    let bad_text = bad_ip.to_string();
+    )
+    .ips(["999.1.1.1"]);
+    let bad_ip = Manifest::default().with(&bad_ip.build());
+    let bad_text = bad_ip.text();
     assert!(bad_text.contains("999.1.1.1") && !bad_text.contains("198.19.0.50"));
     lab.write_manifest("bad-vip.json", &bad_ip);
     let extra_vips = [

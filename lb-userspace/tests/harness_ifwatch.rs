@@ -23,16 +23,16 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use serde_json::{Value, json};
 
 use support::clients::{Conn, Outcome, http_get};
-use support::manifests::{Cond, Endpoint, ManifestDir, list, service, slice, sp, suffix};
+use support::manifests::{Cond, Manifest, ManifestDir, service, slice, sp, suffix};
 use support::netns::{sweep_stale_netns, unique_prefix};
 use support::pins::{PinGuard, require_privileged};
 use support::process::{
@@ -84,30 +84,32 @@ fn with_only(caps: &[String], program: &Path) -> Vec<String> {
 
 /// The dual-stack `web` Service and its slices with BACKENDS; TRIGGER is
 /// the slices' last-change trigger time annotation.
-fn manifest(backends: &[&Pod], trigger: &str) -> Value {
-    let mut items = vec![service(
+fn manifest(backends: &[&Pod], trigger: &str) -> Manifest {
+    let web = service(
         "web",
         "ClusterIP",
         &[IpAddr::V4(VIP4), IpAddr::V6(VIP6)],
         &[sp("http", VIP_PORT, "TCP", "8080")],
-    )];
+    );
+    let mut manifest = Manifest::default().with(&web.build());
     for family in Family::BOTH {
-        let endpoints: Vec<Endpoint> = backends
+        let endpoints = backends
             .iter()
-            .map(|pod| Endpoint::new(pod.addr.get(family), Cond::Ready))
-            .collect();
+            .map(|pod| Cond::Ready.endpoint(pod.addr.get(family)));
         let mut slice = slice(
             "web",
             &format!("web-{}", suffix(family)),
             family,
             &[("http", BACKEND_PORT, "TCP")],
-            &endpoints,
+            endpoints,
         );
-        slice["metadata"]["annotations"] =
-            json!({"endpoints.kubernetes.io/last-change-trigger-time": trigger});
-        items.push(slice);
+        slice.metadata.annotations = Some(BTreeMap::from([(
+            "endpoints.kubernetes.io/last-change-trigger-time".to_owned(),
+            trigger.to_owned(),
+        )]));
+        manifest = manifest.with(&slice);
     }
-    list(items)
+    manifest
 }
 
 fn http_status(node_ns: &str, path: &str) -> Result<u16, String> {

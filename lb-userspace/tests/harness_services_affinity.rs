@@ -20,8 +20,6 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::json;
-
 use support::clients::{IO_TIMEOUT, assert_spread, assert_sticky, tcp_batch, tcp_once, udp_batch};
 use support::cluster::{Cluster, ready, service, vip};
 use support::manifests::HTTP_DNS;
@@ -47,9 +45,9 @@ fn session_affinity_client_ip() {
     let timeout_s: u64 = 2;
     let mut sc = Scenarios::default();
 
-    let mut sticky = service("sticky", 30, "ClusterIP", &HTTP_DNS);
-    sticky["spec"]["sessionAffinity"] = json!("ClientIP");
-    sticky["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"] = json!(timeout_s);
+    let sticky = service("sticky", 30, "ClusterIP", &HTTP_DNS)
+        .session_affinity("ClientIP")
+        .affinity_timeout(i32::try_from(timeout_s).expect("a small timeout"));
     let file = lab.simple("sticky", sticky, &eps);
     lab.apply("sticky.json", &file);
     let mut first = BTreeMap::new();
@@ -119,8 +117,7 @@ fn session_affinity_client_ip() {
     }
 
     // Affinity on again, default timeout (10800 s): sticks.
-    let mut sticky = service("sticky", 30, "ClusterIP", &HTTP_DNS);
-    sticky["spec"]["sessionAffinity"] = json!("ClientIP");
+    let sticky = service("sticky", 30, "ClusterIP", &HTTP_DNS).session_affinity("ClientIP");
     let file = lab.simple("sticky", sticky, &eps);
     lab.apply("sticky.json", &file);
     for family in Family::BOTH {

@@ -20,8 +20,6 @@ mod support;
 
 use std::time::Instant;
 
-use serde_json::json;
-
 use support::clients::{
     Conn, IO_TIMEOUT, Outcome, REFUSED_WITHIN, UdpFlow, assert_only, assert_spread, conn_to,
     tcp_batch, udp_batch, udp_flow_to,
@@ -102,8 +100,7 @@ fn endpoint_conditions_and_conntrack_churn() {
     });
 
     sc.run("publishNotReadyAddresses", || {
-        let mut publish = cond.clone();
-        publish["spec"]["publishNotReadyAddresses"] = json!(true);
+        let publish = cond.clone().publish_not_ready();
         let file = lab.simple(
             "cond",
             publish,

@@ -20,7 +20,7 @@ mod support;
 
 use std::net::SocketAddr;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use support::clients::{
     assert_nodeport_sources, assert_only, assert_source_preserved, assert_spread, assert_timeout,
@@ -90,15 +90,15 @@ fn nodeport_loadbalancer_and_external_ips() {
     let np_cluster = lab.simple("np-cluster", np_cluster, &[ready("be1"), ready("be3")]);
     lab.apply("np-cluster.json", &np_cluster);
 
-    let mut np_local = service(
+    let np_local = service(
         "np-local",
         21,
         "NodePort",
         &[HTTP_DNS[0].node(30081), HTTP_DNS[1].node(30054)],
-    );
-    np_local["spec"]["externalTrafficPolicy"] = json!("Local");
-    np_local["spec"]["healthCheckNodePort"] = json!(32001);
-    np_local["spec"]["externalIPs"] = json!([ext_ip(21).v4.to_string(), ext_ip(21).v6.to_string()]);
+    )
+    .external_traffic_policy("Local")
+    .health_check_node_port(32001)
+    .external_ips(ext_ip(21).strings().iter().map(String::as_str));
     let np_local_all = lab.simple(
         "np-local",
         np_local.clone(),
@@ -106,18 +106,17 @@ fn nodeport_loadbalancer_and_external_ips() {
     );
     lab.apply("np-local.json", &np_local_all);
 
-    let mut lb = service(
+    let [lb_ip4, lb_ip6] = lb_ip(22).strings();
+    let lb = service(
         "lb",
         22,
         "LoadBalancer",
         &[HTTP_DNS[0].node(30082), HTTP_DNS[1].node(30055)],
-    );
-    lb["spec"]["externalIPs"] = json!([ext_ip(22).v4.to_string(), ext_ip(22).v6.to_string()]);
-    lb["spec"]["loadBalancerSourceRanges"] = json!(["198.18.200.0/24", "fd00:200::/64"]);
-    lb["status"]["loadBalancer"]["ingress"] = json!([
-        {"ip": lb_ip(22).v4.to_string()},
-        {"ip": lb_ip(22).v6.to_string()},
-    ]);
+    )
+    .external_ips(ext_ip(22).strings().iter().map(String::as_str))
+    .source_ranges(["198.18.200.0/24", "fd00:200::/64"])
+    .ingress_ip(&lb_ip4)
+    .ingress_ip(&lb_ip6);
     let lb = lab.simple("lb", lb, &[ready("be1"), ready("be3")]);
     lab.apply("lb.json", &lb);
 

@@ -19,14 +19,12 @@
 
 mod support;
 
-use serde_json::json;
-
 use support::clients::{
     IO_TIMEOUT, assert_refused, assert_source_preserved, assert_spread, assert_tcp_refused,
     tcp_batch, tcp_once, udp_batch, udp_once,
 };
 use support::cluster::{BACKENDS, Cluster, REFUSE_CONNECT_TIMEOUT, ep, ready, service, vip};
-use support::manifests::{Cond, HTTP_DNS, list, sp};
+use support::manifests::{Cond, HTTP_DNS, Manifest, sp};
 use support::pins::require_privileged;
 use support::scenarios::Scenarios;
 use support::serial;
@@ -78,7 +76,7 @@ fn ports_reject_and_internal_traffic_policy() {
 
     // multi (10): http 80/TCP and dns 80/UDP -> named port "web" (8080 in
     // slice a for be1/be2, 9090 in slice b for be3); alt 81/TCP -> 9090.
-    let mut items = vec![service(
+    let multi = service(
         "multi",
         10,
         "ClusterIP",
@@ -87,8 +85,8 @@ fn ports_reject_and_internal_traffic_policy() {
             sp("dns", 80, "UDP", "web"),
             sp("alt", 81, "TCP", "9090"),
         ],
-    )];
-    items.extend(lab.slices(
+    );
+    let slices_a = lab.slices(
         "multi",
         "a",
         &[
@@ -97,8 +95,8 @@ fn ports_reject_and_internal_traffic_policy() {
             ("alt", 9090, "TCP"),
         ],
         &[ready("be1"), ready("be2")],
-    ));
-    items.extend(lab.slices(
+    );
+    let slices_b = lab.slices(
         "multi",
         "b",
         &[
@@ -107,8 +105,12 @@ fn ports_reject_and_internal_traffic_policy() {
             ("alt", 9090, "TCP"),
         ],
         &[ready("be3")],
-    ));
-    lab.apply("multi.json", &list(items));
+    );
+    let multi = Manifest::default()
+        .with(&multi.build())
+        .with_all(&slices_a)
+        .with_all(&slices_b);
+    lab.apply("multi.json", &multi);
     // empty (11): a slice without endpoints; unready (14): only not-ready,
     // not-serving endpoints; noslice (15): no slice at all.
     let empty = lab.simple("empty", service("empty", 11, "ClusterIP", &HTTP_DNS), &[]);
@@ -121,16 +123,15 @@ fn ports_reject_and_internal_traffic_policy() {
     lab.apply("unready.json", &unready);
     lab.apply(
         "noslice.json",
-        &list(vec![service("noslice", 15, "ClusterIP", &HTTP_DNS)]),
+        &Manifest::default().with(&service("noslice", 15, "ClusterIP", &HTTP_DNS).build()),
     );
     // itp (12): internalTrafficPolicy Local, endpoints on both nodes;
     // itp-remote (13): the same with endpoints on node2 only.
-    let mut itp = service("itp", 12, "ClusterIP", &HTTP_DNS);
-    itp["spec"]["internalTrafficPolicy"] = json!("Local");
+    let itp = service("itp", 12, "ClusterIP", &HTTP_DNS).internal_traffic_policy("Local");
     let itp = lab.simple("itp", itp, &[ready("be1"), ready("be2"), ready("be3")]);
     lab.apply("itp.json", &itp);
-    let mut itp_remote = service("itp-remote", 13, "ClusterIP", &HTTP_DNS);
-    itp_remote["spec"]["internalTrafficPolicy"] = json!("Local");
+    let itp_remote =
+        service("itp-remote", 13, "ClusterIP", &HTTP_DNS).internal_traffic_policy("Local");
     let itp_remote = lab.simple("itp-remote", itp_remote, &[ready("be3"), ready("be4")]);
     lab.apply("itp-remote.json", &itp_remote);
 

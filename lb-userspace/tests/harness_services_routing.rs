@@ -21,15 +21,13 @@ mod support;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use serde_json::json;
-
 use support::clients::{
     assert_source_preserved, assert_spread, assert_unanswered, tcp_batch, tcp_once, udp_batch,
 };
 use support::cluster::{
     Cluster, Ep, Fe, UNANSWERED_WAIT, cluster_fes, fe, hairpin, lb_ip, ready, service, vip,
 };
-use support::manifests::{HTTP_DNS, list, sp};
+use support::manifests::{HTTP_DNS, Manifest, sp};
 use support::pins::require_privileged;
 use support::scenarios::Scenarios;
 use support::serial;
@@ -114,18 +112,15 @@ fn hairpin_skipping_topology_and_type_changes() {
 
     // Skipped Services: another proxy's, headless, ExternalName (with a
     // clusterIP, so that only its type can make it skipped).
-    let mut foreign = service("foreign", 51, "ClusterIP", &HTTP_DNS);
-    foreign["metadata"]["labels"] =
-        json!({"service.kubernetes.io/service-proxy-name": "other-proxy"});
+    let foreign = service("foreign", 51, "ClusterIP", &HTTP_DNS)
+        .label("service.kubernetes.io/service-proxy-name", "other-proxy");
     let file = lab.simple("foreign", foreign, &[ready("be1")]);
     lab.apply("foreign.json", &file);
-    let mut headless = service("headless", 52, "ClusterIP", &HTTP_DNS);
-    headless["spec"]["clusterIP"] = json!("None");
-    headless["spec"]["clusterIPs"] = json!(["None"]);
+    let headless = service("headless", 52, "ClusterIP", &HTTP_DNS).headless();
     let file = lab.simple("headless", headless, &[ready("be1")]);
     lab.apply("headless.json", &file);
-    let mut extname = service("extname", 56, "ExternalName", &HTTP_DNS);
-    extname["spec"]["externalName"] = json!("backend.cluster.invalid");
+    let extname =
+        service("extname", 56, "ExternalName", &HTTP_DNS).external_name("backend.cluster.invalid");
     let file = lab.simple("extname", extname, &[ready("be1")]);
     lab.apply("extname.json", &file);
 
@@ -144,8 +139,7 @@ fn hairpin_skipping_topology_and_type_changes() {
         Some("zone-a"),
         Some("zone-b"),
     ]);
-    let mut topo = service("topo", 54, "ClusterIP", &HTTP_DNS);
-    topo["spec"]["trafficDistribution"] = json!("PreferClose");
+    let topo = service("topo", 54, "ClusterIP", &HTTP_DNS).traffic_distribution("PreferClose");
     let file = lab.simple("topo", topo.clone(), &hinted);
     lab.apply("topo.json", &file);
 
@@ -224,9 +218,8 @@ fn hairpin_skipping_topology_and_type_changes() {
         }
     });
     sc.run("topology: topology-mode Auto annotation", || {
-        let mut annotated = service("topo", 54, "ClusterIP", &HTTP_DNS);
-        annotated["metadata"]["annotations"] =
-            json!({"service.kubernetes.io/topology-mode": "Auto"});
+        let annotated = service("topo", 54, "ClusterIP", &HTTP_DNS)
+            .annotation("service.kubernetes.io/topology-mode", "Auto");
         let file = lab.simple("topo", annotated, &hinted);
         lab.apply("topo.json", &file);
         for family in Family::BOTH {
@@ -281,15 +274,16 @@ fn hairpin_skipping_topology_and_type_changes() {
         // only the type can make it skipped).
         let mut morph = service("morph", 53, stage.type_, &[port]);
         if stage.type_ == "LoadBalancer" {
-            morph["status"]["loadBalancer"]["ingress"] =
-                json!([{"ip": lb_ip(53).v4.to_string()}, {"ip": lb_ip(53).v6.to_string()}]);
+            let [ingress4, ingress6] = lb_ip(53).strings();
+            morph = morph.ingress_ip(&ingress4).ingress_ip(&ingress6);
         }
         if stage.type_ == "ExternalName" {
-            morph["spec"]["externalName"] = json!("morph.cluster.invalid");
+            morph = morph.external_name("morph.cluster.invalid");
         }
-        let mut items = vec![morph];
-        items.extend(lab.slices("morph", "a", &[("http", 8080, "TCP")], &morph_eps));
-        lab.apply("morph.json", &list(items));
+        let morph = Manifest::default()
+            .with(&morph.build())
+            .with_all(&lab.slices("morph", "a", &[("http", 8080, "TCP")], &morph_eps));
+        lab.apply("morph.json", &morph);
         sc.run(&format!("type change to {}: maps", stage.name), || {
             for i in 0..2 {
                 let mut morph_fes = Vec::new();

@@ -34,10 +34,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_userspace::testing::ServiceBuilder;
 
 use super::clients::http_get;
-use super::manifests::{Cond, Endpoint, HTTP_DNS_EP, ManifestDir, SvcPort, list, slice, suffix};
+use super::manifests::{Cond, HTTP_DNS_EP, Manifest, ManifestDir, SvcPort, slice, suffix};
 use super::netns::{Netns, ns_command, sweep_stale_netns, unique_prefix};
 use super::pins::{PinGuard, ServiceView, sweep_stale_pins};
 use super::process::{
@@ -91,7 +92,7 @@ pub(crate) fn ext_ip(n: u8) -> Dual {
 }
 
 /// A dual-stack Service N (`ClusterIP`s `vip(N)`) of TYPE.
-pub(crate) fn service(name: &str, n: u8, type_: &str, ports: &[SvcPort]) -> Value {
+pub(crate) fn service(name: &str, n: u8, type_: &str, ports: &[SvcPort]) -> ServiceBuilder {
     super::manifests::service(name, type_, &vip(n).both(), ports)
 }
 
@@ -429,7 +430,7 @@ impl Cluster {
 
     /// Writes FILE atomically (temp + rename) and waits until both agents
     /// synced it.
-    pub(crate) fn apply(&mut self, file: &str, content: &Value) -> Duration {
+    pub(crate) fn apply(&mut self, file: &str, content: &Manifest) -> Duration {
         let before = self.all_syncs();
         let renamed = self.manifests.write(file, content);
         self.wait_synced(&before, renamed, file)
@@ -457,34 +458,37 @@ impl Cluster {
         group: &str,
         ports: &[(&str, u16, &str)],
         eps: &[Ep],
-    ) -> Vec<Value> {
+    ) -> Vec<EndpointSlice> {
         Family::BOTH
             .iter()
             .map(|&family| {
-                let endpoints: Vec<Endpoint> = eps
-                    .iter()
-                    .map(|e| {
-                        let host = self.pod(e.pod);
-                        Endpoint {
-                            node_name: Some(self.topo.nodes[host.node].name.to_owned()),
-                            zone: e.zone,
-                            hint: e.hint,
-                            ..Endpoint::new(host.addr.get(family), e.cond)
-                        }
-                    })
-                    .collect();
+                let endpoints = eps.iter().map(|e| {
+                    let host = self.pod(e.pod);
+                    let endpoint = e
+                        .cond
+                        .endpoint(host.addr.get(family))
+                        .node(self.topo.nodes[host.node].name);
+                    let endpoint = match e.zone {
+                        Some(zone) => endpoint.zone(zone),
+                        None => endpoint,
+                    };
+                    match e.hint {
+                        Some(hint) => endpoint.zone_hints([hint]),
+                        None => endpoint,
+                    }
+                });
                 let name = format!("{service}-{group}-{}", suffix(family));
-                slice(service, &name, family, ports, &endpoints)
+                slice(service, &name, family, ports, endpoints)
             })
             .collect()
     }
 
     /// SERVICE (named NAME) plus one slice per family with EPS on
     /// `http`/`dns` 8080.
-    pub(crate) fn simple(&self, name: &str, service: Value, eps: &[Ep]) -> Value {
-        let mut items = vec![service];
-        items.extend(self.slices(name, "a", &HTTP_DNS_EP, eps));
-        list(items)
+    pub(crate) fn simple(&self, name: &str, service: ServiceBuilder, eps: &[Ep]) -> Manifest {
+        Manifest::default()
+            .with(&service.build())
+            .with_all(&self.slices(name, "a", &HTTP_DNS_EP, eps))
     }
 
     fn views(&self, i: usize) -> Vec<ServiceView> {

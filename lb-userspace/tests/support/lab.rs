@@ -20,10 +20,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::clients::http_get;
-use super::manifests::{Cond, Endpoint, ManifestDir, SvcPort, list, service, slice, sp, suffix};
+use super::manifests::{Cond, Manifest, ManifestDir, SvcPort, service, slice, sp, suffix};
 use super::netns::{Netns, ns_command, sweep_stale_netns, unique_prefix};
 use super::pins::{PinGuard, ServiceView, sweep_stale_pins};
 use super::process::{
@@ -118,23 +116,22 @@ pub(crate) fn service_file(
     vips: &[IpAddr],
     ports: &[SvcPort],
     endpoints: &[(&Pod, bool)],
-) -> Value {
-    let mut items = vec![service(name, "ClusterIP", vips, ports)];
+) -> Manifest {
+    let mut manifest = Manifest::default().with(&service(name, "ClusterIP", vips, ports).build());
     let slice_ports: Vec<(&str, u16, &str)> = ports
         .iter()
         .map(|p| (p.name(), BACKEND_PORT, p.proto()))
         .collect();
     for family in Family::BOTH {
         if vips.iter().any(|v| v.is_ipv4() == (family == Family::V4)) {
-            let eps: Vec<Endpoint> = endpoints
+            let eps = endpoints
                 .iter()
-                .map(|(pod, ready)| Endpoint::new(pod.addr.get(family), Cond::ready_if(*ready)))
-                .collect();
+                .map(|(pod, ready)| Cond::ready_if(*ready).endpoint(pod.addr.get(family)));
             let slice_name = format!("{name}-{}", suffix(family));
-            items.push(slice(name, &slice_name, family, &slice_ports, &eps));
+            manifest = manifest.with(&slice(name, &slice_name, family, &slice_ports, eps));
         }
     }
-    list(items)
+    manifest
 }
 
 /// What one frontend should look like in the maps: its active backends.
@@ -212,7 +209,7 @@ impl Lab {
     }
 
     /// Writes manifest FILE atomically; returns the instant of the rename.
-    pub(crate) fn write_manifest(&self, file: &str, content: &Value) -> Instant {
+    pub(crate) fn write_manifest(&self, file: &str, content: &Manifest) -> Instant {
         self.manifests.write(file, content)
     }
 
@@ -302,7 +299,7 @@ impl Lab {
 
     /// The dual-stack `web` Service on both VIPs with ENDPOINTS
     /// (backend name, ready).
-    pub(crate) fn web_file(&self, endpoints: &[(&str, bool)]) -> Value {
+    pub(crate) fn web_file(&self, endpoints: &[(&str, bool)]) -> Manifest {
         let eps: Vec<(&Pod, bool)> = endpoints
             .iter()
             .map(|(name, ready)| (self.topo.backend(name), *ready))

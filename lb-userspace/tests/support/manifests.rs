@@ -1,15 +1,22 @@
-//! Manifests the agents read: Services and `EndpointSlice`s built from a
-//! few parameters, written as JSON files (a `kind: List` per file) into
-//! the directory of the file source, atomically (staging file + rename).
+//! Manifests the agents read: Services and `EndpointSlice`s built with
+//! `lb_userspace::testing`'s builders from a few parameters, written as
+//! JSON files (a `kind: List` per file) into the directory of the file
+//! source, atomically (staging file + rename).
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_userspace::testing::{EndpointBuilder, IpFamily, ServiceBuilder, SliceBuilder};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::process::TempDir;
 use super::topo::Family;
+
+/// Every test object lives in this namespace.
+const NAMESPACE: &str = "default";
 
 /// A Service port; TARGET is a number or a port name.
 #[derive(Clone, Copy, Debug)]
@@ -54,18 +61,16 @@ impl SvcPort {
         self.proto
     }
 
-    fn json(self) -> Value {
-        let target = self
-            .target
-            .parse::<u16>()
-            .map_or_else(|_| json!(self.target), |n| json!(n));
-        let mut v = json!({
-            "name": self.name, "port": self.port, "protocol": self.proto, "targetPort": target,
-        });
-        if let Some(node_port) = self.node_port {
-            v["nodePort"] = json!(node_port);
+    fn add_to(self, service: ServiceBuilder) -> ServiceBuilder {
+        let port = i32::from(self.port);
+        let service = match self.target.parse::<i32>() {
+            Ok(target) => service.port(self.name, port, self.proto, target),
+            Err(_) => service.named_target_port(self.name, port, self.proto, self.target),
+        };
+        match self.node_port {
+            Some(node_port) => service.node_port_of_last(i32::from(node_port)),
+            None => service,
         }
-        v
     }
 }
 
@@ -76,32 +81,33 @@ pub(crate) const HTTP_DNS: [SvcPort; 2] =
 pub(crate) const HTTP_DNS_EP: [(&str, u16, &str); 2] =
     [("http", 8080, "TCP"), ("dns", 8080, "UDP")];
 
+fn ip_family(family: Family) -> IpFamily {
+    match family {
+        Family::V4 => IpFamily::V4,
+        Family::V6 => IpFamily::V6,
+    }
+}
+
 /// A Service NAME in `default` of TYPE with `clusterIPs` IPS (the first is
-/// `clusterIP`; dual-stack `RequireDualStack` when there are two).
-pub(crate) fn service(name: &str, type_: &str, ips: &[IpAddr], ports: &[SvcPort]) -> Value {
-    let families: Vec<&str> = ips
+/// `clusterIP`; `ipFamilies` follow them) and PORTS. The rest is the
+/// caller's, through the builder.
+pub(crate) fn service(
+    name: &str,
+    type_: &str,
+    ips: &[IpAddr],
+    ports: &[SvcPort],
+) -> ServiceBuilder {
+    let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+    let families = ips
         .iter()
-        .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" })
-        .collect();
-    let policy = if ips.len() > 1 {
-        "RequireDualStack"
-    } else {
-        "SingleStack"
-    };
-    let ports: Vec<Value> = ports.iter().map(|p| p.json()).collect();
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "type": type_,
-            "clusterIP": ips[0].to_string(),
-            "clusterIPs": ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "ipFamilies": families,
-            "ipFamilyPolicy": policy,
-            "ports": ports,
-        },
-    })
+        .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" });
+    let service = ServiceBuilder::new(NAMESPACE, name)
+        .type_(type_)
+        .ips(ips.iter().map(String::as_str))
+        .families(families);
+    ports
+        .iter()
+        .fold(service, |service, port| port.add_to(service))
 }
 
 /// Endpoint conditions.
@@ -123,54 +129,15 @@ impl Cond {
         if ready { Self::Ready } else { Self::NotReady }
     }
 
-    fn json(self) -> Value {
-        let (ready, serving, terminating) = match self {
-            Self::Ready => (true, true, false),
-            Self::NotReady => (false, false, false),
-            Self::ServingTerminating => (false, true, true),
-            Self::Terminating => (false, false, true),
-        };
-        json!({"ready": ready, "serving": serving, "terminating": terminating})
-    }
-}
-
-/// One endpoint of a slice.
-#[derive(Clone, Debug)]
-pub(crate) struct Endpoint {
-    pub(crate) addr: IpAddr,
-    pub(crate) cond: Cond,
-    pub(crate) node_name: Option<String>,
-    pub(crate) zone: Option<&'static str>,
-    /// `hints.forZones`.
-    pub(crate) hint: Option<&'static str>,
-}
-
-impl Endpoint {
-    pub(crate) fn new(addr: IpAddr, cond: Cond) -> Self {
-        Self {
-            addr,
-            cond,
-            node_name: None,
-            zone: None,
-            hint: None,
+    /// An endpoint at ADDR with these conditions.
+    pub(crate) fn endpoint(self, addr: IpAddr) -> EndpointBuilder {
+        let endpoint = EndpointBuilder::new(&addr.to_string());
+        match self {
+            Self::Ready => endpoint.up(),
+            Self::NotReady => endpoint.ready(false).serving(false).terminating(false),
+            Self::ServingTerminating => endpoint.draining(),
+            Self::Terminating => endpoint.ready(false).serving(false).terminating(true),
         }
-    }
-
-    fn json(&self) -> Value {
-        let mut v = json!({
-            "addresses": [self.addr.to_string()],
-            "conditions": self.cond.json(),
-        });
-        if let Some(node) = &self.node_name {
-            v["nodeName"] = json!(node);
-        }
-        if let Some(zone) = self.zone {
-            v["zone"] = json!(zone);
-        }
-        if let Some(hint) = self.hint {
-            v["hints"] = json!({"forZones": [{"name": hint}]});
-        }
-        v
     }
 }
 
@@ -181,28 +148,16 @@ pub(crate) fn slice(
     name: &str,
     family: Family,
     ports: &[(&str, u16, &str)],
-    endpoints: &[Endpoint],
-) -> Value {
-    let ports: Vec<Value> = ports
-        .iter()
-        .map(|(name, port, proto)| json!({"name": name, "port": port, "protocol": proto}))
-        .collect();
-    let endpoints: Vec<Value> = endpoints.iter().map(Endpoint::json).collect();
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": match family {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        },
-        "ports": ports,
-        "endpoints": endpoints,
-    })
+    endpoints: impl IntoIterator<Item = EndpointBuilder>,
+) -> EndpointSlice {
+    let slice = SliceBuilder::for_service(NAMESPACE, service, ip_family(family)).name(name);
+    let slice = ports.iter().fold(slice, |slice, (name, port, proto)| {
+        slice.port(name, i32::from(*port), proto)
+    });
+    endpoints
+        .into_iter()
+        .fold(slice, SliceBuilder::endpoint)
+        .build()
 }
 
 /// `v4` / `v6`, the family suffix of slice names.
@@ -213,11 +168,30 @@ pub(crate) fn suffix(family: Family) -> &'static str {
     }
 }
 
-/// A `kind: List` of ITEMS: one manifest file.
-pub(crate) fn list(items: Vec<Value>) -> Value {
-    let mut list = json!({"apiVersion": "v1", "kind": "List"});
-    list["items"] = Value::Array(items);
-    list
+/// The objects of one manifest file, written as a `kind: List`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Manifest {
+    items: Vec<Value>,
+}
+
+impl Manifest {
+    /// One more object (a Service, a slice).
+    pub(crate) fn with(mut self, object: &impl Serialize) -> Self {
+        self.items
+            .push(serde_json::to_value(object).expect("serialisable object"));
+        self
+    }
+
+    /// Several more objects.
+    pub(crate) fn with_all<T: Serialize>(self, objects: &[T]) -> Self {
+        objects.iter().fold(self, Self::with)
+    }
+
+    /// The file's text: pretty JSON.
+    pub(crate) fn text(&self) -> String {
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": self.items});
+        serde_json::to_string_pretty(&list).expect("serialisable manifest")
+    }
 }
 
 /// The manifest directory of the file source, with a staging directory
@@ -241,10 +215,9 @@ impl ManifestDir {
         format!("file:{}", self.dir.display())
     }
 
-    /// Writes CONTENT (pretty JSON) to FILE; returns the instant of the rename.
-    pub(crate) fn write(&self, file: &str, content: &Value) -> Instant {
-        let text = serde_json::to_string_pretty(content).expect("serialisable manifest");
-        self.write_text(file, &text)
+    /// Writes MANIFEST to FILE; returns the instant of the rename.
+    pub(crate) fn write(&self, file: &str, manifest: &Manifest) -> Instant {
+        self.write_text(file, &manifest.text())
     }
 
     /// Writes TEXT to FILE atomically (a file in the staging directory,
@@ -257,9 +230,5 @@ impl ManifestDir {
         std::fs::rename(&tmp, &dst)
             .unwrap_or_else(|e| panic!("cannot rename to {}: {e}", dst.display()));
         Instant::now()
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.dir
     }
 }

@@ -80,6 +80,11 @@ impl Dual {
         [IpAddr::V4(self.v4), IpAddr::V6(self.v6)]
     }
 
+    /// Both addresses as text, v4 first.
+    pub(crate) fn strings(self) -> [String; 2] {
+        [self.v4.to_string(), self.v6.to_string()]
+    }
+
     /// Whether IP is one of the two.
     pub(crate) fn has(self, ip: IpAddr) -> bool {
         self.both().contains(&ip.to_canonical())
