@@ -4,7 +4,8 @@
 //! clients and what they observed (`clients`), manifests (`manifests`),
 //! named sub-scenarios (`scenarios`), and the two labs built from them:
 //! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
-//! for `harness_services_*.rs`).
+//! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
+//! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
 //!
 //! Rules these helpers enforce for the tests that use them: everything
 //! network-related happens inside namespaces the test creates (nothing is
@@ -18,11 +19,13 @@
 
 pub(crate) mod clients;
 pub(crate) mod cluster;
+pub(crate) mod frames;
 pub(crate) mod lab;
 pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod pins;
 pub(crate) mod process;
+pub(crate) mod prog_test;
 pub(crate) mod scenarios;
 pub(crate) mod servers;
 pub(crate) mod topo;
