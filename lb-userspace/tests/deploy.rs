@@ -10,35 +10,32 @@
 //! kubectl: `scripts/setup.sh` installs it (Debian's `kubernetes-client`)
 //! when it is missing.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize as _;
 use serde_yaml::Value;
+
+use support::netns::unique_prefix;
+use support::process::{TempDir, find_program, run_ok_within};
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
 fn kubectl() -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("kubectl"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "kubectl is not on PATH: run scripts/setup.sh (installs Debian's kubernetes-client)"
-            )
-        })
+    find_program("kubectl").unwrap_or_else(|| {
+        panic!("kubectl is not on PATH: run scripts/setup.sh (installs Debian's kubernetes-client)")
+    })
 }
 
 /// kubectl with a private HOME and cache, so nothing of the user's is read
@@ -51,58 +48,20 @@ fn kubectl_cmd(home: &Path) -> Command {
     cmd
 }
 
-/// Runs CMD (60 s at most, then killed) and checks that it succeeded.
-fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait for kubectl").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().expect("kubectl output");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+/// Runs CMD (60 s at most, then killed), checks that it succeeded and
+/// returns its stdout.
+fn run(cmd: &mut Command) -> String {
+    run_ok_within(cmd, Duration::from_secs(60))
 }
 
-struct TempHome(PathBuf);
-
-impl TempHome {
-    fn new(tag: &str) -> Self {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "lb-deploy-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("temp home");
-        Self(path)
-    }
-}
-
-impl Drop for TempHome {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A private HOME for kubectl, removed on drop.
+fn temp_home(tag: &str) -> TempDir {
+    TempDir::create(&unique_prefix(&format!("lb-deploy-{tag}-")))
 }
 
 fn rendered() -> Vec<Value> {
-    let home = TempHome::new("render");
-    let out = run(kubectl_cmd(&home.0).arg("kustomize").arg(deploy_dir()));
-    let text = String::from_utf8(out.stdout).expect("UTF-8 output");
+    let home = temp_home("render");
+    let text = run(kubectl_cmd(&home.0).arg("kustomize").arg(deploy_dir()));
     serde_yaml::Deserializer::from_str(&text)
         .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
         .filter(|doc| !doc.is_null())
@@ -463,12 +422,11 @@ fn answer(mut stream: TcpStream, requests: &Mutex<Vec<String>>) {
 #[test]
 fn kubectl_apply_dry_run_accepts_the_install() {
     let server = Discovery::start();
-    let home = TempHome::new("apply");
-    let out = run(kubectl_cmd(&home.0)
+    let home = temp_home("apply");
+    let text = run(kubectl_cmd(&home.0)
         .arg(format!("--server=http://127.0.0.1:{}", server.port))
         .args(["apply", "--dry-run=client", "--validate=false", "-k"])
         .arg(deploy_dir()));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let requests = server
         .requests
         .lock()

@@ -8,37 +8,39 @@
 //! attach to; no traffic is sent (the maps and the agent's HTTP answers are
 //! what is checked). Privileged: root and bpffs.
 
-mod common;
+mod support;
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, process::Command, time::Duration};
 
-use common::{
-    ChildGuard, Netns, PinGuard, TempDir, in_netns, lb_binary, ns_command, output_with_timeout,
-    require_privileged, sweep_stale_netns, sweep_stale_pins, unique_prefix,
-};
 use lb_userspace::{datapath::maps::Maps, plan::Op};
-use serde_json::json;
+use support::{
+    clients::http_get,
+    manifests::{Cond, Manifest, ManifestDir, service, slice, sp},
+    netns::{Netns, sweep_stale_netns, unique_prefix},
+    pins::{PinGuard, require_privileged, sweep_stale_pins},
+    process::{
+        ChildGuard, LogOnPanic, TempDir, lb_binary, metrics_addr, output_with_timeout,
+        spawn_logged, wait_until,
+    },
+    topo::Family,
+};
 
 const TAG: &str = "lbrs";
-const METRICS_ADDR: &str = "127.0.0.1:9917";
 const VIP: &str = "198.19.0.10";
 const VIP2: &str = "198.19.0.11";
+/// How long the agent gets for each thing the tests wait for.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// One node namespace with a running agent (resync every second).
 struct Node {
-    // Drop order: the agent first, then pins (cleanup inside the namespace),
-    // then the namespace, then the directories.
+    // Drop order: the log (printed on panic), the agent, then pins (cleanup
+    // inside the namespace), then the namespace, then the directories.
+    _log: LogOnPanic,
     _agent: ChildGuard,
     pins: PinGuard,
     ns: Netns,
-    manifests: TempDir,
-    log: PathBuf,
+    manifests: ManifestDir,
+    _work: TempDir,
 }
 
 impl Node {
@@ -53,60 +55,40 @@ impl Node {
         ns.ip(&["addr", "add", "198.18.0.1/24", "dev", "d0"]);
         ns.ip(&["link", "set", "d0", "up"]);
         ns.ip(&["link", "set", "d1", "up"]);
-        let manifests = TempDir(std::env::temp_dir().join(format!("{prefix}-manifests")));
-        std::fs::create_dir_all(&manifests.0).expect("create manifest directory");
-        write_service(&manifests.0, "web", VIP);
-        let pins = PinGuard {
-            path: PathBuf::from("/sys/fs/bpf").join(format!("{prefix}-pins")),
-            node_ns: ns.name().to_owned(),
-        };
-        let log = std::env::temp_dir().join(format!("{prefix}-agent.log"));
-        let log_file = std::fs::File::create(&log).expect("create agent log");
-        let mut cmd = ns_command(ns.name(), lb_binary());
+        let work = TempDir::create(&format!("{prefix}-work"));
+        let manifests = ManifestDir::create(&work);
+        write_service(&manifests, "web", VIP);
+        let pins = PinGuard::new(TAG, ns.name());
+        let log = work.0.join("agent.log");
+        let mut cmd = ns.command(lb_binary());
         cmd.arg("agent")
-            .arg("--source")
-            .arg(format!("file:{}", manifests.0.display()))
+            .args(["--source", &manifests.source()])
             .args(["--attach", "d0", "--node-ip", "198.18.0.1"])
-            .args(["--metrics-addr", METRICS_ADDR, "--resync-interval", "1"])
+            .args(["--metrics-addr", &metrics_addr().to_string()])
+            .args(["--resync-interval", "1"])
             .arg("--pin-path")
-            .arg(&pins.path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone log handle"))
-            .stderr(log_file);
-        let agent = ChildGuard(cmd.spawn().expect("start lb agent"));
+            .arg(&pins.path);
+        let agent = spawn_logged(&mut cmd, &log);
         let node = Self {
+            _log: LogOnPanic(log),
             _agent: agent,
             pins,
             ns,
             manifests,
-            log,
+            _work: work,
         };
-        node.wait_for("the agent to be ready", || {
-            node.get("/readyz").is_ok_and(|(code, _)| code == 200)
+        wait_until("the agent is ready", WAIT, || {
+            match node.get("/readyz")? {
+                (200, _) => Ok(()),
+                (code, body) => Err(format!("{code} {body}")),
+            }
         });
         node
     }
 
     /// GET `path` from the agent's HTTP server: (status, body).
     fn get(&self, path: &str) -> Result<(u16, String), String> {
-        let addr: SocketAddr = METRICS_ADDR.parse().expect("valid address");
-        let text = in_netns(self.ns.name(), || -> std::io::Result<String> {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(stream, "GET {path} HTTP/1.0\r\n\r\n")?;
-            let mut text = String::new();
-            stream.read_to_string(&mut text)?;
-            Ok(text)
-        })
-        .map_err(|e| format!("GET {path}: {e}"))?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .ok_or_else(|| format!("GET {path}: malformed response {text:?}"))?;
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-        Ok((code, body))
+        http_get(self.ns.name(), metrics_addr(), path)
     }
 
     /// The value of the unlabelled metric `name`.
@@ -117,72 +99,42 @@ impl Node {
             .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
     }
 
-    fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if done() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "timed out waiting for {what}; agent log:\n{}",
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
     /// The backend ids in the slots of `vip`:80/TCP, read from the maps.
     fn slots(&self, vip: &str) -> Option<Vec<u32>> {
         let maps = Maps::open_pinned(&self.pins.path).expect("open pinned maps");
         let state = maps.read_state().expect("read the maps");
+        let vip: IpAddr = vip.parse().expect("an address");
         state
             .frontends
             .iter()
-            .find(|(frontend, _)| frontend.addr == vip.parse::<IpAddr>().unwrap())
+            .find(|(frontend, _)| frontend.addr == vip)
             .map(|(_, fs)| fs.slots.clone())
     }
 }
 
 /// A `ClusterIP` Service `name` on `vip`:80/TCP with two ready endpoints.
-fn write_service(dir: &Path, name: &str, vip: &str) {
-    let objects = json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": [
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": name, "namespace": "default"},
-                "spec": {
-                    "type": "ClusterIP",
-                    "clusterIP": vip,
-                    "clusterIPs": [vip],
-                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
-                }
-            },
-            {
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": format!("{name}-1"),
-                    "namespace": "default",
-                    "labels": {"kubernetes.io/service-name": name}
-                },
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                "endpoints": [
-                    {"addresses": ["198.18.0.2"], "conditions": {"ready": true}},
-                    {"addresses": ["198.18.0.3"], "conditions": {"ready": true}}
-                ]
-            }
-        ]
-    });
-    let staging = dir.with_extension("staging");
-    std::fs::create_dir_all(&staging).expect("create staging directory");
-    let tmp = staging.join(format!("{name}.json"));
-    std::fs::write(&tmp, objects.to_string()).expect("write manifest");
-    std::fs::rename(&tmp, dir.join(format!("{name}.json"))).expect("move manifest in place");
-    let _ = std::fs::remove_dir(&staging);
+fn write_service(dir: &ManifestDir, name: &str, vip: &str) {
+    let port = sp("http", 80, "TCP", "8080");
+    let endpoints = ["198.18.0.2", "198.18.0.3"]
+        .map(|addr| Cond::Ready.endpoint(addr.parse().expect("an address")));
+    let manifest = Manifest::default()
+        .with(
+            &service(
+                name,
+                "ClusterIP",
+                &[vip.parse().expect("an address")],
+                &[port],
+            )
+            .build(),
+        )
+        .with(&slice(
+            name,
+            &format!("{name}-v4"),
+            Family::V4,
+            &[("http", 8080, "TCP")],
+            endpoints,
+        ));
+    dir.write(&format!("{name}.json"), &manifest);
 }
 
 #[test]
@@ -210,8 +162,11 @@ fn a_slot_deleted_behind_the_agents_back_is_restored_by_the_resync() {
     assert_eq!(node.slots(VIP), Some(vec![slots[0], 0]), "slot 2 is gone");
 
     // The resync (every second here) notices and writes it back.
-    node.wait_for("the resync to restore slot 2", || {
-        node.slots(VIP).as_ref() == Some(&slots)
+    wait_until("the resync restores slot 2", WAIT, || {
+        match node.slots(VIP) {
+            Some(now) if now == slots => Ok(()),
+            other => Err(format!("slots {other:?}")),
+        }
     });
     assert!(
         node.metric("lb_map_drift_repairs_total") > repairs_before,
@@ -240,10 +195,12 @@ fn writes_that_keep_failing_are_retried_and_make_readyz_503() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    write_service(&node.manifests.0, "api", VIP2);
-    node.wait_for("/readyz to say the syncs keep failing", || {
-        node.get("/readyz")
-            .is_ok_and(|(code, body)| code == 503 && body.contains("syncs keep failing"))
+    write_service(&node.manifests, "api", VIP2);
+    wait_until("/readyz says the syncs keep failing", WAIT, || {
+        match node.get("/readyz")? {
+            (503, body) if body.contains("syncs keep failing") => Ok(()),
+            (code, body) => Err(format!("{code} {body}")),
+        }
     });
     assert!(node.metric("lb_sync_retries_total") > retries_before);
     assert!(node.metric("lb_sync_errors_total") >= 2);

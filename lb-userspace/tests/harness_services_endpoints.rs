@@ -1,0 +1,254 @@
+//! Endpoints and connection tracking (issue 3, behaviours 7 and 8): ready /
+//! serving / terminating endpoints and `publishNotReadyAddresses`; a
+//! terminating endpoint drains its established connection; established
+//! flows under endpoint churn.
+//!
+//! Runs on the two-node cluster of `support::cluster` (topology and address
+//! plan are described there): real TCP/UDP clients and servers, IPv4 and
+//! IPv6, dual-stack Services; the assertions are what the clients observe.
+//! Each test builds the cluster once and runs named sub-scenarios on it
+//! (per behaviour and family); a failing sub-scenario is reported and the
+//! others still run, so one run shows every failing behaviour.
+//!
+//! Everything lives in namespaces the test creates and is removed by drop
+//! guards, also when an assertion fails (both agents' logs, `lb services`
+//! and `lb conntrack` are printed first). Privileged: root and bpffs.
+//!
+//! Run: `cargo test -p lb-userspace --test harness_services_endpoints -- --nocapture`
+
+mod support;
+
+use std::time::Instant;
+
+use support::clients::{
+    Conn, IO_TIMEOUT, Outcome, REFUSED_WITHIN, UdpFlow, assert_only, assert_spread, conn_to,
+    tcp_batch, udp_batch, udp_flow_to,
+};
+use support::cluster::{Cluster, ep, ready, service, vip};
+use support::manifests::{Cond, HTTP_DNS};
+use support::pins::require_privileged;
+use support::scenarios::Scenarios;
+use support::serial;
+use support::topo::Family;
+
+/// The flows of the conntrack churn scenario, per family.
+struct Flows {
+    family: Family,
+    keep: Conn,
+    udp: UdpFlow,
+    doomed: Conn,
+}
+
+/// Behaviours 7 and 8: ready / serving / terminating endpoints and
+/// `publishNotReadyAddresses`; a terminating endpoint drains its
+/// established connection; connection tracking under endpoint churn (TCP
+/// keeps its endpoint, UDP moves at once when its endpoint goes, TCP to a
+/// removed endpoint is reset).
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario per behaviour, sharing one topology"
+)]
+fn endpoint_conditions_and_conntrack_churn() {
+    let _serial = serial();
+    if !require_privileged("harness_services_endpoints: endpoint_conditions_and_conntrack_churn") {
+        return;
+    }
+    let mut lab = Cluster::new("conditions");
+    let client = lab.ns("client1");
+    let cond = service("cond", 40, "ClusterIP", &HTTP_DNS);
+    let mut sc = Scenarios::default();
+
+    sc.run("ready endpoints only (not-ready excluded)", || {
+        let file = lab.simple(
+            "cond",
+            cond.clone(),
+            &[ready("be1"), ep("be2", Cond::NotReady), ready("be3")],
+        );
+        lab.apply("cond.json", &file);
+        for family in Family::BOTH {
+            lab.expect_slots(0, vip(40).get(family), 80, "TCP", &["be1:8080", "be3:8080"]);
+            let what = format!("{family:?} ready endpoints only, TCP");
+            let answers = tcp_batch(&client, vip(40).sock(family, 80), 30);
+            assert_spread(&what, &answers, &["be1:8080", "be3:8080"]);
+            let what = format!("{family:?} ready endpoints only, UDP");
+            let answers = udp_batch(&client, vip(40).sock(family, 53), 12);
+            assert_only(&what, &answers, &["be1:8080", "be3:8080"]);
+        }
+    });
+
+    sc.run("none ready: serving+terminating fallback", || {
+        let file = lab.simple(
+            "cond",
+            cond.clone(),
+            &[
+                ep("be1", Cond::ServingTerminating),
+                ep("be2", Cond::Terminating),
+                ep("be3", Cond::NotReady),
+            ],
+        );
+        lab.apply("cond.json", &file);
+        for family in Family::BOTH {
+            lab.expect_slots(0, vip(40).get(family), 80, "TCP", &["be1:8080"]);
+            let what = format!("{family:?} serving+terminating fallback, TCP");
+            let answers = tcp_batch(&client, vip(40).sock(family, 80), 10);
+            assert_spread(&what, &answers, &["be1:8080"]);
+            let what = format!("{family:?} serving+terminating fallback, UDP");
+            let answers = udp_batch(&client, vip(40).sock(family, 53), 6);
+            assert_spread(&what, &answers, &["be1:8080"]);
+        }
+    });
+
+    sc.run("publishNotReadyAddresses", || {
+        let publish = cond.clone().publish_not_ready();
+        let file = lab.simple(
+            "cond",
+            publish,
+            &[ep("be1", Cond::NotReady), ep("be2", Cond::NotReady)],
+        );
+        lab.apply("cond.json", &file);
+        for family in Family::BOTH {
+            lab.expect_slots(0, vip(40).get(family), 80, "TCP", &["be1:8080", "be2:8080"]);
+            let what = format!("{family:?} publishNotReadyAddresses, TCP");
+            let answers = tcp_batch(&client, vip(40).sock(family, 80), 30);
+            assert_spread(&what, &answers, &["be1:8080", "be2:8080"]);
+        }
+    });
+
+    sc.run(
+        "terminating endpoint: no new flows, established drains until removed",
+        || {
+            let file = lab.simple("cond", cond.clone(), &[ready("be1"), ready("be2")]);
+            lab.apply("cond.json", &file);
+            let mut draining: Vec<(Family, Conn)> = Family::BOTH
+                .iter()
+                .map(|&f| (f, conn_to(&client, vip(40).sock(f, 80), "be2")))
+                .collect();
+            let file = lab.simple(
+                "cond",
+                cond.clone(),
+                &[ready("be1"), ep("be2", Cond::ServingTerminating)],
+            );
+            lab.apply("cond.json", &file);
+            for (family, conn) in &mut draining {
+                lab.expect_slots(0, vip(40).get(*family), 80, "TCP", &["be1:8080"]);
+                let what = format!("{family:?} be2 terminating: new flows");
+                let answers = tcp_batch(&client, vip(40).sock(*family, 80), 20);
+                assert_spread(&what, &answers, &["be1:8080"]);
+                for round in 0..2 {
+                    let answer = conn.ask().answer(&format!(
+                        "{family:?} established connection to terminating be2 (round {round})"
+                    ));
+                    assert_eq!(
+                        answer.backend, "be2",
+                        "{family:?}: draining connection moved"
+                    );
+                }
+            }
+            let file = lab.simple("cond", cond.clone(), &[ready("be1")]);
+            lab.apply("cond.json", &file);
+            for (family, conn) in &mut draining {
+                let outcome = conn.ask();
+                eprintln!("{family:?} connection to be2 after be2 left the slice: {outcome:?}");
+                assert!(
+                    matches!(outcome, Outcome::Reset | Outcome::Closed),
+                    "{family:?}: the established connection to be2, gone from the slice, \
+                     should be reset; got {outcome:?}"
+                );
+            }
+        },
+    );
+
+    sc.run("conntrack under endpoint churn", || {
+        let churn = service("churn", 41, "ClusterIP", &HTTP_DNS);
+        let file = lab.simple(
+            "churn",
+            churn.clone(),
+            &[ready("be1"), ready("be2"), ready("be3")],
+        );
+        lab.apply("churn.json", &file);
+        let mut flows: Vec<Flows> = Family::BOTH
+            .iter()
+            .map(|&family| Flows {
+                family,
+                keep: conn_to(&client, vip(41).sock(family, 80), "be1"),
+                udp: udp_flow_to(&client, vip(41).sock(family, 53), "be2"),
+                doomed: conn_to(&client, vip(41).sock(family, 80), "be3"),
+            })
+            .collect();
+        // Another endpoint comes: every established flow keeps its endpoint.
+        let file = lab.simple(
+            "churn",
+            churn.clone(),
+            &[ready("be1"), ready("be2"), ready("be3"), ready("be4")],
+        );
+        lab.apply("churn.json", &file);
+        for f in &mut flows {
+            let family = f.family;
+            lab.expect_slots(
+                0,
+                vip(41).get(family),
+                80,
+                "TCP",
+                &["be1:8080", "be2:8080", "be3:8080", "be4:8080"],
+            );
+            let what = format!("{family:?} churn: be4 added");
+            assert_eq!(
+                f.keep.ask().answer(&what).backend,
+                "be1",
+                "{what}: TCP flow moved"
+            );
+            assert_eq!(
+                f.udp.ask(IO_TIMEOUT).answer(&what).backend,
+                "be2",
+                "{what}: UDP flow moved"
+            );
+            assert_eq!(
+                f.doomed.ask().answer(&what).backend,
+                "be3",
+                "{what}: TCP flow moved"
+            );
+        }
+        // be2 and be3 go: TCP to be1 stays; the UDP socket's next datagram
+        // reaches a remaining endpoint at once; TCP to be3 is reset.
+        let file = lab.simple("churn", churn, &[ready("be1"), ready("be4")]);
+        lab.apply("churn.json", &file);
+        for f in &mut flows {
+            let family = f.family;
+            lab.expect_slots(0, vip(41).get(family), 80, "TCP", &["be1:8080", "be4:8080"]);
+            let what = format!("{family:?} churn: be2 and be3 removed");
+            assert_eq!(
+                f.keep.ask().answer(&what).backend,
+                "be1",
+                "{what}: TCP flow to be1 moved"
+            );
+            let start = Instant::now();
+            let outcome = f.udp.ask(REFUSED_WITHIN);
+            eprintln!(
+                "{what}: UDP socket's next datagram: {outcome:?} after {:?}",
+                start.elapsed()
+            );
+            let answer = outcome.answer(&format!(
+                "{what}: the UDP socket whose endpoint (be2) left should reach a remaining \
+                 endpoint with its next datagram"
+            ));
+            assert!(
+                ["be1", "be4"].contains(&answer.backend.as_str()),
+                "{what}: UDP answered by {}",
+                answer.backend
+            );
+            let again = f.udp.ask(IO_TIMEOUT).answer(&what);
+            assert_eq!(
+                again.backend, answer.backend,
+                "{what}: the re-selected UDP flow moved again"
+            );
+            let outcome = f.doomed.ask();
+            eprintln!("{what}: TCP connection to be3: {outcome:?}");
+            assert!(
+                matches!(outcome, Outcome::Reset | Outcome::Closed),
+                "{what}: the TCP connection to removed be3 should be reset, got {outcome:?}"
+            );
+        }
+    });
+    lab.finish(sc);
+}

@@ -1,0 +1,278 @@
+//! Frames for `BPF_PROG_TEST_RUN`: Ethernet + IPv4/IPv6 + TCP/UDP built
+//! independently of the datapath, with checksums computed from scratch,
+//! and the checks of what the program sent back.
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_userspace::model::Protocol;
+
+pub(crate) const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_ACK: u8 = 0x10;
+pub(crate) const TCP_PSH: u8 = 0x08;
+
+/// One frame's worth of headers, built with correct checksums.
+#[derive(Clone, Debug)]
+pub(crate) struct Frame {
+    pub(crate) src: SocketAddr,
+    pub(crate) dst: SocketAddr,
+    pub(crate) proto: Protocol,
+    pub(crate) tcp_flags: u8,
+    /// UDP over IPv4 only: send a zero ("no") checksum.
+    pub(crate) udp_zero_csum: bool,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl Frame {
+    pub(crate) fn tcp(src: &str, dst: &str, flags: u8) -> Self {
+        Self {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: Protocol::Tcp,
+            tcp_flags: flags,
+            udp_zero_csum: false,
+            payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        }
+    }
+
+    pub(crate) fn udp(src: &str, dst: &str) -> Self {
+        Self {
+            proto: Protocol::Udp,
+            tcp_flags: 0,
+            payload: b"ping".to_vec(),
+            ..Self::tcp(src, dst, 0)
+        }
+    }
+
+    pub(crate) fn with_dst(&self, dst: SocketAddr) -> Self {
+        Self {
+            dst,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn with_src(&self, src: SocketAddr) -> Self {
+        Self {
+            src,
+            ..self.clone()
+        }
+    }
+
+    /// The reply a backend at `self.dst` sends to `self.src`.
+    pub(crate) fn reply(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            tcp_flags: if self.proto == Protocol::Tcp {
+                TCP_SYN | TCP_ACK
+            } else {
+                0
+            },
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn l4(&self) -> Vec<u8> {
+        let mut l4 = Vec::new();
+        l4.extend(self.src.port().to_be_bytes());
+        l4.extend(self.dst.port().to_be_bytes());
+        match self.proto {
+            Protocol::Tcp => {
+                l4.extend(0x0102_0304_u32.to_be_bytes()); // seq
+                l4.extend(
+                    if self.tcp_flags & TCP_ACK != 0 {
+                        0x0a0b_0c0d_u32
+                    } else {
+                        0
+                    }
+                    .to_be_bytes(),
+                );
+                l4.push(5 << 4);
+                l4.push(self.tcp_flags);
+                l4.extend(64240_u16.to_be_bytes());
+                l4.extend([0, 0]); // checksum
+                l4.extend([0, 0]); // urgent
+            }
+            Protocol::Udp => {
+                let len = u16::try_from(8 + self.payload.len()).unwrap();
+                l4.extend(len.to_be_bytes());
+                l4.extend([0, 0]);
+            }
+        }
+        l4.extend(&self.payload);
+        let csum_off = if self.proto == Protocol::Tcp { 16 } else { 6 };
+        if !(self.udp_zero_csum && self.proto == Protocol::Udp) {
+            let mut csum = l4_checksum(self.src.ip(), self.dst.ip(), self.proto, &l4);
+            if csum == 0 && self.proto == Protocol::Udp {
+                csum = 0xffff;
+            }
+            l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
+        }
+        l4
+    }
+
+    pub(crate) fn bytes(&self) -> Vec<u8> {
+        let l4 = self.l4();
+        let mut frame = eth_header(self.src.is_ipv4());
+        match (self.src.ip(), self.dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let total = u16::try_from(20 + l4.len()).unwrap();
+                let mut ip = vec![0x45, 0];
+                ip.extend(total.to_be_bytes());
+                ip.extend(0x1234_u16.to_be_bytes());
+                ip.extend(0x4000_u16.to_be_bytes()); // DF
+                ip.push(64);
+                ip.push(self.proto.number());
+                ip.extend([0, 0]);
+                ip.extend(s.octets());
+                ip.extend(d.octets());
+                let csum = checksum(&ip, 0);
+                ip[10..12].copy_from_slice(&csum.to_be_bytes());
+                frame.extend(ip);
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                frame.extend(ipv6_header(
+                    s.octets(),
+                    d.octets(),
+                    self.proto.number(),
+                    l4.len(),
+                ));
+            }
+            _ => panic!("mixed families"),
+        }
+        frame.extend(l4);
+        frame
+    }
+}
+
+pub(crate) fn eth_header(v4: bool) -> Vec<u8> {
+    let mut eth = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    eth.extend(if v4 { 0x0800_u16 } else { 0x86dd_u16 }.to_be_bytes());
+    eth
+}
+
+pub(crate) fn ipv6_header(src: [u8; 16], dst: [u8; 16], next: u8, payload_len: usize) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend(u16::try_from(payload_len).unwrap().to_be_bytes());
+    ip.push(next);
+    ip.push(64);
+    ip.extend(src);
+    ip.extend(dst);
+    ip
+}
+
+/// RFC 1071 Internet checksum over `data`, starting from `initial`.
+pub(crate) fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap()
+}
+
+pub(crate) fn pseudo_header(src: IpAddr, dst: IpAddr, proto: Protocol, len: usize) -> Vec<u8> {
+    let mut pseudo = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.push(0);
+            pseudo.push(proto.number());
+            pseudo.extend(u16::try_from(len).unwrap().to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            pseudo.extend(s.octets());
+            pseudo.extend(d.octets());
+            pseudo.extend(u32::try_from(len).unwrap().to_be_bytes());
+            pseudo.extend([0, 0, 0, proto.number()]);
+        }
+        _ => panic!("mixed families"),
+    }
+    pseudo
+}
+
+pub(crate) fn l4_checksum(src: IpAddr, dst: IpAddr, proto: Protocol, l4: &[u8]) -> u16 {
+    let mut data = pseudo_header(src, dst, proto, l4.len());
+    data.extend(l4);
+    checksum(&data, 0)
+}
+
+/// Parses an Ethernet + IPv4/IPv6 (no options/extensions) + TCP/UDP frame
+/// and checks every checksum from scratch. Returns (src, dst).
+pub(crate) fn verify_checksums(frame: &[u8]) -> (SocketAddr, SocketAddr) {
+    let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
+    let (src, dst, proto, l4) = if ether_type == 0x0800 {
+        let ip = &frame[14..34];
+        assert_eq!(checksum(ip, 0), 0, "IPv4 header checksum wrong");
+        let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+        let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+        (src, dst, ip[9], &frame[34..])
+    } else {
+        let ip = &frame[14..54];
+        let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        (src, dst, ip[6], &frame[54..])
+    };
+    let proto = match proto {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        other => panic!("unexpected protocol {other}"),
+    };
+    let udp_zero = proto == Protocol::Udp && l4[6] == 0 && l4[7] == 0;
+    if udp_zero {
+        assert!(src.is_ipv4(), "IPv6 UDP must carry a checksum");
+    } else {
+        assert_eq!(
+            l4_checksum(src, dst, proto, l4),
+            0,
+            "{} checksum wrong",
+            proto.name()
+        );
+    }
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    (SocketAddr::new(src, sport), SocketAddr::new(dst, dport))
+}
+
+/// Checks an ICMP/ICMPv6 port-unreachable reply to `offending`: swapped
+/// MACs, service address -> client, the offending IP header + 8 bytes
+/// quoted, every checksum right.
+pub(crate) fn assert_port_unreachable(reply: &[u8], offending: &[u8]) {
+    assert_eq!(&reply[0..6], &offending[6..12], "destination MAC");
+    assert_eq!(&reply[6..12], &offending[0..6], "source MAC");
+    assert_eq!(&reply[12..14], &offending[12..14], "EtherType");
+    if offending[12..14] == [0x08, 0x00] {
+        assert_eq!(reply.len(), 14 + 20 + 8 + 28);
+        let ip = &reply[14..34];
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
+        assert_eq!(ip[9], 1, "protocol ICMP");
+        assert_eq!(&ip[12..16], &offending[30..34], "from the service address");
+        assert_eq!(&ip[16..20], &offending[26..30], "to the client");
+        assert_eq!(checksum(ip, 0), 0, "IPv4 header checksum");
+        let icmp = &reply[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "destination/port unreachable");
+        assert_eq!(&icmp[8..], &offending[14..14 + 28], "quote");
+        assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
+    } else {
+        assert_eq!(reply.len(), 14 + 40 + 8 + 48);
+        let ip = &reply[14..54];
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
+        assert_eq!(ip[6], 58, "next header ICMPv6");
+        assert_eq!(&ip[8..24], &offending[38..54], "from the service address");
+        assert_eq!(&ip[24..40], &offending[22..38], "to the client");
+        let icmp = &reply[54..];
+        assert_eq!((icmp[0], icmp[1]), (1, 4), "destination/port unreachable");
+        assert_eq!(&icmp[8..], &offending[14..14 + 48], "quote");
+        let src = IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap());
+        let dst = IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap());
+        let mut pseudo = pseudo_header(src, dst, Protocol::Tcp, icmp.len());
+        pseudo[39] = 58;
+        pseudo.extend(icmp);
+        assert_eq!(checksum(&pseudo, 0), 0, "ICMPv6 checksum");
+    }
+}

@@ -1,0 +1,40 @@
+//! Helpers shared by the integration tests, each once: network namespaces
+//! (`netns`), processes and files (`process`), bpffs, pins and the pinned
+//! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
+//! clients and what they observed (`clients`), manifests (`manifests`),
+//! named sub-scenarios (`scenarios`), and the two labs built from them:
+//! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
+//! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
+//! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
+//!
+//! Rules these helpers enforce for the tests that use them: everything
+//! network-related happens inside namespaces the test creates (nothing is
+//! added to the root namespace, no traffic leaves them), and every
+//! namespace, process, pin directory, server thread and temporary file is
+//! removed on drop, also while a panic unwinds.
+#![allow(
+    dead_code,
+    reason = "each integration-test crate uses its own subset of these helpers"
+)]
+
+pub(crate) mod clients;
+pub(crate) mod cluster;
+pub(crate) mod frames;
+pub(crate) mod lab;
+pub(crate) mod manifests;
+pub(crate) mod netns;
+pub(crate) mod pins;
+pub(crate) mod process;
+pub(crate) mod prog_test;
+pub(crate) mod scenarios;
+pub(crate) mod servers;
+pub(crate) mod topo;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// The tests of one binary share nothing, but one at a time keeps their
+/// timing honest and their logs readable.
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,196 @@
+//! The real TC program under `BPF_PROG_TEST_RUN`: a private copy of the
+//! object with its own pinned maps (removed on drop), written through the
+//! agent's own diff/apply path, and the frontends and backends the
+//! datapath tests use.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf,
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use lb_common::LbConfig;
+use lb_userspace::{
+    datapath::{
+        loader,
+        maps::{CtRecord, Maps},
+    },
+    model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
+    plan,
+};
+
+use super::pins::require_privileged;
+
+pub(crate) const TC_ACT_OK: u32 = 0;
+pub(crate) const TC_ACT_SHOT: u32 = 2;
+pub(crate) const TC_ACT_REDIRECT: u32 = 7;
+
+pub(crate) const VIP4: &str = "198.19.0.10";
+pub(crate) const VIP6: &str = "fd00:96::10";
+pub(crate) const BACKENDS4: [&str; 3] = ["198.18.2.2:8080", "198.18.3.2:8080", "198.18.4.2:8080"];
+pub(crate) const BACKENDS6: [&str; 3] =
+    ["[fd00:2::2]:8080", "[fd00:3::2]:8080", "[fd00:4::2]:8080"];
+/// The node addresses of `node_config`.
+pub(crate) const NODE4: &str = "198.18.0.1";
+pub(crate) const NODE6: &str = "fd00::1";
+
+/// A frontend spec of `kind` with remote (not node-local) `backends`.
+pub(crate) fn spec(kind: FrontendKind, backends: &[SocketAddr]) -> FrontendSpec {
+    let mut backends: Vec<Backend> = backends
+        .iter()
+        .map(|b| Backend {
+            addr: b.ip(),
+            port: b.port(),
+            node_local: false,
+        })
+        .collect();
+    backends.sort();
+    FrontendSpec {
+        service: ServiceRef {
+            namespace: "default".into(),
+            name: "web".into(),
+            port_name: String::new(),
+        },
+        kind,
+        backends,
+        terminating: Vec::new(),
+        external_local: false,
+        internal_local: false,
+        affinity_timeout_s: 0,
+        source_ranges: Vec::new(),
+    }
+}
+
+/// A private copy of the object with its own pinned maps.
+pub(crate) struct Fixture {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) maps: Maps,
+    pub(crate) pin_path: PathBuf,
+}
+
+impl Fixture {
+    pub(crate) fn new(what: &str) -> Option<Self> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        if !require_privileged(what) {
+            return None;
+        }
+        // BPF_PROG_TEST_RUN runs in the caller's network namespace, and the
+        // program's forwarding step asks that namespace's FIB. A fresh one
+        // (this test thread only) has no routes and forwarding off, so the
+        // translated packet is handed back, whatever the host's settings.
+        // SAFETY: unshare affects only this thread.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let pin_path = PathBuf::from(format!(
+            "/sys/fs/bpf/lb-dp-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut ebpf = match loader::load(&pin_path) {
+            Ok(ebpf) => ebpf,
+            Err(error) => {
+                let _ = loader::cleanup(&pin_path, &[]);
+                panic!("loading the eBPF object failed: {error:?}");
+            }
+        };
+        let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+        Some(Self {
+            ebpf,
+            maps,
+            pin_path,
+        })
+    }
+
+    pub(crate) fn program(&mut self) -> &mut SchedClassifier {
+        loader::program(&mut self.ebpf).expect("program")
+    }
+
+    /// Writes `ClusterIP` `services` through the real diff/apply path.
+    pub(crate) fn set_services(&mut self, services: &[(Frontend, &[SocketAddr])]) {
+        let specs: Vec<(Frontend, FrontendSpec)> = services
+            .iter()
+            .map(|(frontend, backends)| (*frontend, spec(FrontendKind::ClusterIp, backends)))
+            .collect();
+        self.set_specs(&specs);
+    }
+
+    /// Writes `specs` through the real diff/apply path.
+    pub(crate) fn set_specs(&mut self, specs: &[(Frontend, FrontendSpec)]) {
+        let desired: BTreeMap<Frontend, FrontendSpec> = specs.iter().cloned().collect();
+        let state = self.maps.read_state().expect("read state");
+        let plan = plan::diff(&state, &desired);
+        assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+        for op in &plan.ops {
+            self.maps.apply_op(op).expect("apply");
+        }
+    }
+
+    /// Runs the TC program once on `frame`; returns the verdict and the
+    /// frame as the program left it.
+    pub(crate) fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let result = self.program().test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    pub(crate) fn reason(&self, name: &str) -> u64 {
+        self.maps
+            .reason_counts()
+            .expect("reasons")
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, count)| count)
+            .expect("known reason")
+    }
+
+    pub(crate) fn conntrack(&self) -> Vec<CtRecord> {
+        self.maps.conntrack().expect("conntrack")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.pin_path, &[]);
+    }
+}
+
+pub(crate) fn frontend(addr: &str, port: u16, proto: Protocol) -> Frontend {
+    Frontend {
+        addr: addr.parse().unwrap(),
+        port,
+        proto,
+    }
+}
+
+pub(crate) fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+/// The node's addresses and the hairpin (loopback) source addresses.
+pub(crate) fn node_config() -> LbConfig {
+    LbConfig {
+        node_addr4: NODE4.parse::<std::net::Ipv4Addr>().unwrap().octets(),
+        loopback4: [169, 254, 42, 1],
+        node_addr6: NODE6.parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        loopback6: "100::6c62:1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    }
+}
