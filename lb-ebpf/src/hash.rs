@@ -7,7 +7,7 @@ const FLOW_HASH_SEED: u32 = 0x5f1b_6c3d;
 
 /// murmur3 mixing step (`MurmurHash3_x86_32`'s body for one 4-byte block).
 #[inline(always)]
-pub(crate) fn hash_mix(h: u32, word: u32) -> u32 {
+fn hash_mix(h: u32, word: u32) -> u32 {
     let k = word
         .wrapping_mul(0xcc9e_2d51)
         .rotate_left(15)
@@ -20,7 +20,7 @@ pub(crate) fn hash_mix(h: u32, word: u32) -> u32 {
 
 /// murmur3 finaliser (`fmix32`).
 #[inline(always)]
-pub(crate) fn hash_finish(mut h: u32) -> u32 {
+fn hash_finish(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -50,10 +50,9 @@ pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits
 #[map]
 pub(crate) static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
-pub(crate) static LB_SVC_STATS_V1: PerCpuArray<LbStats> =
-    PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
+static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-pub(crate) static LB_REASONS_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]

@@ -4,9 +4,9 @@
 //! tested on the host.
 
 /// `TC_ACT_OK` (`linux/pkt_cls.h`): let the packet continue.
-pub(crate) const TC_ACT_OK: i32 = 0;
+const TC_ACT_OK: i32 = 0;
 /// `TC_ACT_SHOT`: drop the packet.
-pub(crate) const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_SHOT: i32 = 2;
 /// `TC_ACT_REDIRECT`: the packet went where `bpf_redirect*` sent it.
 pub(crate) const TC_ACT_REDIRECT: i32 = 7;
 

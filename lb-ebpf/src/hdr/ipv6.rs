@@ -50,15 +50,15 @@ pub(crate) const PSEUDO_NEXT_HDR_OFF: usize = 39;
 pub(crate) const PSEUDO_LEN: usize = 40;
 
 /// Next-header values of extension headers.
-pub(crate) const NEXTHDR_HOP: u8 = 0;
-pub(crate) const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
 pub(crate) const NEXTHDR_FRAGMENT: u8 = 44;
-pub(crate) const NEXTHDR_ESP: u8 = 50;
-pub(crate) const NEXTHDR_AUTH: u8 = 51;
-pub(crate) const NEXTHDR_DEST: u8 = 60;
-pub(crate) const NEXTHDR_MOBILITY: u8 = 135;
-pub(crate) const NEXTHDR_HIP: u8 = 139;
-pub(crate) const NEXTHDR_SHIM6: u8 = 140;
+const NEXTHDR_ESP: u8 = 50;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+const NEXTHDR_MOBILITY: u8 = 135;
+const NEXTHDR_HIP: u8 = 139;
+const NEXTHDR_SHIM6: u8 = 140;
 
 /// True for an extension header other than the fragment header (which
 /// callers tell apart first).
