@@ -57,6 +57,7 @@ pub(crate) trait Family {
     /// Bits in an address.
     const ADDR_BITS: u32;
 
+    // This family's maps (see `maps`).
     fn services() -> &'static HashMap<LbKey<Self::Addr>, LbService>;
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
     fn rev_nats() -> &'static HashMap<u32, RevNat<Self::Addr>>;

@@ -3,7 +3,7 @@
 //! returns its verdict here; `lb_tc` counts and returns it.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{CtEntry, LbService, ct_dir, ct_flags, proto, reason};
+use lb_common::{Addr4, Addr6, CtEntry, LbService, ct_dir, ct_flags, proto, reason};
 
 use crate::{
     ct::{self, Flow},
@@ -29,9 +29,9 @@ use crate::{
 #[derive(Clone, Copy)]
 pub(crate) struct Packet {
     /// The flow, when the packet is IPv4.
-    pub(crate) tuple4: Tuple<[u8; 4]>,
+    pub(crate) tuple4: Tuple<Addr4>,
     /// The flow, when the packet is IPv6.
-    pub(crate) tuple6: Tuple<[u8; 16]>,
+    pub(crate) tuple6: Tuple<Addr6>,
     /// The frontend the packet is addressed to.
     pub(crate) frontend: LbService,
     /// TCP flags (0 for UDP).
