@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, privileged tests included (run as root): formatting,
-# clippy, unit tests, BPF_PROG_TEST_RUN datapath tests, the veth harnesses,
-# and a quick smoke run of the benchmarks.
+# clippy (host, and the eBPF crate for its BPF target), unit tests (the
+# eBPF crate's on the host too), BPF_PROG_TEST_RUN datapath tests, the veth
+# harnesses, and a quick smoke run of the benchmarks.
 # Privileged tests fail (they never silently pass) without root or bpffs,
 # unless LB_SKIP_PRIVILEGED=1 is set.
 set -euo pipefail
@@ -18,6 +19,9 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "cargo xtask clippy-ebpf (clippy for bpfel-unknown-none and the host tests, -D warnings)"
+cargo xtask clippy-ebpf
+
 step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 
@@ -25,6 +29,11 @@ step "cargo test (unit, kube source, deploy, datapath, harness)"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT
 cargo test --all-targets -- --test-threads="${LB_TEST_THREADS:-2}" 2>&1 | tee "$results"
+
+step "cargo test -p lb-ebpf (the datapath's checksum, hash and verdict code, on the host)"
+# lb-ebpf is not a default member (it is built for BPF); its plain modules
+# also build on the host, where their unit tests run.
+cargo test -p lb-ebpf --all-targets 2>&1 | tee -a "$results"
 # Totals over every test binary, for the summary line at the end.
 read -r passed failed < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) {

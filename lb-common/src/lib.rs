@@ -5,7 +5,8 @@
 //! that no byte is uninitialised (the kernel hashes whole keys), no `bool`,
 //! `enum` or `Option`, and a size assertion. Addresses are byte arrays in
 //! network order; ports carry their byte order in the field name (`_be`).
-//! IPv4 and IPv6 types mirror each other field for field.
+//! IPv4 and IPv6 types are one generic type over the address (`Addr4`,
+//! `Addr6`), with the old per-family names as aliases.
 #![no_std]
 #![expect(
     clippy::pub_underscore_fields,
@@ -38,16 +39,18 @@ pub mod map_names {
     pub const AFFINITY4: &str = "LB4_AFF_V1";
     /// IPv6 session affinity (LRU): `Affinity6Key` -> `AffinityEntry`.
     pub const AFFINITY6: &str = "LB6_AFF_V1";
-    /// IPv4 allowed source ranges (LPM trie): `SourceRange4Key` -> `u8`.
+    /// IPv4 allowed source ranges (LPM trie): `SourceRange4` -> `u8`.
     pub const SRC_RANGES4: &str = "LB4_SRC_V1";
-    /// IPv6 allowed source ranges (LPM trie): `SourceRange6Key` -> `u8`.
+    /// IPv6 allowed source ranges (LPM trie): `SourceRange6` -> `u8`.
     pub const SRC_RANGES6: &str = "LB6_SRC_V1";
     /// Node configuration (array of one `LbConfig`).
     pub const CONFIG: &str = "LB_CONFIG_V1";
     /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
-    /// Per-CPU packet counters per verdict reason, indexed by `reason::*`.
-    pub const REASONS: &str = "LB_REASONS_V1";
+    /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
+    /// (V2: the never emitted `drop_no_backend` was removed, which
+    /// renumbered the reasons after it).
+    pub const REASONS: &str = "LB_REASONS_V2";
 }
 
 /// Program names as they appear in the object file and in the kernel.
@@ -141,7 +144,7 @@ pub mod svc_flags {
     pub const ADDRESS_MARKER: u16 = 1 << 5;
 }
 
-/// `Lb4Backend::flags` / `Lb6Backend::flags` bits.
+/// `Backend::flags` bits.
 pub mod backend_flags {
     /// No bits: an active backend on another node.
     pub const ACTIVE: u8 = 0;
@@ -151,7 +154,7 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 1;
 }
 
-/// Conntrack key directions (`Ct4Key::dir`).
+/// Conntrack key directions (`CtKey::dir`).
 pub mod ct_dir {
     /// Client -> service address; the entry names the chosen backend.
     pub const SERVICE: u8 = 0;
@@ -180,7 +183,9 @@ pub mod ct_timeout {
     pub const REFRESH_NS: u64 = 1_000_000_000;
 }
 
-/// Verdict reasons; index into the `REASONS` per-CPU array.
+/// Verdict reasons; index into the `REASONS` per-CPU array. A service
+/// without backends is rejected (`REJECT`), never dropped: there is no
+/// "no backend" drop.
 pub mod reason {
     /// New flow to a service: backend chosen, destination translated.
     pub const NAT_NEW: u32 = 0;
@@ -204,26 +209,24 @@ pub mod reason {
     pub const PASS_IP_OPTIONS: u32 = 9;
     /// IPv6 UDP with a zero checksum (invalid, RFC 8200): passed untouched.
     pub const PASS_UDP6_ZERO_CSUM: u32 = 10;
-    /// Service has no backends: dropped.
-    pub const DROP_NO_BACKEND: u32 = 11;
     /// Slot points at a backend id missing from the backend map: dropped.
-    pub const DROP_BACKEND_MISSING: u32 = 12;
+    pub const DROP_BACKEND_MISSING: u32 = 11;
     /// Conntrack insert failed: dropped.
-    pub const DROP_CT_INSERT: u32 = 13;
+    pub const DROP_CT_INSERT: u32 = 12;
     /// Packet rewrite (store or checksum helper) failed: dropped.
-    pub const DROP_REWRITE: u32 = 14;
+    pub const DROP_REWRITE: u32 = 13;
     /// No usable backend or unknown port of a service address: ICMP
     /// port unreachable sent back to the client.
-    pub const REJECT: u32 = 15;
+    pub const REJECT: u32 = 14;
     /// Building the reject failed: dropped.
-    pub const DROP_REJECT_FAILED: u32 = 16;
+    pub const DROP_REJECT_FAILED: u32 = 15;
     /// Client outside the frontend's source ranges: dropped.
-    pub const DROP_SOURCE_RANGE: u32 = 17;
+    pub const DROP_SOURCE_RANGE: u32 = 16;
     /// Source NAT needed but no node address of the family is configured,
     /// or no free port: dropped.
-    pub const DROP_NO_SNAT: u32 = 18;
+    pub const DROP_NO_SNAT: u32 = 17;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 18;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -238,7 +241,6 @@ pub mod reason {
         "pass_other_proto",
         "pass_ip_options",
         "pass_udp6_zero_csum",
-        "drop_no_backend",
         "drop_backend_missing",
         "drop_ct_insert",
         "drop_rewrite",
@@ -249,30 +251,18 @@ pub mod reason {
     ];
 }
 
-/// IPv4 service key. Slot 0 is the frontend; slots 1..=count hold backends.
-#[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Lb4Key {
-    /// Service address (VIP), network order.
-    pub addr: [u8; 4],
-    /// Service port, network byte order.
-    pub dport_be: u16,
-    /// 0 for the frontend, 1..=count for backend slots.
-    pub backend_slot: u16,
-    /// IP protocol number (`proto::TCP` / `proto::UDP`).
-    pub proto: u8,
-    /// `scope::*`.
-    pub scope: u8,
-    /// Zero.
-    pub _pad: [u8; 2],
-}
+/// An IPv4 address, network order.
+pub type Addr4 = [u8; 4];
+/// An IPv6 address, network order.
+pub type Addr6 = [u8; 16];
 
-/// IPv6 service key; mirrors `Lb4Key`.
+/// Service key over an address `A` (`Addr4` or `Addr6`). Slot 0 is the
+/// frontend; slots 1..=count hold backends.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Lb6Key {
+pub struct LbKey<A> {
     /// Service address (VIP), network order.
-    pub addr: [u8; 16],
+    pub addr: A,
     /// Service port, network byte order.
     pub dport_be: u16,
     /// 0 for the frontend, 1..=count for backend slots.
@@ -284,6 +274,10 @@ pub struct Lb6Key {
     /// Zero.
     pub _pad: [u8; 2],
 }
+/// IPv4 service key.
+pub type Lb4Key = LbKey<Addr4>;
+/// IPv6 service key.
+pub type Lb6Key = LbKey<Addr6>;
 
 /// Service value; the same shape for both families.
 #[repr(C)]
@@ -301,66 +295,50 @@ pub struct LbService {
     pub affinity_timeout_s: u32,
 }
 
+/// Backend over an address `A`.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend<A> {
+    /// Backend address, network order.
+    pub addr: A,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// `backend_flags::*`.
+    pub flags: u8,
+}
 /// IPv4 backend.
-#[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Lb4Backend {
-    /// Backend address, network order.
-    pub addr: [u8; 4],
-    /// Backend port, network byte order.
-    pub port_be: u16,
-    /// IP protocol number.
-    pub proto: u8,
-    /// `backend_flags::*`.
-    pub flags: u8,
-}
+pub type Lb4Backend = Backend<Addr4>;
+/// IPv6 backend.
+pub type Lb6Backend = Backend<Addr6>;
 
-/// IPv6 backend; mirrors `Lb4Backend`.
+/// Reverse-NAT entry over an address `A`: what a reply's source is
+/// rewritten to.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Lb6Backend {
-    /// Backend address, network order.
-    pub addr: [u8; 16],
-    /// Backend port, network byte order.
-    pub port_be: u16,
-    /// IP protocol number.
-    pub proto: u8,
-    /// `backend_flags::*`.
-    pub flags: u8,
-}
-
-/// IPv4 reverse-NAT entry: what a reply's source is rewritten to.
-#[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Lb4RevNat {
+pub struct RevNat<A> {
     /// Service address, network order.
-    pub addr: [u8; 4],
+    pub addr: A,
     /// Service port, network byte order.
     pub port_be: u16,
     /// Zero.
     pub _pad: u16,
 }
+/// IPv4 reverse-NAT entry.
+pub type Lb4RevNat = RevNat<Addr4>;
+/// IPv6 reverse-NAT entry.
+pub type Lb6RevNat = RevNat<Addr6>;
 
-/// IPv6 reverse-NAT entry; mirrors `Lb4RevNat`.
+/// Conntrack key over an address `A`: the packet's own tuple as seen at
+/// the hook.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Lb6RevNat {
-    /// Service address, network order.
-    pub addr: [u8; 16],
-    /// Service port, network byte order.
-    pub port_be: u16,
-    /// Zero.
-    pub _pad: u16,
-}
-
-/// IPv4 conntrack key: the packet's own tuple as seen at the hook.
-#[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ct4Key {
+pub struct CtKey<A> {
     /// Source address, network order.
-    pub saddr: [u8; 4],
+    pub saddr: A,
     /// Destination address, network order.
-    pub daddr: [u8; 4],
+    pub daddr: A,
     /// Source port, network byte order.
     pub sport_be: u16,
     /// Destination port, network byte order.
@@ -372,26 +350,10 @@ pub struct Ct4Key {
     /// Zero.
     pub _pad: [u8; 2],
 }
-
-/// IPv6 conntrack key; mirrors `Ct4Key`.
-#[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Ct6Key {
-    /// Source address, network order.
-    pub saddr: [u8; 16],
-    /// Destination address, network order.
-    pub daddr: [u8; 16],
-    /// Source port, network byte order.
-    pub sport_be: u16,
-    /// Destination port, network byte order.
-    pub dport_be: u16,
-    /// IP protocol number.
-    pub proto: u8,
-    /// `ct_dir::*`.
-    pub dir: u8,
-    /// Zero.
-    pub _pad: [u8; 2],
-}
+/// IPv4 conntrack key.
+pub type Ct4Key = CtKey<Addr4>;
+/// IPv6 conntrack key.
+pub type Ct6Key = CtKey<Addr6>;
 
 /// Conntrack value; the same shape for both families.
 #[repr(C)]
@@ -429,25 +391,19 @@ pub struct LbStats {
     pub bytes: u64,
 }
 
+/// Session-affinity key over an address `A`.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey<A> {
+    /// Client address, network order.
+    pub client: A,
+    /// Frontend (rev-NAT id) the affinity belongs to.
+    pub rev_nat_id: u32,
+}
 /// IPv4 session-affinity key.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Affinity4Key {
-    /// Client address, network order.
-    pub client: [u8; 4],
-    /// Frontend (rev-NAT id) the affinity belongs to.
-    pub rev_nat_id: u32,
-}
-
-/// IPv6 session-affinity key; mirrors `Affinity4Key`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Affinity6Key {
-    /// Client address, network order.
-    pub client: [u8; 16],
-    /// Frontend (rev-NAT id) the affinity belongs to.
-    pub rev_nat_id: u32,
-}
+pub type Affinity4Key = AffinityKey<Addr4>;
+/// IPv6 session-affinity key.
+pub type Affinity6Key = AffinityKey<Addr6>;
 
 /// Session-affinity value; the same for both families.
 #[repr(C)]
@@ -461,27 +417,21 @@ pub struct AffinityEntry {
     pub last_used_ns: u64,
 }
 
-/// IPv4 source-range LPM data (after the trie's `prefix_len`): the frontend
-/// first (always matched in full: `prefix_len` = 32 + range prefix), then
-/// the client prefix.
-#[repr(C)]
+/// Source-range LPM data over an address `A` (after the trie's
+/// `prefix_len`): the frontend first (always matched in full: `prefix_len`
+/// = 32 + range prefix), then the client prefix.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SourceRange4 {
+pub struct SourceRange<A> {
     /// Frontend rev-NAT id, big-endian (LPM matches bytes in order).
     pub rev_nat_id_be: u32,
     /// Client address or prefix, network order.
-    pub addr: [u8; 4],
+    pub addr: A,
 }
-
-/// IPv6 source-range LPM data; mirrors `SourceRange4`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SourceRange6 {
-    /// Frontend rev-NAT id, big-endian (LPM matches bytes in order).
-    pub rev_nat_id_be: u32,
-    /// Client address or prefix, network order.
-    pub addr: [u8; 16],
-}
+/// IPv4 source-range LPM data.
+pub type SourceRange4 = SourceRange<Addr4>;
+/// IPv6 source-range LPM data.
+pub type SourceRange6 = SourceRange<Addr6>;
 
 /// Node configuration written by the agent (array of one entry).
 #[repr(C)]
@@ -526,6 +476,8 @@ const _: () = assert!(align_of::<Lb4Key>() == 4 && align_of::<Lb6Key>() == 4);
 const _: () = assert!(align_of::<Lb4Backend>() == 4 && align_of::<Lb6Backend>() == 4);
 const _: () = assert!(align_of::<Lb4RevNat>() == 4 && align_of::<Lb6RevNat>() == 4);
 const _: () = assert!(align_of::<Ct4Key>() == 4 && align_of::<Ct6Key>() == 4);
+const _: () = assert!(align_of::<Affinity4Key>() == 4 && align_of::<Affinity6Key>() == 4);
+const _: () = assert!(align_of::<SourceRange4>() == 4 && align_of::<SourceRange6>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -535,7 +487,9 @@ mod pod {
         SourceRange6,
     };
     // SAFETY: all are repr(C), Copy, with explicit padding: every bit
-    // pattern is valid and no byte is uninitialised.
+    // pattern is valid and no byte is uninitialised. Implemented per
+    // family alias, not for every `A`: the padding argument holds for the
+    // two address types only.
     unsafe impl aya::Pod for Lb4Key {}
     unsafe impl aya::Pod for Lb6Key {}
     unsafe impl aya::Pod for LbService {}
@@ -553,4 +507,39 @@ mod pod {
     unsafe impl aya::Pod for SourceRange4 {}
     unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for LbConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason;
+
+    /// Each reason number names its own metric: the agent zips `NAMES`
+    /// with the indices, so a renumbering must move the names with it.
+    #[test]
+    fn every_reason_indexes_its_own_name() {
+        let pairs = [
+            (reason::NAT_NEW, "nat_new"),
+            (reason::NAT_ESTABLISHED, "nat_established"),
+            (reason::NAT_REPLY, "nat_reply"),
+            (reason::PASS_NOT_IP, "pass_not_ip"),
+            (reason::PASS_NO_SERVICE, "pass_no_service"),
+            (reason::PASS_TRUNCATED, "pass_truncated"),
+            (reason::PASS_FRAGMENT, "pass_fragment"),
+            (reason::PASS_EXT_HDR, "pass_ext_hdr"),
+            (reason::PASS_OTHER_PROTO, "pass_other_proto"),
+            (reason::PASS_IP_OPTIONS, "pass_ip_options"),
+            (reason::PASS_UDP6_ZERO_CSUM, "pass_udp6_zero_csum"),
+            (reason::DROP_BACKEND_MISSING, "drop_backend_missing"),
+            (reason::DROP_CT_INSERT, "drop_ct_insert"),
+            (reason::DROP_REWRITE, "drop_rewrite"),
+            (reason::REJECT, "reject"),
+            (reason::DROP_REJECT_FAILED, "drop_reject_failed"),
+            (reason::DROP_SOURCE_RANGE, "drop_source_range"),
+            (reason::DROP_NO_SNAT, "drop_no_snat"),
+        ];
+        assert_eq!(pairs.len(), reason::COUNT as usize);
+        for (index, name) in pairs {
+            assert_eq!(reason::NAMES[index as usize], name);
+        }
+    }
 }

@@ -1,17 +1,24 @@
-//! Conntrack and selection helpers shared by both families.
+//! Connection tracking: entry lifetimes, a flow's service and reply
+//! entries, and the flow state the rewrite needs.
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{CtEntry, ct_flags, ct_timeout, proto};
+use lb_common::{Backend, CtEntry, LbService, ct_dir, ct_flags, ct_timeout, proto, reason};
 
-use crate::parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, zeroed_in_place};
+use crate::{
+    family::{Family, Tuple, ct_key},
+    hdr::l4::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    lb, snat,
+    verdict::{Verdict, encode_unit},
+    zeroed::zeroed_in_place,
+};
 
 /// Monotonic clock in nanoseconds, at tick resolution (`CLOCK_MONOTONIC_COARSE`):
 /// timeouts are seconds, and the coarse clock costs a fraction of the
 /// precise one, which reads the (paravirtual) TSC.
 #[inline(always)]
-pub fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
@@ -31,7 +38,7 @@ fn lifetime_ns(l4_proto: u8, flags: u32) -> u64 {
 /// True when the entry may still be used for a packet with `tcp_flags`.
 /// A bare SYN on a closing entry starts a new flow on a reused port.
 #[inline(always)]
-pub fn usable(entry: &CtEntry, l4_proto: u8, tcp_flags: u8, now: u64) -> bool {
+pub(crate) fn usable(entry: &CtEntry, l4_proto: u8, tcp_flags: u8, now: u64) -> bool {
     let bare_syn = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if bare_syn && entry.flags & ct_flags::CLOSING != 0 {
         return false;
@@ -41,7 +48,7 @@ pub fn usable(entry: &CtEntry, l4_proto: u8, tcp_flags: u8, now: u64) -> bool {
 
 /// Flags an entry gains from this packet.
 #[inline(always)]
-pub fn flags_from_tcp(tcp_flags: u8) -> u32 {
+fn flags_from_tcp(tcp_flags: u8) -> u32 {
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         ct_flags::CLOSING
     } else {
@@ -52,7 +59,7 @@ pub fn flags_from_tcp(tcp_flags: u8) -> u32 {
 /// Refreshes `last_seen_ns` (at most once per `REFRESH_NS`) and records
 /// closing flags. Returns true when the entry was refreshed.
 #[inline(always)]
-pub fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
+pub(crate) fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
     let new_flags = flags_from_tcp(tcp_flags);
     // SAFETY: `entry` points into a map value.
     unsafe {
@@ -69,7 +76,7 @@ pub fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
 
 /// A new entry, built in place in `slot` (see `zeroed_in_place`).
 #[inline(always)]
-pub fn new_entry(
+fn new_entry(
     slot: &mut MaybeUninit<CtEntry>,
     backend_id: u32,
     rev_nat_id: u32,
@@ -86,32 +93,156 @@ pub fn new_entry(
     entry
 }
 
-/// murmur3 mixing step.
-#[inline(always)]
-pub fn hash_mix(h: u32, word: u32) -> u32 {
-    let k = word
-        .wrapping_mul(0xcc9e_2d51)
-        .rotate_left(15)
-        .wrapping_mul(0x1b87_3593);
-    (h ^ k)
-        .rotate_left(13)
-        .wrapping_mul(5)
-        .wrapping_add(0xe654_6b64)
+/// What the datapath needs of a flow's conntrack entry.
+#[derive(Clone, Copy)]
+pub(crate) struct Flow<F: Family> {
+    /// Backend the flow goes to.
+    pub(crate) backend_id: u32,
+    /// That backend's map value.
+    pub(crate) backend: Backend<F::Addr>,
+    /// Source the packets get when the flow is source-NATed.
+    pub(crate) nat_addr: F::Addr,
+    /// Source port that goes with `nat_addr`.
+    pub(crate) nat_port_be: u16,
+    /// Whether the flow is source-NATed.
+    pub(crate) snat: bool,
 }
 
-/// murmur3 finaliser.
-#[inline(always)]
-pub fn hash_finish(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+/// `established_flow` as a leaf subprogram: bit 0 found, bit 1 refreshed.
+#[inline(never)]
+pub(crate) fn established_flow_sub<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    tcp_flags: u8,
+    now: u64,
+    flow: &mut Flow<F>,
+) -> u32 {
+    let (found, refreshed) = established_flow::<F>(tuple, frontend, tcp_flags, now, flow);
+    u32::from(found) | (u32::from(refreshed) << 1)
 }
 
-/// Backend slot (1..=count) for a flow hash; `count` is non-zero.
+/// Loads the flow of an established entry into `flow`, if the entry may
+/// still be used and its backend still exists. Returns (found, refreshed).
 #[inline(always)]
-pub fn slot_for(hash: u32, count: u16) -> u16 {
-    // count >= 1, so the result fits in 1..=count.
-    (hash % u32::from(count)) as u16 + 1
+fn established_flow<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    tcp_flags: u8,
+    now: u64,
+    flow: &mut Flow<F>,
+) -> (bool, bool) {
+    let Some(entry) = F::conntrack().get_ptr_mut(&ct_key(tuple, ct_dir::SERVICE)) else {
+        return (false, false);
+    };
+    // SAFETY: map value pointer; fields are read one by one.
+    let (rev_nat_id, backend_id, flags) =
+        unsafe { ((*entry).rev_nat_id, (*entry).backend_id, (*entry).flags) };
+    if rev_nat_id != frontend.rev_nat_id {
+        return (false, false);
+    }
+    // SAFETY: as above.
+    if !usable(unsafe { &*entry }, tuple.proto, tcp_flags, now) {
+        return (false, false);
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(backend) = (unsafe { F::backends().get(&backend_id) }) else {
+        return (false, false);
+    };
+    flow.backend = *backend;
+    flow.backend_id = backend_id;
+    if flags & ct_flags::SNAT != 0 {
+        flow.snat = true;
+        // SAFETY: map value pointer.
+        unsafe {
+            flow.nat_addr = F::from_nat(&(*entry).nat_addr);
+            flow.nat_port_be = (*entry).nat_port_be;
+        }
+    }
+    (true, touch(entry, tcp_flags, now))
+}
+
+/// `new_flow` as a subprogram: its own stack frame, the flow written to
+/// `out`, a scalar result (`encode_unit`).
+#[inline(never)]
+pub(crate) fn new_flow_into<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    tcp_flags: u8,
+    now: u64,
+    out: &mut Flow<F>,
+) -> u64 {
+    encode_unit(new_flow::<F>(tuple, frontend, tcp_flags, now, out))
+}
+
+/// A new flow: choose its backend, decide on source NAT, and record it in
+/// conntrack (and in the affinity map).
+#[inline(always)]
+fn new_flow<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    tcp_flags: u8,
+    now: u64,
+    flow: &mut Flow<F>,
+) -> Result<(), Verdict> {
+    let mut backend = crate::family::placeholder_backend(tuple.daddr);
+    let backend_id = lb::choose_backend_sub::<F>(tuple, frontend, now, &mut backend);
+    if backend_id == 0 {
+        return Err(Verdict::drop(reason::DROP_BACKEND_MISSING));
+    }
+    flow.backend_id = backend_id;
+    flow.backend = backend;
+    snat::choose_source::<F>(tuple, frontend, now, flow)?;
+    let mut slot = MaybeUninit::uninit();
+    let entry = new_entry(&mut slot, backend_id, frontend.rev_nat_id, tcp_flags, now);
+    if flow.snat {
+        entry.flags |= ct_flags::SNAT;
+        F::set_nat(&mut entry.nat_addr, flow.nat_addr);
+        entry.nat_port_be = flow.nat_port_be;
+    }
+    if F::conntrack()
+        .insert(&ct_key(tuple, ct_dir::SERVICE), entry, 0)
+        .is_err()
+    {
+        return Err(Verdict::drop(reason::DROP_CT_INSERT));
+    }
+    lb::remember_affinity::<F>(tuple, frontend, backend_id, now);
+    Ok(())
+}
+
+/// (Re)writes the reply entry of a flow. Not inlined: its own stack frame;
+/// a scalar result (`encode_unit`).
+#[inline(never)]
+pub(crate) fn write_reply_entry<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    flow: &Flow<F>,
+    rev_nat_id: u32,
+    now: u64,
+) -> u64 {
+    encode_unit(reply_entry::<F>(tuple, flow, rev_nat_id, now))
+}
+
+#[inline(always)]
+fn reply_entry<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    flow: &Flow<F>,
+    rev_nat_id: u32,
+    now: u64,
+) -> Result<(), Verdict> {
+    let reply = Tuple {
+        saddr: flow.backend.addr,
+        daddr: flow.nat_addr,
+        sport_be: flow.backend.port_be,
+        dport_be: flow.nat_port_be,
+        proto: tuple.proto,
+    };
+    let mut slot = MaybeUninit::uninit();
+    let entry = new_entry(&mut slot, flow.backend_id, rev_nat_id, 0, now);
+    if flow.snat {
+        entry.flags |= ct_flags::SNAT;
+        F::set_nat(&mut entry.nat_addr, tuple.saddr);
+        entry.nat_port_be = tuple.sport_be;
+    }
+    F::conntrack()
+        .insert(&ct_key(&reply, ct_dir::REPLY), entry, 0)
+        .map_err(|_| Verdict::drop(reason::DROP_CT_INSERT))
 }

@@ -1,81 +1,71 @@
-//! What differs between IPv4 and IPv6: key layouts, maps, offsets and the
-//! address rewrite. The translation logic in `tc` is written once over this.
+//! What differs between IPv4 and IPv6: the address, the maps, the L4
+//! offset and the header work that depends on the header layout. The
+//! pipeline (`tc`, `lb`, `ct`, `snat`, `xlate`, `fwd`) is written once over
+//! `Family`; the map keys are `lb_common`'s generic types over its address.
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibLookup,
     maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::TcContext,
 };
 use lb_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
-    Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, SourceRange4, SourceRange6,
+    Addr4, Addr6, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, LbConfig, LbKey, LbService,
+    RevNat, SourceRange, scope,
 };
 
 use crate::{
-    ct::{hash_finish, hash_mix},
+    csum::CsumDiff,
+    fwd,
+    hash::flow_hash,
+    hdr::{ipv4, ipv6},
     maps::{
         LB4_AFF_V1, LB4_BE_V2, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V1,
         LB6_BE_V2, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
-    nat::{self, CsumDiff},
-    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict},
     reject,
+    tc::Packet,
+    verdict::Verdict,
+    xlate,
 };
 
 /// A flow as read from the packet (addresses and ports in network order).
 /// 4-aligned: addresses are copied word by word.
 #[repr(C, align(4))]
 #[derive(Clone, Copy)]
-pub struct Tuple<A> {
-    pub saddr: A,
-    pub daddr: A,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub proto: u8,
-}
-
-/// The parsed packet, handed from the parse step to the to-backend step
-/// (per-CPU scratch: see `tc::try_lb`).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Packet {
-    pub tuple4: Tuple<[u8; 4]>,
-    pub tuple6: Tuple<[u8; 16]>,
-    pub frontend: LbService,
-    pub tcp_flags: u8,
+pub(crate) struct Tuple<A> {
+    /// Source address.
+    pub(crate) saddr: A,
+    /// Destination address.
+    pub(crate) daddr: A,
+    /// Source port.
+    pub(crate) sport_be: u16,
+    /// Destination port.
+    pub(crate) dport_be: u16,
+    /// IP protocol number.
+    pub(crate) proto: u8,
 }
 
 /// One address family.
-pub trait Family {
+pub(crate) trait Family {
     /// Address bytes in network order.
-    type Addr: Copy + PartialEq;
-    type SvcKey: 'static;
-    type CtKey: 'static;
-    type Backend: Copy + 'static;
-    type RevNat: Copy + 'static;
-    type AffinityKey: 'static;
-    type SourceRange: 'static;
+    type Addr: Copy + PartialEq + 'static;
 
     /// True for IPv4 (UDP zero checksum means "none").
     const IS_V4: bool;
-    /// Offset of the TCP/UDP header in the frame (IPv4 options and IPv6
-    /// extension headers are passed untranslated, so it is fixed).
+    /// Offset of the TCP/UDP header in the frame.
     const L4_OFF: usize;
+    /// Bits in an address.
+    const ADDR_BITS: u32;
 
-    fn services() -> &'static HashMap<Self::SvcKey, LbService>;
-    fn backends() -> &'static HashMap<u32, Self::Backend>;
-    fn rev_nats() -> &'static HashMap<u32, Self::RevNat>;
-    fn conntrack() -> &'static LruHashMap<Self::CtKey, CtEntry>;
-    fn affinity() -> &'static LruHashMap<Self::AffinityKey, AffinityEntry>;
-    fn source_ranges() -> &'static LpmTrie<Self::SourceRange, u8>;
+    // This family's maps (see `maps`).
+    fn services() -> &'static HashMap<LbKey<Self::Addr>, LbService>;
+    fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
+    fn rev_nats() -> &'static HashMap<u32, RevNat<Self::Addr>>;
+    fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry>;
+    fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityEntry>;
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Self::Addr>, u8>;
 
-    fn svc_key(addr: Self::Addr, dport_be: u16, slot: u16, proto: u8) -> Self::SvcKey;
-    fn ct_key(tuple: &Tuple<Self::Addr>, dir: u8) -> Self::CtKey;
-    fn affinity_key(client: Self::Addr, rev_nat_id: u32) -> Self::AffinityKey;
-    /// Full-length LPM key: the frontend, then the client address.
-    fn source_range_key(rev_nat_id: u32, client: Self::Addr) -> Key<Self::SourceRange>;
-    /// Backend address, port (network order) and `backend_flags`.
-    fn backend_target(backend: &Self::Backend) -> (Self::Addr, u16, u8);
-    fn rev_nat_target(rev_nat: &Self::RevNat) -> (Self::Addr, u16);
+    /// `hash::flow_hash` of the tuple.
     fn flow_hash(tuple: &Tuple<Self::Addr>) -> u32;
     /// Source for SNAT towards remote backends (zero when not configured).
     fn node_addr(config: &LbConfig) -> Self::Addr;
@@ -85,9 +75,6 @@ pub trait Family {
     /// Stores `addr` in a zeroed `CtEntry::nat_addr` (16 bytes).
     fn set_nat(nat: &mut [u8; 16], addr: Self::Addr);
     fn from_nat(addr: &[u8; 16]) -> Self::Addr;
-    /// A placeholder backend before one is chosen, with `addr` copied in
-    /// (zeroing the address would cost a `memset` subprogram call).
-    fn placeholder_backend(addr: Self::Addr) -> Self::Backend;
     /// This family's tuple in the packet scratch.
     fn packet_tuple(packet: &mut Packet) -> &mut Tuple<Self::Addr>;
     /// Answers the packet with ICMP port unreachable.
@@ -100,136 +87,140 @@ pub trait Family {
         old: &Tuple<Self::Addr>,
         new: &Tuple<Self::Addr>,
     ) -> Result<Option<CsumDiff>, Verdict>;
+    /// Fills the family, protocol and addresses of a FIB lookup from the IP
+    /// header; `None` when the packet is left to the stack (its TTL or hop
+    /// limit would expire).
+    fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()>;
+    /// One hop less, as routing would do (IPv4: checksum included).
+    fn decrement_ttl(ctx: &TcContext) -> Option<()>;
+}
+
+/// The service map key of `addr:dport_be/proto`, slot `slot`.
+#[inline(always)]
+pub(crate) fn svc_key<A>(addr: A, dport_be: u16, slot: u16, proto: u8) -> LbKey<A> {
+    LbKey {
+        addr,
+        dport_be,
+        backend_slot: slot,
+        proto,
+        scope: scope::INTERNAL,
+        _pad: [0; 2],
+    }
+}
+
+/// The conntrack key of `tuple` in direction `dir` (`ct_dir::*`).
+#[inline(always)]
+pub(crate) fn ct_key<A: Copy>(t: &Tuple<A>, dir: u8) -> CtKey<A> {
+    CtKey {
+        saddr: t.saddr,
+        daddr: t.daddr,
+        sport_be: t.sport_be,
+        dport_be: t.dport_be,
+        proto: t.proto,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+/// The affinity key of `client` towards the frontend `rev_nat_id`.
+#[inline(always)]
+pub(crate) fn affinity_key<A>(client: A, rev_nat_id: u32) -> AffinityKey<A> {
+    AffinityKey { client, rev_nat_id }
+}
+
+/// Full-length LPM key: the frontend, then the client address.
+#[inline(always)]
+pub(crate) fn source_range_key<F: Family>(
+    rev_nat_id: u32,
+    client: F::Addr,
+) -> Key<SourceRange<F::Addr>> {
+    Key::new(
+        32 + F::ADDR_BITS,
+        SourceRange {
+            rev_nat_id_be: rev_nat_id.to_be(),
+            addr: client,
+        },
+    )
+}
+
+/// A placeholder backend before one is chosen, with `addr` copied in
+/// (zeroing the address would cost a `memset` subprogram call).
+#[inline(always)]
+pub(crate) fn placeholder_backend<A>(addr: A) -> Backend<A> {
+    Backend {
+        addr,
+        port_be: 0,
+        proto: 0,
+        flags: 0,
+    }
 }
 
 /// IPv4.
-pub struct V4;
+pub(crate) struct V4;
 /// IPv6.
-pub struct V6;
+pub(crate) struct V6;
 
 impl Family for V4 {
-    type Addr = [u8; 4];
-    type SvcKey = Lb4Key;
-    type CtKey = Ct4Key;
-    type Backend = Lb4Backend;
-    type RevNat = Lb4RevNat;
-    type AffinityKey = Affinity4Key;
-    type SourceRange = SourceRange4;
+    type Addr = Addr4;
 
     const IS_V4: bool = true;
-    const L4_OFF: usize = ETH_HLEN + core::mem::size_of::<Ipv4Hdr>();
+    const L4_OFF: usize = ipv4::L4_OFF;
+    const ADDR_BITS: u32 = 32;
 
     #[inline(always)]
-    fn services() -> &'static HashMap<Lb4Key, LbService> {
+    fn services() -> &'static HashMap<LbKey<Addr4>, LbService> {
         &LB4_SVC_V2
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Lb4Backend> {
+    fn backends() -> &'static HashMap<u32, Backend<Addr4>> {
         &LB4_BE_V2
     }
     #[inline(always)]
-    fn rev_nats() -> &'static HashMap<u32, Lb4RevNat> {
+    fn rev_nats() -> &'static HashMap<u32, RevNat<Addr4>> {
         &LB4_RNAT_V2
     }
     #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<Ct4Key, CtEntry> {
+    fn conntrack() -> &'static LruHashMap<CtKey<Addr4>, CtEntry> {
         &LB4_CT_V3
     }
     #[inline(always)]
-    fn affinity() -> &'static LruHashMap<Affinity4Key, AffinityEntry> {
+    fn affinity() -> &'static LruHashMap<AffinityKey<Addr4>, AffinityEntry> {
         &LB4_AFF_V1
     }
     #[inline(always)]
-    fn source_ranges() -> &'static LpmTrie<SourceRange4, u8> {
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Addr4>, u8> {
         &LB4_SRC_V1
     }
     #[inline(always)]
-    fn affinity_key(client: [u8; 4], rev_nat_id: u32) -> Affinity4Key {
-        Affinity4Key { client, rev_nat_id }
+    fn flow_hash(t: &Tuple<Addr4>) -> u32 {
+        flow_hash(&t.saddr, &t.daddr, t.sport_be, t.dport_be, t.proto)
     }
     #[inline(always)]
-    fn source_range_key(rev_nat_id: u32, client: [u8; 4]) -> Key<SourceRange4> {
-        Key::new(
-            64,
-            SourceRange4 {
-                rev_nat_id_be: rev_nat_id.to_be(),
-                addr: client,
-            },
-        )
-    }
-    #[inline(always)]
-    fn svc_key(addr: [u8; 4], dport_be: u16, slot: u16, proto: u8) -> Lb4Key {
-        Lb4Key {
-            addr,
-            dport_be,
-            backend_slot: slot,
-            proto,
-            scope: lb_common::scope::INTERNAL,
-            _pad: [0; 2],
-        }
-    }
-    #[inline(always)]
-    fn ct_key(t: &Tuple<[u8; 4]>, dir: u8) -> Ct4Key {
-        Ct4Key {
-            saddr: t.saddr,
-            daddr: t.daddr,
-            sport_be: t.sport_be,
-            dport_be: t.dport_be,
-            proto: t.proto,
-            dir,
-            _pad: [0; 2],
-        }
-    }
-    #[inline(always)]
-    fn backend_target(b: &Lb4Backend) -> ([u8; 4], u16, u8) {
-        (b.addr, b.port_be, b.flags)
-    }
-    #[inline(always)]
-    fn rev_nat_target(r: &Lb4RevNat) -> ([u8; 4], u16) {
-        (r.addr, r.port_be)
-    }
-    #[inline(always)]
-    fn flow_hash(t: &Tuple<[u8; 4]>) -> u32 {
-        let mut h = hash_mix(0x5f1b_6c3d, u32::from_ne_bytes(t.saddr));
-        h = hash_mix(h, u32::from_ne_bytes(t.daddr));
-        h = hash_mix(h, (u32::from(t.sport_be) << 16) | u32::from(t.dport_be));
-        hash_finish(hash_mix(h, u32::from(t.proto)))
-    }
-    #[inline(always)]
-    fn node_addr(config: &LbConfig) -> [u8; 4] {
+    fn node_addr(config: &LbConfig) -> Addr4 {
         config.node_addr4
     }
     #[inline(always)]
-    fn loopback(config: &LbConfig) -> [u8; 4] {
+    fn loopback(config: &LbConfig) -> Addr4 {
         config.loopback4
     }
     #[inline(always)]
-    fn is_unspecified(addr: &[u8; 4]) -> bool {
+    fn is_unspecified(addr: &Addr4) -> bool {
         u32::from_ne_bytes(*addr) == 0
     }
     #[inline(always)]
-    fn set_nat(nat: &mut [u8; 16], addr: [u8; 4]) {
+    fn set_nat(nat: &mut [u8; 16], addr: Addr4) {
         nat[0] = addr[0];
         nat[1] = addr[1];
         nat[2] = addr[2];
         nat[3] = addr[3];
     }
     #[inline(always)]
-    fn from_nat(addr: &[u8; 16]) -> [u8; 4] {
+    fn from_nat(addr: &[u8; 16]) -> Addr4 {
         [addr[0], addr[1], addr[2], addr[3]]
     }
     #[inline(always)]
-    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<[u8; 4]> {
+    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<Addr4> {
         &mut packet.tuple4
-    }
-    #[inline(always)]
-    fn placeholder_backend(addr: [u8; 4]) -> Lb4Backend {
-        Lb4Backend {
-            addr,
-            port_be: 0,
-            proto: 0,
-            flags: 0,
-        }
     }
     #[inline(always)]
     fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
@@ -238,140 +229,79 @@ impl Family for V4 {
     #[inline(always)]
     fn write_addrs(
         ctx: &TcContext,
-        old: &Tuple<[u8; 4]>,
-        new: &Tuple<[u8; 4]>,
+        old: &Tuple<Addr4>,
+        new: &Tuple<Addr4>,
     ) -> Result<Option<CsumDiff>, Verdict> {
-        nat::write_addrs4(ctx, old, new)
+        xlate::write_addrs4(ctx, old, new)
+    }
+    #[inline(always)]
+    fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+        fwd::fib_request4(ctx, params)
+    }
+    #[inline(always)]
+    fn decrement_ttl(ctx: &TcContext) -> Option<()> {
+        fwd::decrement_ttl4(ctx)
     }
 }
 
 impl Family for V6 {
-    type Addr = [u8; 16];
-    type SvcKey = Lb6Key;
-    type CtKey = Ct6Key;
-    type Backend = Lb6Backend;
-    type RevNat = Lb6RevNat;
-    type AffinityKey = Affinity6Key;
-    type SourceRange = SourceRange6;
+    type Addr = Addr6;
 
     const IS_V4: bool = false;
-    const L4_OFF: usize = ETH_HLEN + core::mem::size_of::<Ipv6Hdr>();
+    const L4_OFF: usize = ipv6::L4_OFF;
+    const ADDR_BITS: u32 = 128;
 
     #[inline(always)]
-    fn services() -> &'static HashMap<Lb6Key, LbService> {
+    fn services() -> &'static HashMap<LbKey<Addr6>, LbService> {
         &LB6_SVC_V2
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Lb6Backend> {
+    fn backends() -> &'static HashMap<u32, Backend<Addr6>> {
         &LB6_BE_V2
     }
     #[inline(always)]
-    fn rev_nats() -> &'static HashMap<u32, Lb6RevNat> {
+    fn rev_nats() -> &'static HashMap<u32, RevNat<Addr6>> {
         &LB6_RNAT_V2
     }
     #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<Ct6Key, CtEntry> {
+    fn conntrack() -> &'static LruHashMap<CtKey<Addr6>, CtEntry> {
         &LB6_CT_V3
     }
     #[inline(always)]
-    fn affinity() -> &'static LruHashMap<Affinity6Key, AffinityEntry> {
+    fn affinity() -> &'static LruHashMap<AffinityKey<Addr6>, AffinityEntry> {
         &LB6_AFF_V1
     }
     #[inline(always)]
-    fn source_ranges() -> &'static LpmTrie<SourceRange6, u8> {
+    fn source_ranges() -> &'static LpmTrie<SourceRange<Addr6>, u8> {
         &LB6_SRC_V1
     }
     #[inline(always)]
-    fn affinity_key(client: [u8; 16], rev_nat_id: u32) -> Affinity6Key {
-        Affinity6Key { client, rev_nat_id }
+    fn flow_hash(t: &Tuple<Addr6>) -> u32 {
+        flow_hash(&t.saddr, &t.daddr, t.sport_be, t.dport_be, t.proto)
     }
     #[inline(always)]
-    fn source_range_key(rev_nat_id: u32, client: [u8; 16]) -> Key<SourceRange6> {
-        Key::new(
-            160,
-            SourceRange6 {
-                rev_nat_id_be: rev_nat_id.to_be(),
-                addr: client,
-            },
-        )
-    }
-    #[inline(always)]
-    fn svc_key(addr: [u8; 16], dport_be: u16, slot: u16, proto: u8) -> Lb6Key {
-        Lb6Key {
-            addr,
-            dport_be,
-            backend_slot: slot,
-            proto,
-            scope: lb_common::scope::INTERNAL,
-            _pad: [0; 2],
-        }
-    }
-    #[inline(always)]
-    fn ct_key(t: &Tuple<[u8; 16]>, dir: u8) -> Ct6Key {
-        Ct6Key {
-            saddr: t.saddr,
-            daddr: t.daddr,
-            sport_be: t.sport_be,
-            dport_be: t.dport_be,
-            proto: t.proto,
-            dir,
-            _pad: [0; 2],
-        }
-    }
-    #[inline(always)]
-    fn backend_target(b: &Lb6Backend) -> ([u8; 16], u16, u8) {
-        (b.addr, b.port_be, b.flags)
-    }
-    #[inline(always)]
-    fn rev_nat_target(r: &Lb6RevNat) -> ([u8; 16], u16) {
-        (r.addr, r.port_be)
-    }
-    #[inline(always)]
-    fn flow_hash(t: &Tuple<[u8; 16]>) -> u32 {
-        let mut h = 0x5f1b_6c3d;
-        let mut i = 0;
-        while i < 16 {
-            let s = [t.saddr[i], t.saddr[i + 1], t.saddr[i + 2], t.saddr[i + 3]];
-            let d = [t.daddr[i], t.daddr[i + 1], t.daddr[i + 2], t.daddr[i + 3]];
-            h = hash_mix(h, u32::from_ne_bytes(s));
-            h = hash_mix(h, u32::from_ne_bytes(d));
-            i += 4;
-        }
-        h = hash_mix(h, (u32::from(t.sport_be) << 16) | u32::from(t.dport_be));
-        hash_finish(hash_mix(h, u32::from(t.proto)))
-    }
-    #[inline(always)]
-    fn node_addr(config: &LbConfig) -> [u8; 16] {
+    fn node_addr(config: &LbConfig) -> Addr6 {
         config.node_addr6
     }
     #[inline(always)]
-    fn loopback(config: &LbConfig) -> [u8; 16] {
+    fn loopback(config: &LbConfig) -> Addr6 {
         config.loopback6
     }
     #[inline(always)]
-    fn is_unspecified(addr: &[u8; 16]) -> bool {
+    fn is_unspecified(addr: &Addr6) -> bool {
         u128::from_ne_bytes(*addr) == 0
     }
     #[inline(always)]
-    fn set_nat(nat: &mut [u8; 16], addr: [u8; 16]) {
+    fn set_nat(nat: &mut [u8; 16], addr: Addr6) {
         *nat = addr;
     }
     #[inline(always)]
-    fn from_nat(addr: &[u8; 16]) -> [u8; 16] {
+    fn from_nat(addr: &[u8; 16]) -> Addr6 {
         *addr
     }
     #[inline(always)]
-    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<[u8; 16]> {
+    fn packet_tuple(packet: &mut Packet) -> &mut Tuple<Addr6> {
         &mut packet.tuple6
-    }
-    #[inline(always)]
-    fn placeholder_backend(addr: [u8; 16]) -> Lb6Backend {
-        Lb6Backend {
-            addr,
-            port_be: 0,
-            proto: 0,
-            flags: 0,
-        }
     }
     #[inline(always)]
     fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
@@ -380,9 +310,17 @@ impl Family for V6 {
     #[inline(always)]
     fn write_addrs(
         ctx: &TcContext,
-        old: &Tuple<[u8; 16]>,
-        new: &Tuple<[u8; 16]>,
+        old: &Tuple<Addr6>,
+        new: &Tuple<Addr6>,
     ) -> Result<Option<CsumDiff>, Verdict> {
-        nat::write_addrs6(ctx, old, new)
+        xlate::write_addrs6(ctx, old, new)
+    }
+    #[inline(always)]
+    fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+        fwd::fib_request6(ctx, params)
+    }
+    #[inline(always)]
+    fn decrement_ttl(ctx: &TcContext) -> Option<()> {
+        fwd::decrement_ttl6(ctx)
     }
 }

@@ -15,63 +15,58 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT,
-        bpf_fib_lookup as FibLookup,
+        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 
 use crate::{
-    nat::{CsumDiff, IP4_CSUM_OFF},
-    parse::{ETH_HLEN, Ipv4Hdr, Ipv6Hdr, Verdict, read, write, zeroed_in_place},
+    csum::CsumDiff,
+    family::Family,
+    hdr::{
+        L3_OFF,
+        eth::{ALEN, DADDR_OFF, SADDR_OFF},
+        ipv4::{self, Ipv4Hdr},
+        ipv6::{self, Ipv6Hdr},
+    },
+    skb::{read, write},
+    verdict::{TC_ACT_REDIRECT, Verdict},
+    zeroed::zeroed_in_place,
 };
 
+/// Address families of the FIB lookup (linux/socket.h).
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Sends the (already translated) packet towards its destination; returns
-/// `verdict` unchanged when the stack should do it.
+/// `verdict` (encoded) unchanged when the stack should do it, else the
+/// same reason with the redirect action.
 #[inline(never)]
-pub fn forward(ctx: &TcContext, v4: bool, verdict: u64) -> u64 {
+pub(crate) fn forward<F: Family>(ctx: &TcContext, verdict: u64) -> u64 {
     let verdict = Verdict::decode(verdict);
-    match try_forward(ctx, v4) {
-        Some(action) => Verdict {
-            action,
-            reason: verdict.reason,
-        }
-        .encode(),
-        None => verdict.encode(),
+    if try_forward::<F>(ctx).is_some() {
+        Verdict::redirect(verdict.reason).encode()
+    } else {
+        verdict.encode()
     }
 }
 
+/// `Some` when the packet was redirected.
 #[inline(always)]
-fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
+fn try_forward<F: Family>(ctx: &TcContext) -> Option<()> {
     let mut slot = MaybeUninit::uninit();
     // SAFETY: `bpf_fib_lookup` is plain integers, bytes and their unions.
     let params: &mut FibLookup = unsafe { zeroed_in_place(&mut slot) };
     // SAFETY: the context of a TC program is an `__sk_buff`.
     params.ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
-    if v4 {
-        let ip: Ipv4Hdr = read(ctx, ETH_HLEN).ok()?;
-        if ip.ttl <= 1 {
-            return None;
-        }
-        params.family = AF_INET;
-        params.l4_protocol = ip.proto;
-        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);
-    } else {
-        let ip: Ipv6Hdr = read(ctx, ETH_HLEN).ok()?;
-        if ip.hop_limit <= 1 {
-            return None;
-        }
-        params.family = AF_INET6;
-        params.l4_protocol = ip.next_hdr;
-        params.__bindgen_anon_3.ipv6_src = words(&ip.saddr);
-        params.__bindgen_anon_4.ipv6_dst = words(&ip.daddr);
-    }
+    F::fib_request(ctx, params)?;
     // SAFETY: `params` is a properly sized, initialised lookup structure.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
@@ -84,24 +79,52 @@ fn try_forward(ctx: &TcContext, v4: bool) -> Option<i32> {
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
-    decrement_ttl(ctx, v4)?;
+    F::decrement_ttl(ctx)?;
     let action = if rc == BPF_FIB_LKUP_RET_SUCCESS {
         // SAFETY: after a successful lookup the union holds the MACs.
-        let (smac, dmac) = unsafe {
+        let (smac, dmac): ([u8; ALEN], [u8; ALEN]) = unsafe {
             (
                 params.__bindgen_anon_6.__bindgen_anon_2.smac,
                 params.__bindgen_anon_6.__bindgen_anon_2.dmac,
             )
         };
-        write(ctx, 0, dmac).ok()?;
-        write(ctx, 6, smac).ok()?;
+        write(ctx, DADDR_OFF, dmac).ok()?;
+        write(ctx, SADDR_OFF, smac).ok()?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(params.ifindex, 0) }
     } else {
         // SAFETY: no parameters: the kernel resolves the next hop itself.
         unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
     };
-    (action == i64::from(TC_ACT_REDIRECT)).then_some(TC_ACT_REDIRECT as i32)
+    (action == i64::from(TC_ACT_REDIRECT)).then_some(())
+}
+
+/// `Family::fib_request` of IPv4.
+#[inline(always)]
+pub(crate) fn fib_request4(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+    let ip: Ipv4Hdr = read(ctx, L3_OFF).ok()?;
+    if ip.ttl <= 1 {
+        return None;
+    }
+    params.family = AF_INET;
+    params.l4_protocol = ip.proto;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.saddr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.daddr);
+    Some(())
+}
+
+/// `Family::fib_request` of IPv6.
+#[inline(always)]
+pub(crate) fn fib_request6(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+    let ip: Ipv6Hdr = read(ctx, L3_OFF).ok()?;
+    if ip.hop_limit <= 1 {
+        return None;
+    }
+    params.family = AF_INET6;
+    params.l4_protocol = ip.next_hdr;
+    params.__bindgen_anon_3.ipv6_src = words(&ip.saddr);
+    params.__bindgen_anon_4.ipv6_dst = words(&ip.daddr);
+    Some(())
 }
 
 #[inline(always)]
@@ -114,26 +137,27 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// IPv4 TTL and IPv6 hop limit offsets in the frame.
-const IP4_TTL_OFF: usize = ETH_HLEN + 8;
-const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
-
-/// What routing would do: one hop less (and the IPv4 checksum with it).
+/// `Family::decrement_ttl` of IPv4: the checksum follows the TTL.
 #[inline(always)]
-fn decrement_ttl(ctx: &TcContext, v4: bool) -> Option<()> {
-    if v4 {
-        // TTL shares a 16-bit word with the protocol byte.
-        let old: [u8; 2] = read(ctx, IP4_TTL_OFF).ok()?;
-        let new = [old[0] - 1, old[1]];
-        let check: u16 = read(ctx, IP4_CSUM_OFF).ok()?;
-        let diff = CsumDiff::NONE.word(
-            u32::from(u16::from_ne_bytes(old)),
-            u32::from(u16::from_ne_bytes(new)),
-        );
-        write(ctx, IP4_TTL_OFF, new).ok()?;
-        write(ctx, IP4_CSUM_OFF, diff.apply(check)).ok()
-    } else {
-        let hop_limit: u8 = read(ctx, IP6_HOP_LIMIT_OFF).ok()?;
-        write(ctx, IP6_HOP_LIMIT_OFF, hop_limit - 1).ok()
-    }
+pub(crate) fn decrement_ttl4(ctx: &TcContext) -> Option<()> {
+    const TTL: usize = L3_OFF + ipv4::TTL_OFF;
+    const CSUM: usize = L3_OFF + ipv4::CSUM_OFF;
+    // TTL shares a 16-bit word with the protocol byte.
+    let old: [u8; 2] = read(ctx, TTL).ok()?;
+    let new = [old[0] - 1, old[1]];
+    let check: u16 = read(ctx, CSUM).ok()?;
+    let diff = CsumDiff::NONE.word(
+        u32::from(u16::from_ne_bytes(old)),
+        u32::from(u16::from_ne_bytes(new)),
+    );
+    write(ctx, TTL, new).ok()?;
+    write(ctx, CSUM, diff.apply(check)).ok()
+}
+
+/// `Family::decrement_ttl` of IPv6 (no header checksum).
+#[inline(always)]
+pub(crate) fn decrement_ttl6(ctx: &TcContext) -> Option<()> {
+    const HOP_LIMIT: usize = L3_OFF + ipv6::HOP_LIMIT_OFF;
+    let hop_limit: u8 = read(ctx, HOP_LIMIT).ok()?;
+    write(ctx, HOP_LIMIT, hop_limit - 1).ok()
 }

@@ -11,53 +11,53 @@ use lb_common::{
 };
 
 #[map]
-pub static LB4_SVC_V2: HashMap<Lb4Key, LbService> =
+pub(crate) static LB4_SVC_V2: HashMap<Lb4Key, LbService> =
     HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB6_SVC_V2: HashMap<Lb6Key, LbService> =
+pub(crate) static LB6_SVC_V2: HashMap<Lb6Key, LbService> =
     HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB4_BE_V2: HashMap<u32, Lb4Backend> =
+pub(crate) static LB4_BE_V2: HashMap<u32, Lb4Backend> =
     HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB6_BE_V2: HashMap<u32, Lb6Backend> =
+pub(crate) static LB6_BE_V2: HashMap<u32, Lb6Backend> =
     HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB4_RNAT_V2: HashMap<u32, Lb4RevNat> =
+pub(crate) static LB4_RNAT_V2: HashMap<u32, Lb4RevNat> =
     HashMap::pinned(limits::MAX_FRONTENDS, map_flags::NO_PREALLOC);
 #[map]
-pub static LB6_RNAT_V2: HashMap<u32, Lb6RevNat> =
+pub(crate) static LB6_RNAT_V2: HashMap<u32, Lb6RevNat> =
     HashMap::pinned(limits::MAX_FRONTENDS, map_flags::NO_PREALLOC);
 // Per-CPU LRU lists: with the conntrack maps full and every insert evicting
 // (`datapath_cost --profile churn`), a new flow measured ~10% cheaper than
 // with the common LRU (faster only right after the maps were emptied).
 #[map]
-pub static LB4_CT_V3: LruHashMap<Ct4Key, CtEntry> =
+pub(crate) static LB4_CT_V3: LruHashMap<Ct4Key, CtEntry> =
     LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
 #[map]
-pub static LB6_CT_V3: LruHashMap<Ct6Key, CtEntry> =
+pub(crate) static LB6_CT_V3: LruHashMap<Ct6Key, CtEntry> =
     LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
 #[map]
-pub static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
+pub(crate) static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
 #[map]
-pub static LB6_AFF_V1: LruHashMap<Affinity6Key, AffinityEntry> =
+pub(crate) static LB6_AFF_V1: LruHashMap<Affinity6Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
 #[map]
-pub static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
-pub static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
-pub static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
-pub static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
+static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-pub static LB_REASONS_V1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
-pub fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V1.get_ptr_mut(reason) {
+pub(crate) fn count_reason(reason: u32) {
+    if let Some(counter) = LB_REASONS_V2.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }
@@ -65,7 +65,7 @@ pub fn count_reason(reason: u32) {
 
 /// Counts one translated packet of `len` bytes for the frontend `rev_nat_id`.
 #[inline(always)]
-pub fn count_service(rev_nat_id: u32, len: u32) {
+pub(crate) fn count_service(rev_nat_id: u32, len: u32) {
     if let Some(stats) = LB_SVC_STATS_V1.get_ptr_mut(rev_nat_id) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe {
@@ -78,10 +78,10 @@ pub fn count_service(rev_nat_id: u32, len: u32) {
 /// Per-CPU scratch space for building reject replies (not pinned: private
 /// to one loaded program).
 #[map]
-pub static LB_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
+pub(crate) static LB_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU scratch: the parsed packet between the parse and to-backend
 /// steps (not pinned: private to one loaded program).
 #[map]
-pub static LB_PACKET: PerCpuArray<crate::family::Packet> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static LB_PACKET: PerCpuArray<crate::tc::Packet> = PerCpuArray::with_max_entries(1, 0);

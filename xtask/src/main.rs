@@ -1,5 +1,5 @@
-//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask setup`,
-//! `cargo xtask bench`.
+//! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask clippy-ebpf`,
+//! `cargo xtask setup`, `cargo xtask bench`.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,6 +26,9 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+    /// Lint the eBPF crate as it is built (clippy for bpfel-unknown-none,
+    /// `-D warnings`), then its host unit tests (clippy --all-targets).
+    ClippyEbpf,
     /// Check (and install what is missing of) the build and test prerequisites.
     Setup,
     /// Run the benchmarks and write the report (root): per-packet cost
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     let root = workspace_root()?;
     match Cli::parse().task {
         Task::BuildEbpf { debug } => build_ebpf(&root, debug),
+        Task::ClippyEbpf => clippy_ebpf(&root),
         Task::Setup => run(Command::new(root.join("scripts/setup.sh"))),
         Task::Bench { quick, only } => bench::run_bench(&root, quick, &only),
     }
@@ -80,6 +84,42 @@ fn build_ebpf(root: &Path, debug: bool) -> anyhow::Result<()> {
     if which("bpf-linker").is_none() {
         bail!("bpf-linker not found on PATH: run `cargo xtask setup` (scripts/setup.sh)");
     }
+    let mut cmd = ebpf_cargo(root, "build");
+    cmd.arg("--bins");
+    if !debug {
+        cmd.arg("--release");
+    }
+    run(cmd)?;
+    let object = root
+        .join("target/bpfel-unknown-none")
+        .join(if debug { "debug" } else { "release" })
+        .join("lb-ebpf");
+    eprintln!("[xtask] eBPF object: {}", object.display());
+    Ok(())
+}
+
+/// Clippy on the eBPF crate for the BPF target (the code that is loaded),
+/// then on the host (its unit tests: `csum`, `hash`, `verdict`).
+fn clippy_ebpf(root: &Path) -> anyhow::Result<()> {
+    let mut cmd = ebpf_cargo(root, "clippy");
+    cmd.args(["--release", "--", "-D", "warnings"]);
+    run(cmd)?;
+    let mut host = cargo();
+    host.current_dir(root).args([
+        "clippy",
+        "--package",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(host)
+}
+
+/// `cargo SUBCOMMAND` on lb-ebpf for bpfel-unknown-none with
+/// `-Z build-std=core`, as aya-build builds it.
+fn ebpf_cargo(root: &Path, subcommand: &str) -> Command {
     let arch = std::env::consts::ARCH;
     let mut cmd = cargo();
     cmd.current_dir(root.join("lb-ebpf"))
@@ -95,25 +135,15 @@ fn build_ebpf(root: &Path, debug: bool) -> anyhow::Result<()> {
             .join("\x1f"),
         )
         .args([
-            "build",
+            subcommand,
             "--package",
             "lb-ebpf",
-            "--bins",
             "--target",
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
         ]);
-    if !debug {
-        cmd.arg("--release");
-    }
-    run(cmd)?;
-    let object = root
-        .join("target/bpfel-unknown-none")
-        .join(if debug { "debug" } else { "release" })
-        .join("lb-ebpf");
-    eprintln!("[xtask] eBPF object: {}", object.display());
-    Ok(())
+    cmd
 }
 
 pub(crate) fn which(program: &str) -> Option<PathBuf> {

@@ -1,4 +1,5 @@
-//! Address and port rewrites with incremental checksum updates.
+//! The rewrite: addresses and ports of a packet replaced, with incremental
+//! checksum updates.
 //!
 //! The new bytes are written with direct packet access, the IPv4 header
 //! checksum is updated in place (it covers only the header), and the L4
@@ -6,8 +7,8 @@
 //! for the address change (pseudo-header) and one for the port change
 //! (IPv6 on kernels before 6.16: two more, see `pseudo_csum_replace`). The
 //! helper is kept for L4 because only the kernel knows the skb's checksum
-//! state: with CHECKSUM_PARTIAL (local senders over veth) only the
-//! pseudo-header part may be applied to the field, with CHECKSUM_COMPLETE
+//! state: with `CHECKSUM_PARTIAL` (local senders over veth) only the
+//! pseudo-header part may be applied to the field, with `CHECKSUM_COMPLETE`
 //! `skb->csum` must follow an IPv4 pseudo-header change.
 
 use aya_ebpf::{
@@ -16,35 +17,33 @@ use aya_ebpf::{
     helpers::bpf_csum_update,
     programs::TcContext,
 };
-use lb_common::{proto, reason};
+use lb_common::{Addr4, Addr6, proto, reason};
 
 use crate::{
+    csum::CsumDiff,
     family::{Family, Tuple},
-    parse::{ETH_HLEN, Ports, TCP_CSUM_OFF, UDP_CSUM_OFF, Verdict, read, write},
+    hdr::{
+        L3_OFF, ipv4, ipv6,
+        l4::{Ports, TCP_CSUM_OFF, UDP_CSUM_OFF},
+    },
+    skb::{read, write},
+    verdict::Verdict,
 };
-
-/// IPv4 header offsets.
-pub const IP4_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP4_SADDR_OFF: usize = ETH_HLEN + 12;
-pub const IP4_DADDR_OFF: usize = ETH_HLEN + 16;
-/// IPv6 header offsets.
-pub const IP6_SADDR_OFF: usize = ETH_HLEN + 8;
-pub const IP6_DADDR_OFF: usize = ETH_HLEN + 24;
 
 /// Where the L4 checksum is and how to update it.
 #[derive(Clone, Copy)]
-pub struct L4Csum {
+struct L4Csum {
     /// Offset of the checksum field in the packet.
-    pub off: usize,
+    off: usize,
     /// Extra flags for `l4_csum_replace` (UDP over IPv4: keep a zero checksum zero).
-    pub flags: u64,
+    flags: u64,
 }
 
 impl L4Csum {
     /// Checksum location for `l4_proto` at `l4_off`; `v4` selects IPv4's
     /// rule that a zero UDP checksum means "none" and must stay zero.
     #[inline(always)]
-    pub fn new(l4_proto: u8, l4_off: usize, v4: bool) -> Self {
+    fn new(l4_proto: u8, l4_off: usize, v4: bool) -> Self {
         if l4_proto == proto::TCP {
             Self {
                 off: l4_off + TCP_CSUM_OFF,
@@ -63,71 +62,16 @@ impl L4Csum {
     }
 }
 
-/// A ones'-complement checksum difference (RFC 1624), accumulated over
-/// 32-bit words as they sit in the packet (read natively, as the kernel's
-/// checksum helpers do).
-#[derive(Clone, Copy)]
-pub struct CsumDiff(u64);
-
-impl CsumDiff {
-    /// No change.
-    pub const NONE: Self = Self(0);
-
-    /// Adds the change of one 32-bit word from `old` to `new`.
-    #[inline(always)]
-    pub fn word(self, old: u32, new: u32) -> Self {
-        Self(self.0 + u64::from(!old) + u64::from(new))
-    }
-
-    /// Adds the change of a 4-byte field.
-    #[inline(always)]
-    pub fn bytes4(self, old: [u8; 4], new: [u8; 4]) -> Self {
-        self.word(u32::from_ne_bytes(old), u32::from_ne_bytes(new))
-    }
-
-    /// Adds the change of a 16-byte field.
-    #[inline(always)]
-    pub fn bytes16(self, old: &[u8; 16], new: &[u8; 16]) -> Self {
-        let mut diff = self;
-        let mut i = 0;
-        while i < 16 {
-            diff = diff.bytes4(
-                [old[i], old[i + 1], old[i + 2], old[i + 3]],
-                [new[i], new[i + 1], new[i + 2], new[i + 3]],
-            );
-            i += 4;
-        }
-        diff
-    }
-
-    /// The difference as the kernel's 32-bit `__wsum`.
-    #[inline(always)]
-    pub fn wsum(self) -> u32 {
-        let x = (self.0 & 0xffff_ffff) + (self.0 >> 32);
-        ((x & 0xffff_ffff) + (x >> 32)) as u32
-    }
-
-    /// `check` (a 16-bit checksum field as read) updated by this difference.
-    #[inline(always)]
-    pub fn apply(self, check: u16) -> u16 {
-        let mut x = u64::from(!check) + self.0;
-        x = (x & 0xffff) + (x >> 16);
-        x = (x & 0xffff) + (x >> 16);
-        x = (x & 0xffff) + (x >> 16);
-        x = (x & 0xffff) + (x >> 16);
-        !(x as u16)
-    }
-}
-
 #[inline(always)]
 fn rewrite_failed<E>(_: E) -> Verdict {
     Verdict::drop(reason::DROP_REWRITE)
 }
 
-/// Rewrites the packet of `old` (the tuple as parsed) to carry `new`'s addresses and ports, with every checksum
-/// updated. Fields equal in both are not touched.
+/// Rewrites the packet of `old` (the tuple as parsed) to carry `new`'s
+/// addresses and ports, with every checksum updated. Fields equal in both
+/// are not touched.
 #[inline(always)]
-pub fn rewrite<F: Family>(
+pub(crate) fn rewrite<F: Family>(
     ctx: &TcContext,
     old: &Tuple<F::Addr>,
     new: &Tuple<F::Addr>,
@@ -169,7 +113,7 @@ fn ports_word(ports: Ports) -> u32 {
 }
 
 /// Applies a pseudo-header (address) change to the L4 checksum. For IPv6,
-/// `BPF_F_IPV6` tells the kernel that `skb->csum` (CHECKSUM_COMPLETE) must
+/// `BPF_F_IPV6` tells the kernel that `skb->csum` (`CHECKSUM_COMPLETE`) must
 /// not change, since the address bytes themselves changed by the same
 /// amount. Kernels before 6.16 refuse the flag: they get the call without
 /// it, which takes the difference off `skb->csum`, and `bpf_csum_update`
@@ -197,49 +141,55 @@ fn pseudo_csum_replace(
     ctx.l4_csum_replace(csum.off, 0, diff, flags)
         .map_err(rewrite_failed)?;
     // SAFETY: the context of a TC program is an `__sk_buff`.
-    unsafe { bpf_csum_update(ctx.as_ptr().cast::<__sk_buff>(), diff as u32) };
+    #[expect(clippy::cast_possible_truncation, reason = "a 32-bit wsum")]
+    unsafe {
+        bpf_csum_update(ctx.as_ptr().cast::<__sk_buff>(), diff as u32)
+    };
     Ok(())
 }
 
-/// Writes IPv4 addresses and updates the header checksum; returns the
-/// pseudo-header difference, or `None` when the addresses are unchanged.
+/// `Family::write_addrs` of IPv4: writes the addresses and updates the
+/// header checksum; returns the pseudo-header difference, or `None` when
+/// the addresses are unchanged.
 #[inline(always)]
-pub fn write_addrs4(
+pub(crate) fn write_addrs4(
     ctx: &TcContext,
-    old: &Tuple<[u8; 4]>,
-    new: &Tuple<[u8; 4]>,
+    old: &Tuple<Addr4>,
+    new: &Tuple<Addr4>,
 ) -> Result<Option<CsumDiff>, Verdict> {
+    const CSUM: usize = L3_OFF + ipv4::CSUM_OFF;
     if old.saddr == new.saddr && old.daddr == new.daddr {
         return Ok(None);
     }
     let diff = CsumDiff::NONE
         .bytes4(old.saddr, new.saddr)
         .bytes4(old.daddr, new.daddr);
-    let check: u16 = read(ctx, IP4_CSUM_OFF)?;
-    write(ctx, IP4_SADDR_OFF, new.saddr)?;
-    write(ctx, IP4_DADDR_OFF, new.daddr)?;
-    write(ctx, IP4_CSUM_OFF, diff.apply(check))?;
+    let check: u16 = read(ctx, CSUM)?;
+    write(ctx, L3_OFF + ipv4::SADDR_OFF, new.saddr)?;
+    write(ctx, L3_OFF + ipv4::DADDR_OFF, new.daddr)?;
+    write(ctx, CSUM, diff.apply(check))?;
     Ok(Some(diff))
 }
 
-/// Writes the IPv6 addresses that change (IPv6 has no header checksum);
-/// returns the pseudo-header difference, or `None` when none changes.
+/// `Family::write_addrs` of IPv6: writes the addresses that change (IPv6
+/// has no header checksum); returns the pseudo-header difference, or
+/// `None` when none changes.
 #[inline(always)]
-pub fn write_addrs6(
+pub(crate) fn write_addrs6(
     ctx: &TcContext,
-    old: &Tuple<[u8; 16]>,
-    new: &Tuple<[u8; 16]>,
+    old: &Tuple<Addr6>,
+    new: &Tuple<Addr6>,
 ) -> Result<Option<CsumDiff>, Verdict> {
     let mut diff = CsumDiff::NONE;
     let mut changed = false;
     if old.saddr != new.saddr {
         diff = diff.bytes16(&old.saddr, &new.saddr);
-        write(ctx, IP6_SADDR_OFF, new.saddr)?;
+        write(ctx, L3_OFF + ipv6::SADDR_OFF, new.saddr)?;
         changed = true;
     }
     if old.daddr != new.daddr {
         diff = diff.bytes16(&old.daddr, &new.daddr);
-        write(ctx, IP6_DADDR_OFF, new.daddr)?;
+        write(ctx, L3_OFF + ipv6::DADDR_OFF, new.daddr)?;
         changed = true;
     }
     Ok(changed.then_some(diff))

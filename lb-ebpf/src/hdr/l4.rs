@@ -1,0 +1,43 @@
+//! TCP, UDP and ICMP / `ICMPv6` headers: the parts the datapath touches.
+
+/// The ports of a TCP or UDP header, its first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct Ports {
+    /// Source port, network order.
+    pub(crate) sport_be: u16,
+    /// Destination port, network order.
+    pub(crate) dport_be: u16,
+}
+
+/// TCP header length without options.
+pub(crate) const TCP_HLEN: usize = 20;
+/// Offset of the TCP flags byte.
+pub(crate) const TCP_FLAGS_OFF: usize = 13;
+/// Offset of the TCP checksum.
+pub(crate) const TCP_CSUM_OFF: usize = 16;
+/// TCP flag bits.
+pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_SYN: u8 = 0x02;
+pub(crate) const TCP_RST: u8 = 0x04;
+pub(crate) const TCP_ACK: u8 = 0x10;
+
+/// UDP header length.
+pub(crate) const UDP_HLEN: usize = 8;
+/// Offset of the UDP checksum.
+pub(crate) const UDP_CSUM_OFF: usize = 6;
+
+/// ICMP and `ICMPv6` header length (type, code, checksum, 4 more bytes).
+pub(crate) const ICMP_HLEN: usize = 8;
+/// Offsets in the ICMP / `ICMPv6` header.
+pub(crate) const ICMP_TYPE_OFF: usize = 0;
+pub(crate) const ICMP_CODE_OFF: usize = 1;
+pub(crate) const ICMP_CSUM_OFF: usize = 2;
+/// ICMP destination unreachable, port unreachable (RFC 792).
+pub(crate) const ICMP_DEST_UNREACH: u8 = 3;
+pub(crate) const ICMP_PORT_UNREACH: u8 = 3;
+/// `ICMPv6` destination unreachable, port unreachable (RFC 4443).
+pub(crate) const ICMPV6_DEST_UNREACH: u8 = 1;
+pub(crate) const ICMPV6_PORT_UNREACH: u8 = 4;
+/// Bytes of the offending packet's L4 header quoted in an ICMP error.
+pub(crate) const ICMP_QUOTED_L4: usize = 8;

@@ -1,0 +1,124 @@
+//! Service lookups: the frontend of a packet, its source ranges, session
+//! affinity and the choice of a backend.
+
+use lb_common::{AffinityEntry, Backend, LbService, backend_flags, reason, svc_flags};
+
+use crate::{
+    family::{Family, Tuple, affinity_key, source_range_key, svc_key},
+    hash::slot_for,
+    verdict::Verdict,
+};
+
+/// The frontend (slot 0) serving `daddr:dport_be/l4_proto`.
+///
+/// # Safety
+/// The reference is into a map value: copy it out at once.
+#[inline(always)]
+pub(crate) unsafe fn frontend<F: Family>(
+    daddr: F::Addr,
+    dport_be: u16,
+    l4_proto: u8,
+) -> Option<&'static LbService> {
+    // SAFETY: the caller copies the value out at once.
+    unsafe { F::services().get(&svc_key(daddr, dport_be, 0, l4_proto)) }
+}
+
+/// True when `daddr` is a service address (its marker entry: port 0,
+/// protocol 0), whatever the port.
+#[inline(always)]
+pub(crate) fn is_service_address<F: Family>(daddr: F::Addr) -> bool {
+    // SAFETY: only the presence is used.
+    unsafe { F::services().get(&svc_key(daddr, 0, 0, 0)) }.is_some()
+}
+
+/// False when the frontend limits its clients to source ranges and
+/// `client` is in none of them.
+#[inline(always)]
+pub(crate) fn source_allowed<F: Family>(frontend: &LbService, client: F::Addr) -> bool {
+    frontend.flags & svc_flags::SOURCE_RANGES == 0
+        || F::source_ranges()
+            .get(&source_range_key::<F>(frontend.rev_nat_id, client))
+            .is_some()
+}
+
+/// `choose_backend` as a leaf subprogram: the backend id (0: none), the
+/// backend in `out`.
+#[inline(never)]
+pub(crate) fn choose_backend_sub<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    now: u64,
+    out: &mut Backend<F::Addr>,
+) -> u32 {
+    match choose_backend::<F>(tuple, frontend, now) {
+        Ok((id, backend)) => {
+            *out = backend;
+            id
+        }
+        Err(_) => 0,
+    }
+}
+
+/// The backend for a new flow: the client's affinity if it has a live one,
+/// else a slot chosen by the flow hash.
+#[inline(always)]
+fn choose_backend<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    now: u64,
+) -> Result<(u32, Backend<F::Addr>), Verdict> {
+    let affinity = frontend.flags & svc_flags::AFFINITY != 0;
+    if affinity {
+        let key = affinity_key(tuple.saddr, frontend.rev_nat_id);
+        if let Some(entry) = F::affinity().get_ptr_mut(&key) {
+            // SAFETY: map value pointer; fields read once.
+            let (backend_id, last_used_ns) =
+                unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+            let timeout_ns = u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
+            if now.saturating_sub(last_used_ns) <= timeout_ns {
+                // SAFETY: the value is copied out at once.
+                if let Some(backend) = unsafe { F::backends().get(&backend_id) }
+                    && backend.flags & backend_flags::TERMINATING == 0
+                {
+                    // Each new connection restarts the timeout, as
+                    // kube-proxy's `recent --set` does.
+                    // SAFETY: map value pointer.
+                    unsafe { (*entry).last_used_ns = now };
+                    return Ok((backend_id, *backend));
+                }
+            }
+        }
+    }
+    let slot = slot_for(F::flow_hash(tuple), frontend.count);
+    let slot_key = svc_key(tuple.daddr, tuple.dport_be, slot, tuple.proto);
+    // SAFETY: the value is copied out at once.
+    let Some(slot_value) = (unsafe { F::services().get(&slot_key) }) else {
+        return Err(Verdict::drop(reason::DROP_BACKEND_MISSING));
+    };
+    let backend_id = slot_value.backend_id;
+    // SAFETY: the value is copied out at once.
+    let Some(backend) = (unsafe { F::backends().get(&backend_id) }) else {
+        return Err(Verdict::drop(reason::DROP_BACKEND_MISSING));
+    };
+    Ok((backend_id, *backend))
+}
+
+/// Records the client's backend for session affinity, when the frontend
+/// has it (best effort: an LRU map).
+#[inline(always)]
+pub(crate) fn remember_affinity<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    backend_id: u32,
+    now: u64,
+) {
+    if frontend.flags & svc_flags::AFFINITY != 0 {
+        let affinity = AffinityEntry {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let key = affinity_key(tuple.saddr, frontend.rev_nat_id);
+        let _ = F::affinity().insert(&key, &affinity, 0);
+    }
+}
