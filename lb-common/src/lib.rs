@@ -215,8 +215,9 @@ pub mod reason {
     pub const DROP_CT_INSERT: u32 = 12;
     /// Packet rewrite (store or checksum helper) failed: dropped.
     pub const DROP_REWRITE: u32 = 13;
-    /// No usable backend or unknown port of a service address: ICMP
-    /// port unreachable sent back to the client.
+    /// No usable backend or unknown port of a service address: a TCP
+    /// reset (TCP) or an ICMP port unreachable (UDP) sent back to the
+    /// client.
     pub const REJECT: u32 = 14;
     /// Building the reject failed: dropped.
     pub const DROP_REJECT_FAILED: u32 = 15;
@@ -225,8 +226,11 @@ pub mod reason {
     /// Source NAT needed but no node address of the family is configured,
     /// or no free port: dropped.
     pub const DROP_NO_SNAT: u32 = 17;
+    /// A TCP reset where a reject was due: dropped, a reset is never
+    /// answered.
+    pub const DROP_RESET_UNANSWERED: u32 = 18;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -248,6 +252,7 @@ pub mod reason {
         "drop_reject_failed",
         "drop_source_range",
         "drop_no_snat",
+        "drop_reset_unanswered",
     ];
 }
 
@@ -536,6 +541,7 @@ mod tests {
             (reason::DROP_REJECT_FAILED, "drop_reject_failed"),
             (reason::DROP_SOURCE_RANGE, "drop_source_range"),
             (reason::DROP_NO_SNAT, "drop_no_snat"),
+            (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

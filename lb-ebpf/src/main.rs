@@ -6,7 +6,7 @@
 //! service (reverse NAT), both tracked in per-family conntrack maps.
 //!
 //! This file holds the entry points only; `tc` is the pipeline behind
-//! `lb_tc`. `csum`, `hash` and `verdict` are plain computations: they also
+//! `lb_tc`. `csum`, `hash`, `tcp_reset` and `verdict` are plain computations: they also
 //! build on the host, where their unit tests run (`cargo test -p lb-ebpf`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -51,6 +51,8 @@ mod skb;
 mod snat;
 #[cfg(target_arch = "bpf")]
 mod tc;
+#[cfg(any(target_arch = "bpf", test))]
+mod tcp_reset;
 #[cfg(any(target_arch = "bpf", test))]
 mod verdict;
 #[cfg(target_arch = "bpf")]

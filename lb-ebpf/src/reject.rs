@@ -1,7 +1,8 @@
-//! ICMP / `ICMPv6` "port unreachable" generated in place of the packet, sent
-//! back out of the interface it came in on. A TCP client sees "connection
-//! refused" at once, a UDP socket gets `ECONNREFUSED`, as with kube-proxy's
-//! REJECT rules.
+//! The refusal generated in place of the packet, sent back out of the
+//! interface it came in on: a TCP reset for TCP (see `tcp_reset` for why
+//! not an ICMP error), ICMP / `ICMPv6` "port unreachable" for UDP. A TCP
+//! client sees "connection refused" at once, a UDP socket gets
+//! `ECONNREFUSED`, as with kube-proxy's REJECT rules.
 //!
 //! The reply is assembled in a per-CPU scratch buffer (the BPF stack is too
 //! small for it next to the rest of the program), checksummed there, and
@@ -24,9 +25,13 @@ use crate::{
         l4::{
             ICMP_CODE_OFF, ICMP_CSUM_OFF, ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_PORT_UNREACH,
             ICMP_QUOTED_L4, ICMP_TYPE_OFF, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH,
+            TCP_ACK_SEQ_OFF, TCP_CSUM_OFF, TCP_DOFF_NO_OPTIONS, TCP_DOFF_OFF, TCP_FLAGS_OFF,
+            TCP_HLEN, TCP_SEQ_OFF,
         },
     },
     maps::LB_SCRATCH,
+    skb::read,
+    tcp_reset,
     verdict::{TC_ACT_REDIRECT, Verdict},
 };
 
@@ -48,10 +53,19 @@ const TOS_CS6: u8 = 0xc0;
 /// TTL / hop limit of the reply.
 const HOP_LIMIT: u8 = 64;
 
-/// Size of the scratch buffer: the IPv6 reply plus its pseudo-header.
-pub(crate) const SCRATCH_LEN: usize = PSEUDO6_OFF + ipv6::PSEUDO_LEN;
+/// TCP resets: the reply (Ethernet + IP + TCP without options), then the
+/// offending packet's IP and TCP headers, then the pseudo-header.
+const RESET4_LEN: usize = L3_OFF + ipv4::HLEN + TCP_HLEN;
+const RESET6_LEN: usize = L3_OFF + ipv6::HLEN + TCP_HLEN;
+const RESET_QUOTE_OFF: usize = 76;
+const RESET_PSEUDO_OFF: usize = RESET_QUOTE_OFF + ipv6::HLEN + TCP_HLEN;
+
+/// Size of the scratch buffer: the largest reply with what follows it.
+pub(crate) const SCRATCH_LEN: usize = RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN;
 
 const _: () = assert!(PSEUDO6_OFF >= REPLY6_LEN && PSEUDO6_OFF.is_multiple_of(4));
+const _: () = assert!(PSEUDO6_OFF + ipv6::PSEUDO_LEN <= SCRATCH_LEN);
+const _: () = assert!(RESET_QUOTE_OFF >= RESET6_LEN && RESET_PSEUDO_OFF.is_multiple_of(4));
 
 #[inline(always)]
 fn failed<E>(_: E) -> Verdict {
@@ -143,13 +157,17 @@ fn send_back<const N: usize>(ctx: &TcContext, buf: &[u8; SCRATCH_LEN]) -> Result
     Ok(Verdict::redirect(reason::REJECT))
 }
 
-/// IPv4: ICMP destination unreachable, port unreachable.
+/// IPv4: a TCP reset for TCP, else ICMP destination unreachable, port
+/// unreachable.
 #[inline(always)]
 #[expect(
     clippy::cast_possible_truncation,
     reason = "lengths of under 200 bytes"
 )]
 pub(crate) fn reject4(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    if read::<u8>(ctx, L3_OFF + ipv4::PROTO_OFF)? == proto::TCP {
+        return reset4(ctx);
+    }
     let quote_off = ICMP4_OFF + ICMP_HLEN;
     let buf = start_reply(ctx, ETH_P_IP, quote_off, QUOTE4)?;
     // IP header: source is the address the client tried, destination the client.
@@ -178,13 +196,17 @@ pub(crate) fn reject4(ctx: &TcContext) -> Result<Verdict, Verdict> {
     send_back::<REPLY4_LEN>(ctx, buf)
 }
 
-/// IPv6: `ICMPv6` destination unreachable, port unreachable.
+/// IPv6: a TCP reset for TCP, else `ICMPv6` destination unreachable, port
+/// unreachable.
 #[inline(always)]
 #[expect(
     clippy::cast_possible_truncation,
     reason = "lengths of under 200 bytes"
 )]
 pub(crate) fn reject6(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    if read::<u8>(ctx, L3_OFF + ipv6::NEXT_HDR_OFF)? == proto::TCP {
+        return reset6(ctx);
+    }
     let quote_off = ICMP6_OFF + ICMP_HLEN;
     let buf = start_reply(ctx, ETH_P_IPV6, quote_off, QUOTE6)?;
     let payload_len = (ICMP_HLEN + QUOTE6) as u16;
@@ -217,4 +239,152 @@ pub(crate) fn reject6(ctx: &TcContext) -> Result<Verdict, Verdict> {
     buf[ICMP6_OFF + ICMP_CSUM_OFF] = icmp_csum[0];
     buf[ICMP6_OFF + ICMP_CSUM_OFF + 1] = icmp_csum[1];
     send_back::<REPLY6_LEN>(ctx, buf)
+}
+
+/// The reply's TCP header at `tcp_off`: a reset answering the quoted TCP
+/// header at `quote_off`, which carried `payload_len` bytes of data (ports
+/// swapped, no options, window 0, checksum left zero). `None` when the
+/// quoted segment is itself a reset.
+#[inline(always)]
+fn reset_header(
+    buf: &mut [u8; SCRATCH_LEN],
+    tcp_off: usize,
+    quote_off: usize,
+    payload_len: u32,
+) -> Option<()> {
+    let word = |buf: &[u8; SCRATCH_LEN], off: usize| {
+        u32::from_be_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
+    };
+    let reset = tcp_reset::answer(
+        buf[quote_off + TCP_FLAGS_OFF],
+        word(buf, quote_off + TCP_SEQ_OFF),
+        word(buf, quote_off + TCP_ACK_SEQ_OFF),
+        payload_len,
+    )?;
+    // Source port <- the packet's destination port, and the reverse.
+    buf[tcp_off] = buf[quote_off + 2];
+    buf[tcp_off + 1] = buf[quote_off + 3];
+    buf[tcp_off + 2] = buf[quote_off];
+    buf[tcp_off + 3] = buf[quote_off + 1];
+    buf[tcp_off + TCP_SEQ_OFF..tcp_off + TCP_SEQ_OFF + 4].copy_from_slice(&reset.seq.to_be_bytes());
+    buf[tcp_off + TCP_ACK_SEQ_OFF..tcp_off + TCP_ACK_SEQ_OFF + 4]
+        .copy_from_slice(&reset.ack_seq.to_be_bytes());
+    buf[tcp_off + TCP_DOFF_OFF] = TCP_DOFF_NO_OPTIONS;
+    buf[tcp_off + TCP_FLAGS_OFF] = reset.flags;
+    Some(())
+}
+
+/// Data bytes of the quoted TCP segment: what follows its header in an IP
+/// payload of `l4_len` bytes (0 for a header that claims more).
+#[inline(always)]
+fn tcp_payload_len(buf: &[u8; SCRATCH_LEN], quote_tcp_off: usize, l4_len: u32) -> u32 {
+    let header_len = u32::from(buf[quote_tcp_off + TCP_DOFF_OFF] >> 4) * 4;
+    l4_len.saturating_sub(header_len)
+}
+
+/// Stores the folded checksum of (pseudo-header at `pseudo_off`, `pseudo_len`
+/// bytes) + (TCP header at `tcp_off`) in the TCP header.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "headers of 20 and 40 bytes"
+)]
+fn tcp_checksum(
+    buf: &mut [u8; SCRATCH_LEN],
+    tcp_off: usize,
+    pseudo_off: usize,
+    pseudo_len: usize,
+) -> Result<(), Verdict> {
+    let pseudo = csum_add(buf[pseudo_off..].as_ptr(), pseudo_len as u32, 0)?;
+    let sum = csum::fold(csum_add(buf[tcp_off..].as_ptr(), TCP_HLEN as u32, pseudo)?);
+    buf[tcp_off + TCP_CSUM_OFF] = sum[0];
+    buf[tcp_off + TCP_CSUM_OFF + 1] = sum[1];
+    Ok(())
+}
+
+/// IPv4: a TCP reset from the address and port the client tried.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "lengths of under 200 bytes"
+)]
+fn reset4(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    const TCP_OFF: usize = IP_OFF + ipv4::HLEN;
+    const QUOTE_TCP_OFF: usize = RESET_QUOTE_OFF + ipv4::HLEN;
+    let buf = start_reply(ctx, ETH_P_IP, RESET_QUOTE_OFF, ipv4::HLEN + TCP_HLEN)?;
+    let tot_len = u16::from_be_bytes([
+        buf[RESET_QUOTE_OFF + ipv4::TOT_LEN_OFF],
+        buf[RESET_QUOTE_OFF + ipv4::TOT_LEN_OFF + 1],
+    ]);
+    let l4_len = u32::from(tot_len).saturating_sub(ipv4::HLEN as u32);
+    let payload_len = tcp_payload_len(buf, QUOTE_TCP_OFF, l4_len);
+    if reset_header(buf, TCP_OFF, QUOTE_TCP_OFF, payload_len).is_none() {
+        return Err(Verdict::drop(reason::DROP_RESET_UNANSWERED));
+    }
+    let total = (RESET4_LEN - L3_OFF) as u16;
+    buf[IP_OFF] = ipv4::VERSION_IHL;
+    buf[IP_OFF + ipv4::TOT_LEN_OFF..IP_OFF + ipv4::TOT_LEN_OFF + 2]
+        .copy_from_slice(&total.to_be_bytes());
+    buf[IP_OFF + ipv4::TTL_OFF] = HOP_LIMIT;
+    buf[IP_OFF + ipv4::PROTO_OFF] = proto::TCP;
+    let mut i = 0;
+    while i < 4 {
+        let src = buf[RESET_QUOTE_OFF + ipv4::DADDR_OFF + i];
+        let dst = buf[RESET_QUOTE_OFF + ipv4::SADDR_OFF + i];
+        buf[IP_OFF + ipv4::SADDR_OFF + i] = src;
+        buf[IP_OFF + ipv4::DADDR_OFF + i] = dst;
+        buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_SADDR_OFF + i] = src;
+        buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_DADDR_OFF + i] = dst;
+        i += 1;
+    }
+    let ip_csum = csum::fold(csum_add(buf[IP_OFF..].as_ptr(), ipv4::HLEN as u32, 0)?);
+    buf[IP_OFF + ipv4::CSUM_OFF] = ip_csum[0];
+    buf[IP_OFF + ipv4::CSUM_OFF + 1] = ip_csum[1];
+    buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_PROTO_OFF] = proto::TCP;
+    buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_LEN_OFF..RESET_PSEUDO_OFF + ipv4::PSEUDO_LEN_OFF + 2]
+        .copy_from_slice(&(TCP_HLEN as u16).to_be_bytes());
+    tcp_checksum(buf, TCP_OFF, RESET_PSEUDO_OFF, ipv4::PSEUDO_LEN)?;
+    send_back::<RESET4_LEN>(ctx, buf)
+}
+
+/// IPv6: a TCP reset from the address and port the client tried.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "lengths of under 200 bytes"
+)]
+fn reset6(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    const TCP_OFF: usize = IP_OFF + ipv6::HLEN;
+    const QUOTE_TCP_OFF: usize = RESET_QUOTE_OFF + ipv6::HLEN;
+    let buf = start_reply(ctx, ETH_P_IPV6, RESET_QUOTE_OFF, ipv6::HLEN + TCP_HLEN)?;
+    let l4_len = u16::from_be_bytes([
+        buf[RESET_QUOTE_OFF + ipv6::PAYLOAD_LEN_OFF],
+        buf[RESET_QUOTE_OFF + ipv6::PAYLOAD_LEN_OFF + 1],
+    ]);
+    let payload_len = tcp_payload_len(buf, QUOTE_TCP_OFF, u32::from(l4_len));
+    if reset_header(buf, TCP_OFF, QUOTE_TCP_OFF, payload_len).is_none() {
+        return Err(Verdict::drop(reason::DROP_RESET_UNANSWERED));
+    }
+    let tcp_len = TCP_HLEN as u16;
+    buf[IP_OFF] = ipv6::VERSION_BYTE;
+    buf[IP_OFF + ipv6::PAYLOAD_LEN_OFF..IP_OFF + ipv6::PAYLOAD_LEN_OFF + 2]
+        .copy_from_slice(&tcp_len.to_be_bytes());
+    buf[IP_OFF + ipv6::NEXT_HDR_OFF] = proto::TCP;
+    buf[IP_OFF + ipv6::HOP_LIMIT_OFF] = HOP_LIMIT;
+    let mut i = 0;
+    while i < 16 {
+        let src = buf[RESET_QUOTE_OFF + ipv6::DADDR_OFF + i];
+        let dst = buf[RESET_QUOTE_OFF + ipv6::SADDR_OFF + i];
+        buf[IP_OFF + ipv6::SADDR_OFF + i] = src;
+        buf[IP_OFF + ipv6::DADDR_OFF + i] = dst;
+        buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_SADDR_OFF + i] = src;
+        buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_DADDR_OFF + i] = dst;
+        i += 1;
+    }
+    buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN_LOW_OFF
+        ..RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN_LOW_OFF + 2]
+        .copy_from_slice(&tcp_len.to_be_bytes());
+    buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_NEXT_HDR_OFF] = proto::TCP;
+    tcp_checksum(buf, TCP_OFF, RESET_PSEUDO_OFF, ipv6::PSEUDO_LEN)?;
+    send_back::<RESET6_LEN>(ctx, buf)
 }

@@ -6,16 +6,20 @@
 //!
 //! This file: what the program leaves alone (non-IP, truncated headers,
 //! extension headers, fragments, options, other protocols, IPv6 UDP without
-//! a checksum) and what it rejects with a port unreachable (a Service
+//! a checksum) and what it rejects, with a TCP reset or a port unreachable (a Service
 //! without backends, a port a service address does not serve).
 
 mod support;
 
 use lb_userspace::model::Protocol;
 
-use support::frames::{Frame, TCP_SYN, assert_port_unreachable, eth_header, ipv6_header};
+use support::frames::{
+    Frame, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, assert_port_unreachable, assert_tcp_reset,
+    eth_header, ipv6_header,
+};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, VIP4, VIP6, addrs, frontend,
+    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VIP4, VIP6, addrs,
+    frontend,
 };
 
 #[test]
@@ -167,17 +171,18 @@ fn icmp_and_other_protocols_are_passed_untouched() {
 }
 
 #[test]
-fn service_without_backends_rejects_with_port_unreachable() {
-    let Some(mut fx) = Fixture::new("service_without_backends_rejects_with_port_unreachable")
-    else {
+fn service_without_backends_rejects_tcp_with_a_reset_and_udp_with_port_unreachable() {
+    let Some(mut fx) = Fixture::new("service_without_backends_rejects") else {
         return;
     };
     fx.set_services(&[
         (frontend(VIP4, 80, Protocol::Tcp), &[]),
+        (frontend(VIP6, 80, Protocol::Tcp), &[]),
+        (frontend(VIP4, 53, Protocol::Udp), &[]),
         (frontend(VIP6, 53, Protocol::Udp), &[]),
     ]);
     for frame in [
-        Frame::tcp("198.18.1.2:40000", "198.19.0.10:80", TCP_SYN),
+        Frame::udp("198.18.1.2:40000", "198.19.0.10:53"),
         Frame::udp("[fd00:1::2]:40000", "[fd00:96::10]:53"),
     ] {
         let input = frame.bytes();
@@ -185,7 +190,28 @@ fn service_without_backends_rejects_with_port_unreachable() {
         assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the client");
         assert_port_unreachable(&out, &input);
     }
-    assert_eq!(fx.reason("reject"), 2);
+    // TCP: a reset, whatever the segment (a SYN, data with ACK, a FIN).
+    for (client, vip) in [
+        ("198.18.1.2:40000", "198.19.0.10:80"),
+        ("[fd00:1::2]:40000", "[fd00:96::10]:80"),
+    ] {
+        for flags in [TCP_SYN, TCP_ACK | TCP_PSH, TCP_FIN] {
+            let input = Frame::tcp(client, vip, flags).bytes();
+            let (verdict, out) = fx.run(&input);
+            assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the client");
+            assert_tcp_reset(&out, &input);
+        }
+    }
+    assert_eq!(fx.reason("reject"), 2 + 6);
+    // A reset is never answered.
+    for (client, vip) in [
+        ("198.18.1.2:40000", "198.19.0.10:80"),
+        ("[fd00:1::2]:40000", "[fd00:96::10]:80"),
+    ] {
+        let input = Frame::tcp(client, vip, TCP_RST | TCP_ACK).bytes();
+        assert_eq!(fx.run(&input).0, TC_ACT_SHOT);
+    }
+    assert_eq!(fx.reason("drop_reset_unanswered"), 2);
     assert!(fx.conntrack().is_empty());
 }
 
@@ -198,15 +224,18 @@ fn unserved_port_of_a_service_address_is_rejected() {
         (frontend(VIP4, 80, Protocol::Tcp), &addrs(&BACKENDS4)),
         (frontend(VIP6, 80, Protocol::Tcp), &addrs(&BACKENDS6)),
     ]);
+    let udp = Frame::udp("198.18.1.2:40000", "198.19.0.10:80").bytes();
+    let (verdict, out) = fx.run(&udp);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_port_unreachable(&out, &udp);
     for frame in [
         Frame::tcp("198.18.1.2:40000", "198.19.0.10:81", TCP_SYN),
-        Frame::udp("198.18.1.2:40000", "198.19.0.10:80"),
         Frame::tcp("[fd00:1::2]:40000", "[fd00:96::10]:8080", TCP_SYN),
     ] {
         let input = frame.bytes();
         let (verdict, out) = fx.run(&input);
         assert_eq!(verdict, TC_ACT_REDIRECT);
-        assert_port_unreachable(&out, &input);
+        assert_tcp_reset(&out, &input);
     }
     // Another address is not a service address: passed.
     let other = Frame::tcp("198.18.1.2:40000", "198.18.2.2:81", TCP_SYN).bytes();

@@ -20,8 +20,8 @@
 mod support;
 
 use support::clients::{
-    IO_TIMEOUT, assert_refused, assert_source_preserved, assert_spread, assert_tcp_refused,
-    tcp_batch, tcp_once, udp_batch, udp_once,
+    IO_TIMEOUT, assert_refused, assert_source_preserved, assert_spread, tcp_batch, tcp_once,
+    udp_batch, udp_once,
 };
 use support::cluster::{BACKENDS, Cluster, REFUSE_CONNECT_TIMEOUT, ep, ready, service, vip};
 use support::manifests::{Cond, HTTP_DNS, Manifest, sp};
@@ -162,9 +162,8 @@ fn ports_reject_and_internal_traffic_policy() {
         sc.run(
             &format!("{family:?} ports the Service does not define are refused"),
             || {
-                assert_tcp_refused(
+                assert_refused(
                     &format!("{family:?} multi TCP 82 (unserved port)"),
-                    family,
                     &tcp_once(&client, vip(10).sock(family, 82), REFUSE_CONNECT_TIMEOUT),
                 );
                 assert_refused(
@@ -182,9 +181,8 @@ fn ports_reject_and_internal_traffic_policy() {
             || {
                 for (n, name) in [(11, "empty"), (14, "unready"), (15, "noslice")] {
                     lab.expect_slots(0, vip(n).get(family), 80, "TCP", &[]);
-                    assert_tcp_refused(
+                    assert_refused(
                         &format!("{family:?} {name} TCP"),
-                        family,
                         &tcp_once(&client, vip(n).sock(family, 80), REFUSE_CONNECT_TIMEOUT),
                     );
                     assert_refused(
@@ -206,9 +204,8 @@ fn ports_reject_and_internal_traffic_policy() {
             let answers = udp_batch(&client, vip(12).sock(family, 53), 16);
             assert_spread(&what, &answers, &["be1:8080", "be2:8080"]);
             lab.expect_slots(0, vip(13).get(family), 80, "TCP", &[]);
-            assert_tcp_refused(
+            assert_refused(
                 &format!("{family:?} itp Local without local endpoints TCP"),
-                family,
                 &tcp_once(&client, vip(13).sock(family, 80), REFUSE_CONNECT_TIMEOUT),
             );
             assert_refused(

@@ -58,4 +58,12 @@ pub(crate) const FRAG_MASK: u16 = 0x3fff;
 /// passed untranslated, so it is fixed).
 pub(crate) const L4_OFF: usize = L3_OFF + HLEN;
 
+/// The pseudo-header of TCP/UDP checksums (RFC 793): source, destination,
+/// a zero byte, the protocol, the TCP/UDP length.
+pub(crate) const PSEUDO_SADDR_OFF: usize = 0;
+pub(crate) const PSEUDO_DADDR_OFF: usize = 4;
+pub(crate) const PSEUDO_PROTO_OFF: usize = 9;
+pub(crate) const PSEUDO_LEN_OFF: usize = 10;
+pub(crate) const PSEUDO_LEN: usize = 12;
+
 const _: () = assert!(HLEN == 20 && CSUM_OFF == 10 && SADDR_OFF == 12 && DADDR_OFF == 16);

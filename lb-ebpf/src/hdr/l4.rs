@@ -12,6 +12,13 @@ pub(crate) struct Ports {
 
 /// TCP header length without options.
 pub(crate) const TCP_HLEN: usize = 20;
+/// Offsets of the TCP sequence and acknowledgment numbers.
+pub(crate) const TCP_SEQ_OFF: usize = 4;
+pub(crate) const TCP_ACK_SEQ_OFF: usize = 8;
+/// Offset of the data offset (header length in words, high nibble).
+pub(crate) const TCP_DOFF_OFF: usize = 12;
+/// The data-offset byte of a header without options (5 words).
+pub(crate) const TCP_DOFF_NO_OPTIONS: u8 = 5 << 4;
 /// Offset of the TCP flags byte.
 pub(crate) const TCP_FLAGS_OFF: usize = 13;
 /// Offset of the TCP checksum.

@@ -9,6 +9,8 @@ use lb_userspace::model::Protocol;
 pub(crate) const TCP_SYN: u8 = 0x02;
 pub(crate) const TCP_ACK: u8 = 0x10;
 pub(crate) const TCP_PSH: u8 = 0x08;
+pub(crate) const TCP_FIN: u8 = 0x01;
+pub(crate) const TCP_RST: u8 = 0x04;
 
 /// One frame's worth of headers, built with correct checksums.
 #[derive(Clone, Debug)]
@@ -274,5 +276,60 @@ pub(crate) fn assert_port_unreachable(reply: &[u8], offending: &[u8]) {
         pseudo[39] = 58;
         pseudo.extend(icmp);
         assert_eq!(checksum(&pseudo, 0), 0, "ICMPv6 checksum");
+    }
+}
+
+/// Checks a TCP reset answering the TCP segment `offending` (built by
+/// [`Frame`]: sequence number 0x01020304, acknowledgment 0x0a0b0c0d when
+/// it has ACK): swapped MACs, the service address and port -> the client,
+/// no options, the RFC 9293 sequence and acknowledgment numbers, every
+/// checksum right.
+pub(crate) fn assert_tcp_reset(reply: &[u8], offending: &[u8]) {
+    const RST: u8 = 0x04;
+    assert_eq!(&reply[0..6], &offending[6..12], "destination MAC");
+    assert_eq!(&reply[6..12], &offending[0..6], "source MAC");
+    assert_eq!(&reply[12..14], &offending[12..14], "EtherType");
+    let v4 = offending[12..14] == [0x08, 0x00];
+    let (ip_len, l4_off) = if v4 { (20, 34) } else { (40, 54) };
+    assert_eq!(
+        reply.len(),
+        14 + ip_len + 20,
+        "Ethernet + IP + TCP, no options"
+    );
+    let (src, dst) = verify_checksums(reply);
+    let (client, service) = verify_checksums(offending);
+    assert_eq!(
+        (src, dst),
+        (service, client),
+        "from the service to the client"
+    );
+    let ip = &reply[14..l4_off];
+    if v4 {
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 40, "total length");
+        assert_eq!(ip[9], 6, "protocol TCP");
+    } else {
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 20, "payload length");
+        assert_eq!(ip[6], 6, "next header TCP");
+    }
+    let tcp = &reply[l4_off..];
+    let asked = &offending[l4_off..];
+    let word = |b: &[u8], off: usize| u32::from_be_bytes(b[off..off + 4].try_into().unwrap());
+    assert_eq!(tcp[12], 5 << 4, "no options");
+    let payload = u32::try_from(asked.len() - 20).unwrap();
+    if asked[13] & TCP_ACK != 0 {
+        assert_eq!(tcp[13], RST, "a bare RST");
+        assert_eq!(word(tcp, 4), word(asked, 8), "seq = the segment's ack");
+    } else {
+        assert_eq!(tcp[13], RST | TCP_ACK, "RST+ACK");
+        assert_eq!(word(tcp, 4), 0, "seq 0");
+        // SYN and FIN take a sequence number each.
+        let flags = u32::from(asked[13] & TCP_SYN != 0) + u32::from(asked[13] & TCP_FIN != 0);
+        assert_eq!(
+            word(tcp, 8),
+            word(asked, 4).wrapping_add(payload + flags),
+            "ack = the segment's seq + its length"
+        );
     }
 }
