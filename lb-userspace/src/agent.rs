@@ -323,6 +323,9 @@ fn feed(changes: Changes, desired: &mut Desired, hooks: &mut Hooks) -> Vec<model
     for service in changes.services {
         desired.model.upsert_service(service);
     }
+    if let Some(node) = changes.node {
+        desired.node = node.into_node();
+    }
     let network_programming = hooks
         .trigger_times
         .take_changed(&changes.slices, &changes.removed_slices);
@@ -334,7 +337,7 @@ fn feed(changes: Changes, desired: &mut Desired, hooks: &mut Hooks) -> Vec<model
 /// costs O(change).
 struct Desired {
     model: model::Incremental,
-    /// The Node object of the last snapshot (kube source).
+    /// This agent's Node object, as the source last gave it (kube source).
     node: Option<k8s_openapi::api::core::v1::Node>,
     /// `None` when the next plan must cover everything: first sync, after
     /// a failed write or a plan with problems.
@@ -358,26 +361,23 @@ fn sync(
     hooks: &mut Hooks,
 ) {
     let started = Instant::now();
-    if let Input::Snapshot(snapshot) = &input {
-        desired.node.clone_from(&snapshot.node);
-    }
-    let from_source = source::kube::node_context(desired.node.as_ref(), &hooks.node_name);
-    let node = node::context(&hooks.node_settings, &from_source);
-    desired.model.set_node(&node);
     let (snapshot, source_errors) = match input {
         Input::Snapshot(mut snapshot) => {
+            desired.node = snapshot.node.take();
             desired.model.reset(&snapshot.services, &snapshot.slices);
             let errors = std::mem::take(&mut snapshot.errors);
             (Some(snapshot), errors)
         }
         Input::Changes(changes) => (None, feed(changes, desired, hooks)),
     };
+    let from_source = source::kube::node_context(desired.node.as_ref(), &hooks.node_name);
+    let node = node::context(&hooks.node_settings, &from_source);
+    desired.model.set_node(&node);
     let changes = desired.model.commit();
     write_node_config(maps, hooks, &node);
     hooks.health.update(&desired.model.health_checks());
     report_errors(
         source_errors.iter().chain(&desired.model.errors()),
-        snapshot.as_deref(),
         shared,
         reported,
         hooks,
@@ -482,7 +482,6 @@ fn apply_plan(
 /// current ones.
 fn report_errors<'e>(
     errors: impl Iterator<Item = &'e model::ObjectError>,
-    snapshot: Option<&Snapshot>,
     shared: &Mutex<Shared>,
     reported: &mut BTreeSet<String>,
     hooks: &Hooks,
@@ -499,8 +498,8 @@ fn report_errors<'e>(
                 "invalid object skipped"
             );
             lock(shared).invalid_objects_reported += 1;
-            if let (Some(events), Some(snapshot)) = (&hooks.events, snapshot) {
-                events.report(error, snapshot);
+            if let Some(events) = &hooks.events {
+                events.report(error);
             }
         }
         current_errors.insert(line);

@@ -5,17 +5,21 @@
 //! with the items and the list's `resourceVersion`; a watch streams one JSON
 //! event per chunk (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, and an
 //! `ERROR` with a `410 Gone` Status that forces a re-list), from the
-//! requested resource version on. It can drop every connection or refuse
-//! them all (an unreachable API server). The objects are real API JSON:
-//! Services, `EndpointSlice`s and a Node as a v1.3x API server serves them.
+//! requested resource version on. It honours field and label selectors (an
+//! object leaving a watch's selection is `DELETED` for it, one entering it
+//! `ADDED`), serves single objects by name, and can drop every connection
+//! or refuse them all (an unreachable API server). The objects are real API
+//! JSON: Services, `EndpointSlice`s and a Node as a v1.3x API server serves
+//! them.
 //!
 //! The real kube-rs client drives it through `source::spawn`, with a
-//! kubeconfig pointing at the server; the snapshots go through
-//! `model::build` and the resulting frontends are checked for a dual-stack,
-//! an IPv4-only and an IPv6-only cluster. No root, no cluster.
+//! kubeconfig pointing at the server. The tests check the updates the
+//! source sends, and the state they add up to (as the agent holds it)
+//! through `model::build`: the resulting frontends for a dual-stack, an
+//! IPv4-only and an IPv6-only cluster. No root, no cluster.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -25,11 +29,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use lb_userspace::{
-    model::{self, ObjectError},
+    model::{self, ObjectError, ObjectKey, key_of},
     source::{
-        self, Snapshot, SourceSpec, SourceUpdate,
-        kube::{EventReporter, KubeSourceConfig, node_context},
+        self, Changes, Snapshot, SourceSpec, SourceUpdate,
+        kube::{EventReporter, HEADLESS_LABEL, KubeSourceConfig, node_context, proxied_selector},
     },
 };
 use serde_json::{Value, json};
@@ -73,22 +81,42 @@ impl Res {
     }
 }
 
+/// One write: the object after it (before it, for `DELETED`) and before.
+#[derive(Clone, Debug)]
+struct Write {
+    res: Res,
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+    previous: Option<Value>,
+}
+
+impl Write {
+    /// The event a watch with QUERY gets for this write, if any: an object
+    /// entering its selection is `ADDED`, one leaving it `DELETED`, as the
+    /// API server's watch cache sends them.
+    fn seen_by(&self, query: &BTreeMap<String, String>) -> Option<Value> {
+        let now = selected(&self.object, query);
+        let before = self.previous.as_ref().is_some_and(|p| selected(p, query));
+        let (kind, object) = match (self.kind, before, now) {
+            ("DELETED", _, true) => ("DELETED", &self.object),
+            (_, true, true) => (self.kind, &self.object),
+            (_, false, true) => ("ADDED", &self.object),
+            (_, true, false) => ("DELETED", self.previous.as_ref()?),
+            (_, false, false) => return None,
+        };
+        let mut object = object.clone();
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        Some(json!({"type": kind, "object": object}))
+    }
+}
+
 /// What open watch streams are told.
 #[derive(Clone, Debug)]
 enum Wire {
-    Event {
-        res: Res,
-        rv: u64,
-        kind: &'static str,
-        object: Value,
-    },
-    Bookmark {
-        res: Res,
-        rv: u64,
-    },
-    Gone {
-        res: Res,
-    },
+    Event(Write),
+    Bookmark { res: Res, rv: u64 },
+    Gone { res: Res },
     DropAll,
 }
 
@@ -96,7 +124,7 @@ enum Wire {
 struct State {
     rv: u64,
     objects: BTreeMap<Res, BTreeMap<String, Value>>,
-    history: Vec<(Res, u64, &'static str, Value)>,
+    history: Vec<Write>,
     /// Refuse every connection (close it unanswered).
     down: bool,
     /// Delay before answering a list.
@@ -107,7 +135,7 @@ struct State {
     events: Vec<Value>,
 }
 
-fn key_of(object: &Value) -> String {
+fn object_key(object: &Value) -> String {
     format!(
         "{}/{}",
         object["metadata"]["namespace"].as_str().unwrap_or(""),
@@ -166,31 +194,33 @@ impl ApiServer {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Creates or replaces OBJECT (ADDED or MODIFIED), as a write would.
-    fn apply(&self, res: Res, mut object: Value) {
+    /// Creates or replaces OBJECT (ADDED or MODIFIED), as a write would;
+    /// returns its new resource version.
+    fn apply(&self, res: Res, mut object: Value) -> u64 {
         let mut state = self.lock();
         state.rv += 1;
         let rv = state.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = key_of(&object);
-        let kind = if state
+        let previous = state
             .objects
             .entry(res)
             .or_default()
-            .insert(key, object.clone())
-            .is_some()
-        {
+            .insert(object_key(&object), object.clone());
+        let kind = if previous.is_some() {
             "MODIFIED"
         } else {
             "ADDED"
         };
-        state.history.push((res, rv, kind, object.clone()));
-        let _ = self.wire.send(Wire::Event {
+        let write = Write {
             res,
             rv,
             kind,
             object,
-        });
+            previous,
+        };
+        state.history.push(write.clone());
+        let _ = self.wire.send(Wire::Event(write));
+        rv
     }
 
     fn delete(&self, res: Res, namespace: &str, name: &str) {
@@ -204,13 +234,28 @@ impl ApiServer {
             .remove(&format!("{namespace}/{name}"))
             .expect("object to delete exists");
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        state.history.push((res, rv, "DELETED", object.clone()));
-        let _ = self.wire.send(Wire::Event {
+        let write = Write {
             res,
             rv,
             kind: "DELETED",
             object,
-        });
+            previous: None,
+        };
+        state.history.push(write.clone());
+        let _ = self.wire.send(Wire::Event(write));
+    }
+
+    /// Deletes an object without any watch event, as if the event had been
+    /// compacted away: only a re-list shows it.
+    fn delete_silently(&self, res: Res, namespace: &str, name: &str) {
+        let mut state = self.lock();
+        state.rv += 1;
+        state
+            .objects
+            .entry(res)
+            .or_default()
+            .remove(&format!("{namespace}/{name}"))
+            .expect("object to delete exists");
     }
 
     /// Changes OBJECT without any watch event, as if the event had been
@@ -223,7 +268,7 @@ impl ApiServer {
             .objects
             .entry(res)
             .or_default()
-            .insert(key_of(&object), object);
+            .insert(object_key(&object), object);
     }
 
     fn bookmark(&self, res: Res) {
@@ -236,7 +281,7 @@ impl ApiServer {
     /// watch from any older version gets 410 too.
     fn gone(&self, res: Res) {
         let mut state = self.lock();
-        state.history.retain(|(r, ..)| *r != res);
+        state.history.retain(|write| write.res != res);
         let _ = self.wire.send(Wire::Gone { res });
     }
 
@@ -390,14 +435,55 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io:
     stream.shutdown().await
 }
 
-/// `fieldSelector=metadata.name=NAME`, the only selector the source uses.
+/// Whether OBJECT is in the selection of QUERY: `fieldSelector` (only
+/// `metadata.name=NAME`, the one the source uses) and `labelSelector`
+/// (`key`, `!key`, `key=value`, `key!=value`, comma-separated).
 fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
-    match query
+    let by_name = match query
         .get("fieldSelector")
         .and_then(|s| s.strip_prefix("metadata.name="))
     {
         Some(name) => object["metadata"]["name"].as_str() == Some(name),
         None => true,
+    };
+    let labels = &object["metadata"]["labels"];
+    let by_labels = query.get("labelSelector").is_none_or(|selector| {
+        selector
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .all(|requirement| {
+                if let Some(key) = requirement.strip_prefix('!') {
+                    labels.get(key).is_none()
+                } else if let Some((key, value)) = requirement.split_once("!=") {
+                    labels[key].as_str() != Some(value)
+                } else if let Some((key, value)) = requirement.split_once('=') {
+                    labels[key].as_str() == Some(value.trim_start_matches('='))
+                } else {
+                    labels.get(requirement).is_some()
+                }
+            })
+    });
+    by_name && by_labels
+}
+
+/// `GET` of one object: (resource, `namespace/name`).
+fn named_object(path: &str) -> Option<(Res, String)> {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "api", "v1", "namespaces", namespace, "services", name] => {
+            Some((Res::Services, format!("{namespace}/{name}")))
+        }
+        [
+            "",
+            "apis",
+            "discovery.k8s.io",
+            "v1",
+            "namespaces",
+            namespace,
+            "endpointslices",
+            name,
+        ] => Some((Res::Slices, format!("{namespace}/{name}"))),
+        _ => None,
     }
 }
 
@@ -439,6 +525,24 @@ async fn serve(
             watch(stream, state, wire, res, &request.query).await
         }
         ("GET", Some(res)) => list(&mut stream, state, res, &request.query).await,
+        ("GET", None) if named_object(&request.path).is_some() => {
+            let (res, key) = named_object(&request.path).expect("checked");
+            let found = state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .objects
+                .get(&res)
+                .and_then(|objects| objects.get(&key))
+                .cloned();
+            if let Some(object) = found {
+                respond(&mut stream, "200 OK", &object).await
+            } else {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "reason": "NotFound", "code": 404,
+                    "message": format!("{key} not found")});
+                respond(&mut stream, "404 Not Found", &status).await
+            }
+        }
         ("POST", None) if request.path.ends_with("/events") => {
             let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
             state
@@ -528,8 +632,8 @@ async fn watch(
         let oldest = state
             .history
             .iter()
-            .filter(|(r, ..)| *r == res)
-            .map(|(_, rv, ..)| *rv)
+            .filter(|write| write.res == res)
+            .map(|write| write.rv)
             .min();
         // History before the oldest kept event is gone: a watch from there
         // cannot be served (the API server's etcd compaction).
@@ -550,8 +654,8 @@ async fn watch(
         let backlog: Vec<Value> = state
             .history
             .iter()
-            .filter(|(r, rv, _, o)| *r == res && *rv > from && selected(o, query))
-            .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
+            .filter(|write| write.res == res && write.rv > from)
+            .filter_map(|write| write.seen_by(query))
             .collect();
         (backlog, rx, compacted)
     };
@@ -572,13 +676,10 @@ async fn watch(
     }
     loop {
         match rx.recv().await {
-            Ok(Wire::Event {
-                res: r,
-                rv,
-                kind: event,
-                object,
-            }) if r == res && rv > from && selected(&object, query) => {
-                chunk(&mut stream, &json!({"type": event, "object": object})).await?;
+            Ok(Wire::Event(write)) if write.res == res && write.rv > from => {
+                if let Some(event) = write.seen_by(query) {
+                    chunk(&mut stream, &event).await?;
+                }
             }
             Ok(Wire::Bookmark { res: r, rv }) if r == res => {
                 let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind,
@@ -794,6 +895,8 @@ fn node(addresses: &[(&str, &str)]) -> Value {
 struct Source {
     rx: mpsc::Receiver<SourceUpdate>,
     task: tokio::task::JoinHandle<()>,
+    /// The state the updates so far add up to, as the agent holds it.
+    held: Held,
 }
 
 impl Drop for Source {
@@ -806,23 +909,99 @@ fn start_source(server: &ApiServer) -> Source {
     // The agent's channel size.
     let (tx, rx) = mpsc::channel(4);
     let task = source::spawn(&SourceSpec::Kube(server.source_config()), tx).expect("source starts");
-    Source { rx, task }
+    Source {
+        rx,
+        task,
+        held: Held::default(),
+    }
+}
+
+/// Objects as the agent holds them after applying each update.
+#[derive(Default)]
+struct Held {
+    services: BTreeMap<ObjectKey, Service>,
+    slices: BTreeMap<ObjectKey, EndpointSlice>,
+    node: Option<Node>,
+}
+
+impl Held {
+    fn apply(&mut self, update: &SourceUpdate) {
+        match update {
+            SourceUpdate::Snapshot(snapshot) => {
+                self.services = snapshot
+                    .services
+                    .iter()
+                    .map(|s| (key_of(&s.metadata), s.clone()))
+                    .collect();
+                self.slices = snapshot
+                    .slices
+                    .iter()
+                    .map(|s| (key_of(&s.metadata), s.clone()))
+                    .collect();
+                self.node.clone_from(&snapshot.node);
+            }
+            SourceUpdate::Changes(changes) => {
+                for key in &changes.removed_services {
+                    self.services.remove(key);
+                }
+                for key in &changes.removed_slices {
+                    self.slices.remove(key);
+                }
+                for service in &changes.services {
+                    self.services
+                        .insert(key_of(&service.metadata), service.clone());
+                }
+                for slice in &changes.slices {
+                    self.slices.insert(key_of(&slice.metadata), slice.clone());
+                }
+                if let Some(node) = &changes.node {
+                    self.node = node.clone().into_node();
+                }
+            }
+            SourceUpdate::Stale(_) => {}
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+            node: self.node.clone(),
+            errors: Vec::new(),
+        }
+    }
 }
 
 impl Source {
-    /// The next update, or a panic after TIMEOUT.
+    /// The next update (applied to what is held), or a panic after TIMEOUT.
     async fn next(&mut self, timeout: Duration, what: &str) -> SourceUpdate {
-        match tokio::time::timeout(timeout, self.rx.recv()).await {
+        let update = match tokio::time::timeout(timeout, self.rx.recv()).await {
             Ok(Some(update)) => update,
             Ok(None) => panic!("{what}: the source ended"),
             Err(tokio::time::error::Elapsed { .. }) => {
                 panic!("{what}: no update within {timeout:?}")
             }
+        };
+        self.held.apply(&update);
+        update
+    }
+
+    /// The next update that is not a stale reason: changes, as the kube
+    /// source sends them.
+    async fn next_changes(&mut self, timeout: Duration, what: &str) -> Changes {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left, what).await {
+                SourceUpdate::Changes(changes) => return changes,
+                SourceUpdate::Stale(reason) => eprintln!("{what}: stale: {reason}"),
+                SourceUpdate::Snapshot(_) => panic!("{what}: the kube source sends changes"),
+            }
         }
     }
 
-    /// The first snapshot for which PREDICATE holds (stale updates and other
-    /// snapshots are skipped), with the number of snapshots seen.
+    /// The first state held for which PREDICATE holds (stale updates are
+    /// skipped), with the number of updates seen.
     async fn until(
         &mut self,
         timeout: Duration,
@@ -833,15 +1012,11 @@ impl Source {
         let mut seen = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.next(left, what).await {
-                SourceUpdate::Snapshot(snapshot) => {
-                    seen += 1;
-                    if predicate(&snapshot) {
-                        return (snapshot, seen);
-                    }
-                }
-                SourceUpdate::Stale(reason) => eprintln!("{what}: stale: {reason}"),
-                SourceUpdate::Changes(_) => panic!("{what}: the kube source sends snapshots"),
+            self.next_changes(left, what).await;
+            seen += 1;
+            let held = self.held.snapshot();
+            if predicate(&held) {
+                return (held, seen);
             }
         }
     }
@@ -889,6 +1064,14 @@ fn names(snapshot: &Snapshot) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+fn slice_version(snapshot: &Snapshot, name: &str) -> Option<String> {
+    snapshot
+        .slices
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .and_then(|s| s.metadata.resource_version.clone())
 }
 
 fn has_slice(snapshot: &Snapshot, name: &str) -> bool {
@@ -943,7 +1126,8 @@ fn dual_stack_objects() -> Vec<(Res, Value)> {
                 ..Svc::default()
             }),
         ),
-        // Handed to another proxy: filtered by the model, as in the file source.
+        // Handed to another proxy: left out by the API server (the watch's
+        // label selector), and by the model too, as in the file source.
         (
             Res::Services,
             service(&Svc {
@@ -1035,19 +1219,16 @@ fn dual_stack_objects() -> Vec<(Res, Value)> {
 #[expect(clippy::too_many_lines, reason = "one scenario, step by step")]
 async fn dual_stack_cluster_follows_list_and_watch() {
     let server = ApiServer::start(dual_stack_objects()).await;
-    // The node list comes last: no snapshot before all three are listed.
+    // The node list comes last: no update before all three are listed.
     server.set_list_delay(Res::Nodes, Duration::from_millis(300));
     let mut source = start_source(&server);
 
     let (first, _) = source.until(STEP, "initial lists", |_| true).await;
     assert!(
         first.node.is_some(),
-        "the first snapshot waits for the Node list"
+        "the first update waits for the Node list"
     );
-    assert_eq!(
-        names(&first),
-        ["db", "headless", "np", "other-proxy", "web"]
-    );
+    assert_eq!(names(&first), ["db", "headless", "np", "web"]);
     assert_eq!(first.slices.len(), 5);
     assert!(
         first
@@ -1099,7 +1280,7 @@ async fn dual_stack_cluster_follows_list_and_watch() {
         "the other proxy's Service is skipped"
     );
 
-    // MODIFIED: one endpoint more, reaching the snapshot in milliseconds.
+    // MODIFIED: one endpoint more, reaching the agent in milliseconds.
     let changed = Instant::now();
     server.apply(
         Res::Slices,
@@ -1125,16 +1306,17 @@ async fn dual_stack_cluster_follows_list_and_watch() {
         latency < Duration::from_millis(500),
         "change took {latency:?}"
     );
-    eprintln!("watch event -> snapshot: {latency:?}");
+    eprintln!("watch event -> update: {latency:?}");
     drop(snapshot);
 
-    // A burst of 40 changes becomes a few snapshots, the last one final.
+    // A burst of 40 changes becomes a few updates, the last one final.
+    let mut last = 0;
     for i in 0..40u8 {
         let ready: Vec<(String, bool)> = (0..=i % 4)
             .map(|k| (format!("198.18.{}.2", 10 + k), true))
             .collect();
         let endpoints: Vec<(&str, bool)> = ready.iter().map(|(a, r)| (a.as_str(), *r)).collect();
-        server.apply(
+        last = server.apply(
             Res::Slices,
             slice(
                 "web-abc12",
@@ -1146,21 +1328,20 @@ async fn dual_stack_cluster_follows_list_and_watch() {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Final state of the burst: i = 39 -> 39 % 4 = 3 -> four endpoints.
-    let (_, seen) = source
+    // Final state of the burst: i = 39 -> 39 % 4 = 3 -> four endpoints (as
+    // at i = 35: the version tells the last write).
+    let (snapshot, seen) = source
         .until(STEP, "burst", |s| {
-            frontends(s)["198.19.0.10:80/TCP"].len() == 4
+            slice_version(s, "web-abc12") == Some(last.to_string())
         })
         .await;
+    assert_eq!(frontends(&snapshot)["198.19.0.10:80/TCP"].len(), 4);
     source
         .quiet(Duration::from_millis(300), "after the burst")
         .await;
-    assert!(
-        seen <= 4,
-        "40 changes gave {seen} snapshots; expected a few"
-    );
+    assert!(seen <= 4, "40 changes gave {seen} updates; expected a few");
 
-    // BOOKMARK: no change, no snapshot.
+    // BOOKMARK: no change, no update.
     server.bookmark(Res::Services);
     server.bookmark(Res::Slices);
     source
@@ -1249,7 +1430,7 @@ async fn unreachable_api_server_is_reported_and_recovered() {
     assert!(!frontends(&snapshot).contains_key("198.19.0.20:80/TCP"));
 }
 
-/// The API server is unreachable from the start: stale, no snapshot.
+/// The API server is unreachable from the start: stale, no update.
 #[tokio::test]
 async fn unreachable_at_start_is_stale_without_snapshot() {
     let server = ApiServer::start(dual_stack_objects()).await;
@@ -1261,7 +1442,8 @@ async fn unreachable_at_start_is_stale_without_snapshot() {
     let (snapshot, _) = source
         .until(Duration::from_secs(40), "API server up", |_| true)
         .await;
-    assert_eq!(snapshot.services.len(), 5);
+    // The Service handed to another proxy is left out by the API server.
+    assert_eq!(snapshot.services.len(), 4);
 }
 
 /// IPv4-only cluster: Services carry only `clusterIP` and one family, the
@@ -1442,7 +1624,7 @@ async fn invalid_object_raises_an_event() {
     assert_eq!(errors.len(), 1, "{:?}", model.errors);
 
     let reporter = EventReporter::spawn(&server.source_config());
-    reporter.report(errors[0], &snapshot);
+    reporter.report(errors[0]);
     let deadline = Instant::now() + STEP;
     let event = loop {
         if let Some(event) = server.posted_events().pop() {
@@ -1473,4 +1655,311 @@ async fn invalid_object_raises_an_event() {
         .filter(|r| r.starts_with("POST /apis/events.k8s.io/v1/namespaces/default/events"))
         .count();
     assert_eq!(posted, 1);
+}
+
+fn key(name: &str) -> ObjectKey {
+    ("default".to_owned(), name.to_owned())
+}
+
+fn object_names<'a>(
+    objects: impl IntoIterator<Item = &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+) -> Vec<String> {
+    let mut names: Vec<String> = objects
+        .into_iter()
+        .filter_map(|meta| meta.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+/// After the first list, an update carries only what changed: one slice,
+/// one removed Service, the Node (whose new address and zone reach the
+/// frontends); several writes of one object in a burst send it once.
+#[tokio::test]
+async fn a_change_sends_only_the_changed_object() {
+    let server = ApiServer::start(dual_stack_objects()).await;
+    let mut source = start_source(&server);
+    let first = source.next_changes(STEP, "initial lists").await;
+    assert_eq!(first.services.len(), 4);
+    assert_eq!(first.slices.len(), 5);
+    assert!(matches!(first.node, Some(source::NodeChange::Set(_))));
+
+    server.apply(
+        Res::Slices,
+        slice(
+            "np-v4",
+            "np",
+            "IPv4",
+            &[("198.18.5.2", true), ("198.18.5.3", true)],
+            &[("http", 8080, "TCP")],
+        ),
+    );
+    let changes = source.next_changes(STEP, "one slice").await;
+    assert_eq!(
+        object_names(changes.slices.iter().map(|s| &s.metadata)),
+        ["np-v4"]
+    );
+    assert!(changes.services.is_empty() && changes.removed_services.is_empty());
+    assert!(changes.removed_slices.is_empty() && changes.node.is_none());
+
+    // The Node gets another address and zone.
+    let mut moved = node(&[("InternalIP", "198.18.0.9"), ("InternalIP", "fd00:18::9")]);
+    moved["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("zone-b");
+    server.apply(Res::Nodes, moved);
+    let changes = source.next_changes(STEP, "the Node").await;
+    assert!(changes.services.is_empty() && changes.slices.is_empty());
+    let Some(source::NodeChange::Set(node)) = &changes.node else {
+        panic!("the Node change is sent: {changes:?}");
+    };
+    let context = node_context(Some(node), NODE);
+    assert_eq!(context.zone.as_deref(), Some("zone-b"));
+    let f = frontends(&source.held.snapshot());
+    expect(
+        &f,
+        "198.18.0.9:30080/TCP",
+        &["198.18.5.2:8080", "198.18.5.3:8080"],
+    );
+    assert!(!f.contains_key("198.18.0.1:30080/TCP"), "{f:#?}");
+
+    server.delete(Res::Services, "default", "np");
+    let changes = source.next_changes(STEP, "one deletion").await;
+    assert_eq!(changes.removed_services, [key("np")]);
+    assert!(changes.services.is_empty() && changes.slices.is_empty());
+    assert!(changes.removed_slices.is_empty() && changes.node.is_none());
+
+    // A burst of writes to one slice: each update carries it once.
+    for i in 0..20u8 {
+        let address = format!("198.18.6.{}", 2 + i % 3);
+        server.apply(
+            Res::Slices,
+            slice(
+                "web-abc12",
+                "web",
+                "IPv4",
+                &[(&address, true)],
+                &[("http", 8080, "TCP")],
+            ),
+        );
+    }
+    let last = server.apply(
+        Res::Slices,
+        slice(
+            "web-abc12",
+            "web",
+            "IPv4",
+            &[("198.18.6.9", true)],
+            &[("http", 8080, "TCP")],
+        ),
+    );
+    loop {
+        let changes = source.next_changes(STEP, "burst on one slice").await;
+        assert_eq!(
+            object_names(changes.slices.iter().map(|s| &s.metadata)),
+            ["web-abc12"]
+        );
+        assert!(changes.services.is_empty() && changes.removed_slices.is_empty());
+        if changes.slices[0].metadata.resource_version == Some(last.to_string()) {
+            break;
+        }
+    }
+    expect(
+        &frontends(&source.held.snapshot()),
+        "198.19.0.10:80/TCP",
+        &["198.18.6.9:8080"],
+    );
+}
+
+/// A re-list after `410 Gone` converges exactly: an object deleted while
+/// no event could tell removes it, one added meanwhile is added, and the
+/// unchanged ones are not sent again.
+#[tokio::test]
+async fn relist_after_gone_removes_objects_deleted_meanwhile() {
+    let server = ApiServer::start(dual_stack_objects()).await;
+    let mut source = start_source(&server);
+    source.until(STEP, "initial lists", |_| true).await;
+
+    server.delete_silently(Res::Services, "default", "np");
+    server.delete_silently(Res::Slices, "default", "np-v6");
+    server.apply_silently(
+        Res::Services,
+        service(&Svc {
+            name: "late",
+            cluster_ips: &["198.19.0.50"],
+            families: &["IPv4"],
+            ..Svc::default()
+        }),
+    );
+    server.gone(Res::Services);
+    server.gone(Res::Slices);
+    let mut sent = BTreeSet::new();
+    let mut removed = BTreeSet::new();
+    let snapshot = loop {
+        let changes = source.next_changes(STEP, "re-list after 410").await;
+        sent.extend(object_names(changes.services.iter().map(|s| &s.metadata)));
+        sent.extend(object_names(changes.slices.iter().map(|s| &s.metadata)));
+        removed.extend(
+            changes
+                .removed_services
+                .iter()
+                .map(|(_, name)| name.clone()),
+        );
+        removed.extend(changes.removed_slices.iter().map(|(_, name)| name.clone()));
+        let held = source.held.snapshot();
+        if !names(&held).contains(&"np".to_owned())
+            && !has_slice(&held, "np-v6")
+            && names(&held).contains(&"late".to_owned())
+        {
+            break held;
+        }
+    };
+    assert_eq!(
+        sent,
+        BTreeSet::from(["late".to_owned()]),
+        "only what changed is sent"
+    );
+    assert_eq!(
+        removed,
+        BTreeSet::from(["np".to_owned(), "np-v6".to_owned()])
+    );
+    assert_eq!(names(&snapshot), ["db", "headless", "late", "web"]);
+    let f = frontends(&snapshot);
+    assert!(
+        !f.keys()
+            .any(|k| k.starts_with("198.19.0.20:") || k.contains("30080")),
+        "{f:#?}"
+    );
+    assert!(f.contains_key("198.19.0.50:80/TCP"));
+}
+
+fn proxy_label() -> Value {
+    json!({"service.kubernetes.io/service-proxy-name": "someone-else"})
+}
+
+/// `web` with its slice; `other` (another proxy's) and `hl` (headless) with
+/// theirs, labelled as the `EndpointSlice` controller labels them.
+fn objects_with_ignored_ones(web: &Svc<'_>) -> Vec<(Res, Value)> {
+    let mut other_slice = slice(
+        "other-1",
+        "other",
+        "IPv4",
+        &[("198.18.7.2", true)],
+        &[("http", 8080, "TCP")],
+    );
+    other_slice["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] =
+        json!("someone-else");
+    let mut headless_slice = slice(
+        "hl-1",
+        "hl",
+        "IPv4",
+        &[("198.18.8.2", true)],
+        &[("http", 8080, "TCP")],
+    );
+    headless_slice["metadata"]["labels"][HEADLESS_LABEL] = json!("");
+    vec![
+        (Res::Services, service(web)),
+        (
+            Res::Slices,
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                &[("198.18.2.2", true)],
+                &[("http", 8080, "TCP")],
+            ),
+        ),
+        (
+            Res::Services,
+            service(&Svc {
+                name: "other",
+                cluster_ips: &["198.19.0.30"],
+                families: &["IPv4"],
+                labels: proxy_label(),
+                ..Svc::default()
+            }),
+        ),
+        (Res::Slices, other_slice),
+        (
+            Res::Services,
+            service(&Svc {
+                name: "hl",
+                families: &["IPv4"],
+                ..Svc::default()
+            }),
+        ),
+        (Res::Slices, headless_slice),
+        (Res::Nodes, node(&[("InternalIP", "198.18.0.1")])),
+    ]
+}
+
+/// As kube-proxy, the source asks the API server to leave out Services
+/// handed to another proxy and the slices of headless Services: they never
+/// reach the agent, and a Service labelled so later leaves it.
+#[tokio::test]
+async fn label_selector_keeps_ignored_objects_out() {
+    let web = Svc {
+        cluster_ips: &["198.19.0.10"],
+        families: &["IPv4"],
+        ..Svc::default()
+    };
+    let server = ApiServer::start(objects_with_ignored_ones(&web)).await;
+    let mut source = start_source(&server);
+    let first = source.next_changes(STEP, "initial lists").await;
+    assert_eq!(
+        object_names(first.services.iter().map(|s| &s.metadata)),
+        ["hl", "web"]
+    );
+    assert_eq!(
+        object_names(first.slices.iter().map(|s| &s.metadata)),
+        ["web-1"]
+    );
+    let f = frontends(&source.held.snapshot());
+    expect(&f, "198.19.0.10:80/TCP", &["198.18.2.2:8080"]);
+    assert!(!f.keys().any(|k| k.starts_with("198.19.0.30")), "{f:#?}");
+    let selector = format!("labelSelector={}", proxied_selector());
+    for path in [
+        "/api/v1/services?",
+        "/apis/discovery.k8s.io/v1/endpointslices?",
+    ] {
+        let requests: Vec<String> = server
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET {path}")) && !r.contains("limit=1"))
+            .cloned()
+            .collect();
+        assert!(!requests.is_empty());
+        assert!(
+            requests.iter().all(|r| r.contains(&selector)),
+            "{requests:#?}"
+        );
+    }
+
+    // A new Service for another proxy: nothing at all reaches the agent.
+    server.apply(
+        Res::Services,
+        service(&Svc {
+            name: "other-2",
+            cluster_ips: &["198.19.0.31"],
+            families: &["IPv4"],
+            labels: proxy_label(),
+            ..Svc::default()
+        }),
+    );
+    source
+        .quiet(Duration::from_millis(300), "an ignored Service")
+        .await;
+
+    // A Service handed to another proxy later leaves the selection: removed.
+    server.apply(
+        Res::Services,
+        service(&Svc {
+            labels: proxy_label(),
+            ..web
+        }),
+    );
+    let changes = source.next_changes(STEP, "web handed over").await;
+    assert_eq!(changes.removed_services, [key("web")]);
+    assert!(changes.services.is_empty());
+    let f = frontends(&source.held.snapshot());
+    assert!(!f.contains_key("198.19.0.10:80/TCP"), "{f:#?}");
 }

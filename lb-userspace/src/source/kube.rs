@@ -1,21 +1,28 @@
-//! The Kubernetes source: kube-rs watchers and reflector stores for
-//! Services, `EndpointSlice`s and the agent's own Node.
+//! The Kubernetes source: kube-rs watchers for Services, `EndpointSlice`s
+//! and the agent's own Node, forwarded to the agent as [`Changes`].
 //!
-//! - A snapshot is sent only once all three stores hold their initial list.
+//! - The first update is sent only once all three resources are listed.
 //! - Bursts are coalesced: after a change the source waits [`QUIET`] for
-//!   more (at most [`MAX_DELAY`] in all), and it sends the next snapshot only
+//!   more (at most [`MAX_DELAY`] in all), and it sends the next update only
 //!   once the agent has taken the previous one, so a slow sync never queues
-//!   stale state.
+//!   stale state. Several events on one object in a burst send it once.
+//! - The source keeps no objects, only the key and `resourceVersion` of
+//!   each one the agent holds: a re-list (after `410 Gone`, a reconnect)
+//!   sends what differs from that, removals of objects deleted while the
+//!   watch was down included.
 //! - Watches restart with kube-runtime's default backoff (client-go's) and
 //!   re-list on `410 Gone`. While a watch fails, the agent gets
 //!   [`SourceUpdate::Stale`] with the reason (and keeps the last good state);
 //!   a cheap list per resource probes the API server every
-//!   [`PROBE_INTERVAL`], and the first success sends a fresh snapshot.
+//!   [`PROBE_INTERVAL`], and the first success sends an update (empty if
+//!   nothing changed) that makes the agent ready again.
 //!
-//! Objects are passed on as they are: the model filters and validates them.
+//! The API server leaves out, as it does for kube-proxy, Services handed to
+//! another proxy and the slices of headless Services ([`proxied_selector`]);
+//! the rest is passed on as it is: the model filters and validates it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     pin::Pin,
@@ -38,21 +45,23 @@ use kube::{
     runtime::{
         WatchStreamExt as _,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        reflector::{self, Store},
         watcher,
     },
 };
 use tokio::{sync::mpsc, time::Instant};
 
-use super::{Snapshot, SourceSpec, SourceUpdate};
-use crate::model::{NodeContext, ObjectError};
+use super::{Changes, NodeChange, SourceSpec, SourceUpdate};
+use crate::model::{NodeContext, ObjectError, ObjectKey, SERVICE_PROXY_NAME_LABEL, key_of};
 
-/// After a change, wait this long for more before sending a snapshot.
+/// After a change, wait this long for more before sending an update.
 pub const QUIET: Duration = Duration::from_millis(20);
-/// A steady stream of changes still yields a snapshot this often.
+/// A steady stream of changes still yields an update this often.
 pub const MAX_DELAY: Duration = Duration::from_millis(200);
 /// How often a failing source checks whether the API server is back.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Label the `EndpointSlice` controller puts on the slices of a headless
+/// Service (no cluster IP: nothing for a proxy to do).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Label of the node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// `EndpointSlice` annotation: when the change behind this version happened.
@@ -173,41 +182,195 @@ enum Change {
     Listed,
     /// An object was added, changed or deleted.
     Changed,
-    /// Part of a list in progress: the store swaps it in at `Listed`.
+    /// Part of a list in progress: its removals are known at `Listed`.
     Listing,
 }
 
-type Signals = Pin<Box<dyn Stream<Item = (Kind, Result<Change, watcher::Error>)> + Send>>;
-
-struct Stores {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    node: Store<Node>,
+/// One watcher item, of whichever resource.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one item at a time, moved into the tracker at once; a box buys nothing"
+)]
+enum Observed {
+    Services(watcher::Event<Service>),
+    Slices(watcher::Event<EndpointSlice>),
+    Node(watcher::Event<Node>),
 }
 
-impl Stores {
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            services: self
-                .services
-                .state()
-                .iter()
-                .map(|s| (**s).clone())
-                .collect(),
-            slices: self.slices.state().iter().map(|s| (**s).clone()).collect(),
-            node: self.node.state().first().map(|n| (**n).clone()),
-            errors: Vec::new(),
+type Signals = Pin<Box<dyn Stream<Item = (Kind, Result<Observed, watcher::Error>)> + Send>>;
+
+/// The objects of one resource as the agent holds them (their key and
+/// `resourceVersion` only), and what changed since the last update.
+struct Tracker<K> {
+    /// Key -> `resourceVersion` of each object sent.
+    sent: HashMap<ObjectKey, Option<String>>,
+    /// Key -> the object's newest state not yet sent (`None`: deleted).
+    pending: HashMap<ObjectKey, Option<K>>,
+    /// During a (re-)list: the keys listed so far.
+    listing: Option<HashSet<ObjectKey>>,
+}
+
+impl<K: Resource> Default for Tracker<K> {
+    fn default() -> Self {
+        Self {
+            sent: HashMap::new(),
+            pending: HashMap::new(),
+            listing: None,
         }
     }
+}
+
+impl<K: Resource> Tracker<K> {
+    /// Takes one watcher event.
+    fn observe(&mut self, event: watcher::Event<K>) -> Change {
+        match event {
+            watcher::Event::Init => {
+                self.listing = Some(HashSet::new());
+                Change::Listing
+            }
+            watcher::Event::InitApply(object) => {
+                let key = key_of(object.meta());
+                if let Some(listing) = &mut self.listing {
+                    listing.insert(key.clone());
+                }
+                self.applied(key, object);
+                Change::Listing
+            }
+            watcher::Event::InitDone => {
+                // What the list did not name was deleted meanwhile.
+                if let Some(listed) = self.listing.take() {
+                    let gone: Vec<ObjectKey> = self
+                        .sent
+                        .keys()
+                        .chain(self.pending.keys())
+                        .filter(|key| !listed.contains(*key))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        self.deleted(key);
+                    }
+                }
+                Change::Listed
+            }
+            watcher::Event::Apply(object) => {
+                self.applied(key_of(object.meta()), object);
+                Change::Changed
+            }
+            watcher::Event::Delete(object) => {
+                self.deleted(key_of(object.meta()));
+                Change::Changed
+            }
+        }
+    }
+
+    fn applied(&mut self, key: ObjectKey, object: K) {
+        let version = object.meta().resource_version.as_ref();
+        let as_sent = version.is_some()
+            && self
+                .sent
+                .get(&key)
+                .is_some_and(|sent| sent.as_ref() == version);
+        if as_sent {
+            // A re-list of an object the agent holds already.
+            self.pending.remove(&key);
+        } else {
+            self.pending.insert(key, Some(object));
+        }
+    }
+
+    fn deleted(&mut self, key: ObjectKey) {
+        if self.sent.contains_key(&key) {
+            self.pending.insert(key, None);
+        } else {
+            self.pending.remove(&key);
+        }
+    }
+
+    /// What changed since the last call: objects added or replaced, keys
+    /// removed. From now on they count as sent.
+    fn take(&mut self) -> (Vec<K>, Vec<ObjectKey>) {
+        let mut applied = Vec::new();
+        let mut removed = Vec::new();
+        for (key, object) in self.pending.drain() {
+            if let Some(object) = object {
+                self.sent
+                    .insert(key, object.meta().resource_version.clone());
+                applied.push(object);
+            } else {
+                self.sent.remove(&key);
+                removed.push(key);
+            }
+        }
+        (applied, removed)
+    }
+}
+
+/// One tracker per watched resource.
+#[derive(Default)]
+struct Trackers {
+    services: Tracker<Service>,
+    slices: Tracker<EndpointSlice>,
+    node: Tracker<Node>,
+}
+
+impl Trackers {
+    fn observe(&mut self, observed: Observed) -> Change {
+        match observed {
+            Observed::Services(event) => self.services.observe(event),
+            Observed::Slices(event) => self.slices.observe(event),
+            Observed::Node(event) => self.node.observe(event),
+        }
+    }
+
+    /// Everything not yet sent, as one update.
+    fn take_changes(&mut self) -> Changes {
+        let (services, removed_services) = self.services.take();
+        let (slices, removed_slices) = self.slices.take();
+        let (mut nodes, removed_nodes) = self.node.take();
+        let node = match nodes.pop() {
+            Some(node) => Some(NodeChange::Set(Box::new(node))),
+            None if !removed_nodes.is_empty() => Some(NodeChange::Removed),
+            None => None,
+        };
+        Changes {
+            services,
+            removed_services,
+            slices,
+            removed_slices,
+            node,
+            ..Changes::default()
+        }
+    }
+}
+
+/// Nothing changed.
+fn no_changes(changes: &Changes) -> bool {
+    changes.services.is_empty()
+        && changes.removed_services.is_empty()
+        && changes.slices.is_empty()
+        && changes.removed_slices.is_empty()
+        && changes.node.is_none()
 }
 
 fn node_selector(node_name: &str) -> String {
     format!("metadata.name={node_name}")
 }
 
-/// One reflector per resource, merged into one stream of signals.
-fn watch_all(client: &Client, node_name: &str) -> (Stores, Signals) {
-    fn watch<K>(api: Api<K>, config: watcher::Config, kind: Kind) -> (Store<K>, Signals)
+/// kube-proxy's label selector for Services and `EndpointSlice`s: none
+/// handed to another proxy, no slices of headless Services.
+#[must_use]
+pub fn proxied_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+/// One watcher per resource, merged into one stream.
+fn watch_all(client: &Client, node_name: &str) -> Signals {
+    fn watch<K>(
+        api: Api<K>,
+        config: watcher::Config,
+        kind: Kind,
+        wrap: fn(watcher::Event<K>) -> Observed,
+    ) -> Signals
     where
         K: Resource<DynamicType = ()>
             + Clone
@@ -217,43 +380,33 @@ fn watch_all(client: &Client, node_name: &str) -> (Stores, Signals) {
             + Sync
             + 'static,
     {
-        let (reader, writer) = reflector::store();
         let stream = watcher(api, config)
             .default_backoff()
             // Never read, and a good part of each object's size.
             .modify(|object| object.managed_fields_mut().clear())
-            .reflect(writer)
-            .map(move |item| {
-                let change = item.map(|event| match event {
-                    watcher::Event::InitDone => Change::Listed,
-                    watcher::Event::Init | watcher::Event::InitApply(_) => Change::Listing,
-                    watcher::Event::Apply(_) | watcher::Event::Delete(_) => Change::Changed,
-                });
-                (kind, change)
-            });
-        (reader, Box::pin(stream))
+            .map(move |item| (kind, item.map(wrap)));
+        Box::pin(stream)
     }
-    let (services, a) = watch(
+    let proxied = watcher::Config::default().labels(&proxied_selector());
+    let services = watch(
         Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
+        proxied.clone(),
         Kind::Services,
+        Observed::Services,
     );
-    let (slices, b) = watch(
+    let slices = watch(
         Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default(),
+        proxied,
         Kind::Slices,
+        Observed::Slices,
     );
-    let (node, c) = watch(
+    let node = watch(
         Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&node_selector(node_name)),
         Kind::Node,
+        Observed::Node,
     );
-    let stores = Stores {
-        services,
-        slices,
-        node,
-    };
-    (stores, Box::pin(futures::stream::select_all([a, b, c])))
+    Box::pin(futures::stream::select_all([services, slices, node]))
 }
 
 /// Source state between signals.
@@ -268,6 +421,10 @@ struct Progress {
     dirty_since: Option<Instant>,
     /// When to send it.
     deadline: Option<Instant>,
+    /// The agent holds what was last sent: no stale reason since (and not
+    /// the start). Otherwise the next update is sent even when empty, so
+    /// that the agent is ready again.
+    agent_current: bool,
 }
 
 impl Progress {
@@ -298,6 +455,7 @@ impl Progress {
             return None;
         }
         self.stale_sent = Some(reason.clone());
+        self.agent_current = false;
         Some(reason)
     }
 
@@ -352,7 +510,8 @@ async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdate>) {
             }
         }
     };
-    let (stores, mut signals) = watch_all(&client, &config.node_name);
+    let mut signals = watch_all(&client, &config.node_name);
+    let mut trackers = Trackers::default();
     let mut progress = Progress::default();
     let mut probe: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
     let mut probe_tick = tokio::time::interval(PROBE_INTERVAL);
@@ -363,7 +522,8 @@ async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdate>) {
         tokio::select! {
             () = tx.closed() => return,
             signal = signals.next() => {
-                let Some((kind, change)) = signal else { return };
+                let Some((kind, item)) = signal else { return };
+                let change = item.map(|observed| trackers.observe(observed));
                 progress.apply(kind, change, Instant::now());
                 if let Some(reason) = progress.stale_update()
                     && tx.send(SourceUpdate::Stale(reason)).await.is_err()
@@ -372,20 +532,24 @@ async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdate>) {
                 }
             }
             () = sleep_until(deadline) => {
-                // The agent has not taken the previous snapshot yet: wait,
-                // and send the state as it is then.
+                // The agent has not taken the previous update yet: wait,
+                // and send what changed until then.
                 if tx.capacity() < tx.max_capacity() {
                     progress.deadline = Some(Instant::now() + QUIET);
                     continue;
                 }
-                let snapshot = stores.snapshot();
-                if snapshot.node.is_none() && !warned_no_node {
+                let changes = trackers.take_changes();
+                if trackers.node.sent.is_empty() && !warned_no_node {
                     warned_no_node = true;
                     tracing::warn!(node = %config.node_name, "no Node of this name; node addresses and zone are unknown");
                 }
                 progress.dirty_since = None;
                 progress.deadline = None;
-                if tx.send(SourceUpdate::Snapshot(snapshot)).await.is_err() {
+                if no_changes(&changes) && progress.agent_current {
+                    continue;
+                }
+                progress.agent_current = true;
+                if tx.send(SourceUpdate::Changes(changes)).await.is_err() {
                     return;
                 }
             }
@@ -517,20 +681,24 @@ impl EventReporter {
                 controller: EVENT_CONTROLLER.to_owned(),
                 instance: Some(format!("{EVENT_CONTROLLER}-{}", config.node_name)),
             };
-            let mut recorder: Option<Recorder> = None;
+            let mut connected: Option<(Client, Recorder)> = None;
             while let Some((object, note)) = rx.recv().await {
-                if recorder.is_none() {
+                if connected.is_none() {
                     match client(config.kubeconfig.as_deref()).await {
-                        Ok(client) => recorder = Some(Recorder::new(client, reporter.clone())),
+                        Ok(client) => {
+                            let recorder = Recorder::new(client.clone(), reporter.clone());
+                            connected = Some((client, recorder));
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "cannot raise Kubernetes Events");
                             continue;
                         }
                     }
                 }
-                let Some(recorder) = recorder.as_ref() else {
+                let Some((client, recorder)) = connected.as_ref() else {
                     continue;
                 };
+                let object = with_uid(client, object).await;
                 let event = invalid_event(note);
                 if let Err(error) = recorder.publish(&event, &object).await {
                     tracing::warn!(
@@ -546,10 +714,11 @@ impl EventReporter {
         Self { tx }
     }
 
-    /// Queues an Event on the object ERROR names, found in SNAPSHOT for its
-    /// uid. Errors about files (not objects) raise none.
-    pub fn report(&self, error: &ObjectError, snapshot: &Snapshot) {
-        if let Some(object) = involved_object(error, snapshot) {
+    /// Queues an Event on the object ERROR names (its uid is read from the
+    /// API server when the Event is raised). Errors about files (not
+    /// objects) raise none.
+    pub fn report(&self, error: &ObjectError) {
+        if let Some(object) = involved_object(error) {
             let _ = self.tx.send((object, error.reason.clone()));
         }
     }
@@ -574,43 +743,51 @@ fn invalid_event(note: String) -> KubeEvent {
     }
 }
 
-/// The object an error is about, as an Event's `regarding`.
+/// The object an error is about, as an Event's `regarding`, by name (the
+/// agent keeps no objects): see [`with_uid`].
 #[must_use]
-pub fn involved_object(error: &ObjectError, snapshot: &Snapshot) -> Option<ObjectReference> {
-    let same = |namespace: Option<&str>, name: Option<&str>| {
-        namespace.unwrap_or(crate::model::DEFAULT_NAMESPACE) == error.namespace
-            && name == Some(error.name.as_str())
-    };
-    let reference = match error.kind {
-        "Service" => snapshot
-            .services
-            .iter()
-            .find(|s| same(s.metadata.namespace.as_deref(), s.metadata.name.as_deref()))
-            .map(|s| s.object_ref(&())),
-        "EndpointSlice" => snapshot
-            .slices
-            .iter()
-            .find(|s| same(s.metadata.namespace.as_deref(), s.metadata.name.as_deref()))
-            .map(|s| s.object_ref(&())),
+pub fn involved_object(error: &ObjectError) -> Option<ObjectReference> {
+    let api_version = match error.kind {
+        "Service" => Service::api_version(&()),
+        "EndpointSlice" => EndpointSlice::api_version(&()),
         _ => return None,
     };
-    // Not in the snapshot (should not happen): name it all the same.
-    Some(reference.unwrap_or_else(|| {
-        ObjectReference {
-            api_version: Some(
-                if error.kind == "Service" {
-                    "v1"
-                } else {
-                    "discovery.k8s.io/v1"
-                }
-                .to_owned(),
-            ),
-            kind: Some(error.kind.to_owned()),
-            namespace: Some(error.namespace.clone()),
-            name: Some(error.name.clone()),
-            ..ObjectReference::default()
+    Some(ObjectReference {
+        api_version: Some(api_version.into_owned()),
+        kind: Some(error.kind.to_owned()),
+        namespace: Some(error.namespace.clone()),
+        name: Some(error.name.clone()),
+        ..ObjectReference::default()
+    })
+}
+
+/// REFERENCE with the uid of the object it names, as the API server has
+/// it now (`kubectl describe` finds an object's Events by uid); as it is
+/// when the object cannot be read.
+async fn with_uid(client: &Client, reference: ObjectReference) -> ObjectReference {
+    let (Some(namespace), Some(name)) = (reference.namespace.as_deref(), reference.name.as_deref())
+    else {
+        return reference;
+    };
+    let found = match reference.kind.as_deref() {
+        Some("Service") => Api::<Service>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map(|found| found.map(|object| object.object_ref(&()))),
+        Some("EndpointSlice") => Api::<EndpointSlice>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await
+            .map(|found| found.map(|object| object.object_ref(&()))),
+        _ => return reference,
+    };
+    match found {
+        Ok(Some(found)) => found,
+        Ok(None) => reference,
+        Err(error) => {
+            tracing::debug!(error = %with_causes(&error), namespace, name, "cannot read the object of an Event; raised without its uid");
+            reference
         }
-    }))
+    }
 }
 
 /// Turns `EndpointSlice` trigger-time annotations into network programming
@@ -805,42 +982,109 @@ mod tests {
         assert_eq!(times.take_new(&second).len(), 2);
     }
 
-    #[test]
-    fn involved_object_names_the_object_with_its_uid() {
+    fn versioned(name: &str, version: u32) -> Service {
         let mut service = Service::default();
-        service.metadata.name = Some("web".into());
-        service.metadata.namespace = Some("prod".into());
-        service.metadata.uid = Some("u-1".into());
-        let snapshot = Snapshot {
-            services: vec![service],
-            ..Snapshot::default()
-        };
+        service.metadata.name = Some(name.into());
+        service.metadata.namespace = Some("default".into());
+        service.metadata.resource_version = Some(version.to_string());
+        service
+    }
+
+    /// Names of the objects and keys in one update, sorted.
+    fn taken(tracker: &mut Tracker<Service>) -> (Vec<String>, Vec<String>) {
+        let (applied, removed) = tracker.take();
+        let mut applied: Vec<String> = applied
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}@{}",
+                    s.name_any(),
+                    s.resource_version().unwrap_or_default()
+                )
+            })
+            .collect();
+        let mut removed: Vec<String> = removed.into_iter().map(|(_, name)| name).collect();
+        applied.sort();
+        removed.sort();
+        (applied, removed)
+    }
+
+    #[test]
+    fn a_burst_sends_each_object_once_and_a_relist_only_the_difference() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut tracker = Tracker::<Service>::default();
+        for event in [
+            Init,
+            InitApply(versioned("a", 1)),
+            InitApply(versioned("b", 2)),
+            InitDone,
+        ] {
+            tracker.observe(event);
+        }
+        assert_eq!(
+            taken(&mut tracker),
+            (vec!["a@1".into(), "b@2".into()], vec![])
+        );
+        // A burst: the newest state of each object, once; an object added
+        // and deleted within it is not sent at all.
+        for event in [
+            Apply(versioned("a", 3)),
+            Apply(versioned("a", 4)),
+            Delete(versioned("b", 5)),
+            Apply(versioned("c", 6)),
+            Delete(versioned("c", 7)),
+        ] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec!["a@4".into()], vec!["b".into()]));
+        // A re-list: unchanged objects are not sent again.
+        for event in [
+            Init,
+            InitApply(versioned("a", 4)),
+            InitApply(versioned("d", 8)),
+            InitDone,
+        ] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec!["d@8".into()], vec![]));
+        // A re-list that no longer names what was sent, nor a change not
+        // yet sent: all of it is removed.
+        for event in [Apply(versioned("d", 9)), Init, InitDone] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec![], vec!["a".into(), "d".into()]));
+        assert!(tracker.sent.is_empty());
+    }
+
+    #[test]
+    fn involved_object_names_services_and_slices_only() {
         let error = ObjectError {
             kind: "Service",
             namespace: "prod".into(),
             name: "web".into(),
             reason: "bad".into(),
         };
-        let reference = involved_object(&error, &snapshot).unwrap();
-        assert_eq!(reference.uid.as_deref(), Some("u-1"));
+        let reference = involved_object(&error).unwrap();
         assert_eq!(reference.kind.as_deref(), Some("Service"));
         assert_eq!(reference.api_version.as_deref(), Some("v1"));
-        let missing = ObjectError {
+        assert_eq!(reference.namespace.as_deref(), Some("prod"));
+        assert_eq!(reference.name.as_deref(), Some("web"));
+        assert!(reference.uid.is_none(), "read when the Event is raised");
+        let slice = ObjectError {
             kind: "EndpointSlice",
-            name: "gone".into(),
+            name: "web-1".into(),
             ..error.clone()
         };
-        let reference = involved_object(&missing, &snapshot).unwrap();
+        let reference = involved_object(&slice).unwrap();
         assert_eq!(
             reference.api_version.as_deref(),
             Some("discovery.k8s.io/v1")
         );
-        assert!(reference.uid.is_none());
         let file = ObjectError {
             kind: "File",
             ..error
         };
-        assert!(involved_object(&file, &snapshot).is_none());
+        assert!(involved_object(&file).is_none());
     }
 
     #[test]
@@ -855,9 +1099,6 @@ mod tests {
         assert_eq!(progress.stale_update(), None);
         progress.recovered(Kind::Node, now);
         assert_eq!(progress.stale_update(), None);
-        assert!(
-            progress.deadline.is_some(),
-            "recovery sends a fresh snapshot"
-        );
+        assert!(progress.deadline.is_some(), "recovery sends an update");
     }
 }

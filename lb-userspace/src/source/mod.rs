@@ -1,5 +1,6 @@
-//! Where Services and `EndpointSlice`s come from. Every source sends whole
-//! snapshots over a channel; the agent turns each into maps.
+//! Where Services and `EndpointSlice`s come from. A source sends what
+//! changed (or, the file source on a full re-read, a whole snapshot) over a
+//! channel; the agent turns each update into maps.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -45,6 +46,29 @@ pub struct Changes {
     /// that not every object is in memory at the same time): apply them
     /// together with the following ones; `errors` is not yet complete.
     pub more_follow: bool,
+    /// This agent's own Node object, when it changed (kube source); `None`:
+    /// the node stays as the previous update left it.
+    pub node: Option<NodeChange>,
+}
+
+/// A change of this agent's own Node object.
+#[derive(Clone, Debug)]
+pub enum NodeChange {
+    /// The Node was added or changed.
+    Set(Box<Node>),
+    /// The Node was deleted.
+    Removed,
+}
+
+impl NodeChange {
+    /// The Node after the change.
+    #[must_use]
+    pub fn into_node(self) -> Option<Node> {
+        match self {
+            Self::Set(node) => Some(*node),
+            Self::Removed => None,
+        }
+    }
 }
 
 /// What a source tells the agent.
@@ -57,7 +81,7 @@ pub enum SourceUpdate {
     /// The complete current state.
     Snapshot(Snapshot),
     /// What changed since the previous update (which was a snapshot or
-    /// changes); the node stays as the last snapshot gave it.
+    /// changes).
     Changes(Changes),
     /// The source cannot deliver fresh state (the last good state keeps
     /// serving); the text says why.
