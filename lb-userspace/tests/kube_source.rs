@@ -1963,3 +1963,55 @@ async fn label_selector_keeps_ignored_objects_out() {
     let f = frontends(&source.held.snapshot());
     assert!(!f.contains_key("198.19.0.10:80/TCP"), "{f:#?}");
 }
+
+/// Log output of this test binary, from the moment a test asks for it.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    Arc::clone(LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || LogWriter(Arc::clone(&writer)))
+            .finish();
+        // Global: the source logs from the runtime's threads.
+        tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+        logs
+    }))
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The source's log lines name it: which source, for which node.
+#[tokio::test]
+async fn log_lines_carry_the_source_span() {
+    let logs = captured_logs();
+    let server = ApiServer::start(dual_stack_objects()).await;
+    server.set_down(true);
+    let mut source = start_source(&server);
+    source.until_stale(STEP, "API server down").await;
+    let logs =
+        String::from_utf8_lossy(&logs.lock().unwrap_or_else(PoisonError::into_inner)).into_owned();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("watch failed"))
+        .unwrap_or_else(|| panic!("no watch failure logged: {logs}"));
+    assert!(
+        line.contains(&format!("source{{kind=\"kube\" node={NODE}}}")),
+        "{line}"
+    );
+}

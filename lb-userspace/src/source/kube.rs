@@ -49,6 +49,7 @@ use kube::{
     },
 };
 use tokio::{sync::mpsc, time::Instant};
+use tracing::Instrument as _;
 
 use super::{Changes, NodeChange, SourceSpec, SourceUpdate};
 use crate::model::{NodeContext, ObjectError, ObjectKey, SERVICE_PROXY_NAME_LABEL, key_of};
@@ -114,7 +115,11 @@ pub fn spawn(
     }
     precheck(config.kubeconfig.as_deref())?;
     let config = config.clone();
-    Ok(tokio::spawn(async move { run(&config, &tx).await }))
+    // Every log line of the source names it.
+    let span = tracing::info_span!("source", kind = "kube", node = %config.node_name);
+    Ok(tokio::spawn(
+        async move { run(&config, &tx).await }.instrument(span),
+    ))
 }
 
 fn precheck(kubeconfig: Option<&Path>) -> Result<(), KubeSourceError> {
@@ -541,7 +546,7 @@ async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdate>) {
                 let changes = trackers.take_changes();
                 if trackers.node.sent.is_empty() && !warned_no_node {
                     warned_no_node = true;
-                    tracing::warn!(node = %config.node_name, "no Node of this name; node addresses and zone are unknown");
+                    tracing::warn!("no Node of this name; node addresses and zone are unknown");
                 }
                 progress.dirty_since = None;
                 progress.deadline = None;
@@ -676,41 +681,45 @@ impl EventReporter {
     pub fn spawn(config: &KubeSourceConfig) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<(ObjectReference, String)>();
         let config = config.clone();
-        tokio::spawn(async move {
-            let reporter = Reporter {
-                controller: EVENT_CONTROLLER.to_owned(),
-                instance: Some(format!("{EVENT_CONTROLLER}-{}", config.node_name)),
-            };
-            let mut connected: Option<(Client, Recorder)> = None;
-            while let Some((object, note)) = rx.recv().await {
-                if connected.is_none() {
-                    match client(config.kubeconfig.as_deref()).await {
-                        Ok(client) => {
-                            let recorder = Recorder::new(client.clone(), reporter.clone());
-                            connected = Some((client, recorder));
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "cannot raise Kubernetes Events");
-                            continue;
+        let span = tracing::info_span!("events", node = %config.node_name);
+        tokio::spawn(
+            async move {
+                let reporter = Reporter {
+                    controller: EVENT_CONTROLLER.to_owned(),
+                    instance: Some(format!("{EVENT_CONTROLLER}-{}", config.node_name)),
+                };
+                let mut connected: Option<(Client, Recorder)> = None;
+                while let Some((object, note)) = rx.recv().await {
+                    if connected.is_none() {
+                        match client(config.kubeconfig.as_deref()).await {
+                            Ok(client) => {
+                                let recorder = Recorder::new(client.clone(), reporter.clone());
+                                connected = Some((client, recorder));
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot raise Kubernetes Events");
+                                continue;
+                            }
                         }
                     }
-                }
-                let Some((client, recorder)) = connected.as_ref() else {
-                    continue;
-                };
-                let object = with_uid(client, object).await;
-                let event = invalid_event(note);
-                if let Err(error) = recorder.publish(&event, &object).await {
-                    tracing::warn!(
-                        %error,
-                        kind = ?object.kind,
-                        namespace = ?object.namespace,
-                        name = ?object.name,
-                        "cannot raise a Kubernetes Event"
-                    );
+                    let Some((client, recorder)) = connected.as_ref() else {
+                        continue;
+                    };
+                    let object = with_uid(client, object).await;
+                    let event = invalid_event(note);
+                    if let Err(error) = recorder.publish(&event, &object).await {
+                        tracing::warn!(
+                            %error,
+                            kind = ?object.kind,
+                            namespace = ?object.namespace,
+                            name = ?object.name,
+                            "cannot raise a Kubernetes Event"
+                        );
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
         Self { tx }
     }
 

@@ -9,6 +9,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 use crate::model::{ObjectError, ObjectKey};
 
@@ -123,6 +124,9 @@ pub fn spawn(
     match spec {
         SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
         SourceSpec::File(dir) => {
+            // Every log line of the source names it.
+            let span = tracing::info_span!("source", kind = "file", dir = %dir.display());
+            let _entered = span.enter();
             // Fail at once on an unusable directory; read it in the
             // background, so that it overlaps loading the BPF program.
             file::load_dir_check(dir)?;
@@ -130,14 +134,16 @@ pub fn spawn(
             let events = match file::DirEvents::new(dir) {
                 Ok(events) => Some(events),
                 Err(error) => {
-                    tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only");
+                    tracing::warn!(%error, "no inotify; polling only");
                     None
                 }
             };
             // File by file, so that only a few files' objects are in memory
             // (and in the channel) at once.
             let first_tx = tx.clone();
+            let first_span = span.clone();
             let first = tokio::task::spawn_blocking(move || {
+                let _entered = first_span.enter();
                 let first = state.refresh_streaming(&mut |part| {
                     let _ = first_tx.blocking_send(SourceUpdate::Changes(part));
                 });
@@ -168,7 +174,7 @@ pub fn spawn(
                         _ = ticker.tick() => {}
                         woke = async { events.as_ref()?.wait().await.err() }, if events.is_some() => {
                             if let Some(error) = woke {
-                                tracing::warn!(dir = %dir.display(), %error, "inotify failed; polling only");
+                                tracing::warn!(%error, "inotify failed; polling only");
                                 events = None;
                             }
                         }
@@ -181,7 +187,7 @@ pub fn spawn(
                     } else if dir_was_unreadable {
                         dir_was_unreadable = false;
                         events = file::DirEvents::new(&dir)
-                            .inspect_err(|error| tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only"))
+                            .inspect_err(|error| tracing::warn!(%error, "no inotify; polling only"))
                             .ok();
                     }
                     let update = match looked {
@@ -198,7 +204,99 @@ pub fn spawn(
                         return;
                     }
                 }
-            }))
+            }
+            .instrument(span.clone())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Write,
+        sync::{Arc, Mutex},
+    };
+
+    use super::*;
+
+    /// Log output, shared with the test.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Logs {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const SERVICE: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: NAME}\nspec: {ports: [{port: 80}]}\n";
+
+    #[tokio::test]
+    async fn file_source_log_lines_carry_its_span() {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        // This thread only: the test runtime runs the source's task here.
+        let _default = tracing::subscriber::set_default(subscriber);
+        let dir = std::env::temp_dir().join(format!("lb-source-span-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        std::fs::write(dir.join("a.yaml"), SERVICE.replace("NAME", "a")).expect("write");
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = spawn(&SourceSpec::File(dir.clone()), tx).expect("source starts");
+        let has_b = |update: &SourceUpdate| {
+            let services = match update {
+                SourceUpdate::Snapshot(snapshot) => &snapshot.services,
+                SourceUpdate::Changes(changes) => &changes.services,
+                SourceUpdate::Stale(_) => return false,
+            };
+            services
+                .iter()
+                .any(|s| s.metadata.name.as_deref() == Some("b"))
+        };
+        let seen_b = tokio::time::timeout(Duration::from_secs(10), async {
+            // The first read (on another thread), then b's arrival.
+            while let Some(update) = rx.recv().await {
+                if !matches!(&update, SourceUpdate::Changes(changes) if changes.more_follow) {
+                    break;
+                }
+            }
+            // That thread has no subscriber, so the callsites it hit are
+            // cached as of no interest: ask again, now from this thread.
+            tracing::callsite::rebuild_interest_cache();
+            std::fs::write(dir.join("b.yaml"), SERVICE.replace("NAME", "b")).expect("write");
+            while let Some(update) = rx.recv().await {
+                if has_b(&update) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(seen_b, Ok(true), "b arrives");
+        let logs = String::from_utf8_lossy(&logs.0.lock().expect("logs")).into_owned();
+        let line = logs
+            .lines()
+            .find(|line| line.contains("manifest directory changed"))
+            .unwrap_or_else(|| panic!("no change logged: {logs:?}"));
+        assert!(
+            line.contains(&format!("source{{kind=\"file\" dir={}}}", dir.display())),
+            "{line}"
+        );
     }
 }
