@@ -22,7 +22,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// `EndpointSlices`.
     pub slices: Vec<EndpointSlice>,
-    /// This agent's own Node object, when the source knows it (kube source).
+    /// This agent's own Node object, when the source knows it (the kube
+    /// source sends it in [`Changes::node`] instead).
     pub node: Option<Node>,
     /// Objects (or files) that could not be read, with the reason.
     pub errors: Vec<ObjectError>,

@@ -1,13 +1,6 @@
 //! What the agent holds of each resource (keys and versions only) and
 //! what changed since the last update.
 
-//!   [`PROBE_INTERVAL`], and the first success sends an update (empty if
-//!   nothing changed) that makes the agent ready again.
-//!
-//! The API server leaves out, as it does for kube-proxy, Services handed to
-//! another proxy and the slices of headless Services ([`proxied_selector`]);
-//! the rest is passed on as it is: the model filters and validates it.
-
 use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::api::{

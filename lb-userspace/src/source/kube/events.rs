@@ -1,12 +1,5 @@
 //! Kubernetes Events on the objects the agent rejects.
 
-//!   [`PROBE_INTERVAL`], and the first success sends an update (empty if
-//!   nothing changed) that makes the agent ready again.
-//!
-//! The API server leaves out, as it does for kube-proxy, Services handed to
-//! another proxy and the slices of headless Services ([`proxied_selector`]);
-//! the rest is passed on as it is: the model filters and validates it.
-
 use k8s_openapi::api::{
     core::v1::{ObjectReference, Service},
     discovery::v1::EndpointSlice,
@@ -108,7 +101,8 @@ fn invalid_event(note: String) -> KubeEvent {
 }
 
 /// The object an error is about, as an Event's `regarding`, by name (the
-/// agent keeps no objects): see [`with_uid`].
+/// agent keeps no objects); the publisher adds its uid, read from the API
+/// server, when it raises the Event.
 #[must_use]
 pub fn involved_object(error: &ObjectError) -> Option<ObjectReference> {
     let api_version = match error.kind {

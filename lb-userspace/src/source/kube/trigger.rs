@@ -1,12 +1,5 @@
 //! `EndpointSlice` trigger times as network programming latencies.
 
-//!   [`PROBE_INTERVAL`], and the first success sends an update (empty if
-//!   nothing changed) that makes the agent ready again.
-//!
-//! The API server leaves out, as it does for kube-proxy, Services handed to
-//! another proxy and the slices of headless Services ([`proxied_selector`]);
-//! the rest is passed on as it is: the model filters and validates it.
-
 use std::{collections::HashMap, str::FromStr as _, time::SystemTime};
 
 use k8s_openapi::{api::discovery::v1::EndpointSlice, jiff::Timestamp};

@@ -1,13 +1,6 @@
 //! The source's task: the watchers, coalescing into updates, stale
 //! reasons and probes while the API server is unreachable.
 
-//!   [`PROBE_INTERVAL`], and the first success sends an update (empty if
-//!   nothing changed) that makes the agent ready again.
-//!
-//! The API server leaves out, as it does for kube-proxy, Services handed to
-//! another proxy and the slices of headless Services ([`proxied_selector`]);
-//! the rest is passed on as it is: the model filters and validates it.
-
 use std::{collections::BTreeMap, pin::Pin, time::Duration};
 
 use futures::{Stream, StreamExt as _};
