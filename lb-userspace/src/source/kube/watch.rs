@@ -15,10 +15,10 @@ use kube::{
 };
 use tokio::{sync::mpsc, time::Instant};
 
-use super::SourceUpdate;
 use super::changes::{Change, Observed, Trackers, no_changes};
 use super::{
-    HEADLESS_LABEL, KubeSourceConfig, MAX_DELAY, PROBE_INTERVAL, QUIET, client, with_causes,
+    HEADLESS_LABEL, KubeSourceConfig, MAX_DELAY, PROBE_INTERVAL, QUIET, SourceUpdate, client,
+    with_causes,
 };
 use crate::model::SERVICE_PROXY_NAME_LABEL;
 
@@ -43,6 +43,7 @@ impl Kind {
 }
 
 type Signals = Pin<Box<dyn Stream<Item = (Kind, Result<Observed, watcher::Error>)> + Send>>;
+
 fn node_selector(node_name: &str) -> String {
     format!("metadata.name={node_name}")
 }
