@@ -29,7 +29,7 @@ use crate::{
 /// costs O(change).
 pub(super) struct Desired {
     model: model::Incremental,
-    /// The Node object of the last snapshot (kube source).
+    /// This agent's Node object, as the source last gave it (kube source).
     node: Option<k8s_openapi::api::core::v1::Node>,
     /// `None` when the next plan must cover everything: first sync, after
     /// a failed write or a plan with problems.
@@ -107,6 +107,9 @@ impl Pending {
         }
         for service in changes.services {
             model.upsert_service(service);
+        }
+        if let Some(node) = changes.node {
+            self.desired.node = node.into_node();
         }
         let network_programming = self
             .hooks
@@ -268,9 +271,9 @@ impl Reconciler {
         );
         let _entered = span.enter();
         let started = Instant::now();
-        let node = self.node_context(input.as_ref());
         let snapshot = match input {
             Some(Input::Snapshot(mut snapshot)) => {
+                self.pending.desired.node = snapshot.node.take();
                 self.pending
                     .desired
                     .model
@@ -284,13 +287,14 @@ impl Reconciler {
             }
             None => None,
         };
+        let node = self.node_context();
         let changes = self.pending.desired.model.commit();
         self.write_node_config(&node);
         let hooks = &mut self.pending.hooks;
         hooks
             .health
             .update(&self.pending.desired.model.health_checks());
-        self.report_errors(snapshot.as_deref());
+        self.report_errors();
         let outcome = self.plan_and_write(&changes, started);
         self.record(outcome, snapshot.as_deref())
     }
@@ -416,11 +420,8 @@ impl Reconciler {
 
     /// The node as this sync sees it (flags over the Node object over the
     /// interfaces), set on the model.
-    fn node_context(&mut self, input: Option<&Input>) -> model::NodeContext {
+    fn node_context(&mut self) -> model::NodeContext {
         let desired = &mut self.pending.desired;
-        if let Some(Input::Snapshot(snapshot)) = input {
-            desired.node.clone_from(&snapshot.node);
-        }
         let hooks = &self.pending.hooks;
         let from_source = source::kube::node_context(desired.node.as_ref(), &hooks.node_name);
         let node = node::context(&hooks.node_settings, &from_source);
@@ -430,7 +431,7 @@ impl Reconciler {
 
     /// Logs (and raises Events for) errors not reported before; remembers
     /// the current ones.
-    fn report_errors(&mut self, snapshot: Option<&Snapshot>) {
+    fn report_errors(&mut self) {
         let model_errors = self.pending.desired.model.errors();
         let mut current_errors = BTreeSet::new();
         for error in self.source_errors.iter().chain(&model_errors) {
@@ -444,8 +445,8 @@ impl Reconciler {
                     "invalid object skipped"
                 );
                 lock(&self.shared).invalid_objects_reported += 1;
-                if let (Some(events), Some(snapshot)) = (&self.pending.hooks.events, snapshot) {
-                    events.report(error, snapshot);
+                if let Some(events) = &self.pending.hooks.events {
+                    events.report(error);
                 }
             }
             current_errors.insert(line);

@@ -47,7 +47,7 @@ use select::Selector;
 use service::{PlannedFrontend, parse_service};
 
 /// Label that hands a Service to another proxy; kube-proxy skips those too.
-const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Label the `EndpointSlice` controller sets to tie a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Namespace of an object that names none, as `kubectl apply` would place it.

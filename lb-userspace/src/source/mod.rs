@@ -1,5 +1,6 @@
-//! Where Services and `EndpointSlice`s come from. Every source sends whole
-//! snapshots over a channel; the agent turns each into maps.
+//! Where Services and `EndpointSlice`s come from. A source sends what
+//! changed (or, the file source on a full re-read, a whole snapshot) over a
+//! channel; the agent turns each update into maps.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -21,7 +22,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// `EndpointSlices`.
     pub slices: Vec<EndpointSlice>,
-    /// This agent's own Node object, when the source knows it (kube source).
+    /// This agent's own Node object, when the source knows it (the kube
+    /// source sends it in [`Changes::node`] instead).
     pub node: Option<Node>,
     /// Objects (or files) that could not be read, with the reason.
     pub errors: Vec<ObjectError>,
@@ -45,6 +47,29 @@ pub struct Changes {
     /// that not every object is in memory at the same time): apply them
     /// together with the following ones; `errors` is not yet complete.
     pub more_follow: bool,
+    /// This agent's own Node object, when it changed (kube source); `None`:
+    /// the node stays as the previous update left it.
+    pub node: Option<NodeChange>,
+}
+
+/// A change of this agent's own Node object.
+#[derive(Clone, Debug)]
+pub enum NodeChange {
+    /// The Node was added or changed.
+    Set(Box<Node>),
+    /// The Node was deleted.
+    Removed,
+}
+
+impl NodeChange {
+    /// The Node after the change.
+    #[must_use]
+    pub fn into_node(self) -> Option<Node> {
+        match self {
+            Self::Set(node) => Some(*node),
+            Self::Removed => None,
+        }
+    }
 }
 
 /// What a source tells the agent.
@@ -57,7 +82,7 @@ pub enum SourceUpdate {
     /// The complete current state.
     Snapshot(Snapshot),
     /// What changed since the previous update (which was a snapshot or
-    /// changes); the node stays as the last snapshot gave it.
+    /// changes).
     Changes(Changes),
     /// The source cannot deliver fresh state (the last good state keeps
     /// serving); the text says why.
@@ -98,83 +123,6 @@ pub fn spawn(
 ) -> Result<tokio::task::JoinHandle<()>, SourceError> {
     match spec {
         SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
-        SourceSpec::File(dir) => {
-            // Fail at once on an unusable directory; read it in the
-            // background, so that it overlaps loading the BPF program.
-            file::load_dir_check(dir)?;
-            let mut state = file::DirState::new(dir.clone());
-            let events = match file::DirEvents::new(dir) {
-                Ok(events) => Some(events),
-                Err(error) => {
-                    tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only");
-                    None
-                }
-            };
-            // File by file, so that only a few files' objects are in memory
-            // (and in the channel) at once.
-            let first_tx = tx.clone();
-            let first = tokio::task::spawn_blocking(move || {
-                let first = state.refresh_streaming(&mut |part| {
-                    let _ = first_tx.blocking_send(SourceUpdate::Changes(part));
-                });
-                (state, first)
-            });
-            let dir = dir.clone();
-            Ok(tokio::spawn(async move {
-                let Ok((mut state, first)) = first.await else {
-                    return;
-                };
-                let update = match first {
-                    Ok(update) => update,
-                    Err(error) => Some(SourceUpdate::Stale(error.to_string())),
-                };
-                if let Some(update) = update
-                    && tx.send(update).await.is_err()
-                {
-                    return;
-                }
-                // The poll stays as a fallback: for symlinked files whose
-                // target changes elsewhere, and if inotify is unavailable.
-                let mut ticker = tokio::time::interval(FILE_POLL_INTERVAL);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut events = events;
-                let mut dir_was_unreadable = false;
-                loop {
-                    tokio::select! {
-                        _ = ticker.tick() => {}
-                        woke = async { events.as_ref()?.wait().await.err() }, if events.is_some() => {
-                            if let Some(error) = woke {
-                                tracing::warn!(dir = %dir.display(), %error, "inotify failed; polling only");
-                                events = None;
-                            }
-                        }
-                    }
-                    let looked = state.refresh();
-                    if looked.is_err() {
-                        // Gone (or unreadable): a watch on a deleted
-                        // directory never fires again; re-arm once it is back.
-                        dir_was_unreadable = true;
-                    } else if dir_was_unreadable {
-                        dir_was_unreadable = false;
-                        events = file::DirEvents::new(&dir)
-                            .inspect_err(|error| tracing::warn!(dir = %dir.display(), %error, "no inotify; polling only"))
-                            .ok();
-                    }
-                    let update = match looked {
-                        Ok(None) => continue,
-                        Ok(Some(update)) => update,
-                        Err(error) => SourceUpdate::Stale(format!(
-                            "cannot watch {}: {}",
-                            dir.display(),
-                            std::error::Error::source(&error)
-                                .map_or_else(|| error.to_string(), ToString::to_string)
-                        )),
-                    };
-                    if tx.send(update).await.is_err() {
-                        return;
-                    }
-                }
-            }))
-        }
+        SourceSpec::File(dir) => Ok(file::spawn(dir, tx)?),
     }
 }

@@ -1,0 +1,257 @@
+//! Reading one changed file again: JSON objects whose text did not change
+//! are only recorded, not parsed again.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_yaml::Value;
+
+use super::Snapshot;
+use super::listing::ManifestFile;
+use super::parse::{ItemDefaults, Origin, add_object, file_error, load_file};
+use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord};
+use crate::model::key_of;
+
+/// Reads one file again; JSON objects whose text hash `old` records are
+/// recorded without being parsed.
+pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRead {
+    let is_json = Path::new(&file.name)
+        .extension()
+        .is_some_and(|extension| extension == "json");
+    if !is_json {
+        let mut snapshot = Snapshot::default();
+        load_file(file, &mut snapshot);
+        let objects = snapshot
+            .services
+            .iter()
+            .map(|service| (ObjectKind::Service, key_of(&service.metadata)))
+            .chain(
+                snapshot
+                    .slices
+                    .iter()
+                    .map(|slice| (ObjectKind::Slice, key_of(&slice.metadata))),
+            )
+            .map(|(kind, key)| ObjectRecord {
+                kind,
+                key,
+                text_hash: None,
+            })
+            .collect();
+        return FileRead {
+            objects,
+            services: snapshot.services,
+            slices: snapshot.slices,
+            errors: snapshot.errors,
+        };
+    }
+    let known: HashMap<u64, &ObjectRecord> = old
+        .into_iter()
+        .flat_map(|entry| &entry.objects)
+        .filter_map(|record| Some((record.text_hash?, record)))
+        .collect();
+    let mut read = FileRead {
+        objects: Vec::new(),
+        services: Vec::new(),
+        slices: Vec::new(),
+        errors: Vec::new(),
+    };
+    let text = match fs::read_to_string(&file.path) {
+        Ok(text) => text,
+        // Deleted since listed: the next look sees that.
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return read,
+        Err(error) => {
+            read.errors
+                .push(file_error(&file.name, format!("cannot read: {error}")));
+            return read;
+        }
+    };
+    // Most files are one document, a list: then one pass finds its items.
+    if let Ok(JsonHead {
+        api_version: Some(api_version),
+        kind: Some(list_kind),
+        items: Some(items),
+    }) = serde_json::from_str::<JsonHead<'_>>(&text)
+        && list_kind.ends_with("List")
+    {
+        let origin = Origin {
+            file: &file.name,
+            location: "document 1".to_owned(),
+        };
+        read_json_items(&items, &api_version, &list_kind, &origin, &known, &mut read);
+        return read;
+    }
+    for (index, document) in serde_json::Deserializer::from_str(&text)
+        .into_iter::<&RawValue>()
+        .enumerate()
+    {
+        let document = match document {
+            Ok(document) => document,
+            Err(error) => {
+                read.errors
+                    .push(file_error(&file.name, format!("not valid JSON: {error}")));
+                break;
+            }
+        };
+        let origin = Origin {
+            file: &file.name,
+            location: format!("document {}", index + 1),
+        };
+        read_json_document(document, &origin, &known, &mut read);
+    }
+    read
+}
+
+/// A fast 64-bit hash of `parts` (eight bytes per step), to tell whether an
+/// object's text changed: every object of a changed file is hashed, so
+/// `SipHash` would cost more than the rest of reading the file. Not meant to
+/// resist crafted collisions: whoever writes the directory controls the
+/// objects anyway.
+fn text_hash(parts: &[&[u8]]) -> u64 {
+    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mix = |hash: u64, word: u64| (hash ^ word).wrapping_mul(MULTIPLIER).rotate_left(29);
+    let mut hash: u64 = 0x243f_6a88_85a3_08d3;
+    for part in parts {
+        let (words, rest) = part.as_chunks::<8>();
+        for word in words {
+            hash = mix(hash, u64::from_le_bytes(*word));
+        }
+        for &byte in rest {
+            hash = mix(hash, u64::from(byte));
+        }
+        hash = mix(hash, part.len() as u64);
+    }
+    hash ^ (hash >> 32)
+}
+
+/// The fields that say what a JSON object (or list) is.
+#[derive(Deserialize)]
+struct JsonHead<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(borrow)]
+    items: Option<Vec<&'a RawValue>>,
+}
+
+/// A list's items one by one; anything else as one object. What the fast
+/// path does not understand goes through [`add_object`], which reports it.
+fn read_json_document(
+    document: &RawValue,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let head = serde_json::from_str::<JsonHead<'_>>(document.get()).ok();
+    if let Some(JsonHead {
+        api_version: Some(api_version),
+        kind: Some(list_kind),
+        items: Some(items),
+    }) = &head
+        && list_kind.ends_with("List")
+    {
+        read_json_items(items, api_version, list_kind, origin, known, read);
+        return;
+    }
+    read_json_object(document, origin, None, known, read);
+}
+
+/// The items of a list, each with the list's defaults.
+fn read_json_items(
+    items: &[&RawValue],
+    api_version: &str,
+    list_kind: &str,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let defaults = ItemDefaults::of_list(list_kind, api_version);
+    for (index, item) in items.iter().enumerate() {
+        read_json_object(item, &origin.item(index), defaults, known, read);
+    }
+}
+
+fn read_json_object(
+    raw: &RawValue,
+    origin: &Origin<'_>,
+    defaults: Option<ItemDefaults<'_>>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) {
+    let text_hash = text_hash(&[
+        defaults.map_or("", |d| d.api_version).as_bytes(),
+        defaults.map_or("", |d| d.kind).as_bytes(),
+        raw.get().as_bytes(),
+    ]);
+    if let Some(record) = known.get(&text_hash) {
+        read.objects.push((*record).clone());
+        return;
+    }
+    let head = serde_json::from_str::<JsonHead<'_>>(raw.get()).ok();
+    let api_version = head
+        .as_ref()
+        .and_then(|head| head.api_version.as_deref())
+        .or(defaults.map(|d| d.api_version));
+    let kind = head
+        .as_ref()
+        .and_then(|head| head.kind.as_deref())
+        .or(defaults.map(|d| d.kind));
+    let typed = match (api_version, kind) {
+        (Some("v1"), Some("Service")) => {
+            serde_json::from_str::<Service>(raw.get())
+                .ok()
+                .map(|service| {
+                    let key = key_of(&service.metadata);
+                    read.services.push(service);
+                    (ObjectKind::Service, key)
+                })
+        }
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
+            serde_json::from_str::<EndpointSlice>(raw.get())
+                .ok()
+                .map(|slice| {
+                    let key = key_of(&slice.metadata);
+                    read.slices.push(slice);
+                    (ObjectKind::Slice, key)
+                })
+        }
+        _ => None,
+    };
+    if let Some((kind, key)) = typed {
+        read.objects.push(ObjectRecord {
+            kind,
+            key,
+            text_hash: Some(text_hash),
+        });
+        return;
+    }
+    // Not a plain Service or slice: the general path, with its reports.
+    let mut snapshot = Snapshot::default();
+    match serde_json::from_str::<Value>(raw.get()) {
+        Ok(value) => add_object(&value, origin, defaults, &mut snapshot),
+        Err(error) => snapshot
+            .errors
+            .push(origin.error(&format!("not valid JSON: {error}"))),
+    }
+    for service in &snapshot.services {
+        read.objects.push(ObjectRecord {
+            kind: ObjectKind::Service,
+            key: key_of(&service.metadata),
+            text_hash: None,
+        });
+    }
+    for slice in &snapshot.slices {
+        read.objects.push(ObjectRecord {
+            kind: ObjectKind::Slice,
+            key: key_of(&slice.metadata),
+            text_hash: None,
+        });
+    }
+    read.services.extend(snapshot.services);
+    read.slices.extend(snapshot.slices);
+    read.errors.extend(snapshot.errors);
+}

@@ -1,0 +1,486 @@
+//! Following the directory file by file: what changed since the last
+//! look, as [`Changes`] (or the whole directory when a duplicate is
+//! involved).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::listing::{FileStamp, ManifestFile, manifest_files};
+use super::reread::read_file;
+use super::{FileSourceError, load_dir};
+use crate::model::{ObjectError, ObjectKey};
+use crate::source::{Changes, SourceUpdate};
+
+/// Which of the two kinds an object is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum ObjectKind {
+    Service,
+    Slice,
+}
+
+/// One object a file defines.
+#[derive(Clone, Debug)]
+pub(super) struct ObjectRecord {
+    pub(super) kind: ObjectKind,
+    pub(super) key: ObjectKey,
+    /// Hash of the JSON text it was read from (with the list defaults);
+    /// `None` for YAML, whose objects are sent again whenever the file changes.
+    pub(super) text_hash: Option<u64>,
+}
+
+/// What the source remembers of one file.
+#[derive(Debug)]
+pub(super) struct FileEntry {
+    stamp: FileStamp,
+    pub(super) objects: Vec<ObjectRecord>,
+    errors: Vec<ObjectError>,
+}
+
+/// One file read again: its objects (those whose text did not change are
+/// only recorded, not parsed again) and errors.
+pub(super) struct FileRead {
+    pub(super) objects: Vec<ObjectRecord>,
+    pub(super) services: Vec<Service>,
+    pub(super) slices: Vec<EndpointSlice>,
+    pub(super) errors: Vec<ObjectError>,
+}
+
+/// Follows a manifest directory file by file: a change re-reads only the
+/// files whose stat changed, parses only the JSON objects whose text
+/// changed, and reports what differs as [`Changes`].
+///
+/// Of two definitions of one object (in two files, or twice in one) the
+/// first in file name order wins, as in [`load_dir`]; whenever a change
+/// involves such a duplicate the whole directory is sent again as a
+/// [`Snapshot`](super::Snapshot), which resolves it the same way.
+#[derive(Debug)]
+pub struct DirState {
+    dir: PathBuf,
+    files: BTreeMap<String, FileEntry>,
+    /// Definitions of each object over all files.
+    definitions: HashMap<(ObjectKind, ObjectKey), u32>,
+    /// The last look failed: the next good one is sent even if it finds no
+    /// change, so that the agent knows the source is back.
+    failed: bool,
+    /// A look has sent its update (the first look always sends, also for
+    /// an empty directory; later ones only when something changed).
+    sent: bool,
+    /// A whole-directory snapshot is owed: the one a duplicate called for
+    /// could not be read, and the files' state has moved on without it.
+    snapshot_owed: bool,
+}
+
+impl DirState {
+    /// Nothing read yet.
+    #[must_use]
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            definitions: HashMap::new(),
+            failed: false,
+            sent: false,
+            snapshot_owed: false,
+        }
+    }
+
+    /// Looks at the directory; `None` when no manifest file changed since
+    /// the previous look (the first look always sends).
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(None)
+    }
+
+    /// [`DirState::refresh`], but the objects of each file read are handed
+    /// to `partial` (as [`Changes`] with `more_follow`) as soon as they are
+    /// read; the result then holds only what is left (removals, errors).
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh_streaming(
+        &mut self,
+        partial: &mut dyn FnMut(Changes),
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(Some(partial))
+    }
+
+    fn look(
+        &mut self,
+        mut partial: Option<&mut dyn FnMut(Changes)>,
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        let started = std::time::Instant::now();
+        let first = !self.sent;
+        let listing = match manifest_files(&self.dir) {
+            Ok(listing) => listing,
+            Err(source) => {
+                self.failed = true;
+                return Err(FileSourceError::ReadDir {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        let (stale_files, gone) = self.stale_and_gone(&listing);
+        if stale_files.is_empty()
+            && gone.is_empty()
+            && !first
+            && !self.failed
+            && !self.snapshot_owed
+        {
+            return Ok(None);
+        }
+        self.failed = false;
+
+        let mut changes = Changes::default();
+        let mut old_objects = Vec::new();
+        let mut new_objects = Vec::new();
+        for name in gone {
+            if let Some(entry) = self.files.remove(&name) {
+                old_objects.extend(entry.objects);
+            }
+        }
+        // Objects whose text changed in files that still define the same
+        // objects in the same order (the usual edit): their definition
+        // counts stay, only they can involve a duplicate.
+        let mut edited = Vec::new();
+        for (file, stamp) in stale_files {
+            let read = read_file(file, self.files.get(&file.name));
+            let old = self.files.remove(&file.name);
+            if let Some(ids) = old
+                .as_ref()
+                .and_then(|old| edited_in_place(&old.objects, &read.objects))
+            {
+                edited.extend(ids);
+            } else {
+                old_objects.extend(old.map(|old| old.objects).unwrap_or_default());
+                new_objects.extend(read.objects.iter().cloned());
+            }
+            changes.services.extend(read.services);
+            changes.slices.extend(read.slices);
+            if let Some(partial) = partial.as_mut() {
+                partial(Changes {
+                    services: std::mem::take(&mut changes.services),
+                    slices: std::mem::take(&mut changes.slices),
+                    more_follow: true,
+                    ..Changes::default()
+                });
+            }
+            self.files.insert(
+                file.name.clone(),
+                FileEntry {
+                    stamp,
+                    objects: read.objects,
+                    errors: read.errors,
+                },
+            );
+        }
+        let duplicated = self.count_definitions(&old_objects, &new_objects)
+            || edited
+                .iter()
+                .any(|id| self.definitions.get(id).is_some_and(|count| *count > 1));
+        changes.errors = self
+            .files
+            .values()
+            .flat_map(|entry| entry.errors.iter().cloned())
+            .collect();
+        if duplicated || self.snapshot_owed {
+            tracing::debug!(dir = %self.dir.display(), "a change involves an object defined twice; sending the whole directory");
+            return self.whole_directory();
+        }
+        removals(old_objects, &new_objects, &mut changes);
+        tracing::debug!(
+            dir = %self.dir.display(),
+            services = changes.services.len(),
+            slices = changes.slices.len(),
+            removed_services = changes.removed_services.len(),
+            removed_slices = changes.removed_slices.len(),
+            errors = changes.errors.len(),
+            millis = started.elapsed().as_secs_f64() * 1000.0,
+            "manifest directory changed"
+        );
+        self.sent = true;
+        Ok(Some(SourceUpdate::Changes(changes)))
+    }
+}
+
+impl DirState {
+    /// The listed files whose stamp changed (or that are new), and the
+    /// names of remembered files that are no longer listed.
+    fn stale_and_gone<'a>(
+        &self,
+        listing: &'a [ManifestFile],
+    ) -> (Vec<(&'a ManifestFile, FileStamp)>, Vec<String>) {
+        let mut stale_files = Vec::new();
+        for file in listing {
+            let stamp = FileStamp::of(&file.metadata);
+            if self
+                .files
+                .get(&file.name)
+                .is_none_or(|entry| entry.stamp != stamp)
+            {
+                stale_files.push((file, stamp));
+            }
+        }
+        let listed: std::collections::HashSet<&str> =
+            listing.iter().map(|file| file.name.as_str()).collect();
+        let gone = self
+            .files
+            .keys()
+            .filter(|name| !listed.contains(name.as_str()))
+            .cloned()
+            .collect();
+        (stale_files, gone)
+    }
+
+    /// The whole directory as a snapshot, read after the files' state was
+    /// updated (so it is as new as that state or newer; a newer file is
+    /// read again at the next look). If it cannot be read, it stays owed.
+    fn whole_directory(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
+        match load_dir(&self.dir) {
+            Ok(snapshot) => {
+                self.snapshot_owed = false;
+                self.sent = true;
+                Ok(Some(SourceUpdate::Snapshot(snapshot)))
+            }
+            Err(error) => {
+                self.snapshot_owed = true;
+                self.failed = true;
+                Err(error)
+            }
+        }
+    }
+
+    /// Moves the definition counts from `old` to `new`; true when an
+    /// object involved is (or was) defined more than once.
+    fn count_definitions(&mut self, old: &[ObjectRecord], new: &[ObjectRecord]) -> bool {
+        let mut duplicated = false;
+        for record in old {
+            let id = (record.kind, record.key.clone());
+            if let Some(count) = self.definitions.get_mut(&id) {
+                duplicated |= *count > 1;
+                *count -= 1;
+                if *count == 0 {
+                    self.definitions.remove(&id);
+                }
+            }
+        }
+        for record in new {
+            let count = self
+                .definitions
+                .entry((record.kind, record.key.clone()))
+                .or_default();
+            *count += 1;
+            duplicated |= *count > 1;
+        }
+        duplicated
+    }
+}
+
+/// When `new` defines the same objects as `old` in the same order, the ones
+/// whose text changed (YAML: all); `None` when the objects differ.
+fn edited_in_place(
+    old: &[ObjectRecord],
+    new: &[ObjectRecord],
+) -> Option<Vec<(ObjectKind, ObjectKey)>> {
+    if old.len() != new.len()
+        || old
+            .iter()
+            .zip(new)
+            .any(|(old, new)| old.kind != new.kind || old.key != new.key)
+    {
+        return None;
+    }
+    Some(
+        old.iter()
+            .zip(new)
+            .filter(|(old, new)| new.text_hash.is_none() || old.text_hash != new.text_hash)
+            .map(|(_, new)| (new.kind, new.key.clone()))
+            .collect(),
+    )
+}
+
+/// Objects of `old` that `new` no longer defines go to `changes` as removed.
+fn removals(old_objects: Vec<ObjectRecord>, new_objects: &[ObjectRecord], changes: &mut Changes) {
+    let still: std::collections::HashSet<(ObjectKind, &ObjectKey)> = new_objects
+        .iter()
+        .map(|record| (record.kind, &record.key))
+        .collect();
+    for record in old_objects {
+        if still.contains(&(record.kind, &record.key)) {
+            continue;
+        }
+        match record.kind {
+            ObjectKind::Service => changes.removed_services.push(record.key),
+            ObjectKind::Slice => changes.removed_slices.push(record.key),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model;
+    use crate::source::file::testdir::*;
+
+    #[test]
+    fn dir_state_sends_an_empty_directory_once() {
+        let dir = TempDir::new("dir-state-empty");
+        let mut state = DirState::new(dir.0.clone());
+        assert!(matches!(
+            state.refresh(),
+            Ok(Some(SourceUpdate::Changes(_)))
+        ));
+        assert!(
+            matches!(state.refresh(), Ok(None)),
+            "nothing changed: no update"
+        );
+    }
+
+    #[test]
+    fn dir_state_sends_an_owed_snapshot_at_the_next_look() {
+        let dir = TempDir::new("dir-state-owed");
+        dir.write("a.json", &json_list(1, 2, None));
+        let mut state = DirState::new(dir.0.clone());
+        assert!(matches!(
+            state.refresh(),
+            Ok(Some(SourceUpdate::Changes(_)))
+        ));
+        assert!(matches!(state.refresh(), Ok(None)));
+        // As after a duplicate whose whole-directory read failed.
+        state.snapshot_owed = true;
+        match state.refresh() {
+            Ok(Some(SourceUpdate::Snapshot(snapshot))) => {
+                assert_eq!(snapshot.services.len(), 2);
+                assert_eq!(snapshot.slices.len(), 2);
+            }
+            other => panic!("expected the owed snapshot, got {other:?}"),
+        }
+        assert!(matches!(state.refresh(), Ok(None)), "paid: no more");
+    }
+
+    /// A JSON list of Services `first..=last`, each with one slice whose
+    /// endpoint is `endpoint` (or `10.244.0.N` by default).
+    fn json_list(first: u32, last: u32, endpoint: Option<(u32, &str)>) -> String {
+        let mut items = Vec::new();
+        for n in first..=last {
+            let address = match endpoint {
+                Some((which, address)) if which == n => address.to_owned(),
+                _ => format!("10.244.0.{n}"),
+            };
+            items.push(format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"svc-{n}","namespace":"ns"}},"spec":{{"clusterIP":"10.96.0.{n}","ports":[{{"port":80}}]}}}}"#
+            ));
+            items.push(format!(
+                r#"{{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{{"name":"svc-{n}-a","namespace":"ns","labels":{{"kubernetes.io/service-name":"svc-{n}"}}}},"addressType":"IPv4","ports":[{{"port":80}}],"endpoints":[{{"addresses":["{address}"]}}]}}"#
+            ));
+        }
+        format!(
+            r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+            items.join(",")
+        )
+    }
+
+    /// Feeds an update to the model as the agent does.
+    fn feed(model: &mut model::Incremental, update: SourceUpdate) -> Option<Changes> {
+        match update {
+            SourceUpdate::Snapshot(snapshot) => {
+                model.reset(&snapshot.services, &snapshot.slices);
+                None
+            }
+            SourceUpdate::Changes(changes) => {
+                for key in &changes.removed_services {
+                    model.remove_service(key);
+                }
+                for key in &changes.removed_slices {
+                    model.remove_slice(key);
+                }
+                for slice in &changes.slices {
+                    model.upsert_slice(slice);
+                }
+                for service in &changes.services {
+                    model.upsert_service(service.clone());
+                }
+                Some(changes)
+            }
+            SourceUpdate::Stale(reason) => panic!("stale: {reason}"),
+        }
+    }
+
+    /// Following a directory file by file keeps the model equal to one
+    /// built from the whole directory, through edits, a move between
+    /// files, a duplicate and its removal, YAML and broken files, and
+    /// sends only what changed.
+    #[test]
+    fn dir_state_changes_match_reloading_the_directory() {
+        let dir = TempDir::new("dir-state");
+        let node = model::NodeContext::default();
+        let mut state = DirState::new(&dir.0);
+        let mut model = model::Incremental::new(node.clone());
+        let mut check = |state: &mut DirState, step: &str| -> Option<Changes> {
+            let update = state.refresh().expect("refresh");
+            let changes = update.and_then(|update| feed(&mut model, update));
+            model.commit();
+            let snapshot = load_dir(&dir.0).expect("load");
+            let expected = model::build(&snapshot.services, &snapshot.slices, &node);
+            assert_eq!(model.model(), expected, "{step}");
+            changes
+        };
+        dir.write("a.json", &json_list(1, 5, None));
+        dir.write("b.json", &json_list(6, 9, None));
+        let first = check(&mut state, "first").expect("changes");
+        assert_eq!((first.services.len(), first.slices.len()), (9, 9));
+        assert!(check(&mut state, "nothing changed").is_none());
+
+        // One endpoint of one Service: only its slice is sent again.
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("a.json", &json_list(1, 5, Some((3, "10.244.9.9"))));
+        let edit = check(&mut state, "edit").expect("changes");
+        assert_eq!((edit.services.len(), edit.slices.len()), (0, 1), "{edit:?}");
+        assert_eq!(edit.slices[0].metadata.name.as_deref(), Some("svc-3-a"));
+
+        // svc-5 moves from a.json to b.json: changed, never removed.
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("a.json", &json_list(1, 4, Some((3, "10.244.9.9"))));
+        dir.write("b.json", &json_list(5, 9, None));
+        let moved = check(&mut state, "move").expect("changes");
+        assert!(moved.removed_services.is_empty(), "{moved:?}");
+
+        // A duplicate in a YAML file, then its removal.
+        dir.write(
+            "c.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: svc-1, namespace: ns}\nspec: {clusterIP: 10.96.1.1, ports: [{port: 80}]}\n",
+        );
+        check(&mut state, "duplicate");
+        // An edit in place (same objects, same order) of the duplicated
+        // Service: which definition wins depends on every file, so the
+        // whole directory is sent again.
+        std::thread::sleep(Duration::from_millis(20));
+        let edited = json_list(1, 4, Some((3, "10.244.9.9")))
+            .replace(r#""clusterIP":"10.96.0.1""#, r#""clusterIP":"10.96.0.201""#);
+        dir.write("a.json", &edited);
+        assert!(
+            check(&mut state, "duplicate edited in place").is_none(),
+            "a snapshot, not changes"
+        );
+        dir.remove("c.yaml");
+        check(&mut state, "duplicate removed");
+
+        // A broken file is reported; its objects go away.
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("b.json", "{ not json");
+        let broken = check(&mut state, "broken").expect("changes");
+        assert_eq!(broken.removed_services.len(), 5, "{broken:?}");
+        assert_eq!(broken.errors.len(), 1, "{broken:?}");
+        dir.remove("b.json");
+        let removed = check(&mut state, "file removed").expect("changes");
+        assert!(removed.errors.is_empty());
+    }
+}

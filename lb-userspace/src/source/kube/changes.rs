@@ -1,0 +1,268 @@
+//! What the agent holds of each resource (keys and versions only) and
+//! what changed since the last update.
+
+use std::collections::{HashMap, HashSet};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{Resource, runtime::watcher};
+
+use super::{Changes, NodeChange};
+use crate::model::{ObjectKey, key_of};
+
+/// What one watcher item means for the source.
+pub(super) enum Change {
+    /// The initial list (or a re-list) is complete.
+    Listed,
+    /// An object was added, changed or deleted.
+    Changed,
+    /// Part of a list in progress: its removals are known at `Listed`.
+    Listing,
+}
+
+/// One watcher item, of whichever resource.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one item at a time, moved into the tracker at once; a box buys nothing"
+)]
+pub(super) enum Observed {
+    Services(watcher::Event<Service>),
+    Slices(watcher::Event<EndpointSlice>),
+    Node(watcher::Event<Node>),
+}
+
+/// The objects of one resource as the agent holds them (their key and
+/// `resourceVersion` only), and what changed since the last update.
+pub(super) struct Tracker<K> {
+    /// Key -> `resourceVersion` of each object sent.
+    pub(super) sent: HashMap<ObjectKey, Option<String>>,
+    /// Key -> the object's newest state not yet sent (`None`: deleted).
+    pending: HashMap<ObjectKey, Option<K>>,
+    /// During a (re-)list: the keys listed so far.
+    listing: Option<HashSet<ObjectKey>>,
+}
+
+impl<K: Resource> Default for Tracker<K> {
+    fn default() -> Self {
+        Self {
+            sent: HashMap::new(),
+            pending: HashMap::new(),
+            listing: None,
+        }
+    }
+}
+
+impl<K: Resource> Tracker<K> {
+    /// Takes one watcher event.
+    fn observe(&mut self, event: watcher::Event<K>) -> Change {
+        match event {
+            watcher::Event::Init => {
+                self.listing = Some(HashSet::new());
+                Change::Listing
+            }
+            watcher::Event::InitApply(object) => {
+                let key = key_of(object.meta());
+                if let Some(listing) = &mut self.listing {
+                    listing.insert(key.clone());
+                }
+                self.applied(key, object);
+                Change::Listing
+            }
+            watcher::Event::InitDone => {
+                // What the list did not name was deleted meanwhile.
+                if let Some(listed) = self.listing.take() {
+                    let gone: Vec<ObjectKey> = self
+                        .sent
+                        .keys()
+                        .chain(self.pending.keys())
+                        .filter(|key| !listed.contains(*key))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        self.deleted(key);
+                    }
+                }
+                Change::Listed
+            }
+            watcher::Event::Apply(object) => {
+                self.applied(key_of(object.meta()), object);
+                Change::Changed
+            }
+            watcher::Event::Delete(object) => {
+                self.deleted(key_of(object.meta()));
+                Change::Changed
+            }
+        }
+    }
+
+    fn applied(&mut self, key: ObjectKey, object: K) {
+        let version = object.meta().resource_version.as_ref();
+        let as_sent = version.is_some()
+            && self
+                .sent
+                .get(&key)
+                .is_some_and(|sent| sent.as_ref() == version);
+        if as_sent {
+            // A re-list of an object the agent holds already.
+            self.pending.remove(&key);
+        } else {
+            self.pending.insert(key, Some(object));
+        }
+    }
+
+    fn deleted(&mut self, key: ObjectKey) {
+        if self.sent.contains_key(&key) {
+            self.pending.insert(key, None);
+        } else {
+            self.pending.remove(&key);
+        }
+    }
+
+    /// What changed since the last call: objects added or replaced, keys
+    /// removed. From now on they count as sent.
+    fn take(&mut self) -> (Vec<K>, Vec<ObjectKey>) {
+        let mut applied = Vec::new();
+        let mut removed = Vec::new();
+        for (key, object) in self.pending.drain() {
+            if let Some(object) = object {
+                self.sent
+                    .insert(key, object.meta().resource_version.clone());
+                applied.push(object);
+            } else {
+                self.sent.remove(&key);
+                removed.push(key);
+            }
+        }
+        (applied, removed)
+    }
+}
+
+/// One tracker per watched resource.
+#[derive(Default)]
+pub(super) struct Trackers {
+    services: Tracker<Service>,
+    slices: Tracker<EndpointSlice>,
+    pub(super) node: Tracker<Node>,
+}
+
+impl Trackers {
+    pub(super) fn observe(&mut self, observed: Observed) -> Change {
+        match observed {
+            Observed::Services(event) => self.services.observe(event),
+            Observed::Slices(event) => self.slices.observe(event),
+            Observed::Node(event) => self.node.observe(event),
+        }
+    }
+
+    /// Everything not yet sent, as one update.
+    pub(super) fn take_changes(&mut self) -> Changes {
+        let (services, removed_services) = self.services.take();
+        let (slices, removed_slices) = self.slices.take();
+        let (mut nodes, removed_nodes) = self.node.take();
+        let node = match nodes.pop() {
+            Some(node) => Some(NodeChange::Set(Box::new(node))),
+            None if !removed_nodes.is_empty() => Some(NodeChange::Removed),
+            None => None,
+        };
+        Changes {
+            services,
+            removed_services,
+            slices,
+            removed_slices,
+            node,
+            ..Changes::default()
+        }
+    }
+}
+
+/// Nothing changed.
+pub(super) fn no_changes(changes: &Changes) -> bool {
+    changes.services.is_empty()
+        && changes.removed_services.is_empty()
+        && changes.slices.is_empty()
+        && changes.removed_slices.is_empty()
+        && changes.node.is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::ResourceExt as _;
+
+    use super::*;
+
+    fn versioned(name: &str, version: u32) -> Service {
+        let mut service = Service::default();
+        service.metadata.name = Some(name.into());
+        service.metadata.namespace = Some("default".into());
+        service.metadata.resource_version = Some(version.to_string());
+        service
+    }
+
+    /// Names of the objects and keys in one update, sorted.
+    fn taken(tracker: &mut Tracker<Service>) -> (Vec<String>, Vec<String>) {
+        let (applied, removed) = tracker.take();
+        let mut applied: Vec<String> = applied
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}@{}",
+                    s.name_any(),
+                    s.resource_version().unwrap_or_default()
+                )
+            })
+            .collect();
+        let mut removed: Vec<String> = removed.into_iter().map(|(_, name)| name).collect();
+        applied.sort();
+        removed.sort();
+        (applied, removed)
+    }
+
+    #[test]
+    fn a_burst_sends_each_object_once_and_a_relist_only_the_difference() {
+        use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
+        let mut tracker = Tracker::<Service>::default();
+        for event in [
+            Init,
+            InitApply(versioned("a", 1)),
+            InitApply(versioned("b", 2)),
+            InitDone,
+        ] {
+            tracker.observe(event);
+        }
+        assert_eq!(
+            taken(&mut tracker),
+            (vec!["a@1".into(), "b@2".into()], vec![])
+        );
+        // A burst: the newest state of each object, once; an object added
+        // and deleted within it is not sent at all.
+        for event in [
+            Apply(versioned("a", 3)),
+            Apply(versioned("a", 4)),
+            Delete(versioned("b", 5)),
+            Apply(versioned("c", 6)),
+            Delete(versioned("c", 7)),
+        ] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec!["a@4".into()], vec!["b".into()]));
+        // A re-list: unchanged objects are not sent again.
+        for event in [
+            Init,
+            InitApply(versioned("a", 4)),
+            InitApply(versioned("d", 8)),
+            InitDone,
+        ] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec!["d@8".into()], vec![]));
+        // A re-list that no longer names what was sent, nor a change not
+        // yet sent: all of it is removed.
+        for event in [Apply(versioned("d", 9)), Init, InitDone] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec![], vec!["a".into(), "d".into()]));
+        assert!(tracker.sent.is_empty());
+    }
+}

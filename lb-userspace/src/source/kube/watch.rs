@@ -1,0 +1,320 @@
+//! The source's task: the watchers, coalescing into updates, stale
+//! reasons and probes while the API server is unreachable.
+
+use std::{collections::BTreeMap, pin::Pin, time::Duration};
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::ListParams,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::{sync::mpsc, time::Instant};
+
+use super::changes::{Change, Observed, Trackers, no_changes};
+use super::{
+    HEADLESS_LABEL, KubeSourceConfig, MAX_DELAY, PROBE_INTERVAL, QUIET, SourceUpdate, client,
+    with_causes,
+};
+use crate::model::SERVICE_PROXY_NAME_LABEL;
+
+/// The three watched resources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Services,
+    Slices,
+    Node,
+}
+
+impl Kind {
+    const ALL: [Self; 3] = [Self::Services, Self::Slices, Self::Node];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Services => "Services",
+            Self::Slices => "EndpointSlices",
+            Self::Node => "Node",
+        }
+    }
+}
+
+type Signals = Pin<Box<dyn Stream<Item = (Kind, Result<Observed, watcher::Error>)> + Send>>;
+
+fn node_selector(node_name: &str) -> String {
+    format!("metadata.name={node_name}")
+}
+
+/// kube-proxy's label selector for Services and `EndpointSlice`s: none
+/// handed to another proxy, no slices of headless Services.
+#[must_use]
+pub fn proxied_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
+/// One watcher per resource, merged into one stream.
+fn watch_all(client: &Client, node_name: &str) -> Signals {
+    fn watch<K>(
+        api: Api<K>,
+        config: watcher::Config,
+        kind: Kind,
+        wrap: fn(watcher::Event<K>) -> Observed,
+    ) -> Signals
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let stream = watcher(api, config)
+            .default_backoff()
+            // Never read, and a good part of each object's size.
+            .modify(|object| object.managed_fields_mut().clear())
+            .map(move |item| (kind, item.map(wrap)));
+        Box::pin(stream)
+    }
+    let proxied = watcher::Config::default().labels(&proxied_selector());
+    let services = watch(
+        Api::<Service>::all(client.clone()),
+        proxied.clone(),
+        Kind::Services,
+        Observed::Services,
+    );
+    let slices = watch(
+        Api::<EndpointSlice>::all(client.clone()),
+        proxied,
+        Kind::Slices,
+        Observed::Slices,
+    );
+    let node = watch(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&node_selector(node_name)),
+        Kind::Node,
+        Observed::Node,
+    );
+    Box::pin(futures::stream::select_all([services, slices, node]))
+}
+
+/// Source state between signals.
+#[derive(Default)]
+struct Progress {
+    listed: BTreeMap<Kind, bool>,
+    /// Resources whose watch last failed, with the error.
+    failing: BTreeMap<Kind, String>,
+    /// The stale reason last sent, so that a repeated error is sent once.
+    stale_sent: Option<String>,
+    /// A change not yet sent, since when.
+    dirty_since: Option<Instant>,
+    /// When to send it.
+    deadline: Option<Instant>,
+    /// The agent holds what was last sent: no stale reason since (and not
+    /// the start). Otherwise the next update is sent even when empty, so
+    /// that the agent is ready again.
+    agent_current: bool,
+}
+
+impl Progress {
+    fn all_listed(&self) -> bool {
+        Kind::ALL
+            .iter()
+            .all(|kind| self.listed.get(kind).copied().unwrap_or(false))
+    }
+
+    fn mark_dirty(&mut self, now: Instant) {
+        let since = *self.dirty_since.get_or_insert(now);
+        self.deadline = Some((now + QUIET).min(since + MAX_DELAY));
+    }
+
+    /// The stale reason to send now, if it is new.
+    fn stale_update(&mut self) -> Option<String> {
+        if self.failing.is_empty() {
+            self.stale_sent = None;
+            return None;
+        }
+        let reason = self
+            .failing
+            .iter()
+            .map(|(kind, error)| format!("cannot watch {}: {error}", kind.name()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        if self.stale_sent.as_ref() == Some(&reason) {
+            return None;
+        }
+        self.stale_sent = Some(reason.clone());
+        self.agent_current = false;
+        Some(reason)
+    }
+
+    fn recovered(&mut self, kind: Kind, now: Instant) {
+        if self.failing.remove(&kind).is_some() {
+            tracing::info!(resource = kind.name(), "watch works again");
+            self.mark_dirty(now);
+        }
+    }
+
+    fn apply(&mut self, kind: Kind, change: Result<Change, watcher::Error>, now: Instant) {
+        match change {
+            Ok(Change::Listed) => {
+                self.listed.insert(kind, true);
+                self.recovered(kind, now);
+                self.mark_dirty(now);
+            }
+            Ok(Change::Changed) => {
+                self.recovered(kind, now);
+                self.mark_dirty(now);
+            }
+            Ok(Change::Listing) => self.recovered(kind, now),
+            // Compaction: routine, the watcher re-lists.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                tracing::info!(
+                    resource = kind.name(),
+                    "resource version expired (410 Gone); re-listing"
+                );
+            }
+            Err(error) => {
+                let error = with_causes(&error);
+                tracing::warn!(resource = kind.name(), %error, "watch failed; retrying with backoff");
+                self.failing.insert(kind, error);
+            }
+        }
+    }
+}
+
+/// The source task: connect, then watch until the agent goes away.
+pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdate>) {
+    let mut delay = Duration::from_millis(500);
+    let client = loop {
+        match client(config.kubeconfig.as_deref()).await {
+            Ok(client) => break client,
+            Err(reason) => {
+                tracing::error!(%reason, "cannot create the Kubernetes client; retrying");
+                if tx.send(SourceUpdate::Stale(reason)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let mut signals = watch_all(&client, &config.node_name);
+    let mut trackers = Trackers::default();
+    let mut progress = Progress::default();
+    let mut probe: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+    let mut probe_tick = tokio::time::interval(PROBE_INTERVAL);
+    let mut warned_no_node = false;
+    loop {
+        let ready_to_send = progress.all_listed() && progress.failing.is_empty();
+        let deadline = progress.deadline.filter(|_| ready_to_send);
+        tokio::select! {
+            () = tx.closed() => return,
+            signal = signals.next() => {
+                let Some((kind, item)) = signal else { return };
+                let change = item.map(|observed| trackers.observe(observed));
+                progress.apply(kind, change, Instant::now());
+                if let Some(reason) = progress.stale_update()
+                    && tx.send(SourceUpdate::Stale(reason)).await.is_err()
+                {
+                    return;
+                }
+            }
+            () = sleep_until(deadline) => {
+                // The agent has not taken the previous update yet: wait,
+                // and send what changed until then.
+                if tx.capacity() < tx.max_capacity() {
+                    progress.deadline = Some(Instant::now() + QUIET);
+                    continue;
+                }
+                let changes = trackers.take_changes();
+                if trackers.node.sent.is_empty() && !warned_no_node {
+                    warned_no_node = true;
+                    tracing::warn!("no Node of this name; node addresses and zone are unknown");
+                }
+                progress.dirty_since = None;
+                progress.deadline = None;
+                if no_changes(&changes) && progress.agent_current {
+                    continue;
+                }
+                progress.agent_current = true;
+                if tx.send(SourceUpdate::Changes(changes)).await.is_err() {
+                    return;
+                }
+            }
+            _ = probe_tick.tick(), if !progress.failing.is_empty() && probe.is_none() => {
+                let (client, node) = (client.clone(), config.node_name.clone());
+                probe = Some(tokio::spawn(async move { reachable(&client, &node).await }));
+            }
+            outcome = join(&mut probe) => match outcome {
+                Ok(()) => {
+                    for kind in Kind::ALL {
+                        progress.recovered(kind, Instant::now());
+                    }
+                    progress.stale_update();
+                }
+                Err(error) => tracing::debug!(%error, "API server still unreachable"),
+            },
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the probe in HANDLE (forever when there is none), then clears it.
+async fn join(
+    handle: &mut Option<tokio::task::JoinHandle<Result<(), String>>>,
+) -> Result<(), String> {
+    let Some(running) = handle.as_mut() else {
+        return std::future::pending().await;
+    };
+    let outcome = running.await.unwrap_or_else(|e| Err(e.to_string()));
+    *handle = None;
+    outcome
+}
+
+/// One small list of each watched resource: the API server answers and we
+/// may read what we watch.
+async fn reachable(client: &Client, node_name: &str) -> Result<(), String> {
+    let one = ListParams::default().limit(1);
+    let check = async {
+        Api::<Service>::all(client.clone()).list(&one).await?;
+        Api::<EndpointSlice>::all(client.clone()).list(&one).await?;
+        Api::<Node>::all(client.clone())
+            .list(&one.clone().fields(&node_selector(node_name)))
+            .await?;
+        Ok::<(), kube::Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), check).await {
+        Ok(result) => result.map_err(|e| with_causes(&e)),
+        Err(_) => Err("no answer within 5 s".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_reason_is_sent_once_per_change() {
+        let mut progress = Progress::default();
+        let now = Instant::now();
+        progress.failing.insert(Kind::Node, "refused".into());
+        assert_eq!(
+            progress.stale_update().as_deref(),
+            Some("cannot watch Node: refused")
+        );
+        assert_eq!(progress.stale_update(), None);
+        progress.recovered(Kind::Node, now);
+        assert_eq!(progress.stale_update(), None);
+        assert!(progress.deadline.is_some(), "recovery sends an update");
+    }
+}

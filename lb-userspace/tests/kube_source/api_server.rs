@@ -1,0 +1,668 @@
+//! The stand-in API server: the Kubernetes list and watch protocol over
+//! plain HTTP on 127.0.0.1, as the real API server speaks it.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use lb_userspace::source::kube::KubeSourceConfig;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::broadcast,
+};
+
+use crate::NODE;
+
+/// The resources the source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Res {
+    Services,
+    Slices,
+    Nodes,
+}
+
+impl Res {
+    fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/api/v1/services" => Some(Self::Services),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::Slices),
+            "/api/v1/nodes" => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+
+    /// (apiVersion, kind of the list, kind of an item).
+    fn kinds(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Services => ("v1", "ServiceList", "Service"),
+            Self::Slices => ("discovery.k8s.io/v1", "EndpointSliceList", "EndpointSlice"),
+            Self::Nodes => ("v1", "NodeList", "Node"),
+        }
+    }
+}
+
+/// One write: the object after it (before it, for `DELETED`) and before.
+#[derive(Clone, Debug)]
+struct Write {
+    res: Res,
+    rv: u64,
+    kind: &'static str,
+    object: Value,
+    previous: Option<Value>,
+}
+
+impl Write {
+    /// The event a watch with QUERY gets for this write, if any: an object
+    /// entering its selection is `ADDED`, one leaving it `DELETED`, as the
+    /// API server's watch cache sends them.
+    fn seen_by(&self, query: &BTreeMap<String, String>) -> Option<Value> {
+        let now = selected(&self.object, query);
+        let before = self.previous.as_ref().is_some_and(|p| selected(p, query));
+        let (kind, object) = match (self.kind, before, now) {
+            ("DELETED", _, true) => ("DELETED", &self.object),
+            (_, true, true) => (self.kind, &self.object),
+            (_, false, true) => ("ADDED", &self.object),
+            (_, true, false) => ("DELETED", self.previous.as_ref()?),
+            (_, false, false) => return None,
+        };
+        let mut object = object.clone();
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        Some(json!({"type": kind, "object": object}))
+    }
+}
+
+/// What open watch streams are told.
+#[derive(Clone, Debug)]
+enum Wire {
+    Event(Write),
+    Bookmark { res: Res, rv: u64 },
+    Gone { res: Res },
+    DropAll,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    rv: u64,
+    objects: BTreeMap<Res, BTreeMap<String, Value>>,
+    history: Vec<Write>,
+    /// Refuse every connection (close it unanswered).
+    down: bool,
+    /// Delay before answering a list.
+    list_delay: BTreeMap<Res, Duration>,
+    /// `METHOD path?query` of every request.
+    pub(crate) requests: Vec<String>,
+    /// Bodies of the Events posted.
+    events: Vec<Value>,
+}
+
+fn object_key(object: &Value) -> String {
+    format!(
+        "{}/{}",
+        object["metadata"]["namespace"].as_str().unwrap_or(""),
+        object["metadata"]["name"].as_str().unwrap_or("")
+    )
+}
+
+pub(crate) struct ApiServer {
+    state: Arc<Mutex<State>>,
+    wire: broadcast::Sender<Wire>,
+    task: tokio::task::JoinHandle<()>,
+    kubeconfig: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+impl ApiServer {
+    pub(crate) async fn start(objects: Vec<(Res, Value)>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (wire, _) = broadcast::channel(1024);
+        let state = Arc::new(Mutex::new(State::default()));
+        let task = {
+            let (state, wire) = (Arc::clone(&state), wire.clone());
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (state, wire) = (Arc::clone(&state), wire.clone());
+                    tokio::spawn(async move {
+                        let _ = serve(stream, &state, &wire).await;
+                    });
+                }
+            })
+        };
+        let kubeconfig = write_kubeconfig(addr);
+        let server = Self {
+            state,
+            wire,
+            task,
+            kubeconfig,
+        };
+        for (res, object) in objects {
+            server.apply(res, object);
+        }
+        server
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Creates or replaces OBJECT (ADDED or MODIFIED), as a write would;
+    /// returns its new resource version.
+    pub(crate) fn apply(&self, res: Res, mut object: Value) -> u64 {
+        let mut state = self.lock();
+        state.rv += 1;
+        let rv = state.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let previous = state
+            .objects
+            .entry(res)
+            .or_default()
+            .insert(object_key(&object), object.clone());
+        let kind = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let write = Write {
+            res,
+            rv,
+            kind,
+            object,
+            previous,
+        };
+        state.history.push(write.clone());
+        let _ = self.wire.send(Wire::Event(write));
+        rv
+    }
+
+    pub(crate) fn delete(&self, res: Res, namespace: &str, name: &str) {
+        let mut state = self.lock();
+        state.rv += 1;
+        let rv = state.rv;
+        let mut object = state
+            .objects
+            .entry(res)
+            .or_default()
+            .remove(&format!("{namespace}/{name}"))
+            .expect("object to delete exists");
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let write = Write {
+            res,
+            rv,
+            kind: "DELETED",
+            object,
+            previous: None,
+        };
+        state.history.push(write.clone());
+        let _ = self.wire.send(Wire::Event(write));
+    }
+
+    /// Deletes an object without any watch event, as if the event had been
+    /// compacted away: only a re-list shows it.
+    pub(crate) fn delete_silently(&self, res: Res, namespace: &str, name: &str) {
+        let mut state = self.lock();
+        state.rv += 1;
+        state
+            .objects
+            .entry(res)
+            .or_default()
+            .remove(&format!("{namespace}/{name}"))
+            .expect("object to delete exists");
+    }
+
+    /// Changes OBJECT without any watch event, as if the event had been
+    /// compacted away: only a re-list shows it.
+    pub(crate) fn apply_silently(&self, res: Res, mut object: Value) {
+        let mut state = self.lock();
+        state.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+        state
+            .objects
+            .entry(res)
+            .or_default()
+            .insert(object_key(&object), object);
+    }
+
+    pub(crate) fn bookmark(&self, res: Res) {
+        let mut state = self.lock();
+        state.rv += 1;
+        let _ = self.wire.send(Wire::Bookmark { res, rv: state.rv });
+    }
+
+    /// Ends RES's open watches with `410 Gone`; history is compacted, so a
+    /// watch from any older version gets 410 too.
+    pub(crate) fn gone(&self, res: Res) {
+        let mut state = self.lock();
+        state.history.retain(|write| write.res != res);
+        let _ = self.wire.send(Wire::Gone { res });
+    }
+
+    /// Closes every open watch mid-stream (no final chunk).
+    pub(crate) fn drop_watches(&self) {
+        let _ = self.wire.send(Wire::DropAll);
+    }
+
+    pub(crate) fn set_down(&self, down: bool) {
+        self.lock().down = down;
+        if down {
+            self.drop_watches();
+        }
+    }
+
+    pub(crate) fn set_list_delay(&self, res: Res, delay: Duration) {
+        self.lock().list_delay.insert(res, delay);
+    }
+
+    pub(crate) fn lists(&self, res: Res) -> usize {
+        let path = match res {
+            Res::Services => "/api/v1/services",
+            Res::Slices => "/apis/discovery.k8s.io/v1/endpointslices",
+            Res::Nodes => "/api/v1/nodes",
+        };
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET {path}?")) && !r.contains("watch=true"))
+            .count()
+    }
+
+    pub(crate) fn posted_events(&self) -> Vec<Value> {
+        self.lock().events.clone()
+    }
+
+    pub(crate) fn source_config(&self) -> KubeSourceConfig {
+        KubeSourceConfig {
+            node_name: NODE.to_owned(),
+            kubeconfig: Some(self.kubeconfig.clone()),
+        }
+    }
+}
+
+fn write_kubeconfig(addr: SocketAddr) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "lb-kube-test-{}-{}.yaml",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: http://{addr}\n\
+         contexts:\n- name: local\n  context:\n    cluster: local\n    user: nobody\n\
+         current-context: local\nusers:\n- name: nobody\n  user: {{}}\n"
+    );
+    std::fs::write(&path, text).expect("write kubeconfig");
+    path
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.lines();
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let method = first.next().unwrap_or("").to_owned();
+    let target = first.next().unwrap_or("").to_owned();
+    let length: usize = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let query = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    Ok(Some(Request {
+        method,
+        path: path.to_owned(),
+        query,
+        body,
+    }))
+}
+
+async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Whether OBJECT is in the selection of QUERY: `fieldSelector` (only
+/// `metadata.name=NAME`, the one the source uses) and `labelSelector`
+/// (`key`, `!key`, `key=value`, `key!=value`, comma-separated).
+fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
+    let by_name = match query
+        .get("fieldSelector")
+        .and_then(|s| s.strip_prefix("metadata.name="))
+    {
+        Some(name) => object["metadata"]["name"].as_str() == Some(name),
+        None => true,
+    };
+    let labels = &object["metadata"]["labels"];
+    let by_labels = query.get("labelSelector").is_none_or(|selector| {
+        selector
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .all(|requirement| {
+                if let Some(key) = requirement.strip_prefix('!') {
+                    labels.get(key).is_none()
+                } else if let Some((key, value)) = requirement.split_once("!=") {
+                    labels[key].as_str() != Some(value)
+                } else if let Some((key, value)) = requirement.split_once('=') {
+                    labels[key].as_str() == Some(value.trim_start_matches('='))
+                } else {
+                    labels.get(requirement).is_some()
+                }
+            })
+    });
+    by_name && by_labels
+}
+
+/// `GET` of one object: (resource, `namespace/name`).
+fn named_object(path: &str) -> Option<(Res, String)> {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts.as_slice() {
+        ["", "api", "v1", "namespaces", namespace, "services", name] => {
+            Some((Res::Services, format!("{namespace}/{name}")))
+        }
+        [
+            "",
+            "apis",
+            "discovery.k8s.io",
+            "v1",
+            "namespaces",
+            namespace,
+            "endpointslices",
+            name,
+        ] => Some((Res::Slices, format!("{namespace}/{name}"))),
+        _ => None,
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    state: &Mutex<State>,
+    wire: &broadcast::Sender<Wire>,
+) -> std::io::Result<()> {
+    if state.lock().unwrap_or_else(PoisonError::into_inner).down {
+        return Ok(());
+    }
+    let Some(request) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
+    let line = format!(
+        "{} {}?{}",
+        request.method,
+        request.path,
+        request
+            .query
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+    );
+    state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .requests
+        .push(line);
+    let res = Res::from_path(&request.path);
+    match (request.method.as_str(), res) {
+        ("GET", Some(res))
+            if request
+                .query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1") =>
+        {
+            watch(stream, state, wire, res, &request.query).await
+        }
+        ("GET", Some(res)) => list(&mut stream, state, res, &request.query).await,
+        ("GET", None) if named_object(&request.path).is_some() => {
+            let (res, key) = named_object(&request.path).expect("checked");
+            let found = state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .objects
+                .get(&res)
+                .and_then(|objects| objects.get(&key))
+                .cloned();
+            if let Some(object) = found {
+                respond(&mut stream, "200 OK", &object).await
+            } else {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "reason": "NotFound", "code": 404,
+                    "message": format!("{key} not found")});
+                respond(&mut stream, "404 Not Found", &status).await
+            }
+        }
+        ("POST", None) if request.path.ends_with("/events") => {
+            let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+            state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .events
+                .push(body.clone());
+            respond(&mut stream, "201 Created", &body).await
+        }
+        _ => {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "NotFound", "code": 404,
+                "message": format!("the server could not find {}", request.path)});
+            respond(&mut stream, "404 Not Found", &status).await
+        }
+    }
+}
+
+async fn list(
+    stream: &mut TcpStream,
+    state: &Mutex<State>,
+    res: Res,
+    query: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    let delay = state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .list_delay
+        .get(&res)
+        .copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let body = {
+        let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let limit: usize = query
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
+        let items: Vec<Value> = state
+            .objects
+            .get(&res)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter(|o| selected(o, query))
+            .take(limit)
+            .map(|o| {
+                // Items in a list carry no kind/apiVersion, as the API sends them.
+                let mut o = o.clone();
+                if let Some(map) = o.as_object_mut() {
+                    map.remove("kind");
+                    map.remove("apiVersion");
+                }
+                o
+            })
+            .collect();
+        let (api_version, kind, _) = res.kinds();
+        json!({"kind": kind, "apiVersion": api_version,
+            "metadata": {"resourceVersion": state.rv.to_string()}, "items": items})
+    };
+    respond(stream, "200 OK", &body).await
+}
+
+async fn chunk(stream: &mut TcpStream, line: &Value) -> std::io::Result<()> {
+    let data = format!("{line}\n");
+    stream
+        .write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
+        .await
+}
+
+async fn watch(
+    mut stream: TcpStream,
+    state: &Mutex<State>,
+    wire: &broadcast::Sender<Wire>,
+    res: Res,
+    query: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0);
+    let (api_version, _, kind) = res.kinds();
+    // Subscribe and read the backlog under one lock: nothing falls between.
+    let (backlog, mut rx, compacted) = {
+        let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let rx = wire.subscribe();
+        let oldest = state
+            .history
+            .iter()
+            .filter(|write| write.res == res)
+            .map(|write| write.rv)
+            .min();
+        // History before the oldest kept event is gone: a watch from there
+        // cannot be served (the API server's etcd compaction).
+        let newest_of_res = state
+            .objects
+            .get(&res)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter_map(|o| {
+                o["metadata"]["resourceVersion"]
+                    .as_str()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
+        let compacted = oldest.is_none_or(|oldest| from + 1 < oldest) && newest_of_res > from;
+        let backlog: Vec<Value> = state
+            .history
+            .iter()
+            .filter(|write| write.res == res && write.rv > from)
+            .filter_map(|write| write.seen_by(query))
+            .collect();
+        (backlog, rx, compacted)
+    };
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+    let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+        "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+        "message": format!("too old resource version: {from}")}});
+    if compacted {
+        chunk(&mut stream, &gone).await?;
+        return stream.write_all(b"0\r\n\r\n").await;
+    }
+    for event in backlog {
+        chunk(&mut stream, &event).await?;
+    }
+    loop {
+        match rx.recv().await {
+            Ok(Wire::Event(write)) if write.res == res && write.rv > from => {
+                if let Some(event) = write.seen_by(query) {
+                    chunk(&mut stream, &event).await?;
+                }
+            }
+            Ok(Wire::Bookmark { res: r, rv }) if r == res => {
+                let bookmark = json!({"type": "BOOKMARK", "object": {"kind": kind,
+                    "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string(),
+                    "annotations": {"k8s.io/initial-events-end": "true"}}}});
+                chunk(&mut stream, &bookmark).await?;
+            }
+            Ok(Wire::Gone { res: r }) if r == res => {
+                chunk(&mut stream, &gone).await?;
+                return stream.write_all(b"0\r\n\r\n").await;
+            }
+            // Mid-stream, no final chunk: the client sees a broken body.
+            Ok(Wire::DropAll) | Err(_) => return Ok(()),
+            Ok(_) => {}
+        }
+    }
+}
