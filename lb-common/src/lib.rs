@@ -261,6 +261,20 @@ pub type Addr4 = [u8; 4];
 /// An IPv6 address, network order.
 pub type Addr6 = [u8; 16];
 
+/// The address types of the per-family maps: [`Addr4`] and [`Addr6`], and
+/// nothing else (sealed): the layouts of the generic map types are asserted
+/// for these two only.
+pub trait MapAddr: Copy + 'static + sealed::Sealed {}
+impl MapAddr for Addr4 {}
+impl MapAddr for Addr6 {}
+
+mod sealed {
+    /// Keeps [`super::MapAddr`] to the two address types.
+    pub trait Sealed {}
+    impl Sealed for super::Addr4 {}
+    impl Sealed for super::Addr6 {}
+}
+
 /// Service key over an address `A` (`Addr4` or `Addr6`). Slot 0 is the
 /// frontend; slots 1..=count hold backends.
 #[repr(C, align(4))]
@@ -487,30 +501,23 @@ const _: () = assert!(align_of::<SourceRange4>() == 4 && align_of::<SourceRange6
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
-        Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SourceRange4,
-        SourceRange6,
+        AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, LbConfig, LbKey, LbService, LbStats,
+        MapAddr, RevNat, SourceRange,
     };
     // SAFETY: all are repr(C), Copy, with explicit padding: every bit
-    // pattern is valid and no byte is uninitialised. Implemented per
-    // family alias, not for every `A`: the padding argument holds for the
-    // two address types only.
-    unsafe impl aya::Pod for Lb4Key {}
-    unsafe impl aya::Pod for Lb6Key {}
+    // pattern is valid and no byte is uninitialised. The generic ones only
+    // for `MapAddr` (sealed: `Addr4` and `Addr6`), the two address types
+    // whose layouts are asserted above.
+    unsafe impl<A: MapAddr> aya::Pod for LbKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for Backend<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for RevNat<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for CtKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for SourceRange<A> {}
     unsafe impl aya::Pod for LbService {}
-    unsafe impl aya::Pod for Lb4Backend {}
-    unsafe impl aya::Pod for Lb6Backend {}
-    unsafe impl aya::Pod for Lb4RevNat {}
-    unsafe impl aya::Pod for Lb6RevNat {}
-    unsafe impl aya::Pod for Ct4Key {}
-    unsafe impl aya::Pod for Ct6Key {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for LbStats {}
-    unsafe impl aya::Pod for Affinity4Key {}
-    unsafe impl aya::Pod for Affinity6Key {}
     unsafe impl aya::Pod for AffinityEntry {}
-    unsafe impl aya::Pod for SourceRange4 {}
-    unsafe impl aya::Pod for SourceRange6 {}
     unsafe impl aya::Pod for LbConfig {}
 }
 

@@ -1,0 +1,376 @@
+//! The maps of one address family, written once for both: `FamilyMaps<F>`
+//! with `F` = [`V4`] or [`V6`], as the eBPF side's `Family` trait does for
+//! the datapath. `Maps` holds one of each and picks by the address.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::maps::{
+    HashMap, Map, MapData,
+    lpm_trie::{Key, LpmTrie},
+};
+use lb_common::{
+    Addr4, Addr6, Backend, CtEntry, CtKey, LbKey, LbService, MapAddr, RevNat, SourceRange,
+    map_names, scope, svc_flags,
+};
+
+use super::{
+    CtRecord, MapsError, access, ct_record, ignore_missing, protocol, typed,
+    write::{BatchKind, service_write},
+    write_to,
+};
+use crate::{
+    datapath::batch::batch_of,
+    model::Frontend,
+    plan::{BackendEntry, BackendKey, DatapathState, Op, SourceRange as PlanSourceRange},
+};
+
+/// An address family as the maps see it.
+pub(crate) trait MapFamily {
+    /// The maps' address type.
+    type Addr: MapAddr + Into<IpAddr>;
+    /// `IPv4` or `IPv6`, for messages.
+    const NAME: &'static str;
+    /// The family's map names.
+    const SERVICES: &'static str;
+    const BACKENDS: &'static str;
+    const REVNAT: &'static str;
+    const CT: &'static str;
+    const SRC_RANGES: &'static str;
+    /// `ip` in the maps' form; `None` for an address of the other family.
+    fn addr(ip: IpAddr) -> Option<Self::Addr>;
+}
+
+/// IPv4.
+pub(crate) struct V4;
+/// IPv6.
+pub(crate) struct V6;
+
+impl MapFamily for V4 {
+    type Addr = Addr4;
+    const NAME: &'static str = "IPv4";
+    const SERVICES: &'static str = map_names::SERVICES4;
+    const BACKENDS: &'static str = map_names::BACKENDS4;
+    const REVNAT: &'static str = map_names::REVNAT4;
+    const CT: &'static str = map_names::CT4;
+    const SRC_RANGES: &'static str = map_names::SRC_RANGES4;
+    fn addr(ip: IpAddr) -> Option<Addr4> {
+        match ip {
+            IpAddr::V4(ip) => Some(ip.octets()),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl MapFamily for V6 {
+    type Addr = Addr6;
+    const NAME: &'static str = "IPv6";
+    const SERVICES: &'static str = map_names::SERVICES6;
+    const BACKENDS: &'static str = map_names::BACKENDS6;
+    const REVNAT: &'static str = map_names::REVNAT6;
+    const CT: &'static str = map_names::CT6;
+    const SRC_RANGES: &'static str = map_names::SRC_RANGES6;
+    fn addr(ip: IpAddr) -> Option<Addr6> {
+        match ip {
+            IpAddr::V6(ip) => Some(ip.octets()),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
+
+/// The per-family maps of one family.
+pub(crate) struct FamilyMaps<F: MapFamily> {
+    pub(super) services: HashMap<MapData, LbKey<F::Addr>, LbService>,
+    pub(super) backends: HashMap<MapData, u32, Backend<F::Addr>>,
+    pub(super) rev_nat: HashMap<MapData, u32, RevNat<F::Addr>>,
+    pub(super) ct: HashMap<MapData, CtKey<F::Addr>, CtEntry>,
+    ranges: LpmTrie<MapData, SourceRange<F::Addr>, u8>,
+}
+
+/// The address of `ip` for family `F`, or an error naming what was being
+/// done (an op routed to the wrong family is a bug, not a panic).
+fn family_addr<F: MapFamily>(ip: IpAddr, what: &str) -> Result<F::Addr, MapsError> {
+    F::addr(ip).ok_or_else(|| MapsError::Unwritable {
+        what: what.to_owned(),
+        because: format!("{ip} is not an {} address", F::NAME),
+    })
+}
+
+/// Protocol number in a key; the marker (port 0) has protocol 0.
+fn key_proto(frontend: &Frontend) -> u8 {
+    if frontend.port == 0 {
+        0
+    } else {
+        frontend.proto.number()
+    }
+}
+
+/// The service-map key of `slot` of `frontend`.
+pub(super) fn service_key<A: MapAddr>(addr: A, frontend: &Frontend, slot: u16) -> LbKey<A> {
+    LbKey {
+        addr,
+        dport_be: frontend.port.to_be(),
+        backend_slot: slot,
+        proto: key_proto(frontend),
+        scope: scope::INTERNAL,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend-map value of `backend` at `addr`.
+pub(super) fn backend_value<A: MapAddr>(addr: A, backend: BackendEntry) -> Backend<A> {
+    Backend {
+        addr,
+        port_be: backend.key.port.to_be(),
+        proto: backend.key.proto.number(),
+        flags: backend.flags,
+    }
+}
+
+/// Slot 0 and the other slots of the frontends read so far.
+#[derive(Default)]
+pub(super) struct ServiceEntries {
+    pub(super) heads: BTreeMap<Frontend, LbService>,
+    pub(super) slots: BTreeMap<Frontend, BTreeMap<u16, u32>>,
+}
+
+/// What `Maps` asks of the maps of one family, whichever it is: the one
+/// place where an address picks its family is `Maps::family`.
+pub(crate) trait FamilyOps: Send + Sync {
+    /// (map name, entries it holds at most) of the maps sized by flags.
+    fn capacities(&self) -> Vec<(&'static str, u32)>;
+    /// Reads this family's services (into `entries`), markers, source
+    /// ranges, backends and rev-NAT entries.
+    fn read_into(
+        &self,
+        state: &mut DatapathState,
+        entries: &mut ServiceEntries,
+    ) -> Result<(), MapsError>;
+    /// Writes `value` into `slot` of `frontend`.
+    fn put_service(
+        &mut self,
+        frontend: &Frontend,
+        slot: u16,
+        value: LbService,
+    ) -> Result<(), MapsError>;
+    /// Removes `slot` of `frontend` (gone already is fine).
+    fn delete_service(&mut self, frontend: &Frontend, slot: u16) -> Result<(), MapsError>;
+    /// Writes backend `id`.
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapsError>;
+    /// Removes backend `id` (gone already is fine).
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError>;
+    /// Writes rev-NAT `id` of `frontend`.
+    fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError>;
+    /// Removes rev-NAT `id` (gone already is fine).
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapsError>;
+    /// Inserts (or removes) a client prefix of a frontend.
+    fn source_range(&mut self, range: PlanSourceRange, insert: bool) -> Result<(), MapsError>;
+    /// Writes the ops of `run` that go to this family's map of `kind` as
+    /// one batch; returns how many the kernel wrote.
+    fn update_batch(&self, kind: BatchKind, run: &[&Op]) -> usize;
+    /// Appends this family's conntrack entries to `out`.
+    fn conntrack_into(&self, out: &mut Vec<CtRecord>, now: u64) -> Result<(), MapsError>;
+    /// Number of this family's conntrack entries.
+    fn conntrack_len(&self) -> usize;
+}
+
+impl<F: MapFamily> FamilyMaps<F> {
+    /// Takes this family's maps out of `take` (by name).
+    pub(super) fn build(
+        take: &mut impl FnMut(&'static str) -> Result<Option<Map>, MapsError>,
+    ) -> Result<Self, MapsError> {
+        Ok(Self {
+            services: typed(F::SERVICES, take(F::SERVICES)?, HashMap::try_from)?,
+            backends: typed(F::BACKENDS, take(F::BACKENDS)?, HashMap::try_from)?,
+            rev_nat: typed(F::REVNAT, take(F::REVNAT)?, HashMap::try_from)?,
+            ct: typed(F::CT, take(F::CT)?, HashMap::try_from)?,
+            ranges: typed(F::SRC_RANGES, take(F::SRC_RANGES)?, LpmTrie::try_from)?,
+        })
+    }
+}
+
+impl<F: MapFamily> FamilyOps for FamilyMaps<F>
+where
+    FamilyMaps<F>: Send + Sync,
+{
+    fn capacities(&self) -> Vec<(&'static str, u32)> {
+        use aya::maps::IterableMap as _;
+        [
+            (F::SERVICES, self.services.map()),
+            (F::BACKENDS, self.backends.map()),
+            (F::REVNAT, self.rev_nat.map()),
+            (F::CT, self.ct.map()),
+        ]
+        .into_iter()
+        .filter_map(|(name, map)| Some((name, map.info().ok()?.max_entries())))
+        .collect()
+    }
+
+    fn read_into(
+        &self,
+        state: &mut DatapathState,
+        entries: &mut ServiceEntries,
+    ) -> Result<(), MapsError> {
+        let family = F::NAME;
+        for item in &self.services {
+            let (key, value) = item.map_err(access(format!("iterate {family} services")))?;
+            let addr: IpAddr = key.addr.into();
+            if value.flags & svc_flags::ADDRESS_MARKER != 0 {
+                state.markers.insert(addr);
+            } else if let Some(proto) = protocol(key.proto) {
+                let frontend = Frontend {
+                    addr,
+                    port: u16::from_be(key.dport_be),
+                    proto,
+                };
+                if key.backend_slot == 0 {
+                    entries.heads.insert(frontend, value);
+                } else {
+                    entries
+                        .slots
+                        .entry(frontend)
+                        .or_default()
+                        .insert(key.backend_slot, value.backend_id);
+                }
+            }
+        }
+        for item in self.ranges.keys() {
+            let key = item.map_err(access(format!("iterate {family} source ranges")))?;
+            let data = key.data();
+            let prefix = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(0);
+            state.source_ranges.insert((
+                u32::from_be(data.rev_nat_id_be),
+                data.addr.into(),
+                prefix,
+            ));
+        }
+        for item in &self.backends {
+            let (id, value) = item.map_err(access(format!("iterate {family} backends")))?;
+            if let Some(proto) = protocol(value.proto) {
+                let key = BackendKey {
+                    addr: value.addr.into(),
+                    port: u16::from_be(value.port_be),
+                    proto,
+                };
+                let flags = value.flags;
+                state.backends.insert(id, BackendEntry { key, flags });
+            }
+        }
+        for item in &self.rev_nat {
+            let (id, value) = item.map_err(access(format!("iterate {family} rev-NAT")))?;
+            state
+                .rev_nats
+                .insert(id, (value.addr.into(), u16::from_be(value.port_be)));
+        }
+        Ok(())
+    }
+
+    fn put_service(
+        &mut self,
+        frontend: &Frontend,
+        slot: u16,
+        value: LbService,
+    ) -> Result<(), MapsError> {
+        let what = format!("write slot {slot} of {frontend}");
+        let addr = family_addr::<F>(frontend.addr, &what)?;
+        self.services
+            .insert(&service_key(addr, frontend, slot), &value, 0)
+            .map_err(write_to(F::SERVICES, what))
+    }
+
+    fn delete_service(&mut self, frontend: &Frontend, slot: u16) -> Result<(), MapsError> {
+        let what = format!("delete slot {slot} of {frontend}");
+        let addr = family_addr::<F>(frontend.addr, &what)?;
+        ignore_missing(self.services.remove(&service_key(addr, frontend, slot)))
+            .map_err(access(what))
+    }
+
+    fn put_backend(&mut self, id: u32, backend: BackendEntry) -> Result<(), MapsError> {
+        let what = format!(
+            "write backend {id} ({})",
+            std::net::SocketAddr::new(backend.key.addr, backend.key.port)
+        );
+        let addr = family_addr::<F>(backend.key.addr, &what)?;
+        self.backends
+            .insert(&id, &backend_value(addr, backend), 0)
+            .map_err(write_to(F::BACKENDS, what))
+    }
+
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
+        ignore_missing(self.backends.remove(&id)).map_err(access(format!("delete backend {id}")))
+    }
+
+    fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
+        let what = format!("write rev-NAT {id} of {frontend}");
+        let addr = family_addr::<F>(frontend.addr, &what)?;
+        let value = RevNat {
+            addr,
+            port_be: frontend.port.to_be(),
+            _pad: 0,
+        };
+        self.rev_nat
+            .insert(&id, &value, 0)
+            .map_err(write_to(F::REVNAT, what))
+    }
+
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), MapsError> {
+        ignore_missing(self.rev_nat.remove(&id)).map_err(access(format!("delete rev-NAT {id}")))
+    }
+
+    fn source_range(&mut self, range: PlanSourceRange, insert: bool) -> Result<(), MapsError> {
+        let (rev_nat_id, ip, prefix) = range;
+        let what = format!(
+            "{} source range {ip}/{prefix} of rev-NAT {rev_nat_id}",
+            if insert { "write" } else { "delete" }
+        );
+        let addr = family_addr::<F>(ip, &what)?;
+        // The rev-NAT id (32 bits) comes first in the key, then the prefix.
+        let key = Key::new(
+            32 + u32::from(prefix),
+            SourceRange {
+                rev_nat_id_be: rev_nat_id.to_be(),
+                addr,
+            },
+        );
+        let result = if insert {
+            self.ranges.insert(&key, &1, 0)
+        } else {
+            ignore_missing(self.ranges.remove(&key))
+        };
+        result.map_err(write_to(F::SRC_RANGES, what))
+    }
+
+    fn update_batch(&self, kind: BatchKind, run: &[&Op]) -> usize {
+        use aya::maps::IterableMap as _;
+        match kind {
+            BatchKind::Services => batch_of(self.services.map(), run, |op| {
+                let (frontend, slot, value) = service_write(op)?;
+                Some((service_key(F::addr(frontend.addr)?, &frontend, slot), value))
+            }),
+            BatchKind::Backends => batch_of(self.backends.map(), run, |op| match *op {
+                Op::PutBackend { id, backend } => {
+                    Some((id, backend_value(F::addr(backend.key.addr)?, backend)))
+                }
+                _ => None,
+            }),
+        }
+    }
+
+    fn conntrack_into(&self, out: &mut Vec<CtRecord>, now: u64) -> Result<(), MapsError> {
+        for item in &self.ct {
+            let (key, entry) = item.map_err(access(format!("iterate {} conntrack", F::NAME)))?;
+            out.push(ct_record(
+                key.dir,
+                key.proto,
+                (key.saddr.into(), key.sport_be),
+                (key.daddr.into(), key.dport_be),
+                &entry,
+                now,
+            ));
+        }
+        Ok(())
+    }
+
+    fn conntrack_len(&self) -> usize {
+        self.ct.keys().count()
+    }
+}

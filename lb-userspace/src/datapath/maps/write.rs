@@ -1,0 +1,312 @@
+//! Applying a plan to the maps: in the plan's order where it matters, in
+//! `BPF_MAP_UPDATE_BATCH`es where it does not, and never a write that refers
+//! to one that failed.
+
+use lb_common::{LbService, svc_flags};
+
+use super::{Maps, MapsError, family::FamilyOps, marker};
+use crate::{model::Frontend, plan::Op};
+
+impl Maps {
+    /// Applies `ops` in order, telling `on_result` how each went.
+    ///
+    /// Writes to the service and backend maps go to the kernel as
+    /// `BPF_MAP_UPDATE_BATCH`es (aya 0.16 has none), which makes a first
+    /// sync of 10k Services several times faster. Where a batch fails, the
+    /// rest of it is written one by one, so that every failure is reported
+    /// with its op. The plan's order is kept where it matters: a run of new
+    /// backends, rev-NAT entries and source ranges (independent of each
+    /// other) may be written in any order; a run of slot, frontend and
+    /// marker writes keeps its order per family (each family has its own
+    /// map). Large runs write each map that has writes on its own thread
+    /// (the IPv4 and the IPv6 map of a run in parallel).
+    ///
+    /// A write that refers to one that failed (a slot to its backend, a
+    /// frontend to its rev-NAT entry or to its slots) is left out and
+    /// reported as [`MapsError::Unwritable`]: when a map is full, the
+    /// frontends that do not fit stay out whole, and a frontend already
+    /// there keeps its last complete entry.
+    pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        let mut outcomes = Outcomes {
+            failed: Failed::default(),
+            on_result,
+        };
+        let on_result = &mut outcomes;
+        let mut start = 0;
+        while start < ops.len() {
+            let class = RunClass::of(&ops[start]);
+            let end = start
+                + ops[start..]
+                    .iter()
+                    .take_while(|op| RunClass::of(op) == class)
+                    .count();
+            let run = &ops[start..end];
+            if class == RunClass::Single {
+                for op in run {
+                    self.apply_one(op, on_result);
+                }
+            } else {
+                self.apply_run(run, on_result);
+            }
+            start = end;
+        }
+    }
+
+    /// Writes a run of reorderable ops: batches per map (in parallel when
+    /// large), then what cannot be batched and what a batch left, one by one.
+    fn apply_run(&mut self, run: &[Op], on_result: &mut Outcomes<'_>) {
+        const PARALLEL_FROM: usize = 4096;
+        let mut groups: [Vec<&Op>; 4] = Default::default();
+        let mut singles = Vec::new();
+        for op in run {
+            if let Some(error) = on_result.failed.blocks(op) {
+                on_result.report(op, Err(error));
+                continue;
+            }
+            match BatchTarget::of(op) {
+                Some(target) => groups[target.index()].push(op),
+                None => singles.push(op),
+            }
+        }
+        let mut written = [0usize; 4];
+        let this = &*self;
+        if run.len() >= PARALLEL_FROM {
+            // One thread per map that has writes (a run holds one kind of
+            // map, so in practice the IPv4 and the IPv6 one).
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = BatchTarget::ALL
+                    .iter()
+                    .zip(&groups)
+                    .map(|(target, group)| {
+                        (!group.is_empty())
+                            .then(|| scope.spawn(move || this.update_batch(*target, group)))
+                    })
+                    .collect();
+                for (slot, handle) in written.iter_mut().zip(handles) {
+                    *slot = handle.map_or(0, |handle| handle.join().unwrap_or(0));
+                }
+            });
+        } else {
+            for ((slot, target), group) in written.iter_mut().zip(BatchTarget::ALL).zip(&groups) {
+                *slot = this.update_batch(target, group);
+            }
+        }
+        for (group, written) in groups.iter().zip(written) {
+            for op in &group[..written] {
+                on_result.report(op, Ok(()));
+            }
+            for op in &group[written..] {
+                self.apply_one(op, on_result);
+            }
+        }
+        for op in singles {
+            self.apply_one(op, on_result);
+        }
+    }
+
+    /// Writes `op` unless it refers to a write that failed.
+    fn apply_one(&mut self, op: &Op, on_result: &mut Outcomes<'_>) {
+        let result = match on_result.failed.blocks(op) {
+            Some(error) => Err(error),
+            None => self.apply_op(op),
+        };
+        on_result.report(op, result);
+    }
+
+    /// Writes a run of ops to `target` as one batch; returns how many the
+    /// kernel wrote (all, or those before the one that failed).
+    fn update_batch(&self, target: BatchTarget, run: &[&Op]) -> usize {
+        if run.len() < 2 {
+            return 0;
+        }
+        let family = if target.v4 {
+            &self.v4 as &dyn FamilyOps
+        } else {
+            &self.v6
+        };
+        family.update_batch(target.kind, run)
+    }
+}
+
+/// The results of one `apply_ops`, and what failed so far.
+struct Outcomes<'a> {
+    failed: Failed,
+    on_result: &'a mut dyn FnMut(&Op, Result<(), MapsError>),
+}
+
+impl Outcomes<'_> {
+    fn report(&mut self, op: &Op, result: Result<(), MapsError>) {
+        if result.is_err() {
+            self.failed.note(op);
+        }
+        (self.on_result)(op, result);
+    }
+}
+
+/// Writes that failed, as what later writes may refer to.
+#[derive(Default)]
+struct Failed {
+    /// New backends not in the backend map.
+    backend_ids: std::collections::HashSet<u32>,
+    /// Frontends with a failed slot or rev-NAT write.
+    frontends: std::collections::HashSet<Frontend>,
+}
+
+impl Failed {
+    fn note(&mut self, op: &Op) {
+        match *op {
+            Op::PutBackend { id, .. } => {
+                self.backend_ids.insert(id);
+            }
+            Op::PutRevNat { frontend, .. } | Op::PutSlot { frontend, .. } => {
+                self.frontends.insert(frontend);
+            }
+            _ => {}
+        }
+    }
+
+    /// Why `op` must not be written, if it must not.
+    fn blocks(&self, op: &Op) -> Option<MapsError> {
+        if self.backend_ids.is_empty() && self.frontends.is_empty() {
+            return None;
+        }
+        let (what, because) = match *op {
+            Op::PutSlot {
+                frontend,
+                slot,
+                backend_id,
+            } => {
+                let what = format!("write slot {slot} of {frontend}");
+                if self.backend_ids.contains(&backend_id) {
+                    (what, format!("backend {backend_id} could not be written"))
+                } else if self.frontends.contains(&frontend) {
+                    (what, format!("an earlier write of {frontend} failed"))
+                } else {
+                    return None;
+                }
+            }
+            Op::PutFrontend { frontend, .. } if self.frontends.contains(&frontend) => (
+                format!("write slot 0 of {frontend}"),
+                "its rev-NAT entry or one of its slots could not be written".to_owned(),
+            ),
+            _ => return None,
+        };
+        Some(MapsError::Unwritable { what, because })
+    }
+}
+
+/// Which of a family's maps a batch goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BatchKind {
+    Services,
+    Backends,
+}
+
+/// The map a batched write goes to: its family and kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BatchTarget {
+    v4: bool,
+    kind: BatchKind,
+}
+
+/// How a run of consecutive ops may be written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunClass {
+    /// New backends, rev-NAT entries, source ranges: any order.
+    IndependentPuts,
+    /// Slots, frontends, markers: in order within each family.
+    ServiceWrites,
+    /// Removals: one by one, in order.
+    Single,
+}
+
+impl RunClass {
+    fn of(op: &Op) -> Self {
+        match op {
+            Op::PutBackend { .. } | Op::PutRevNat { .. } | Op::PutSourceRange(_) => {
+                Self::IndependentPuts
+            }
+            Op::PutSlot { .. } | Op::PutFrontend { .. } | Op::PutMarker { .. } => {
+                Self::ServiceWrites
+            }
+            _ => Self::Single,
+        }
+    }
+}
+
+impl BatchTarget {
+    /// Every target, in the order of `apply_run`'s groups.
+    const ALL: [Self; 4] = [
+        Self::new(true, BatchKind::Services),
+        Self::new(false, BatchKind::Services),
+        Self::new(true, BatchKind::Backends),
+        Self::new(false, BatchKind::Backends),
+    ];
+
+    const fn new(v4: bool, kind: BatchKind) -> Self {
+        Self { v4, kind }
+    }
+
+    /// Where `op` goes as part of a batch, if it can be batched.
+    fn of(op: &Op) -> Option<Self> {
+        match op {
+            Op::PutSlot { frontend, .. } | Op::PutFrontend { frontend, .. } => {
+                Some(Self::new(frontend.addr.is_ipv4(), BatchKind::Services))
+            }
+            Op::PutMarker { addr } => Some(Self::new(addr.is_ipv4(), BatchKind::Services)),
+            Op::PutBackend { backend, .. } => {
+                Some(Self::new(backend.key.addr.is_ipv4(), BatchKind::Backends))
+            }
+            _ => None,
+        }
+    }
+
+    /// Index of this target's group in `apply_run`.
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+}
+
+/// The service-map write an op makes: key parts and value.
+pub(super) fn service_write(op: &Op) -> Option<(Frontend, u16, LbService)> {
+    match *op {
+        Op::PutSlot {
+            frontend,
+            slot,
+            backend_id,
+        } => Some((
+            frontend,
+            slot,
+            LbService {
+                backend_id,
+                ..LbService::default()
+            },
+        )),
+        Op::PutFrontend {
+            frontend,
+            count,
+            rev_nat_id,
+            flags,
+            affinity_timeout_s,
+        } => Some((
+            frontend,
+            0,
+            LbService {
+                count,
+                flags,
+                rev_nat_id,
+                affinity_timeout_s,
+                ..LbService::default()
+            },
+        )),
+        Op::PutMarker { addr } => Some((
+            marker(addr),
+            0,
+            LbService {
+                flags: svc_flags::ADDRESS_MARKER,
+                ..LbService::default()
+            },
+        )),
+        _ => None,
+    }
+}
