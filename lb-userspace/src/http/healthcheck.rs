@@ -10,12 +10,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-    task::JoinHandle,
-};
+use hyper::{Response, StatusCode, header, service::service_fn};
+use tokio::{net::TcpListener, task::JoinHandle};
 
+use super::{Body, connection, text_response};
 use crate::model::HealthCheck;
 
 /// What one port answers.
@@ -104,16 +102,25 @@ async fn serve(listener: TcpListener, port: u16, answers: Arc<Mutex<BTreeMap<u16
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&port)
             .cloned();
+        // Any method and path get the answer, as kube-proxy's do.
+        let service = service_fn(move |_request| {
+            let response = respond(answer.as_ref());
+            async move { Ok::<_, std::convert::Infallible>(response) }
+        });
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), respond(stream, answer)).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                connection().serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            )
+            .await;
         });
     }
 }
 
 /// The response body and status, as kube-proxy writes them.
-fn response(answer: Option<&Answer>) -> (&'static str, String) {
+fn response(answer: Option<&Answer>) -> (StatusCode, String) {
     let Some(answer) = answer else {
-        return ("503 Service Unavailable", "{}".to_owned());
+        return (StatusCode::SERVICE_UNAVAILABLE, "{}".to_owned());
     };
     let body = serde_json::json!({
         "service": { "namespace": answer.namespace, "name": answer.name },
@@ -122,30 +129,21 @@ fn response(answer: Option<&Answer>) -> (&'static str, String) {
     })
     .to_string();
     let status = if answer.local_endpoints > 0 {
-        "200 OK"
+        StatusCode::OK
     } else {
-        "503 Service Unavailable"
+        StatusCode::SERVICE_UNAVAILABLE
     };
     (status, body)
 }
 
-async fn respond(mut stream: TcpStream, answer: Option<Answer>) -> std::io::Result<()> {
-    let mut buf = [0u8; 2048];
-    let mut len = 0;
-    while len < buf.len() && !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    let (status, body) = response(answer.as_ref());
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+fn respond(answer: Option<&Answer>) -> Response<Body> {
+    let (status, body) = response(answer);
+    let mut response = text_response(status, "application/json", body);
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
     );
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
 
 #[cfg(test)]
@@ -160,12 +158,12 @@ mod tests {
             local_endpoints: 2,
         };
         let (status, body) = response(Some(&answer));
-        assert_eq!(status, "200 OK");
+        assert_eq!(status, StatusCode::OK);
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(json["localEndpoints"], 2);
         assert_eq!(json["service"]["name"], "web");
         answer.local_endpoints = 0;
-        assert_eq!(response(Some(&answer)).0, "503 Service Unavailable");
-        assert_eq!(response(None).0, "503 Service Unavailable");
+        assert_eq!(response(Some(&answer)).0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response(None).0, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

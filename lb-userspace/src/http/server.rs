@@ -1,18 +1,17 @@
 //! The agent's HTTP server: `/healthz`, `/readyz` and `/metrics` over
-//! plain HTTP/1.x. Small on purpose: three GET routes, one response per
-//! connection.
+//! HTTP/1.x (hyper). Three GET routes, one response per connection.
 
 use std::{
+    convert::Infallible,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
+use tokio::net::TcpListener;
 
 use super::metrics::metrics;
+use super::{Body, connection, text_response};
 use crate::agent::{Shared, lock};
 
 /// Serves until the process ends.
@@ -21,9 +20,17 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let shared = Arc::clone(&shared);
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let shared = Arc::clone(&shared);
+                    async move { Ok::<_, Infallible>(handle(&request, &shared).await) }
+                });
                 tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(5), handle(stream, &shared)).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        connection()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                    )
+                    .await;
                 });
             }
             Err(error) => {
@@ -34,54 +41,40 @@ pub async fn serve(listener: TcpListener, shared: Arc<Mutex<Shared>>) {
     }
 }
 
-async fn handle(mut stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && !buf[..len].ends_with(b"\n\n") {
-        if len == buf.len() {
-            break;
-        }
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 {
-            break;
-        }
-        len += n;
-    }
-    let request = String::from_utf8_lossy(&buf[..len]);
-    let mut parts = request.split_whitespace();
-    let method = parts.next().unwrap_or("");
-    let path = parts.next().unwrap_or("");
-    let (status, content_type, body) = if method != "GET" && method != "HEAD" {
-        (
-            "405 Method Not Allowed",
+async fn handle(request: &Request<Incoming>, shared: &Mutex<Shared>) -> Response<Body> {
+    let method = request.method();
+    if method != Method::GET && method != Method::HEAD {
+        return text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET only\n".to_owned(),
-        )
-    } else if path == "/metrics" {
-        ("200 OK", "text/plain; version=0.0.4", metrics(shared).await)
-    } else {
-        route(path, &lock(shared))
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    if method != "HEAD" {
-        stream.write_all(body.as_bytes()).await?;
+        );
     }
-    stream.shutdown().await
+    let (status, content_type, body) = if request.uri().path() == "/metrics" {
+        (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics(shared).await,
+        )
+    } else {
+        route(request.uri().path(), &lock(shared))
+    };
+    text_response(status, content_type, body)
 }
 
-fn route(path: &str, shared: &Shared) -> (&'static str, &'static str, String) {
+fn route(path: &str, shared: &Shared) -> (StatusCode, &'static str, String) {
     match path {
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/readyz" if shared.ready => ("200 OK", "text/plain", "ready\n".to_owned()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        "/readyz" if shared.ready => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
         "/readyz" => (
-            "503 Service Unavailable",
+            StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             format!("not ready: {}\n", shared.not_ready_reason),
         ),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     }
 }
