@@ -190,29 +190,6 @@ fn flag_of(map: &str) -> &'static str {
     }
 }
 
-/// `/metrics` lines: capacity per map, refused writes, Services left out.
-pub fn render(status: &CapacityStatus, out: &mut String) {
-    let _ = writeln!(
-        out,
-        "# HELP lb_map_capacity Entries each map sized by a flag holds at most.\n# TYPE lb_map_capacity gauge"
-    );
-    for (map, entries) in &status.capacities {
-        let _ = writeln!(out, "lb_map_capacity{{map=\"{map}\"}} {entries}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP lb_map_full_total Map writes refused because the map was full.\n# TYPE lb_map_full_total counter"
-    );
-    for (map, count) in &status.full_total {
-        let _ = writeln!(out, "lb_map_full_total{{map=\"{map}\"}} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP lb_services_unfit Service ports the last sync could not (fully) write for a full map.\n# TYPE lb_services_unfit gauge\nlb_services_unfit {}",
-        status.unfit.len()
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,12 +215,5 @@ mod tests {
             status.reason(),
             "1 Service ports did not fit in the maps (full: LB4_RNAT_V2): ns/a:http"
         );
-        let mut out = String::new();
-        render(&status, &mut out);
-        assert!(
-            out.contains("lb_map_full_total{map=\"LB4_RNAT_V2\"} 4"),
-            "{out}"
-        );
-        assert!(out.contains("lb_services_unfit 1"), "{out}");
     }
 }

@@ -1,21 +1,36 @@
-//! Prometheus text exposition of the agent's state and the datapath's
-//! counters (names as kube-proxy's where it has one, `kubeproxy_` -> `lb_`).
+//! `/metrics`: the agent's state and the datapath's counters as Prometheus
+//! text (names as kube-proxy's where it has one, `kubeproxy_` -> `lb_`).
+//! What to show is decided here; the text itself (HELP, TYPE, label
+//! escaping, the `_total`, `_bucket`, `_sum`, `_count` samples) is
+//! prometheus-client's.
 
-use std::{fmt::Write as _, sync::Mutex};
+use std::{fmt, sync::Mutex};
+
+use prometheus_client::{
+    encoding::{
+        EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder, NoLabelSet,
+        prometheus_text,
+    },
+    metrics::{MetricType, TypedMetric, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 
 use crate::{
     agent::{Shared, lock},
-    datapath::maps::Maps,
+    datapath::{capacity::CapacityStatus, maps::Maps},
     model::Frontend,
 };
 
-/// Prometheus text exposition. Never in the sync's way: the shared state is
-/// locked only to copy the agent's own numbers, the agent's view of the maps
-/// only to copy (frontend, id) pairs, and the maps are read through a handle
-/// of the scrape's own (no lock) on a blocking thread, so a scrape that walks
-/// conntrack does not hold up the agent's (single-threaded) loop.
+/// The `Content-Type` of the exposition (Prometheus text 0.0.4).
+pub(super) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// The exposition of one scrape. Never in the sync's way: the shared state
+/// is locked only to copy the agent's own numbers, the agent's view of the
+/// maps only to copy (frontend, id) pairs, and the maps are read through a
+/// handle of the scrape's own (no lock) on a blocking thread, so a scrape
+/// that walks conntrack does not hold up the agent's (single-threaded) loop.
 pub(super) async fn metrics(shared: &Mutex<Shared>) -> String {
-    let (mut out, datapath, reader) = {
+    let (agent, datapath, reader) = {
         let shared = lock(shared);
         (
             agent_metrics(&shared),
@@ -24,7 +39,7 @@ pub(super) async fn metrics(shared: &Mutex<Shared>) -> String {
         )
     };
     let datapath_part = tokio::task::spawn_blocking(move || {
-        let mut out = String::new();
+        let mut registry = Registry::default();
         // Frontend labels and occupancy are computed here, at scrape time,
         // not on every sync: both are O(all frontends).
         let (frontend_ids, map_entries) = datapath.map_or_else(
@@ -39,134 +54,232 @@ pub(super) async fn metrics(shared: &Mutex<Shared>) -> String {
                 (ids, crate::agent::map_occupancy(&state))
             },
         );
-        render_map_entries(&map_entries, &mut out);
+        registry.register(
+            "lb_map_entries",
+            "Entries in each map the agent writes",
+            ByLabel::gauges("map", map_entries),
+        );
         if let Some(maps) = reader {
-            datapath_metrics(&maps, &frontend_ids, &mut out);
+            datapath_metrics(&maps, &frontend_ids, &mut registry);
         }
-        out
+        text(&registry)
     })
     .await
     .unwrap_or_default();
+    let mut out = text(&agent);
     out.push_str(&datapath_part);
     out
 }
 
-/// The agent's own counters, gauges and histograms.
-fn agent_metrics(shared: &Shared) -> String {
-    let agent: [(&str, &str, &str, String); 13] = [
-        (
-            "lb_ready",
-            "gauge",
-            "1 once the first full state is in the maps.",
-            u8::from(shared.ready).to_string(),
-        ),
-        (
-            "lb_sync_total",
-            "counter",
-            "Syncs that wrote the whole plan.",
-            shared.syncs.to_string(),
-        ),
-        (
-            "lb_sync_errors_total",
-            "counter",
-            "Syncs with a failed map write.",
-            shared.sync_errors.to_string(),
-        ),
-        (
-            "lb_sync_retries_total",
-            "counter",
-            "Syncs started by the retry timer after a sync that did not write everything.",
-            shared.sync_retries.to_string(),
-        ),
-        (
-            "lb_resyncs_total",
-            "counter",
-            "Periodic resyncs (every map read back and compared).",
-            shared.resyncs.to_string(),
-        ),
-        (
-            "lb_map_drift_repairs_total",
-            "counter",
-            "Map writes made by resyncs because the maps differed from what the agent wrote.",
-            shared.drift_repairs.to_string(),
-        ),
-        (
-            "lb_map_writes_total",
-            "counter",
-            "Map writes done.",
-            shared.map_writes.to_string(),
-        ),
-        (
-            "lb_map_write_errors_total",
-            "counter",
-            "Map writes that failed.",
-            shared.map_write_errors.to_string(),
-        ),
-        (
-            "lb_invalid_objects",
-            "gauge",
-            "Objects currently rejected as invalid.",
-            shared.invalid_objects.to_string(),
-        ),
-        (
-            "lb_invalid_objects_reported_total",
-            "counter",
-            "Invalid objects reported.",
-            shared.invalid_objects_reported.to_string(),
-        ),
-        (
-            "lb_sync_duration_seconds",
-            "gauge",
-            "Duration of the last sync.",
-            shared.last_sync_seconds.to_string(),
-        ),
-        (
-            "lb_frontends",
-            "gauge",
-            "Service frontends (VIP:port/proto) in the maps.",
-            shared.frontends.to_string(),
-        ),
-        (
-            "lb_backends",
-            "gauge",
-            "Backends in the maps.",
-            shared.backends.to_string(),
-        ),
-    ];
+/// The Prometheus text of `registry`.
+fn text(registry: &Registry) -> String {
     let mut out = String::new();
-    for (name, kind, help, value) in agent {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
-    latency_and_occupancy_metrics(shared, &mut out);
-    crate::datapath::capacity::render(&shared.capacity, &mut out);
+    // Writing into a String does not fail.
+    let _ = prometheus_text::encode(&mut out, registry);
     out
 }
 
-/// Histograms (names as kube-proxy's, `kubeproxy_` -> `lb_`).
-fn latency_and_occupancy_metrics(shared: &Shared, out: &mut String) {
-    shared.sync_duration.render(
-        "lb_sync_proxy_rules_duration_seconds",
-        "Time to turn a snapshot into map writes (model, diff, apply).",
-        out,
+/// Registers a counter; `name` without the `_total` its sample gets.
+fn counter<N>(registry: &mut Registry, name: &str, help: &str, value: N)
+where
+    N: EncodeCounterValue + Send + Sync + fmt::Debug + 'static,
+{
+    registry.register(name, help, ConstCounter::new(value));
+}
+
+fn gauge<N>(registry: &mut Registry, name: &str, help: &str, value: N)
+where
+    N: EncodeGaugeValue + Send + Sync + fmt::Debug + 'static,
+{
+    registry.register(name, help, ConstGauge::new(value));
+}
+
+/// The agent's own counters, gauges and histograms. Help texts have no
+/// final full stop: prometheus-client adds it.
+fn agent_metrics(shared: &Shared) -> Registry {
+    let mut registry = Registry::default();
+    let r = &mut registry;
+    gauge(
+        r,
+        "lb_ready",
+        "1 once the first full state is in the maps",
+        u64::from(shared.ready),
     );
-    shared.network_programming.render(
+    counter(
+        r,
+        "lb_sync",
+        "Syncs that wrote the whole plan",
+        shared.syncs,
+    );
+    counter(
+        r,
+        "lb_sync_errors",
+        "Syncs with a failed map write",
+        shared.sync_errors,
+    );
+    counter(
+        r,
+        "lb_sync_retries",
+        "Syncs started by the retry timer after a sync that did not write everything",
+        shared.sync_retries,
+    );
+    counter(
+        r,
+        "lb_resyncs",
+        "Periodic resyncs (every map read back and compared)",
+        shared.resyncs,
+    );
+    counter(
+        r,
+        "lb_map_drift_repairs",
+        "Map writes made by resyncs because the maps differed from what the agent wrote",
+        shared.drift_repairs,
+    );
+    counter(r, "lb_map_writes", "Map writes done", shared.map_writes);
+    counter(
+        r,
+        "lb_map_write_errors",
+        "Map writes that failed",
+        shared.map_write_errors,
+    );
+    gauge(
+        r,
+        "lb_invalid_objects",
+        "Objects currently rejected as invalid",
+        shared.invalid_objects,
+    );
+    counter(
+        r,
+        "lb_invalid_objects_reported",
+        "Invalid objects reported",
+        shared.invalid_objects_reported,
+    );
+    gauge(
+        r,
+        "lb_sync_duration_seconds",
+        "Duration of the last sync",
+        shared.last_sync_seconds,
+    );
+    gauge(
+        r,
+        "lb_frontends",
+        "Service frontends (VIP:port/proto) in the maps",
+        shared.frontends,
+    );
+    gauge(r, "lb_backends", "Backends in the maps", shared.backends);
+    // Histograms (names as kube-proxy's, `kubeproxy_` -> `lb_`).
+    r.register(
+        "lb_sync_proxy_rules_duration_seconds",
+        "Time to turn a snapshot into map writes (model, diff, apply)",
+        shared.sync_duration.clone(),
+    );
+    r.register(
         "lb_network_programming_duration_seconds",
-        "From an EndpointSlice's last-change trigger time to its state in the maps.",
-        out,
+        "From an EndpointSlice's last-change trigger time to its state in the maps",
+        shared.network_programming.clone(),
+    );
+    capacity_metrics(&shared.capacity, r);
+    registry
+}
+
+/// Map capacities, writes refused by full maps, Services left out.
+fn capacity_metrics(status: &CapacityStatus, registry: &mut Registry) {
+    registry.register(
+        "lb_map_capacity",
+        "Entries each map sized by a flag holds at most",
+        ByLabel::gauges("map", status.capacities.iter().copied()),
+    );
+    registry.register(
+        "lb_map_full",
+        "Map writes refused because the map was full",
+        ByLabel::counters("map", status.full_total.iter().map(|(m, n)| (*m, *n))),
+    );
+    gauge(
+        registry,
+        "lb_services_unfit",
+        "Service ports the last sync could not (fully) write for a full map",
+        status.unfit.len(),
     );
 }
 
-/// Entries per map the agent writes (conntrack is read with the counters).
-fn render_map_entries(map_entries: &[(&'static str, usize)], out: &mut String) {
-    let _ = writeln!(
-        out,
-        "# HELP lb_map_entries Entries in each map the agent writes.\n# TYPE lb_map_entries gauge"
+/// Counters read from the maps at scrape time.
+fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mut Registry) {
+    if let Ok(reasons) = maps.reason_counts() {
+        registry.register(
+            "lb_datapath_packets",
+            "Packets seen by the TC program, by verdict reason",
+            ByLabel::counters("reason", reasons),
+        );
+    }
+    let stats: Vec<_> = frontend_ids
+        .iter()
+        .filter_map(|(frontend, id)| Some((*frontend, maps.service_stats(*id).ok()?)))
+        .collect();
+    registry.register(
+        "lb_service_packets",
+        "Packets translated towards a frontend",
+        ByLabel::counters("frontend", stats.iter().map(|(f, s)| (f, s.packets))),
     );
-    for (map, entries) in map_entries {
-        let _ = writeln!(out, "lb_map_entries{{map=\"{map}\"}} {entries}");
+    registry.register(
+        "lb_service_bytes",
+        "Bytes translated towards a frontend",
+        ByLabel::counters("frontend", stats.iter().map(|(f, s)| (f, s.bytes))),
+    );
+    if let Ok((v4, v6)) = maps.conntrack_len() {
+        registry.register(
+            "lb_conntrack_entries",
+            "Conntrack entries by family",
+            ByLabel::gauges("family", [("ipv4", v4), ("ipv6", v6)]),
+        );
+    }
+}
+
+/// A metric with one label whose samples the scrape computed, written in
+/// the order given (prometheus-client's `Family` keeps a hash map, and is
+/// made for metrics updated in place, not read at scrape time).
+#[derive(Debug)]
+struct ByLabel<M> {
+    label: &'static str,
+    samples: Vec<(String, M)>,
+}
+
+impl<N> ByLabel<ConstGauge<N>> {
+    fn gauges<V: ToString>(label: &'static str, samples: impl IntoIterator<Item = (V, N)>) -> Self {
+        Self {
+            label,
+            samples: samples
+                .into_iter()
+                .map(|(value, n)| (value.to_string(), ConstGauge::new(n)))
+                .collect(),
+        }
+    }
+}
+
+impl<N> ByLabel<ConstCounter<N>> {
+    fn counters<V: ToString>(
+        label: &'static str,
+        samples: impl IntoIterator<Item = (V, N)>,
+    ) -> Self {
+        Self {
+            label,
+            samples: samples
+                .into_iter()
+                .map(|(value, n)| (value.to_string(), ConstCounter::new(n)))
+                .collect(),
+        }
+    }
+}
+
+impl<M: EncodeMetric + TypedMetric> EncodeMetric for ByLabel<M> {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        for (value, metric) in &self.samples {
+            metric.encode(encoder.encode_family(&[(self.label, value.as_str())])?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        M::TYPE
     }
 }
 
@@ -177,7 +290,9 @@ const BUCKETS: [f64; 18] = [
     120.0, 300.0,
 ];
 
-/// A Prometheus histogram with the fixed [`BUCKETS`].
+/// A Prometheus histogram with the fixed [`BUCKETS`], a plain value in the
+/// agent's state (prometheus-client's own shares its counts behind an `Arc`
+/// and cannot be compared or reset by assignment).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Histogram {
     /// Observations per bucket (not cumulative); `None` until the first.
@@ -202,66 +317,25 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count
     }
+}
 
-    /// Appends the exposition of this histogram as NAME.
-    pub fn render(&self, name: &str, help: &str, out: &mut String) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
         let counts = self.counts.unwrap_or_default();
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(counts) {
-            cumulative += count;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
-            self.count, self.sum, self.count
-        );
+        let in_buckets: u64 = counts.iter().sum();
+        // Non-cumulative counts; the encoder sums them up.
+        let buckets: Vec<(f64, u64)> = BUCKETS
+            .into_iter()
+            .zip(counts)
+            .chain([(f64::INFINITY, self.count - in_buckets)])
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
-/// Counters read from the maps at scrape time.
-fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], out: &mut String) {
-    if let Ok(reasons) = maps.reason_counts() {
-        let _ = writeln!(
-            out,
-            "# HELP lb_datapath_packets_total Packets seen by the TC program, by verdict reason.\n# TYPE lb_datapath_packets_total counter"
-        );
-        for (reason, count) in reasons {
-            let _ = writeln!(
-                out,
-                "lb_datapath_packets_total{{reason=\"{reason}\"}} {count}"
-            );
-        }
-    }
-    let mut packets = String::new();
-    let mut bytes = String::new();
-    for (frontend, id) in frontend_ids {
-        if let Ok(stats) = maps.service_stats(*id) {
-            let _ = writeln!(
-                packets,
-                "lb_service_packets_total{{frontend=\"{frontend}\"}} {}",
-                stats.packets
-            );
-            let _ = writeln!(
-                bytes,
-                "lb_service_bytes_total{{frontend=\"{frontend}\"}} {}",
-                stats.bytes
-            );
-        }
-    }
-    let _ = write!(
-        out,
-        "# HELP lb_service_packets_total Packets translated towards a frontend.\n# TYPE lb_service_packets_total counter\n{packets}"
-    );
-    let _ = write!(
-        out,
-        "# HELP lb_service_bytes_total Bytes translated towards a frontend.\n# TYPE lb_service_bytes_total counter\n{bytes}"
-    );
-    if let Ok((v4, v6)) = maps.conntrack_len() {
-        let _ = writeln!(
-            out,
-            "# HELP lb_conntrack_entries Conntrack entries by family.\n# TYPE lb_conntrack_entries gauge\nlb_conntrack_entries{{family=\"ipv4\"}} {v4}\nlb_conntrack_entries{{family=\"ipv6\"}} {v6}"
-        );
-    }
-}
+#[cfg(test)]
+mod tests;

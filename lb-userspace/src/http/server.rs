@@ -10,7 +10,7 @@ use std::{
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use tokio::net::TcpListener;
 
-use super::metrics::metrics;
+use super::metrics::{CONTENT_TYPE, metrics};
 use super::{Body, connection, text_response};
 use crate::agent::{Shared, lock};
 
@@ -51,11 +51,7 @@ async fn handle(request: &Request<Incoming>, shared: &Mutex<Shared>) -> Response
         );
     }
     let (status, content_type, body) = if request.uri().path() == "/metrics" {
-        (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics(shared).await,
-        )
+        (StatusCode::OK, CONTENT_TYPE, metrics(shared).await)
     } else {
         route(request.uri().path(), &lock(shared))
     };
