@@ -571,11 +571,11 @@ pub fn node_context<'a>(
 pub fn manifest(services: &[Service], slices: &[EndpointSlice]) -> String {
     let documents = services
         .iter()
-        .map(|service| serde_yaml::to_string(service).expect("a Service serializes"))
+        .map(|service| serde_saphyr::to_string(service).expect("a Service serializes"))
         .chain(
             slices
                 .iter()
-                .map(|slice| serde_yaml::to_string(slice).expect("a slice serializes")),
+                .map(|slice| serde_saphyr::to_string(slice).expect("a slice serializes")),
         );
     documents.collect::<Vec<_>>().join("---\n")
 }

@@ -22,8 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Deserialize as _;
-use serde_yaml::Value;
+use serde_json::Value;
 
 use support::netns::unique_prefix;
 use support::process::{TempDir, find_program, run_ok_within};
@@ -62,10 +61,7 @@ fn temp_home(tag: &str) -> TempDir {
 fn rendered() -> Vec<Value> {
     let home = temp_home("render");
     let text = run(kubectl_cmd(&home.0).arg("kustomize").arg(deploy_dir()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|doc| !doc.is_null())
-        .collect()
+    serde_saphyr::from_multiple(&text).expect("rendered YAML parses")
 }
 
 fn kind_of(doc: &Value) -> &str {
@@ -80,7 +76,7 @@ fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 
 fn strings(value: &Value) -> Vec<String> {
     value
-        .as_sequence()
+        .as_array()
         .map(|s| {
             s.iter()
                 .map(|v| v.as_str().expect("a string").to_owned())
@@ -131,7 +127,7 @@ fn rbac_grants_nothing_beyond_reading_and_events() {
     let role = one(&docs, "ClusterRole");
     assert!(role["aggregationRule"].is_null(), "no aggregation");
     let mut granted = BTreeSet::new();
-    for rule in role["rules"].as_sequence().expect("rules") {
+    for rule in role["rules"].as_array().expect("rules") {
         assert!(
             rule["nonResourceURLs"].is_null(),
             "no non-resource URLs: {rule:?}"
@@ -195,7 +191,7 @@ fn daemonset_is_unprivileged_and_complete() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["priorityClassName"], "system-node-critical");
-    let tolerations = pod["tolerations"].as_sequence().expect("tolerations");
+    let tolerations = pod["tolerations"].as_array().expect("tolerations");
     assert!(
         tolerations
             .iter()
@@ -203,7 +199,7 @@ fn daemonset_is_unprivileged_and_complete() {
         "tolerates every taint: {tolerations:?}"
     );
     assert!(pod["hostPID"].is_null() || pod["hostPID"] == false);
-    let containers = pod["containers"].as_sequence().expect("containers");
+    let containers = pod["containers"].as_array().expect("containers");
     assert_eq!(containers.len(), 1);
     assert!(pod["initContainers"].is_null(), "no init containers");
     let c = &containers[0];
@@ -219,7 +215,7 @@ fn daemonset_is_unprivileged_and_complete() {
     assert!(added.is_subset(&allowed), "capabilities {added:?}");
 
     // NODE_NAME from the downward API.
-    let env = c["env"].as_sequence().expect("env");
+    let env = c["env"].as_array().expect("env");
     assert!(
         env.iter().any(|e| e["name"] == "NODE_NAME"
             && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
@@ -227,13 +223,13 @@ fn daemonset_is_unprivileged_and_complete() {
 
     // The host's bpffs, without Bidirectional propagation (privileged only).
     let volume = pod["volumes"]
-        .as_sequence()
+        .as_array()
         .expect("volumes")
         .iter()
         .find(|v| v["hostPath"]["path"] == "/sys/fs/bpf")
         .expect("a hostPath volume of /sys/fs/bpf");
     let mount = c["volumeMounts"]
-        .as_sequence()
+        .as_array()
         .expect("volumeMounts")
         .iter()
         .find(|m| m["name"] == volume["name"])
@@ -457,7 +453,7 @@ fn kubectl_apply_dry_run_accepts_the_install() {
 fn cleanup_job_is_unprivileged() {
     let path = deploy_dir().join("cleanup/job.yaml");
     let text = std::fs::read_to_string(&path).expect("cleanup job");
-    let job: Value = serde_yaml::from_str(&text).expect("cleanup job parses");
+    let job: Value = serde_saphyr::from_str(&text).expect("cleanup job parses");
     assert_eq!(kind_of(&job), "Job");
     let c = &job["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(strings(&c["args"])[0], "cleanup");

@@ -55,11 +55,11 @@ fn daemonset_capabilities() -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let ds: serde_yaml::Value = serde_yaml::from_str(&text).expect("daemonset.yaml parses");
+    let ds: serde_json::Value = serde_saphyr::from_str(&text).expect("daemonset.yaml parses");
     let add =
         &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"];
     let caps: Vec<String> = add
-        .as_sequence()
+        .as_array()
         .expect("capabilities.add is a list")
         .iter()
         .map(|c| c.as_str().expect("capability name").to_lowercase())

@@ -55,8 +55,8 @@ fn manifest_round_trips_through_yaml() {
         .build();
     let text = manifest(std::slice::from_ref(&service), std::slice::from_ref(&slice));
     let mut documents = text.split("---\n");
-    let parsed: Service = serde_yaml::from_str(documents.next().unwrap()).unwrap();
-    let parsed_slice: EndpointSlice = serde_yaml::from_str(documents.next().unwrap()).unwrap();
+    let parsed: Service = serde_saphyr::from_str(documents.next().unwrap()).unwrap();
+    let parsed_slice: EndpointSlice = serde_saphyr::from_str(documents.next().unwrap()).unwrap();
     assert_eq!((parsed, parsed_slice), (service, slice));
     assert!(text.contains("kind: Service\n") && text.contains("kind: EndpointSlice\n"));
 }

@@ -5,8 +5,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use serde::Deserialize;
-use serde_yaml::Value;
+use serde_json::Value;
 
 use super::Snapshot;
 use super::listing::ManifestFile;
@@ -73,8 +72,12 @@ fn parse_documents(
             }
         }
     } else {
-        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            match Value::deserialize(document) {
+        // One line per error (no source snippet): it goes into a log line.
+        let options = serde_saphyr::options! { with_snippet: false };
+        let mut bytes = text.as_bytes();
+        // Empty documents are skipped, not counted.
+        for (index, document) in serde_saphyr::read_with_options(&mut bytes, options).enumerate() {
+            match document {
                 Ok(document) => documents.push(document),
                 Err(error) => {
                     let reason = format!("document {}: not valid YAML: {error}", index + 1);
@@ -136,7 +139,7 @@ pub(super) fn add_object(
     if document.is_null() {
         return;
     }
-    if !document.is_mapping() {
+    if !document.is_object() {
         snapshot
             .errors
             .push(origin.error("not a Kubernetes object (expected a mapping)"));
@@ -193,7 +196,7 @@ fn add_list(
     origin: &Origin<'_>,
     snapshot: &mut Snapshot,
 ) {
-    let Some(items) = list.get("items").and_then(Value::as_sequence) else {
+    let Some(items) = list.get("items").and_then(Value::as_array) else {
         snapshot
             .errors
             .push(origin.error(&format!("{list_kind} items is not a list")));
@@ -213,7 +216,8 @@ fn deserialize_object<T: serde::de::DeserializeOwned>(
     origin: &Origin<'_>,
     errors: &mut Vec<ObjectError>,
 ) -> Option<T> {
-    match T::deserialize(document) {
+    // With the path of the offending field: `spec.ports[0].port: ...`.
+    match serde_path_to_error::deserialize::<_, T>(document) {
         Ok(object) => Some(object),
         Err(error) => {
             let metadata = document.get("metadata");
@@ -232,39 +236,11 @@ fn deserialize_object<T: serde::de::DeserializeOwned>(
                 kind,
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
-                reason: format!(
-                    "{}: {}: {}",
-                    origin.file,
-                    origin.location,
-                    describe_error::<T>(document, &error)
-                ),
+                reason: format!("{}: {}: {error}", origin.file, origin.location),
             });
             None
         }
     }
-}
-
-/// The error with the path of the offending field (`spec.ports[0].port`),
-/// which `serde_yaml` gives only when reading text: so the document is read
-/// again from re-serialised text, whose line numbers are dropped because they
-/// would not match the file.
-fn describe_error<T: serde::de::DeserializeOwned>(
-    document: &Value,
-    error: &serde_yaml::Error,
-) -> String {
-    let Some(error) = serde_yaml::to_string(document)
-        .ok()
-        .and_then(|text| serde_yaml::from_str::<T>(&text).err())
-    else {
-        return error.to_string();
-    };
-    let message = error.to_string();
-    error
-        .location()
-        .and_then(|at| {
-            message.strip_suffix(&format!(" at line {} column {}", at.line(), at.column()))
-        })
-        .map_or_else(|| message.clone(), str::to_owned)
 }
 
 #[cfg(test)]
@@ -583,6 +559,24 @@ items:
             [
                 "Service shop/bad: list.yaml: document 1 item 2: spec.ports[0].protocol: invalid type: sequence, expected a string"
             ]
+        );
+    }
+
+    #[test]
+    fn syntax_error_keeps_the_documents_before_it() {
+        let dir = TempDir::new("syntax-late");
+        dir.write(
+            "late.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\nkey: value: another\n",
+        );
+        let snapshot = load_dir(&dir.0).expect("load");
+        assert_eq!(names(&snapshot).0, ["shop/web"]);
+        let errors = error_lines(&snapshot);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("File late.yaml: document 2: not valid YAML: ")
+                && !errors[0].contains('\n'),
+            "{errors:#?}"
         );
     }
 

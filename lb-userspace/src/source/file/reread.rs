@@ -8,8 +8,8 @@ use std::path::Path;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_yaml::Value;
 
 use super::Snapshot;
 use super::listing::ManifestFile;
