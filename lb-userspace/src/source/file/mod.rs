@@ -155,7 +155,7 @@ pub(super) fn spawn(
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
-                    woke = async { events.as_ref()?.wait().await.err() }, if events.is_some() => {
+                    woke = async { events.as_mut()?.wait().await.err() }, if events.is_some() => {
                         if let Some(error) = woke {
                             tracing::warn!(%error, "inotify failed; polling only");
                             events = None;
