@@ -2,53 +2,30 @@
 //! (`getifaddrs`): the node addresses when neither a flag nor the Node
 //! object names them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+
+use nix::sys::socket::SockaddrStorage;
 
 /// Global unicast addresses of the interfaces in this network namespace
 /// (no loopback, no link-local), in interface order.
 #[must_use]
 pub fn interface_addresses() -> Vec<IpAddr> {
     let mut out = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`; freed below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
         return out;
-    }
-    let mut entry = list;
-    while !entry.is_null() {
-        // SAFETY: `entry` is a node of the list getifaddrs returned.
-        let (addr, next) = unsafe { ((*entry).ifa_addr, (*entry).ifa_next) };
-        if let Some(ip) = sockaddr_ip(addr)
-            && usable_node_address(&ip)
-            && !out.contains(&ip)
-        {
+    };
+    for ip in addresses.filter_map(|entry| entry.address.as_ref().and_then(sockaddr_ip)) {
+        if usable_node_address(&ip) && !out.contains(&ip) {
             out.push(ip);
         }
-        entry = next;
     }
-    // SAFETY: the list came from getifaddrs.
-    unsafe { libc::freeifaddrs(list) };
     out
 }
 
-fn sockaddr_ip(addr: *const libc::sockaddr) -> Option<IpAddr> {
-    if addr.is_null() {
-        return None;
-    }
-    // SAFETY: non-null sockaddr from getifaddrs; the family says its type.
-    unsafe {
-        match i32::from((*addr).sa_family) {
-            libc::AF_INET => {
-                let v4 = &*addr.cast::<libc::sockaddr_in>();
-                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
-            }
-            libc::AF_INET6 => {
-                let v6 = &*addr.cast::<libc::sockaddr_in6>();
-                Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
-            }
-            _ => None,
-        }
-    }
+fn sockaddr_ip(addr: &SockaddrStorage) -> Option<IpAddr> {
+    addr.as_sockaddr_in()
+        .map(|v4| IpAddr::V4(v4.ip()))
+        .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
 }
 
 fn usable_node_address(ip: &IpAddr) -> bool {
@@ -61,6 +38,17 @@ fn usable_node_address(ip: &IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_is_listed_by_getifaddrs_but_not_returned() {
+        // Every namespace has `lo`; whatever else there is, never 127.0.0.1.
+        let all: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+            .expect("getifaddrs")
+            .filter_map(|entry| entry.address.as_ref().and_then(sockaddr_ip))
+            .collect();
+        assert!(all.iter().any(IpAddr::is_loopback), "{all:?}");
+        assert!(!interface_addresses().iter().any(IpAddr::is_loopback));
+    }
 
     #[test]
     fn link_local_and_loopback_are_not_node_addresses() {
