@@ -7,13 +7,14 @@
 //! created in between is missed; if the kernel drops events (socket buffer
 //! full), it lists again and reports the difference.
 
-use std::{
-    collections::BTreeMap,
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{collections::BTreeMap, io};
 
-use tokio::{io::unix::AsyncFd, sync::mpsc};
+use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{RouteNetlinkMessage, link::LinkAttribute};
+use netlink_sys::{
+    AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE,
+};
+use tokio::sync::mpsc;
 
 /// A change the agent acts on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,10 +166,6 @@ pub fn spawn(
     tx: mpsc::Sender<LinkEvent>,
 ) -> Result<tokio::task::JoinHandle<()>, IfWatchError> {
     let socket = subscribe().map_err(IfWatchError::Netlink)?;
-    // SAFETY: the OwnedFd keeps its descriptor open, and returns the same
-    // one, for as long as the AsyncFd owns it.
-    let socket = unsafe { AsyncFd::register(socket) }
-        .map_err(|e| IfWatchError::Netlink(io::Error::other(e.to_string())))?;
     Ok(tokio::spawn(async move {
         if let Err(error) = watch(&socket, Tracker::new(patterns), &tx).await {
             tracing::error!(error = %crate::error::Causes(&error), "interface watcher stopped; new interfaces are not attached");
@@ -177,31 +174,38 @@ pub fn spawn(
 }
 
 async fn watch(
-    socket: &AsyncFd<OwnedFd>,
+    socket: &TokioSocket,
     mut tracker: Tracker,
     tx: &mpsc::Sender<LinkEvent>,
 ) -> io::Result<()> {
     let mut events = Vec::new();
     tracker.resync(&list_links(), &mut events);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     loop {
         for event in events.drain(..) {
             if tx.send(event).await.is_err() {
                 return Ok(());
             }
         }
+        buf.clear();
         let received = tokio::select! {
             () = tx.closed() => return Ok(()),
-            received = read(socket, &mut buf) => received,
+            received = socket.recv(&mut buf) => received,
         };
         match received {
-            Ok(len) => {
-                for message in parse_link_messages(&buf[..len]) {
+            Ok(()) => {
+                for message in parse_link_messages(&buf) {
                     match message {
                         LinkMessage::New { index, name } => {
                             tracker.link_up(index, &name, &mut events);
                         }
                         LinkMessage::Del { index } => tracker.link_gone(index, &mut events),
+                        LinkMessage::Unreadable => {
+                            tracing::warn!(
+                                "a link event could not be read; listing interfaces again"
+                            );
+                            tracker.resync(&list_links(), &mut events);
+                        }
                     }
                 }
             }
@@ -215,97 +219,34 @@ async fn watch(
     }
 }
 
-async fn read(socket: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        let mut guard = socket.readable().await?;
-        let result = guard.try_io(|fd| {
-            // SAFETY: recv into a valid, writable buffer of the given length.
-            let n = unsafe {
-                libc::recv(
-                    fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                )
-            };
-            usize::try_from(n).map_err(|_| io::Error::last_os_error())
-        });
-        if let Ok(result) = result {
-            return result;
-        }
-    }
-}
-
 /// A non-blocking `NETLINK_ROUTE` socket subscribed to link events.
-fn subscribe() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // A larger buffer makes lost events (ENOBUFS) rare when many pods start.
-    let size: libc::c_int = 1 << 20;
-    // SAFETY: valid fd, option value of the declared size.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&raw const size).cast(),
-            c_len(size_of::<libc::c_int>()),
-        );
-    }
-    // SAFETY: sockaddr_nl is plain data; zero is a valid start.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
-    addr.nl_groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
-    // SAFETY: valid fd and a sockaddr_nl of the declared size.
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&raw const addr).cast(),
-            c_len(size_of::<libc::sockaddr_nl>()),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+fn subscribe() -> io::Result<TokioSocket> {
+    let mut socket = TokioSocket::new(NETLINK_ROUTE)?;
+    // A larger buffer makes lost events (ENOBUFS) rare when many pods start;
+    // best effort, as the resync covers lost events anyway.
+    let _ = socket.socket_ref().set_rx_buf_sz(1_usize << 20);
+    let groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
+    socket.socket_mut().bind(&SocketAddr::new(0, groups))?;
     Ok(socket)
-}
-
-fn c_len(len: usize) -> libc::socklen_t {
-    libc::socklen_t::try_from(len).unwrap_or(libc::socklen_t::MAX)
 }
 
 /// Every interface of this namespace, index -> name (`if_nameindex`, which
 /// asks the kernel over netlink).
 #[must_use]
 pub fn list_links() -> BTreeMap<u32, String> {
-    let mut links = BTreeMap::new();
-    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed
-    // with if_freenameindex; names are valid C strings until then.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return links;
-        }
-        let mut entry = list;
-        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
-            let name = std::ffi::CStr::from_ptr((*entry).if_name);
-            links.insert((*entry).if_index, name.to_string_lossy().into_owned());
-            entry = entry.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    links
+    nix::net::if_::if_nameindex()
+        .map(|interfaces| {
+            interfaces
+                .iter()
+                .map(|interface| {
+                    (
+                        interface.index(),
+                        interface.name().to_string_lossy().into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A link message, reduced to what the tracker needs.
@@ -323,68 +264,61 @@ pub enum LinkMessage {
         /// Interface index.
         index: u32,
     },
+    /// A link message netlink-packet-route could not decode (a kernel
+    /// newer than the crate): the interfaces are listed again instead.
+    Unreadable,
 }
 
-const NLMSG_HDR_LEN: usize = 16;
-const IFINFOMSG_LEN: usize = 16;
-const RTA_HDR_LEN: usize = 4;
-
+/// Netlink messages start on 4-byte boundaries.
 fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
-fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(buf.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Parses one datagram of netlink messages; anything malformed or not a
-/// link message is skipped.
+/// Parses one datagram of netlink messages; anything not a link message is
+/// skipped, and a truncated message ends the datagram.
 #[must_use]
 pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkMessage> {
     let mut messages = Vec::new();
     let mut at = 0;
-    while let (Some(len), Some(kind)) = (u32_at(buf, at), u16_at(buf, at + 4)) {
-        let len = len as usize;
-        if len < NLMSG_HDR_LEN || at + len > buf.len() {
+    while let Some(rest) = buf.get(at..).filter(|rest| !rest.is_empty()) {
+        let Ok(header) = NetlinkBuffer::new_checked(rest) else {
+            break;
+        };
+        let len = header.length() as usize;
+        if len == 0 {
             break;
         }
-        let body = &buf[at + NLMSG_HDR_LEN..at + len];
-        if let Some(index) = u32_at(body, 4).filter(|_| body.len() >= IFINFOMSG_LEN) {
-            match kind {
-                libc::RTM_NEWLINK => {
-                    if let Some(name) = ifname(&body[IFINFOMSG_LEN..]) {
-                        messages.push(LinkMessage::New { index, name });
+        let kind = header.message_type();
+        if kind == libc::RTM_NEWLINK || kind == libc::RTM_DELLINK {
+            let decoded = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]);
+            match decoded.map(|message| message.payload) {
+                Ok(NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link))) => {
+                    let name = link
+                        .attributes
+                        .into_iter()
+                        .find_map(|attribute| match attribute {
+                            LinkAttribute::IfName(name) => Some(name),
+                            _ => None,
+                        });
+                    // Without a name there is nothing to match.
+                    if let Some(name) = name {
+                        messages.push(LinkMessage::New {
+                            index: link.header.index,
+                            name,
+                        });
                     }
                 }
-                libc::RTM_DELLINK => messages.push(LinkMessage::Del { index }),
-                _ => {}
+                Ok(NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link))) => {
+                    messages.push(LinkMessage::Del {
+                        index: link.header.index,
+                    });
+                }
+                _ => messages.push(LinkMessage::Unreadable),
             }
         }
         at += align4(len);
     }
     messages
-}
-
-/// The `IFLA_IFNAME` attribute among ATTRS.
-fn ifname(attrs: &[u8]) -> Option<String> {
-    let mut at = 0;
-    while let (Some(len), Some(kind)) = (u16_at(attrs, at), u16_at(attrs, at + 2)) {
-        let len = usize::from(len);
-        if len < RTA_HDR_LEN || at + len > attrs.len() {
-            return None;
-        }
-        if kind == libc::IFLA_IFNAME {
-            let value = &attrs[at + RTA_HDR_LEN..at + len];
-            let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
-            return Some(String::from_utf8_lossy(&value[..end]).into_owned());
-        }
-        at += align4(len);
-    }
-    None
 }
 
 #[cfg(test)]
@@ -479,6 +413,11 @@ mod tests {
         );
     }
 
+    const NLMSG_HDR_LEN: usize = 16;
+    const IFINFOMSG_LEN: usize = 16;
+    const RTA_HDR_LEN: usize = 4;
+
+    /// A netlink message as the kernel writes it, byte by byte.
     fn message(kind: u16, index: u32, name: Option<&str>) -> Vec<u8> {
         let mut body = vec![0u8; IFINFOMSG_LEN];
         body[4..8].copy_from_slice(&index.to_ne_bytes());
@@ -526,6 +465,19 @@ mod tests {
                 },
                 LinkMessage::Del { index: 3 },
             ]
+        );
+    }
+
+    #[test]
+    fn an_undecodable_link_message_asks_for_a_listing() {
+        // An RTM_NEWLINK too short for its ifinfomsg.
+        let mut datagram = message(libc::RTM_NEWLINK, 7, None);
+        datagram.truncate(NLMSG_HDR_LEN + 4);
+        datagram[..4].copy_from_slice(&u32::try_from(NLMSG_HDR_LEN + 4).unwrap().to_ne_bytes());
+        datagram.extend(message(libc::RTM_DELLINK, 3, None));
+        assert_eq!(
+            parse_link_messages(&datagram),
+            vec![LinkMessage::Unreadable, LinkMessage::Del { index: 3 }]
         );
     }
 }
