@@ -20,7 +20,10 @@ mod cli;
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "Dual-stack eBPF service load balancer")]
+#[command(
+    name = "lb",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LB_BUILD_COMMIT"), ")"),
+    about = "Dual-stack eBPF service load balancer")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
