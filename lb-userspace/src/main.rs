@@ -21,7 +21,10 @@ mod cli;
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "Dual-stack eBPF service load balancer")]
+#[command(
+    name = "lb",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LB_BUILD_COMMIT"), ")"),
+    about = "Dual-stack eBPF service load balancer")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -221,7 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // One malloc arena: the agent's few threads (source reading, BPF
             // loading) would otherwise each keep an arena of freed memory,
             // tens of MiB at 10k Services. Contention is no issue here.
+            // (glibc only: musl's allocator, in the static image, keeps no
+            // per-thread arenas.)
             // SAFETY: called before any other thread exists.
+            #[cfg(target_env = "gnu")]
             unsafe {
                 libc::mallopt(libc::M_ARENA_MAX, 1);
             }

@@ -1,5 +1,5 @@
 //! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask clippy-ebpf`,
-//! `cargo xtask setup`, `cargo xtask bench`.
+//! `cargo xtask setup`, `cargo xtask bench`, `cargo xtask image`.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "lb developer tasks")]
@@ -45,6 +46,18 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Build the container image from scratch (static musl `lb`, no
+    /// registry, no daemon, no base image) as an OCI archive; prints its
+    /// path, name and manifest digest.
+    Image {
+        /// Where to write the archive [default: target/image/lb-VERSION.oci.tar].
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Only build the static binary and copy it to FILE (what
+        /// deploy/Containerfile's builder stage runs).
+        #[arg(long, value_name = "FILE", conflicts_with = "output")]
+        binary_only: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +67,16 @@ fn main() -> anyhow::Result<()> {
         Task::ClippyEbpf => clippy_ebpf(&root),
         Task::Setup => run(Command::new(root.join("scripts/setup.sh"))),
         Task::Bench { quick, only } => bench::run_bench(&root, quick, &only),
+        Task::Image {
+            output,
+            binary_only,
+        } => image::build_image(
+            &root,
+            binary_only.map_or(
+                image::ImageOutput::Archive(output),
+                image::ImageOutput::BinaryOnly,
+            ),
+        ),
     }
 }
 
