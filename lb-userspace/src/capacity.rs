@@ -138,12 +138,18 @@ impl Shortfall {
         desired: &BTreeMap<Frontend, FrontendSpec>,
         ops: &[Op],
     ) -> Vec<String> {
+        if self.is_empty() && self.addrs.is_empty() && self.rev_nat_ids.is_empty() {
+            // The common case, every sync: no walk over all frontends.
+            return Vec::new();
+        }
         let mut frontends = self.frontends.clone();
-        frontends.extend(
-            desired
-                .keys()
-                .filter(|frontend| self.addrs.contains(&frontend.addr)),
-        );
+        if !self.addrs.is_empty() {
+            frontends.extend(
+                desired
+                    .keys()
+                    .filter(|frontend| self.addrs.contains(&frontend.addr)),
+            );
+        }
         if !self.rev_nat_ids.is_empty() {
             frontends.extend(ops.iter().filter_map(|op| match *op {
                 Op::PutRevNat { id, frontend }

@@ -391,7 +391,7 @@ impl Maps {
     /// large), then what cannot be batched and what a batch left, one by one.
     fn apply_run(&mut self, run: &[Op], on_result: &mut Outcomes<'_>) {
         const PARALLEL_FROM: usize = 4096;
-        let mut groups: [Vec<&Op>; 4] = Default::default();
+        let mut groups: [Vec<&Op>; BatchTarget::ALL.len()] = Default::default();
         let mut singles = Vec::new();
         for op in run {
             if let Some(error) = on_result.failed.blocks(op) {
@@ -403,7 +403,7 @@ impl Maps {
                 None => singles.push(op),
             }
         }
-        let mut written = [0usize; 4];
+        let mut written = [0usize; BatchTarget::ALL.len()];
         let this = &*self;
         if run.len() >= PARALLEL_FROM {
             // One thread per map that has writes (a run holds one kind of
@@ -484,7 +484,54 @@ impl Maps {
                 },
                 _ => None,
             }),
+            // A rev-NAT id starts with zeroed counters (see `put_rev_nat`).
+            BatchTarget::RevNats4 if self.reset_stats_batch(run) => {
+                batch_of(self.rev_nat4.map(), run, |op| match *op {
+                    Op::PutRevNat { id, frontend } => match frontend.addr {
+                        IpAddr::V4(addr) => Some((id, rev_nat4(addr, frontend.port))),
+                        IpAddr::V6(_) => None,
+                    },
+                    _ => None,
+                })
+            }
+            BatchTarget::RevNats6 if self.reset_stats_batch(run) => {
+                batch_of(self.rev_nat6.map(), run, |op| match *op {
+                    Op::PutRevNat { id, frontend } => match frontend.addr {
+                        IpAddr::V6(addr) => Some((id, rev_nat6(addr, frontend.port))),
+                        IpAddr::V4(_) => None,
+                    },
+                    _ => None,
+                })
+            }
+            BatchTarget::RevNats4 | BatchTarget::RevNats6 => 0,
         }
+    }
+
+    /// Zeroes the counters of the rev-NAT ids of `run` in one batch; false
+    /// if the kernel refused (the writes then go one by one, each with its
+    /// own reset).
+    fn reset_stats_batch(&self, run: &[&Op]) -> bool {
+        use aya::maps::IterableMap as _;
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return false;
+        };
+        let ids: Vec<u32> = run
+            .iter()
+            .filter_map(|op| match **op {
+                Op::PutRevNat { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        // A per-CPU value is one `LbStats` (16 bytes, 8-aligned) per
+        // possible CPU.
+        let per_key = cpus.get() as usize * size_of::<LbStats>();
+        let zeros = vec![LbStats::default(); ids.len() * per_key / size_of::<LbStats>()];
+        update_batch_raw(
+            self.svc_stats.map(),
+            ids.as_ptr().cast(),
+            zeros.as_ptr().cast(),
+            ids.len(),
+        ) == ids.len()
     }
 
     /// Writes one plan step.
@@ -614,24 +661,8 @@ impl Maps {
             map_names::REVNAT6
         };
         match frontend.addr {
-            IpAddr::V4(addr) => self.rev_nat4.insert(
-                &id,
-                &Lb4RevNat {
-                    addr: addr.octets(),
-                    port_be: frontend.port.to_be(),
-                    _pad: 0,
-                },
-                0,
-            ),
-            IpAddr::V6(addr) => self.rev_nat6.insert(
-                &id,
-                &Lb6RevNat {
-                    addr: addr.octets(),
-                    port_be: frontend.port.to_be(),
-                    _pad: 0,
-                },
-                0,
-            ),
+            IpAddr::V4(addr) => self.rev_nat4.insert(&id, &rev_nat4(addr, frontend.port), 0),
+            IpAddr::V6(addr) => self.rev_nat6.insert(&id, &rev_nat6(addr, frontend.port), 0),
         }
         .map_err(write_to(map, what))
     }
@@ -891,6 +922,8 @@ enum BatchTarget {
     Services6 = 1,
     Backends4 = 2,
     Backends6 = 3,
+    RevNats4 = 4,
+    RevNats6 = 5,
 }
 
 /// How a run of consecutive ops may be written.
@@ -919,11 +952,13 @@ impl RunClass {
 }
 
 impl BatchTarget {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 6] = [
         Self::Services4,
         Self::Services6,
         Self::Backends4,
         Self::Backends6,
+        Self::RevNats4,
+        Self::RevNats6,
     ];
 
     fn of(op: &Op) -> Option<Self> {
@@ -945,6 +980,11 @@ impl BatchTarget {
                 Self::Backends4
             } else {
                 Self::Backends6
+            }),
+            Op::PutRevNat { frontend, .. } => Some(if v4(frontend.addr) {
+                Self::RevNats4
+            } else {
+                Self::RevNats6
             }),
             _ => None,
         }
@@ -1004,6 +1044,22 @@ fn backend4(addr: Ipv4Addr, backend: BackendEntry) -> Lb4Backend {
     }
 }
 
+fn rev_nat4(addr: Ipv4Addr, port: u16) -> Lb4RevNat {
+    Lb4RevNat {
+        addr: addr.octets(),
+        port_be: port.to_be(),
+        _pad: 0,
+    }
+}
+
+fn rev_nat6(addr: Ipv6Addr, port: u16) -> Lb6RevNat {
+    Lb6RevNat {
+        addr: addr.octets(),
+        port_be: port.to_be(),
+        _pad: 0,
+    }
+}
+
 fn backend6(addr: Ipv6Addr, backend: BackendEntry) -> Lb6Backend {
     Lb6Backend {
         addr: addr.octets(),
@@ -1044,24 +1100,38 @@ fn batch_of<K: aya::Pod, V: aya::Pod>(
 /// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no
 /// batch update); returns how many were written.
 fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> usize {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    if keys.len() != values.len() || keys.is_empty() {
+    if keys.len() != values.len() {
         return 0;
     }
-    let Ok(count) = u32::try_from(keys.len()) else {
+    update_batch_raw(
+        map,
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    )
+}
+
+/// [`update_batch`] of `count` keys and values of the map's key and value
+/// sizes (a per-CPU map's value: one per possible CPU, each 8-aligned).
+fn update_batch_raw(map: &MapData, keys: *const u8, values: *const u8, count: usize) -> usize {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if count == 0 {
+        return 0;
+    }
+    let Ok(count_u32) = u32::try_from(count) else {
         return 0;
     };
     let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
         return 0;
     };
     let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count,
+        keys: keys as u64,
+        values: values as u64,
+        count: count_u32,
         map_fd,
         ..BatchAttr::default()
     };
-    // SAFETY: `attr` points at `count` keys and values of the map's sizes
+    // SAFETY: the callers pass `count` keys and values of the map's sizes
     // (the map was opened with these types), alive for the call.
     let result = unsafe {
         libc::syscall(
@@ -1072,15 +1142,15 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V
         )
     };
     if result == 0 {
-        return keys.len();
+        return count;
     }
     let error = std::io::Error::last_os_error();
     // Inside its write loop the kernel reports in `count` how many it wrote
     // before failing, always fewer than given; an error before the loop
     // (no memory, no write permission, bad flags) leaves `count` as given.
     let written = usize::try_from(attr.count).unwrap_or(0);
-    let written = if written >= keys.len() { 0 } else { written };
-    tracing::debug!(%error, given = keys.len(), written, "batch map update failed; the rest goes one by one");
+    let written = if written >= count { 0 } else { written };
+    tracing::debug!(%error, given = count, written, "batch map update failed; the rest goes one by one");
     written
 }
 
