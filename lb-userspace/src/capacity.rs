@@ -32,6 +32,8 @@ pub struct CapacityStatus {
     /// Service ports (`namespace/name:port`) the last sync could not
     /// (fully) write because a map was full.
     pub unfit: Vec<String>,
+    /// The maps the last sync found full.
+    pub full_now: Vec<&'static str>,
 }
 
 impl CapacityStatus {
@@ -40,6 +42,7 @@ impl CapacityStatus {
         for (map, count) in &shortfall.full {
             *self.full_total.entry(map).or_default() += count;
         }
+        self.full_now = shortfall.full.keys().copied().collect();
         self.unfit = unfit;
     }
 
@@ -52,11 +55,7 @@ impl CapacityStatus {
         format!(
             "{} Service ports did not fit in the maps (full: {}): {}",
             self.unfit.len(),
-            self.full_total
-                .keys()
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", "),
+            self.full_now.join(", "),
             shown(&self.unfit)
         )
     }
