@@ -48,7 +48,7 @@ impl CapacityStatus {
 
     /// `/readyz` text for Services that did not fit; empty when all did.
     #[must_use]
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         if self.unfit.is_empty() {
             return String::new();
         }
@@ -196,7 +196,7 @@ fn flag_of(map: &str) -> &'static str {
 }
 
 /// `/metrics` lines: capacity per map, refused writes, Services left out.
-pub fn render(status: &CapacityStatus, out: &mut String) {
+pub(crate) fn render(status: &CapacityStatus, out: &mut String) {
     let _ = writeln!(
         out,
         "# HELP lb_map_capacity Entries each map sized by a flag holds at most.\n# TYPE lb_map_capacity gauge"
