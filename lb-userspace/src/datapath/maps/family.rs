@@ -126,6 +126,15 @@ pub(super) fn backend_value<A: MapAddr>(addr: A, backend: BackendEntry) -> Backe
     }
 }
 
+/// The rev-NAT-map value of a frontend at `addr`:`port`.
+fn rev_nat_value<A: MapAddr>(addr: A, port: u16) -> RevNat<A> {
+    RevNat {
+        addr,
+        port_be: port.to_be(),
+        _pad: 0,
+    }
+}
+
 /// Slot 0 and the other slots of the frontends read so far.
 #[derive(Default)]
 pub(super) struct ServiceEntries {
@@ -302,11 +311,7 @@ where
     fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
         let what = format!("write rev-NAT {id} of {frontend}");
         let addr = family_addr::<F>(frontend.addr, &what)?;
-        let value = RevNat {
-            addr,
-            port_be: frontend.port.to_be(),
-            _pad: 0,
-        };
+        let value = rev_nat_value(addr, frontend.port);
         self.rev_nat
             .insert(&id, &value, 0)
             .map_err(write_to(F::REVNAT, what))
@@ -349,6 +354,12 @@ where
             BatchKind::Backends => batch_of(self.backends.map(), run, |op| match *op {
                 Op::PutBackend { id, backend } => {
                     Some((id, backend_value(F::addr(backend.key.addr)?, backend)))
+                }
+                _ => None,
+            }),
+            BatchKind::RevNats => batch_of(self.rev_nat.map(), run, |op| match *op {
+                Op::PutRevNat { id, frontend } => {
+                    Some((id, rev_nat_value(F::addr(frontend.addr)?, frontend.port)))
                 }
                 _ => None,
             }),

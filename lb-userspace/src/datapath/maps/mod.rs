@@ -286,6 +286,32 @@ impl Maps {
             .map_err(access(format!("zero counters of rev-NAT {rev_nat_id}")))
     }
 
+    /// Zeroes the counters of the rev-NAT ids of `run` in one batch; false
+    /// if the kernel refused (the writes then go one by one, each with its
+    /// own reset).
+    fn reset_stats_batch(&self, run: &[&Op]) -> bool {
+        use aya::maps::IterableMap as _;
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return false;
+        };
+        let ids: Vec<u32> = run
+            .iter()
+            .filter_map(|op| match **op {
+                Op::PutRevNat { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        // A per-CPU value is one `LbStats` (16 bytes, 8-aligned) per
+        // possible CPU.
+        let zeros = vec![LbStats::default(); ids.len() * cpus.get() as usize];
+        super::batch::update_batch_raw(
+            self.svc_stats.map(),
+            ids.as_ptr().cast(),
+            zeros.as_ptr().cast(),
+            ids.len(),
+        ) == ids.len()
+    }
+
     /// Packets and bytes per rev-NAT id, summed over CPUs.
     ///
     /// # Errors
