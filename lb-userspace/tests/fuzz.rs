@@ -10,8 +10,13 @@
 
 mod support;
 
-use support::fuzz::{campaign, corpus::Services, rng::seed_from_env};
-use support::prog_test::Fixture;
+use std::net::SocketAddr;
+
+use support::fuzz::check::{Outcome, check};
+use support::fuzz::corpus::{Services, Spec};
+use support::fuzz::parse::{UDP, fix_checksums};
+use support::fuzz::{campaign, rng::seed_from_env};
+use support::prog_test::{Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 
 /// Invariants the datapath is known to break today, each with the issue
 /// that tracks it. A violation of one of these is listed (printed with its
@@ -79,4 +84,99 @@ fn random_and_mutated_frames_keep_the_datapath_invariants() {
             "seed {seed:#x}: no frame was counted under {wanted}"
         );
     }
+}
+
+/// The checks themselves (no root needed): a right outcome passes them,
+/// outcomes broken on purpose are each caught under their invariant.
+#[test]
+fn the_invariant_checks_catch_broken_outcomes() {
+    let services = Services::new();
+    let relevant = services.relevant_bytes();
+    let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let (client, vip, backend) = (
+        at("198.18.1.2:40000"),
+        at("198.19.0.10:53"),
+        at("198.18.2.2:8080"),
+    );
+    let input = Spec::new(client, vip, UDP).bytes();
+    let caught =
+        |input: &[u8], out: &[u8], action: u32, reason: &'static str| -> Vec<&'static str> {
+            let outcome = Outcome {
+                action,
+                out,
+                reason,
+            };
+            let found = check(&services, &relevant, input, &outcome);
+            found.into_iter().map(|v| v.invariant).collect()
+        };
+    let translated = Spec::new(client, backend, UDP).bytes();
+    assert_eq!(caught(&input, &translated, TC_ACT_OK, "nat_new"), [""; 0]);
+    assert_eq!(
+        caught(&input, &input, TC_ACT_OK, "pass_no_service"),
+        [""; 0]
+    );
+
+    let mut ttl = translated.clone();
+    ttl[22] -= 1;
+    fix_checksums(&mut ttl);
+    assert_eq!(
+        caught(&input, &ttl, TC_ACT_OK, "nat_new"),
+        ["nat_changed_other_bytes"]
+    );
+    let mut bad = translated.clone();
+    bad[40] ^= 1;
+    assert_eq!(
+        caught(&input, &bad, TC_ACT_OK, "nat_new"),
+        ["nat_bad_l4_checksum"]
+    );
+    let elsewhere = Spec::new(client, at("198.18.9.9:8080"), UDP).bytes();
+    assert_eq!(
+        caught(&input, &elsewhere, TC_ACT_OK, "nat_new"),
+        ["nat_not_to_a_backend"]
+    );
+    assert_eq!(
+        caught(&input, &translated, TC_ACT_OK, "pass_no_service"),
+        ["pass_changed_frame"]
+    );
+    assert_eq!(
+        caught(&input, &input, 3, "pass_no_service"),
+        ["verdict_outside_set", "pass_not_ok"]
+    );
+    assert_eq!(
+        caught(&input, &input, TC_ACT_OK, "frobnicated"),
+        ["unknown_reason"]
+    );
+    let stranger = Spec::new(at("10.0.0.1:1"), at("10.0.0.2:2"), UDP).bytes();
+    assert_eq!(
+        caught(&stranger, &[], TC_ACT_SHOT, "drop_source_range"),
+        ["non_service_not_passed"]
+    );
+
+    // A port unreachable as the datapath builds it, then broken.
+    let mut unreachable = input[6..12].to_vec();
+    unreachable.extend(&input[0..6]);
+    unreachable.extend([0x08, 0x00, 0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0]);
+    unreachable.extend(&input[30..34]);
+    unreachable.extend(&input[26..30]);
+    unreachable.extend([3, 3, 0, 0, 0, 0, 0, 0]);
+    unreachable.extend(&input[14..42]);
+    fix_checksums(&mut unreachable);
+    assert_eq!(
+        caught(&input, &unreachable, TC_ACT_REDIRECT, "reject"),
+        [""; 0]
+    );
+    let mut misquoted = unreachable.clone();
+    misquoted[70 - 1] ^= 1;
+    fix_checksums(&mut misquoted);
+    assert_eq!(
+        caught(&input, &misquoted, TC_ACT_REDIRECT, "reject"),
+        ["reject_bad_quote"]
+    );
+    let mut misaddressed = unreachable.clone();
+    misaddressed[33] ^= 1;
+    fix_checksums(&mut misaddressed);
+    assert_eq!(
+        caught(&input, &misaddressed, TC_ACT_REDIRECT, "reject"),
+        ["reject_not_back_to_sender"]
+    );
 }

@@ -174,6 +174,8 @@ pub(crate) struct Spec {
     /// VLAN tags (TPID) outermost first.
     pub(crate) vlan: Vec<u16>,
     pub(crate) ttl: u8,
+    /// IPv4 UDP: send a zero ("no") checksum.
+    pub(crate) udp_no_checksum: bool,
 }
 
 const TCP_FLAG_SETS: [u8; 10] = [0x02, 0x10, 0x18, 0x11, 0x04, 0x14, 0x12, 0x01, 0x00, 0x29];
@@ -194,6 +196,7 @@ impl Spec {
             fragment: None,
             vlan: Vec::new(),
             ttl: 64,
+            udp_no_checksum: false,
         }
     }
 
@@ -212,7 +215,13 @@ impl Spec {
         } else {
             let len = u16::try_from(8 + self.payload.len()).unwrap_or(u16::MAX);
             l4.extend(len.to_be_bytes());
-            l4.extend([0, 0]);
+            // Not zero, so that `fix_checksums` computes it (zero is "no
+            // checksum" for IPv4 UDP, which it leaves alone).
+            l4.extend(if self.udp_no_checksum {
+                [0, 0]
+            } else {
+                [0xff, 0xff]
+            });
         }
         l4.extend(&self.payload);
         l4
@@ -341,6 +350,9 @@ pub(crate) fn to_service(rng: &mut Rng, services: &Services) -> Spec {
 /// Now and then: TCP or IP options, IPv6 extension headers, a fragment,
 /// VLAN tags, an odd TTL.
 pub(crate) fn decorate(rng: &mut Rng, spec: &mut Spec) {
+    if spec.proto == UDP && spec.src.is_ipv4() && rng.chance(10) {
+        spec.udp_no_checksum = true;
+    }
     if spec.proto == TCP && rng.chance(15) {
         // MSS, SACK permitted, timestamps, window scale, NOPs; padded.
         let mut options = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];

@@ -298,7 +298,8 @@ pub(crate) fn ip_csum_ok(frame: &[u8], ip: &Ip) -> Option<bool> {
 
 /// Recomputes the IPv4 header checksum and the L4 checksum (when the
 /// packet is complete and not fragmented), so that a mutation reaches past
-/// the checksum checks of whatever reads it.
+/// the checksum checks of whatever reads it. A zero IPv4 UDP checksum
+/// ("no checksum") stays zero.
 pub(crate) fn fix_checksums(frame: &mut [u8]) {
     let Some(ip) = ip(frame) else { return };
     if ip.v4 && ip.hlen >= 20 && frame.len() >= ip.l3_off + ip.hlen {
