@@ -1,5 +1,5 @@
 //! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask clippy-ebpf`,
-//! `cargo xtask setup`, `cargo xtask bench`.
+//! `cargo xtask setup`, `cargo xtask bench`, `cargo xtask fuzz`.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "lb developer tasks")]
@@ -45,6 +46,17 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Fuzz the datapath (root): random and mutated frames through
+    /// `BPF_PROG_TEST_RUN`, checked against its invariants; the report
+    /// goes into docs/fuzzing.md.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Replay this seed (decimal or 0x-hex) instead of a fresh one.
+        #[arg(long)]
+        seed: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Task::ClippyEbpf => clippy_ebpf(&root),
         Task::Setup => run(Command::new(root.join("scripts/setup.sh"))),
         Task::Bench { quick, only } => bench::run_bench(&root, quick, &only),
+        Task::Fuzz { frames, seed } => fuzz::run_fuzz(&root, frames, seed.as_deref()),
     }
 }
 
