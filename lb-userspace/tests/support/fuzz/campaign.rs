@@ -10,7 +10,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use super::check::{Outcome, Violation, check};
 use super::corpus::{Services, icmp_error_about, random_frame, reply_to, to_service};
 use super::mutate::mutate;
-use super::parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, link};
+use super::parse::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
 use super::rng::Rng;
 use super::state::GrownMaps;
 use crate::support::prog_test::Fixture;
@@ -46,6 +46,15 @@ pub(crate) struct Report {
     pub(crate) violations: BTreeMap<&'static str, (u64, Vec<Example>)>,
     pub(crate) epochs: u64,
     pub(crate) max_conntrack_per_epoch: usize,
+    /// Conntrack and affinity entries created, over all epochs.
+    pub(crate) conntrack_entries: usize,
+    pub(crate) affinity_entries: usize,
+    /// Their bounds: 2 per `nat_new` + 1 per `nat_established`; 1 per
+    /// `nat_new`.
+    pub(crate) conntrack_bound: usize,
+    pub(crate) affinity_bound: usize,
+    /// Frames expected to be refused by the kernel that it ran.
+    pub(crate) accepted_short: u64,
     pub(crate) seconds: f64,
 }
 
@@ -215,11 +224,9 @@ impl Campaign<'_> {
             }
         };
         if kernel_refuses(&frame) {
-            let detail = format!("{} bytes, {:?}", frame.len(), link(&frame));
-            report.violate(
-                broken("kernel_accepted_a_refusable_frame", detail),
-                example("-"),
-            );
+            // Another kernel may run what this one refuses: then the
+            // outcome is checked like any other.
+            report.accepted_short += 1;
         }
         let [(reason, 1)] = counted.as_slice() else {
             let detail = format!("reason counters moved by {counted:?}");
@@ -262,6 +269,10 @@ impl Campaign<'_> {
         let report = &mut self.report;
         report.epochs += 1;
         report.max_conntrack_per_epoch = report.max_conntrack_per_epoch.max(counted.conntrack);
+        report.conntrack_entries += counted.conntrack;
+        report.affinity_entries += counted.affinity;
+        report.conntrack_bound += 2 * new + established;
+        report.affinity_bound += new;
         for (invariant, entries, limit) in [
             (
                 "conntrack_growth_unbounded",
@@ -313,6 +324,15 @@ pub(crate) fn markdown(report: &Report, known: &[(&str, &str)]) -> String {
         report.epochs,
         report.max_conntrack_per_epoch
     );
+    let _ = writeln!(
+        md,
+        "Map growth: {} conntrack entries created (bound: {}, two per `nat_new` and one per \
+         `nat_established`), {} affinity entries (bound: {}, one per `nat_new`).\n",
+        report.conntrack_entries,
+        report.conntrack_bound,
+        report.affinity_entries,
+        report.affinity_bound
+    );
     let _ = writeln!(md, "| Verdict reason | Frames |\n|---|---:|");
     for (reason, count) in &report.reasons {
         let _ = writeln!(md, "| `{reason}` | {count} |");
@@ -322,6 +342,13 @@ pub(crate) fn markdown(report: &Report, known: &[(&str, &str)]) -> String {
         "| refused by the kernel (never reached the program) | {} |\n",
         report.refused_by_kernel
     );
+    if report.accepted_short > 0 {
+        let _ = writeln!(
+            md,
+            "This kernel ran {} frames the fuzzer expected it to refuse (checked like any other).\n",
+            report.accepted_short
+        );
+    }
     let _ = writeln!(md, "| Origin / mutation | Frames |\n|---|---:|");
     for (origin, count) in &report.origins {
         let _ = writeln!(md, "| {origin} | {count} |");

@@ -185,10 +185,16 @@ fn check_translated(
         ));
     }
     if ip_csum_ok(input, &before) == Some(true) && ip_csum_ok(out, &after) != Some(true) {
-        found.push(violation("nat_bad_ip_checksum", reason));
+        found.push(violation(
+            "nat_bad_ip_checksum",
+            "a valid IPv4 header checksum became invalid",
+        ));
     }
     if l4_csum_ok(input, &before) == Some(true) && l4_csum_ok(out, &after) != Some(true) {
-        found.push(violation("nat_bad_l4_checksum", reason));
+        found.push(violation(
+            "nat_bad_l4_checksum",
+            "a valid L4 checksum became invalid",
+        ));
     }
     let csum_field = |f: &[u8], ip: &Ip| {
         if ip.proto == UDP && !ip.later_fragment {
@@ -199,10 +205,16 @@ fn check_translated(
     };
     match (csum_field(input, &before), csum_field(out, &after)) {
         (Some(0), Some(c)) if before.v4 && c != 0 => {
-            found.push(violation("nat_udp4_no_checksum_changed", reason));
+            found.push(violation(
+                "nat_udp4_no_checksum_changed",
+                "a zero (no) IPv4 UDP checksum was changed",
+            ));
         }
         (Some(_), Some(0)) if !after.v4 => {
-            found.push(violation("nat_ipv6_udp_zero_checksum", reason));
+            found.push(violation(
+                "nat_ipv6_udp_zero_checksum",
+                "the translated IPv6 UDP checksum is 0x0000",
+            ));
         }
         _ => {}
     }
