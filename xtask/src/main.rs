@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask clippy-ebpf`,
-//! `cargo xtask setup`, `cargo xtask bench`, `cargo xtask image`.
+//! `cargo xtask setup`, `cargo xtask bench`, `cargo xtask image`,
+//! `cargo xtask fuzz`.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,6 +11,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
 mod image;
 
 #[derive(Parser)]
@@ -58,6 +60,17 @@ enum Task {
         #[arg(long, value_name = "FILE", conflicts_with = "output")]
         binary_only: Option<PathBuf>,
     },
+    /// Fuzz the datapath (root): random and mutated frames through
+    /// `BPF_PROG_TEST_RUN`, checked against its invariants; the report
+    /// goes into docs/fuzzing.md.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Replay this seed (decimal or 0x-hex) instead of a fresh one.
+        #[arg(long)]
+        seed: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +90,7 @@ fn main() -> anyhow::Result<()> {
                 image::ImageOutput::BinaryOnly,
             ),
         ),
+        Task::Fuzz { frames, seed } => fuzz::run_fuzz(&root, frames, seed.as_deref()),
     }
 }
 
