@@ -21,11 +21,7 @@ use support::prog_test::{Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 /// Invariants the datapath is known to break today, each with the issue
 /// that tracks it. A violation of one of these is listed (printed with its
 /// count), not failed; any other violation fails the test.
-const KNOWN_DATAPATH_BUGS: &[(&str, &str)] = &[(
-    "nat_ipv6_udp_zero_checksum",
-    "issue 12, Lengths and checksums: an IPv6 UDP checksum that the \
-     incremental update lands on 0 is left 0 (no BPF_F_MARK_MANGLED_0 for IPv6)",
-)];
+const KNOWN_DATAPATH_BUGS: &[(&str, &str)] = &[];
 
 fn frames_from_env() -> u64 {
     std::env::var("LB_FUZZ_FRAMES").map_or(20_000, |text| {
