@@ -326,7 +326,13 @@ impl Maps {
             if let Some(proto) = protocol(value.proto) {
                 let addr = IpAddr::V4(Ipv4Addr::from(value.addr));
                 let port = u16::from_be(value.port_be);
-                let key = BackendKey { addr, port, proto };
+                let rev_nat_id = value.rev_nat_id;
+                let key = BackendKey {
+                    rev_nat_id,
+                    addr,
+                    port,
+                    proto,
+                };
                 let flags = value.flags;
                 state.backends.insert(id, BackendEntry { key, flags });
             }
@@ -336,11 +342,21 @@ impl Maps {
             if let Some(proto) = protocol(value.proto) {
                 let addr = IpAddr::V6(Ipv6Addr::from(value.addr));
                 let port = u16::from_be(value.port_be);
-                let key = BackendKey { addr, port, proto };
+                let rev_nat_id = value.rev_nat_id;
+                let key = BackendKey {
+                    rev_nat_id,
+                    addr,
+                    port,
+                    proto,
+                };
                 let flags = value.flags;
                 state.backends.insert(id, BackendEntry { key, flags });
             }
         }
+        state.next_backend_id = state
+            .backends
+            .last_key_value()
+            .map_or(0, |(id, _)| id.saturating_add(1));
         Ok(())
     }
 
@@ -589,6 +605,7 @@ impl Maps {
                     port_be: key.port.to_be(),
                     proto: key.proto.number(),
                     flags,
+                    rev_nat_id: key.rev_nat_id,
                 },
                 0,
             ),
@@ -599,6 +616,7 @@ impl Maps {
                     port_be: key.port.to_be(),
                     proto: key.proto.number(),
                     flags,
+                    rev_nat_id: key.rev_nat_id,
                 },
                 0,
             ),
@@ -1002,6 +1020,7 @@ fn backend4(addr: Ipv4Addr, backend: BackendEntry) -> Lb4Backend {
         port_be: backend.key.port.to_be(),
         proto: backend.key.proto.number(),
         flags: backend.flags,
+        rev_nat_id: backend.key.rev_nat_id,
     }
 }
 
@@ -1011,6 +1030,7 @@ fn backend6(addr: Ipv6Addr, backend: BackendEntry) -> Lb6Backend {
         port_be: backend.key.port.to_be(),
         proto: backend.key.proto.number(),
         flags: backend.flags,
+        rev_nat_id: backend.key.rev_nat_id,
     }
 }
 

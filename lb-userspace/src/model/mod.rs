@@ -212,6 +212,16 @@ pub struct FrontendSpec {
     /// established ones keep going until the endpoint leaves its slice.
     /// Sorted and deduplicated.
     pub terminating: Vec<Backend>,
+    /// Endpoints of the policy's set that neither take new flows nor
+    /// terminate: not ready (a readiness flap), or ready but left out by
+    /// zone hints. Like `terminating`: no new flows, established ones go
+    /// on. Sorted and deduplicated.
+    pub not_ready: Vec<Backend>,
+    /// Of `terminating` and `not_ready`, the endpoints that are not serving
+    /// either: their UDP flows move to one of `backends` (kube-proxy clears
+    /// the UDP conntrack entries of endpoints that are not serving); TCP
+    /// flows go on. Sorted and deduplicated.
+    pub not_serving: Vec<Backend>,
     /// An external frontend (`NodePort`, `LoadBalancer`, `ExternalIP`) of a
     /// Service with `externalTrafficPolicy: Local`: only this node's
     /// endpoints, client source preserved.
