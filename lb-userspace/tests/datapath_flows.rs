@@ -247,3 +247,63 @@ fn membership_is_per_frontend_for_flows_and_affinity() {
         fx.set_specs(&[]);
     }
 }
+
+/// Issue 9, item 3, the datapath's own check: the fixture reads the state
+/// back from the maps before every change, as an agent does after a
+/// restart, so an id freed at the top is handed out again. A stale
+/// conntrack or affinity entry of frontend A naming that id, now frontend
+/// B's backend, must not send A's client to B's endpoint.
+#[test]
+fn stale_entry_never_lands_on_another_frontends_backend() {
+    let Some(mut fx) = Fixture::new("stale_entry_never_lands_on_another_frontends_backend") else {
+        return;
+    };
+    for (vip, client, list) in FAMILIES {
+        let [gone, own, other] = [0, 1, 2].map(|i| addrs(&list)[i]);
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let what = format!("{vip} {proto}");
+            // B sorts before A, so its new backend is given the id first.
+            let (b, a) = (frontend(vip, 70, proto), frontend(vip, 80, proto));
+            let a_spec = |backends: &[SocketAddr]| {
+                let mut sticky = spec(FrontendKind::ClusterIp, backends);
+                sticky.affinity_timeout_s = 600;
+                sticky
+            };
+            fx.set_specs(&[(a, a_spec(&[gone]))]);
+            let first = packet(client, 44000, &a, true);
+            assert_eq!(translated(&mut fx, &first, &what), gone);
+            let gone_id = fx
+                .conntrack()
+                .iter()
+                .find(|r| {
+                    r.direction == "service"
+                        && r.protocol == proto.name()
+                        && (r.source, r.destination) == (first.src, first.dst)
+                })
+                .expect("the flow's service entry")
+                .backend_id;
+            // A loses its endpoint (its id is freed, the highest), then B
+            // comes with a new one and A gets another.
+            fx.set_specs(&[(a, a_spec(&[]))]);
+            fx.set_specs(&[
+                (b, spec(FrontendKind::ClusterIp, &[other])),
+                (a, a_spec(&[own])),
+            ]);
+            let state = fx.maps.read_state().expect("state");
+            let b_slot = state.frontends[&b].slots[0];
+            assert_eq!(
+                b_slot, gone_id,
+                "{what}: the fixture no longer reuses the id"
+            );
+            // A's stale conntrack entry (UDP; TCP: the follow-up) and its
+            // client's affinity entry both name B's backend now.
+            let follow = packet(client, 44000, &a, false);
+            let got = translated(&mut fx, &follow, &format!("{what}: stale flow"));
+            assert_eq!(got, own, "{what}: A's flow landed on B's endpoint");
+            let new = packet(client, 44001, &a, true);
+            let got = translated(&mut fx, &new, &format!("{what}: stale affinity"));
+            assert_eq!(got, own, "{what}: A's affinity client sent to B's endpoint");
+            fx.set_specs(&[]);
+        }
+    }
+}
