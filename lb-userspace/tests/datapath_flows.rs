@@ -10,9 +10,11 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
+use lb_userspace::plan;
 
 use support::frames::{
     Frame, TCP_ACK, TCP_PSH, TCP_SYN, assert_port_unreachable, assert_tcp_reset, verify_checksums,
@@ -249,10 +251,11 @@ fn membership_is_per_frontend_for_flows_and_affinity() {
 }
 
 /// Issue 9, item 3, the datapath's own check: the fixture reads the state
-/// back from the maps before every change, as an agent does after a
-/// restart, so an id freed at the top is handed out again. A stale
-/// conntrack or affinity entry of frontend A naming that id, now frontend
-/// B's backend, must not send A's client to B's endpoint.
+/// back from the maps before every change and writes op by op
+/// (`Maps::apply_op`, which keeps no record of the next id), so an id freed
+/// at the top is handed out again, as after a restart that lost the
+/// record. A stale conntrack or affinity entry of frontend A naming that
+/// id, now frontend B's backend, must not send A's client to B's endpoint.
 #[test]
 fn stale_entry_never_lands_on_another_frontends_backend() {
     let Some(mut fx) = Fixture::new("stale_entry_never_lands_on_another_frontends_backend") else {
@@ -306,4 +309,45 @@ fn stale_entry_never_lands_on_another_frontends_backend() {
             fx.set_specs(&[]);
         }
     }
+}
+
+/// Issue 9, item 3: backend ids written by the agent's path
+/// (`Maps::apply_ops`) keep moving forward across a restart (the state read
+/// back from the pins), also past an id freed at the top.
+#[test]
+fn backend_ids_keep_moving_forward_across_a_restart() {
+    let Some(mut fx) = Fixture::new("backend_ids_keep_moving_forward_across_a_restart") else {
+        return;
+    };
+    let maps = &mut fx.maps;
+    let fe = frontend(VIP4, 80, Protocol::Tcp);
+    let mut sync = |backends: &[SocketAddr]| {
+        let desired = BTreeMap::from([(fe, spec(FrontendKind::ClusterIp, backends))]);
+        // A fresh read each time: what an agent starts from after a restart.
+        let state = maps.read_state().expect("read state");
+        let plan = plan::diff(&state, &desired);
+        maps.apply_ops(&plan.ops, &mut |op, result| {
+            result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
+        });
+        let state = maps.read_state().expect("read state");
+        state.frontends[&fe].slots.clone()
+    };
+    let [b0, b1, b2] = [0, 1, 2].map(|i| addrs(&BACKENDS4)[i]);
+    let ids = sync(&[b0, b1]);
+    let highest = *ids.iter().max().unwrap();
+    // The highest id is freed, then a new endpoint comes.
+    sync(&[b0]);
+    let ids = sync(&[b0, b2]);
+    assert!(
+        ids.iter().max().unwrap() > &highest,
+        "an id freed at the top was handed out again: {ids:?} (highest was {highest})"
+    );
+    // Back in the slice: another new id, not its old one.
+    let before = *ids.iter().max().unwrap();
+    sync(&[b0]);
+    let ids = sync(&[b0, b1]);
+    assert!(ids.iter().max().unwrap() > &before, "{ids:?}");
+    // The record is not a backend of any frontend.
+    let state = maps.read_state().expect("read state");
+    assert!(!state.backends.contains_key(&0));
 }

@@ -92,10 +92,11 @@ pub struct DatapathState {
     pub source_ranges: BTreeSet<SourceRange>,
     /// Backend ids below this were handed out already: new ones start here
     /// (0: after the highest id in `backends`). Read back from the maps it
-    /// is the highest id + 1, so that ids freed above that before a restart
-    /// may be handed out again; the datapath's per-frontend check keeps a
-    /// stale entry naming such an id off every other frontend's backends.
-    /// Not part of what the maps hold: equality leaves it out.
+    /// is what `Maps::apply_ops` recorded there (or the highest id + 1
+    /// without a record); should a record be lost, the datapath's
+    /// per-frontend check still keeps a stale entry naming an id handed out
+    /// again off every other frontend's backends. Not an entry of the
+    /// maps' frontends or backends: equality leaves it out.
     pub next_backend_id: u32,
 }
 
