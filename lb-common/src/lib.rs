@@ -102,7 +102,9 @@ pub mod limits {
     /// entry may still name it.
     pub const MAX_BACKEND_ID: u32 = u32::MAX - 1;
     /// Default backend map entries per family (`--max-backends`): one per
-    /// distinct (address, port, protocol) of an endpoint.
+    /// endpoint (address, port, protocol) of each frontend, so a `NodePort`
+    /// Service takes one per endpoint for its `ClusterIP` and one for each
+    /// node address (plus one, in the IPv4 map, recording the next id).
     pub const DEFAULT_BACKENDS: u32 = 1 << 21;
     /// Default conntrack entries per family (an LRU: the oldest go first).
     pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;

@@ -14,8 +14,9 @@
 //! - Endpoints (kube-proxy's `CategorizeEndpoints`): the traffic policy
 //!   (`internalTrafficPolicy` for `ClusterIP`s, `externalTrafficPolicy` for the
 //!   rest) first, then zone hints, then ready endpoints, or, when none is
-//!   ready, the serving and terminating ones (KEP-1669). Terminating endpoints
-//!   that take no new flows are listed apart so that established flows drain.
+//!   ready, the serving and terminating ones (KEP-1669). Terminating and not
+//!   ready endpoints that take no new flows are listed apart so that
+//!   established flows drain (and those not serving, whose UDP flows move).
 //! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
 //!
 //! Where each part lives: this file holds the types and [`build`];
