@@ -311,7 +311,7 @@ fn a_full_backend_map_leaves_out_whole_frontends() {
     let mut agent = lab.start_agent("--max-backends", room);
     assert_names_the_last_two(&lab.unfit_reason(&mut agent));
     let metrics = lab.metrics();
-    for map in ["LB4_BE_V2", "LB6_BE_V2"] {
+    for map in ["LB4_BE_V3", "LB6_BE_V3"] {
         let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
         assert_eq!(
             metric(&metrics, &capacity),

@@ -158,7 +158,11 @@ impl Capacities {
         [
             (n::SERVICES4, self.service_slots),
             (n::SERVICES6, self.service_slots),
-            (n::BACKENDS4, self.backends),
+            // One more: the next-backend-id record (`maps::BACKEND_RECORDS4`).
+            (
+                n::BACKENDS4,
+                self.backends.saturating_add(super::maps::BACKEND_RECORDS4),
+            ),
             (n::BACKENDS6, self.backends),
             (n::REVNAT4, self.services),
             (n::REVNAT6, self.services),

@@ -30,6 +30,9 @@ pub(crate) trait MapFamily {
     type Addr: MapAddr + Into<IpAddr>;
     /// `IPv4` or `IPv6`, for messages.
     const NAME: &'static str;
+    /// Entries of the backend map that are records, not backends (see
+    /// `next_id`).
+    const BACKEND_RECORDS: u32;
     /// The family's map names.
     const SERVICES: &'static str;
     const BACKENDS: &'static str;
@@ -48,6 +51,7 @@ pub(crate) struct V6;
 impl MapFamily for V4 {
     type Addr = Addr4;
     const NAME: &'static str = "IPv4";
+    const BACKEND_RECORDS: u32 = super::BACKEND_RECORDS4;
     const SERVICES: &'static str = map_names::SERVICES4;
     const BACKENDS: &'static str = map_names::BACKENDS4;
     const REVNAT: &'static str = map_names::REVNAT4;
@@ -64,6 +68,7 @@ impl MapFamily for V4 {
 impl MapFamily for V6 {
     type Addr = Addr6;
     const NAME: &'static str = "IPv6";
+    const BACKEND_RECORDS: u32 = 0;
     const SERVICES: &'static str = map_names::SERVICES6;
     const BACKENDS: &'static str = map_names::BACKENDS6;
     const REVNAT: &'static str = map_names::REVNAT6;
@@ -123,6 +128,7 @@ pub(super) fn backend_value<A: MapAddr>(addr: A, backend: BackendEntry) -> Backe
         port_be: backend.key.port.to_be(),
         proto: backend.key.proto.number(),
         flags: backend.flags,
+        rev_nat_id: backend.key.rev_nat_id,
     }
 }
 
@@ -210,7 +216,15 @@ where
             (F::CT, self.ct.map()),
         ]
         .into_iter()
-        .filter_map(|(name, map)| Some((name, map.info().ok()?.max_entries())))
+        .filter_map(|(name, map)| {
+            let entries = map.info().ok()?.max_entries();
+            let records = if name == F::BACKENDS {
+                F::BACKEND_RECORDS
+            } else {
+                0
+            };
+            Some((name, entries.saturating_sub(records)))
+        })
         .collect()
     }
 
@@ -256,6 +270,7 @@ where
             let (id, value) = item.map_err(access(format!("iterate {family} backends")))?;
             if let Some(proto) = protocol(value.proto) {
                 let key = BackendKey {
+                    rev_nat_id: value.rev_nat_id,
                     addr: value.addr.into(),
                     port: u16::from_be(value.port_be),
                     proto,

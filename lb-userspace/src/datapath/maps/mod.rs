@@ -6,6 +6,8 @@
 //! failure); this file opens the maps and holds what both families share.
 
 mod family;
+mod next_id;
+pub(crate) use next_id::BACKEND_RECORDS4;
 mod write;
 
 use std::{net::IpAddr, path::Path};
@@ -209,6 +211,11 @@ impl Maps {
         for family in self.families() {
             family.read_into(&mut state, &mut entries)?;
         }
+        state.next_backend_id = state
+            .backends
+            .last_key_value()
+            .map_or(0, |(id, _)| id.saturating_add(1))
+            .max(self.recorded_next_backend_id());
         let ServiceEntries { heads, mut slots } = entries;
         for (frontend, head) in heads {
             let known = slots.remove(&frontend).unwrap_or_default();

@@ -27,6 +27,9 @@ impl Maps {
     /// frontends that do not fit stay out whole, and a frontend already
     /// there keeps its last complete entry.
     pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        // First, so that the record has its entry before the backends fill
+        // the map, and an id is recorded as used before any entry names it.
+        self.record_next_backend_id(ops);
         let mut outcomes = Outcomes {
             failed: Failed::default(),
             on_result,
