@@ -90,8 +90,9 @@ enum Command {
         #[arg(long, default_value_t = lb_common::limits::MAX_SERVICE_SLOTS,
               value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
         max_service_slots: u32,
-        /// Backends (endpoint address, port, protocol) per family. Default:
-        /// 1M endpoints per family, x2.
+        /// Backend entries per family: one per endpoint per frontend (a
+        /// `ClusterIP` and each `NodePort` address of a Service have their
+        /// own). Default: 1M endpoints per family, x2.
         #[arg(long, default_value_t = lb_common::limits::DEFAULT_BACKENDS,
               value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_BACKENDS)))]
         max_backends: u32,
