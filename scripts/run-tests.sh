@@ -25,6 +25,13 @@ cargo xtask clippy-ebpf
 step "cargo xtask build-ebpf"
 cargo xtask build-ebpf
 
+# Built before `cargo test` (which holds cargo's lock while tests run);
+# tests/image.rs checks and runs this archive.
+step "cargo xtask image (static lb, OCI archive for tests/image.rs)"
+LB_IMAGE_ARCHIVE="$ROOT/target/image/lb-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1).oci.tar"
+export LB_IMAGE_ARCHIVE
+cargo xtask image --output "$LB_IMAGE_ARCHIVE"
+
 step "cargo test (unit, kube source, deploy, datapath, harness)"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT

@@ -2,10 +2,13 @@
 # Checks for, and installs when missing, everything lb needs to build and to
 # run its tests and demo on a fresh Debian machine (run as root):
 #   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
+#     and the ARCH-unknown-linux-musl target (cargo xtask image: a static lb)
 #   - LLVM 22 development files and bpf-linker built against them
 #   - iproute2, nsenter (util-linux), socat, curl, bpftool, iperf3 (tests, demo)
 #   - wrk, nginx-light, nftables, iptables, conntrack (cargo xtask bench)
 #   - kubectl (Debian's kubernetes-client) when missing (tests/deploy.rs)
+#   - musl-tools (musl-gcc for ring's C code), skopeo and umoci (cargo xtask
+#     image, tests/image.rs)
 #   - a bpf filesystem at /sys/fs/bpf
 # Every step says what it checks and what it does. Idempotent.
 set -euo pipefail
@@ -18,6 +21,7 @@ APT_PACKAGES=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 util-linux socat curl
   bpftool iperf3 procps
   wrk nginx-light nftables iptables conntrack
+  musl-tools skopeo umoci
 )
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -74,6 +78,14 @@ else
   rustup toolchain install "$TOOLCHAIN" --profile minimal --component rust-src,clippy,rustfmt
 fi
 
+MUSL_TARGET="$(uname -m)-unknown-linux-musl"
+if rustup target list --installed --toolchain "$TOOLCHAIN" | grep -qx "$MUSL_TARGET"; then
+  say "Rust target $MUSL_TARGET present"
+else
+  say "installing Rust target $MUSL_TARGET for $TOOLCHAIN (cargo xtask image builds a static lb)"
+  rustup target add --toolchain "$TOOLCHAIN" "$MUSL_TARGET"
+fi
+
 # --- bpf-linker ------------------------------------------------------------
 CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
 export PATH="$CARGO_BIN:$PATH"
@@ -93,4 +105,4 @@ else
   as_root mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs at /sys/fs/bpf"
 fi
 
-say "ready: toolchain $TOOLCHAIN, bpf-linker, LLVM $LLVM_MAJOR, test tools, bpffs"
+say "ready: toolchain $TOOLCHAIN (+ $MUSL_TARGET), bpf-linker, LLVM $LLVM_MAJOR, test tools, bpffs"

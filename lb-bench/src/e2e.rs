@@ -106,6 +106,14 @@ pub fn run(settings: &Settings) -> anyhow::Result<Value> {
             missing.join(", ")
         );
     }
+    if !settings.control_only
+        && let Some(&count) = settings.scales.iter().find(|&&n| n > MAX_E2E_SERVICES)
+    {
+        bail!(
+            "{count} Services: traffic is measured up to {MAX_E2E_SERVICES} (each contender's IPv4 \
+             VIP range holds 16k); use --control-only above"
+        );
+    }
     sys::sweep_stale();
     let work = TempDir::new("work")?;
     eprintln!("[e2e] building the topology (client, backend, 4 node namespaces)");
@@ -176,6 +184,10 @@ fn tool_versions() -> Value {
 
 /// CPUs of the load generators and of the servers (when there are two or
 /// more): a fixed placement keeps wake-ups comparable from run to run.
+/// Most Services a run with traffic takes: the IPv4 VIP range of each
+/// contender is a /18 (see `rules.rs`).
+const MAX_E2E_SERVICES: u32 = (1 << 14) - 1;
+
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
 
@@ -382,7 +394,7 @@ fn field(line: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-fn write_manifests(cluster: &Cluster, dir: &Path) -> anyhow::Result<()> {
+pub fn write_manifests(cluster: &Cluster, dir: &Path) -> anyhow::Result<()> {
     for f in 0..cluster.files() {
         write_atomically(dir, &Cluster::file_name(f), &cluster.manifest_file(f))?;
     }
@@ -723,6 +735,7 @@ fn run_scale(
     let pid = agent.daemon.pid();
     let vmhwm = proc_status_kib(pid, "VmHWM");
     let vmrss = proc_status_kib(pid, "VmRSS");
+    let maps_kib = sys::bpf_maps_memlock_kib(pid);
     let alive = agent.daemon.alive();
     drop(agent);
     if !settings.control_only {
@@ -758,6 +771,7 @@ fn run_scale(
                 },
                 "vmhwm_kib": vmhwm,
                 "vmrss_kib": vmrss,
+                "bpf_maps_kib": maps_kib,
                 "alive_at_end": alive,
             },
             "kube_proxy": rules,

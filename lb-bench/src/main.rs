@@ -5,6 +5,7 @@
 //! ```text
 //! lb-bench run --lb PATH --json FILE [--quick]     e2e + control plane (root)
 //! lb-bench report --dir DIR [--publish DOCS_DIR]  markdown + SVG from DIR/*.json
+//! lb-bench manifests --services N --dir DIR      the run's manifests (profiling)
 //! ```
 
 mod e2e;
@@ -56,6 +57,16 @@ enum Cmd {
         /// no traffic and no kube-proxy rules.
         #[arg(long)]
         control_only: bool,
+    },
+    /// Writes the manifests of a run of N Services into DIR, to profile
+    /// `lb agent --source file:DIR` by hand.
+    Manifests {
+        /// Dual-stack Services (10 endpoints each).
+        #[arg(long)]
+        services: u32,
+        /// Directory to write to (created).
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Renders the report from a results directory.
     Report {
@@ -120,5 +131,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Report { dir, publish } => report::render(&dir, publish.as_deref()),
+        Cmd::Manifests { services, dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            e2e::write_manifests(&rules::Cluster::new(services), &dir)
+        }
     }
 }

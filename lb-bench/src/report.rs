@@ -596,7 +596,8 @@ fn control_section(md: &mut String, e2e: &Value) {
          endpoint address of one Service rewritten (temporary file + rename), {} times at \
          random phases; `rename → maps` is until the agent's `synced` line (includes the file \
          source's wake-up and its re-read of the changed file), `sync` is the agent's own \
-         `millis=` (model + diff + map writes). Memory: `VmHWM` of the agent after all of it. \
+         `millis=` (model + diff + map writes). Memory: `VmHWM` of the agent after all of it; \
+         BPF maps: the kernel memory (`memlock`) of the maps it holds. \
          kube-proxy: `nft -f` / `iptables-restore` of the equivalent rules into an empty \
          namespace, IPv4 + IPv6.\n",
         e2e["settings"]["changes"],
@@ -605,19 +606,25 @@ fn control_section(md: &mut String, e2e: &Value) {
     let attach = scales
         .iter()
         .any(|s| s["control"]["lb"]["cold_start"]["start_to_attached_ms"].is_number());
+    // Older results have no kernel memory of the maps either.
+    let maps = scales
+        .iter()
+        .any(|s| s["control"]["lb"]["bpf_maps_kib"].is_number());
     let _ = writeln!(
         md,
-        "| Services | lb cold start ms |{} lb sync ms | change rename→maps p50 / p99 ms | change sync p50 / p99 ms | lb VmHWM MiB | nft -f v4 + v6 s | iptables-restore v4 + v6 s |",
+        "| Services | lb cold start ms |{} lb sync ms | change rename→maps p50 / p99 ms | change sync p50 / p99 ms | lb VmHWM MiB |{} nft -f v4 + v6 s | iptables-restore v4 + v6 s |",
         if attach {
             " of which load + attach ms |"
         } else {
             ""
-        }
+        },
+        if maps { " BPF maps MiB (kernel) |" } else { "" }
     );
     let _ = writeln!(
         md,
-        "|---:|---:|{}---:|---:|---:|---:|---:|---:|",
-        if attach { "---:|" } else { "" }
+        "|---:|---:|{}---:|---:|---:|---:|{}---:|---:|",
+        if attach { "---:|" } else { "" },
+        if maps { "---:|" } else { "" }
     );
     for scale in &scales {
         let n = scale["services"].as_u64().unwrap_or(0);
@@ -633,7 +640,7 @@ fn control_section(md: &mut String, e2e: &Value) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} |{} {} | {} / {} | {} / {} | {} | {} | {} |",
+            "| {} | {} |{} {} | {} / {} | {} / {} | {} |{} {} | {} |",
             scale_name(n),
             num(lb["cold_start"]["start_to_maps_written_ms"].as_f64(), 0),
             if attach {
@@ -650,6 +657,14 @@ fn control_section(md: &mut String, e2e: &Value) {
             num(change["sync_ms"]["p50"].as_f64(), 2),
             num(change["sync_ms"]["p99"].as_f64(), 2),
             num(lb["vmhwm_kib"].as_f64().map(|k| k / 1024.0), 1),
+            if maps {
+                format!(
+                    " {} |",
+                    num(lb["bpf_maps_kib"].as_f64().map(|k| k / 1024.0), 1)
+                )
+            } else {
+                String::new()
+            },
             load("nftables"),
             load("iptables"),
         );

@@ -2,16 +2,16 @@
 //! `lb` manifests, as kube-proxy's nftables-mode ruleset and as its
 //! iptables-mode ruleset.
 //!
-//! Address plan (everything inside 198.18.0.0/15 and `fd00::/8`, and only
-//! ever routed between namespaces the benchmark creates):
+//! Address plan (everything routed is inside 198.18.0.0/15 and `fd00::/8`,
+//! and only ever routed between namespaces the benchmark creates):
 //!
 //! | what | IPv4 | IPv6 |
 //! |---|---|---|
 //! | client <-> node K link | 198.18.(16+K).0/24 | `fd00:1K::/64` |
 //! | node K <-> backend link | 198.18.(32+K).0/24 | `fd00:2K::/64` |
 //! | the 10 real endpoints (backend `lo`) | 198.18.2.2-11 | `fd00:2::2-b` |
-//! | VIPs of `lb` / nftables / iptables | 198.18.64.0/18, .128.0/18, .192.0/18 | `fd00:96:1::/64`, `:2::`, `:3::` |
-//! | endpoints of the other Services (never reached) | 198.19.0.0/16 (wraps at 6.5k Services) | `fd00:64::/64` (unique) |
+//! | VIPs of `lb` / nftables / iptables | 198.18.64.0/18, .128.0/18, .192.0/18 (16k each; beyond, `lb`'s run on into the others: control plane only) | `fd00:96:1::/64`, `:2::`, `:3::` |
+//! | endpoints of the other Services (never reached, never routed) | 100.64.0.0/10 (unique up to 400k Services) | `fd00:64::/64` (unique) |
 //! | endpoint addresses set by the change test | 198.18.3.0/24 | |
 //!
 //! The measured Service is the last one: the worst case for iptables' linear
@@ -143,9 +143,11 @@ impl Cluster {
                 {
                     return IpAddr::V4(*addr);
                 }
-                let offset = (i * ENDPOINTS + b) % 65_536;
+                // Distinct per endpoint, as IPv6: 1M endpoints at 100k
+                // Services are 1M backends of each family.
+                let offset = (i * ENDPOINTS + b) % (1 << 22);
                 IpAddr::V4(Ipv4Addr::from(
-                    u32::from(Ipv4Addr::new(198, 19, 0, 0)) + offset,
+                    u32::from(Ipv4Addr::new(100, 64, 0, 0)) + offset,
                 ))
             }
             Family::V6 => IpAddr::V6(Ipv6Addr::new(
@@ -474,10 +476,19 @@ mod tests {
             assert_eq!(last.octets()[..2], [198, 18]);
             assert!(last.octets()[2] >= 64);
         }
+        // The measured Service's endpoints are routed (198.18.0.0/15); the
+        // others' are never reached, each its own address in 100.64.0.0/10.
+        let mut seen = std::collections::BTreeSet::new();
         for i in [0, 5_000, 9_998, 9_999] {
             for b in 0..ENDPOINTS {
                 match cluster.endpoint(Family::V4, i, b) {
-                    IpAddr::V4(a) => assert!(a.octets()[0] == 198 && (a.octets()[1] & 0xfe) == 18),
+                    IpAddr::V4(a) if i == cluster.last() => {
+                        assert!(a.octets()[0] == 198 && (a.octets()[1] & 0xfe) == 18);
+                    }
+                    IpAddr::V4(a) => {
+                        assert!(a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64, "{a}");
+                        assert!(seen.insert(a), "{a} twice");
+                    }
                     IpAddr::V6(_) => unreachable!(),
                 }
                 assert!(

@@ -464,3 +464,29 @@ pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
+
+/// Kernel memory of the BPF maps process PID holds open (the `memlock`
+/// the kernel charges for each, from `/proc/PID/fdinfo`), in KiB.
+pub fn bpf_maps_memlock_kib(pid: u32) -> Option<u64> {
+    let mut bytes = 0u64;
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(key)?.trim().parse::<u64>().ok())
+        };
+        // A map open twice counts once.
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:"))
+            && seen.insert(id)
+        {
+            bytes += memlock;
+        }
+    }
+    Some(bytes / 1024)
+}

@@ -23,10 +23,11 @@ pub mod map_names {
     pub const SERVICES4: &str = "LB4_SVC_V2";
     /// IPv6 services: `Lb6Key` -> `LbService`.
     pub const SERVICES6: &str = "LB6_SVC_V2";
-    /// IPv4 backends: backend id -> `Lb4Backend`.
-    pub const BACKENDS4: &str = "LB4_BE_V2";
-    /// IPv6 backends: backend id -> `Lb6Backend`.
-    pub const BACKENDS6: &str = "LB6_BE_V2";
+    /// IPv4 backends: backend id -> `Lb4Backend` (V3: a backend entry
+    /// belongs to one frontend, `Backend::rev_nat_id`).
+    pub const BACKENDS4: &str = "LB4_BE_V3";
+    /// IPv6 backends: backend id -> `Lb6Backend` (V3: as `BACKENDS4`).
+    pub const BACKENDS6: &str = "LB6_BE_V3";
     /// IPv4 reverse NAT: rev-NAT id -> `Lb4RevNat`.
     pub const REVNAT4: &str = "LB4_RNAT_V2";
     /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
@@ -92,12 +93,18 @@ pub mod limits {
     /// per frontend, one per backend slot of each frontend and one per
     /// `ClusterIP` (its marker). 100k Services x (1 + 10 + 1) = 1.2M.
     pub const MAX_SERVICE_SLOTS: u32 = 1 << 21;
-    /// Largest backend id + 1, over both families (ids are handed out by
-    /// the agent, not an array index: the maps hold at most their capacity
-    /// whatever the ids). 1M endpoints of each family take 2M ids.
+    /// Bound of `--max-backends` (backend map entries per family). Not a
+    /// bound of the ids: they are handed out by the agent, not an array
+    /// index, over `1..=MAX_BACKEND_ID`.
     pub const MAX_BACKENDS: u32 = 1 << 22;
+    /// Largest backend id. Ids only move forward (wrapping after this), so
+    /// that an id is not handed out again while a conntrack or affinity
+    /// entry may still name it.
+    pub const MAX_BACKEND_ID: u32 = u32::MAX - 1;
     /// Default backend map entries per family (`--max-backends`): one per
-    /// distinct (address, port, protocol) of an endpoint.
+    /// endpoint (address, port, protocol) of each frontend, so a `NodePort`
+    /// Service takes one per endpoint for its `ClusterIP` and one for each
+    /// node address (plus one, in the IPv4 map, recording the next id).
     pub const DEFAULT_BACKENDS: u32 = 1 << 21;
     /// Default conntrack entries per family (an LRU: the oldest go first).
     pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
@@ -144,14 +151,22 @@ pub mod svc_flags {
     pub const ADDRESS_MARKER: u16 = 1 << 5;
 }
 
-/// `Backend::flags` bits.
+/// `Backend::flags` bits: the endpoint's state for its frontend.
 pub mod backend_flags {
     /// No bits: an active backend on another node.
     pub const ACTIVE: u8 = 0;
-    /// Backend takes no new flows; established flows drain.
+    /// Backend takes no new flows (terminating, not ready, or left out by
+    /// topology); its established flows go on. Also named by session
+    /// affinity no more.
     pub const TERMINATING: u8 = 1 << 0;
     /// Backend runs on this node (external traffic to it keeps its source).
     pub const LOCAL: u8 = 1 << 1;
+    /// With `TERMINATING`: the endpoint is not serving either. Its TCP flows
+    /// go on (kube-proxy never clears TCP conntrack); its UDP flows move to
+    /// a backend that takes new flows on their next datagram, when the
+    /// frontend has one (kube-proxy's conntrack cleanup of UDP flows whose
+    /// endpoint is not serving).
+    pub const NOT_SERVING: u8 = 1 << 2;
 }
 
 /// Conntrack key directions (`CtKey::dir`).
@@ -314,7 +329,9 @@ pub struct LbService {
     pub affinity_timeout_s: u32,
 }
 
-/// Backend over an address `A`.
+/// Backend over an address `A`: one endpoint of one frontend. A flow or
+/// an affinity entry naming it is valid only for that frontend, so an
+/// endpoint shared by two frontends has an entry (and an id) in each.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Backend<A> {
@@ -324,8 +341,10 @@ pub struct Backend<A> {
     pub port_be: u16,
     /// IP protocol number.
     pub proto: u8,
-    /// `backend_flags::*`.
+    /// `backend_flags::*`: its state for that frontend.
     pub flags: u8,
+    /// The frontend (rev-NAT id) this entry belongs to; never 0.
+    pub rev_nat_id: u32,
 }
 /// IPv4 backend.
 pub type Lb4Backend = Backend<Addr4>;
@@ -474,8 +493,8 @@ pub const SNAT_PORT_COUNT: u16 = 4536;
 const _: () = assert!(size_of::<Lb4Key>() == 12);
 const _: () = assert!(size_of::<Lb6Key>() == 24);
 const _: () = assert!(size_of::<LbService>() == 16);
-const _: () = assert!(size_of::<Lb4Backend>() == 8);
-const _: () = assert!(size_of::<Lb6Backend>() == 20);
+const _: () = assert!(size_of::<Lb4Backend>() == 12);
+const _: () = assert!(size_of::<Lb6Backend>() == 24);
 const _: () = assert!(size_of::<Lb4RevNat>() == 8);
 const _: () = assert!(size_of::<Lb6RevNat>() == 20);
 const _: () = assert!(size_of::<Ct4Key>() == 16);

@@ -4,7 +4,9 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
-use lb_common::{Backend, CtEntry, LbService, ct_dir, ct_flags, ct_timeout, proto, reason};
+use lb_common::{
+    Backend, CtEntry, LbService, backend_flags, ct_dir, ct_flags, ct_timeout, proto, reason,
+};
 
 use crate::{
     family::{Family, Tuple, ct_key},
@@ -122,7 +124,10 @@ pub(crate) fn established_flow_sub<F: Family>(
 }
 
 /// Loads the flow of an established entry into `flow`, if the entry may
-/// still be used and its backend still exists. Returns (found, refreshed).
+/// still be used and its backend is still one of the frontend's (taking new
+/// flows or draining). A UDP flow whose backend no longer serves is not
+/// loaded when the frontend has backends for new flows: it moves to one.
+/// Returns (found, refreshed).
 #[inline(always)]
 fn established_flow<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -148,6 +153,15 @@ fn established_flow<F: Family>(
     let Some(backend) = (unsafe { F::backends().get(&backend_id) }) else {
         return (false, false);
     };
+    if !lb::member_of(backend, frontend) {
+        return (false, false);
+    }
+    if tuple.proto == proto::UDP
+        && backend.flags & backend_flags::NOT_SERVING != 0
+        && frontend.count != 0
+    {
+        return (false, false);
+    }
     flow.backend = *backend;
     flow.backend_id = backend_id;
     if flags & ct_flags::SNAT != 0 {

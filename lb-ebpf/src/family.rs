@@ -19,8 +19,8 @@ use crate::{
     hash::flow_hash,
     hdr::{ipv4, ipv6},
     maps::{
-        LB4_AFF_V1, LB4_BE_V2, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V1,
-        LB6_BE_V2, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
+        LB4_AFF_V1, LB4_BE_V3, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V1,
+        LB6_BE_V3, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
     reject,
     tc::Packet,
@@ -152,6 +152,7 @@ pub(crate) fn placeholder_backend<A>(addr: A) -> Backend<A> {
         port_be: 0,
         proto: 0,
         flags: 0,
+        rev_nat_id: 0,
     }
 }
 
@@ -173,7 +174,7 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn backends() -> &'static HashMap<u32, Backend<Addr4>> {
-        &LB4_BE_V2
+        &LB4_BE_V3
     }
     #[inline(always)]
     fn rev_nats() -> &'static HashMap<u32, RevNat<Addr4>> {
@@ -257,7 +258,7 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn backends() -> &'static HashMap<u32, Backend<Addr6>> {
-        &LB6_BE_V2
+        &LB6_BE_V3
     }
     #[inline(always)]
     fn rev_nats() -> &'static HashMap<u32, RevNat<Addr6>> {

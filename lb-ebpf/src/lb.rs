@@ -41,6 +41,15 @@ pub(crate) fn source_allowed<F: Family>(frontend: &LbService, client: F::Addr) -
             .is_some()
 }
 
+/// True when `backend` is an entry of `frontend` (active or draining):
+/// backend entries are per frontend and their ids are not reused, so a
+/// conntrack or affinity entry naming a backend another frontend has, or
+/// one removed from this frontend, never passes.
+#[inline(always)]
+pub(crate) fn member_of<A>(backend: &Backend<A>, frontend: &LbService) -> bool {
+    backend.rev_nat_id == frontend.rev_nat_id
+}
+
 /// `choose_backend` as a leaf subprogram: the backend id (0: none), the
 /// backend in `out`.
 #[inline(never)]
@@ -78,6 +87,7 @@ fn choose_backend<F: Family>(
             if now.saturating_sub(last_used_ns) <= timeout_ns {
                 // SAFETY: the value is copied out at once.
                 if let Some(backend) = unsafe { F::backends().get(&backend_id) }
+                    && member_of(backend, frontend)
                     && backend.flags & backend_flags::TERMINATING == 0
                 {
                     // Each new connection restarts the timeout, as

@@ -17,10 +17,10 @@ pub(crate) static LB4_SVC_V2: HashMap<Lb4Key, LbService> =
 pub(crate) static LB6_SVC_V2: HashMap<Lb6Key, LbService> =
     HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub(crate) static LB4_BE_V2: HashMap<u32, Lb4Backend> =
+pub(crate) static LB4_BE_V3: HashMap<u32, Lb4Backend> =
     HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
-pub(crate) static LB6_BE_V2: HashMap<u32, Lb6Backend> =
+pub(crate) static LB6_BE_V3: HashMap<u32, Lb6Backend> =
     HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
 pub(crate) static LB4_RNAT_V2: HashMap<u32, Lb4RevNat> =

@@ -157,6 +157,81 @@ fn send_back<const N: usize>(ctx: &TcContext, buf: &[u8; SCRATCH_LEN]) -> Result
     Ok(Verdict::redirect(reason::REJECT))
 }
 
+/// The reply's IPv4 header, checksummed: from the address the client tried
+/// to the client (as quoted at `quote_off`), carrying `l4_len` bytes of
+/// `l4_proto`; with `pseudo_off`, also the pseudo-header of the L4
+/// checksum there.
+#[inline(always)]
+#[expect(clippy::cast_possible_truncation, reason = "a 20-byte header")]
+fn ip4_header(
+    buf: &mut [u8; SCRATCH_LEN],
+    quote_off: usize,
+    tos: u8,
+    l4_proto: u8,
+    l4_len: u16,
+    pseudo_off: Option<usize>,
+) -> Result<(), Verdict> {
+    let total = ipv4::HLEN as u16 + l4_len;
+    buf[IP_OFF] = ipv4::VERSION_IHL;
+    buf[IP_OFF + ipv4::TOS_OFF] = tos;
+    buf[IP_OFF + ipv4::TOT_LEN_OFF..IP_OFF + ipv4::TOT_LEN_OFF + 2]
+        .copy_from_slice(&total.to_be_bytes());
+    buf[IP_OFF + ipv4::TTL_OFF] = HOP_LIMIT;
+    buf[IP_OFF + ipv4::PROTO_OFF] = l4_proto;
+    let mut i = 0;
+    while i < 4 {
+        let src = buf[quote_off + ipv4::DADDR_OFF + i];
+        let dst = buf[quote_off + ipv4::SADDR_OFF + i];
+        buf[IP_OFF + ipv4::SADDR_OFF + i] = src;
+        buf[IP_OFF + ipv4::DADDR_OFF + i] = dst;
+        if let Some(pseudo) = pseudo_off {
+            buf[pseudo + ipv4::PSEUDO_SADDR_OFF + i] = src;
+            buf[pseudo + ipv4::PSEUDO_DADDR_OFF + i] = dst;
+        }
+        i += 1;
+    }
+    if let Some(pseudo) = pseudo_off {
+        buf[pseudo + ipv4::PSEUDO_PROTO_OFF] = l4_proto;
+        buf[pseudo + ipv4::PSEUDO_LEN_OFF..pseudo + ipv4::PSEUDO_LEN_OFF + 2]
+            .copy_from_slice(&l4_len.to_be_bytes());
+    }
+    let ip_csum = csum::fold(csum_add(buf[IP_OFF..].as_ptr(), ipv4::HLEN as u32, 0)?);
+    buf[IP_OFF + ipv4::CSUM_OFF] = ip_csum[0];
+    buf[IP_OFF + ipv4::CSUM_OFF + 1] = ip_csum[1];
+    Ok(())
+}
+
+/// The reply's IPv6 header: from the address the client tried to the
+/// client (as quoted at `quote_off`), carrying `l4_len` bytes of `next_hdr`,
+/// and the pseudo-header of the L4 checksum at `pseudo_off`.
+#[inline(always)]
+fn ip6_header(
+    buf: &mut [u8; SCRATCH_LEN],
+    quote_off: usize,
+    next_hdr: u8,
+    l4_len: u16,
+    pseudo_off: usize,
+) {
+    buf[IP_OFF] = ipv6::VERSION_BYTE;
+    buf[IP_OFF + ipv6::PAYLOAD_LEN_OFF..IP_OFF + ipv6::PAYLOAD_LEN_OFF + 2]
+        .copy_from_slice(&l4_len.to_be_bytes());
+    buf[IP_OFF + ipv6::NEXT_HDR_OFF] = next_hdr;
+    buf[IP_OFF + ipv6::HOP_LIMIT_OFF] = HOP_LIMIT;
+    let mut i = 0;
+    while i < 16 {
+        let src = buf[quote_off + ipv6::DADDR_OFF + i];
+        let dst = buf[quote_off + ipv6::SADDR_OFF + i];
+        buf[IP_OFF + ipv6::SADDR_OFF + i] = src;
+        buf[IP_OFF + ipv6::DADDR_OFF + i] = dst;
+        buf[pseudo_off + ipv6::PSEUDO_SADDR_OFF + i] = src;
+        buf[pseudo_off + ipv6::PSEUDO_DADDR_OFF + i] = dst;
+        i += 1;
+    }
+    buf[pseudo_off + ipv6::PSEUDO_LEN_LOW_OFF..pseudo_off + ipv6::PSEUDO_LEN_LOW_OFF + 2]
+        .copy_from_slice(&l4_len.to_be_bytes());
+    buf[pseudo_off + ipv6::PSEUDO_NEXT_HDR_OFF] = next_hdr;
+}
+
 /// IPv4: a TCP reset for TCP, else ICMP destination unreachable, port
 /// unreachable.
 #[inline(always)]
@@ -170,27 +245,11 @@ pub(crate) fn reject4(ctx: &TcContext) -> Result<Verdict, Verdict> {
     }
     let quote_off = ICMP4_OFF + ICMP_HLEN;
     let buf = start_reply(ctx, ETH_P_IP, quote_off, QUOTE4)?;
-    // IP header: source is the address the client tried, destination the client.
-    let total = (REPLY4_LEN - L3_OFF) as u16;
-    buf[IP_OFF] = ipv4::VERSION_IHL;
-    buf[IP_OFF + ipv4::TOS_OFF] = TOS_CS6;
-    buf[IP_OFF + ipv4::TOT_LEN_OFF..IP_OFF + ipv4::TOT_LEN_OFF + 2]
-        .copy_from_slice(&total.to_be_bytes());
-    buf[IP_OFF + ipv4::TTL_OFF] = HOP_LIMIT;
-    buf[IP_OFF + ipv4::PROTO_OFF] = proto::ICMP;
-    let mut i = 0;
-    while i < 4 {
-        buf[IP_OFF + ipv4::SADDR_OFF + i] = buf[quote_off + ipv4::DADDR_OFF + i];
-        buf[IP_OFF + ipv4::DADDR_OFF + i] = buf[quote_off + ipv4::SADDR_OFF + i];
-        i += 1;
-    }
-    let ip_csum = csum::fold(csum_add(buf[IP_OFF..].as_ptr(), ipv4::HLEN as u32, 0)?);
-    buf[IP_OFF + ipv4::CSUM_OFF] = ip_csum[0];
-    buf[IP_OFF + ipv4::CSUM_OFF + 1] = ip_csum[1];
+    let icmp_len = (ICMP_HLEN + QUOTE4) as u16;
+    ip4_header(buf, quote_off, TOS_CS6, proto::ICMP, icmp_len, None)?;
     buf[ICMP4_OFF + ICMP_TYPE_OFF] = ICMP_DEST_UNREACH;
     buf[ICMP4_OFF + ICMP_CODE_OFF] = ICMP_PORT_UNREACH;
-    let icmp_len = (ICMP_HLEN + QUOTE4) as u32;
-    let icmp_csum = csum::fold(csum_add(buf[ICMP4_OFF..].as_ptr(), icmp_len, 0)?);
+    let icmp_csum = csum::fold(csum_add(buf[ICMP4_OFF..].as_ptr(), u32::from(icmp_len), 0)?);
     buf[ICMP4_OFF + ICMP_CSUM_OFF] = icmp_csum[0];
     buf[ICMP4_OFF + ICMP_CSUM_OFF + 1] = icmp_csum[1];
     send_back::<REPLY4_LEN>(ctx, buf)
@@ -210,24 +269,7 @@ pub(crate) fn reject6(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let quote_off = ICMP6_OFF + ICMP_HLEN;
     let buf = start_reply(ctx, ETH_P_IPV6, quote_off, QUOTE6)?;
     let payload_len = (ICMP_HLEN + QUOTE6) as u16;
-    buf[IP_OFF] = ipv6::VERSION_BYTE;
-    buf[IP_OFF + ipv6::PAYLOAD_LEN_OFF..IP_OFF + ipv6::PAYLOAD_LEN_OFF + 2]
-        .copy_from_slice(&payload_len.to_be_bytes());
-    buf[IP_OFF + ipv6::NEXT_HDR_OFF] = proto::ICMPV6;
-    buf[IP_OFF + ipv6::HOP_LIMIT_OFF] = HOP_LIMIT;
-    let mut i = 0;
-    while i < 16 {
-        let src = buf[quote_off + ipv6::DADDR_OFF + i];
-        let dst = buf[quote_off + ipv6::SADDR_OFF + i];
-        buf[IP_OFF + ipv6::SADDR_OFF + i] = src;
-        buf[IP_OFF + ipv6::DADDR_OFF + i] = dst;
-        buf[PSEUDO6_OFF + ipv6::PSEUDO_SADDR_OFF + i] = src;
-        buf[PSEUDO6_OFF + ipv6::PSEUDO_DADDR_OFF + i] = dst;
-        i += 1;
-    }
-    buf[PSEUDO6_OFF + ipv6::PSEUDO_LEN_LOW_OFF..PSEUDO6_OFF + ipv6::PSEUDO_LEN_LOW_OFF + 2]
-        .copy_from_slice(&payload_len.to_be_bytes());
-    buf[PSEUDO6_OFF + ipv6::PSEUDO_NEXT_HDR_OFF] = proto::ICMPV6;
+    ip6_header(buf, quote_off, proto::ICMPV6, payload_len, PSEUDO6_OFF);
     buf[ICMP6_OFF + ICMP_TYPE_OFF] = ICMPV6_DEST_UNREACH;
     buf[ICMP6_OFF + ICMP_CODE_OFF] = ICMPV6_PORT_UNREACH;
     let pseudo = csum_add(buf[PSEUDO6_OFF..].as_ptr(), ipv6::PSEUDO_LEN as u32, 0)?;
@@ -321,28 +363,15 @@ fn reset4(ctx: &TcContext) -> Result<Verdict, Verdict> {
     if reset_header(buf, TCP_OFF, QUOTE_TCP_OFF, payload_len).is_none() {
         return Err(Verdict::drop(reason::DROP_RESET_UNANSWERED));
     }
-    let total = (RESET4_LEN - L3_OFF) as u16;
-    buf[IP_OFF] = ipv4::VERSION_IHL;
-    buf[IP_OFF + ipv4::TOT_LEN_OFF..IP_OFF + ipv4::TOT_LEN_OFF + 2]
-        .copy_from_slice(&total.to_be_bytes());
-    buf[IP_OFF + ipv4::TTL_OFF] = HOP_LIMIT;
-    buf[IP_OFF + ipv4::PROTO_OFF] = proto::TCP;
-    let mut i = 0;
-    while i < 4 {
-        let src = buf[RESET_QUOTE_OFF + ipv4::DADDR_OFF + i];
-        let dst = buf[RESET_QUOTE_OFF + ipv4::SADDR_OFF + i];
-        buf[IP_OFF + ipv4::SADDR_OFF + i] = src;
-        buf[IP_OFF + ipv4::DADDR_OFF + i] = dst;
-        buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_SADDR_OFF + i] = src;
-        buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_DADDR_OFF + i] = dst;
-        i += 1;
-    }
-    let ip_csum = csum::fold(csum_add(buf[IP_OFF..].as_ptr(), ipv4::HLEN as u32, 0)?);
-    buf[IP_OFF + ipv4::CSUM_OFF] = ip_csum[0];
-    buf[IP_OFF + ipv4::CSUM_OFF + 1] = ip_csum[1];
-    buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_PROTO_OFF] = proto::TCP;
-    buf[RESET_PSEUDO_OFF + ipv4::PSEUDO_LEN_OFF..RESET_PSEUDO_OFF + ipv4::PSEUDO_LEN_OFF + 2]
-        .copy_from_slice(&(TCP_HLEN as u16).to_be_bytes());
+    let tcp_len = TCP_HLEN as u16;
+    ip4_header(
+        buf,
+        RESET_QUOTE_OFF,
+        0,
+        proto::TCP,
+        tcp_len,
+        Some(RESET_PSEUDO_OFF),
+    )?;
     tcp_checksum(buf, TCP_OFF, RESET_PSEUDO_OFF, ipv4::PSEUDO_LEN)?;
     send_back::<RESET4_LEN>(ctx, buf)
 }
@@ -366,25 +395,7 @@ fn reset6(ctx: &TcContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::drop(reason::DROP_RESET_UNANSWERED));
     }
     let tcp_len = TCP_HLEN as u16;
-    buf[IP_OFF] = ipv6::VERSION_BYTE;
-    buf[IP_OFF + ipv6::PAYLOAD_LEN_OFF..IP_OFF + ipv6::PAYLOAD_LEN_OFF + 2]
-        .copy_from_slice(&tcp_len.to_be_bytes());
-    buf[IP_OFF + ipv6::NEXT_HDR_OFF] = proto::TCP;
-    buf[IP_OFF + ipv6::HOP_LIMIT_OFF] = HOP_LIMIT;
-    let mut i = 0;
-    while i < 16 {
-        let src = buf[RESET_QUOTE_OFF + ipv6::DADDR_OFF + i];
-        let dst = buf[RESET_QUOTE_OFF + ipv6::SADDR_OFF + i];
-        buf[IP_OFF + ipv6::SADDR_OFF + i] = src;
-        buf[IP_OFF + ipv6::DADDR_OFF + i] = dst;
-        buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_SADDR_OFF + i] = src;
-        buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_DADDR_OFF + i] = dst;
-        i += 1;
-    }
-    buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN_LOW_OFF
-        ..RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN_LOW_OFF + 2]
-        .copy_from_slice(&tcp_len.to_be_bytes());
-    buf[RESET_PSEUDO_OFF + ipv6::PSEUDO_NEXT_HDR_OFF] = proto::TCP;
+    ip6_header(buf, RESET_QUOTE_OFF, proto::TCP, tcp_len, RESET_PSEUDO_OFF);
     tcp_checksum(buf, TCP_OFF, RESET_PSEUDO_OFF, ipv6::PSEUDO_LEN)?;
     send_back::<RESET6_LEN>(ctx, buf)
 }

@@ -217,9 +217,6 @@ fn to_backend<F: Family>(
     if !lb::source_allowed::<F>(frontend, tuple.saddr) {
         return Err(Verdict::drop(reason::DROP_SOURCE_RANGE));
     }
-    if frontend.count == 0 {
-        return F::reject(ctx);
-    }
     let now = ct::now_ns();
     let mut flow = Flow::<F> {
         backend_id: 0,
@@ -231,6 +228,12 @@ fn to_backend<F: Family>(
     let found = ct::established_flow_sub::<F>(tuple, frontend, tcp_flags, now, &mut flow);
     let (established, refreshed) = (found & 1 != 0, found & 2 != 0);
     if !established {
+        // No backend for new flows: refuse this one, as kube-proxy rejects
+        // `ct state new` only; established flows to a draining backend of
+        // the frontend went on above.
+        if frontend.count == 0 {
+            return F::reject(ctx);
+        }
         decode_unit(ct::new_flow_into::<F>(
             tuple, frontend, tcp_flags, now, &mut flow,
         ))?;

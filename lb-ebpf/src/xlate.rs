@@ -35,15 +35,19 @@ use crate::{
 struct L4Csum {
     /// Offset of the checksum field in the packet.
     off: usize,
-    /// Extra flags for `l4_csum_replace` (UDP over IPv4: keep a zero checksum zero).
+    /// Extra flags for `l4_csum_replace` (UDP: `BPF_F_MARK_MANGLED_0`).
     flags: u64,
 }
 
 impl L4Csum {
-    /// Checksum location for `l4_proto` at `l4_off`; `v4` selects IPv4's
-    /// rule that a zero UDP checksum means "none" and must stay zero.
+    /// Checksum location for `l4_proto` at `l4_off`. UDP gets
+    /// `BPF_F_MARK_MANGLED_0`, for both families: an updated checksum that
+    /// comes out as 0 is written as 0xffff (a UDP checksum of 0 means "none",
+    /// which RFC 8200 forbids for IPv6, whose receivers drop it), and an IPv4
+    /// datagram sent without a checksum (0) keeps none. (IPv6 UDP with a
+    /// zero checksum is passed untouched before it gets here.)
     #[inline(always)]
-    fn new(l4_proto: u8, l4_off: usize, v4: bool) -> Self {
+    fn new(l4_proto: u8, l4_off: usize) -> Self {
         if l4_proto == proto::TCP {
             Self {
                 off: l4_off + TCP_CSUM_OFF,
@@ -52,11 +56,7 @@ impl L4Csum {
         } else {
             Self {
                 off: l4_off + UDP_CSUM_OFF,
-                flags: if v4 {
-                    u64::from(BPF_F_MARK_MANGLED_0)
-                } else {
-                    0
-                },
+                flags: u64::from(BPF_F_MARK_MANGLED_0),
             }
         }
     }
@@ -77,7 +77,7 @@ pub(crate) fn rewrite<F: Family>(
     new: &Tuple<F::Addr>,
 ) -> Result<(), Verdict> {
     let l4_off = F::L4_OFF;
-    let csum = L4Csum::new(old.proto, l4_off, F::IS_V4);
+    let csum = L4Csum::new(old.proto, l4_off);
     // Direct writes first: the checksum helpers invalidate packet pointers.
     let addr_diff = F::write_addrs(ctx, old, new)?;
     let ports_changed = old.sport_be != new.sport_be || old.dport_be != new.dport_be;

@@ -21,7 +21,10 @@ mod cli;
 const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "Dual-stack eBPF service load balancer")]
+#[command(
+    name = "lb",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LB_BUILD_COMMIT"), ")"),
+    about = "Dual-stack eBPF service load balancer")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,8 +90,9 @@ enum Command {
         #[arg(long, default_value_t = lb_common::limits::MAX_SERVICE_SLOTS,
               value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
         max_service_slots: u32,
-        /// Backends (endpoint address, port, protocol) per family. Default:
-        /// 1M endpoints per family, x2.
+        /// Backend entries per family: one per endpoint per frontend (a
+        /// `ClusterIP` and each `NodePort` address of a Service have their
+        /// own). Default: 1M endpoints per family, x2.
         #[arg(long, default_value_t = lb_common::limits::DEFAULT_BACKENDS,
               value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_BACKENDS)))]
         max_backends: u32,
@@ -221,7 +225,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // One malloc arena: the agent's few threads (source reading, BPF
             // loading) would otherwise each keep an arena of freed memory,
             // tens of MiB at 10k Services. Contention is no issue here.
+            // (glibc only: musl's allocator, in the static image, keeps no
+            // per-thread arenas.)
             // SAFETY: called before any other thread exists.
+            #[cfg(target_env = "gnu")]
             unsafe {
                 libc::mallopt(libc::M_ARENA_MAX, 1);
             }

@@ -1,13 +1,14 @@
-//! Full maps (root): an agent with room for 4 frontends per family, given
-//! 6 dual-stack Services, names the 2 that did not fit (log, `/readyz`),
-//! counts the refused writes (`/metrics`) and serves the 4 others (their
-//! entries are in the maps, whole). Restarted with other sizes, it keeps
-//! the pinned maps and their entries and says so.
+//! Full maps (root): an agent with room for 4 of 6 dual-stack Services
+//! (`--max-services 4`, or `--max-backends` for 4 and a half) names the 2
+//! that did not fit (log, `/readyz`), counts the refused writes
+//! (`/metrics`) and serves the 4 others (their entries are in the maps,
+//! whole). Restarted with other sizes, it keeps the pinned maps and their
+//! entries and says so.
 
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -92,54 +93,119 @@ fn get(ns: &str, path: &str) -> Result<(u16, String), String> {
     http_get(ns, metrics_addr(), path)
 }
 
-/// The agent in NS with `--max-services MAX`, logging to LOG.
-fn start_agent(ns: &Netns, manifests: &Path, pins: &Path, log: &Path, max: u32) -> ChildGuard {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("open log");
-    let err = out.try_clone().expect("clone log");
-    let mut cmd = ns.command(lb_binary());
-    cmd.arg("agent")
-        .arg("--source")
-        .arg(format!("file:{}", manifests.display()))
-        .args([
-            "--attach",
-            "d0",
-            "--metrics-addr",
-            &metrics_addr().to_string(),
-        ])
-        .arg("--max-services")
-        .arg(max.to_string())
-        .arg("--pin-path")
-        .arg(pins)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    ChildGuard(cmd.spawn().expect("start the agent"))
+/// A namespace with an interface to attach to, a manifest directory with
+/// the Services, a pin directory and an agent log. Fields drop in order:
+/// the pins (`lb cleanup` inside the namespace), the files, the namespace.
+struct Lab {
+    pins: PinGuard,
+    work: TempDir,
+    ns: Netns,
 }
 
-/// Polls `/readyz` until its body says what did not fit (10 s at most).
-fn wait_unfit_reason(ns: &str, agent: &mut ChildGuard, log: &Path) -> String {
-    let start = Instant::now();
-    let mut last = String::from("never asked");
-    while start.elapsed() < Duration::from_secs(10) {
-        if let Ok(Some(status)) = agent.0.try_wait() {
-            panic!("the agent exited ({status}):\n{}", read(log));
-        }
-        match get(ns, "/readyz") {
-            Ok((503, body)) if body.contains("did not fit") => return body,
-            Ok((code, body)) => last = format!("HTTP {code}: {body}"),
-            Err(e) => last = e,
-        }
-        std::thread::sleep(Duration::from_millis(100));
+impl Lab {
+    fn new() -> Self {
+        sweep_stale_pins("lbcap");
+        let prefix = unique_prefix("lbcap");
+        let ns = Netns::create(&prefix);
+        // Something to attach to (both ends inside the namespace).
+        ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+        ns.ip(&["link", "set", "d0", "up"]);
+        let work = TempDir::create(&prefix);
+        std::fs::create_dir_all(work.0.join("manifests")).expect("manifest directory");
+        write_manifests(&work.0.join("manifests"));
+        let pins = PinGuard::new("lbcap", ns.name());
+        Self { pins, work, ns }
     }
-    panic!(
-        "/readyz never named the Services that did not fit (last: {last});\nlog:\n{}",
-        read(log)
+
+    fn log(&self) -> PathBuf {
+        self.work.0.join("agent.log")
+    }
+
+    fn log_text(&self) -> String {
+        read(&self.log())
+    }
+
+    /// The agent with `FLAG VALUE` (a capacity), logging to the log.
+    fn start_agent(&self, flag: &str, value: u32) -> ChildGuard {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("open log");
+        let err = out.try_clone().expect("clone log");
+        let mut cmd = self.ns.command(lb_binary());
+        cmd.arg("agent")
+            .arg("--source")
+            .arg(format!("file:{}", self.work.0.join("manifests").display()))
+            .args([
+                "--attach",
+                "d0",
+                "--metrics-addr",
+                &metrics_addr().to_string(),
+            ])
+            .arg(flag)
+            .arg(value.to_string())
+            .arg("--pin-path")
+            .arg(&self.pins.path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        ChildGuard(cmd.spawn().expect("start the agent"))
+    }
+
+    /// Polls `/readyz` until its body says what did not fit (10 s at most).
+    fn unfit_reason(&self, agent: &mut ChildGuard) -> String {
+        let start = Instant::now();
+        let mut last = String::from("never asked");
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = agent.0.try_wait() {
+                panic!("the agent exited ({status}):\n{}", self.log_text());
+            }
+            match get(self.ns.name(), "/readyz") {
+                Ok((503, body)) if body.contains("did not fit") => return body,
+                Ok((code, body)) => last = format!("HTTP {code}: {body}"),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "/readyz never named the Services that did not fit (last: {last});\nlog:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn metrics(&self) -> String {
+        get(self.ns.name(), "/metrics").expect("metrics").1
+    }
+
+    /// Checks that the log names svc-4 and svc-5, once, and no write alone.
+    fn assert_log_names_the_last_two(&self) {
+        let text = self.log_text();
+        let named = text
+            .lines()
+            .find(|line| line.contains("maps full"))
+            .unwrap_or_else(|| panic!("no `maps full` line in the log:\n{text}"));
+        assert!(
+            named.contains("cap/svc-4:http") && named.contains("cap/svc-5:http"),
+            "{named}"
+        );
+        assert!(
+            !text.contains("map write failed"),
+            "full maps are reported once per sync, not per write:\n{text}"
+        );
+    }
+}
+
+/// Checks that `/readyz` names svc-4 and svc-5 only.
+fn assert_names_the_last_two(reason: &str) {
+    assert!(
+        reason.contains("2 Service ports did not fit")
+            && reason.contains("cap/svc-4:http")
+            && reason.contains("cap/svc-5:http")
+            && !reason.contains("svc-3"),
+        "{reason}"
     );
 }
 
@@ -190,29 +256,10 @@ fn full_maps_name_the_services_left_out_and_serve_the_others() {
     if !require_privileged("full_maps_name_the_services_left_out") {
         return;
     }
-    sweep_stale_pins("lbcap");
-    let prefix = unique_prefix("lbcap");
-    let ns = Netns::create(&prefix);
-    // Something to attach to (both ends inside the namespace).
-    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
-    ns.ip(&["link", "set", "d0", "up"]);
-    let work = TempDir::create(&prefix);
-    let manifests = work.0.join("manifests");
-    std::fs::create_dir_all(&manifests).expect("manifest directory");
-    write_manifests(&manifests);
-    let log = work.0.join("agent.log");
-    let pins = PinGuard::new("lbcap", ns.name());
-
-    let mut agent = start_agent(&ns, &manifests, &pins.path, &log, MAX_SERVICES);
-    let reason = wait_unfit_reason(ns.name(), &mut agent, &log);
-    assert!(
-        reason.contains("2 Service ports did not fit")
-            && reason.contains("cap/svc-4:http")
-            && reason.contains("cap/svc-5:http")
-            && !reason.contains("svc-3"),
-        "{reason}"
-    );
-    let (_, metrics) = get(ns.name(), "/metrics").expect("metrics");
+    let lab = Lab::new();
+    let mut agent = lab.start_agent("--max-services", MAX_SERVICES);
+    assert_names_the_last_two(&lab.unfit_reason(&mut agent));
+    let metrics = lab.metrics();
     for map in ["LB4_RNAT_V2", "LB6_RNAT_V2"] {
         let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
         assert_eq!(
@@ -220,9 +267,9 @@ fn full_maps_name_the_services_left_out_and_serve_the_others() {
             Some(u64::from(MAX_SERVICES)),
             "{metrics}"
         );
-        // Two frontends per family refused at least once; the agent
-        // retries a sync that did not write everything (with backoff), and
-        // each retry is refused again, so the count may have grown.
+        // Two frontends refused at least once: a sync that did not write
+        // everything is retried with backoff, and each retry is refused
+        // again and counted, so the count may have grown since.
         let full = format!("lb_map_full_total{{map=\"{map}\"}}");
         assert!(
             metric(&metrics, &full).is_some_and(|refused| refused >= 2),
@@ -230,39 +277,55 @@ fn full_maps_name_the_services_left_out_and_serve_the_others() {
         );
     }
     assert_eq!(metric(&metrics, "lb_services_unfit"), Some(2), "{metrics}");
-    let text = read(&log);
-    let named = text
-        .lines()
-        .find(|line| line.contains("maps full"))
-        .unwrap_or_else(|| panic!("no `maps full` line in the log:\n{text}"));
-    assert!(
-        named.contains("cap/svc-4:http") && named.contains("cap/svc-5:http"),
-        "{named}"
-    );
-    assert!(
-        !text.contains("map write failed"),
-        "full maps are reported once:\n{text}"
-    );
-    assert_maps_hold_the_first(&pins.path);
+    lab.assert_log_names_the_last_two();
+    assert_maps_hold_the_first(&lab.pins.path);
 
     // Restarted with room for more: the pinned maps stay (with what they
     // serve), the agent says so and still names what does not fit.
     drop(agent);
-    let mut agent = start_agent(&ns, &manifests, &pins.path, &log, 2 * MAX_SERVICES);
-    let reason = wait_unfit_reason(ns.name(), &mut agent, &log);
-    assert!(reason.contains("cap/svc-4:http"), "{reason}");
-    let text = read(&log);
+    let mut agent = lab.start_agent("--max-services", 2 * MAX_SERVICES);
+    assert_names_the_last_two(&lab.unfit_reason(&mut agent));
+    let text = lab.log_text();
     assert!(
         text.contains("keeping the pinned map") && text.contains("LB4_RNAT_V2"),
         "no warning about the kept map size:\n{text}"
     );
-    let (_, metrics) = get(ns.name(), "/metrics").expect("metrics");
     assert_eq!(
-        metric(&metrics, "lb_map_capacity{map=\"LB4_RNAT_V2\"}"),
+        metric(&lab.metrics(), "lb_map_capacity{map=\"LB4_RNAT_V2\"}"),
         Some(u64::from(MAX_SERVICES)),
-        "{metrics}"
     );
-    assert_maps_hold_the_first(&pins.path);
-    drop(agent);
-    // The pins, then the namespace, go on drop.
+    assert_maps_hold_the_first(&lab.pins.path);
+}
+
+/// A backend that does not fit takes out its slot and so its frontend: a
+/// Service with one of its two backends is left out whole, not served
+/// half (the slot count would point at a missing slot).
+#[test]
+fn a_full_backend_map_leaves_out_whole_frontends() {
+    if !require_privileged("a_full_backend_map_leaves_out_whole_frontends") {
+        return;
+    }
+    let lab = Lab::new();
+    // The first 4 Services' 8 backends and one of svc-4's, per family.
+    let room = MAX_SERVICES * ENDPOINTS + 1;
+    let mut agent = lab.start_agent("--max-backends", room);
+    assert_names_the_last_two(&lab.unfit_reason(&mut agent));
+    let metrics = lab.metrics();
+    for map in ["LB4_BE_V3", "LB6_BE_V3"] {
+        let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
+        assert_eq!(
+            metric(&metrics, &capacity),
+            Some(u64::from(room)),
+            "{metrics}"
+        );
+        // svc-4's second backend and svc-5's two, at least once each (the
+        // retries of an incomplete sync are refused and counted again).
+        let full = format!("lb_map_full_total{{map=\"{map}\"}}");
+        assert!(
+            metric(&metrics, &full).is_some_and(|refused| refused >= 3),
+            "{metrics}"
+        );
+    }
+    lab.assert_log_names_the_last_two();
+    assert_maps_hold_the_first(&lab.pins.path);
 }

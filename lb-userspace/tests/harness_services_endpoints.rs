@@ -1,7 +1,9 @@
 //! Endpoints and connection tracking (issue 3, behaviours 7 and 8): ready /
 //! serving / terminating endpoints and `publishNotReadyAddresses`; a
 //! terminating endpoint drains its established connection; established
-//! flows under endpoint churn.
+//! flows under endpoint churn; (issue 9) a Service whose only endpoint
+//! terminates keeps its established flows, a readiness flap keeps TCP, a
+//! pod removed from one of two Services keeps none of that one's flows.
 //!
 //! Runs on the two-node cluster of `support::cluster` (topology and address
 //! plan are described there): real TCP/UDP clients and servers, IPv4 and
@@ -21,8 +23,8 @@ mod support;
 use std::time::Instant;
 
 use support::clients::{
-    Conn, IO_TIMEOUT, Outcome, REFUSED_WITHIN, UdpFlow, assert_only, assert_spread, conn_to,
-    tcp_batch, udp_batch, udp_flow_to,
+    Conn, IO_TIMEOUT, Outcome, REFUSED_WITHIN, UdpFlow, assert_only, assert_refused, assert_spread,
+    conn_to, tcp_batch, tcp_once, udp_batch, udp_flow_to,
 };
 use support::cluster::{Cluster, ep, ready, service, vip};
 use support::manifests::{Cond, HTTP_DNS};
@@ -250,5 +252,115 @@ fn endpoint_conditions_and_conntrack_churn() {
             );
         }
     });
+    flow_life_scenarios(&mut lab, &client, &mut sc);
     lab.finish(sc);
+}
+
+/// Issue 9, items 1 to 3, with real sockets: a Service whose only
+/// endpoint terminates keeps its established connection and refuses new
+/// ones; a readiness flap keeps the TCP connection on its endpoint and
+/// moves the UDP flow to a ready one; a pod removed from one of two
+/// Services loses that Service's UDP flow and affinity client only.
+fn flow_life_scenarios(lab: &mut Cluster, client: &str, sc: &mut Scenarios) {
+    let flap = service("flap", 42, "ClusterIP", &HTTP_DNS);
+    sc.run(
+        "only endpoint terminating: established goes on, new refused",
+        || {
+            let file = lab.simple("flap", flap.clone(), &[ready("be1")]);
+            lab.apply("flap.json", &file);
+            let mut live: Vec<(Family, Conn, UdpFlow)> = Family::BOTH
+                .iter()
+                .map(|&f| {
+                    let tcp = conn_to(client, vip(42).sock(f, 80), "be1");
+                    let udp = udp_flow_to(client, vip(42).sock(f, 53), "be1");
+                    (f, tcp, udp)
+                })
+                .collect();
+            let file = lab.simple("flap", flap.clone(), &[ep("be1", Cond::Terminating)]);
+            lab.apply("flap.json", &file);
+            for (family, tcp, udp) in &mut live {
+                lab.expect_slots(0, vip(42).get(*family), 80, "TCP", &[]);
+                let what = format!("{family:?} only endpoint terminating");
+                let answer = tcp.ask().answer(&format!("{what}: established TCP"));
+                assert_eq!(answer.backend, "be1", "{what}: TCP moved");
+                let answer = udp.ask(IO_TIMEOUT).answer(&format!("{what}: UDP flow"));
+                assert_eq!(answer.backend, "be1", "{what}: UDP moved");
+                let outcome = tcp_once(client, vip(42).sock(*family, 80), IO_TIMEOUT);
+                assert_refused(&format!("{what}: new TCP connection"), &outcome);
+            }
+        },
+    );
+    sc.run(
+        "readiness flap: TCP stays, UDP moves to a ready endpoint",
+        || {
+            let file = lab.simple("flap", flap.clone(), &[ready("be1"), ready("be2")]);
+            lab.apply("flap.json", &file);
+            let mut live: Vec<(Family, Conn, UdpFlow)> = Family::BOTH
+                .iter()
+                .map(|&f| {
+                    let tcp = conn_to(client, vip(42).sock(f, 80), "be1");
+                    let udp = udp_flow_to(client, vip(42).sock(f, 53), "be1");
+                    (f, tcp, udp)
+                })
+                .collect();
+            let file = lab.simple(
+                "flap",
+                flap.clone(),
+                &[ep("be1", Cond::NotReady), ready("be2")],
+            );
+            lab.apply("flap.json", &file);
+            for (family, tcp, udp) in &mut live {
+                lab.expect_slots(0, vip(42).get(*family), 80, "TCP", &["be2:8080"]);
+                let what = format!("{family:?} be1 not ready");
+                let answer = tcp.ask().answer(&format!("{what}: established TCP"));
+                assert_eq!(answer.backend, "be1", "{what}: TCP cut or moved");
+                let answer = udp.ask(IO_TIMEOUT).answer(&format!("{what}: UDP flow"));
+                assert_eq!(answer.backend, "be2", "{what}: UDP flow not moved");
+                let answers = tcp_batch(client, vip(42).sock(*family, 80), 10);
+                assert_spread(&format!("{what}: new flows"), &answers, &["be2:8080"]);
+            }
+            let file = lab.simple("flap", flap.clone(), &[ready("be1"), ready("be2")]);
+            lab.apply("flap.json", &file);
+            for (family, tcp, _) in &mut live {
+                let what = format!("{family:?} be1 ready again");
+                let answer = tcp.ask().answer(&format!("{what}: established TCP"));
+                assert_eq!(answer.backend, "be1", "{what}: TCP moved");
+            }
+        },
+    );
+    sc.run("one pod behind two Services, removed from one", || {
+        let one = service("one", 43, "ClusterIP", &HTTP_DNS).session_affinity("ClientIP");
+        let two = service("two", 44, "ClusterIP", &HTTP_DNS);
+        let file = lab.simple("one", one.clone(), &[ready("be1")]);
+        lab.apply("one.json", &file);
+        let file = lab.simple("two", two, &[ready("be1")]);
+        lab.apply("two.json", &file);
+        let flows: Vec<(Family, UdpFlow, UdpFlow)> = Family::BOTH
+            .iter()
+            .map(|&f| {
+                // The client of `one` gets its affinity entry (to be1) too.
+                let answers = tcp_batch(client, vip(43).sock(f, 80), 2);
+                assert_spread(&format!("{f:?} one, before"), &answers, &["be1:8080"]);
+                let of_one = udp_flow_to(client, vip(43).sock(f, 53), "be1");
+                let of_two = udp_flow_to(client, vip(44).sock(f, 53), "be1");
+                (f, of_one, of_two)
+            })
+            .collect();
+        let file = lab.simple("one", one, &[ready("be2")]);
+        lab.apply("one.json", &file);
+        for (family, of_one, of_two) in &flows {
+            lab.expect_slots(0, vip(43).get(*family), 80, "TCP", &["be2:8080"]);
+            let what = format!("{family:?} be1 removed from one only");
+            let answer = of_one
+                .ask(IO_TIMEOUT)
+                .answer(&format!("{what}: one's UDP flow"));
+            assert_eq!(answer.backend, "be2", "{what}: one's UDP flow kept be1");
+            let answer = of_two
+                .ask(IO_TIMEOUT)
+                .answer(&format!("{what}: two's UDP flow"));
+            assert_eq!(answer.backend, "be1", "{what}: two's UDP flow moved");
+            let answers = tcp_batch(client, vip(43).sock(*family, 80), 5);
+            assert_spread(&format!("{what}: one's affinity"), &answers, &["be2:8080"]);
+        }
+    });
 }

@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask build-ebpf`, `cargo xtask clippy-ebpf`,
-//! `cargo xtask setup`, `cargo xtask bench`.
+//! `cargo xtask setup`, `cargo xtask bench`, `cargo xtask image`,
+//! `cargo xtask fuzz`.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,6 +11,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fuzz;
+mod image;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "lb developer tasks")]
@@ -45,6 +48,29 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Build the container image from scratch (static musl `lb`, no
+    /// registry, no daemon, no base image) as an OCI archive; prints its
+    /// path, name and manifest digest.
+    Image {
+        /// Where to write the archive [default: target/image/lb-VERSION.oci.tar].
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Only build the static binary and copy it to FILE (what
+        /// deploy/Containerfile's builder stage runs).
+        #[arg(long, value_name = "FILE", conflicts_with = "output")]
+        binary_only: Option<PathBuf>,
+    },
+    /// Fuzz the datapath (root): random and mutated frames through
+    /// `BPF_PROG_TEST_RUN`, checked against its invariants; the report
+    /// goes into docs/fuzzing.md.
+    Fuzz {
+        /// Frames to run.
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        /// Replay this seed (decimal or 0x-hex) instead of a fresh one.
+        #[arg(long)]
+        seed: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +80,17 @@ fn main() -> anyhow::Result<()> {
         Task::ClippyEbpf => clippy_ebpf(&root),
         Task::Setup => run(Command::new(root.join("scripts/setup.sh"))),
         Task::Bench { quick, only } => bench::run_bench(&root, quick, &only),
+        Task::Image {
+            output,
+            binary_only,
+        } => image::build_image(
+            &root,
+            binary_only.map_or(
+                image::ImageOutput::Archive(output),
+                image::ImageOutput::BinaryOnly,
+            ),
+        ),
+        Task::Fuzz { frames, seed } => fuzz::run_fuzz(&root, frames, seed.as_deref()),
     }
 }
 

@@ -37,24 +37,43 @@ pub(super) fn batch_of<K: aya::Pod, V: aya::Pod>(
 /// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no
 /// batch update); returns how many were written.
 fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> usize {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    if keys.len() != values.len() || keys.is_empty() {
+    if keys.len() != values.len() {
         return 0;
     }
-    let Ok(count) = u32::try_from(keys.len()) else {
+    update_batch_raw(
+        map,
+        keys.as_ptr().cast(),
+        values.as_ptr().cast(),
+        keys.len(),
+    )
+}
+
+/// [`update_batch`] of `count` keys and values of the map's key and value
+/// sizes (a per-CPU map's value: one per possible CPU, each 8-aligned).
+pub(super) fn update_batch_raw(
+    map: &MapData,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> usize {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if count == 0 {
+        return 0;
+    }
+    let Ok(count_u32) = u32::try_from(count) else {
         return 0;
     };
     let Ok(map_fd) = u32::try_from(map.fd().as_fd().as_raw_fd()) else {
         return 0;
     };
     let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count,
+        keys: keys as u64,
+        values: values as u64,
+        count: count_u32,
         map_fd,
         ..BatchAttr::default()
     };
-    // SAFETY: `attr` points at `count` keys and values of the map's sizes
+    // SAFETY: the callers pass `count` keys and values of the map's sizes
     // (the map was opened with these types), alive for the call.
     let result = unsafe {
         libc::syscall(
@@ -65,14 +84,14 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V
         )
     };
     if result == 0 {
-        return keys.len();
+        return count;
     }
     let error = std::io::Error::last_os_error();
     // Inside its write loop the kernel reports in `count` how many it wrote
     // before failing, always fewer than given; an error before the loop
     // (no memory, no write permission, bad flags) leaves `count` as given.
     let written = usize::try_from(attr.count).unwrap_or(0);
-    let written = if written >= keys.len() { 0 } else { written };
-    tracing::debug!(%error, given = keys.len(), written, "batch map update failed; the rest goes one by one");
+    let written = if written >= count { 0 } else { written };
+    tracing::debug!(%error, given = count, written, "batch map update failed; the rest goes one by one");
     written
 }

@@ -32,6 +32,8 @@ pub struct CapacityStatus {
     /// Service ports (`namespace/name:port`) the last sync could not
     /// (fully) write because a map was full.
     pub unfit: Vec<String>,
+    /// The maps the last sync found full.
+    pub full_now: Vec<&'static str>,
 }
 
 impl CapacityStatus {
@@ -40,23 +42,20 @@ impl CapacityStatus {
         for (map, count) in &shortfall.full {
             *self.full_total.entry(map).or_default() += count;
         }
+        self.full_now = shortfall.full.keys().copied().collect();
         self.unfit = unfit;
     }
 
     /// `/readyz` text for Services that did not fit; empty when all did.
     #[must_use]
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         if self.unfit.is_empty() {
             return String::new();
         }
         format!(
             "{} Service ports did not fit in the maps (full: {}): {}",
             self.unfit.len(),
-            self.full_total
-                .keys()
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", "),
+            self.full_now.join(", "),
             shown(&self.unfit)
         )
     }
@@ -138,12 +137,18 @@ impl Shortfall {
         desired: &BTreeMap<Frontend, FrontendSpec>,
         ops: &[Op],
     ) -> Vec<String> {
+        if self.is_empty() && self.addrs.is_empty() && self.rev_nat_ids.is_empty() {
+            // The common case, every sync: no walk over all frontends.
+            return Vec::new();
+        }
         let mut frontends = self.frontends.clone();
-        frontends.extend(
-            desired
-                .keys()
-                .filter(|frontend| self.addrs.contains(&frontend.addr)),
-        );
+        if !self.addrs.is_empty() {
+            frontends.extend(
+                desired
+                    .keys()
+                    .filter(|frontend| self.addrs.contains(&frontend.addr)),
+            );
+        }
         if !self.rev_nat_ids.is_empty() {
             frontends.extend(ops.iter().filter_map(|op| match *op {
                 Op::PutRevNat { id, frontend }

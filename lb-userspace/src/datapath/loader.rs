@@ -102,7 +102,7 @@ pub enum Attachment {
 /// # Errors
 /// The path is elsewhere.
 pub fn check_bpffs(path: &Path) -> Result<(), LoadError> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
     let mut probe = path;
     while !probe.exists() {
         probe = probe.parent().unwrap_or(Path::new("/"));
@@ -115,7 +115,8 @@ pub fn check_bpffs(path: &Path) -> Result<(), LoadError> {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid C string and pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut stat) };
-    if rc != 0 || stat.f_type != BPF_FS_MAGIC {
+    // f_type is i64 with glibc, u64 with musl (the static image build).
+    if rc != 0 || u64::try_from(stat.f_type).ok() != Some(BPF_FS_MAGIC) {
         return Err(LoadError::NotBpffs {
             path: path.to_owned(),
         });
@@ -157,7 +158,11 @@ impl Capacities {
         [
             (n::SERVICES4, self.service_slots),
             (n::SERVICES6, self.service_slots),
-            (n::BACKENDS4, self.backends),
+            // One more: the next-backend-id record (`maps::BACKEND_RECORDS4`).
+            (
+                n::BACKENDS4,
+                self.backends.saturating_add(super::maps::BACKEND_RECORDS4),
+            ),
             (n::BACKENDS6, self.backends),
             (n::REVNAT4, self.services),
             (n::REVNAT6, self.services),

@@ -14,8 +14,9 @@
 //! - Endpoints (kube-proxy's `CategorizeEndpoints`): the traffic policy
 //!   (`internalTrafficPolicy` for `ClusterIP`s, `externalTrafficPolicy` for the
 //!   rest) first, then zone hints, then ready endpoints, or, when none is
-//!   ready, the serving and terminating ones (KEP-1669). Terminating endpoints
-//!   that take no new flows are listed apart so that established flows drain.
+//!   ready, the serving and terminating ones (KEP-1669). Terminating and not
+//!   ready endpoints that take no new flows are listed apart so that
+//!   established flows drain (and those not serving, whose UDP flows move).
 //! - Session affinity, `loadBalancerSourceRanges` and `healthCheckNodePort`.
 //!
 //! Where each part lives: this file holds the types and [`build`];
@@ -212,6 +213,16 @@ pub struct FrontendSpec {
     /// established ones keep going until the endpoint leaves its slice.
     /// Sorted and deduplicated.
     pub terminating: Vec<Backend>,
+    /// Endpoints of the policy's set that neither take new flows nor
+    /// terminate: not ready (a readiness flap), or ready but left out by
+    /// zone hints. Like `terminating`: no new flows, established ones go
+    /// on. Sorted and deduplicated.
+    pub not_ready: Vec<Backend>,
+    /// Of `terminating` and `not_ready`, the endpoints that are not serving
+    /// either: their UDP flows move to one of `backends` (kube-proxy clears
+    /// the UDP conntrack entries of endpoints that are not serving); TCP
+    /// flows go on. Sorted and deduplicated.
+    pub not_serving: Vec<Backend>,
     /// An external frontend (`NodePort`, `LoadBalancer`, `ExternalIP`) of a
     /// Service with `externalTrafficPolicy: Local`: only this node's
     /// endpoints, client source preserved.

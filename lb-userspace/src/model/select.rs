@@ -1,6 +1,6 @@
 //! Which endpoints a frontend sends new flows to (kube-proxy's
 //! `CategorizeEndpoints`): traffic policy, zone hints, readiness, and the
-//! terminating ones that only drain.
+//! terminating or not ready ones that only drain.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -22,6 +22,8 @@ struct Candidate<'a> {
 pub(super) struct Selection {
     pub(super) backends: Vec<Backend>,
     pub(super) terminating: Vec<Backend>,
+    pub(super) not_ready: Vec<Backend>,
+    pub(super) not_serving: Vec<Backend>,
 }
 
 /// Picks the endpoints of one Service's frontends, each (port, family,
@@ -175,9 +177,27 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
             .map(|candidate| candidate.backend)
             .filter(|backend| !in_backends(backend)),
     );
+    // Still in the slice but taking no new flows: established flows to
+    // them go on, as kube-proxy never clears TCP conntrack.
+    let not_ready = sorted_unique(
+        pool.iter()
+            .filter(|candidate| !candidate.conditions.terminating)
+            .map(|candidate| candidate.backend)
+            .filter(|backend| !in_backends(backend)),
+    );
+    // kube-proxy's UDP cleanup keeps flows to serving endpoints only
+    // (`IsServing`; `publishNotReadyAddresses` makes every one ready).
+    let not_serving = sorted_unique(
+        pool.iter()
+            .filter(|candidate| !candidate.conditions.serving && !candidate.conditions.ready)
+            .map(|candidate| candidate.backend)
+            .filter(|backend| !in_backends(backend)),
+    );
     Selection {
         backends,
         terminating,
+        not_ready,
+        not_serving,
     }
 }
 

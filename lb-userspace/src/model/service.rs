@@ -171,6 +171,8 @@ impl ParsedService<'_> {
             kind,
             backends: selection.backends,
             terminating: selection.terminating,
+            not_ready: selection.not_ready,
+            not_serving: selection.not_serving,
             external_local: kind.is_external() && self.policies.external_local,
             internal_local: !kind.is_external() && self.policies.internal_local,
             affinity_timeout_s: self.affinity_timeout_s,

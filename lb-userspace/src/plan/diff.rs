@@ -1,12 +1,12 @@
 //! The full plan: every desired frontend against the state, in make-before-
 //! break order, and the `Planner` the incremental plan shares.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use lb_common::{backend_flags, limits, svc_flags};
 
-use super::ids::IdAllocator;
+use super::ids::{IdAllocator, IdsInUse};
 use super::{BackendEntry, BackendKey, DatapathState, FrontendState, Op, Plan, SourceRange};
 use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec};
 
@@ -14,7 +14,7 @@ use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec};
 #[must_use]
 pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Plan {
     let backend_ids = backend_ids(current);
-    let mut planner = Planner::new(current, desired, &backend_ids);
+    let mut planner = Planner::new(current, &backend_ids);
     for (frontend, spec) in desired {
         planner.frontend(frontend, spec);
     }
@@ -23,8 +23,8 @@ pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>)
     planner.finish()
 }
 
-/// Backend ids by address, port and protocol.
-pub(super) fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
+/// Backend ids by frontend, address, port and protocol.
+pub(super) fn backend_ids(state: &DatapathState) -> BTreeMap<BackendKey, u32> {
     state
         .backends
         .iter()
@@ -32,27 +32,33 @@ pub(super) fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
         .collect()
 }
 
-/// The backends a frontend's spec names (new flows or draining).
-pub(super) fn backend_keys(
-    frontend: &Frontend,
-    spec: &FrontendSpec,
-) -> impl Iterator<Item = BackendKey> {
-    spec.backends
-        .iter()
-        .chain(&spec.terminating)
-        .map(move |backend| BackendKey {
-            addr: backend.addr,
-            port: backend.port,
-            proto: frontend.proto,
-        })
+/// The backend id allocator of a plan over `state`: ids only move forward.
+pub(super) fn backend_allocator(state: &DatapathState) -> IdAllocator<'_> {
+    IdAllocator::starting_at(
+        IdsInUse::Backends(&state.backends),
+        state.next_backend_id,
+        limits::MAX_BACKEND_ID,
+    )
 }
 
-pub(super) fn local_flag(backend: &Backend) -> u8 {
+fn local_flag(backend: &Backend) -> u8 {
     if backend.node_local {
         backend_flags::LOCAL
     } else {
         0
     }
+}
+
+/// The `backend_flags` of a draining backend of `spec` (terminating or not
+/// ready): no new flows; not serving if the spec says so.
+fn draining_flags(spec: &FrontendSpec, backend: &Backend) -> u8 {
+    let same = |other: &Backend| other.addr == backend.addr && other.port == backend.port;
+    let not_serving = if spec.not_serving.iter().any(same) {
+        backend_flags::NOT_SERVING
+    } else {
+        0
+    };
+    backend_flags::TERMINATING | not_serving | local_flag(backend)
 }
 
 /// `svc_flags` of a frontend.
@@ -75,29 +81,6 @@ fn frontend_flags(spec: &FrontendSpec) -> u16 {
     flags
 }
 
-/// The `backend_flags` every backend should have: local if the endpoint
-/// is on this node; terminating unless some frontend still sends it new
-/// flows.
-fn desired_backend_flags(desired: &BTreeMap<Frontend, FrontendSpec>) -> BTreeMap<BackendKey, u8> {
-    let mut flags: BTreeMap<BackendKey, u8> = BTreeMap::new();
-    for (frontend, spec) in desired {
-        let key = |b: &Backend| BackendKey {
-            addr: b.addr,
-            port: b.port,
-            proto: frontend.proto,
-        };
-        for backend in &spec.terminating {
-            flags
-                .entry(key(backend))
-                .or_insert(backend_flags::TERMINATING | local_flag(backend));
-        }
-        for backend in &spec.backends {
-            flags.insert(key(backend), local_flag(backend));
-        }
-    }
-    flags
-}
-
 /// Builds a plan in three buckets that are concatenated in order.
 pub(super) struct Planner<'a> {
     pub(super) current: &'a DatapathState,
@@ -108,9 +91,8 @@ pub(super) struct Planner<'a> {
     /// Everything that removes.
     pub(super) tail: Vec<Op>,
     pub(super) problems: Vec<String>,
-    pub(super) backend_flags: BTreeMap<BackendKey, u8>,
     /// Ids of the backends in the maps.
-    pub(super) known_backend_ids: &'a HashMap<BackendKey, u32>,
+    pub(super) known_backend_ids: &'a BTreeMap<BackendKey, u32>,
     /// Ids allocated by this plan.
     pub(super) new_backend_ids: BTreeMap<BackendKey, u32>,
     pub(super) backend_alloc: IdAllocator<'a>,
@@ -121,25 +103,17 @@ pub(super) struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(
-        current: &'a DatapathState,
-        desired: &BTreeMap<Frontend, FrontendSpec>,
-        backend_ids: &'a HashMap<BackendKey, u32>,
-    ) -> Self {
+    fn new(current: &'a DatapathState, backend_ids: &'a BTreeMap<BackendKey, u32>) -> Self {
         Self {
             current,
             head: Vec::new(),
             slots: Vec::new(),
             tail: Vec::new(),
             problems: Vec::new(),
-            backend_flags: desired_backend_flags(desired),
-            // Reuse the id of an identical backend.
+            // Reuse the id of an identical backend of the same frontend.
             known_backend_ids: backend_ids,
             new_backend_ids: BTreeMap::new(),
-            backend_alloc: IdAllocator::new(
-                current.backends.keys().copied(),
-                limits::MAX_BACKENDS - 1,
-            ),
+            backend_alloc: backend_allocator(current),
             rev_nat_alloc: IdAllocator::new(
                 current
                     .rev_nats
@@ -187,11 +161,14 @@ impl<'a> Planner<'a> {
         let wanted = truncate_backends(frontend, &spec.backends, &mut self.problems);
         let new_slots: Vec<u32> = wanted
             .iter()
-            .filter_map(|backend| self.backend_id(frontend, backend))
+            .filter_map(|backend| {
+                self.backend_id(frontend, rev_nat_id, backend, local_flag(backend))
+            })
             .collect();
-        // Terminating backends stay in the backend map (flows drain).
-        for backend in &spec.terminating {
-            let _ = self.backend_id(frontend, backend);
+        // Draining backends stay in the backend map (their flows go on).
+        for backend in spec.terminating.iter().chain(&spec.not_ready) {
+            let flags = draining_flags(spec, backend);
+            let _ = self.backend_id(frontend, rev_nat_id, backend, flags);
         }
 
         let old_slots = existing.map_or(&[][..], |state| &state.slots[..]);
@@ -226,15 +203,23 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// The id of `backend` for `frontend`'s protocol, allocated if new; its
-    /// entry is (re)written when new or when its flags changed.
-    fn backend_id(&mut self, frontend: &Frontend, backend: &Backend) -> Option<u32> {
+    /// The id of `backend` of `frontend` (rev-NAT id `rev_nat_id`),
+    /// allocated if new; its entry is (re)written with `flags` when new or
+    /// when its flags changed. The first call for a backend in a plan sets
+    /// its flags (a spec naming it twice: the slot's win).
+    fn backend_id(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: u32,
+        backend: &Backend,
+        flags: u8,
+    ) -> Option<u32> {
         let key = BackendKey {
+            rev_nat_id,
             addr: backend.addr,
             port: backend.port,
             proto: frontend.proto,
         };
-        let flags = self.backend_flags.get(&key).copied().unwrap_or(0);
         let entry = BackendEntry { key, flags };
         let id = if let Some(id) = self
             .known_backend_ids

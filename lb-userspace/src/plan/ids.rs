@@ -40,11 +40,9 @@ impl IdsInUse<'_> {
 }
 
 /// Hands out ids that are not in use, starting after the highest id in use
-/// and moving forward, so that ids freed below it are not handed out again
-/// soon (stale conntrack entries may still name them). An id freed at the
-/// top is the next one handed out by a later plan; a flow still naming it
-/// then reaches the new backend, as after any backend change (TCP gets a
-/// reset, UDP carries on).
+/// (or at a given floor, see `DatapathState::next_backend_id`) and moving
+/// forward, wrapping at `max`, so that ids freed are not handed out again
+/// soon (stale conntrack and affinity entries may still name them).
 #[derive(Debug)]
 pub(super) struct IdAllocator<'a> {
     in_use: IdsInUse<'a>,
@@ -60,7 +58,15 @@ impl<'a> IdAllocator<'a> {
     }
 
     pub(super) fn over(in_use: IdsInUse<'a>, max: u32) -> Self {
-        let next = in_use.last().map_or(1, |last| last.saturating_add(1));
+        Self::starting_at(in_use, 0, max)
+    }
+
+    /// As `over`, handing out nothing below `floor` before it wraps.
+    pub(super) fn starting_at(in_use: IdsInUse<'a>, floor: u32, max: u32) -> Self {
+        let next = in_use
+            .last()
+            .map_or(1, |last| last.saturating_add(1))
+            .max(floor);
         Self {
             in_use,
             taken: BTreeSet::new(),

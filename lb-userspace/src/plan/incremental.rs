@@ -1,79 +1,37 @@
 //! The plan over the changed frontends only, and the index it needs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use lb_common::{backend_flags, limits};
+use lb_common::limits;
 
-use super::diff::{Planner, backend_ids, backend_keys, local_flag};
+use super::diff::{Planner, backend_allocator, backend_ids};
 use super::ids::{IdAllocator, IdsInUse};
-use super::{BackendEntry, BackendKey, DatapathState, Op, Plan};
-use crate::model::{Backend, Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
+use super::{BackendKey, DatapathState, Op, Plan};
+use crate::model::{Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
 
 /// What a plan over only the changed frontends needs beyond the state:
-/// backend ids by address, and which desired frontends name each backend.
+/// backend ids by frontend and address. (A backend entry belongs to one
+/// frontend, so a change of one frontend touches its own entries only.)
 ///
 /// Valid while the state is what the previous plans made of the desired
 /// frontends; after a failed write or a plan with problems, make a new one
 /// (and a full [`diff`](super::diff())).
 #[derive(Debug, Default)]
 pub struct PlanIndex {
-    backend_ids: HashMap<BackendKey, u32>,
-    /// Desired frontends naming each backend, sorted.
-    users: HashMap<BackendKey, Vec<Frontend>>,
+    backend_ids: BTreeMap<BackendKey, u32>,
 }
 
 impl PlanIndex {
-    /// Indexes `state` and `desired` (O(all)).
+    /// Indexes `state` (O(all)); `desired` is what the state was made of.
     #[must_use]
     pub fn new(state: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>) -> Self {
-        let mut users: HashMap<BackendKey, Vec<Frontend>> = HashMap::new();
-        for (frontend, spec) in desired {
-            for key in backend_keys(frontend, spec) {
-                let list = users.entry(key).or_default();
-                // Frontends come in order; a spec may name a key twice.
-                if list.last() != Some(frontend) {
-                    list.push(*frontend);
-                }
-            }
-        }
+        // Every entry of the state is one of a desired frontend's: the
+        // index needs nothing from `desired` itself.
+        let _ = desired;
         Self {
             backend_ids: backend_ids(state),
-            users,
         }
-    }
-
-    /// Follows the desired frontends through `changes`; returns the backends
-    /// whose users changed.
-    fn follow(
-        &mut self,
-        desired: &BTreeMap<Frontend, FrontendSpec>,
-        changes: &FrontendChanges,
-    ) -> BTreeSet<BackendKey> {
-        let mut touched = BTreeSet::new();
-        for (frontend, old) in changes {
-            for key in old.iter().flat_map(|spec| backend_keys(frontend, spec)) {
-                if let Some(list) = self.users.get_mut(&key) {
-                    list.retain(|user| user != frontend);
-                    if list.is_empty() {
-                        self.users.remove(&key);
-                    }
-                }
-                touched.insert(key);
-            }
-            for key in desired
-                .get(frontend)
-                .into_iter()
-                .flat_map(|spec| backend_keys(frontend, spec))
-            {
-                let list = self.users.entry(key).or_default();
-                if let Err(at) = list.binary_search(frontend) {
-                    list.insert(at, *frontend);
-                }
-                touched.insert(key);
-            }
-        }
-        touched
     }
 
     /// Records the backend ids `ops` wrote; call once they are all in the
@@ -102,35 +60,21 @@ impl PlanIndex {
         }
     }
 
-    /// The flags `desired_backend_flags` gives `key`, from its users only;
-    /// `None` when no frontend names it.
-    fn flags_of(&self, key: &BackendKey, desired: &BTreeMap<Frontend, FrontendSpec>) -> Option<u8> {
-        let mut flags = None;
-        let same = |backend: &&Backend| backend.addr == key.addr && backend.port == key.port;
-        for frontend in self.users.get(key).into_iter().flatten() {
-            let Some(spec) = desired.get(frontend) else {
-                continue;
-            };
-            for backend in spec.terminating.iter().filter(same) {
-                flags.get_or_insert(backend_flags::TERMINATING | local_flag(backend));
-            }
-            for backend in spec.backends.iter().filter(same) {
-                flags = Some(local_flag(backend));
-            }
-        }
-        flags
+    /// The backend entries of the frontend with `rev_nat_id`.
+    fn backends_of(&self, rev_nat_id: u32) -> impl Iterator<Item = (&BackendKey, &u32)> {
+        self.backend_ids
+            .range(first_key(rev_nat_id)..)
+            .take_while(move |(key, _)| key.rev_nat_id == rev_nat_id)
     }
+}
 
-    /// Whether a plan over all of `desired` would keep `key` in the map:
-    /// some frontend has it in a slot (within the slot limit) or draining.
-    fn in_use(&self, key: &BackendKey, desired: &BTreeMap<Frontend, FrontendSpec>) -> bool {
-        let same = |backend: &Backend| backend.addr == key.addr && backend.port == key.port;
-        let max = usize::from(limits::MAX_BACKENDS_PER_SERVICE);
-        self.users.get(key).into_iter().flatten().any(|frontend| {
-            desired.get(frontend).is_some_and(|spec| {
-                spec.backends.iter().take(max).any(same) || spec.terminating.iter().any(same)
-            })
-        })
+/// The smallest backend key of a frontend.
+fn first_key(rev_nat_id: u32) -> BackendKey {
+    BackendKey {
+        rev_nat_id,
+        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        port: 0,
+        proto: Protocol::Tcp,
     }
 }
 
@@ -147,24 +91,15 @@ pub fn diff_changes(
     desired: &BTreeMap<Frontend, FrontendSpec>,
     changes: &FrontendChanges,
 ) -> Plan {
-    let touched = index.follow(desired, changes);
-    let flags: BTreeMap<BackendKey, u8> = touched
-        .iter()
-        .filter_map(|key| Some((*key, index.flags_of(key, desired)?)))
-        .collect();
     let mut planner = Planner {
         current,
         head: Vec::new(),
         slots: Vec::new(),
         tail: Vec::new(),
         problems: Vec::new(),
-        backend_flags: flags,
         known_backend_ids: &index.backend_ids,
         new_backend_ids: BTreeMap::new(),
-        backend_alloc: IdAllocator::over(
-            IdsInUse::Backends(&current.backends),
-            limits::MAX_BACKENDS - 1,
-        ),
+        backend_alloc: backend_allocator(current),
         rev_nat_alloc: IdAllocator::over(
             IdsInUse::RevNats(&current.rev_nats),
             limits::MAX_FRONTENDS - 1,
@@ -178,22 +113,7 @@ pub fn diff_changes(
             planner.frontend(frontend, spec);
         }
     }
-    // Backends of unchanged frontends whose flags changed with the others.
-    for key in &touched {
-        if index.in_use(key, desired)
-            && let Some(&id) = index.backend_ids.get(key)
-            && planner.backends_used.insert(id)
-        {
-            let entry = BackendEntry {
-                key: *key,
-                flags: planner.backend_flags.get(key).copied().unwrap_or(0),
-            };
-            if current.backends.get(&id) != Some(&entry) {
-                planner.head.push(Op::PutBackend { id, backend: entry });
-            }
-        }
-    }
-    planner.removals_of(changes, &touched, index, desired);
+    planner.removals_of(changes, index, desired);
     planner.markers_of(changes, desired);
     planner.finish()
 }
@@ -203,7 +123,6 @@ impl Planner<'_> {
     fn removals_of(
         &mut self,
         changes: &FrontendChanges,
-        touched: &BTreeSet<BackendKey>,
         index: &PlanIndex,
         desired: &BTreeMap<Frontend, FrontendSpec>,
     ) {
@@ -244,12 +163,15 @@ impl Planner<'_> {
                 });
             }
         }
-        for key in touched {
-            if let Some(&id) = index.backend_ids.get(key)
-                && !self.backends_used.contains(&id)
-                && !index.in_use(key, desired)
-            {
-                self.tail.push(Op::DeleteBackend { id, addr: key.addr });
+        // A changed frontend's entries its new spec no longer names.
+        for frontend in changes.keys() {
+            let Some(state) = self.current.frontends.get(frontend) else {
+                continue;
+            };
+            for (key, &id) in index.backends_of(state.rev_nat_id) {
+                if !self.backends_used.contains(&id) {
+                    self.tail.push(Op::DeleteBackend { id, addr: key.addr });
+                }
             }
         }
     }

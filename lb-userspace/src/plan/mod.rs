@@ -8,9 +8,16 @@
 //! 4. slots beyond the new count, removed frontends (slot 0 first),
 //! 5. rev-NAT entries and backends nothing refers to any more.
 //!
-//! Ids are stable: a frontend keeps its rev-NAT id and a backend address
-//! keeps its backend id for as long as they exist, also across agent restarts
-//! (the state is read back from the pinned maps).
+//! Ids are stable: a frontend keeps its rev-NAT id and a backend keeps its
+//! backend id for as long as they exist, also across agent restarts (the
+//! state is read back from the pinned maps).
+//!
+//! A backend entry belongs to one frontend (its rev-NAT id is part of the
+//! entry), so that the datapath accepts a flow or an affinity entry only
+//! while its backend is one of *that* frontend's: an endpoint behind two
+//! frontends has two entries, two ids. Backend ids only move forward
+//! ([`DatapathState::next_backend_id`]): an id freed is not handed out
+//! again while a conntrack or affinity entry may still name it.
 //!
 //! Where each part lives: this file holds the state and op types and
 //! [`apply_to_state`]; `diff` plans over all frontends ([`diff()`]),
@@ -31,9 +38,12 @@ use crate::model::{Frontend, Protocol};
 pub use diff::diff;
 pub use incremental::{PlanIndex, diff_changes};
 
-/// A backend as stored in the backend maps.
+/// A backend as stored in the backend maps: one endpoint of one frontend.
+/// Ordered by frontend first, so that a frontend's backends are a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendKey {
+    /// Rev-NAT id of the frontend the entry belongs to.
+    pub rev_nat_id: u32,
     /// Backend address.
     pub addr: IpAddr,
     /// Backend port.
@@ -68,7 +78,7 @@ pub struct FrontendState {
 pub type SourceRange = (u32, IpAddr, u8);
 
 /// What the maps hold, in userspace terms.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct DatapathState {
     /// Frontends (service slot 0 entries) with their slots.
     pub frontends: BTreeMap<Frontend, FrontendState>,
@@ -80,7 +90,27 @@ pub struct DatapathState {
     pub markers: BTreeSet<IpAddr>,
     /// Allowed client prefixes per frontend.
     pub source_ranges: BTreeSet<SourceRange>,
+    /// Backend ids below this were handed out already: new ones start here
+    /// (0: after the highest id in `backends`). Read back from the maps it
+    /// is what `Maps::apply_ops` recorded there (or the highest id + 1
+    /// without a record); should a record be lost, the datapath's
+    /// per-frontend check still keeps a stale entry naming an id handed out
+    /// again off every other frontend's backends. Not an entry of the
+    /// maps' frontends or backends: equality leaves it out.
+    pub next_backend_id: u32,
 }
+
+impl PartialEq for DatapathState {
+    fn eq(&self, other: &Self) -> bool {
+        self.frontends == other.frontends
+            && self.backends == other.backends
+            && self.rev_nats == other.rev_nats
+            && self.markers == other.markers
+            && self.source_ranges == other.source_ranges
+    }
+}
+
+impl Eq for DatapathState {}
 
 /// One map write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +167,7 @@ pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
         match op {
             Op::PutBackend { id, backend } => {
                 state.backends.insert(*id, *backend);
+                state.next_backend_id = state.next_backend_id.max(id.saturating_add(1));
             }
             Op::PutRevNat { id, frontend } => {
                 state.rev_nats.insert(*id, (frontend.addr, frontend.port));

@@ -34,6 +34,8 @@ pub(super) fn spec(backends: &[(&str, u16)]) -> FrontendSpec {
             .map(|(addr, port)| backend(addr, *port))
             .collect(),
         terminating: Vec::new(),
+        not_ready: Vec::new(),
+        not_serving: Vec::new(),
         external_local: false,
         internal_local: false,
         affinity_timeout_s: 0,

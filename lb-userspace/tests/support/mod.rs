@@ -20,6 +20,7 @@
 pub(crate) mod clients;
 pub(crate) mod cluster;
 pub(crate) mod frames;
+pub(crate) mod fuzz;
 pub(crate) mod lab;
 pub(crate) mod manifests;
 pub(crate) mod netns;

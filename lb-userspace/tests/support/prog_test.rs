@@ -59,6 +59,8 @@ pub(crate) fn spec(kind: FrontendKind, backends: &[SocketAddr]) -> FrontendSpec 
         kind,
         backends,
         terminating: Vec::new(),
+        not_ready: Vec::new(),
+        not_serving: Vec::new(),
         external_local: false,
         internal_local: false,
         affinity_timeout_s: 0,

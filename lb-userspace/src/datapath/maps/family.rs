@@ -30,6 +30,9 @@ pub(crate) trait MapFamily {
     type Addr: MapAddr + Into<IpAddr>;
     /// `IPv4` or `IPv6`, for messages.
     const NAME: &'static str;
+    /// Entries of the backend map that are records, not backends (see
+    /// `next_id`).
+    const BACKEND_RECORDS: u32;
     /// The family's map names.
     const SERVICES: &'static str;
     const BACKENDS: &'static str;
@@ -48,6 +51,7 @@ pub(crate) struct V6;
 impl MapFamily for V4 {
     type Addr = Addr4;
     const NAME: &'static str = "IPv4";
+    const BACKEND_RECORDS: u32 = super::BACKEND_RECORDS4;
     const SERVICES: &'static str = map_names::SERVICES4;
     const BACKENDS: &'static str = map_names::BACKENDS4;
     const REVNAT: &'static str = map_names::REVNAT4;
@@ -64,6 +68,7 @@ impl MapFamily for V4 {
 impl MapFamily for V6 {
     type Addr = Addr6;
     const NAME: &'static str = "IPv6";
+    const BACKEND_RECORDS: u32 = 0;
     const SERVICES: &'static str = map_names::SERVICES6;
     const BACKENDS: &'static str = map_names::BACKENDS6;
     const REVNAT: &'static str = map_names::REVNAT6;
@@ -123,6 +128,16 @@ pub(super) fn backend_value<A: MapAddr>(addr: A, backend: BackendEntry) -> Backe
         port_be: backend.key.port.to_be(),
         proto: backend.key.proto.number(),
         flags: backend.flags,
+        rev_nat_id: backend.key.rev_nat_id,
+    }
+}
+
+/// The rev-NAT-map value of a frontend at `addr`:`port`.
+fn rev_nat_value<A: MapAddr>(addr: A, port: u16) -> RevNat<A> {
+    RevNat {
+        addr,
+        port_be: port.to_be(),
+        _pad: 0,
     }
 }
 
@@ -201,7 +216,15 @@ where
             (F::CT, self.ct.map()),
         ]
         .into_iter()
-        .filter_map(|(name, map)| Some((name, map.info().ok()?.max_entries())))
+        .filter_map(|(name, map)| {
+            let entries = map.info().ok()?.max_entries();
+            let records = if name == F::BACKENDS {
+                F::BACKEND_RECORDS
+            } else {
+                0
+            };
+            Some((name, entries.saturating_sub(records)))
+        })
         .collect()
     }
 
@@ -247,6 +270,7 @@ where
             let (id, value) = item.map_err(access(format!("iterate {family} backends")))?;
             if let Some(proto) = protocol(value.proto) {
                 let key = BackendKey {
+                    rev_nat_id: value.rev_nat_id,
                     addr: value.addr.into(),
                     port: u16::from_be(value.port_be),
                     proto,
@@ -302,11 +326,7 @@ where
     fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
         let what = format!("write rev-NAT {id} of {frontend}");
         let addr = family_addr::<F>(frontend.addr, &what)?;
-        let value = RevNat {
-            addr,
-            port_be: frontend.port.to_be(),
-            _pad: 0,
-        };
+        let value = rev_nat_value(addr, frontend.port);
         self.rev_nat
             .insert(&id, &value, 0)
             .map_err(write_to(F::REVNAT, what))
@@ -349,6 +369,12 @@ where
             BatchKind::Backends => batch_of(self.backends.map(), run, |op| match *op {
                 Op::PutBackend { id, backend } => {
                     Some((id, backend_value(F::addr(backend.key.addr)?, backend)))
+                }
+                _ => None,
+            }),
+            BatchKind::RevNats => batch_of(self.rev_nat.map(), run, |op| match *op {
+                Op::PutRevNat { id, frontend } => {
+                    Some((id, rev_nat_value(F::addr(frontend.addr)?, frontend.port)))
                 }
                 _ => None,
             }),

@@ -6,6 +6,8 @@
 //! failure); this file opens the maps and holds what both families share.
 
 mod family;
+mod next_id;
+pub(crate) use next_id::BACKEND_RECORDS4;
 mod write;
 
 use std::{net::IpAddr, path::Path};
@@ -209,6 +211,11 @@ impl Maps {
         for family in self.families() {
             family.read_into(&mut state, &mut entries)?;
         }
+        state.next_backend_id = state
+            .backends
+            .last_key_value()
+            .map_or(0, |(id, _)| id.saturating_add(1))
+            .max(self.recorded_next_backend_id());
         let ServiceEntries { heads, mut slots } = entries;
         for (frontend, head) in heads {
             let known = slots.remove(&frontend).unwrap_or_default();
@@ -284,6 +291,32 @@ impl Maps {
         self.svc_stats
             .set(rev_nat_id, zeros, 0)
             .map_err(access(format!("zero counters of rev-NAT {rev_nat_id}")))
+    }
+
+    /// Zeroes the counters of the rev-NAT ids of `run` in one batch; false
+    /// if the kernel refused (the writes then go one by one, each with its
+    /// own reset).
+    fn reset_stats_batch(&self, run: &[&Op]) -> bool {
+        use aya::maps::IterableMap as _;
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return false;
+        };
+        let ids: Vec<u32> = run
+            .iter()
+            .filter_map(|op| match **op {
+                Op::PutRevNat { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        // A per-CPU value is one `LbStats` (16 bytes, 8-aligned) per
+        // possible CPU.
+        let zeros = vec![LbStats::default(); ids.len() * cpus.get() as usize];
+        super::batch::update_batch_raw(
+            self.svc_stats.map(),
+            ids.as_ptr().cast(),
+            zeros.as_ptr().cast(),
+            ids.len(),
+        ) == ids.len()
     }
 
     /// Packets and bytes per rev-NAT id, summed over CPUs.

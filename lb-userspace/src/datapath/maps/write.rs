@@ -27,6 +27,9 @@ impl Maps {
     /// frontends that do not fit stay out whole, and a frontend already
     /// there keeps its last complete entry.
     pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        // First, so that the record has its entry before the backends fill
+        // the map, and an id is recorded as used before any entry names it.
+        self.record_next_backend_id(ops);
         let mut outcomes = Outcomes {
             failed: Failed::default(),
             on_result,
@@ -56,7 +59,7 @@ impl Maps {
     /// large), then what cannot be batched and what a batch left, one by one.
     fn apply_run(&mut self, run: &[Op], on_result: &mut Outcomes<'_>) {
         const PARALLEL_FROM: usize = 4096;
-        let mut groups: [Vec<&Op>; 4] = Default::default();
+        let mut groups: [Vec<&Op>; BatchTarget::ALL.len()] = Default::default();
         let mut singles = Vec::new();
         for op in run {
             if let Some(error) = on_result.failed.blocks(op) {
@@ -68,7 +71,7 @@ impl Maps {
                 None => singles.push(op),
             }
         }
-        let mut written = [0usize; 4];
+        let mut written = [0usize; BatchTarget::ALL.len()];
         let this = &*self;
         if run.len() >= PARALLEL_FROM {
             // One thread per map that has writes (a run holds one kind of
@@ -117,6 +120,12 @@ impl Maps {
     /// kernel wrote (all, or those before the one that failed).
     fn update_batch(&self, target: BatchTarget, run: &[&Op]) -> usize {
         if run.len() < 2 {
+            return 0;
+        }
+        // A rev-NAT id starts with zeroed counters (see `Maps::apply_op`);
+        // when they cannot be zeroed in one batch, the writes go one by one,
+        // each with its own reset.
+        if target.kind == BatchKind::RevNats && !self.reset_stats_batch(run) {
             return 0;
         }
         let family = if target.v4 {
@@ -200,6 +209,7 @@ impl Failed {
 pub(super) enum BatchKind {
     Services,
     Backends,
+    RevNats,
 }
 
 /// The map a batched write goes to: its family and kind.
@@ -236,11 +246,13 @@ impl RunClass {
 
 impl BatchTarget {
     /// Every target, in the order of `apply_run`'s groups.
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 6] = [
         Self::new(true, BatchKind::Services),
         Self::new(false, BatchKind::Services),
         Self::new(true, BatchKind::Backends),
         Self::new(false, BatchKind::Backends),
+        Self::new(true, BatchKind::RevNats),
+        Self::new(false, BatchKind::RevNats),
     ];
 
     const fn new(v4: bool, kind: BatchKind) -> Self {
@@ -256,6 +268,9 @@ impl BatchTarget {
             Op::PutMarker { addr } => Some(Self::new(addr.is_ipv4(), BatchKind::Services)),
             Op::PutBackend { backend, .. } => {
                 Some(Self::new(backend.key.addr.is_ipv4(), BatchKind::Backends))
+            }
+            Op::PutRevNat { frontend, .. } => {
+                Some(Self::new(frontend.addr.is_ipv4(), BatchKind::RevNats))
             }
             _ => None,
         }

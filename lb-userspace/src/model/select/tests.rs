@@ -566,3 +566,49 @@ fn topology_does_not_apply_to_local_traffic_policies() {
         )
     );
 }
+
+/// Endpoints still in the slice but taking no new flows drain: not ready
+/// ones (a readiness flap) next to the terminating ones; those not serving
+/// either are listed for the datapath to move their UDP flows.
+#[test]
+fn not_ready_endpoints_drain_and_not_serving_ones_are_listed() {
+    let model = build_on(
+        [web("10.96.0.10")],
+        [web_slice("web-1", IpFamily::V4)
+            .endpoint(EndpointBuilder::new("10.244.1.1").up())
+            .endpoint(EndpointBuilder::new("10.244.1.2").draining())
+            .endpoint(
+                EndpointBuilder::new("10.244.1.3")
+                    .ready(false)
+                    .serving(false)
+                    .terminating(true),
+            )
+            .endpoint(
+                EndpointBuilder::new("10.244.1.4")
+                    .ready(false)
+                    .serving(false)
+                    .terminating(false),
+            )
+            .endpoint(
+                EndpointBuilder::new("10.244.1.5")
+                    .ready(false)
+                    .serving(true),
+            )],
+        &node_a(),
+    );
+    assert_eq!(model.errors, []);
+    let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(spec.backends, [be("10.244.1.1", 8080, false)]);
+    assert_eq!(
+        spec.terminating,
+        [be("10.244.1.2", 8080, false), be("10.244.1.3", 8080, false)]
+    );
+    assert_eq!(
+        spec.not_ready,
+        [be("10.244.1.4", 8080, false), be("10.244.1.5", 8080, false)]
+    );
+    assert_eq!(
+        spec.not_serving,
+        [be("10.244.1.3", 8080, false), be("10.244.1.4", 8080, false)]
+    );
+}

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use lb_common::{backend_flags, svc_flags};
 
 use crate::model::FrontendKind;
-use crate::plan::test_fixtures::{converge, fe, spec};
+use crate::plan::test_fixtures::{backend, converge, fe, spec};
 use crate::plan::{DatapathState, Op};
 
 #[test]
@@ -100,15 +100,84 @@ fn removed_frontend_deletes_slot_zero_first_and_frees_everything() {
     assert_eq!(state, DatapathState::default());
 }
 
+/// Membership is per frontend: one endpoint behind two frontends has an
+/// entry (and an id) in each, naming its frontend, so that a flow of one
+/// never passes the datapath's check for the other.
 #[test]
-fn same_backend_in_two_services_shares_one_id() {
+fn same_endpoint_in_two_frontends_has_an_entry_in_each() {
     let mut state = DatapathState::default();
+    let (a, b) = (fe("198.19.0.10", 80), fe("198.19.0.11", 80));
     let desired = BTreeMap::from([
-        (fe("198.19.0.10", 80), spec(&[("198.18.2.2", 8080)])),
-        (fe("198.19.0.11", 80), spec(&[("198.18.2.2", 8080)])),
+        (a, spec(&[("198.18.2.2", 8080)])),
+        (b, spec(&[("198.18.2.2", 8080)])),
     ]);
     converge(&mut state, &desired);
+    assert_eq!(state.backends.len(), 2);
+    for frontend in [a, b] {
+        let got = &state.frontends[&frontend];
+        let backend = state.backends[&got.slots[0]];
+        assert_eq!(backend.key.rev_nat_id, got.rev_nat_id, "{frontend}");
+    }
+    // Removed from one frontend only: that frontend's entry goes.
+    let desired = BTreeMap::from([(a, spec(&[])), (b, spec(&[("198.18.2.2", 8080)]))]);
+    converge(&mut state, &desired);
     assert_eq!(state.backends.len(), 1);
+    let kept = state.backends.values().next().unwrap();
+    assert_eq!(kept.key.rev_nat_id, state.frontends[&b].rev_nat_id);
+}
+
+/// A freed backend id is not handed out again, even the highest one.
+#[test]
+fn backend_ids_are_never_reused() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    converge(
+        &mut state,
+        &BTreeMap::from([(v4, spec(&[("198.18.2.2", 8080)]))]),
+    );
+    let first = state.frontends[&v4].slots[0];
+    converge(&mut state, &BTreeMap::from([(v4, spec(&[]))]));
+    assert!(state.backends.is_empty());
+    converge(
+        &mut state,
+        &BTreeMap::from([(v4, spec(&[("198.18.2.3", 8080)]))]),
+    );
+    assert!(state.frontends[&v4].slots[0] > first);
+    // Back in the slice: a new id as well.
+    let second = state.frontends[&v4].slots[0];
+    converge(
+        &mut state,
+        &BTreeMap::from([(v4, spec(&[("198.18.2.2", 8080)]))]),
+    );
+    assert!(state.frontends[&v4].slots[0] > second);
+}
+
+/// Not ready endpoints stay as draining entries (TCP flows go on); those
+/// not serving either are flagged so that their UDP flows move.
+#[test]
+fn not_ready_endpoints_drain_and_not_serving_is_flagged() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let mut web = spec(&[("198.18.2.2", 8080)]);
+    web.not_ready = vec![backend("198.18.3.2", 8080)];
+    web.terminating = vec![backend("198.18.4.2", 8080)];
+    converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    let flags: Vec<u8> = state.backends.values().map(|b| b.flags).collect();
+    assert_eq!(
+        flags,
+        [0, backend_flags::TERMINATING, backend_flags::TERMINATING]
+    );
+    web.not_serving = web.not_ready.clone();
+    converge(&mut state, &BTreeMap::from([(v4, web)]));
+    let flags: Vec<u8> = state.backends.values().map(|b| b.flags).collect();
+    assert_eq!(
+        flags,
+        [
+            0,
+            backend_flags::TERMINATING,
+            backend_flags::TERMINATING | backend_flags::NOT_SERVING
+        ]
+    );
 }
 
 #[test]

@@ -89,18 +89,19 @@ pub enum KubeSourceError {
     #[error("--source kube needs the node's name: --node-name or NODE_NAME")]
     NoNodeName,
     /// The kubeconfig file is unusable.
-    #[error("kubeconfig {path}: {reason}")]
+    #[error("kubeconfig {path}")]
     Kubeconfig {
         /// The file.
         path: PathBuf,
-        /// Why, with its causes.
-        reason: String,
+        /// Why.
+        #[source]
+        source: kube::config::KubeconfigError,
     },
     /// No kubeconfig and not in a cluster.
     #[error(
-        "no cluster configuration: no --kubeconfig, KUBECONFIG or ~/.kube/config, and not in a pod ({0})"
+        "no cluster configuration: no --kubeconfig, KUBECONFIG or ~/.kube/config, and not in a pod"
     )]
-    NoConfig(String),
+    NoConfig(#[source] kube::config::InClusterError),
 }
 
 /// Checks what can be checked before starting, then starts the source.
@@ -125,9 +126,9 @@ pub fn spawn(
 
 fn precheck(kubeconfig: Option<&Path>) -> Result<(), KubeSourceError> {
     if let Some(path) = kubeconfig {
-        Kubeconfig::read_from(path).map_err(|e| KubeSourceError::Kubeconfig {
+        Kubeconfig::read_from(path).map_err(|source| KubeSourceError::Kubeconfig {
             path: path.to_owned(),
-            reason: with_causes(&e),
+            source,
         })?;
         return Ok(());
     }
@@ -139,7 +140,7 @@ fn precheck(kubeconfig: Option<&Path>) -> Result<(), KubeSourceError> {
     }
     Config::incluster()
         .map(drop)
-        .map_err(|e| KubeSourceError::NoConfig(with_causes(&e)))
+        .map_err(KubeSourceError::NoConfig)
 }
 
 /// A client for CONFIG's cluster.
@@ -163,18 +164,8 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
 }
 
 /// ERROR and its causes, `: `-joined (kube's errors name only the outermost).
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    crate::error::Causes(error).to_string()
 }
 /// The node facts the model needs, from the agent's Node object: its
 /// `InternalIP` and `ExternalIP` addresses (both families, deduplicated, in

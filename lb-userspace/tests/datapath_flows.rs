@@ -1,0 +1,353 @@
+//! Datapath tests (root): the real TC program run with `BPF_PROG_TEST_RUN` on
+//! crafted IPv4/IPv6 TCP/UDP frames (see `support::prog_test` and
+//! `support::frames`).
+//!
+//! This file: how long a flow lives as its endpoints change. A frontend
+//! without endpoints for new flows refuses new flows only; a readiness flap
+//! keeps TCP flows where they are and moves UDP flows off an endpoint that
+//! no longer serves; a flow or an affinity entry is valid only while its
+//! backend is one of that frontend's, whatever other frontends share it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
+use lb_userspace::plan;
+
+use support::frames::{
+    Frame, TCP_ACK, TCP_PSH, TCP_SYN, assert_port_unreachable, assert_tcp_reset, verify_checksums,
+};
+use support::prog_test::{
+    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, VIP4, VIP6, addrs, frontend, spec,
+};
+
+/// The families: service address, client address, backends.
+const FAMILIES: [(&str, &str, [&str; 3]); 2] = [
+    (VIP4, "198.18.1.2", BACKENDS4),
+    (VIP6, "fd00:1::2", BACKENDS6),
+];
+
+fn be(addr: SocketAddr) -> Backend {
+    Backend {
+        addr: addr.ip(),
+        port: addr.port(),
+        node_local: false,
+    }
+}
+
+/// A `ClusterIP` spec taking new flows to `active`, draining `draining`
+/// (terminating), of which `not_serving` serve no more.
+fn draining_spec(
+    active: &[SocketAddr],
+    draining: &[SocketAddr],
+    not_serving: &[SocketAddr],
+) -> FrontendSpec {
+    let mut web = spec(FrontendKind::ClusterIp, active);
+    web.terminating = draining.iter().copied().map(be).collect();
+    web.not_serving = not_serving.iter().copied().map(be).collect();
+    web
+}
+
+/// A `ClusterIP` spec taking new flows to `active`, with `not_ready`
+/// endpoints (not terminating) of which `not_serving` serve no more.
+fn flapping_spec(
+    active: &[SocketAddr],
+    not_ready: &[SocketAddr],
+    not_serving: &[SocketAddr],
+) -> FrontendSpec {
+    let mut web = spec(FrontendKind::ClusterIp, active);
+    web.not_ready = not_ready.iter().copied().map(be).collect();
+    web.not_serving = not_serving.iter().copied().map(be).collect();
+    web
+}
+
+/// A packet from `client:sport` to `frontend`: a SYN (`first`) or an
+/// ACK+PSH for TCP, a datagram for UDP.
+fn packet(client: &str, sport: u16, frontend: &Frontend, first: bool) -> Frame {
+    let src = SocketAddr::new(client.parse().unwrap(), sport).to_string();
+    let dst = SocketAddr::new(frontend.addr, frontend.port).to_string();
+    match frontend.proto {
+        Protocol::Tcp if first => Frame::tcp(&src, &dst, TCP_SYN),
+        Protocol::Tcp => Frame::tcp(&src, &dst, TCP_ACK | TCP_PSH),
+        Protocol::Udp => Frame::udp(&src, &dst),
+    }
+}
+
+/// Runs `frame`; asserts it was translated and returns its backend.
+fn translated(fx: &mut Fixture, frame: &Frame, what: &str) -> SocketAddr {
+    let (verdict, out) = fx.run(&frame.bytes());
+    assert_eq!(verdict, TC_ACT_OK, "{what}: not translated");
+    let (_, backend) = verify_checksums(&out);
+    assert_eq!(out, frame.with_dst(backend).bytes(), "{what}: DNAT bytes");
+    backend
+}
+
+/// Runs `frame`; asserts it was refused (a reset for TCP, a port
+/// unreachable for UDP).
+fn refused(fx: &mut Fixture, frame: &Frame, what: &str) {
+    let input = frame.bytes();
+    let (verdict, out) = fx.run(&input);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: not refused");
+    match frame.proto {
+        Protocol::Tcp => assert_tcp_reset(&out, &input),
+        Protocol::Udp => assert_port_unreachable(&out, &input),
+    }
+}
+
+/// Issue 9, item 1: a frontend whose only endpoint terminates refuses new
+/// flows, but its established flows go on until the endpoint leaves the
+/// slice (kube-proxy rejects `ct state new` only).
+#[test]
+fn without_endpoints_for_new_flows_only_new_flows_are_refused() {
+    let Some(mut fx) = Fixture::new("without_endpoints_for_new_flows_only_new_flows_are_refused")
+    else {
+        return;
+    };
+    for (vip, client, list) in FAMILIES {
+        let only = addrs(&list)[0];
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let fe = frontend(vip, 80, proto);
+            let what = format!("{vip} {proto}");
+            fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[only]))]);
+            let first = packet(client, 40000, &fe, true);
+            assert_eq!(translated(&mut fx, &first, &what), only);
+            let follow = packet(client, 40000, &fe, false);
+
+            // Terminating and not serving: nothing takes new flows.
+            for not_serving in [&[][..], &[only][..]] {
+                fx.set_specs(&[(fe, draining_spec(&[], &[only], not_serving))]);
+                let established = fx.reason("nat_established");
+                let got = translated(&mut fx, &follow, &format!("{what}: established"));
+                assert_eq!(got, only, "{what}: established flow moved");
+                assert_eq!(fx.reason("nat_established"), established + 1);
+                let other = packet(client, 40001, &fe, true);
+                refused(&mut fx, &other, &format!("{what}: new flow"));
+            }
+
+            // Gone from the slice: the established flow is refused too.
+            fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[]))]);
+            refused(&mut fx, &follow, &format!("{what}: endpoint gone"));
+            fx.set_specs(&[]);
+        }
+    }
+}
+
+/// Issue 9, item 2: an endpoint that turns not ready (and not serving)
+/// without terminating takes no new flows; its TCP flows go on, its UDP
+/// flows move to a serving endpoint on their next datagram. A not ready
+/// endpoint that still serves keeps its UDP flows.
+#[test]
+fn readiness_flap_keeps_tcp_and_moves_udp_off_endpoints_not_serving() {
+    let Some(mut fx) = Fixture::new("readiness_flap_keeps_tcp_and_moves_udp") else {
+        return;
+    };
+    for (vip, client, list) in FAMILIES {
+        let all = addrs(&list);
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let fe = frontend(vip, 80, proto);
+            let what = format!("{vip} {proto}");
+            fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &all))]);
+            let first = packet(client, 41000, &fe, true);
+            let flapping = translated(&mut fx, &first, &what);
+            let others: Vec<SocketAddr> = all.iter().copied().filter(|b| *b != flapping).collect();
+            let follow = packet(client, 41000, &fe, false);
+
+            // Not ready but serving: the flow stays, for both protocols.
+            fx.set_specs(&[(fe, flapping_spec(&others, &[flapping], &[]))]);
+            let got = translated(&mut fx, &follow, &format!("{what}: not ready, serving"));
+            assert_eq!(got, flapping, "{what}: flow moved off a serving endpoint");
+
+            // Not serving either: TCP stays, UDP moves and sticks there.
+            fx.set_specs(&[(fe, flapping_spec(&others, &[flapping], &[flapping]))]);
+            let got = translated(&mut fx, &follow, &format!("{what}: not serving"));
+            if proto == Protocol::Tcp {
+                assert_eq!(got, flapping, "{what}: TCP flow cut by a readiness flap");
+            } else {
+                assert!(others.contains(&got), "{what}: UDP flow not moved: {got}");
+                let again = translated(&mut fx, &follow, &format!("{what}: moved"));
+                assert_eq!(again, got, "{what}: moved UDP flow does not stick");
+            }
+            // No new flow goes to it.
+            for sport in 41100..41140 {
+                let new = packet(client, sport, &fe, true);
+                let got = translated(&mut fx, &new, &format!("{what}: new flow"));
+                assert_ne!(got, flapping, "{what}: new flow to a not ready endpoint");
+            }
+            // Ready again: new flows may go to it, the flow is where it was.
+            fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &all))]);
+            let got = translated(&mut fx, &follow, &format!("{what}: ready again"));
+            if proto == Protocol::Tcp {
+                assert_eq!(got, flapping, "{what}: TCP flow moved");
+            }
+            fx.set_specs(&[]);
+        }
+    }
+}
+
+/// Issue 9, item 3: one endpoint behind two frontends, removed from one:
+/// that frontend's UDP flow moves off it and its affinity client is sent
+/// to the frontend's current backends, while the other frontend's flow
+/// stays.
+#[test]
+fn membership_is_per_frontend_for_flows_and_affinity() {
+    let Some(mut fx) = Fixture::new("membership_is_per_frontend_for_flows_and_affinity") else {
+        return;
+    };
+    for (vip, client, list) in FAMILIES {
+        let [shared, own, _] = [0, 1, 2].map(|i| addrs(&list)[i]);
+        let what = vip;
+
+        // UDP: A and B both have `shared`; then A loses it.
+        let (a, b) = (
+            frontend(vip, 53, Protocol::Udp),
+            frontend(vip, 54, Protocol::Udp),
+        );
+        let both = |a_backends: &[SocketAddr]| {
+            [
+                (a, spec(FrontendKind::ClusterIp, a_backends)),
+                (b, spec(FrontendKind::ClusterIp, &[shared])),
+            ]
+        };
+        fx.set_specs(&both(&[shared]));
+        let to_a = packet(client, 42000, &a, true);
+        let to_b = packet(client, 42000, &b, true);
+        assert_eq!(translated(&mut fx, &to_a, what), shared);
+        assert_eq!(translated(&mut fx, &to_b, what), shared);
+        fx.set_specs(&both(&[own]));
+        let got = translated(&mut fx, &to_a, &format!("{what}: A after removal"));
+        assert_eq!(
+            got, own,
+            "{what}: A's UDP flow kept an endpoint A no longer has"
+        );
+        let got = translated(&mut fx, &to_b, &format!("{what}: B"));
+        assert_eq!(got, shared, "{what}: B's flow moved");
+
+        // Affinity (TCP): the client of A is not sent to `shared` any more.
+        let (a, b) = (
+            frontend(vip, 80, Protocol::Tcp),
+            frontend(vip, 81, Protocol::Tcp),
+        );
+        let both = |a_backends: &[SocketAddr]| {
+            let mut sticky = spec(FrontendKind::ClusterIp, a_backends);
+            sticky.affinity_timeout_s = 600;
+            [(a, sticky), (b, spec(FrontendKind::ClusterIp, &[shared]))]
+        };
+        fx.set_specs(&both(&[shared]));
+        let first = packet(client, 43000, &a, true);
+        assert_eq!(translated(&mut fx, &first, what), shared);
+        fx.set_specs(&both(&[own]));
+        for sport in 43001..43005 {
+            let new = packet(client, sport, &a, true);
+            let got = translated(&mut fx, &new, &format!("{what}: affinity"));
+            assert_eq!(
+                got, own,
+                "{what}: affinity kept an endpoint A no longer has"
+            );
+        }
+        fx.set_specs(&[]);
+    }
+}
+
+/// Issue 9, item 3, the datapath's own check: the fixture reads the state
+/// back from the maps before every change and writes op by op
+/// (`Maps::apply_op`, which keeps no record of the next id), so an id freed
+/// at the top is handed out again, as after a restart that lost the
+/// record. A stale conntrack or affinity entry of frontend A naming that
+/// id, now frontend B's backend, must not send A's client to B's endpoint.
+#[test]
+fn stale_entry_never_lands_on_another_frontends_backend() {
+    let Some(mut fx) = Fixture::new("stale_entry_never_lands_on_another_frontends_backend") else {
+        return;
+    };
+    for (vip, client, list) in FAMILIES {
+        let [gone, own, other] = [0, 1, 2].map(|i| addrs(&list)[i]);
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let what = format!("{vip} {proto}");
+            // B sorts before A, so its new backend is given the id first.
+            let (b, a) = (frontend(vip, 70, proto), frontend(vip, 80, proto));
+            let a_spec = |backends: &[SocketAddr]| {
+                let mut sticky = spec(FrontendKind::ClusterIp, backends);
+                sticky.affinity_timeout_s = 600;
+                sticky
+            };
+            fx.set_specs(&[(a, a_spec(&[gone]))]);
+            let first = packet(client, 44000, &a, true);
+            assert_eq!(translated(&mut fx, &first, &what), gone);
+            let gone_id = fx
+                .conntrack()
+                .iter()
+                .find(|r| {
+                    r.direction == "service"
+                        && r.protocol == proto.name()
+                        && (r.source, r.destination) == (first.src, first.dst)
+                })
+                .expect("the flow's service entry")
+                .backend_id;
+            // A loses its endpoint (its id is freed, the highest), then B
+            // comes with a new one and A gets another.
+            fx.set_specs(&[(a, a_spec(&[]))]);
+            fx.set_specs(&[
+                (b, spec(FrontendKind::ClusterIp, &[other])),
+                (a, a_spec(&[own])),
+            ]);
+            let state = fx.maps.read_state().expect("state");
+            let b_slot = state.frontends[&b].slots[0];
+            assert_eq!(
+                b_slot, gone_id,
+                "{what}: the fixture no longer reuses the id"
+            );
+            // A's stale conntrack entry (UDP; TCP: the follow-up) and its
+            // client's affinity entry both name B's backend now.
+            let follow = packet(client, 44000, &a, false);
+            let got = translated(&mut fx, &follow, &format!("{what}: stale flow"));
+            assert_eq!(got, own, "{what}: A's flow landed on B's endpoint");
+            let new = packet(client, 44001, &a, true);
+            let got = translated(&mut fx, &new, &format!("{what}: stale affinity"));
+            assert_eq!(got, own, "{what}: A's affinity client sent to B's endpoint");
+            fx.set_specs(&[]);
+        }
+    }
+}
+
+/// Issue 9, item 3: backend ids written by the agent's path
+/// (`Maps::apply_ops`) keep moving forward across a restart (the state read
+/// back from the pins), also past an id freed at the top.
+#[test]
+fn backend_ids_keep_moving_forward_across_a_restart() {
+    let Some(mut fx) = Fixture::new("backend_ids_keep_moving_forward_across_a_restart") else {
+        return;
+    };
+    let maps = &mut fx.maps;
+    let fe = frontend(VIP4, 80, Protocol::Tcp);
+    let mut sync = |backends: &[SocketAddr]| {
+        let desired = BTreeMap::from([(fe, spec(FrontendKind::ClusterIp, backends))]);
+        // A fresh read each time: what an agent starts from after a restart.
+        let state = maps.read_state().expect("read state");
+        let plan = plan::diff(&state, &desired);
+        maps.apply_ops(&plan.ops, &mut |op, result| {
+            result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
+        });
+        let state = maps.read_state().expect("read state");
+        state.frontends[&fe].slots.clone()
+    };
+    let [b0, b1, b2] = [0, 1, 2].map(|i| addrs(&BACKENDS4)[i]);
+    let ids = sync(&[b0, b1]);
+    let highest = *ids.iter().max().unwrap();
+    // The highest id is freed, then a new endpoint comes.
+    sync(&[b0]);
+    let ids = sync(&[b0, b2]);
+    assert!(
+        ids.iter().max().unwrap() > &highest,
+        "an id freed at the top was handed out again: {ids:?} (highest was {highest})"
+    );
+    // Back in the slice: another new id, not its old one.
+    let before = *ids.iter().max().unwrap();
+    sync(&[b0]);
+    let ids = sync(&[b0, b1]);
+    assert!(ids.iter().max().unwrap() > &before, "{ids:?}");
+    // The record is not a backend of any frontend.
+    let state = maps.read_state().expect("read state");
+    assert!(!state.backends.contains_key(&0));
+}
