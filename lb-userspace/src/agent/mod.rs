@@ -28,7 +28,7 @@ use crate::{
     source::{self, SourceError, SourceSpec, SourceUpdate},
 };
 use links::{Loaded, load_and_attach, on_link_event};
-use reconcile::{Desired, Hooks, Pending, Reconciler};
+use reconcile::{Desired, Hooks, MapsRead, Pending, Reconciler};
 
 /// What `lb agent` was asked to do.
 #[derive(Debug, Clone)]
@@ -131,20 +131,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         pin_path = %config.pin_path.display(),
         "recovered state from pinned maps"
     );
-    // The scrapes' own handle on the same pinned maps; without one the
-    // metrics leave out the datapath counters, and the agent still runs.
-    let maps_reader = crate::datapath::maps::Maps::open_pinned(&config.pin_path)
-        .inspect_err(|error| {
-            tracing::warn!(error = %crate::error::Causes(error), "cannot open the maps for /metrics");
-        })
-        .ok();
+    let maps_reader = open_reader(&config.pin_path);
     let maps = Arc::new(Mutex::new(maps));
     let state = Arc::new(Mutex::new(state));
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
         shared.capacity.capacities = lock(&maps).capacities();
-        shared.maps_reader = maps_reader.map(Arc::new);
+        shared.maps_reader.clone_from(&maps_reader);
         shared.datapath = Some(Arc::clone(&state));
     }
 
@@ -163,7 +157,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         pending,
         Arc::clone(&shared),
         config.resync_interval,
+        maps_reader,
     );
+    // A resync's read of the maps, running on a blocking thread.
+    let mut read_back: Option<tokio::task::JoinHandle<MapsRead>> = None;
     if let Some(update) = first_update {
         reconciler.on_update(update);
     }
@@ -177,7 +174,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 };
                 reconciler.on_update(update);
             }
-            () = timers::sleep_until(reconciler.next_timer()) => reconciler.on_timer(),
+            () = timers::sleep_until(reconciler.next_timer()) => {
+                if let Some(job) = reconciler.on_timer()
+                    && read_back.is_none()
+                {
+                    read_back = Some(tokio::task::spawn_blocking(move || job.run()));
+                }
+            }
+            Some(read) = join(&mut read_back) => reconciler.finish_resync(read),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -188,6 +192,28 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
+}
+
+/// A read-only handle of its own on the pinned maps, for the scrapes and
+/// the resyncs' reads: without one the metrics leave out the datapath
+/// counters and resyncs read on the agent's loop, and the agent still runs.
+fn open_reader(pin_path: &std::path::Path) -> Option<Arc<crate::datapath::maps::Maps>> {
+    crate::datapath::maps::Maps::open_pinned(pin_path)
+        .inspect_err(|error| {
+            tracing::warn!(error = %crate::error::Causes(error), "cannot open a read-only handle on the maps");
+        })
+        .ok()
+        .map(Arc::new)
+}
+
+/// The result of `task`, once it is done (never, without one).
+async fn join<T>(task: &mut Option<tokio::task::JoinHandle<T>>) -> Option<T> {
+    let Some(handle) = task else {
+        return std::future::pending().await;
+    };
+    let result = handle.await.ok();
+    *task = None;
+    result
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -135,6 +135,37 @@ pub(super) struct Reconciler {
     source_errors: Vec<model::ObjectError>,
     /// Retry and resync deadlines.
     timers: SyncTimers,
+    /// A read-only handle on the pinned maps, for resyncs that read them
+    /// back off the agent's loop (`None`: read them on it).
+    reader: Option<Arc<Maps>>,
+    /// Passes done: a resync's read is compared only if none happened
+    /// while it ran.
+    passes: u64,
+}
+
+/// A resync's read of every map, done on a blocking thread: at 100k
+/// Services it walks millions of entries, one syscall each, which must not
+/// hold up the syncs.
+pub(super) struct ReadBack {
+    /// The passes done when the read started.
+    passes: u64,
+    reader: Arc<Maps>,
+}
+
+impl ReadBack {
+    /// Reads the maps (blocking).
+    pub(super) fn run(self) -> MapsRead {
+        MapsRead {
+            passes: self.passes,
+            read: self.reader.read_state(),
+        }
+    }
+}
+
+/// What a resync read back.
+pub(super) struct MapsRead {
+    passes: u64,
+    read: Result<DatapathState, crate::datapath::maps::MapsError>,
 }
 
 /// What one pass did.
@@ -175,6 +206,7 @@ impl Reconciler {
         pending: Pending,
         shared: Arc<Mutex<Shared>>,
         resync_every: Option<std::time::Duration>,
+        reader: Option<Arc<Maps>>,
     ) -> Self {
         Self {
             maps,
@@ -184,6 +216,8 @@ impl Reconciler {
             reported: BTreeSet::new(),
             source_errors: Vec::new(),
             timers: SyncTimers::new(resync_every, Instant::now()),
+            reader,
+            passes: 0,
         }
     }
 
@@ -192,33 +226,52 @@ impl Reconciler {
         self.timers.next()
     }
 
-    /// A retry or a resync, whichever is due.
-    pub(super) fn on_timer(&mut self) {
-        match self.timers.take_due(Instant::now()) {
-            Some(Due::Retry) => {
+    /// A retry or a resync, whichever is due. A resync with a reader
+    /// returns the read to run on a blocking thread (its result goes to
+    /// [`Self::finish_resync`]); without one it reads the maps here.
+    pub(super) fn on_timer(&mut self) -> Option<ReadBack> {
+        match self.timers.take_due(Instant::now())? {
+            Due::Retry => {
                 lock(&self.shared).sync_retries += 1;
                 self.sync(None);
+                None
             }
-            Some(Due::Resync) => self.resync(),
-            None => {}
+            Due::Resync => {
+                let passes = self.passes;
+                if let Some(reader) = &self.reader {
+                    return Some(ReadBack {
+                        passes,
+                        reader: Arc::clone(reader),
+                    });
+                }
+                let read = lock(&self.maps).read_state();
+                self.finish_resync(MapsRead { passes, read });
+                None
+            }
         }
     }
 
-    /// Reads every map back and, where it differs from what the agent
-    /// believes it wrote (an entry deleted or overwritten behind its back,
-    /// a write that failed unnoticed), plans against what is really there
-    /// and writes the difference.
-    fn resync(&mut self) {
+    /// Compares what a resync read back with what the agent believes it
+    /// wrote and, where they differ (an entry deleted or overwritten behind
+    /// its back, a write that failed unnoticed), plans against what is
+    /// really there and writes the difference. A read during which the
+    /// agent wrote is stale: it is dropped (the next resync reads again).
+    pub(super) fn finish_resync(&mut self, maps_read: MapsRead) {
         let span = tracing::info_span!("resync");
         let _entered = span.enter();
-        let read = lock(&self.maps).read_state();
-        let read = match read {
+        let read = match maps_read.read {
             Ok(read) => read,
             Err(error) => {
                 tracing::error!(error = %Causes(&error), "cannot read the maps back");
                 return;
             }
         };
+        if maps_read.passes != self.passes {
+            tracing::debug!(
+                "the maps changed while they were read back; the next resync reads again"
+            );
+            return;
+        }
         lock(&self.shared).resyncs += 1;
         {
             let mut state = lock(&self.state);
@@ -265,6 +318,7 @@ impl Reconciler {
     /// One pass: model, diff, apply; `None` is a pass the timers start
     /// (nothing new from the source). Returns the map writes done.
     fn sync(&mut self, input: Option<Input>) -> u64 {
+        self.passes += 1;
         let span = tracing::info_span!(
             "sync",
             trigger = input.as_ref().map_or("timer", Input::trigger)
