@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use lb_userspace::{datapath::maps::Maps, model::Protocol};
 use serde_json::{Value, json};
 use support::{
-    clients::http_get,
+    clients::{http_get, metric_value},
     netns::{Netns, unique_prefix},
     pins::{PinGuard, require_privileged, sweep_stale_pins},
     process::{ChildGuard, TempDir, lb_binary, metrics_addr},
@@ -213,13 +213,6 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// The value of the metric line starting with SERIES.
-fn metric(metrics: &str, series: &str) -> Option<u64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
 /// Checks the maps: the first `MAX_SERVICES` Services, whole, and no other.
 fn assert_maps_hold_the_first(pins: &Path) {
     let maps = Maps::open_pinned(pins).expect("open the pinned maps");
@@ -263,7 +256,7 @@ fn full_maps_name_the_services_left_out_and_serve_the_others() {
     for map in ["LB4_RNAT_V2", "LB6_RNAT_V2"] {
         let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
         assert_eq!(
-            metric(&metrics, &capacity),
+            metric_value(&metrics, &capacity),
             Some(u64::from(MAX_SERVICES)),
             "{metrics}"
         );
@@ -272,11 +265,15 @@ fn full_maps_name_the_services_left_out_and_serve_the_others() {
         // again and counted, so the count may have grown since.
         let full = format!("lb_map_full_total{{map=\"{map}\"}}");
         assert!(
-            metric(&metrics, &full).is_some_and(|refused| refused >= 2),
+            metric_value(&metrics, &full).is_some_and(|refused| refused >= 2),
             "{metrics}"
         );
     }
-    assert_eq!(metric(&metrics, "lb_services_unfit"), Some(2), "{metrics}");
+    assert_eq!(
+        metric_value(&metrics, "lb_services_unfit"),
+        Some(2),
+        "{metrics}"
+    );
     lab.assert_log_names_the_last_two();
     assert_maps_hold_the_first(&lab.pins.path);
 
@@ -291,7 +288,7 @@ fn full_maps_name_the_services_left_out_and_serve_the_others() {
         "no warning about the kept map size:\n{text}"
     );
     assert_eq!(
-        metric(&lab.metrics(), "lb_map_capacity{map=\"LB4_RNAT_V2\"}"),
+        metric_value(&lab.metrics(), "lb_map_capacity{map=\"LB4_RNAT_V2\"}"),
         Some(u64::from(MAX_SERVICES)),
     );
     assert_maps_hold_the_first(&lab.pins.path);
@@ -314,7 +311,7 @@ fn a_full_backend_map_leaves_out_whole_frontends() {
     for map in ["LB4_BE_V3", "LB6_BE_V3"] {
         let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
         assert_eq!(
-            metric(&metrics, &capacity),
+            metric_value(&metrics, &capacity),
             Some(u64::from(room)),
             "{metrics}"
         );
@@ -322,7 +319,7 @@ fn a_full_backend_map_leaves_out_whole_frontends() {
         // retries of an incomplete sync are refused and counted again).
         let full = format!("lb_map_full_total{{map=\"{map}\"}}");
         assert!(
-            metric(&metrics, &full).is_some_and(|refused| refused >= 3),
+            metric_value(&metrics, &full).is_some_and(|refused| refused >= 3),
             "{metrics}"
         );
     }

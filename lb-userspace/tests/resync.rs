@@ -14,7 +14,7 @@ use std::{net::IpAddr, process::Command, time::Duration};
 
 use lb_userspace::{datapath::maps::Maps, plan::Op};
 use support::{
-    clients::http_get,
+    clients::{http_get, metric_value},
     manifests::{Cond, Manifest, ManifestDir, service, slice, sp},
     netns::{Netns, sweep_stale_netns, unique_prefix},
     pins::{PinGuard, require_privileged, sweep_stale_pins},
@@ -94,9 +94,7 @@ impl Node {
     /// The value of the unlabelled metric `name`.
     fn metric(&self, name: &str) -> u64 {
         let (_, body) = self.get("/metrics").expect("scrape /metrics");
-        body.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+        metric_value(&body, name).unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
     }
 
     /// The backend ids in the slots of `vip`:80/TCP, read from the maps.

@@ -484,3 +484,15 @@ pub(crate) fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, S
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The value of the sample `series` (a metric name, with its labels if it
+/// has any) in a Prometheus text exposition.
+pub(crate) fn metric_value(exposition: &str, series: &str) -> Option<u64> {
+    exposition.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
