@@ -103,6 +103,12 @@ enum Command {
         /// Source address of hairpin flows, IPv6.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK6)]
         hairpin_ipv6: Ipv6Addr,
+        /// Enforce `loadBalancerSourceRanges` on a `LoadBalancer` Service's
+        /// `NodePort`s and external IPs too, not only on its load-balancer
+        /// IPs (kube-proxy's rule, which cloud load balancers that deliver
+        /// to the `NodePort` from their own addresses rely on).
+        #[arg(long)]
+        source_ranges_strict: bool,
     },
     /// Detach the programs and remove every pin.
     Cleanup {
@@ -187,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_backends,
             hairpin_ipv4,
             hairpin_ipv6,
+            source_ranges_strict,
         } => {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
@@ -194,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zone,
                 loopback4: hairpin_ipv4,
                 loopback6: hairpin_ipv6,
+                source_ranges_strict,
             };
             let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();

@@ -31,6 +31,8 @@ pub struct NodeSettings {
     pub loopback4: Ipv4Addr,
     /// Hairpin source, IPv6.
     pub loopback6: Ipv6Addr,
+    /// `--source-ranges-strict`: see [`NodeContext::source_ranges_strict`].
+    pub source_ranges_strict: bool,
 }
 
 impl Default for NodeSettings {
@@ -41,6 +43,7 @@ impl Default for NodeSettings {
             zone: None,
             loopback4: DEFAULT_LOOPBACK4,
             loopback6: DEFAULT_LOOPBACK6,
+            source_ranges_strict: false,
         }
     }
 }
@@ -65,6 +68,7 @@ pub fn context(settings: &NodeSettings, from_source: &NodeContext) -> NodeContex
         },
         addresses,
         zone: settings.zone.clone().or_else(|| from_source.zone.clone()),
+        source_ranges_strict: settings.source_ranges_strict,
     }
 }
 
@@ -95,6 +99,7 @@ mod tests {
             name: "node-a".into(),
             addresses: vec!["198.18.0.1".parse().unwrap()],
             zone: Some("z1".into()),
+            ..NodeContext::default()
         };
         let flags = NodeSettings {
             addresses: vec!["fd00::1".parse().unwrap()],
@@ -119,6 +124,7 @@ mod tests {
                 "198.18.0.2".parse().unwrap(),
             ],
             zone: None,
+            ..NodeContext::default()
         };
         let config = datapath_config(&NodeSettings::default(), &ctx);
         assert_eq!(config.node_addr4, [198, 18, 0, 1]);

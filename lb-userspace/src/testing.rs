@@ -558,6 +558,7 @@ pub fn node_context<'a>(
             .map(|address| address.parse::<IpAddr>().expect("an IP address"))
             .collect(),
         zone: zone.map(str::to_owned),
+        ..NodeContext::default()
     }
 }
 

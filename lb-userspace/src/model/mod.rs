@@ -71,6 +71,11 @@ pub struct NodeContext {
     pub addresses: Vec<IpAddr>,
     /// Topology zone, matched against endpoint zone hints.
     pub zone: Option<String>,
+    /// `--source-ranges-strict`: `loadBalancerSourceRanges` also guard the
+    /// Service's `NodePort`s and external IPs. Off (kube-proxy): only its
+    /// load-balancer IPs, as cloud load balancers that deliver to the
+    /// `NodePort` from their own addresses need.
+    pub source_ranges_strict: bool,
 }
 
 /// Everything the datapath must serve, plus what was rejected on the way.
@@ -116,8 +121,7 @@ pub enum FrontendKind {
 }
 
 impl FrontendKind {
-    /// Whether traffic to it is governed by `externalTrafficPolicy` (and,
-    /// for `LoadBalancer` Services, `loadBalancerSourceRanges`).
+    /// Whether traffic to it is governed by `externalTrafficPolicy`.
     #[must_use]
     pub fn is_external(self) -> bool {
         self != Self::ClusterIp
@@ -232,8 +236,9 @@ pub struct FrontendSpec {
     /// 0: no session affinity; else the `ClientIP` affinity timeout.
     pub affinity_timeout_s: u32,
     /// Client prefixes allowed in, of this frontend's family, with host bits
-    /// cleared; sorted. Empty: everyone. Only external frontends of
-    /// `LoadBalancer` Services have any.
+    /// cleared; sorted. Empty: everyone. Only the load-balancer IPs of
+    /// `LoadBalancer` Services have any (with `--source-ranges-strict`,
+    /// their `NodePort`s and external IPs too).
     pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
@@ -408,6 +413,7 @@ struct ServiceContext<'a> {
     node_name: &'a str,
     node_addrs: BTreeSet<IpAddr>,
     zone: Option<&'a str>,
+    source_ranges_strict: bool,
 }
 
 impl<'a> ServiceContext<'a> {
@@ -416,6 +422,7 @@ impl<'a> ServiceContext<'a> {
             node_name: &node.name,
             node_addrs: node.addresses.iter().copied().collect(),
             zone: node.zone.as_deref().filter(|zone| !zone.is_empty()),
+            source_ranges_strict: node.source_ranges_strict,
         }
     }
 }
@@ -458,6 +465,7 @@ fn service_output(
             frontend.addr,
             kind,
             selection,
+            context,
         );
         output.frontends.push((frontend, spec));
     }

@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::select::Selection;
 use super::{
     DEFAULT_AFFINITY_TIMEOUT_S, Frontend, FrontendKind, FrontendSpec, MAX_AFFINITY_TIMEOUT_S,
-    ObjectError, Protocol, SERVICE, SERVICE_PROXY_NAME_LABEL, ServiceRef,
+    ObjectError, Protocol, SERVICE, SERVICE_PROXY_NAME_LABEL, ServiceContext, ServiceRef,
     TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION, is_ipv4, namespace_of,
 };
 
@@ -156,16 +156,9 @@ impl ParsedService<'_> {
         addr: IpAddr,
         kind: FrontendKind,
         selection: Selection,
+        context: &ServiceContext<'_>,
     ) -> FrontendSpec {
-        let source_ranges = if kind.is_external() {
-            self.source_ranges
-                .iter()
-                .copied()
-                .filter(|&(prefix, _)| is_ipv4(prefix) == is_ipv4(addr))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let source_ranges = self.source_ranges_of(addr, kind, context);
         FrontendSpec {
             service,
             kind,
@@ -178,6 +171,69 @@ impl ParsedService<'_> {
             affinity_timeout_s: self.affinity_timeout_s,
             source_ranges,
         }
+    }
+}
+
+impl ParsedService<'_> {
+    /// The source ranges guarding one frontend, as kube-proxy applies
+    /// them: on the load-balancer IPs only ("nodeports are not subject to
+    /// loadBalancerSourceRanges"), of the frontend's family. With
+    /// `--source-ranges-strict`, on the `NodePort`s and external IPs too.
+    /// When a range holds a node address, the load-balancer IPs themselves
+    /// are let in as well: a node reaching a VIP that is local to it loops
+    /// back with the VIP as source (kube-proxy's `allowFromNode`).
+    fn source_ranges_of(
+        &self,
+        addr: IpAddr,
+        kind: FrontendKind,
+        context: &ServiceContext<'_>,
+    ) -> Vec<(IpAddr, u8)> {
+        let guarded = match kind {
+            FrontendKind::LoadBalancer => true,
+            FrontendKind::NodePort | FrontendKind::ExternalIp => context.source_ranges_strict,
+            FrontendKind::ClusterIp => false,
+        };
+        if !guarded {
+            return Vec::new();
+        }
+        let mut ranges: Vec<(IpAddr, u8)> = self
+            .source_ranges
+            .iter()
+            .copied()
+            .filter(|&(prefix, _)| is_ipv4(prefix) == is_ipv4(addr))
+            .collect();
+        let holds_node = ranges.iter().any(|&range| {
+            context
+                .node_addrs
+                .iter()
+                .any(|&node| prefix_contains(range, node))
+        });
+        if holds_node {
+            ranges.extend(
+                self.load_balancer_ips
+                    .iter()
+                    .filter(|&&ip| is_ipv4(ip) == is_ipv4(addr))
+                    .map(|&ip| (ip, if is_ipv4(ip) { 32 } else { 128 })),
+            );
+            ranges.sort_unstable();
+            ranges.dedup();
+        }
+        ranges
+    }
+}
+
+/// Whether `addr` is inside `(prefix, len)` (host bits of `prefix` clear).
+fn prefix_contains((prefix, len): (IpAddr, u8), addr: IpAddr) -> bool {
+    match (prefix, addr) {
+        (IpAddr::V4(prefix), IpAddr::V4(addr)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(addr) & mask == u32::from(prefix)
+        }
+        (IpAddr::V6(prefix), IpAddr::V6(addr)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(addr) & mask == u128::from(prefix)
+        }
+        _ => false,
     }
 }
 
@@ -230,10 +286,12 @@ pub(super) fn parse_service<'a>(
     let affinity_timeout_s = affinity_timeout(spec)?;
     let source_ranges = if type_ == ServiceType::LoadBalancer {
         source_ranges(
+            service,
             spec.load_balancer_source_ranges
                 .as_deref()
                 .unwrap_or_default(),
-        )?
+            errors,
+        )
     } else {
         Vec::new()
     };
@@ -487,21 +545,36 @@ fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
     }
 }
 
-/// Parses `loadBalancerSourceRanges`: sorted, deduplicated, host bits cleared.
-fn source_ranges(texts: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
-    let mut ranges = texts
-        .iter()
-        .map(|text| {
-            parse_cidr(text)
-                .ok_or_else(|| format!("loadBalancerSourceRanges entry {text:?} is not a CIDR"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+/// Parses `loadBalancerSourceRanges`: sorted, deduplicated, host bits
+/// cleared. An entry that is not a CIDR is reported and skipped, the
+/// others kept, as kube-proxy does (the API server's validation lets
+/// some through, and it once let through more).
+fn source_ranges(
+    service: &Service,
+    texts: &[String],
+    errors: &mut Vec<ObjectError>,
+) -> Vec<(IpAddr, u8)> {
+    let mut ranges = Vec::with_capacity(texts.len());
+    for text in texts {
+        match parse_cidr(text) {
+            Some(range) => ranges.push(range),
+            None => errors.push(ObjectError::for_object(
+                SERVICE,
+                &service.metadata,
+                format!("loadBalancerSourceRanges entry {text:?} is not a CIDR; entry skipped"),
+            )),
+        }
+    }
     ranges.sort_unstable();
     ranges.dedup();
-    Ok(ranges)
+    ranges
 }
 
-/// `"203.0.113.0/24"`, `"2001:db8::/32"`, or a bare address (a host prefix).
+/// `"203.0.113.0/24"`, `"2001:db8::/32"`, or a bare address (a host
+/// prefix), parsed as leniently as kube-proxy's `ParseCIDRSloppy`: spaces
+/// around it, and IPv4 octets and prefix lengths with leading zeros (read
+/// as decimal, `010.0.0.0/08` is `10.0.0.0/8`), which the API server
+/// accepted before Kubernetes 1.22 and still keeps in stored objects.
 /// Host bits are cleared, as kube-proxy's CIDR parsing does.
 fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let text = text.trim();
@@ -510,9 +583,9 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
             if len.is_empty() || !len.bytes().all(|byte| byte.is_ascii_digit()) {
                 return None;
             }
-            (addr.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?))
+            (parse_ip_sloppy(addr)?, Some(len.parse::<u8>().ok()?))
         }
-        None => (text.parse::<IpAddr>().ok()?, None),
+        None => (parse_ip_sloppy(text)?, None),
     };
     match addr {
         IpAddr::V4(addr) => {
@@ -532,6 +605,27 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
             Some((IpAddr::V6(Ipv6Addr::from(u128::from(addr) & mask)), len))
         }
     }
+}
+
+/// An address as `ParseIPSloppy` reads it: IPv4 octets may carry leading
+/// zeros (decimal, not octal); anything else as Rust parses it.
+pub(super) fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Some(addr);
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || !part.bytes().all(|byte| byte.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts
+        .next()
+        .is_none()
+        .then_some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
 /// `healthCheckNodePort`, if set and valid.

@@ -97,6 +97,7 @@ fn incremental_model_matches_full_build_after_every_change() {
             name: "node-b".into(),
             addresses: vec![ip("192.168.1.11")],
             zone: None,
+            ..NodeContext::default()
         },
     ];
     for seed in 1..40u64 {

@@ -177,6 +177,7 @@ pub fn node_context(node: Option<&Node>, name: &str) -> NodeContext {
             name: name.to_owned(),
             addresses: Vec::new(),
             zone: None,
+            ..NodeContext::default()
         };
     };
     let mut addresses: Vec<IpAddr> = Vec::new();
@@ -203,6 +204,7 @@ pub fn node_context(node: Option<&Node>, name: &str) -> NodeContext {
         name: name.to_owned(),
         addresses,
         zone: node.labels().get(ZONE_LABEL).cloned(),
+        ..NodeContext::default()
     }
 }
 
