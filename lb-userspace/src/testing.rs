@@ -447,7 +447,7 @@ impl SliceBuilder {
 }
 
 /// Builds one endpoint of a slice. Conditions left unset are absent, as the
-/// API allows (absent `ready` means ready, absent `serving` means `ready`).
+/// API allows (kube-proxy reads an absent `ready` or `serving` as true).
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct EndpointBuilder {

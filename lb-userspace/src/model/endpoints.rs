@@ -16,7 +16,7 @@ use super::{
 pub(super) struct Conditions {
     /// Absent means ready.
     pub(super) ready: bool,
-    /// Absent means the same as `ready`.
+    /// Absent means serving (kube-proxy's reading, whatever `ready` says).
     pub(super) serving: bool,
     /// Absent means not terminating.
     pub(super) terminating: bool,
@@ -169,12 +169,11 @@ fn endpoints(
             continue;
         };
         let conditions = endpoint.conditions.as_ref();
-        // Kubernetes: a nil `ready` means ready, a nil `serving` means the
-        // same as `ready`, a nil `terminating` means not terminating.
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        // As kube-proxy reads them (endpointslicecache.go): a nil `ready`
+        // or `serving` means true, a nil `terminating` means false.
         let conditions = Conditions {
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         };
         let zones = endpoint

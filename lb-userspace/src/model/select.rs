@@ -12,7 +12,6 @@ use super::{Backend, FrontendKind};
 #[derive(Clone, Copy)]
 struct Candidate<'a> {
     backend: Backend,
-    /// With `publishNotReadyAddresses` applied.
     conditions: Conditions,
     zones: &'a [String],
 }
@@ -74,11 +73,14 @@ impl<'a> Selector<'a> {
     }
 
     /// Every endpoint of the port's family, on the target port its own
-    /// slice resolved for this port.
+    /// slice resolved for this port; one endpoint (address and port)
+    /// listed twice, by two slices during a move or by two pods sharing a
+    /// reused address, counts once, as a non-terminating one if either is
+    /// (kube-proxy's `addEndpoints`).
     fn candidates(&self, port: usize, ipv4: bool) -> Vec<Candidate<'a>> {
         let port = self.parsed.ports[port];
-        let publish_not_ready = self.parsed.rules.publish_not_ready;
-        self.slices
+        let mut candidates: Vec<Candidate<'a>> = self
+            .slices
             .iter()
             .filter(|slice| slice.ipv4 == ipv4)
             .filter_map(|slice| {
@@ -95,15 +97,24 @@ impl<'a> Selector<'a> {
                         node_local: !node_name.is_empty()
                             && endpoint.node_name.as_deref() == Some(node_name),
                     },
-                    conditions: Conditions {
-                        ready: endpoint.conditions.ready || publish_not_ready,
-                        ..endpoint.conditions
-                    },
+                    conditions: endpoint.conditions,
                     zones: &endpoint.zones,
                 }))
             })
             .flatten()
-            .collect()
+            .collect();
+        // Stable: of two non-terminating ones, the first listed stays.
+        candidates.sort_by_key(|candidate| {
+            (
+                candidate.backend.addr,
+                candidate.backend.port,
+                candidate.conditions.terminating,
+            )
+        });
+        candidates.dedup_by(|later, kept| {
+            later.backend.addr == kept.backend.addr && later.backend.port == kept.backend.port
+        });
+        candidates
     }
 
     /// Distinct addresses of this node's ready, non-terminating endpoints,
@@ -186,7 +197,7 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
             .filter(|backend| !in_backends(backend)),
     );
     // kube-proxy's UDP cleanup keeps flows to serving endpoints only
-    // (`IsServing`; `publishNotReadyAddresses` makes every one ready).
+    // (`IsServing`).
     let not_serving = sorted_unique(
         pool.iter()
             .filter(|candidate| !candidate.conditions.serving && !candidate.conditions.ready)

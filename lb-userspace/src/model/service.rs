@@ -67,11 +67,12 @@ pub(super) struct TrafficPolicies {
     pub(super) external_local: bool,
 }
 
-/// How endpoints are picked, beyond the traffic policies.
+/// How endpoints are picked, beyond the traffic policies and their
+/// conditions. (`publishNotReadyAddresses` is not read: the `EndpointSlice`
+/// controller already marks such endpoints ready, and kube-proxy takes the
+/// conditions as they are.)
 #[derive(Clone, Copy, Default)]
 pub(super) struct EndpointRules {
-    /// `publishNotReadyAddresses`: every endpoint counts as ready.
-    pub(super) publish_not_ready: bool,
     /// `trafficDistribution: PreferClose` or topology mode `Auto`.
     pub(super) zone_hints: bool,
 }
@@ -490,7 +491,7 @@ fn ports<'a>(
     Ok(ports)
 }
 
-/// `publishNotReadyAddresses`, and whether zone hints apply: with
+/// Whether zone hints apply: with
 /// `trafficDistribution: PreferClose` (or its newer name `PreferSameZone`),
 /// or the topology mode annotation (or its deprecated name) set to `Auto`.
 fn endpoint_rules(meta: &ObjectMeta, spec: &ServiceSpec) -> EndpointRules {
@@ -501,7 +502,6 @@ fn endpoint_rules(meta: &ObjectMeta, spec: &ServiceSpec) -> EndpointRules {
             .is_some_and(|value| matches!(value.as_str(), "Auto" | "auto"))
     };
     EndpointRules {
-        publish_not_ready: spec.publish_not_ready_addresses == Some(true),
         zone_hints: matches!(
             spec.traffic_distribution.as_deref(),
             Some("PreferClose" | "PreferSameZone")

@@ -309,13 +309,62 @@ fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
     );
     assert_eq!(model.errors, []);
     let spec = spec_of(&model, "fd00:10:96::10", 80, Protocol::Tcp);
-    // ::3 has no `serving`: it means the same as `ready`, false. ::4 and
-    // ::5 are neither usable nor terminating.
-    assert_eq!(spec.backends, [be("fd00::1", 8080, false)]);
+    // ::3 has no `serving`: kube-proxy reads that as serving, whatever
+    // `ready` says, so it drains with new flows like ::1. ::4 and ::5
+    // are neither usable nor terminating.
     assert_eq!(
-        spec.terminating,
-        [be("fd00::2", 8080, false), be("fd00::3", 8080, false)]
+        spec.backends,
+        [be("fd00::1", 8080, false), be("fd00::3", 8080, false)]
     );
+    assert_eq!(spec.terminating, [be("fd00::2", 8080, false)]);
+    assert_eq!(spec.not_serving, [be("fd00::2", 8080, false)]);
+}
+
+#[test]
+fn a_missing_serving_condition_means_serving() {
+    // Not ready, not terminating, `serving` absent: not a backend, but
+    // serving, so its UDP flows are not moved (kube-proxy clears UDP
+    // conntrack only for endpoints that are not serving).
+    let model = build_on(
+        [web("10.96.0.10")],
+        [web_slice("web-1", IpFamily::V4)
+            .endpoint(EndpointBuilder::new("10.244.1.1").up())
+            .endpoint(EndpointBuilder::new("10.244.1.2").ready(false))
+            .endpoint(EndpointBuilder::new("10.244.1.3"))],
+        &node_a(),
+    );
+    let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(
+        spec.backends,
+        [be("10.244.1.1", 8080, false), be("10.244.1.3", 8080, false)]
+    );
+    assert_eq!(spec.not_ready, [be("10.244.1.2", 8080, false)]);
+    assert_eq!(spec.not_serving, []);
+}
+
+#[test]
+fn an_endpoint_listed_twice_counts_as_its_non_terminating_listing() {
+    // A reused pod address: the old pod terminating (still serving) in one
+    // slice, the new one not ready yet in another. kube-proxy keeps the
+    // non-terminating listing, so there is nothing to fall back to.
+    let model = build_on(
+        [web("10.96.0.10")],
+        [
+            web_slice("web-1", IpFamily::V4)
+                .endpoint(EndpointBuilder::new("10.244.1.7").draining()),
+            web_slice("web-2", IpFamily::V4).endpoint(
+                EndpointBuilder::new("10.244.1.7")
+                    .ready(false)
+                    .serving(false)
+                    .terminating(false),
+            ),
+        ],
+        &node_a(),
+    );
+    let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(spec.backends, []);
+    assert_eq!(spec.not_ready, [be("10.244.1.7", 8080, false)]);
+    assert_eq!(spec.terminating, []);
 }
 
 #[test]
@@ -343,7 +392,9 @@ fn terminating_endpoint_drains_while_others_serve() {
 }
 
 #[test]
-fn publish_not_ready_addresses_makes_every_endpoint_usable() {
+fn publish_not_ready_addresses_is_left_to_the_slice_controller() {
+    // The EndpointSlice controller marks the endpoints of such a Service
+    // ready; kube-proxy reads the conditions as they are, and so do we.
     let slice =
         |family| SliceBuilder::for_service("db", "peers", family).port("gossip", 7000, "TCP");
     let model = build_on(
@@ -372,13 +423,11 @@ fn publish_not_ready_addresses_makes_every_endpoint_usable() {
     );
     assert_eq!(model.errors, []);
     let v4 = spec_of(&model, "10.96.0.40", 7000, Protocol::Tcp);
-    assert_eq!(
-        v4.backends,
-        [be("10.244.1.1", 7000, false), be("10.244.1.2", 7000, false)]
-    );
+    assert_eq!(v4.backends, [be("10.244.1.2", 7000, false)]);
+    assert_eq!(v4.not_ready, [be("10.244.1.1", 7000, false)]);
     let v6 = spec_of(&model, "fd00:10:96::40", 7000, Protocol::Tcp);
-    assert_eq!(v6.backends, [be("fd00:10:244::1", 7000, false)]);
-    assert_eq!(v6.terminating, []);
+    assert_eq!(v6.backends, []);
+    assert_eq!(v6.terminating, [be("fd00:10:244::1", 7000, false)]);
 }
 
 #[test]
