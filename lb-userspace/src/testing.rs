@@ -392,6 +392,16 @@ impl SliceBuilder {
         self
     }
 
+    /// A label besides the service-name one.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.slice
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
     /// Drops the service-name label: a custom slice of no Service.
     pub fn without_service(mut self) -> Self {
         self.slice.metadata.labels = None;

@@ -8,7 +8,8 @@ use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
-    ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, is_ipv4, namespace_of, object_key,
+    ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, for_another_proxy, is_ipv4,
+    namespace_of, object_key,
 };
 
 /// An endpoint's conditions, with Kubernetes' defaults applied.
@@ -97,8 +98,12 @@ impl EndpointIndex {
 }
 
 /// The Service a slice belongs to; none for slices not managed for a
-/// Service (custom slices), which are none of ours.
+/// Service (custom slices), and for those of headless Services or handed to
+/// another proxy (kube-proxy's label selector): none of ours.
 pub(super) fn slice_service(meta: &ObjectMeta) -> Option<&str> {
+    if for_another_proxy(meta) {
+        return None;
+    }
     meta.labels
         .as_ref()
         .and_then(|labels| labels.get(SERVICE_NAME_LABEL))

@@ -49,6 +49,9 @@ use service::{PlannedFrontend, parse_service};
 
 /// Label that hands a Service to another proxy; kube-proxy skips those too.
 pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the `EndpointSlice` controller puts on the slices of a headless
+/// Service (no cluster IP: nothing for a proxy to do).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Label the `EndpointSlice` controller sets to tie a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Namespace of an object that names none, as `kubectl apply` would place it.
@@ -502,6 +505,17 @@ fn conflict<'f>(
             "healthCheckNodePort {port} is already used by Service {}",
             owner.service
         ))
+    })
+}
+
+/// A Service or `EndpointSlice` that kube-proxy never sees: its watches
+/// select `!service.kubernetes.io/service-proxy-name` (whatever proxy is
+/// named: kube-proxy has no name) and `!service.kubernetes.io/headless`.
+/// The kube source asks the API server for the same selector; this keeps
+/// the file source (and any object that slips through) to the same rule.
+fn for_another_proxy(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().is_some_and(|labels| {
+        labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL)
     })
 }
 

@@ -10,8 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::select::Selection;
 use super::{
     DEFAULT_AFFINITY_TIMEOUT_S, Frontend, FrontendKind, FrontendSpec, MAX_AFFINITY_TIMEOUT_S,
-    ObjectError, Protocol, SERVICE, SERVICE_PROXY_NAME_LABEL, ServiceContext, ServiceRef,
-    TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION, is_ipv4, namespace_of,
+    ObjectError, Protocol, SERVICE, ServiceContext, ServiceRef, TOPOLOGY_AWARE_HINTS_ANNOTATION,
+    TOPOLOGY_MODE_ANNOTATION, for_another_proxy, is_ipv4, namespace_of,
 };
 
 /// A Service port that passed validation.
@@ -246,12 +246,8 @@ pub(super) fn parse_service<'a>(
     errors: &mut Vec<ObjectError>,
 ) -> Result<Option<ParsedService<'a>>, String> {
     let meta = &service.metadata;
-    if meta
-        .labels
-        .as_ref()
-        .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL))
-    {
-        tracing::debug!(namespace = namespace_of(meta), name = ?meta.name, "skipping Service owned by another proxy");
+    if for_another_proxy(meta) {
+        tracing::debug!(namespace = namespace_of(meta), name = ?meta.name, "skipping Service labelled for another proxy or headless");
         return Ok(None);
     }
     let Some(spec) = service.spec.as_ref() else {

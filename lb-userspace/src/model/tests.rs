@@ -323,3 +323,60 @@ fn health_checks_are_sorted_by_port_and_need_local_policy_and_a_valid_port() {
             .any(|spec| spec.service.name == "wwww")
     );
 }
+
+#[test]
+fn objects_labelled_headless_or_for_another_proxy_are_none_of_ours() {
+    // kube-proxy's watches select `!service-proxy-name,!headless` for
+    // Services and slices alike; the file source gets the same rule.
+    let web = |name: &str| {
+        ServiceBuilder::new("shop", name)
+            .ips(["10.96.0.10"])
+            .port("http", 80, "TCP", 8080)
+    };
+    let slice = |service: &str, name: &str| {
+        SliceBuilder::for_service("shop", service, IpFamily::V4)
+            .name(name)
+            .port("http", 8080, "TCP")
+            .endpoint(EndpointBuilder::new("10.244.1.5").up())
+    };
+    let services = [
+        web("web"),
+        web("labelled").label(HEADLESS_LABEL, ""),
+        web("mesh")
+            .label(SERVICE_PROXY_NAME_LABEL, "other")
+            .ips(["10.96.0.11"]),
+    ];
+    let model = build_plain(
+        services.clone(),
+        [
+            slice("web", "web-1"),
+            // A stray slice claiming the Service: ignored, as kube-proxy
+            // never sees it.
+            slice("web", "web-2")
+                .label(HEADLESS_LABEL, "")
+                .endpoint(EndpointBuilder::new("10.244.9.9").up()),
+            slice("web", "web-3")
+                .label(SERVICE_PROXY_NAME_LABEL, "other")
+                .endpoint(EndpointBuilder::new("10.244.9.8").up()),
+        ],
+    );
+    assert_eq!(model.errors, []);
+    assert_eq!(frontend_kinds(&model), ["10.96.0.10:80/TCP ClusterIP"]);
+    assert_eq!(
+        backends_of(&model, "10.96.0.10", 80, Protocol::Tcp),
+        backends(&[("10.244.1.5", 8080)])
+    );
+    // The incremental model, fed one object at a time, agrees.
+    let mut incremental = Incremental::new(NodeContext::default());
+    for service in services {
+        incremental.upsert_service(service.build());
+    }
+    for slice in [
+        slice("web", "web-1"),
+        slice("web", "web-2").label(HEADLESS_LABEL, ""),
+    ] {
+        incremental.upsert_slice(&slice.build());
+    }
+    incremental.commit();
+    assert_eq!(incremental.model().frontends, model.frontends);
+}

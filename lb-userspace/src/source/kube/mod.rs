@@ -63,7 +63,7 @@ pub const MAX_DELAY: Duration = Duration::from_millis(200);
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Label the `EndpointSlice` controller puts on the slices of a headless
 /// Service (no cluster IP: nothing for a proxy to do).
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+pub const HEADLESS_LABEL: &str = crate::model::HEADLESS_LABEL;
 /// Label of the node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// `EndpointSlice` annotation: when the change behind this version happened.
