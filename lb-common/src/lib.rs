@@ -149,6 +149,10 @@ pub mod svc_flags {
     /// Marker entry (port 0, protocol 0): the address is a service address,
     /// so TCP/UDP to a port it does not serve is rejected.
     pub const ADDRESS_MARKER: u16 = 1 << 5;
+    /// No backend because a Local traffic policy left none on this node,
+    /// while other nodes have some: new flows are dropped, not rejected
+    /// (kube-proxy's `drop` verdict for that case).
+    pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 6;
 }
 
 /// `Backend::flags` bits: the endpoint's state for its frontend.
@@ -244,8 +248,11 @@ pub mod reason {
     /// A TCP reset where a reject was due: dropped, a reset is never
     /// answered.
     pub const DROP_RESET_UNANSWERED: u32 = 18;
+    /// A new flow to a frontend whose Local traffic policy left it no
+    /// endpoint on this node (others have some): dropped, as kube-proxy.
+    pub const DROP_NO_LOCAL_ENDPOINT: u32 = 19;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -268,6 +275,7 @@ pub mod reason {
         "drop_source_range",
         "drop_no_snat",
         "drop_reset_unanswered",
+        "drop_no_local_endpoint",
     ];
 }
 
@@ -568,6 +576,7 @@ mod tests {
             (reason::DROP_SOURCE_RANGE, "drop_source_range"),
             (reason::DROP_NO_SNAT, "drop_no_snat"),
             (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
+            (reason::DROP_NO_LOCAL_ENDPOINT, "drop_no_local_endpoint"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

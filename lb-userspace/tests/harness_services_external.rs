@@ -25,9 +25,9 @@ use serde_json::Value;
 
 use support::clients::{
     assert_nodeport_sources, assert_only, assert_source_preserved, assert_spread, assert_timeout,
-    assert_unanswered, http_get, tcp_batch, tcp_once, udp_batch, udp_once,
+    http_get, tcp_batch, tcp_once, udp_batch, udp_once,
 };
-use support::cluster::{Cluster, DENIED_WAIT, UNANSWERED_WAIT, ext_ip, lb_ip, ready, service, vip};
+use support::cluster::{Cluster, DENIED_WAIT, ext_ip, lb_ip, ready, service, vip};
 use support::manifests::HTTP_DNS;
 use support::pins::require_privileged;
 use support::scenarios::Scenarios;
@@ -281,9 +281,10 @@ fn nodeport_loadbalancer_and_external_ips() {
             &format!("{family:?} ETP Local NodePort without local endpoints"),
             || {
                 lab.expect_slots(1, n2, 30081, "TCP", &[]);
-                assert_unanswered(
+                // Dropped, as kube-proxy does (node1 has endpoints).
+                assert_timeout(
                     &format!("{family:?} ext -> node2 NodePort (no local endpoint)"),
-                    &tcp_once(&ext, SocketAddr::new(n2, 30081), UNANSWERED_WAIT),
+                    &tcp_once(&ext, SocketAddr::new(n2, 30081), DENIED_WAIT),
                 );
                 let what = format!("{family:?} ext -> node1 NodePort (ETP Local) after the change");
                 let answers = tcp_batch(&ext, SocketAddr::new(n1, 30081), 20);

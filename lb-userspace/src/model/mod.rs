@@ -236,6 +236,12 @@ pub struct FrontendSpec {
     pub external_local: bool,
     /// A `ClusterIP` frontend of a Service with `internalTrafficPolicy: Local`.
     pub internal_local: bool,
+    /// The frontend's Local traffic policy (internal or external) left it
+    /// no endpoint on this node while the Service port has usable ones on
+    /// other nodes: new flows are dropped, not refused, as kube-proxy
+    /// does (a refusal would tell the client the port is closed, when the
+    /// Service is up elsewhere). Without endpoints anywhere: refused.
+    pub no_local_endpoints: bool,
     /// 0: no session affinity; else the `ClientIP` affinity timeout.
     pub affinity_timeout_s: u32,
     /// Client prefixes allowed in, of this frontend's family, with host bits

@@ -23,6 +23,8 @@ pub(super) struct Selection {
     pub(super) terminating: Vec<Backend>,
     pub(super) not_ready: Vec<Backend>,
     pub(super) not_serving: Vec<Backend>,
+    /// See [`FrontendSpec::no_local_endpoints`](super::FrontendSpec).
+    pub(super) no_local_endpoints: bool,
 }
 
 /// Picks the endpoints of one Service's frontends, each (port, family,
@@ -177,6 +179,14 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
             .collect()
     };
     let backends = sorted_unique(chosen.iter().map(|candidate| candidate.backend));
+    // kube-proxy's `hasEndpoints`: usable endpoints anywhere, this node
+    // or not.
+    let no_local_endpoints = local
+        && backends.is_empty()
+        && candidates.iter().any(|candidate| {
+            candidate.conditions.ready
+                || (candidate.conditions.serving && candidate.conditions.terminating)
+        });
     let in_backends = |backend: &Backend| {
         backends
             .binary_search_by(|other| (other.addr, other.port).cmp(&(backend.addr, backend.port)))
@@ -209,6 +219,7 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
         terminating,
         not_ready,
         not_serving,
+        no_local_endpoints,
     }
 }
 

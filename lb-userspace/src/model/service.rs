@@ -169,6 +169,7 @@ impl ParsedService<'_> {
             not_serving: selection.not_serving,
             external_local: kind.is_external() && self.policies.external_local,
             internal_local: !kind.is_external() && self.policies.internal_local,
+            no_local_endpoints: selection.no_local_endpoints,
             affinity_timeout_s: self.affinity_timeout_s,
             source_ranges,
         }

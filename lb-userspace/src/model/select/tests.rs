@@ -277,11 +277,61 @@ fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
     let spec = spec_of(&model, "fd00:10:96::53", 53, Protocol::Udp);
     assert!(spec.internal_local && !spec.external_local);
     assert_eq!(spec.backends, [be("fd00:10:244:1::53", 53, true)]);
-    // No local endpoint: no backends, so the datapath rejects.
+    assert!(!spec.no_local_endpoints);
+    // No local endpoint but one elsewhere: no backends, and the datapath
+    // drops new flows (kube-proxy: "Traffic to the clusterIP will be
+    // dropped").
     let elsewhere = spec_of(&model, "10.96.0.54", 80, Protocol::Tcp);
     assert!(elsewhere.internal_local);
     assert_eq!(elsewhere.backends, []);
+    assert!(elsewhere.no_local_endpoints);
     assert_eq!(model.health_checks, []);
+}
+
+#[test]
+fn a_local_policy_drops_only_while_other_nodes_have_endpoints() {
+    // (ITP, ETP) Local in turn; endpoints of node-b in the given states.
+    let build = |policy: &str, remote: EndpointBuilder| {
+        let service = dual_stack_web("NodePort");
+        let service = if policy == "internal" {
+            service.internal_traffic_policy("Local")
+        } else {
+            service.external_traffic_policy("Local")
+        };
+        build_on(
+            [service],
+            [SliceBuilder::for_service("shop", "web", IpFamily::V4)
+                .port("http", 8080, "TCP")
+                .endpoint(remote.node("node-b"))],
+            &node_a(),
+        )
+    };
+    for policy in ["internal", "external"] {
+        let (local_kind, cluster_kind) = if policy == "internal" {
+            (("10.96.0.10", 80), ("192.168.1.10", 30080))
+        } else {
+            (("192.168.1.10", 30080), ("10.96.0.10", 80))
+        };
+        for (remote, drops) in [
+            (EndpointBuilder::new("10.244.2.7").up(), true),
+            (EndpointBuilder::new("10.244.2.7").draining(), true),
+            (
+                EndpointBuilder::new("10.244.2.7")
+                    .ready(false)
+                    .serving(false)
+                    .terminating(false),
+                false,
+            ),
+        ] {
+            let model = build(policy, remote.clone());
+            let local = spec_of(&model, local_kind.0, local_kind.1, Protocol::Tcp);
+            assert_eq!(local.backends, [], "{policy} {remote:?}");
+            assert_eq!(local.no_local_endpoints, drops, "{policy} {remote:?}");
+            // The other policy is Cluster: never flagged.
+            let cluster = spec_of(&model, cluster_kind.0, cluster_kind.1, Protocol::Tcp);
+            assert!(!cluster.no_local_endpoints, "{policy} {remote:?}");
+        }
+    }
 }
 
 #[test]
