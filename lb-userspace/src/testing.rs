@@ -34,7 +34,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{NodeContext, SERVICE_NAME_LABEL};
@@ -301,6 +301,17 @@ impl ServiceBuilder {
             .selector
             .get_or_insert_with(BTreeMap::new)
             .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// `metadata.creationTimestamp`, in seconds since the epoch.
+    ///
+    /// # Panics
+    ///
+    /// When `seconds` is outside the timestamps `jiff` can hold.
+    pub fn created(mut self, seconds: i64) -> Self {
+        let timestamp = k8s_openapi::jiff::Timestamp::from_second(seconds).expect("a timestamp");
+        self.service.metadata.creation_timestamp = Some(Time(timestamp));
         self
     }
 

@@ -40,7 +40,7 @@ use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use endpoints::{EndpointIndex, SliceEndpoints};
 pub use incremental::{FrontendChanges, Incremental};
@@ -346,8 +346,9 @@ const ENDPOINT_SLICE: &str = "EndpointSlice";
 ///
 /// The result depends only on the set of objects, not their order, except
 /// that of two objects with the same namespace/name the first one wins. Of
-/// two Services that claim one frontend (or health check port), the first by
-/// namespace/name wins and the other is skipped whole.
+/// two Services that claim one frontend (or health check port), the older
+/// (`creationTimestamp`, then namespace/name) serves it; the other keeps
+/// its other frontends and gets an error naming the one it lost.
 #[must_use]
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
     let mut errors = Vec::new();
@@ -359,8 +360,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
     ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
 
     let mut seen = BTreeSet::new();
-    let mut frontends: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
-    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    let mut unique = Vec::with_capacity(ordered.len());
     for service in ordered {
         let meta = &service.metadata;
         let Some(name) = meta.name.as_deref() else {
@@ -371,8 +371,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
             ));
             continue;
         };
-        let namespace = namespace_of(meta);
-        if !seen.insert((namespace, name)) {
+        if !seen.insert((namespace_of(meta), name)) {
             errors.push(ObjectError::for_object(
                 SERVICE,
                 meta,
@@ -380,18 +379,19 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
             ));
             continue;
         }
-        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace, name).iter().collect();
-        let output = service_output(service, &slices, &context);
+        unique.push(service);
+    }
+    unique.sort_by(|a, b| claim_order(&a.metadata).cmp(&claim_order(&b.metadata)));
+
+    let mut frontends: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    for service in unique {
+        let meta = &service.metadata;
+        let name = meta.name.as_deref().unwrap_or_default();
+        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace_of(meta), name).iter().collect();
+        let mut output = service_output(service, &slices, &context);
+        leave_contested(&mut output, meta, &frontends, &health_checks);
         errors.extend(output.errors);
-        if let Some(reason) = conflict(
-            output.frontends.iter().map(|(frontend, _)| frontend),
-            output.health_check.as_ref().map(|check| check.port),
-            &frontends,
-            &health_checks,
-        ) {
-            errors.push(ObjectError::for_object(SERVICE, meta, reason));
-            continue;
-        }
         frontends.extend(output.frontends);
         if let Some(check) = output.health_check {
             health_checks.insert(check.port, check);
@@ -490,28 +490,55 @@ fn service_output(
     output
 }
 
-/// Why a Service cannot have what it claims, if another one has it already.
-fn conflict<'f>(
-    mut planned: impl Iterator<Item = &'f Frontend>,
-    health_check_port: Option<u16>,
+/// The order in which Services claim a frontend (or health check port)
+/// that several want: the oldest first, as the one clients used first;
+/// a Service without `creationTimestamp` (a manifest file) after those
+/// with one; then namespace/name, so the outcome never depends on the
+/// order objects arrived in.
+fn claim_order(meta: &ObjectMeta) -> (bool, Option<&Time>, (&str, Option<&str>)) {
+    let created = meta.creation_timestamp.as_ref();
+    (created.is_none(), created, object_key(meta))
+}
+
+/// Leaves out of `output` what Services earlier in [`claim_order`] serve
+/// already: each such frontend, and the health check port, is reported on
+/// this Service (a Warning Event with the kube source) and skipped; the
+/// rest of the Service is served. (kube-proxy has no rule here: whichever
+/// Service its sync writes last overwrites the rule.)
+fn leave_contested(
+    output: &mut ServiceOutput,
+    meta: &ObjectMeta,
     frontends: &BTreeMap<Frontend, FrontendSpec>,
     health_checks: &BTreeMap<u16, HealthCheck>,
-) -> Option<String> {
-    let frontend = planned.find_map(|planned| {
-        let owner = frontends.get(planned)?;
-        Some(format!(
-            "frontend {planned} is already served by Service {}",
-            owner.service
-        ))
+) {
+    let errors = &mut output.errors;
+    output.frontends.retain(|(frontend, _)| {
+        let Some(owner) = frontends.get(frontend) else {
+            return true;
+        };
+        errors.push(ObjectError::for_object(
+            SERVICE,
+            meta,
+            format!(
+                "frontend {frontend} is also claimed by Service {}, which is older and serves it; frontend skipped",
+                owner.service
+            ),
+        ));
+        false
     });
-    frontend.or_else(|| {
-        let port = health_check_port?;
-        let owner = health_checks.get(&port)?;
-        Some(format!(
-            "healthCheckNodePort {port} is already used by Service {}",
-            owner.service
-        ))
-    })
+    if let Some(port) = output.health_check.as_ref().map(|check| check.port)
+        && let Some(owner) = health_checks.get(&port)
+    {
+        errors.push(ObjectError::for_object(
+            SERVICE,
+            meta,
+            format!(
+                "healthCheckNodePort {port} is also claimed by Service {}, which is older and serves it; health check skipped",
+                owner.service
+            ),
+        ));
+        output.health_check = None;
+    }
 }
 
 /// A Service or `EndpointSlice` that kube-proxy never sees: its watches
