@@ -32,7 +32,7 @@ use k8s_openapi::api::core::v1::{
     ServiceStatus, SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -541,17 +541,33 @@ impl EndpointBuilder {
 
     /// `hints.forZones`.
     pub fn zone_hints<'a>(mut self, zones: impl IntoIterator<Item = &'a str>) -> Self {
-        self.endpoint.hints = Some(EndpointHints {
-            for_zones: Some(
-                zones
-                    .into_iter()
-                    .map(|zone| ForZone {
-                        name: zone.to_owned(),
-                    })
-                    .collect(),
-            ),
-            ..EndpointHints::default()
-        });
+        self.endpoint
+            .hints
+            .get_or_insert_with(EndpointHints::default)
+            .for_zones = Some(
+            zones
+                .into_iter()
+                .map(|zone| ForZone {
+                    name: zone.to_owned(),
+                })
+                .collect(),
+        );
+        self
+    }
+
+    /// `hints.forNodes` (`trafficDistribution: PreferSameNode`).
+    pub fn node_hints<'a>(mut self, nodes: impl IntoIterator<Item = &'a str>) -> Self {
+        self.endpoint
+            .hints
+            .get_or_insert_with(EndpointHints::default)
+            .for_nodes = Some(
+            nodes
+                .into_iter()
+                .map(|node| ForNode {
+                    name: node.to_owned(),
+                })
+                .collect(),
+        );
         self
     }
 

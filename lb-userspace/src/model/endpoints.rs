@@ -33,6 +33,9 @@ pub(super) struct EndpointInfo {
     pub(super) conditions: Conditions,
     /// `hints.forZones` names; empty when there are no hints.
     pub(super) zones: Vec<String>,
+    /// `hints.forNodes` names (`trafficDistribution: PreferSameNode`);
+    /// empty when there are none.
+    pub(super) nodes: Vec<String>,
 }
 
 /// One `EndpointSlice`, validated once however many Service ports use it.
@@ -181,19 +184,25 @@ fn endpoints(
             serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         };
-        let zones = endpoint
-            .hints
-            .as_ref()
+        let hints = endpoint.hints.as_ref();
+        let zones = hints
             .and_then(|hints| hints.for_zones.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|zone| zone.name.clone())
+            .collect();
+        let nodes = hints
+            .and_then(|hints| hints.for_nodes.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|node| node.name.clone())
             .collect();
         endpoints.push(EndpointInfo {
             addr,
             node_name: endpoint.node_name.as_deref().map(Box::from),
             conditions,
             zones,
+            nodes,
         });
     }
     endpoints

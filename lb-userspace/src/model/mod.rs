@@ -56,10 +56,6 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Namespace of an object that names none, as `kubectl apply` would place it.
 pub const DEFAULT_NAMESPACE: &str = "default";
-/// Service annotation that turns on zone hints (`Auto`).
-const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
-/// The deprecated name of [`TOPOLOGY_MODE_ANNOTATION`], still honoured.
-const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given (3 hours).
 const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The largest `timeoutSeconds` the API accepts (1 day).
@@ -72,7 +68,8 @@ pub struct NodeContext {
     pub name: String,
     /// Node addresses of both families; `NodePort` frontends listen on these.
     pub addresses: Vec<IpAddr>,
-    /// Topology zone, matched against endpoint zone hints.
+    /// Topology zone, matched against endpoint zone hints (`name` is
+    /// matched against node hints).
     pub zone: Option<String>,
     /// `--source-ranges-strict`: `loadBalancerSourceRanges` also guard the
     /// Service's `NodePort`s and external IPs. Off (kube-proxy): only its

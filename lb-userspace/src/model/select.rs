@@ -14,6 +14,7 @@ struct Candidate<'a> {
     backend: Backend,
     conditions: Conditions,
     zones: &'a [String],
+    nodes: &'a [String],
 }
 
 /// The endpoints of one frontend.
@@ -67,9 +68,15 @@ impl<'a> Selector<'a> {
         if let Some(selection) = self.cache.get(&(port, ipv4, local)) {
             return selection.clone();
         }
-        // Zone hints only narrow the Cluster policy's endpoints.
-        let zone = self.zone.filter(|_| !local && self.parsed.rules.zone_hints);
-        let selection = select(&self.candidates(port, ipv4), local, zone);
+        // Hints only narrow the Cluster policy's endpoints; they are
+        // used whenever they are there, whatever the Service asks for
+        // (kube-proxy reads only the hints, which the EndpointSlice
+        // controller writes for `trafficDistribution` or topology mode).
+        let here = (!local).then_some(Here {
+            node: self.node_name,
+            zone: self.zone,
+        });
+        let selection = select(&self.candidates(port, ipv4), local, here);
         self.cache.insert((port, ipv4, local), selection.clone());
         selection
     }
@@ -101,6 +108,7 @@ impl<'a> Selector<'a> {
                     },
                     conditions: endpoint.conditions,
                     zones: &endpoint.zones,
+                    nodes: &endpoint.nodes,
                 }))
             })
             .flatten()
@@ -141,12 +149,19 @@ impl<'a> Selector<'a> {
     }
 }
 
+/// Where this node is, for topology hints.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    /// Empty: unknown.
+    node: &'a str,
+    zone: Option<&'a str>,
+}
+
 /// kube-proxy's `CategorizeEndpoints` for one frontend: the policy's
-/// endpoints (all, or this node's), narrowed to this zone's by hints when
-/// `zone` is given and every ready endpoint has hints and one names the zone;
-/// of those the ready ones, or when none is ready (anywhere in the policy's
-/// set) the serving and terminating ones.
-fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Selection {
+/// endpoints (all, or this node's), narrowed by topology hints when `here`
+/// is given (`topologyModeFromHints`); of those the ready ones, or when none
+/// is ready (anywhere in the policy's set) the serving and terminating ones.
+fn select(candidates: &[Candidate<'_>], local: bool, here: Option<Here<'_>>) -> Selection {
     let pool: Vec<&Candidate<'_>> = candidates
         .iter()
         .filter(|candidate| !local || candidate.backend.node_local)
@@ -156,18 +171,7 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
         .copied()
         .filter(|candidate| candidate.conditions.ready)
         .collect();
-    let close: Vec<&Candidate<'_>> = match zone {
-        Some(zone)
-            if !ready.is_empty() && ready.iter().all(|candidate| !candidate.zones.is_empty()) =>
-        {
-            ready
-                .iter()
-                .copied()
-                .filter(|candidate| candidate.zones.iter().any(|hint| hint == zone))
-                .collect()
-        }
-        _ => Vec::new(),
-    };
+    let close = here.map_or_else(Vec::new, |here| close_by_hints(&ready, here));
     let chosen = if !close.is_empty() {
         close
     } else if !ready.is_empty() {
@@ -221,6 +225,28 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
         not_serving,
         no_local_endpoints,
     }
+}
+
+/// The ready endpoints the hints keep for this node: those hinted for it
+/// when every ready endpoint has node hints (`PreferSameNode`) and one
+/// names it; else those hinted for its zone when every ready endpoint has
+/// zone hints and one names it; else none (no topology: all are used).
+fn close_by_hints<'c>(ready: &[&'c Candidate<'c>], here: Here<'_>) -> Vec<&'c Candidate<'c>> {
+    let by = |hints: fn(&Candidate<'c>) -> &'c [String], name: Option<&str>| {
+        let name = name.filter(|name| !name.is_empty())?;
+        if ready.iter().any(|candidate| hints(candidate).is_empty()) {
+            return None;
+        }
+        let kept: Vec<&'c Candidate<'c>> = ready
+            .iter()
+            .copied()
+            .filter(|candidate| hints(candidate).iter().any(|hint| hint == name))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    by(|candidate| candidate.nodes, Some(here.node))
+        .or_else(|| by(|candidate| candidate.zones, here.zone))
+        .unwrap_or_default()
 }
 
 /// Sorted, one per address and port (one endpoint listed by two slices,

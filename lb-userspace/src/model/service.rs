@@ -5,13 +5,12 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::select::Selection;
 use super::{
     DEFAULT_AFFINITY_TIMEOUT_S, Frontend, FrontendKind, FrontendSpec, MAX_AFFINITY_TIMEOUT_S,
-    ObjectError, Protocol, SERVICE, ServiceContext, ServiceRef, TOPOLOGY_AWARE_HINTS_ANNOTATION,
-    TOPOLOGY_MODE_ANNOTATION, for_another_proxy, is_ipv4, namespace_of,
+    ObjectError, Protocol, SERVICE, ServiceContext, ServiceRef, for_another_proxy, is_ipv4,
+    namespace_of,
 };
 
 /// A Service port that passed validation.
@@ -67,16 +66,6 @@ pub(super) struct TrafficPolicies {
     pub(super) external_local: bool,
 }
 
-/// How endpoints are picked, beyond the traffic policies and their
-/// conditions. (`publishNotReadyAddresses` is not read: the `EndpointSlice`
-/// controller already marks such endpoints ready, and kube-proxy takes the
-/// conditions as they are.)
-#[derive(Clone, Copy, Default)]
-pub(super) struct EndpointRules {
-    /// `trafficDistribution: PreferClose` or topology mode `Auto`.
-    pub(super) zone_hints: bool,
-}
-
 /// A Service that passed validation.
 pub(super) struct ParsedService<'a> {
     cluster_ips: Vec<IpAddr>,
@@ -87,7 +76,6 @@ pub(super) struct ParsedService<'a> {
     /// `externalIPs` of the Service's families.
     external_ips: Vec<IpAddr>,
     pub(super) policies: TrafficPolicies,
-    pub(super) rules: EndpointRules,
     affinity_timeout_s: u32,
     /// Sorted, host bits cleared; only for `LoadBalancer` Services.
     source_ranges: Vec<(IpAddr, u8)>,
@@ -280,7 +268,6 @@ pub(super) fn parse_service<'a>(
             spec.external_traffic_policy.as_deref(),
         )?,
     };
-    let rules = endpoint_rules(meta, spec);
     let affinity_timeout_s = affinity_timeout(spec)?;
     let source_ranges = if type_ == ServiceType::LoadBalancer {
         source_ranges(
@@ -329,7 +316,6 @@ pub(super) fn parse_service<'a>(
         load_balancer_ips,
         external_ips,
         policies,
-        rules,
         affinity_timeout_s,
         source_ranges,
         health_check_port,
@@ -486,25 +472,6 @@ fn ports<'a>(
         });
     }
     Ok(ports)
-}
-
-/// Whether zone hints apply: with
-/// `trafficDistribution: PreferClose` (or its newer name `PreferSameZone`),
-/// or the topology mode annotation (or its deprecated name) set to `Auto`.
-fn endpoint_rules(meta: &ObjectMeta, spec: &ServiceSpec) -> EndpointRules {
-    let annotated_auto = |key: &str| {
-        meta.annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(key))
-            .is_some_and(|value| matches!(value.as_str(), "Auto" | "auto"))
-    };
-    EndpointRules {
-        zone_hints: matches!(
-            spec.traffic_distribution.as_deref(),
-            Some("PreferClose" | "PreferSameZone")
-        ) || annotated_auto(TOPOLOGY_MODE_ANNOTATION)
-            || annotated_auto(TOPOLOGY_AWARE_HINTS_ANNOTATION),
-    }
 }
 
 /// `true` for `Local`; absent means `Cluster`.

@@ -5,10 +5,7 @@ use crate::model::test_fixtures::{
     backends, backends_of, be, build_on, build_plain, build_web, dual_stack_web, frontend, node_a,
     spec_of,
 };
-use crate::model::{
-    Backend, HealthCheck, Model, NodeContext, Protocol, ServiceRef,
-    TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION,
-};
+use crate::model::{Backend, HealthCheck, Model, NodeContext, Protocol, ServiceRef};
 use crate::testing::{EndpointBuilder, IpFamily, ServiceBuilder, SliceBuilder};
 
 /// `shop/web` at `cluster_ip`, port 80 to 8080.
@@ -601,9 +598,6 @@ fn zone_hints_fall_back_to_all_endpoints() {
     // The node's zone is unknown.
     let model = zoned_web(prefer_close, [], &in_zone(None));
     assert_eq!(cluster_and_node_port_backends(&model).0, all);
-    // The Service does not ask for topology: hints are ignored.
-    let model = zoned_web(|service| service, [], &node_a());
-    assert_eq!(cluster_and_node_port_backends(&model).0, all);
 
     // One ready endpoint without hints turns the hints off.
     let unhinted = EndpointBuilder::new("10.244.3.1")
@@ -625,22 +619,83 @@ fn zone_hints_fall_back_to_all_endpoints() {
 }
 
 #[test]
-fn topology_mode_auto_annotation_also_turns_hints_on() {
-    for (annotation, value) in [
-        (TOPOLOGY_MODE_ANNOTATION, "Auto"),
-        (TOPOLOGY_AWARE_HINTS_ANNOTATION, "auto"),
+fn hints_are_used_whatever_the_service_asks_for() {
+    // kube-proxy reads the hints alone: no `trafficDistribution`, the
+    // topology-mode annotation, or a value it does not know.
+    for tweak in [
+        (|service| service) as fn(ServiceBuilder) -> ServiceBuilder,
+        |service| service.annotation("service.kubernetes.io/topology-mode", "Auto"),
+        |service| service.traffic_distribution("SomethingNew"),
     ] {
-        let model = zoned_web(
-            |service| service.annotation(annotation, value),
-            [],
-            &node_a(),
-        );
+        let model = zoned_web(tweak, [], &node_a());
         assert_eq!(
             cluster_and_node_port_backends(&model).0,
             [be("10.244.1.1", 8080, true), be("10.244.4.1", 8080, false)],
-            "{annotation}: {value}"
         );
     }
+}
+
+/// Endpoints of `zoned_web` with node hints as the `EndpointSlice`
+/// controller writes them for `PreferSameNode` (each for its own node),
+/// zone hints kept.
+fn node_hinted(node: &str, addr: &str, zone: &str) -> EndpointBuilder {
+    EndpointBuilder::new(addr)
+        .ready(true)
+        .node(node)
+        .zone(zone)
+        .zone_hints([zone])
+        .node_hints([node])
+}
+
+#[test]
+fn prefer_same_node_keeps_the_endpoints_hinted_for_this_node() {
+    let slice = |extra: Option<EndpointBuilder>| {
+        let slice = web_slice("web-1", IpFamily::V4)
+            .endpoint(node_hinted("node-a", "10.244.1.1", "zone-a"))
+            .endpoint(node_hinted("node-d", "10.244.4.1", "zone-a"))
+            .endpoint(node_hinted("node-b", "10.244.2.1", "zone-b"));
+        extra.into_iter().fold(slice, SliceBuilder::endpoint)
+    };
+    let web = || {
+        web("10.96.0.10")
+            .type_("NodePort")
+            .node_port_of_last(30080)
+            .traffic_distribution("PreferSameNode")
+    };
+    let model = build_on([web()], [slice(None)], &node_a());
+    assert_eq!(
+        cluster_and_node_port_backends(&model),
+        (
+            vec![be("10.244.1.1", 8080, true)],
+            vec![be("10.244.1.1", 8080, true)]
+        )
+    );
+    // No endpoint for this node: the zone hints decide.
+    let node_c = NodeContext {
+        name: "node-c".into(),
+        ..node_a()
+    };
+    let model = build_on([web()], [slice(None)], &node_c);
+    assert_eq!(
+        cluster_and_node_port_backends(&model).0,
+        [be("10.244.1.1", 8080, false), be("10.244.4.1", 8080, false)]
+    );
+    // A ready endpoint without a node hint turns the node hints off (the
+    // zone hints still apply: it has one).
+    let zone_only = EndpointBuilder::new("10.244.1.2")
+        .ready(true)
+        .node("node-a")
+        .zone("zone-a")
+        .zone_hints(["zone-a"]);
+    let model = build_on([web()], [slice(Some(zone_only))], &node_a());
+    assert_eq!(
+        cluster_and_node_port_backends(&model).0,
+        [
+            be("10.244.1.1", 8080, true),
+            be("10.244.1.2", 8080, true),
+            be("10.244.4.1", 8080, false)
+        ]
+    );
 }
 
 #[test]
