@@ -62,11 +62,19 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "127.0.0.1:9917")]
         metrics_addr: SocketAddr,
-        /// Node addresses (both families) `NodePort` listens on; the first
-        /// of each family is the source NAT address towards other nodes.
-        /// Default: the Node object's, else this namespace's interfaces'.
+        /// The node's addresses (both families); the first of each family
+        /// is its primary address: `NodePort` listens there (with
+        /// `--nodeport-addresses primary`) and it is the source NAT address
+        /// towards other nodes. Default: the Node object's (`InternalIP`s
+        /// first), else this namespace's interfaces'.
         #[arg(long = "node-ip", value_name = "IP[,IP...]", value_delimiter = ',')]
         node_ips: Vec<IpAddr>,
+        /// Addresses `NodePort`s listen on, as kube-proxy's flag: `primary`
+        /// (one per family, the node's primary address), or CIDRs (every
+        /// address of this namespace's interfaces inside one; a family with
+        /// no CIDR gets all of its addresses).
+        #[arg(long, value_name = "primary|CIDR[,CIDR...]", default_value = "primary")]
+        nodeport_addresses: node::NodePortAddresses,
         /// This node's topology zone (default: the Node's zone label).
         #[arg(long)]
         zone: Option<String>,
@@ -185,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             pin_path,
             metrics_addr,
             node_ips,
+            nodeport_addresses,
             zone,
             ct_entries,
             resync_interval,
@@ -198,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
                 addresses: node_ips,
+                nodeport_addresses,
                 zone,
                 loopback4: hairpin_ipv4,
                 loopback6: hairpin_ipv6,

@@ -46,6 +46,7 @@ use endpoints::{EndpointIndex, SliceEndpoints};
 pub use incremental::{FrontendChanges, Incremental};
 use select::Selector;
 use service::{PlannedFrontend, parse_service};
+pub use service::{parse_cidr, prefix_contains};
 
 /// Label that hands a Service to another proxy; kube-proxy skips those too.
 pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";

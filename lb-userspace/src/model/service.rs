@@ -213,7 +213,8 @@ impl ParsedService<'_> {
 }
 
 /// Whether `addr` is inside `(prefix, len)` (host bits of `prefix` clear).
-fn prefix_contains((prefix, len): (IpAddr, u8), addr: IpAddr) -> bool {
+#[must_use]
+pub fn prefix_contains((prefix, len): (IpAddr, u8), addr: IpAddr) -> bool {
     match (prefix, addr) {
         (IpAddr::V4(prefix), IpAddr::V4(addr)) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
@@ -540,7 +541,8 @@ fn source_ranges(
 /// as decimal, `010.0.0.0/08` is `10.0.0.0/8`), which the API server
 /// accepted before Kubernetes 1.22 and still keeps in stored objects.
 /// Host bits are cleared, as kube-proxy's CIDR parsing does.
-fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+#[must_use]
+pub fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let text = text.trim();
     let (addr, len) = match text.split_once('/') {
         Some((addr, len)) => {
