@@ -62,6 +62,11 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "127.0.0.1:9917")]
         metrics_addr: SocketAddr,
+        /// kube-proxy's node health server (`/healthz`, `/livez`), which
+        /// cloud load balancers probe; `0.0.0.0` listens on both families;
+        /// empty: off.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+        healthz_bind_address: String,
         /// The node's addresses (both families); the first of each family
         /// is its primary address: `NodePort` listens there (with
         /// `--nodeport-addresses primary`) and it is the source NAT address
@@ -192,6 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kubeconfig,
             pin_path,
             metrics_addr,
+            healthz_bind_address,
             node_ips,
             nodeport_addresses,
             zone,
@@ -230,6 +236,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 attach_patterns: attach_pattern,
                 pin_path,
                 metrics_addr,
+                healthz_addr: if healthz_bind_address.is_empty() {
+                    None
+                } else {
+                    Some(healthz_bind_address.parse().map_err(|_| {
+                        anyhow!("--healthz-bind-address {healthz_bind_address:?} is not ADDR:PORT")
+                    })?)
+                },
                 node,
                 capacities: loader::Capacities {
                     services: max_services,

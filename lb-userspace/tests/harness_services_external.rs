@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use support::clients::{
     assert_nodeport_sources, assert_only, assert_source_preserved, assert_spread, assert_timeout,
-    http_get, tcp_batch, tcp_once, udp_batch, udp_once,
+    http_get, http_get_with_headers, tcp_batch, tcp_once, udp_batch, udp_once,
 };
 use support::cluster::{Cluster, DENIED_WAIT, ext_ip, lb_ip, ready, service, vip};
 use support::manifests::HTTP_DNS;
@@ -35,16 +35,17 @@ use support::serial;
 use support::topo::Family;
 
 /// Checks a kube-proxy style health-check answer. `localEndpoints` counts
-/// local ready endpoint addresses over both families (the model's rule: a
-/// dual-stack pod counts once per family).
+/// the local ready endpoint addresses of the family the probe came in on
+/// (kube-proxy answers from one proxier per family: a dual-stack pod counts
+/// once in each), also sent as `X-Load-Balancing-Endpoint-Weight`.
 fn assert_health(
     what: &str,
-    got: Result<(u16, String), String>,
+    got: Result<(u16, String, String), String>,
     status: u16,
     local: u64,
     name: &str,
 ) {
-    let (code, body) = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (code, headers, body) = got.unwrap_or_else(|e| panic!("{what}: {e}"));
     eprintln!("{what}: HTTP {code} {body}");
     assert_eq!(code, status, "{what}: HTTP status (body {body})");
     let json: Value = serde_json::from_str(&body)
@@ -58,6 +59,18 @@ fn assert_health(
         json["service"]["name"].as_str(),
         Some(name),
         "{what}: service name in {body}"
+    );
+    assert_eq!(
+        json["serviceProxyHealthy"].as_bool(),
+        Some(true),
+        "{what}: the agent is in sync: {body}"
+    );
+    assert!(
+        headers
+            .lines()
+            .any(|line| line
+                .eq_ignore_ascii_case(&format!("X-Load-Balancing-Endpoint-Weight: {local}"))),
+        "{what}: X-Load-Balancing-Endpoint-Weight {local} in {headers:?}"
     );
 }
 
@@ -232,20 +245,43 @@ fn nodeport_loadbalancer_and_external_ips() {
             },
         );
         sc.run(
+            &format!("{family:?} node health server (kube-proxy's :10256)"),
+            || {
+                // What cloud load balancers probe for ETP Cluster Services:
+                // the agent is in sync and the node (no Node object with
+                // the file source) is not going away.
+                for (path, node_eligible) in [("/healthz", Some(true)), ("/livez", None)] {
+                    let what = format!("{family:?} ext -> node1:10256{path}");
+                    let (code, body) = http_get(&ext, SocketAddr::new(n1, 10256), path)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    eprintln!("{what}: HTTP {code} {body}");
+                    assert_eq!(code, 200, "{what}: {body}");
+                    let json: Value = serde_json::from_str(&body)
+                        .unwrap_or_else(|e| panic!("{what}: body not JSON ({e}): {body}"));
+                    assert_eq!(json["healthy"].as_bool(), Some(true), "{what}: {body}");
+                    assert_eq!(
+                        json["nodeEligible"].as_bool(),
+                        node_eligible,
+                        "{what}: {body}"
+                    );
+                }
+            },
+        );
+        sc.run(
             &format!("{family:?} healthCheckNodePort with local endpoints"),
             || {
                 assert_health(
                     &format!("{family:?} health check of node1 from ext"),
-                    http_get(&ext, SocketAddr::new(n1, 32001), "/"),
+                    http_get_with_headers(&ext, SocketAddr::new(n1, 32001), "/"),
                     200,
-                    4,
+                    2,
                     "np-local",
                 );
                 assert_health(
                     &format!("{family:?} health check of node2 from node2"),
-                    http_get(&node2_ns, SocketAddr::new(n2, 32001), "/"),
+                    http_get_with_headers(&node2_ns, SocketAddr::new(n2, 32001), "/"),
                     200,
-                    2,
+                    1,
                     "np-local",
                 );
             },
@@ -263,16 +299,16 @@ fn nodeport_loadbalancer_and_external_ips() {
             || {
                 assert_health(
                     &format!("{family:?} health check of node2 without local endpoints"),
-                    http_get(&node2_ns, SocketAddr::new(n2, 32001), "/"),
+                    http_get_with_headers(&node2_ns, SocketAddr::new(n2, 32001), "/"),
                     503,
                     0,
                     "np-local",
                 );
                 assert_health(
                     &format!("{family:?} health check of node1 after the change"),
-                    http_get(&ext, SocketAddr::new(n1, 32001), "/"),
+                    http_get_with_headers(&ext, SocketAddr::new(n1, 32001), "/"),
                     200,
-                    4,
+                    2,
                     "np-local",
                 );
             },

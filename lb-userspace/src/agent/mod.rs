@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub pin_path: PathBuf,
     /// Address of the metrics/health server.
     pub metrics_addr: SocketAddr,
+    /// Address of kube-proxy's node health server (`/healthz`, `/livez`);
+    /// `None`: not served.
+    pub healthz_addr: Option<SocketAddr>,
     /// Node name, addresses, zone and hairpin sources from the flags.
     pub node: NodeSettings,
     /// Entries per family of the maps sized by flags.
@@ -123,6 +126,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         desired: Desired::new(&config),
         hooks: Hooks::new(&config),
     };
+    serve_node_health(config.healthz_addr, &pending);
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
     let (mut ebpf, maps, attachments, state) = loaded?;
     tracing::info!(
@@ -192,6 +196,26 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
+}
+
+/// kube-proxy's node health server, on `addr` if any. Not fatal when the
+/// address is taken: kube-proxy may still hold it while both run side by
+/// side during an install.
+fn serve_node_health(addr: Option<SocketAddr>, pending: &Pending) {
+    let Some(addr) = addr else {
+        return;
+    };
+    match http::node_health::bind(addr) {
+        Ok(listener) => {
+            tokio::spawn(http::node_health::serve(
+                listener,
+                pending.hooks.proxy_health(),
+            ));
+        }
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot serve the node health check (/healthz, /livez)");
+        }
+    }
 }
 
 /// A read-only handle of its own on the pinned maps, for the scrapes and

@@ -284,16 +284,27 @@ impl fmt::Display for Backend {
 }
 
 /// A `healthCheckNodePort` to serve (Services with
-/// `externalTrafficPolicy: Local`): 200 while `local_endpoints > 0`, else 503.
+/// `externalTrafficPolicy: Local`): 200 while the asking family has local
+/// endpoints (and the agent is in sync), else 503.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     /// `port_name` is empty: the check is per Service.
     pub service: ServiceRef,
     pub port: u16,
-    /// Distinct addresses of this node's ready, non-terminating endpoints
-    /// over all ports and families (kube-proxy fails the check when only
-    /// terminating endpoints are left, so load balancers drain the node).
-    pub local_endpoints: usize,
+    /// Distinct addresses of this node's ready endpoints over all ports,
+    /// per family, IPv4 then IPv6: kube-proxy runs one proxier per family,
+    /// each answering on its family's node addresses, so a dual-stack pod
+    /// counts once in each (and only ready ones count: when only
+    /// terminating endpoints are left, load balancers drain the node).
+    pub local_endpoints: [usize; 2],
+}
+
+impl HealthCheck {
+    /// The local endpoints of one family.
+    #[must_use]
+    pub fn local_endpoints_of(&self, ipv4: bool) -> usize {
+        self.local_endpoints[usize::from(!ipv4)]
+    }
 }
 
 /// An object (or part of one) that was skipped, and why.

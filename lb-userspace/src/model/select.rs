@@ -127,25 +127,26 @@ impl<'a> Selector<'a> {
         candidates
     }
 
-    /// Distinct addresses of this node's ready, non-terminating endpoints,
-    /// over every port and family of the Service.
-    pub(super) fn local_ready_endpoints(&self) -> usize {
-        let mut addrs = BTreeSet::new();
-        for port in 0..self.parsed.ports.len() {
-            for ipv4 in self.parsed.families.iter() {
+    /// Distinct addresses of this node's ready endpoints over every port
+    /// of the Service, per family (IPv4, IPv6), as kube-proxy's
+    /// `LocalReadyEndpoints` counts them in each family's proxier.
+    pub(super) fn local_ready_endpoints(&self) -> [usize; 2] {
+        let mut counts = [0; 2];
+        for ipv4 in self.parsed.families.iter() {
+            let mut addrs = BTreeSet::new();
+            for port in 0..self.parsed.ports.len() {
                 addrs.extend(
                     self.candidates(port, ipv4)
                         .iter()
                         .filter(|candidate| {
-                            candidate.backend.node_local
-                                && candidate.conditions.ready
-                                && !candidate.conditions.terminating
+                            candidate.backend.node_local && candidate.conditions.ready
                         })
                         .map(|candidate| candidate.backend.addr),
                 );
             }
+            counts[usize::from(!ipv4)] = addrs.len();
         }
-        addrs.len()
+        counts
     }
 }
 

@@ -112,7 +112,7 @@ fn external_traffic_policy_local_without_local_endpoints_has_no_backends() {
                 port_name: String::new(),
             },
             port: 32000,
-            local_endpoints: 0,
+            local_endpoints: [0, 0],
         }]
     );
 }
@@ -179,10 +179,12 @@ fn external_traffic_policy_local_keeps_local_endpoints_and_counts_them_for_the_h
         spec_of(&model, "10.96.0.30", 80, Protocol::Tcp).backends,
         [be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)]
     );
-    // One v4 and one v6 address, each behind two ports: 2.
+    // One v4 and one v6 address (one dual-stack pod), each behind two
+    // ports: one per family, as each of kube-proxy's proxiers counts.
     assert_eq!(model.health_checks.len(), 1);
     assert_eq!(model.health_checks[0].port, 31999);
-    assert_eq!(model.health_checks[0].local_endpoints, 2);
+    assert_eq!(model.health_checks[0].local_endpoints, [1, 1]);
+    assert_eq!(model.health_checks[0].local_endpoints_of(false), 1);
 }
 
 /// One local endpoint that is terminating but still serving, one remote
