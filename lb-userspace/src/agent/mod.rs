@@ -126,7 +126,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         desired: Desired::new(&config),
         hooks: Hooks::new(&config),
     };
-    serve_node_health(config.healthz_addr, &pending);
+    if let Some(addr) = config.healthz_addr {
+        tokio::spawn(http::node_health::run(addr, pending.hooks.proxy_health()));
+    }
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
     let (mut ebpf, maps, attachments, state) = loaded?;
     tracing::info!(
@@ -196,26 +198,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
-}
-
-/// kube-proxy's node health server, on `addr` if any. Not fatal when the
-/// address is taken: kube-proxy may still hold it while both run side by
-/// side during an install.
-fn serve_node_health(addr: Option<SocketAddr>, pending: &Pending) {
-    let Some(addr) = addr else {
-        return;
-    };
-    match http::node_health::bind(addr) {
-        Ok(listener) => {
-            tokio::spawn(http::node_health::serve(
-                listener,
-                pending.hooks.proxy_health(),
-            ));
-        }
-        Err(error) => {
-            tracing::error!(%addr, %error, "cannot serve the node health check (/healthz, /livez)");
-        }
-    }
 }
 
 /// A read-only handle of its own on the pinned maps, for the scrapes and

@@ -94,25 +94,53 @@ pub fn node_eligible(node: Option<&Node>) -> bool {
             .any(|taint| taint.key == TO_BE_DELETED_TAINT)
 }
 
+/// How often a taken address is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
 /// Binds `addr` as kube-proxy does: an IPv4 wildcard (its default,
-/// `0.0.0.0`) listens on both families, as Go's listener does.
+/// `0.0.0.0`) listens on both families, as Go's listener does (IPv4 only
+/// where the kernel has no IPv6).
 ///
 /// # Errors
 /// The address cannot be bound.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let addr = match addr {
+    let listener = match addr {
         SocketAddr::V4(v4) if v4.ip().is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, v4.port()))
+            std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, v4.port()))
+                .or_else(|_| std::net::TcpListener::bind(addr))?
         }
-        other => other,
+        other => std::net::TcpListener::bind(other)?,
     };
-    let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
 }
 
+/// Serves `/healthz` and `/livez` on `addr` until the process ends. An
+/// address already taken (kube-proxy still running beside the agent
+/// during an install) is logged once and tried again every few seconds,
+/// so that the agent takes over once kube-proxy is gone.
+pub async fn run(addr: SocketAddr, health: Arc<Mutex<ProxyHealth>>) {
+    let mut logged = false;
+    let listener = loop {
+        match bind(addr) {
+            Ok(listener) => break listener,
+            Err(error) => {
+                if !logged {
+                    tracing::warn!(%addr, %error, "cannot serve the node health check (/healthz, /livez) yet; retrying");
+                    logged = true;
+                }
+                tokio::time::sleep(BIND_RETRY).await;
+            }
+        }
+    };
+    if logged {
+        tracing::info!(%addr, "serving the node health check");
+    }
+    serve(listener, health).await;
+}
+
 /// Serves `/healthz` and `/livez` until the process ends.
-pub async fn serve(listener: TcpListener, health: Arc<Mutex<ProxyHealth>>) {
+async fn serve(listener: TcpListener, health: Arc<Mutex<ProxyHealth>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -216,6 +244,35 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(json(&body)["nodeEligible"], true);
         assert!(json(&body).get("healthy").is_some());
+    }
+
+    /// kube-proxy holds the port while both run side by side: the agent
+    /// serves it once kube-proxy lets go (loopback only).
+    #[tokio::test]
+    async fn a_taken_address_is_served_once_it_is_free() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = squatter.local_addr().unwrap();
+        let task = tokio::spawn(run(addr, Arc::new(Mutex::new(ProxyHealth::default()))));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(squatter);
+        let deadline = Instant::now() + BIND_RETRY + Duration::from_secs(3);
+        let response = loop {
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await {
+                stream
+                    .write_all(b"GET /livez HTTP/1.0\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut text = String::new();
+                stream.read_to_string(&mut text).await.unwrap();
+                break text;
+            }
+            assert!(Instant::now() < deadline, "{addr} never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        task.abort();
+        assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+        assert!(response.contains("\"healthy\":true"), "{response}");
     }
 
     #[test]
