@@ -352,7 +352,10 @@ impl Reconciler {
             None => None,
         };
         let node = self.node_context();
-        lock(&self.pending.hooks.proxy_health()).set_node(self.pending.desired.node.as_ref());
+        lock(&self.pending.hooks.proxy_health()).set_node(
+            self.pending.desired.node.as_ref(),
+            !self.pending.hooks.node_name.is_empty(),
+        );
         let changes = self.pending.desired.model.commit();
         self.write_node_config(&node);
         let hooks = &mut self.pending.hooks;

@@ -63,9 +63,10 @@ impl ProxyHealth {
         self.last_updated = Some(now);
     }
 
-    /// Follows this agent's Node object.
-    pub fn set_node(&mut self, node: Option<&Node>) {
-        self.node_eligible = node_eligible(node);
+    /// Follows this agent's Node object; `follows_node`: the source
+    /// watches it (kube), so its absence means it is gone or not yet seen.
+    pub fn set_node(&mut self, node: Option<&Node>, follows_node: bool) {
+        self.node_eligible = node_eligible(node, follows_node);
     }
 
     /// In sync, or not late yet.
@@ -77,12 +78,13 @@ impl ProxyHealth {
 }
 
 /// Not being deleted and not tainted by the cluster autoscaler for
-/// deletion (kube-proxy's `NodeEligible`); without a Node object (the file
-/// source) the node is taken as eligible.
+/// deletion (kube-proxy's `NodeEligible`). Without a Node object: not
+/// eligible where the source follows it (kube: deleted, or not seen yet,
+/// as kube-proxy), eligible where there is none to follow (files).
 #[must_use]
-pub fn node_eligible(node: Option<&Node>) -> bool {
+pub fn node_eligible(node: Option<&Node>, follows_node: bool) -> bool {
     let Some(node) = node else {
-        return true;
+        return !follows_node;
     };
     node.metadata.deletion_timestamp.is_none()
         && !node
@@ -302,15 +304,16 @@ mod tests {
             ..Node::default()
         };
         let (now, wall) = (Instant::now(), SystemTime::now());
-        for (node, eligible) in [
-            (None, true),
-            (Some(&Node::default()), true),
-            (Some(&other_taint), true),
-            (Some(&tainted), false),
-            (Some(&deleting), false),
+        for (node, follows_node, eligible) in [
+            (None, false, true),
+            (None, true, false),
+            (Some(&Node::default()), true, true),
+            (Some(&other_taint), true, true),
+            (Some(&tainted), true, false),
+            (Some(&deleting), true, false),
         ] {
             let mut health = ProxyHealth::default();
-            health.set_node(node);
+            health.set_node(node, follows_node);
             let (status, body) = answer(&health, now, wall, true);
             assert_eq!(status == StatusCode::OK, eligible, "{node:?}");
             assert_eq!(json(&body)["nodeEligible"], eligible);
