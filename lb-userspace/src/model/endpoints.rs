@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::service::parse_ip_sloppy;
 use super::{
     ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, for_another_proxy, is_ipv4,
     namespace_of, object_key,
@@ -157,16 +158,16 @@ fn endpoints(
     for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
         let mut first_valid = None;
         for text in &endpoint.addresses {
-            match text.parse::<IpAddr>() {
-                Ok(addr) if is_ipv4(addr) == ipv4 => {
+            match parse_ip_sloppy(text) {
+                Some(addr) if is_ipv4(addr) == ipv4 => {
                     first_valid.get_or_insert(addr);
                 }
-                Ok(addr) => errors.push(ObjectError::for_object(
+                Some(addr) => errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
                     &slice.metadata,
                     format!("address {addr} is not {family} like the slice's addressType; address skipped"),
                 )),
-                Err(_) => errors.push(ObjectError::for_object(
+                None => errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
                     &slice.metadata,
                     format!("address {text:?} is not an IP address; address skipped"),

@@ -335,15 +335,15 @@ fn external_addrs<'t>(
     let meta = &service.metadata;
     let mut addrs = Vec::new();
     for text in texts {
-        match text.parse::<IpAddr>() {
-            Ok(addr) if families.contains(addr) => addrs.push(addr),
+        match parse_ip_sloppy(text) {
+            Some(addr) if families.contains(addr) => addrs.push(addr),
             // kube-proxy ignores these quietly too: each family's proxier
             // only knows the Services with a ClusterIP of its family.
-            Ok(addr) => tracing::debug!(
+            Some(addr) => tracing::debug!(
                 namespace = namespace_of(meta), name = ?meta.name, %addr,
                 "ignoring {field} of a family the Service does not have"
             ),
-            Err(_) => errors.push(ObjectError::for_object(
+            None => errors.push(ObjectError::for_object(
                 SERVICE,
                 meta,
                 format!("{field} {text:?} is not an IP address; address skipped"),
@@ -367,9 +367,8 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
     }
     let mut addrs = Vec::with_capacity(texts.len());
     for text in texts {
-        let addr: IpAddr = text
-            .parse()
-            .map_err(|_| format!("clusterIP {text:?} is not an IP address"))?;
+        let addr: IpAddr = parse_ip_sloppy(text)
+            .ok_or_else(|| format!("clusterIP {text:?} is not an IP address"))?;
         if addrs
             .iter()
             .any(|&other: &IpAddr| is_ipv4(other) == is_ipv4(addr))
@@ -573,8 +572,10 @@ pub fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     }
 }
 
-/// An address as `ParseIPSloppy` reads it: IPv4 octets may carry leading
-/// zeros (decimal, not octal); anything else as Rust parses it.
+/// An address as kube-proxy's `ParseIPSloppy` reads it (cluster IPs,
+/// external and ingress IPs, endpoint addresses, source ranges): IPv4
+/// octets may carry leading zeros (decimal, not octal), which the API
+/// server accepted before Kubernetes 1.22; anything else as Rust parses it.
 pub(super) fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
     if let Ok(addr) = text.parse::<IpAddr>() {
         return Some(addr);

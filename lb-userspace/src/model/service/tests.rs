@@ -669,3 +669,37 @@ fn cidr_parsing_masks_host_bits() {
     assert_eq!(parse_cidr("192.0.2.0/24/1"), None);
     assert_eq!(parse_cidr(""), None);
 }
+
+#[test]
+fn addresses_with_leading_zeros_read_as_decimal_as_kube_proxy() {
+    // Stored before Kubernetes 1.22 tightened validation; kube-proxy's
+    // ParseIPSloppy still reads them.
+    let model = build_web(
+        dual_stack_web("LoadBalancer")
+            .external_ips(["198.051.100.020"])
+            .ingress_ip("203.000.113.010"),
+        &node_a(),
+    );
+    assert_eq!(model.errors, []);
+    for (addr, kind) in [
+        ("198.51.100.20", FrontendKind::ExternalIp),
+        ("203.0.113.10", FrontendKind::LoadBalancer),
+    ] {
+        assert_eq!(spec_of(&model, addr, 80, Protocol::Tcp).kind, kind);
+    }
+    let model = build_plain(
+        [ServiceBuilder::new("shop", "old")
+            .ips(["010.096.000.010"])
+            .port("", 80, "TCP", 80)],
+        [
+            crate::testing::SliceBuilder::for_service("shop", "old", crate::testing::IpFamily::V4)
+                .port("", 80, "TCP")
+                .endpoint(crate::testing::EndpointBuilder::new("010.244.001.005")),
+        ],
+    );
+    assert_eq!(model.errors, []);
+    assert_eq!(
+        spec_of(&model, "10.96.0.10", 80, Protocol::Tcp).backends,
+        [be("10.244.1.5", 80, false)]
+    );
+}
