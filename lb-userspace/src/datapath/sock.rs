@@ -273,8 +273,10 @@ fn attach_sock_addr(
             }
         }
     }
+    // `Single` is what a `bpf_link` takes (the kernel refuses flags on
+    // cgroup links, which always stack with other programs).
     let id = program
-        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .attach(cgroup, CgroupAttachMode::Single)
         .map_err(step(name, "attach it to the cgroup"))?;
     let link = program.take_link(id).map_err(step(name, "take its link"))?;
     let link: FdLink = link.try_into().map_err(step(name, "use its link"))?;
@@ -297,11 +299,12 @@ fn adopt(program: &mut CgroupSockAddr, pin: &Path) -> Result<(), String> {
 fn attach_release(program: &mut CgroupSock, cgroup: &File, pin: &Path) -> Result<(), SockLbError> {
     let name = p::SOCK_RELEASE;
     let id = program
-        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .attach(cgroup, CgroupAttachMode::Single)
         .map_err(step(name, "attach it to the cgroup"))?;
     let link = program.take_link(id).map_err(step(name, "take its link"))?;
     let link: FdLink = link.try_into().map_err(step(name, "use its link"))?;
-    let fresh = pin.with_extension("new");
+    // (bpffs refuses names with a dot.)
+    let fresh = pin.with_file_name(format!("{name}-new"));
     let _ = std::fs::remove_file(&fresh);
     link.pin(&fresh).map_err(step(name, "pin its link"))?;
     std::fs::rename(&fresh, pin).map_err(|source| SockLbError::Io {

@@ -220,6 +220,11 @@ impl Lab {
 
     /// Starts the agent and waits until it is ready.
     pub(crate) fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Starts the agent with EXTRA flags and waits until it is ready.
+    pub(crate) fn start_agent_with(&mut self, extra: &[String]) {
         assert!(self.agent.is_none(), "agent already running");
         let mut cmd = ns_command(self.node_ns(), lb_binary());
         cmd.arg("agent")
@@ -230,7 +235,8 @@ impl Lab {
             .arg("--pin-path")
             .arg(&self.pins.path)
             .arg("--metrics-addr")
-            .arg(METRICS_ADDR);
+            .arg(METRICS_ADDR)
+            .args(extra);
         self.agent = Some(spawn_logged(&mut cmd, &self.log));
         self.wait_ready();
     }
@@ -273,6 +279,11 @@ impl Lab {
 
     pub(crate) fn services(&self) -> Result<Vec<ServiceView>, String> {
         self.pins.services()
+    }
+
+    /// The agent's pin directory.
+    pub(crate) fn pin_path(&self) -> &std::path::Path {
+        &self.pins.path
     }
 
     /// Polls `lb services --json` until every EXPECT is met (at most 5 s);

@@ -1,0 +1,470 @@
+//! Socket-level load balancing (issue 11): a process in the node's own
+//! namespace reaches Services through the cgroup programs, not the TC path.
+//!
+//! The lab of `support::lab` (the agent in a "node" namespace, a client pod
+//! and four backend pods). The socket programs are attached to a child
+//! cgroup of the unified hierarchy that the test creates
+//! (`--cgroup-root`), never to the real root, and only the test's client
+//! process (`support::sockclient`, in that cgroup and in the node
+//! namespace) is in it. `--socket-lb=hostns` compares with the namespace
+//! the agent runs in: the lab's node namespace. The pins (links included)
+//! are removed by `lb cleanup` and the cgroup is removed on drop, also on
+//! failure. Privileged: root, bpffs, cgroup v2 at /sys/fs/cgroup/unified.
+//!
+//! Run: `cargo test -p lb-userspace --test harness_socklb -- --nocapture`
+
+mod support;
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::clients::{http_get, metric_value};
+use support::lab::{DNS_PORT, HTTP_PORT, Lab, WEB_PORTS, web_vip};
+use support::manifests::{Cond, Manifest, service, slice, sp, suffix};
+use support::pins::require_privileged;
+use support::process::{metrics_addr, require_tools, run_ok, wait_until};
+use support::serial;
+use support::sockclient::{CgroupGuard, SockClient};
+use support::topo::{Dual, Family};
+
+/// Cgroup names are `lb-socklb-<pid>-<n>`.
+const CGROUP_TAG: &str = "lb-socklb-";
+/// The node addresses `NodePort` listens on (the node side of the client
+/// pod's link).
+const NODE_IPS: &str = "198.18.1.1,fd00:1::1";
+const NODE_PORT_HTTP: u16 = 30080;
+const NODE_PORT_DNS: u16 = 30053;
+
+/// `edge`: a dual-stack `LoadBalancer` Service (ClusterIP .20, external IP
+/// and ingress IP) on be3 and be4; `empty`: a `ClusterIP` Service (.30)
+/// without endpoints.
+fn edge_and_empty(lab: &Lab) -> Manifest {
+    let ports = [
+        sp("http", HTTP_PORT, "TCP", "8080").node(NODE_PORT_HTTP),
+        sp("dns", DNS_PORT, "UDP", "8080").node(NODE_PORT_DNS),
+    ];
+    let edge = service(
+        "edge",
+        "LoadBalancer",
+        &both(Dual::service(0, 0x96, 0x20)),
+        &ports,
+    )
+    .external_ips(strings(external_ip()).iter().map(String::as_str))
+    .ingress_ip(&lb_ip().v4.to_string())
+    .ingress_ip(&lb_ip().v6.to_string());
+    let mut manifest = Manifest::default()
+        .with(&edge.build())
+        .with(&service("empty", "ClusterIP", &both(empty_vip()), &WEB_PORTS).build());
+    let slice_ports = [("http", 8080, "TCP"), ("dns", 8080, "UDP")];
+    for family in Family::BOTH {
+        let eps = ["be3", "be4"]
+            .map(|b| Cond::ready_if(true).endpoint(lab.topo.backend(b).addr.get(family)));
+        manifest = manifest
+            .with(&slice(
+                "edge",
+                &format!("edge-{}", suffix(family)),
+                family,
+                &slice_ports,
+                eps,
+            ))
+            .with(&slice(
+                "empty",
+                &format!("empty-{}", suffix(family)),
+                family,
+                &slice_ports,
+                [],
+            ));
+    }
+    manifest
+}
+
+fn external_ip() -> Dual {
+    Dual::service(1, 0x97, 0x20)
+}
+
+fn lb_ip() -> Dual {
+    Dual::service(2, 0x98, 0x20)
+}
+
+fn empty_vip() -> Dual {
+    Dual::service(0, 0x96, 0x30)
+}
+
+fn both(d: Dual) -> [IpAddr; 2] {
+    [IpAddr::V4(d.v4), IpAddr::V6(d.v6)]
+}
+
+fn strings(d: Dual) -> [String; 2] {
+    [d.v4.to_string(), d.v6.to_string()]
+}
+
+fn node_ip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => "198.18.1.1".parse().expect("address"),
+        Family::V6 => "fd00:1::1".parse().expect("address"),
+    }
+}
+
+fn loopback(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => "127.0.0.1".parse().expect("address"),
+        Family::V6 => "::1".parse().expect("address"),
+    }
+}
+
+/// The lab with `web` (be1, be2), `edge` and `empty`, the agent attached
+/// to a child cgroup, and a client in that cgroup in the node namespace.
+fn start(mode: &str) -> (Lab, CgroupGuard, SockClient) {
+    require_tools(&["python3", "bpftool"]);
+    let mut lab = Lab::new();
+    let cgroup = CgroupGuard::create(CGROUP_TAG);
+    lab.write_manifest("web.json", &lab.web_file(&[("be1", true), ("be2", true)]));
+    lab.write_manifest("edge.json", &edge_and_empty(&lab));
+    lab.start_agent_with(&agent_flags(&cgroup, mode));
+    let since = Instant::now();
+    lab.wait_programmed(since, &lab.web_expect(&["be1", "be2"]));
+    let client = SockClient::start(&cgroup, lab.node_ns());
+    (lab, cgroup, client)
+}
+
+fn agent_flags(cgroup: &CgroupGuard, mode: &str) -> Vec<String> {
+    vec![
+        "--cgroup-root".into(),
+        cgroup.path.display().to_string(),
+        "--socket-lb".into(),
+        mode.into(),
+        "--node-ip".into(),
+        NODE_IPS.into(),
+    ]
+}
+
+/// The `lb_datapath_packets_total` counter of REASON.
+fn reason_count(lab: &Lab, reason: &str) -> u64 {
+    let (_, body) = http_get(lab.node_ns(), metrics_addr(), "/metrics").expect("metrics");
+    metric_value(
+        &body,
+        &format!("lb_datapath_packets_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0)
+}
+
+/// The backend name of a server answer (`NAME PORT PEER`).
+fn backend_of(answer: &Value) -> String {
+    answer["answer"]
+        .as_str()
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no answer: {answer}"))
+        .to_owned()
+}
+
+/// `[ip, port]` as the client reports addresses.
+fn addr_json(ip: IpAddr, port: u16) -> Value {
+    json!([ip.to_string(), port])
+}
+
+/// TCP to TARGET: connected, `getpeername()` is TARGET, answered by one of
+/// BACKENDS. Returns the backend.
+fn assert_tcp(
+    client: &mut SockClient,
+    what: &str,
+    target: (IpAddr, u16),
+    backends: &[&str],
+) -> String {
+    let r = client.call(&json!({"op": "tcp", "addr": target.0.to_string(), "port": target.1}));
+    assert_eq!(
+        r["peer"],
+        addr_json(target.0, target.1),
+        "{what}: getpeername: {r}"
+    );
+    let backend = backend_of(&r);
+    assert!(
+        backends.contains(&backend.as_str()),
+        "{what}: answered by {backend}: {r}"
+    );
+    backend
+}
+
+/// Unconnected UDP to TARGET: `recvfrom()` shows TARGET, answered by one
+/// of BACKENDS.
+fn assert_udp(client: &mut SockClient, what: &str, target: (IpAddr, u16), backends: &[&str]) {
+    let r = client.call(&json!({"op": "udp", "addr": target.0.to_string(), "port": target.1}));
+    assert_eq!(
+        r["from"],
+        addr_json(target.0, target.1),
+        "{what}: recvfrom source: {r}"
+    );
+    let backend = backend_of(&r);
+    assert!(
+        backends.contains(&backend.as_str()),
+        "{what}: answered by {backend}: {r}"
+    );
+}
+
+/// Every kind of frontend, TCP and UDP, both families, from the node's
+/// own namespace: translated at the socket (the TC path translates
+/// nothing), the frontend shown by `getpeername()` and `recvfrom()`, a
+/// dual-stack Service on both families, an IPv4-mapped address on an IPv6
+/// socket, connections spread over the endpoints; a frontend without
+/// endpoints and an unserved port of a `ClusterIP` refused at once.
+#[test]
+fn node_sockets_reach_every_frontend_at_the_socket() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: node_sockets_reach_every_frontend_at_the_socket") {
+        return;
+    }
+    let (lab, _cgroup, mut client) = start("hostns");
+    let web = ["be1", "be2"];
+    let edge = ["be3", "be4"];
+    let mut translated = 0;
+    for family in Family::BOTH {
+        let edge_vip = both(Dual::service(0, 0x96, 0x20))[usize::from(family == Family::V6)];
+        let targets: [(&str, IpAddr, (u16, u16), &[&str]); 6] = [
+            (
+                "ClusterIP (dual-stack web)",
+                web_vip(family),
+                (HTTP_PORT, DNS_PORT),
+                &web,
+            ),
+            (
+                "ClusterIP of a LoadBalancer",
+                edge_vip,
+                (HTTP_PORT, DNS_PORT),
+                &edge,
+            ),
+            (
+                "NodePort on the node address",
+                node_ip(family),
+                (NODE_PORT_HTTP, NODE_PORT_DNS),
+                &edge,
+            ),
+            (
+                "NodePort on loopback",
+                loopback(family),
+                (NODE_PORT_HTTP, NODE_PORT_DNS),
+                &edge,
+            ),
+            (
+                "external IP",
+                both(external_ip())[usize::from(family == Family::V6)],
+                (HTTP_PORT, DNS_PORT),
+                &edge,
+            ),
+            (
+                "LoadBalancer IP",
+                both(lb_ip())[usize::from(family == Family::V6)],
+                (HTTP_PORT, DNS_PORT),
+                &edge,
+            ),
+        ];
+        for (what, ip, (tcp_port, udp_port), backends) in targets {
+            let what = format!("{family:?} {what}");
+            assert_tcp(
+                &mut client,
+                &format!("{what} TCP"),
+                (ip, tcp_port),
+                backends,
+            );
+            assert_udp(
+                &mut client,
+                &format!("{what} UDP"),
+                (ip, udp_port),
+                backends,
+            );
+            translated += 2;
+        }
+        // Spread: TCP picks a slot per connection.
+        let seen: std::collections::BTreeSet<String> = (0..24)
+            .map(|_| assert_tcp(&mut client, "spread", (web_vip(family), HTTP_PORT), &web))
+            .collect();
+        translated += 24;
+        assert_eq!(
+            seen.len(),
+            2,
+            "{family:?}: 24 connections should reach be1 and be2: {seen:?}"
+        );
+
+        // No endpoints, and a port the ClusterIP does not serve: refused
+        // at once, TCP and UDP.
+        let empty = both(empty_vip())[usize::from(family == Family::V6)];
+        for (what, op, port) in [
+            ("no endpoints, TCP", "tcp", HTTP_PORT),
+            ("no endpoints, UDP", "udp", DNS_PORT),
+            ("unserved port, TCP", "tcp", 81),
+        ] {
+            let r = client.call(&json!({"op": op, "addr": empty.to_string(), "port": port}));
+            assert_eq!(r["error"], "ECONNREFUSED", "{family:?} {what}: {r}");
+            let ms = r["ms"].as_f64().expect("ms");
+            assert!(ms < 100.0, "{family:?} {what}: refused after {ms} ms");
+        }
+    }
+    // An IPv4-mapped address on an IPv6 socket is served like IPv4.
+    let mapped: IpAddr = format!("::ffff:{}", web_vip(Family::V4))
+        .parse()
+        .expect("address");
+    let r = client.call(&json!({"op": "tcp", "addr": mapped.to_string(), "port": HTTP_PORT}));
+    assert_eq!(
+        r["peer"],
+        json!([format!("::ffff:{}", web_vip(Family::V4)), HTTP_PORT]),
+        "v4-mapped: {r}"
+    );
+    assert!(web.contains(&backend_of(&r).as_str()), "v4-mapped: {r}");
+    let r = client.call(&json!({"op": "udp", "addr": mapped.to_string(), "port": DNS_PORT}));
+    assert_eq!(
+        r["from"],
+        json!([format!("::ffff:{}", web_vip(Family::V4)), DNS_PORT]),
+        "v4-mapped UDP: {r}"
+    );
+    translated += 2;
+
+    // Translated at the socket: counted there, and the TC path (on every
+    // node interface) translated nothing: the backends' replies were
+    // passed, not reverse-translated.
+    assert!(
+        reason_count(&lab, "sock_translated") >= translated,
+        "sock_translated"
+    );
+    assert_eq!(reason_count(&lab, "sock_refused"), 6, "sock_refused");
+    assert_eq!(
+        reason_count(&lab, "nat_new"),
+        0,
+        "the TC path translated a flow"
+    );
+    assert_eq!(
+        reason_count(&lab, "nat_reply"),
+        0,
+        "the TC path reverse-translated a reply"
+    );
+}
+
+/// `--socket-lb=hostns` leaves sockets of other namespaces to the TC path
+/// (a pod in the same cgroup), `all` translates them too.
+#[test]
+fn hostns_leaves_pods_to_the_tc_path() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: hostns_leaves_pods_to_the_tc_path") {
+        return;
+    }
+    let (lab, cgroup, _node_client) = start("hostns");
+    let mut pod_client = SockClient::start(&cgroup, lab.client_ns());
+    let before = reason_count(&lab, "sock_translated");
+    for family in Family::BOTH {
+        assert_tcp(
+            &mut pod_client,
+            &format!("{family:?} pod"),
+            (web_vip(family), HTTP_PORT),
+            &["be1", "be2"],
+        );
+    }
+    assert_eq!(
+        reason_count(&lab, "sock_translated"),
+        before,
+        "a pod socket was translated"
+    );
+    assert_eq!(
+        reason_count(&lab, "nat_new"),
+        2,
+        "the TC path should have served the pod"
+    );
+}
+
+/// Attached once: restarting the agent (even killed) leaves one program
+/// per hook on the cgroup; `lb cleanup` detaches them all.
+#[test]
+fn links_survive_restarts_and_cleanup_removes_them() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: links_survive_restarts_and_cleanup_removes_them") {
+        return;
+    }
+    let (mut lab, cgroup, mut client) = start("hostns");
+    let mut loader = SockClient::start(&cgroup, lab.node_ns());
+    // Load: 150 connections over ~3 s while the agent is killed and
+    // restarted; none may fail.
+    let target = web_vip(Family::V4);
+    let load = std::thread::spawn(move || {
+        let r = loader.call(
+            &json!({"op": "tcp_loop", "addr": target.to_string(), "port": HTTP_PORT,
+                                    "count": 150, "interval_ms": 20}),
+        );
+        (loader, r)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    lab.kill_agent();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.start_agent_with(&agent_flags(&cgroup, "hostns"));
+    let (_loader, r) = load.join().expect("load thread");
+    assert_eq!(r["failed"], 0, "connections lost across the restart: {r}");
+    assert_eq!(r["ok"], 150, "{r}");
+    assert!(
+        lab.log_text().contains("adopted=10"),
+        "the restarted agent did not adopt the links"
+    );
+    let attached = attached_programs(&cgroup.path);
+    for hook in [
+        "cgroup_inet4_connect",
+        "cgroup_inet6_connect",
+        "cgroup_udp4_sendmsg",
+        "cgroup_udp6_sendmsg",
+        "cgroup_udp4_recvmsg",
+        "cgroup_udp6_recvmsg",
+        "cgroup_inet4_getpeername",
+        "cgroup_inet6_getpeername",
+        "cgroup_inet4_bind",
+        "cgroup_inet6_bind",
+        "cgroup_inet_sock_release",
+    ] {
+        assert_eq!(
+            attached.iter().filter(|h| *h == hook).count(),
+            1,
+            "{hook} attached once: {attached:?}"
+        );
+    }
+    assert_tcp(
+        &mut client,
+        "after restart",
+        (web_vip(Family::V6), HTTP_PORT),
+        &["be1", "be2"],
+    );
+
+    let out = run_ok(
+        Command::new(support::process::lb_binary())
+            .arg("cleanup")
+            .arg("--pin-path")
+            .arg(lab.pin_path()),
+    );
+    assert!(
+        out.contains("detached lb_sock_connect4"),
+        "cleanup said: {out}"
+    );
+    assert!(
+        attached_programs(&cgroup.path).is_empty(),
+        "programs left on the cgroup after cleanup"
+    );
+    wait_until("untranslated after cleanup", Duration::from_secs(2), || {
+        let r = client.call(&json!({"op": "tcp", "addr": web_vip(Family::V4).to_string(), "port": HTTP_PORT, "timeout": 0.3}));
+        if r.get("answer").is_some() {
+            Err(format!("still answered: {r}"))
+        } else {
+            Ok(())
+        }
+    });
+}
+
+/// The attach types of the programs attached to CGROUP (`bpftool cgroup show`).
+fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
+    let out = run_ok(
+        Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(cgroup),
+    );
+    let list: Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
+        .expect("bpftool json");
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["attach_type"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
