@@ -37,7 +37,7 @@ const NODE_IPS: &str = "198.18.1.1,fd00:1::1";
 const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
 
-/// `edge`: a dual-stack `LoadBalancer` Service (ClusterIP .20, external IP
+/// `edge`: a dual-stack `LoadBalancer` Service (`ClusterIP` .20, external IP
 /// and ingress IP) on be3 and be4; `empty`: a `ClusterIP` Service (.30)
 /// without endpoints.
 fn edge_and_empty(lab: &Lab) -> Manifest {
@@ -202,6 +202,126 @@ fn assert_udp(client: &mut SockClient, what: &str, target: (IpAddr, u16), backen
     );
 }
 
+/// One frontend the client reaches: what it is, its address, its TCP and
+/// UDP ports, the backends behind it.
+struct Target {
+    what: &'static str,
+    ip: IpAddr,
+    ports: (u16, u16),
+    backends: &'static [&'static str],
+}
+
+const WEB: &[&str] = &["be1", "be2"];
+const EDGE: &[&str] = &["be3", "be4"];
+
+/// The address of DUAL of FAMILY.
+fn pick(dual: Dual, family: Family) -> IpAddr {
+    both(dual)[usize::from(family == Family::V6)]
+}
+
+/// Every kind of frontend of FAMILY.
+fn targets(family: Family) -> [Target; 6] {
+    let (svc, node) = ((HTTP_PORT, DNS_PORT), (NODE_PORT_HTTP, NODE_PORT_DNS));
+    [
+        Target {
+            what: "ClusterIP (dual-stack web)",
+            ip: web_vip(family),
+            ports: svc,
+            backends: WEB,
+        },
+        Target {
+            what: "ClusterIP of a LoadBalancer",
+            ip: pick(Dual::service(0, 0x96, 0x20), family),
+            ports: svc,
+            backends: EDGE,
+        },
+        Target {
+            what: "NodePort on the node address",
+            ip: node_ip(family),
+            ports: node,
+            backends: EDGE,
+        },
+        Target {
+            what: "NodePort on loopback",
+            ip: loopback(family),
+            ports: node,
+            backends: EDGE,
+        },
+        Target {
+            what: "external IP",
+            ip: pick(external_ip(), family),
+            ports: svc,
+            backends: EDGE,
+        },
+        Target {
+            what: "LoadBalancer IP",
+            ip: pick(lb_ip(), family),
+            ports: svc,
+            backends: EDGE,
+        },
+    ]
+}
+
+/// Every frontend of FAMILY over TCP and UDP, and a spread over `web`'s
+/// endpoints; returns the calls translated.
+fn reach_every_frontend(client: &mut SockClient, family: Family) -> u64 {
+    let mut translated = 0;
+    for t in targets(family) {
+        let what = format!("{family:?} {}", t.what);
+        assert_tcp(
+            client,
+            &format!("{what} TCP"),
+            (t.ip, t.ports.0),
+            t.backends,
+        );
+        assert_udp(
+            client,
+            &format!("{what} UDP"),
+            (t.ip, t.ports.1),
+            t.backends,
+        );
+        translated += 2;
+    }
+    // TCP picks a slot per connection.
+    let seen: std::collections::BTreeSet<String> = (0..24)
+        .map(|_| assert_tcp(client, "spread", (web_vip(family), HTTP_PORT), WEB))
+        .collect();
+    assert_eq!(
+        seen.len(),
+        2,
+        "{family:?}: 24 connections should reach be1 and be2: {seen:?}"
+    );
+    translated + 24
+}
+
+/// No endpoints, and a port the `ClusterIP` does not serve: refused at
+/// once, TCP and UDP (3 refusals).
+fn refused_at_once(client: &mut SockClient, family: Family) {
+    let empty = pick(empty_vip(), family);
+    for (what, op, port) in [
+        ("no endpoints, TCP", "tcp", HTTP_PORT),
+        ("no endpoints, UDP", "udp", DNS_PORT),
+        ("unserved port, TCP", "tcp", 81),
+    ] {
+        let r = client.call(&json!({"op": op, "addr": empty.to_string(), "port": port}));
+        assert_eq!(r["error"], "ECONNREFUSED", "{family:?} {what}: {r}");
+        let ms = r["ms"].as_f64().expect("ms");
+        assert!(ms < 100.0, "{family:?} {what}: refused after {ms} ms");
+    }
+}
+
+/// An IPv4-mapped address on an IPv6 socket is served like IPv4, and
+/// shown as it was asked for (2 calls).
+fn v4_mapped(client: &mut SockClient) {
+    let mapped = format!("::ffff:{}", web_vip(Family::V4));
+    let r = client.call(&json!({"op": "tcp", "addr": mapped, "port": HTTP_PORT}));
+    assert_eq!(r["peer"], json!([mapped, HTTP_PORT]), "v4-mapped TCP: {r}");
+    assert!(WEB.contains(&backend_of(&r).as_str()), "v4-mapped TCP: {r}");
+    let r = client.call(&json!({"op": "udp", "addr": mapped, "port": DNS_PORT}));
+    assert_eq!(r["from"], json!([mapped, DNS_PORT]), "v4-mapped UDP: {r}");
+    assert!(WEB.contains(&backend_of(&r).as_str()), "v4-mapped UDP: {r}");
+}
+
 /// Every kind of frontend, TCP and UDP, both families, from the node's
 /// own namespace: translated at the socket (the TC path translates
 /// nothing), the frontend shown by `getpeername()` and `recvfrom()`, a
@@ -215,109 +335,13 @@ fn node_sockets_reach_every_frontend_at_the_socket() {
         return;
     }
     let (lab, _cgroup, mut client) = start("hostns");
-    let web = ["be1", "be2"];
-    let edge = ["be3", "be4"];
     let mut translated = 0;
     for family in Family::BOTH {
-        let edge_vip = both(Dual::service(0, 0x96, 0x20))[usize::from(family == Family::V6)];
-        let targets: [(&str, IpAddr, (u16, u16), &[&str]); 6] = [
-            (
-                "ClusterIP (dual-stack web)",
-                web_vip(family),
-                (HTTP_PORT, DNS_PORT),
-                &web,
-            ),
-            (
-                "ClusterIP of a LoadBalancer",
-                edge_vip,
-                (HTTP_PORT, DNS_PORT),
-                &edge,
-            ),
-            (
-                "NodePort on the node address",
-                node_ip(family),
-                (NODE_PORT_HTTP, NODE_PORT_DNS),
-                &edge,
-            ),
-            (
-                "NodePort on loopback",
-                loopback(family),
-                (NODE_PORT_HTTP, NODE_PORT_DNS),
-                &edge,
-            ),
-            (
-                "external IP",
-                both(external_ip())[usize::from(family == Family::V6)],
-                (HTTP_PORT, DNS_PORT),
-                &edge,
-            ),
-            (
-                "LoadBalancer IP",
-                both(lb_ip())[usize::from(family == Family::V6)],
-                (HTTP_PORT, DNS_PORT),
-                &edge,
-            ),
-        ];
-        for (what, ip, (tcp_port, udp_port), backends) in targets {
-            let what = format!("{family:?} {what}");
-            assert_tcp(
-                &mut client,
-                &format!("{what} TCP"),
-                (ip, tcp_port),
-                backends,
-            );
-            assert_udp(
-                &mut client,
-                &format!("{what} UDP"),
-                (ip, udp_port),
-                backends,
-            );
-            translated += 2;
-        }
-        // Spread: TCP picks a slot per connection.
-        let seen: std::collections::BTreeSet<String> = (0..24)
-            .map(|_| assert_tcp(&mut client, "spread", (web_vip(family), HTTP_PORT), &web))
-            .collect();
-        translated += 24;
-        assert_eq!(
-            seen.len(),
-            2,
-            "{family:?}: 24 connections should reach be1 and be2: {seen:?}"
-        );
-
-        // No endpoints, and a port the ClusterIP does not serve: refused
-        // at once, TCP and UDP.
-        let empty = both(empty_vip())[usize::from(family == Family::V6)];
-        for (what, op, port) in [
-            ("no endpoints, TCP", "tcp", HTTP_PORT),
-            ("no endpoints, UDP", "udp", DNS_PORT),
-            ("unserved port, TCP", "tcp", 81),
-        ] {
-            let r = client.call(&json!({"op": op, "addr": empty.to_string(), "port": port}));
-            assert_eq!(r["error"], "ECONNREFUSED", "{family:?} {what}: {r}");
-            let ms = r["ms"].as_f64().expect("ms");
-            assert!(ms < 100.0, "{family:?} {what}: refused after {ms} ms");
-        }
+        translated += reach_every_frontend(&mut client, family);
+        refused_at_once(&mut client, family);
     }
-    // An IPv4-mapped address on an IPv6 socket is served like IPv4.
-    let mapped: IpAddr = format!("::ffff:{}", web_vip(Family::V4))
-        .parse()
-        .expect("address");
-    let r = client.call(&json!({"op": "tcp", "addr": mapped.to_string(), "port": HTTP_PORT}));
-    assert_eq!(
-        r["peer"],
-        json!([format!("::ffff:{}", web_vip(Family::V4)), HTTP_PORT]),
-        "v4-mapped: {r}"
-    );
-    assert!(web.contains(&backend_of(&r).as_str()), "v4-mapped: {r}");
-    let r = client.call(&json!({"op": "udp", "addr": mapped.to_string(), "port": DNS_PORT}));
-    assert_eq!(
-        r["from"],
-        json!([format!("::ffff:{}", web_vip(Family::V4)), DNS_PORT]),
-        "v4-mapped UDP: {r}"
-    );
+    v4_mapped(&mut client);
     translated += 2;
-
     // Translated at the socket: counted there, and the TC path (on every
     // node interface) translated nothing: the backends' replies were
     // passed, not reverse-translated.
@@ -335,6 +359,81 @@ fn node_sockets_reach_every_frontend_at_the_socket() {
         reason_count(&lab, "nat_reply"),
         0,
         "the TC path reverse-translated a reply"
+    );
+}
+
+/// A connected UDP socket whose backend leaves the Service is destroyed by
+/// the agent (`SOCK_DESTROY`): the application's next call fails
+/// (`ECONNABORTED`, or `EDESTADDRREQ` for a send on the now unconnected
+/// socket: both say the socket was ended), and a new socket reaches the
+/// backend that stays. A socket on the backend that stays is untouched.
+#[test]
+fn udp_socket_of_a_removed_backend_is_ended() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: udp_socket_of_a_removed_backend_is_ended") {
+        return;
+    }
+    let (lab, _cgroup, mut client) = start("hostns");
+    for family in Family::BOTH {
+        let vip = web_vip(family);
+        // One connected socket per backend (retry until both are held).
+        let mut held = std::collections::BTreeMap::new();
+        for id in 0..40 {
+            let r = client.call(
+                &json!({"op": "udp_open", "id": id, "addr": vip.to_string(), "port": DNS_PORT}),
+            );
+            assert_eq!(
+                r["peer"],
+                addr_json(vip, DNS_PORT),
+                "{family:?} connected UDP getpeername: {r}"
+            );
+            let asked = client.call(&json!({"op": "udp_ask", "id": id}));
+            assert_eq!(
+                asked["from"],
+                addr_json(vip, DNS_PORT),
+                "{family:?} recv source: {asked}"
+            );
+            held.entry(backend_of(&asked)).or_insert(id);
+            if held.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            held.len(),
+            2,
+            "{family:?}: no socket on each backend: {held:?}"
+        );
+        let since = Instant::now();
+        lab.write_manifest("web.json", &lab.web_file(&[("be2", true)]));
+        lab.wait_programmed(since, &lab.web_expect(&["be2"]));
+        wait_until(
+            &format!("{family:?}: the be1 socket ended"),
+            Duration::from_secs(3),
+            || {
+                let r = client.call(&json!({"op": "udp_ask", "id": held["be1"]}));
+                match r["error"].as_str() {
+                    Some("ECONNABORTED" | "EDESTADDRREQ") => Ok(()),
+                    _ => Err(format!("still answered: {r}")),
+                }
+            },
+        );
+        let r = client.call(&json!({"op": "udp_ask", "id": held["be2"]}));
+        assert_eq!(
+            backend_of(&r),
+            "be2",
+            "{family:?}: the be2 socket was harmed: {r}"
+        );
+        let r = client.call(&json!({"op": "udp", "addr": vip.to_string(), "port": DNS_PORT}));
+        assert_eq!(backend_of(&r), "be2", "{family:?}: a new socket: {r}");
+        for id in held.values() {
+            client.call(&json!({"op": "udp_close", "id": id}));
+        }
+        lab.write_manifest("web.json", &lab.web_file(&[("be1", true), ("be2", true)]));
+        lab.wait_programmed(Instant::now(), &lab.web_expect(&["be1", "be2"]));
+    }
+    assert!(
+        lab.log_text()
+            .contains("destroyed connected UDP sockets whose backend left")
     );
 }
 

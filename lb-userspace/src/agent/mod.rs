@@ -6,6 +6,7 @@
 
 mod links;
 mod reconcile;
+mod sockets;
 mod status;
 mod timers;
 
