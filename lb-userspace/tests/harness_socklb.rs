@@ -438,14 +438,18 @@ fn udp_socket_of_a_removed_backend_is_ended() {
 }
 
 /// `--socket-lb=hostns` leaves sockets of other namespaces to the TC path
-/// (a pod in the same cgroup), `all` translates them too.
+/// (a pod in the same cgroup), and `--socket-lb=all` (the same pins, the
+/// agent restarted with it) translates them too. With
+/// `--socket-lb-bind-guard`, `bind()` to a `NodePort` of a node address
+/// (or of the wildcard address) fails with `EADDRINUSE`, other ports bind.
+/// A closed connected socket's reverse entry is removed at release.
 #[test]
-fn hostns_leaves_pods_to_the_tc_path() {
+fn hostns_all_bind_guard_and_release() {
     let _serial = serial();
-    if !require_privileged("harness_socklb: hostns_leaves_pods_to_the_tc_path") {
+    if !require_privileged("harness_socklb: hostns_all_bind_guard_and_release") {
         return;
     }
-    let (lab, cgroup, _node_client) = start("hostns");
+    let (mut lab, cgroup, mut node_client) = start("hostns");
     let mut pod_client = SockClient::start(&cgroup, lab.client_ns());
     let before = reason_count(&lab, "sock_translated");
     for family in Family::BOTH {
@@ -453,7 +457,7 @@ fn hostns_leaves_pods_to_the_tc_path() {
             &mut pod_client,
             &format!("{family:?} pod"),
             (web_vip(family), HTTP_PORT),
-            &["be1", "be2"],
+            WEB,
         );
     }
     assert_eq!(
@@ -466,6 +470,93 @@ fn hostns_leaves_pods_to_the_tc_path() {
         2,
         "the TC path should have served the pod"
     );
+
+    // Connected sockets (TCP here) leave no reverse entry behind.
+    for family in Family::BOTH {
+        assert_tcp(
+            &mut node_client,
+            &format!("{family:?} node"),
+            (web_vip(family), HTTP_PORT),
+            WEB,
+        );
+    }
+    assert_eq!(
+        sock_entries(&lab, "LB4_SK_RNAT_V1"),
+        0,
+        "IPv4 entries left after close"
+    );
+    assert_eq!(
+        sock_entries(&lab, "LB6_SK_RNAT_V1"),
+        0,
+        "IPv6 entries left after close"
+    );
+
+    lab.kill_agent();
+    let mut flags = agent_flags(&cgroup, "all");
+    flags.push("--socket-lb-bind-guard".into());
+    lab.start_agent_with(&flags);
+    let before = reason_count(&lab, "sock_translated");
+    for family in Family::BOTH {
+        assert_tcp(
+            &mut pod_client,
+            &format!("{family:?} pod, all"),
+            (web_vip(family), HTTP_PORT),
+            WEB,
+        );
+    }
+    assert_eq!(
+        reason_count(&lab, "sock_translated"),
+        before + 2,
+        "pod sockets not translated with all"
+    );
+
+    for (what, addr, port, refused) in [
+        (
+            "NodePort on the node address",
+            "198.18.1.1",
+            NODE_PORT_HTTP,
+            true,
+        ),
+        (
+            "NodePort on the wildcard address",
+            "0.0.0.0",
+            NODE_PORT_HTTP,
+            true,
+        ),
+        (
+            "IPv6 NodePort on the node address",
+            "fd00:1::1",
+            NODE_PORT_HTTP,
+            true,
+        ),
+        ("another port", "198.18.1.1", NODE_PORT_HTTP + 1, false),
+    ] {
+        let r = node_client.call(&json!({"op": "bind", "addr": addr, "port": port}));
+        if refused {
+            assert_eq!(r["error"], "EADDRINUSE", "bind to {what}: {r}");
+        } else {
+            assert_eq!(r["bound"], true, "bind to {what}: {r}");
+        }
+    }
+    let r = node_client
+        .call(&json!({"op": "bind", "addr": "198.18.1.1", "port": NODE_PORT_DNS, "udp": true}));
+    assert_eq!(
+        r["error"], "EADDRINUSE",
+        "UDP bind to the DNS NodePort: {r}"
+    );
+}
+
+/// Entries in the pinned map NAME (`bpftool map dump`).
+fn sock_entries(lab: &Lab, name: &str) -> usize {
+    let out = run_ok(
+        Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(lab.pin_path().join(name)),
+    );
+    serde_json::from_str::<Value>(&out)
+        .ok()
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or_else(|| panic!("bpftool map dump: {out}"))
 }
 
 /// Attached once: restarting the agent (even killed) leaves one program
