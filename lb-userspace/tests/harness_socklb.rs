@@ -24,7 +24,7 @@ use support::clients::{http_get, metric_value};
 use support::lab::{DNS_PORT, HTTP_PORT, Lab, WEB_PORTS, web_vip};
 use support::manifests::{Cond, Manifest, service, slice, sp, suffix};
 use support::pins::require_privileged;
-use support::process::{metrics_addr, require_tools, run_ok, wait_until};
+use support::process::{daemonset_capabilities, metrics_addr, require_tools, run_ok, wait_until};
 use support::serial;
 use support::sockclient::{CgroupGuard, SockClient};
 use support::topo::{Dual, Family};
@@ -657,4 +657,51 @@ fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The socket programs need no capability beyond the `DaemonSet`'s
+/// (`deploy/daemonset.yaml`): an agent with exactly those attaches them
+/// and serves a node socket, and ends a UDP socket whose backend left
+/// (`SOCK_DESTROY`).
+#[test]
+fn daemonset_capabilities_suffice() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: daemonset_capabilities_suffice") {
+        return;
+    }
+    require_tools(&["python3", "setpriv"]);
+    let mut lab = Lab::new();
+    let cgroup = CgroupGuard::create(CGROUP_TAG);
+    lab.write_manifest("web.json", &lab.web_file(&[("be1", true)]));
+    lab.start_agent_with_caps(&daemonset_capabilities(), &agent_flags(&cgroup, "hostns"));
+    lab.wait_programmed(Instant::now(), &lab.web_expect(&["be1"]));
+    assert!(
+        lab.log_text()
+            .contains("socket-level load balancing attached"),
+        "not attached with the DaemonSet's capabilities"
+    );
+    let mut client = SockClient::start(&cgroup, lab.node_ns());
+    assert_tcp(
+        &mut client,
+        "with the DaemonSet's capabilities",
+        (web_vip(Family::V4), HTTP_PORT),
+        &["be1"],
+    );
+    let vip = web_vip(Family::V6);
+    let r =
+        client.call(&json!({"op": "udp_open", "id": 1, "addr": vip.to_string(), "port": DNS_PORT}));
+    assert_eq!(r["peer"], addr_json(vip, DNS_PORT), "{r}");
+    assert_eq!(
+        backend_of(&client.call(&json!({"op": "udp_ask", "id": 1}))),
+        "be1"
+    );
+    lab.write_manifest("web.json", &lab.web_file(&[("be2", true)]));
+    lab.wait_programmed(Instant::now(), &lab.web_expect(&["be2"]));
+    wait_until("the be1 socket ended", Duration::from_secs(3), || {
+        let r = client.call(&json!({"op": "udp_ask", "id": 1}));
+        match r["error"].as_str() {
+            Some("ECONNABORTED" | "EDESTADDRREQ") => Ok(()),
+            _ => Err(format!("still answered: {r}")),
+        }
+    });
 }
