@@ -77,6 +77,9 @@ impl Reaper {
                 tracing::warn!(map = name, %error, "cannot read the socket reverse-translation map");
             }
         }
+        if entries.is_empty() {
+            return;
+        }
         let to_destroy = stale(&entries, state);
         if to_destroy.is_empty() {
             return;
