@@ -50,8 +50,9 @@ pub mod map_names {
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
     /// (V2: the never emitted `drop_no_backend` was removed, which
-    /// renumbered the reasons after it).
-    pub const REASONS: &str = "LB_REASONS_V2";
+    /// renumbered the reasons after it; V3: two more, `sock_translated` and
+    /// `sock_refused`, so a V2 pin is too small).
+    pub const REASONS: &str = "LB_REASONS_V3";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
     /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->

@@ -130,9 +130,14 @@ fn start(mode: &str) -> (Lab, CgroupGuard, SockClient) {
 }
 
 fn agent_flags(cgroup: &CgroupGuard, mode: &str) -> Vec<String> {
+    agent_flags_at(&cgroup.path, mode)
+}
+
+/// The agent's flags with ROOT as `--cgroup-root`.
+fn agent_flags_at(root: &std::path::Path, mode: &str) -> Vec<String> {
     vec![
         "--cgroup-root".into(),
-        cgroup.path.display().to_string(),
+        root.display().to_string(),
         "--socket-lb".into(),
         mode.into(),
         "--node-ip".into(),
@@ -443,6 +448,8 @@ fn udp_socket_of_a_removed_backend_is_ended() {
 /// `--socket-lb-bind-guard`, `bind()` to a `NodePort` of a node address
 /// (or of the wildcard address) fails with `EADDRINUSE`, other ports bind.
 /// A closed connected socket's reverse entry is removed at release.
+/// `--socket-lb=off` detaches; a `--cgroup-root` that is not cgroup v2 is
+/// reported and the TC path goes on.
 #[test]
 fn hostns_all_bind_guard_and_release() {
     let _serial = serial();
@@ -510,6 +517,14 @@ fn hostns_all_bind_guard_and_release() {
         "pod sockets not translated with all"
     );
 
+    assert_bind_guard(&mut node_client);
+    off_and_no_cgroup2(&mut lab, &cgroup, &mut node_client, &mut pod_client);
+}
+
+/// With `--socket-lb-bind-guard`: `bind()` to a `NodePort` of a node
+/// address (or of the wildcard address) fails with `EADDRINUSE`, another
+/// port binds.
+fn assert_bind_guard(node_client: &mut SockClient) {
     for (what, addr, port, refused) in [
         (
             "NodePort on the node address",
@@ -543,6 +558,44 @@ fn hostns_all_bind_guard_and_release() {
     assert_eq!(
         r["error"], "EADDRINUSE",
         "UDP bind to the DNS NodePort: {r}"
+    );
+}
+
+/// `--socket-lb=off` detaches; a `--cgroup-root` that is not cgroup v2 is
+/// reported and the TC path goes on.
+fn off_and_no_cgroup2(
+    lab: &mut Lab,
+    cgroup: &CgroupGuard,
+    node_client: &mut SockClient,
+    pod_client: &mut SockClient,
+) {
+    // --socket-lb=off: the links go, a node socket is no longer translated.
+    lab.kill_agent();
+    lab.start_agent_with(&agent_flags(cgroup, "off"));
+    assert!(
+        attached_programs(&cgroup.path).is_empty(),
+        "programs left with --socket-lb=off"
+    );
+    let r = node_client.call(
+        &json!({"op": "tcp", "addr": web_vip(Family::V4).to_string(),
+                                     "port": HTTP_PORT, "timeout": 0.3}),
+    );
+    assert!(
+        r.get("answer").is_none(),
+        "translated with --socket-lb=off: {r}"
+    );
+    // A --cgroup-root that is not cgroup v2: said, and the TC path serves.
+    lab.kill_agent();
+    lab.start_agent_with(&agent_flags_at(&std::env::temp_dir(), "hostns"));
+    assert!(
+        lab.log_text().contains("is not a cgroup v2 directory"),
+        "no warning about cgroup v2"
+    );
+    assert_tcp(
+        pod_client,
+        "pod, TC path, no cgroup v2",
+        (web_vip(Family::V6), HTTP_PORT),
+        WEB,
     );
 }
 
