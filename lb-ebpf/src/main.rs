@@ -1,4 +1,4 @@
-//! TC programs of the lb service load balancer.
+//! TC and cgroup socket programs of the lb service load balancer.
 //!
 //! `lb_tc` runs on ingress of every attached interface: packets addressed to
 //! a service (VIP:port/proto) get their destination translated to a backend
