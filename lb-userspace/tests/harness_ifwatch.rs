@@ -128,6 +128,10 @@ fn pods_created_after_the_agent_are_served() {
     let agent_args = |pin_path: &Path| -> Vec<String> {
         vec![
             "agent".into(),
+            // No socket programs: they would attach to the machine's
+            // cgroup root (tests/harness_socklb.rs proves their
+            // capabilities on a child cgroup).
+            "--socket-lb=off".into(),
             "--source".into(),
             manifests.source(),
             "--attach-pattern".into(),

@@ -250,6 +250,15 @@ impl Lab {
             .arg("--metrics-addr")
             .arg(METRICS_ADDR)
             .args(extra);
+        // The socket programs only where a test asks for them (with its own
+        // child cgroup): by default they would attach to the machine's
+        // cgroup root.
+        if !extra
+            .iter()
+            .any(|a| a == "--socket-lb" || a.starts_with("--socket-lb="))
+        {
+            cmd.arg("--socket-lb=off");
+        }
         self.agent = Some(spawn_logged(&mut cmd, &self.log));
         self.wait_ready();
     }
