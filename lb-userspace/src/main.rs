@@ -109,7 +109,12 @@ enum Command {
         /// Socket-level load balancing (cgroup programs) for sockets of
         /// `hostns`: this network namespace only (the node's: pods keep the
         /// TC path), `all`: every namespace, `off`: none.
-        #[arg(long, value_name = "all|hostns|off", default_value = "hostns")]
+        #[arg(
+            long,
+            value_name = "all|hostns|off",
+            default_value = "hostns",
+            env = "LB_SOCKET_LB"
+        )]
         socket_lb: SockLbMode,
         /// cgroup v2 directory the socket programs attach to (default:
         /// where the cgroup v2 hierarchy is mounted).
