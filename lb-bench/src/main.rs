@@ -9,6 +9,7 @@
 //! ```
 
 mod e2e;
+mod lifecycle;
 mod report;
 mod rules;
 mod stats;

@@ -308,8 +308,8 @@ enum Stop {
 }
 
 /// The agent of node 1 goes away and a new one starts on the same pins,
-/// under load. Returns the results.
-fn restart_under_load(lab: &mut Cluster, plan: &Plan, how: Stop) -> Value {
+/// under load; the results go to the benchmark as PHASE.
+fn restart_under_load(lab: &mut Cluster, plan: &Plan, how: Stop, phase: &str) {
     let before = program_ids(lab);
     let keepers = Keepers::start(long_lived(lab, &["be1", "be2", "be3"], &["be1", "be3"]));
     let ct_before = conntrack(lab);
@@ -338,6 +338,7 @@ fn restart_under_load(lab: &mut Cluster, plan: &Plan, how: Stop) -> Value {
         "load": report.json(), "flows": flows_json(&flows), "restart_ms": restart.as_millis(),
         "conntrack_before": ct_before, "conntrack_after": ct_after,
     });
+    plan.record(phase, &result);
     assert_unbroken(&what, &report, &flows);
     let old: BTreeSet<u32> = before
         .iter()
@@ -350,7 +351,6 @@ fn restart_under_load(lab: &mut Cluster, plan: &Plan, how: Stop) -> Value {
              after: {after:?})"
         );
     }
-    result
 }
 
 #[test]
@@ -363,19 +363,14 @@ fn load_through_restart_upgrade_and_endpoint_churn() {
     let mut lab = cluster("lifecycle");
     let mut sc = Scenarios::default();
     sc.run("SIGKILL of the agent and restart under load", || {
-        let result = restart_under_load(&mut lab, &plan, Stop::Kill);
-        plan.record("sigkill", &result);
+        restart_under_load(&mut lab, &plan, Stop::Kill, "sigkill");
     });
     sc.run(
         "upgrade: SIGTERM, a new agent replaces the programs in the links",
-        || {
-            let result = restart_under_load(&mut lab, &plan, Stop::Term);
-            plan.record("upgrade", &result);
-        },
+        || restart_under_load(&mut lab, &plan, Stop::Term, "upgrade"),
     );
     sc.run("endpoint changes under load", || {
-        let result = churn_under_load(&mut lab, &plan);
-        plan.record("churn", &result);
+        churn_under_load(&mut lab, &plan);
     });
     lab.finish(sc);
 }
@@ -429,7 +424,7 @@ const BASE: [Ep; 3] = [ready("be1"), ready("be2"), ready("be3")];
 /// `plan.changes` endpoint changes under load, a cycle of seven: be4
 /// scaled up; be2 not ready, ready again; be4 terminating, then (after a
 /// grace period) gone; be1 removed from `side` only, then back.
-fn churn_under_load(lab: &mut Cluster, plan: &Plan) -> Value {
+fn churn_under_load(lab: &mut Cluster, plan: &Plan) {
     let client = lab.ns("client1");
     // be2 flaps, be4 comes and goes: TCP on be1..be3 and UDP on be1 and
     // be3 must never break or move.
@@ -459,10 +454,10 @@ fn churn_under_load(lab: &mut Cluster, plan: &Plan) -> Value {
         "flows": flows_json(&flows), "checks": checks.json(),
         "conntrack_before": ct_before, "conntrack_after": ct_after,
     });
+    plan.record("churn", &result);
     assert_unbroken(&what, &report, &flows);
     let failures = checks.failures();
     assert!(failures.is_empty(), "{what}: {failures:#?}");
-    result
 }
 
 /// Step STEP (0..7) of the churn cycle: one endpoint change, and what the

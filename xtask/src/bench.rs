@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: builds in release mode, runs the per-packet runner
-//! (`lb-userspace/examples/datapath_cost.rs`) and the end-to-end and
-//! control-plane benchmarks (`lb-bench`), then renders the report.
+//! (`lb-userspace/examples/datapath_cost.rs`), the end-to-end and
+//! control-plane benchmarks (`lb-bench`) and the lifecycle phases under
+//! load (`lb-userspace/tests/harness_lifecycle.rs`, run longer), then
+//! renders the report.
 //!
 //! A stage that fails does not stop the others: the report is written with
 //! what was measured, and the task exits non-zero naming the failed stages.
@@ -77,10 +79,66 @@ fn stage(
     );
 }
 
+/// Builds `lb-userspace`'s `harness_lifecycle` test (release, or dev for
+/// QUICK) and returns the path of its executable.
+fn lifecycle_test(root: &Path, quick: bool) -> anyhow::Result<PathBuf> {
+    let mut build = cargo();
+    build.current_dir(root).args([
+        "test",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+        "--package",
+        "lb-userspace",
+        "--test",
+        "harness_lifecycle",
+    ]);
+    if !quick {
+        build.arg("--release");
+    }
+    let out = build.output().context("run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["target"]["name"] == "harness_lifecycle")
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .context("cargo named no harness_lifecycle executable")
+}
+
+/// Runs the lifecycle phases: the same as the test suite's, longer
+/// (`--quick`: shorter); the flood phase too, ignored in the suite while it
+/// fails. Each phase writes DIR/lifecycle-PHASE.json.
+fn lifecycle_stage(
+    root: &Path,
+    quick: bool,
+    dir: &Path,
+    stages: &mut serde_json::Map<String, serde_json::Value>,
+    failed: &mut Vec<String>,
+) {
+    match lifecycle_test(root, quick) {
+        Ok(test) => {
+            let mut cmd = Command::new(test);
+            let (scale, changes) = if quick { ("0.5", "30") } else { ("5", "300") };
+            cmd.args(["--include-ignored", "--test-threads=1", "--nocapture"])
+                .env("LB_LIFECYCLE_OUT", dir)
+                .env("LB_LIFECYCLE_SCALE", scale)
+                .env("LB_LIFECYCLE_CHANGES", changes);
+            stage("lifecycle", cmd, stages, failed);
+        }
+        Err(error) => {
+            eprintln!("[xtask] lifecycle: cannot build the test: {error:#}");
+            failed.push("lifecycle".to_owned());
+        }
+    }
+}
+
 /// Runs the benchmarks.
 ///
 /// # Errors
 /// Not root, the build failed, or a stage failed.
+#[expect(clippy::too_many_lines, reason = "the stages in order, one block each")]
 pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create network namespaces: run as root");
@@ -159,6 +217,10 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
             cmd.arg("--quick");
         }
         stage("e2e", cmd, &mut stages, &mut failed);
+    }
+
+    if wants("lifecycle") {
+        lifecycle_stage(root, quick, &dir, &mut stages, &mut failed);
     }
 
     let run_info = json!({
