@@ -34,6 +34,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -438,8 +439,25 @@ fn churn_under_load(lab: &mut Cluster, plan: &Plan) {
     load.epoch("endpoint changes");
     let (mut checks, mut watched) = (Checks::default(), Watched::default());
     let started = Instant::now();
+    // A step that cannot even open its flows (a panic) ends the churn but
+    // not the account: the load's counts still go to the report.
+    let mut stopped = None;
     for change in 0..plan.changes {
-        churn_step(lab, &client, change % 7, plan, &mut watched, &mut checks);
+        let step = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            churn_step(lab, &client, change % 7, plan, &mut watched, &mut checks);
+        }));
+        if let Err(payload) = step {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            stopped = Some(format!(
+                "the churn stopped at change {change} (step {}): {message}",
+                change % 7
+            ));
+            break;
+        }
     }
     let took = started.elapsed();
     load.epoch("after");
@@ -458,6 +476,7 @@ fn churn_under_load(lab: &mut Cluster, plan: &Plan) {
         "conntrack_before": ct_before, "conntrack_after": ct_after,
     });
     let mut violations = unbroken(&report, &flows);
+    violations.extend(stopped);
     violations.extend(checks.failures());
     let text = format!(
         "{what}: new connections: {}long-lived flows:\n{}",
