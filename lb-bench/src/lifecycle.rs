@@ -1,6 +1,6 @@
 //! The report's section on connections under load through agent
 //! restarts, the upgrade path, endpoint changes and a SYN flood: the
-//! results `lb-userspace/tests/harness_lifecycle.rs` writes when
+//! results `lb-userspace/tests/harness_lifecycle*.rs` write when
 //! `cargo xtask bench` runs it (`DIR/lifecycle-PHASE.json`, one per phase).
 
 use std::fmt::Write as _;
@@ -121,7 +121,7 @@ pub fn section(md: &mut String, lifecycle: &Value) {
     );
     let _ = writeln!(
         md,
-        "`lb-userspace/tests/harness_lifecycle.rs`, run longer than in the test suite: a steady \
+        "`lb-userspace/tests/harness_lifecycle.rs` and `harness_lifecycle_flood.rs`, run longer than in the test suite: a steady \
          rate of new TCP connections (one request and answer each) over both families, through \
          a ClusterIP from a pod and a NodePort from an external client of one dual-stack \
          Service with 3–4 real backends on two nodes, plus 18 long-lived flows (TCP through both \

@@ -13,19 +13,16 @@
 //!   readiness flaps, a pod removed from only one of two Services that
 //!   select it): no new connection fails; TCP to a not-ready endpoint goes
 //!   on, UDP moves off it, a removed endpoint's flows end;
-//! - a spoofed SYN flood (random sources, bounded in packets and time) at
-//!   the fastest rate one thread sends, against the `NodePort`: established
-//!   flows keep working and at least 99% of new connections succeed.
 //!
-//! Every outcome is counted by kind (refused, timeout, reset, closed,
+//! (The flood is `harness_lifecycle_flood.rs`; what both share is
+//! `support::lifecycle`.) Every outcome is counted by kind (refused, timeout, reset, closed,
 //! wrong answer, retransmitted) and printed with the conntrack occupancy.
 //! `cargo xtask bench` runs the same phases longer (`LB_LIFECYCLE_SCALE`,
 //! `LB_LIFECYCLE_OUT`) and reports the counts.
 //!
 //! Two-node cluster of `support::cluster`; the traffic enters node 1, whose
 //! agent the test restarts. Everything lives in namespaces the test
-//! creates; the flood's sources are never routed, so nothing leaves them.
-//! Privileged: root and bpffs.
+//! creates. Privileged: root and bpffs.
 //!
 //! Run: `cargo test -p lb-userspace --test harness_lifecycle -- --nocapture`
 
@@ -33,211 +30,24 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
-use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{Value, json};
-use support::clients::{Conn, IO_TIMEOUT, Outcome, UdpFlow, conn_to, metric_value, udp_flow_to};
-use support::cluster::{Cluster, Ep, ep, ready, service, vip};
-use support::flood::{self, FloodLimit};
-use support::keepers::{Flow, FlowReport, Keepers, flows_json, flows_text};
-use support::load::{Load, LoadReport, LoadSpec, Target, tune_client};
-use support::manifests::{Cond, HTTP_DNS, Manifest};
+use support::clients::{Conn, IO_TIMEOUT, Outcome, UdpFlow, conn_to, udp_flow_to};
+use support::cluster::{Cluster, Ep, ep, ready, vip};
+use support::keepers::{Keepers, flows_json, flows_text};
+use support::lifecycle::{
+    LOAD, NODE1, Plan, SIDE, cluster, conntrack, load_file, long_lived, side_file, targets,
+    unbroken, verdict,
+};
+use support::load::Load;
+use support::manifests::Cond;
 use support::netns::in_netns;
 use support::pins::require_privileged;
 use support::scenarios::Scenarios;
 use support::serial;
 use support::topo::Family;
-
-/// The Service under load (`ClusterIP`s `vip(60)`), and the second Service
-/// that shares its pod be1.
-const LOAD: u8 = 60;
-const SIDE: u8 = 61;
-const HTTP_NODE_PORT: u16 = 30080;
-const DNS_NODE_PORT: u16 = 30053;
-/// The node whose agent carries the traffic (and is restarted).
-const NODE1: usize = 0;
-
-/// Durations of the phases; `LB_LIFECYCLE_SCALE` multiplies them (the
-/// benchmark runs them longer), `LB_LIFECYCLE_CHANGES` sets the number of
-/// endpoint changes.
-struct Plan {
-    /// Load before the event.
-    warm: Duration,
-    /// How long the agent stays down.
-    down: Duration,
-    /// Load after the event.
-    after: Duration,
-    /// Endpoint changes of the churn phase.
-    changes: usize,
-    /// Time a terminating endpoint keeps serving before it leaves the
-    /// slice (a grace period, longer than any of the load's connections).
-    grace: Duration,
-    flood: FloodLimit,
-    spec: LoadSpec,
-    /// Where the benchmark wants the results (`LB_LIFECYCLE_OUT`).
-    out: Option<PathBuf>,
-}
-
-impl Plan {
-    fn from_env() -> Self {
-        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let scale: f64 = env("LB_LIFECYCLE_SCALE").map_or(1.0, |v| {
-            v.parse()
-                .unwrap_or_else(|e| panic!("LB_LIFECYCLE_SCALE={v:?}: {e}"))
-        });
-        let changes = env("LB_LIFECYCLE_CHANGES").map_or(100, |v| {
-            v.parse()
-                .unwrap_or_else(|e| panic!("LB_LIFECYCLE_CHANGES={v:?}: {e}"))
-        });
-        let secs = |s: f64| Duration::from_secs_f64(s * scale);
-        Self {
-            warm: secs(1.5),
-            down: secs(1.0),
-            after: secs(2.0),
-            changes,
-            grace: Duration::from_millis(300),
-            flood: FloodLimit {
-                packets: 4_000_000,
-                time: secs(3.0),
-            },
-            spec: LoadSpec::from_env(),
-            out: env("LB_LIFECYCLE_OUT").map(PathBuf::from),
-        }
-    }
-
-    /// Writes the results of PHASE for the benchmark report, if asked to.
-    fn record(&self, phase: &str, result: &Value) {
-        let Some(dir) = &self.out else { return };
-        std::fs::create_dir_all(dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-        let path = dir.join(format!("lifecycle-{phase}.json"));
-        let text = serde_json::to_string_pretty(result).expect("serialisable");
-        std::fs::write(&path, text)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-    }
-}
-
-/// The `load` Service: `http` 80/TCP and `dns` 53/UDP to 8080, with node
-/// ports; ENDPOINTS in its slices.
-fn load_file(lab: &Cluster, endpoints: &[Ep]) -> Manifest {
-    let svc = service(
-        "load",
-        LOAD,
-        "NodePort",
-        &[
-            HTTP_DNS[0].node(HTTP_NODE_PORT),
-            HTTP_DNS[1].node(DNS_NODE_PORT),
-        ],
-    );
-    lab.simple("load", svc, endpoints)
-}
-
-/// The `side` Service (`ClusterIP` only), which selects be1 too.
-fn side_file(lab: &Cluster, endpoints: &[Ep]) -> Manifest {
-    lab.simple(
-        "side",
-        service("side", SIDE, "ClusterIP", &HTTP_DNS),
-        endpoints,
-    )
-}
-
-/// Builds the cluster with `load` on be1..be3 and `side` on be1, be3.
-fn cluster(what: &str) -> Cluster {
-    let mut lab = Cluster::new(what);
-    tune_client(&lab.ns("client1"));
-    tune_client(&lab.ns("ext"));
-    let file = load_file(&lab, &[ready("be1"), ready("be2"), ready("be3")]);
-    lab.apply("load.json", &file);
-    let file = side_file(&lab, &[ready("be1"), ready("be3")]);
-    lab.apply("side.json", &file);
-    lab
-}
-
-/// The `ClusterIP` (from client1) and the `NodePort` of node 1 (from ext)
-/// of `load`, on both families.
-fn targets(lab: &Cluster) -> Vec<Target> {
-    let mut targets = Vec::new();
-    for family in Family::BOTH {
-        targets.push(Target {
-            label: format!("{family:?} ClusterIP"),
-            ns: lab.ns("client1"),
-            addr: vip(LOAD).sock(family, 80),
-            snat: None,
-        });
-        let node = lab.node_ip(NODE1, family);
-        targets.push(Target {
-            label: format!("{family:?} NodePort"),
-            ns: lab.ns("ext"),
-            addr: SocketAddr::new(node, HTTP_NODE_PORT),
-            snat: Some(node),
-        });
-    }
-    targets
-}
-
-/// Long-lived flows of `load`: per family, TCP through the `ClusterIP`
-/// and the `NodePort` on each backend of `tcp_on`, UDP through the
-/// `ClusterIP` on each of `udp_on` and through the `NodePort` on the first.
-fn long_lived(lab: &Cluster, tcp_on: &[&str], udp_on: &[&str]) -> Vec<(String, Flow, String)> {
-    let (client, ext) = (lab.ns("client1"), lab.ns("ext"));
-    let mut flows = Vec::new();
-    for family in Family::BOTH {
-        let node = lab.node_ip(NODE1, family);
-        let paths = [
-            ("ClusterIP", &client, vip(LOAD).sock(family, 80)),
-            ("NodePort", &ext, SocketAddr::new(node, HTTP_NODE_PORT)),
-        ];
-        for (path, ns, to) in paths {
-            for backend in tcp_on {
-                let conn = conn_to(ns, to, backend);
-                let label = format!("{family:?} {path} TCP");
-                flows.push((label, Flow::Tcp(conn), (*backend).to_owned()));
-            }
-        }
-        let paths = [
-            ("ClusterIP", &client, vip(LOAD).sock(family, 53), udp_on),
-            (
-                "NodePort",
-                &ext,
-                SocketAddr::new(node, DNS_NODE_PORT),
-                &udp_on[..1],
-            ),
-        ];
-        for (path, ns, to, backends) in paths {
-            for backend in backends {
-                let udp = udp_flow_to(ns, to, backend);
-                let label = format!("{family:?} {path} UDP");
-                flows.push((label, Flow::Udp(udp), (*backend).to_owned()));
-            }
-        }
-    }
-    flows
-}
-
-/// Conntrack entries of node 1 (both families), and the capacity of each
-/// family's map, from its agent's metrics.
-fn conntrack(lab: &Cluster) -> Value {
-    let Ok(text) = lab.metrics(NODE1) else {
-        return Value::Null;
-    };
-    let entries = |family: &str| {
-        metric_value(
-            &text,
-            &format!("lb_conntrack_entries{{family=\"{family}\"}}"),
-        )
-    };
-    let capacity = text.lines().find_map(|line| {
-        line.strip_prefix("lb_map_capacity{map=\"LB4_CT")?
-            .split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-    });
-    json!({"ipv4": entries("ipv4"), "ipv6": entries("ipv6"), "capacity_per_family": capacity})
-}
 
 /// Program ids in the TCX ingress links of every interface of node 1.
 fn program_ids(lab: &Cluster) -> Vec<(String, Vec<u32>)> {
@@ -258,42 +68,6 @@ fn program_ids(lab: &Cluster) -> Vec<(String, Vec<u32>)> {
             (iface.clone(), ids)
         })
         .collect()
-}
-
-/// What the phase WHAT must not have seen: a failed new connection, a
-/// long-lived flow that did not answer from its backend every time, a
-/// rate below 95% of the one asked for (then the test did not prove what
-/// it claims; `LB_LOAD_RATE` sets a rate the machine can make).
-fn unbroken(load: &LoadReport, flows: &[FlowReport]) -> Vec<String> {
-    let mut violations = Vec::new();
-    let total = load.total();
-    if total.failed() > 0 {
-        violations.push(format!("new connections failed: {total}"));
-    }
-    for flow in flows.iter().filter(|f| !f.intact()) {
-        violations.push(format!(
-            "long-lived {} on {} did not keep working",
-            flow.label, flow.backend
-        ));
-    }
-    let achieved = load.achieved_rate();
-    if achieved < 0.95 * f64::from(load.rate) {
-        violations.push(format!(
-            "the load made {achieved:.0} new connections/s, asked {} (a busy machine? \
-             LB_LOAD_RATE sets the rate)",
-            load.rate
-        ));
-    }
-    violations
-}
-
-/// Records RESULT with VIOLATIONS for the benchmark (as PHASE), then
-/// fails the test if there are any; TEXT is the phase's full account.
-fn verdict(plan: &Plan, phase: &str, mut result: Value, violations: &[String], text: &str) {
-    eprintln!("{text}");
-    result["violations"] = json!(violations);
-    plan.record(phase, &result);
-    assert!(violations.is_empty(), "{phase}: {violations:#?}\n{text}");
 }
 
 /// How the agent goes away.
@@ -588,76 +362,4 @@ fn churn_step(
             lab.apply("side.json", &file);
         }
     }
-}
-
-/// A spoofed SYN flood against the `NodePort` of node 1 from ext2 while
-/// the load runs (from client1 and ext): established flows keep working,
-/// at least 99% of the new connections made during the flood succeed.
-#[test]
-#[ignore = "needs issue 9 item 6 (flood-resistant conntrack, branch ct-lifecycle): on main about \
-            30% of the NodePort's new connections time out during and after the flood"]
-fn syn_flood_against_a_nodeport_under_load() {
-    let _serial = serial();
-    if !require_privileged("harness_lifecycle: syn_flood_against_a_nodeport_under_load") {
-        return;
-    }
-    let plan = Plan::from_env();
-    let mut lab = cluster("flood");
-    let keepers = Keepers::start(long_lived(&lab, &["be1", "be2", "be3"], &["be1", "be3"]));
-    let ct_before = conntrack(&lab);
-    let load = Load::start(&targets(&lab), plan.spec);
-    std::thread::sleep(plan.warm);
-    let flooded: Vec<SocketAddr> = Family::BOTH
-        .iter()
-        .map(|&f| SocketAddr::new(lab.node_ip(NODE1, f), HTTP_NODE_PORT))
-        .collect();
-    load.epoch("flood");
-    let report = flood::start(&lab.ns("ext2"), &flooded, plan.flood)
-        .join()
-        .expect("flood thread");
-    load.epoch("after flood");
-    let ct_flood = conntrack(&lab);
-    std::thread::sleep(plan.warm);
-    let ct_after = conntrack(&lab);
-    let load = load.stop();
-    let flows = keepers.stop();
-    lab.assert_agents_alive();
-    let text = format!(
-        "flood: {} SYNs ({} refused by the kernel) in {:?}, {:.0}/s, seed {:#x}; conntrack \
-         {ct_before} -> {ct_flood} (end of flood) -> {ct_after}\nnew connections: {}\
-         long-lived flows:\n{}",
-        report.sent,
-        report.refused,
-        report.elapsed,
-        report.rate(),
-        report.seed,
-        load.text(),
-        flows_text(&flows)
-    );
-    let result = json!({
-        "flood": {"sent": report.sent, "refused": report.refused,
-                  "secs": report.elapsed.as_secs_f64(), "pps": report.rate()},
-        "load": load.json(), "flows": flows_json(&flows),
-        "conntrack_before": ct_before, "conntrack_end_of_flood": ct_flood,
-        "conntrack_after": ct_after,
-    });
-    let mut violations: Vec<String> = flows
-        .iter()
-        .filter(|f| f.broken.is_some() || f.moved > 0)
-        .map(|f| format!("long-lived {} on {} broke or moved", f.label, f.backend))
-        .collect();
-    // Per target and per window: a NodePort that fails while the ClusterIP
-    // carries on must not hide behind the total.
-    for epoch in load.epochs.iter().filter(|e| e.name != "start") {
-        for (label, counts) in load.targets.iter().zip(&epoch.per_target) {
-            if counts.success_ratio() < 0.99 {
-                violations.push(format!(
-                    "{label}, {}: only {:.2}% of the new connections succeeded ({counts})",
-                    epoch.name,
-                    100.0 * counts.success_ratio()
-                ));
-            }
-        }
-    }
-    verdict(&plan, "flood", result, &violations, &text);
 }

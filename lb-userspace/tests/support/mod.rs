@@ -3,7 +3,8 @@
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
 //! clients and what they observed (`clients`), manifests (`manifests`),
 //! named sub-scenarios (`scenarios`), steady load (`load`) and long-lived
-//! flows (`keepers`), a spoofed SYN flood (`flood`), and the two labs built from them:
+//! flows (`keepers`), a spoofed SYN flood (`flood`), what the lifecycle
+//! proofs share (`lifecycle`), and the two labs built from them:
 //! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
 //! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
 //! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
@@ -25,6 +26,7 @@ pub(crate) mod frames;
 pub(crate) mod fuzz;
 pub(crate) mod keepers;
 pub(crate) mod lab;
+pub(crate) mod lifecycle;
 pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
