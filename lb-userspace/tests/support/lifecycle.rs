@@ -12,9 +12,10 @@ use serde_json::{Value, json};
 
 use super::clients::{conn_to, metric_value, udp_flow_to};
 use super::cluster::{Cluster, Ep, ready, service, vip};
+use super::counts::LoadReport;
 use super::flood::FloodLimit;
 use super::keepers::{Flow, FlowReport};
-use super::load::{LoadReport, LoadSpec, Target, tune_client};
+use super::load::{LoadSpec, Target, tune_client};
 use super::manifests::{HTTP_DNS, Manifest};
 use super::topo::Family;
 

@@ -2,12 +2,13 @@
 //! (`netns`), processes and files (`process`), bpffs, pins and the pinned
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
 //! clients and what they observed (`clients`), manifests (`manifests`),
-//! named sub-scenarios (`scenarios`), steady load (`load`) and long-lived
-//! flows (`keepers`), a spoofed SYN flood (`flood`), what the lifecycle
-//! proofs share (`lifecycle`), and the two labs built from them:
-//! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
-//! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
-//! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
+//! named sub-scenarios (`scenarios`), steady load (`load`) and what it
+//! observed (`counts`), long-lived flows (`keepers`), a spoofed SYN flood
+//! (`flood`), what the lifecycle proofs share (`lifecycle`), and the two
+//! labs built from them: one node (`lab`, for `harness.rs`) and a two-node
+//! cluster (`cluster`, for `harness_services_*.rs`); for the
+//! `datapath*.rs` tests, the program under `BPF_PROG_TEST_RUN`
+//! (`prog_test`) and crafted frames (`frames`).
 //!
 //! Rules these helpers enforce for the tests that use them: everything
 //! network-related happens inside namespaces the test creates (nothing is
@@ -21,6 +22,7 @@
 
 pub(crate) mod clients;
 pub(crate) mod cluster;
+pub(crate) mod counts;
 pub(crate) mod flood;
 pub(crate) mod frames;
 pub(crate) mod fuzz;
