@@ -2,13 +2,13 @@
 //! (`netns`), processes and files (`process`), bpffs, pins and the pinned
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
 //! clients and what they observed (`clients`), manifests (`manifests`),
-//! named sub-scenarios (`scenarios`), steady load (`load`) and what it
-//! observed (`counts`), long-lived flows (`keepers`), a spoofed SYN flood
-//! (`flood`), what the lifecycle proofs share (`lifecycle`), and the two
-//! labs built from them: one node (`lab`, for `harness.rs`) and a two-node
-//! cluster (`cluster`, for `harness_services_*.rs`); for the
-//! `datapath*.rs` tests, the program under `BPF_PROG_TEST_RUN`
-//! (`prog_test`) and crafted frames (`frames`).
+//! named sub-scenarios (`scenarios`), the socket-LB cgroup and client
+//! (`sockclient`), steady load (`load`) and what it observed (`counts`),
+//! long-lived flows (`keepers`), a spoofed SYN flood (`flood`), what the
+//! lifecycle proofs share (`lifecycle`), and the two labs built from them:
+//! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
+//! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
+//! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
 //!
 //! Rules these helpers enforce for the tests that use them: everything
 //! network-related happens inside namespaces the test creates (nothing is
@@ -37,6 +37,7 @@ pub(crate) mod process;
 pub(crate) mod prog_test;
 pub(crate) mod scenarios;
 pub(crate) mod servers;
+pub(crate) mod sockclient;
 pub(crate) mod topo;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
