@@ -44,8 +44,8 @@ pub mod map_names {
     pub const SRC_RANGES4: &str = "LB4_SRC_V1";
     /// IPv6 allowed source ranges (LPM trie): `SourceRange6` -> `u8`.
     pub const SRC_RANGES6: &str = "LB6_SRC_V1";
-    /// Node configuration (array of one `LbConfig`).
-    pub const CONFIG: &str = "LB_CONFIG_V1";
+    /// Node configuration (array of one `LbConfig`; V2: `flags`).
+    pub const CONFIG: &str = "LB_CONFIG_V2";
     /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
@@ -56,8 +56,16 @@ pub mod map_names {
 
 /// Program names as they appear in the object file and in the kernel.
 pub mod prog_names {
-    /// TC program translating service traffic and its replies.
+    /// TC program translating service traffic and its replies (ingress of
+    /// Ethernet devices).
     pub const TC_LB: &str = "lb_tc";
+    /// `TC_LB` for devices without an Ethernet header (IPIP, `ip6tnl`, GRE
+    /// in L3 mode, `WireGuard`).
+    pub const TC_LB_L3: &str = "lb_tc_l3";
+    /// Reply translation at egress of Ethernet devices.
+    pub const TC_LB_EGRESS: &str = "lb_tc_egress";
+    /// Reply translation at egress of devices without an Ethernet header.
+    pub const TC_LB_L3_EGRESS: &str = "lb_tc_l3_egress";
     /// Empty TC program: the measurement floor for benchmarks and tests.
     pub const TC_FLOOR: &str = "lb_floor";
 }
@@ -244,8 +252,11 @@ pub mod reason {
     /// A TCP reset where a reject was due: dropped, a reset is never
     /// answered.
     pub const DROP_RESET_UNANSWERED: u32 = 18;
+    /// VLAN-tagged frame (offloaded tag or 802.1Q / 802.1ad `EtherType`):
+    /// passed untouched, its addresses belong to another network.
+    pub const PASS_VLAN: u32 = 19;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -268,6 +279,7 @@ pub mod reason {
         "drop_source_range",
         "drop_no_snat",
         "drop_reset_unanswered",
+        "pass_vlan",
     ];
 }
 
@@ -483,6 +495,18 @@ pub struct LbConfig {
     pub node_addr6: [u8; 16],
     /// Source for hairpin flows over IPv6.
     pub loopback6: [u8; 16],
+    /// `config_flags::*`.
+    pub flags: u32,
+}
+
+/// `LbConfig::flags` bits.
+pub mod config_flags {
+    /// `--forward=redirect`: a translated packet is sent to its egress
+    /// device by the datapath (FIB lookup + `bpf_redirect`), skipping the
+    /// node's netfilter FORWARD chain (and so `NetworkPolicy` engines that
+    /// live there). Unset (the default): the stack routes it, as after
+    /// kube-proxy's DNAT.
+    pub const FORWARD_REDIRECT: u32 = 1 << 0;
 }
 
 /// First port of the range used for source NAT on the node.
@@ -505,7 +529,7 @@ const _: () = assert!(size_of::<Affinity6Key>() == 20);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<SourceRange4>() == 8);
 const _: () = assert!(size_of::<SourceRange6>() == 20);
-const _: () = assert!(size_of::<LbConfig>() == 40);
+const _: () = assert!(size_of::<LbConfig>() == 44);
 const _: () = assert!(size_of::<LbStats>() == 16);
 // Keys and values holding addresses are 4-aligned (no padding added: every
 // size above is a multiple of 4), so that the eBPF side copies addresses
@@ -568,6 +592,7 @@ mod tests {
             (reason::DROP_SOURCE_RANGE, "drop_source_range"),
             (reason::DROP_NO_SNAT, "drop_no_snat"),
             (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
+            (reason::PASS_VLAN, "pass_vlan"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

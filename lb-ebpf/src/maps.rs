@@ -48,7 +48,7 @@ pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits
 #[map]
 pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
-pub(crate) static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]

@@ -103,6 +103,12 @@ enum Command {
         /// Source address of hairpin flows, IPv6.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK6)]
         hairpin_ipv6: Ipv6Addr,
+        /// How translated packets leave: `stack` (routed by the kernel,
+        /// netfilter FORWARD and network policy engines there see them) or
+        /// `redirect` (sent to the egress device by the datapath, which
+        /// bypasses netfilter FORWARD: network policy there does not apply).
+        #[arg(long, value_enum, default_value_t = node::ForwardMode::Stack)]
+        forward: node::ForwardMode,
     },
     /// Detach the programs and remove every pin.
     Cleanup {
@@ -187,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_backends,
             hairpin_ipv4,
             hairpin_ipv6,
+            forward,
         } => {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
@@ -194,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 zone,
                 loopback4: hairpin_ipv4,
                 loopback6: hairpin_ipv6,
+                forward,
             };
             let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();

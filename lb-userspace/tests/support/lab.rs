@@ -220,6 +220,11 @@ impl Lab {
 
     /// Starts the agent and waits until it is ready.
     pub(crate) fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Starts the agent with EXTRA flags and waits until it is ready.
+    pub(crate) fn start_agent_with(&mut self, extra: &[&str]) {
         assert!(self.agent.is_none(), "agent already running");
         let mut cmd = ns_command(self.node_ns(), lb_binary());
         cmd.arg("agent")
@@ -230,7 +235,8 @@ impl Lab {
             .arg("--pin-path")
             .arg(&self.pins.path)
             .arg("--metrics-addr")
-            .arg(METRICS_ADDR);
+            .arg(METRICS_ADDR)
+            .args(extra);
         self.agent = Some(spawn_logged(&mut cmd, &self.log));
         self.wait_ready();
     }

@@ -24,12 +24,14 @@ pub(crate) mod fuzz;
 pub(crate) mod lab;
 pub(crate) mod manifests;
 pub(crate) mod netns;
+pub(crate) mod overlay;
 pub(crate) mod pins;
 pub(crate) mod process;
 pub(crate) mod prog_test;
 pub(crate) mod scenarios;
 pub(crate) mod servers;
 pub(crate) mod topo;
+pub(crate) mod tun_relay;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

@@ -194,5 +194,6 @@ pub(crate) fn node_config() -> LbConfig {
             .parse::<std::net::Ipv6Addr>()
             .unwrap()
             .octets(),
+        flags: 0,
     }
 }
