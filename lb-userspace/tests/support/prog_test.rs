@@ -151,6 +151,25 @@ impl Fixture {
         (result.return_value, out)
     }
 
+    /// Runs the TC program NAME (`prog_names::*`) once on `frame`.
+    pub(crate) fn run_named(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
+            .try_into()
+            .expect("a TC program");
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     pub(crate) fn reason(&self, name: &str) -> u64 {
         self.maps
             .reason_counts()
