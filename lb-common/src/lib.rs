@@ -255,8 +255,11 @@ pub mod reason {
     /// VLAN-tagged frame (offloaded tag or 802.1Q / 802.1ad `EtherType`):
     /// passed untouched, its addresses belong to another network.
     pub const PASS_VLAN: u32 = 19;
+    /// Frame addressed to another host's MAC (`PACKET_OTHERHOST`, seen in
+    /// promiscuous mode): passed untouched, it is not ours to translate.
+    pub const PASS_OTHER_HOST: u32 = 20;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -280,6 +283,7 @@ pub mod reason {
         "drop_no_snat",
         "drop_reset_unanswered",
         "pass_vlan",
+        "pass_other_host",
     ];
 }
 
@@ -593,6 +597,7 @@ mod tests {
             (reason::DROP_NO_SNAT, "drop_no_snat"),
             (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
             (reason::PASS_VLAN, "pass_vlan"),
+            (reason::PASS_OTHER_HOST, "pass_other_host"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

@@ -38,6 +38,9 @@ pub(crate) struct Packet {
     pub(crate) tcp_flags: u8,
 }
 
+/// `skb->pkt_type` of a frame for another host's MAC (`linux/if_packet.h`).
+const PACKET_OTHERHOST: u32 = 3;
+
 /// The parse step found a frontend: `run` runs the to-backend step next.
 /// (Encoded verdicts have bit 62 set and never equal this.)
 const GO_TO_BACKEND: u64 = 1 << 63;
@@ -63,6 +66,13 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
     // about (TC sees an offloaded tag in the skb, others in the frame).
     if skb.vlan_present != 0 {
         return Ok(Verdict::pass(reason::PASS_VLAN));
+    }
+    // A frame for another host's MAC (promiscuous mode) is not ours. Only
+    // where the packet entered through a device (`ingress_ifindex`) is the
+    // type meaningful: `BPF_PROG_TEST_RUN` classifies every frame against
+    // the loopback device's all-zero MAC.
+    if !EGRESS && skb.ingress_ifindex != 0 && skb.pkt_type == PACKET_OTHERHOST {
+        return Ok(Verdict::pass(reason::PASS_OTHER_HOST));
     }
     // `skb->protocol` is the `EtherType` in network order on every device.
     #[expect(clippy::cast_possible_truncation, reason = "a 16-bit field")]

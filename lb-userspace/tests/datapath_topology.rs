@@ -1,6 +1,7 @@
 //! Datapath tests (root, `BPF_PROG_TEST_RUN`) of the topology-facing entry
 //! points (issue 12): the reply-only egress program, the program for
-//! devices without an Ethernet header, and VLAN-tagged frames.
+//! devices without an Ethernet header, VLAN-tagged frames and frames for
+//! another host's MAC.
 //!
 //! `lb_tc_l3` under `BPF_PROG_TEST_RUN`: the test run always sets
 //! `skb->protocol` by reading bytes 12-13 of the data as an Ethernet
@@ -184,4 +185,36 @@ fn l3_program_translates_packets_without_ethernet_header() {
             assert_tcp_reset(&frame, &offending);
         }
     }
+}
+
+#[test]
+fn frames_for_another_hosts_mac_pass_untouched() {
+    let Some(mut fx) = Fixture::new("frames_for_another_hosts_mac_pass_untouched") else {
+        return;
+    };
+    services(&mut fx);
+    // Received on the loopback device (index 1, MAC all zeros): a frame to
+    // 02:00:00:00:00:01 is for another host (`PACKET_OTHERHOST`), one to
+    // the device's own MAC is ours.
+    for request in requests() {
+        let what = format!("{:?} {}", request.proto, request.dst);
+        let foreign = request.bytes();
+        let (verdict, out) = fx.run_received(prog_names::TC_LB, &foreign, 1);
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_OK, &foreign),
+            "{what}: foreign MAC"
+        );
+        let mut ours = foreign.clone();
+        ours[..6].fill(0);
+        let (verdict, out) = fx.run_received(prog_names::TC_LB, &ours, 1);
+        assert_eq!(verdict, TC_ACT_OK, "{what}: own MAC");
+        assert_ne!(
+            verify_checksums(&out).1,
+            request.dst,
+            "{what}: not translated"
+        );
+    }
+    assert_eq!(fx.reason("pass_other_host"), 4);
+    assert_eq!(fx.reason("nat_new"), 4);
 }

@@ -153,10 +153,32 @@ impl Fixture {
 
     /// Runs the TC program NAME (`prog_names::*`) once on `frame`.
     pub(crate) fn run_named(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_with_ctx(name, frame, None)
+    }
+
+    /// Runs the TC program NAME once on `frame` as if it had entered
+    /// through the device with index `ingress_ifindex` (`skb->skb_iif`; the
+    /// test run gives `pkt_type` from the frame's destination MAC against
+    /// the loopback device's all-zero one).
+    pub(crate) fn run_received(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> (u32, Vec<u8>) {
+        // `struct __sk_buff` (192 bytes); `ingress_ifindex` is its tenth
+        // 32-bit field, one the test run accepts as input.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        self.run_with_ctx(name, frame, Some(&ctx))
+    }
+
+    fn run_with_ctx(&mut self, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx,
             ..TestRunOptions::default()
         };
         let program: &mut SchedClassifier = self
