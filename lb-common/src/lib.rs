@@ -258,8 +258,20 @@ pub mod reason {
     /// Frame addressed to another host's MAC (`PACKET_OTHERHOST`, seen in
     /// promiscuous mode): passed untouched, it is not ours to translate.
     pub const PASS_OTHER_HOST: u32 = 20;
+    /// A refusal was due but its source must never be answered (multicast,
+    /// broadcast, unspecified, loopback or martian source, a multicast or
+    /// broadcast frame, a frame not addressed to this host): dropped.
+    pub const DROP_REJECT_UNANSWERABLE: u32 = 21;
+    /// A refusal was due but the interface's reply budget is spent
+    /// (100/s, burst 1000, as Cilium's): dropped.
+    pub const DROP_REJECT_RATE: u32 = 22;
+    /// IPv4 total length, IPv6 payload length, TCP data offset or UDP
+    /// length inconsistent with each other or with the packet (a zero IP
+    /// length is BIG TCP's only on a GSO packet): passed untouched, no
+    /// state created.
+    pub const PASS_BAD_LENGTH: u32 = 23;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 24;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -284,6 +296,9 @@ pub mod reason {
         "drop_reset_unanswered",
         "pass_vlan",
         "pass_other_host",
+        "drop_reject_unanswerable",
+        "drop_reject_rate",
+        "pass_bad_length",
     ];
 }
 
@@ -598,6 +613,9 @@ mod tests {
             (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
             (reason::PASS_VLAN, "pass_vlan"),
             (reason::PASS_OTHER_HOST, "pass_other_host"),
+            (reason::DROP_REJECT_UNANSWERABLE, "drop_reject_unanswerable"),
+            (reason::DROP_REJECT_RATE, "drop_reject_rate"),
+            (reason::PASS_BAD_LENGTH, "pass_bad_length"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

@@ -46,6 +46,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
+mod reject_guard;
+#[cfg(target_arch = "bpf")]
 mod skb;
 #[cfg(target_arch = "bpf")]
 mod snat;

@@ -85,3 +85,9 @@ pub(crate) static LB_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
 /// steps (not pinned: private to one loaded program).
 #[map]
 pub(crate) static LB_PACKET: PerCpuArray<crate::tc::Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-interface token buckets of the reject path (`reject_guard`; not
+/// pinned: a restart gives every interface a full burst again).
+#[map]
+pub(crate) static LB_REJECT_RL: LruHashMap<u32, crate::reject_guard::Bucket> =
+    LruHashMap::with_max_entries(4096, 0);

@@ -30,6 +30,7 @@ use crate::{
         },
     },
     maps::LB_SCRATCH,
+    reject_guard,
     skb::read,
     tcp_reset,
     verdict::{TC_ACT_REDIRECT, Verdict},
@@ -63,6 +64,10 @@ const RESET_PSEUDO_OFF: usize = RESET_QUOTE_OFF + ipv6::HLEN + TCP_HLEN;
 /// Size of the scratch buffer: the largest reply with what follows it.
 pub(crate) const SCRATCH_LEN: usize = RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN;
 
+// Replies are bounded whatever the offending packet: at most 110 bytes (an
+// ICMPv6 error quoting the IPv6 header and 8 bytes, with Ethernet).
+const _: () = assert!(REPLY4_LEN <= 110 && REPLY6_LEN <= 110);
+const _: () = assert!(RESET4_LEN <= 110 && RESET6_LEN <= 110);
 const _: () = assert!(PSEUDO6_OFF >= REPLY6_LEN && PSEUDO6_OFF.is_multiple_of(4));
 const _: () = assert!(PSEUDO6_OFF + ipv6::PSEUDO_LEN <= SCRATCH_LEN);
 const _: () = assert!(RESET_QUOTE_OFF >= RESET6_LEN && RESET_PSEUDO_OFF.is_multiple_of(4));
@@ -260,6 +265,7 @@ fn ip6_header(
     reason = "lengths of under 200 bytes"
 )]
 pub(crate) fn reject4<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    reject_guard::may_answer::<L>(ctx, true)?;
     if read::<u8>(ctx, L::L3_OFF + ipv4::PROTO_OFF)? == proto::TCP {
         return reset4::<L>(ctx);
     }
@@ -283,6 +289,7 @@ pub(crate) fn reject4<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
     reason = "lengths of under 200 bytes"
 )]
 pub(crate) fn reject6<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    reject_guard::may_answer::<L>(ctx, false)?;
     if read::<u8>(ctx, L::L3_OFF + ipv6::NEXT_HDR_OFF)? == proto::TCP {
         return reset6::<L>(ctx);
     }

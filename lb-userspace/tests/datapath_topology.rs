@@ -21,7 +21,8 @@ use support::frames::{
     Frame, TCP_SYN, assert_port_unreachable, assert_tcp_reset, verify_checksums,
 };
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, VIP4, VIP6, addrs, frontend,
+    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VIP4, VIP6, addrs,
+    frontend,
 };
 
 fn services(fx: &mut Fixture) {
@@ -217,4 +218,94 @@ fn frames_for_another_hosts_mac_pass_untouched() {
     }
     assert_eq!(fx.reason("pass_other_host"), 4);
     assert_eq!(fx.reason("nat_new"), 4);
+}
+
+/// A frame to a port `web`'s address does not serve, from SRC.
+fn unserved(src: &str) -> Vec<u8> {
+    let dst = if src.starts_with('[') {
+        "[fd00:96::10]:81"
+    } else {
+        "198.19.0.10:81"
+    };
+    Frame::udp(src, dst).bytes()
+}
+
+#[test]
+fn refusals_are_never_sent_to_sources_that_must_not_be_answered() {
+    let Some(mut fx) = Fixture::new("refusals_are_never_sent_to_sources_that_must_not_be_answered")
+    else {
+        return;
+    };
+    services(&mut fx);
+    let sources = [
+        "224.0.0.1:5353",
+        "239.1.2.3:40000",
+        "255.255.255.255:40000",
+        "240.0.0.1:40000",
+        "0.0.0.0:68",
+        "0.1.2.3:40000",
+        "127.0.0.1:40000",
+        "198.19.0.10:40000", // the service address itself (source = destination)
+        "[::]:40000",
+        "[::1]:40000",
+        "[ff02::1]:40000",
+        "[ff05::2]:40000",
+        "[::ffff:198.18.1.2]:40000",
+    ];
+    let mut frames: Vec<Vec<u8>> = sources.iter().map(|s| unserved(s)).collect();
+    for src in ["198.18.1.2:40000", "[fd00:1::2]:40000"] {
+        // A broadcast and a multicast destination MAC, a multicast source MAC.
+        let mut broadcast = unserved(src);
+        broadcast[..6].fill(0xff);
+        let mut multicast = unserved(src);
+        multicast[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+        let mut group_source = unserved(src);
+        group_source[6] = 0x03;
+        frames.extend([broadcast, multicast, group_source]);
+    }
+    for frame in &frames {
+        let (verdict, _) = fx.run(frame);
+        assert_eq!(verdict, TC_ACT_SHOT, "answered: {frame:02x?}");
+    }
+    assert_eq!(
+        fx.reason("drop_reject_unanswerable"),
+        u64::try_from(frames.len()).unwrap()
+    );
+    // A unicast client is still answered.
+    for src in ["198.18.1.2:40000", "[fd00:1::2]:40000"] {
+        let offending = unserved(src);
+        let (verdict, reply) = fx.run(&offending);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{src}");
+        assert_port_unreachable(&reply, &offending);
+    }
+}
+
+#[test]
+fn refusals_are_rate_limited_per_interface() {
+    let Some(mut fx) = Fixture::new("refusals_are_rate_limited_per_interface") else {
+        return;
+    };
+    services(&mut fx);
+    let offending = unserved("198.18.1.2:40000");
+    let started = std::time::Instant::now();
+    let mut answered = 0_u64;
+    let sent = 1500_u64;
+    for _ in 0..sent {
+        let (verdict, _) = fx.run(&offending);
+        if verdict == TC_ACT_REDIRECT {
+            answered += 1;
+        } else {
+            assert_eq!(verdict, TC_ACT_SHOT);
+        }
+    }
+    let elapsed = started.elapsed();
+    // A burst of 1000, then 100 a second (the coarse clock may lag a tick).
+    let refill = u64::try_from(elapsed.as_millis() / 10).unwrap() + 2;
+    eprintln!("{answered} of {sent} answered in {elapsed:?}");
+    assert!(
+        (1000..=1000 + refill).contains(&answered),
+        "{answered} answered in {elapsed:?}"
+    );
+    assert_eq!(fx.reason("reject"), answered);
+    assert_eq!(fx.reason("drop_reject_rate"), sent - answered);
 }
