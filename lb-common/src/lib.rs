@@ -48,6 +48,9 @@ pub mod map_names {
     pub const CONFIG: &str = "LB_CONFIG_V2";
     /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
+    /// Attached interfaces: ifindex -> `iface_flags` (not pinned: written
+    /// by the loader on every attach).
+    pub const IFACES: &str = "LB_IFACE_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
     /// (V2: the never emitted `drop_no_backend` was removed, which
     /// renumbered the reasons after it).
@@ -270,8 +273,12 @@ pub mod reason {
     /// length is BIG TCP's only on a GSO packet): passed untouched, no
     /// state created.
     pub const PASS_BAD_LENGTH: u32 = 23;
+    /// A packet matching a reply entry came in on a pod-facing interface
+    /// its source is not routed through (a pod spoofing a backend's
+    /// address): dropped.
+    pub const DROP_SPOOFED_SOURCE: u32 = 24;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -299,6 +306,7 @@ pub mod reason {
         "drop_reject_unanswerable",
         "drop_reject_rate",
         "pass_bad_length",
+        "drop_spoofed_source",
     ];
 }
 
@@ -518,6 +526,14 @@ pub struct LbConfig {
     pub flags: u32,
 }
 
+/// `LB_IFACE_V1` values: what the agent knows of an attached interface
+/// (bits).
+pub mod iface_flags {
+    /// Pods sit behind it (a veth): packets matching reply entries must
+    /// come from a source routed through it.
+    pub const POD_FACING: u32 = 1 << 0;
+}
+
 /// `LbConfig::flags` bits.
 pub mod config_flags {
     /// `--forward=redirect`: a translated packet is sent to its egress
@@ -616,6 +632,7 @@ mod tests {
             (reason::DROP_REJECT_UNANSWERABLE, "drop_reject_unanswerable"),
             (reason::DROP_REJECT_RATE, "drop_reject_rate"),
             (reason::PASS_BAD_LENGTH, "pass_bad_length"),
+            (reason::DROP_SPOOFED_SOURCE, "drop_spoofed_source"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

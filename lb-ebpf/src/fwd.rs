@@ -21,13 +21,14 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
+        __sk_buff, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 
-use lb_common::config_flags;
+use lb_common::{config_flags, iface_flags};
 
 use crate::{
     csum::CsumDiff,
@@ -38,7 +39,7 @@ use crate::{
         ipv4::{self, Ipv4Hdr},
         ipv6::{self, Ipv6Hdr},
     },
-    maps::LB_CONFIG_V2,
+    maps::{LB_CONFIG_V2, LB_IFACE_V1},
     skb::{read, write},
     verdict::{TC_ACT_REDIRECT, Verdict},
     zeroed::zeroed_in_place,
@@ -183,4 +184,65 @@ pub(crate) fn decrement_ttl6<L: Link>(ctx: &TcContext) -> Option<()> {
     let hop_limit_off = L::L3_OFF + ipv6::HOP_LIMIT_OFF;
     let hop_limit: u8 = read(ctx, hop_limit_off).ok()?;
     write(ctx, hop_limit_off, hop_limit - 1).ok()
+}
+
+/// `BPF_FIB_LOOKUP_SKIP_NEIGH`: the route is enough, no neighbour needed.
+const FIB_SKIP_NEIGH: u32 = 1 << 2;
+
+/// Reverse-path check of a packet that entered through a pod-facing
+/// interface (`iface_flags::POD_FACING`): its source must be routed back
+/// through that interface, else a pod is using another pod's address
+/// (1: fine or not pod-facing or cannot tell, 0: spoofed). A subprogram of
+/// its own: the lookup structure stays out of the parse step's frame.
+#[inline(never)]
+pub(crate) fn source_routed_back<F: Family>(ctx: &TcContext) -> u64 {
+    // SAFETY: the context of a TC program is an `__sk_buff`.
+    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+    // SAFETY: the value is copied out at once.
+    let pod_facing = unsafe { LB_IFACE_V1.get(&ifindex) }
+        .is_some_and(|flags| flags & iface_flags::POD_FACING != 0);
+    if !pod_facing {
+        return 1;
+    }
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: `bpf_fib_lookup` is plain integers, bytes and their unions.
+    let params: &mut FibLookup = unsafe { zeroed_in_place(&mut slot) };
+    params.ifindex = ifindex;
+    if F::fib_request(ctx, params).is_none() {
+        // TTL about to expire: no verdict on the source here.
+        return 1;
+    }
+    // Towards the packet's source: swap the addresses (IPv4 uses the
+    // first word of each).
+    // SAFETY: both unions are four words, whichever family.
+    unsafe {
+        core::mem::swap(
+            &mut params.__bindgen_anon_3.ipv6_src,
+            &mut params.__bindgen_anon_4.ipv6_dst,
+        );
+    }
+    // SAFETY: `params` is a properly sized, initialised lookup structure.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            core::ptr::from_mut(params),
+            core::mem::size_of::<FibLookup>() as i32,
+            FIB_SKIP_NEIGH,
+        )
+    };
+    let Ok(rc) = u32::try_from(rc) else {
+        return 1;
+    };
+    if rc == BPF_FIB_LKUP_RET_FWD_DISABLED {
+        return 1;
+    }
+    u64::from(
+        (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+            && params.ifindex == ifindex,
+    )
 }

@@ -91,3 +91,8 @@ pub(crate) static LB_PACKET: PerCpuArray<crate::tc::Packet> = PerCpuArray::with_
 #[map]
 pub(crate) static LB_REJECT_RL: LruHashMap<u32, crate::reject_guard::Bucket> =
     LruHashMap::with_max_entries(4096, 0);
+
+/// Attached interfaces: ifindex -> `lb_common::iface_flags` (written by the
+/// loader when it attaches; not pinned, each loaded object gets its own).
+#[map]
+pub(crate) static LB_IFACE_V1: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);

@@ -14,7 +14,7 @@ use crate::{
         eth::{ETH_P_8021AD_BE, ETH_P_8021Q_BE, ETH_P_IP_BE, ETH_P_IPV6_BE, PROTO_OFF},
         ipv4::{self, Ipv4Hdr},
         ipv6::{self, Ipv6Hdr},
-        l4::{Ports, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN},
+        l4::{Ports, TCP_DOFF_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF},
     },
     lb,
     maps::{LB_PACKET, count_service},
@@ -157,7 +157,8 @@ fn try_v4<L: Link, const EGRESS: bool>(
     if u16::from_be(ip.frag_off_be) & ipv4::FRAG_MASK != 0 {
         return Err(Verdict::pass(reason::PASS_FRAGMENT));
     }
-    translate::<V4<L>, EGRESS>(ctx, ip.saddr, ip.daddr, ip.proto, packet)
+    let ip_total = u16::from_be(ip.tot_len_be);
+    translate::<V4<L>, EGRESS>(ctx, ip.saddr, ip.daddr, ip.proto, ip_total, packet)
 }
 
 /// Parses IPv6; `Ok` holds an encoded verdict or `GO_TO_BACKEND`.
@@ -177,7 +178,47 @@ fn try_v6<L: Link, const EGRESS: bool>(
     if ipv6::is_extension(next) {
         return Err(Verdict::pass(reason::PASS_EXT_HDR));
     }
-    translate::<V6<L>, EGRESS>(ctx, ip.saddr, ip.daddr, next, packet)
+    // As an IPv4 total length: the payload length does not count the fixed
+    // header (0 stays 0: BIG TCP).
+    let payload_len = u16::from_be(ip.payload_len_be);
+    #[expect(clippy::cast_possible_truncation, reason = "40")]
+    let ip_total = if payload_len == 0 {
+        0
+    } else {
+        payload_len.saturating_add(ipv6::HLEN as u16)
+    };
+    translate::<V6<L>, EGRESS>(ctx, ip.saddr, ip.daddr, next, ip_total, packet)
+}
+
+/// The L4 bytes the IP header declares (`total`: the IPv4 total length,
+/// or the IPv6 payload length plus the fixed header), checked against the
+/// packet: at least the IP header, at most what the packet holds from the
+/// L4 header on (a shorter packet is a truncated or forged one; more is
+/// link padding). BIG TCP's GSO packets above 64 KiB carry 0: then the
+/// packet's own length counts.
+#[inline(always)]
+fn declared_l4_len<F: Family>(ctx: &TcContext, total: u16) -> Result<u32, Verdict> {
+    let bad = Verdict::pass(reason::PASS_BAD_LENGTH);
+    // SAFETY: the context of a TC program is an `__sk_buff`.
+    let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
+    #[expect(clippy::cast_possible_truncation, reason = "header offsets")]
+    let (l4_off, header) = (
+        F::L4_OFF as u32,
+        if F::IS_V4 { ipv4::HLEN } else { ipv6::HLEN } as u32,
+    );
+    let in_packet = skb.len.checked_sub(l4_off).ok_or(bad)?;
+    if total == 0 {
+        return if skb.gso_size != 0 {
+            Ok(in_packet)
+        } else {
+            Err(bad)
+        };
+    }
+    let declared = u32::from(total).checked_sub(header).ok_or(bad)?;
+    if declared > in_packet {
+        return Err(bad);
+    }
+    Ok(declared)
 }
 
 /// Common TCP/UDP handling for both families: a frontend hit is handed
@@ -193,16 +234,33 @@ fn translate<F: Family, const EGRESS: bool>(
     saddr: F::Addr,
     daddr: F::Addr,
     l4_proto: u8,
+    ip_total: u16,
     packet: &mut Packet,
 ) -> Result<u64, Verdict> {
     let l4_off = F::L4_OFF;
+    let bad_length = Verdict::pass(reason::PASS_BAD_LENGTH);
+    // Lengths are checked once the L4 header is known to be there (a cut
+    // header is `pass_truncated`).
     let tcp_flags = if l4_proto == proto::TCP {
         ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off)?;
+        let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
+        // The data offset: at least the fixed header, within the segment.
+        let doff = u32::from(read::<u8>(ctx, l4_off + TCP_DOFF_OFF)? >> 4) * 4;
+        #[expect(clippy::cast_possible_truncation, reason = "20")]
+        if doff < TCP_HLEN as u32 || doff > l4_len {
+            return Err(bad_length);
+        }
         read::<u8>(ctx, l4_off + TCP_FLAGS_OFF)?
     } else if l4_proto == proto::UDP {
         ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off)?;
         if !F::IS_V4 && read::<u16>(ctx, l4_off + UDP_CSUM_OFF)? == 0 {
             return Err(Verdict::pass(reason::PASS_UDP6_ZERO_CSUM));
+        }
+        let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
+        let udp_len = u32::from(u16::from_be(read::<u16>(ctx, l4_off + UDP_LEN_OFF)?));
+        #[expect(clippy::cast_possible_truncation, reason = "8")]
+        if udp_len < UDP_HLEN as u32 || udp_len > l4_len {
+            return Err(bad_length);
         }
         0
     } else {
@@ -230,6 +288,12 @@ fn translate<F: Family, const EGRESS: bool>(
         return Ok(GO_TO_BACKEND);
     }
     if let Some(entry) = F::conntrack().get_ptr_mut(&ct_key(&tuple, ct_dir::REPLY)) {
+        // A reply entry matches from any interface: on a pod-facing one the
+        // source must be routed back through it, or a pod could send as a
+        // backend and have it come from the Service.
+        if fwd::source_routed_back::<F>(ctx) == 0 {
+            return Err(Verdict::drop(reason::DROP_SPOOFED_SOURCE));
+        }
         return from_backend::<F>(ctx, &tuple, entry, tcp_flags).map(Verdict::encode);
     }
     // A service address, but not a port it serves: refuse, as kube-proxy does.

@@ -1,7 +1,8 @@
 //! Datapath tests (root, `BPF_PROG_TEST_RUN`) of the topology-facing entry
 //! points (issue 12): the reply-only egress program, the program for
 //! devices without an Ethernet header, VLAN-tagged frames and frames for
-//! another host's MAC.
+//! another host's MAC; refusals that must not be sent; lengths checked
+//! before any state is created.
 //!
 //! `lb_tc_l3` under `BPF_PROG_TEST_RUN`: the test run always sets
 //! `skb->protocol` by reading bytes 12-13 of the data as an Ethernet
@@ -308,4 +309,87 @@ fn refusals_are_rate_limited_per_interface() {
     );
     assert_eq!(fx.reason("reject"), answered);
     assert_eq!(fx.reason("drop_reject_rate"), sent - answered);
+}
+
+/// Sets the 16-bit big-endian field at OFF of FRAME to VALUE.
+fn set16(frame: &mut [u8], off: usize, value: u16) {
+    frame[off..off + 2].copy_from_slice(&value.to_be_bytes());
+}
+
+#[test]
+fn inconsistent_lengths_are_passed_before_state_is_created() {
+    let Some(mut fx) = Fixture::new("inconsistent_lengths_are_passed_before_state_is_created")
+    else {
+        return;
+    };
+    services(&mut fx);
+    let [tcp4, udp4, tcp6, udp6] = requests().map(|f| f.bytes());
+    // (what, frame): header fields that disagree with the packet. (Checksums
+    // are not fixed up: the program must not get as far as to look.)
+    let mut bad = Vec::new();
+    for (what, frame) in [("tcp4", &tcp4), ("udp4", &udp4)] {
+        let total = u16::try_from(frame.len() - 14).unwrap();
+        for (name, value) in [
+            ("tot_len short", 19),
+            ("tot_len long", total + 1),
+            ("tot_len 0", 0),
+        ] {
+            let mut f = frame.clone();
+            set16(&mut f, 16, value);
+            bad.push((format!("{what} {name}"), f));
+        }
+    }
+    for (what, frame) in [("tcp6", &tcp6), ("udp6", &udp6)] {
+        let payload = u16::try_from(frame.len() - 54).unwrap();
+        for (name, value) in [("payload_len long", payload + 1), ("payload_len 0", 0)] {
+            let mut f = frame.clone();
+            set16(&mut f, 18, value);
+            bad.push((format!("{what} {name}"), f));
+        }
+    }
+    for (what, frame, l4) in [("tcp4", &tcp4, 34), ("tcp6", &tcp6, 54)] {
+        for (name, doff) in [("doff 4", 4_u8), ("doff 15", 15)] {
+            let mut f = frame.clone();
+            f[l4 + 12] = doff << 4;
+            bad.push((format!("{what} {name}"), f));
+        }
+    }
+    for (what, frame, l4) in [("udp4", &udp4, 34), ("udp6", &udp6, 54)] {
+        let len = u16::try_from(frame.len() - l4).unwrap();
+        for (name, value) in [("udp len 7", 7), ("udp len long", len + 1)] {
+            let mut f = frame.clone();
+            set16(&mut f, l4 + 4, value);
+            bad.push((format!("{what} {name}"), f));
+        }
+    }
+    for (what, frame) in &bad {
+        let (verdict, out) = fx.run(frame);
+        assert_eq!((verdict, &out), (TC_ACT_OK, frame), "{what}");
+    }
+    assert_eq!(
+        fx.reason("pass_bad_length"),
+        u64::try_from(bad.len()).unwrap()
+    );
+    assert!(fx.conntrack().is_empty(), "state created for a bad length");
+    // Link padding after the IP packet is fine (the frame is longer than
+    // the IP length says).
+    let mut padded = tcp4.clone();
+    padded.extend([0; 6]);
+    let (verdict, out) = fx.run(&padded);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_ne!(out[30..34], padded[30..34], "padded: not translated");
+    // BIG TCP: a zero IP length on a GSO packet is accepted, both families.
+    for (what, frame, off, dst) in [("tcp4", &tcp4, 16, 30..34), ("tcp6", &tcp6, 18, 38..54)] {
+        let mut big = frame.clone();
+        set16(&mut big, off, 0);
+        if off == 16 {
+            // Keep the IPv4 header checksum right for the zero length.
+            set16(&mut big, 24, 0);
+            let sum = support::frames::checksum(&big[14..34], 0);
+            set16(&mut big, 24, sum);
+        }
+        let (verdict, out) = fx.run_gso(&big, 1400);
+        assert_eq!(verdict, TC_ACT_OK, "{what} BIG TCP");
+        assert_ne!(out[dst.clone()], big[dst], "{what} BIG TCP: not translated");
+    }
 }

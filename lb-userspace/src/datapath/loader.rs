@@ -399,7 +399,72 @@ pub fn attach_iface(
         TcAttachType::Egress,
         &egress_link_pin(pin_path, iface),
     )?;
+    record_iface(ebpf, iface, index)?;
     Ok(how)
+}
+
+/// Tells the datapath what `iface` is (`LB_IFACE_V1`): a veth is
+/// pod-facing (every CNI puts its pods behind one), so packets that match
+/// reply entries there get the reverse-path check.
+fn record_iface(ebpf: &mut Ebpf, iface: &str, index: u32) -> Result<(), LoadError> {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::Attach {
+        iface: iface.to_owned(),
+        step: "record the interface in LB_IFACE_V1".into(),
+        source,
+    };
+    let flags = if driver(iface).as_deref() == Some("veth") {
+        lb_common::iface_flags::POD_FACING
+    } else {
+        0
+    };
+    let map = ebpf
+        .map_mut(lb_common::map_names::IFACES)
+        .ok_or_else(|| failed("the object has no such map".into()))?;
+    let mut map: aya::maps::HashMap<_, u32, u32> =
+        aya::maps::HashMap::try_from(map).map_err(|e| failed(e.into()))?;
+    map.insert(&index, &flags, 0).map_err(|e| failed(e.into()))
+}
+
+/// The driver of `iface` (`ETHTOOL_GDRVINFO`), `None` when it does not say.
+fn driver(iface: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo`, up to the driver name (the kernel writes
+    /// the whole 196 bytes).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: a zeroed ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL writes the drvinfo `ifr_data` points at.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut req) };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }
 
 /// Attaches `program` to ingress of `iface`: adopts the pinned link of an

@@ -173,6 +173,17 @@ impl Fixture {
         self.run_with_ctx(name, frame, Some(&ctx))
     }
 
+    /// Runs `lb_tc` once on `frame` as a GSO packet of segments of
+    /// `gso_size` bytes (as BIG TCP's are).
+    pub(crate) fn run_gso(&mut self, frame: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
+        // `gso_segs` and `gso_size` are the 32-bit fields at offsets 164
+        // and 176 of `struct __sk_buff`, ones the test run accepts as input.
+        let mut ctx = [0u8; 192];
+        ctx[164..168].copy_from_slice(&1_u32.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        self.run_with_ctx(lb_common::prog_names::TC_LB, frame, Some(&ctx))
+    }
+
     fn run_with_ctx(&mut self, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
