@@ -91,10 +91,12 @@ pub mod map_flags {
 /// The map definitions in the eBPF object use the defaults (or the id
 /// spaces) and the loader overrides them.
 pub mod limits {
-    /// Largest rev-NAT id + 1, over both families; also the size of the
-    /// per-service stats array (per CPU, preallocated: 16 bytes x CPUs x
-    /// this, 4 MiB per CPU), so it is not a flag. At most this - 1
-    /// frontends fit, IPv4 and IPv6 together.
+    /// Largest rev-NAT id + 1, over both families: the id space, and the
+    /// largest size of the per-service stats array (per CPU, preallocated:
+    /// 16 bytes x CPUs x its entries). The agent sizes that array from
+    /// `--max-services` (4 x it + 1 entries, see the loader) and keeps
+    /// rev-NAT ids below its size. At most this - 1 frontends fit, IPv4
+    /// and IPv6 together.
     pub const MAX_FRONTENDS: u32 = 1 << 18;
     /// Default rev-NAT map entries per family (`--max-services`): frontends
     /// (address, port, protocol) of one family. 100k dual-stack Services

@@ -393,3 +393,69 @@ fn inconsistent_lengths_are_passed_before_state_is_created() {
         assert_ne!(out[dst.clone()], big[dst], "{what} BIG TCP: not translated");
     }
 }
+
+/// Removes a pin directory on drop.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = lb_userspace::datapath::loader::cleanup(&self.0, &[]);
+    }
+}
+
+/// The per-service counters are sized from `--max-services` (they cost 16
+/// bytes per entry per possible CPU), and rev-NAT ids stay below their size.
+#[test]
+fn service_counters_are_sized_from_the_frontend_limit() {
+    use std::collections::BTreeMap;
+
+    use lb_userspace::datapath::{loader, maps::Maps};
+    use lb_userspace::model::FrontendKind;
+
+    if !support::pins::require_privileged("service_counters_are_sized_from_the_frontend_limit") {
+        return;
+    }
+    let pin_path =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/lb-dp-stats-{}", std::process::id()));
+    let _cleanup = Cleanup(pin_path.clone());
+    let capacities = loader::Capacities {
+        services: 1,
+        ..loader::Capacities::default()
+    };
+    assert_eq!(capacities.stats_entries(), 5);
+    let mut ebpf = loader::load_with(&pin_path, &capacities).expect("load");
+    let stats_map = aya::maps::MapInfo::from_pin(pin_path.join(lb_common::map_names::SVC_STATS))
+        .expect("stats map pinned");
+    assert_eq!(stats_map.max_entries(), 5);
+    let maps = Maps::from_ebpf(&mut ebpf).expect("maps");
+    let state = maps.read_state().expect("state");
+    assert_eq!(state.rev_nat_id_limit(), 4);
+    // Five frontends: four get ids 1..=4, the fifth is reported, not given
+    // an id the counters cannot hold.
+    let backends = addrs(&BACKENDS4[..1]);
+    let desired: BTreeMap<_, _> = (80..85)
+        .map(|port| {
+            (
+                frontend(VIP4, port, Protocol::Tcp),
+                support::prog_test::spec(FrontendKind::ClusterIp, &backends),
+            )
+        })
+        .collect();
+    let plan = lb_userspace::plan::diff(&state, &desired);
+    assert_eq!(plan.problems.len(), 1, "{:?}", plan.problems);
+    assert!(
+        plan.problems[0].contains("no free rev-NAT id (limit 4)"),
+        "{:?}",
+        plan.problems
+    );
+    let ids: Vec<u32> = plan
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            lb_userspace::plan::Op::PutRevNat { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    assert!(ids.iter().all(|id| (1..=4).contains(id)), "{ids:?}");
+}

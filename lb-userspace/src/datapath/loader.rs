@@ -154,7 +154,7 @@ impl Default for Capacities {
 impl Capacities {
     /// (map name, entries wanted) of every map these capacities size.
     #[must_use]
-    pub fn by_map(&self) -> [(&'static str, u32); 8] {
+    pub fn by_map(&self) -> [(&'static str, u32); 9] {
         use lb_common::map_names as n;
         [
             (n::SERVICES4, self.service_slots),
@@ -169,7 +169,23 @@ impl Capacities {
             (n::REVNAT6, self.services),
             (n::CT4, self.ct_entries),
             (n::CT6, self.ct_entries),
+            (n::SVC_STATS, self.stats_entries()),
         ]
+    }
+
+    /// Entries of the per-service stats map (one per rev-NAT id, 0
+    /// unused): twice the frontends of both families, since ids are handed
+    /// out before a write finds its map full, and a frontend replaced
+    /// gets a new id while the old one is still in use (make before
+    /// break). Per-CPU and preallocated, so it costs 16 bytes x this per
+    /// possible CPU (4 MiB per CPU at the default `--max-services`, the
+    /// whole id space); the rev-NAT ids stay below it.
+    #[must_use]
+    pub fn stats_entries(&self) -> u32 {
+        self.services
+            .saturating_mul(4)
+            .saturating_add(1)
+            .min(lb_common::limits::MAX_FRONTENDS)
     }
 }
 
