@@ -53,8 +53,9 @@ pub mod map_names {
     pub const IFACES: &str = "LB_IFACE_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
     /// (V2: the never emitted `drop_no_backend` was removed, which
-    /// renumbered the reasons after it).
-    pub const REASONS: &str = "LB_REASONS_V2";
+    /// renumbered the reasons after it; V3: more reasons, so a larger
+    /// array than a pinned V2 one).
+    pub const REASONS: &str = "LB_REASONS_V3";
 }
 
 /// Program names as they appear in the object file and in the kernel.
