@@ -150,7 +150,7 @@ fn netfilter_forward_policy_holds_for_service_traffic_unless_redirect() {
     // device and FORWARD never sees it: the policy is bypassed (the README
     // warns about exactly this).
     lab.kill_agent();
-    lab.start_agent_with(&["--forward=redirect"]);
+    lab.start_agent_with(&["--forward=redirect".to_owned()]);
     for family in Family::BOTH {
         let before = drops(&lab);
         let to = vip(family, HTTP_PORT);

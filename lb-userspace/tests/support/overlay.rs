@@ -287,7 +287,10 @@ impl OverlayLab {
                 .arg("--node-name")
                 .arg(node.name)
                 .arg("--node-ip")
-                .arg(format!("{},{}", ip.v4, ip.v6));
+                .arg(format!("{},{}", ip.v4, ip.v6))
+                // The socket programs would attach to the machine's cgroup
+                // root; this lab is about the TC path.
+                .arg("--socket-lb=off");
             lab.agents.push(spawn_logged(&mut cmd, &lab.logs[i]));
         }
         for i in 0..2 {
