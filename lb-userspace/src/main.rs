@@ -144,6 +144,12 @@ enum Command {
         /// namespaces `--socket-lb` translates.
         #[arg(long)]
         socket_lb_bind_guard: bool,
+        /// How translated packets leave: `stack` (routed by the kernel,
+        /// netfilter FORWARD and network policy engines there see them) or
+        /// `redirect` (sent to the egress device by the datapath, which
+        /// bypasses netfilter FORWARD: network policy there does not apply).
+        #[arg(long, value_enum, default_value_t = node::ForwardMode::Stack)]
+        forward: node::ForwardMode,
     },
     /// Detach the programs and remove every pin.
     Cleanup {
@@ -234,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket_lb,
             cgroup_root,
             socket_lb_bind_guard,
+            forward,
         } => {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
@@ -243,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 loopback4: hairpin_ipv4,
                 loopback6: hairpin_ipv6,
                 source_ranges_strict,
+                forward,
             };
             let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();

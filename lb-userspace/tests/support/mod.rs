@@ -32,6 +32,7 @@ pub(crate) mod lifecycle;
 pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
+pub(crate) mod overlay;
 pub(crate) mod pins;
 pub(crate) mod process;
 pub(crate) mod prog_test;
@@ -39,6 +40,7 @@ pub(crate) mod scenarios;
 pub(crate) mod servers;
 pub(crate) mod sockclient;
 pub(crate) mod topo;
+pub(crate) mod tun_relay;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
