@@ -44,6 +44,8 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod probe;
+#[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod skb;
@@ -66,16 +68,16 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use lb_common::reason;
 
 /// The load balancer: its one verdict point. Every packet is counted under
-/// the reason of its verdict, then gets the verdict's action.
+/// the reason of its verdict (a dry run's reason is handed back instead,
+/// see `probe`), then gets the verdict's action.
 #[cfg(target_arch = "bpf")]
 #[classifier]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "`classifier` hands the context over by value"
-)]
-fn lb_tc(ctx: TcContext) -> i32 {
+fn lb_tc(mut ctx: TcContext) -> i32 {
+    let previous = probe::begin(&ctx);
     let verdict = tc::run(&ctx);
-    maps::count_reason(verdict.reason);
+    if !probe::finish(&mut ctx, previous, verdict.reason) {
+        maps::count_reason(verdict.reason);
+    }
     verdict.action
 }
 
