@@ -19,6 +19,7 @@
 
 pub(crate) mod clients;
 pub(crate) mod cluster;
+pub(crate) mod conformance;
 pub(crate) mod frames;
 pub(crate) mod fuzz;
 pub(crate) mod lab;
