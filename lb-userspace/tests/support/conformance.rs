@@ -69,6 +69,9 @@ pub(crate) struct Phase {
 pub(crate) struct NodeSpec {
     pub(crate) name: String,
     pub(crate) addresses: Vec<IpAddr>,
+    /// Its `topology.kubernetes.io/zone` label, if any.
+    #[serde(default)]
+    pub(crate) zone: Option<String>,
 }
 
 /// One packet flow of kube-proxy's `runPacketFlowTests`.
@@ -254,7 +257,7 @@ fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], v6: bool) -> Catalo
     let context = NodeContext {
         name: group.node.name.clone(),
         addresses,
-        zone: None,
+        zone: group.node.zone.clone(),
     };
     let built = model::build(&services, &slices, &context);
     assert!(
