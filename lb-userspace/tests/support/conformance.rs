@@ -31,10 +31,11 @@ use serde_json::Value;
 
 use super::prog_test::Fixture;
 
-/// Distinct source ports asked per flow: with hashing over up to three
-/// backends, missing one in 48 tuples has odds below 1e-8 (and the hash
-/// is deterministic: the same tuples give the same answer every run).
-const PROBES: u16 = 48;
+/// Distinct source ports asked per flow: with hashing over three backends,
+/// missing one in 96 tuples has odds below 1e-16, over nine about 1e-4
+/// (and the hash is deterministic: the same tuples give the same answer
+/// every run).
+const PROBES: u16 = 96;
 
 /// One kube-proxy test (or sub-test).
 #[derive(Debug, Deserialize)]
