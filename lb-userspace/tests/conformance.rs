@@ -1,15 +1,15 @@
 //! Conformance suite (root): kube-proxy's own packet-flow cases
 //! (`pkg/proxy/nftables/proxier_test.go`, `runPacketFlowTests`), kept as
 //! data in `tests/conformance/*.yaml`, run through the real program with
-//! `lb explain`'s code (see `support::conformance`), on IPv4 and as their
-//! IPv6 mirror. docs/conformance.md's table is this run's result: the test
+//! `lb explain`'s code (see `support::conformance`), on IPv4, as their
+//! IPv6 mirror and dual-stack. docs/conformance.md's table is this run's result: the test
 //! fails when it is out of date (`LB_CONFORMANCE_UPDATE=1` rewrites it).
 
 mod support;
 
 use std::path::Path;
 
-use support::conformance::{Row, load, run_family, table};
+use support::conformance::{Report, Run, load, run_all, table};
 
 const BEGIN: &str = "<!-- cases: written by tests/conformance.rs -->\n";
 const END: &str = "<!-- end of cases -->\n";
@@ -30,10 +30,11 @@ fn kube_proxy_packet_flows() {
         let text = std::fs::read_to_string(file).expect("case file");
         groups.extend(load(&text, &file.display().to_string()));
     }
-    let mut rows: Vec<Row> = Vec::new();
-    let mut failures = Vec::new();
-    run_family(&groups, false, &mut rows, &mut failures);
-    run_family(&groups, true, &mut rows, &mut failures);
+    let mut report = Report::default();
+    for run in [Run::V4, Run::V6, Run::DualStack] {
+        run_all(&groups, run, &mut report);
+    }
+    let Report { rows, failures } = report;
     assert!(
         failures.is_empty(),
         "{} of {} flows differ:\n{}",

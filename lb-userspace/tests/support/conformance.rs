@@ -106,6 +106,35 @@ pub(crate) struct Flow {
     pub(crate) not_run: Option<String>,
 }
 
+/// How a group is run: as written, as its IPv6 mirror, or dual-stack
+/// (every Service with both families, both families' slices, the flows
+/// of both families asked of the same maps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Run {
+    V4,
+    V6,
+    DualStack,
+}
+
+/// What a run found: the table rows (from the IPv4 run) and the flows
+/// whose outcome differs from the expected one.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) rows: Vec<Row>,
+    pub(crate) failures: Vec<String>,
+}
+
+/// One family of one run, as `run_flow` asks it.
+#[derive(Clone, Copy)]
+struct Asked {
+    /// Mirror the flow's addresses and outcome.
+    v6: bool,
+    /// Record the row (the IPv4 run only).
+    record: bool,
+    /// For failure messages.
+    label: &'static str,
+}
+
 /// One row of docs/conformance.md.
 #[derive(Debug)]
 pub(crate) struct Row {
@@ -206,43 +235,119 @@ pub(crate) fn load(text: &str, file: &str) -> Vec<Group> {
     serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-/// Runs every group in one family (IPv6: mirrored) through one private
-/// copy of the program: each group's state replaces the previous one
-/// through the agent's own diff, as a sync would. Returns one row per
-/// flow (IPv4 outcomes; an IPv6 run checks that it mirrors them);
-/// mismatches go to `failures`.
-pub(crate) fn run_family(
-    groups: &[Group],
-    v6: bool,
-    rows: &mut Vec<Row>,
-    failures: &mut Vec<String>,
-) {
+/// Runs every group in one way (`run`) through one private copy of the
+/// program: each group's state replaces the previous one through the
+/// agent's own diff, as a sync would. The IPv4 run records one row per
+/// flow; the others check that they give the mirrored outcomes.
+pub(crate) fn run_all(groups: &[Group], run: Run, report: &mut Report) {
     let Some(mut fx) = Fixture::new("conformance") else {
         return;
     };
     let maps = MapView::open(&fx.pin_path).expect("maps");
+    let asked: &[Asked] = match run {
+        Run::V4 => &[Asked {
+            v6: false,
+            record: true,
+            label: "IPv4",
+        }],
+        Run::V6 => &[Asked {
+            v6: true,
+            record: false,
+            label: "IPv6",
+        }],
+        Run::DualStack => &[
+            Asked {
+                v6: false,
+                record: false,
+                label: "dual-stack, IPv4",
+            },
+            Asked {
+                v6: true,
+                record: false,
+                label: "dual-stack, IPv6",
+            },
+        ],
+    };
     for group in groups {
-        let catalog = apply(&mut fx, group, &group.objects, v6);
-        for flow in &group.flows {
-            run_flow(&mut fx, &maps, &catalog, (group, flow), v6, rows, failures);
-        }
-        if let Some(then) = &group.then {
-            let catalog = apply(&mut fx, group, &then.objects, v6);
-            for flow in &then.flows {
-                run_flow(&mut fx, &maps, &catalog, (group, flow), v6, rows, failures);
+        let phases = std::iter::once((&group.objects, &group.flows))
+            .chain(group.then.as_ref().map(|t| (&t.objects, &t.flows)));
+        for (objects, flows) in phases {
+            let catalog = apply(&mut fx, group, objects, run);
+            for one in asked {
+                for flow in flows {
+                    run_flow(&mut fx, &maps, &catalog, (group, flow), *one, report);
+                }
             }
         }
     }
 }
 
+/// The dual-stack form of a case's objects: each Service gets the mirror
+/// of its addresses next to its own (`clusterIPs`, external IPs, source
+/// ranges, load-balancer ingress) and both families; each slice gets its
+/// mirrored twin.
+fn dual_stack(objects: &[Value]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for object in objects {
+        let mut mirrored = object.clone();
+        mirror_value(&mut mirrored);
+        if object.get("kind").and_then(Value::as_str) == Some("EndpointSlice") {
+            if let Some(name) = mirrored.pointer_mut("/metadata/name")
+                && let Some(text) = name.as_str()
+            {
+                *name = Value::String(format!("{text}-v6"));
+            }
+            out.push(object.clone());
+            out.push(mirrored);
+            continue;
+        }
+        let mut merged = object.clone();
+        for path in [
+            "/spec/externalIPs",
+            "/spec/loadBalancerSourceRanges",
+            "/status/loadBalancer/ingress",
+        ] {
+            if let (Some(Value::Array(ours)), Some(Value::Array(theirs))) = (
+                merged.pointer_mut(path).map(Value::take),
+                mirrored.pointer(path),
+            ) {
+                let both: Vec<Value> = ours.into_iter().chain(theirs.iter().cloned()).collect();
+                *merged.pointer_mut(path).expect("the field") = Value::Array(both);
+            }
+        }
+        if let (Some(v4), Some(v6)) = (
+            object.pointer("/spec/clusterIP"),
+            mirrored.pointer("/spec/clusterIP"),
+        ) && let Some(spec) = merged.get_mut("spec").and_then(Value::as_object_mut)
+        {
+            spec.insert(
+                "clusterIPs".into(),
+                Value::Array(vec![v4.clone(), v6.clone()]),
+            );
+            spec.insert("ipFamilies".into(), serde_json::json!(["IPv4", "IPv6"]));
+            spec.insert("ipFamilyPolicy".into(), "RequireDualStack".into());
+        }
+        out.push(merged);
+    }
+    out
+}
+
 /// Writes `objects` (mirrored for IPv6) and the group's node as the
 /// program's state, through `model::build`, `plan::diff` and the maps.
-fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], v6: bool) -> Catalog {
+fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], run: Run) -> Catalog {
     let mut objects = objects.to_vec();
     let mut addresses = group.node.addresses.clone();
-    if v6 {
-        objects.iter_mut().for_each(mirror_value);
-        addresses = addresses.into_iter().map(mirror_ip).collect();
+    match run {
+        Run::V4 => {}
+        Run::V6 => {
+            objects.iter_mut().for_each(mirror_value);
+            addresses = addresses.into_iter().map(mirror_ip).collect();
+        }
+        Run::DualStack => {
+            objects = dual_stack(&objects);
+            let mirrored: Vec<IpAddr> = addresses.iter().copied().map(mirror_ip).collect();
+            addresses.extend(mirrored);
+        }
     }
     let mut services = Vec::new();
     let mut slices = Vec::new();
@@ -280,21 +385,21 @@ fn run_flow(
     maps: &MapView,
     catalog: &Catalog,
     (group, flow): (&Group, &Flow),
-    v6: bool,
-    rows: &mut Vec<Row>,
-    failures: &mut Vec<String>,
+    asked: Asked,
+    report: &mut Report,
 ) {
+    let Asked { v6, record, label } = asked;
     let kube_proxy = kube_proxy_outcome(flow);
     let expected = flow.lb.clone().unwrap_or_else(|| kube_proxy.clone());
     if flow.lb.is_some() != flow.why.is_some() {
-        failures.push(format!(
+        report.failures.push(format!(
             "{} / {}: an `lb:` override needs a `why:` and the other way round",
             group.source, flow.name
         ));
     }
     if let Some(reason) = &flow.not_run {
-        if !v6 {
-            rows.push(Row {
+        if record {
+            report.rows.push(Row {
                 source: group.source.clone(),
                 name: flow.name.clone(),
                 kube_proxy,
@@ -328,16 +433,15 @@ fn run_flow(
         } else {
             ""
         };
-        failures.push(format!(
-            "{} / {} (IPv{}): lb {actual:?}, expected {:?}{hint}",
+        report.failures.push(format!(
+            "{} / {} ({label}): lb {actual:?}, expected {:?}{hint}",
             group.source,
             flow.name,
-            if v6 { 6 } else { 4 },
             family(&expected)
         ));
     }
-    if !v6 {
-        rows.push(Row {
+    if record {
+        report.rows.push(Row {
             source: group.source.clone(),
             name: flow.name.clone(),
             lb: if expected == kube_proxy {
