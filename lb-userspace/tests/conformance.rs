@@ -1,9 +1,12 @@
-//! Conformance suite (root): kube-proxy's own packet-flow cases
-//! (`pkg/proxy/nftables/proxier_test.go`, `runPacketFlowTests`), kept as
-//! data in `tests/conformance/*.yaml`, run through the real program with
-//! `lb explain`'s code (see `support::conformance`), on IPv4, as their
-//! IPv6 mirror and dual-stack. docs/conformance.md's table is this run's result: the test
-//! fails when it is out of date (`LB_CONFORMANCE_UPDATE=1` rewrites it).
+//! Conformance suite (root): kube-proxy's own statement of what a proxy
+//! does (the `runPacketFlowTests` cases of
+//! `pkg/proxy/nftables/proxier_test.go`, and the endpoint choices of
+//! `topology_test.go` and `endpointslicecache_test.go`), kept as data in
+//! `tests/conformance/*.yaml`, run through the real program with
+//! `lb explain`'s code (see `support::conformance`) on IPv4, as the IPv6
+//! mirror and dual-stack. docs/conformance.md's table is this run's
+//! result: the test fails when it is out of date
+//! (`LB_CONFORMANCE_UPDATE=1` rewrites it).
 
 mod support;
 
