@@ -73,9 +73,9 @@ use lb_common::reason;
 #[cfg(target_arch = "bpf")]
 #[classifier]
 fn lb_tc(mut ctx: TcContext) -> i32 {
-    let previous = probe::begin(&ctx);
+    let scope = probe::begin(&ctx);
     let verdict = tc::run(&ctx);
-    if !probe::finish(&mut ctx, previous, verdict.reason) {
+    if !probe::finish(&mut ctx, &scope, verdict.reason) {
         maps::count_reason(verdict.reason);
     }
     verdict.action

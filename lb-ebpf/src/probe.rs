@@ -24,22 +24,47 @@ use lb_common::probe;
 #[map]
 static LB_PROBE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// Starts a packet: sets the flag from its mark and returns the flag's
+/// A packet in the pipeline: whether it is a dry run, and the flag to
+/// restore when it is done.
+pub(crate) struct Scope {
+    /// This CPU's flag (null if the map could not be read: then nothing is
+    /// a dry run and nothing is restored).
+    flag: *mut u32,
+    /// The flag's value before this packet.
+    previous: u32,
+    /// This packet is a dry run.
+    dry: bool,
+}
+
+/// Starts a packet: sets the flag from its mark and remembers the flag's
 /// previous value for [`finish`]. (A test run is not protected from
 /// softirqs: a real packet may run on this CPU in the middle of a dry run.
-/// It saves and restores the flag, so the dry run stays dry.)
+/// It saves and restores the flag, so the dry run stays dry.) One map
+/// lookup per packet: its pointer is kept until [`finish`] (the program
+/// does not migrate between CPUs while it runs).
 #[inline(always)]
-pub(crate) fn begin(ctx: &TcContext) -> u32 {
+pub(crate) fn begin(ctx: &TcContext) -> Scope {
     // SAFETY: the context of a TC program is an `__sk_buff`.
-    let mark = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark };
+    let dry = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark } == probe::MARK;
     let Some(flag) = LB_PROBE.get_ptr_mut(0) else {
-        return 0;
+        return Scope {
+            flag: core::ptr::null_mut(),
+            previous: 0,
+            dry: false,
+        };
     };
     // SAFETY: per-CPU slot of this run.
-    unsafe {
-        let previous = *flag;
-        *flag = u32::from(mark == probe::MARK);
-        previous
+    let previous = unsafe { *flag };
+    // Written only when it changes: the common case (no dry run anywhere)
+    // costs a read.
+    if previous != u32::from(dry) {
+        // SAFETY: as above.
+        unsafe { *flag = u32::from(dry) };
+    }
+    Scope {
+        flag,
+        previous,
+        dry,
     }
 }
 
@@ -49,18 +74,19 @@ pub(crate) fn dry_run() -> bool {
     LB_PROBE.get(0).is_some_and(|flag| *flag != 0)
 }
 
-/// Ends a packet: restores the flag [`begin`] returned and, for a dry run,
+/// Ends a packet: restores the flag [`begin`] found and, for a dry run,
 /// writes the verdict's reason to `cb[0]`. Returns true for a dry run (its
 /// verdict is not counted).
 #[inline(always)]
-pub(crate) fn finish(ctx: &mut TcContext, previous: u32, reason: u32) -> bool {
-    let dry = dry_run();
-    if let Some(flag) = LB_PROBE.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot of this run.
-        unsafe { *flag = previous };
+pub(crate) fn finish(ctx: &mut TcContext, scope: &Scope, reason: u32) -> bool {
+    if !scope.flag.is_null() && scope.previous != u32::from(scope.dry) {
+        // SAFETY: this CPU's slot, from `begin` of this run.
+        unsafe { *scope.flag = scope.previous };
     }
-    if dry && let Some(cb) = ctx.cb_mut().first_mut() {
+    if scope.dry
+        && let Some(cb) = ctx.cb_mut().first_mut()
+    {
         *cb = probe::ANSWER | (reason & probe::REASON_MASK);
     }
-    dry
+    scope.dry
 }
