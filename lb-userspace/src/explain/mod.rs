@@ -73,6 +73,10 @@ pub enum ExplainError {
         #[source]
         source: MapError,
     },
+    /// Not every map of this version is pinned there (another version's
+    /// agent, or none).
+    #[error("the maps pinned there are not this lb's (is the agent of this version running?)")]
+    Pins(#[source] crate::datapath::maps::MapsError),
     /// The program could not be loaded.
     #[error("cannot load the datapath program")]
     Load(#[source] loader::LoadError),
@@ -308,6 +312,9 @@ impl Explainer {
     /// No maps pinned there, or the program could not be loaded.
     pub fn load(pin_path: &Path) -> Result<Self, ExplainError> {
         let maps = MapView::open(pin_path)?;
+        // Every map the agent keeps must be pinned already: loading the
+        // object pins a map it does not find, and explain creates nothing.
+        crate::datapath::maps::Maps::open_pinned(pin_path).map_err(ExplainError::Pins)?;
         let ebpf = loader::load(pin_path).map_err(ExplainError::Load)?;
         Ok(Self { ebpf, maps })
     }
