@@ -347,3 +347,53 @@ fn bad_arguments_get_one_line() {
         missing.display()
     );
 }
+
+#[test]
+fn iface_is_where_the_packet_arrives() {
+    let _serial = support::serial();
+    let Some(mut fx) = Fixture::new("iface_is_where_the_packet_arrives") else {
+        return;
+    };
+    // The fixture's thread has a network namespace of its own (see
+    // `Fixture::new`); `ip` run from this thread creates the pair there.
+    let status = Command::new("ip")
+        .args([
+            "link", "add", "xpa0", "type", "veth", "peer", "name", "xpb0",
+        ])
+        .status()
+        .expect("ip link add");
+    assert!(status.success(), "ip link add");
+    let up = Command::new("ip")
+        .args(["link", "set", "xpa0", "up"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+    fx.set_specs(&[(
+        frontend(VIP4, 53, Protocol::Udp),
+        spec(FrontendKind::ClusterIp, &[]),
+    )]);
+    // The kernel runs the packet as arriving on the interface named (the
+    // test run's skb gets that device; an unknown index would fail the
+    // run), and the answer is the same refusal on each.
+    for iface in ["xpa0", "lo"] {
+        let (ok, stdout, stderr) = lb_explain(
+            &fx.pin_path,
+            &[
+                "--json",
+                "--iface",
+                iface,
+                "--from",
+                "198.18.1.2",
+                "--to",
+                &format!("{}/udp", sock(VIP4, 53)),
+            ],
+        );
+        assert!(ok, "{iface}: {stderr}");
+        let e: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(
+            (&e["outcome"], &e["reply"]),
+            (&"reject".into(), &"icmp-port-unreachable".into()),
+            "{iface}: {e}"
+        );
+    }
+}
