@@ -136,6 +136,10 @@ enum Command {
         /// Interface the packet arrives on (default: loopback).
         #[arg(long, value_name = "IF")]
         iface: Option<String>,
+        /// The agent's manifest directory (`--source file:DIR`): names the
+        /// Services and kinds of the frontends (the maps hold addresses).
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -261,12 +265,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             from,
             to,
             iface,
+            manifests,
             json,
             pin_path,
         } => cli::explain::run(&cli::explain::Args {
             from: &from,
             to: &to,
             iface: iface.as_deref(),
+            manifests: manifests.as_deref(),
             json,
             pin_path: &pin_path,
         }),

@@ -397,3 +397,59 @@ fn iface_is_where_the_packet_arrives() {
         );
     }
 }
+
+#[test]
+fn manifests_name_the_service() {
+    let _serial = support::serial();
+    let Some(mut fx) = Fixture::new("manifests_name_the_service") else {
+        return;
+    };
+    let work = support::process::TempDir::create(&format!("lb-explain-{}", std::process::id()));
+    let dir = work.subdir("manifests");
+    std::fs::write(
+        dir.join("web.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{namespace: shop, name: web}}\n\
+             spec: {{clusterIP: {VIP4}, clusterIPs: [{VIP4}, \"{VIP6}\"], ipFamilies: [IPv4, IPv6],\n\
+             \x20 ipFamilyPolicy: RequireDualStack, ports: [{{name: http, port: 80, protocol: TCP}}]}}\n"
+        ),
+    )
+    .unwrap();
+    fx.set_specs(&[
+        (
+            frontend(VIP4, 80, Protocol::Tcp),
+            spec(FrontendKind::ClusterIp, &addrs(&BACKENDS4)),
+        ),
+        (
+            frontend(VIP6, 80, Protocol::Tcp),
+            spec(FrontendKind::ClusterIp, &addrs(&BACKENDS6)),
+        ),
+    ]);
+    let dir = dir.display().to_string();
+    for (client, vip) in [("198.18.1.2", VIP4), ("fd00:1::2", VIP6)] {
+        let (ok, stdout, stderr) = lb_explain(
+            &fx.pin_path,
+            &[
+                "--json",
+                "--manifests",
+                &dir,
+                "--from",
+                client,
+                "--to",
+                &sock(vip, 80),
+            ],
+        );
+        assert!(ok, "{stderr}");
+        let e: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(e["frontend"]["service"], "shop/web:http", "{e}");
+        assert_eq!(e["frontend"]["kind"], "ClusterIP", "{e}");
+        assert_eq!(e["outcome"], "translated", "{e}");
+    }
+    // Without the directory the maps alone cannot name it.
+    let (_, stdout, _) = lb_explain(
+        &fx.pin_path,
+        &["--json", "--from", "198.18.1.2", "--to", &sock(VIP4, 80)],
+    );
+    let e: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(e["frontend"]["service"], Value::Null, "{e}");
+}

@@ -5,7 +5,10 @@ use std::path::Path;
 use anyhow::Context as _;
 use lb_userspace::{
     datapath::loader,
-    explain::{Explainer, Explanation, Outcome, Query},
+    explain::{Catalog, Explainer, Explanation, Outcome, Query},
+    model::{self, NodeContext},
+    node::{self, NodeSettings},
+    source::file,
 };
 
 /// The command's arguments.
@@ -13,6 +16,7 @@ pub struct Args<'a> {
     pub from: &'a str,
     pub to: &'a str,
     pub iface: Option<&'a str>,
+    pub manifests: Option<&'a Path>,
     pub json: bool,
     pub pin_path: &'a Path,
 }
@@ -26,14 +30,25 @@ pub fn run(args: &Args<'_>) -> anyhow::Result<()> {
         })?);
     }
     loader::check_bpffs(args.pin_path)?;
+    let catalog = args.manifests.map(catalog).transpose()?;
     let mut explainer = Explainer::load(args.pin_path)?;
-    let explanation = explainer.explain(&query, None)?;
+    let explanation = explainer.explain(&query, catalog.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&explanation)?);
     } else {
         print!("{}", text(&explanation));
     }
     Ok(())
+}
+
+/// The frontends' Services and kinds as the agent's model makes them from
+/// the manifest directory `dir`, for a node whose addresses are this
+/// namespace's (the agent's default without `--node-ip`).
+fn catalog(dir: &Path) -> anyhow::Result<Catalog> {
+    let snapshot = file::load_dir(dir)?;
+    let context = node::context(&NodeSettings::default(), &NodeContext::default());
+    let built = model::build(&snapshot.services, &snapshot.slices, &context);
+    Ok(Catalog::from_desired(&built.frontends))
 }
 
 /// The explanation as lines of text.
