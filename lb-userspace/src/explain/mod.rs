@@ -12,10 +12,11 @@
 
 mod frame;
 mod lookup;
+mod query;
+mod view;
 
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -24,14 +25,14 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
 };
-use lb_common::{Addr4, Addr6, LbService, ct_flags, probe, proto, reason, svc_flags};
+use lb_common::{Addr4, Addr6, ct_flags, probe, reason};
 
-use crate::{
-    datapath::loader,
-    model::{Frontend, FrontendSpec},
-};
+use crate::datapath::loader;
 use frame::Seen;
 use lookup::{FrontendEntry, Tables};
+pub use query::Query;
+pub use view::{BackendView, Catalog, Explanation, FrontendView, Outcome};
+use view::{frontend_view, protocol_name};
 
 /// `TC_ACT_*` values the program returns.
 const TC_ACT_OK: u32 = 0;
@@ -89,185 +90,6 @@ pub enum ExplainError {
         "the program did not take the packet as a dry run (cb[0] = {0:#x}): not the datapath of this lb"
     )]
     NotDryRun(u32),
-}
-
-/// The packet to explain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Query {
-    /// Source address and port.
-    pub from: SocketAddr,
-    /// Destination address and port.
-    pub to: SocketAddr,
-    /// IP protocol number (`proto::TCP`, `proto::UDP`).
-    pub l4_proto: u8,
-    /// Interface the packet arrives on (its index); `None`: loopback.
-    pub ifindex: Option<u32>,
-}
-
-impl Query {
-    /// Reads `--from SRC[:PORT]`, `--to DST:PORT[/tcp|udp|sctp]`.
-    ///
-    /// # Errors
-    /// A bad address, port or protocol, or mixed families: one line saying
-    /// which.
-    pub fn parse(from: &str, to: &str) -> Result<Self, ExplainError> {
-        let bad = |what: String| ExplainError::Argument(what);
-        let from = parse_addr(from, Some(DEFAULT_SOURCE_PORT))
-            .map_err(|e| bad(format!("--from {from}: {e}")))?;
-        let (to_addr, l4) = to.rsplit_once('/').map_or((to, "tcp"), |(a, p)| (a, p));
-        let l4_proto = match l4.to_ascii_lowercase().as_str() {
-            "tcp" => proto::TCP,
-            "udp" => proto::UDP,
-            "sctp" => {
-                return Err(bad(format!(
-                    "--to {to}: SCTP is not translated by this datapath (TCP and UDP only)"
-                )));
-            }
-            other => {
-                return Err(bad(format!(
-                    "--to {to}: unknown protocol {other:?} (tcp, udp or sctp)"
-                )));
-            }
-        };
-        let to = parse_addr(to_addr, None).map_err(|e| bad(format!("--to {to}: {e}")))?;
-        if from.is_ipv4() != to.is_ipv4() {
-            return Err(bad(format!(
-                "--from {from} and --to {to} are of different address families"
-            )));
-        }
-        Ok(Self {
-            from,
-            to,
-            l4_proto,
-            ifindex: None,
-        })
-    }
-}
-
-/// `ADDR`, `ADDR:PORT`, `[V6]`, `[V6]:PORT`, or a bare IPv6 address.
-fn parse_addr(text: &str, default_port: Option<u16>) -> Result<SocketAddr, String> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        if addr.port() == 0 {
-            return Err("port 0".into());
-        }
-        return Ok(addr);
-    }
-    let bare = text.trim_start_matches('[').trim_end_matches(']');
-    match (bare.parse::<IpAddr>(), default_port) {
-        (Ok(ip), Some(port)) => Ok(SocketAddr::new(ip, port)),
-        (Ok(_), None) => Err("a port is needed (ADDR:PORT, [V6]:PORT)".into()),
-        (Err(_), _) => Err("not an address (ADDR[:PORT], [V6]:PORT)".into()),
-    }
-}
-
-/// Service names and kinds of the frontends, when the caller knows them
-/// (the maps hold addresses only).
-#[derive(Clone, Debug, Default)]
-pub struct Catalog(BTreeMap<(SocketAddr, u8), (String, &'static str)>);
-
-impl Catalog {
-    /// From the model's desired frontends.
-    #[must_use]
-    pub fn from_desired(desired: &BTreeMap<Frontend, FrontendSpec>) -> Self {
-        Self(
-            desired
-                .iter()
-                .map(|(f, spec)| {
-                    (
-                        (SocketAddr::new(f.addr, f.port), f.proto.number()),
-                        (spec.service.to_string(), spec.kind.name()),
-                    )
-                })
-                .collect(),
-        )
-    }
-}
-
-/// One backend of a frontend.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct BackendView {
-    /// Backend id (per frontend).
-    pub id: u32,
-    /// Address and port.
-    pub address: SocketAddr,
-    /// "active" (takes new flows) or "draining" (established flows only).
-    pub state: &'static str,
-    /// On this node.
-    pub local: bool,
-}
-
-/// The frontend a packet is addressed to (or, for a reply, came from).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct FrontendView {
-    /// Address and port.
-    pub address: SocketAddr,
-    /// "TCP" or "UDP".
-    pub protocol: &'static str,
-    /// Service port (`namespace/name[:port]`), when known.
-    pub service: Option<String>,
-    /// `ClusterIP`, `NodePort`, ... (from the maps alone: `ClusterIP` or
-    /// `external`).
-    pub kind: &'static str,
-    /// Its rev-NAT id.
-    pub rev_nat_id: u32,
-    /// Its policies: `affinity`, `source-ranges`, `external-local`.
-    pub policies: Vec<&'static str>,
-}
-
-/// What happened to the packet.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "outcome", rename_all = "kebab-case")]
-pub enum Outcome {
-    /// Sent to a backend (destination NAT).
-    Translated {
-        /// The backend this tuple goes to.
-        backend: SocketAddr,
-        /// Its id, when it is one of the frontend's backends.
-        backend_id: Option<u32>,
-        /// An existing flow (conntrack) rather than a new choice.
-        established: bool,
-        /// The source the packet gets (source NAT), if any.
-        source_nat: Option<SocketAddr>,
-    },
-    /// A backend's reply, translated back.
-    Reply {
-        /// The frontend restored as source.
-        restored_source: SocketAddr,
-        /// The client restored as destination (source-NATed flows).
-        restored_destination: Option<SocketAddr>,
-    },
-    /// Refused: a TCP reset or an ICMP port unreachable sent back.
-    Reject {
-        /// "tcp-reset" or "icmp-port-unreachable".
-        reply: &'static str,
-    },
-    /// Dropped.
-    Drop,
-    /// Passed on untouched.
-    Pass,
-}
-
-/// What the datapath does with one packet, and why.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Explanation {
-    /// The packet asked about.
-    pub from: SocketAddr,
-    /// Its destination.
-    pub to: SocketAddr,
-    /// "TCP" or "UDP".
-    pub protocol: &'static str,
-    /// The frontend matched (or restored, for a reply).
-    pub frontend: Option<FrontendView>,
-    /// The frontend's backends: its slots (new flows), then draining ones.
-    pub candidates: Vec<BackendView>,
-    /// What happened.
-    #[serde(flatten)]
-    pub outcome: Outcome,
-    /// The verdict's reason (as in `lb_datapath_packets_total{reason}`).
-    pub reason: &'static str,
-    /// A translated packet was forwarded by the datapath itself
-    /// (redirected), not handed to the stack.
-    pub redirected: bool,
 }
 
 /// The maps explain reads, opened read-only from their pins.
@@ -444,43 +266,6 @@ fn draining_backend(
     }))
 }
 
-fn frontend_view(
-    address: SocketAddr,
-    l4: u8,
-    value: &LbService,
-    catalog: Option<&Catalog>,
-) -> FrontendView {
-    let named = catalog.and_then(|c| c.0.get(&(address, l4)));
-    let policies = [
-        (svc_flags::AFFINITY, "affinity"),
-        (svc_flags::SOURCE_RANGES, "source-ranges"),
-        (svc_flags::EXT_LOCAL, "external-local"),
-    ]
-    .into_iter()
-    .filter(|(flag, _)| value.flags & flag != 0)
-    .map(|(_, name)| name)
-    .collect();
-    FrontendView {
-        address,
-        protocol: protocol_name(l4),
-        service: named.map(|(service, _)| service.clone()),
-        kind: named.map_or(
-            if value.flags & svc_flags::EXTERNAL != 0 {
-                "external"
-            } else {
-                "ClusterIP"
-            },
-            |(_, kind)| kind,
-        ),
-        rev_nat_id: value.rev_nat_id,
-        policies,
-    }
-}
-
-fn protocol_name(l4: u8) -> &'static str {
-    if l4 == proto::TCP { "TCP" } else { "UDP" }
-}
-
 /// Runs `input` through `program` as a dry run; returns the action, the
 /// reason and the frame as the program left it.
 fn dry_run(
@@ -517,35 +302,4 @@ fn dry_run(
         _ => TC_ACT_OK,
     };
     Ok((action, answer & probe::REASON_MASK, output))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arguments_parse_or_say_what_is_wrong() {
-        let q = Query::parse("10.0.0.2", "172.30.0.41:80").unwrap();
-        assert_eq!(q.from, "10.0.0.2:40000".parse().unwrap());
-        assert_eq!(q.l4_proto, proto::TCP);
-        let q = Query::parse("[fd00::2]:5000", "[fd00:96::10]:53/UDP").unwrap();
-        assert_eq!(
-            (q.from.port(), q.to.port(), q.l4_proto),
-            (5000, 53, proto::UDP)
-        );
-        let q = Query::parse("fd00::2", "[fd00:96::10]:53/udp").unwrap();
-        assert_eq!(q.from.port(), DEFAULT_SOURCE_PORT);
-        for (from, to, says) in [
-            ("10.0.0.2", "172.30.0.41", "a port is needed"),
-            ("10.0.0.x", "172.30.0.41:80", "not an address"),
-            ("10.0.0.2", "172.30.0.41:80/icmp", "unknown protocol"),
-            ("10.0.0.2", "172.30.0.41:80/sctp", "SCTP"),
-            ("10.0.0.2", "[fd00::1]:80", "different address families"),
-            ("10.0.0.2:0", "172.30.0.41:80", "port 0"),
-        ] {
-            let error = Query::parse(from, to).unwrap_err().to_string();
-            assert!(error.contains(says), "{from} {to}: {error}");
-            assert!(!error.contains('\n'), "one line: {error}");
-        }
-    }
 }
