@@ -73,6 +73,12 @@ pub(crate) struct NodeSpec {
     /// Its `topology.kubernetes.io/zone` label, if any.
     #[serde(default)]
     pub(crate) zone: Option<String>,
+    /// kube-proxy's `--nodeport-addresses` selects every one of
+    /// `addresses` (the agent selects among its interfaces' addresses, which
+    /// are not these in a test: the selection is given). Default: the
+    /// agent's default, `primary`, computed by `node::context`.
+    #[serde(default)]
+    pub(crate) nodeport_on_all: bool,
 }
 
 /// One packet flow of kube-proxy's `runPacketFlowTests`.
@@ -360,11 +366,18 @@ fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], run: Run) -> Catalo
             other => panic!("{}: unexpected kind {other:?}", group.source),
         }
     }
-    let context = NodeContext {
+    // The node's addresses as `--node-ip` (kube-proxy's test node IPs),
+    // through the agent's own `node::context`.
+    let settings = NodeSettings {
         name: group.node.name.clone(),
-        addresses,
+        addresses: addresses.clone(),
         zone: group.node.zone.clone(),
+        ..NodeSettings::default()
     };
+    let mut context = node::context(&settings, &NodeContext::default());
+    if group.node.nodeport_on_all {
+        context.addresses = addresses;
+    }
     let built = model::build(&services, &slices, &context);
     assert!(
         built.errors.is_empty(),
@@ -375,7 +388,7 @@ fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], run: Run) -> Catalo
     let specs: Vec<_> = built.frontends.clone().into_iter().collect();
     fx.set_specs(&specs);
     fx.maps
-        .write_config(&node::datapath_config(&NodeSettings::default(), &context))
+        .write_config(&node::datapath_config(&settings, &context))
         .expect("config");
     Catalog::from_desired(&built.frontends)
 }
