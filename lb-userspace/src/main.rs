@@ -34,6 +34,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing the agent's flags buys nothing"
+)]
 enum Command {
     /// Run the node agent in the foreground.
     Agent {
@@ -167,27 +171,7 @@ enum Command {
     },
     /// Show what the datapath does with one packet: a dry run of the
     /// program against the pinned maps (changes nothing).
-    Explain {
-        /// Source of the packet (port default 40000).
-        #[arg(long, value_name = "SRC[:PORT]")]
-        from: String,
-        /// Destination of the packet (protocol default tcp).
-        #[arg(long, value_name = "DST:PORT[/tcp|udp|sctp]")]
-        to: String,
-        /// Interface the packet arrives on (default: loopback).
-        #[arg(long, value_name = "IF")]
-        iface: Option<String>,
-        /// The agent's manifest directory (`--source file:DIR`): names the
-        /// Services and kinds of the frontends (the maps hold addresses).
-        #[arg(long, value_name = "DIR")]
-        manifests: Option<PathBuf>,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-        /// bpffs directory of the pins.
-        #[arg(long, default_value = DEFAULT_PIN_PATH)]
-        pin_path: PathBuf,
-    },
+    Explain(cli::explain::Args),
 }
 
 fn main() -> ExitCode {
@@ -322,21 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cleanup { pin_path } => cli::cleanup::run(&pin_path),
         Command::Services { json, pin_path } => cli::services::print(json, &pin_path),
         Command::Conntrack { json, pin_path } => cli::conntrack::print(json, &pin_path),
-        Command::Explain {
-            from,
-            to,
-            iface,
-            manifests,
-            json,
-            pin_path,
-        } => cli::explain::run(&cli::explain::Args {
-            from: &from,
-            to: &to,
-            iface: iface.as_deref(),
-            manifests: manifests.as_deref(),
-            json,
-            pin_path: &pin_path,
-        }),
+        Command::Explain(args) => cli::explain::run(&args),
     }
 }
 

@@ -1,6 +1,6 @@
 //! `lb explain`: one packet through the datapath as a dry run, printed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use lb_userspace::{
@@ -12,26 +12,40 @@ use lb_userspace::{
 };
 
 /// The command's arguments.
-pub struct Args<'a> {
-    pub from: &'a str,
-    pub to: &'a str,
-    pub iface: Option<&'a str>,
-    pub manifests: Option<&'a Path>,
-    pub json: bool,
-    pub pin_path: &'a Path,
+#[derive(clap::Args)]
+pub struct Args {
+    /// Source of the packet (port default 40000).
+    #[arg(long, value_name = "SRC[:PORT]")]
+    from: String,
+    /// Destination of the packet (protocol default tcp).
+    #[arg(long, value_name = "DST:PORT[/tcp|udp|sctp]")]
+    to: String,
+    /// Interface the packet arrives on (default: loopback).
+    #[arg(long, value_name = "IF")]
+    iface: Option<String>,
+    /// The agent's manifest directory (`--source file:DIR`): names the
+    /// Services and kinds of the frontends (the maps hold addresses).
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+    /// bpffs directory of the pins.
+    #[arg(long, default_value = crate::DEFAULT_PIN_PATH)]
+    pin_path: PathBuf,
 }
 
 /// Explains the packet and prints the answer, as text or JSON.
-pub fn run(args: &Args<'_>) -> anyhow::Result<()> {
-    let mut query = Query::parse(args.from, args.to)?;
-    if let Some(iface) = args.iface {
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let mut query = Query::parse(&args.from, &args.to)?;
+    if let Some(iface) = &args.iface {
         query.ifindex = Some(loader::if_index(iface).with_context(|| {
             format!("--iface {iface}: no such interface in this network namespace")
         })?);
     }
-    loader::check_bpffs(args.pin_path)?;
-    let catalog = args.manifests.map(catalog).transpose()?;
-    let mut explainer = Explainer::load(args.pin_path)?;
+    loader::check_bpffs(&args.pin_path)?;
+    let catalog = args.manifests.as_deref().map(catalog).transpose()?;
+    let mut explainer = Explainer::load(&args.pin_path)?;
     let explanation = explainer.explain(&query, catalog.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&explanation)?);
