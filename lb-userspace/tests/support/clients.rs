@@ -39,7 +39,7 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn parse(line: &str, local: SocketAddr, remote: SocketAddr) -> Result<Self, String> {
+    pub(crate) fn parse(line: &str, local: SocketAddr, remote: SocketAddr) -> Result<Self, String> {
         let mut words = line.split_whitespace();
         let (Some(backend), Some(port), Some(peer), None) =
             (words.next(), words.next(), words.next(), words.next())
