@@ -65,6 +65,12 @@ pub(crate) fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
     if crate::probe::dry_run() {
         return false;
     }
+    touch_live(entry, tcp_flags, now)
+}
+
+/// `touch` for a caller that has checked for a dry run itself.
+#[inline(always)]
+pub(crate) fn touch_live(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
     let new_flags = flags_from_tcp(tcp_flags);
     // SAFETY: `entry` points into a map value.
     unsafe {

@@ -25,6 +25,8 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
 
@@ -189,6 +191,12 @@ pub(crate) fn decrement_ttl6<L: Link>(ctx: &TcContext) -> Option<()> {
 /// `BPF_FIB_LOOKUP_SKIP_NEIGH`: the route is enough, no neighbour needed.
 const FIB_SKIP_NEIGH: u32 = 1 << 2;
 
+/// Per CPU: the reverse-path check's lookup structure. On the stack its 64
+/// bytes, under the parse step's frame, took the deepest call chain over
+/// the verifier's 512-byte limit.
+#[map]
+static LB_RPF_FIB: PerCpuArray<FibLookup> = PerCpuArray::with_max_entries(1, 0);
+
 /// Reverse-path check of a packet that entered through a pod-facing
 /// interface (`iface_flags::POD_FACING`): its source must be routed back
 /// through that interface, else a pod is using another pod's address
@@ -204,9 +212,13 @@ pub(crate) fn source_routed_back<F: Family>(ctx: &TcContext) -> u64 {
     if !pod_facing {
         return 1;
     }
-    let mut slot = MaybeUninit::uninit();
-    // SAFETY: `bpf_fib_lookup` is plain integers, bytes and their unions.
-    let params: &mut FibLookup = unsafe { zeroed_in_place(&mut slot) };
+    let Some(slot) = LB_RPF_FIB.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, used by this run only; `bpf_fib_lookup` is
+    // plain integers, bytes and their unions.
+    let params: &mut FibLookup =
+        unsafe { zeroed_in_place(&mut *slot.cast::<MaybeUninit<FibLookup>>()) };
     params.ifindex = ifindex;
     if F::fib_request(ctx, params).is_none() {
         // TTL about to expire: no verdict on the source here.

@@ -114,9 +114,9 @@ fn lb_tc_l3_egress(ctx: TcContext) -> i32 {
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
 fn verdict_point<L: hdr::Link, const EGRESS: bool>(mut ctx: TcContext) -> i32 {
-    let scope = probe::begin(&ctx);
+    probe::begin(&ctx);
     let verdict = tc::run::<L, EGRESS>(&ctx);
-    if !probe::finish(&mut ctx, &scope, verdict.reason) {
+    if !probe::finish(&mut ctx, verdict.reason) {
         maps::count_reason(verdict.reason);
     }
     verdict.action

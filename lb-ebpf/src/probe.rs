@@ -18,75 +18,67 @@ use aya_ebpf::{
 };
 use lb_common::probe;
 
-/// Per CPU: 1 while a dry-run packet is in the pipeline. The write sites
-/// have no context to read the mark from, hence a flag; per CPU because a
-/// program run is not migrated.
+/// Per CPU: a stack of bits, one per packet in the pipeline on this CPU,
+/// the newest in bit 0 (1: a dry run). The write sites have no context to
+/// read the mark from, hence a flag; per CPU because a program run is not
+/// migrated; a stack because a test run is not protected from softirqs: a
+/// real packet may run on this CPU in the middle of a dry run, and must
+/// neither be taken for one nor end it. Kept in the map, not on the entry
+/// point's frame, which is part of the deepest call chain the verifier
+/// adds up.
 #[map]
 static LB_PROBE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// A packet in the pipeline: whether it is a dry run, and the flag to
-/// restore when it is done.
-pub(crate) struct Scope {
-    /// This CPU's flag (null if the map could not be read: then nothing is
-    /// a dry run and nothing is restored).
-    flag: *mut u32,
-    /// The flag's value before this packet.
-    previous: u32,
-    /// This packet is a dry run.
-    dry: bool,
+/// Starts a packet: pushes whether it is a dry run (its mark).
+#[inline(always)]
+pub(crate) fn begin(ctx: &TcContext) {
+    if let Some(flag) = LB_PROBE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the stack is only touched here and in
+        // `finish`, in pairs.
+        unsafe {
+            let bits = *flag;
+            let new = (bits << 1) | u32::from(marked(ctx));
+            // Written only when it changes: the common case (no dry run
+            // anywhere) costs a read.
+            if new != bits {
+                *flag = new;
+            }
+        }
+    }
 }
 
-/// Starts a packet: sets the flag from its mark and remembers the flag's
-/// previous value for [`finish`]. (A test run is not protected from
-/// softirqs: a real packet may run on this CPU in the middle of a dry run.
-/// It saves and restores the flag, so the dry run stays dry.) One map
-/// lookup per packet: its pointer is kept until [`finish`] (the program
-/// does not migrate between CPUs while it runs).
+/// True when `ctx` is a dry-run packet (its mark), for a write site that
+/// has the context: a load, where [`dry_run`] is a map lookup.
 #[inline(always)]
-pub(crate) fn begin(ctx: &TcContext) -> Scope {
+pub(crate) fn marked(ctx: &TcContext) -> bool {
     // SAFETY: the context of a TC program is an `__sk_buff`.
-    let dry = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark } == probe::MARK;
-    let Some(flag) = LB_PROBE.get_ptr_mut(0) else {
-        return Scope {
-            flag: core::ptr::null_mut(),
-            previous: 0,
-            dry: false,
-        };
-    };
-    // SAFETY: per-CPU slot of this run.
-    let previous = unsafe { *flag };
-    // Written only when it changes: the common case (no dry run anywhere)
-    // costs a read.
-    if previous != u32::from(dry) {
-        // SAFETY: as above.
-        unsafe { *flag = u32::from(dry) };
-    }
-    Scope {
-        flag,
-        previous,
-        dry,
-    }
+    unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).mark == probe::MARK }
 }
 
 /// True while the packet in the pipeline is a dry run: skip map writes.
 #[inline(always)]
 pub(crate) fn dry_run() -> bool {
-    LB_PROBE.get(0).is_some_and(|flag| *flag != 0)
+    LB_PROBE.get(0).is_some_and(|bits| *bits & 1 != 0)
 }
 
-/// Ends a packet: restores the flag [`begin`] found and, for a dry run,
-/// writes the verdict's reason to `cb[0]`. Returns true for a dry run (its
-/// verdict is not counted).
+/// Ends a packet: pops its bit and, for a dry run, writes the verdict's
+/// reason to `cb[0]`. Returns true for a dry run (its verdict is not
+/// counted).
 #[inline(always)]
-pub(crate) fn finish(ctx: &mut TcContext, scope: &Scope, reason: u32) -> bool {
-    if !scope.flag.is_null() && scope.previous != u32::from(scope.dry) {
-        // SAFETY: this CPU's slot, from `begin` of this run.
-        unsafe { *scope.flag = scope.previous };
-    }
-    if scope.dry
-        && let Some(cb) = ctx.cb_mut().first_mut()
-    {
+pub(crate) fn finish(ctx: &mut TcContext, reason: u32) -> bool {
+    let Some(flag) = LB_PROBE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, pushed by `begin` of this run.
+    let dry = unsafe {
+        let bits = *flag;
+        if bits != 0 {
+            *flag = bits >> 1;
+        }
+        bits & 1 != 0
+    };
+    if dry && let Some(cb) = ctx.cb_mut().first_mut() {
         *cb = probe::ANSWER | (reason & probe::REASON_MASK);
     }
-    scope.dry
+    dry
 }
