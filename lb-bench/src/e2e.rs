@@ -519,6 +519,9 @@ fn start_agent(
     cmd.env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .arg("agent")
+        // No socket programs: they would attach to the machine's cgroup
+        // root (the clients here are pods, served by TC).
+        .arg("--socket-lb=off")
         .args(feed.agent_args())
         .arg("--attach")
         .arg(format!("{NODE_CLIENT_IF},{NODE_BACKEND_IF}"))
