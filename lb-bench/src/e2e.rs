@@ -543,7 +543,7 @@ fn start_agent(
     // recovered from the pins right after attaching).
     let mut attached_at = None;
     let (synced_at, sync_ms) =
-        agent.next_sync_noting(Duration::from_mins(5), &mut |at, line| {
+        agent.next_sync_noting(Duration::from_mins(15), &mut |at, line| {
             if attached_at.is_none() && line.contains("recovered state") {
                 attached_at = Some(at);
             }
