@@ -19,6 +19,7 @@
 mod api_server;
 mod e2e;
 mod kube;
+mod lifecycle;
 mod report;
 mod rules;
 mod socklb;

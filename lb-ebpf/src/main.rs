@@ -49,6 +49,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod reject;
 #[cfg(target_arch = "bpf")]
+mod reject_guard;
+#[cfg(target_arch = "bpf")]
 mod skb;
 #[cfg(target_arch = "bpf")]
 mod snat;
@@ -79,7 +81,50 @@ use lb_common::reason;
     reason = "`classifier` hands the context over by value"
 )]
 fn lb_tc(ctx: TcContext) -> i32 {
-    let verdict = tc::run(&ctx);
+    let verdict = tc::run::<hdr::Eth, false>(&ctx);
+    maps::count_reason(verdict.reason);
+    verdict.action
+}
+
+/// `lb_tc` for devices without an Ethernet header (IPIP, `ip6tnl`, GRE in
+/// L3 mode, WireGuard): the loader picks it from the device type.
+#[cfg(target_arch = "bpf")]
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`classifier` hands the context over by value"
+)]
+fn lb_tc_l3(ctx: TcContext) -> i32 {
+    let verdict = tc::run::<hdr::Raw, false>(&ctx);
+    maps::count_reason(verdict.reason);
+    verdict.action
+}
+
+/// Egress of attached interfaces: replies only, so that a reply that
+/// reached the node through a device without the program (an overlay's
+/// decapsulated traffic, for example) is translated where it leaves
+/// towards the client.
+#[cfg(target_arch = "bpf")]
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`classifier` hands the context over by value"
+)]
+fn lb_tc_egress(ctx: TcContext) -> i32 {
+    let verdict = tc::run::<hdr::Eth, true>(&ctx);
+    maps::count_reason(verdict.reason);
+    verdict.action
+}
+
+/// `lb_tc_egress` for devices without an Ethernet header.
+#[cfg(target_arch = "bpf")]
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "`classifier` hands the context over by value"
+)]
+fn lb_tc_l3_egress(ctx: TcContext) -> i32 {
+    let verdict = tc::run::<hdr::Raw, true>(&ctx);
     maps::count_reason(verdict.reason);
     verdict.action
 }

@@ -49,16 +49,16 @@ pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits
 #[map]
 pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
-pub(crate) static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-static LB_REASONS_V3: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V4: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V3.get_ptr_mut(reason) {
+    if let Some(counter) = LB_REASONS_V4.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }
@@ -101,3 +101,14 @@ pub(crate) static LB6_SK_RNAT_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
 #[map]
 pub(crate) static LB_SK_AFF_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
+
+/// Per-interface token buckets of the reject path (`reject_guard`; not
+/// pinned: a restart gives every interface a full burst again).
+#[map]
+pub(crate) static LB_REJECT_RL: LruHashMap<u32, crate::reject_guard::Bucket> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// Attached interfaces: ifindex -> `lb_common::iface_flags` (written by the
+/// loader when it attaches; not pinned, each loaded object gets its own).
+#[map]
+pub(crate) static LB_IFACE_V1: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);

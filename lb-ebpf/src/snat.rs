@@ -7,7 +7,7 @@ use lb_common::{
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
-    maps::LB_CONFIG_V1,
+    maps::LB_CONFIG_V2,
     verdict::Verdict,
 };
 
@@ -33,7 +33,7 @@ pub(crate) fn choose_source<F: Family>(
     if !(hairpin || remote_external) {
         return Ok(());
     }
-    let config = LB_CONFIG_V1
+    let config = LB_CONFIG_V2
         .get_ptr(0)
         .ok_or(Verdict::drop(reason::DROP_NO_SNAT))?;
     // SAFETY: map value pointer; the field is copied out.

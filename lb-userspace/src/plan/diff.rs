@@ -79,6 +79,9 @@ fn frontend_flags(spec: &FrontendSpec) -> u16 {
     if !spec.source_ranges.is_empty() {
         flags |= svc_flags::SOURCE_RANGES;
     }
+    if spec.no_local_endpoints {
+        flags |= svc_flags::NO_LOCAL_ENDPOINTS;
+    }
     flags
 }
 
@@ -121,7 +124,7 @@ impl<'a> Planner<'a> {
                     .keys()
                     .copied()
                     .chain(current.frontends.values().map(|f| f.rev_nat_id)),
-                limits::MAX_FRONTENDS - 1,
+                current.rev_nat_id_limit(),
             ),
             backends_used: HashSet::with_capacity(current.backends.len()),
             rev_nats_used: HashSet::with_capacity(current.rev_nats.len()),
@@ -144,7 +147,7 @@ impl<'a> Planner<'a> {
             self.problems.push(format!(
                 "{}: no free rev-NAT id (limit {})",
                 frontend,
-                limits::MAX_FRONTENDS - 1
+                self.current.rev_nat_id_limit()
             ));
             return;
         };

@@ -3,8 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use lb_common::limits;
-
 use super::diff::{Planner, backend_allocator};
 use super::ids::{IdAllocator, IdsInUse};
 use super::{BackendKey, DatapathState, Op, Plan};
@@ -139,7 +137,7 @@ pub fn diff_changes(
         backend_alloc: backend_allocator(current),
         rev_nat_alloc: IdAllocator::over(
             IdsInUse::RevNats(&current.rev_nats),
-            limits::MAX_FRONTENDS - 1,
+            current.rev_nat_id_limit(),
         ),
         backends_used: HashSet::new(),
         rev_nats_used: HashSet::new(),

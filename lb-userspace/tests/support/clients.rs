@@ -39,7 +39,7 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn parse(line: &str, local: SocketAddr, remote: SocketAddr) -> Result<Self, String> {
+    pub(crate) fn parse(line: &str, local: SocketAddr, remote: SocketAddr) -> Result<Self, String> {
         let mut words = line.split_whitespace();
         let (Some(backend), Some(port), Some(peer), None) =
             (words.next(), words.next(), words.next(), words.next())
@@ -193,6 +193,19 @@ impl UdpFlow {
     /// Creates the socket in namespace NS.
     pub(crate) fn open(ns: &str, to: SocketAddr) -> Self {
         in_netns(ns, || Self::connect(to)).unwrap_or_else(|e| panic!("udp socket to {to}: {e}"))
+    }
+
+    /// The socket's own address.
+    pub(crate) fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A datagram received within WAIT (without sending), if any.
+    pub(crate) fn receive(&self, wait: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(wait)).ok()?;
+        let mut buf = [0_u8; 1500];
+        let len = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
     }
 
     /// One datagram, one answer awaited for at most WAIT.
@@ -462,6 +475,16 @@ pub(crate) fn assert_unanswered(what: &str, outcome: &Outcome) {
 
 /// HTTP/1.0 GET from a thread in NS; returns status and body.
 pub(crate) fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_get_with_headers(ns, addr, path).map(|(status, _, body)| (status, body))
+}
+
+/// HTTP/1.0 GET from a thread in NS; returns status, the header block
+/// (status line excluded) and body.
+pub(crate) fn http_get_with_headers(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String, String), String> {
     let response = in_netns(ns, || -> io::Result<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(700))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -478,11 +501,9 @@ pub(crate) fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, S
         .and_then(|status| status.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("GET http://{addr}{path}: malformed response {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let headers = head.split_once("\r\n").map_or("", |(_, headers)| headers);
+    Ok((status, headers.to_owned(), body.to_owned()))
 }
 
 /// The value of the sample `series` (a metric name, with its labels if it
