@@ -687,6 +687,22 @@ pub const SNAT_PORT_MIN: u16 = 61_000;
 /// Number of ports in that range (61000..=65535).
 pub const SNAT_PORT_COUNT: u16 = 4536;
 
+/// Dry runs (`lb explain`, the conformance suite): a packet handed to
+/// `BPF_PROG_TEST_RUN` with `skb->mark == probe::MARK` goes through the
+/// whole pipeline but writes no map (conntrack, affinity, counters), and
+/// the program answers in `cb[0]`.
+pub mod probe {
+    /// `skb->mark` of a dry-run packet (`LBxp`). Marks do not cross a
+    /// network namespace boundary on veth (the pod's packets arrive with
+    /// 0), so only something on the node itself could set it.
+    pub const MARK: u32 = 0x4c42_7870;
+    /// `cb[0]` after a dry run: `ANSWER | reason`, so a program without the
+    /// dry-run gate (which leaves `cb[0]` alone) is recognised.
+    pub const ANSWER: u32 = 0x7072_0000;
+    /// The reason bits of the answer.
+    pub const REASON_MASK: u32 = 0xffff;
+}
+
 const _: () = assert!(size_of::<Lb4Key>() == 12);
 const _: () = assert!(size_of::<Lb6Key>() == 24);
 const _: () = assert!(size_of::<LbService>() == 16);

@@ -62,6 +62,9 @@ fn flags_from_tcp(tcp_flags: u8) -> u32 {
 /// closing flags. Returns true when the entry was refreshed.
 #[inline(always)]
 pub(crate) fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> bool {
+    if crate::probe::dry_run() {
+        return false;
+    }
     let new_flags = flags_from_tcp(tcp_flags);
     // SAFETY: `entry` points into a map value.
     unsafe {
@@ -213,9 +216,10 @@ fn new_flow<F: Family>(
         F::set_nat(&mut entry.nat_addr, flow.nat_addr);
         entry.nat_port_be = flow.nat_port_be;
     }
-    if F::conntrack()
-        .insert(&ct_key(tuple, ct_dir::SERVICE), entry, 0)
-        .is_err()
+    if !crate::probe::dry_run()
+        && F::conntrack()
+            .insert(&ct_key(tuple, ct_dir::SERVICE), entry, 0)
+            .is_err()
     {
         return Err(Verdict::drop(reason::DROP_CT_INSERT));
     }
@@ -255,6 +259,9 @@ fn reply_entry<F: Family>(
         entry.flags |= ct_flags::SNAT;
         F::set_nat(&mut entry.nat_addr, tuple.saddr);
         entry.nat_port_be = tuple.sport_be;
+    }
+    if crate::probe::dry_run() {
+        return Ok(());
     }
     F::conntrack()
         .insert(&ct_key(&reply, ct_dir::REPLY), entry, 0)

@@ -67,6 +67,9 @@ pub(crate) fn count_reason(reason: u32) {
 /// Counts one translated packet of `len` bytes for the frontend `rev_nat_id`.
 #[inline(always)]
 pub(crate) fn count_service(rev_nat_id: u32, len: u32) {
+    if crate::probe::dry_run() {
+        return;
+    }
     if let Some(stats) = LB_SVC_STATS_V1.get_ptr_mut(rev_nat_id) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe {

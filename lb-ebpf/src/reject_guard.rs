@@ -100,11 +100,16 @@ fn source6_answerable(src: &[u8; 16]) -> bool {
 
 /// Takes one reply's credit from the bucket of `ifindex`; `false` when
 /// there is not enough. (Two CPUs refilling at once may both win a token:
-/// the limit is approximate, as Cilium's.)
+/// the limit is approximate, as Cilium's.) A dry run (`probe`) only looks:
+/// it takes nothing and creates no bucket.
 #[inline(always)]
 fn take_token(ifindex: u32) -> bool {
     let now = now_ns();
+    let dry = crate::probe::dry_run();
     let Some(bucket) = LB_REJECT_RL.get_ptr_mut(&ifindex) else {
+        if dry {
+            return true;
+        }
         let full = Bucket {
             credit_ns: BURST * COST_NS - COST_NS,
             last_ns: now,
@@ -116,6 +121,9 @@ fn take_token(ifindex: u32) -> bool {
     let bucket = unsafe { &mut *bucket };
     let refill = now.saturating_sub(bucket.last_ns);
     let credit = bucket.credit_ns.saturating_add(refill).min(BURST * COST_NS);
+    if dry {
+        return credit >= COST_NS;
+    }
     bucket.last_ns = now;
     if credit < COST_NS {
         bucket.credit_ns = credit;

@@ -175,6 +175,9 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Show what the datapath does with one packet: a dry run of the
+    /// program against the pinned maps (changes nothing).
+    Explain(cli::explain::Args),
 }
 
 fn main() -> ExitCode {
@@ -311,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cleanup { pin_path } => cli::cleanup::run(&pin_path),
         Command::Services { json, pin_path } => cli::services::print(json, &pin_path),
         Command::Conntrack { json, pin_path } => cli::conntrack::print(json, &pin_path),
+        Command::Explain(args) => cli::explain::run(&args),
     }
 }
 

@@ -22,6 +22,7 @@
 
 pub(crate) mod clients;
 pub(crate) mod cluster;
+pub(crate) mod conformance;
 pub(crate) mod counts;
 pub(crate) mod flood;
 pub(crate) mod frames;
