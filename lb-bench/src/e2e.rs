@@ -37,6 +37,91 @@ pub struct Settings {
     /// Only the control plane of `lb` (cold start, endpoint changes,
     /// memory): no traffic, no kube-proxy rules. For profiling.
     pub control_only: bool,
+    /// Where the agent reads the cluster from.
+    pub source: AgentSource,
+}
+
+/// The agent's source in the control-plane benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentSource {
+    /// `--source file:DIR`: manifest files of 500 Services each; a change
+    /// rewrites one file (temporary file + rename).
+    File,
+    /// `--source kube`: the stand-in API server (`crate::kube`), listed
+    /// page by page and watched; a change is one `EndpointSlice` write.
+    Kube,
+}
+
+impl AgentSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Kube => "kube",
+        }
+    }
+}
+
+/// What feeds the agent its cluster, by source.
+enum Feed {
+    Dir(PathBuf),
+    Api(crate::kube::StandIn),
+}
+
+impl Feed {
+    fn start(
+        settings: &Settings,
+        topo: &Topology,
+        work: &Path,
+        cluster: &Cluster,
+    ) -> anyhow::Result<Self> {
+        match settings.source {
+            AgentSource::File => {
+                let dir = work.join(format!("manifests-{}", cluster.count));
+                std::fs::create_dir_all(&dir)?;
+                write_manifests(cluster, &dir)?;
+                Ok(Self::Dir(dir))
+            }
+            AgentSource::Kube => Ok(Self::Api(crate::kube::StandIn::start(
+                topo.node(Contender::Lb),
+                cluster,
+            )?)),
+        }
+    }
+
+    /// `lb agent` arguments that select this source.
+    fn agent_args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            Self::Dir(dir) => vec!["--source".into(), format!("file:{}", dir.display()).into()],
+            Self::Api(server) => vec![
+                "--source".into(),
+                "kube".into(),
+                "--node-name".into(),
+                crate::kube::NODE_NAME.into(),
+                "--kubeconfig".into(),
+                server.kubeconfig().into(),
+            ],
+        }
+    }
+
+    /// Writes Service I's endpoints as CLUSTER has them now; returns the
+    /// instant just before the write that the agent sees.
+    fn change(&self, cluster: &Cluster, i: u32) -> anyhow::Result<Instant> {
+        match self {
+            Self::Dir(dir) => {
+                let f = i / crate::rules::SERVICES_PER_FILE;
+                write_atomically(dir, &Cluster::file_name(f), &cluster.manifest_file(f))
+            }
+            Self::Api(server) => Ok(server.rewrite_slice(cluster, i)),
+        }
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if let Self::Dir(dir) = self {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// The three end-to-end tests.
@@ -420,7 +505,7 @@ fn ms(d: Duration) -> f64 {
 fn start_agent(
     topo: &Topology,
     settings: &Settings,
-    dir: &Path,
+    feed: &Feed,
     count: u32,
 ) -> anyhow::Result<(Agent, Value)> {
     let node = topo.node(Contender::Lb);
@@ -437,8 +522,7 @@ fn start_agent(
         // No socket programs: they would attach to the machine's cgroup
         // root (the clients here are pods, served by TC).
         .arg("--socket-lb=off")
-        .arg("--source")
-        .arg(format!("file:{}", dir.display()))
+        .args(feed.agent_args())
         .arg("--attach")
         .arg(format!("{NODE_CLIENT_IF},{NODE_BACKEND_IF}"))
         .arg("--pin-path")
@@ -459,13 +543,16 @@ fn start_agent(
     // recovered from the pins right after attaching).
     let mut attached_at = None;
     let (synced_at, sync_ms) =
-        agent.next_sync_noting(Duration::from_mins(5), &mut |at, line| {
+        agent.next_sync_noting(Duration::from_mins(15), &mut |at, line| {
             if attached_at.is_none() && line.contains("recovered state") {
                 attached_at = Some(at);
             }
         })?;
+    let cpu_ms = sys::proc_cpu_ms(agent.daemon.pid());
     let cold = json!({
         "start_to_maps_written_ms": ms(synced_at - spawned),
+        "cpu_ms_at_maps_written": cpu_ms,
+        "load_average": sys::load_average(),
         "start_to_attached_ms": attached_at.map(|at| ms(at - spawned)),
         "sync_ms": sync_ms,
         "vmrss_kib_after_start": proc_status_kib(agent.daemon.pid(), "VmRSS"),
@@ -576,17 +663,20 @@ fn run_scale(
 ) -> anyhow::Result<Value> {
     let mut cluster = Cluster::new(count);
     let last = cluster.last();
-    let dir = work.join(format!("manifests-{count}"));
-    std::fs::create_dir_all(&dir)?;
-    write_manifests(&cluster, &dir)?;
-    eprintln!("[e2e] {count} services: starting lb agent (cold start)");
-    let (mut agent, cold) = start_agent(topo, settings, &dir, count)?;
+    let feed = Feed::start(settings, topo, work, &cluster)?;
     eprintln!(
-        "[e2e]   lb: maps written {:.0} ms after start (sync itself {:.1} ms)",
+        "[e2e] {count} services: starting lb agent (cold start, {} source)",
+        settings.source.name()
+    );
+    let (mut agent, cold) = start_agent(topo, settings, &feed, count)?;
+    eprintln!(
+        "[e2e]   lb: maps written {:.0} ms after start (sync itself {:.1} ms; agent CPU time until then {:.0} ms; load average {})",
         cold["start_to_maps_written_ms"]
             .as_f64()
             .unwrap_or(f64::NAN),
-        cold["sync_ms"].as_f64().unwrap_or(f64::NAN)
+        cold["sync_ms"].as_f64().unwrap_or(f64::NAN),
+        cold["cpu_ms_at_maps_written"].as_f64().unwrap_or(f64::NAN),
+        sys::load_average().unwrap_or_default(),
     );
     let mut rules = if settings.control_only {
         Value::Null
@@ -704,15 +794,13 @@ fn run_scale(
         cluster
             .overrides
             .insert(i, std::net::Ipv4Addr::new(198, 18, 3, octet));
-        let f = i / crate::rules::SERVICES_PER_FILE;
-        let text = cluster.manifest_file(f);
         // A pseudo-random pause so that changes land at any phase of the
         // agent's 200 ms poll.
         seed ^= seed << 13;
         seed ^= seed >> 17;
         seed ^= seed << 5;
         sys::sleep(Duration::from_millis(u64::from(50 + seed % 250)))?;
-        let at = write_atomically(&dir, &Cluster::file_name(f), &text)?;
+        let at = feed.change(&cluster, i)?;
         match agent.next_sync(Duration::from_secs(30)) {
             Ok((synced, millis)) => {
                 poll_inclusive.push(ms(synced - at));
@@ -727,7 +815,7 @@ fn run_scale(
     }
     if changes > 0 {
         eprintln!(
-            "[e2e] {count} services: {} endpoint changes: rename->maps p50 {:.1} ms p99 {:.1} ms; sync itself p50 {:.2} ms p99 {:.2} ms",
+            "[e2e] {count} services: {} endpoint changes: write->maps p50 {:.1} ms p99 {:.1} ms; sync itself p50 {:.2} ms p99 {:.2} ms",
             poll_inclusive.len(),
             crate::stats::percentile(&poll_inclusive, 50.0),
             crate::stats::percentile(&poll_inclusive, 99.0),
@@ -744,7 +832,7 @@ fn run_scale(
     if !settings.control_only {
         unload_rules(topo, &mut rules)?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(feed);
 
     let e2e: Vec<Value> = series
         .iter()
@@ -761,6 +849,7 @@ fn run_scale(
         .collect();
     Ok(json!({
         "services": count,
+        "source": settings.source.name(),
         "e2e": e2e,
         "broken": broken,
         "control": {
@@ -773,6 +862,7 @@ fn run_scale(
                     "failures": change_failures,
                 },
                 "vmhwm_kib": vmhwm,
+                "load_average_at_end": sys::load_average(),
                 "vmrss_kib": vmrss,
                 "bpf_maps_kib": maps_kib,
                 "alive_at_end": alive,

@@ -4,12 +4,21 @@
 //!
 //! ```text
 //! lb-bench run --lb PATH --json FILE [--quick]     e2e + control plane (root)
+//! lb-bench run ... --control-only --source kube    control plane, API server source
 //! lb-bench report --dir DIR [--publish DOCS_DIR]  markdown + SVG from DIR/*.json
 //! lb-bench manifests --services N --dir DIR      the run's manifests (profiling)
 //! lb-bench socklb --lb PATH [--json FILE]         socket-LB connects/s vs direct (root)
 //! ```
 
+// The stand-in API server of the kube source's tests, behind `--source kube`.
+#[path = "../../lb-userspace/tests/kube_source/api_server.rs"]
+#[expect(
+    dead_code,
+    reason = "shared with the tests, which use more of it (outages, Events, compaction)"
+)]
+mod api_server;
 mod e2e;
+mod kube;
 mod lifecycle;
 mod report;
 mod rules;
@@ -60,6 +69,11 @@ enum Cmd {
         /// no traffic and no kube-proxy rules.
         #[arg(long)]
         control_only: bool,
+        /// The agent's source in the control-plane measurements: `file`
+        /// (manifest files) or `kube` (a stand-in API server, listed page
+        /// by page and watched).
+        #[arg(long, value_enum, default_value = "file")]
+        source: e2e::AgentSource,
     },
     /// Writes the manifests of a run of N Services into DIR, to profile
     /// `lb agent --source file:DIR` by hand.
@@ -119,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             contenders,
             control_only,
+            source,
         } => {
             sys::install_signal_handlers();
             let mut settings = if quick {
@@ -133,6 +148,7 @@ fn main() -> anyhow::Result<()> {
                     connections: 32,
                     contenders,
                     control_only,
+                    source,
                 }
             } else {
                 e2e::Settings {
@@ -146,6 +162,7 @@ fn main() -> anyhow::Result<()> {
                     connections: 32,
                     contenders,
                     control_only,
+                    source,
                 }
             };
             if let Some(scales) = scales {

@@ -205,7 +205,7 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    fn service_json(&self, i: u32) -> Value {
+    pub fn service_json(&self, i: u32) -> Value {
         let v4 = vip(Contender::Lb, Family::V4, i).to_string();
         let v6 = vip(Contender::Lb, Family::V6, i).to_string();
         json!({
@@ -225,7 +225,7 @@ impl Cluster {
         })
     }
 
-    fn slice_json(&self, i: u32, family: Family) -> Value {
+    pub fn slice_json(&self, i: u32, family: Family) -> Value {
         let (suffix, kind) = match family {
             Family::V4 => ("v4", "IPv4"),
             Family::V6 => ("v6", "IPv6"),

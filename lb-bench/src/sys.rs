@@ -465,6 +465,33 @@ pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// The first field of `/proc/loadavg` (runnable tasks, 1-minute average):
+/// how shared the machine was during a measurement.
+pub fn load_average() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next().map(str::to_owned)
+}
+
+/// CPU time process PID has used so far, all threads, user and system, in
+/// milliseconds (`/proc/PID/stat`): on a machine shared with other work a
+/// wall-clock time measures the others too, this does not.
+pub fn proc_cpu_ms(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces: state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks <= 0 {
+        return None;
+    }
+    #[expect(clippy::cast_precision_loss, reason = "ticks per second: 100")]
+    Some((utime + stime) * 1000.0 / ticks as f64)
+}
+
 /// Kernel memory of the BPF maps process PID holds open (the `memlock`
 /// the kernel charges for each, from `/proc/PID/fdinfo`), in KiB.
 pub fn bpf_maps_memlock_kib(pid: u32) -> Option<u64> {

@@ -378,7 +378,7 @@ impl Reconciler {
         let mut state = lock(&state);
         let desired = &mut self.pending.desired;
         let frontends = desired.model.frontends();
-        let plan = match &mut desired.plan_index {
+        let mut plan = match &mut desired.plan_index {
             Some(index) => plan::diff_changes(&state, index, frontends, changes),
             None => plan::diff(&state, frontends),
         };
@@ -386,8 +386,9 @@ impl Reconciler {
             tracing::warn!(%problem, "frontend not fully programmed");
         }
         let mut shortfall = Shortfall::default();
-        let (writes, failures) = apply_plan(
-            &plan,
+        let had_ops = !plan.ops.is_empty();
+        let (writes, failures, sizes) = apply_plan(
+            &mut plan,
             &mut lock(&self.maps),
             &mut state,
             desired,
@@ -406,7 +407,7 @@ impl Reconciler {
             shortfall.log(&unfit);
         }
         let elapsed = started.elapsed();
-        if !plan.ops.is_empty() {
+        if had_ops {
             tracing::info!(
                 writes,
                 failures,
@@ -423,6 +424,9 @@ impl Reconciler {
             .timers
             .after_sync(failures > 0, plan_complete, Instant::now());
         drop(plan);
+        if let Some(sizes) = sizes {
+            sizes.repack_grown(&mut state);
+        }
         if plan_complete && desired.plan_index.is_none() {
             desired.plan_index = Some(PlanIndex::new(&state, desired.model.frontends()));
         }
@@ -556,14 +560,16 @@ impl Reconciler {
 }
 
 /// Writes the plan; keeps the state (and the plan index) in step with what
-/// the maps now hold. Returns (writes, failures).
+/// the maps now hold. Returns (writes, failures, and the sizes to repack the
+/// state with once the plan is dropped). The ops are used up when they
+/// were all written (left in the plan when some failed).
 fn apply_plan(
-    plan: &plan::Plan,
+    plan: &mut plan::Plan,
     maps: &mut Maps,
     state: &mut DatapathState,
     desired: &mut Desired,
     shortfall: &mut Shortfall,
-) -> (u64, u64) {
+) -> (u64, u64, Option<plan::StateSizes>) {
     let mut writes = 0u64;
     let mut failures = 0u64;
     maps.apply_ops(&plan.ops, &mut |op, result| match result {
@@ -576,11 +582,15 @@ fn apply_plan(
             }
         }
     });
+    let mut sizes = None;
     if failures == 0 {
         if let Some(index) = &mut desired.plan_index {
             index.note_applied(state, &plan.ops);
         }
-        plan::apply_to_state(state, &plan.ops);
+        sizes = Some(plan::apply_owned_to_state(
+            state,
+            std::mem::take(&mut plan.ops),
+        ));
         if !plan.problems.is_empty() {
             // Left-out frontends are retried by a plan over everything.
             desired.plan_index = None;
@@ -593,5 +603,5 @@ fn apply_plan(
             Err(error) => tracing::error!(error = %Causes(&error), "cannot read the maps back"),
         }
     }
-    (writes, failures)
+    (writes, failures, sizes)
 }

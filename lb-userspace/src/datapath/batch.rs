@@ -23,15 +23,37 @@ struct BatchAttr {
 /// `BPF_MAP_UPDATE_BATCH` (linux/bpf.h; hash maps, Linux >= 5.6).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
+/// Ops written per `BPF_MAP_UPDATE_BATCH` call: the keys and values of a
+/// whole first sync at 100k Services (1M backends or 1.1M slots per map,
+/// both families at once) were ~100 MiB more at the agent's peak; at this
+/// size the syscalls are still few (~16 per map at 100k).
+const BATCH_OPS: usize = 1 << 16;
+
 /// The keys and values `entry` gives for the ops of `run`, written to
-/// `map` as one batch; how many were written.
+/// `map` in batches of [`BATCH_OPS`], in order; how many were written (all,
+/// or those before the first that failed).
 pub(super) fn batch_of<K: aya::Pod, V: aya::Pod>(
     map: &MapData,
     run: &[&Op],
     entry: impl Fn(&Op) -> Option<(K, V)>,
 ) -> usize {
-    let (keys, values): (Vec<K>, Vec<V>) = run.iter().copied().filter_map(entry).unzip();
-    update_batch(map, &keys, &values)
+    let mut keys = Vec::with_capacity(run.len().min(BATCH_OPS));
+    let mut values = Vec::with_capacity(run.len().min(BATCH_OPS));
+    let mut written = 0;
+    for chunk in run.chunks(BATCH_OPS) {
+        keys.clear();
+        values.clear();
+        for (key, value) in chunk.iter().copied().filter_map(&entry) {
+            keys.push(key);
+            values.push(value);
+        }
+        let done = update_batch(map, &keys, &values);
+        written += done;
+        if done < keys.len() {
+            break;
+        }
+    }
+    written
 }
 
 /// Writes `keys[i] -> values[i]` in order in one syscall (aya 0.16 has no

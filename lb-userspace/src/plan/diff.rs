@@ -1,7 +1,7 @@
 //! The full plan: every desired frontend against the state, in make-before-
 //! break order, and the `Planner` the incremental plan shares.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use lb_common::{backend_flags, limits, svc_flags};
@@ -23,13 +23,14 @@ pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>)
     planner.finish()
 }
 
-/// Backend ids by frontend, address, port and protocol.
-pub(super) fn backend_ids(state: &DatapathState) -> BTreeMap<BackendKey, u32> {
-    state
-        .backends
-        .iter()
-        .map(|(id, entry)| (entry.key, *id))
-        .collect()
+/// Backend ids by frontend, address, port and protocol (of two entries
+/// with one key, the higher id).
+pub(super) fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
+    let mut ids = HashMap::with_capacity(state.backends.len());
+    for (id, entry) in &state.backends {
+        ids.insert(entry.key, *id);
+    }
+    ids
 }
 
 /// The backend id allocator of a plan over `state`: ids only move forward.
@@ -94,19 +95,19 @@ pub(super) struct Planner<'a> {
     /// Everything that removes.
     pub(super) tail: Vec<Op>,
     pub(super) problems: Vec<String>,
-    /// Ids of the backends in the maps.
-    pub(super) known_backend_ids: &'a BTreeMap<BackendKey, u32>,
+    /// Ids of the backends in the maps (of the frontends planned, at least).
+    pub(super) known_backend_ids: &'a HashMap<BackendKey, u32>,
     /// Ids allocated by this plan.
-    pub(super) new_backend_ids: BTreeMap<BackendKey, u32>,
+    pub(super) new_backend_ids: HashMap<BackendKey, u32>,
     pub(super) backend_alloc: IdAllocator<'a>,
     pub(super) rev_nat_alloc: IdAllocator<'a>,
-    pub(super) backends_used: BTreeSet<u32>,
-    pub(super) rev_nats_used: BTreeSet<u32>,
+    pub(super) backends_used: HashSet<u32>,
+    pub(super) rev_nats_used: HashSet<u32>,
     pub(super) ranges_used: BTreeSet<SourceRange>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a DatapathState, backend_ids: &'a BTreeMap<BackendKey, u32>) -> Self {
+    fn new(current: &'a DatapathState, backend_ids: &'a HashMap<BackendKey, u32>) -> Self {
         Self {
             current,
             head: Vec::new(),
@@ -115,7 +116,7 @@ impl<'a> Planner<'a> {
             problems: Vec::new(),
             // Reuse the id of an identical backend of the same frontend.
             known_backend_ids: backend_ids,
-            new_backend_ids: BTreeMap::new(),
+            new_backend_ids: HashMap::new(),
             backend_alloc: backend_allocator(current),
             rev_nat_alloc: IdAllocator::new(
                 current
@@ -125,14 +126,18 @@ impl<'a> Planner<'a> {
                     .chain(current.frontends.values().map(|f| f.rev_nat_id)),
                 current.rev_nat_id_limit(),
             ),
-            backends_used: BTreeSet::new(),
-            rev_nats_used: BTreeSet::new(),
+            backends_used: HashSet::with_capacity(current.backends.len()),
+            rev_nats_used: HashSet::with_capacity(current.rev_nats.len()),
             ranges_used: BTreeSet::new(),
         }
     }
 
     /// Plans one desired frontend.
     pub(super) fn frontend(&mut self, frontend: &Frontend, spec: &FrontendSpec) {
+        // A backend key names its frontend (by rev-NAT id): ids allocated
+        // for another frontend never match, so only this one's are kept
+        // (at 100k Services the plan allocates 2M).
+        self.new_backend_ids.clear();
         let existing = self.current.frontends.get(frontend);
         let rev_nat_id = if let Some(state) = existing {
             state.rev_nat_id

@@ -1,23 +1,25 @@
 //! The plan over the changed frontends only, and the index it needs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::diff::{Planner, backend_allocator, backend_ids};
+use super::diff::{Planner, backend_allocator};
 use super::ids::{IdAllocator, IdsInUse};
 use super::{BackendKey, DatapathState, Op, Plan};
 use crate::model::{Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
 
 /// What a plan over only the changed frontends needs beyond the state:
-/// backend ids by frontend and address. (A backend entry belongs to one
-/// frontend, so a change of one frontend touches its own entries only.)
+/// the backend ids of each frontend (by rev-NAT id). (A backend entry
+/// belongs to one frontend, so a change of one frontend touches its own
+/// entries only.) A few ids per frontend, sized once: at 100k Services a
+/// map from every backend key to its id took ~100 MiB next to the state.
 ///
 /// Valid while the state is what the previous plans made of the desired
 /// frontends; after a failed write or a plan with problems, make a new one
 /// (and a full [`diff`](super::diff())).
 #[derive(Debug, Default)]
 pub struct PlanIndex {
-    backend_ids: BTreeMap<BackendKey, u32>,
+    ids_of: HashMap<u32, Vec<u32>>,
 }
 
 impl PlanIndex {
@@ -27,9 +29,14 @@ impl PlanIndex {
         // Every entry of the state is one of a desired frontend's: the
         // index needs nothing from `desired` itself.
         let _ = desired;
-        Self {
-            backend_ids: backend_ids(state),
+        let mut ids_of: HashMap<u32, Vec<u32>> = HashMap::with_capacity(state.frontends.len());
+        for (id, entry) in &state.backends {
+            ids_of.entry(entry.key.rev_nat_id).or_default().push(*id);
         }
+        for ids in ids_of.values_mut() {
+            ids.shrink_to_fit();
+        }
+        Self { ids_of }
     }
 
     /// Records the backend ids `ops` wrote; call once they are all in the
@@ -38,19 +45,20 @@ impl PlanIndex {
         for op in ops {
             match op {
                 Op::PutBackend { id, backend } => {
+                    let owner = backend.key.rev_nat_id;
                     if let Some(old) = before.backends.get(id)
-                        && old.key != backend.key
-                        && self.backend_ids.get(&old.key) == Some(id)
+                        && old.key.rev_nat_id != owner
                     {
-                        self.backend_ids.remove(&old.key);
+                        self.forget(old.key.rev_nat_id, *id);
                     }
-                    self.backend_ids.insert(backend.key, *id);
+                    let ids = self.ids_of.entry(owner).or_default();
+                    if !ids.contains(id) {
+                        ids.push(*id);
+                    }
                 }
                 Op::DeleteBackend { id, .. } => {
-                    if let Some(old) = before.backends.get(id)
-                        && self.backend_ids.get(&old.key) == Some(id)
-                    {
-                        self.backend_ids.remove(&old.key);
+                    if let Some(old) = before.backends.get(id) {
+                        self.forget(old.key.rev_nat_id, *id);
                     }
                 }
                 _ => {}
@@ -58,22 +66,50 @@ impl PlanIndex {
         }
     }
 
-    /// The backend entries of the frontend with `rev_nat_id`.
-    fn backends_of(&self, rev_nat_id: u32) -> impl Iterator<Item = (&BackendKey, &u32)> {
-        self.backend_ids
-            .range(first_key(rev_nat_id)..)
-            .take_while(move |(key, _)| key.rev_nat_id == rev_nat_id)
+    fn forget(&mut self, rev_nat_id: u32, id: u32) {
+        if let Some(ids) = self.ids_of.get_mut(&rev_nat_id) {
+            ids.retain(|other| *other != id);
+            if ids.is_empty() {
+                self.ids_of.remove(&rev_nat_id);
+            }
+        }
+    }
+
+    /// The backend ids of the frontend with `rev_nat_id`, ascending.
+    fn backends_of(&self, rev_nat_id: u32) -> Vec<u32> {
+        let mut ids = self.ids_of.get(&rev_nat_id).cloned().unwrap_or_default();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Each frontend's backend ids, sorted (tests compare indexes).
+    #[cfg(test)]
+    fn entries(&self) -> BTreeMap<u32, Vec<u32>> {
+        self.ids_of
+            .keys()
+            .map(|rev_nat_id| (*rev_nat_id, self.backends_of(*rev_nat_id)))
+            .collect()
     }
 }
 
-/// The smallest backend key of a frontend.
-fn first_key(rev_nat_id: u32) -> BackendKey {
-    BackendKey {
-        rev_nat_id,
-        addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        port: 0,
-        proto: Protocol::Tcp,
+/// The backend ids of the frontends in `changes` by key, from `index`.
+fn known_backend_ids(
+    current: &DatapathState,
+    index: &PlanIndex,
+    changes: &FrontendChanges,
+) -> HashMap<BackendKey, u32> {
+    let mut known = HashMap::new();
+    for frontend in changes.keys() {
+        let Some(state) = current.frontends.get(frontend) else {
+            continue;
+        };
+        for id in index.backends_of(state.rev_nat_id) {
+            if let Some(entry) = current.backends.get(&id) {
+                known.insert(entry.key, id);
+            }
+        }
     }
+    known
 }
 
 /// Computes the plan for `changes` (frontends whose desired spec changed,
@@ -89,21 +125,22 @@ pub fn diff_changes(
     desired: &BTreeMap<Frontend, FrontendSpec>,
     changes: &FrontendChanges,
 ) -> Plan {
+    let known = known_backend_ids(current, index, changes);
     let mut planner = Planner {
         current,
         head: Vec::new(),
         slots: Vec::new(),
         tail: Vec::new(),
         problems: Vec::new(),
-        known_backend_ids: &index.backend_ids,
-        new_backend_ids: BTreeMap::new(),
+        known_backend_ids: &known,
+        new_backend_ids: HashMap::new(),
         backend_alloc: backend_allocator(current),
         rev_nat_alloc: IdAllocator::over(
             IdsInUse::RevNats(&current.rev_nats),
             current.rev_nat_id_limit(),
         ),
-        backends_used: BTreeSet::new(),
-        rev_nats_used: BTreeSet::new(),
+        backends_used: HashSet::new(),
+        rev_nats_used: HashSet::new(),
         ranges_used: BTreeSet::new(),
     };
     for frontend in changes.keys() {
@@ -166,9 +203,14 @@ impl Planner<'_> {
             let Some(state) = self.current.frontends.get(frontend) else {
                 continue;
             };
-            for (key, &id) in index.backends_of(state.rev_nat_id) {
-                if !self.backends_used.contains(&id) {
-                    self.tail.push(Op::DeleteBackend { id, addr: key.addr });
+            for id in index.backends_of(state.rev_nat_id) {
+                if !self.backends_used.contains(&id)
+                    && let Some(entry) = self.current.backends.get(&id)
+                {
+                    self.tail.push(Op::DeleteBackend {
+                        id,
+                        addr: entry.key.addr,
+                    });
                 }
             }
         }

@@ -1,10 +1,14 @@
 //! The stand-in API server: the Kubernetes list and watch protocol over
 //! plain HTTP on 127.0.0.1, as the real API server speaks it.
+//!
+//! Also compiled into `lb-bench` (its kube-source control-plane benchmark),
+//! so it depends on nothing of this test crate: `driver.rs` adds the
+//! source configuration the tests use.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU32, Ordering},
@@ -12,15 +16,12 @@ use std::{
     time::Duration,
 };
 
-use lb_userspace::source::kube::KubeSourceConfig;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::broadcast,
 };
-
-use crate::NODE;
 
 /// The resources the source watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -287,11 +288,9 @@ impl ApiServer {
         self.lock().events.clone()
     }
 
-    pub(crate) fn source_config(&self) -> KubeSourceConfig {
-        KubeSourceConfig {
-            node_name: NODE.to_owned(),
-            kubeconfig: Some(self.kubeconfig.clone()),
-        }
+    /// A kubeconfig file that points at this server (removed on drop).
+    pub(crate) fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
     }
 }
 
@@ -547,32 +546,65 @@ async fn list(
     }
     let body = {
         let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-        let limit: usize = query
-            .get("limit")
-            .and_then(|l| l.parse().ok())
-            .unwrap_or(usize::MAX);
-        let items: Vec<Value> = state
-            .objects
-            .get(&res)
-            .into_iter()
-            .flat_map(BTreeMap::values)
-            .filter(|o| selected(o, query))
-            .take(limit)
-            .map(|o| {
-                // Items in a list carry no kind/apiVersion, as the API sends them.
-                let mut o = o.clone();
-                if let Some(map) = o.as_object_mut() {
-                    map.remove("kind");
-                    map.remove("apiVersion");
-                }
-                o
-            })
-            .collect();
-        let (api_version, kind, _) = res.kinds();
-        json!({"kind": kind, "apiVersion": api_version,
-            "metadata": {"resourceVersion": state.rv.to_string()}, "items": items})
+        list_page(&state, res, query)
     };
     respond(stream, "200 OK", &body).await
+}
+
+/// One page of a list, as the API server pages it: at most `limit` items
+/// (all without one), in key order, and a `continue` token when more are
+/// left, which the next request passes back to get the items after it.
+///
+/// The real API server serves every page of a list from the snapshot of
+/// the first; here later pages come from the current objects, but carry
+/// the first page's `resourceVersion` (the token holds it), so a write
+/// between pages also reaches the client through the watch it starts from
+/// that version, as with the real one. Tokens are `VERSION/KEY`, the key
+/// of the last item sent; the client treats them as opaque.
+fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> Value {
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|&l| l > 0)
+        .unwrap_or(usize::MAX);
+    let (rv, after) = match query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let (rv, key) = token.split_once('/').unwrap_or((token, ""));
+            (rv.parse().unwrap_or(state.rv), Some(key.to_owned()))
+        }
+        None => (state.rv, None),
+    };
+    let from = match after {
+        Some(key) => std::ops::Bound::Excluded(key),
+        None => std::ops::Bound::Unbounded,
+    };
+    let mut selected_objects = state
+        .objects
+        .get(&res)
+        .map(|objects| objects.range((from, std::ops::Bound::Unbounded)))
+        .into_iter()
+        .flatten()
+        .filter(|(_, o)| selected(o, query));
+    let mut items = Vec::new();
+    let mut last_key = None;
+    for (key, object) in selected_objects.by_ref().take(limit) {
+        // Items in a list carry no kind/apiVersion, as the API sends them.
+        let mut object = object.clone();
+        if let Some(map) = object.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+        items.push(object);
+        last_key = Some(key.clone());
+    }
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if selected_objects.next().is_some()
+        && let Some(key) = last_key
+    {
+        metadata["continue"] = json!(format!("{rv}/{key}"));
+    }
+    let (api_version, kind, _) = res.kinds();
+    json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items})
 }
 
 async fn chunk(stream: &mut TcpStream, line: &Value) -> std::io::Result<()> {

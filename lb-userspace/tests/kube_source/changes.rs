@@ -265,3 +265,82 @@ async fn log_lines_carry_the_source_span() {
         "{line}"
     );
 }
+
+/// A list longer than a page (kube-rs asks for 500 items at a time) is read
+/// page by page with `continue` tokens, and the state adds up to every
+/// object; writes made while the pages are read (a listed Service changed,
+/// one not yet listed deleted) arrive by the watch, which starts from the
+/// first page's version. The first lists reach the agent in parts (marked
+/// `more_follow`: the agent syncs only at the complete update), so that
+/// not every API object of a large cluster is in memory at once.
+#[tokio::test]
+async fn a_long_list_is_read_page_by_page() {
+    const COUNT: usize = 1_203;
+    let names: Vec<String> = (0..COUNT).map(|i| format!("svc-{i:04}")).collect();
+    let mut objects = vec![(Res::Nodes, node(&[("InternalIP", "198.18.0.1")]))];
+    for name in &names {
+        objects.push((
+            Res::Services,
+            service(&Svc {
+                name,
+                ..Svc::default()
+            }),
+        ));
+    }
+    let server = ApiServer::start(objects).await;
+    // Three pages of Services, 150 ms each: the writes below land while
+    // they are read.
+    server.set_list_delay(Res::Services, Duration::from_millis(150));
+    let mut source = start_source(&server);
+    tokio::time::sleep(Duration::from_millis(225)).await;
+    server.apply(
+        Res::Services,
+        service(&Svc {
+            name: "svc-0000",
+            labels: json!({"tier": "changed"}),
+            ..Svc::default()
+        }),
+    );
+    server.delete(Res::Services, "default", "svc-1202");
+    let part = source.next_changes(STEP, "the first part").await;
+    assert!(
+        part.more_follow && part.services.len() >= 999,
+        "a first part of 1000 objects: {} Services, more_follow {}",
+        part.services.len(),
+        part.more_follow
+    );
+    let (held, _) = source
+        .until(STEP, "every page, then the writes", |held| {
+            held.services.len() == COUNT - 1
+                && held.services.iter().any(|s| {
+                    s.metadata.name.as_deref() == Some("svc-0000")
+                        && s.metadata
+                            .labels
+                            .as_ref()
+                            .is_some_and(|l| l.get("tier").is_some())
+                })
+        })
+        .await;
+    assert!(
+        !held
+            .services
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some("svc-1202"))
+    );
+    let lists: Vec<String> = server
+        .lock()
+        .requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch=true"))
+        .cloned()
+        .collect();
+    assert_eq!(lists.len(), 3, "{lists:#?}");
+    assert!(
+        lists[0].contains("limit=500") && !lists[0].contains("continue="),
+        "{lists:#?}"
+    );
+    assert!(
+        lists[1..].iter().all(|r| r.contains("continue=")),
+        "{lists:#?}"
+    );
+}

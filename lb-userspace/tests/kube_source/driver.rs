@@ -13,7 +13,10 @@ use k8s_openapi::api::{
 };
 use lb_userspace::{
     model::{self, ObjectKey, key_of},
-    source::{self, Changes, Snapshot, SourceSpec, SourceUpdate, kube::node_context},
+    source::{
+        self, Changes, Snapshot, SourceSpec, SourceUpdate,
+        kube::{KubeSourceConfig, node_context},
+    },
 };
 use tokio::sync::mpsc;
 
@@ -30,6 +33,16 @@ pub(crate) struct Source {
 impl Drop for Source {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl ApiServer {
+    /// The source's configuration for this server, as node [`NODE`].
+    pub(crate) fn source_config(&self) -> KubeSourceConfig {
+        KubeSourceConfig {
+            node_name: NODE.to_owned(),
+            kubeconfig: Some(self.kubeconfig().to_owned()),
+        }
     }
 }
 

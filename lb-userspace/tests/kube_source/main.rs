@@ -2,7 +2,8 @@
 //!
 //! The server (`api_server`) speaks the Kubernetes list and watch protocol
 //! over plain HTTP on 127.0.0.1 as the real API server does: a list answers
-//! with the items and the list's `resourceVersion`; a watch streams one JSON
+//! with the items and the list's `resourceVersion`, page by page with
+//! `limit` and `continue` (kube-rs asks for 500 at a time); a watch streams one JSON
 //! event per chunk (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, and an
 //! `ERROR` with a `410 Gone` Status that forces a re-list), from the
 //! requested resource version on. It honours field and label selectors (an
@@ -24,7 +25,7 @@
 //!   and what that gives through the model;
 //! - here: list and watch, outages, single-stack clusters, Events;
 //! - `changes`: what one update carries, re-lists, the label selector,
-//!   the source's log span.
+//!   the source's log span, a list of several pages.
 
 mod api_server;
 mod changes;

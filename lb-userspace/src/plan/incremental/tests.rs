@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use crate::model::{Backend, Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
 use crate::plan::test_fixtures::spec;
-use crate::plan::{DatapathState, PlanIndex, apply_to_state, diff, diff_changes};
+use crate::plan::{
+    DatapathState, PlanIndex, apply_owned_in_chunks, apply_to_state, diff, diff_changes,
+};
 use crate::test_rng::Rng;
 
 /// One or two frontends added, changed or removed, from small pools, so that backends are shared,
@@ -82,6 +84,10 @@ fn diff_of_changes_matches_full_diff() {
             let full = diff(&state, &next);
             let mut expected = state.clone();
             apply_to_state(&mut expected, &full.ops);
+            // The agent's way: the ops used up in chunks as they are applied.
+            let mut owned = state.clone();
+            apply_owned_in_chunks(&mut owned, full.ops.clone(), 3).repack_grown(&mut owned);
+            assert_eq!(owned, expected, "seed {seed} step {step}");
 
             let scoped = diff_changes(&state, &mut index, &next, &changes);
             assert!(scoped.problems.is_empty());
@@ -92,8 +98,8 @@ fn diff_of_changes_matches_full_diff() {
             state = got;
             desired = next;
             assert_eq!(
-                index.backend_ids,
-                PlanIndex::new(&state, &desired).backend_ids,
+                index.entries(),
+                PlanIndex::new(&state, &desired).entries(),
                 "seed {seed} step {step}"
             );
         }

@@ -120,6 +120,11 @@ impl<K: Resource> Tracker<K> {
         }
     }
 
+    /// Objects (and removals) not yet sent.
+    fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// What changed since the last call: objects added or replaced, keys
     /// removed. From now on they count as sent.
     fn take(&mut self) -> (Vec<K>, Vec<ObjectKey>) {
@@ -154,6 +159,11 @@ impl Trackers {
             Observed::Slices(event) => self.slices.observe(event),
             Observed::Node(event) => self.node.observe(event),
         }
+    }
+
+    /// Objects (and removals) of every resource not yet sent.
+    pub(super) fn pending_objects(&self) -> usize {
+        self.services.pending() + self.slices.pending() + self.node.pending()
     }
 
     /// Everything not yet sent, as one update.

@@ -1,7 +1,10 @@
 //! The Kubernetes source: kube-rs watchers for Services, `EndpointSlice`s
 //! and the agent's own Node, forwarded to the agent as [`Changes`].
 //!
-//! - The first update is sent only once all three resources are listed.
+//! - The first update is sent only once all three resources are listed;
+//!   until then what the lists bring goes to the agent in parts of 1000
+//!   objects marked `more_follow` (into its model, no sync), so that the
+//!   API objects of a large cluster are not all in memory at once.
 //! - Bursts are coalesced: after a change the source waits [`QUIET`] for
 //!   more (at most [`MAX_DELAY`] in all), and it sends the next update only
 //!   once the agent has taken the previous one, so a slow sync never queues

@@ -42,6 +42,9 @@ impl Kind {
     }
 }
 
+/// Objects of the first lists handed to the agent at a time.
+const FIRST_LIST_BATCH: usize = 1000;
+
 type Signals = Pin<Box<dyn Stream<Item = (Kind, Result<Observed, watcher::Error>)> + Send>>;
 
 fn node_selector(node_name: &str) -> String {
@@ -117,6 +120,8 @@ struct Progress {
     /// the start). Otherwise the next update is sent even when empty, so
     /// that the agent is ready again.
     agent_current: bool,
+    /// The first complete update was sent.
+    first_sent: bool,
 }
 
 impl Progress {
@@ -217,6 +222,16 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
                 let Some((kind, item)) = signal else { return };
                 let change = item.map(|observed| trackers.observe(observed));
                 progress.apply(kind, change, Instant::now());
+                // The first lists go to the agent's model as they arrive
+                // (it syncs only at the complete update): at 100k Services
+                // the API objects of all of them would be ~1 GiB at once.
+                if !progress.first_sent && trackers.pending_objects() >= FIRST_LIST_BATCH {
+                    let mut part = trackers.take_changes();
+                    part.more_follow = true;
+                    if tx.send(SourceUpdate::Changes(part)).await.is_err() {
+                        return;
+                    }
+                }
                 if let Some(reason) = progress.stale_update()
                     && tx.send(SourceUpdate::Stale(reason)).await.is_err()
                 {
@@ -241,6 +256,7 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
                     continue;
                 }
                 progress.agent_current = true;
+                progress.first_sent = true;
                 if tx.send(SourceUpdate::Changes(changes)).await.is_err() {
                     return;
                 }
