@@ -13,7 +13,7 @@ use super::{
     timers::{Due, SyncTimers, UNREADY_AFTER_FAILURES},
 };
 use crate::{
-    datapath::{capacity::Shortfall, maps::Maps},
+    datapath::{capacity::Shortfall, maglev::MaglevSync, maps::Maps},
     error::Causes,
     http::healthcheck::HealthServers,
     model,
@@ -65,6 +65,8 @@ pub(super) struct Hooks {
     /// Trigger times of changed slices, observed once their state is in
     /// the maps.
     pending_trigger_times: Vec<SystemTime>,
+    /// The Maglev tables written (`--lb-algorithm`, `--maglev-external`).
+    maglev: MaglevSync,
 }
 
 impl Hooks {
@@ -80,6 +82,7 @@ impl Hooks {
             node_settings: config.node.clone(),
             datapath_config: None,
             health: HealthServers::default(),
+            maglev: MaglevSync::new(config.capacities.maglev),
         }
     }
 }
@@ -367,13 +370,20 @@ impl Reconciler {
             tracing::warn!(%problem, "frontend not fully programmed");
         }
         let mut shortfall = Shortfall::default();
-        let (writes, failures) = apply_plan(
+        let (writes, mut failures) = apply_plan(
             &plan,
             &mut lock(&self.maps),
             &mut state,
             desired,
             &mut shortfall,
         );
+        // After the plan: a table names only backends already written.
+        let maglev = self.pending.hooks.maglev.sync(
+            &state,
+            desired.model.frontends(),
+            lock(&self.maps).maglev(),
+        );
+        failures += maglev.failures;
         let unfit = shortfall.services(desired.model.frontends(), &plan.ops);
         if !shortfall.is_empty() {
             shortfall.log(&unfit);

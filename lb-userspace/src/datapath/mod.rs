@@ -5,4 +5,5 @@
 mod batch;
 pub mod capacity;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
