@@ -336,36 +336,15 @@ fn tables_swapped_under_traffic_are_never_seen_half_written() {
     }
     let generation = Arc::new(AtomicU32::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let swapper = {
-        let (generation, stop) = (Arc::clone(&generation), Arc::clone(&stop));
-        let (sets, pin_path, spec) = (sets.clone(), fx.pin_path.clone(), fe_spec.clone());
-        std::thread::spawn(move || {
-            let mut maps = Maps::open_pinned(&pin_path).expect("open pins");
-            let mut maglev = MaglevSync::new(cfg);
-            let specs = BTreeMap::from([(fe, spec)]);
-            let mut next = 1u32;
-            while !stop.load(Ordering::Relaxed) && next < 100_000 {
-                let set = &sets[(next % 3) as usize];
-                let state = DatapathState {
-                    frontends: BTreeMap::from([(
-                        fe,
-                        FrontendState {
-                            rev_nat_id: rev_nat,
-                            slots: set.iter().map(|(id, _)| *id).collect(),
-                            flags: svc_flags::CLUSTER_IP,
-                            affinity_timeout_s: 0,
-                        },
-                    )]),
-                    backends: backends.clone(),
-                    ..DatapathState::default()
-                };
-                let outcome = maglev.sync(&state, &specs, maps.maglev());
-                assert_eq!((outcome.tables_written, outcome.failures), (1, 0));
-                generation.store(next, Ordering::SeqCst);
-                next += 1;
-            }
-        })
-    };
+    let swapper = spawn_swapper(Swapper {
+        generation: Arc::clone(&generation),
+        stop: Arc::clone(&stop),
+        sets: sets.clone(),
+        pin_path: fx.pin_path.clone(),
+        frontend: (fe, fe_spec.clone(), rev_nat),
+        backends,
+        config: cfg,
+    });
     let deadline = Instant::now() + Duration::from_secs(3);
     let (mut checked, mut packets) = (0u64, 0u32);
     while Instant::now() < deadline && packets < 60_000 {
@@ -401,4 +380,48 @@ fn tables_swapped_under_traffic_are_never_seen_half_written() {
     eprintln!("{packets} packets, {checked} checked, {swaps} swaps");
     assert!(swaps >= 20, "too few swaps under traffic: {swaps}");
     assert!(checked >= 1000, "too few packets checked: {checked}");
+}
+
+/// What the swapping thread needs.
+struct Swapper {
+    generation: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    sets: Vec<Vec<(u32, SocketAddr)>>,
+    pin_path: std::path::PathBuf,
+    frontend: (Frontend, FrontendSpec, u32),
+    backends: BTreeMap<u32, BackendEntry>,
+    config: MaglevConfig,
+}
+
+/// Makes set `g % 3` the frontend's table for g = 1, 2, ... through the
+/// agent's `MaglevSync` (its own handle on the pinned maps), publishing g
+/// once the swap is done.
+fn spawn_swapper(s: Swapper) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut maps = Maps::open_pinned(&s.pin_path).expect("open pins");
+        let mut maglev = MaglevSync::new(s.config);
+        let (fe, spec, rev_nat) = s.frontend;
+        let specs = BTreeMap::from([(fe, spec)]);
+        let mut next = 1u32;
+        while !s.stop.load(Ordering::Relaxed) && next < 100_000 {
+            let set = &s.sets[(next % 3) as usize];
+            let state = DatapathState {
+                frontends: BTreeMap::from([(
+                    fe,
+                    FrontendState {
+                        rev_nat_id: rev_nat,
+                        slots: set.iter().map(|(id, _)| *id).collect(),
+                        flags: svc_flags::CLUSTER_IP,
+                        affinity_timeout_s: 0,
+                    },
+                )]),
+                backends: s.backends.clone(),
+                ..DatapathState::default()
+            };
+            let outcome = maglev.sync(&state, &specs, maps.maglev());
+            assert_eq!((outcome.tables_written, outcome.failures), (1, 0));
+            s.generation.store(next, Ordering::SeqCst);
+            next += 1;
+        }
+    })
 }

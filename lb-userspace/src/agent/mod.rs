@@ -6,6 +6,7 @@
 
 mod links;
 mod reconcile;
+mod sockets;
 mod status;
 mod timers;
 
@@ -43,6 +44,9 @@ pub struct AgentConfig {
     pub pin_path: PathBuf,
     /// Address of the metrics/health server.
     pub metrics_addr: SocketAddr,
+    /// Address of kube-proxy's node health server (`/healthz`, `/livez`);
+    /// `None`: not served.
+    pub healthz_addr: Option<SocketAddr>,
     /// Node name, addresses, zone and hairpin sources from the flags.
     pub node: NodeSettings,
     /// Entries per family of the maps sized by flags.
@@ -50,6 +54,8 @@ pub struct AgentConfig {
     /// How often every map is read back and compared with what the agent
     /// wrote (`None`: never).
     pub resync_interval: Option<std::time::Duration>,
+    /// Socket-level load balancing for the node's own sockets.
+    pub socket_lb: crate::datapath::sock::SockLbSettings,
 }
 
 /// The agent could not start.
@@ -117,12 +123,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let loading = {
         let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
         let interfaces = config.interfaces.clone();
-        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, &capacities, &interfaces))
+        let socket_lb = config.socket_lb.clone();
+        tokio::task::spawn_blocking(move || {
+            load_and_attach(&pin_path, &capacities, &interfaces, &socket_lb)
+        })
     };
-    let mut pending = Pending {
-        desired: Desired::new(&config),
-        hooks: Hooks::new(&config),
-    };
+    let mut pending = pending_and_node_health(&config);
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
     let (mut ebpf, maps, attachments, state) = loaded?;
     tracing::info!(
@@ -192,6 +198,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
+}
+
+/// The model and hooks before the maps exist, and kube-proxy's node
+/// health server (`--healthz-bind-address`) on their proxy health.
+fn pending_and_node_health(config: &AgentConfig) -> Pending {
+    let pending = Pending {
+        desired: Desired::new(config),
+        hooks: Hooks::new(config),
+    };
+    if let Some(addr) = config.healthz_addr {
+        tokio::spawn(http::node_health::run(addr, pending.hooks.proxy_health()));
+    }
+    pending
 }
 
 /// A read-only handle of its own on the pinned maps, for the scrapes and

@@ -18,7 +18,7 @@ use crate::{
     http::healthcheck::HealthServers,
     model,
     node::{self, NodeSettings},
-    plan::{self, DatapathState, PlanIndex},
+    plan::{self, DatapathState, Op, PlanIndex},
     source::{
         self, Changes, Snapshot, SourceSpec, SourceUpdate,
         kube::{EventReporter, TriggerTimes},
@@ -67,6 +67,9 @@ pub(super) struct Hooks {
     pending_trigger_times: Vec<SystemTime>,
     /// The Maglev tables written (`--lb-algorithm`, `--maglev-external`).
     maglev: MaglevSync,
+    /// Destroys the node's connected UDP sockets whose backend left
+    /// (socket-level load balancing on).
+    sockets: Option<super::sockets::Reaper>,
 }
 
 impl Hooks {
@@ -83,7 +86,16 @@ impl Hooks {
             datapath_config: None,
             health: HealthServers::default(),
             maglev: MaglevSync::new(config.capacities.maglev),
+            sockets: (config.socket_lb.mode != crate::datapath::sock::SockLbMode::Off)
+                .then(|| super::sockets::Reaper::new(&config.pin_path)),
         }
+    }
+}
+
+impl Hooks {
+    /// The agent's proxy health, for the node health server.
+    pub(super) fn proxy_health(&self) -> Arc<Mutex<crate::http::node_health::ProxyHealth>> {
+        self.health.proxy_health()
     }
 }
 
@@ -297,6 +309,9 @@ impl Reconciler {
     /// One update from the source: a sync, or (while more follow) only into
     /// the model.
     pub(super) fn on_update(&mut self, update: SourceUpdate) {
+        if !matches!(update, SourceUpdate::Stale(_)) {
+            lock(&self.pending.hooks.proxy_health()).queued(Instant::now());
+        }
         match update {
             SourceUpdate::Snapshot(snapshot) => {
                 self.sync(Some(Input::Snapshot(Box::new(snapshot))));
@@ -345,6 +360,10 @@ impl Reconciler {
             None => None,
         };
         let node = self.node_context();
+        lock(&self.pending.hooks.proxy_health()).set_node(
+            self.pending.desired.node.as_ref(),
+            !self.pending.hooks.node_name.is_empty(),
+        );
         let changes = self.pending.desired.model.commit();
         self.write_node_config(&node);
         let hooks = &mut self.pending.hooks;
@@ -384,6 +403,14 @@ impl Reconciler {
             lock(&self.maps).maglev(),
         );
         failures += maglev.failures;
+        if let Some(reaper) = &self.pending.hooks.sockets
+            && plan
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }))
+        {
+            reaper.after_backend_change(&state);
+        }
         let unfit = shortfall.services(desired.model.frontends(), &plan.ops);
         if !shortfall.is_empty() {
             shortfall.log(&unfit);
@@ -457,6 +484,7 @@ impl Reconciler {
             shared.syncs += 1;
             shared.ready = true;
             shared.not_ready_reason.clear();
+            lock(&self.pending.hooks.proxy_health()).updated(written);
             return writes;
         }
         shared.sync_errors += 1;

@@ -321,16 +321,15 @@ impl MaglevSync {
             {
                 continue;
             }
-            let row = match self.assigned.get(&rev_nat_id) {
-                Some(a) => a.table * ROWS_PER_TABLE + (a.active + 1) % ROWS_PER_TABLE,
-                None => match self.take_table(capacity) {
-                    Some(table) => table * ROWS_PER_TABLE,
-                    None => {
-                        wanted.remove(&rev_nat_id);
-                        outcome.without_table.push(*frontend);
-                        continue;
-                    }
-                },
+            // The inactive row of the frontend's table, or a new table.
+            let row = if let Some(a) = self.assigned.get(&rev_nat_id) {
+                a.table * ROWS_PER_TABLE + (a.active + 1) % ROWS_PER_TABLE
+            } else if let Some(table) = self.take_table(capacity) {
+                table * ROWS_PER_TABLE
+            } else {
+                wanted.remove(&rev_nat_id);
+                outcome.without_table.push(*frontend);
+                continue;
             };
             let table = maglev::build_table(seed, &backends, size);
             let written = maps

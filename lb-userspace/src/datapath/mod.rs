@@ -7,3 +7,4 @@ pub mod capacity;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod sock;

@@ -207,7 +207,7 @@ fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mu
     if let Ok(reasons) = maps.reason_counts() {
         registry.register(
             "lb_datapath_packets",
-            "Packets seen by the TC program, by verdict reason",
+            "Packets seen by the TC program, and calls the socket programs translated or refused (sock_*), by verdict reason",
             ByLabel::counters("reason", reasons),
         );
     }

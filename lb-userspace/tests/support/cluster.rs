@@ -96,13 +96,15 @@ pub(crate) fn service(name: &str, n: u8, type_: &str, ports: &[SvcPort]) -> Serv
     super::manifests::service(name, type_, &vip(n).both(), ports)
 }
 
-/// An endpoint of a slice: the pod, its conditions, its zone and zone hint.
+/// An endpoint of a slice: the pod, its conditions, its zone and zone
+/// hint, and whether it is hinted for its own node (`PreferSameNode`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ep {
     pod: &'static str,
     cond: Cond,
     zone: Option<&'static str>,
     hint: Option<&'static str>,
+    node_hint: bool,
 }
 
 pub(crate) const fn ep(pod: &'static str, cond: Cond) -> Ep {
@@ -111,6 +113,7 @@ pub(crate) const fn ep(pod: &'static str, cond: Cond) -> Ep {
         cond,
         zone: None,
         hint: None,
+        node_hint: false,
     }
 }
 
@@ -123,6 +126,15 @@ impl Ep {
         Self {
             zone: Some(zone),
             hint,
+            ..self
+        }
+    }
+
+    /// Hinted for the node it runs on, as the `EndpointSlice` controller
+    /// does for `trafficDistribution: PreferSameNode`.
+    pub(crate) const fn same_node(self) -> Self {
+        Self {
+            node_hint: true,
             ..self
         }
     }
@@ -340,7 +352,9 @@ impl Cluster {
     fn start_agent(&mut self, i: usize) {
         let node = &self.topo.nodes[i];
         let mut cmd = ns_command(node.ns(), lb_binary());
+        // No socket programs: they would attach to the machine's cgroup root.
         cmd.arg("agent")
+            .arg("--socket-lb=off")
             .arg("--source")
             .arg(self.manifests.source())
             .arg("--attach")
@@ -464,10 +478,13 @@ impl Cluster {
             .map(|&family| {
                 let endpoints = eps.iter().map(|e| {
                     let host = self.pod(e.pod);
-                    let endpoint = e
-                        .cond
-                        .endpoint(host.addr.get(family))
-                        .node(self.topo.nodes[host.node].name);
+                    let node = self.topo.nodes[host.node].name;
+                    let endpoint = e.cond.endpoint(host.addr.get(family)).node(node);
+                    let endpoint = if e.node_hint {
+                        endpoint.node_hints([node])
+                    } else {
+                        endpoint
+                    };
                     let endpoint = match e.zone {
                         Some(zone) => endpoint.zone(zone),
                         None => endpoint,
