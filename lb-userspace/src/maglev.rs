@@ -180,7 +180,11 @@ impl Cursor {
     fn next_free(&mut self, table: &[u32], m: u64) -> usize {
         loop {
             let slot = self.position as usize;
-            self.position = (self.position + self.skip) % m;
+            // Both below m: a subtraction, not a division, per probe.
+            self.position += self.skip;
+            if self.position >= m {
+                self.position -= m;
+            }
             if table[slot] == u32::MAX {
                 return slot;
             }
