@@ -68,6 +68,22 @@ pub mod map_names {
     /// Session affinity of the node's sockets (LRU), per network namespace:
     /// `SockAffinityKey` -> `AffinityEntry`.
     pub const SOCK_AFFINITY: &str = "LB_SK_AFF_V1";
+    /// Maglev: rev-NAT id -> active table row + 1 (0: no table, the
+    /// frontend's slots decide). Array of `u32`.
+    pub const MAGLEV_REFS: &str = "LB_MGLV_REF_V1";
+    /// Maglev tables: row `r` is entries `r * M .. (r + 1) * M` (M: the
+    /// global `maglev::TABLE_SIZE_GLOBAL`), each a backend id. Array of `u32`.
+    pub const MAGLEV_TABLES: &str = "LB_MGLV_TBL_V1";
+}
+
+/// Maglev consistent hashing (`--lb-algorithm`, `--maglev-table-size`).
+pub mod maglev {
+    /// Name of the read-only global (a `u32` in the object's `.rodata`)
+    /// the loader sets to the table size M; 0: Maglev off, no lookup.
+    pub const TABLE_SIZE_GLOBAL: &str = "MAGLEV_TABLE_SIZE";
+    /// Rows per table: the active one and the one the next table is
+    /// written into before the frontend's row reference moves to it.
+    pub const ROWS_PER_TABLE: u32 = 2;
 }
 
 /// Program names as they appear in the object file and in the kernel.

@@ -69,7 +69,8 @@ pub(crate) fn choose_backend_sub<F: Family>(
 }
 
 /// The backend for a new flow: the client's affinity if it has a live one,
-/// else a slot chosen by the flow hash.
+/// else its Maglev table's entry for the flow when it has one, else a
+/// slot chosen by the flow hash.
 #[inline(always)]
 fn choose_backend<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -99,6 +100,9 @@ fn choose_backend<F: Family>(
                 }
             }
         }
+    }
+    if let Some(picked) = crate::maglev::pick::<F>(tuple, frontend) {
+        return Ok(picked);
     }
     let slot = slot_for(F::flow_hash(tuple), frontend.count);
     slot_backend::<F>(tuple.daddr, tuple.dport_be, tuple.proto, slot)

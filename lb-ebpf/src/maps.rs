@@ -48,6 +48,12 @@ pub(crate) static LB6_AFF_V1: LruHashMap<Affinity6Key, AffinityEntry> =
 pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
 pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
+// Maglev (`crate::maglev`): sized by the loader when Maglev is on, one
+// entry each otherwise (an array cannot have none).
+#[map]
+pub(crate) static LB_MGLV_REF_V1: Array<u32> = Array::pinned(1, 0);
+#[map]
+pub(crate) static LB_MGLV_TBL_V1: Array<u32> = Array::pinned(1, 0);
 #[map]
 pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
 #[map]

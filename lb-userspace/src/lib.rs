@@ -13,6 +13,7 @@ pub mod datapath;
 pub mod error;
 pub mod explain;
 pub mod http;
+pub mod maglev;
 pub mod model;
 pub mod net;
 pub mod node;

@@ -213,6 +213,8 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
         "lb-bench",
         "--example",
         "datapath_cost",
+        "--example",
+        "maglev_build",
     ]);
     run(build)?;
     let release = root.join("target").join(profile);
@@ -235,6 +237,14 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
             cmd.arg("--quick");
         }
         stage("datapath", cmd, &mut stages, &mut failed);
+    }
+    if wants("maglev") {
+        let mut cmd = Command::new(release.join("examples/maglev_build"));
+        cmd.arg("--json").arg(dir.join("maglev.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("maglev", cmd, &mut stages, &mut failed);
     }
     if wants("e2e") {
         let mut cmd = Command::new(release.join("lb-bench"));

@@ -13,7 +13,7 @@ use super::{
     timers::{Due, SyncTimers, UNREADY_AFTER_FAILURES},
 };
 use crate::{
-    datapath::{capacity::Shortfall, maps::Maps},
+    datapath::{capacity::Shortfall, maglev::MaglevSync, maps::Maps},
     error::Causes,
     http::healthcheck::HealthServers,
     model,
@@ -65,6 +65,8 @@ pub(super) struct Hooks {
     /// Trigger times of changed slices, observed once their state is in
     /// the maps.
     pending_trigger_times: Vec<SystemTime>,
+    /// The Maglev tables written (`--lb-algorithm`, `--maglev-external`).
+    maglev: MaglevSync,
     /// Destroys the node's connected UDP sockets whose backend left
     /// (socket-level load balancing on).
     sockets: Option<super::sockets::Reaper>,
@@ -83,6 +85,7 @@ impl Hooks {
             node_settings: config.node.clone(),
             datapath_config: None,
             health: HealthServers::default(),
+            maglev: MaglevSync::new(config.capacities.maglev),
             sockets: (config.socket_lb.mode != crate::datapath::sock::SockLbMode::Off)
                 .then(|| super::sockets::Reaper::new(&config.pin_path)),
         }
@@ -387,18 +390,27 @@ impl Reconciler {
         }
         let mut shortfall = Shortfall::default();
         let had_ops = !plan.ops.is_empty();
-        let (writes, failures, sizes) = apply_plan(
+        // Before the writes: a successful `apply_plan` uses the ops up.
+        let backends_changed = plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }));
+        let (writes, mut failures, sizes) = apply_plan(
             &mut plan,
             &mut lock(&self.maps),
             &mut state,
             desired,
             &mut shortfall,
         );
+        // After the plan: a table names only backends already written.
+        let maglev = self.pending.hooks.maglev.sync(
+            &state,
+            desired.model.frontends(),
+            lock(&self.maps).maglev(),
+        );
+        failures += maglev.failures;
         if let Some(reaper) = &self.pending.hooks.sockets
-            && plan
-                .ops
-                .iter()
-                .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }))
+            && backends_changed
         {
             reaper.after_backend_change(&state);
         }

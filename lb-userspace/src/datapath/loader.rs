@@ -137,6 +137,8 @@ pub struct Capacities {
     pub backends: u32,
     /// Conntrack entries per family (`--ct-entries`).
     pub ct_entries: u32,
+    /// Maglev: which frontends get tables, their size and how many.
+    pub maglev: super::maglev::MaglevConfig,
 }
 
 impl Default for Capacities {
@@ -147,6 +149,7 @@ impl Default for Capacities {
             service_slots: limits::MAX_SERVICE_SLOTS,
             backends: limits::DEFAULT_BACKENDS,
             ct_entries: limits::DEFAULT_CT_ENTRIES,
+            maglev: super::maglev::MaglevConfig::default(),
         }
     }
 }
@@ -221,6 +224,17 @@ pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadE
     for (name, wanted) in capacities.by_map() {
         loader.map_max_entries(name, entries_to_use(pin_path, name, wanted));
     }
+    for (name, wanted) in capacities.maglev.map_sizes() {
+        drop_resized_pin(pin_path, name, wanted);
+        loader.map_max_entries(name, wanted);
+    }
+    // 0 keeps Maglev out of the datapath (the verifier drops the lookup).
+    let table_size = if capacities.maglev.enabled() {
+        capacities.maglev.table_size
+    } else {
+        0
+    };
+    loader.override_global(lb_common::maglev::TABLE_SIZE_GLOBAL, &table_size, true);
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })?;
@@ -267,6 +281,20 @@ fn entries_to_use(pin_path: &Path, name: &'static str, wanted: u32) -> u32 {
         );
     }
     pinned
+}
+
+/// Unpins map `name` when it has another size than `wanted`, so that the
+/// load makes it anew: for the Maglev maps, which the first sync rewrites
+/// whole (unlike conntrack or the services, nothing in them is lost).
+fn drop_resized_pin(pin_path: &Path, name: &'static str, wanted: u32) {
+    let pin = pin_path.join(name);
+    let Ok(pinned) = aya::maps::MapInfo::from_pin(&pin).map(|info| info.max_entries()) else {
+        return;
+    };
+    if pinned != wanted {
+        tracing::info!(map = name, pinned, wanted, "maglev map resized: made anew");
+        let _ = std::fs::remove_file(&pin);
+    }
 }
 
 /// The TC program of a loaded object.

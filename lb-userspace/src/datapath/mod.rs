@@ -5,5 +5,6 @@
 mod batch;
 pub mod capacity;
 pub mod loader;
+pub mod maglev;
 pub mod maps;
 pub mod sock;

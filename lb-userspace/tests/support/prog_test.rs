@@ -78,6 +78,11 @@ pub(crate) struct Fixture {
 
 impl Fixture {
     pub(crate) fn new(what: &str) -> Option<Self> {
+        Self::with_capacities(what, &loader::Capacities::default())
+    }
+
+    /// [`Fixture::new`] with the maps sized (and Maglev set) by `capacities`.
+    pub(crate) fn with_capacities(what: &str, capacities: &loader::Capacities) -> Option<Self> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         if !require_privileged(what) {
             return None;
@@ -99,7 +104,7 @@ impl Fixture {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut ebpf = match loader::load(&pin_path) {
+        let mut ebpf = match loader::load_with(&pin_path, capacities) {
             Ok(ebpf) => ebpf,
             Err(error) => {
                 let _ = loader::cleanup(&pin_path, &[]);

@@ -85,6 +85,7 @@ pub struct Maps {
     svc_stats: PerCpuArray<MapData, LbStats>,
     reasons: PerCpuArray<MapData, u64>,
     config: Array<MapData, LbConfig>,
+    maglev: super::maglev::MaglevMaps,
 }
 
 /// One conntrack entry, decoded.
@@ -175,6 +176,10 @@ impl Maps {
             svc_stats: typed(n::SVC_STATS, take(n::SVC_STATS)?, PerCpuArray::try_from)?,
             reasons: typed(n::REASONS, take(n::REASONS)?, PerCpuArray::try_from)?,
             config: typed(n::CONFIG, take(n::CONFIG)?, Array::try_from)?,
+            maglev: super::maglev::MaglevMaps::new(
+                typed(n::MAGLEV_REFS, take(n::MAGLEV_REFS)?, Array::try_from)?,
+                typed(n::MAGLEV_TABLES, take(n::MAGLEV_TABLES)?, Array::try_from)?,
+            ),
         })
     }
 
@@ -184,6 +189,11 @@ impl Maps {
             IpAddr::V4(_) => &mut self.v4,
             IpAddr::V6(_) => &mut self.v6,
         }
+    }
+
+    /// The Maglev tables and references.
+    pub fn maglev(&mut self) -> &mut super::maglev::MaglevMaps {
+        &mut self.maglev
     }
 
     /// Both families' maps.
