@@ -37,6 +37,19 @@ pub(crate) static LB4_CT_V3: LruHashMap<Ct4Key, CtEntry> =
 #[map]
 pub(crate) static LB6_CT_V3: LruHashMap<Ct6Key, CtEntry> =
     LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
+// Flows not answered yet (see `ct`): what a flood of spoofed SYNs fills.
+// Per-CPU lists: a flood churns the lists of the CPUs it arrives on, with
+// no shared lock (see README, "Conntrack").
+#[map]
+pub(crate) static LB4_CT_NEW_V1: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(
+    limits::ct_new_entries(limits::DEFAULT_CT_ENTRIES),
+    map_flags::NO_COMMON_LRU,
+);
+#[map]
+pub(crate) static LB6_CT_NEW_V1: LruHashMap<Ct6Key, CtEntry> = LruHashMap::pinned(
+    limits::ct_new_entries(limits::DEFAULT_CT_ENTRIES),
+    map_flags::NO_COMMON_LRU,
+);
 #[map]
 pub(crate) static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
@@ -48,16 +61,16 @@ pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits
 #[map]
 pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
-pub(crate) static LB_CONFIG_V1: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-static LB_REASONS_V2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V3: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V2.get_ptr_mut(reason) {
+    if let Some(counter) = LB_REASONS_V3.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }

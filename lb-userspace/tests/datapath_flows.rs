@@ -211,8 +211,10 @@ fn membership_is_per_frontend_for_flows_and_affinity() {
             ]
         };
         fx.set_specs(&both(&[shared]));
+        // Two client ports: from one port the two flows' reply tuples would
+        // clash (see `two_frontends_one_client_port_coexist`).
         let to_a = packet(client, 42000, &a, true);
-        let to_b = packet(client, 42000, &b, true);
+        let to_b = packet(client, 42001, &b, true);
         assert_eq!(translated(&mut fx, &to_a, what), shared);
         assert_eq!(translated(&mut fx, &to_b, what), shared);
         fx.set_specs(&both(&[own]));
@@ -299,10 +301,16 @@ fn stale_entry_never_lands_on_another_frontends_backend() {
                 "{what}: the fixture no longer reuses the id"
             );
             // A's stale conntrack entry (UDP; TCP: the follow-up) and its
-            // client's affinity entry both name B's backend now.
+            // client's affinity entry both name B's backend now. The UDP
+            // flow moves to A's endpoint; the TCP segment cannot open a
+            // connection there, so it is refused (a reset, no state).
             let follow = packet(client, 44000, &a, false);
-            let got = translated(&mut fx, &follow, &format!("{what}: stale flow"));
-            assert_eq!(got, own, "{what}: A's flow landed on B's endpoint");
+            if proto == Protocol::Udp {
+                let got = translated(&mut fx, &follow, &format!("{what}: stale flow"));
+                assert_eq!(got, own, "{what}: A's flow landed on B's endpoint");
+            } else {
+                refused(&mut fx, &follow, &format!("{what}: stale flow"));
+            }
             let new = packet(client, 44001, &a, true);
             let got = translated(&mut fx, &new, &format!("{what}: stale affinity"));
             assert_eq!(got, own, "{what}: A's affinity client sent to B's endpoint");

@@ -153,7 +153,7 @@ impl Default for Capacities {
 impl Capacities {
     /// (map name, entries wanted) of every map these capacities size.
     #[must_use]
-    pub fn by_map(&self) -> [(&'static str, u32); 8] {
+    pub fn by_map(&self) -> [(&'static str, u32); 10] {
         use lb_common::map_names as n;
         [
             (n::SERVICES4, self.service_slots),
@@ -168,6 +168,14 @@ impl Capacities {
             (n::REVNAT6, self.services),
             (n::CT4, self.ct_entries),
             (n::CT6, self.ct_entries),
+            (
+                n::CT_NEW4,
+                lb_common::limits::ct_new_entries(self.ct_entries),
+            ),
+            (
+                n::CT_NEW6,
+                lb_common::limits::ct_new_entries(self.ct_entries),
+            ),
         ]
     }
 }

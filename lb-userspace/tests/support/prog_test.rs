@@ -194,5 +194,7 @@ pub(crate) fn node_config() -> LbConfig {
             .parse::<std::net::Ipv6Addr>()
             .unwrap()
             .octets(),
+        // Kept or chosen by `Maps::write_config`.
+        snat_seed: 0,
     }
 }
