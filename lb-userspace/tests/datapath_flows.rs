@@ -16,11 +16,9 @@ use std::net::SocketAddr;
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
 use lb_userspace::plan;
 
-use support::frames::{
-    Frame, TCP_ACK, TCP_PSH, TCP_SYN, assert_port_unreachable, assert_tcp_reset, verify_checksums,
-};
+use support::frames::{Frame, TCP_ACK, TCP_PSH, TCP_SYN};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, VIP4, VIP6, addrs, frontend, spec,
+    BACKENDS4, BACKENDS6, Fixture, VIP4, VIP6, addrs, frontend, refused, spec, translated,
 };
 
 /// The families: service address, client address, backends.
@@ -72,27 +70,6 @@ fn packet(client: &str, sport: u16, frontend: &Frontend, first: bool) -> Frame {
         Protocol::Tcp if first => Frame::tcp(&src, &dst, TCP_SYN),
         Protocol::Tcp => Frame::tcp(&src, &dst, TCP_ACK | TCP_PSH),
         Protocol::Udp => Frame::udp(&src, &dst),
-    }
-}
-
-/// Runs `frame`; asserts it was translated and returns its backend.
-fn translated(fx: &mut Fixture, frame: &Frame, what: &str) -> SocketAddr {
-    let (verdict, out) = fx.run(&frame.bytes());
-    assert_eq!(verdict, TC_ACT_OK, "{what}: not translated");
-    let (_, backend) = verify_checksums(&out);
-    assert_eq!(out, frame.with_dst(backend).bytes(), "{what}: DNAT bytes");
-    backend
-}
-
-/// Runs `frame`; asserts it was refused (a reset for TCP, a port
-/// unreachable for UDP).
-fn refused(fx: &mut Fixture, frame: &Frame, what: &str) {
-    let input = frame.bytes();
-    let (verdict, out) = fx.run(&input);
-    assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: not refused");
-    match frame.proto {
-        Protocol::Tcp => assert_tcp_reset(&out, &input),
-        Protocol::Udp => assert_port_unreachable(&out, &input),
     }
 }
 
