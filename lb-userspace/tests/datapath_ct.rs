@@ -154,7 +154,7 @@ fn two_frontends_one_client_port_coexist_and_both_replies_are_restored() {
             let again = to_backend(&mut fx, &flags(&to_a, data), backend, &what);
             assert_eq!(again, seen_a, "{what}: A's flow kept its source");
             fx.set_specs(&[]);
-        fx.edit_conntrack(&any, &|_| None);
+            fx.edit_conntrack(&any, &|_| None);
             fx.edit_conntrack(&any, &|_| None);
         }
     }
@@ -277,7 +277,7 @@ fn snat_port_stays_with_its_flow_after_the_service_entry_is_gone() {
                 .count();
             assert_eq!(entries, 2, "{what}: one service and one reply entry");
             fx.set_specs(&[]);
-        fx.edit_conntrack(&any, &|_| None);
+            fx.edit_conntrack(&any, &|_| None);
             fx.edit_conntrack(&any, &|_| None);
         }
     }
