@@ -32,10 +32,11 @@ pub mod map_names {
     pub const REVNAT4: &str = "LB4_RNAT_V2";
     /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
     pub const REVNAT6: &str = "LB6_RNAT_V2";
-    /// IPv4 connection tracking (LRU): `Ct4Key` -> `CtEntry`.
-    pub const CT4: &str = "LB4_CT_V3";
-    /// IPv6 connection tracking (LRU): `Ct6Key` -> `CtEntry`.
-    pub const CT6: &str = "LB6_CT_V3";
+    /// IPv4 connection tracking of answered flows (LRU; V4: common LRU
+    /// lists, only answered flows): `Ct4Key` -> `CtEntry`.
+    pub const CT4: &str = "LB4_CT_V4";
+    /// IPv6 connection tracking of answered flows (as `CT4`).
+    pub const CT6: &str = "LB6_CT_V4";
     /// IPv4 flows the backend has not answered yet (LRU, per-CPU lists):
     /// `Ct4Key` -> `CtEntry`. A flow starts here and moves to `CT4` on its
     /// first reply, so that a flood of new flows churns this map only and

@@ -19,8 +19,8 @@ use crate::{
     hash::flow_hash,
     hdr::{ipv4, ipv6},
     maps::{
-        LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2,
-        LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
+        LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2,
+        LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
     reject,
     tc::Packet,
@@ -184,7 +184,7 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<Addr4>, CtEntry> {
-        &LB4_CT_V3
+        &LB4_CT_V4
     }
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKey<Addr4>, CtEntry> {
@@ -272,7 +272,7 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<Addr6>, CtEntry> {
-        &LB6_CT_V3
+        &LB6_CT_V4
     }
     #[inline(always)]
     fn conntrack_new() -> &'static LruHashMap<CtKey<Addr6>, CtEntry> {

@@ -235,7 +235,7 @@ fn entries_to_use(pin_path: &Path, name: &'static str, wanted: u32) -> u32 {
         // Unreadable: the load reports the pin's problem.
         return wanted;
     };
-    // Per-CPU LRU maps (conntrack) round their size up to a multiple of
+    // Per-CPU LRU maps (the maps of new flows) round their size up to a multiple of
     // the CPU count.
     let cpus = aya::util::nr_cpus().map_or(1, std::num::NonZero::get);
     let rounded = wanted.div_ceil(cpus).saturating_mul(cpus);
