@@ -327,20 +327,22 @@ fn new_flow<F: Family>(
     Ok(())
 }
 
-/// Writes or refreshes the reply entry of a flow: on a new flow, and when
-/// the service entry was refreshed or started closing. An entry of this
-/// flow is updated in place (its own flags kept, the service entry's
-/// sticky flags added); a missing or dead one is written anew; a live one
-/// of another flow is left alone. Not inlined: its own stack frame; a
-/// scalar result (`encode_unit`).
+/// Writes or refreshes the reply entry of a flow: on a new flow (`fresh`:
+/// written anew, the tuple being free or this flow's, see `snat`), and
+/// when the service entry was refreshed or started closing. An entry of
+/// this flow is then updated in place (its own flags kept, the service
+/// entry's sticky flags added); a missing or dead one is written anew; a
+/// live one of another flow is left alone. Not inlined: its own stack
+/// frame; a scalar result (`encode_unit`).
 #[inline(never)]
 pub(crate) fn write_reply_entry<F: Family>(
     tuple: &Tuple<F::Addr>,
     flow: &Flow<F>,
     rev_nat_id: u32,
     now: u64,
+    fresh: bool,
 ) -> u64 {
-    encode_unit(reply_entry::<F>(tuple, flow, rev_nat_id, now))
+    encode_unit(reply_entry::<F>(tuple, flow, rev_nat_id, now, fresh))
 }
 
 #[inline(always)]
@@ -349,6 +351,7 @@ fn reply_entry<F: Family>(
     flow: &Flow<F>,
     rev_nat_id: u32,
     now: u64,
+    fresh: bool,
 ) -> Result<(), Verdict> {
     let reply = Tuple {
         saddr: flow.backend.addr,
@@ -359,7 +362,13 @@ fn reply_entry<F: Family>(
     };
     let key = ct_key(&reply, ct_dir::REPLY);
     let map = table::<F>(flow.answered);
-    if let Some(entry) = map.get_ptr_mut(&key) {
+    if fresh {
+        if !flow.answered {
+            // A dead or closing entry of an earlier flow on this tuple in
+            // the main map would shadow the new one's replies.
+            let _ = F::conntrack().remove(&key);
+        }
+    } else if let Some(entry) = map.get_ptr_mut(&key) {
         // SAFETY: map value pointer, read in place.
         let current = unsafe { &*entry };
         if usable(current, tuple.proto, 0, now, flow.answered) {

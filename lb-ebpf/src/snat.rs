@@ -12,7 +12,8 @@
 //! service entry goes first.
 
 use lb_common::{
-    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, reason, svc_flags,
+    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, reason,
+    svc_flags,
 };
 
 use crate::{
@@ -178,7 +179,9 @@ fn holder_in<F: Family>(
     };
     // SAFETY: map value pointer, read in place.
     let entry = unsafe { &*entry };
-    if !ct::usable(entry, reply.proto, 0, now, answered) {
+    // A closing flow's tuple is free for a new one (a new flow is a bare
+    // SYN, which starts a new flow on a closing entry: `ct::usable`).
+    if !ct::usable(entry, reply.proto, 0, now, answered) || entry.flags & ct_flags::CLOSING != 0 {
         FREE
     } else if !ct::owned_by::<F>(entry, reply, client, rev_nat_id) {
         TAKEN

@@ -281,6 +281,7 @@ fn to_backend<F: Family>(
             &flow,
             frontend.rev_nat_id,
             now,
+            !established,
         ))?;
     }
     decode_unit(if F::IS_V4 {

@@ -218,6 +218,29 @@ fn closing_flag_is_sticky_on_both_entries_across_a_refresh() {
             [("service", true, true), ("reply", true, true)],
             "{vip}: the refresh kept the closing flag"
         );
+        // The client reuses its port at once: a bare SYN starts a new flow,
+        // unanswered until the SYN+ACK, then open, not closing.
+        let new_flows = fx.reason("nat_new");
+        to_backend(&mut fx, &syn, backend, vip);
+        assert_eq!(fx.reason("nat_new"), new_flows + 1, "{vip}: port reuse");
+        assert_eq!(
+            states(&fx),
+            [("service", false, false), ("reply", false, false)],
+            "{vip}: the reused port's flow waits for its answer, nothing of the old one left"
+        );
+        reply_restored(
+            &mut fx,
+            &answer(backend, client, Protocol::Tcp),
+            syn.dst,
+            client,
+            vip,
+        );
+        assert_eq!(
+            states(&fx),
+            [("service", true, false), ("reply", true, false)],
+            "{vip}: the new flow is answered and open"
+        );
+        reply_restored(&mut fx, &fin, syn.dst, client, vip);
         // Closing entries live 10 s: after that the client's segment
         // belongs to no flow (a reset) and the backend's to none either.
         fx.age_conntrack(&any, 11);
