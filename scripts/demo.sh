@@ -140,8 +140,10 @@ sleep 0.3
 
 # --- agent ----------------------------------------------------------------
 echo "== starting lb agent in $NODE (attach $IFACES, pins $PIN, log $WORK/agent.log)"
+# --socket-lb=off: the socket programs would attach to this machine's cgroup
+# root; the demo's clients are pods, served by the TC program.
 nsenter --net="/run/netns/$NODE" -- "$LB" agent --source "file:$WORK/manifests" \
-    --attach "$IFACES" --pin-path "$PIN" --metrics-addr "$METRICS" \
+    --attach "$IFACES" --pin-path "$PIN" --metrics-addr "$METRICS" --socket-lb=off \
     >"$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 

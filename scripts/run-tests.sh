@@ -32,6 +32,11 @@ LB_IMAGE_ARCHIVE="$ROOT/target/image/lb-$(sed -n 's/^version = "\(.*\)"/\1/p' Ca
 export LB_IMAGE_ARCHIVE
 cargo xtask image --output "$LB_IMAGE_ARCHIVE"
 
+# Agents started by tests keep the socket programs off (their default would
+# attach them to this machine's cgroup root); tests/harness_socklb.rs asks
+# for them on a child cgroup of its own with an explicit --socket-lb.
+export LB_SOCKET_LB=off
+
 step "cargo test (unit, kube source, deploy, datapath, harness)"
 results="$(mktemp)"
 trap 'rm -f "$results"' EXIT

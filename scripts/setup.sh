@@ -4,7 +4,8 @@
 #   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
 #     and the ARCH-unknown-linux-musl target (cargo xtask image: a static lb)
 #   - LLVM 22 development files and bpf-linker built against them
-#   - iproute2, nsenter (util-linux), socat, curl, bpftool, iperf3 (tests, demo)
+#   - iproute2, nsenter (util-linux), socat, curl, bpftool, iperf3 (tests, demo),
+#     python3 (the socket client of tests/harness_socklb.rs)
 #   - wrk, nginx-light, nftables, iptables, conntrack (cargo xtask bench)
 #   - kubectl (Debian's kubernetes-client) when missing (tests/deploy.rs)
 #   - musl-tools (musl-gcc for ring's C code), skopeo and umoci (cargo xtask
@@ -19,7 +20,7 @@ BPF_LINKER_VERSION="0.13.0"
 LLVM_MAJOR="22"
 APT_PACKAGES=(
   "llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" iproute2 util-linux socat curl
-  bpftool iperf3 procps
+  bpftool iperf3 procps python3
   wrk nginx-light nftables iptables conntrack
   musl-tools skopeo umoci
 )

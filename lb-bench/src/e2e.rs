@@ -434,6 +434,9 @@ fn start_agent(
     cmd.env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .arg("agent")
+        // No socket programs: they would attach to the machine's cgroup
+        // root (the clients here are pods, served by TC).
+        .arg("--socket-lb=off")
         .arg("--source")
         .arg(format!("file:{}", dir.display()))
         .arg("--attach")

@@ -6,11 +6,13 @@
 //! lb-bench run --lb PATH --json FILE [--quick]     e2e + control plane (root)
 //! lb-bench report --dir DIR [--publish DOCS_DIR]  markdown + SVG from DIR/*.json
 //! lb-bench manifests --services N --dir DIR      the run's manifests (profiling)
+//! lb-bench socklb --lb PATH [--json FILE]         socket-LB connects/s vs direct (root)
 //! ```
 
 mod e2e;
 mod report;
 mod rules;
+mod socklb;
 mod stats;
 mod sys;
 mod topo;
@@ -67,6 +69,33 @@ enum Cmd {
         /// Directory to write to (created).
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Socket-level load balancing: new connections per second from a node
+    /// process through a `ClusterIP` against straight to the backend (root).
+    Socklb {
+        /// The `lb` binary.
+        #[arg(long)]
+        lb: PathBuf,
+        /// Where to write the JSON results (else stdout).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Services per run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,10000")]
+        scales: Vec<u32>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3)]
+        secs: u32,
+        /// Rounds (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Internal: the client of `socklb` (run inside its cgroup).
+    #[command(hide = true)]
+    ConnectLoop {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        secs: u32,
     },
     /// Renders the report from a results directory.
     Report {
@@ -130,6 +159,29 @@ fn main() -> anyhow::Result<()> {
             eprintln!("[e2e] wrote {}", json.display());
             Ok(())
         }
+        Cmd::Socklb {
+            lb,
+            json,
+            scales,
+            secs,
+            rounds,
+        } => {
+            sys::install_signal_handlers();
+            let result = socklb::run(&socklb::Settings {
+                lb,
+                scales,
+                secs,
+                rounds,
+            })?;
+            let text = serde_json::to_string_pretty(&result)?;
+            match json {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("write {}", path.display()))?,
+                None => println!("{text}"),
+            }
+            Ok(())
+        }
+        Cmd::ConnectLoop { target, secs } => socklb::connect_loop(target, secs),
         Cmd::Report { dir, publish } => report::render(&dir, publish.as_deref()),
         Cmd::Manifests { services, dir } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;

@@ -58,8 +58,21 @@ pub mod map_names {
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
     /// (V2: the never emitted `drop_no_backend` was removed, which
-    /// renumbered the reasons after it; V3: more reasons, a larger array).
-    pub const REASONS: &str = "LB_REASONS_V3";
+    /// renumbered the reasons after it; V3: two more, `sock_translated` and
+    /// `sock_refused`, so a V2 pin is too small; V4: `reject_no_flow` and
+    /// `drop_snat_exhausted`, larger again).
+    pub const REASONS: &str = "LB_REASONS_V4";
+    /// Socket-level load balancing settings (array of one `SockConfig`).
+    pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
+    /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->
+    /// `SockRevNat4`, what `getpeername()`/`recvmsg()` show instead of the
+    /// backend a socket was sent to.
+    pub const SOCK_REVNAT4: &str = "LB4_SK_RNAT_V1";
+    /// IPv6 socket reverse translation (LRU): `SockRevNat6Key` -> `SockRevNat6`.
+    pub const SOCK_REVNAT6: &str = "LB6_SK_RNAT_V1";
+    /// Session affinity of the node's sockets (LRU), per network namespace:
+    /// `SockAffinityKey` -> `AffinityEntry`.
+    pub const SOCK_AFFINITY: &str = "LB_SK_AFF_V1";
 }
 
 /// Program names as they appear in the object file and in the kernel.
@@ -68,6 +81,41 @@ pub mod prog_names {
     pub const TC_LB: &str = "lb_tc";
     /// Empty TC program: the measurement floor for benchmarks and tests.
     pub const TC_FLOOR: &str = "lb_floor";
+    /// Socket-level load balancing (cgroup `sock_addr` programs): `connect()`.
+    pub const SOCK_CONNECT4: &str = "lb_sock_connect4";
+    /// `connect()` on IPv6 sockets (IPv4-mapped addresses included).
+    pub const SOCK_CONNECT6: &str = "lb_sock_connect6";
+    /// `sendmsg()` with an address on unconnected UDP sockets.
+    pub const SOCK_SENDMSG4: &str = "lb_sock_sendmsg4";
+    /// `sendmsg()` on unconnected IPv6 UDP sockets.
+    pub const SOCK_SENDMSG6: &str = "lb_sock_sendmsg6";
+    /// The source address `recvmsg()` reports, on UDP sockets.
+    pub const SOCK_RECVMSG4: &str = "lb_sock_recvmsg4";
+    /// The source address `recvmsg()` reports, on IPv6 UDP sockets.
+    pub const SOCK_RECVMSG6: &str = "lb_sock_recvmsg6";
+    /// The peer `getpeername()` reports.
+    pub const SOCK_GETPEERNAME4: &str = "lb_sock_peer4";
+    /// The peer `getpeername()` reports, on IPv6 sockets.
+    pub const SOCK_GETPEERNAME6: &str = "lb_sock_peer6";
+    /// Socket release (cgroup `sock` program): drops the socket's reverse
+    /// translation entry.
+    pub const SOCK_RELEASE: &str = "lb_sock_release";
+    /// `bind()` to a `NodePort` on a node address: refused (`--socket-lb-bind-guard`).
+    pub const SOCK_BIND4: &str = "lb_sock_bind4";
+    /// `bind()` on IPv6 sockets.
+    pub const SOCK_BIND6: &str = "lb_sock_bind6";
+}
+
+/// `SockConfig::flags` bits.
+pub mod sock_flags {
+    /// Socket-level load balancing is on; without it every socket program
+    /// lets everything through untouched.
+    pub const ENABLED: u32 = 1 << 0;
+    /// Translate in every network namespace (`--socket-lb=all`); without
+    /// it only sockets of the namespace `SockConfig::netns_cookie` names.
+    pub const ALL_NETNS: u32 = 1 << 1;
+    /// `bind()` to a `NodePort` on a node address fails with `EADDRINUSE`.
+    pub const BIND_GUARD: u32 = 1 << 2;
 }
 
 /// Map creation flags.
@@ -128,6 +176,10 @@ pub mod limits {
     }
     /// Session-affinity entries per family (an LRU).
     pub const AFFINITY_ENTRIES: u32 = 1 << 16;
+    /// Socket reverse-translation entries per family (an LRU): one per
+    /// socket and backend it was sent to; a connected socket's entry is
+    /// removed when the socket is released.
+    pub const SOCK_REVNAT_ENTRIES: u32 = 1 << 18;
     /// Source-range prefixes per family, over all frontends.
     pub const SOURCE_RANGES: u32 = 1 << 14;
     /// Highest backend slot number a service may use (slots 1..=this).
@@ -270,16 +322,23 @@ pub mod reason {
     /// A TCP reset where a reject was due: dropped, a reset is never
     /// answered.
     pub const DROP_RESET_UNANSWERED: u32 = 18;
+    /// A socket's `connect()` or `sendmsg()` to a service was sent to a
+    /// backend (socket-level load balancing; counted per call, not per packet).
+    pub const SOCK_TRANSLATED: u32 = 19;
+    /// A socket's `connect()` or `sendmsg()` to a service without usable
+    /// endpoints (or to a port a `ClusterIP` does not serve) was refused
+    /// with `ECONNREFUSED`.
+    pub const SOCK_REFUSED: u32 = 20;
     /// A TCP segment that cannot open a connection (no SYN, or an ACK
     /// with it) of a flow without conntrack entry: answered with a reset
     /// (RFC 9293), no state created. A reset is dropped instead
     /// (`DROP_RESET_UNANSWERED`).
-    pub const REJECT_NO_FLOW: u32 = 19;
+    pub const REJECT_NO_FLOW: u32 = 21;
     /// Source NAT needed but every candidate port was taken: dropped (the
     /// agent logs it, `lb_snat_exhausted_total`).
-    pub const DROP_SNAT_EXHAUSTED: u32 = 20;
+    pub const DROP_SNAT_EXHAUSTED: u32 = 22;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -302,6 +361,8 @@ pub mod reason {
         "drop_source_range",
         "drop_no_snat",
         "drop_reset_unanswered",
+        "sock_translated",
+        "sock_refused",
         "reject_no_flow",
         "drop_snat_exhausted",
     ];
@@ -525,6 +586,73 @@ pub struct LbConfig {
     pub snat_seed: u32,
 }
 
+/// Socket-level load balancing settings written by the agent (array of one
+/// entry). All zero: off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockConfig {
+    /// Network namespace cookie (`SO_NETNS_COOKIE`) of the namespace whose
+    /// sockets are translated when `sock_flags::ALL_NETNS` is not set: the
+    /// agent's own (the node's).
+    pub netns_cookie: u64,
+    /// `sock_flags::*`.
+    pub flags: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// Socket reverse-translation key over an address `A`: a socket and the
+/// backend it was sent to.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey<A> {
+    /// Socket cookie (`bpf_get_socket_cookie`), native byte order (bytes,
+    /// so that the key stays 4-aligned without padding).
+    pub cookie: [u8; 8],
+    /// Backend address, network order.
+    pub addr: A,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub _pad: u16,
+}
+/// IPv4 socket reverse-translation key.
+pub type SockRevNat4Key = SockRevNatKey<Addr4>;
+/// IPv6 socket reverse-translation key.
+pub type SockRevNat6Key = SockRevNatKey<Addr6>;
+
+/// Socket reverse-translation value over an address `A`: the frontend the
+/// socket asked for.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNat<A> {
+    /// The address the socket asked for (a `ClusterIP`, a node address,
+    /// `127.0.0.1` or `::1` for a `NodePort` on loopback), network order.
+    pub addr: A,
+    /// The port it asked for, network byte order.
+    pub port_be: u16,
+    /// Zero.
+    pub _pad: u16,
+    /// The frontend's rev-NAT id.
+    pub rev_nat_id: u32,
+}
+/// IPv4 socket reverse-translation value.
+pub type SockRevNat4 = SockRevNat<Addr4>;
+/// IPv6 socket reverse-translation value.
+pub type SockRevNat6 = SockRevNat<Addr6>;
+
+/// Session-affinity key of the node's sockets: kube-proxy keys affinity by
+/// client address, which a socket does not have yet at `connect()`; its
+/// network namespace stands for it (as Cilium's socket-LB does).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockAffinityKey {
+    /// Network namespace cookie, native byte order.
+    pub netns_cookie: [u8; 8],
+    /// Frontend (rev-NAT id; unique over both families).
+    pub rev_nat_id: u32,
+}
+
 /// First port of the range used for source NAT (on the node's address,
 /// the loopback address, or the client's own address when its reply tuple
 /// was taken). Below Linux's default ephemeral range (32768-60999), so
@@ -550,6 +678,12 @@ const _: () = assert!(size_of::<SourceRange4>() == 8);
 const _: () = assert!(size_of::<SourceRange6>() == 20);
 const _: () = assert!(size_of::<LbConfig>() == 44);
 const _: () = assert!(size_of::<LbStats>() == 16);
+const _: () = assert!(size_of::<SockConfig>() == 16);
+const _: () = assert!(size_of::<SockRevNat4Key>() == 16);
+const _: () = assert!(size_of::<SockRevNat6Key>() == 28);
+const _: () = assert!(size_of::<SockRevNat4>() == 12);
+const _: () = assert!(size_of::<SockRevNat6>() == 24);
+const _: () = assert!(size_of::<SockAffinityKey>() == 12);
 // Keys and values holding addresses are 4-aligned (no padding added: every
 // size above is a multiple of 4), so that the eBPF side copies addresses
 // word by word instead of byte by byte.
@@ -564,7 +698,7 @@ const _: () = assert!(align_of::<SourceRange4>() == 4 && align_of::<SourceRange6
 mod pod {
     use super::{
         AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, LbConfig, LbKey, LbService, LbStats,
-        MapAddr, RevNat, SourceRange,
+        MapAddr, RevNat, SockAffinityKey, SockConfig, SockRevNat, SockRevNatKey, SourceRange,
     };
     // SAFETY: all are repr(C), Copy, with explicit padding: every bit
     // pattern is valid and no byte is uninitialised. The generic ones only
@@ -576,6 +710,10 @@ mod pod {
     unsafe impl<A: MapAddr> aya::Pod for CtKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for AffinityKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for SourceRange<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for SockRevNatKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for SockRevNat<A> {}
+    unsafe impl aya::Pod for SockAffinityKey {}
+    unsafe impl aya::Pod for SockConfig {}
     unsafe impl aya::Pod for LbService {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for LbStats {}
@@ -611,6 +749,8 @@ mod tests {
             (reason::DROP_SOURCE_RANGE, "drop_source_range"),
             (reason::DROP_NO_SNAT, "drop_no_snat"),
             (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
+            (reason::SOCK_TRANSLATED, "sock_translated"),
+            (reason::SOCK_REFUSED, "sock_refused"),
             (reason::REJECT_NO_FLOW, "reject_no_flow"),
             (reason::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
         ];

@@ -87,8 +87,7 @@ fn choose_backend<F: Family>(
             if now.saturating_sub(last_used_ns) <= timeout_ns {
                 // SAFETY: the value is copied out at once.
                 if let Some(backend) = unsafe { F::backends().get(&backend_id) }
-                    && member_of(backend, frontend)
-                    && backend.flags & backend_flags::TERMINATING == 0
+                    && affinity_usable(backend, frontend)
                 {
                     // Each new connection restarts the timeout, as
                     // kube-proxy's `recent --set` does.
@@ -100,17 +99,34 @@ fn choose_backend<F: Family>(
         }
     }
     let slot = slot_for(F::flow_hash(tuple), frontend.count);
-    let slot_key = svc_key(tuple.daddr, tuple.dport_be, slot, tuple.proto);
+    slot_backend::<F>(tuple.daddr, tuple.dport_be, tuple.proto, slot)
+        .ok_or(Verdict::drop(reason::DROP_BACKEND_MISSING))
+}
+
+/// The backend in slot `slot` of the frontend `daddr:dport_be/l4_proto`
+/// (id and value), `None` when the slot or its backend is missing. Also
+/// used by the socket programs, which pick the slot their own way.
+#[inline(always)]
+pub(crate) fn slot_backend<F: Family>(
+    daddr: F::Addr,
+    dport_be: u16,
+    l4_proto: u8,
+    slot: u16,
+) -> Option<(u32, Backend<F::Addr>)> {
+    let slot_key = svc_key(daddr, dport_be, slot, l4_proto);
     // SAFETY: the value is copied out at once.
-    let Some(slot_value) = (unsafe { F::services().get(&slot_key) }) else {
-        return Err(Verdict::drop(reason::DROP_BACKEND_MISSING));
-    };
-    let backend_id = slot_value.backend_id;
+    let backend_id = unsafe { F::services().get(&slot_key) }?.backend_id;
     // SAFETY: the value is copied out at once.
-    let Some(backend) = (unsafe { F::backends().get(&backend_id) }) else {
-        return Err(Verdict::drop(reason::DROP_BACKEND_MISSING));
-    };
-    Ok((backend_id, *backend))
+    let backend = unsafe { F::backends().get(&backend_id) }?;
+    Some((backend_id, *backend))
+}
+
+/// True when an affinity entry naming `backend` may take a new
+/// connection of `frontend`: the backend is still the frontend's and
+/// takes new flows.
+#[inline(always)]
+pub(crate) fn affinity_usable<A>(backend: &Backend<A>, frontend: &LbService) -> bool {
+    member_of(backend, frontend) && backend.flags & backend_flags::TERMINATING == 0
 }
 
 /// Records the client's backend for session affinity, when the frontend

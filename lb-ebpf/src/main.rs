@@ -1,12 +1,15 @@
-//! TC programs of the lb service load balancer.
+//! TC and cgroup socket programs of the lb service load balancer.
 //!
 //! `lb_tc` runs on ingress of every attached interface: packets addressed to
 //! a service (VIP:port/proto) get their destination translated to a backend
 //! (DNAT), and the backends' replies get their source translated back to the
 //! service (reverse NAT), both tracked in per-family conntrack maps.
 //!
+//! The `lb_sock_*` cgroup programs translate the node's own sockets at
+//! `connect()`/`sendmsg()` and back at `getpeername()`/`recvmsg()` (`sock`).
+//!
 //! This file holds the entry points only; `tc` is the pipeline behind
-//! `lb_tc`. `csum`, `hash`, `tcp_reset` and `verdict` are plain computations: they also
+//! `lb_tc`, `sock` the socket programs' work. `csum`, `hash`, `tcp_reset` and `verdict` are plain computations: they also
 //! build on the host, where their unit tests run (`cargo test -p lb-ebpf`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -49,6 +52,8 @@ mod reject;
 mod skb;
 #[cfg(target_arch = "bpf")]
 mod snat;
+#[cfg(any(target_arch = "bpf", test))]
+mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;
 #[cfg(any(target_arch = "bpf", test))]
@@ -85,6 +90,135 @@ fn lb_tc(ctx: TcContext) -> i32 {
 #[classifier]
 fn lb_floor(_ctx: TcContext) -> i32 {
     verdict::Verdict::pass(reason::PASS_NO_SERVICE).action
+}
+
+// Socket-level load balancing (see `sock`): the cgroup programs. Each
+// returns 1 (go on) or 0 (fail the call with the error it set).
+#[cfg(target_arch = "bpf")]
+use aya_ebpf::{
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
+
+/// `connect()` of an IPv4 socket to a service: to a backend.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(connect4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::forward4(&ctx)
+}
+
+/// `connect()` of an IPv6 socket (IPv4-mapped addresses included).
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(connect6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx)
+}
+
+/// `sendmsg()` with an address on an unconnected IPv4 UDP socket.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(sendmsg4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::forward4(&ctx)
+}
+
+/// `sendmsg()` with an address on an unconnected IPv6 UDP socket.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(sendmsg6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::forward6(&ctx)
+}
+
+/// The source `recvmsg()` reports on an IPv4 UDP socket: the frontend.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(recvmsg4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+/// The source `recvmsg()` reports on an IPv6 UDP socket.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(recvmsg6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// The peer `getpeername()` reports on an IPv4 socket: the frontend.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(getpeername4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+/// The peer `getpeername()` reports on an IPv6 socket.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(getpeername6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// `bind()` of an IPv4 socket to a `NodePort` (`--socket-lb-bind-guard`).
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(bind4)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_bind4(ctx: SockAddrContext) -> i32 {
+    sock::bind4(&ctx)
+}
+
+/// `bind()` of an IPv6 socket to a `NodePort`.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock_addr(bind6)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_bind6(ctx: SockAddrContext) -> i32 {
+    sock::bind6(&ctx)
+}
+
+/// A socket is released: its reverse entry goes.
+#[cfg(target_arch = "bpf")]
+#[cgroup_sock(sock_release)]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

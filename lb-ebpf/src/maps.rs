@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
-    Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SourceRange4,
+    Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SockAffinityKey,
+    SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
     SourceRange6, limits, map_flags, reason,
 };
 
@@ -69,12 +70,12 @@ pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-static LB_REASONS_V3: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V4: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V3.get_ptr_mut(reason) {
+    if let Some(counter) = LB_REASONS_V4.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }
@@ -102,3 +103,18 @@ pub(crate) static LB_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
 /// steps (not pinned: private to one loaded program).
 #[map]
 pub(crate) static LB_PACKET: PerCpuArray<crate::tc::Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket-level load balancing settings (see `sock`).
+#[map]
+pub(crate) static LB_SOCK_CFG_V1: Array<SockConfig> = Array::pinned(1, 0);
+/// What a socket sent to a backend asked for (see `sock`).
+#[map]
+pub(crate) static LB4_SK_RNAT_V1: LruHashMap<SockRevNat4Key, SockRevNat4> =
+    LruHashMap::pinned(limits::SOCK_REVNAT_ENTRIES, 0);
+#[map]
+pub(crate) static LB6_SK_RNAT_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
+    LruHashMap::pinned(limits::SOCK_REVNAT_ENTRIES, 0);
+/// Session affinity of the node's sockets, per network namespace.
+#[map]
+pub(crate) static LB_SK_AFF_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
+    LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);

@@ -10,7 +10,10 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent::{self, AgentConfig},
-    datapath::loader,
+    datapath::{
+        loader,
+        sock::{SockLbMode, SockLbSettings},
+    },
     node::{self, NodeSettings},
     source::{SourceSpec, kube::KubeSourceConfig},
 };
@@ -103,6 +106,25 @@ enum Command {
         /// Source address of hairpin flows, IPv6.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK6)]
         hairpin_ipv6: Ipv6Addr,
+        /// Socket-level load balancing (cgroup programs) for sockets of
+        /// `hostns`: this network namespace only (the node's: pods keep the
+        /// TC path), `all`: every namespace, `off`: none.
+        #[arg(
+            long,
+            value_name = "all|hostns|off",
+            default_value = "hostns",
+            env = "LB_SOCKET_LB"
+        )]
+        socket_lb: SockLbMode,
+        /// cgroup v2 directory the socket programs attach to (default:
+        /// where the cgroup v2 hierarchy is mounted).
+        #[arg(long, value_name = "DIR")]
+        cgroup_root: Option<PathBuf>,
+        /// `bind()` to a `NodePort` on a node address (or to an external
+        /// or load-balancer IP's port) fails with `EADDRINUSE` in the
+        /// namespaces `--socket-lb` translates.
+        #[arg(long)]
+        socket_lb_bind_guard: bool,
     },
     /// Detach the programs and remove every pin.
     Cleanup {
@@ -187,6 +209,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_backends,
             hairpin_ipv4,
             hairpin_ipv6,
+            socket_lb,
+            cgroup_root,
+            socket_lb_bind_guard,
         } => {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
@@ -221,6 +246,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 resync_interval: (resync_interval > 0)
                     .then(|| std::time::Duration::from_secs(resync_interval)),
+                socket_lb: SockLbSettings {
+                    mode: socket_lb,
+                    cgroup_root,
+                    bind_guard: socket_lb_bind_guard,
+                },
             };
             // One malloc arena: the agent's few threads (source reading, BPF
             // loading) would otherwise each keep an arena of freed memory,

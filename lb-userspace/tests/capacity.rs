@@ -134,7 +134,9 @@ impl Lab {
             .expect("open log");
         let err = out.try_clone().expect("clone log");
         let mut cmd = self.ns.command(lb_binary());
+        // No socket programs: they would attach to the machine's cgroup root.
         cmd.arg("agent")
+            .arg("--socket-lb=off")
             .arg("--source")
             .arg(format!("file:{}", self.work.0.join("manifests").display()))
             .args([

@@ -184,6 +184,32 @@ fn rbac_grants_nothing_beyond_reading_and_events() {
     }
 }
 
+/// The host's cgroup v2 root for the socket programs, read-only, where
+/// `--cgroup-root` points.
+#[test]
+fn daemonset_mounts_the_cgroup_root() {
+    let docs = rendered();
+    let ds = one(&docs, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let cgroup = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["hostPath"]["path"] == "/sys/fs/cgroup")
+        .expect("a hostPath volume of /sys/fs/cgroup");
+    let cgroup_mount = c["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == cgroup["name"])
+        .expect("cgroup root mounted");
+    assert_eq!(cgroup_mount["readOnly"], true);
+    let cgroup_root = &one(&docs, "ConfigMap")["data"]["LB_CGROUP_ROOT"];
+    assert_eq!(cgroup_mount["mountPath"], *cgroup_root);
+    assert!(strings(&c["args"]).contains(&"--cgroup-root=$(LB_CGROUP_ROOT)".to_owned()));
+}
+
 #[test]
 fn daemonset_is_unprivileged_and_complete() {
     let docs = rendered();

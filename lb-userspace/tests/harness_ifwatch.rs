@@ -24,7 +24,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -36,8 +35,8 @@ use support::manifests::{Cond, Manifest, ManifestDir, service, slice, sp, suffix
 use support::netns::{sweep_stale_netns, unique_prefix};
 use support::pins::{PinGuard, require_privileged};
 use support::process::{
-    LogOnPanic, METRICS_ADDR, TempDir, lb_binary, metrics_addr, output_with_timeout, require_tools,
-    spawn_logged, wait_until,
+    LogOnPanic, METRICS_ADDR, TempDir, daemonset_capabilities, lb_binary, metrics_addr,
+    output_with_timeout, require_tools, spawn_logged, wait_until, with_only,
 };
 use support::servers::Servers;
 use support::topo::{Family, Pod, node_netns};
@@ -49,38 +48,6 @@ const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 /// How long each step may take.
 const STEP: Duration = Duration::from_secs(5);
-
-/// The capabilities `deploy/daemonset.yaml` adds, as `setpriv` names them.
-fn daemonset_capabilities() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let ds: serde_json::Value = serde_saphyr::from_str(&text).expect("daemonset.yaml parses");
-    let add =
-        &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"];
-    let caps: Vec<String> = add
-        .as_array()
-        .expect("capabilities.add is a list")
-        .iter()
-        .map(|c| c.as_str().expect("capability name").to_lowercase())
-        .collect();
-    assert!(!caps.is_empty(), "the DaemonSet adds capabilities");
-    caps
-}
-
-/// `setpriv` so that CAPS are all the program's capabilities.
-fn with_only(caps: &[String], program: &Path) -> Vec<String> {
-    let mut bounding = String::new();
-    for cap in caps {
-        let _ = write!(bounding, ",+{cap}");
-    }
-    vec![
-        format!("--bounding-set=-all{bounding}"),
-        "--inh-caps=-all".to_owned(),
-        "--".to_owned(),
-        program.display().to_string(),
-    ]
-}
 
 /// The dual-stack `web` Service and its slices with BACKENDS; TRIGGER is
 /// the slices' last-change trigger time annotation.
@@ -161,6 +128,10 @@ fn pods_created_after_the_agent_are_served() {
     let agent_args = |pin_path: &Path| -> Vec<String> {
         vec![
             "agent".into(),
+            // No socket programs: they would attach to the machine's
+            // cgroup root (tests/harness_socklb.rs proves their
+            // capabilities on a child cgroup).
+            "--socket-lb=off".into(),
             "--source".into(),
             manifests.source(),
             "--attach-pattern".into(),

@@ -391,7 +391,9 @@ fn the_unpacked_image_runs_the_agent_until_ready() {
     let log = unpacked.bundle.0.join("agent.log");
     let _log = LogOnPanic(log.clone());
     let mut cmd = ns_command(ns.name(), unpacked.lb());
+    // No socket programs: they would attach to the machine's cgroup root.
     cmd.arg("agent")
+        .arg("--socket-lb=off")
         .args(["--source", &manifests.source()])
         .args(["--attach", "d0", "--node-ip", "198.18.0.1"])
         .args(["--metrics-addr", &metrics_addr().to_string()])

@@ -61,7 +61,9 @@ impl Node {
         let pins = PinGuard::new(TAG, ns.name());
         let log = work.0.join("agent.log");
         let mut cmd = ns.command(lb_binary());
+        // No socket programs: they would attach to the machine's cgroup root.
         cmd.arg("agent")
+            .arg("--socket-lb=off")
             .args(["--source", &manifests.source()])
             .args(["--attach", "d0", "--node-ip", "198.18.0.1"])
             .args(["--metrics-addr", &metrics_addr().to_string()])

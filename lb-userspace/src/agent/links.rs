@@ -9,6 +9,7 @@ use crate::{
     datapath::{
         loader::{self, Attachment},
         maps::Maps,
+        sock::{self, SockLbSettings, SockLbState},
     },
     net::ifwatch::LinkEvent,
     plan::DatapathState,
@@ -22,6 +23,7 @@ pub(super) fn load_and_attach(
     pin_path: &Path,
     capacities: &loader::Capacities,
     interfaces: &[String],
+    socket_lb: &SockLbSettings,
 ) -> Result<Loaded, AgentError> {
     let mut ebpf = loader::load_with(pin_path, capacities)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
@@ -31,6 +33,17 @@ pub(super) fn load_and_attach(
         let how = loader::attach(program, iface, pin_path)?;
         tracing::info!(iface = %iface, attachment = ?how, "attached");
         attachments.push((iface.clone(), how));
+    }
+    // The node's own sockets: without cgroup v2 (or on a kernel that
+    // refuses the programs) the TC path still serves everything else.
+    match sock::setup(&mut ebpf, pin_path, socket_lb) {
+        Ok(SockLbState::Off) => tracing::info!("socket-level load balancing off"),
+        Ok(SockLbState::Attached { .. }) => {}
+        Err(error) => tracing::warn!(
+            error = %Causes(&error),
+            "socket-level load balancing is not available: the node's own sockets are not \
+             translated; the TC path serves everything else"
+        ),
     }
     let state = maps.read_state()?;
     Ok((ebpf, maps, attachments, state))

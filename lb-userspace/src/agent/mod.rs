@@ -7,6 +7,7 @@
 mod links;
 mod reconcile;
 mod snat_watch;
+mod sockets;
 mod status;
 mod timers;
 
@@ -51,6 +52,8 @@ pub struct AgentConfig {
     /// How often every map is read back and compared with what the agent
     /// wrote (`None`: never).
     pub resync_interval: Option<std::time::Duration>,
+    /// Socket-level load balancing for the node's own sockets.
+    pub socket_lb: crate::datapath::sock::SockLbSettings,
 }
 
 /// The agent could not start.
@@ -118,7 +121,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let loading = {
         let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
         let interfaces = config.interfaces.clone();
-        tokio::task::spawn_blocking(move || load_and_attach(&pin_path, &capacities, &interfaces))
+        let socket_lb = config.socket_lb.clone();
+        tokio::task::spawn_blocking(move || {
+            load_and_attach(&pin_path, &capacities, &interfaces, &socket_lb)
+        })
     };
     let mut pending = Pending {
         desired: Desired::new(&config),

@@ -18,7 +18,7 @@ use crate::{
     http::healthcheck::HealthServers,
     model,
     node::{self, NodeSettings},
-    plan::{self, DatapathState, PlanIndex},
+    plan::{self, DatapathState, Op, PlanIndex},
     source::{
         self, Changes, Snapshot, SourceSpec, SourceUpdate,
         kube::{EventReporter, TriggerTimes},
@@ -65,6 +65,9 @@ pub(super) struct Hooks {
     /// Trigger times of changed slices, observed once their state is in
     /// the maps.
     pending_trigger_times: Vec<SystemTime>,
+    /// Destroys the node's connected UDP sockets whose backend left
+    /// (socket-level load balancing on).
+    sockets: Option<super::sockets::Reaper>,
 }
 
 impl Hooks {
@@ -80,6 +83,8 @@ impl Hooks {
             node_settings: config.node.clone(),
             datapath_config: None,
             health: HealthServers::default(),
+            sockets: (config.socket_lb.mode != crate::datapath::sock::SockLbMode::Off)
+                .then(|| super::sockets::Reaper::new(&config.pin_path)),
         }
     }
 }
@@ -374,6 +379,14 @@ impl Reconciler {
             desired,
             &mut shortfall,
         );
+        if let Some(reaper) = &self.pending.hooks.sockets
+            && plan
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }))
+        {
+            reaper.after_backend_change(&state);
+        }
         let unfit = shortfall.services(desired.model.frontends(), &plan.ops);
         if !shortfall.is_empty() {
             shortfall.log(&unfit);

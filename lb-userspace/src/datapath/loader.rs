@@ -415,7 +415,7 @@ fn attach_netlink(program: &mut SchedClassifier, index: u32) -> Result<(), Strin
 /// # Errors
 /// A pin could not be removed.
 pub fn cleanup(pin_path: &Path, ifaces: &[String]) -> io::Result<Vec<String>> {
-    let mut done = Vec::new();
+    let mut done = super::sock::detach_all(pin_path)?;
     let links = pin_path.join("links");
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries.flatten() {

@@ -6,3 +6,4 @@ mod batch;
 pub mod capacity;
 pub mod loader;
 pub mod maps;
+pub mod sock;

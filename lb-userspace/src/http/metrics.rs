@@ -218,7 +218,7 @@ fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mu
         }
         registry.register(
             "lb_datapath_packets",
-            "Packets seen by the TC program, by verdict reason",
+            "Packets seen by the TC program, and calls the socket programs translated or refused (sock_*), by verdict reason",
             ByLabel::counters("reason", reasons),
         );
     }

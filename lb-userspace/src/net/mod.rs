@@ -3,3 +3,4 @@
 
 pub mod ifaddrs;
 pub mod ifwatch;
+pub mod sockdiag;

@@ -340,7 +340,9 @@ impl Cluster {
     fn start_agent(&mut self, i: usize) {
         let node = &self.topo.nodes[i];
         let mut cmd = ns_command(node.ns(), lb_binary());
+        // No socket programs: they would attach to the machine's cgroup root.
         cmd.arg("agent")
+            .arg("--socket-lb=off")
             .arg("--source")
             .arg(self.manifests.source())
             .arg("--attach")

@@ -26,7 +26,7 @@ use super::netns::{Netns, ns_command, sweep_stale_netns, unique_prefix};
 use super::pins::{PinGuard, ServiceView, sweep_stale_pins};
 use super::process::{
     ChildGuard, LogOnPanic, METRICS_ADDR, TempDir, lb_binary, log_note, metrics_addr,
-    require_tools, spawn_logged,
+    require_tools, spawn_logged, with_only,
 };
 use super::servers::Servers;
 use super::topo::{Family, Pod, node_netns};
@@ -220,8 +220,26 @@ impl Lab {
 
     /// Starts the agent and waits until it is ready.
     pub(crate) fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Starts the agent with EXTRA flags and waits until it is ready.
+    pub(crate) fn start_agent_with(&mut self, extra: &[String]) {
+        let cmd = ns_command(self.node_ns(), lb_binary());
+        self.spawn_agent(cmd, extra);
+    }
+
+    /// Starts the agent with CAPS as its only capabilities (`setpriv`) and
+    /// EXTRA flags, and waits until it is ready.
+    pub(crate) fn start_agent_with_caps(&mut self, caps: &[String], extra: &[String]) {
+        let mut cmd = ns_command(self.node_ns(), "setpriv");
+        cmd.args(with_only(caps, &lb_binary()));
+        self.spawn_agent(cmd, extra);
+    }
+
+    /// CMD (the agent's program) with the lab's flags and EXTRA.
+    fn spawn_agent(&mut self, mut cmd: std::process::Command, extra: &[String]) {
         assert!(self.agent.is_none(), "agent already running");
-        let mut cmd = ns_command(self.node_ns(), lb_binary());
         cmd.arg("agent")
             .arg("--source")
             .arg(self.manifests.source())
@@ -230,7 +248,17 @@ impl Lab {
             .arg("--pin-path")
             .arg(&self.pins.path)
             .arg("--metrics-addr")
-            .arg(METRICS_ADDR);
+            .arg(METRICS_ADDR)
+            .args(extra);
+        // The socket programs only where a test asks for them (with its own
+        // child cgroup): by default they would attach to the machine's
+        // cgroup root.
+        if !extra
+            .iter()
+            .any(|a| a == "--socket-lb" || a.starts_with("--socket-lb="))
+        {
+            cmd.arg("--socket-lb=off");
+        }
         self.agent = Some(spawn_logged(&mut cmd, &self.log));
         self.wait_ready();
     }
@@ -273,6 +301,11 @@ impl Lab {
 
     pub(crate) fn services(&self) -> Result<Vec<ServiceView>, String> {
         self.pins.services()
+    }
+
+    /// The agent's pin directory.
+    pub(crate) fn pin_path(&self) -> &std::path::Path {
+        &self.pins.path
     }
 
     /// Polls `lb services --json` until every EXPECT is met (at most 5 s);

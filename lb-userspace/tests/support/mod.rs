@@ -2,7 +2,8 @@
 //! (`netns`), processes and files (`process`), bpffs, pins and the pinned
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
 //! clients and what they observed (`clients`), manifests (`manifests`),
-//! named sub-scenarios (`scenarios`), and the two labs built from them:
+//! named sub-scenarios (`scenarios`), the socket-LB cgroup and client
+//! (`sockclient`), and the two labs built from them:
 //! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
 //! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
 //! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
@@ -29,6 +30,7 @@ pub(crate) mod process;
 pub(crate) mod prog_test;
 pub(crate) mod scenarios;
 pub(crate) mod servers;
+pub(crate) mod sockclient;
 pub(crate) mod topo;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};

@@ -214,3 +214,35 @@ impl Drop for LogOnPanic {
         }
     }
 }
+
+/// The capabilities `deploy/daemonset.yaml` adds, as `setpriv` names them.
+pub(crate) fn daemonset_capabilities() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let ds: serde_json::Value = serde_saphyr::from_str(&text).expect("daemonset.yaml parses");
+    let add =
+        &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"];
+    let caps: Vec<String> = add
+        .as_array()
+        .expect("capabilities.add is a list")
+        .iter()
+        .map(|c| c.as_str().expect("capability name").to_lowercase())
+        .collect();
+    assert!(!caps.is_empty(), "the DaemonSet adds capabilities");
+    caps
+}
+
+/// `setpriv` so that CAPS are all the program's capabilities.
+pub(crate) fn with_only(caps: &[String], program: &std::path::Path) -> Vec<String> {
+    let mut bounding = String::new();
+    for cap in caps {
+        let _ = std::fmt::Write::write_fmt(&mut bounding, format_args!(",+{cap}"));
+    }
+    vec![
+        format!("--bounding-set=-all{bounding}"),
+        "--inh-caps=-all".to_owned(),
+        "--".to_owned(),
+        program.display().to_string(),
+    ]
+}

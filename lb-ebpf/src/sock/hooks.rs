@@ -1,0 +1,512 @@
+//! The socket programs' work over both families (see `sock`).
+
+use core::ptr::{read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns,
+        bpf_set_retval,
+    },
+    maps::LruHashMap,
+    programs::{SockAddrContext, SockContext},
+};
+use lb_common::{
+    Addr4, Addr6, AffinityEntry, Backend, LbService, SockAffinityKey, SockRevNat, SockRevNatKey,
+    reason, sock_flags, svc_flags,
+};
+
+use super::policy::{
+    addr_from_word, addr6_from_words, is_loopback4, is_loopback6, is_v4_mapped, port_from_user,
+    port_to_user, served_protocol, slot_seed, translates, word_from_addr, words_from_addr6,
+};
+use crate::{
+    family::{Family, V4, V6},
+    hash::slot_for,
+    lb,
+    maps::{
+        LB_CONFIG_V2, LB_SK_AFF_V1, LB_SOCK_CFG_V1, LB4_SK_RNAT_V1, LB6_SK_RNAT_V1, count_reason,
+    },
+};
+
+/// `ECONNREFUSED`: what `connect()`/`sendmsg()` to a service without
+/// usable endpoints fails with (`bpf_set_retval` takes it negated).
+pub(crate) const ECONNREFUSED: i32 = 111;
+/// `EADDRINUSE`: what `bind()` to a `NodePort` fails with.
+pub(crate) const EADDRINUSE: i32 = 98;
+/// `AF_INET` (`bpf_sock::family`).
+pub(crate) const AF_INET: u32 = 2;
+/// `AF_INET6`.
+pub(crate) const AF_INET6: u32 = 10;
+
+/// A cgroup program's "go on with the call".
+const ALLOW: i32 = 1;
+/// A cgroup program's "fail the call" (with the error `bpf_set_retval` set).
+const REFUSE: i32 = 0;
+
+/// What a family adds for the socket programs.
+trait SockFamily: Family {
+    /// This family's socket reverse-translation map.
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Self::Addr>, SockRevNat<Self::Addr>>;
+    /// True for the loopback addresses a `NodePort` is reached on.
+    fn is_loopback(addr: &Self::Addr) -> bool;
+}
+
+impl SockFamily for V4 {
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Addr4>, SockRevNat<Addr4>> {
+        &LB4_SK_RNAT_V1
+    }
+    #[inline(always)]
+    fn is_loopback(addr: &Addr4) -> bool {
+        is_loopback4(addr)
+    }
+}
+
+impl SockFamily for V6 {
+    #[inline(always)]
+    fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Addr6>, SockRevNat<Addr6>> {
+        &LB6_SK_RNAT_V1
+    }
+    #[inline(always)]
+    fn is_loopback(addr: &Addr6) -> bool {
+        is_loopback6(addr)
+    }
+}
+
+/// What becomes of a `connect()` or `sendmsg()`.
+enum Forward<A> {
+    /// Not for a service (or not a socket we translate): as asked.
+    Untouched,
+    /// To this backend address and port (network order).
+    To(A, u16),
+    /// Refused with `ECONNREFUSED`: no usable endpoint, or a port the
+    /// `ClusterIP` does not serve.
+    Refuse,
+}
+
+/// `connect()` / `sendmsg()` on an IPv4 socket.
+#[inline(always)]
+pub(crate) fn forward4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context; 4-byte reads, as the verifier wants them.
+    let (ip, port, protocol) = unsafe {
+        (
+            read_volatile(&raw const (*sa).user_ip4),
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    };
+    match forward::<V4>(ctx, addr_from_word(ip), port_from_user(port), protocol) {
+        Forward::Untouched => ALLOW,
+        Forward::Refuse => refuse(ECONNREFUSED),
+        Forward::To(addr, port_be) => {
+            // SAFETY: the context; 4-byte writes.
+            unsafe {
+                write_volatile(&raw mut (*sa).user_ip4, word_from_addr(addr));
+                write_volatile(&raw mut (*sa).user_port, port_to_user(port_be));
+            }
+            count_reason(reason::SOCK_TRANSLATED);
+            ALLOW
+        }
+    }
+}
+
+/// `connect()` / `sendmsg()` on an IPv6 socket; an IPv4-mapped address is
+/// served from the IPv4 maps and stays mapped.
+#[inline(always)]
+pub(crate) fn forward6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let words = read_ip6(ctx);
+    // SAFETY: the context; 4-byte reads.
+    let (port, protocol) = unsafe {
+        (
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    };
+    let port_be = port_from_user(port);
+    let to = if is_v4_mapped(words) {
+        match forward::<V4>(ctx, addr_from_word(words[3]), port_be, protocol) {
+            Forward::Untouched => return ALLOW,
+            Forward::Refuse => return refuse(ECONNREFUSED),
+            Forward::To(addr, port_be) => {
+                let mut mapped = words;
+                mapped[3] = word_from_addr(addr);
+                (mapped, port_be)
+            }
+        }
+    } else {
+        match forward::<V6>(ctx, addr6_from_words(words), port_be, protocol) {
+            Forward::Untouched => return ALLOW,
+            Forward::Refuse => return refuse(ECONNREFUSED),
+            Forward::To(addr, port_be) => (words_from_addr6(&addr), port_be),
+        }
+    };
+    write_ip6(ctx, to.0);
+    // SAFETY: the context; a 4-byte write.
+    unsafe { write_volatile(&raw mut (*sa).user_port, port_to_user(to.1)) };
+    count_reason(reason::SOCK_TRANSLATED);
+    ALLOW
+}
+
+/// `getpeername()` / `recvmsg()` on an IPv4 socket: the backend the
+/// socket was sent to shows as the frontend it asked for.
+#[inline(always)]
+pub(crate) fn reverse4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context; 4-byte reads.
+    let (ip, port) = unsafe {
+        (
+            read_volatile(&raw const (*sa).user_ip4),
+            read_volatile(&raw const (*sa).user_port),
+        )
+    };
+    if let Some((addr, port_be)) = reverse::<V4>(ctx, addr_from_word(ip), port_from_user(port)) {
+        // SAFETY: the context; 4-byte writes.
+        unsafe {
+            write_volatile(&raw mut (*sa).user_ip4, word_from_addr(addr));
+            write_volatile(&raw mut (*sa).user_port, port_to_user(port_be));
+        }
+    }
+    ALLOW
+}
+
+/// `getpeername()` / `recvmsg()` on an IPv6 socket (IPv4-mapped included).
+#[inline(always)]
+pub(crate) fn reverse6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let words = read_ip6(ctx);
+    // SAFETY: the context; a 4-byte read.
+    let port_be = port_from_user(unsafe { read_volatile(&raw const (*sa).user_port) });
+    let found = if is_v4_mapped(words) {
+        reverse::<V4>(ctx, addr_from_word(words[3]), port_be).map(|(addr, port_be)| {
+            let mut mapped = words;
+            mapped[3] = word_from_addr(addr);
+            (mapped, port_be)
+        })
+    } else {
+        reverse::<V6>(ctx, addr6_from_words(words), port_be)
+            .map(|(addr, port_be)| (words_from_addr6(&addr), port_be))
+    };
+    if let Some((words, port_be)) = found {
+        write_ip6(ctx, words);
+        // SAFETY: the context; a 4-byte write.
+        unsafe { write_volatile(&raw mut (*sa).user_port, port_to_user(port_be)) };
+    }
+    ALLOW
+}
+
+/// Socket release: drops the reverse entry of a connected socket (its
+/// peer is the backend it was sent to). Entries of unconnected UDP
+/// sockets, which may have sent to many, are left to the LRU.
+#[inline(always)]
+pub(crate) fn release(ctx: &SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: the context; plain field reads.
+    let (family, port_be) = unsafe {
+        (
+            read_volatile(&raw const (*sk).family),
+            read_volatile(&raw const (*sk).dst_port),
+        )
+    };
+    if port_be == 0 {
+        return ALLOW;
+    }
+    // SAFETY: helper on the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }.to_ne_bytes();
+    if family == AF_INET {
+        // SAFETY: the context; a 4-byte read.
+        let ip = unsafe { read_volatile(&raw const (*sk).dst_ip4) };
+        forget::<V4>(cookie, addr_from_word(ip), port_be);
+    } else if family == AF_INET6 {
+        // SAFETY: the context; 4-byte reads.
+        let words = unsafe {
+            [
+                read_volatile(&raw const (*sk).dst_ip6[0]),
+                read_volatile(&raw const (*sk).dst_ip6[1]),
+                read_volatile(&raw const (*sk).dst_ip6[2]),
+                read_volatile(&raw const (*sk).dst_ip6[3]),
+            ]
+        };
+        if is_v4_mapped(words) {
+            forget::<V4>(cookie, addr_from_word(words[3]), port_be);
+        } else {
+            forget::<V6>(cookie, addr6_from_words(words), port_be);
+        }
+    }
+    ALLOW
+}
+
+/// `bind()` on an IPv4 socket: refused with `EADDRINUSE` when the address
+/// and port are a `NodePort` frontend on a node address (or the wildcard
+/// address with a `NodePort`), so that a host process cannot take a
+/// `NodePort`'s traffic (`--socket-lb-bind-guard`).
+#[inline(always)]
+pub(crate) fn bind4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context; 4-byte reads.
+    let (ip, port, protocol) = unsafe {
+        (
+            read_volatile(&raw const (*sa).user_ip4),
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    };
+    if bind_taken::<V4>(ctx, addr_from_word(ip), port_from_user(port), protocol) {
+        return refuse(EADDRINUSE);
+    }
+    ALLOW
+}
+
+/// `bind()` on an IPv6 socket (IPv4-mapped addresses as IPv4).
+#[inline(always)]
+pub(crate) fn bind6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let words = read_ip6(ctx);
+    // SAFETY: the context; 4-byte reads.
+    let (port, protocol) = unsafe {
+        (
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).protocol),
+        )
+    };
+    let port_be = port_from_user(port);
+    let taken = if is_v4_mapped(words) {
+        bind_taken::<V4>(ctx, addr_from_word(words[3]), port_be, protocol)
+    } else {
+        bind_taken::<V6>(ctx, addr6_from_words(words), port_be, protocol)
+    };
+    if taken {
+        return refuse(EADDRINUSE);
+    }
+    ALLOW
+}
+
+/// True when binding `addr:port_be` would take the port of an external
+/// frontend (a `NodePort` on a node address, an external or load-balancer
+/// IP) in a namespace we translate. The wildcard address stands for the
+/// first node address of the family (the one the agent configures).
+#[inline(always)]
+fn bind_taken<F: SockFamily>(
+    ctx: &SockAddrContext,
+    addr: F::Addr,
+    port_be: u16,
+    protocol: u32,
+) -> bool {
+    if port_be == 0 || !served_protocol(protocol) {
+        return false;
+    }
+    let Some(config) = LB_SOCK_CFG_V1.get(0) else {
+        return false;
+    };
+    // SAFETY: helper on the context.
+    if config.flags & sock_flags::BIND_GUARD == 0
+        || !translates(config, unsafe { bpf_get_netns_cookie(ctx.as_ptr()) })
+    {
+        return false;
+    }
+    let lookup = if F::is_unspecified(&addr) {
+        let Some(node) = LB_CONFIG_V2.get(0) else {
+            return false;
+        };
+        F::node_addr(node)
+    } else {
+        addr
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "TCP or UDP, checked above")]
+    let l4_proto = protocol as u8;
+    // SAFETY: only the flags are read, at once.
+    unsafe { lb::frontend::<F>(lookup, port_be, l4_proto) }
+        .is_some_and(|f| f.flags & svc_flags::EXTERNAL != 0)
+}
+
+/// The decision for a `connect()` / `sendmsg()` to `daddr:dport_be`.
+#[inline(always)]
+fn forward<F: SockFamily>(
+    ctx: &SockAddrContext,
+    daddr: F::Addr,
+    dport_be: u16,
+    protocol: u32,
+) -> Forward<F::Addr> {
+    if !served_protocol(protocol) {
+        return Forward::Untouched;
+    }
+    let Some(config) = LB_SOCK_CFG_V1.get(0) else {
+        return Forward::Untouched;
+    };
+    // SAFETY: helper on the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if !translates(config, netns) {
+        return Forward::Untouched;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "TCP or UDP, checked above")]
+    let l4_proto = protocol as u8;
+    let mut lookup = daddr;
+    // SAFETY: copied out at once.
+    let mut frontend = unsafe { lb::frontend::<F>(daddr, dport_be, l4_proto) }.copied();
+    // A `NodePort` on loopback: served as on the (first) node address.
+    if frontend.is_none()
+        && F::is_loopback(&daddr)
+        && let Some(node) = LB_CONFIG_V2.get(0)
+    {
+        let node = F::node_addr(node);
+        if !F::is_unspecified(&node) {
+            lookup = node;
+            // SAFETY: copied out at once.
+            frontend = unsafe { lb::frontend::<F>(node, dport_be, l4_proto) }.copied();
+        }
+    }
+    let Some(frontend) = frontend else {
+        // A port a `ClusterIP` does not serve: refused, as the TC path does.
+        if lb::is_service_address::<F>(daddr) {
+            return Forward::Refuse;
+        }
+        return Forward::Untouched;
+    };
+    if frontend.count == 0 {
+        return Forward::Refuse;
+    }
+    // SAFETY: helper on the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some((_, backend)) = choose::<F>(&frontend, lookup, dport_be, l4_proto, cookie, netns)
+    else {
+        return Forward::Refuse;
+    };
+    let key = SockRevNatKey {
+        cookie: cookie.to_ne_bytes(),
+        addr: backend.addr,
+        port_be: backend.port_be,
+        _pad: 0,
+    };
+    let value = SockRevNat {
+        addr: daddr,
+        port_be: dport_be,
+        _pad: 0,
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    // Best effort (an LRU): without it the socket still reaches the
+    // backend, only `getpeername()`/`recvmsg()` would show the backend.
+    let _ = F::sock_revnat().insert(&key, &value, 0);
+    Forward::To(backend.addr, backend.port_be)
+}
+
+/// The backend of a new connection: the namespace's affinity if it has a
+/// live one, else a slot (see `policy::slot_seed`).
+#[inline(always)]
+fn choose<F: SockFamily>(
+    frontend: &LbService,
+    daddr: F::Addr,
+    dport_be: u16,
+    l4_proto: u8,
+    cookie: u64,
+    netns: u64,
+) -> Option<(u32, Backend<F::Addr>)> {
+    let affinity = frontend.flags & svc_flags::AFFINITY != 0;
+    let key = SockAffinityKey {
+        netns_cookie: netns.to_ne_bytes(),
+        rev_nat_id: frontend.rev_nat_id,
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if affinity && let Some(entry) = LB_SK_AFF_V1.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; fields read once.
+        let (backend_id, last_used_ns) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+        let timeout_ns = u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
+        if now.saturating_sub(last_used_ns) <= timeout_ns
+            // SAFETY: copied out at once.
+            && let Some(backend) = unsafe { F::backends().get(&backend_id) }
+            && lb::affinity_usable(backend, frontend)
+        {
+            // SAFETY: map value pointer.
+            unsafe { (*entry).last_used_ns = now };
+            return Some((backend_id, *backend));
+        }
+    }
+    // SAFETY: helper without arguments.
+    let seed = slot_seed(
+        u32::from(l4_proto),
+        unsafe { bpf_get_prandom_u32() },
+        cookie,
+    );
+    let chosen = lb::slot_backend::<F>(daddr, dport_be, l4_proto, slot_for(seed, frontend.count))?;
+    if affinity {
+        let entry = AffinityEntry {
+            backend_id: chosen.0,
+            _pad: 0,
+            last_used_ns: now,
+        };
+        let _ = LB_SK_AFF_V1.insert(&key, &entry, 0);
+    }
+    Some(chosen)
+}
+
+/// The frontend a socket asked for, if it was sent to `addr:port_be`.
+#[inline(always)]
+fn reverse<F: SockFamily>(
+    ctx: &SockAddrContext,
+    addr: F::Addr,
+    port_be: u16,
+) -> Option<(F::Addr, u16)> {
+    // SAFETY: helper on the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie: cookie.to_ne_bytes(),
+        addr,
+        port_be,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let value = unsafe { F::sock_revnat().get(&key) }?;
+    Some((value.addr, value.port_be))
+}
+
+/// Drops the reverse entry of `cookie` towards `addr:port_be`.
+#[inline(always)]
+fn forget<F: SockFamily>(cookie: [u8; 8], addr: F::Addr, port_be: u16) {
+    let key = SockRevNatKey {
+        cookie,
+        addr,
+        port_be,
+        _pad: 0,
+    };
+    let _ = F::sock_revnat().remove(&key);
+}
+
+/// Fails the call with `errno` (`bpf_set_retval`, kernel >= 5.18).
+#[inline(always)]
+fn refuse(errno: i32) -> i32 {
+    count_reason(reason::SOCK_REFUSED);
+    // SAFETY: helper with a plain argument.
+    unsafe { bpf_set_retval(-errno) };
+    REFUSE
+}
+
+/// The four words of `user_ip6` (4-byte reads: the verifier allows no
+/// wider ones there).
+#[inline(always)]
+fn read_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context; 4-byte reads.
+    unsafe {
+        [
+            read_volatile(&raw const (*sa).user_ip6[0]),
+            read_volatile(&raw const (*sa).user_ip6[1]),
+            read_volatile(&raw const (*sa).user_ip6[2]),
+            read_volatile(&raw const (*sa).user_ip6[3]),
+        ]
+    }
+}
+
+/// Writes the four words of `user_ip6`.
+#[inline(always)]
+fn write_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context; 4-byte writes.
+    unsafe {
+        write_volatile(&raw mut (*sa).user_ip6[0], words[0]);
+        write_volatile(&raw mut (*sa).user_ip6[1], words[1]);
+        write_volatile(&raw mut (*sa).user_ip6[2], words[2]);
+        write_volatile(&raw mut (*sa).user_ip6[3], words[3]);
+    }
+}

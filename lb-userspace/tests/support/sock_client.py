@@ -1,0 +1,108 @@
+# A client for tests/harness_socklb.rs, run by support/sockclient.rs in the
+# test's child cgroup and node namespace (so that the socket programs see
+# its sockets and nothing else of the test's does). One JSON command per
+# line on stdin, one JSON answer per line on stdout. Addresses with a ':'
+# use an IPv6 socket (IPv4-mapped ones included).
+import errno, json, socket, sys, time
+
+udp_socks = {}
+
+def fam(addr):
+    return socket.AF_INET6 if ':' in addr else socket.AF_INET
+
+def err(e, t0):
+    return {"error": errno.errorcode.get(e.errno, str(e.errno)) if getattr(e, "errno", None) else repr(e),
+            "ms": (time.monotonic() - t0) * 1000}
+
+def tcp(cmd):
+    t0 = time.monotonic()
+    s = socket.socket(fam(cmd["addr"]), socket.SOCK_STREAM)
+    s.settimeout(cmd.get("timeout", 2.0))
+    try:
+        s.connect((cmd["addr"], cmd["port"]))
+        ms = (time.monotonic() - t0) * 1000
+        peer = s.getpeername()[:2]
+        s.sendall(b"hi\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            answer += chunk
+        return {"peer": list(peer), "answer": answer.decode().strip(), "ms": ms}
+    except OSError as e:
+        return err(e, t0)
+    finally:
+        s.close()
+
+def udp(cmd):
+    t0 = time.monotonic()
+    s = socket.socket(fam(cmd["addr"]), socket.SOCK_DGRAM)
+    s.settimeout(cmd.get("timeout", 2.0))
+    try:
+        s.sendto(b"hi\n", (cmd["addr"], cmd["port"]))
+        data, frm = s.recvfrom(512)
+        return {"from": list(frm[:2]), "answer": data.decode().strip(), "ms": (time.monotonic() - t0) * 1000}
+    except OSError as e:
+        return err(e, t0)
+    finally:
+        s.close()
+
+def udp_open(cmd):
+    t0 = time.monotonic()
+    s = socket.socket(fam(cmd["addr"]), socket.SOCK_DGRAM)
+    s.settimeout(cmd.get("timeout", 2.0))
+    try:
+        s.connect((cmd["addr"], cmd["port"]))
+    except OSError as e:
+        s.close()
+        return err(e, t0)
+    udp_socks[cmd["id"]] = s
+    return {"peer": list(s.getpeername()[:2])}
+
+def udp_ask(cmd):
+    t0 = time.monotonic()
+    s = udp_socks[cmd["id"]]
+    try:
+        s.send(b"hi\n")
+        data, frm = s.recvfrom(512)
+        return {"from": list(frm[:2]), "answer": data.decode().strip(), "ms": (time.monotonic() - t0) * 1000}
+    except OSError as e:
+        return err(e, t0)
+
+def udp_close(cmd):
+    udp_socks.pop(cmd["id"]).close()
+    return {}
+
+def tcp_loop(cmd):
+    # COUNT connections, one every INTERVAL_MS: how many got an answer.
+    ok, failed, errors = 0, 0, {}
+    for _ in range(cmd["count"]):
+        r = tcp(cmd)
+        if "answer" in r and r["answer"]:
+            ok += 1
+        else:
+            failed += 1
+            key = r.get("error", "no answer")
+            errors[key] = errors.get(key, 0) + 1
+        time.sleep(cmd["interval_ms"] / 1000)
+    return {"ok": ok, "failed": failed, "errors": errors}
+
+def bind(cmd):
+    t0 = time.monotonic()
+    s = socket.socket(fam(cmd["addr"]), socket.SOCK_DGRAM if cmd.get("udp") else socket.SOCK_STREAM)
+    try:
+        s.bind((cmd["addr"], cmd["port"]))
+        return {"bound": True}
+    except OSError as e:
+        return err(e, t0)
+    finally:
+        s.close()
+
+OPS = {"tcp": tcp, "udp": udp, "udp_open": udp_open, "udp_ask": udp_ask,
+       "udp_close": udp_close, "tcp_loop": tcp_loop, "bind": bind}
+
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    print(json.dumps(OPS[cmd["op"]](cmd)), flush=True)
