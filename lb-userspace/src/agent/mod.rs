@@ -158,9 +158,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
-    let snat_reader = maps_reader.clone();
-    let mut snat_watch = snat_watch::SnatWatch::default();
-    let mut snat_tick = tokio::time::interval(snat_watch::EVERY);
+    snat_watch::spawn(maps_reader.clone());
     let mut reconciler = Reconciler::new(
         maps,
         state,
@@ -192,7 +190,6 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 }
             }
             Some(read) = join(&mut read_back) => reconciler.finish_resync(read),
-            _ = snat_tick.tick() => snat_watch.check(snat_reader.as_deref()),
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }

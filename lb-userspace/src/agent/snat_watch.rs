@@ -3,16 +3,30 @@
 //! per check, so a flood of drops is one line every ten seconds, never
 //! silence and never a line per packet.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use crate::datapath::maps::Maps;
 
+/// Watches the counter for as long as the agent runs, through the agent's
+/// read-only handle on the maps (none: nothing to watch).
+pub(super) fn spawn(maps: Option<Arc<Maps>>) {
+    let Some(maps) = maps else { return };
+    tokio::spawn(async move {
+        let mut watch = SnatWatch::default();
+        let mut tick = tokio::time::interval(EVERY);
+        loop {
+            tick.tick().await;
+            watch.check(&maps);
+        }
+    });
+}
+
 /// How often the counter is read (and so at most how often it is logged).
-pub(super) const EVERY: Duration = Duration::from_secs(10);
+const EVERY: Duration = Duration::from_secs(10);
 
 /// The drop counter's last reading.
 #[derive(Debug, Default)]
-pub(super) struct SnatWatch {
+struct SnatWatch {
     last: Option<u64>,
 }
 
@@ -20,8 +34,7 @@ impl SnatWatch {
     /// Reads the counter; warns when it rose since the last reading (the
     /// first reading after a start only sets the baseline: the pinned
     /// counter may hold drops an earlier agent already logged).
-    pub(super) fn check(&mut self, maps: Option<&Maps>) {
-        let Some(maps) = maps else { return };
+    fn check(&mut self, maps: &Maps) {
         let Ok(reasons) = maps.reason_counts() else {
             return;
         };
