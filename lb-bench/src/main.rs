@@ -10,6 +10,7 @@
 //! ```
 
 mod e2e;
+mod lifecycle;
 mod report;
 mod rules;
 mod socklb;

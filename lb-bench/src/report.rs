@@ -64,6 +64,7 @@ pub fn render(dir: &Path, publish: Option<&Path>) -> anyhow::Result<()> {
         "machine": machine(),
         "datapath": read_json(&dir.join("datapath.json")),
         "e2e": read_json(&dir.join("e2e.json")),
+        "lifecycle": crate::lifecycle::read(dir),
     });
     if all["run"].is_null() {
         all["run"] = json!({});
@@ -284,6 +285,7 @@ fn markdown(all: &Value) -> String {
     datapath_section(&mut md, dp);
     e2e_section(&mut md, e2e);
     control_section(&mut md, e2e);
+    crate::lifecycle::section(&mut md, &all["lifecycle"]);
     md.push_str(NOTES);
     md
 }

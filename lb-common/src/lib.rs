@@ -59,9 +59,10 @@ pub mod map_names {
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
     /// (V2: the never emitted `drop_no_backend` was removed, which
     /// renumbered the reasons after it; V3: two more, `sock_translated` and
-    /// `sock_refused`, so a V2 pin is too small; V4: `reject_no_flow` and
-    /// `drop_snat_exhausted`, larger again).
-    pub const REASONS: &str = "LB_REASONS_V4";
+    /// `sock_refused`, so a V2 pin is too small; V4: one more,
+    /// `drop_no_local_endpoint`; V5: `reject_no_flow` and
+    /// `drop_snat_exhausted`).
+    pub const REASONS: &str = "LB_REASONS_V5";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
     /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->
@@ -219,6 +220,10 @@ pub mod svc_flags {
     /// Marker entry (port 0, protocol 0): the address is a service address,
     /// so TCP/UDP to a port it does not serve is rejected.
     pub const ADDRESS_MARKER: u16 = 1 << 5;
+    /// No backend because a Local traffic policy left none on this node,
+    /// while other nodes have some: new flows are dropped, not rejected
+    /// (kube-proxy's `drop` verdict for that case).
+    pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 6;
 }
 
 /// `Backend::flags` bits: the endpoint's state for its frontend.
@@ -329,16 +334,19 @@ pub mod reason {
     /// endpoints (or to a port a `ClusterIP` does not serve) was refused
     /// with `ECONNREFUSED`.
     pub const SOCK_REFUSED: u32 = 20;
+    /// A new flow to a frontend whose Local traffic policy left it no
+    /// endpoint on this node (others have some): dropped, as kube-proxy.
+    pub const DROP_NO_LOCAL_ENDPOINT: u32 = 21;
     /// A TCP segment that cannot open a connection (no SYN, or an ACK
     /// with it) of a flow without conntrack entry: answered with a reset
     /// (RFC 9293), no state created. A reset is dropped instead
     /// (`DROP_RESET_UNANSWERED`).
-    pub const REJECT_NO_FLOW: u32 = 21;
+    pub const REJECT_NO_FLOW: u32 = 22;
     /// Source NAT needed but every candidate port was taken: dropped (the
     /// agent logs it, `lb_snat_exhausted_total`).
-    pub const DROP_SNAT_EXHAUSTED: u32 = 22;
+    pub const DROP_SNAT_EXHAUSTED: u32 = 23;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -363,6 +371,7 @@ pub mod reason {
         "drop_reset_unanswered",
         "sock_translated",
         "sock_refused",
+        "drop_no_local_endpoint",
         "reject_no_flow",
         "drop_snat_exhausted",
     ];
@@ -751,6 +760,7 @@ mod tests {
             (reason::DROP_RESET_UNANSWERED, "drop_reset_unanswered"),
             (reason::SOCK_TRANSLATED, "sock_translated"),
             (reason::SOCK_REFUSED, "sock_refused"),
+            (reason::DROP_NO_LOCAL_ENDPOINT, "drop_no_local_endpoint"),
             (reason::REJECT_NO_FLOW, "reject_no_flow"),
             (reason::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
         ];

@@ -3,7 +3,7 @@
 //! returns its verdict here; `lb_tc` counts and returns it.
 
 use aya_ebpf::programs::TcContext;
-use lb_common::{Addr4, Addr6, CtEntry, LbService, ct_dir, ct_flags, proto, reason};
+use lb_common::{Addr4, Addr6, CtEntry, LbService, ct_dir, ct_flags, proto, reason, svc_flags};
 
 use crate::{
     ct::{self, Flow},
@@ -259,6 +259,11 @@ fn to_backend<F: Family>(
         // `ct state new` only; established flows to a draining backend of
         // the frontend went on above.
         if frontend.count == 0 {
+            // Unless a Local traffic policy left none here while other
+            // nodes have some: kube-proxy drops those.
+            if frontend.flags & svc_flags::NO_LOCAL_ENDPOINTS != 0 {
+                return Err(Verdict::drop(reason::DROP_NO_LOCAL_ENDPOINT));
+            }
             return F::reject(ctx);
         }
         // A segment that cannot open a connection creates no state: a

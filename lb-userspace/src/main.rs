@@ -65,11 +65,24 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "127.0.0.1:9917")]
         metrics_addr: SocketAddr,
-        /// Node addresses (both families) `NodePort` listens on; the first
-        /// of each family is the source NAT address towards other nodes.
-        /// Default: the Node object's, else this namespace's interfaces'.
+        /// kube-proxy's node health server (`/healthz`, `/livez`), which
+        /// cloud load balancers probe; `0.0.0.0` listens on both families;
+        /// empty: off.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256")]
+        healthz_bind_address: String,
+        /// The node's addresses (both families); the first of each family
+        /// is its primary address: `NodePort` listens there (with
+        /// `--nodeport-addresses primary`) and it is the source NAT address
+        /// towards other nodes. Default: the Node object's (`InternalIP`s
+        /// first), else this namespace's interfaces'.
         #[arg(long = "node-ip", value_name = "IP[,IP...]", value_delimiter = ',')]
         node_ips: Vec<IpAddr>,
+        /// Addresses `NodePort`s listen on, as kube-proxy's flag: `primary`
+        /// (one per family, the node's primary address), or CIDRs (every
+        /// address of this namespace's interfaces inside one; a family with
+        /// no CIDR gets all of its addresses).
+        #[arg(long, value_name = "primary|CIDR[,CIDR...]", default_value = "primary")]
+        nodeport_addresses: node::NodePortAddresses,
         /// This node's topology zone (default: the Node's zone label).
         #[arg(long)]
         zone: Option<String>,
@@ -106,6 +119,12 @@ enum Command {
         /// Source address of hairpin flows, IPv6.
         #[arg(long, default_value_t = node::DEFAULT_LOOPBACK6)]
         hairpin_ipv6: Ipv6Addr,
+        /// Enforce `loadBalancerSourceRanges` on a `LoadBalancer` Service's
+        /// `NodePort`s and external IPs too, not only on its load-balancer
+        /// IPs (kube-proxy's rule, which cloud load balancers that deliver
+        /// to the `NodePort` from their own addresses rely on).
+        #[arg(long)]
+        source_ranges_strict: bool,
         /// Socket-level load balancing (cgroup programs) for sockets of
         /// `hostns`: this network namespace only (the node's: pods keep the
         /// TC path), `all`: every namespace, `off`: none.
@@ -200,7 +219,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             kubeconfig,
             pin_path,
             metrics_addr,
+            healthz_bind_address,
             node_ips,
+            nodeport_addresses,
             zone,
             ct_entries,
             resync_interval,
@@ -209,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_backends,
             hairpin_ipv4,
             hairpin_ipv6,
+            source_ranges_strict,
             socket_lb,
             cgroup_root,
             socket_lb_bind_guard,
@@ -216,9 +238,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
                 addresses: node_ips,
+                nodeport_addresses,
                 zone,
                 loopback4: hairpin_ipv4,
                 loopback6: hairpin_ipv6,
+                source_ranges_strict,
             };
             let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();
@@ -237,6 +261,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 attach_patterns: attach_pattern,
                 pin_path,
                 metrics_addr,
+                healthz_addr: if healthz_bind_address.is_empty() {
+                    None
+                } else {
+                    Some(healthz_bind_address.parse().map_err(|_| {
+                        anyhow!("--healthz-bind-address {healthz_bind_address:?} is not ADDR:PORT")
+                    })?)
+                },
                 node,
                 capacities: loader::Capacities {
                     services: max_services,

@@ -32,9 +32,9 @@ use k8s_openapi::api::core::v1::{
     ServiceStatus, SessionAffinityConfig,
 };
 use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{NodeContext, SERVICE_NAME_LABEL};
@@ -304,6 +304,17 @@ impl ServiceBuilder {
         self
     }
 
+    /// `metadata.creationTimestamp`, in seconds since the epoch.
+    ///
+    /// # Panics
+    ///
+    /// When `seconds` is outside the timestamps `jiff` can hold.
+    pub fn created(mut self, seconds: i64) -> Self {
+        let timestamp = k8s_openapi::jiff::Timestamp::from_second(seconds).expect("a timestamp");
+        self.service.metadata.creation_timestamp = Some(Time(timestamp));
+        self
+    }
+
     /// One `metadata.labels` entry.
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.service
@@ -392,6 +403,16 @@ impl SliceBuilder {
         self
     }
 
+    /// A label besides the service-name one.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.slice
+            .metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(key.to_owned(), value.to_owned());
+        self
+    }
+
     /// Drops the service-name label: a custom slice of no Service.
     pub fn without_service(mut self) -> Self {
         self.slice.metadata.labels = None;
@@ -447,7 +468,7 @@ impl SliceBuilder {
 }
 
 /// Builds one endpoint of a slice. Conditions left unset are absent, as the
-/// API allows (absent `ready` means ready, absent `serving` means `ready`).
+/// API allows (kube-proxy reads an absent `ready` or `serving` as true).
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct EndpointBuilder {
@@ -520,17 +541,33 @@ impl EndpointBuilder {
 
     /// `hints.forZones`.
     pub fn zone_hints<'a>(mut self, zones: impl IntoIterator<Item = &'a str>) -> Self {
-        self.endpoint.hints = Some(EndpointHints {
-            for_zones: Some(
-                zones
-                    .into_iter()
-                    .map(|zone| ForZone {
-                        name: zone.to_owned(),
-                    })
-                    .collect(),
-            ),
-            ..EndpointHints::default()
-        });
+        self.endpoint
+            .hints
+            .get_or_insert_with(EndpointHints::default)
+            .for_zones = Some(
+            zones
+                .into_iter()
+                .map(|zone| ForZone {
+                    name: zone.to_owned(),
+                })
+                .collect(),
+        );
+        self
+    }
+
+    /// `hints.forNodes` (`trafficDistribution: PreferSameNode`).
+    pub fn node_hints<'a>(mut self, nodes: impl IntoIterator<Item = &'a str>) -> Self {
+        self.endpoint
+            .hints
+            .get_or_insert_with(EndpointHints::default)
+            .for_nodes = Some(
+            nodes
+                .into_iter()
+                .map(|node| ForNode {
+                    name: node.to_owned(),
+                })
+                .collect(),
+        );
         self
     }
 
@@ -558,6 +595,7 @@ pub fn node_context<'a>(
             .map(|address| address.parse::<IpAddr>().expect("an IP address"))
             .collect(),
         zone: zone.map(str::to_owned),
+        ..NodeContext::default()
     }
 }
 

@@ -7,11 +7,12 @@
 //! This file: what the program leaves alone (non-IP, truncated headers,
 //! extension headers, fragments, options, other protocols, IPv6 UDP without
 //! a checksum) and what it rejects, with a TCP reset or a port unreachable (a Service
-//! without backends, a port a service address does not serve).
+//! without backends, a port a service address does not serve), or drops (a
+//! Local traffic policy with no endpoint on this node but some elsewhere).
 
 mod support;
 
-use lb_userspace::model::Protocol;
+use lb_userspace::model::{FrontendKind, Protocol};
 
 use support::frames::{
     Frame, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, assert_port_unreachable, assert_tcp_reset,
@@ -19,7 +20,7 @@ use support::frames::{
 };
 use support::prog_test::{
     BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VIP4, VIP6, addrs,
-    frontend,
+    frontend, spec,
 };
 
 #[test]
@@ -212,6 +213,40 @@ fn service_without_backends_rejects_tcp_with_a_reset_and_udp_with_port_unreachab
         assert_eq!(fx.run(&input).0, TC_ACT_SHOT);
     }
     assert_eq!(fx.reason("drop_reset_unanswered"), 2);
+    assert!(fx.conntrack().is_empty());
+}
+
+#[test]
+fn local_policy_without_a_local_endpoint_drops_new_flows() {
+    let Some(mut fx) = Fixture::new("local_policy_without_a_local_endpoint_drops") else {
+        return;
+    };
+    // internalTrafficPolicy Local, the Service's endpoints all on other
+    // nodes: kube-proxy drops ("Traffic to the clusterIP will be
+    // dropped"), where a Service with no endpoints at all is refused.
+    let local_elsewhere = || {
+        let mut spec = spec(FrontendKind::ClusterIp, &[]);
+        spec.internal_local = true;
+        spec.no_local_endpoints = true;
+        spec
+    };
+    fx.set_specs(&[
+        (frontend(VIP4, 80, Protocol::Tcp), local_elsewhere()),
+        (frontend(VIP6, 80, Protocol::Tcp), local_elsewhere()),
+        (frontend(VIP4, 53, Protocol::Udp), local_elsewhere()),
+        (frontend(VIP6, 53, Protocol::Udp), local_elsewhere()),
+    ]);
+    for frame in [
+        Frame::udp("198.18.1.2:40000", "198.19.0.10:53"),
+        Frame::udp("[fd00:1::2]:40000", "[fd00:96::10]:53"),
+        Frame::tcp("198.18.1.2:40000", "198.19.0.10:80", TCP_SYN),
+        Frame::tcp("[fd00:1::2]:40000", "[fd00:96::10]:80", TCP_SYN),
+    ] {
+        let (verdict, _) = fx.run(&frame.bytes());
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(fx.reason("drop_no_local_endpoint"), 4);
+    assert_eq!(fx.reason("reject"), 0);
     assert!(fx.conntrack().is_empty());
 }
 

@@ -1,7 +1,8 @@
 //! The external paths of a Service (issue 3, behaviours 3 and 4): `NodePort`
 //! with externalTrafficPolicy Cluster and Local (and its health check
 //! node port), a `LoadBalancer` ingress IP and external IPs, with
-//! `loadBalancerSourceRanges` enforced on every external path.
+//! `loadBalancerSourceRanges` enforced on the load-balancer IP (and, as
+//! with kube-proxy, not on the `NodePort`s and external IPs).
 //!
 //! Runs on the two-node cluster of `support::cluster` (topology and address
 //! plan are described there): real TCP/UDP clients and servers, IPv4 and
@@ -24,9 +25,9 @@ use serde_json::Value;
 
 use support::clients::{
     assert_nodeport_sources, assert_only, assert_source_preserved, assert_spread, assert_timeout,
-    assert_unanswered, http_get, tcp_batch, tcp_once, udp_batch, udp_once,
+    http_get, http_get_with_headers, tcp_batch, tcp_once, udp_batch, udp_once,
 };
-use support::cluster::{Cluster, DENIED_WAIT, UNANSWERED_WAIT, ext_ip, lb_ip, ready, service, vip};
+use support::cluster::{Cluster, DENIED_WAIT, ext_ip, lb_ip, ready, service, vip};
 use support::manifests::HTTP_DNS;
 use support::pins::require_privileged;
 use support::scenarios::Scenarios;
@@ -34,16 +35,17 @@ use support::serial;
 use support::topo::Family;
 
 /// Checks a kube-proxy style health-check answer. `localEndpoints` counts
-/// local ready endpoint addresses over both families (the model's rule: a
-/// dual-stack pod counts once per family).
+/// the local ready endpoint addresses of the family the probe came in on
+/// (kube-proxy answers from one proxier per family: a dual-stack pod counts
+/// once in each), also sent as `X-Load-Balancing-Endpoint-Weight`.
 fn assert_health(
     what: &str,
-    got: Result<(u16, String), String>,
+    got: Result<(u16, String, String), String>,
     status: u16,
     local: u64,
     name: &str,
 ) {
-    let (code, body) = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let (code, headers, body) = got.unwrap_or_else(|e| panic!("{what}: {e}"));
     eprintln!("{what}: HTTP {code} {body}");
     assert_eq!(code, status, "{what}: HTTP status (body {body})");
     let json: Value = serde_json::from_str(&body)
@@ -58,13 +60,25 @@ fn assert_health(
         Some(name),
         "{what}: service name in {body}"
     );
+    assert_eq!(
+        json["serviceProxyHealthy"].as_bool(),
+        Some(true),
+        "{what}: the agent is in sync: {body}"
+    );
+    assert!(
+        headers
+            .lines()
+            .any(|line| line
+                .eq_ignore_ascii_case(&format!("X-Load-Balancing-Endpoint-Weight: {local}"))),
+        "{what}: X-Load-Balancing-Endpoint-Weight {local} in {headers:?}"
+    );
 }
 
 /// Behaviours 3 and 4: `NodePort` on both nodes' addresses with
 /// externalTrafficPolicy Cluster (source NAT for remote endpoints only) and
 /// Local (node-local endpoints, source preserved, health check); a
 /// `LoadBalancer` ingress IP and an external IP, with source ranges enforced
-/// on every external path of the Service.
+/// on the ingress IP.
 #[test]
 #[expect(
     clippy::too_many_lines,
@@ -144,7 +158,7 @@ fn nodeport_loadbalancer_and_external_ips() {
             },
         );
         sc.run(
-            &format!("{family:?} loadBalancerSourceRanges deny ext2 on every path"),
+            &format!("{family:?} loadBalancerSourceRanges deny ext2 on the LB IP only"),
             || {
                 // Control: through the same node, ext2 reaches the external
                 // IP of a Service without source ranges (np-local: node1's
@@ -153,21 +167,28 @@ fn nodeport_loadbalancer_and_external_ips() {
                 let answers = tcp_batch(&ext2, ext_ip(21).sock(family, 80), 6);
                 assert_only(&what, &answers, &["be1:8080", "be2:8080"]);
                 assert_source_preserved(&what, &answers);
-                for (path, to) in [
-                    ("LB IP", lb_ip(22).sock(family, 80)),
-                    ("external IP", ext_ip(22).sock(family, 80)),
-                    ("node1 NodePort", SocketAddr::new(n1, 30082)),
-                    ("node2 NodePort", SocketAddr::new(n2, 30082)),
-                ] {
-                    assert_timeout(
-                        &format!("{family:?} ext2 -> lb {path} {to} TCP"),
-                        &tcp_once(&ext2, to, DENIED_WAIT),
-                    );
-                }
+                let to = lb_ip(22).sock(family, 80);
+                assert_timeout(
+                    &format!("{family:?} ext2 -> lb LB IP {to} TCP"),
+                    &tcp_once(&ext2, to, DENIED_WAIT),
+                );
                 assert_timeout(
                     &format!("{family:?} ext2 -> lb LB IP UDP"),
                     &udp_once(&ext2, lb_ip(22).sock(family, 53), DENIED_WAIT),
                 );
+                // kube-proxy: "nodeports are not subject to
+                // loadBalancerSourceRanges" (a cloud load balancer delivers
+                // there from its own addresses), nor are external IPs;
+                // `--source-ranges-strict` would guard them.
+                for (path, to) in [
+                    ("external IP", ext_ip(22).sock(family, 80)),
+                    ("node1 NodePort", SocketAddr::new(n1, 30082)),
+                    ("node2 NodePort", SocketAddr::new(n2, 30082)),
+                ] {
+                    let what = format!("{family:?} ext2 -> lb {path} {to} TCP");
+                    let answers = tcp_batch(&ext2, to, 6);
+                    assert_only(&what, &answers, &["be1:8080", "be3:8080"]);
+                }
             },
         );
         sc.run(
@@ -224,20 +245,43 @@ fn nodeport_loadbalancer_and_external_ips() {
             },
         );
         sc.run(
+            &format!("{family:?} node health server (kube-proxy's :10256)"),
+            || {
+                // What cloud load balancers probe for ETP Cluster Services:
+                // the agent is in sync and the node (no Node object with
+                // the file source) is not going away.
+                for (path, node_eligible) in [("/healthz", Some(true)), ("/livez", None)] {
+                    let what = format!("{family:?} ext -> node1:10256{path}");
+                    let (code, body) = http_get(&ext, SocketAddr::new(n1, 10256), path)
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    eprintln!("{what}: HTTP {code} {body}");
+                    assert_eq!(code, 200, "{what}: {body}");
+                    let json: Value = serde_json::from_str(&body)
+                        .unwrap_or_else(|e| panic!("{what}: body not JSON ({e}): {body}"));
+                    assert_eq!(json["healthy"].as_bool(), Some(true), "{what}: {body}");
+                    assert_eq!(
+                        json["nodeEligible"].as_bool(),
+                        node_eligible,
+                        "{what}: {body}"
+                    );
+                }
+            },
+        );
+        sc.run(
             &format!("{family:?} healthCheckNodePort with local endpoints"),
             || {
                 assert_health(
                     &format!("{family:?} health check of node1 from ext"),
-                    http_get(&ext, SocketAddr::new(n1, 32001), "/"),
+                    http_get_with_headers(&ext, SocketAddr::new(n1, 32001), "/"),
                     200,
-                    4,
+                    2,
                     "np-local",
                 );
                 assert_health(
                     &format!("{family:?} health check of node2 from node2"),
-                    http_get(&node2_ns, SocketAddr::new(n2, 32001), "/"),
+                    http_get_with_headers(&node2_ns, SocketAddr::new(n2, 32001), "/"),
                     200,
-                    2,
+                    1,
                     "np-local",
                 );
             },
@@ -255,16 +299,16 @@ fn nodeport_loadbalancer_and_external_ips() {
             || {
                 assert_health(
                     &format!("{family:?} health check of node2 without local endpoints"),
-                    http_get(&node2_ns, SocketAddr::new(n2, 32001), "/"),
+                    http_get_with_headers(&node2_ns, SocketAddr::new(n2, 32001), "/"),
                     503,
                     0,
                     "np-local",
                 );
                 assert_health(
                     &format!("{family:?} health check of node1 after the change"),
-                    http_get(&ext, SocketAddr::new(n1, 32001), "/"),
+                    http_get_with_headers(&ext, SocketAddr::new(n1, 32001), "/"),
                     200,
-                    4,
+                    2,
                     "np-local",
                 );
             },
@@ -273,9 +317,10 @@ fn nodeport_loadbalancer_and_external_ips() {
             &format!("{family:?} ETP Local NodePort without local endpoints"),
             || {
                 lab.expect_slots(1, n2, 30081, "TCP", &[]);
-                assert_unanswered(
+                // Dropped, as kube-proxy does (node1 has endpoints).
+                assert_timeout(
                     &format!("{family:?} ext -> node2 NodePort (no local endpoint)"),
-                    &tcp_once(&ext, SocketAddr::new(n2, 30081), UNANSWERED_WAIT),
+                    &tcp_once(&ext, SocketAddr::new(n2, 30081), DENIED_WAIT),
                 );
                 let what = format!("{family:?} ext -> node1 NodePort (ETP Local) after the change");
                 let answers = tcp_batch(&ext, SocketAddr::new(n1, 30081), 20);

@@ -231,6 +231,35 @@ fn hairpin_skipping_topology_and_type_changes() {
             assert_spread(&what, &answers, &near);
         }
     });
+    sc.run("topology: hints apply whatever the Service asks", || {
+        // kube-proxy reads the hints alone, not the Service's fields.
+        let plain = service("topo", 54, "ClusterIP", &HTTP_DNS);
+        let file = lab.simple("topo", plain, &hinted);
+        lab.apply("topo.json", &file);
+        for family in Family::BOTH {
+            let v = vip(54).get(family);
+            lab.expect_slots(0, v, 80, "TCP", &near);
+            lab.expect_slots(1, v, 80, "TCP", &far);
+        }
+    });
+    sc.run(
+        "topology: PreferSameNode keeps this node's endpoints",
+        || {
+            let same_node =
+                service("topo", 54, "ClusterIP", &HTTP_DNS).traffic_distribution("PreferSameNode");
+            let file = lab.simple("topo", same_node, &hinted.map(Ep::same_node));
+            lab.apply("topo.json", &file);
+            let node1 = ["be1:8080", "be2:8080"];
+            for family in Family::BOTH {
+                let v = vip(54).get(family);
+                lab.expect_slots(0, v, 80, "TCP", &node1);
+                lab.expect_slots(1, v, 80, "TCP", &["be3:8080", "be4:8080"]);
+                let what = format!("{family:?} PreferSameNode from node1");
+                let answers = tcp_batch(&client, vip(54).sock(family, 80), 30);
+                assert_spread(&what, &answers, &node1);
+            }
+        },
+    );
 
     // Type changes of `morph` (53): each agent's whole frontend set is
     // compared (nothing stale), then the client's view.

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: builds in release mode, runs the per-packet runner
-//! (`lb-userspace/examples/datapath_cost.rs`) and the end-to-end and
-//! control-plane benchmarks (`lb-bench`), then renders the report.
+//! (`lb-userspace/examples/datapath_cost.rs`), the end-to-end and
+//! control-plane benchmarks (`lb-bench`) and the lifecycle phases under
+//! load (`lb-userspace/tests/harness_lifecycle*.rs`, run longer), then
+//! renders the report.
 //!
 //! A stage that fails does not stop the others: the report is written with
 //! what was measured, and the task exits non-zero naming the failed stages.
@@ -77,10 +79,96 @@ fn stage(
     );
 }
 
+/// The lifecycle tests the benchmark runs longer.
+const LIFECYCLE_TESTS: [&str; 2] = ["harness_lifecycle", "harness_lifecycle_flood"];
+
+/// Builds `lb-userspace`'s lifecycle tests (release, or dev for QUICK)
+/// and returns the paths of their executables.
+fn lifecycle_tests(root: &Path, quick: bool) -> anyhow::Result<Vec<PathBuf>> {
+    let mut build = cargo();
+    build.current_dir(root).args([
+        "test",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+        "--package",
+        "lb-userspace",
+    ]);
+    for test in LIFECYCLE_TESTS {
+        build.args(["--test", test]);
+    }
+    if !quick {
+        build.arg("--release");
+    }
+    let out = build.output().context("run cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("cargo test --no-run failed ({})", out.status);
+    }
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    LIFECYCLE_TESTS
+        .iter()
+        .map(|test| {
+            messages
+                .iter()
+                .filter(|msg| msg["target"]["name"] == *test)
+                .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+                .with_context(|| format!("cargo named no {test} executable"))
+        })
+        .collect()
+}
+
+/// Runs the lifecycle phases: the same as the test suite's, longer
+/// (`--quick`: shorter); the flood phase too, ignored in the suite while it
+/// fails. Each phase writes DIR/lifecycle-PHASE.json, with the violations
+/// of its proof (if any).
+fn lifecycle_stage(
+    root: &Path,
+    quick: bool,
+    dir: &Path,
+    stages: &mut serde_json::Map<String, serde_json::Value>,
+    failed: &mut Vec<String>,
+) {
+    let tests = match lifecycle_tests(root, quick) {
+        Ok(tests) => tests,
+        Err(error) => {
+            eprintln!("[xtask] lifecycle: cannot build the tests: {error:#}");
+            failed.push("lifecycle".to_owned());
+            return;
+        }
+    };
+    let (scale, changes) = if quick { ("0.5", "30") } else { ("5", "300") };
+    let mut outcome = Vec::new();
+    for (name, test) in LIFECYCLE_TESTS.iter().zip(tests) {
+        let mut cmd = Command::new(test);
+        cmd.args(["--include-ignored", "--test-threads=1", "--nocapture"])
+            .env("LB_LIFECYCLE_OUT", dir)
+            .env("LB_LIFECYCLE_SCALE", scale)
+            .env("LB_LIFECYCLE_CHANGES", changes);
+        stage(name, cmd, stages, &mut outcome);
+    }
+    // A phase whose proof failed still wrote its counts, which the report
+    // shows with the violations: numbers never fail the benchmarks (the
+    // test suite is where they must hold). A phase that wrote nothing did
+    // not run: that is a failure.
+    let missing: Vec<&str> = ["sigkill", "upgrade", "churn", "flood"]
+        .into_iter()
+        .filter(|phase| !dir.join(format!("lifecycle-{phase}.json")).exists())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("[xtask] lifecycle: no results of {}", missing.join(", "));
+        failed.push("lifecycle".to_owned());
+    } else if !outcome.is_empty() {
+        eprintln!("[xtask] lifecycle: proofs failed; their counts are in the report");
+    }
+}
+
 /// Runs the benchmarks.
 ///
 /// # Errors
 /// Not root, the build failed, or a stage failed.
+#[expect(clippy::too_many_lines, reason = "the stages in order, one block each")]
 pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks load eBPF programs and create network namespaces: run as root");
@@ -159,6 +247,10 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
             cmd.arg("--quick");
         }
         stage("e2e", cmd, &mut stages, &mut failed);
+    }
+
+    if wants("lifecycle") {
+        lifecycle_stage(root, quick, &dir, &mut stages, &mut failed);
     }
 
     let run_info = json!({

@@ -36,15 +36,18 @@ enum Task {
     Setup,
     /// Run the benchmarks and write the report (root): per-packet cost
     /// (`BPF_PROG_TEST_RUN`), end to end in network namespaces against
-    /// kube-proxy's rule shapes, control plane. A full run updates
+    /// kube-proxy's rule shapes, control plane, connections under load
+    /// through agent restarts, endpoint changes and a SYN flood. A full run updates
     /// docs/benchmarks.md, docs/benchmarks.json and the plots; every run
     /// keeps its raw results in docs/bench-results/RUN/.
     Bench {
-        /// A smoke run of about a minute and a half (small scales, one
-        /// short round, dev builds); its report stays in docs/bench-results/.
+        /// A smoke run of about two minutes (small scales, one short
+        /// round, short lifecycle phases, dev builds); its report stays in
+        /// docs/bench-results/.
         #[arg(long)]
         quick: bool,
-        /// Only these parts: datapath, e2e (comma-separated; default both).
+        /// Only these parts: datapath, e2e, lifecycle (comma-separated;
+        /// default all).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },

@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub pin_path: PathBuf,
     /// Address of the metrics/health server.
     pub metrics_addr: SocketAddr,
+    /// Address of kube-proxy's node health server (`/healthz`, `/livez`);
+    /// `None`: not served.
+    pub healthz_addr: Option<SocketAddr>,
     /// Node name, addresses, zone and hairpin sources from the flags.
     pub node: NodeSettings,
     /// Entries per family of the maps sized by flags.
@@ -126,10 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             load_and_attach(&pin_path, &capacities, &interfaces, &socket_lb)
         })
     };
-    let mut pending = Pending {
-        desired: Desired::new(&config),
-        hooks: Hooks::new(&config),
-    };
+    let mut pending = pending_and_node_health(&config);
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
     let (mut ebpf, maps, attachments, state) = loaded?;
     tracing::info!(
@@ -200,6 +200,19 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     tracing::info!("stopping; programs, links and maps stay in place");
     Ok(())
+}
+
+/// The model and hooks before the maps exist, and kube-proxy's node
+/// health server (`--healthz-bind-address`) on their proxy health.
+fn pending_and_node_health(config: &AgentConfig) -> Pending {
+    let pending = Pending {
+        desired: Desired::new(config),
+        hooks: Hooks::new(config),
+    };
+    if let Some(addr) = config.healthz_addr {
+        tokio::spawn(http::node_health::run(addr, pending.hooks.proxy_health()));
+    }
+    pending
 }
 
 /// A read-only handle of its own on the pinned maps, for the scrapes and

@@ -89,6 +89,13 @@ impl Hooks {
     }
 }
 
+impl Hooks {
+    /// The agent's proxy health, for the node health server.
+    pub(super) fn proxy_health(&self) -> Arc<Mutex<crate::http::node_health::ProxyHealth>> {
+        self.health.proxy_health()
+    }
+}
+
 /// Model and extras before the maps exist: what the source's first
 /// updates feed while the program loads.
 pub(super) struct Pending {
@@ -299,6 +306,9 @@ impl Reconciler {
     /// One update from the source: a sync, or (while more follow) only into
     /// the model.
     pub(super) fn on_update(&mut self, update: SourceUpdate) {
+        if !matches!(update, SourceUpdate::Stale(_)) {
+            lock(&self.pending.hooks.proxy_health()).queued(Instant::now());
+        }
         match update {
             SourceUpdate::Snapshot(snapshot) => {
                 self.sync(Some(Input::Snapshot(Box::new(snapshot))));
@@ -347,6 +357,10 @@ impl Reconciler {
             None => None,
         };
         let node = self.node_context();
+        lock(&self.pending.hooks.proxy_health()).set_node(
+            self.pending.desired.node.as_ref(),
+            !self.pending.hooks.node_name.is_empty(),
+        );
         let changes = self.pending.desired.model.commit();
         self.write_node_config(&node);
         let hooks = &mut self.pending.hooks;
@@ -460,6 +474,7 @@ impl Reconciler {
             shared.syncs += 1;
             shared.ready = true;
             shared.not_ready_reason.clear();
+            lock(&self.pending.hooks.proxy_health()).updated(written);
             return writes;
         }
         shared.sync_errors += 1;

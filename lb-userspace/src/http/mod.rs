@@ -1,9 +1,10 @@
 //! What the agent serves over HTTP: its own `/healthz`, `/readyz` and
-//! `/metrics`, and a `healthCheckNodePort` listener per Service that asks
-//! for one.
+//! `/metrics`, kube-proxy's node health server (`/healthz`, `/livez`), and
+//! a `healthCheckNodePort` listener per Service that asks for one.
 
 pub mod healthcheck;
 mod metrics;
+pub mod node_health;
 mod server;
 
 use bytes::Bytes;

@@ -7,8 +7,10 @@ use std::net::IpAddr;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use super::service::parse_ip_sloppy;
 use super::{
-    ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, is_ipv4, namespace_of, object_key,
+    ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, for_another_proxy, is_ipv4,
+    namespace_of, object_key,
 };
 
 /// An endpoint's conditions, with Kubernetes' defaults applied.
@@ -16,7 +18,7 @@ use super::{
 pub(super) struct Conditions {
     /// Absent means ready.
     pub(super) ready: bool,
-    /// Absent means the same as `ready`.
+    /// Absent means serving (kube-proxy's reading, whatever `ready` says).
     pub(super) serving: bool,
     /// Absent means not terminating.
     pub(super) terminating: bool,
@@ -32,6 +34,9 @@ pub(super) struct EndpointInfo {
     pub(super) conditions: Conditions,
     /// `hints.forZones` names; empty when there are no hints.
     pub(super) zones: Vec<String>,
+    /// `hints.forNodes` names (`trafficDistribution: PreferSameNode`);
+    /// empty when there are none.
+    pub(super) nodes: Vec<String>,
 }
 
 /// One `EndpointSlice`, validated once however many Service ports use it.
@@ -97,8 +102,12 @@ impl EndpointIndex {
 }
 
 /// The Service a slice belongs to; none for slices not managed for a
-/// Service (custom slices), which are none of ours.
+/// Service (custom slices), and for those of headless Services or handed to
+/// another proxy (kube-proxy's label selector): none of ours.
 pub(super) fn slice_service(meta: &ObjectMeta) -> Option<&str> {
+    if for_another_proxy(meta) {
+        return None;
+    }
     meta.labels
         .as_ref()
         .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
@@ -149,16 +158,16 @@ fn endpoints(
     for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
         let mut first_valid = None;
         for text in &endpoint.addresses {
-            match text.parse::<IpAddr>() {
-                Ok(addr) if is_ipv4(addr) == ipv4 => {
+            match parse_ip_sloppy(text) {
+                Some(addr) if is_ipv4(addr) == ipv4 => {
                     first_valid.get_or_insert(addr);
                 }
-                Ok(addr) => errors.push(ObjectError::for_object(
+                Some(addr) => errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
                     &slice.metadata,
                     format!("address {addr} is not {family} like the slice's addressType; address skipped"),
                 )),
-                Err(_) => errors.push(ObjectError::for_object(
+                None => errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
                     &slice.metadata,
                     format!("address {text:?} is not an IP address; address skipped"),
@@ -169,27 +178,32 @@ fn endpoints(
             continue;
         };
         let conditions = endpoint.conditions.as_ref();
-        // Kubernetes: a nil `ready` means ready, a nil `serving` means the
-        // same as `ready`, a nil `terminating` means not terminating.
-        let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+        // As kube-proxy reads them (endpointslicecache.go): a nil `ready`
+        // or `serving` means true, a nil `terminating` means false.
         let conditions = Conditions {
-            ready,
-            serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
+            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         };
-        let zones = endpoint
-            .hints
-            .as_ref()
+        let hints = endpoint.hints.as_ref();
+        let zones = hints
             .and_then(|hints| hints.for_zones.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|zone| zone.name.clone())
+            .collect();
+        let nodes = hints
+            .and_then(|hints| hints.for_nodes.as_deref())
+            .unwrap_or_default()
+            .iter()
+            .map(|node| node.name.clone())
             .collect();
         endpoints.push(EndpointInfo {
             addr,
             node_name: endpoint.node_name.as_deref().map(Box::from),
             conditions,
             zones,
+            nodes,
         });
     }
     endpoints

@@ -9,7 +9,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::endpoints::{SliceEndpoints, parse_slice, slice_service};
 use super::{
     ENDPOINT_SLICE, Frontend, FrontendSpec, HealthCheck, Model, NodeContext, ObjectError,
-    ObjectKey, SERVICE, ServiceContext, ServiceOutput, conflict, key_of, service_output,
+    ObjectKey, SERVICE, ServiceContext, ServiceOutput, claim_order, key_of, leave_contested,
+    service_output,
 };
 
 /// One stored Service and what it asked for when last computed.
@@ -46,8 +47,8 @@ pub type FrontendChanges = BTreeMap<Frontend, Option<FrontendSpec>>;
 ///
 /// It gives the same frontends, health checks and errors as [`build`](super::build) over
 /// the same objects. Where a change involves two Services claiming one
-/// frontend or health check port (whose outcome depends on the order of
-/// all Services), or the node changes, it recomputes everything.
+/// frontend or health check port (whose outcome depends on the claim order
+/// of all Services), or the node changes, it recomputes everything.
 ///
 /// Slices are kept only in their parsed, compact form.
 pub struct Incremental {
@@ -344,7 +345,7 @@ impl Incremental {
 
     /// Recomputes one uncontested Service in place; false when it shares a
     /// frontend or health check port with another Service (before or after),
-    /// where only a full pass in namespace/name order decides.
+    /// where only a full pass in claim order decides.
     fn recompute(&mut self, key: &ObjectKey, changes: &mut FrontendChanges) -> bool {
         let output = self
             .services
@@ -498,8 +499,8 @@ impl Incremental {
         ))
     }
 
-    /// Every Service in namespace/name order, as [`build`](super::build) does; the
-    /// changes are measured against `before`.
+    /// Every Service in claim order (oldest first), as [`build`](super::build)
+    /// does; the changes are measured against `before`.
     fn recompute_all(&mut self, before: &BTreeMap<Frontend, FrontendSpec>) -> FrontendChanges {
         self.all_dirty = false;
         self.dirty.clear();
@@ -508,6 +509,14 @@ impl Incremental {
             self.unclaim(key);
         }
         self.services.retain(|_, entry| entry.service.is_some());
+        let mut keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
+        let order = |key: &ObjectKey| {
+            self.services
+                .get(key)
+                .and_then(|entry| entry.service.as_deref())
+                .map(|service| claim_order(&service.metadata))
+        };
+        keys.sort_by(|a, b| order(a).cmp(&order(b)));
         self.frontends.clear();
         self.health_checks.clear();
         for key in &keys {
@@ -517,19 +526,14 @@ impl Incremental {
             let (Some(service), Some(mut output)) = (&entry.service, self.output_of(entry)) else {
                 continue;
             };
-            let meta = &service.metadata;
             let claims: Vec<Frontend> = output.frontends.iter().map(|(f, _)| *f).collect();
             let port = output.health_check.as_ref().map(|check| check.port);
-            let accepted = match conflict(claims.iter(), port, &self.frontends, &self.health_checks)
-            {
-                Some(reason) => {
-                    output
-                        .errors
-                        .push(ObjectError::for_object(SERVICE, meta, reason));
-                    false
-                }
-                None => true,
-            };
+            leave_contested(
+                &mut output,
+                &service.metadata,
+                &self.frontends,
+                &self.health_checks,
+            );
             for error in &output.errors {
                 *self.errors.entry(error.clone()).or_default() += 1;
             }
@@ -539,11 +543,9 @@ impl Incremental {
             if let Some(port) = port {
                 *self.port_claims.entry(port).or_default() += 1;
             }
-            if accepted {
-                self.frontends.extend(output.frontends);
-                if let Some(check) = output.health_check {
-                    self.health_checks.insert(check.port, check);
-                }
+            self.frontends.extend(output.frontends);
+            if let Some(check) = output.health_check {
+                self.health_checks.insert(check.port, check);
             }
             if let Some(entry) = self.services.get_mut(key) {
                 entry.claims = claims;

@@ -40,23 +40,23 @@ use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use endpoints::{EndpointIndex, SliceEndpoints};
 pub use incremental::{FrontendChanges, Incremental};
 use select::Selector;
 use service::{PlannedFrontend, parse_service};
+pub use service::{parse_cidr, prefix_contains};
 
 /// Label that hands a Service to another proxy; kube-proxy skips those too.
 pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the `EndpointSlice` controller puts on the slices of a headless
+/// Service (no cluster IP: nothing for a proxy to do).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Label the `EndpointSlice` controller sets to tie a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Namespace of an object that names none, as `kubectl apply` would place it.
 pub const DEFAULT_NAMESPACE: &str = "default";
-/// Service annotation that turns on zone hints (`Auto`).
-const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
-/// The deprecated name of [`TOPOLOGY_MODE_ANNOTATION`], still honoured.
-const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given (3 hours).
 const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The largest `timeoutSeconds` the API accepts (1 day).
@@ -69,8 +69,14 @@ pub struct NodeContext {
     pub name: String,
     /// Node addresses of both families; `NodePort` frontends listen on these.
     pub addresses: Vec<IpAddr>,
-    /// Topology zone, matched against endpoint zone hints.
+    /// Topology zone, matched against endpoint zone hints (`name` is
+    /// matched against node hints).
     pub zone: Option<String>,
+    /// `--source-ranges-strict`: `loadBalancerSourceRanges` also guard the
+    /// Service's `NodePort`s and external IPs. Off (kube-proxy): only its
+    /// load-balancer IPs, as cloud load balancers that deliver to the
+    /// `NodePort` from their own addresses need.
+    pub source_ranges_strict: bool,
 }
 
 /// Everything the datapath must serve, plus what was rejected on the way.
@@ -116,8 +122,7 @@ pub enum FrontendKind {
 }
 
 impl FrontendKind {
-    /// Whether traffic to it is governed by `externalTrafficPolicy` (and,
-    /// for `LoadBalancer` Services, `loadBalancerSourceRanges`).
+    /// Whether traffic to it is governed by `externalTrafficPolicy`.
     #[must_use]
     pub fn is_external(self) -> bool {
         self != Self::ClusterIp
@@ -229,11 +234,18 @@ pub struct FrontendSpec {
     pub external_local: bool,
     /// A `ClusterIP` frontend of a Service with `internalTrafficPolicy: Local`.
     pub internal_local: bool,
+    /// The frontend's Local traffic policy (internal or external) left it
+    /// no endpoint on this node while the Service port has usable ones on
+    /// other nodes: new flows are dropped, not refused, as kube-proxy
+    /// does (a refusal would tell the client the port is closed, when the
+    /// Service is up elsewhere). Without endpoints anywhere: refused.
+    pub no_local_endpoints: bool,
     /// 0: no session affinity; else the `ClientIP` affinity timeout.
     pub affinity_timeout_s: u32,
     /// Client prefixes allowed in, of this frontend's family, with host bits
-    /// cleared; sorted. Empty: everyone. Only external frontends of
-    /// `LoadBalancer` Services have any.
+    /// cleared; sorted. Empty: everyone. Only the load-balancer IPs of
+    /// `LoadBalancer` Services have any (with `--source-ranges-strict`,
+    /// their `NodePort`s and external IPs too).
     pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
@@ -272,16 +284,27 @@ impl fmt::Display for Backend {
 }
 
 /// A `healthCheckNodePort` to serve (Services with
-/// `externalTrafficPolicy: Local`): 200 while `local_endpoints > 0`, else 503.
+/// `externalTrafficPolicy: Local`): 200 while the asking family has local
+/// endpoints (and the agent is in sync), else 503.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     /// `port_name` is empty: the check is per Service.
     pub service: ServiceRef,
     pub port: u16,
-    /// Distinct addresses of this node's ready, non-terminating endpoints
-    /// over all ports and families (kube-proxy fails the check when only
-    /// terminating endpoints are left, so load balancers drain the node).
-    pub local_endpoints: usize,
+    /// Distinct addresses of this node's ready endpoints over all ports,
+    /// per family, IPv4 then IPv6: kube-proxy runs one proxier per family,
+    /// each answering on its family's node addresses, so a dual-stack pod
+    /// counts once in each (and only ready ones count: when only
+    /// terminating endpoints are left, load balancers drain the node).
+    pub local_endpoints: [usize; 2],
+}
+
+impl HealthCheck {
+    /// The local endpoints of one family.
+    #[must_use]
+    pub fn local_endpoints_of(&self, ipv4: bool) -> usize {
+        self.local_endpoints[usize::from(!ipv4)]
+    }
 }
 
 /// An object (or part of one) that was skipped, and why.
@@ -332,8 +355,9 @@ const ENDPOINT_SLICE: &str = "EndpointSlice";
 ///
 /// The result depends only on the set of objects, not their order, except
 /// that of two objects with the same namespace/name the first one wins. Of
-/// two Services that claim one frontend (or health check port), the first by
-/// namespace/name wins and the other is skipped whole.
+/// two Services that claim one frontend (or health check port), the older
+/// (`creationTimestamp`, then namespace/name) serves it; the other keeps
+/// its other frontends and gets an error naming the one it lost.
 #[must_use]
 pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext) -> Model {
     let mut errors = Vec::new();
@@ -345,8 +369,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
     ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
 
     let mut seen = BTreeSet::new();
-    let mut frontends: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
-    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    let mut unique = Vec::with_capacity(ordered.len());
     for service in ordered {
         let meta = &service.metadata;
         let Some(name) = meta.name.as_deref() else {
@@ -357,8 +380,7 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
             ));
             continue;
         };
-        let namespace = namespace_of(meta);
-        if !seen.insert((namespace, name)) {
+        if !seen.insert((namespace_of(meta), name)) {
             errors.push(ObjectError::for_object(
                 SERVICE,
                 meta,
@@ -366,18 +388,19 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
             ));
             continue;
         }
-        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace, name).iter().collect();
-        let output = service_output(service, &slices, &context);
+        unique.push(service);
+    }
+    unique.sort_by(|a, b| claim_order(&a.metadata).cmp(&claim_order(&b.metadata)));
+
+    let mut frontends: BTreeMap<Frontend, FrontendSpec> = BTreeMap::new();
+    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    for service in unique {
+        let meta = &service.metadata;
+        let name = meta.name.as_deref().unwrap_or_default();
+        let slices: Vec<&SliceEndpoints> = endpoints.of(namespace_of(meta), name).iter().collect();
+        let mut output = service_output(service, &slices, &context);
+        leave_contested(&mut output, meta, &frontends, &health_checks);
         errors.extend(output.errors);
-        if let Some(reason) = conflict(
-            output.frontends.iter().map(|(frontend, _)| frontend),
-            output.health_check.as_ref().map(|check| check.port),
-            &frontends,
-            &health_checks,
-        ) {
-            errors.push(ObjectError::for_object(SERVICE, meta, reason));
-            continue;
-        }
         frontends.extend(output.frontends);
         if let Some(check) = output.health_check {
             health_checks.insert(check.port, check);
@@ -408,6 +431,7 @@ struct ServiceContext<'a> {
     node_name: &'a str,
     node_addrs: BTreeSet<IpAddr>,
     zone: Option<&'a str>,
+    source_ranges_strict: bool,
 }
 
 impl<'a> ServiceContext<'a> {
@@ -416,6 +440,7 @@ impl<'a> ServiceContext<'a> {
             node_name: &node.name,
             node_addrs: node.addresses.iter().copied().collect(),
             zone: node.zone.as_deref().filter(|zone| !zone.is_empty()),
+            source_ranges_strict: node.source_ranges_strict,
         }
     }
 }
@@ -458,6 +483,7 @@ fn service_output(
             frontend.addr,
             kind,
             selection,
+            context,
         );
         output.frontends.push((frontend, spec));
     }
@@ -473,27 +499,65 @@ fn service_output(
     output
 }
 
-/// Why a Service cannot have what it claims, if another one has it already.
-fn conflict<'f>(
-    mut planned: impl Iterator<Item = &'f Frontend>,
-    health_check_port: Option<u16>,
+/// The order in which Services claim a frontend (or health check port)
+/// that several want: the oldest first, as the one clients used first;
+/// a Service without `creationTimestamp` (a manifest file) after those
+/// with one; then namespace/name, so the outcome never depends on the
+/// order objects arrived in.
+fn claim_order(meta: &ObjectMeta) -> (bool, Option<&Time>, (&str, Option<&str>)) {
+    let created = meta.creation_timestamp.as_ref();
+    (created.is_none(), created, object_key(meta))
+}
+
+/// Leaves out of `output` what Services earlier in [`claim_order`] serve
+/// already: each such frontend, and the health check port, is reported on
+/// this Service (a Warning Event with the kube source) and skipped; the
+/// rest of the Service is served. (kube-proxy has no rule here: whichever
+/// Service its sync writes last overwrites the rule.)
+fn leave_contested(
+    output: &mut ServiceOutput,
+    meta: &ObjectMeta,
     frontends: &BTreeMap<Frontend, FrontendSpec>,
     health_checks: &BTreeMap<u16, HealthCheck>,
-) -> Option<String> {
-    let frontend = planned.find_map(|planned| {
-        let owner = frontends.get(planned)?;
-        Some(format!(
-            "frontend {planned} is already served by Service {}",
-            owner.service
-        ))
+) {
+    let errors = &mut output.errors;
+    output.frontends.retain(|(frontend, _)| {
+        let Some(owner) = frontends.get(frontend) else {
+            return true;
+        };
+        errors.push(ObjectError::for_object(
+            SERVICE,
+            meta,
+            format!(
+                "frontend {frontend} is also claimed by Service {}, which is older and serves it; frontend skipped",
+                owner.service
+            ),
+        ));
+        false
     });
-    frontend.or_else(|| {
-        let port = health_check_port?;
-        let owner = health_checks.get(&port)?;
-        Some(format!(
-            "healthCheckNodePort {port} is already used by Service {}",
-            owner.service
-        ))
+    if let Some(port) = output.health_check.as_ref().map(|check| check.port)
+        && let Some(owner) = health_checks.get(&port)
+    {
+        errors.push(ObjectError::for_object(
+            SERVICE,
+            meta,
+            format!(
+                "healthCheckNodePort {port} is also claimed by Service {}, which is older and serves it; health check skipped",
+                owner.service
+            ),
+        ));
+        output.health_check = None;
+    }
+}
+
+/// A Service or `EndpointSlice` that kube-proxy never sees: its watches
+/// select `!service.kubernetes.io/service-proxy-name` (whatever proxy is
+/// named: kube-proxy has no name) and `!service.kubernetes.io/headless`.
+/// The kube source asks the API server for the same selector; this keeps
+/// the file source (and any object that slips through) to the same rule.
+fn for_another_proxy(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().is_some_and(|labels| {
+        labels.contains_key(SERVICE_PROXY_NAME_LABEL) || labels.contains_key(HEADLESS_LABEL)
     })
 }
 

@@ -12,9 +12,9 @@ use super::{Backend, FrontendKind};
 #[derive(Clone, Copy)]
 struct Candidate<'a> {
     backend: Backend,
-    /// With `publishNotReadyAddresses` applied.
     conditions: Conditions,
     zones: &'a [String],
+    nodes: &'a [String],
 }
 
 /// The endpoints of one frontend.
@@ -24,6 +24,8 @@ pub(super) struct Selection {
     pub(super) terminating: Vec<Backend>,
     pub(super) not_ready: Vec<Backend>,
     pub(super) not_serving: Vec<Backend>,
+    /// See [`FrontendSpec::no_local_endpoints`](super::FrontendSpec).
+    pub(super) no_local_endpoints: bool,
 }
 
 /// Picks the endpoints of one Service's frontends, each (port, family,
@@ -66,19 +68,28 @@ impl<'a> Selector<'a> {
         if let Some(selection) = self.cache.get(&(port, ipv4, local)) {
             return selection.clone();
         }
-        // Zone hints only narrow the Cluster policy's endpoints.
-        let zone = self.zone.filter(|_| !local && self.parsed.rules.zone_hints);
-        let selection = select(&self.candidates(port, ipv4), local, zone);
+        // Hints only narrow the Cluster policy's endpoints; they are
+        // used whenever they are there, whatever the Service asks for
+        // (kube-proxy reads only the hints, which the EndpointSlice
+        // controller writes for `trafficDistribution` or topology mode).
+        let here = (!local).then_some(Here {
+            node: self.node_name,
+            zone: self.zone,
+        });
+        let selection = select(&self.candidates(port, ipv4), local, here);
         self.cache.insert((port, ipv4, local), selection.clone());
         selection
     }
 
     /// Every endpoint of the port's family, on the target port its own
-    /// slice resolved for this port.
+    /// slice resolved for this port; one endpoint (address and port)
+    /// listed twice, by two slices during a move or by two pods sharing a
+    /// reused address, counts once, as a non-terminating one if either is
+    /// (kube-proxy's `addEndpoints`).
     fn candidates(&self, port: usize, ipv4: bool) -> Vec<Candidate<'a>> {
         let port = self.parsed.ports[port];
-        let publish_not_ready = self.parsed.rules.publish_not_ready;
-        self.slices
+        let mut candidates: Vec<Candidate<'a>> = self
+            .slices
             .iter()
             .filter(|slice| slice.ipv4 == ipv4)
             .filter_map(|slice| {
@@ -95,45 +106,63 @@ impl<'a> Selector<'a> {
                         node_local: !node_name.is_empty()
                             && endpoint.node_name.as_deref() == Some(node_name),
                     },
-                    conditions: Conditions {
-                        ready: endpoint.conditions.ready || publish_not_ready,
-                        ..endpoint.conditions
-                    },
+                    conditions: endpoint.conditions,
                     zones: &endpoint.zones,
+                    nodes: &endpoint.nodes,
                 }))
             })
             .flatten()
-            .collect()
+            .collect();
+        // Stable: of two non-terminating ones, the first listed stays.
+        candidates.sort_by_key(|candidate| {
+            (
+                candidate.backend.addr,
+                candidate.backend.port,
+                candidate.conditions.terminating,
+            )
+        });
+        candidates.dedup_by(|later, kept| {
+            later.backend.addr == kept.backend.addr && later.backend.port == kept.backend.port
+        });
+        candidates
     }
 
-    /// Distinct addresses of this node's ready, non-terminating endpoints,
-    /// over every port and family of the Service.
-    pub(super) fn local_ready_endpoints(&self) -> usize {
-        let mut addrs = BTreeSet::new();
-        for port in 0..self.parsed.ports.len() {
-            for ipv4 in self.parsed.families.iter() {
+    /// Distinct addresses of this node's ready endpoints over every port
+    /// of the Service, per family (IPv4, IPv6), as kube-proxy's
+    /// `LocalReadyEndpoints` counts them in each family's proxier.
+    pub(super) fn local_ready_endpoints(&self) -> [usize; 2] {
+        let mut counts = [0; 2];
+        for ipv4 in self.parsed.families.iter() {
+            let mut addrs = BTreeSet::new();
+            for port in 0..self.parsed.ports.len() {
                 addrs.extend(
                     self.candidates(port, ipv4)
                         .iter()
                         .filter(|candidate| {
-                            candidate.backend.node_local
-                                && candidate.conditions.ready
-                                && !candidate.conditions.terminating
+                            candidate.backend.node_local && candidate.conditions.ready
                         })
                         .map(|candidate| candidate.backend.addr),
                 );
             }
+            counts[usize::from(!ipv4)] = addrs.len();
         }
-        addrs.len()
+        counts
     }
 }
 
+/// Where this node is, for topology hints.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    /// Empty: unknown.
+    node: &'a str,
+    zone: Option<&'a str>,
+}
+
 /// kube-proxy's `CategorizeEndpoints` for one frontend: the policy's
-/// endpoints (all, or this node's), narrowed to this zone's by hints when
-/// `zone` is given and every ready endpoint has hints and one names the zone;
-/// of those the ready ones, or when none is ready (anywhere in the policy's
-/// set) the serving and terminating ones.
-fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Selection {
+/// endpoints (all, or this node's), narrowed by topology hints when `here`
+/// is given (`topologyModeFromHints`); of those the ready ones, or when none
+/// is ready (anywhere in the policy's set) the serving and terminating ones.
+fn select(candidates: &[Candidate<'_>], local: bool, here: Option<Here<'_>>) -> Selection {
     let pool: Vec<&Candidate<'_>> = candidates
         .iter()
         .filter(|candidate| !local || candidate.backend.node_local)
@@ -143,18 +172,7 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
         .copied()
         .filter(|candidate| candidate.conditions.ready)
         .collect();
-    let close: Vec<&Candidate<'_>> = match zone {
-        Some(zone)
-            if !ready.is_empty() && ready.iter().all(|candidate| !candidate.zones.is_empty()) =>
-        {
-            ready
-                .iter()
-                .copied()
-                .filter(|candidate| candidate.zones.iter().any(|hint| hint == zone))
-                .collect()
-        }
-        _ => Vec::new(),
-    };
+    let close = here.map_or_else(Vec::new, |here| close_by_hints(&ready, here));
     let chosen = if !close.is_empty() {
         close
     } else if !ready.is_empty() {
@@ -166,6 +184,14 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
             .collect()
     };
     let backends = sorted_unique(chosen.iter().map(|candidate| candidate.backend));
+    // kube-proxy's `hasEndpoints`: usable endpoints anywhere, this node
+    // or not.
+    let no_local_endpoints = local
+        && backends.is_empty()
+        && candidates.iter().any(|candidate| {
+            candidate.conditions.ready
+                || (candidate.conditions.serving && candidate.conditions.terminating)
+        });
     let in_backends = |backend: &Backend| {
         backends
             .binary_search_by(|other| (other.addr, other.port).cmp(&(backend.addr, backend.port)))
@@ -186,7 +212,7 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
             .filter(|backend| !in_backends(backend)),
     );
     // kube-proxy's UDP cleanup keeps flows to serving endpoints only
-    // (`IsServing`; `publishNotReadyAddresses` makes every one ready).
+    // (`IsServing`).
     let not_serving = sorted_unique(
         pool.iter()
             .filter(|candidate| !candidate.conditions.serving && !candidate.conditions.ready)
@@ -198,7 +224,30 @@ fn select(candidates: &[Candidate<'_>], local: bool, zone: Option<&str>) -> Sele
         terminating,
         not_ready,
         not_serving,
+        no_local_endpoints,
     }
+}
+
+/// The ready endpoints the hints keep for this node: those hinted for it
+/// when every ready endpoint has node hints (`PreferSameNode`) and one
+/// names it; else those hinted for its zone when every ready endpoint has
+/// zone hints and one names it; else none (no topology: all are used).
+fn close_by_hints<'c>(ready: &[&'c Candidate<'c>], here: Here<'_>) -> Vec<&'c Candidate<'c>> {
+    let by = |hints: fn(&Candidate<'c>) -> &'c [String], name: Option<&str>| {
+        let name = name.filter(|name| !name.is_empty())?;
+        if ready.iter().any(|candidate| hints(candidate).is_empty()) {
+            return None;
+        }
+        let kept: Vec<&'c Candidate<'c>> = ready
+            .iter()
+            .copied()
+            .filter(|candidate| hints(candidate).iter().any(|hint| hint == name))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
+    };
+    by(|candidate| candidate.nodes, Some(here.node))
+        .or_else(|| by(|candidate| candidate.zones, here.zone))
+        .unwrap_or_default()
 }
 
 /// Sorted, one per address and port (one endpoint listed by two slices,

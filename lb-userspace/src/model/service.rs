@@ -5,13 +5,12 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::select::Selection;
 use super::{
     DEFAULT_AFFINITY_TIMEOUT_S, Frontend, FrontendKind, FrontendSpec, MAX_AFFINITY_TIMEOUT_S,
-    ObjectError, Protocol, SERVICE, SERVICE_PROXY_NAME_LABEL, ServiceRef,
-    TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION, is_ipv4, namespace_of,
+    ObjectError, Protocol, SERVICE, ServiceContext, ServiceRef, for_another_proxy, is_ipv4,
+    namespace_of,
 };
 
 /// A Service port that passed validation.
@@ -67,15 +66,6 @@ pub(super) struct TrafficPolicies {
     pub(super) external_local: bool,
 }
 
-/// How endpoints are picked, beyond the traffic policies.
-#[derive(Clone, Copy, Default)]
-pub(super) struct EndpointRules {
-    /// `publishNotReadyAddresses`: every endpoint counts as ready.
-    pub(super) publish_not_ready: bool,
-    /// `trafficDistribution: PreferClose` or topology mode `Auto`.
-    pub(super) zone_hints: bool,
-}
-
 /// A Service that passed validation.
 pub(super) struct ParsedService<'a> {
     cluster_ips: Vec<IpAddr>,
@@ -86,7 +76,6 @@ pub(super) struct ParsedService<'a> {
     /// `externalIPs` of the Service's families.
     external_ips: Vec<IpAddr>,
     pub(super) policies: TrafficPolicies,
-    pub(super) rules: EndpointRules,
     affinity_timeout_s: u32,
     /// Sorted, host bits cleared; only for `LoadBalancer` Services.
     source_ranges: Vec<(IpAddr, u8)>,
@@ -156,16 +145,9 @@ impl ParsedService<'_> {
         addr: IpAddr,
         kind: FrontendKind,
         selection: Selection,
+        context: &ServiceContext<'_>,
     ) -> FrontendSpec {
-        let source_ranges = if kind.is_external() {
-            self.source_ranges
-                .iter()
-                .copied()
-                .filter(|&(prefix, _)| is_ipv4(prefix) == is_ipv4(addr))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let source_ranges = self.source_ranges_of(addr, kind, context);
         FrontendSpec {
             service,
             kind,
@@ -175,9 +157,74 @@ impl ParsedService<'_> {
             not_serving: selection.not_serving,
             external_local: kind.is_external() && self.policies.external_local,
             internal_local: !kind.is_external() && self.policies.internal_local,
+            no_local_endpoints: selection.no_local_endpoints,
             affinity_timeout_s: self.affinity_timeout_s,
             source_ranges,
         }
+    }
+}
+
+impl ParsedService<'_> {
+    /// The source ranges guarding one frontend, as kube-proxy applies
+    /// them: on the load-balancer IPs only ("nodeports are not subject to
+    /// loadBalancerSourceRanges"), of the frontend's family. With
+    /// `--source-ranges-strict`, on the `NodePort`s and external IPs too.
+    /// When a range holds a node address, the load-balancer IPs themselves
+    /// are let in as well: a node reaching a VIP that is local to it loops
+    /// back with the VIP as source (kube-proxy's `allowFromNode`).
+    fn source_ranges_of(
+        &self,
+        addr: IpAddr,
+        kind: FrontendKind,
+        context: &ServiceContext<'_>,
+    ) -> Vec<(IpAddr, u8)> {
+        let guarded = match kind {
+            FrontendKind::LoadBalancer => true,
+            FrontendKind::NodePort | FrontendKind::ExternalIp => context.source_ranges_strict,
+            FrontendKind::ClusterIp => false,
+        };
+        if !guarded {
+            return Vec::new();
+        }
+        let mut ranges: Vec<(IpAddr, u8)> = self
+            .source_ranges
+            .iter()
+            .copied()
+            .filter(|&(prefix, _)| is_ipv4(prefix) == is_ipv4(addr))
+            .collect();
+        let holds_node = ranges.iter().any(|&range| {
+            context
+                .node_addrs
+                .iter()
+                .any(|&node| prefix_contains(range, node))
+        });
+        if holds_node {
+            ranges.extend(
+                self.load_balancer_ips
+                    .iter()
+                    .filter(|&&ip| is_ipv4(ip) == is_ipv4(addr))
+                    .map(|&ip| (ip, if is_ipv4(ip) { 32 } else { 128 })),
+            );
+            ranges.sort_unstable();
+            ranges.dedup();
+        }
+        ranges
+    }
+}
+
+/// Whether `addr` is inside `(prefix, len)` (host bits of `prefix` clear).
+#[must_use]
+pub fn prefix_contains((prefix, len): (IpAddr, u8), addr: IpAddr) -> bool {
+    match (prefix, addr) {
+        (IpAddr::V4(prefix), IpAddr::V4(addr)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(addr) & mask == u32::from(prefix)
+        }
+        (IpAddr::V6(prefix), IpAddr::V6(addr)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(addr) & mask == u128::from(prefix)
+        }
+        _ => false,
     }
 }
 
@@ -189,12 +236,8 @@ pub(super) fn parse_service<'a>(
     errors: &mut Vec<ObjectError>,
 ) -> Result<Option<ParsedService<'a>>, String> {
     let meta = &service.metadata;
-    if meta
-        .labels
-        .as_ref()
-        .is_some_and(|labels| labels.contains_key(SERVICE_PROXY_NAME_LABEL))
-    {
-        tracing::debug!(namespace = namespace_of(meta), name = ?meta.name, "skipping Service owned by another proxy");
+    if for_another_proxy(meta) {
+        tracing::debug!(namespace = namespace_of(meta), name = ?meta.name, "skipping Service labelled for another proxy or headless");
         return Ok(None);
     }
     let Some(spec) = service.spec.as_ref() else {
@@ -226,14 +269,15 @@ pub(super) fn parse_service<'a>(
             spec.external_traffic_policy.as_deref(),
         )?,
     };
-    let rules = endpoint_rules(meta, spec);
     let affinity_timeout_s = affinity_timeout(spec)?;
     let source_ranges = if type_ == ServiceType::LoadBalancer {
         source_ranges(
+            service,
             spec.load_balancer_source_ranges
                 .as_deref()
                 .unwrap_or_default(),
-        )?
+            errors,
+        )
     } else {
         Vec::new()
     };
@@ -273,7 +317,6 @@ pub(super) fn parse_service<'a>(
         load_balancer_ips,
         external_ips,
         policies,
-        rules,
         affinity_timeout_s,
         source_ranges,
         health_check_port,
@@ -292,15 +335,15 @@ fn external_addrs<'t>(
     let meta = &service.metadata;
     let mut addrs = Vec::new();
     for text in texts {
-        match text.parse::<IpAddr>() {
-            Ok(addr) if families.contains(addr) => addrs.push(addr),
+        match parse_ip_sloppy(text) {
+            Some(addr) if families.contains(addr) => addrs.push(addr),
             // kube-proxy ignores these quietly too: each family's proxier
             // only knows the Services with a ClusterIP of its family.
-            Ok(addr) => tracing::debug!(
+            Some(addr) => tracing::debug!(
                 namespace = namespace_of(meta), name = ?meta.name, %addr,
                 "ignoring {field} of a family the Service does not have"
             ),
-            Err(_) => errors.push(ObjectError::for_object(
+            None => errors.push(ObjectError::for_object(
                 SERVICE,
                 meta,
                 format!("{field} {text:?} is not an IP address; address skipped"),
@@ -324,9 +367,8 @@ fn cluster_ips(spec: &ServiceSpec) -> Result<Option<Vec<IpAddr>>, String> {
     }
     let mut addrs = Vec::with_capacity(texts.len());
     for text in texts {
-        let addr: IpAddr = text
-            .parse()
-            .map_err(|_| format!("clusterIP {text:?} is not an IP address"))?;
+        let addr: IpAddr = parse_ip_sloppy(text)
+            .ok_or_else(|| format!("clusterIP {text:?} is not an IP address"))?;
         if addrs
             .iter()
             .any(|&other: &IpAddr| is_ipv4(other) == is_ipv4(addr))
@@ -432,26 +474,6 @@ fn ports<'a>(
     Ok(ports)
 }
 
-/// `publishNotReadyAddresses`, and whether zone hints apply: with
-/// `trafficDistribution: PreferClose` (or its newer name `PreferSameZone`),
-/// or the topology mode annotation (or its deprecated name) set to `Auto`.
-fn endpoint_rules(meta: &ObjectMeta, spec: &ServiceSpec) -> EndpointRules {
-    let annotated_auto = |key: &str| {
-        meta.annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(key))
-            .is_some_and(|value| matches!(value.as_str(), "Auto" | "auto"))
-    };
-    EndpointRules {
-        publish_not_ready: spec.publish_not_ready_addresses == Some(true),
-        zone_hints: matches!(
-            spec.traffic_distribution.as_deref(),
-            Some("PreferClose" | "PreferSameZone")
-        ) || annotated_auto(TOPOLOGY_MODE_ANNOTATION)
-            || annotated_auto(TOPOLOGY_AWARE_HINTS_ANNOTATION),
-    }
-}
-
 /// `true` for `Local`; absent means `Cluster`.
 fn is_local_policy(field: &str, value: Option<&str>) -> Result<bool, String> {
     match value {
@@ -487,32 +509,48 @@ fn affinity_timeout(spec: &ServiceSpec) -> Result<u32, String> {
     }
 }
 
-/// Parses `loadBalancerSourceRanges`: sorted, deduplicated, host bits cleared.
-fn source_ranges(texts: &[String]) -> Result<Vec<(IpAddr, u8)>, String> {
-    let mut ranges = texts
-        .iter()
-        .map(|text| {
-            parse_cidr(text)
-                .ok_or_else(|| format!("loadBalancerSourceRanges entry {text:?} is not a CIDR"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+/// Parses `loadBalancerSourceRanges`: sorted, deduplicated, host bits
+/// cleared. An entry that is not a CIDR is reported and skipped, the
+/// others kept, as kube-proxy does (the API server's validation lets
+/// some through, and it once let through more).
+fn source_ranges(
+    service: &Service,
+    texts: &[String],
+    errors: &mut Vec<ObjectError>,
+) -> Vec<(IpAddr, u8)> {
+    let mut ranges = Vec::with_capacity(texts.len());
+    for text in texts {
+        match parse_cidr(text) {
+            Some(range) => ranges.push(range),
+            None => errors.push(ObjectError::for_object(
+                SERVICE,
+                &service.metadata,
+                format!("loadBalancerSourceRanges entry {text:?} is not a CIDR; entry skipped"),
+            )),
+        }
+    }
     ranges.sort_unstable();
     ranges.dedup();
-    Ok(ranges)
+    ranges
 }
 
-/// `"203.0.113.0/24"`, `"2001:db8::/32"`, or a bare address (a host prefix).
+/// `"203.0.113.0/24"`, `"2001:db8::/32"`, or a bare address (a host
+/// prefix), parsed as leniently as kube-proxy's `ParseCIDRSloppy`: spaces
+/// around it, and IPv4 octets and prefix lengths with leading zeros (read
+/// as decimal, `010.0.0.0/08` is `10.0.0.0/8`), which the API server
+/// accepted before Kubernetes 1.22 and still keeps in stored objects.
 /// Host bits are cleared, as kube-proxy's CIDR parsing does.
-fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+#[must_use]
+pub fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let text = text.trim();
     let (addr, len) = match text.split_once('/') {
         Some((addr, len)) => {
             if len.is_empty() || !len.bytes().all(|byte| byte.is_ascii_digit()) {
                 return None;
             }
-            (addr.parse::<IpAddr>().ok()?, Some(len.parse::<u8>().ok()?))
+            (parse_ip_sloppy(addr)?, Some(len.parse::<u8>().ok()?))
         }
-        None => (text.parse::<IpAddr>().ok()?, None),
+        None => (parse_ip_sloppy(text)?, None),
     };
     match addr {
         IpAddr::V4(addr) => {
@@ -532,6 +570,29 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
             Some((IpAddr::V6(Ipv6Addr::from(u128::from(addr) & mask)), len))
         }
     }
+}
+
+/// An address as kube-proxy's `ParseIPSloppy` reads it (cluster IPs,
+/// external and ingress IPs, endpoint addresses, source ranges): IPv4
+/// octets may carry leading zeros (decimal, not octal), which the API
+/// server accepted before Kubernetes 1.22; anything else as Rust parses it.
+pub(super) fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Some(addr);
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || !part.bytes().all(|byte| byte.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts
+        .next()
+        .is_none()
+        .then_some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
 /// `healthCheckNodePort`, if set and valid.

@@ -116,7 +116,7 @@ fn missing_name_is_reported() {
 }
 
 #[test]
-fn duplicate_frontend_goes_to_the_first_service_by_namespace_and_name() {
+fn contested_frontend_goes_to_the_first_service_by_namespace_and_name() {
     let mut services = vec![
         ServiceBuilder::new("a", "zeta")
             .ips(["10.96.0.10"])
@@ -131,15 +131,23 @@ fn duplicate_frontend_goes_to_the_first_service_by_namespace_and_name() {
     let model = build(&services, &[], &NodeContext::default());
     assert_eq!(
         error_lines(&model),
-        ["Service b/alpha: frontend 10.96.0.10:80/TCP is already served by Service a/zeta"]
+        [
+            "Service b/alpha: frontend 10.96.0.10:80/TCP is also claimed by Service a/zeta, which is older and serves it; frontend skipped"
+        ]
     );
-    // The loser is skipped whole, not left half served.
-    assert_eq!(model.frontends.len(), 1);
+    // The loser keeps what nobody contests.
+    assert_eq!(model.frontends.len(), 2);
     assert_eq!(
         model.frontends[&frontend("10.96.0.10", 80, Protocol::Tcp)]
             .service
             .name,
         "zeta"
+    );
+    assert_eq!(
+        model.frontends[&frontend("10.96.0.10", 81, Protocol::Tcp)]
+            .service
+            .name,
+        "alpha"
     );
 
     services.reverse();
@@ -148,6 +156,60 @@ fn duplicate_frontend_goes_to_the_first_service_by_namespace_and_name() {
         model,
         "input order does not matter"
     );
+}
+
+#[test]
+fn contested_frontend_goes_to_the_oldest_service() {
+    // b/alpha was created first: it keeps 10.96.0.10:80 although a/zeta
+    // comes first by name; a Service without a creation time (a manifest
+    // file) comes after those with one.
+    let services = [
+        ServiceBuilder::new("a", "zeta")
+            .created(1_700_000_100)
+            .ips(["10.96.0.10"])
+            .port("", 80, "TCP", 80)
+            .port("", 82, "TCP", 82),
+        ServiceBuilder::new("b", "alpha")
+            .created(1_700_000_000)
+            .ips(["10.96.0.10"])
+            .port("", 80, "TCP", 80),
+        ServiceBuilder::new("a", "aaa")
+            .ips(["10.96.0.10"])
+            .port("", 82, "TCP", 82),
+    ];
+    let model = build_plain(services.clone(), []);
+    let owner = |port| {
+        model.frontends[&frontend("10.96.0.10", port, Protocol::Tcp)]
+            .service
+            .to_string()
+    };
+    assert_eq!((owner(80), owner(82)), ("b/alpha".into(), "a/zeta".into()));
+    assert_eq!(
+        error_lines(&model),
+        [
+            "Service a/aaa: frontend 10.96.0.10:82/TCP is also claimed by Service a/zeta, which is older and serves it; frontend skipped",
+            "Service a/zeta: frontend 10.96.0.10:80/TCP is also claimed by Service b/alpha, which is older and serves it; frontend skipped",
+        ]
+    );
+    // The incremental model, given the objects one by one, newest first,
+    // ends the same.
+    let mut incremental = Incremental::new(NodeContext::default());
+    for service in services.iter().rev() {
+        incremental.upsert_service(service.clone().build());
+        incremental.commit();
+    }
+    assert_eq!(incremental.model(), model);
+    // The winner goes away: the next oldest takes the frontend over.
+    incremental.remove_service(&("b".into(), "alpha".into()));
+    incremental.commit();
+    let after = incremental.model();
+    assert_eq!(
+        after.frontends[&frontend("10.96.0.10", 80, Protocol::Tcp)]
+            .service
+            .to_string(),
+        "a/zeta"
+    );
+    assert_eq!(after.errors.len(), 1, "{:?}", after.errors);
 }
 
 #[test]
@@ -223,7 +285,7 @@ fn displays_for_logs() {
 }
 
 #[test]
-fn colliding_frontends_go_to_the_first_service_by_namespace_and_name() {
+fn colliding_frontends_go_to_the_first_service_by_namespace_and_name_each_alone() {
     let model = build_on(
         [
             ServiceBuilder::new("a", "alpha")
@@ -253,16 +315,19 @@ fn colliding_frontends_go_to_the_first_service_by_namespace_and_name() {
     assert_eq!(
         error_lines(&model),
         [
-            "Service b/beta: frontend 10.96.0.10:80/TCP is already served by Service a/alpha",
-            "Service c/gamma: frontend 192.168.1.10:30080/TCP is already served by Service c/delta:web",
+            "Service b/beta: frontend 10.96.0.10:80/TCP is also claimed by Service a/alpha, which is older and serves it; frontend skipped",
+            "Service c/gamma: frontend 192.168.1.10:30080/TCP is also claimed by Service c/delta:web, which is older and serves it; frontend skipped",
         ]
     );
-    // Losers are skipped whole; one Service listing an address as both
-    // ingress IP and external IP is no collision: the ingress IP wins.
+    // Losers keep their uncontested frontends; one Service listing an
+    // address as both ingress IP and external IP is no collision: the
+    // ingress IP wins.
     assert_eq!(
         frontend_kinds(&model),
         [
             "10.96.0.10:80/TCP ClusterIP",
+            "10.96.0.11:80/TCP ClusterIP",
+            "10.96.0.12:80/TCP ClusterIP",
             "10.96.0.13:8080/TCP ClusterIP",
             "10.96.0.14:443/TCP ClusterIP",
             "192.168.1.10:30080/TCP NodePort",
@@ -304,7 +369,7 @@ fn health_checks_are_sorted_by_port_and_need_local_policy_and_a_valid_port() {
         error_lines(&model),
         [
             "Service shop/wwww: healthCheckNodePort 65536 is outside 1..=65535; health check skipped",
-            "Service shop/yy: healthCheckNodePort 32000 is already used by Service shop/vvvvv",
+            "Service shop/yy: healthCheckNodePort 32000 is also claimed by Service shop/vvvvv, which is older and serves it; health check skipped",
         ]
     );
     assert_eq!(
@@ -322,4 +387,61 @@ fn health_checks_are_sorted_by_port_and_need_local_policy_and_a_valid_port() {
             .values()
             .any(|spec| spec.service.name == "wwww")
     );
+}
+
+#[test]
+fn objects_labelled_headless_or_for_another_proxy_are_none_of_ours() {
+    // kube-proxy's watches select `!service-proxy-name,!headless` for
+    // Services and slices alike; the file source gets the same rule.
+    let web = |name: &str| {
+        ServiceBuilder::new("shop", name)
+            .ips(["10.96.0.10"])
+            .port("http", 80, "TCP", 8080)
+    };
+    let slice = |service: &str, name: &str| {
+        SliceBuilder::for_service("shop", service, IpFamily::V4)
+            .name(name)
+            .port("http", 8080, "TCP")
+            .endpoint(EndpointBuilder::new("10.244.1.5").up())
+    };
+    let services = [
+        web("web"),
+        web("labelled").label(HEADLESS_LABEL, ""),
+        web("mesh")
+            .label(SERVICE_PROXY_NAME_LABEL, "other")
+            .ips(["10.96.0.11"]),
+    ];
+    let model = build_plain(
+        services.clone(),
+        [
+            slice("web", "web-1"),
+            // A stray slice claiming the Service: ignored, as kube-proxy
+            // never sees it.
+            slice("web", "web-2")
+                .label(HEADLESS_LABEL, "")
+                .endpoint(EndpointBuilder::new("10.244.9.9").up()),
+            slice("web", "web-3")
+                .label(SERVICE_PROXY_NAME_LABEL, "other")
+                .endpoint(EndpointBuilder::new("10.244.9.8").up()),
+        ],
+    );
+    assert_eq!(model.errors, []);
+    assert_eq!(frontend_kinds(&model), ["10.96.0.10:80/TCP ClusterIP"]);
+    assert_eq!(
+        backends_of(&model, "10.96.0.10", 80, Protocol::Tcp),
+        backends(&[("10.244.1.5", 8080)])
+    );
+    // The incremental model, fed one object at a time, agrees.
+    let mut incremental = Incremental::new(NodeContext::default());
+    for service in services {
+        incremental.upsert_service(service.build());
+    }
+    for slice in [
+        slice("web", "web-1"),
+        slice("web", "web-2").label(HEADLESS_LABEL, ""),
+    ] {
+        incremental.upsert_slice(&slice.build());
+    }
+    incremental.commit();
+    assert_eq!(incremental.model().frontends, model.frontends);
 }

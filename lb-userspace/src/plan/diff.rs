@@ -78,6 +78,9 @@ fn frontend_flags(spec: &FrontendSpec) -> u16 {
     if !spec.source_ranges.is_empty() {
         flags |= svc_flags::SOURCE_RANGES;
     }
+    if spec.no_local_endpoints {
+        flags |= svc_flags::NO_LOCAL_ENDPOINTS;
+    }
     flags
 }
 

@@ -38,6 +38,7 @@ pub(super) fn spec(backends: &[(&str, u16)]) -> FrontendSpec {
         not_serving: Vec::new(),
         external_local: false,
         internal_local: false,
+        no_local_endpoints: false,
         affinity_timeout_s: 0,
         source_ranges: Vec::new(),
     }

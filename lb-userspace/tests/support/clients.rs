@@ -40,7 +40,7 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    fn parse(line: &str, local: SocketAddr, remote: SocketAddr) -> Result<Self, String> {
+    pub(crate) fn parse(line: &str, local: SocketAddr, remote: SocketAddr) -> Result<Self, String> {
         let mut words = line.split_whitespace();
         let (Some(backend), Some(port), Some(peer), None) =
             (words.next(), words.next(), words.next(), words.next())
@@ -463,6 +463,16 @@ pub(crate) fn assert_unanswered(what: &str, outcome: &Outcome) {
 
 /// HTTP/1.0 GET from a thread in NS; returns status and body.
 pub(crate) fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_get_with_headers(ns, addr, path).map(|(status, _, body)| (status, body))
+}
+
+/// HTTP/1.0 GET from a thread in NS; returns status, the header block
+/// (status line excluded) and body.
+pub(crate) fn http_get_with_headers(
+    ns: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String, String), String> {
     let response = in_netns(ns, || -> io::Result<String> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(700))?;
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -479,11 +489,9 @@ pub(crate) fn http_get(ns: &str, addr: SocketAddr, path: &str) -> Result<(u16, S
         .and_then(|status| status.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("GET http://{addr}{path}: malformed response {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let headers = head.split_once("\r\n").map_or("", |(_, headers)| headers);
+    Ok((status, headers.to_owned(), body.to_owned()))
 }
 
 /// The value of the sample `series` (a metric name, with its labels if it

@@ -42,7 +42,8 @@ use super::manifests::{Cond, HTTP_DNS_EP, Manifest, ManifestDir, SvcPort, slice,
 use super::netns::{Netns, ns_command, sweep_stale_netns, unique_prefix};
 use super::pins::{PinGuard, ServiceView, sweep_stale_pins};
 use super::process::{
-    ChildGuard, METRICS_ADDR, TempDir, lb_binary, metrics_addr, require_tools, spawn_logged,
+    ChildGuard, METRICS_ADDR, TempDir, lb_binary, log_note, metrics_addr, require_tools,
+    spawn_logged,
 };
 use super::scenarios::Scenarios;
 use super::servers::Servers;
@@ -96,13 +97,15 @@ pub(crate) fn service(name: &str, n: u8, type_: &str, ports: &[SvcPort]) -> Serv
     super::manifests::service(name, type_, &vip(n).both(), ports)
 }
 
-/// An endpoint of a slice: the pod, its conditions, its zone and zone hint.
+/// An endpoint of a slice: the pod, its conditions, its zone and zone
+/// hint, and whether it is hinted for its own node (`PreferSameNode`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ep {
     pod: &'static str,
     cond: Cond,
     zone: Option<&'static str>,
     hint: Option<&'static str>,
+    node_hint: bool,
 }
 
 pub(crate) const fn ep(pod: &'static str, cond: Cond) -> Ep {
@@ -111,6 +114,7 @@ pub(crate) const fn ep(pod: &'static str, cond: Cond) -> Ep {
         cond,
         zone: None,
         hint: None,
+        node_hint: false,
     }
 }
 
@@ -123,6 +127,15 @@ impl Ep {
         Self {
             zone: Some(zone),
             hint,
+            ..self
+        }
+    }
+
+    /// Hinted for the node it runs on, as the `EndpointSlice` controller
+    /// does for `trafficDistribution: PreferSameNode`.
+    pub(crate) const fn same_node(self) -> Self {
+        Self {
+            node_hint: true,
             ..self
         }
     }
@@ -172,6 +185,11 @@ pub(crate) struct Node {
 impl Node {
     pub(crate) fn ns(&self) -> &str {
         self.netns.name()
+    }
+
+    /// The interfaces its agent attaches to.
+    pub(crate) fn ifaces(&self) -> &[String] {
+        &self.ifaces
     }
 }
 
@@ -280,7 +298,8 @@ impl Topology {
 /// declaration order, the teardown order: agents, pins (need the node
 /// namespaces), servers, namespaces, files.
 pub(crate) struct Cluster {
-    agents: Vec<ChildGuard>,
+    /// One per node; `None` while the test has it stopped.
+    agents: Vec<Option<ChildGuard>>,
     pins: Vec<PinGuard>,
     _servers: Servers,
     pub(crate) topo: Topology,
@@ -327,6 +346,7 @@ impl Cluster {
             logs,
             _work: work,
         };
+        lab.agents = lab.topo.nodes.iter().map(|_| None).collect();
         for i in 0..lab.topo.nodes.len() {
             lab.start_agent(i);
         }
@@ -357,8 +377,65 @@ impl Cluster {
             .arg(format!("{},{}", node.ips.v4, node.ips.v6))
             .arg("--zone")
             .arg(node.zone);
-        let agent = spawn_logged(&mut cmd, &self.logs[i]);
-        self.agents.push(agent);
+        assert!(
+            self.agents[i].is_none(),
+            "agent of {} already running",
+            node.name
+        );
+        self.agents[i] = Some(spawn_logged(&mut cmd, &self.logs[i]));
+    }
+
+    /// SIGKILL of node I's agent, like a crash or an OOM kill: nothing is
+    /// cleaned up, the programs, links and pinned maps stay.
+    pub(crate) fn kill_agent(&mut self, i: usize) {
+        drop(self.agents[i].take().expect("agent running"));
+        log_note(&self.logs[i], "agent SIGKILLed");
+    }
+
+    /// SIGTERM to node I's agent, as Kubernetes stops a pod (a rolling
+    /// update of the `DaemonSet`); waits until it exited, which it must do
+    /// cleanly within 10 s.
+    pub(crate) fn stop_agent(&mut self, i: usize) {
+        let mut agent = self.agents[i].take().expect("agent running");
+        let pid = libc::pid_t::try_from(agent.0.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on the agent this test started and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let start = Instant::now();
+        let status = loop {
+            if let Ok(Some(status)) = agent.0.try_wait() {
+                break status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the agent of {} did not exit within 10 s of SIGTERM",
+                self.topo.nodes[i].name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "the agent of {} exited with {status} after SIGTERM",
+            self.topo.nodes[i].name
+        );
+        log_note(&self.logs[i], "agent stopped (SIGTERM)");
+    }
+
+    /// Starts node I's agent again (same flags, same pins) and waits until
+    /// it is ready; returns how long that took.
+    pub(crate) fn restart_agent(&mut self, i: usize) -> Duration {
+        let start = Instant::now();
+        self.start_agent(i);
+        self.wait_ready(i);
+        start.elapsed()
+    }
+
+    /// The `/metrics` text of node I's agent.
+    pub(crate) fn metrics(&self, i: usize) -> Result<String, String> {
+        let (status, body) = http_get(self.topo.nodes[i].ns(), metrics_addr(), "/metrics")?;
+        if status != 200 {
+            return Err(format!("/metrics: HTTP {status}"));
+        }
+        Ok(body)
     }
 
     /// Fails the test if an agent died or a scenario of SC failed.
@@ -369,6 +446,7 @@ impl Cluster {
 
     pub(crate) fn assert_agents_alive(&mut self) {
         for (i, agent) in self.agents.iter_mut().enumerate() {
+            let Some(agent) = agent else { continue };
             agent.assert_alive(&format!("the agent of {}", self.topo.nodes[i].name));
         }
     }
@@ -393,11 +471,8 @@ impl Cluster {
 
     /// `lb_sync_total` of agent I (completed syncs).
     fn syncs(&self, i: usize) -> Result<u64, String> {
-        let (status, body) = http_get(self.topo.nodes[i].ns(), metrics_addr(), "/metrics")?;
-        if status != 200 {
-            return Err(format!("/metrics: HTTP {status}"));
-        }
-        body.lines()
+        self.metrics(i)?
+            .lines()
             .find_map(|line| line.strip_prefix("lb_sync_total "))
             .and_then(|n| n.trim().parse().ok())
             .ok_or_else(|| "no lb_sync_total in /metrics".to_owned())
@@ -466,10 +541,13 @@ impl Cluster {
             .map(|&family| {
                 let endpoints = eps.iter().map(|e| {
                     let host = self.pod(e.pod);
-                    let endpoint = e
-                        .cond
-                        .endpoint(host.addr.get(family))
-                        .node(self.topo.nodes[host.node].name);
+                    let node = self.topo.nodes[host.node].name;
+                    let endpoint = e.cond.endpoint(host.addr.get(family)).node(node);
+                    let endpoint = if e.node_hint {
+                        endpoint.node_hints([node])
+                    } else {
+                        endpoint
+                    };
                     let endpoint = match e.zone {
                         Some(zone) => endpoint.zone(zone),
                         None => endpoint,

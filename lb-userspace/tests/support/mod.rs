@@ -3,7 +3,9 @@
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
 //! clients and what they observed (`clients`), manifests (`manifests`),
 //! named sub-scenarios (`scenarios`), the socket-LB cgroup and client
-//! (`sockclient`), and the two labs built from them:
+//! (`sockclient`), steady load (`load`) and what it observed (`counts`),
+//! long-lived flows (`keepers`), a spoofed SYN flood (`flood`), what the
+//! lifecycle proofs share (`lifecycle`), and the two labs built from them:
 //! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
 //! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
 //! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
@@ -20,9 +22,14 @@
 
 pub(crate) mod clients;
 pub(crate) mod cluster;
+pub(crate) mod counts;
+pub(crate) mod flood;
 pub(crate) mod frames;
 pub(crate) mod fuzz;
+pub(crate) mod keepers;
 pub(crate) mod lab;
+pub(crate) mod lifecycle;
+pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod pins;

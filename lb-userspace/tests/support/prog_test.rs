@@ -65,6 +65,7 @@ pub(crate) fn spec(kind: FrontendKind, backends: &[SocketAddr]) -> FrontendSpec 
         not_serving: Vec::new(),
         external_local: false,
         internal_local: false,
+        no_local_endpoints: false,
         affinity_timeout_s: 0,
         source_ranges: Vec::new(),
     }

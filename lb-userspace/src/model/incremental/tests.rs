@@ -42,6 +42,11 @@ fn random_service(rng: &mut Rng) -> Service {
     if let Some(port) = health_check_port {
         service = service.health_check_node_port(small(port));
     }
+    // Contested frontends go to the oldest: creation times that differ,
+    // tie, or are missing.
+    if rng.below(4) != 0 {
+        service = service.created(1_700_000_000 + i64::from(small(rng.below(3))));
+    }
     service.build()
 }
 
@@ -97,6 +102,7 @@ fn incremental_model_matches_full_build_after_every_change() {
             name: "node-b".into(),
             addresses: vec![ip("192.168.1.11")],
             zone: None,
+            ..NodeContext::default()
         },
     ];
     for seed in 1..40u64 {

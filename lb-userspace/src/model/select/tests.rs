@@ -5,10 +5,7 @@ use crate::model::test_fixtures::{
     backends, backends_of, be, build_on, build_plain, build_web, dual_stack_web, frontend, node_a,
     spec_of,
 };
-use crate::model::{
-    Backend, HealthCheck, Model, NodeContext, Protocol, ServiceRef,
-    TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION,
-};
+use crate::model::{Backend, HealthCheck, Model, NodeContext, Protocol, ServiceRef};
 use crate::testing::{EndpointBuilder, IpFamily, ServiceBuilder, SliceBuilder};
 
 /// `shop/web` at `cluster_ip`, port 80 to 8080.
@@ -115,7 +112,7 @@ fn external_traffic_policy_local_without_local_endpoints_has_no_backends() {
                 port_name: String::new(),
             },
             port: 32000,
-            local_endpoints: 0,
+            local_endpoints: [0, 0],
         }]
     );
 }
@@ -182,10 +179,12 @@ fn external_traffic_policy_local_keeps_local_endpoints_and_counts_them_for_the_h
         spec_of(&model, "10.96.0.30", 80, Protocol::Tcp).backends,
         [be("10.244.1.5", 8080, true), be("10.244.2.7", 8080, false)]
     );
-    // One v4 and one v6 address, each behind two ports: 2.
+    // One v4 and one v6 address (one dual-stack pod), each behind two
+    // ports: one per family, as each of kube-proxy's proxiers counts.
     assert_eq!(model.health_checks.len(), 1);
     assert_eq!(model.health_checks[0].port, 31999);
-    assert_eq!(model.health_checks[0].local_endpoints, 2);
+    assert_eq!(model.health_checks[0].local_endpoints, [1, 1]);
+    assert_eq!(model.health_checks[0].local_endpoints_of(false), 1);
 }
 
 /// One local endpoint that is terminating but still serving, one remote
@@ -277,11 +276,61 @@ fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
     let spec = spec_of(&model, "fd00:10:96::53", 53, Protocol::Udp);
     assert!(spec.internal_local && !spec.external_local);
     assert_eq!(spec.backends, [be("fd00:10:244:1::53", 53, true)]);
-    // No local endpoint: no backends, so the datapath rejects.
+    assert!(!spec.no_local_endpoints);
+    // No local endpoint but one elsewhere: no backends, and the datapath
+    // drops new flows (kube-proxy: "Traffic to the clusterIP will be
+    // dropped").
     let elsewhere = spec_of(&model, "10.96.0.54", 80, Protocol::Tcp);
     assert!(elsewhere.internal_local);
     assert_eq!(elsewhere.backends, []);
+    assert!(elsewhere.no_local_endpoints);
     assert_eq!(model.health_checks, []);
+}
+
+#[test]
+fn a_local_policy_drops_only_while_other_nodes_have_endpoints() {
+    // (ITP, ETP) Local in turn; endpoints of node-b in the given states.
+    let build = |policy: &str, remote: EndpointBuilder| {
+        let service = dual_stack_web("NodePort");
+        let service = if policy == "internal" {
+            service.internal_traffic_policy("Local")
+        } else {
+            service.external_traffic_policy("Local")
+        };
+        build_on(
+            [service],
+            [SliceBuilder::for_service("shop", "web", IpFamily::V4)
+                .port("http", 8080, "TCP")
+                .endpoint(remote.node("node-b"))],
+            &node_a(),
+        )
+    };
+    for policy in ["internal", "external"] {
+        let (local_kind, cluster_kind) = if policy == "internal" {
+            (("10.96.0.10", 80), ("192.168.1.10", 30080))
+        } else {
+            (("192.168.1.10", 30080), ("10.96.0.10", 80))
+        };
+        for (remote, drops) in [
+            (EndpointBuilder::new("10.244.2.7").up(), true),
+            (EndpointBuilder::new("10.244.2.7").draining(), true),
+            (
+                EndpointBuilder::new("10.244.2.7")
+                    .ready(false)
+                    .serving(false)
+                    .terminating(false),
+                false,
+            ),
+        ] {
+            let model = build(policy, remote.clone());
+            let local = spec_of(&model, local_kind.0, local_kind.1, Protocol::Tcp);
+            assert_eq!(local.backends, [], "{policy} {remote:?}");
+            assert_eq!(local.no_local_endpoints, drops, "{policy} {remote:?}");
+            // The other policy is Cluster: never flagged.
+            let cluster = spec_of(&model, cluster_kind.0, cluster_kind.1, Protocol::Tcp);
+            assert!(!cluster.no_local_endpoints, "{policy} {remote:?}");
+        }
+    }
 }
 
 #[test]
@@ -309,13 +358,62 @@ fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
     );
     assert_eq!(model.errors, []);
     let spec = spec_of(&model, "fd00:10:96::10", 80, Protocol::Tcp);
-    // ::3 has no `serving`: it means the same as `ready`, false. ::4 and
-    // ::5 are neither usable nor terminating.
-    assert_eq!(spec.backends, [be("fd00::1", 8080, false)]);
+    // ::3 has no `serving`: kube-proxy reads that as serving, whatever
+    // `ready` says, so it drains with new flows like ::1. ::4 and ::5
+    // are neither usable nor terminating.
     assert_eq!(
-        spec.terminating,
-        [be("fd00::2", 8080, false), be("fd00::3", 8080, false)]
+        spec.backends,
+        [be("fd00::1", 8080, false), be("fd00::3", 8080, false)]
     );
+    assert_eq!(spec.terminating, [be("fd00::2", 8080, false)]);
+    assert_eq!(spec.not_serving, [be("fd00::2", 8080, false)]);
+}
+
+#[test]
+fn a_missing_serving_condition_means_serving() {
+    // Not ready, not terminating, `serving` absent: not a backend, but
+    // serving, so its UDP flows are not moved (kube-proxy clears UDP
+    // conntrack only for endpoints that are not serving).
+    let model = build_on(
+        [web("10.96.0.10")],
+        [web_slice("web-1", IpFamily::V4)
+            .endpoint(EndpointBuilder::new("10.244.1.1").up())
+            .endpoint(EndpointBuilder::new("10.244.1.2").ready(false))
+            .endpoint(EndpointBuilder::new("10.244.1.3"))],
+        &node_a(),
+    );
+    let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(
+        spec.backends,
+        [be("10.244.1.1", 8080, false), be("10.244.1.3", 8080, false)]
+    );
+    assert_eq!(spec.not_ready, [be("10.244.1.2", 8080, false)]);
+    assert_eq!(spec.not_serving, []);
+}
+
+#[test]
+fn an_endpoint_listed_twice_counts_as_its_non_terminating_listing() {
+    // A reused pod address: the old pod terminating (still serving) in one
+    // slice, the new one not ready yet in another. kube-proxy keeps the
+    // non-terminating listing, so there is nothing to fall back to.
+    let model = build_on(
+        [web("10.96.0.10")],
+        [
+            web_slice("web-1", IpFamily::V4)
+                .endpoint(EndpointBuilder::new("10.244.1.7").draining()),
+            web_slice("web-2", IpFamily::V4).endpoint(
+                EndpointBuilder::new("10.244.1.7")
+                    .ready(false)
+                    .serving(false)
+                    .terminating(false),
+            ),
+        ],
+        &node_a(),
+    );
+    let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+    assert_eq!(spec.backends, []);
+    assert_eq!(spec.not_ready, [be("10.244.1.7", 8080, false)]);
+    assert_eq!(spec.terminating, []);
 }
 
 #[test]
@@ -343,7 +441,9 @@ fn terminating_endpoint_drains_while_others_serve() {
 }
 
 #[test]
-fn publish_not_ready_addresses_makes_every_endpoint_usable() {
+fn publish_not_ready_addresses_is_left_to_the_slice_controller() {
+    // The EndpointSlice controller marks the endpoints of such a Service
+    // ready; kube-proxy reads the conditions as they are, and so do we.
     let slice =
         |family| SliceBuilder::for_service("db", "peers", family).port("gossip", 7000, "TCP");
     let model = build_on(
@@ -372,13 +472,11 @@ fn publish_not_ready_addresses_makes_every_endpoint_usable() {
     );
     assert_eq!(model.errors, []);
     let v4 = spec_of(&model, "10.96.0.40", 7000, Protocol::Tcp);
-    assert_eq!(
-        v4.backends,
-        [be("10.244.1.1", 7000, false), be("10.244.1.2", 7000, false)]
-    );
+    assert_eq!(v4.backends, [be("10.244.1.2", 7000, false)]);
+    assert_eq!(v4.not_ready, [be("10.244.1.1", 7000, false)]);
     let v6 = spec_of(&model, "fd00:10:96::40", 7000, Protocol::Tcp);
-    assert_eq!(v6.backends, [be("fd00:10:244::1", 7000, false)]);
-    assert_eq!(v6.terminating, []);
+    assert_eq!(v6.backends, []);
+    assert_eq!(v6.terminating, [be("fd00:10:244::1", 7000, false)]);
 }
 
 #[test]
@@ -502,9 +600,6 @@ fn zone_hints_fall_back_to_all_endpoints() {
     // The node's zone is unknown.
     let model = zoned_web(prefer_close, [], &in_zone(None));
     assert_eq!(cluster_and_node_port_backends(&model).0, all);
-    // The Service does not ask for topology: hints are ignored.
-    let model = zoned_web(|service| service, [], &node_a());
-    assert_eq!(cluster_and_node_port_backends(&model).0, all);
 
     // One ready endpoint without hints turns the hints off.
     let unhinted = EndpointBuilder::new("10.244.3.1")
@@ -526,22 +621,83 @@ fn zone_hints_fall_back_to_all_endpoints() {
 }
 
 #[test]
-fn topology_mode_auto_annotation_also_turns_hints_on() {
-    for (annotation, value) in [
-        (TOPOLOGY_MODE_ANNOTATION, "Auto"),
-        (TOPOLOGY_AWARE_HINTS_ANNOTATION, "auto"),
+fn hints_are_used_whatever_the_service_asks_for() {
+    // kube-proxy reads the hints alone: no `trafficDistribution`, the
+    // topology-mode annotation, or a value it does not know.
+    for tweak in [
+        (|service| service) as fn(ServiceBuilder) -> ServiceBuilder,
+        |service| service.annotation("service.kubernetes.io/topology-mode", "Auto"),
+        |service| service.traffic_distribution("SomethingNew"),
     ] {
-        let model = zoned_web(
-            |service| service.annotation(annotation, value),
-            [],
-            &node_a(),
-        );
+        let model = zoned_web(tweak, [], &node_a());
         assert_eq!(
             cluster_and_node_port_backends(&model).0,
             [be("10.244.1.1", 8080, true), be("10.244.4.1", 8080, false)],
-            "{annotation}: {value}"
         );
     }
+}
+
+/// Endpoints of `zoned_web` with node hints as the `EndpointSlice`
+/// controller writes them for `PreferSameNode` (each for its own node),
+/// zone hints kept.
+fn node_hinted(node: &str, addr: &str, zone: &str) -> EndpointBuilder {
+    EndpointBuilder::new(addr)
+        .ready(true)
+        .node(node)
+        .zone(zone)
+        .zone_hints([zone])
+        .node_hints([node])
+}
+
+#[test]
+fn prefer_same_node_keeps_the_endpoints_hinted_for_this_node() {
+    let slice = |extra: Option<EndpointBuilder>| {
+        let slice = web_slice("web-1", IpFamily::V4)
+            .endpoint(node_hinted("node-a", "10.244.1.1", "zone-a"))
+            .endpoint(node_hinted("node-d", "10.244.4.1", "zone-a"))
+            .endpoint(node_hinted("node-b", "10.244.2.1", "zone-b"));
+        extra.into_iter().fold(slice, SliceBuilder::endpoint)
+    };
+    let web = || {
+        web("10.96.0.10")
+            .type_("NodePort")
+            .node_port_of_last(30080)
+            .traffic_distribution("PreferSameNode")
+    };
+    let model = build_on([web()], [slice(None)], &node_a());
+    assert_eq!(
+        cluster_and_node_port_backends(&model),
+        (
+            vec![be("10.244.1.1", 8080, true)],
+            vec![be("10.244.1.1", 8080, true)]
+        )
+    );
+    // No endpoint for this node: the zone hints decide.
+    let node_c = NodeContext {
+        name: "node-c".into(),
+        ..node_a()
+    };
+    let model = build_on([web()], [slice(None)], &node_c);
+    assert_eq!(
+        cluster_and_node_port_backends(&model).0,
+        [be("10.244.1.1", 8080, false), be("10.244.4.1", 8080, false)]
+    );
+    // A ready endpoint without a node hint turns the node hints off (the
+    // zone hints still apply: it has one).
+    let zone_only = EndpointBuilder::new("10.244.1.2")
+        .ready(true)
+        .node("node-a")
+        .zone("zone-a")
+        .zone_hints(["zone-a"]);
+    let model = build_on([web()], [slice(Some(zone_only))], &node_a());
+    assert_eq!(
+        cluster_and_node_port_backends(&model).0,
+        [
+            be("10.244.1.1", 8080, true),
+            be("10.244.1.2", 8080, true),
+            be("10.244.4.1", 8080, false)
+        ]
+    );
 }
 
 #[test]

@@ -478,20 +478,56 @@ fn invalid_affinity_rejects_the_service() {
 
 // ---- Source ranges -----------------------------------------------------
 
-#[test]
-fn source_ranges_guard_every_external_frontend_per_family() {
-    let service = dual_stack_web("LoadBalancer")
+/// `node_a` with `--source-ranges-strict`.
+fn strict_node() -> NodeContext {
+    NodeContext {
+        source_ranges_strict: true,
+        ..node_a()
+    }
+}
+
+/// A `LoadBalancer` Service with ranges of both families, ingress IPs and
+/// external IPs.
+fn ranged_lb() -> ServiceBuilder {
+    dual_stack_web("LoadBalancer")
         .external_ips(["198.51.100.20", "2001:db8:ee::20"])
         .source_ranges([
             "203.0.113.77/24",
-            "198.51.100.5",
+            "198.51.100.5/32",
             " 192.0.2.0/26 ",
             "2001:db8:abcd:12::1/48",
             "2001:db8:abcd::/48",
         ])
         .ingress_ip("203.0.113.10")
-        .ingress_ip("2001:db8:ff::10");
-    let model = build_web(service, &node_a());
+        .ingress_ip("2001:db8:ff::10")
+}
+
+#[test]
+fn source_ranges_guard_only_the_load_balancer_ips_as_kube_proxy() {
+    let model = build_web(ranged_lb(), &node_a());
+    assert_eq!(model.errors, []);
+    let v4 = vec![
+        (ip("192.0.2.0"), 26),
+        (ip("198.51.100.5"), 32),
+        (ip("203.0.113.0"), 24),
+    ];
+    let v6 = vec![(ip("2001:db8:abcd::"), 48)];
+    for (frontend, spec) in &model.frontends {
+        // kube-proxy: "nodeports are not subject to
+        // loadBalancerSourceRanges"; external IPs and ClusterIPs neither.
+        let expected = match (spec.kind, frontend.addr) {
+            (FrontendKind::LoadBalancer, IpAddr::V4(_)) => &v4,
+            (FrontendKind::LoadBalancer, IpAddr::V6(_)) => &v6,
+            _ => &vec![],
+        };
+        assert_eq!(&spec.source_ranges, expected, "{frontend} {}", spec.kind);
+    }
+    assert_eq!(model.frontends.len(), 8);
+}
+
+#[test]
+fn strict_source_ranges_guard_every_external_frontend_per_family() {
+    let model = build_web(ranged_lb(), &strict_node());
     assert_eq!(model.errors, []);
     let v4 = vec![
         (ip("192.0.2.0"), 26),
@@ -516,56 +552,103 @@ fn source_ranges_of_one_family_leave_the_other_open() {
         .source_ranges(["10.0.0.0/8"])
         .ingress_ip("203.0.113.10")
         .ingress_ip("2001:db8:ff::10");
+    for node in [node_a(), strict_node()] {
+        let model = build_web(service.clone(), &node);
+        assert_eq!(model.errors, []);
+        assert_eq!(
+            spec_of(&model, "203.0.113.10", 80, Protocol::Tcp).source_ranges,
+            [(ip("10.0.0.0"), 8)]
+        );
+        assert_eq!(
+            spec_of(&model, "2001:db8:ff::10", 80, Protocol::Tcp).source_ranges,
+            []
+        );
+    }
+    // Only LoadBalancer Services are guarded; kube-proxy ignores the
+    // field elsewhere.
+    for node in [node_a(), strict_node()] {
+        let model = build_web(
+            dual_stack_web("NodePort").source_ranges(["10.0.0.0/8", "bogus"]),
+            &node,
+        );
+        assert_eq!(model.errors, []);
+        assert!(
+            model
+                .frontends
+                .values()
+                .all(|spec| spec.source_ranges.is_empty())
+        );
+    }
+}
+
+#[test]
+fn a_range_holding_the_node_lets_the_load_balancer_ips_in() {
+    // node_a is 192.168.1.10: a request from the node to a VIP that is
+    // local to it comes back with the VIP as source (kube-proxy's
+    // allowFromNode). The IPv6 ranges do not hold 2001:db8:1::10.
+    let service = dual_stack_web("LoadBalancer")
+        .source_ranges(["192.168.0.0/16", "2001:db8:abcd::/48"])
+        .ingress_ip("203.0.113.10")
+        .ingress_ip("203.0.113.11")
+        .ingress_ip("2001:db8:ff::10");
     let model = build_web(service, &node_a());
-    assert_eq!(model.errors, []);
     assert_eq!(
         spec_of(&model, "203.0.113.10", 80, Protocol::Tcp).source_ranges,
-        [(ip("10.0.0.0"), 8)]
-    );
-    assert_eq!(
-        spec_of(&model, "192.168.1.10", 30080, Protocol::Tcp).source_ranges,
-        [(ip("10.0.0.0"), 8)]
+        [
+            (ip("192.168.0.0"), 16),
+            (ip("203.0.113.10"), 32),
+            (ip("203.0.113.11"), 32)
+        ]
     );
     assert_eq!(
         spec_of(&model, "2001:db8:ff::10", 80, Protocol::Tcp).source_ranges,
-        []
-    );
-    // Only LoadBalancer Services are guarded; kube-proxy ignores the
-    // field elsewhere.
-    let model = build_web(
-        dual_stack_web("NodePort").source_ranges(["10.0.0.0/8", "bogus"]),
-        &node_a(),
-    );
-    assert_eq!(model.errors, []);
-    assert!(
-        model
-            .frontends
-            .values()
-            .all(|spec| spec.source_ranges.is_empty())
+        [(ip("2001:db8:abcd::"), 48)]
     );
 }
 
 #[test]
-fn invalid_source_range_rejects_the_service() {
+fn an_invalid_source_range_skips_that_entry_only() {
     for range in [
         "10.0.0.0/33",
         "10.0.0.0/",
         "10.0.0.0/+8",
         "2001:db8::/129",
+        "256.0.0.0/8",
+        "1.2.3/8",
         "example.com",
     ] {
         let model = build_web(
-            dual_stack_web("LoadBalancer").source_ranges([range]),
+            dual_stack_web("LoadBalancer")
+                .source_ranges([range, "198.51.100.0/24"])
+                .ingress_ip("203.0.113.10"),
             &node_a(),
         );
-        assert!(model.frontends.is_empty(), "{range}");
+        assert_eq!(
+            spec_of(&model, "203.0.113.10", 80, Protocol::Tcp).source_ranges,
+            [(ip("198.51.100.0"), 24)],
+            "{range}"
+        );
+        assert_eq!(model.frontends.len(), 5, "{range}");
         assert_eq!(
             error_lines(&model),
             [format!(
-                "Service shop/web: loadBalancerSourceRanges entry {range:?} is not a CIDR"
+                "Service shop/web: loadBalancerSourceRanges entry {range:?} is not a CIDR; entry skipped"
             )]
         );
     }
+}
+
+#[test]
+fn cidr_parsing_reads_leading_zeros_as_the_api_server_did() {
+    // ParseCIDRSloppy: decimal octets and lengths with leading zeros.
+    assert_eq!(parse_cidr("010.001.0.0/08"), Some((ip("10.0.0.0"), 8)));
+    assert_eq!(
+        parse_cidr("192.000.002.077/32"),
+        Some((ip("192.0.2.77"), 32))
+    );
+    assert_eq!(parse_cidr("0192.0.2.0/0024"), Some((ip("192.0.2.0"), 24)));
+    assert_eq!(parse_cidr("0256.0.2.0/24"), None);
+    assert_eq!(parse_cidr("192.0.2.0.1/24"), None);
 }
 
 #[test]
@@ -585,4 +668,38 @@ fn cidr_parsing_masks_host_bits() {
     );
     assert_eq!(parse_cidr("192.0.2.0/24/1"), None);
     assert_eq!(parse_cidr(""), None);
+}
+
+#[test]
+fn addresses_with_leading_zeros_read_as_decimal_as_kube_proxy() {
+    // Stored before Kubernetes 1.22 tightened validation; kube-proxy's
+    // ParseIPSloppy still reads them.
+    let model = build_web(
+        dual_stack_web("LoadBalancer")
+            .external_ips(["198.051.100.020"])
+            .ingress_ip("203.000.113.010"),
+        &node_a(),
+    );
+    assert_eq!(model.errors, []);
+    for (addr, kind) in [
+        ("198.51.100.20", FrontendKind::ExternalIp),
+        ("203.0.113.10", FrontendKind::LoadBalancer),
+    ] {
+        assert_eq!(spec_of(&model, addr, 80, Protocol::Tcp).kind, kind);
+    }
+    let model = build_plain(
+        [ServiceBuilder::new("shop", "old")
+            .ips(["010.096.000.010"])
+            .port("", 80, "TCP", 80)],
+        [
+            crate::testing::SliceBuilder::for_service("shop", "old", crate::testing::IpFamily::V4)
+                .port("", 80, "TCP")
+                .endpoint(crate::testing::EndpointBuilder::new("010.244.001.005")),
+        ],
+    );
+    assert_eq!(model.errors, []);
+    assert_eq!(
+        spec_of(&model, "10.96.0.10", 80, Protocol::Tcp).backends,
+        [be("10.244.1.5", 80, false)]
+    );
 }

@@ -63,7 +63,7 @@ pub const MAX_DELAY: Duration = Duration::from_millis(200);
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Label the `EndpointSlice` controller puts on the slices of a headless
 /// Service (no cluster IP: nothing for a proxy to do).
-pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+pub const HEADLESS_LABEL: &str = crate::model::HEADLESS_LABEL;
 /// Label of the node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// `EndpointSlice` annotation: when the change behind this version happened.
@@ -168,8 +168,10 @@ fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     crate::error::Causes(error).to_string()
 }
 /// The node facts the model needs, from the agent's Node object: its
-/// `InternalIP` and `ExternalIP` addresses (both families, deduplicated, in
-/// the Node's order) and its zone label. Without a Node: the name only.
+/// `InternalIP` and then its `ExternalIP` addresses (both families,
+/// deduplicated, each type in the Node's order: the first of a family is
+/// the node's primary address, as kube-proxy's `GetNodeHostIPs` picks it)
+/// and its zone label. Without a Node: the name only.
 #[must_use]
 pub fn node_context(node: Option<&Node>, name: &str) -> NodeContext {
     let Some(node) = node else {
@@ -177,6 +179,7 @@ pub fn node_context(node: Option<&Node>, name: &str) -> NodeContext {
             name: name.to_owned(),
             addresses: Vec::new(),
             zone: None,
+            ..NodeContext::default()
         };
     };
     let mut addresses: Vec<IpAddr> = Vec::new();
@@ -185,10 +188,10 @@ pub fn node_context(node: Option<&Node>, name: &str) -> NodeContext {
         .as_ref()
         .and_then(|status| status.addresses.as_deref())
         .unwrap_or_default();
-    for address in listed {
-        if !matches!(address.type_.as_str(), "InternalIP" | "ExternalIP") {
-            continue;
-        }
+    let by_type = ["InternalIP", "ExternalIP"]
+        .into_iter()
+        .flat_map(|type_| listed.iter().filter(move |address| address.type_ == type_));
+    for address in by_type {
         match address.address.parse::<IpAddr>() {
             Ok(addr) if !addresses.contains(&addr) => addresses.push(addr),
             Ok(_) => {}
@@ -203,6 +206,7 @@ pub fn node_context(node: Option<&Node>, name: &str) -> NodeContext {
         name: name.to_owned(),
         addresses,
         zone: node.labels().get(ZONE_LABEL).cloned(),
+        ..NodeContext::default()
     }
 }
 
@@ -266,6 +270,18 @@ mod tests {
             vec![
                 "192.0.2.10".parse::<IpAddr>().unwrap(),
                 "2001:db8::10".parse().unwrap(),
+                "203.0.113.7".parse().unwrap(),
+            ]
+        );
+        // InternalIPs first, whatever the Node's order.
+        let n = node(
+            &[("ExternalIP", "203.0.113.7"), ("InternalIP", "192.0.2.10")],
+            None,
+        );
+        assert_eq!(
+            node_context(Some(&n), "n1").addresses,
+            vec![
+                "192.0.2.10".parse::<IpAddr>().unwrap(),
                 "203.0.113.7".parse().unwrap(),
             ]
         );
