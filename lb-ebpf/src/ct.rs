@@ -195,6 +195,9 @@ pub(crate) const FOUND: u32 = 1;
 /// `established_flow_sub` result: the reply entry needs the service
 /// entry's refresh or closing flag.
 pub(crate) const SYNC_REPLY: u32 = 2;
+/// `established_flow_sub` result: the client went on after the backend's
+/// answer: the flow moves to the main map (`promote`).
+pub(crate) const PROMOTE: u32 = 4;
 
 /// `established_flow` as a leaf subprogram: `FOUND` and `SYNC_REPLY` bits.
 #[inline(never)]
@@ -272,10 +275,46 @@ fn established_flow<F: Family>(
     }
     let touched = touch(entry, tcp_flags, now);
     flow.flags = (flags | flags_from_tcp(tcp_flags)) & STICKY;
+    // Answered, and the client goes on (for TCP the handshake's last ACK,
+    // which a spoofed source never sends): the flow is established, as
+    // the kernel's conntrack marks a flow assured.
+    if !answered
+        && flags & ct_flags::REPLIED != 0
+        && (tuple.proto != proto::TCP || tcp_flags & TCP_SYN == 0)
+    {
+        return FOUND | SYNC_REPLY | PROMOTE;
+    }
     if touched == 0 {
         FOUND
     } else {
         FOUND | SYNC_REPLY
+    }
+}
+
+/// Moves a flow's two entries from the map of new flows to the main map
+/// (`PROMOTE`). A subprogram: its own stack frame; best effort (a failed
+/// insert leaves the entry where it was).
+#[inline(never)]
+pub(crate) fn promote<F: Family>(tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
+    let reply = Tuple {
+        saddr: flow.backend.addr,
+        daddr: flow.nat_addr,
+        sport_be: flow.backend.port_be,
+        dport_be: flow.nat_port_be,
+        proto: tuple.proto,
+    };
+    move_to_main::<F>(&ct_key(tuple, ct_dir::SERVICE));
+    move_to_main::<F>(&ct_key(&reply, ct_dir::REPLY));
+    0
+}
+
+#[inline(always)]
+fn move_to_main<F: Family>(key: &CtKey<F::Addr>) {
+    if let Some(entry) = F::conntrack_new().get_ptr(key) {
+        // SAFETY: map value pointer, handed to the insert helper as is.
+        if F::conntrack().insert(key, unsafe { &*entry }, 0).is_ok() {
+            let _ = F::conntrack_new().remove(key);
+        }
     }
 }
 
@@ -399,7 +438,8 @@ pub(crate) const ANSWER_DUE: u32 = 1 << 8;
 pub(crate) const ANSWERED: u32 = 1 << 9;
 
 /// A reply from the backend that changes its flow's service entry: the
-/// first one (both entries move to the main map, `REPLIED`), one that
+/// first one (`REPLIED` on both entries; they move to the main map when
+/// the client goes on: `PROMOTE`), one that
 /// starts closing (`CLOSING` on the service entry too), one that refreshes
 /// the reply entry (the service entry too, so that a flow where only the
 /// server talks keeps both). `reply` is the packet's tuple, `mode` its TCP
@@ -449,9 +489,6 @@ pub(crate) fn answer<F: Family>(reply: &Tuple<F::Addr>, mode: u32) -> u64 {
             if (*own).rev_nat_id == rev_nat_id && (*own).backend_id == backend_id {
                 (*own).flags |= gained;
                 (*own).last_seen_ns = now;
-                if !answered && F::conntrack().insert(&service_key, &*own, 0).is_ok() {
-                    let _ = F::conntrack_new().remove(&service_key);
-                }
             }
         }
     }
@@ -460,9 +497,6 @@ pub(crate) fn answer<F: Family>(reply: &Tuple<F::Addr>, mode: u32) -> u64 {
         unsafe {
             (*entry).flags |= gained;
             (*entry).last_seen_ns = now;
-            if F::conntrack().insert(&reply_key, &*entry, 0).is_ok() {
-                let _ = F::conntrack_new().remove(&reply_key);
-            }
         }
     }
     0

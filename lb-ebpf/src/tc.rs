@@ -277,6 +277,10 @@ fn to_backend<F: Family>(
         }
         decode_unit(ct::new_flow_into::<F>(tuple, frontend, now, &mut flow))?;
     }
+    if found & ct::PROMOTE != 0 {
+        ct::promote::<F>(tuple, &flow);
+        flow.answered = true;
+    }
     if !established || found & ct::SYNC_REPLY != 0 {
         // Write the reply entry of a new flow; refresh it with the service
         // entry (about once a second, and when the flow starts closing) so
@@ -354,7 +358,7 @@ fn from_backend<F: Family>(
     new.sport_be = rev_nat.port_be;
     let touched = ct::touch(entry, tcp_flags, now);
     if !answered || touched != 0 {
-        // The first answer moves the flow to the main map; a closing or
+        // The first answer marks the flow's entries; a closing or
         // refreshing one reaches the service entry too.
         *F::packet_tuple(packet) = *tuple;
         packet.answer =

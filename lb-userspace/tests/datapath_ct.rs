@@ -237,8 +237,14 @@ fn closing_flag_is_sticky_on_both_entries_across_a_refresh() {
         );
         assert_eq!(
             states(&fx),
+            [("service", false, false), ("reply", false, false)],
+            "{vip}: answered, but not established before the client's ACK"
+        );
+        to_backend(&mut fx, &ack, backend, vip);
+        assert_eq!(
+            states(&fx),
             [("service", true, false), ("reply", true, false)],
-            "{vip}: the new flow is answered and open"
+            "{vip}: the new flow is established and open"
         );
         reply_restored(&mut fx, &fin, syn.dst, client, vip);
         // Closing entries live 10 s: after that the client's segment
@@ -388,9 +394,12 @@ fn stray_segments_create_no_entries() {
 }
 
 /// Item 6: a flood of SYNs from spoofed sources, four times the size of the
-/// conntrack map, evicts no answered flow: they go on to the same backend
-/// with their replies restored. Legitimate connections opened during the
-/// flood succeed (their SYN+ACK finds their entries).
+/// conntrack map, evicts no established flow: they go on to the same
+/// backend with their replies restored. The backend answers every spoofed
+/// SYN, as a listening server does: a flow becomes established only when
+/// the client goes on after the answer (its ACK), which a spoofed source
+/// never sends. Legitimate connections opened during the flood succeed
+/// (their SYN+ACK and ACK find their entries).
 #[test]
 fn syn_flood_larger_than_the_maps_does_not_evict_answered_flows() {
     let capacities = Capacities {
@@ -426,7 +435,10 @@ fn syn_flood_larger_than_the_maps_does_not_evict_answered_flows() {
         let mut legitimate = 0;
         for i in 0..flood {
             let spoofed = spoofed_source(vip, i);
-            fx.run(&first(spoofed, &fe).bytes());
+            let (_, to_endpoint) = fx.run(&first(spoofed, &fe).bytes());
+            let (seen, backend) = verify_checksums(&to_endpoint);
+            let (verdict, _) = fx.run(&answer(backend, seen, Protocol::Tcp).bytes());
+            assert_eq!(verdict, TC_ACT_OK, "{vip}: the answer to a spoofed SYN");
             if i % 256 == 0 {
                 let port = 20000 + u16::try_from(i / 256).unwrap();
                 handshake(&mut fx, sock(client, port));
