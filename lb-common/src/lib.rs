@@ -52,16 +52,20 @@ pub mod map_names {
     pub const SRC_RANGES4: &str = "LB4_SRC_V1";
     /// IPv6 allowed source ranges (LPM trie): `SourceRange6` -> `u8`.
     pub const SRC_RANGES6: &str = "LB6_SRC_V1";
-    /// Node configuration (array of one `LbConfig`; V2: `snat_seed`).
-    pub const CONFIG: &str = "LB_CONFIG_V2";
+    /// Node configuration (array of one `LbConfig`; V2: `flags`; V3:
+    /// `snat_seed`).
+    pub const CONFIG: &str = "LB_CONFIG_V3";
     /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
+    /// Attached interfaces: ifindex -> `iface_flags` (not pinned: written
+    /// by the loader on every attach).
+    pub const IFACES: &str = "LB_IFACE_V1";
     /// Per-CPU packet counters per verdict reason, indexed by `reason::*`
     /// (V2: the never emitted `drop_no_backend` was removed, which
     /// renumbered the reasons after it; V3: two more, `sock_translated` and
-    /// `sock_refused`, so a V2 pin is too small; V4: one more,
-    /// `drop_no_local_endpoint`; V5: `reject_no_flow` and
-    /// `drop_snat_exhausted`).
+    /// `sock_refused`, so a V2 pin is too small; V4: more again,
+    /// `drop_no_local_endpoint` and the topology ones from `pass_vlan` on;
+    /// V5: `reject_no_flow` and `drop_snat_exhausted`).
     pub const REASONS: &str = "LB_REASONS_V5";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
@@ -78,8 +82,16 @@ pub mod map_names {
 
 /// Program names as they appear in the object file and in the kernel.
 pub mod prog_names {
-    /// TC program translating service traffic and its replies.
+    /// TC program translating service traffic and its replies (ingress of
+    /// Ethernet devices).
     pub const TC_LB: &str = "lb_tc";
+    /// `TC_LB` for devices without an Ethernet header (IPIP, `ip6tnl`, GRE
+    /// in L3 mode, `WireGuard`).
+    pub const TC_LB_L3: &str = "lb_tc_l3";
+    /// Reply translation at egress of Ethernet devices.
+    pub const TC_LB_EGRESS: &str = "lb_tc_egress";
+    /// Reply translation at egress of devices without an Ethernet header.
+    pub const TC_LB_L3_EGRESS: &str = "lb_tc_l3_egress";
     /// Empty TC program: the measurement floor for benchmarks and tests.
     pub const TC_FLOOR: &str = "lb_floor";
     /// Socket-level load balancing (cgroup `sock_addr` programs): `connect()`.
@@ -137,10 +149,12 @@ pub mod map_flags {
 /// The map definitions in the eBPF object use the defaults (or the id
 /// spaces) and the loader overrides them.
 pub mod limits {
-    /// Largest rev-NAT id + 1, over both families; also the size of the
-    /// per-service stats array (per CPU, preallocated: 16 bytes x CPUs x
-    /// this, 4 MiB per CPU), so it is not a flag. At most this - 1
-    /// frontends fit, IPv4 and IPv6 together.
+    /// Largest rev-NAT id + 1, over both families: the id space, and the
+    /// largest size of the per-service stats array (per CPU, preallocated:
+    /// 16 bytes x CPUs x its entries). The agent sizes that array from
+    /// `--max-services` (4 x it + 1 entries, see the loader) and keeps
+    /// rev-NAT ids below its size. At most this - 1 frontends fit, IPv4
+    /// and IPv6 together.
     pub const MAX_FRONTENDS: u32 = 1 << 18;
     /// Default rev-NAT map entries per family (`--max-services`): frontends
     /// (address, port, protocol) of one family. 100k dual-stack Services
@@ -337,16 +351,38 @@ pub mod reason {
     /// A new flow to a frontend whose Local traffic policy left it no
     /// endpoint on this node (others have some): dropped, as kube-proxy.
     pub const DROP_NO_LOCAL_ENDPOINT: u32 = 21;
+    /// VLAN-tagged frame (offloaded tag or 802.1Q / 802.1ad `EtherType`):
+    /// passed untouched, its addresses belong to another network.
+    pub const PASS_VLAN: u32 = 22;
+    /// Frame addressed to another host's MAC (`PACKET_OTHERHOST`, seen in
+    /// promiscuous mode): passed untouched, it is not ours to translate.
+    pub const PASS_OTHER_HOST: u32 = 23;
+    /// A refusal was due but its source must never be answered (multicast,
+    /// broadcast, unspecified, loopback or martian source, a multicast or
+    /// broadcast frame, a frame not addressed to this host): dropped.
+    pub const DROP_REJECT_UNANSWERABLE: u32 = 24;
+    /// A refusal was due but the interface's reply budget is spent
+    /// (100/s, burst 1000, as Cilium's): dropped.
+    pub const DROP_REJECT_RATE: u32 = 25;
+    /// IPv4 total length, IPv6 payload length, TCP data offset or UDP
+    /// length inconsistent with each other or with the packet (a zero IP
+    /// length is BIG TCP's only on a GSO packet): passed untouched, no
+    /// state created.
+    pub const PASS_BAD_LENGTH: u32 = 26;
+    /// A packet matching a reply entry came in on a pod-facing interface
+    /// its source is not routed through (a pod spoofing a backend's
+    /// address): dropped.
+    pub const DROP_SPOOFED_SOURCE: u32 = 27;
     /// A TCP segment that cannot open a connection (no SYN, or an ACK
     /// with it) of a flow without conntrack entry: answered with a reset
     /// (RFC 9293), no state created. A reset is dropped instead
     /// (`DROP_RESET_UNANSWERED`).
-    pub const REJECT_NO_FLOW: u32 = 22;
+    pub const REJECT_NO_FLOW: u32 = 28;
     /// Source NAT needed but every candidate port was taken: dropped (the
     /// agent logs it, `lb_snat_exhausted_total`).
-    pub const DROP_SNAT_EXHAUSTED: u32 = 23;
+    pub const DROP_SNAT_EXHAUSTED: u32 = 29;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 30;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -372,6 +408,12 @@ pub mod reason {
         "sock_translated",
         "sock_refused",
         "drop_no_local_endpoint",
+        "pass_vlan",
+        "pass_other_host",
+        "drop_reject_unanswerable",
+        "drop_reject_rate",
+        "pass_bad_length",
+        "drop_spoofed_source",
         "reject_no_flow",
         "drop_snat_exhausted",
     ];
@@ -589,10 +631,30 @@ pub struct LbConfig {
     pub node_addr6: [u8; 16],
     /// Source for hairpin flows over IPv6.
     pub loopback6: [u8; 16],
+    /// `config_flags::*`.
+    pub flags: u32,
     /// Random start of the SNAT port probe, chosen once per boot (kept
     /// while the pinned map lives), so that the node's ports are not
     /// predictable from the flows.
     pub snat_seed: u32,
+}
+
+/// `LB_IFACE_V1` values: what the agent knows of an attached interface
+/// (bits).
+pub mod iface_flags {
+    /// Pods sit behind it (a veth): packets matching reply entries must
+    /// come from a source routed through it.
+    pub const POD_FACING: u32 = 1 << 0;
+}
+
+/// `LbConfig::flags` bits.
+pub mod config_flags {
+    /// `--forward=redirect`: a translated packet is sent to its egress
+    /// device by the datapath (FIB lookup + `bpf_redirect`), skipping the
+    /// node's netfilter FORWARD chain (and so `NetworkPolicy` engines that
+    /// live there). Unset (the default): the stack routes it, as after
+    /// kube-proxy's DNAT.
+    pub const FORWARD_REDIRECT: u32 = 1 << 0;
 }
 
 /// Socket-level load balancing settings written by the agent (array of one
@@ -670,6 +732,22 @@ pub const SNAT_PORT_MIN: u16 = 1024;
 /// Number of ports in that range (1024..=32767).
 pub const SNAT_PORT_COUNT: u16 = 31_744;
 
+/// Dry runs (`lb explain`, the conformance suite): a packet handed to
+/// `BPF_PROG_TEST_RUN` with `skb->mark == probe::MARK` goes through the
+/// whole pipeline but writes no map (conntrack, affinity, counters), and
+/// the program answers in `cb[0]`.
+pub mod probe {
+    /// `skb->mark` of a dry-run packet (`LBxp`). Marks do not cross a
+    /// network namespace boundary on veth (the pod's packets arrive with
+    /// 0), so only something on the node itself could set it.
+    pub const MARK: u32 = 0x4c42_7870;
+    /// `cb[0]` after a dry run: `ANSWER | reason`, so a program without the
+    /// dry-run gate (which leaves `cb[0]` alone) is recognised.
+    pub const ANSWER: u32 = 0x7072_0000;
+    /// The reason bits of the answer.
+    pub const REASON_MASK: u32 = 0xffff;
+}
+
 const _: () = assert!(size_of::<Lb4Key>() == 12);
 const _: () = assert!(size_of::<Lb6Key>() == 24);
 const _: () = assert!(size_of::<LbService>() == 16);
@@ -685,7 +763,7 @@ const _: () = assert!(size_of::<Affinity6Key>() == 20);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<SourceRange4>() == 8);
 const _: () = assert!(size_of::<SourceRange6>() == 20);
-const _: () = assert!(size_of::<LbConfig>() == 44);
+const _: () = assert!(size_of::<LbConfig>() == 48);
 const _: () = assert!(size_of::<LbStats>() == 16);
 const _: () = assert!(size_of::<SockConfig>() == 16);
 const _: () = assert!(size_of::<SockRevNat4Key>() == 16);
@@ -761,6 +839,12 @@ mod tests {
             (reason::SOCK_TRANSLATED, "sock_translated"),
             (reason::SOCK_REFUSED, "sock_refused"),
             (reason::DROP_NO_LOCAL_ENDPOINT, "drop_no_local_endpoint"),
+            (reason::PASS_VLAN, "pass_vlan"),
+            (reason::PASS_OTHER_HOST, "pass_other_host"),
+            (reason::DROP_REJECT_UNANSWERABLE, "drop_reject_unanswerable"),
+            (reason::DROP_REJECT_RATE, "drop_reject_rate"),
+            (reason::PASS_BAD_LENGTH, "pass_bad_length"),
+            (reason::DROP_SPOOFED_SOURCE, "drop_spoofed_source"),
             (reason::REJECT_NO_FLOW, "reject_no_flow"),
             (reason::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
         ];

@@ -116,6 +116,9 @@ fn flags_from_tcp(tcp_flags: u8) -> u32 {
 /// closing flags. Returns `REFRESHED` and/or `CLOSED_NOW`.
 #[inline(always)]
 pub(crate) fn touch(entry: *mut CtEntry, tcp_flags: u8, now: u64) -> u32 {
+    if crate::probe::dry_run() {
+        return 0;
+    }
     let new_flags = flags_from_tcp(tcp_flags);
     let mut touched = 0;
     // SAFETY: `entry` points into a map value.
@@ -211,7 +214,7 @@ pub(crate) fn established_flow_sub<F: Family>(
     let key = ct_key(tuple, ct_dir::SERVICE);
     if let Some(entry) = F::conntrack().get_ptr_mut(&key) {
         let found = established_flow::<F>(entry, tuple, frontend, tcp_flags, now, flow, true);
-        if found == 0 {
+        if found == 0 && !crate::probe::dry_run() {
             // Expired, closing and reused, or no longer valid: the new flow
             // starts in the map of new flows, this one must not shadow it.
             let _ = F::conntrack().remove(&key);
@@ -296,6 +299,9 @@ fn established_flow<F: Family>(
 /// insert leaves the entry where it was).
 #[inline(never)]
 pub(crate) fn promote<F: Family>(tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
+    if crate::probe::dry_run() {
+        return 0;
+    }
     let reply = Tuple {
         saddr: flow.backend.addr,
         daddr: flow.nat_addr,
@@ -356,9 +362,10 @@ fn new_flow<F: Family>(
         F::set_nat(&mut entry.nat_addr, flow.nat_addr);
         entry.nat_port_be = flow.nat_port_be;
     }
-    if table::<F>(flow.answered)
-        .insert(&ct_key(tuple, ct_dir::SERVICE), entry, 0)
-        .is_err()
+    if !crate::probe::dry_run()
+        && table::<F>(flow.answered)
+            .insert(&ct_key(tuple, ct_dir::SERVICE), entry, 0)
+            .is_err()
     {
         return Err(Verdict::drop(reason::DROP_CT_INSERT));
     }
@@ -392,6 +399,9 @@ fn reply_entry<F: Family>(
     now: u64,
     fresh: bool,
 ) -> Result<(), Verdict> {
+    if crate::probe::dry_run() {
+        return Ok(());
+    }
     let reply = Tuple {
         saddr: flow.backend.addr,
         daddr: flow.nat_addr,
@@ -449,6 +459,9 @@ pub(crate) const ANSWERED: u32 = 1 << 9;
 /// leaves the flow where it was).
 #[inline(never)]
 pub(crate) fn answer<F: Family>(reply: &Tuple<F::Addr>, mode: u32) -> u64 {
+    if crate::probe::dry_run() {
+        return 0;
+    }
     #[expect(clippy::cast_possible_truncation, reason = "the low byte: TCP flags")]
     let tcp_flags = mode as u8;
     let answered = mode & ANSWERED != 0;

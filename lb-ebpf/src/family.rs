@@ -3,6 +3,8 @@
 //! pipeline (`tc`, `lb`, `ct`, `snat`, `xlate`, `fwd`) is written once over
 //! `Family`; the map keys are `lb_common`'s generic types over its address.
 
+use core::marker::PhantomData;
+
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibLookup,
     maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
@@ -17,7 +19,7 @@ use crate::{
     csum::CsumDiff,
     fwd,
     hash::flow_hash,
-    hdr::{ipv4, ipv6},
+    hdr::{Eth, Link, ipv4, ipv6},
     maps::{
         LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2,
         LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
@@ -52,7 +54,11 @@ pub(crate) trait Family {
 
     /// True for IPv4 (UDP zero checksum means "none").
     const IS_V4: bool;
-    /// Offset of the TCP/UDP header in the frame.
+    /// Whether the frame starts with an Ethernet header.
+    const ETHERNET: bool;
+    /// Offset of the TCP/UDP header in the frame (the device's link layer
+    /// and the IP header without options or extension headers: packets
+    /// with them are passed untranslated).
     const L4_OFF: usize;
     /// Bits in an address.
     const ADDR_BITS: u32;
@@ -158,16 +164,17 @@ pub(crate) fn placeholder_backend<A>(addr: A) -> Backend<A> {
     }
 }
 
-/// IPv4.
-pub(crate) struct V4;
-/// IPv6.
-pub(crate) struct V6;
+/// IPv4 on a device of link layer `L`.
+pub(crate) struct V4<L = Eth>(PhantomData<L>);
+/// IPv6 on a device of link layer `L`.
+pub(crate) struct V6<L = Eth>(PhantomData<L>);
 
-impl Family for V4 {
+impl<L: Link> Family for V4<L> {
     type Addr = Addr4;
 
     const IS_V4: bool = true;
-    const L4_OFF: usize = ipv4::L4_OFF;
+    const ETHERNET: bool = L::ETHERNET;
+    const L4_OFF: usize = L::L3_OFF + ipv4::HLEN;
     const ADDR_BITS: u32 = 32;
 
     #[inline(always)]
@@ -231,7 +238,7 @@ impl Family for V4 {
     }
     #[inline(always)]
     fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
-        reject::reject4(ctx)
+        reject::reject4::<L>(ctx)
     }
     #[inline(always)]
     fn write_addrs(
@@ -239,23 +246,24 @@ impl Family for V4 {
         old: &Tuple<Addr4>,
         new: &Tuple<Addr4>,
     ) -> Result<Option<CsumDiff>, Verdict> {
-        xlate::write_addrs4(ctx, old, new)
+        xlate::write_addrs4::<L>(ctx, old, new)
     }
     #[inline(always)]
     fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
-        fwd::fib_request4(ctx, params)
+        fwd::fib_request4::<L>(ctx, params)
     }
     #[inline(always)]
     fn decrement_ttl(ctx: &TcContext) -> Option<()> {
-        fwd::decrement_ttl4(ctx)
+        fwd::decrement_ttl4::<L>(ctx)
     }
 }
 
-impl Family for V6 {
+impl<L: Link> Family for V6<L> {
     type Addr = Addr6;
 
     const IS_V4: bool = false;
-    const L4_OFF: usize = ipv6::L4_OFF;
+    const ETHERNET: bool = L::ETHERNET;
+    const L4_OFF: usize = L::L3_OFF + ipv6::HLEN;
     const ADDR_BITS: u32 = 128;
 
     #[inline(always)]
@@ -316,7 +324,7 @@ impl Family for V6 {
     }
     #[inline(always)]
     fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
-        reject::reject6(ctx)
+        reject::reject6::<L>(ctx)
     }
     #[inline(always)]
     fn write_addrs(
@@ -324,14 +332,14 @@ impl Family for V6 {
         old: &Tuple<Addr6>,
         new: &Tuple<Addr6>,
     ) -> Result<Option<CsumDiff>, Verdict> {
-        xlate::write_addrs6(ctx, old, new)
+        xlate::write_addrs6::<L>(ctx, old, new)
     }
     #[inline(always)]
     fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
-        fwd::fib_request6(ctx, params)
+        fwd::fib_request6::<L>(ctx, params)
     }
     #[inline(always)]
     fn decrement_ttl(ctx: &TcContext) -> Option<()> {
-        fwd::decrement_ttl6(ctx)
+        fwd::decrement_ttl6::<L>(ctx)
     }
 }

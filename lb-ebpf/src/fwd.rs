@@ -1,39 +1,58 @@
-//! Forwarding of translated packets by the datapath itself: a FIB lookup,
-//! then a redirect to the egress interface (with neighbour resolution by
-//! the kernel when the next hop's MAC is not known yet).
+//! Forwarding of translated packets by the datapath itself, with
+//! `--forward=redirect` only: a FIB lookup, then a redirect to the egress
+//! interface (with neighbour resolution by the kernel when the next hop's
+//! MAC is not known yet).
 //!
-//! Why: the kernel's input routing drops an IPv4 packet whose source is one
-//! of the node's own addresses as a "martian" (`accept_local` = 0), and
-//! that is exactly what source NAT of external traffic and the `NodePort`
-//! address restored on its replies produce. Redirecting after the FIB
-//! lookup skips input routing (and is cheaper). Whatever the lookup cannot
-//! place (local delivery, no route, forwarding off, MTU exceeded, TTL about
-//! to expire) goes to the stack as before.
+//! By default a translated packet goes back to the stack (`TC_ACT_OK`), so
+//! that netfilter's FORWARD chain, where `NetworkPolicy` engines (Calico in
+//! iptables mode, kube-router, Weave) enforce policy, sees the translated
+//! packet exactly as after kube-proxy's DNAT. The agent sets `accept_local`
+//! on the interfaces it attaches to, so that input routing lets through the
+//! packets whose source is one of the node's own addresses (source NAT of
+//! external traffic, the `NodePort` address restored on its replies).
+//!
+//! The redirect skips input routing and netfilter (cheaper, and what
+//! Cilium's BPF host routing does), so policy in FORWARD is bypassed.
+//! Whatever the lookup cannot place (local delivery, no route, forwarding
+//! off, MTU exceeded, TTL about to expire) goes to the stack.
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
+        __sk_buff, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 
+use lb_common::{config_flags, iface_flags};
+
 use crate::{
     csum::CsumDiff,
     family::Family,
     hdr::{
-        L3_OFF,
+        Link,
         eth::{ALEN, DADDR_OFF, SADDR_OFF},
         ipv4::{self, Ipv4Hdr},
         ipv6::{self, Ipv6Hdr},
     },
+    maps::{LB_CONFIG_V3, LB_IFACE_V1},
     skb::{read, write},
     verdict::{TC_ACT_REDIRECT, Verdict},
     zeroed::zeroed_in_place,
 };
+
+/// Whether the agent asked for `--forward=redirect`
+/// (`config_flags::FORWARD_REDIRECT`); no configuration: the stack.
+#[inline(always)]
+pub(crate) fn redirect_enabled() -> bool {
+    LB_CONFIG_V3
+        .get(0)
+        .is_some_and(|config| config.flags & config_flags::FORWARD_REDIRECT != 0)
+}
 
 /// Address families of the FIB lookup (linux/socket.h).
 const AF_INET: u8 = 2;
@@ -55,6 +74,11 @@ pub(crate) fn forward<F: Family>(ctx: &TcContext, verdict: u64) -> u64 {
 /// `Some` when the packet was redirected.
 #[inline(always)]
 fn try_forward<F: Family>(ctx: &TcContext) -> Option<()> {
+    if !F::ETHERNET {
+        // From a device without MAC addresses the next hop's header would
+        // have to be pushed; the stack does that.
+        return None;
+    }
     let mut slot = MaybeUninit::uninit();
     // SAFETY: `bpf_fib_lookup` is plain integers, bytes and their unions.
     let params: &mut FibLookup = unsafe { zeroed_in_place(&mut slot) };
@@ -101,8 +125,8 @@ fn try_forward<F: Family>(ctx: &TcContext) -> Option<()> {
 
 /// `Family::fib_request` of IPv4.
 #[inline(always)]
-pub(crate) fn fib_request4(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
-    let ip: Ipv4Hdr = read(ctx, L3_OFF).ok()?;
+pub(crate) fn fib_request4<L: Link>(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+    let ip: Ipv4Hdr = read(ctx, L::L3_OFF).ok()?;
     if ip.ttl <= 1 {
         return None;
     }
@@ -115,8 +139,8 @@ pub(crate) fn fib_request4(ctx: &TcContext, params: &mut FibLookup) -> Option<()
 
 /// `Family::fib_request` of IPv6.
 #[inline(always)]
-pub(crate) fn fib_request6(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
-    let ip: Ipv6Hdr = read(ctx, L3_OFF).ok()?;
+pub(crate) fn fib_request6<L: Link>(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+    let ip: Ipv6Hdr = read(ctx, L::L3_OFF).ok()?;
     if ip.hop_limit <= 1 {
         return None;
     }
@@ -139,25 +163,86 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
 
 /// `Family::decrement_ttl` of IPv4: the checksum follows the TTL.
 #[inline(always)]
-pub(crate) fn decrement_ttl4(ctx: &TcContext) -> Option<()> {
-    const TTL: usize = L3_OFF + ipv4::TTL_OFF;
-    const CSUM: usize = L3_OFF + ipv4::CSUM_OFF;
+pub(crate) fn decrement_ttl4<L: Link>(ctx: &TcContext) -> Option<()> {
+    let ttl_off = L::L3_OFF + ipv4::TTL_OFF;
+    let csum_off = L::L3_OFF + ipv4::CSUM_OFF;
     // TTL shares a 16-bit word with the protocol byte.
-    let old: [u8; 2] = read(ctx, TTL).ok()?;
+    let old: [u8; 2] = read(ctx, ttl_off).ok()?;
     let new = [old[0] - 1, old[1]];
-    let check: u16 = read(ctx, CSUM).ok()?;
+    let check: u16 = read(ctx, csum_off).ok()?;
     let diff = CsumDiff::NONE.word(
         u32::from(u16::from_ne_bytes(old)),
         u32::from(u16::from_ne_bytes(new)),
     );
-    write(ctx, TTL, new).ok()?;
-    write(ctx, CSUM, diff.apply(check)).ok()
+    write(ctx, ttl_off, new).ok()?;
+    write(ctx, csum_off, diff.apply(check)).ok()
 }
 
 /// `Family::decrement_ttl` of IPv6 (no header checksum).
 #[inline(always)]
-pub(crate) fn decrement_ttl6(ctx: &TcContext) -> Option<()> {
-    const HOP_LIMIT: usize = L3_OFF + ipv6::HOP_LIMIT_OFF;
-    let hop_limit: u8 = read(ctx, HOP_LIMIT).ok()?;
-    write(ctx, HOP_LIMIT, hop_limit - 1).ok()
+pub(crate) fn decrement_ttl6<L: Link>(ctx: &TcContext) -> Option<()> {
+    let hop_limit_off = L::L3_OFF + ipv6::HOP_LIMIT_OFF;
+    let hop_limit: u8 = read(ctx, hop_limit_off).ok()?;
+    write(ctx, hop_limit_off, hop_limit - 1).ok()
+}
+
+/// `BPF_FIB_LOOKUP_SKIP_NEIGH`: the route is enough, no neighbour needed.
+const FIB_SKIP_NEIGH: u32 = 1 << 2;
+
+/// Reverse-path check of a packet that entered through a pod-facing
+/// interface (`iface_flags::POD_FACING`): its source must be routed back
+/// through that interface, else a pod is using another pod's address
+/// (1: fine or not pod-facing or cannot tell, 0: spoofed). A subprogram of
+/// its own: the lookup structure stays out of the parse step's frame.
+#[inline(never)]
+pub(crate) fn source_routed_back<F: Family>(ctx: &TcContext) -> u64 {
+    // SAFETY: the context of a TC program is an `__sk_buff`.
+    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+    // SAFETY: the value is copied out at once.
+    let pod_facing = unsafe { LB_IFACE_V1.get(&ifindex) }
+        .is_some_and(|flags| flags & iface_flags::POD_FACING != 0);
+    if !pod_facing {
+        return 1;
+    }
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: `bpf_fib_lookup` is plain integers, bytes and their unions.
+    let params: &mut FibLookup = unsafe { zeroed_in_place(&mut slot) };
+    params.ifindex = ifindex;
+    if F::fib_request(ctx, params).is_none() {
+        // TTL about to expire: no verdict on the source here.
+        return 1;
+    }
+    // Towards the packet's source: swap the addresses (IPv4 uses the
+    // first word of each).
+    // SAFETY: both unions are four words, whichever family.
+    unsafe {
+        core::mem::swap(
+            &mut params.__bindgen_anon_3.ipv6_src,
+            &mut params.__bindgen_anon_4.ipv6_dst,
+        );
+    }
+    // SAFETY: `params` is a properly sized, initialised lookup structure.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            core::ptr::from_mut(params),
+            core::mem::size_of::<FibLookup>() as i32,
+            FIB_SKIP_NEIGH,
+        )
+    };
+    let Ok(rc) = u32::try_from(rc) else {
+        return 1;
+    };
+    if rc == BPF_FIB_LKUP_RET_FWD_DISABLED {
+        return 1;
+    }
+    u64::from(
+        (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+            && params.ifindex == ifindex,
+    )
 }

@@ -91,8 +91,10 @@ fn choose_backend<F: Family>(
                 {
                     // Each new connection restarts the timeout, as
                     // kube-proxy's `recent --set` does.
-                    // SAFETY: map value pointer.
-                    unsafe { (*entry).last_used_ns = now };
+                    if !crate::probe::dry_run() {
+                        // SAFETY: map value pointer.
+                        unsafe { (*entry).last_used_ns = now };
+                    }
                     return Ok((backend_id, *backend));
                 }
             }
@@ -138,7 +140,7 @@ pub(crate) fn remember_affinity<F: Family>(
     backend_id: u32,
     now: u64,
 ) {
-    if frontend.flags & svc_flags::AFFINITY != 0 {
+    if frontend.flags & svc_flags::AFFINITY != 0 && !crate::probe::dry_run() {
         let affinity = AffinityEntry {
             backend_id,
             _pad: 0,

@@ -47,7 +47,11 @@ mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod probe;
+#[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod reject_guard;
 #[cfg(target_arch = "bpf")]
 mod skb;
 #[cfg(target_arch = "bpf")]
@@ -71,16 +75,50 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use lb_common::reason;
 
 /// The load balancer: its one verdict point. Every packet is counted under
-/// the reason of its verdict, then gets the verdict's action.
+/// the reason of its verdict (a dry run's reason is handed back instead,
+/// see `probe`), then gets the verdict's action.
 #[cfg(target_arch = "bpf")]
 #[classifier]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "`classifier` hands the context over by value"
-)]
 fn lb_tc(ctx: TcContext) -> i32 {
-    let verdict = tc::run(&ctx);
-    maps::count_reason(verdict.reason);
+    verdict_point::<hdr::Eth, false>(ctx)
+}
+
+/// `lb_tc` for devices without an Ethernet header (IPIP, `ip6tnl`, GRE in
+/// L3 mode, WireGuard): the loader picks it from the device type.
+#[cfg(target_arch = "bpf")]
+#[classifier]
+fn lb_tc_l3(ctx: TcContext) -> i32 {
+    verdict_point::<hdr::Raw, false>(ctx)
+}
+
+/// Egress of attached interfaces: replies only, so that a reply that
+/// reached the node through a device without the program (an overlay's
+/// decapsulated traffic, for example) is translated where it leaves
+/// towards the client.
+#[cfg(target_arch = "bpf")]
+#[classifier]
+fn lb_tc_egress(ctx: TcContext) -> i32 {
+    verdict_point::<hdr::Eth, true>(ctx)
+}
+
+/// `lb_tc_egress` for devices without an Ethernet header.
+#[cfg(target_arch = "bpf")]
+#[classifier]
+fn lb_tc_l3_egress(ctx: TcContext) -> i32 {
+    verdict_point::<hdr::Raw, true>(ctx)
+}
+
+/// The one verdict point of the TC programs: the pipeline's verdict is
+/// counted under its reason (a dry run's reason is handed back instead, see
+/// `probe`), then its action is returned.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn verdict_point<L: hdr::Link, const EGRESS: bool>(mut ctx: TcContext) -> i32 {
+    let scope = probe::begin(&ctx);
+    let verdict = tc::run::<L, EGRESS>(&ctx);
+    if !probe::finish(&mut ctx, &scope, verdict.reason) {
+        maps::count_reason(verdict.reason);
+    }
     verdict.action
 }
 

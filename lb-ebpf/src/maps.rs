@@ -66,7 +66,7 @@ pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits
 #[map]
 pub(crate) static LB6_SRC_V1: LpmTrie<SourceRange6, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
-pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG_V3: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
@@ -84,6 +84,9 @@ pub(crate) fn count_reason(reason: u32) {
 /// Counts one translated packet of `len` bytes for the frontend `rev_nat_id`.
 #[inline(always)]
 pub(crate) fn count_service(rev_nat_id: u32, len: u32) {
+    if crate::probe::dry_run() {
+        return;
+    }
     if let Some(stats) = LB_SVC_STATS_V1.get_ptr_mut(rev_nat_id) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe {
@@ -118,3 +121,14 @@ pub(crate) static LB6_SK_RNAT_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
 #[map]
 pub(crate) static LB_SK_AFF_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
+
+/// Per-interface token buckets of the reject path (`reject_guard`; not
+/// pinned: a restart gives every interface a full burst again).
+#[map]
+pub(crate) static LB_REJECT_RL: LruHashMap<u32, crate::reject_guard::Bucket> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// Attached interfaces: ifindex -> `lb_common::iface_flags` (written by the
+/// loader when it attaches; not pinned, each loaded object gets its own).
+#[map]
+pub(crate) static LB_IFACE_V1: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);

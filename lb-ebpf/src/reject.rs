@@ -11,7 +11,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_load_bytes},
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_load_bytes, bpf_skb_store_bytes},
     programs::TcContext,
 };
 use lb_common::{proto, reason};
@@ -19,7 +19,7 @@ use lb_common::{proto, reason};
 use crate::{
     csum,
     hdr::{
-        L3_OFF,
+        L3_OFF, Link,
         eth::{self, ALEN, ETH_P_IP, ETH_P_IPV6},
         ipv4, ipv6,
         l4::{
@@ -30,6 +30,7 @@ use crate::{
         },
     },
     maps::LB_SCRATCH,
+    reject_guard,
     skb::read,
     tcp_reset,
     verdict::{TC_ACT_REDIRECT, Verdict},
@@ -63,6 +64,10 @@ const RESET_PSEUDO_OFF: usize = RESET_QUOTE_OFF + ipv6::HLEN + TCP_HLEN;
 /// Size of the scratch buffer: the largest reply with what follows it.
 pub(crate) const SCRATCH_LEN: usize = RESET_PSEUDO_OFF + ipv6::PSEUDO_LEN;
 
+// Replies are bounded whatever the offending packet: at most 110 bytes (an
+// ICMPv6 error quoting the IPv6 header and 8 bytes, with Ethernet).
+const _: () = assert!(REPLY4_LEN <= 110 && REPLY6_LEN <= 110);
+const _: () = assert!(RESET4_LEN <= 110 && RESET6_LEN <= 110);
 const _: () = assert!(PSEUDO6_OFF >= REPLY6_LEN && PSEUDO6_OFF.is_multiple_of(4));
 const _: () = assert!(PSEUDO6_OFF + ipv6::PSEUDO_LEN <= SCRATCH_LEN);
 const _: () = assert!(RESET_QUOTE_OFF >= RESET6_LEN && RESET_PSEUDO_OFF.is_multiple_of(4));
@@ -84,7 +89,7 @@ fn csum_add(data: *const u8, len: u32, seed: u32) -> Result<u32, Verdict> {
 /// The scratch buffer, zeroed up to `len`, with the reply's Ethernet header
 /// (MAC addresses swapped) and the quote of the packet at `quote_off`.
 #[inline(always)]
-fn start_reply(
+fn start_reply<L: Link>(
     ctx: &TcContext,
     ether_type: u16,
     quote_off: usize,
@@ -100,18 +105,20 @@ fn start_reply(
         buf[i] = 0;
         i += 1;
     }
-    load_exact(
-        ctx,
-        eth::SADDR_OFF,
-        &mut buf[eth::DADDR_OFF..eth::DADDR_OFF + ALEN],
-    )?;
-    load_exact(
-        ctx,
-        eth::DADDR_OFF,
-        &mut buf[eth::SADDR_OFF..eth::SADDR_OFF + ALEN],
-    )?;
-    buf[eth::PROTO_OFF..eth::PROTO_OFF + 2].copy_from_slice(&ether_type.to_be_bytes());
-    load_exact(ctx, L3_OFF, &mut buf[quote_off..quote_off + quote_len])?;
+    if L::ETHERNET {
+        load_exact(
+            ctx,
+            eth::SADDR_OFF,
+            &mut buf[eth::DADDR_OFF..eth::DADDR_OFF + ALEN],
+        )?;
+        load_exact(
+            ctx,
+            eth::DADDR_OFF,
+            &mut buf[eth::SADDR_OFF..eth::SADDR_OFF + ALEN],
+        )?;
+        buf[eth::PROTO_OFF..eth::PROTO_OFF + 2].copy_from_slice(&ether_type.to_be_bytes());
+    }
+    load_exact(ctx, L::L3_OFF, &mut buf[quote_off..quote_off + quote_len])?;
     Ok(buf)
 }
 
@@ -135,18 +142,36 @@ fn load_exact(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Result<(), Verd
     if rc == 0 { Ok(()) } else { Err(failed(rc)) }
 }
 
-/// Resizes the packet to `N` bytes, writes the reply over it and sends it
-/// back out of the interface it arrived on.
+/// Resizes the packet to the reply (the first `N` bytes of `buf`, from
+/// the IP header on for a device without Ethernet header), writes the
+/// reply over it and sends it back out of the interface it arrived on.
 #[inline(always)]
 #[expect(
     clippy::cast_possible_truncation,
     reason = "a reply of under 200 bytes"
 )]
-fn send_back<const N: usize>(ctx: &TcContext, buf: &[u8; SCRATCH_LEN]) -> Result<Verdict, Verdict> {
-    ctx.change_tail(N as u32, 0).map_err(failed)?;
-    // SAFETY: N <= SCRATCH_LEN; the reply is the first N bytes.
-    let reply = unsafe { &*buf.as_ptr().cast::<[u8; N]>() };
-    ctx.store(0, reply, 0).map_err(failed)?;
+fn send_back<const N: usize, L: Link>(
+    ctx: &TcContext,
+    buf: &[u8; SCRATCH_LEN],
+) -> Result<Verdict, Verdict> {
+    // The buffer is laid out as an Ethernet frame; without Ethernet the
+    // reply starts at its IP header.
+    let skip = L3_OFF - L::L3_OFF;
+    let len = N - skip;
+    ctx.change_tail(len as u32, 0).map_err(failed)?;
+    // SAFETY: skip + len = N <= SCRATCH_LEN bytes of the buffer are read.
+    let rc = unsafe {
+        bpf_skb_store_bytes(
+            ctx.as_ptr().cast(),
+            0,
+            buf.as_ptr().add(skip).cast(),
+            len as u32,
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(failed(rc));
+    }
     // SAFETY: the context of a TC program is an `__sk_buff`.
     let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
     // SAFETY: plain helper call.
@@ -239,12 +264,13 @@ fn ip6_header(
     clippy::cast_possible_truncation,
     reason = "lengths of under 200 bytes"
 )]
-pub(crate) fn reject4(ctx: &TcContext) -> Result<Verdict, Verdict> {
-    if read::<u8>(ctx, L3_OFF + ipv4::PROTO_OFF)? == proto::TCP {
-        return reset4(ctx);
+pub(crate) fn reject4<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    reject_guard::may_answer::<L>(ctx, true)?;
+    if read::<u8>(ctx, L::L3_OFF + ipv4::PROTO_OFF)? == proto::TCP {
+        return reset4::<L>(ctx);
     }
     let quote_off = ICMP4_OFF + ICMP_HLEN;
-    let buf = start_reply(ctx, ETH_P_IP, quote_off, QUOTE4)?;
+    let buf = start_reply::<L>(ctx, ETH_P_IP, quote_off, QUOTE4)?;
     let icmp_len = (ICMP_HLEN + QUOTE4) as u16;
     ip4_header(buf, quote_off, TOS_CS6, proto::ICMP, icmp_len, None)?;
     buf[ICMP4_OFF + ICMP_TYPE_OFF] = ICMP_DEST_UNREACH;
@@ -252,7 +278,7 @@ pub(crate) fn reject4(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let icmp_csum = csum::fold(csum_add(buf[ICMP4_OFF..].as_ptr(), u32::from(icmp_len), 0)?);
     buf[ICMP4_OFF + ICMP_CSUM_OFF] = icmp_csum[0];
     buf[ICMP4_OFF + ICMP_CSUM_OFF + 1] = icmp_csum[1];
-    send_back::<REPLY4_LEN>(ctx, buf)
+    send_back::<REPLY4_LEN, L>(ctx, buf)
 }
 
 /// IPv6: a TCP reset for TCP, else `ICMPv6` destination unreachable, port
@@ -262,12 +288,13 @@ pub(crate) fn reject4(ctx: &TcContext) -> Result<Verdict, Verdict> {
     clippy::cast_possible_truncation,
     reason = "lengths of under 200 bytes"
 )]
-pub(crate) fn reject6(ctx: &TcContext) -> Result<Verdict, Verdict> {
-    if read::<u8>(ctx, L3_OFF + ipv6::NEXT_HDR_OFF)? == proto::TCP {
-        return reset6(ctx);
+pub(crate) fn reject6<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    reject_guard::may_answer::<L>(ctx, false)?;
+    if read::<u8>(ctx, L::L3_OFF + ipv6::NEXT_HDR_OFF)? == proto::TCP {
+        return reset6::<L>(ctx);
     }
     let quote_off = ICMP6_OFF + ICMP_HLEN;
-    let buf = start_reply(ctx, ETH_P_IPV6, quote_off, QUOTE6)?;
+    let buf = start_reply::<L>(ctx, ETH_P_IPV6, quote_off, QUOTE6)?;
     let payload_len = (ICMP_HLEN + QUOTE6) as u16;
     ip6_header(buf, quote_off, proto::ICMPV6, payload_len, PSEUDO6_OFF);
     buf[ICMP6_OFF + ICMP_TYPE_OFF] = ICMPV6_DEST_UNREACH;
@@ -280,7 +307,7 @@ pub(crate) fn reject6(ctx: &TcContext) -> Result<Verdict, Verdict> {
     )?);
     buf[ICMP6_OFF + ICMP_CSUM_OFF] = icmp_csum[0];
     buf[ICMP6_OFF + ICMP_CSUM_OFF + 1] = icmp_csum[1];
-    send_back::<REPLY6_LEN>(ctx, buf)
+    send_back::<REPLY6_LEN, L>(ctx, buf)
 }
 
 /// The reply's TCP header at `tcp_off`: a reset answering the quoted TCP
@@ -350,10 +377,10 @@ fn tcp_checksum(
     clippy::cast_possible_truncation,
     reason = "lengths of under 200 bytes"
 )]
-fn reset4(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn reset4<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
     const TCP_OFF: usize = IP_OFF + ipv4::HLEN;
     const QUOTE_TCP_OFF: usize = RESET_QUOTE_OFF + ipv4::HLEN;
-    let buf = start_reply(ctx, ETH_P_IP, RESET_QUOTE_OFF, ipv4::HLEN + TCP_HLEN)?;
+    let buf = start_reply::<L>(ctx, ETH_P_IP, RESET_QUOTE_OFF, ipv4::HLEN + TCP_HLEN)?;
     let tot_len = u16::from_be_bytes([
         buf[RESET_QUOTE_OFF + ipv4::TOT_LEN_OFF],
         buf[RESET_QUOTE_OFF + ipv4::TOT_LEN_OFF + 1],
@@ -373,7 +400,7 @@ fn reset4(ctx: &TcContext) -> Result<Verdict, Verdict> {
         Some(RESET_PSEUDO_OFF),
     )?;
     tcp_checksum(buf, TCP_OFF, RESET_PSEUDO_OFF, ipv4::PSEUDO_LEN)?;
-    send_back::<RESET4_LEN>(ctx, buf)
+    send_back::<RESET4_LEN, L>(ctx, buf)
 }
 
 /// IPv6: a TCP reset from the address and port the client tried.
@@ -382,10 +409,10 @@ fn reset4(ctx: &TcContext) -> Result<Verdict, Verdict> {
     clippy::cast_possible_truncation,
     reason = "lengths of under 200 bytes"
 )]
-fn reset6(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn reset6<L: Link>(ctx: &TcContext) -> Result<Verdict, Verdict> {
     const TCP_OFF: usize = IP_OFF + ipv6::HLEN;
     const QUOTE_TCP_OFF: usize = RESET_QUOTE_OFF + ipv6::HLEN;
-    let buf = start_reply(ctx, ETH_P_IPV6, RESET_QUOTE_OFF, ipv6::HLEN + TCP_HLEN)?;
+    let buf = start_reply::<L>(ctx, ETH_P_IPV6, RESET_QUOTE_OFF, ipv6::HLEN + TCP_HLEN)?;
     let l4_len = u16::from_be_bytes([
         buf[RESET_QUOTE_OFF + ipv6::PAYLOAD_LEN_OFF],
         buf[RESET_QUOTE_OFF + ipv6::PAYLOAD_LEN_OFF + 1],
@@ -397,5 +424,5 @@ fn reset6(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let tcp_len = TCP_HLEN as u16;
     ip6_header(buf, RESET_QUOTE_OFF, proto::TCP, tcp_len, RESET_PSEUDO_OFF);
     tcp_checksum(buf, TCP_OFF, RESET_PSEUDO_OFF, ipv6::PSEUDO_LEN)?;
-    send_back::<RESET6_LEN>(ctx, buf)
+    send_back::<RESET6_LEN, L>(ctx, buf)
 }

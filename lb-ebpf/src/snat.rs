@@ -19,7 +19,7 @@ use lb_common::{
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
-    maps::LB_CONFIG_V2,
+    maps::LB_CONFIG_V3,
     verdict::Verdict,
 };
 
@@ -73,7 +73,7 @@ pub(crate) fn choose_source<F: Family>(
             return Ok(());
         }
     }
-    let config = LB_CONFIG_V2
+    let config = LB_CONFIG_V3
         .get_ptr(0)
         .ok_or(Verdict::drop(reason::DROP_NO_SNAT))?;
     // SAFETY: map value pointer; the fields are copied out.

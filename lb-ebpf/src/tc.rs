@@ -2,7 +2,7 @@
 //! back from a backend, then forward what was translated. Every step
 //! returns its verdict here; `lb_tc` counts and returns it.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{EbpfContext as _, bindings::__sk_buff, programs::TcContext};
 use lb_common::{Addr4, Addr6, CtEntry, LbService, ct_dir, ct_flags, proto, reason, svc_flags};
 
 use crate::{
@@ -10,11 +10,11 @@ use crate::{
     family::{Family, Tuple, V4, V6, ct_key, placeholder_backend},
     fwd,
     hdr::{
-        L3_OFF,
-        eth::{ETH_P_IP_BE, ETH_P_IPV6_BE, PROTO_OFF},
+        Link,
+        eth::{ETH_P_8021AD_BE, ETH_P_8021Q_BE, ETH_P_IP_BE, ETH_P_IPV6_BE, PROTO_OFF},
         ipv4::{self, Ipv4Hdr},
         ipv6::{self, Ipv6Hdr},
-        l4::{Ports, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN},
+        l4::{Ports, TCP_DOFF_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF},
     },
     lb,
     maps::{LB_PACKET, count_service},
@@ -42,24 +42,52 @@ pub(crate) struct Packet {
     pub(crate) answer: u32,
 }
 
+/// `skb->pkt_type` of a frame for another host's MAC (`linux/if_packet.h`).
+const PACKET_OTHERHOST: u32 = 3;
+
 /// The parse step found a frontend: `run` runs the to-backend step next.
 /// (Encoded verdicts have bit 62 set and never equal this.)
 const GO_TO_BACKEND: u64 = 1 << 63;
 
-/// The verdict on one packet. Parse and lookups, then (for a frontend
-/// hit) the to-backend step: two sibling subprograms with the parsed
-/// packet in a per-CPU scratch, so that their stack frames do not add up.
+/// The verdict on one packet at ingress (`EGRESS` false) or egress of a
+/// device of link layer `L`. Parse and lookups, then (for a frontend hit
+/// at ingress) the to-backend step: two sibling subprograms with the
+/// parsed packet in a per-CPU scratch, so that their stack frames do not
+/// add up. At egress only replies are translated (see `translate`).
 #[inline(always)]
-pub(crate) fn run(ctx: &TcContext) -> Verdict {
-    match try_run(ctx) {
+pub(crate) fn run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Verdict {
+    match try_run::<L, EGRESS>(ctx) {
         Ok(verdict) | Err(verdict) => verdict,
     }
 }
 
 #[inline(always)]
-fn try_run(ctx: &TcContext) -> Result<Verdict, Verdict> {
+fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verdict> {
     linearize_headers(ctx);
-    let ether_type: u16 = read(ctx, PROTO_OFF)?;
+    // SAFETY: the context of a TC program is an `__sk_buff`.
+    let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
+    // A tagged frame belongs to a VLAN whose addresses we know nothing
+    // about (TC sees an offloaded tag in the skb, others in the frame).
+    if skb.vlan_present != 0 {
+        return Ok(Verdict::pass(reason::PASS_VLAN));
+    }
+    // A frame for another host's MAC (promiscuous mode) is not ours. Only
+    // where the packet entered through a device (`ingress_ifindex`) is the
+    // type meaningful: `BPF_PROG_TEST_RUN` classifies every frame against
+    // the loopback device's all-zero MAC.
+    if !EGRESS && skb.ingress_ifindex != 0 && skb.pkt_type == PACKET_OTHERHOST {
+        return Ok(Verdict::pass(reason::PASS_OTHER_HOST));
+    }
+    // `skb->protocol` is the `EtherType` in network order on every device.
+    #[expect(clippy::cast_possible_truncation, reason = "a 16-bit field")]
+    let ether_type = if L::ETHERNET {
+        read::<u16>(ctx, PROTO_OFF)?
+    } else {
+        skb.protocol as u16
+    };
+    if ether_type == ETH_P_8021Q_BE || ether_type == ETH_P_8021AD_BE {
+        return Ok(Verdict::pass(reason::PASS_VLAN));
+    }
     let Some(packet) = LB_PACKET.get_ptr_mut(0) else {
         return Ok(Verdict::pass(reason::PASS_NO_SERVICE));
     };
@@ -71,9 +99,9 @@ fn try_run(ctx: &TcContext) -> Result<Verdict, Verdict> {
     }
     packet.answer = 0;
     let mut code = if v4_packet {
-        v4(ctx, packet)
+        v4::<L, EGRESS>(ctx, packet)
     } else {
-        v6(ctx, packet)
+        v6::<L, EGRESS>(ctx, packet)
     };
     if packet.answer != 0 {
         // A reply that moves or closes its flow: a sibling subprogram of
@@ -84,23 +112,25 @@ fn try_run(ctx: &TcContext) -> Result<Verdict, Verdict> {
             ct::answer::<V6>(&packet.tuple6, packet.answer);
         }
     }
-    if code == GO_TO_BACKEND {
+    if !EGRESS && code == GO_TO_BACKEND {
         code = if v4_packet {
-            to_backend_sub::<V4>(ctx, packet)
+            to_backend_sub::<V4<L>>(ctx, packet)
         } else {
-            to_backend_sub::<V6>(ctx, packet)
+            to_backend_sub::<V6<L>>(ctx, packet)
         };
     }
     let verdict = Verdict::decode(code);
     let translated = verdict.reason == reason::NAT_NEW
         || verdict.reason == reason::NAT_ESTABLISHED
         || verdict.reason == reason::NAT_REPLY;
-    if translated {
-        // Forward it ourselves (see `fwd`); the stack if that cannot be done.
+    // At egress the packet is already on its way out of its device.
+    if !EGRESS && translated && fwd::redirect_enabled() {
+        // `--forward=redirect`: forward it ourselves (see `fwd`); the stack
+        // if that cannot be done. By default the stack routes it.
         let code = if v4_packet {
-            fwd::forward::<V4>(ctx, code)
+            fwd::forward::<V4<L>>(ctx, code)
         } else {
-            fwd::forward::<V6>(ctx, code)
+            fwd::forward::<V6<L>>(ctx, code)
         };
         return Ok(Verdict::decode(code));
     }
@@ -110,16 +140,16 @@ fn try_run(ctx: &TcContext) -> Result<Verdict, Verdict> {
 // Not inlined: each family gets its own BPF stack frame. Scalar returns:
 // see `Verdict::encode`.
 #[inline(never)]
-fn v4(ctx: &TcContext, packet: &mut Packet) -> u64 {
-    match try_v4(ctx, packet) {
+fn v4<L: Link, const EGRESS: bool>(ctx: &TcContext, packet: &mut Packet) -> u64 {
+    match try_v4::<L, EGRESS>(ctx, packet) {
         Ok(code) => code,
         Err(verdict) => verdict.encode(),
     }
 }
 
 #[inline(never)]
-fn v6(ctx: &TcContext, packet: &mut Packet) -> u64 {
-    match try_v6(ctx, packet) {
+fn v6<L: Link, const EGRESS: bool>(ctx: &TcContext, packet: &mut Packet) -> u64 {
+    match try_v6::<L, EGRESS>(ctx, packet) {
         Ok(code) => code,
         Err(verdict) => verdict.encode(),
     }
@@ -127,8 +157,11 @@ fn v6(ctx: &TcContext, packet: &mut Packet) -> u64 {
 
 /// Parses IPv4; `Ok` holds an encoded verdict or `GO_TO_BACKEND`.
 #[inline(always)]
-fn try_v4(ctx: &TcContext, packet: &mut Packet) -> Result<u64, Verdict> {
-    let ip: Ipv4Hdr = read(ctx, L3_OFF)?;
+fn try_v4<L: Link, const EGRESS: bool>(
+    ctx: &TcContext,
+    packet: &mut Packet,
+) -> Result<u64, Verdict> {
+    let ip: Ipv4Hdr = read(ctx, L::L3_OFF)?;
     if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0x0f < 5 {
         return Err(Verdict::pass(reason::PASS_TRUNCATED));
     }
@@ -138,13 +171,17 @@ fn try_v4(ctx: &TcContext, packet: &mut Packet) -> Result<u64, Verdict> {
     if u16::from_be(ip.frag_off_be) & ipv4::FRAG_MASK != 0 {
         return Err(Verdict::pass(reason::PASS_FRAGMENT));
     }
-    translate::<V4>(ctx, ip.saddr, ip.daddr, ip.proto, packet)
+    let ip_total = u16::from_be(ip.tot_len_be);
+    translate::<V4<L>, EGRESS>(ctx, ip.saddr, ip.daddr, ip.proto, ip_total, packet)
 }
 
 /// Parses IPv6; `Ok` holds an encoded verdict or `GO_TO_BACKEND`.
 #[inline(always)]
-fn try_v6(ctx: &TcContext, packet: &mut Packet) -> Result<u64, Verdict> {
-    let ip: Ipv6Hdr = read(ctx, L3_OFF)?;
+fn try_v6<L: Link, const EGRESS: bool>(
+    ctx: &TcContext,
+    packet: &mut Packet,
+) -> Result<u64, Verdict> {
+    let ip: Ipv6Hdr = read(ctx, L::L3_OFF)?;
     if ip.vtc_flow[0] >> 4 != 6 {
         return Err(Verdict::pass(reason::PASS_TRUNCATED));
     }
@@ -155,28 +192,89 @@ fn try_v6(ctx: &TcContext, packet: &mut Packet) -> Result<u64, Verdict> {
     if ipv6::is_extension(next) {
         return Err(Verdict::pass(reason::PASS_EXT_HDR));
     }
-    translate::<V6>(ctx, ip.saddr, ip.daddr, next, packet)
+    // As an IPv4 total length: the payload length does not count the fixed
+    // header (0 stays 0: BIG TCP).
+    let payload_len = u16::from_be(ip.payload_len_be);
+    #[expect(clippy::cast_possible_truncation, reason = "40")]
+    let ip_total = if payload_len == 0 {
+        0
+    } else {
+        payload_len.saturating_add(ipv6::HLEN as u16)
+    };
+    translate::<V6<L>, EGRESS>(ctx, ip.saddr, ip.daddr, next, ip_total, packet)
+}
+
+/// The L4 bytes the IP header declares (`total`: the IPv4 total length,
+/// or the IPv6 payload length plus the fixed header), checked against the
+/// packet: at least the IP header, at most what the packet holds from the
+/// L4 header on (a shorter packet is a truncated or forged one; more is
+/// link padding). BIG TCP's GSO packets above 64 KiB carry 0: then the
+/// packet's own length counts.
+#[inline(always)]
+fn declared_l4_len<F: Family>(ctx: &TcContext, total: u16) -> Result<u32, Verdict> {
+    let bad = Verdict::pass(reason::PASS_BAD_LENGTH);
+    // SAFETY: the context of a TC program is an `__sk_buff`.
+    let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
+    #[expect(clippy::cast_possible_truncation, reason = "header offsets")]
+    let (l4_off, header) = (
+        F::L4_OFF as u32,
+        if F::IS_V4 { ipv4::HLEN } else { ipv6::HLEN } as u32,
+    );
+    let in_packet = skb.len.checked_sub(l4_off).ok_or(bad)?;
+    if total == 0 {
+        return if skb.gso_size != 0 {
+            Ok(in_packet)
+        } else {
+            Err(bad)
+        };
+    }
+    let declared = u32::from(total).checked_sub(header).ok_or(bad)?;
+    if declared > in_packet {
+        return Err(bad);
+    }
+    Ok(declared)
 }
 
 /// Common TCP/UDP handling for both families: a frontend hit is handed
 /// to the to-backend step through `packet`; replies, unserved ports of
-/// service addresses and everything else are finished here.
+/// service addresses and everything else are finished here. At egress
+/// only replies are translated: frontends are translated where packets
+/// enter the node, and a reply already translated at ingress no longer
+/// matches a reply entry (its source is the frontend), so it is not
+/// translated twice.
 #[inline(always)]
-fn translate<F: Family>(
+fn translate<F: Family, const EGRESS: bool>(
     ctx: &TcContext,
     saddr: F::Addr,
     daddr: F::Addr,
     l4_proto: u8,
+    ip_total: u16,
     packet: &mut Packet,
 ) -> Result<u64, Verdict> {
     let l4_off = F::L4_OFF;
+    let bad_length = Verdict::pass(reason::PASS_BAD_LENGTH);
+    // Lengths are checked once the L4 header is known to be there (a cut
+    // header is `pass_truncated`).
     let tcp_flags = if l4_proto == proto::TCP {
         ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off)?;
+        let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
+        // The data offset: at least the fixed header, within the segment.
+        let doff = u32::from(read::<u8>(ctx, l4_off + TCP_DOFF_OFF)? >> 4) * 4;
+        #[expect(clippy::cast_possible_truncation, reason = "20")]
+        if doff < TCP_HLEN as u32 || doff > l4_len {
+            return Err(bad_length);
+        }
         read::<u8>(ctx, l4_off + TCP_FLAGS_OFF)?
     } else if l4_proto == proto::UDP {
         ptr_at::<[u8; UDP_HLEN]>(ctx, l4_off)?;
         if !F::IS_V4 && read::<u16>(ctx, l4_off + UDP_CSUM_OFF)? == 0 {
             return Err(Verdict::pass(reason::PASS_UDP6_ZERO_CSUM));
+        }
+        let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
+        let udp_len = u32::from(u16::from_be(read::<u16>(ctx, l4_off + UDP_LEN_OFF)?));
+        #[expect(clippy::cast_possible_truncation, reason = "8")]
+        if udp_len < UDP_HLEN as u32 || udp_len > l4_len {
+            return Err(bad_length);
         }
         0
     } else {
@@ -190,6 +288,13 @@ fn translate<F: Family>(
         dport_be: ports.dport_be,
         proto: l4_proto,
     };
+    if EGRESS {
+        if let Some((entry, answered)) = reply_entry_of::<F>(&tuple, tcp_flags) {
+            return from_backend::<F>(ctx, &tuple, entry, tcp_flags, answered, packet)
+                .map(Verdict::encode);
+        }
+        return Err(Verdict::pass(reason::PASS_NO_SERVICE));
+    }
     // SAFETY: the value is copied out at once.
     if let Some(frontend) = unsafe { lb::frontend::<F>(daddr, ports.dport_be, l4_proto) } {
         packet.frontend = *frontend;
@@ -197,17 +302,13 @@ fn translate<F: Family>(
         *F::packet_tuple(packet) = tuple;
         return Ok(GO_TO_BACKEND);
     }
-    // A reply: its entry is in the main map, or (the first answer of a
-    // flow) in the map of new flows.
-    let reply_key = ct_key(&tuple, ct_dir::REPLY);
-    let reply = match F::conntrack().get_ptr_mut(&reply_key) {
-        Some(entry) => Some((entry, true)),
-        None if ct::may_be_first_reply(l4_proto, tcp_flags) => F::conntrack_new()
-            .get_ptr_mut(&reply_key)
-            .map(|entry| (entry, false)),
-        None => None,
-    };
-    if let Some((entry, answered)) = reply {
+    if let Some((entry, answered)) = reply_entry_of::<F>(&tuple, tcp_flags) {
+        // A reply entry matches from any interface: on a pod-facing one the
+        // source must be routed back through it, or a pod could send as a
+        // backend and have it come from the Service.
+        if fwd::source_routed_back::<F>(ctx) == 0 {
+            return Err(Verdict::drop(reason::DROP_SPOOFED_SOURCE));
+        }
         return from_backend::<F>(ctx, &tuple, entry, tcp_flags, answered, packet)
             .map(Verdict::encode);
     }
@@ -216,6 +317,23 @@ fn translate<F: Family>(
         return F::reject(ctx).map(Verdict::encode);
     }
     Err(Verdict::pass(reason::PASS_NO_SERVICE))
+}
+
+/// The reply entry a packet matches: in the main map, or (a flow's first
+/// answer) in the map of new flows; with true when in the main map.
+#[inline(always)]
+fn reply_entry_of<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    tcp_flags: u8,
+) -> Option<(*mut CtEntry, bool)> {
+    let key = ct_key(tuple, ct_dir::REPLY);
+    match F::conntrack().get_ptr_mut(&key) {
+        Some(entry) => Some((entry, true)),
+        None if ct::may_be_first_reply(tuple.proto, tcp_flags) => F::conntrack_new()
+            .get_ptr_mut(&key)
+            .map(|entry| (entry, false)),
+        None => None,
+    }
 }
 
 /// `to_backend` as a subprogram (its own stack frame, a scalar result) on

@@ -23,7 +23,7 @@ use crate::{
     csum::CsumDiff,
     family::{Family, Tuple},
     hdr::{
-        L3_OFF, ipv4, ipv6,
+        Link, ipv4, ipv6,
         l4::{Ports, TCP_CSUM_OFF, UDP_CSUM_OFF},
     },
     skb::{read, write},
@@ -152,22 +152,22 @@ fn pseudo_csum_replace(
 /// header checksum; returns the pseudo-header difference, or `None` when
 /// the addresses are unchanged.
 #[inline(always)]
-pub(crate) fn write_addrs4(
+pub(crate) fn write_addrs4<L: Link>(
     ctx: &TcContext,
     old: &Tuple<Addr4>,
     new: &Tuple<Addr4>,
 ) -> Result<Option<CsumDiff>, Verdict> {
-    const CSUM: usize = L3_OFF + ipv4::CSUM_OFF;
+    let csum_off = L::L3_OFF + ipv4::CSUM_OFF;
     if old.saddr == new.saddr && old.daddr == new.daddr {
         return Ok(None);
     }
     let diff = CsumDiff::NONE
         .bytes4(old.saddr, new.saddr)
         .bytes4(old.daddr, new.daddr);
-    let check: u16 = read(ctx, CSUM)?;
-    write(ctx, L3_OFF + ipv4::SADDR_OFF, new.saddr)?;
-    write(ctx, L3_OFF + ipv4::DADDR_OFF, new.daddr)?;
-    write(ctx, CSUM, diff.apply(check))?;
+    let check: u16 = read(ctx, csum_off)?;
+    write(ctx, L::L3_OFF + ipv4::SADDR_OFF, new.saddr)?;
+    write(ctx, L::L3_OFF + ipv4::DADDR_OFF, new.daddr)?;
+    write(ctx, csum_off, diff.apply(check))?;
     Ok(Some(diff))
 }
 
@@ -175,7 +175,7 @@ pub(crate) fn write_addrs4(
 /// has no header checksum); returns the pseudo-header difference, or
 /// `None` when none changes.
 #[inline(always)]
-pub(crate) fn write_addrs6(
+pub(crate) fn write_addrs6<L: Link>(
     ctx: &TcContext,
     old: &Tuple<Addr6>,
     new: &Tuple<Addr6>,
@@ -184,12 +184,12 @@ pub(crate) fn write_addrs6(
     let mut changed = false;
     if old.saddr != new.saddr {
         diff = diff.bytes16(&old.saddr, &new.saddr);
-        write(ctx, L3_OFF + ipv6::SADDR_OFF, new.saddr)?;
+        write(ctx, L::L3_OFF + ipv6::SADDR_OFF, new.saddr)?;
         changed = true;
     }
     if old.daddr != new.daddr {
         diff = diff.bytes16(&old.daddr, &new.daddr);
-        write(ctx, L3_OFF + ipv6::DADDR_OFF, new.daddr)?;
+        write(ctx, L::L3_OFF + ipv6::DADDR_OFF, new.daddr)?;
         changed = true;
     }
     Ok(changed.then_some(diff))

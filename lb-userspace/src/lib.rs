@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod error;
+pub mod explain;
 pub mod http;
 pub mod model;
 pub mod net;

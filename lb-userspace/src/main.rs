@@ -144,6 +144,12 @@ enum Command {
         /// namespaces `--socket-lb` translates.
         #[arg(long)]
         socket_lb_bind_guard: bool,
+        /// How translated packets leave: `stack` (routed by the kernel,
+        /// netfilter FORWARD and network policy engines there see them) or
+        /// `redirect` (sent to the egress device by the datapath, which
+        /// bypasses netfilter FORWARD: network policy there does not apply).
+        #[arg(long, value_enum, default_value_t = node::ForwardMode::Stack)]
+        forward: node::ForwardMode,
     },
     /// Detach the programs and remove every pin.
     Cleanup {
@@ -169,6 +175,9 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Show what the datapath does with one packet: a dry run of the
+    /// program against the pinned maps (changes nothing).
+    Explain(cli::explain::Args),
 }
 
 fn main() -> ExitCode {
@@ -234,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket_lb,
             cgroup_root,
             socket_lb_bind_guard,
+            forward,
         } => {
             let node = NodeSettings {
                 name: node_name.clone().unwrap_or_default(),
@@ -243,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 loopback4: hairpin_ipv4,
                 loopback6: hairpin_ipv6,
                 source_ranges_strict,
+                forward,
             };
             let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();
@@ -303,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cleanup { pin_path } => cli::cleanup::run(&pin_path),
         Command::Services { json, pin_path } => cli::services::print(json, &pin_path),
         Command::Conntrack { json, pin_path } => cli::conntrack::print(json, &pin_path),
+        Command::Explain(args) => cli::explain::run(&args),
     }
 }
 

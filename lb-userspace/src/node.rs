@@ -11,7 +11,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
-use lb_common::LbConfig;
+use lb_common::{LbConfig, config_flags};
 
 use crate::{model::NodeContext, net::ifaddrs::interface_addresses};
 
@@ -22,6 +22,20 @@ pub const DEFAULT_LOOPBACK4: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 /// `100::/64` (RFC 6666), which no network routes; an IPv6 link-local
 /// address would need neighbour discovery on every pod link.
 pub const DEFAULT_LOOPBACK6: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0x6c62, 1);
+
+/// How translated packets leave the node (`--forward`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ForwardMode {
+    /// The kernel stack routes them: netfilter's FORWARD chain (and the
+    /// `NetworkPolicy` engines there) sees the translated packet, as after
+    /// kube-proxy's DNAT.
+    #[default]
+    Stack,
+    /// The datapath redirects them to the egress device (FIB lookup):
+    /// faster, but netfilter FORWARD never sees them, so `NetworkPolicy`
+    /// enforced there does not apply to Service traffic.
+    Redirect,
+}
 
 /// Node settings from the command line.
 #[derive(Clone, Debug)]
@@ -42,6 +56,8 @@ pub struct NodeSettings {
     pub loopback6: Ipv6Addr,
     /// `--source-ranges-strict`: see [`NodeContext::source_ranges_strict`].
     pub source_ranges_strict: bool,
+    /// `--forward`.
+    pub forward: ForwardMode,
 }
 
 impl Default for NodeSettings {
@@ -54,6 +70,7 @@ impl Default for NodeSettings {
             loopback4: DEFAULT_LOOPBACK4,
             loopback6: DEFAULT_LOOPBACK6,
             source_ranges_strict: false,
+            forward: ForwardMode::Stack,
         }
     }
 }
@@ -188,6 +205,10 @@ pub fn datapath_config(settings: &NodeSettings, context: &NodeContext) -> LbConf
     let mut config = LbConfig {
         loopback4: settings.loopback4.octets(),
         loopback6: settings.loopback6.octets(),
+        flags: match settings.forward {
+            ForwardMode::Stack => 0,
+            ForwardMode::Redirect => config_flags::FORWARD_REDIRECT,
+        },
         ..LbConfig::default()
     };
     if let Some(IpAddr::V4(addr)) = context.addresses.iter().find(|a| a.is_ipv4()) {

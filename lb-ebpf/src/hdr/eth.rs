@@ -1,4 +1,4 @@
-//! Ethernet (no VLAN tag: TC sees the tag in skb metadata).
+//! Ethernet (an offloaded VLAN tag is in skb metadata, others in the frame).
 
 /// Ethernet header length.
 pub(crate) const ETH_HLEN: usize = 14;
@@ -18,3 +18,7 @@ pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 pub(crate) const ETH_P_IP_BE: u16 = ETH_P_IP.to_be();
 /// `EtherType` IPv6 as it sits in the packet.
 pub(crate) const ETH_P_IPV6_BE: u16 = ETH_P_IPV6.to_be();
+/// `EtherType` of an 802.1Q VLAN tag, as it sits in the packet.
+pub(crate) const ETH_P_8021Q_BE: u16 = 0x8100_u16.to_be();
+/// `EtherType` of an 802.1ad (`QinQ`) service tag, as it sits in the packet.
+pub(crate) const ETH_P_8021AD_BE: u16 = 0x88a8_u16.to_be();

@@ -2,8 +2,6 @@
 
 use core::mem::{offset_of, size_of};
 
-use super::L3_OFF;
-
 /// IPv4 header without options.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -54,9 +52,6 @@ pub(crate) const SADDR_OFF: usize = offset_of!(Ipv4Hdr, saddr);
 pub(crate) const DADDR_OFF: usize = offset_of!(Ipv4Hdr, daddr);
 /// Flags/fragment-offset bits that mark a fragment (MF or an offset).
 pub(crate) const FRAG_MASK: u16 = 0x3fff;
-/// Offset of the TCP/UDP header in the frame (packets with options are
-/// passed untranslated, so it is fixed).
-pub(crate) const L4_OFF: usize = L3_OFF + HLEN;
 
 /// The pseudo-header of TCP/UDP checksums (RFC 793): source, destination,
 /// a zero byte, the protocol, the TCP/UDP length.

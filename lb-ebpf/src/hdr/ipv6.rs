@@ -2,8 +2,6 @@
 
 use core::mem::{offset_of, size_of};
 
-use super::L3_OFF;
-
 /// IPv6 fixed header.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -36,9 +34,6 @@ pub(crate) const HOP_LIMIT_OFF: usize = offset_of!(Ipv6Hdr, hop_limit);
 pub(crate) const SADDR_OFF: usize = offset_of!(Ipv6Hdr, saddr);
 /// Offset of the destination address.
 pub(crate) const DADDR_OFF: usize = offset_of!(Ipv6Hdr, daddr);
-/// Offset of the TCP/UDP header in the frame (packets with extension
-/// headers are passed untranslated, so it is fixed).
-pub(crate) const L4_OFF: usize = L3_OFF + HLEN;
 
 /// The pseudo-header of upper-layer checksums (RFC 8200 section 8.1):
 /// source, destination, upper-layer length (32 bits), zeros, next header.

@@ -31,6 +31,8 @@ pub(crate) const TCP_ACK: u8 = 0x10;
 
 /// UDP header length.
 pub(crate) const UDP_HLEN: usize = 8;
+/// Offset of the UDP length (header and data).
+pub(crate) const UDP_LEN_OFF: usize = 4;
 /// Offset of the UDP checksum.
 pub(crate) const UDP_CSUM_OFF: usize = 6;
 

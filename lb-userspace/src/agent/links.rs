@@ -27,10 +27,9 @@ pub(super) fn load_and_attach(
 ) -> Result<Loaded, AgentError> {
     let mut ebpf = loader::load_with(pin_path, capacities)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
-    let program = loader::program(&mut ebpf)?;
     let mut attachments = Vec::new();
     for iface in interfaces {
-        let how = loader::attach(program, iface, pin_path)?;
+        let how = loader::attach_iface(&mut ebpf, iface, pin_path)?;
         tracing::info!(iface = %iface, attachment = ?how, "attached");
         attachments.push((iface.clone(), how));
     }
@@ -66,8 +65,7 @@ pub(super) fn on_link_event(
             {
                 return;
             }
-            let attached =
-                loader::program(ebpf).and_then(|program| loader::attach(program, iface, pin_path));
+            let attached = loader::attach_iface(ebpf, iface, pin_path);
             match attached {
                 Ok(how) => {
                     tracing::info!(iface = %iface, attachment = ?how, "attached to new interface");
@@ -81,6 +79,8 @@ pub(super) fn on_link_event(
         }
         LinkEvent::Removed(iface) => {
             lock(shared).attachments.retain(|(name, _)| name != iface);
+            // The egress link died with the interface too.
+            let _ = std::fs::remove_file(loader::egress_link_pin(pin_path, iface));
             let pin = pin_path.join("links").join(iface);
             match std::fs::remove_file(&pin) {
                 Ok(()) => tracing::info!(iface = %iface, "interface gone; link pin removed"),

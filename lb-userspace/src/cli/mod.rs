@@ -1,9 +1,10 @@
 //! The inspection and clean-up subcommands (`lb services`, `lb conntrack`,
-//! `lb cleanup`): they work on the pinned maps and links, with or without a
+//! `lb explain`, `lb cleanup`): they work on the pinned maps and links, with or without a
 //! running agent.
 
 pub mod cleanup;
 pub mod conntrack;
+pub mod explain;
 pub mod services;
 
 use std::path::Path;

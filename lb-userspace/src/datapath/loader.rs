@@ -5,7 +5,8 @@
 //! - `links/<ifname>`: the TCX ingress link of each interface, so that the
 //!   program stays attached when the agent exits or is killed, and a new
 //!   agent replaces the program in that link (atomically) instead of adding
-//!   a second one.
+//!   a second one; `links-egress/<ifname>`: the same for egress (replies
+//!   only).
 //!
 //! Kernels without TCX (< 6.6) get a clsact qdisc filter with a fixed
 //! priority and handle, replaced in place on restart.
@@ -153,7 +154,7 @@ impl Default for Capacities {
 impl Capacities {
     /// (map name, entries wanted) of every map these capacities size.
     #[must_use]
-    pub fn by_map(&self) -> [(&'static str, u32); 10] {
+    pub fn by_map(&self) -> [(&'static str, u32); 11] {
         use lb_common::map_names as n;
         [
             (n::SERVICES4, self.service_slots),
@@ -168,6 +169,7 @@ impl Capacities {
             (n::REVNAT6, self.services),
             (n::CT4, self.ct_entries),
             (n::CT6, self.ct_entries),
+            (n::SVC_STATS, self.stats_entries()),
             (
                 n::CT_NEW4,
                 lb_common::limits::ct_new_entries(self.ct_entries),
@@ -177,6 +179,21 @@ impl Capacities {
                 lb_common::limits::ct_new_entries(self.ct_entries),
             ),
         ]
+    }
+
+    /// Entries of the per-service stats map (one per rev-NAT id, 0
+    /// unused): twice the frontends of both families, since ids are handed
+    /// out before a write finds its map full, and a frontend replaced
+    /// gets a new id while the old one is still in use (make before
+    /// break). Per-CPU and preallocated, so it costs 16 bytes x this per
+    /// possible CPU (4 MiB per CPU at the default `--max-services`, the
+    /// whole id space); the rev-NAT ids stay below it.
+    #[must_use]
+    pub fn stats_entries(&self) -> u32 {
+        self.services
+            .saturating_mul(4)
+            .saturating_add(1)
+            .min(lb_common::limits::MAX_FRONTENDS)
     }
 }
 
@@ -215,14 +232,22 @@ pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadE
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })?;
-    program(&mut ebpf)?
-        .load()
-        .map_err(|source| LoadError::Program {
-            name: prog_names::TC_LB,
-            source,
-        })?;
+    for name in TC_PROGRAMS {
+        program_named(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoadError::Program { name, source })?;
+    }
     Ok(ebpf)
 }
+
+/// The TC programs the agent attaches: ingress and egress, for Ethernet
+/// devices and for devices without an Ethernet header.
+const TC_PROGRAMS: [&str; 4] = [
+    prog_names::TC_LB,
+    prog_names::TC_LB_L3,
+    prog_names::TC_LB_EGRESS,
+    prog_names::TC_LB_L3_EGRESS,
+];
 
 /// The size to create map `name` with: `wanted`, or the size of the map
 /// already pinned under that name (kept, see [`load_with`]).
@@ -257,16 +282,78 @@ fn entries_to_use(pin_path: &Path, name: &'static str, wanted: u32) -> u32 {
 /// # Errors
 /// The object lacks the program.
 pub fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoadError> {
-    let program = ebpf
-        .program_mut(prog_names::TC_LB)
-        .ok_or(LoadError::Program {
-            name: prog_names::TC_LB,
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?;
-    program.try_into().map_err(|source| LoadError::Program {
-        name: prog_names::TC_LB,
-        source,
-    })
+    program_named(ebpf, prog_names::TC_LB)
+}
+
+/// The TC program `name` (`prog_names::*`) of a loaded object.
+///
+/// # Errors
+/// The object lacks the program.
+pub fn program_named<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoadError> {
+    let program = ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+/// What a device's frames start with, from its type (`ARPHRD_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An Ethernet header (veth, NICs, VXLAN, bridges, `gretap`).
+    Ethernet,
+    /// The IP header (IPIP, `ip6tnl`, SIT, GRE in L3 mode, `WireGuard`,
+    /// tun, PPP).
+    L3,
+}
+
+/// The link kind of `iface`, asked with `SIOCGIFHWADDR` (the device type
+/// is its `sa_family`); `None` for a type whose header layout the datapath
+/// does not know (or when the ioctl fails).
+#[must_use]
+pub fn link_kind(iface: &str) -> Option<LinkKind> {
+    const ARPHRD_ETHER: u16 = 1;
+    const ARPHRD_PPP: u16 = 512;
+    const ARPHRD_RAWIP: u16 = 519;
+    const ARPHRD_TUNNEL: u16 = 768;
+    const ARPHRD_TUNNEL6: u16 = 769;
+    const ARPHRD_SIT: u16 = 776;
+    const ARPHRD_IPGRE: u16 = 778;
+    const ARPHRD_IP6GRE: u16 = 823;
+    const ARPHRD_NONE: u16 = 0xfffe;
+    let name = iface.as_bytes();
+    // SAFETY: a zeroed ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq it is given.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req) };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFHWADDR set the hardware address member.
+    match unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } {
+        ARPHRD_ETHER => Some(LinkKind::Ethernet),
+        ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT | ARPHRD_IPGRE
+        | ARPHRD_IP6GRE | ARPHRD_NONE => Some(LinkKind::L3),
+        _ => None,
+    }
 }
 
 /// `if_nametoindex`, or `None` if there is no such interface.
@@ -282,6 +369,128 @@ fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
     pin_path.join("links").join(iface)
 }
 
+/// The pin of `iface`'s egress link.
+#[must_use]
+pub fn egress_link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+    pin_path.join(EGRESS_LINKS).join(iface)
+}
+
+/// Directory of the egress links' pins (`links/` holds the ingress ones,
+/// as before egress programs existed).
+const EGRESS_LINKS: &str = "links-egress";
+
+/// Attaches the datapath to `iface`: the ingress program and the
+/// reply-only egress program of its link kind (Ethernet or L3, from the
+/// device type), each as [`attach`] does. Returns how ingress was attached.
+///
+/// # Errors
+/// No such interface, a device type without a known header layout, or the
+/// kernel refused every way of attaching.
+pub fn attach_iface(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    pin_path: &Path,
+) -> Result<Attachment, LoadError> {
+    let index = if_index(iface).ok_or_else(|| LoadError::NoSuchInterface(iface.to_owned()))?;
+    let Some(kind) = link_kind(iface) else {
+        return Err(LoadError::Attach {
+            iface: iface.to_owned(),
+            step: "read the device type".into(),
+            source: "not Ethernet nor a known L3 device (IPIP, ip6tnl, GRE, WireGuard, tun)".into(),
+        });
+    };
+    let (ingress, egress) = match kind {
+        LinkKind::Ethernet => (prog_names::TC_LB, prog_names::TC_LB_EGRESS),
+        LinkKind::L3 => (prog_names::TC_LB_L3, prog_names::TC_LB_L3_EGRESS),
+    };
+    accept_local_sources(iface);
+    let how = attach_hook(
+        program_named(ebpf, ingress)?,
+        iface,
+        index,
+        TcAttachType::Ingress,
+        &link_pin(pin_path, iface),
+    )?;
+    let egress_dir = pin_path.join(EGRESS_LINKS);
+    std::fs::create_dir_all(&egress_dir).map_err(|source| LoadError::PinDir {
+        path: egress_dir,
+        source,
+    })?;
+    attach_hook(
+        program_named(ebpf, egress)?,
+        iface,
+        index,
+        TcAttachType::Egress,
+        &egress_link_pin(pin_path, iface),
+    )?;
+    record_iface(ebpf, iface, index)?;
+    Ok(how)
+}
+
+/// Tells the datapath what `iface` is (`LB_IFACE_V1`): a veth is
+/// pod-facing (every CNI puts its pods behind one), so packets that match
+/// reply entries there get the reverse-path check.
+fn record_iface(ebpf: &mut Ebpf, iface: &str, index: u32) -> Result<(), LoadError> {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| LoadError::Attach {
+        iface: iface.to_owned(),
+        step: "record the interface in LB_IFACE_V1".into(),
+        source,
+    };
+    let flags = if driver(iface).as_deref() == Some("veth") {
+        lb_common::iface_flags::POD_FACING
+    } else {
+        0
+    };
+    let map = ebpf
+        .map_mut(lb_common::map_names::IFACES)
+        .ok_or_else(|| failed("the object has no such map".into()))?;
+    let mut map: aya::maps::HashMap<_, u32, u32> =
+        aya::maps::HashMap::try_from(map).map_err(|e| failed(e.into()))?;
+    map.insert(&index, &flags, 0).map_err(|e| failed(e.into()))
+}
+
+/// The driver of `iface` (`ETHTOOL_GDRVINFO`), `None` when it does not say.
+fn driver(iface: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    /// `struct ethtool_drvinfo`, up to the driver name (the kernel writes
+    /// the whole 196 bytes).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 160],
+    };
+    // SAFETY: a zeroed ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if iface.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(iface.as_bytes()) {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL writes the drvinfo `ifr_data` points at.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut req) };
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// Attaches `program` to ingress of `iface`: adopts the pinned link of an
 /// earlier agent when there is one, else creates and pins a TCX link, else
 /// (no TCX) installs a clsact filter.
@@ -294,6 +503,25 @@ pub fn attach(
     pin_path: &Path,
 ) -> Result<Attachment, LoadError> {
     let index = if_index(iface).ok_or_else(|| LoadError::NoSuchInterface(iface.to_owned()))?;
+    accept_local_sources(iface);
+    attach_hook(
+        program,
+        iface,
+        index,
+        TcAttachType::Ingress,
+        &link_pin(pin_path, iface),
+    )
+}
+
+/// Attaches `program` at `hook` of `iface` (index `index`), pinning the
+/// TCX link at `pin` (see [`attach`]).
+fn attach_hook(
+    program: &mut SchedClassifier,
+    iface: &str,
+    index: u32,
+    hook: TcAttachType,
+    pin: &Path,
+) -> Result<Attachment, LoadError> {
     let attach_err = |step: String| {
         let iface = iface.to_owned();
         move |source: Box<dyn std::error::Error + Send + Sync>| LoadError::Attach {
@@ -302,21 +530,19 @@ pub fn attach(
             source,
         }
     };
-    accept_local_sources(iface);
-    let pin = link_pin(pin_path, iface);
     if pin.exists() {
-        match adopt(program, &pin) {
+        match adopt(program, pin) {
             Ok(()) => return Ok(Attachment::TcxAdopted),
             Err(reason) => {
                 tracing::info!(iface, %reason, "pinned link not reusable, attaching anew");
-                let _ = std::fs::remove_file(&pin);
+                let _ = std::fs::remove_file(pin);
             }
         }
     }
     match program.attach(
         index,
         TcAttach::Tcx {
-            attach_type: TcAttachType::Ingress,
+            attach_type: hook,
             order: LinkOrder::default(),
         },
     ) {
@@ -327,13 +553,13 @@ pub fn attach(
             let link: FdLink = link
                 .try_into()
                 .map_err(|e: LinkError| attach_err("use the TCX link".into())(e.into()))?;
-            link.pin(&pin)
+            link.pin(pin)
                 .map_err(|e| attach_err(format!("pin the link at {}", pin.display()))(e.into()))?;
             Ok(Attachment::TcxNew)
         }
         Err(tcx_error) => {
             tracing::warn!(iface, error = %tcx_error, "TCX attach failed, falling back to clsact");
-            attach_netlink(program, index).map_err(|e| {
+            attach_netlink(program, index, hook).map_err(|e| {
                 attach_err(format!("TCX refused ({tcx_error}), then clsact"))(e.into())
             })?;
             Ok(Attachment::Netlink)
@@ -376,7 +602,11 @@ fn adopt(program: &mut SchedClassifier, pin: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn attach_netlink(program: &mut SchedClassifier, index: u32) -> Result<(), String> {
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    index: u32,
+    hook: TcAttachType,
+) -> Result<(), String> {
     if let Err(e) = tc::qdisc_add_clsact(index)
         && !e.to_string().contains("exists")
     {
@@ -391,7 +621,7 @@ fn attach_netlink(program: &mut SchedClassifier, index: u32) -> Result<(), Strin
         program.attach(
             index,
             TcAttach::Netlink {
-                parent: TcAttachType::Ingress.into(),
+                parent: hook.into(),
                 options: options(),
             },
         )
@@ -400,7 +630,12 @@ fn attach_netlink(program: &mut SchedClassifier, index: u32) -> Result<(), Strin
         id
     } else {
         // An earlier agent's filter holds our priority/handle: replace it.
-        let _ = tc::qdisc_detach_program(index, TcAttachType::Ingress.into(), prog_names::TC_LB);
+        let name = program
+            .info()
+            .ok()
+            .and_then(|info| info.name_as_str().map(str::to_owned))
+            .unwrap_or_else(|| prog_names::TC_LB.to_owned());
+        let _ = tc::qdisc_detach_program(index, hook.into(), &name);
         attach(program).map_err(|e| e.to_string())?
     };
     let link = program.take_link(link_id).map_err(|e| e.to_string())?;
@@ -423,12 +658,30 @@ pub fn cleanup(pin_path: &Path, ifaces: &[String]) -> io::Result<Vec<String>> {
             done.push(format!("detached {}", entry.file_name().to_string_lossy()));
         }
     }
+    let egress_links = pin_path.join(EGRESS_LINKS);
+    if let Ok(entries) = std::fs::read_dir(&egress_links) {
+        for entry in entries.flatten() {
+            std::fs::remove_file(entry.path())?;
+            done.push(format!(
+                "detached {} (egress)",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
     for iface in ifaces {
-        if let Some(index) = if_index(iface)
-            && tc::qdisc_detach_program(index, TcAttachType::Ingress.into(), prog_names::TC_LB)
-                .is_ok()
-        {
-            done.push(format!("removed clsact filter on {iface}"));
+        let Some(index) = if_index(iface) else {
+            continue;
+        };
+        let hooks = [
+            (TcAttachType::Ingress, prog_names::TC_LB),
+            (TcAttachType::Ingress, prog_names::TC_LB_L3),
+            (TcAttachType::Egress, prog_names::TC_LB_EGRESS),
+            (TcAttachType::Egress, prog_names::TC_LB_L3_EGRESS),
+        ];
+        for (hook, name) in hooks {
+            if tc::qdisc_detach_program(index, hook.into(), name).is_ok() {
+                done.push(format!("removed clsact filter {name} on {iface}"));
+            }
         }
     }
     if let Ok(entries) = std::fs::read_dir(pin_path) {
@@ -442,6 +695,9 @@ pub fn cleanup(pin_path: &Path, ifaces: &[String]) -> io::Result<Vec<String>> {
     }
     if links.exists() {
         std::fs::remove_dir(&links)?;
+    }
+    if egress_links.exists() {
+        std::fs::remove_dir(&egress_links)?;
     }
     if pin_path.exists() {
         std::fs::remove_dir(pin_path)?;

@@ -123,7 +123,7 @@ impl<'a> Planner<'a> {
                     .keys()
                     .copied()
                     .chain(current.frontends.values().map(|f| f.rev_nat_id)),
-                limits::MAX_FRONTENDS - 1,
+                current.rev_nat_id_limit(),
             ),
             backends_used: BTreeSet::new(),
             rev_nats_used: BTreeSet::new(),
@@ -142,7 +142,7 @@ impl<'a> Planner<'a> {
             self.problems.push(format!(
                 "{}: no free rev-NAT id (limit {})",
                 frontend,
-                limits::MAX_FRONTENDS - 1
+                self.current.rev_nat_id_limit()
             ));
             return;
         };

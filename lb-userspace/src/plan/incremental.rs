@@ -3,8 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
-use lb_common::limits;
-
 use super::diff::{Planner, backend_allocator, backend_ids};
 use super::ids::{IdAllocator, IdsInUse};
 use super::{BackendKey, DatapathState, Op, Plan};
@@ -102,7 +100,7 @@ pub fn diff_changes(
         backend_alloc: backend_allocator(current),
         rev_nat_alloc: IdAllocator::over(
             IdsInUse::RevNats(&current.rev_nats),
-            limits::MAX_FRONTENDS - 1,
+            current.rev_nat_id_limit(),
         ),
         backends_used: BTreeSet::new(),
         rev_nats_used: BTreeSet::new(),

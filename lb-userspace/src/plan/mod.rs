@@ -98,6 +98,23 @@ pub struct DatapathState {
     /// again off every other frontend's backends. Not an entry of the
     /// maps' frontends or backends: equality leaves it out.
     pub next_backend_id: u32,
+    /// Largest rev-NAT id the maps can count (the per-service stats map is
+    /// sized from `--max-services`, see `loader::Capacities`); 0: the whole
+    /// id space (`limits::MAX_FRONTENDS - 1`). Not an entry: equality
+    /// leaves it out.
+    pub rev_nat_id_max: u32,
+}
+
+impl DatapathState {
+    /// Largest rev-NAT id to hand out.
+    #[must_use]
+    pub fn rev_nat_id_limit(&self) -> u32 {
+        if self.rev_nat_id_max == 0 {
+            lb_common::limits::MAX_FRONTENDS - 1
+        } else {
+            self.rev_nat_id_max
+        }
+    }
 }
 
 impl PartialEq for DatapathState {

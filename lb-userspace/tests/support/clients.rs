@@ -196,6 +196,19 @@ impl UdpFlow {
         in_netns(ns, || Self::connect(to)).unwrap_or_else(|e| panic!("udp socket to {to}: {e}"))
     }
 
+    /// The socket's own address.
+    pub(crate) fn local(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// A datagram received within WAIT (without sending), if any.
+    pub(crate) fn receive(&self, wait: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(wait)).ok()?;
+        let mut buf = [0_u8; 1500];
+        let len = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+    }
+
     /// One datagram, one answer awaited for at most WAIT.
     pub(crate) fn ask(&self, wait: Duration) -> Outcome {
         let start = Instant::now();

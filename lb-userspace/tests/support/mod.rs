@@ -22,6 +22,7 @@
 
 pub(crate) mod clients;
 pub(crate) mod cluster;
+pub(crate) mod conformance;
 pub(crate) mod counts;
 pub(crate) mod flood;
 pub(crate) mod frames;
@@ -32,6 +33,7 @@ pub(crate) mod lifecycle;
 pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
+pub(crate) mod overlay;
 pub(crate) mod pins;
 pub(crate) mod process;
 pub(crate) mod prog_test;
@@ -39,6 +41,7 @@ pub(crate) mod scenarios;
 pub(crate) mod servers;
 pub(crate) mod sockclient;
 pub(crate) mod topo;
+pub(crate) mod tun_relay;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

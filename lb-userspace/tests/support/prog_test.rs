@@ -159,6 +159,58 @@ impl Fixture {
         (result.return_value, out)
     }
 
+    /// Runs the TC program NAME (`prog_names::*`) once on `frame`.
+    pub(crate) fn run_named(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_with_ctx(name, frame, None)
+    }
+
+    /// Runs the TC program NAME once on `frame` as if it had entered
+    /// through the device with index `ingress_ifindex` (`skb->skb_iif`; the
+    /// test run gives `pkt_type` from the frame's destination MAC against
+    /// the loopback device's all-zero one).
+    pub(crate) fn run_received(
+        &mut self,
+        name: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> (u32, Vec<u8>) {
+        // `struct __sk_buff` (192 bytes); `ingress_ifindex` is its tenth
+        // 32-bit field, one the test run accepts as input.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        self.run_with_ctx(name, frame, Some(&ctx))
+    }
+
+    /// Runs `lb_tc` once on `frame` as a GSO packet of segments of
+    /// `gso_size` bytes (as BIG TCP's are).
+    pub(crate) fn run_gso(&mut self, frame: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
+        // `gso_segs` and `gso_size` are the 32-bit fields at offsets 164
+        // and 176 of `struct __sk_buff`, ones the test run accepts as input.
+        let mut ctx = [0u8; 192];
+        ctx[164..168].copy_from_slice(&1_u32.to_ne_bytes());
+        ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+        self.run_with_ctx(lb_common::prog_names::TC_LB, frame, Some(&ctx))
+    }
+
+    fn run_with_ctx(&mut self, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ctx,
+            ..TestRunOptions::default()
+        };
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("no program {name}"))
+            .try_into()
+            .expect("a TC program");
+        let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
     pub(crate) fn reason(&self, name: &str) -> u64 {
         self.maps
             .reason_counts()
@@ -300,6 +352,7 @@ pub(crate) fn node_config() -> LbConfig {
             .parse::<std::net::Ipv6Addr>()
             .unwrap()
             .octets(),
+        flags: 0,
         // Kept or chosen by `Maps::write_config`.
         snat_seed: 0,
     }

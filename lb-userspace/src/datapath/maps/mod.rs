@@ -209,6 +209,7 @@ impl Maps {
     /// # Errors
     /// A map could not be iterated.
     pub fn read_state(&self) -> Result<DatapathState, MapsError> {
+        use aya::maps::IterableMap as _;
         let mut state = DatapathState::default();
         let mut entries = ServiceEntries::default();
         for family in self.families() {
@@ -219,6 +220,12 @@ impl Maps {
             .last_key_value()
             .map_or(0, |(id, _)| id.saturating_add(1))
             .max(self.recorded_next_backend_id());
+        // Rev-NAT ids index the per-service stats, sized at load.
+        state.rev_nat_id_max = self
+            .svc_stats
+            .map()
+            .info()
+            .map_or(0, |info| info.max_entries().saturating_sub(1));
         let ServiceEntries { heads, mut slots } = entries;
         for (frontend, head) in heads {
             let known = slots.remove(&frontend).unwrap_or_default();
