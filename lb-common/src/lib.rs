@@ -32,10 +32,18 @@ pub mod map_names {
     pub const REVNAT4: &str = "LB4_RNAT_V2";
     /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
     pub const REVNAT6: &str = "LB6_RNAT_V2";
-    /// IPv4 connection tracking (LRU): `Ct4Key` -> `CtEntry`.
-    pub const CT4: &str = "LB4_CT_V3";
-    /// IPv6 connection tracking (LRU): `Ct6Key` -> `CtEntry`.
-    pub const CT6: &str = "LB6_CT_V3";
+    /// IPv4 connection tracking of answered flows (LRU; V4: common LRU
+    /// lists, only answered flows): `Ct4Key` -> `CtEntry`.
+    pub const CT4: &str = "LB4_CT_V4";
+    /// IPv6 connection tracking of answered flows (as `CT4`).
+    pub const CT6: &str = "LB6_CT_V4";
+    /// IPv4 flows the backend has not answered yet (LRU, per-CPU lists):
+    /// `Ct4Key` -> `CtEntry`. A flow starts here and moves to `CT4` on its
+    /// first reply, so that a flood of new flows churns this map only and
+    /// never evicts an answered flow.
+    pub const CT_NEW4: &str = "LB4_CT_NEW_V1";
+    /// IPv6 flows the backend has not answered yet (as `CT_NEW4`).
+    pub const CT_NEW6: &str = "LB6_CT_NEW_V1";
     /// IPv4 session affinity (LRU): `Affinity4Key` -> `AffinityEntry`.
     pub const AFFINITY4: &str = "LB4_AFF_V1";
     /// IPv6 session affinity (LRU): `Affinity6Key` -> `AffinityEntry`.
@@ -44,8 +52,9 @@ pub mod map_names {
     pub const SRC_RANGES4: &str = "LB4_SRC_V1";
     /// IPv6 allowed source ranges (LPM trie): `SourceRange6` -> `u8`.
     pub const SRC_RANGES6: &str = "LB6_SRC_V1";
-    /// Node configuration (array of one `LbConfig`; V2: `flags`).
-    pub const CONFIG: &str = "LB_CONFIG_V2";
+    /// Node configuration (array of one `LbConfig`; V2: `flags`; V3:
+    /// `snat_seed`).
+    pub const CONFIG: &str = "LB_CONFIG_V3";
     /// Per-CPU packet/byte counters per frontend, indexed by rev-NAT id.
     pub const SVC_STATS: &str = "LB_SVC_STATS_V1";
     /// Attached interfaces: ifindex -> `iface_flags` (not pinned: written
@@ -55,8 +64,9 @@ pub mod map_names {
     /// (V2: the never emitted `drop_no_backend` was removed, which
     /// renumbered the reasons after it; V3: two more, `sock_translated` and
     /// `sock_refused`, so a V2 pin is too small; V4: more again,
-    /// `drop_no_local_endpoint` and the topology ones from `pass_vlan` on).
-    pub const REASONS: &str = "LB_REASONS_V4";
+    /// `drop_no_local_endpoint` and the topology ones from `pass_vlan` on;
+    /// V5: `reject_no_flow` and `drop_snat_exhausted`).
+    pub const REASONS: &str = "LB_REASONS_V5";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
     /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->
@@ -185,6 +195,16 @@ pub mod limits {
     pub const DEFAULT_BACKENDS: u32 = 1 << 21;
     /// Default conntrack entries per family (an LRU: the oldest go first).
     pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
+    /// Entries of the map of unanswered flows (`map_names::CT_NEW4`) for
+    /// `ct_entries` answered ones: a quarter, at least 1024. A flow waits
+    /// there one round trip; at a million spoofed SYNs a second a quarter
+    /// of the default still keeps a legitimate SYN for tens of
+    /// milliseconds.
+    #[must_use]
+    pub const fn ct_new_entries(ct_entries: u32) -> u32 {
+        let quarter = ct_entries / 4;
+        if quarter < 1024 { 1024 } else { quarter }
+    }
     /// Session-affinity entries per family (an LRU).
     pub const AFFINITY_ENTRIES: u32 = 1 << 16;
     /// Socket reverse-translation entries per family (an LRU): one per
@@ -267,8 +287,13 @@ pub mod ct_flags {
     /// A TCP FIN or RST was seen: the entry gets the short timeout.
     pub const CLOSING: u32 = 1 << 0;
     /// The flow's source was translated too (`NodePort` to a remote backend,
-    /// or hairpin): `nat_addr`/`nat_port_be` hold the other end of it.
+    /// or hairpin, or a flow whose reply tuple another flow held: the
+    /// client's own address with a remapped port): `nat_addr`/`nat_port_be`
+    /// hold the other end of it.
     pub const SNAT: u32 = 1 << 1;
+    /// The backend has answered: the entries moved from the map of new
+    /// flows to the main conntrack map.
+    pub const REPLIED: u32 = 1 << 2;
 }
 
 /// Conntrack lifetimes (nanoseconds since the last packet of the flow).
@@ -277,6 +302,9 @@ pub mod ct_timeout {
     pub const TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
     /// TCP flow after FIN or RST.
     pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+    /// TCP flow the backend has not answered yet (SYN only), as the
+    /// kernel's and Cilium's SYN timeouts.
+    pub const TCP_UNANSWERED_NS: u64 = 60 * 1_000_000_000;
     /// UDP flow.
     pub const UDP_NS: u64 = 60 * 1_000_000_000;
     /// `last_seen_ns` is refreshed at most this often to save map writes.
@@ -361,8 +389,16 @@ pub mod reason {
     /// its source is not routed through (a pod spoofing a backend's
     /// address): dropped.
     pub const DROP_SPOOFED_SOURCE: u32 = 27;
+    /// A TCP segment that cannot open a connection (no SYN, or an ACK
+    /// with it) of a flow without conntrack entry: answered with a reset
+    /// (RFC 9293), no state created. A reset is dropped instead
+    /// (`DROP_RESET_UNANSWERED`).
+    pub const REJECT_NO_FLOW: u32 = 28;
+    /// Source NAT needed but every candidate port was taken: dropped (the
+    /// agent logs it, `lb_snat_exhausted_total`).
+    pub const DROP_SNAT_EXHAUSTED: u32 = 29;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 30;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -394,6 +430,8 @@ pub mod reason {
         "drop_reject_rate",
         "pass_bad_length",
         "drop_spoofed_source",
+        "reject_no_flow",
+        "drop_snat_exhausted",
     ];
 }
 
@@ -611,6 +649,10 @@ pub struct LbConfig {
     pub loopback6: [u8; 16],
     /// `config_flags::*`.
     pub flags: u32,
+    /// Random start of the SNAT port probe, chosen once per boot (kept
+    /// while the pinned map lives), so that the node's ports are not
+    /// predictable from the flows.
+    pub snat_seed: u32,
 }
 
 /// `LB_IFACE_V1` values: what the agent knows of an attached interface
@@ -698,10 +740,13 @@ pub struct SockAffinityKey {
     pub rev_nat_id: u32,
 }
 
-/// First port of the range used for source NAT on the node.
-pub const SNAT_PORT_MIN: u16 = 61_000;
-/// Number of ports in that range (61000..=65535).
-pub const SNAT_PORT_COUNT: u16 = 4536;
+/// First port of the range used for source NAT (on the node's address,
+/// the loopback address, or the client's own address when its reply tuple
+/// was taken). Below Linux's default ephemeral range (32768-60999), so
+/// the node's and the clients' own connections never hold these tuples.
+pub const SNAT_PORT_MIN: u16 = 1024;
+/// Number of ports in that range (1024..=32767).
+pub const SNAT_PORT_COUNT: u16 = 31_744;
 
 /// Dry runs (`lb explain`, the conformance suite): a packet handed to
 /// `BPF_PROG_TEST_RUN` with `skb->mark == probe::MARK` goes through the
@@ -734,7 +779,7 @@ const _: () = assert!(size_of::<Affinity6Key>() == 20);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
 const _: () = assert!(size_of::<SourceRange4>() == 8);
 const _: () = assert!(size_of::<SourceRange6>() == 20);
-const _: () = assert!(size_of::<LbConfig>() == 44);
+const _: () = assert!(size_of::<LbConfig>() == 48);
 const _: () = assert!(size_of::<LbStats>() == 16);
 const _: () = assert!(size_of::<SockConfig>() == 16);
 const _: () = assert!(size_of::<SockRevNat4Key>() == 16);
@@ -816,6 +861,8 @@ mod tests {
             (reason::DROP_REJECT_RATE, "drop_reject_rate"),
             (reason::PASS_BAD_LENGTH, "pass_bad_length"),
             (reason::DROP_SPOOFED_SOURCE, "drop_spoofed_source"),
+            (reason::REJECT_NO_FLOW, "reject_no_flow"),
+            (reason::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

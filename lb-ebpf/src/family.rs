@@ -21,8 +21,8 @@ use crate::{
     hash::flow_hash,
     hdr::{Eth, Link, ipv4, ipv6},
     maps::{
-        LB4_AFF_V1, LB4_BE_V3, LB4_CT_V3, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V1,
-        LB6_BE_V3, LB6_CT_V3, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
+        LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2,
+        LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
     reject,
     tc::Packet,
@@ -68,6 +68,8 @@ pub(crate) trait Family {
     fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
     fn rev_nats() -> &'static HashMap<u32, RevNat<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry>;
+    /// Flows the backend has not answered yet.
+    fn conntrack_new() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityEntry>;
     fn source_ranges() -> &'static LpmTrie<SourceRange<Self::Addr>, u8>;
 
@@ -189,7 +191,11 @@ impl<L: Link> Family for V4<L> {
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<Addr4>, CtEntry> {
-        &LB4_CT_V3
+        &LB4_CT_V4
+    }
+    #[inline(always)]
+    fn conntrack_new() -> &'static LruHashMap<CtKey<Addr4>, CtEntry> {
+        &LB4_CT_NEW_V1
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Addr4>, AffinityEntry> {
@@ -274,7 +280,11 @@ impl<L: Link> Family for V6<L> {
     }
     #[inline(always)]
     fn conntrack() -> &'static LruHashMap<CtKey<Addr6>, CtEntry> {
-        &LB6_CT_V3
+        &LB6_CT_V4
+    }
+    #[inline(always)]
+    fn conntrack_new() -> &'static LruHashMap<CtKey<Addr6>, CtEntry> {
+        &LB6_CT_NEW_V1
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Addr6>, AffinityEntry> {

@@ -41,7 +41,7 @@ use crate::{
         ipv4::{self, Ipv4Hdr},
         ipv6::{self, Ipv6Hdr},
     },
-    maps::{LB_CONFIG_V2, LB_IFACE_V1},
+    maps::{LB_CONFIG_V3, LB_IFACE_V1},
     skb::{read, write},
     verdict::{TC_ACT_REDIRECT, Verdict},
     zeroed::zeroed_in_place,
@@ -51,7 +51,7 @@ use crate::{
 /// (`config_flags::FORWARD_REDIRECT`); no configuration: the stack.
 #[inline(always)]
 pub(crate) fn redirect_enabled() -> bool {
-    LB_CONFIG_V2
+    LB_CONFIG_V3
         .get(0)
         .is_some_and(|config| config.flags & config_flags::FORWARD_REDIRECT != 0)
 }

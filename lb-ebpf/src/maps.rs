@@ -29,15 +29,32 @@ pub(crate) static LB4_RNAT_V2: HashMap<u32, Lb4RevNat> =
 #[map]
 pub(crate) static LB6_RNAT_V2: HashMap<u32, Lb6RevNat> =
     HashMap::pinned(limits::MAX_FRONTENDS, map_flags::NO_PREALLOC);
-// Per-CPU LRU lists: with the conntrack maps full and every insert evicting
-// (`datapath_cost --profile churn`), a new flow measured ~10% cheaper than
-// with the common LRU (faster only right after the maps were emptied).
+// Answered flows: a common LRU, so that any CPU may use the whole map (with
+// per-CPU lists each CPU holds max/CPUs entries, and a node whose replies
+// are handled on one CPU would keep half its flows on 2 CPUs). Floods do
+// not insert here (see `ct`), so the shared lock is taken at the rate of
+// answered connections only.
 #[map]
-pub(crate) static LB4_CT_V3: LruHashMap<Ct4Key, CtEntry> =
-    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
+pub(crate) static LB4_CT_V4: LruHashMap<Ct4Key, CtEntry> =
+    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
 #[map]
-pub(crate) static LB6_CT_V3: LruHashMap<Ct6Key, CtEntry> =
-    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, map_flags::NO_COMMON_LRU);
+pub(crate) static LB6_CT_V4: LruHashMap<Ct6Key, CtEntry> =
+    LruHashMap::pinned(limits::DEFAULT_CT_ENTRIES, 0);
+// Flows not answered yet (see `ct`): what a flood of spoofed SYNs fills.
+// Per-CPU lists: a flood churns only the lists of the CPUs it arrives on
+// (legitimate SYNs handled on other CPUs keep their entries), with no
+// shared lock; on one CPU a SYN into the full map measured the same with
+// either kind (`datapath_cost --profile churn`, docs/ARCHITECTURE.md).
+#[map]
+pub(crate) static LB4_CT_NEW_V1: LruHashMap<Ct4Key, CtEntry> = LruHashMap::pinned(
+    limits::ct_new_entries(limits::DEFAULT_CT_ENTRIES),
+    map_flags::NO_COMMON_LRU,
+);
+#[map]
+pub(crate) static LB6_CT_NEW_V1: LruHashMap<Ct6Key, CtEntry> = LruHashMap::pinned(
+    limits::ct_new_entries(limits::DEFAULT_CT_ENTRIES),
+    map_flags::NO_COMMON_LRU,
+);
 #[map]
 pub(crate) static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
@@ -55,16 +72,16 @@ pub(crate) static LB_MGLV_REF_V1: Array<u32> = Array::pinned(1, 0);
 #[map]
 pub(crate) static LB_MGLV_TBL_V1: Array<u32> = Array::pinned(1, 0);
 #[map]
-pub(crate) static LB_CONFIG_V2: Array<LbConfig> = Array::pinned(1, 0);
+pub(crate) static LB_CONFIG_V3: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-static LB_REASONS_V4: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V5: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V4.get_ptr_mut(reason) {
+    if let Some(counter) = LB_REASONS_V5.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }

@@ -1,24 +1,52 @@
 //! Source NAT of new flows: when it applies, which address, which port.
+//!
+//! A flow is source-NATed when its backend must answer through this node
+//! (hairpin, external traffic to a remote backend), and when its reply
+//! tuple (backend -> client) is held by a live flow of another frontend
+//! (one client socket reaching one backend through two frontends of a
+//! Service): then the client keeps its address and gets another port, as
+//! the kernel's NAT remaps a clashing reply tuple. Ports come from a wide
+//! range; the candidates of a flow are the same each time (its tuple and
+//! the node's seed), and a candidate whose reply entry is this very flow's
+//! is taken again, so a flow keeps its port for its life even when its
+//! service entry goes first.
 
 use lb_common::{
-    Backend, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, reason, svc_flags,
+    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, reason,
+    svc_flags,
 };
 
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
-    maps::LB_CONFIG_V2,
+    maps::LB_CONFIG_V3,
     verdict::Verdict,
 };
 
-/// Candidate ports tried for one source NAT.
-const SNAT_ATTEMPTS: u32 = 8;
+/// Candidate ports tried for one source NAT. With the range's 31744 ports
+/// per backend and source address, 32 probes fail together only when the
+/// range is nearly full (at 80% taken, one flow in a thousand).
+const SNAT_ATTEMPTS: u32 = 32;
+
+/// `reply_holder`: no live entry holds the reply tuple.
+const FREE: u32 = 0;
+/// `reply_holder`: this flow's own entry, in the map of new flows.
+const OURS_NEW: u32 = 1;
+/// `reply_holder`: this flow's own entry, in the main map.
+const OURS_ANSWERED: u32 = 2;
+/// `reply_holder`: another flow's live entry.
+const TAKEN: u32 = 3;
+
+/// Marks a `snat_port` result whose reply entry is in the main map.
+const ANSWERED_BIT: u32 = 1 << 16;
 
 /// Decides on source NAT for a new flow whose backend is in `flow`:
 /// hairpin flows (a backend sending to its own service) get the loopback
 /// address as source, external traffic to a backend on another node the
-/// node address (unless the frontend keeps the client address). On SNAT,
-/// `flow` gets the address and a free port.
+/// node address (unless the frontend keeps the client address), a flow
+/// whose reply tuple another flow holds the client's own address. On SNAT,
+/// `flow` gets the address and a free port. Sets `flow.answered` when this
+/// flow's own reply entry is still in the main map.
 #[inline(always)]
 pub(crate) fn choose_source<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -30,47 +58,75 @@ pub(crate) fn choose_source<F: Family>(
     let remote_external = frontend.flags & svc_flags::EXTERNAL != 0
         && frontend.flags & svc_flags::EXT_LOCAL == 0
         && flow.backend.flags & backend_flags::LOCAL == 0;
-    if !(hairpin || remote_external) {
-        return Ok(());
+    let own_source = !(hairpin || remote_external);
+    if own_source {
+        let reply = Tuple {
+            saddr: flow.backend.addr,
+            daddr: tuple.saddr,
+            sport_be: flow.backend.port_be,
+            dport_be: tuple.sport_be,
+            proto: tuple.proto,
+        };
+        let held = reply_holder::<F>(&reply, tuple, frontend.rev_nat_id, now);
+        if held != TAKEN {
+            flow.answered = held == OURS_ANSWERED;
+            return Ok(());
+        }
     }
-    let config = LB_CONFIG_V2
+    let config = LB_CONFIG_V3
         .get_ptr(0)
         .ok_or(Verdict::drop(reason::DROP_NO_SNAT))?;
-    // SAFETY: map value pointer; the field is copied out.
-    let nat_addr = unsafe {
-        if hairpin {
+    // SAFETY: map value pointer; the fields are copied out.
+    let (nat_addr, seed) = unsafe {
+        let addr = if own_source {
+            tuple.saddr
+        } else if hairpin {
             F::loopback(&*config)
         } else {
             F::node_addr(&*config)
-        }
+        };
+        (addr, (*config).snat_seed)
     };
     if F::is_unspecified(&nat_addr) {
         return Err(Verdict::drop(reason::DROP_NO_SNAT));
     }
-    let port = snat_port::<F>(tuple, &flow.backend, &nat_addr, now);
+    let mut reply = Tuple {
+        saddr: flow.backend.addr,
+        daddr: nat_addr,
+        sport_be: flow.backend.port_be,
+        dport_be: 0,
+        proto: tuple.proto,
+    };
+    let start = F::flow_hash(tuple).wrapping_add(seed);
+    let port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, start);
     if port == 0 {
-        return Err(Verdict::drop(reason::DROP_NO_SNAT));
+        return Err(Verdict::drop(reason::DROP_SNAT_EXHAUSTED));
     }
-    #[expect(clippy::cast_possible_truncation, reason = "a port from `snat_port`")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
     let port_be = port as u16;
     flow.nat_port_be = port_be;
     flow.nat_addr = nat_addr;
     flow.snat = true;
+    flow.answered = port & ANSWERED_BIT != 0;
     Ok(())
 }
 
-/// A free source port on `nat_addr` towards the backend: the first of a
-/// few hashed candidates whose reply tuple is not taken by a live flow.
-/// Returns 0 when none is free. A subprogram: its own stack frame.
+/// A source port for the flow `tuple` whose reply tuple is `reply` (backend
+/// to the NAT address; its port is probed): the first of the flow's
+/// candidates, from `start` on, whose reply tuple no live flow holds or
+/// this flow holds itself (`ANSWERED_BIT` set when that entry is in the
+/// main map). Returns 0 when none is. A subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
     tuple: &Tuple<F::Addr>,
-    backend: &Backend<F::Addr>,
-    nat_addr: &F::Addr,
+    reply: &mut Tuple<F::Addr>,
+    rev_nat_id: u32,
     now: u64,
+    start: u32,
 ) -> u32 {
-    let nat_addr = *nat_addr;
-    let start = F::flow_hash(tuple);
     let mut attempt = 0u32;
     while attempt < SNAT_ATTEMPTS {
         #[expect(
@@ -80,22 +136,58 @@ fn snat_port<F: Family>(
         let offset =
             (start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port_be = (SNAT_PORT_MIN + offset).to_be();
-        let reply = Tuple {
-            saddr: backend.addr,
-            daddr: nat_addr,
-            sport_be: backend.port_be,
-            dport_be: port_be,
-            proto: tuple.proto,
-        };
-        let free = match F::conntrack().get_ptr(&ct_key(&reply, ct_dir::REPLY)) {
-            None => true,
-            // SAFETY: map value pointer; read once.
-            Some(entry) => !ct::usable(unsafe { &*entry }, tuple.proto, 0, now),
-        };
-        if free {
-            return u32::from(port_be);
+        reply.dport_be = port_be;
+        match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
+            FREE | OURS_NEW => return u32::from(port_be),
+            OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
+            _ => {}
         }
         attempt += 1;
     }
     0
+}
+
+/// Who holds the reply tuple `reply` for the flow of `client` to the
+/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED` or `TAKEN`.
+#[inline(always)]
+fn reply_holder<F: Family>(
+    reply: &Tuple<F::Addr>,
+    client: &Tuple<F::Addr>,
+    rev_nat_id: u32,
+    now: u64,
+) -> u32 {
+    let key = ct_key(reply, ct_dir::REPLY);
+    let held = holder_in::<F>(&key, reply, client, rev_nat_id, now, true);
+    if held != FREE {
+        return held;
+    }
+    holder_in::<F>(&key, reply, client, rev_nat_id, now, false)
+}
+
+/// `reply_holder` in one map (the main one when `answered`).
+#[inline(always)]
+fn holder_in<F: Family>(
+    key: &CtKey<F::Addr>,
+    reply: &Tuple<F::Addr>,
+    client: &Tuple<F::Addr>,
+    rev_nat_id: u32,
+    now: u64,
+    answered: bool,
+) -> u32 {
+    let Some(entry) = ct::table::<F>(answered).get_ptr(key) else {
+        return FREE;
+    };
+    // SAFETY: map value pointer, read in place.
+    let entry = unsafe { &*entry };
+    // A closing flow's tuple is free for a new one (a new flow is a bare
+    // SYN, which starts a new flow on a closing entry: `ct::usable`).
+    if !ct::usable(entry, reply.proto, 0, now, answered) || entry.flags & ct_flags::CLOSING != 0 {
+        FREE
+    } else if !ct::owned_by::<F>(entry, reply, client, rev_nat_id) {
+        TAKEN
+    } else if answered {
+        OURS_ANSWERED
+    } else {
+        OURS_NEW
+    }
 }

@@ -18,7 +18,6 @@ use crate::{
     },
     lb,
     maps::{LB_PACKET, count_service},
-    probe,
     skb::{linearize_headers, ptr_at, read},
     verdict::{Verdict, decode_unit, encode_unit},
     xlate,
@@ -37,6 +36,10 @@ pub(crate) struct Packet {
     pub(crate) frontend: LbService,
     /// TCP flags (0 for UDP).
     pub(crate) tcp_flags: u8,
+    /// Non-zero when a reply asked for `ct::answer` (its TCP flags and
+    /// `ct::ANSWER_DUE`, `ct::ANSWERED`) on the tuple above; reset for
+    /// every packet.
+    pub(crate) answer: u32,
 }
 
 /// `skb->pkt_type` of a frame for another host's MAC (`linux/if_packet.h`).
@@ -94,11 +97,21 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
     if !v4_packet && ether_type != ETH_P_IPV6_BE {
         return Ok(Verdict::pass(reason::PASS_NOT_IP));
     }
+    packet.answer = 0;
     let mut code = if v4_packet {
         v4::<L, EGRESS>(ctx, packet)
     } else {
         v6::<L, EGRESS>(ctx, packet)
     };
+    if packet.answer != 0 {
+        // A reply that moves or closes its flow: a sibling subprogram of
+        // the parse step, whose frame is already large.
+        if v4_packet {
+            ct::answer::<V4<L>>(&packet.tuple4, packet.answer);
+        } else {
+            ct::answer::<V6<L>>(&packet.tuple6, packet.answer);
+        }
+    }
     if !EGRESS && code == GO_TO_BACKEND {
         code = if v4_packet {
             to_backend_sub::<V4<L>>(ctx, packet)
@@ -276,8 +289,9 @@ fn translate<F: Family, const EGRESS: bool>(
         proto: l4_proto,
     };
     if EGRESS {
-        if let Some(entry) = F::conntrack().get_ptr_mut(&ct_key(&tuple, ct_dir::REPLY)) {
-            return from_backend::<F>(ctx, &tuple, entry, tcp_flags).map(Verdict::encode);
+        if let Some((entry, answered)) = reply_entry_of::<F>(&tuple, tcp_flags) {
+            return from_backend::<F>(ctx, &tuple, entry, tcp_flags, answered, packet)
+                .map(Verdict::encode);
         }
         return Err(Verdict::pass(reason::PASS_NO_SERVICE));
     }
@@ -288,20 +302,38 @@ fn translate<F: Family, const EGRESS: bool>(
         *F::packet_tuple(packet) = tuple;
         return Ok(GO_TO_BACKEND);
     }
-    if let Some(entry) = F::conntrack().get_ptr_mut(&ct_key(&tuple, ct_dir::REPLY)) {
+    if let Some((entry, answered)) = reply_entry_of::<F>(&tuple, tcp_flags) {
         // A reply entry matches from any interface: on a pod-facing one the
         // source must be routed back through it, or a pod could send as a
         // backend and have it come from the Service.
         if fwd::source_routed_back::<F>(ctx) == 0 {
             return Err(Verdict::drop(reason::DROP_SPOOFED_SOURCE));
         }
-        return from_backend::<F>(ctx, &tuple, entry, tcp_flags).map(Verdict::encode);
+        return from_backend::<F>(ctx, &tuple, entry, tcp_flags, answered, packet)
+            .map(Verdict::encode);
     }
     // A service address, but not a port it serves: refuse, as kube-proxy does.
     if lb::is_service_address::<F>(daddr) {
         return F::reject(ctx).map(Verdict::encode);
     }
     Err(Verdict::pass(reason::PASS_NO_SERVICE))
+}
+
+/// The reply entry a packet matches: in the main map, or (a flow's first
+/// answer) in the map of new flows; with true when in the main map.
+#[inline(always)]
+fn reply_entry_of<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    tcp_flags: u8,
+) -> Option<(*mut CtEntry, bool)> {
+    let key = ct_key(tuple, ct_dir::REPLY);
+    match F::conntrack().get_ptr_mut(&key) {
+        Some(entry) => Some((entry, true)),
+        None if ct::may_be_first_reply(tuple.proto, tcp_flags) => F::conntrack_new()
+            .get_ptr_mut(&key)
+            .map(|entry| (entry, false)),
+        None => None,
+    }
 }
 
 /// `to_backend` as a subprogram (its own stack frame, a scalar result) on
@@ -331,13 +363,15 @@ fn to_backend<F: Family>(
     let now = ct::now_ns();
     let mut flow = Flow::<F> {
         backend_id: 0,
+        flags: 0,
         backend: placeholder_backend(tuple.daddr),
         nat_addr: tuple.saddr,
         nat_port_be: tuple.sport_be,
         snat: false,
+        answered: false,
     };
     let found = ct::established_flow_sub::<F>(tuple, frontend, tcp_flags, now, &mut flow);
-    let (established, refreshed) = (found & 1 != 0, found & 2 != 0);
+    let established = found & ct::FOUND != 0;
     if !established {
         // No backend for new flows: refuse this one, as kube-proxy rejects
         // `ct state new` only; established flows to a draining backend of
@@ -350,18 +384,31 @@ fn to_backend<F: Family>(
             }
             return F::reject(ctx);
         }
-        decode_unit(ct::new_flow_into::<F>(
-            tuple, frontend, tcp_flags, now, &mut flow,
-        ))?;
+        // A segment that cannot open a connection creates no state: a
+        // reset tells its sender the connection is gone (a reset is
+        // dropped).
+        if !ct::opens(tuple.proto, tcp_flags) {
+            return F::reject(ctx).map(|verdict| Verdict {
+                reason: reason::REJECT_NO_FLOW,
+                ..verdict
+            });
+        }
+        decode_unit(ct::new_flow_into::<F>(tuple, frontend, now, &mut flow))?;
     }
-    if !established || refreshed {
-        // (Re)create the reply entry: on a new flow, and about once a second
-        // so that it outlives LRU pressure and one-way quiet periods.
+    if found & ct::PROMOTE != 0 {
+        ct::promote::<F>(tuple, &flow);
+        flow.answered = true;
+    }
+    if !established || found & ct::SYNC_REPLY != 0 {
+        // Write the reply entry of a new flow; refresh it with the service
+        // entry (about once a second, and when the flow starts closing) so
+        // that it outlives one-way quiet periods and closes with it.
         decode_unit(ct::write_reply_entry::<F>(
             tuple,
             &flow,
             frontend.rev_nat_id,
             now,
+            !established,
         ))?;
     }
     decode_unit(if F::IS_V4 {
@@ -411,26 +458,30 @@ fn from_backend<F: Family>(
     tuple: &Tuple<F::Addr>,
     entry: *mut CtEntry,
     tcp_flags: u8,
+    answered: bool,
+    packet: &mut Packet,
 ) -> Result<Verdict, Verdict> {
     let now = ct::now_ns();
     // SAFETY: map value pointer; read once.
     let current = unsafe { *entry };
-    if !ct::usable(&current, tuple.proto, tcp_flags, now) {
+    if !ct::usable(&current, tuple.proto, tcp_flags, now, answered) {
         return Ok(Verdict::pass(reason::PASS_NO_SERVICE));
     }
     // SAFETY: the value is copied out at once.
     let Some(rev_nat) = (unsafe { F::rev_nats().get(&current.rev_nat_id) }) else {
         return Ok(Verdict::pass(reason::PASS_NO_SERVICE));
     };
-    let (vip, vport_be) = (rev_nat.addr, rev_nat.port_be);
-    // The mark, not `probe::dry_run`: a load instead of a map lookup keeps
-    // this (the parse step's) frame within the verifier's stack budget.
-    if !probe::marked(ctx) {
-        ct::touch_live(entry, tcp_flags, now);
-    }
     let mut new = *tuple;
-    new.saddr = vip;
-    new.sport_be = vport_be;
+    new.saddr = rev_nat.addr;
+    new.sport_be = rev_nat.port_be;
+    let touched = ct::touch(entry, tcp_flags, now);
+    if !answered || touched != 0 {
+        // The first answer marks the flow's entries; a closing or
+        // refreshing one reaches the service entry too.
+        *F::packet_tuple(packet) = *tuple;
+        packet.answer =
+            u32::from(tcp_flags) | ct::ANSWER_DUE | if answered { ct::ANSWERED } else { 0 };
+    }
     if current.flags & ct_flags::SNAT != 0 {
         new.daddr = F::from_nat(&current.nat_addr);
         new.dport_be = current.nat_port_be;

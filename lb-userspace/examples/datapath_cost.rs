@@ -265,6 +265,29 @@ fn swapped(frame: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The same frame with other TCP flags (a UDP frame unchanged).
+fn with_flags(frame: &[u8], tcp_flags: u8) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let (proto_off, l4_off) = if frame[12] == 0x08 {
+        (23, 34)
+    } else {
+        (20, 54)
+    };
+    if out[proto_off] == TCP {
+        out[l4_off + 13] = tcp_flags;
+    }
+    out
+}
+
+/// Answers the flow whose first packet (client -> VIP) `lb` translated
+/// into `to_endpoint`: the endpoint's SYN+ACK (or datagram) moves the flow
+/// to the main conntrack map, as a real answer does, so that the
+/// established and reply paths are measured on answered flows.
+fn answer(lb: &SchedClassifier, to_endpoint: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let reply = with_flags(&swapped(to_endpoint), TCP_SYN | TCP_ACK);
+    Ok(run(lb, &reply, 1)?.1)
+}
+
 /// Addresses and ports of a frame (the bytes translation changes).
 fn flow_of(frame: &[u8]) -> Vec<u8> {
     let (addrs, l4_off) = if frame[12] == 0x08 {
@@ -354,7 +377,9 @@ fn clear_conntrack(pin_path: &Path) -> anyhow::Result<()> {
         Ok(())
     }
     clear::<Ct4Key>(&pin_path.join(map_names::CT4))?;
-    clear::<Ct6Key>(&pin_path.join(map_names::CT6))
+    clear::<Ct6Key>(&pin_path.join(map_names::CT6))?;
+    clear::<Ct4Key>(&pin_path.join(map_names::CT_NEW4))?;
+    clear::<Ct6Key>(&pin_path.join(map_names::CT_NEW6))
 }
 
 #[derive(Clone, Copy)]
@@ -532,6 +557,11 @@ fn measure_round(
         ns,
         path_check(maps, &before, "nat_new", flows)?,
     );
+    // The endpoints answer (not measured).
+    for first in &firsts {
+        let (_, to_endpoint) = run(lb, first, 1)?;
+        answer(lb, &to_endpoint)?;
+    }
     // The same flows again: now established, measured the same way.
     let again: Vec<Vec<u8>> = (0..config.flows)
         .map(|k| frame(client, vip, FIRST_SPORT + k, combo.port(), combo.l4, ack))
@@ -545,10 +575,14 @@ fn measure_round(
     );
     clear_conntrack(pin_path)?;
 
-    // Repeated runs: set up the flow and its mirror (see the module doc).
+    // Repeated runs: set up the flow and its mirror (see the module doc),
+    // opened by a SYN and answered, as real flows are.
     let to_vip = frame(client, vip, CLIENT_PORT, combo.port(), combo.l4, ack);
-    let (_, to_endpoint) = run(lb, &to_vip, 1)?;
+    let (_, to_endpoint) = run(lb, &with_flags(&to_vip, syn), 1)?;
     let (_, back_to_vip) = run(lb, &to_endpoint, 1)?;
+    let answered = answer(lb, &to_endpoint)?;
+    run(lb, &answered, 1)?;
+    let to_endpoint = with_flags(&to_endpoint, ack);
     if flow_of(&back_to_vip) != flow_of(&to_vip) {
         bail!(
             "{} {}: the mirror Service did not translate the frame back to the VIP",
@@ -620,9 +654,11 @@ fn profile(ebpf: &mut Ebpf, pin_path: &Path, config: &Config, case: &str) -> any
     let combo = Combo::ALL[0];
     let (client, vip) = (combo.client(), combo.vip(count - 1));
     let to_vip = frame(client, vip, CLIENT_PORT, HTTP_PORT, TCP, TCP_ACK);
-    let (_, to_endpoint) = run(lb, &to_vip, 1)?;
+    let (_, to_endpoint) = run(lb, &with_flags(&to_vip, TCP_SYN), 1)?;
     run(lb, &to_endpoint, 1)?;
-    let reply = swapped(&to_endpoint);
+    let answered = answer(lb, &to_endpoint)?;
+    run(lb, &answered, 1)?;
+    let reply = swapped(&with_flags(&to_endpoint, TCP_ACK));
     let miss = frame(client, MISS4.into(), CLIENT_PORT, HTTP_PORT, TCP, TCP_ACK);
     let firsts: Vec<Vec<u8>> = (0..config.flows)
         .map(|k| frame(client, vip, FIRST_SPORT + k, HTTP_PORT, TCP, TCP_SYN))

@@ -16,9 +16,9 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use lb_common::prog_names;
 use lb_userspace::model::{FrontendKind, Protocol};
 
-use support::frames::{Frame, TCP_ACK, TCP_PSH, TCP_SYN, verify_checksums};
+use support::frames::{Frame, TCP_ACK, TCP_PSH, TCP_SYN, assert_tcp_reset, verify_checksums};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, VIP4, VIP6, addrs, frontend, spec,
+    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, VIP4, VIP6, addrs, frontend, spec,
 };
 
 /// First packet, follow-up and reply of one flow; returns the backend used.
@@ -194,12 +194,19 @@ fn established_flow_keeps_backend_until_it_is_removed() {
         let (_, out) = fx.run(&data.bytes());
         assert_eq!(verify_checksums(&out).1, backend, "flow moved");
 
-        // Its own backend goes away: re-selected onto the one left.
+        // Its own backend goes away: the segment cannot open a connection
+        // on the one left (that backend would reset it), so it is answered
+        // with a reset and creates no state (issue 9, item 6); a new SYN
+        // from the same port goes to the one left.
         fx.set_services(&[(fe, &others[..1])]);
-        let (verdict, out) = fx.run(&data.bytes());
+        let input = data.bytes();
+        let (verdict, out) = fx.run(&input);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "not refused");
+        assert_tcp_reset(&out, &input);
+        let (verdict, out) = fx.run(&syn.bytes());
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(verify_checksums(&out).1, others[0], "flow not re-selected");
-        assert_eq!(out, data.with_dst(others[0]).bytes());
+        assert_eq!(out, syn.with_dst(others[0]).bytes());
     }
 }
 

@@ -42,11 +42,8 @@ fn node_port_to_a_remote_backend_is_source_nated_and_reversed() {
         let (src, dst) = verify_checksums(&out);
         assert_eq!(dst, backends[0]);
         assert_eq!(src.ip(), node_port.ip(), "source NAT to the node address");
-        assert!(
-            (61_000..=65_535).contains(&src.port()),
-            "port {}",
-            src.port()
-        );
+        let pool = lb_common::SNAT_PORT_MIN..lb_common::SNAT_PORT_MIN + lb_common::SNAT_PORT_COUNT;
+        assert!(pool.contains(&src.port()), "port {}", src.port());
         let mut expected = syn.with_dst(backends[0]).with_src(src);
         expected.tcp_flags = TCP_SYN;
         assert_eq!(out, expected.bytes());

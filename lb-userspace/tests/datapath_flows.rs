@@ -16,11 +16,9 @@ use std::net::SocketAddr;
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
 use lb_userspace::plan;
 
-use support::frames::{
-    Frame, TCP_ACK, TCP_PSH, TCP_SYN, assert_port_unreachable, assert_tcp_reset, verify_checksums,
-};
+use support::frames::{Frame, TCP_ACK, TCP_PSH, TCP_SYN};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, VIP4, VIP6, addrs, frontend, spec,
+    BACKENDS4, BACKENDS6, Fixture, VIP4, VIP6, addrs, frontend, refused, spec, translated,
 };
 
 /// The families: service address, client address, backends.
@@ -72,27 +70,6 @@ fn packet(client: &str, sport: u16, frontend: &Frontend, first: bool) -> Frame {
         Protocol::Tcp if first => Frame::tcp(&src, &dst, TCP_SYN),
         Protocol::Tcp => Frame::tcp(&src, &dst, TCP_ACK | TCP_PSH),
         Protocol::Udp => Frame::udp(&src, &dst),
-    }
-}
-
-/// Runs `frame`; asserts it was translated and returns its backend.
-fn translated(fx: &mut Fixture, frame: &Frame, what: &str) -> SocketAddr {
-    let (verdict, out) = fx.run(&frame.bytes());
-    assert_eq!(verdict, TC_ACT_OK, "{what}: not translated");
-    let (_, backend) = verify_checksums(&out);
-    assert_eq!(out, frame.with_dst(backend).bytes(), "{what}: DNAT bytes");
-    backend
-}
-
-/// Runs `frame`; asserts it was refused (a reset for TCP, a port
-/// unreachable for UDP).
-fn refused(fx: &mut Fixture, frame: &Frame, what: &str) {
-    let input = frame.bytes();
-    let (verdict, out) = fx.run(&input);
-    assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: not refused");
-    match frame.proto {
-        Protocol::Tcp => assert_tcp_reset(&out, &input),
-        Protocol::Udp => assert_port_unreachable(&out, &input),
     }
 }
 
@@ -211,8 +188,10 @@ fn membership_is_per_frontend_for_flows_and_affinity() {
             ]
         };
         fx.set_specs(&both(&[shared]));
+        // Two client ports: from one port the two flows' reply tuples would
+        // clash (see `two_frontends_one_client_port_coexist`).
         let to_a = packet(client, 42000, &a, true);
-        let to_b = packet(client, 42000, &b, true);
+        let to_b = packet(client, 42001, &b, true);
         assert_eq!(translated(&mut fx, &to_a, what), shared);
         assert_eq!(translated(&mut fx, &to_b, what), shared);
         fx.set_specs(&both(&[own]));
@@ -299,10 +278,16 @@ fn stale_entry_never_lands_on_another_frontends_backend() {
                 "{what}: the fixture no longer reuses the id"
             );
             // A's stale conntrack entry (UDP; TCP: the follow-up) and its
-            // client's affinity entry both name B's backend now.
+            // client's affinity entry both name B's backend now. The UDP
+            // flow moves to A's endpoint; the TCP segment cannot open a
+            // connection there, so it is refused (a reset, no state).
             let follow = packet(client, 44000, &a, false);
-            let got = translated(&mut fx, &follow, &format!("{what}: stale flow"));
-            assert_eq!(got, own, "{what}: A's flow landed on B's endpoint");
+            if proto == Protocol::Udp {
+                let got = translated(&mut fx, &follow, &format!("{what}: stale flow"));
+                assert_eq!(got, own, "{what}: A's flow landed on B's endpoint");
+            } else {
+                refused(&mut fx, &follow, &format!("{what}: stale flow"));
+            }
             let new = packet(client, 44001, &a, true);
             let got = translated(&mut fx, &new, &format!("{what}: stale affinity"));
             assert_eq!(got, own, "{what}: A's affinity client sent to B's endpoint");

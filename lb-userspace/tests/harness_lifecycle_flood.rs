@@ -17,7 +17,7 @@
 //! flooded CPU says nothing about the flow's state. Privileged: root and
 //! bpffs.
 //!
-//! Run: `cargo test -p lb-userspace --test harness_lifecycle_flood -- --ignored --nocapture`
+//! Run: `cargo test -p lb-userspace --test harness_lifecycle_flood -- --nocapture`
 
 mod support;
 
@@ -38,8 +38,6 @@ use support::topo::Family;
 /// the load runs (from client1 and ext): established flows keep working,
 /// at least 99% of the new connections made during the flood succeed.
 #[test]
-#[ignore = "needs issue 9 item 6 (flood-resistant conntrack, branch ct-lifecycle): on main about \
-            30% of the NodePort's new connections time out during and after the flood"]
 fn syn_flood_against_a_nodeport_under_load() {
     let _serial = serial();
     if !require_privileged("harness_lifecycle_flood: syn_flood_against_a_nodeport_under_load") {

@@ -25,7 +25,7 @@ use crate::{
     hash::slot_for,
     lb,
     maps::{
-        LB_CONFIG_V2, LB_SK_AFF_V1, LB_SOCK_CFG_V1, LB4_SK_RNAT_V1, LB6_SK_RNAT_V1, count_reason,
+        LB_CONFIG_V3, LB_SK_AFF_V1, LB_SOCK_CFG_V1, LB4_SK_RNAT_V1, LB6_SK_RNAT_V1, count_reason,
     },
 };
 
@@ -307,7 +307,7 @@ fn bind_taken<F: SockFamily>(
         return false;
     }
     let lookup = if F::is_unspecified(&addr) {
-        let Some(node) = LB_CONFIG_V2.get(0) else {
+        let Some(node) = LB_CONFIG_V3.get(0) else {
             return false;
         };
         F::node_addr(node)
@@ -348,7 +348,7 @@ fn forward<F: SockFamily>(
     // A `NodePort` on loopback: served as on the (first) node address.
     if frontend.is_none()
         && F::is_loopback(&daddr)
-        && let Some(node) = LB_CONFIG_V2.get(0)
+        && let Some(node) = LB_CONFIG_V3.get(0)
     {
         let node = F::node_addr(node);
         if !F::is_unspecified(&node) {

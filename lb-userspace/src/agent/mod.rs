@@ -6,6 +6,7 @@
 
 mod links;
 mod reconcile;
+mod snat_watch;
 mod sockets;
 mod status;
 mod timers;
@@ -157,6 +158,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
+    snat_watch::spawn(maps_reader.clone());
     let mut reconciler = Reconciler::new(
         maps,
         state,

@@ -16,7 +16,7 @@ pub fn print(json: bool, pin_path: &Path) -> anyhow::Result<()> {
     );
     for flow in flows {
         println!(
-            "{:<8} {:<4} {:<46} {:<46} {:>8} {:>7} {:>5}s{}",
+            "{:<8} {:<4} {:<46} {:<46} {:>8} {:>7} {:>5}s{}{}",
             flow.direction,
             flow.protocol,
             flow.source.to_string(),
@@ -24,7 +24,9 @@ pub fn print(json: bool, pin_path: &Path) -> anyhow::Result<()> {
             flow.backend_id,
             flow.rev_nat_id,
             flow.idle_seconds,
-            if flow.closing { " closing" } else { "" }
+            if flow.closing { " closing" } else { "" },
+            // Not answered yet: in the map of new flows, 60 s for TCP.
+            if flow.answered { "" } else { " new" }
         );
     }
     Ok(())

@@ -157,7 +157,7 @@ impl Default for Capacities {
 impl Capacities {
     /// (map name, entries wanted) of every map these capacities size.
     #[must_use]
-    pub fn by_map(&self) -> [(&'static str, u32); 9] {
+    pub fn by_map(&self) -> [(&'static str, u32); 11] {
         use lb_common::map_names as n;
         [
             (n::SERVICES4, self.service_slots),
@@ -173,6 +173,14 @@ impl Capacities {
             (n::CT4, self.ct_entries),
             (n::CT6, self.ct_entries),
             (n::SVC_STATS, self.stats_entries()),
+            (
+                n::CT_NEW4,
+                lb_common::limits::ct_new_entries(self.ct_entries),
+            ),
+            (
+                n::CT_NEW6,
+                lb_common::limits::ct_new_entries(self.ct_entries),
+            ),
         ]
     }
 
@@ -266,7 +274,7 @@ fn entries_to_use(pin_path: &Path, name: &'static str, wanted: u32) -> u32 {
         // Unreadable: the load reports the pin's problem.
         return wanted;
     };
-    // Per-CPU LRU maps (conntrack) round their size up to a multiple of
+    // Per-CPU LRU maps (the maps of new flows) round their size up to a multiple of
     // the CPU count.
     let cpus = aya::util::nr_cpus().map_or(1, std::num::NonZero::get);
     let rounded = wanted.div_ceil(cpus).saturating_mul(cpus);

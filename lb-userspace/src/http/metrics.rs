@@ -205,6 +205,17 @@ fn capacity_metrics(status: &CapacityStatus, registry: &mut Registry) {
 /// Counters read from the maps at scrape time.
 fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mut Registry) {
     if let Ok(reasons) = maps.reason_counts() {
+        if let Some((_, drops)) = reasons
+            .iter()
+            .find(|(name, _)| *name == "drop_snat_exhausted")
+        {
+            counter(
+                registry,
+                "lb_snat_exhausted",
+                "New flows dropped because every candidate SNAT port towards their backend was taken",
+                *drops,
+            );
+        }
         registry.register(
             "lb_datapath_packets",
             "Packets seen by the TC program, and calls the socket programs translated or refused (sock_*), by verdict reason",
@@ -230,6 +241,15 @@ fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mu
             "lb_conntrack_entries",
             "Conntrack entries by family",
             ByLabel::gauges("family", [("ipv4", v4), ("ipv6", v6)]),
+        );
+    }
+    if let Ok(unanswered) = maps.conntrack_unanswered_len() {
+        gauge(
+            registry,
+            "lb_conntrack_unanswered_entries",
+            "Conntrack entries of flows the backend has not answered yet (both families; \
+             included in lb_conntrack_entries)",
+            unanswered,
         );
     }
 }

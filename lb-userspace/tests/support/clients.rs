@@ -20,7 +20,8 @@ pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// wait for the SYN's retransmission, a second later).
 pub(crate) const REFUSED_WITHIN: Duration = Duration::from_millis(100);
 /// Source ports of the NodePort/LoadBalancer source NAT.
-const SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
+const SNAT_PORTS: RangeInclusive<u16> =
+    lb_common::SNAT_PORT_MIN..=(lb_common::SNAT_PORT_MIN + (lb_common::SNAT_PORT_COUNT - 1));
 
 /// One answer of a backend.
 #[derive(Clone, Debug)]

@@ -466,7 +466,13 @@ fn check_answer(line: &str, local: SocketAddr, target: &Target) -> Result<(), St
         return Err(format!("answer from an unknown backend: {line:?}"));
     }
     let snat = target.snat.is_some_and(|ip| answer.peer.ip() == ip);
-    if answer.peer != local && !snat {
+    // One client port reaching one backend through two frontends at once
+    // (the kernel hands out a local port per destination): the second
+    // flow's source port is remapped into the SNAT range, the address kept
+    // (issue 9 item 4, as the kernel's NAT remaps a clashing reply tuple).
+    let pool = lb_common::SNAT_PORT_MIN..lb_common::SNAT_PORT_MIN + lb_common::SNAT_PORT_COUNT;
+    let remapped = answer.peer.ip() == local.ip() && pool.contains(&answer.peer.port());
+    if answer.peer != local && !snat && !remapped {
         return Err(format!(
             "{} saw the client as {}, the client is {local}",
             answer.who(),

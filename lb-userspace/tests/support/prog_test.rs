@@ -10,11 +10,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use lb_common::LbConfig;
+use lb_common::{Addr4, Addr6, CtEntry, CtKey, LbConfig};
 use lb_userspace::{
     datapath::{
         loader,
@@ -24,6 +25,7 @@ use lb_userspace::{
     plan,
 };
 
+use super::frames::{Frame, assert_port_unreachable, assert_tcp_reset, verify_checksums};
 use super::pins::require_privileged;
 
 pub(crate) const TC_ACT_OK: u32 = 0;
@@ -222,6 +224,104 @@ impl Fixture {
     pub(crate) fn conntrack(&self) -> Vec<CtRecord> {
         self.maps.conntrack().expect("conntrack")
     }
+
+    /// Rewrites every conntrack entry of every conntrack map of this
+    /// fixture (those the loaded object has) whose key `pick` accepts:
+    /// `edit` gets the entry and returns it changed, or `None` to delete
+    /// it. Returns how many entries were picked. This is how a test moves
+    /// time (`last_seen_ns`) or evicts an entry.
+    pub(crate) fn edit_conntrack(
+        &self,
+        pick: &dyn Fn(&CtView) -> bool,
+        edit: &dyn Fn(CtEntry) -> Option<CtEntry>,
+    ) -> usize {
+        use lb_common::map_names as n;
+        let mut picked = 0;
+        for name in [n::CT4, n::CT_NEW4] {
+            picked += edit_map::<Addr4>(&self.pin_path.join(name), pick, edit);
+        }
+        for name in [n::CT6, n::CT_NEW6] {
+            picked += edit_map::<Addr6>(&self.pin_path.join(name), pick, edit);
+        }
+        picked
+    }
+
+    /// Moves the clock of every entry `pick` accepts `seconds` back.
+    pub(crate) fn age_conntrack(&self, pick: &dyn Fn(&CtView) -> bool, seconds: u64) -> usize {
+        self.edit_conntrack(pick, &|mut entry| {
+            entry.last_seen_ns = entry.last_seen_ns.saturating_sub(seconds * 1_000_000_000);
+            entry.created_ns = entry.created_ns.saturating_sub(seconds * 1_000_000_000);
+            Some(entry)
+        })
+    }
+}
+
+/// A conntrack key as `Fixture::edit_conntrack` shows it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CtView {
+    /// `ct_dir::SERVICE` or `ct_dir::REPLY`.
+    pub(crate) dir: u8,
+    pub(crate) source: SocketAddr,
+    pub(crate) destination: SocketAddr,
+}
+
+fn edit_map<A>(
+    pin: &std::path::Path,
+    pick: &dyn Fn(&CtView) -> bool,
+    edit: &dyn Fn(CtEntry) -> Option<CtEntry>,
+) -> usize
+where
+    A: lb_common::MapAddr + Into<std::net::IpAddr>,
+{
+    if !pin.exists() {
+        return 0;
+    }
+    let data = MapData::from_pin(pin).expect("open a pinned conntrack map");
+    let mut map: AyaHashMap<MapData, CtKey<A>, CtEntry> =
+        AyaHashMap::try_from(Map::LruHashMap(data)).expect("a conntrack map");
+    let keys: Vec<CtKey<A>> = map.keys().map(|key| key.expect("key")).collect();
+    let mut picked = 0;
+    for key in keys {
+        let view = CtView {
+            dir: key.dir,
+            source: SocketAddr::new(key.saddr.into(), u16::from_be(key.sport_be)),
+            destination: SocketAddr::new(key.daddr.into(), u16::from_be(key.dport_be)),
+        };
+        if !pick(&view) {
+            continue;
+        }
+        let Ok(entry) = map.get(&key, 0) else {
+            continue;
+        };
+        picked += 1;
+        match edit(entry) {
+            Some(changed) => map.insert(&key, &changed, 0).expect("rewrite an entry"),
+            None => map.remove(&key).expect("delete an entry"),
+        }
+    }
+    picked
+}
+
+/// Runs `frame`; asserts it was translated (only its destination, to a
+/// backend) and returns its backend.
+pub(crate) fn translated(fx: &mut Fixture, frame: &Frame, what: &str) -> SocketAddr {
+    let (verdict, out) = fx.run(&frame.bytes());
+    assert_eq!(verdict, TC_ACT_OK, "{what}: not translated");
+    let (_, backend) = verify_checksums(&out);
+    assert_eq!(out, frame.with_dst(backend).bytes(), "{what}: DNAT bytes");
+    backend
+}
+
+/// Runs `frame`; asserts it was refused (a reset for TCP, a port
+/// unreachable for UDP).
+pub(crate) fn refused(fx: &mut Fixture, frame: &Frame, what: &str) {
+    let input = frame.bytes();
+    let (verdict, out) = fx.run(&input);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: not refused");
+    match frame.proto {
+        Protocol::Tcp => assert_tcp_reset(&out, &input),
+        Protocol::Udp => assert_port_unreachable(&out, &input),
+    }
 }
 
 impl Drop for Fixture {
@@ -253,5 +353,7 @@ pub(crate) fn node_config() -> LbConfig {
             .unwrap()
             .octets(),
         flags: 0,
+        // Kept or chosen by `Maps::write_config`.
+        snat_seed: 0,
     }
 }

@@ -38,6 +38,8 @@ pub(crate) trait MapFamily {
     const BACKENDS: &'static str;
     const REVNAT: &'static str;
     const CT: &'static str;
+    /// The map of flows not answered yet.
+    const CT_NEW: &'static str;
     const SRC_RANGES: &'static str;
     /// `ip` in the maps' form; `None` for an address of the other family.
     fn addr(ip: IpAddr) -> Option<Self::Addr>;
@@ -56,6 +58,7 @@ impl MapFamily for V4 {
     const BACKENDS: &'static str = map_names::BACKENDS4;
     const REVNAT: &'static str = map_names::REVNAT4;
     const CT: &'static str = map_names::CT4;
+    const CT_NEW: &'static str = map_names::CT_NEW4;
     const SRC_RANGES: &'static str = map_names::SRC_RANGES4;
     fn addr(ip: IpAddr) -> Option<Addr4> {
         match ip {
@@ -73,6 +76,7 @@ impl MapFamily for V6 {
     const BACKENDS: &'static str = map_names::BACKENDS6;
     const REVNAT: &'static str = map_names::REVNAT6;
     const CT: &'static str = map_names::CT6;
+    const CT_NEW: &'static str = map_names::CT_NEW6;
     const SRC_RANGES: &'static str = map_names::SRC_RANGES6;
     fn addr(ip: IpAddr) -> Option<Addr6> {
         match ip {
@@ -88,6 +92,8 @@ pub(crate) struct FamilyMaps<F: MapFamily> {
     pub(super) backends: HashMap<MapData, u32, Backend<F::Addr>>,
     pub(super) rev_nat: HashMap<MapData, u32, RevNat<F::Addr>>,
     pub(super) ct: HashMap<MapData, CtKey<F::Addr>, CtEntry>,
+    /// Flows not answered yet (`map_names::CT_NEW4`).
+    pub(super) ct_new: HashMap<MapData, CtKey<F::Addr>, CtEntry>,
     ranges: LpmTrie<MapData, SourceRange<F::Addr>, u8>,
 }
 
@@ -184,8 +190,8 @@ pub(crate) trait FamilyOps: Send + Sync {
     fn update_batch(&self, kind: BatchKind, run: &[&Op]) -> usize;
     /// Appends this family's conntrack entries to `out`.
     fn conntrack_into(&self, out: &mut Vec<CtRecord>, now: u64) -> Result<(), MapsError>;
-    /// Number of this family's conntrack entries.
-    fn conntrack_len(&self) -> usize;
+    /// Number of this family's conntrack entries: (answered, not yet).
+    fn conntrack_len(&self) -> (usize, usize);
 }
 
 impl<F: MapFamily> FamilyMaps<F> {
@@ -198,6 +204,7 @@ impl<F: MapFamily> FamilyMaps<F> {
             backends: typed(F::BACKENDS, take(F::BACKENDS)?, HashMap::try_from)?,
             rev_nat: typed(F::REVNAT, take(F::REVNAT)?, HashMap::try_from)?,
             ct: typed(F::CT, take(F::CT)?, HashMap::try_from)?,
+            ct_new: typed(F::CT_NEW, take(F::CT_NEW)?, HashMap::try_from)?,
             ranges: typed(F::SRC_RANGES, take(F::SRC_RANGES)?, LpmTrie::try_from)?,
         })
     }
@@ -214,6 +221,7 @@ where
             (F::BACKENDS, self.backends.map()),
             (F::REVNAT, self.rev_nat.map()),
             (F::CT, self.ct.map()),
+            (F::CT_NEW, self.ct_new.map()),
         ]
         .into_iter()
         .filter_map(|(name, map)| {
@@ -382,21 +390,27 @@ where
     }
 
     fn conntrack_into(&self, out: &mut Vec<CtRecord>, now: u64) -> Result<(), MapsError> {
-        for item in &self.ct {
-            let (key, entry) = item.map_err(access(format!("iterate {} conntrack", F::NAME)))?;
-            out.push(ct_record(
-                key.dir,
-                key.proto,
-                (key.saddr.into(), key.sport_be),
-                (key.daddr.into(), key.dport_be),
-                &entry,
-                now,
-            ));
+        for (map, answered) in [(&self.ct, true), (&self.ct_new, false)] {
+            for item in map {
+                let (key, entry) =
+                    item.map_err(access(format!("iterate {} conntrack", F::NAME)))?;
+                out.push(ct_record(&key_view(&key), &entry, answered, now));
+            }
         }
         Ok(())
     }
 
-    fn conntrack_len(&self) -> usize {
-        self.ct.keys().count()
+    fn conntrack_len(&self) -> (usize, usize) {
+        (self.ct.keys().count(), self.ct_new.keys().count())
+    }
+}
+
+/// The parts of a conntrack key `ct_record` shows.
+fn key_view<A: Copy + Into<IpAddr>>(key: &CtKey<A>) -> super::CtKeyView {
+    super::CtKeyView {
+        dir: key.dir,
+        proto: key.proto,
+        source: (key.saddr.into(), key.sport_be),
+        destination: (key.daddr.into(), key.dport_be),
     }
 }

@@ -107,6 +107,9 @@ pub struct CtRecord {
     pub idle_seconds: u64,
     /// TCP FIN or RST seen.
     pub closing: bool,
+    /// The backend has answered: the entry is in the main conntrack map
+    /// (else in the map of new flows, with the short lifetimes).
+    pub answered: bool,
 }
 
 fn typed<T>(
@@ -289,12 +292,24 @@ impl Maps {
     }
 
     /// Writes the node configuration (SNAT and hairpin source addresses).
+    /// `config.snat_seed` is ignored: the pinned map's seed is kept (a
+    /// flow's SNAT port candidates must not change under it when the agent
+    /// restarts), or a random one is chosen when it has none yet.
     ///
     /// # Errors
     /// The config map rejected the write.
     pub fn write_config(&mut self, config: &LbConfig) -> Result<(), MapsError> {
+        let pinned = self
+            .config
+            .get(&0, 0)
+            .map_or(0, |current| current.snat_seed);
+        let snat_seed = if pinned == 0 { random_seed() } else { pinned };
+        let config = LbConfig {
+            snat_seed,
+            ..*config
+        };
         self.config
-            .set(0, config, 0)
+            .set(0, &config, 0)
             .map_err(access("write node configuration"))
     }
 
@@ -381,23 +396,45 @@ impl Maps {
         Ok(out)
     }
 
-    /// Number of conntrack entries per family (v4, v6).
+    /// Number of conntrack entries per family (v4, v6), answered and not
+    /// yet answered (in the map of new flows) together.
     ///
     /// # Errors
     /// Never today (kept for callers that may read them otherwise).
     pub fn conntrack_len(&self) -> Result<(usize, usize), MapsError> {
-        Ok((self.v4.conntrack_len(), self.v6.conntrack_len()))
+        let total = |(answered, new): (usize, usize)| answered + new;
+        Ok((
+            total(self.v4.conntrack_len()),
+            total(self.v6.conntrack_len()),
+        ))
+    }
+
+    /// Number of entries of flows not answered yet, both families.
+    ///
+    /// # Errors
+    /// Never today (kept for callers that may read them otherwise).
+    pub fn conntrack_unanswered_len(&self) -> Result<usize, MapsError> {
+        Ok(self.v4.conntrack_len().1 + self.v6.conntrack_len().1)
     }
 }
 
-fn ct_record(
+/// A conntrack key's direction, protocol and ends (addresses, ports in
+/// network order).
+#[derive(Clone, Copy)]
+struct CtKeyView {
     dir: u8,
     proto: u8,
     source: (IpAddr, u16),
     destination: (IpAddr, u16),
-    entry: &CtEntry,
-    now: u64,
-) -> CtRecord {
+}
+
+fn ct_record(key: &CtKeyView, entry: &CtEntry, answered: bool, now: u64) -> CtRecord {
+    let CtKeyView {
+        dir,
+        proto,
+        source,
+        destination,
+    } = *key;
     CtRecord {
         direction: if dir == ct_dir::SERVICE {
             "service"
@@ -411,6 +448,7 @@ fn ct_record(
         rev_nat_id: entry.rev_nat_id,
         idle_seconds: now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
         closing: entry.flags & lb_common::ct_flags::CLOSING != 0,
+        answered,
     }
 }
 
@@ -453,4 +491,19 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// A random non-zero seed (`getrandom`; the clock if that fails).
+fn random_seed() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: writes at most `bytes.len()` bytes into `bytes`.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let seed = if got == 4 {
+        u32::from_ne_bytes(bytes)
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |elapsed| elapsed.subsec_nanos())
+    };
+    seed.max(1)
 }

@@ -82,7 +82,7 @@ pub(crate) fn check(
                 format!("{reason}: action {action}"),
             ));
         }
-    } else if reason == "reject" {
+    } else if reason == "reject" || reason == "reject_no_flow" {
         if action == TC_ACT_REDIRECT {
             check_reject(services, input, out, &mut found);
         } else {
@@ -237,7 +237,13 @@ fn check_translated(
                     format!("{reason}: {in_dst} -> {out_dst}"),
                 ));
             }
-            if out_src != in_src && !Services::snat_addrs().contains(&out_src.ip()) {
+            // Source NAT to the node or loopback address, or (a reply
+            // tuple another flow held) to the client's own address with a
+            // port of the SNAT range.
+            let pool =
+                lb_common::SNAT_PORT_MIN..lb_common::SNAT_PORT_MIN + lb_common::SNAT_PORT_COUNT;
+            let remapped = out_src.ip() == in_src.ip() && pool.contains(&out_src.port());
+            if out_src != in_src && !Services::snat_addrs().contains(&out_src.ip()) && !remapped {
                 found.push(violation(
                     "nat_source_not_snat_address",
                     format!("{reason}: {in_src} -> {out_src}"),

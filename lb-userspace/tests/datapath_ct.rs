@@ -1,0 +1,502 @@
+//! Datapath tests (root): the real TC program run with `BPF_PROG_TEST_RUN` on
+//! crafted IPv4/IPv6 frames (see `support::prog_test` and `support::frames`).
+//!
+//! This file: the life of a conntrack entry (issue 9, items 4 to 6). Two
+//! frontends reached from one client port keep a reply entry each; a
+//! closing flow stays closing; a flow keeps its SNAT port when its service
+//! entry goes first; an unanswered TCP flow lives 60 s; segments that cannot
+//! open a connection create no state; a SYN flood larger than the maps
+//! does not evict answered flows. Time is moved by rewriting the entries'
+//! `last_seen_ns` in the pinned maps.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use lb_common::{ct_dir, limits};
+use lb_userspace::datapath::loader::Capacities;
+use lb_userspace::model::{Frontend, FrontendKind, Protocol};
+
+use support::frames::{Frame, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, verify_checksums};
+use support::prog_test::{
+    BACKENDS4, BACKENDS6, CtView, Fixture, NODE4, NODE6, TC_ACT_OK, TC_ACT_SHOT, VIP4, VIP6, addrs,
+    frontend, node_config, refused, spec, translated,
+};
+
+/// The families: service address, a second service address, client, backend.
+const FAMILIES: [(&str, &str, &str, &str); 2] = [
+    (VIP4, "198.19.0.11", "198.18.1.2", BACKENDS4[0]),
+    (VIP6, "fd00:96::11", "fd00:1::2", BACKENDS6[0]),
+];
+
+fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+/// The first packet of a flow from `client` to `frontend`: a SYN, or a
+/// datagram.
+fn first(client: SocketAddr, frontend: &Frontend) -> Frame {
+    let dst = SocketAddr::new(frontend.addr, frontend.port).to_string();
+    match frontend.proto {
+        Protocol::Tcp => Frame::tcp(&client.to_string(), &dst, TCP_SYN),
+        Protocol::Udp => Frame::udp(&client.to_string(), &dst),
+    }
+}
+
+/// `frame` with other TCP flags.
+fn flags(frame: &Frame, tcp_flags: u8) -> Frame {
+    let mut frame = frame.clone();
+    frame.tcp_flags = tcp_flags;
+    frame
+}
+
+/// Runs `frame` (from a client); asserts it went to `backend` and returns
+/// the source it got there (the client's own, or a NAT address and port).
+fn to_backend(fx: &mut Fixture, frame: &Frame, backend: SocketAddr, what: &str) -> SocketAddr {
+    let (verdict, out) = fx.run(&frame.bytes());
+    assert_eq!(verdict, TC_ACT_OK, "{what}: not translated");
+    let (src, dst) = verify_checksums(&out);
+    assert_eq!(dst, backend, "{what}: backend");
+    assert_eq!(
+        out,
+        frame.with_dst(backend).with_src(src).bytes(),
+        "{what}: only the addresses and ports changed"
+    );
+    src
+}
+
+/// Runs the backend's answer `reply` (from the backend to `seen`, the
+/// source the backend saw); asserts the client got it from `service` at
+/// `client`.
+fn reply_restored(
+    fx: &mut Fixture,
+    reply: &Frame,
+    service: SocketAddr,
+    client: SocketAddr,
+    what: &str,
+) {
+    let (verdict, out) = fx.run(&reply.bytes());
+    assert_eq!(verdict, TC_ACT_OK, "{what}: reply not translated");
+    assert_eq!(verify_checksums(&out), (service, client), "{what}: reply");
+    assert_eq!(
+        out,
+        reply.with_src(service).with_dst(client).bytes(),
+        "{what}: reply bytes"
+    );
+}
+
+/// The answer of `backend` to `seen`: a SYN+ACK, or a datagram.
+fn answer(backend: SocketAddr, seen: SocketAddr, proto: Protocol) -> Frame {
+    match proto {
+        Protocol::Tcp => Frame::tcp(&backend.to_string(), &seen.to_string(), TCP_SYN | TCP_ACK),
+        Protocol::Udp => Frame::udp(&backend.to_string(), &seen.to_string()),
+    }
+}
+
+/// Every conntrack entry (any map, any direction).
+fn any(_: &CtView) -> bool {
+    true
+}
+
+/// Item 4: one client port reaching one backend through two frontends
+/// (a `ClusterIP` and a second address of the Service): both flows keep a
+/// reply entry, the second one by a remapped source port, and each reply
+/// comes back from its own frontend to the client's own port.
+#[test]
+fn two_frontends_one_client_port_coexist_and_both_replies_are_restored() {
+    let Some(mut fx) = Fixture::new("two_frontends_one_client_port_coexist") else {
+        return;
+    };
+    for (vip, vip2, client, backend) in FAMILIES {
+        let backend: SocketAddr = backend.parse().unwrap();
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let what = format!("{vip} {proto}");
+            let (a, b) = (frontend(vip, 80, proto), frontend(vip2, 80, proto));
+            // The backend is on this node, so external traffic keeps its
+            // source (no node SNAT hides the clash).
+            let mut local = spec(FrontendKind::LoadBalancer, &[backend]);
+            local.backends[0].node_local = true;
+            fx.set_specs(&[(a, spec(FrontendKind::ClusterIp, &[backend])), (b, local)]);
+            let client = sock(client, 45000);
+            let to_a = first(client, &a);
+            let seen_a = to_backend(&mut fx, &to_a, backend, &format!("{what}: A"));
+            assert_eq!(seen_a, client, "{what}: A keeps the client's source");
+            let to_b = first(client, &b);
+            let seen_b = to_backend(&mut fx, &to_b, backend, &format!("{what}: B"));
+            assert_eq!(
+                seen_b.ip(),
+                client.ip(),
+                "{what}: B keeps the client address"
+            );
+            assert_ne!(seen_b.port(), client.port(), "{what}: B's port is remapped");
+            let reply_entries = fx
+                .conntrack()
+                .iter()
+                .filter(|r| r.direction == "reply" && r.source == backend)
+                .count();
+            assert_eq!(reply_entries, 2, "{what}: a reply entry per flow");
+            // Each reply comes back from its own frontend, to the client's
+            // own port; in either order, several times.
+            for _ in 0..2 {
+                let from_a = answer(backend, seen_a, proto);
+                reply_restored(&mut fx, &from_a, to_a.dst, client, &format!("{what}: A"));
+                let from_b = answer(backend, seen_b, proto);
+                reply_restored(&mut fx, &from_b, to_b.dst, client, &format!("{what}: B"));
+            }
+            // The flows go on where they are.
+            let data = if proto == Protocol::Tcp {
+                TCP_ACK | TCP_PSH
+            } else {
+                0
+            };
+            let again = to_backend(&mut fx, &flags(&to_b, data), backend, &what);
+            assert_eq!(again, seen_b, "{what}: B's flow kept its port");
+            let again = to_backend(&mut fx, &flags(&to_a, data), backend, &what);
+            assert_eq!(again, seen_a, "{what}: A's flow kept its source");
+            fx.set_specs(&[]);
+            fx.edit_conntrack(&any, &|_| None);
+            fx.edit_conntrack(&any, &|_| None);
+        }
+    }
+}
+
+/// Item 5: a FIN from the server marks both entries closing at once, and
+/// the client's packets, which refresh the reply entry about once a
+/// second, keep it closing (the old refresh rebuilt it without flags and
+/// held the tuple for 6 h).
+#[test]
+fn closing_flag_is_sticky_on_both_entries_across_a_refresh() {
+    let Some(mut fx) = Fixture::new("closing_flag_is_sticky_on_both_entries") else {
+        return;
+    };
+    for (vip, _, client, backend) in FAMILIES {
+        let backend: SocketAddr = backend.parse().unwrap();
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[backend]))]);
+        let client = sock(client, 46000);
+        let syn = first(client, &fe);
+        to_backend(&mut fx, &syn, backend, vip);
+        reply_restored(
+            &mut fx,
+            &answer(backend, client, Protocol::Tcp),
+            syn.dst,
+            client,
+            vip,
+        );
+        let ack = flags(&syn, TCP_ACK);
+        to_backend(&mut fx, &ack, backend, vip);
+        let of_flow = |r: &lb_userspace::datapath::maps::CtRecord| {
+            (r.direction == "service" && r.source == client)
+                || (r.direction == "reply" && r.destination == client)
+        };
+        let states = |fx: &Fixture| -> Vec<(&'static str, bool, bool)> {
+            fx.conntrack()
+                .iter()
+                .filter(|r| of_flow(r))
+                .map(|r| (r.direction, r.answered, r.closing))
+                .collect()
+        };
+        assert_eq!(
+            states(&fx),
+            [("service", true, false), ("reply", true, false)],
+            "{vip}: both entries answered, open"
+        );
+        // The server closes.
+        let fin = Frame::tcp(&backend.to_string(), &client.to_string(), TCP_FIN | TCP_ACK);
+        reply_restored(&mut fx, &fin, syn.dst, client, vip);
+        assert_eq!(
+            states(&fx),
+            [("service", true, true), ("reply", true, true)],
+            "{vip}: a FIN from the server marks both entries"
+        );
+        // A second later the client's ACK refreshes the reply entry.
+        let aged = fx.age_conntrack(&any, 2);
+        assert!(aged >= 2, "{vip}: {aged} entries aged");
+        to_backend(&mut fx, &ack, backend, vip);
+        assert_eq!(
+            states(&fx),
+            [("service", true, true), ("reply", true, true)],
+            "{vip}: the refresh kept the closing flag"
+        );
+        // The client reuses its port at once: a bare SYN starts a new flow,
+        // unanswered until the SYN+ACK, then open, not closing.
+        let new_flows = fx.reason("nat_new");
+        to_backend(&mut fx, &syn, backend, vip);
+        assert_eq!(fx.reason("nat_new"), new_flows + 1, "{vip}: port reuse");
+        assert_eq!(
+            states(&fx),
+            [("service", false, false), ("reply", false, false)],
+            "{vip}: the reused port's flow waits for its answer, nothing of the old one left"
+        );
+        reply_restored(
+            &mut fx,
+            &answer(backend, client, Protocol::Tcp),
+            syn.dst,
+            client,
+            vip,
+        );
+        assert_eq!(
+            states(&fx),
+            [("service", false, false), ("reply", false, false)],
+            "{vip}: answered, but not established before the client's ACK"
+        );
+        to_backend(&mut fx, &ack, backend, vip);
+        assert_eq!(
+            states(&fx),
+            [("service", true, false), ("reply", true, false)],
+            "{vip}: the new flow is established and open"
+        );
+        reply_restored(&mut fx, &fin, syn.dst, client, vip);
+        // Closing entries live 10 s: after that the client's segment
+        // belongs to no flow (a reset) and the backend's to none either.
+        fx.age_conntrack(&any, 11);
+        refused(&mut fx, &ack, &format!("{vip}: after the closing timeout"));
+        let (verdict, out) = fx.run(&fin.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            out,
+            fin.bytes(),
+            "{vip}: a dead flow's reply is not translated"
+        );
+        fx.set_specs(&[]);
+        fx.edit_conntrack(&any, &|_| None);
+    }
+}
+
+/// Item 5: a flow source-NATed to the node keeps its port when its service
+/// entry goes first (evicted, expired): the next datagram, or a SYN
+/// retransmitted before the answer, finds the same candidate port held by
+/// its own reply entry and takes it again.
+#[test]
+fn snat_port_stays_with_its_flow_after_the_service_entry_is_gone() {
+    let Some(mut fx) = Fixture::new("snat_port_stays_with_its_flow") else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    for ((node, _, client, backend), node_addr) in FAMILIES.iter().zip([NODE4, NODE6]) {
+        let backend: SocketAddr = backend.parse().unwrap();
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let what = format!("{node} {proto}");
+            let fe = frontend(node_addr, 30080, proto);
+            fx.set_specs(&[(fe, spec(FrontendKind::NodePort, &[backend]))]);
+            let client = sock(client, 47000);
+            let syn = first(client, &fe);
+            let seen = to_backend(&mut fx, &syn, backend, &what);
+            assert_eq!(seen.ip(), fe.addr, "{what}: source NAT to the node");
+            if proto == Protocol::Udp {
+                // Answered: the flow is in the main map.
+                let reply = answer(backend, seen, proto);
+                reply_restored(&mut fx, &reply, syn.dst, client, &what);
+            }
+            // The service entry goes (an eviction).
+            let gone = fx
+                .edit_conntrack(&|v| v.dir == ct_dir::SERVICE && v.source == client, &|_| {
+                    None
+                });
+            assert_eq!(gone, 1, "{what}: the service entry");
+            // UDP: the next datagram; TCP: the SYN again (retransmitted).
+            let again = to_backend(&mut fx, &syn, backend, &format!("{what}: again"));
+            assert_eq!(again, seen, "{what}: the flow got another SNAT port");
+            let reply = answer(backend, seen, proto);
+            reply_restored(&mut fx, &reply, syn.dst, client, &format!("{what}: again"));
+            let entries = fx
+                .conntrack()
+                .iter()
+                .filter(|r| r.source == client || r.destination == seen)
+                .count();
+            assert_eq!(entries, 2, "{what}: one service and one reply entry");
+            fx.set_specs(&[]);
+            fx.edit_conntrack(&any, &|_| None);
+            fx.edit_conntrack(&any, &|_| None);
+        }
+    }
+}
+
+/// Item 6: a TCP flow the backend has not answered lives 60 s after its
+/// last packet; then its segments belong to no flow and its entries are
+/// not used (the old program kept it 6 h).
+#[test]
+fn unanswered_tcp_flow_expires_after_60_seconds() {
+    let Some(mut fx) = Fixture::new("unanswered_tcp_flow_expires_after_60_seconds") else {
+        return;
+    };
+    for (vip, _, client, backend) in FAMILIES {
+        let backend: SocketAddr = backend.parse().unwrap();
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[backend]))]);
+        let client = sock(client, 48000);
+        let syn = first(client, &fe);
+        to_backend(&mut fx, &syn, backend, vip);
+        let records = fx.conntrack();
+        assert!(
+            records.iter().all(|r| !r.answered) && records.len() == 2,
+            "{vip}: a SYN-only flow's two entries wait in the map of new flows: {records:?}"
+        );
+        // 59 s later the flow is still there.
+        fx.age_conntrack(&any, 59);
+        let ack = flags(&syn, TCP_ACK);
+        translated(&mut fx, &ack, &format!("{vip}: at 59 s"));
+        // 61 s after its last packet it is gone.
+        fx.age_conntrack(&any, 61);
+        refused(&mut fx, &ack, &format!("{vip}: at 61 s"));
+        let late = answer(backend, client, Protocol::Tcp);
+        let (verdict, out) = fx.run(&late.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, late.bytes(), "{vip}: a late SYN+ACK is not translated");
+        // A new SYN starts a new flow.
+        translated(&mut fx, &syn, &format!("{vip}: new SYN"));
+        fx.set_specs(&[]);
+        fx.edit_conntrack(&any, &|_| None);
+    }
+}
+
+/// Item 6: a segment that cannot open a connection creates no state: an
+/// ACK, a FIN or data is answered with a reset, a RST is dropped (a reset
+/// is never answered), a SYN+ACK is answered with a reset too.
+#[test]
+fn stray_segments_create_no_entries() {
+    let Some(mut fx) = Fixture::new("stray_segments_create_no_entries") else {
+        return;
+    };
+    for (vip, _, client, backend) in FAMILIES {
+        let backend: SocketAddr = backend.parse().unwrap();
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[backend]))]);
+        let syn = first(sock(client, 49000), &fe);
+        let before = fx.reason("reject_no_flow");
+        for (n, stray) in [
+            TCP_ACK,
+            TCP_ACK | TCP_PSH,
+            TCP_FIN | TCP_ACK,
+            TCP_SYN | TCP_ACK,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            refused(
+                &mut fx,
+                &flags(&syn, stray),
+                &format!("{vip}: flags {stray:#x}"),
+            );
+            assert_eq!(fx.reason("reject_no_flow"), before + n as u64 + 1);
+        }
+        let resets = fx.reason("drop_reset_unanswered");
+        for rst in [TCP_RST, TCP_RST | TCP_ACK] {
+            let (verdict, _) = fx.run(&flags(&syn, rst).bytes());
+            assert_eq!(verdict, TC_ACT_SHOT, "{vip}: a stray reset is dropped");
+        }
+        assert_eq!(fx.reason("drop_reset_unanswered"), resets + 2);
+        assert!(fx.conntrack().is_empty(), "{vip}: {:?}", fx.conntrack());
+        assert_eq!(fx.reason("nat_new"), 0, "{vip}: no flow was opened");
+        fx.set_specs(&[]);
+        fx.edit_conntrack(&any, &|_| None);
+    }
+}
+
+/// Item 6: a flood of SYNs from spoofed sources, four times the size of the
+/// conntrack map, evicts no established flow: they go on to the same
+/// backend with their replies restored. The backend answers every spoofed
+/// SYN, as a listening server does: a flow becomes established only when
+/// the client goes on after the answer (its ACK), which a spoofed source
+/// never sends. Legitimate connections opened during the flood succeed
+/// (their SYN+ACK and ACK find their entries).
+#[test]
+fn syn_flood_larger_than_the_maps_does_not_evict_answered_flows() {
+    let capacities = Capacities {
+        ct_entries: 4096,
+        ..Capacities::default()
+    };
+    let Some(mut fx) = Fixture::with_capacities("syn_flood_does_not_evict", &capacities) else {
+        return;
+    };
+    let flood = 4 * capacities.ct_entries;
+    for (vip, _, client, _) in FAMILIES {
+        let backends = addrs(if vip == VIP4 { &BACKENDS4 } else { &BACKENDS6 });
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &backends))]);
+        // 64 answered flows.
+        let handshake = |fx: &mut Fixture, client: SocketAddr| {
+            let syn = first(client, &fe);
+            let backend = translated(fx, &syn, vip);
+            reply_restored(
+                fx,
+                &answer(backend, client, Protocol::Tcp),
+                syn.dst,
+                client,
+                vip,
+            );
+            translated(fx, &flags(&syn, TCP_ACK), vip);
+            (syn, backend)
+        };
+        let flows: Vec<(Frame, SocketAddr)> = (0..64)
+            .map(|i| handshake(&mut fx, sock(client, 50000 + i)))
+            .collect();
+        // The flood, with a legitimate connection every 256 SYNs.
+        let mut legitimate = 0;
+        for i in 0..flood {
+            let spoofed = spoofed_source(vip, i);
+            let (_, to_endpoint) = fx.run(&first(spoofed, &fe).bytes());
+            let (seen, backend) = verify_checksums(&to_endpoint);
+            let (verdict, _) = fx.run(&answer(backend, seen, Protocol::Tcp).bytes());
+            assert_eq!(verdict, TC_ACT_OK, "{vip}: the answer to a spoofed SYN");
+            if i % 256 == 0 {
+                let port = 20000 + u16::try_from(i / 256).unwrap();
+                handshake(&mut fx, sock(client, port));
+                legitimate += 1;
+            }
+        }
+        assert!(
+            legitimate >= 64,
+            "{vip}: {legitimate} legitimate connections"
+        );
+        let records = fx.conntrack();
+        for (syn, _) in &flows {
+            let kept = records
+                .iter()
+                .filter(|r| r.answered && (r.source == syn.src || r.destination == syn.src))
+                .count();
+            assert_eq!(
+                kept, 2,
+                "{vip}: flow {} lost its entries to the flood",
+                syn.src
+            );
+        }
+        let new_flows = fx.reason("nat_new");
+        let unanswered = fx.conntrack().iter().filter(|r| !r.answered).count();
+        let limit = 2 * limits::ct_new_entries(capacities.ct_entries) as usize;
+        assert!(
+            unanswered <= limit,
+            "{vip}: {unanswered} unanswered entries, more than the map of new flows holds"
+        );
+        for (syn, backend) in &flows {
+            let data = flags(syn, TCP_ACK | TCP_PSH);
+            let what = format!("{vip}: flow {} after the flood", syn.src);
+            assert_eq!(translated(&mut fx, &data, &what), *backend, "{what}: moved");
+            let reply = Frame::tcp(&backend.to_string(), &syn.src.to_string(), TCP_ACK);
+            reply_restored(&mut fx, &reply, syn.dst, syn.src, &what);
+        }
+        assert_eq!(
+            fx.reason("nat_new"),
+            new_flows,
+            "{vip}: flows were opened anew"
+        );
+        fx.set_specs(&[]);
+        fx.edit_conntrack(&any, &|_| None);
+    }
+}
+
+/// The `i`th spoofed source of a flood: addresses spread over a /16 (IPv4)
+/// or a /96 (IPv6) outside the test's other addresses, ports over the
+/// ephemeral range.
+fn spoofed_source(vip: &str, i: u32) -> SocketAddr {
+    let port = 32768 + u16::try_from(i % 28000).unwrap();
+    let [_, _, hi, lo] = i.to_be_bytes();
+    if vip == VIP4 {
+        SocketAddr::new([10, 99, hi, lo].into(), port)
+    } else {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[0xfd, 0x00, 0x99, 0x00]);
+        addr[12..].copy_from_slice(&i.to_be_bytes());
+        SocketAddr::new(addr.into(), port)
+    }
+}
