@@ -8,6 +8,7 @@ use lb_common::proto;
 /// TCP flag bits.
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// ICMP protocol numbers.
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
@@ -16,8 +17,10 @@ const ICMPV6: u8 = 58;
 const ETH_LEN: usize = 14;
 
 /// A frame from `src` to `dst` (one family) over `l4_proto` (TCP: a bare
-/// SYN, the first packet of a connection; UDP: a small datagram).
-pub(super) fn build(src: SocketAddr, dst: SocketAddr, l4_proto: u8) -> Vec<u8> {
+/// SYN, the first packet of a connection, or for an `answer` (a backend's
+/// packet to its client) a SYN-ACK, the first answer, which the datapath
+/// takes for a flow answered or not; UDP: a small datagram).
+pub(super) fn build(src: SocketAddr, dst: SocketAddr, l4_proto: u8, answer: bool) -> Vec<u8> {
     let mut l4 = Vec::with_capacity(32);
     l4.extend(src.port().to_be_bytes());
     l4.extend(dst.port().to_be_bytes());
@@ -25,7 +28,7 @@ pub(super) fn build(src: SocketAddr, dst: SocketAddr, l4_proto: u8) -> Vec<u8> {
         l4.extend(0x6c62_0001_u32.to_be_bytes()); // seq
         l4.extend(0_u32.to_be_bytes()); // ack
         l4.push(5 << 4);
-        l4.push(TCP_SYN);
+        l4.push(if answer { TCP_SYN | TCP_ACK } else { TCP_SYN });
         l4.extend(64240_u16.to_be_bytes());
         l4.extend([0, 0, 0, 0]); // checksum, urgent
     } else {
@@ -174,7 +177,7 @@ mod tests {
             ("[fd00:10::2]:40000", "[fd00:172:30::41]:53", proto::UDP),
         ] {
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
-            let frame = build(src, dst, l4);
+            let frame = build(src, dst, l4, false);
             let l4_off = if src.is_ipv4() { 34 } else { 54 };
             if src.is_ipv4() {
                 assert_eq!(checksum(&[&frame[14..34]]), 0, "IPv4 header checksum");

@@ -22,6 +22,7 @@ pub(super) trait MapFamily: MapAddr {
     const BACKENDS: &'static str;
     const REVNAT: &'static str;
     const CT: &'static str;
+    const CT_NEW: &'static str;
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
 }
@@ -31,6 +32,7 @@ impl MapFamily for Addr4 {
     const BACKENDS: &'static str = map_names::BACKENDS4;
     const REVNAT: &'static str = map_names::REVNAT4;
     const CT: &'static str = map_names::CT4;
+    const CT_NEW: &'static str = map_names::CT_NEW4;
     fn from_ip(ip: IpAddr) -> Option<Self> {
         match ip {
             IpAddr::V4(a) => Some(a.octets()),
@@ -47,6 +49,7 @@ impl MapFamily for Addr6 {
     const BACKENDS: &'static str = map_names::BACKENDS6;
     const REVNAT: &'static str = map_names::REVNAT6;
     const CT: &'static str = map_names::CT6;
+    const CT_NEW: &'static str = map_names::CT_NEW6;
     fn from_ip(ip: IpAddr) -> Option<Self> {
         match ip {
             IpAddr::V6(a) => Some(a.octets()),
@@ -64,6 +67,8 @@ pub(super) struct Tables<A: MapFamily> {
     backends: HashMap<MapData, u32, Backend<A>>,
     rev_nat: HashMap<MapData, u32, RevNat<A>>,
     ct: HashMap<MapData, CtKey<A>, CtEntry>,
+    /// Flows the backend has not answered yet.
+    ct_new: HashMap<MapData, CtKey<A>, CtEntry>,
 }
 
 fn open<K: aya::Pod, V: aya::Pod>(
@@ -107,6 +112,7 @@ impl<A: MapFamily> Tables<A> {
             backends: open(dir, A::BACKENDS)?,
             rev_nat: open(dir, A::REVNAT)?,
             ct: open(dir, A::CT)?,
+            ct_new: open(dir, A::CT_NEW)?,
         })
     }
 
@@ -168,7 +174,11 @@ impl<A: MapFamily> Tables<A> {
             dir: ct_dir::REPLY,
             _pad: [0; 2],
         };
-        let Some(entry) = get(&self.ct, &key, A::CT)? else {
+        let entry = match get(&self.ct, &key, A::CT)? {
+            Some(entry) => Some(entry),
+            None => get(&self.ct_new, &key, A::CT_NEW)?,
+        };
+        let Some(entry) = entry else {
             return Ok(None);
         };
         let Some(rev_nat) = get(&self.rev_nat, &entry.rev_nat_id, A::REVNAT)? else {

@@ -166,14 +166,6 @@ pub fn explain(
     query: &Query,
     catalog: Option<&Catalog>,
 ) -> Result<Explanation, ExplainError> {
-    let input = frame::build(query.from, query.to, query.l4_proto);
-    let (action, reason_code, output) = dry_run(program, &input, query.ifindex)?;
-    let reason = reason::NAMES
-        .get(reason_code as usize)
-        .copied()
-        .unwrap_or("unknown");
-    let seen = frame::read(&output);
-
     // The frontend: the one addressed, else (a reply) the one restored.
     let mut frontend_addr = Some(query.to);
     let mut reply = None;
@@ -186,6 +178,14 @@ pub fn explain(
         frontend_addr = found.map(|(_, vip)| vip);
         reply = found.map(|(entry, _)| entry);
     }
+    let input = frame::build(query.from, query.to, query.l4_proto, reply.is_some());
+    let (action, reason_code, output) = dry_run(program, &input, query.ifindex)?;
+    let reason = reason::NAMES
+        .get(reason_code as usize)
+        .copied()
+        .unwrap_or("unknown");
+    let seen = frame::read(&output);
+
     let entry = match frontend_addr {
         Some(addr) => maps.frontend(addr, query.l4_proto)?.map(|e| (addr, e)),
         None => None,
