@@ -368,8 +368,17 @@ pub fn link_kind(iface: &str) -> Option<LinkKind> {
     if fd < 0 {
         return None;
     }
+    // The request's type is `c_ulong` with glibc and `c_int` with musl
+    // (`cargo xtask image`); the number fits both.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        clippy::unnecessary_cast,
+        reason = "0x8927 in either type"
+    )]
+    let request = libc::SIOCGIFHWADDR as libc::Ioctl;
     // SAFETY: SIOCGIFHWADDR fills the ifreq it is given.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut req) };
+    let rc = unsafe { libc::ioctl(fd, request, &raw mut req) };
     // SAFETY: our fd.
     unsafe { libc::close(fd) };
     if rc != 0 {
@@ -479,7 +488,7 @@ fn record_iface(ebpf: &mut Ebpf, iface: &str, index: u32) -> Result<(), LoadErro
 
 /// The driver of `iface` (`ETHTOOL_GDRVINFO`), `None` when it does not say.
 fn driver(iface: &str) -> Option<String> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
     const ETHTOOL_GDRVINFO: u32 = 3;
     /// `struct ethtool_drvinfo`, up to the driver name (the kernel writes
     /// the whole 196 bytes).
