@@ -764,6 +764,40 @@ pub mod probe {
     pub const REASON_MASK: u32 = 0xffff;
 }
 
+/// The XDP program (`prog_names::XDP_LB`, `--xdp`): its names and counters.
+pub mod xdp {
+    /// Program name: north-south translation at the driver of uplinks.
+    pub const PROG: &str = "lb_xdp";
+    /// Per-CPU counters of the XDP program, indexed by `stat::*` (pinned
+    /// with the other maps: what `lb status` and the metrics read).
+    pub const STATS_MAP: &str = "LB_XDP_STATS_V1";
+    /// Devices translated frames may be redirected to (`DEVMAP_HASH`,
+    /// ifindex -> ifindex; not pinned: the loader fills it at attach).
+    pub const DEVMAP: &str = "LB_XDP_DEV_V1";
+    /// Entries of `DEVMAP`.
+    pub const DEVMAP_ENTRIES: u32 = 1024;
+    /// What the XDP program did with a frame: the indices of `STATS_MAP`.
+    pub mod stat {
+        /// Left to TC unchanged (not ours, or something XDP does not do).
+        pub const TO_TC: u32 = 0;
+        /// Translated and handed to the stack (the FIB could not place it:
+        /// a local backend, no neighbour yet, a device not in `DEVMAP`).
+        pub const PASS_TRANSLATED: u32 = 1;
+        /// Translated and sent back out of the device it came in on.
+        pub const TX: u32 = 2;
+        /// Translated and redirected to another device (`DEVMAP`).
+        pub const REDIRECT: u32 = 3;
+        /// Dropped (source range, spoofed reply, rewrite failure): the
+        /// reason is counted as at TC.
+        pub const DROP: u32 = 4;
+        /// Number of counters.
+        pub const COUNT: u32 = 5;
+        /// Counter names (`lb status`, metrics label), by index.
+        pub const NAMES: [&str; COUNT as usize] =
+            ["to_tc", "pass_translated", "tx", "redirect", "drop"];
+    }
+}
+
 const _: () = assert!(size_of::<Lb4Key>() == 12);
 const _: () = assert!(size_of::<Lb6Key>() == 24);
 const _: () = assert!(size_of::<LbService>() == 16);

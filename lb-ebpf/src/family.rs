@@ -17,6 +17,7 @@ use lb_common::{
 
 use crate::{
     csum::CsumDiff,
+    ctx::Ctx,
     fwd,
     hash::flow_hash,
     hdr::{Eth, Link, ipv4, ipv6},
@@ -91,16 +92,16 @@ pub(crate) trait Family {
     /// header checksum included); the L4 pseudo-header difference, `None`
     /// when both are unchanged.
     fn write_addrs(
-        ctx: &TcContext,
+        ctx: &impl Ctx,
         old: &Tuple<Self::Addr>,
         new: &Tuple<Self::Addr>,
     ) -> Result<Option<CsumDiff>, Verdict>;
     /// Fills the family, protocol and addresses of a FIB lookup from the IP
     /// header; `None` when the packet is left to the stack (its TTL or hop
     /// limit would expire).
-    fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()>;
+    fn fib_request(ctx: &impl Ctx, params: &mut FibLookup) -> Option<()>;
     /// One hop less, as routing would do (IPv4: checksum included).
-    fn decrement_ttl(ctx: &TcContext) -> Option<()>;
+    fn decrement_ttl(ctx: &impl Ctx) -> Option<()>;
 }
 
 /// The service map key of `addr:dport_be/proto`, slot `slot`.
@@ -242,18 +243,18 @@ impl<L: Link> Family for V4<L> {
     }
     #[inline(always)]
     fn write_addrs(
-        ctx: &TcContext,
+        ctx: &impl Ctx,
         old: &Tuple<Addr4>,
         new: &Tuple<Addr4>,
     ) -> Result<Option<CsumDiff>, Verdict> {
         xlate::write_addrs4::<L>(ctx, old, new)
     }
     #[inline(always)]
-    fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+    fn fib_request(ctx: &impl Ctx, params: &mut FibLookup) -> Option<()> {
         fwd::fib_request4::<L>(ctx, params)
     }
     #[inline(always)]
-    fn decrement_ttl(ctx: &TcContext) -> Option<()> {
+    fn decrement_ttl(ctx: &impl Ctx) -> Option<()> {
         fwd::decrement_ttl4::<L>(ctx)
     }
 }
@@ -328,18 +329,18 @@ impl<L: Link> Family for V6<L> {
     }
     #[inline(always)]
     fn write_addrs(
-        ctx: &TcContext,
+        ctx: &impl Ctx,
         old: &Tuple<Addr6>,
         new: &Tuple<Addr6>,
     ) -> Result<Option<CsumDiff>, Verdict> {
         xlate::write_addrs6::<L>(ctx, old, new)
     }
     #[inline(always)]
-    fn fib_request(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+    fn fib_request(ctx: &impl Ctx, params: &mut FibLookup) -> Option<()> {
         fwd::fib_request6::<L>(ctx, params)
     }
     #[inline(always)]
-    fn decrement_ttl(ctx: &TcContext) -> Option<()> {
+    fn decrement_ttl(ctx: &impl Ctx) -> Option<()> {
         fwd::decrement_ttl6::<L>(ctx)
     }
 }

@@ -34,6 +34,7 @@ use lb_common::{config_flags, iface_flags};
 
 use crate::{
     csum::CsumDiff,
+    ctx::Ctx,
     family::Family,
     hdr::{
         Link,
@@ -127,7 +128,7 @@ fn try_forward<F: Family>(ctx: &TcContext) -> Option<()> {
 
 /// `Family::fib_request` of IPv4.
 #[inline(always)]
-pub(crate) fn fib_request4<L: Link>(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+pub(crate) fn fib_request4<L: Link>(ctx: &impl Ctx, params: &mut FibLookup) -> Option<()> {
     let ip: Ipv4Hdr = read(ctx, L::L3_OFF).ok()?;
     if ip.ttl <= 1 {
         return None;
@@ -141,7 +142,7 @@ pub(crate) fn fib_request4<L: Link>(ctx: &TcContext, params: &mut FibLookup) -> 
 
 /// `Family::fib_request` of IPv6.
 #[inline(always)]
-pub(crate) fn fib_request6<L: Link>(ctx: &TcContext, params: &mut FibLookup) -> Option<()> {
+pub(crate) fn fib_request6<L: Link>(ctx: &impl Ctx, params: &mut FibLookup) -> Option<()> {
     let ip: Ipv6Hdr = read(ctx, L::L3_OFF).ok()?;
     if ip.hop_limit <= 1 {
         return None;
@@ -165,7 +166,7 @@ fn words(addr: &[u8; 16]) -> [u32; 4] {
 
 /// `Family::decrement_ttl` of IPv4: the checksum follows the TTL.
 #[inline(always)]
-pub(crate) fn decrement_ttl4<L: Link>(ctx: &TcContext) -> Option<()> {
+pub(crate) fn decrement_ttl4<L: Link>(ctx: &impl Ctx) -> Option<()> {
     let ttl_off = L::L3_OFF + ipv4::TTL_OFF;
     let csum_off = L::L3_OFF + ipv4::CSUM_OFF;
     // TTL shares a 16-bit word with the protocol byte.
@@ -182,7 +183,7 @@ pub(crate) fn decrement_ttl4<L: Link>(ctx: &TcContext) -> Option<()> {
 
 /// `Family::decrement_ttl` of IPv6 (no header checksum).
 #[inline(always)]
-pub(crate) fn decrement_ttl6<L: Link>(ctx: &TcContext) -> Option<()> {
+pub(crate) fn decrement_ttl6<L: Link>(ctx: &impl Ctx) -> Option<()> {
     let hop_limit_off = L::L3_OFF + ipv6::HOP_LIMIT_OFF;
     let hop_limit: u8 = read(ctx, hop_limit_off).ok()?;
     write(ctx, hop_limit_off, hop_limit - 1).ok()
@@ -203,9 +204,8 @@ static LB_RPF_FIB: PerCpuArray<FibLookup> = PerCpuArray::with_max_entries(1, 0);
 /// (1: fine or not pod-facing or cannot tell, 0: spoofed). A subprogram of
 /// its own: the lookup structure stays out of the parse step's frame.
 #[inline(never)]
-pub(crate) fn source_routed_back<F: Family>(ctx: &TcContext) -> u64 {
-    // SAFETY: the context of a TC program is an `__sk_buff`.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
+pub(crate) fn source_routed_back<F: Family>(ctx: &impl Ctx) -> u64 {
+    let ifindex = ctx.ifindex();
     // SAFETY: the value is copied out at once.
     let pod_facing = unsafe { LB_IFACE_V1.get(&ifindex) }
         .is_some_and(|flags| flags & iface_flags::POD_FACING != 0);

@@ -35,6 +35,8 @@ mod csum;
 #[cfg(target_arch = "bpf")]
 mod ct;
 #[cfg(target_arch = "bpf")]
+mod ctx;
+#[cfg(target_arch = "bpf")]
 mod family;
 #[cfg(target_arch = "bpf")]
 mod fwd;
@@ -66,6 +68,8 @@ mod tc;
 mod tcp_reset;
 #[cfg(any(target_arch = "bpf", test))]
 mod verdict;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 #[cfg(target_arch = "bpf")]
 mod xlate;
 #[cfg(target_arch = "bpf")]
@@ -122,6 +126,19 @@ fn verdict_point<L: hdr::Link, const EGRESS: bool>(mut ctx: TcContext) -> i32 {
         maps::count_reason(verdict.reason);
     }
     verdict.action
+}
+
+/// North-south service traffic at the driver of the node's uplinks
+/// (`--xdp`): the same translation as `lb_tc`, forwarded from here; what
+/// it does not handle goes on to TC unchanged (see `xdp`).
+#[cfg(target_arch = "bpf")]
+#[aya_ebpf::macros::xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the macro hands the context over by value"
+)]
+fn lb_xdp(ctx: aya_ebpf::programs::XdpContext) -> u32 {
+    xdp::run(&ctx)
 }
 
 /// Does nothing: the floor that `lb_tc`'s per-packet cost is measured

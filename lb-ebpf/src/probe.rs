@@ -82,3 +82,33 @@ pub(crate) fn finish(ctx: &mut TcContext, reason: u32) -> bool {
     }
     dry
 }
+
+/// Starts a frame of the XDP program, which has no dry runs: pushes a
+/// 0 bit, so that a real frame that interrupted a dry run on this CPU is
+/// not taken for one.
+#[inline(always)]
+pub(crate) fn begin_real() {
+    if let Some(flag) = LB_PROBE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; pushed and popped in pairs.
+        unsafe {
+            let bits = *flag;
+            if bits != 0 {
+                *flag = bits << 1;
+            }
+        }
+    }
+}
+
+/// Ends a frame started by [`begin_real`]: pops its bit.
+#[inline(always)]
+pub(crate) fn end_real() {
+    if let Some(flag) = LB_PROBE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, pushed by `begin_real` of this run.
+        unsafe {
+            let bits = *flag;
+            if bits != 0 {
+                *flag = bits >> 1;
+            }
+        }
+    }
+}

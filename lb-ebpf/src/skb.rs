@@ -5,6 +5,7 @@ use aya_ebpf::programs::TcContext;
 use lb_common::reason;
 
 use crate::{
+    ctx::Ctx,
     hdr::{eth::ETH_HLEN, ipv6, l4::TCP_HLEN},
     verdict::Verdict,
 };
@@ -17,7 +18,7 @@ const MAX_PARSED_HEADERS: u32 = (ETH_HLEN + ipv6::HLEN + TCP_HLEN) as u32;
 /// A pointer to a `T` at `offset` in the packet, or a pass verdict if the
 /// packet is too short.
 #[inline(always)]
-pub(crate) fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Verdict> {
+pub(crate) fn ptr_at<T>(ctx: &impl Ctx, offset: usize) -> Result<*const T, Verdict> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -28,7 +29,7 @@ pub(crate) fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Verd
 
 /// Reads a `T` at `offset`.
 #[inline(always)]
-pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Verdict> {
+pub(crate) fn read<T: Copy>(ctx: &impl Ctx, offset: usize) -> Result<T, Verdict> {
     let ptr = ptr_at::<T>(ctx, offset)?;
     // SAFETY: bounds checked by ptr_at; T is plain bytes.
     Ok(unsafe { ptr.read_unaligned() })
@@ -37,7 +38,7 @@ pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Verdict
 /// Writes a `T` at `offset` (direct packet access; a TC program that
 /// writes gets the verifier's unclone prologue, so the bytes are its own).
 #[inline(always)]
-pub(crate) fn write<T: Copy>(ctx: &TcContext, offset: usize, value: T) -> Result<(), Verdict> {
+pub(crate) fn write<T: Copy>(ctx: &impl Ctx, offset: usize, value: T) -> Result<(), Verdict> {
     let ptr = ptr_at::<T>(ctx, offset)?.cast_mut();
     // SAFETY: bounds checked by ptr_at; T is plain bytes.
     unsafe { ptr.write_unaligned(value) };

@@ -7,6 +7,7 @@ use lb_common::{Addr4, Addr6, CtEntry, LbService, ct_dir, ct_flags, proto, reaso
 
 use crate::{
     ct::{self, Flow},
+    ctx::Ctx,
     family::{Family, Tuple, V4, V6, ct_key, placeholder_backend},
     fwd,
     hdr::{
@@ -47,7 +48,7 @@ const PACKET_OTHERHOST: u32 = 3;
 
 /// The parse step found a frontend: `run` runs the to-backend step next.
 /// (Encoded verdicts have bit 62 set and never equal this.)
-const GO_TO_BACKEND: u64 = 1 << 63;
+pub(crate) const GO_TO_BACKEND: u64 = 1 << 63;
 
 /// The verdict on one packet at ingress (`EGRESS` false) or egress of a
 /// device of link layer `L`. Parse and lookups, then (for a frontend hit
@@ -140,7 +141,7 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
 // Not inlined: each family gets its own BPF stack frame. Scalar returns:
 // see `Verdict::encode`.
 #[inline(never)]
-fn v4<L: Link, const EGRESS: bool>(ctx: &TcContext, packet: &mut Packet) -> u64 {
+pub(crate) fn v4<L: Link, const EGRESS: bool>(ctx: &impl Ctx, packet: &mut Packet) -> u64 {
     match try_v4::<L, EGRESS>(ctx, packet) {
         Ok(code) => code,
         Err(verdict) => verdict.encode(),
@@ -148,7 +149,7 @@ fn v4<L: Link, const EGRESS: bool>(ctx: &TcContext, packet: &mut Packet) -> u64 
 }
 
 #[inline(never)]
-fn v6<L: Link, const EGRESS: bool>(ctx: &TcContext, packet: &mut Packet) -> u64 {
+pub(crate) fn v6<L: Link, const EGRESS: bool>(ctx: &impl Ctx, packet: &mut Packet) -> u64 {
     match try_v6::<L, EGRESS>(ctx, packet) {
         Ok(code) => code,
         Err(verdict) => verdict.encode(),
@@ -158,7 +159,7 @@ fn v6<L: Link, const EGRESS: bool>(ctx: &TcContext, packet: &mut Packet) -> u64 
 /// Parses IPv4; `Ok` holds an encoded verdict or `GO_TO_BACKEND`.
 #[inline(always)]
 fn try_v4<L: Link, const EGRESS: bool>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     packet: &mut Packet,
 ) -> Result<u64, Verdict> {
     let ip: Ipv4Hdr = read(ctx, L::L3_OFF)?;
@@ -178,7 +179,7 @@ fn try_v4<L: Link, const EGRESS: bool>(
 /// Parses IPv6; `Ok` holds an encoded verdict or `GO_TO_BACKEND`.
 #[inline(always)]
 fn try_v6<L: Link, const EGRESS: bool>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     packet: &mut Packet,
 ) -> Result<u64, Verdict> {
     let ip: Ipv6Hdr = read(ctx, L::L3_OFF)?;
@@ -211,18 +212,16 @@ fn try_v6<L: Link, const EGRESS: bool>(
 /// link padding). BIG TCP's GSO packets above 64 KiB carry 0: then the
 /// packet's own length counts.
 #[inline(always)]
-fn declared_l4_len<F: Family>(ctx: &TcContext, total: u16) -> Result<u32, Verdict> {
+fn declared_l4_len<F: Family>(ctx: &impl Ctx, total: u16) -> Result<u32, Verdict> {
     let bad = Verdict::pass(reason::PASS_BAD_LENGTH);
-    // SAFETY: the context of a TC program is an `__sk_buff`.
-    let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
     #[expect(clippy::cast_possible_truncation, reason = "header offsets")]
     let (l4_off, header) = (
         F::L4_OFF as u32,
         if F::IS_V4 { ipv4::HLEN } else { ipv6::HLEN } as u32,
     );
-    let in_packet = skb.len.checked_sub(l4_off).ok_or(bad)?;
+    let in_packet = ctx.len().checked_sub(l4_off).ok_or(bad)?;
     if total == 0 {
-        return if skb.gso_size != 0 {
+        return if ctx.gso_size() != 0 {
             Ok(in_packet)
         } else {
             Err(bad)
@@ -244,7 +243,7 @@ fn declared_l4_len<F: Family>(ctx: &TcContext, total: u16) -> Result<u32, Verdic
 /// translated twice.
 #[inline(always)]
 fn translate<F: Family, const EGRESS: bool>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     saddr: F::Addr,
     daddr: F::Addr,
     l4_proto: u8,
@@ -314,7 +313,7 @@ fn translate<F: Family, const EGRESS: bool>(
     }
     // A service address, but not a port it serves: refuse, as kube-proxy does.
     if lb::is_service_address::<F>(daddr) {
-        return F::reject(ctx).map(Verdict::encode);
+        return ctx.reject::<F>().map(Verdict::encode);
     }
     Err(Verdict::pass(reason::PASS_NO_SERVICE))
 }
@@ -339,7 +338,7 @@ fn reply_entry_of<F: Family>(
 /// `to_backend` as a subprogram (its own stack frame, a scalar result) on
 /// the packet the parse step left in the scratch.
 #[inline(never)]
-fn to_backend_sub<F: Family>(ctx: &TcContext, packet: &mut Packet) -> u64 {
+pub(crate) fn to_backend_sub<F: Family>(ctx: &impl Ctx, packet: &mut Packet) -> u64 {
     let frontend = packet.frontend;
     let tcp_flags = packet.tcp_flags;
     let tuple = *F::packet_tuple(packet);
@@ -352,7 +351,7 @@ fn to_backend_sub<F: Family>(ctx: &TcContext, packet: &mut Packet) -> u64 {
 /// (and SNAT for hairpin and for external traffic to a remote backend).
 #[inline(always)]
 fn to_backend<F: Family>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     tuple: &Tuple<F::Addr>,
     frontend: &LbService,
     tcp_flags: u8,
@@ -382,13 +381,13 @@ fn to_backend<F: Family>(
             if frontend.flags & svc_flags::NO_LOCAL_ENDPOINTS != 0 {
                 return Err(Verdict::drop(reason::DROP_NO_LOCAL_ENDPOINT));
             }
-            return F::reject(ctx);
+            return ctx.reject::<F>();
         }
         // A segment that cannot open a connection creates no state: a
         // reset tells its sender the connection is gone (a reset is
         // dropped).
         if !ct::opens(tuple.proto, tcp_flags) {
-            return F::reject(ctx).map(|verdict| Verdict {
+            return ctx.reject::<F>().map(|verdict| Verdict {
                 reason: reason::REJECT_NO_FLOW,
                 ..verdict
             });
@@ -416,7 +415,7 @@ fn to_backend<F: Family>(
     } else {
         rewrite_to_backend_sub::<F>(ctx, tuple, &flow)
     })?;
-    count_service(frontend.rev_nat_id, ctx.len());
+    count_service(frontend.rev_nat_id, Ctx::len(ctx));
     Ok(Verdict::pass(if established {
         reason::NAT_ESTABLISHED
     } else {
@@ -427,7 +426,7 @@ fn to_backend<F: Family>(
 /// DNAT (and SNAT) of a packet towards its flow's backend, with a scalar
 /// result (`encode_unit`).
 #[inline(always)]
-fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
+fn rewrite_to_backend<F: Family>(ctx: &impl Ctx, tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
     let mut new = *tuple;
     new.daddr = flow.backend.addr;
     new.dport_be = flow.backend.port_be;
@@ -443,7 +442,7 @@ fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: 
 /// limit on the deepest call chain. (IPv4 inlines it: a call less.)
 #[inline(never)]
 fn rewrite_to_backend_sub<F: Family>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     tuple: &Tuple<F::Addr>,
     flow: &Flow<F>,
 ) -> u64 {
@@ -454,7 +453,7 @@ fn rewrite_to_backend_sub<F: Family>(
 /// (and the client as destination when the flow was source-NATed).
 #[inline(always)]
 fn from_backend<F: Family>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     tuple: &Tuple<F::Addr>,
     entry: *mut CtEntry,
     tcp_flags: u8,

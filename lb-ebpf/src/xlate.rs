@@ -11,16 +11,12 @@
 //! pseudo-header part may be applied to the field, with `CHECKSUM_COMPLETE`
 //! `skb->csum` must follow an IPv4 pseudo-header change.
 
-use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{__sk_buff, BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_update,
-    programs::TcContext,
-};
+use aya_ebpf::bindings::{BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use lb_common::{Addr4, Addr6, proto, reason};
 
 use crate::{
     csum::CsumDiff,
+    ctx::Ctx,
     family::{Family, Tuple},
     hdr::{
         Link, ipv4, ipv6,
@@ -72,7 +68,7 @@ fn rewrite_failed<E>(_: E) -> Verdict {
 /// are not touched.
 #[inline(always)]
 pub(crate) fn rewrite<F: Family>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     old: &Tuple<F::Addr>,
     new: &Tuple<F::Addr>,
 ) -> Result<(), Verdict> {
@@ -98,7 +94,7 @@ pub(crate) fn rewrite<F: Family>(
         pseudo_csum_replace(ctx, csum, F::IS_V4, diff)?;
     }
     if ports_changed {
-        ctx.l4_csum_replace(csum.off, 0, u64::from(port_diff.wsum()), csum.flags)
+        ctx.l4_csum_add(csum.off, u64::from(port_diff.wsum()), csum.flags)
             .map_err(rewrite_failed)?;
     }
     Ok(())
@@ -120,7 +116,7 @@ fn ports_word(ports: Ports) -> u32 {
 /// puts it back (it fails, harmlessly, for every other checksum state).
 #[inline(always)]
 fn pseudo_csum_replace(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     csum: L4Csum,
     v4: bool,
     diff: CsumDiff,
@@ -129,22 +125,19 @@ fn pseudo_csum_replace(
     let diff = u64::from(diff.wsum());
     if v4 {
         return ctx
-            .l4_csum_replace(csum.off, 0, diff, flags)
+            .l4_csum_add(csum.off, diff, flags)
             .map_err(rewrite_failed);
     }
     if ctx
-        .l4_csum_replace(csum.off, 0, diff, flags | u64::from(BPF_F_IPV6))
+        .l4_csum_add(csum.off, diff, flags | u64::from(BPF_F_IPV6))
         .is_ok()
     {
         return Ok(());
     }
-    ctx.l4_csum_replace(csum.off, 0, diff, flags)
+    ctx.l4_csum_add(csum.off, diff, flags)
         .map_err(rewrite_failed)?;
-    // SAFETY: the context of a TC program is an `__sk_buff`.
     #[expect(clippy::cast_possible_truncation, reason = "a 32-bit wsum")]
-    unsafe {
-        bpf_csum_update(ctx.as_ptr().cast::<__sk_buff>(), diff as u32)
-    };
+    ctx.csum_update(diff as u32);
     Ok(())
 }
 
@@ -153,7 +146,7 @@ fn pseudo_csum_replace(
 /// the addresses are unchanged.
 #[inline(always)]
 pub(crate) fn write_addrs4<L: Link>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     old: &Tuple<Addr4>,
     new: &Tuple<Addr4>,
 ) -> Result<Option<CsumDiff>, Verdict> {
@@ -176,7 +169,7 @@ pub(crate) fn write_addrs4<L: Link>(
 /// `None` when none changes.
 #[inline(always)]
 pub(crate) fn write_addrs6<L: Link>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     old: &Tuple<Addr6>,
     new: &Tuple<Addr6>,
 ) -> Result<Option<CsumDiff>, Verdict> {

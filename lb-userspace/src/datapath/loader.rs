@@ -251,6 +251,7 @@ pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadE
             .load()
             .map_err(|source| LoadError::Program { name, source })?;
     }
+    super::xdp::load(&mut ebpf)?;
     Ok(ebpf)
 }
 
@@ -688,6 +689,7 @@ fn attach_netlink(
 /// A pin could not be removed.
 pub fn cleanup(pin_path: &Path, ifaces: &[String]) -> io::Result<Vec<String>> {
     let mut done = super::sock::detach_all(pin_path)?;
+    done.extend(super::xdp::detach_all(pin_path)?);
     let links = pin_path.join("links");
     if let Ok(entries) = std::fs::read_dir(&links) {
         for entry in entries.flatten() {

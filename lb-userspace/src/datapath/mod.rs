@@ -8,3 +8,4 @@ pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod sock;
+pub mod xdp;
