@@ -13,6 +13,7 @@ use lb_userspace::{
     datapath::{
         loader,
         sock::{SockLbMode, SockLbSettings},
+        xdp::{XdpMode, XdpSettings},
     },
     node::{self, NodeSettings},
     source::{SourceSpec, kube::KubeSourceConfig},
@@ -150,6 +151,16 @@ enum Command {
         /// bypasses netfilter FORWARD: network policy there does not apply).
         #[arg(long, value_enum, default_value_t = node::ForwardMode::Stack)]
         forward: node::ForwardMode,
+        /// The XDP program on the uplinks (north-south Service traffic
+        /// translated and forwarded at the driver): `native` (a driver
+        /// without native XDP is an error), `best-effort` (such devices
+        /// stay TC-only) or `off`.
+        #[arg(long, value_enum, default_value_t = XdpMode::Off, env = "LB_XDP")]
+        xdp: XdpMode,
+        /// Devices that get the XDP program (default: the `--attach`
+        /// interfaces).
+        #[arg(long, value_name = "IFACE[,IFACE...]", value_delimiter = ',')]
+        xdp_interfaces: Vec<String>,
         #[command(flatten)]
         maglev: MaglevArgs,
     },
@@ -170,6 +181,16 @@ enum Command {
     },
     /// Print the tracked flows, from the pinned maps.
     Conntrack {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// bpffs directory of the pins.
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
+    /// Show the devices with the programs (TC hooks, XDP mode) and the
+    /// XDP counters, from the pins.
+    Status {
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -220,6 +241,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--xdp` and `--xdp-interfaces` (default: the `--attach` interfaces).
+fn xdp_settings(mode: XdpMode, interfaces: Vec<String>, attach: &[String]) -> XdpSettings {
+    let interfaces: Vec<String> = interfaces.into_iter().filter(|s| !s.is_empty()).collect();
+    XdpSettings {
+        mode,
+        interfaces: if interfaces.is_empty() {
+            attach.to_vec()
+        } else {
+            interfaces
+        },
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent {
@@ -246,6 +280,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cgroup_root,
             socket_lb_bind_guard,
             forward,
+            xdp,
+            xdp_interfaces,
             maglev,
         } => {
             let node = NodeSettings {
@@ -269,8 +305,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "--attach or --attach-pattern needs at least one interface"
                 ));
             }
+            let xdp = xdp_settings(xdp, xdp_interfaces, &attach);
             let config = AgentConfig {
                 source,
+                xdp,
                 interfaces: attach,
                 attach_patterns: attach_pattern,
                 pin_path,
@@ -319,6 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Services { json, pin_path } => cli::services::print(json, &pin_path),
         Command::Conntrack { json, pin_path } => cli::conntrack::print(json, &pin_path),
         Command::Explain(args) => cli::explain::run(&args),
+        Command::Status { json, pin_path } => cli::status::print(json, &pin_path),
     }
 }
 

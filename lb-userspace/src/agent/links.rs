@@ -10,20 +10,28 @@ use crate::{
         loader::{self, Attachment},
         maps::Maps,
         sock::{self, SockLbSettings, SockLbState},
+        xdp,
     },
     net::ifwatch::LinkEvent,
     plan::DatapathState,
 };
 
-/// What loading yields: the object, its maps, the attachments and the
-/// state recovered from the pins.
-pub(super) type Loaded = (aya::Ebpf, Maps, Vec<(String, Attachment)>, DatapathState);
+/// What loading yields: the object, its maps, the attachments (TC, then
+/// the XDP mode of each `--xdp-interfaces` device) and the state recovered
+/// from the pins.
+pub(super) type Loaded = (
+    aya::Ebpf,
+    Maps,
+    (Vec<(String, Attachment)>, Vec<(String, xdp::DeviceMode)>),
+    DatapathState,
+);
 
 pub(super) fn load_and_attach(
     pin_path: &Path,
     capacities: &loader::Capacities,
     interfaces: &[String],
     socket_lb: &SockLbSettings,
+    xdp_settings: &xdp::XdpSettings,
 ) -> Result<Loaded, AgentError> {
     let mut ebpf = loader::load_with(pin_path, capacities)?;
     let maps = Maps::from_ebpf(&mut ebpf)?;
@@ -33,6 +41,7 @@ pub(super) fn load_and_attach(
         tracing::info!(iface = %iface, attachment = ?how, "attached");
         attachments.push((iface.clone(), how));
     }
+    let xdp_devices = xdp::setup(&mut ebpf, pin_path, xdp_settings)?;
     // The node's own sockets: without cgroup v2 (or on a kernel that
     // refuses the programs) the TC path still serves everything else.
     match sock::setup(&mut ebpf, pin_path, socket_lb) {
@@ -45,7 +54,7 @@ pub(super) fn load_and_attach(
         ),
     }
     let state = maps.read_state()?;
-    Ok((ebpf, maps, attachments, state))
+    Ok((ebpf, maps, (attachments, xdp_devices), state))
 }
 
 /// Attaches to an interface that appeared; forgets one that went away

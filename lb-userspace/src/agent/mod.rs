@@ -57,6 +57,8 @@ pub struct AgentConfig {
     pub resync_interval: Option<std::time::Duration>,
     /// Socket-level load balancing for the node's own sockets.
     pub socket_lb: crate::datapath::sock::SockLbSettings,
+    /// The XDP program on the uplinks (`--xdp`, `--xdp-interfaces`).
+    pub xdp: crate::datapath::xdp::XdpSettings,
 }
 
 /// The agent could not start.
@@ -125,13 +127,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
         let interfaces = config.interfaces.clone();
         let socket_lb = config.socket_lb.clone();
+        let xdp = config.xdp.clone();
         tokio::task::spawn_blocking(move || {
-            load_and_attach(&pin_path, &capacities, &interfaces, &socket_lb)
+            load_and_attach(&pin_path, &capacities, &interfaces, &socket_lb, &xdp)
         })
     };
     let mut pending = pending_and_node_health(&config);
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
-    let (mut ebpf, maps, attachments, state) = loaded?;
+    let (mut ebpf, maps, (attachments, xdp_devices), state) = loaded?;
     tracing::info!(
         frontends = state.frontends.len(),
         backends = state.backends.len(),
@@ -144,6 +147,8 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     {
         let mut shared = lock(&shared);
         shared.attachments = attachments;
+        shared.xdp_devices = xdp_devices;
+        shared.pin_path = Some(config.pin_path.clone());
         shared.capacity.capacities = lock(&maps).capacities();
         shared.maps_reader.clone_from(&maps_reader);
         shared.datapath = Some(Arc::clone(&state));

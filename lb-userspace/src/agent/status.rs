@@ -45,6 +45,10 @@ pub struct Shared {
     pub capacity: crate::datapath::capacity::CapacityStatus,
     /// Attachments by interface.
     pub attachments: Vec<(String, Attachment)>,
+    /// The XDP mode of each `--xdp-interfaces` device (empty: `--xdp=off`).
+    pub xdp_devices: Vec<(String, crate::datapath::xdp::DeviceMode)>,
+    /// The pin directory (the XDP counters are read from it on scrape).
+    pub pin_path: Option<std::path::PathBuf>,
     /// A read-only handle on the pinned maps of the scrapes' own (datapath
     /// counters), so that a scrape never waits for, nor holds up, a sync.
     pub maps_reader: Option<Arc<Maps>>,

@@ -1,11 +1,12 @@
 //! The inspection and clean-up subcommands (`lb services`, `lb conntrack`,
-//! `lb explain`, `lb cleanup`): they work on the pinned maps and links, with or without a
+//! `lb explain`, `lb status`, `lb cleanup`): they work on the pinned maps and links, with or without a
 //! running agent.
 
 pub mod cleanup;
 pub mod conntrack;
 pub mod explain;
 pub mod services;
+pub mod status;
 
 use std::path::Path;
 

@@ -10,7 +10,6 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
 use aya::{
@@ -27,7 +26,7 @@ use lb_common::xdp;
 use super::loader::{LoadError, if_index};
 
 /// `--xdp`: where the XDP program runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpMode {
     /// Native XDP on every XDP interface; a device whose driver refuses it
     /// is an error.
@@ -37,20 +36,6 @@ pub enum XdpMode {
     /// No XDP program: TC does everything.
     #[default]
     Off,
-}
-
-impl FromStr for XdpMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "native" => Ok(Self::Native),
-            "best-effort" => Ok(Self::BestEffort),
-            "off" => Ok(Self::Off),
-            other => Err(format!(
-                "unknown XDP mode {other:?} (native, best-effort or off)"
-            )),
-        }
-    }
 }
 
 impl fmt::Display for XdpMode {
@@ -82,6 +67,53 @@ impl DeviceMode {
             Self::TcOnly => "tc-only",
         }
     }
+}
+
+/// `--xdp` and `--xdp-interfaces`.
+#[derive(Clone, Debug, Default)]
+pub struct XdpSettings {
+    /// Where the XDP program runs.
+    pub mode: XdpMode,
+    /// Devices that get it.
+    pub interfaces: Vec<String>,
+}
+
+/// Attaches the XDP program to every device of `settings` (nothing when
+/// off) and makes those devices the redirect targets; returns each
+/// device's mode, logged.
+///
+/// # Errors
+/// As [`attach`].
+pub fn setup(
+    ebpf: &mut Ebpf,
+    pin_path: &Path,
+    settings: &XdpSettings,
+) -> Result<Vec<(String, DeviceMode)>, LoadError> {
+    let mut devices = Vec::new();
+    if settings.mode == XdpMode::Off {
+        // An earlier agent's XDP links: gone, so that TC sees everything.
+        for done in detach_all(pin_path).map_err(|source| LoadError::PinDir {
+            path: pin_path.join(XDP_LINKS),
+            source,
+        })? {
+            tracing::info!(what = %done, "--xdp=off");
+        }
+        return Ok(devices);
+    }
+    for iface in &settings.interfaces {
+        let mode = attach(ebpf, iface, pin_path, settings.mode)?;
+        tracing::info!(iface = %iface, xdp = mode.name(), "XDP");
+        devices.push((iface.clone(), mode));
+    }
+    // Redirect only between devices running the program: a driver sets up
+    // its XDP transmit queues when a program is attached.
+    let native: Vec<String> = devices
+        .iter()
+        .filter(|(_, mode)| *mode == DeviceMode::Native)
+        .map(|(name, _)| name.clone())
+        .collect();
+    set_redirect_targets(ebpf, &native)?;
+    Ok(devices)
 }
 
 /// Directory of the XDP links' pins.
@@ -225,6 +257,19 @@ pub fn set_redirect_targets(ebpf: &mut Ebpf, ifaces: &[String]) -> Result<usize,
         }
     }
     Ok(added)
+}
+
+/// The devices with a pinned XDP link under `pin_path`.
+#[must_use]
+pub fn attached(pin_path: &Path) -> Vec<String> {
+    std::fs::read_dir(pin_path.join(XDP_LINKS))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Removes every pinned XDP link under `pin_path` (detaching the program).

@@ -30,12 +30,13 @@ pub(super) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 /// handle of the scrape's own (no lock) on a blocking thread, so a scrape
 /// that walks conntrack does not hold up the agent's (single-threaded) loop.
 pub(super) async fn metrics(shared: &Mutex<Shared>) -> String {
-    let (agent, datapath, reader) = {
+    let (agent, datapath, reader, xdp) = {
         let shared = lock(shared);
         (
             agent_metrics(&shared),
             shared.datapath.clone(),
             shared.maps_reader.clone(),
+            (shared.xdp_devices.clone(), shared.pin_path.clone()),
         )
     };
     let datapath_part = tokio::task::spawn_blocking(move || {
@@ -62,6 +63,7 @@ pub(super) async fn metrics(shared: &Mutex<Shared>) -> String {
         if let Some(maps) = reader {
             datapath_metrics(&maps, &frontend_ids, &mut registry);
         }
+        xdp_metrics(&xdp.0, xdp.1.as_deref(), &mut registry);
         text(&registry)
     })
     .await
@@ -200,6 +202,38 @@ fn capacity_metrics(status: &CapacityStatus, registry: &mut Registry) {
         "Service ports the last sync could not (fully) write for a full map",
         status.unfit.len(),
     );
+}
+
+/// The XDP mode of each `--xdp-interfaces` device and the XDP program's
+/// counters (none with `--xdp=off`).
+fn xdp_metrics(
+    devices: &[(String, crate::datapath::xdp::DeviceMode)],
+    pin_path: Option<&std::path::Path>,
+    registry: &mut Registry,
+) {
+    if devices.is_empty() {
+        return;
+    }
+    registry.register(
+        "lb_xdp_native",
+        "1 where the XDP program runs in the driver, 0 where the driver refused it (--xdp=best-effort: TC only)",
+        ByLabel::gauges(
+            "device",
+            devices.iter().map(|(name, mode)| {
+                (
+                    name.clone(),
+                    u64::from(*mode == crate::datapath::xdp::DeviceMode::Native),
+                )
+            }),
+        ),
+    );
+    if let Some(stats) = pin_path.and_then(crate::datapath::xdp::stats) {
+        registry.register(
+            "lb_xdp_packets",
+            "Frames seen by the XDP program, by what it did (to_tc: left to TC unchanged)",
+            ByLabel::counters("action", stats),
+        );
+    }
 }
 
 /// Counters read from the maps at scrape time.
