@@ -305,6 +305,8 @@ pub(crate) struct Cluster {
     pub(crate) topo: Topology,
     manifests: ManifestDir,
     logs: Vec<PathBuf>,
+    /// Extra flags of each node's agent (`new_with_args`).
+    agent_args: Vec<Vec<String>>,
     _work: TempDir,
 }
 
@@ -312,6 +314,12 @@ impl Cluster {
     /// Builds the topology, starts the servers and both agents, and waits
     /// until both are ready. WHAT names the test in the log.
     pub(crate) fn new(what: &str) -> Self {
+        Self::new_with_args(what, Vec::new())
+    }
+
+    /// [`Cluster::new`] with extra flags for the agents (ARGS\[i\]: node
+    /// i's; missing: none).
+    pub(crate) fn new_with_args(what: &str, args: Vec<Vec<String>>) -> Self {
         require_tools(&["ip", "nsenter"]);
         sweep_stale_netns(TAG);
         sweep_stale_pins(PIN_TAG);
@@ -344,6 +352,7 @@ impl Cluster {
             topo,
             manifests,
             logs,
+            agent_args: args,
             _work: work,
         };
         lab.agents = lab.topo.nodes.iter().map(|_| None).collect();
@@ -376,7 +385,8 @@ impl Cluster {
             .arg("--node-ip")
             .arg(format!("{},{}", node.ips.v4, node.ips.v6))
             .arg("--zone")
-            .arg(node.zone);
+            .arg(node.zone)
+            .args(self.agent_args.get(i).into_iter().flatten());
         assert!(
             self.agents[i].is_none(),
             "agent of {} already running",
@@ -511,6 +521,11 @@ impl Cluster {
         let before = self.all_syncs();
         let renamed = self.manifests.write(file, content);
         self.wait_synced(&before, renamed, file)
+    }
+
+    /// The pin directory of node I's agent.
+    pub(crate) fn pin_path(&self, i: usize) -> &std::path::Path {
+        &self.pins[i].path
     }
 
     pub(crate) fn pod(&self, name: &str) -> &Pod {
