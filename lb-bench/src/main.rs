@@ -26,6 +26,7 @@ mod socklb;
 mod stats;
 mod sys;
 mod topo;
+mod xdp;
 
 use std::path::PathBuf;
 

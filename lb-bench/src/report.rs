@@ -65,6 +65,7 @@ pub fn render(dir: &Path, publish: Option<&Path>) -> anyhow::Result<()> {
         "datapath": read_json(&dir.join("datapath.json")),
         "e2e": read_json(&dir.join("e2e.json")),
         "lifecycle": crate::lifecycle::read(dir),
+        "xdp": read_json(&dir.join("xdp.json")),
     });
     if all["run"].is_null() {
         all["run"] = json!({});
@@ -283,6 +284,7 @@ fn markdown(all: &Value) -> String {
 
     targets(&mut md, dp, e2e);
     datapath_section(&mut md, dp);
+    crate::xdp::section(&mut md, &all["xdp"]);
     e2e_section(&mut md, e2e);
     control_section(&mut md, e2e);
     crate::lifecycle::section(&mut md, &all["lifecycle"]);

@@ -768,6 +768,8 @@ pub mod probe {
 pub mod xdp {
     /// Program name: north-south translation at the driver of uplinks.
     pub const PROG: &str = "lb_xdp";
+    /// Empty XDP program: the measurement floor of `xdp_cost`.
+    pub const FLOOR: &str = "lb_xdp_floor";
     /// Per-CPU counters of the XDP program, indexed by `stat::*` (pinned
     /// with the other maps: what `lb status` and the metrics read).
     pub const STATS_MAP: &str = "LB_XDP_STATS_V1";

@@ -141,6 +141,14 @@ fn lb_xdp(ctx: aya_ebpf::programs::XdpContext) -> u32 {
     xdp::run(&ctx)
 }
 
+/// Does nothing: the floor that `lb_xdp`'s per-packet cost is measured
+/// against (`xdp_cost`). Never attached by the agent.
+#[cfg(target_arch = "bpf")]
+#[aya_ebpf::macros::xdp]
+fn lb_xdp_floor(_ctx: aya_ebpf::programs::XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 /// Does nothing: the floor that `lb_tc`'s per-packet cost is measured
 /// against (same hook, same packet). Never attached by the agent.
 #[cfg(target_arch = "bpf")]

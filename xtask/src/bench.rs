@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: builds in release mode, runs the per-packet runner
-//! (`lb-userspace/examples/datapath_cost.rs`), the end-to-end and
+//! (`lb-userspace/examples/datapath_cost.rs`, and `xdp_cost.rs`: XDP vs
+//! TC), the end-to-end and
 //! control-plane benchmarks (`lb-bench`) and the lifecycle phases under
 //! load (`lb-userspace/tests/harness_lifecycle*.rs`, run longer), then
 //! renders the report.
@@ -196,7 +197,7 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
     // A full run measures release builds. The smoke run checks that every
     // part still works, so it reuses the dev builds the test suite made.
     let profile = if quick { "debug" } else { "release" };
-    eprintln!("[xtask] building ({profile}): lb, datapath_cost, lb-bench");
+    eprintln!("[xtask] building ({profile}): lb, datapath_cost, xdp_cost, lb-bench");
     let mut build = cargo();
     build.current_dir(root).arg("build");
     if !quick {
@@ -215,6 +216,8 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
         "datapath_cost",
         "--example",
         "maglev_build",
+        "--example",
+        "xdp_cost",
     ]);
     run(build)?;
     let release = root.join("target").join(profile);
@@ -237,6 +240,14 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
             cmd.arg("--quick");
         }
         stage("datapath", cmd, &mut stages, &mut failed);
+    }
+    if wants("xdp") {
+        let mut cmd = Command::new(release.join("examples/xdp_cost"));
+        cmd.arg("--json").arg(dir.join("xdp.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("xdp", cmd, &mut stages, &mut failed);
     }
     if wants("maglev") {
         let mut cmd = Command::new(release.join("examples/maglev_build"));
