@@ -176,23 +176,27 @@ fn nodeport_through_native_xdp_to_a_backend_behind_another_node() {
             .any(|l| l.starts_with("h-be1") && l.contains("xdp=off")),
         "pod devices stay TC-only:\n{status}"
     );
-    // A restart (an upgrade) puts the new program into the pinned links:
-    // XDP keeps forwarding, the flows of before are conntrack's.
+    restart_then_cleanup(&mut lab, &ext, &node1);
+}
+
+/// A restart (an upgrade) puts the new program into the pinned links:
+/// XDP keeps forwarding, the flows of before are conntrack's. Then `lb
+/// cleanup` detaches the XDP program with the rest.
+fn restart_then_cleanup(lab: &mut Cluster, ext: &str, node1: &str) {
     lab.stop_agent(0);
     lab.restart_agent(0);
     let to = SocketAddr::new(lab.node_ip(0, Family::V4), 30091);
-    let before = xdp_redirects(&lab);
-    let answers = udp_batch(&ext, to, 5);
+    let before = xdp_redirects(lab);
+    let answers = udp_batch(ext, to, 5);
     assert_only("V4 UDP after the restart", &answers, &["be3:8080"]);
     assert!(
-        xdp_redirects(&lab) - before >= 10,
+        xdp_redirects(lab) - before >= 10,
         "XDP forwards after the restart"
     );
     lab.finish(support::scenarios::Scenarios::default());
-    // `lb cleanup` detaches the XDP program with the rest.
     lab.stop_agent(0);
     let done = run_ok(
-        ns_command(&node1, lb_binary())
+        ns_command(node1, lb_binary())
             .arg("cleanup")
             .arg("--pin-path")
             .arg(lab.pin_path(0)),
@@ -203,6 +207,6 @@ fn nodeport_through_native_xdp_to_a_backend_behind_another_node() {
             "cleanup output:\n{done}"
         );
     }
-    let links = run_ok(ns_command(&node1, "ip").args(["-d", "link", "show", "h-ext"]));
+    let links = run_ok(ns_command(node1, "ip").args(["-d", "link", "show", "h-ext"]));
     assert!(!links.contains("xdp"), "XDP still on h-ext:\n{links}");
 }
