@@ -17,13 +17,14 @@
 //! ```
 //!
 //! The pod's direct contender is a second pod (the same kind of veth,
-//! the TC program attached to it too): from the pod of the `ClusterIP`
-//! runs, a direct connection that reuses the source port of a translated
-//! connection closed less than 10 s before meets that flow's reply entry
-//! (closing, 10 s) and its SYN-ACK is translated back to the `ClusterIP`:
-//! the connection times out. A pod connecting to a Service and straight
-//! to its backend from the same port within seconds is rare; a benchmark
-//! making thousands of connections a second hits it every round.
+//! the TC program attached to it too). From the pod of the `ClusterIP`
+//! runs, direct connections timed out now and then: most likely one that
+//! reuses the source port of a translated connection to the same backend
+//! closed less than 10 s before meets that flow's reply entry (closing,
+//! 10 s), and its SYN-ACK is translated back to the `ClusterIP`. A pod
+//! connecting to a Service and straight to its backend from the same port
+//! within seconds is rare; a benchmark making thousands of connections a
+//! second meets it every few rounds.
 //!
 //! The four contenders of a family run one after the other in a rotated
 //! order each round; the table shows medians over rounds and the spread of
@@ -611,7 +612,7 @@ pub fn section(md: &mut String, socklb: &Value) {
          process in the node's namespace, in a child cgroup the run creates (the socket \
          programs are attached to it only): through a `ClusterIP` (translated at `connect()`) \
          and straight to the backend. For comparison, a pod through the TC path (the same \
-         `ClusterIP`) and a second pod straight to the backend (routed by the node; the same pod would meet its own closing reply entries, see the module doc). One \
+         `ClusterIP`) and a second pod straight to the backend (routed by the node; a second pod, see the module doc). One \
          client process per measurement, {} s each, {} rounds with the four contenders rotated; \
          medians [min–max]; `×` is the median of the per-round ratios [min–max]. Goal: \
          socket ≥ 0.99× direct (`lb-bench/src/socklb.rs`).\n",
