@@ -105,7 +105,7 @@ enum Cmd {
         /// Rounds (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// A smoke run: 10 and 1k Services, 1 s per measurement, 2 rounds
+        /// A smoke run: 10 and 1k Services, 1 s per measurement, 1 round
         /// (overrides the three above).
         #[arg(long)]
         quick: bool,

@@ -77,13 +77,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The smoke run: 10 and 1k Services, 1 s per measurement, 2 rounds.
+    /// The smoke run: 10 and 1k Services, 1 s per measurement, 1 round.
     pub fn quick(lb: PathBuf) -> Self {
         Self {
             lb,
             scales: vec![10, 1_000],
             secs: 1,
-            rounds: 2,
+            rounds: 1,
         }
     }
 }
