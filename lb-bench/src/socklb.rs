@@ -18,13 +18,13 @@
 //!
 //! The pod's direct contender is a second pod (the same kind of veth,
 //! the TC program attached to it too). From the pod of the `ClusterIP`
-//! runs, direct connections timed out now and then: most likely one that
-//! reuses the source port of a translated connection to the same backend
-//! closed less than 10 s before meets that flow's reply entry (closing,
-//! 10 s), and its SYN-ACK is translated back to the `ClusterIP`. A pod
-//! connecting to a Service and straight to its backend from the same port
-//! within seconds is rare; a benchmark making thousands of connections a
-//! second meets it every few rounds.
+//! runs, direct connections time out every few rounds: one that reuses
+//! the source port of a translated connection to the same backend, closed
+//! less than 10 s before, meets that flow's reply entry (closing, 10 s),
+//! and its SYN-ACK is translated back to the `ClusterIP` (reproduced by
+//! hand: a direct `connect()` from the port of a `ClusterIP` connection
+//! just reset timed out; 11 s later it connected). See README, "Limits
+//! that remain".
 //!
 //! The four contenders of a family run one after the other in a rotated
 //! order each round; the table shows medians over rounds and the spread of
