@@ -147,6 +147,7 @@ impl Reaper {
                 // of it to destroy.
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
                 Err(error) => {
+                    tracing::debug!(netns = %ns.path.display(), %error, "cannot enter a network namespace");
                     if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::warn!(
                             netns = %ns.path.display(),
