@@ -14,7 +14,7 @@
 
 mod support;
 
-use std::{net::SocketAddr, process::Command};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_common::xdp::stat;
@@ -454,4 +454,47 @@ fn xdp_drops_what_tc_drops() {
     }
     assert_eq!(fx.reason("drop_source_range"), 2);
     assert_eq!(xdp_count(&fx, stat::DROP), 2);
+}
+
+#[test]
+fn xdp_attach_modes_on_a_device_without_native_xdp() {
+    let Some(mut fx) = Fixture::new("xdp_attach_modes_on_a_device_without_native_xdp") else {
+        return;
+    };
+    // The loopback device has no native XDP (no driver hook), in this
+    // thread's own namespace.
+    ip(&["link", "set", "lo", "up"]);
+    let error = xdp::attach(&mut fx.ebpf, "lo", &fx.pin_path, xdp::XdpMode::Native)
+        .expect_err("native XDP on lo");
+    let text = lb_userspace::error::Causes(&error).to_string();
+    assert!(
+        text.contains("cannot attach to lo") && text.contains("native"),
+        "a clear error naming the device and the mode: {text}"
+    );
+    let mode = xdp::attach(&mut fx.ebpf, "lo", &fx.pin_path, xdp::XdpMode::BestEffort)
+        .expect("best-effort leaves it to TC");
+    assert_eq!(mode, xdp::DeviceMode::TcOnly);
+    assert!(xdp::attached(&fx.pin_path).is_empty(), "no link pinned");
+    // A device that takes it: pinned, and adopted by a second attach (a
+    // restart), still one link.
+    topology(&mut fx, false);
+    for _ in 0..2 {
+        let mode = xdp::attach(&mut fx.ebpf, "up0", &fx.pin_path, xdp::XdpMode::Native)
+            .expect("native XDP on a veth");
+        assert_eq!(mode, xdp::DeviceMode::Native);
+    }
+    assert_eq!(xdp::attached(&fx.pin_path), vec!["up0".to_owned()]);
+    let shown = run_ok(Command::new("ip").args(["-d", "link", "show", "up0"]));
+    assert!(shown.contains("xdp"), "XDP on up0:\n{shown}");
+    let done = xdp::detach_all(&fx.pin_path).expect("detach");
+    assert_eq!(done, vec!["detached up0 (xdp)".to_owned()]);
+    // The kernel frees an unpinned link from a work queue: a moment later.
+    support::process::wait_until("XDP gone from up0", Duration::from_secs(2), || {
+        let shown = run_ok(Command::new("ip").args(["-d", "link", "show", "up0"]));
+        if shown.contains(" xdp") {
+            Err(shown)
+        } else {
+            Ok(())
+        }
+    });
 }

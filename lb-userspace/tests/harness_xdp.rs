@@ -28,13 +28,14 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use support::clients::{assert_nodeport_sources, assert_only, tcp_batch, udp_batch};
 use support::cluster::{Cluster, ready, service};
 use support::manifests::HTTP_DNS;
 use support::netns::{in_netns, ns_command};
 use support::pins::require_privileged;
-use support::process::{lb_binary, run_ok};
+use support::process::{lb_binary, run_ok, wait_until};
 use support::serial;
 use support::topo::Family;
 
@@ -207,6 +208,13 @@ fn restart_then_cleanup(lab: &mut Cluster, ext: &str, node1: &str) {
             "cleanup output:\n{done}"
         );
     }
-    let links = run_ok(ns_command(node1, "ip").args(["-d", "link", "show", "h-ext"]));
-    assert!(!links.contains("xdp"), "XDP still on h-ext:\n{links}");
+    // The kernel frees an unpinned link from a work queue: a moment later.
+    wait_until("XDP gone from h-ext", Duration::from_secs(2), || {
+        let links = run_ok(ns_command(node1, "ip").args(["-d", "link", "show", "h-ext"]));
+        if links.contains(" xdp") {
+            Err(links)
+        } else {
+            Ok(())
+        }
+    });
 }
