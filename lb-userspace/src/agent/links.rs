@@ -42,6 +42,16 @@ pub(super) fn load_and_attach(
         attachments.push((iface.clone(), how));
     }
     let xdp_devices = xdp::setup(&mut ebpf, pin_path, xdp_settings)?;
+    for (iface, _) in &xdp_devices {
+        if !interfaces.contains(iface) {
+            // What XDP passes on (refusals, odd frames, translated frames
+            // the stack must route) needs TC there too.
+            tracing::warn!(
+                iface = %iface,
+                "XDP device not in --attach: frames XDP leaves to TC get no TC program there"
+            );
+        }
+    }
     // The node's own sockets: without cgroup v2 (or on a kernel that
     // refuses the programs) the TC path still serves everything else.
     match sock::setup(&mut ebpf, pin_path, socket_lb) {
