@@ -65,8 +65,9 @@ pub mod map_names {
     /// renumbered the reasons after it; V3: two more, `sock_translated` and
     /// `sock_refused`, so a V2 pin is too small; V4: more again,
     /// `drop_no_local_endpoint` and the topology ones from `pass_vlan` on;
-    /// V5: `reject_no_flow` and `drop_snat_exhausted`).
-    pub const REASONS: &str = "LB_REASONS_V5";
+    /// V5: `reject_no_flow` and `drop_snat_exhausted`; V6:
+    /// `nat_icmp_error`).
+    pub const REASONS: &str = "LB_REASONS_V6";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
     /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->
@@ -331,7 +332,8 @@ pub mod reason {
     pub const PASS_FRAGMENT: u32 = 6;
     /// IPv6 extension header before L4: passed untouched.
     pub const PASS_EXT_HDR: u32 = 7;
-    /// L4 protocol other than TCP/UDP (ICMP included): passed.
+    /// L4 protocol other than TCP/UDP (ICMP included, but for errors about
+    /// translated flows: `NAT_ICMP_ERROR`): passed.
     pub const PASS_OTHER_PROTO: u32 = 8;
     /// IPv4 header with options (IHL > 5) or bad IHL: passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 9;
@@ -397,8 +399,14 @@ pub mod reason {
     /// Source NAT needed but every candidate port was taken: dropped (the
     /// agent logs it, `lb_snat_exhausted_total`).
     pub const DROP_SNAT_EXHAUSTED: u32 = 29;
+    /// An ICMP / `ICMPv6` error (destination unreachable, fragmentation
+    /// needed / packet too big, time exceeded, parameter problem) about a
+    /// translated flow: its quoted packet and outer addresses translated
+    /// back, so the host it reaches finds its socket (path-MTU discovery
+    /// through a frontend).
+    pub const NAT_ICMP_ERROR: u32 = 30;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 31;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -432,6 +440,7 @@ pub mod reason {
         "drop_spoofed_source",
         "reject_no_flow",
         "drop_snat_exhausted",
+        "nat_icmp_error",
     ];
 }
 
@@ -863,6 +872,7 @@ mod tests {
             (reason::DROP_SPOOFED_SOURCE, "drop_spoofed_source"),
             (reason::REJECT_NO_FLOW, "reject_no_flow"),
             (reason::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
+            (reason::NAT_ICMP_ERROR, "nat_icmp_error"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

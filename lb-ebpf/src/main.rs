@@ -43,6 +43,8 @@ mod hash;
 #[cfg(target_arch = "bpf")]
 mod hdr;
 #[cfg(target_arch = "bpf")]
+mod icmp_err;
+#[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]
 mod maglev;

@@ -76,12 +76,12 @@ pub(crate) static LB_CONFIG_V3: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-static LB_REASONS_V5: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V6: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V5.get_ptr_mut(reason) {
+    if let Some(counter) = LB_REASONS_V6.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }

@@ -16,7 +16,7 @@ use crate::{
         ipv6::{self, Ipv6Hdr},
         l4::{Ports, TCP_DOFF_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF},
     },
-    lb,
+    icmp_err, lb,
     maps::{LB_PACKET, count_service},
     skb::{linearize_headers, ptr_at, read},
     verdict::{Verdict, decode_unit, encode_unit},
@@ -48,6 +48,10 @@ const PACKET_OTHERHOST: u32 = 3;
 /// The parse step found a frontend: `run` runs the to-backend step next.
 /// (Encoded verdicts have bit 62 set and never equal this.)
 const GO_TO_BACKEND: u64 = 1 << 63;
+
+/// The parse step found an ICMP / `ICMPv6` packet: `run` hands it to
+/// `icmp_err`, a sibling subprogram (not under the parse step's frame).
+const GO_TO_ICMP: u64 = (1 << 63) | 1;
 
 /// The verdict on one packet at ingress (`EGRESS` false) or egress of a
 /// device of link layer `L`. Parse and lookups, then (for a frontend hit
@@ -112,6 +116,13 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
             ct::answer::<V6<L>>(&packet.tuple6, packet.answer);
         }
     }
+    if code == GO_TO_ICMP {
+        code = if v4_packet {
+            icmp_err::error4::<L, EGRESS>(ctx)
+        } else {
+            icmp_err::error6::<L, EGRESS>(ctx)
+        };
+    }
     if !EGRESS && code == GO_TO_BACKEND {
         code = if v4_packet {
             to_backend_sub::<V4<L>>(ctx, packet)
@@ -171,6 +182,9 @@ fn try_v4<L: Link, const EGRESS: bool>(
     if u16::from_be(ip.frag_off_be) & ipv4::FRAG_MASK != 0 {
         return Err(Verdict::pass(reason::PASS_FRAGMENT));
     }
+    if ip.proto == proto::ICMP {
+        return Ok(GO_TO_ICMP);
+    }
     let ip_total = u16::from_be(ip.tot_len_be);
     translate::<V4<L>, EGRESS>(ctx, ip.saddr, ip.daddr, ip.proto, ip_total, packet)
 }
@@ -191,6 +205,9 @@ fn try_v6<L: Link, const EGRESS: bool>(
     }
     if ipv6::is_extension(next) {
         return Err(Verdict::pass(reason::PASS_EXT_HDR));
+    }
+    if next == proto::ICMPV6 {
+        return Ok(GO_TO_ICMP);
     }
     // As an IPv4 total length: the payload length does not count the fixed
     // header (0 stays 0: BIG TCP).

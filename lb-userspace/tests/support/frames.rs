@@ -333,3 +333,79 @@ pub(crate) fn assert_tcp_reset(reply: &[u8], offending: &[u8]) {
         );
     }
 }
+
+/// An ICMP (IPv4) or `ICMPv6` error frame from `src` to `dst`: type
+/// `icmp_type`, `code`, the 4 bytes after the checksum `rest` (the MTU of
+/// "fragmentation needed" / "packet too big"), then `quote` (the IP packet
+/// it is about, as much of it as the sender quotes); every checksum from
+/// scratch.
+pub(crate) fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    (icmp_type, code): (u8, u8),
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend(rest);
+    icmp.extend(quote);
+    let mut frame = eth_header(src.is_ipv4());
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let csum = checksum(&icmp, 0);
+            icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+            let total = u16::try_from(20 + icmp.len()).unwrap();
+            let mut ip = vec![0x45, 0xc0];
+            ip.extend(total.to_be_bytes());
+            ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let csum = checksum(&ip, 0);
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            frame.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let csum = checksum(&icmp, icmpv6_pseudo_sum(s.octets(), d.octets(), icmp.len()));
+            icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+            frame.extend(ipv6_header(s.octets(), d.octets(), 58, icmp.len()));
+        }
+        _ => panic!("mixed families"),
+    }
+    frame.extend(icmp);
+    frame
+}
+
+/// The unfolded sum of the `ICMPv6` pseudo-header (RFC 4443 2.3).
+fn icmpv6_pseudo_sum(src: [u8; 16], dst: [u8; 16], len: usize) -> u32 {
+    let mut pseudo = Vec::new();
+    pseudo.extend(src);
+    pseudo.extend(dst);
+    pseudo.extend(u32::try_from(len).unwrap().to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    u32::from(!checksum(&pseudo, 0))
+}
+
+/// Checks an ICMP / `ICMPv6` error frame's checksums from scratch (outer
+/// IPv4 header, ICMP message with the `ICMPv6` pseudo-header) and returns
+/// (outer source, outer destination, the quoted bytes).
+pub(crate) fn verify_icmp_error(frame: &[u8]) -> (IpAddr, IpAddr, Vec<u8>) {
+    if frame[12..14] == [0x08, 0x00] {
+        let ip = &frame[14..34];
+        assert_eq!(checksum(ip, 0), 0, "outer IPv4 header checksum wrong");
+        assert_eq!(ip[9], 1, "not ICMP");
+        let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+        let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+        let icmp = &frame[34..];
+        assert_eq!(checksum(icmp, 0), 0, "ICMP checksum wrong");
+        (src, dst, icmp[8..].to_vec())
+    } else {
+        let ip = &frame[14..54];
+        assert_eq!(ip[6], 58, "not ICMPv6");
+        let s = <[u8; 16]>::try_from(&ip[8..24]).unwrap();
+        let d = <[u8; 16]>::try_from(&ip[24..40]).unwrap();
+        let icmp = &frame[54..];
+        let pseudo = icmpv6_pseudo_sum(s, d, icmp.len());
+        assert_eq!(checksum(icmp, pseudo), 0, "ICMPv6 checksum wrong");
+        (IpAddr::from(s), IpAddr::from(d), icmp[8..].to_vec())
+    }
+}
