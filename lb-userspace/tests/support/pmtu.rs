@@ -80,7 +80,7 @@ struct Namespaces {
     node: Netns,
 }
 
-/// A veth pair A_IF in A <-> B_IF in B.
+/// A veth pair: `a_if` in A, `b_if` in B.
 fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&[
         "link",
