@@ -275,7 +275,8 @@ fn errors_about_packets_to_a_backend_reach_the_client_about_the_frontend() {
 
 /// A source-NATed flow (a `NodePort` to a remote backend): the error is
 /// addressed to the node's address and quotes the node's port; the client
-/// gets it, about its own packet to the `NodePort`.
+/// gets it, about its own packet to the `NodePort`. And the other way: an
+/// error about a reply reaches the backend about its packet to the node.
 #[test]
 fn errors_about_a_source_nated_flow_reach_the_client() {
     let Some(mut fx) = Fixture::new("errors_about_a_source_nated_flow") else {
@@ -309,6 +310,35 @@ fn errors_about_a_source_nated_flow_reach_the_client() {
                     type_code,
                     rest,
                     &ip_packet(&syn.bytes())[..len],
+                );
+                assert_translated(&mut fx, prog_names::TC_LB, &error, &expected, &what);
+            }
+        }
+        // The reply (backend -> the node's port), as the client got it
+        // (the NodePort -> the client): an error about it, sent to the
+        // NodePort address, reaches the backend about its packet to the
+        // node's port; from the client itself, it comes from the node.
+        let reply = Frame::tcp(
+            &backends[0].to_string(),
+            &nat_src.to_string(),
+            TCP_SYN | TCP_ACK,
+        );
+        let (verdict, out) = fx.run(&reply.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verify_checksums(&out), (node_port, client));
+        for (kind, type_code, rest) in errors(fam.v4()) {
+            for (from, as_seen) in [
+                (ip(fam.client_router), ip(fam.client_router)),
+                (client.ip(), nat_src.ip()),
+            ] {
+                let what = format!("{} SNAT reply {kind} from {from}", fam.node);
+                let error = icmp_error(from, node_port.ip(), type_code, rest, ip_packet(&out));
+                let expected = icmp_error(
+                    as_seen,
+                    backends[0].ip(),
+                    type_code,
+                    rest,
+                    ip_packet(&reply.bytes()),
                 );
                 assert_translated(&mut fx, prog_names::TC_LB, &error, &expected, &what);
             }
