@@ -250,11 +250,12 @@ fn try_error4<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, V
     let icmp_off = L::L3_OFF + ipv4::HLEN;
     let inner_off = icmp_off + ICMP_HLEN;
     let inner_l4_off = inner_off + ipv4::HLEN;
-    linearize(ctx, inner_l4_off + QUOTED_L4_CSUM_END);
+    // The type is within what the parse step made linear.
     let icmp_type: u8 = read(ctx, icmp_off)?;
     if !is_error(true, icmp_type) {
         return Err(Verdict::pass(reason::PASS_OTHER_PROTO));
     }
+    linearize(ctx, inner_l4_off + QUOTED_L4_CSUM_END);
     let outer: Ipv4Hdr = read(ctx, L::L3_OFF)?;
     let end = message_end::<L>(ctx, usize::from(u16::from_be(outer.tot_len_be)))?;
     if inner_l4_off > end {
@@ -294,11 +295,12 @@ fn try_error6<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, V
     let icmp_off = L::L3_OFF + ipv6::HLEN;
     let inner_off = icmp_off + ICMP_HLEN;
     let inner_l4_off = inner_off + ipv6::HLEN;
-    linearize(ctx, inner_l4_off + QUOTED_L4_CSUM_END);
+    // The type is within what the parse step made linear.
     let icmp_type: u8 = read(ctx, icmp_off)?;
     if !is_error(false, icmp_type) {
         return Err(Verdict::pass(reason::PASS_OTHER_PROTO));
     }
+    linearize(ctx, inner_l4_off + QUOTED_L4_CSUM_END);
     let payload_len_be: u16 = read(ctx, L::L3_OFF + ipv6::PAYLOAD_LEN_OFF)?;
     let payload_len = usize::from(u16::from_be(payload_len_be));
     let end = message_end::<L>(ctx, ipv6::HLEN + payload_len)?;
