@@ -1,28 +1,36 @@
-//! The path-MTU lab of `harness_pmtu.rs`: a client, the node (the `lb`
-//! agent on both of its links), a router, and a backend behind a link
-//! whose router side has a smaller MTU than the rest of the path.
+//! The path-MTU lab of `harness_pmtu.rs`: a client, a router, the node
+//! (the `lb` agent on both of its links), another router, a backend; one
+//! link of the path, on the client's or on the backend's side, has a
+//! smaller MTU than the rest.
 //!
 //! ```text
-//!   client (198.18.1.2, fd00:1::2)
-//!     | eth0                                   MTU 1500
-//!     | h-cl
-//!   node [lb agent on h-cl, h-rt]  ClusterIP 198.19.0.10 / fd00:96::10 :80 -> backend:8080
-//!     | h-rt                                   MTU 1500
-//!     | r-node (198.18.2.2, fd00:2::2)
-//!   router (forwarding)
-//!     | r-be (198.18.3.1, fd00:3::1)           MTU 1280
-//!     | eth0 (198.18.3.2, fd00:3::2)           MTU 1500
-//!   backend: a sink on [::]:8080 (reads to EOF, answers the byte count)
+//!   client (198.18.1.2, fd00:1::2)         eth0 MTU 1500
+//!     | rc-cl (198.18.1.1)                 MTU 1280 with `Small::ClientSide`
+//!   client router
+//!     | rc-node (198.18.4.2) / h-rc (198.18.4.1)
+//!   node [lb agent on h-rc, h-rb]  ClusterIP 198.19.0.10 / fd00:96::10 :80 -> backend:8080
+//!     | h-rb (198.18.2.1) / rb-node (198.18.2.2)
+//!   backend router
+//!     | rb-be (198.18.3.1)                 MTU 1280 with `Small::BackendSide`
+//!   backend (198.18.3.2, fd00:3::2)        eth0 MTU 1500
 //! ```
 //!
-//! The backend's own interface keeps 1500 so that the MSS it announces
-//! does not hide the small link (as with a tunnel in the middle of a
-//! path): the client's full-sized segments reach the router, which can
-//! only answer "fragmentation needed" / "packet too big" to the client,
-//! quoting the packet as the node translated it (client -> backend).
+//! Only the router's end of the small link is small, so that the MSS the
+//! host behind it announces does not hide the link (as with a tunnel in
+//! the middle of a path): the other host's full-sized segments reach the
+//! router, which can only answer "fragmentation needed" / "packet too big"
+//! to their source, quoting the packet as the node translated it. On the
+//! backend's side the sender is the client (an upload), the quote
+//! `client -> backend`; on the client's side the sender is the backend (a
+//! download), the error goes to the `ClusterIP`, the quote is the reply as
+//! translated, `ClusterIP -> client`.
+//!
+//! The backend's server reads an 8-byte big-endian count first: 0 means
+//! an upload (it reads to EOF and answers the byte count), N a download
+//! (it sends N bytes and closes).
 //!
 //! Teardown (drop order of `PmtuLab`'s fields): agent, pins (need the node
-//! namespace), the sink, namespaces, files.
+//! namespace), the server, namespaces, files.
 
 use std::io::{ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -72,11 +80,21 @@ const HOST_SYSCTLS: [(&str, &str); 4] = [
     ("net/ipv6/conf/default/accept_dad", "0"),
 ];
 
+/// Which link of the path is the small one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Small {
+    /// The backend router's link to the backend: uploads need the path MTU.
+    BackendSide,
+    /// The client router's link to the client: downloads need it.
+    ClientSide,
+}
+
 /// The namespaces; dropped in order: hosts first, the node last.
 struct Namespaces {
     client: Netns,
     backend: Netns,
-    router: Netns,
+    client_router: Netns,
+    backend_router: Netns,
     node: Netns,
 }
 
@@ -103,55 +121,84 @@ fn default_via(ns: &Netns, gw: Dual) {
 }
 
 impl Namespaces {
-    fn build(prefix: &str) -> Self {
+    fn build(prefix: &str, small: Small) -> Self {
         let node = node_netns(&format!("{prefix}-node"));
-        // The router forwards like a node (same sysctls).
-        let router = node_netns(&format!("{prefix}-router"));
+        // The routers forward like a node (same sysctls).
+        let client_router = node_netns(&format!("{prefix}-rc"));
+        let backend_router = node_netns(&format!("{prefix}-rb"));
         let client = Netns::create(&format!("{prefix}-client"));
         let backend = Netns::create(&format!("{prefix}-backend"));
         client.sysctls(&HOST_SYSCTLS);
         backend.sysctls(&HOST_SYSCTLS);
+        let mtu = SMALL_MTU.to_string();
 
-        veth(&node, "h-cl", &client, "eth0");
-        address(&node, "h-cl", Dual::host(1, 1));
+        veth(&client_router, "rc-cl", &client, "eth0");
+        if small == Small::ClientSide {
+            client_router.ip(&["link", "set", "rc-cl", "mtu", &mtu]);
+        }
+        address(&client_router, "rc-cl", Dual::host(1, 1));
         address(&client, "eth0", Dual::host(1, 2));
         default_via(&client, Dual::host(1, 1));
 
-        veth(&node, "h-rt", &router, "r-node");
-        address(&node, "h-rt", Dual::host(2, 1));
-        address(&router, "r-node", Dual::host(2, 2));
-        default_via(&router, Dual::host(2, 1));
+        veth(&node, "h-rc", &client_router, "rc-node");
+        address(&node, "h-rc", Dual::host(4, 1));
+        address(&client_router, "rc-node", Dual::host(4, 2));
+        default_via(&client_router, Dual::host(4, 1));
 
-        veth(&router, "r-be", &backend, "eth0");
-        router.ip(&["link", "set", "r-be", "mtu", &SMALL_MTU.to_string()]);
-        address(&router, "r-be", Dual::host(3, 1));
+        veth(&node, "h-rb", &backend_router, "rb-node");
+        address(&node, "h-rb", Dual::host(2, 1));
+        address(&backend_router, "rb-node", Dual::host(2, 2));
+        default_via(&backend_router, Dual::host(2, 1));
+
+        veth(&backend_router, "rb-be", &backend, "eth0");
+        if small == Small::BackendSide {
+            backend_router.ip(&["link", "set", "rb-be", "mtu", &mtu]);
+        }
+        address(&backend_router, "rb-be", Dual::host(3, 1));
         address(&backend, "eth0", Dual::host(3, 2));
         default_via(&backend, Dual::host(3, 1));
 
         node.sysctls(&[
-            ("net/ipv4/conf/h-cl/rp_filter", "0"),
-            ("net/ipv4/conf/h-rt/rp_filter", "0"),
+            ("net/ipv4/conf/h-rc/rp_filter", "0"),
+            ("net/ipv4/conf/h-rb/rp_filter", "0"),
         ]);
-        node.ip(&["route", "add", "198.18.3.0/24", "via", "198.18.2.2"]);
-        node.ip(&["-6", "route", "add", "fd00:3::/64", "via", "fd00:2::2"]);
+        for (net, via) in [(1, 4), (3, 2)] {
+            let (net, via) = (Dual::host(net, 0), Dual::host(via, 2));
+            node.ip(&[
+                "route",
+                "add",
+                &format!("{}/24", net.v4),
+                "via",
+                &via.v4.to_string(),
+            ]);
+            node.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{}/64", net.v6),
+                "via",
+                &via.v6.to_string(),
+            ]);
+        }
         Self {
             client,
             backend,
-            router,
+            client_router,
+            backend_router,
             node,
         }
     }
 }
 
-/// The backend's sink: a thread in its namespace accepting one connection
-/// at a time on `[::]:8080`, reading it to EOF and answering the byte
-/// count. Dropping it stops and joins the thread.
-struct Sink {
+/// The backend's server: a thread in its namespace serving one connection
+/// at a time on `[::]:8080` (see the module's doc for what it does).
+/// Dropping it stops and joins the thread.
+struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Sink {
+impl Server {
     fn start(ns: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -172,18 +219,18 @@ impl Sink {
             };
             while !flag.load(Ordering::SeqCst) {
                 match listener.accept() {
-                    Ok((stream, _)) => drain(stream, &flag),
+                    Ok((stream, _)) => serve(stream, &flag),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(20));
                     }
-                    Err(e) => eprintln!("sink: accept: {e}"),
+                    Err(e) => eprintln!("server: accept: {e}"),
                 }
             }
         });
         match ready_rx.recv_timeout(Duration::from_secs(5)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("the sink did not start: {e}"),
-            Err(e) => panic!("the sink did not report: {e}"),
+            Ok(Err(e)) => panic!("the server did not start: {e}"),
+            Err(e) => panic!("the server did not report: {e}"),
         }
         Self {
             stop,
@@ -192,10 +239,41 @@ impl Sink {
     }
 }
 
-/// Reads STREAM to EOF (or until STOP), then answers the count.
-fn drain(mut stream: TcpStream, stop: &AtomicBool) {
+/// One connection: the 8-byte count, then an upload or a download.
+fn serve(mut stream: TcpStream, stop: &AtomicBool) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let mut count = [0u8; 8];
+    let mut have = 0;
+    while have < count.len() && !stop.load(Ordering::SeqCst) {
+        match stream.read(&mut count[have..]) {
+            Ok(0) => return,
+            Ok(n) => have += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+    let download = u64::from_be_bytes(count);
+    if download == 0 {
+        drain(stream, stop);
+        return;
+    }
+    let chunk = vec![0xa5_u8; 64 * 1024];
+    let mut sent = 0_u64;
+    while sent < download && !stop.load(Ordering::SeqCst) {
+        let n = chunk
+            .len()
+            .min(usize::try_from(download - sent).unwrap_or(usize::MAX));
+        if stream.write_all(&chunk[..n]).is_err() {
+            return;
+        }
+        sent += n as u64;
+    }
+}
+
+/// Reads STREAM to EOF (or until STOP), then answers the count.
+fn drain(mut stream: TcpStream, stop: &AtomicBool) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0_u64;
     while !stop.load(Ordering::SeqCst) {
@@ -211,13 +289,13 @@ fn drain(mut stream: TcpStream, stop: &AtomicBool) {
     }
 }
 
-impl Drop for Sink {
+impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
-            eprintln!("warning: the sink thread panicked");
+            eprintln!("warning: the server thread panicked");
         }
     }
 }
@@ -226,7 +304,7 @@ impl Drop for Sink {
 pub(crate) struct PmtuLab {
     agent: Option<ChildGuard>,
     pins: PinGuard,
-    _sink: Sink,
+    _server: Server,
     namespaces: Namespaces,
     manifests: ManifestDir,
     log: PathBuf,
@@ -235,9 +313,9 @@ pub(crate) struct PmtuLab {
 }
 
 impl PmtuLab {
-    /// Builds the topology, starts the sink, writes the Service and starts
-    /// the agent (waits until it is ready).
-    pub(crate) fn start() -> Self {
+    /// Builds the topology with SMALL the small link, starts the server,
+    /// writes the Service and starts the agent (waits until it is ready).
+    pub(crate) fn start(small: Small) -> Self {
         require_tools(&["ip", "nsenter"]);
         sweep_stale_netns(TAG);
         sweep_stale_pins(PIN_TAG);
@@ -245,13 +323,13 @@ impl PmtuLab {
         let work = TempDir::create(&prefix);
         let manifests = ManifestDir::create(&work);
         let log = work.0.join("agent.log");
-        let namespaces = Namespaces::build(&prefix);
-        let sink = Sink::start(namespaces.backend.name());
+        let namespaces = Namespaces::build(&prefix, small);
+        let server = Server::start(namespaces.backend.name());
         let pins = PinGuard::new(PIN_TAG, namespaces.node.name());
         let mut lab = Self {
             agent: None,
             pins,
-            _sink: sink,
+            _server: server,
             namespaces,
             manifests,
             _log_on_panic: LogOnPanic(log.clone()),
@@ -271,7 +349,7 @@ impl PmtuLab {
             .arg("--source")
             .arg(self.manifests.source())
             .arg("--attach")
-            .arg("h-cl,h-rt")
+            .arg("h-rc,h-rb")
             .arg("--pin-path")
             .arg(&self.pins.path)
             .arg("--metrics-addr")
@@ -311,6 +389,16 @@ impl PmtuLab {
         self.namespaces.client.name()
     }
 
+    /// The backend's address of FAMILY.
+    pub(crate) fn backend_addr(family: Family) -> IpAddr {
+        Dual::host(3, 2).get(family)
+    }
+
+    /// The client's address of FAMILY.
+    pub(crate) fn client_addr(family: Family) -> IpAddr {
+        Dual::host(1, 2).get(family)
+    }
+
     /// The `/metrics` counter of datapath reason REASON.
     pub(crate) fn reason_count(&self, reason: &str) -> u64 {
         let (status, body) = http_get(self.namespaces.node.name(), metrics_addr(), "/metrics")
@@ -320,16 +408,20 @@ impl PmtuLab {
         super::clients::metric_value(&body, &series).unwrap_or(0)
     }
 
-    /// The path MTU the client's kernel holds for ADDR (`ip route get`'s
-    /// `mtu`, from the route exception an ICMP error creates), if any.
-    pub(crate) fn client_path_mtu(&self, addr: IpAddr) -> Option<u32> {
+    /// The path MTU the client's (or with BACKEND the backend's) kernel
+    /// holds for ADDR (`ip route get`'s `mtu`, from the route exception an
+    /// ICMP error creates), if any.
+    pub(crate) fn path_mtu(&self, backend: bool, addr: IpAddr) -> Option<u32> {
         let family = if addr.is_ipv4() { "-4" } else { "-6" };
-        let out = run_ok(self.namespaces.client.command("ip").args([
-            family,
-            "route",
-            "get",
-            &addr.to_string(),
-        ]));
+        let ns = if backend {
+            &self.namespaces.backend
+        } else {
+            &self.namespaces.client
+        };
+        let out = run_ok(
+            ns.command("ip")
+                .args([family, "route", "get", &addr.to_string()]),
+        );
         let words: Vec<&str> = out.split_whitespace().collect();
         words
             .windows(2)
@@ -338,15 +430,20 @@ impl PmtuLab {
     }
 
     /// The router's counters of errors sent (`Icmp: OutDestUnreachs` /
-    /// `Icmp6: OutPktTooBigs`), to show the errors were sent at all.
-    pub(crate) fn router_errors_sent(&self, family: Family) -> u64 {
+    /// `Icmp6: OutPktTooBigs`), to show the errors were sent at all: the
+    /// router on the SMALL side.
+    pub(crate) fn router_errors_sent(&self, small: Small, family: Family) -> u64 {
+        let router = match small {
+            Small::BackendSide => &self.namespaces.backend_router,
+            Small::ClientSide => &self.namespaces.client_router,
+        };
         let (file, field) = match family {
             Family::V4 => ("/proc/thread-self/net/snmp", "OutDestUnreachs"),
             Family::V6 => ("/proc/thread-self/net/snmp6", "Icmp6OutPktTooBigs"),
         };
         // `thread-self`: `/proc/net` is the process's namespace, not the
         // thread's.
-        let text = in_netns(self.namespaces.router.name(), || {
+        let text = in_netns(router.name(), || {
             std::fs::read_to_string(file).expect("read snmp counters")
         });
         snmp_counter(&text, field).unwrap_or_else(|| panic!("no {field} in {file}"))
@@ -396,10 +493,11 @@ fn web() -> Manifest {
     manifest
 }
 
-/// What one upload saw.
+/// What one transfer saw.
 #[derive(Debug)]
 pub(crate) struct Upload {
-    /// The byte count the backend answered.
+    /// The byte count the other side saw (upload) or the client got
+    /// (download).
     pub(crate) echoed: u64,
     pub(crate) took: Duration,
 }
@@ -422,6 +520,9 @@ pub(crate) fn upload(
         stream
             .set_read_timeout(Some(limit))
             .map_err(|e| e.to_string())?;
+        stream
+            .write_all(&0_u64.to_be_bytes())
+            .map_err(|e| format!("write: {e}"))?;
         let chunk = vec![0x5a_u8; 64 * 1024];
         let mut sent = 0;
         while sent < bytes {
@@ -444,6 +545,45 @@ pub(crate) fn upload(
             .map_err(|e| format!("answer {answer:?}: {e}"))?;
         Ok(Upload {
             echoed,
+            took: start.elapsed(),
+        })
+    })
+}
+
+/// From NS, asks TO for BYTES and reads them to EOF; returns how many came
+/// and how long it took, every socket call bounded by LIMIT.
+pub(crate) fn download(
+    ns: &str,
+    to: SocketAddr,
+    bytes: u64,
+    limit: Duration,
+) -> Result<Upload, String> {
+    in_netns(ns, || {
+        let start = Instant::now();
+        let mut stream =
+            TcpStream::connect_timeout(&to, limit).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(limit))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(&bytes.to_be_bytes())
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0_u64;
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got += n as u64,
+                Err(e) => {
+                    return Err(format!(
+                        "read after {got} bytes, {:?}: {e}",
+                        start.elapsed()
+                    ));
+                }
+            }
+        }
+        Ok(Upload {
+            echoed: got,
             took: start.elapsed(),
         })
     })
