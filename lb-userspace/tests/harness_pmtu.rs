@@ -32,7 +32,7 @@ const BYTES: usize = 4 << 20;
 const STALL_LIMIT: Duration = Duration::from_secs(8);
 
 /// Runs TRANSFER for each family and checks, on the SMALL side's router
-/// and the sender's kernel (the backend's with BACKEND_SENDS), that the
+/// and the sender's kernel (the backend's with `backend_sends`), that the
 /// error was sent, translated and acted on.
 fn transfer_completes(
     small: Small,
