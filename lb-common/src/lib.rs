@@ -223,7 +223,8 @@ pub mod limits {
     /// Cilium's `CILIUM_IPV4_FRAG_MAP_MAX_ENTRIES`): an entry is needed only
     /// while one datagram's fragments cross the node (milliseconds), so
     /// 8192 datagrams in flight is far above what a node sees; the oldest
-    /// go first. Preallocated: about 0.6 MiB (IPv4) and 0.8 MiB (IPv6).
+    /// go first. Preallocated: about 0.7 MiB (IPv4) and 0.9 MiB (IPv6),
+    /// elements (72 and 96 bytes with the kernel's header) and buckets.
     pub const FRAG_ENTRIES: u32 = 8192;
     /// Highest backend slot number a service may use (slots 1..=this).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX - 1;
@@ -362,7 +363,9 @@ pub mod reason {
     /// reset (TCP) or an ICMP port unreachable (UDP) sent back to the
     /// client.
     pub const REJECT: u32 = 14;
-    /// Building the reject failed: dropped.
+    /// Building the reject failed, or a refusal was due for an IPv6 first
+    /// fragment (its port unreachable would have to quote the Fragment
+    /// and UDP headers): dropped.
     pub const DROP_REJECT_FAILED: u32 = 15;
     /// Client outside the frontend's source ranges: dropped.
     pub const DROP_SOURCE_RANGE: u32 = 16;

@@ -18,9 +18,10 @@ use aya::maps::{HashMap as AyaHashMap, MapData};
 use lb_common::{Frag4Key, Frag6Key, FragEntry, map_names, prog_names};
 use lb_userspace::model::Protocol;
 
-use support::frames::{Frame, fragments, parse_fragment, reassemble};
+use support::frames::{Frame, assert_port_unreachable, fragments, parse_fragment, reassemble};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, VIP4, VIP6, addrs, frontend, translated,
+    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VIP4, VIP6, addrs,
+    frontend, translated,
 };
 
 /// The families: service address, client address, backends, a datagram id.
@@ -286,4 +287,40 @@ fn a_dry_run_of_a_first_fragment_records_nothing() {
     assert_eq!(frag_entries(&fx), (vec![], vec![]));
     assert!(fx.conntrack().is_empty());
     assert_eq!(fx.reason("nat_new"), 0);
+}
+
+#[test]
+fn a_first_fragment_to_a_service_without_endpoints_is_refused_over_ipv4_dropped_over_ipv6() {
+    let Some(mut fx) = Fixture::new("a_first_fragment_to_a_service_without_endpoints") else {
+        return;
+    };
+    fx.set_services(&[
+        (frontend(VIP4, 53, Protocol::Udp), &[]),
+        (frontend(VIP6, 53, Protocol::Udp), &[]),
+    ]);
+    // IPv4: the port unreachable quotes the IP header and the UDP header,
+    // as for a whole datagram.
+    let frags = fragments(
+        &datagram(sock("198.18.1.2", 40000), sock(VIP4, 53)),
+        &CUTS,
+        3,
+    );
+    let (verdict, out) = fx.run(&frags[0]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_port_unreachable(&out, &frags[0]);
+    assert_eq!(fx.reason("reject"), 1);
+    // IPv6: the quote (fixed header and 8 bytes) would end at the Fragment
+    // header, and the client's kernel could not match it to its socket:
+    // dropped instead.
+    let frags = fragments(
+        &datagram(sock("fd00:1::2", 40000), sock(VIP6, 53)),
+        &CUTS,
+        3,
+    );
+    let (verdict, _) = fx.run(&frags[0]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.reason("drop_reject_failed"), 1);
+    // Nothing recorded: the later fragments pass.
+    assert_eq!(frag_entries(&fx), (vec![], vec![]));
+    assert!(fx.conntrack().is_empty());
 }
