@@ -6,9 +6,10 @@
 //! datagram to a `ClusterIP` is translated (the first: addresses, port and
 //! UDP checksum; the later ones: addresses), the reassembled datagram's
 //! checksum holds, replies in fragments are translated back (at ingress
-//! and at egress), a later fragment ahead of its first or of no service
-//! flow is passed byte for byte and creates no state, and a dry run
-//! writes no fragment entry.
+//! and at egress), a source-NATed flow's fragments get the node's address
+//! both ways, a later fragment ahead of its first or of no service flow is
+//! passed byte for byte and creates no state, and a dry run writes no
+//! fragment entry.
 
 mod support;
 
@@ -16,12 +17,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap as AyaHashMap, MapData};
 use lb_common::{Frag4Key, Frag6Key, FragEntry, map_names, prog_names};
-use lb_userspace::model::Protocol;
+use lb_userspace::model::{FrontendKind, Protocol};
 
 use support::frames::{Frame, assert_port_unreachable, fragments, parse_fragment, reassemble};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VIP4, VIP6, addrs,
-    frontend, translated,
+    BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VIP4,
+    VIP6, addrs, frontend, node_config, spec, translated,
 };
 
 /// The families: service address, client address, backends, a datagram id.
@@ -323,4 +324,42 @@ fn a_first_fragment_to_a_service_without_endpoints_is_refused_over_ipv4_dropped_
     // Nothing recorded: the later fragments pass.
     assert_eq!(frag_entries(&fx), (vec![], vec![]));
     assert!(fx.conntrack().is_empty());
+}
+
+#[test]
+fn source_nated_fragments_are_translated_both_ways() {
+    let Some(mut fx) = Fixture::new("source_nated_fragments_are_translated_both_ways") else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    for (node, client, backend, id) in [
+        (NODE4, "198.18.9.2", "198.18.12.2:8080", 0x4242),
+        (NODE6, "fd00:9::2", "[fd00:12::2]:8080", 0x4242_4242),
+    ] {
+        // A NodePort to a remote backend: source NAT to the node.
+        let node_port = sock(node, 30053);
+        let backends = addrs(&[backend]);
+        fx.set_specs(&[(
+            frontend(node, 30053, Protocol::Udp),
+            spec(FrontendKind::NodePort, &backends),
+        )]);
+        let request = datagram(sock(client, 45000), node_port);
+        let frags = fragments(&request, &CUTS, id);
+        let out = run_all(&mut fx, prog_names::TC_LB, &frags);
+        let (src, dst, l4) = reassemble(&out);
+        assert_eq!((src, dst), (node_port.ip(), backends[0].ip()), "{node}");
+        let snat = SocketAddr::new(src, u16::from_be_bytes([l4[0], l4[1]]));
+        assert_ne!(snat.port(), 45000, "{node}: source port not mapped");
+        assert_eq!(l4, request.with_dst(backends[0]).with_src(snat).l4());
+        assert_later_data_untouched(&frags, &out);
+        // The backend answers the node in fragments; the client gets the
+        // NodePort back, on its own address and port.
+        let answer = request.with_dst(backends[0]).with_src(snat).reply();
+        let frags = fragments(&answer, &CUTS, id + 1);
+        let out = run_all(&mut fx, prog_names::TC_LB, &frags);
+        let (src, dst, l4) = reassemble(&out);
+        assert_eq!((src, dst), (node_port.ip(), request.src.ip()), "{node}");
+        assert_eq!(l4, request.reply().l4(), "{node}: reassembled reply");
+        assert_later_data_untouched(&frags, &out);
+    }
 }
