@@ -343,7 +343,7 @@ impl<L: Link, const EXT: usize> Family for V6<L, EXT> {
         // A first fragment's port unreachable would have to quote the
         // Fragment header and the UDP header for the client's kernel to
         // find its socket; the reply quotes the fixed header and 8 bytes.
-        if EXT != 0 {
+        if crate::frag::has_frag_header::<Self>(ctx) {
             return Err(Verdict::drop(lb_common::reason::DROP_REJECT_FAILED));
         }
         reject::reject6::<L>(ctx)

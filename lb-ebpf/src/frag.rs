@@ -46,23 +46,33 @@ use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, V6, placeholder_backend},
     fwd,
-    hdr::ipv6::FRAG_HLEN,
+    hdr::ipv6::{self, FRAG_HLEN},
     lb,
     maps::count_service,
+    skb::read,
     tc::{Packet, reply_entry_of},
     verdict::Verdict,
 };
 
 /// IPv6 with a Fragment header before the UDP header (a first fragment,
-/// or an atomic fragment: offset 0 and no more fragments).
+/// or an atomic fragment: offset 0 and no more fragments), as the parse
+/// step reads it.
 pub(crate) type V6Frag<L> = V6<L, FRAG_HLEN>;
 
-/// `Packet::frag` bit: the packet is a first fragment (more follow):
-/// record its ports once it is translated.
+/// `Packet::frag`: the packet is a first fragment (more follow): record
+/// its ports once it is translated.
 pub(crate) const FIRST: u32 = 1;
-/// `Packet::frag` bit: an IPv6 Fragment header sits before the UDP header
-/// (the to-backend step runs as `V6Frag`).
-pub(crate) const V6_HEADER: u32 = 2;
+
+/// True when an IPv6 packet's fixed header is followed by a Fragment header
+/// (a first or atomic fragment past the parse step: its UDP header is
+/// `FRAG_HLEN` further). The to-backend step is shared with whole
+/// datagrams and asks the packet, so that the conntrack and backend
+/// choice code is not copied for fragments (half again the instructions
+/// the verifier walks).
+#[inline(always)]
+pub(crate) fn has_frag_header<F: Family>(ctx: &TcContext) -> bool {
+    !F::IS_V4 && read::<u8>(ctx, F::L3_OFF + ipv6::NEXT_HDR_OFF) == Ok(ipv6::NEXTHDR_FRAGMENT)
+}
 
 /// The key of the datagram of `tuple` (its addresses and protocol as they
 /// arrived) with identification `id`.

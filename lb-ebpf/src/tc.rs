@@ -41,8 +41,8 @@ pub(crate) struct Packet {
     /// `ct::ANSWER_DUE`, `ct::ANSWERED`) on the tuple above; reset for
     /// every packet.
     pub(crate) answer: u32,
-    /// `frag::FIRST`, `frag::V6_HEADER` bits of a fragment going through
-    /// the pipeline; reset for every packet.
+    /// `frag::FIRST` for a first fragment going through the pipeline;
+    /// reset for every packet.
     pub(crate) frag: u32,
     /// The datagram's identification, for a fragment (see `frag`).
     pub(crate) frag_id: u32,
@@ -125,8 +125,6 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
     if !EGRESS && code == GO_TO_BACKEND {
         code = if v4_packet {
             to_backend_sub::<V4<L>>(ctx, packet)
-        } else if packet.frag & frag::V6_HEADER != 0 {
-            to_backend_sub::<V6Frag<L>>(ctx, packet)
         } else {
             to_backend_sub::<V6<L>>(ctx, packet)
         };
@@ -197,13 +195,16 @@ fn try_v4<L: Link, const EGRESS: bool>(
     }
     let frag_off = u16::from_be(ip.frag_off_be);
     if frag_off & ipv4::FRAG_MASK != 0 {
-        if ip.proto != proto::UDP {
-            return Err(Verdict::pass(reason::PASS_FRAGMENT));
-        }
-        packet.frag_id = u32::from(u16::from_be(ip.id_be));
+        // The protocol of a first fragment is checked in `translate`: a
+        // check here would have the compiler copy that whole step for it.
         if frag_off & ipv4::FRAG_OFFSET_MASK != 0 {
+            if ip.proto != proto::UDP {
+                return Err(Verdict::pass(reason::PASS_FRAGMENT));
+            }
+            packet.frag_id = u32::from(u16::from_be(ip.id_be));
             return Ok(later_fragment(&mut packet.tuple4, ip.saddr, ip.daddr));
         }
+        packet.frag_id = u32::from(u16::from_be(ip.id_be));
         packet.frag = frag::FIRST;
     }
     let ip_total = u16::from_be(ip.tot_len_be);
@@ -245,12 +246,9 @@ fn try_v6<L: Link, const EGRESS: bool>(
         }
         // Offset 0: the UDP header follows. Without M, an atomic fragment
         // (RFC 6946): a whole datagram, nothing to record.
-        packet.frag = frag::V6_HEADER
-            | if frag_off & ipv6::FRAG_MORE != 0 {
-                frag::FIRST
-            } else {
-                0
-            };
+        if frag_off & ipv6::FRAG_MORE != 0 {
+            packet.frag = frag::FIRST;
+        }
         return translate::<V6Frag<L>, EGRESS>(
             ctx,
             ip.saddr,
@@ -325,9 +323,18 @@ fn translate<F: Family, const EGRESS: bool>(
 ) -> Result<u64, Verdict> {
     let l4_off = F::L4_OFF;
     let bad_length = Verdict::pass(reason::PASS_BAD_LENGTH);
+    // Read opaquely: known to the compiler, it would copy this whole step
+    // for first fragments (twice the code for the verifier to walk).
+    // SAFETY: a field of the per-CPU scratch.
+    let first_fragment =
+        unsafe { core::ptr::read_volatile(&raw const packet.frag) } & frag::FIRST != 0;
     // Lengths are checked once the L4 header is known to be there (a cut
     // header is `pass_truncated`).
     let tcp_flags = if l4_proto == proto::TCP {
+        // TCP is not translated in fragments (see `frag`).
+        if first_fragment {
+            return Err(Verdict::pass(reason::PASS_FRAGMENT));
+        }
         ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off)?;
         let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
         // The data offset: at least the fixed header, within the segment.
@@ -346,16 +353,18 @@ fn translate<F: Family, const EGRESS: bool>(
         let udp_len = u32::from(u16::from_be(read::<u16>(ctx, l4_off + UDP_LEN_OFF)?));
         // A first fragment's UDP length is the whole datagram's: at least
         // what this fragment carries.
-        let fits = if packet.frag & frag::FIRST == 0 {
-            udp_len <= l4_len
-        } else {
+        let fits = if first_fragment {
             udp_len >= l4_len
+        } else {
+            udp_len <= l4_len
         };
         #[expect(clippy::cast_possible_truncation, reason = "8")]
         if udp_len < UDP_HLEN as u32 || !fits {
             return Err(bad_length);
         }
         0
+    } else if first_fragment {
+        return Err(Verdict::pass(reason::PASS_FRAGMENT));
     } else {
         return Err(Verdict::pass(reason::PASS_OTHER_PROTO));
     };
@@ -367,7 +376,7 @@ fn translate<F: Family, const EGRESS: bool>(
         dport_be: ports.dport_be,
         proto: l4_proto,
     };
-    if packet.frag & frag::FIRST != 0 {
+    if first_fragment {
         // For `frag::record` once translated.
         *F::packet_tuple(packet) = tuple;
     }
@@ -495,9 +504,12 @@ fn to_backend<F: Family>(
         ))?;
     }
     decode_unit(if F::IS_V4 {
-        rewrite_to_backend::<F>(ctx, tuple, &flow)
+        rewrite_to_backend::<F, 0>(ctx, tuple, &flow)
+    } else if frag::has_frag_header::<F>(ctx) {
+        // An IPv6 first fragment: its UDP header after the Fragment header.
+        rewrite_to_backend_sub::<F, { ipv6::FRAG_HLEN }>(ctx, tuple, &flow)
     } else {
-        rewrite_to_backend_sub::<F>(ctx, tuple, &flow)
+        rewrite_to_backend_sub::<F, 0>(ctx, tuple, &flow)
     })?;
     count_service(frontend.rev_nat_id, ctx.len());
     Ok(Verdict::pass(if established {
@@ -507,10 +519,14 @@ fn to_backend<F: Family>(
     }))
 }
 
-/// DNAT (and SNAT) of a packet towards its flow's backend, with a scalar
-/// result (`encode_unit`).
+/// DNAT (and SNAT) of a packet towards its flow's backend (its L4 header
+/// `EXT` bytes after `F::L4_OFF`), with a scalar result (`encode_unit`).
 #[inline(always)]
-fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
+fn rewrite_to_backend<F: Family, const EXT: usize>(
+    ctx: &TcContext,
+    tuple: &Tuple<F::Addr>,
+    flow: &Flow<F>,
+) -> u64 {
     let mut new = *tuple;
     new.daddr = flow.backend.addr;
     new.dport_be = flow.backend.port_be;
@@ -518,19 +534,19 @@ fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: 
         new.saddr = flow.nat_addr;
         new.sport_be = flow.nat_port_be;
     }
-    encode_unit(xlate::rewrite::<F>(ctx, tuple, &new))
+    encode_unit(xlate::rewrite_at::<F, EXT>(ctx, tuple, &new))
 }
 
 /// `rewrite_to_backend` as a subprogram, for IPv6: inlined, its 16-byte
 /// addresses make the caller's frame too large for the verifier's 512-byte
 /// limit on the deepest call chain. (IPv4 inlines it: a call less.)
 #[inline(never)]
-fn rewrite_to_backend_sub<F: Family>(
+fn rewrite_to_backend_sub<F: Family, const EXT: usize>(
     ctx: &TcContext,
     tuple: &Tuple<F::Addr>,
     flow: &Flow<F>,
 ) -> u64 {
-    rewrite_to_backend::<F>(ctx, tuple, flow)
+    rewrite_to_backend::<F, EXT>(ctx, tuple, flow)
 }
 
 /// A packet matching a reply entry: restore the service address as source
