@@ -33,9 +33,10 @@
 //! IPv6: a Fragment header right after the fixed header (what Linux and
 //! other stacks send for UDP without further extension headers) is
 //! handled; after other extension headers the packet is passed
-//! (`PASS_EXT_HDR`), so the parse stays one bounded read. The first
-//! fragment goes through the pipeline as family `V6Frag`, whose L4 header
-//! is 8 bytes further.
+//! (`PASS_EXT_HDR`), so the parse stays one bounded read. The parse step
+//! reads the first fragment as family `V6Frag`, whose UDP header is 8
+//! bytes further; the to-backend step, shared with whole datagrams, finds
+//! the header again (`has_frag_header`).
 
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, helpers::bpf_csum_update, programs::TcContext,
