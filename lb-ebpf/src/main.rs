@@ -37,6 +37,8 @@ mod ct;
 #[cfg(target_arch = "bpf")]
 mod family;
 #[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
 mod fwd;
 #[cfg(any(target_arch = "bpf", test))]
 mod hash;
