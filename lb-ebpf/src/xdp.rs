@@ -14,7 +14,10 @@
 //!   default does with every translated packet;
 //! - everything else leaves unchanged (`XDP_PASS`) and TC does what it
 //!   does without XDP: not IP, VLAN tags, broadcast and multicast frames,
-//!   fragments, IP options and extension headers, other protocols,
+//!   ICMP (errors about flows are translated at TC, `icmp_err`), later
+//!   fragments (first fragments are translated and recorded as at TC, so
+//!   TC translates the rest), IP options and extension headers, other
+//!   protocols,
 //!   refusals (TC builds the ICMP error or reset), replies that are not
 //!   usable, traffic that is no service's;
 //! - drops (source ranges, spoofed replies, a failed rewrite) are drops.
@@ -39,6 +42,7 @@ use crate::{
     ct,
     ctx::Ctx,
     family::{Family, V4, V6},
+    frag,
     hdr::{
         Eth,
         eth::{
@@ -49,7 +53,7 @@ use crate::{
     maps::{LB_PACKET, count_reason},
     probe,
     skb::{read, write},
-    tc::{self, GO_TO_BACKEND},
+    tc::{self, GO_TO_BACKEND, GO_TO_FRAG, GO_TO_ICMP},
     verdict::Verdict,
     zeroed::zeroed_in_place,
 };
@@ -107,6 +111,7 @@ fn try_run(ctx: &XdpContext) -> Result<(u32, u32), (u32, u32)> {
     // SAFETY: per-CPU scratch used by this run only.
     let packet = unsafe { &mut *packet };
     packet.answer = 0;
+    packet.frag = 0;
     let mut code = if v4_packet {
         tc::v4::<Eth, false>(ctx, packet)
     } else {
@@ -118,6 +123,11 @@ fn try_run(ctx: &XdpContext) -> Result<(u32, u32), (u32, u32)> {
         } else {
             ct::answer::<V6<Eth>>(&packet.tuple6, packet.answer);
         }
+    }
+    // ICMP errors and later fragments: TC's (the parse step changed no
+    // byte of them).
+    if code == GO_TO_ICMP || code == GO_TO_FRAG {
+        return Err(TO_TC);
     }
     if code == GO_TO_BACKEND {
         code = if v4_packet {
@@ -132,6 +142,15 @@ fn try_run(ctx: &XdpContext) -> Result<(u32, u32), (u32, u32)> {
         || verdict.reason == reason::NAT_REPLY;
     if translated {
         count_reason(verdict.reason);
+        if packet.frag & frag::FIRST != 0 {
+            // A first fragment: its datagram's later fragments, which TC
+            // translates, follow it (as `tc::try_run` records it).
+            if v4_packet {
+                frag::record::<V4<Eth>>(packet);
+            } else {
+                frag::record::<V6<Eth>>(packet);
+            }
+        }
         let stat = if v4_packet {
             forward::<V4<Eth>>(ctx)
         } else {
