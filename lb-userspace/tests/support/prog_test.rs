@@ -181,15 +181,6 @@ impl Fixture {
         self.run_with_ctx(name, frame, Some(&ctx))
     }
 
-    /// Runs `lb_tc` once on `frame` as a dry run (`lb explain`'s mark,
-    /// `skb->mark`, the third 32-bit field of `struct __sk_buff`): the
-    /// program writes no map.
-    pub(crate) fn run_dry(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut ctx = [0u8; 192];
-        ctx[8..12].copy_from_slice(&lb_common::probe::MARK.to_ne_bytes());
-        self.run_with_ctx(lb_common::prog_names::TC_LB, frame, Some(&ctx))
-    }
-
     /// Runs `lb_tc` once on `frame` as a GSO packet of segments of
     /// `gso_size` bytes (as BIG TCP's are).
     pub(crate) fn run_gso(&mut self, frame: &[u8], gso_size: u32) -> (u32, Vec<u8>) {
