@@ -8,7 +8,10 @@
 //! `REPLIED`), where a TCP flow lives 6 h after its last packet, 10 s after
 //! a FIN or RST in either direction (`CLOSING`, set on both entries). A
 //! flood of new flows thus churns the map of new flows only and never
-//! evicts an answered flow.
+//! evicts an answered flow. A closing flow ends at once when its client
+//! reuses the port for a new connection: to the service (a bare SYN on
+//! its service entry, `usable`) or straight to the backend
+//! (`end_closed_flow`).
 
 use core::mem::MaybeUninit;
 
@@ -446,6 +449,9 @@ fn reply_entry<F: Family>(
 pub(crate) const ANSWER_DUE: u32 = 1 << 8;
 /// `Packet::answer`: its reply entry is in the main map.
 pub(crate) const ANSWERED: u32 = 1 << 9;
+/// `Packet::answer`: not a reply but a client's bare SYN to no service
+/// (the tuple is the SYN's): `answer` hands it to `end_closed_flow`.
+pub(crate) const DIRECT_SYN: u32 = 1 << 10;
 
 /// A reply from the backend that changes its flow's service entry: the
 /// first one (`REPLIED` on both entries; they move to the main map when
@@ -456,11 +462,15 @@ pub(crate) const ANSWERED: u32 = 1 << 9;
 /// flags with `ANSWER_DUE` and `ANSWERED` (the reply entry is in the main
 /// map). Runs after the packet's own step, from `tc::run`, so that its
 /// frame does not add to the parse step's; best effort (a failed move
-/// leaves the flow where it was).
+/// leaves the flow where it was). With `DIRECT_SYN`, `reply` is a client's
+/// SYN instead: see `end_closed_flow`.
 #[inline(never)]
 pub(crate) fn answer<F: Family>(reply: &Tuple<F::Addr>, mode: u32) -> u64 {
     if crate::probe::dry_run() {
         return 0;
+    }
+    if mode & DIRECT_SYN != 0 {
+        return end_closed_flow::<F>(reply);
     }
     #[expect(clippy::cast_possible_truncation, reason = "the low byte: TCP flags")]
     let tcp_flags = mode as u8;
@@ -513,4 +523,79 @@ pub(crate) fn answer<F: Family>(reply: &Tuple<F::Addr>, mode: u32) -> u64 {
         }
     }
     0
+}
+
+/// A client's bare SYN to no service (`syn`), on the tuple a backend
+/// answers one of our flows on: the SYN's reverse is that flow's reply
+/// key, so the client reuses the port of a connection through a Service
+/// for a direct one to the same backend. When that flow is closing (or
+/// dead), it ends now: its reply and service entries are deleted, so that
+/// the new connection's SYN+ACK and everything after it reach the client
+/// untranslated, as the kernel's conntrack deletes a closed connection a
+/// new SYN reopens (`nf_conntrack_proto_tcp.c`). A live flow is left
+/// alone: the backend sees both connections as one tuple, so the direct
+/// one cannot work, and the live one must not break (README "Known
+/// deviations"). Runs from `answer` (see `tc::translate`); a subprogram:
+/// its frame adds to `answer`'s only.
+#[inline(never)]
+pub(crate) fn end_closed_flow<F: Family>(syn: &Tuple<F::Addr>) -> u64 {
+    let reply = Tuple {
+        saddr: syn.daddr,
+        daddr: syn.saddr,
+        sport_be: syn.dport_be,
+        dport_be: syn.sport_be,
+        proto: syn.proto,
+    };
+    let key = ct_key(&reply, ct_dir::REPLY);
+    let now = now_ns();
+    end_closed_in::<F>(&key, &reply, now, true);
+    end_closed_in::<F>(&key, &reply, now, false);
+    0
+}
+
+/// `end_closed_flow` in one map (the main one when `answered`): a flow's
+/// two entries are in the same map (`promote` moves both).
+#[inline(always)]
+fn end_closed_in<F: Family>(
+    key: &CtKey<F::Addr>,
+    reply: &Tuple<F::Addr>,
+    now: u64,
+    answered: bool,
+) {
+    let map = table::<F>(answered);
+    let Some(entry) = map.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: map value pointer, read in place.
+    let current = unsafe { &*entry };
+    if current.flags & ct_flags::CLOSING == 0 && usable(current, reply.proto, 0, now, answered) {
+        return;
+    }
+    let (rev_nat_id, backend_id) = (current.rev_nat_id, current.backend_id);
+    // The flow's service key, as in `answer`: the client's own address and
+    // port (the NAT ones when source-NATed) to the frontend.
+    // SAFETY: the value is copied out at once.
+    if let Some(frontend) = unsafe { F::rev_nats().get(&rev_nat_id) } {
+        let mut service_key = CtKey {
+            saddr: reply.daddr,
+            daddr: frontend.addr,
+            sport_be: reply.dport_be,
+            dport_be: frontend.port_be,
+            proto: reply.proto,
+            dir: ct_dir::SERVICE,
+            _pad: [0; 2],
+        };
+        if current.flags & ct_flags::SNAT != 0 {
+            service_key.saddr = F::from_nat(&current.nat_addr);
+            service_key.sport_be = current.nat_port_be;
+        }
+        if let Some(own) = map.get_ptr(&service_key) {
+            // SAFETY: map value pointer, read in place.
+            let own = unsafe { &*own };
+            if own.rev_nat_id == rev_nat_id && own.backend_id == backend_id {
+                let _ = map.remove(&service_key);
+            }
+        }
+    }
+    let _ = map.remove(key);
 }

@@ -39,8 +39,8 @@ pub(crate) struct Packet {
     /// TCP flags (0 for UDP).
     pub(crate) tcp_flags: u8,
     /// Non-zero when a reply asked for `ct::answer` (its TCP flags and
-    /// `ct::ANSWER_DUE`, `ct::ANSWERED`) on the tuple above; reset for
-    /// every packet.
+    /// `ct::ANSWER_DUE`, `ct::ANSWERED`) on the tuple above, or a client's
+    /// SYN to no service did (`ct::DIRECT_SYN`); reset for every packet.
     pub(crate) answer: u32,
     /// `frag::FIRST` for a first fragment going through the pipeline;
     /// reset for every packet.
@@ -423,6 +423,14 @@ fn translate<F: Family, const EGRESS: bool>(
     // A service address, but not a port it serves: refuse, as kube-proxy does.
     if lb::is_service_address::<F>(daddr) {
         return ctx.reject::<F>().map(Verdict::encode);
+    }
+    // A client's bare SYN to no service may reuse the port of a closing
+    // flow to this very backend, whose reply entry would translate the
+    // answer back to the service: `ct::end_closed_flow` ends such a flow,
+    // after this step (two lookups per such SYN, none for other packets).
+    if l4_proto == proto::TCP && ct::opens(l4_proto, tcp_flags) {
+        *F::packet_tuple(packet) = tuple;
+        packet.answer = ct::DIRECT_SYN;
     }
     Err(Verdict::pass(reason::PASS_NO_SERVICE))
 }

@@ -6,7 +6,8 @@
 //! closing flow stays closing; a flow keeps its SNAT port when its service
 //! entry goes first; an unanswered TCP flow lives 60 s; segments that cannot
 //! open a connection create no state; a SYN flood larger than the maps
-//! does not evict answered flows. Time is moved by rewriting the entries'
+//! does not evict answered flows; a direct connection to a backend from
+//! the port of a closing flow to it ends that flow. Time is moved by rewriting the entries'
 //! `last_seen_ns` in the pinned maps.
 
 mod support;
@@ -258,6 +259,98 @@ fn closing_flag_is_sticky_on_both_entries_across_a_refresh() {
             fin.bytes(),
             "{vip}: a dead flow's reply is not translated"
         );
+        fx.set_specs(&[]);
+        fx.edit_conntrack(&any, &|_| None);
+    }
+}
+
+/// A client reusing the port of a closing Service flow for a direct
+/// connection to the same backend (no Service involved; found by
+/// `lb-bench socklb`): its SYN ends the old flow, in whichever map it is,
+/// so the backend's SYN+ACK and what follows reach the client untouched
+/// instead of coming back from the Service. A dry run of that SYN changes
+/// nothing; a live flow on the tuple is left alone and goes on (README
+/// "Known deviations").
+#[test]
+fn direct_syn_reusing_a_closing_flows_port_ends_it() {
+    let Some(mut fx) = Fixture::new("direct_syn_reusing_a_closing_flows_port") else {
+        return;
+    };
+    for (vip, _, client, backend) in FAMILIES {
+        let backend: SocketAddr = backend.parse().unwrap();
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[backend]))]);
+        let client = sock(client, 48000);
+        let syn = first(client, &fe);
+        let states = |fx: &Fixture| -> Vec<(&'static str, bool, bool)> {
+            fx.conntrack()
+                .iter()
+                .filter(|r| {
+                    (r.direction == "service" && r.source == client)
+                        || (r.direction == "reply" && r.destination == client)
+                })
+                .map(|r| (r.direction, r.answered, r.closing))
+                .collect()
+        };
+        let untouched = |fx: &mut Fixture, frame: &Frame, what: &str| {
+            let (verdict, out) = fx.run(&frame.bytes());
+            assert_eq!(verdict, TC_ACT_OK, "{vip}: {what}: verdict");
+            assert_eq!(out, frame.bytes(), "{vip}: {what}: not translated");
+        };
+        let (c, b) = (client.to_string(), backend.to_string());
+        let direct = Frame::tcp(&c, &b, TCP_SYN);
+        let direct_answer = Frame::tcp(&b, &c, TCP_SYN | TCP_ACK);
+        let direct_data = Frame::tcp(&b, &c, TCP_ACK | TCP_PSH);
+
+        // A live flow: the direct SYN clashes with it at the backend (one
+        // tuple there); the flow keeps its entries and goes on.
+        to_backend(&mut fx, &syn, backend, vip);
+        reply_restored(&mut fx, &direct_answer, syn.dst, client, vip);
+        to_backend(&mut fx, &flags(&syn, TCP_ACK), backend, vip);
+        let open = [("service", true, false), ("reply", true, false)];
+        assert_eq!(states(&fx), open, "{vip}: established");
+        untouched(&mut fx, &direct, "a direct SYN on a live flow's tuple");
+        assert_eq!(states(&fx), open, "{vip}: the live flow is left alone");
+        to_backend(&mut fx, &flags(&syn, TCP_ACK | TCP_PSH), backend, vip);
+        reply_restored(&mut fx, &direct_data, syn.dst, client, vip);
+
+        // The client closes; a dry run of the direct SYN changes nothing.
+        to_backend(&mut fx, &flags(&syn, TCP_FIN | TCP_ACK), backend, vip);
+        let closing = [("service", true, true), ("reply", true, true)];
+        assert_eq!(states(&fx), closing, "{vip}: closing");
+        let (verdict, out) = fx.run_dry(&direct.bytes());
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_OK, direct.bytes()),
+            "{vip}: dry run"
+        );
+        assert_eq!(states(&fx), closing, "{vip}: a dry run deletes nothing");
+
+        // The direct SYN ends the closing flow (main map): its answer and
+        // the data after it are not translated, and no entry comes back.
+        let passed = fx.reason("pass_no_service");
+        untouched(&mut fx, &direct, "a direct SYN on a closing flow's tuple");
+        assert_eq!(fx.reason("pass_no_service"), passed + 1, "{vip}: passed");
+        assert_eq!(states(&fx), [], "{vip}: the old flow's entries are gone");
+        untouched(&mut fx, &direct_answer, "the direct connection's SYN+ACK");
+        untouched(&mut fx, &flags(&direct, TCP_ACK), "the client's ACK");
+        untouched(&mut fx, &direct_data, "the backend's data");
+        assert_eq!(states(&fx), [], "{vip}: no entry for the direct connection");
+
+        // A flow the backend refused (its RST) is closing in the map of
+        // new flows: the direct SYN ends it there.
+        to_backend(&mut fx, &syn, backend, vip);
+        let reset = Frame::tcp(&b, &c, TCP_RST | TCP_ACK);
+        reply_restored(&mut fx, &reset, syn.dst, client, vip);
+        let refused_flow = [("service", false, true), ("reply", false, true)];
+        assert_eq!(states(&fx), refused_flow, "{vip}: refused, closing");
+        untouched(&mut fx, &direct, "a direct SYN on a refused flow's tuple");
+        assert_eq!(
+            states(&fx),
+            [],
+            "{vip}: the refused flow's entries are gone"
+        );
+        untouched(&mut fx, &direct_answer, "the direct connection's SYN+ACK");
         fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
     }

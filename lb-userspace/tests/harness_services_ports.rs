@@ -20,8 +20,8 @@
 mod support;
 
 use support::clients::{
-    IO_TIMEOUT, assert_refused, assert_source_preserved, assert_spread, assert_timeout, tcp_batch,
-    tcp_once, udp_batch, udp_once,
+    Conn, IO_TIMEOUT, assert_refused, assert_source_preserved, assert_spread, assert_timeout,
+    tcp_batch, tcp_once, tcp_once_from, udp_batch, udp_once,
 };
 use support::cluster::{
     BACKENDS, Cluster, DENIED_WAIT, REFUSE_CONNECT_TIMEOUT, ep, ready, service, vip,
@@ -159,6 +159,35 @@ fn ports_reject_and_internal_traffic_policy() {
                 let what = format!("{family:?} multi TCP 81 (numeric targetPort 9090)");
                 let answers = tcp_batch(&client, vip(10).sock(family, 81), 24);
                 assert_spread(&what, &answers, &["be1:9090", "be2:9090", "be3:9090"]);
+            },
+        );
+        sc.run(
+            &format!("{family:?} a client port reused at once to reach the endpoint directly"),
+            || {
+                // The client closes a connection through the Service and at
+                // once connects straight to the endpoint that served it, from
+                // the same port: the endpoint's answers must not come back
+                // from the Service (they did until the closing flow expired,
+                // 10 s later). 200 ms lets the endpoint close its side too.
+                // Both sockets bind the port with `SO_REUSEADDR` (the first
+                // one is in TIME_WAIT).
+                let what = format!("{family:?} multi TCP 80, then its endpoint directly");
+                let to = vip(10).sock(family, 80);
+                let local = lab.pod("client1").addr.sock(family, 45123);
+                let mut conn = Conn::open_from(&client, local, to)
+                    .unwrap_or_else(|o| panic!("{what}: connect: {o:?}"));
+                let first = conn.ask().answer(&what);
+                drop(conn);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let endpoint = lab.pod(&first.backend).addr.sock(family, first.port);
+                let direct = tcp_once_from(&client, first.local, endpoint, IO_TIMEOUT).answer(
+                    &format!("{what}: direct to {endpoint} from {}", first.local),
+                );
+                assert_eq!(
+                    (direct.backend.as_str(), direct.port, direct.peer),
+                    (first.backend.as_str(), first.port, first.local),
+                    "{what}: the endpoint answered the client's own port"
+                );
             },
         );
         sc.run(

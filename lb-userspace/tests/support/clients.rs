@@ -146,6 +146,64 @@ impl Conn {
         in_netns(ns, || Self::connect(to, IO_TIMEOUT))
     }
 
+    /// Connects from namespace NS out of LOCAL (see `connect_from`).
+    pub(crate) fn open_from(ns: &str, local: SocketAddr, to: SocketAddr) -> Result<Self, Outcome> {
+        in_netns(ns, || Self::connect_from(local, to, IO_TIMEOUT))
+    }
+
+    /// Connects from the current thread's namespace out of the source
+    /// address and port LOCAL, bound with `SO_REUSEADDR`, as a client that
+    /// picks its port: a socket bound so may take a port that another one
+    /// bound so holds in `TIME_WAIT` towards another peer.
+    fn connect_from(local: SocketAddr, to: SocketAddr, timeout: Duration) -> Result<Self, Outcome> {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+            sockopt,
+        };
+        let start = Instant::now();
+        let failed = |e: nix::Error| Outcome::from_error(&io::Error::from(e), start);
+        let family = if local.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(failed)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(failed)?;
+        // A blocking connect gives up after the send timeout.
+        let limit = nix::sys::time::TimeVal::new(
+            i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            i64::from(timeout.subsec_micros()),
+        );
+        setsockopt(&fd, sockopt::SendTimeout, &limit).map_err(failed)?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(local),
+        )
+        .map_err(failed)?;
+        connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrStorage::from(to),
+        )
+        .map_err(|e| {
+            // What a blocking connect returns when the send timeout ends it.
+            if e == nix::Error::EINPROGRESS {
+                Outcome::Timeout
+            } else {
+                failed(e)
+            }
+        })?;
+        let stream = TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)))
+            .map_err(|e| Outcome::Error(format!("set timeouts: {e}")))?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+            local,
+            remote: to,
+        })
+    }
+
     /// Sends one line and reads the answer.
     pub(crate) fn ask(&mut self) -> Outcome {
         let start = Instant::now();
@@ -301,6 +359,22 @@ pub(crate) fn udp_batch(ns: &str, to: SocketAddr, n: usize) -> Vec<Answer> {
 /// One request on a fresh TCP connection from NS.
 pub(crate) fn tcp_once(ns: &str, to: SocketAddr, connect_timeout: Duration) -> Outcome {
     in_netns(ns, || tcp_request(to, connect_timeout))
+}
+
+/// One request on a fresh TCP connection from NS out of LOCAL (see
+/// `Conn::connect_from`).
+pub(crate) fn tcp_once_from(
+    ns: &str,
+    local: SocketAddr,
+    to: SocketAddr,
+    connect_timeout: Duration,
+) -> Outcome {
+    in_netns(ns, || {
+        match Conn::connect_from(local, to, connect_timeout) {
+            Ok(mut conn) => conn.ask(),
+            Err(outcome) => outcome,
+        }
+    })
 }
 
 /// One datagram from a fresh connected UDP socket in NS.
