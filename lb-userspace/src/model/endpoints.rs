@@ -24,30 +24,95 @@ pub(super) struct Conditions {
     pub(super) terminating: bool,
 }
 
-/// One endpoint of a slice, by its first valid address.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct EndpointInfo {
+/// One endpoint of a slice, by its first valid address, as
+/// [`SliceEndpoints::endpoints`] gives it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct EndpointInfo<'a> {
     pub(super) addr: IpAddr,
     /// `nodeName`; compared with the node's name when selecting, so that a
     /// parsed slice does not depend on the node.
-    pub(super) node_name: Option<Box<str>>,
+    pub(super) node_name: Option<&'a str>,
     pub(super) conditions: Conditions,
     /// `hints.forZones` names; empty when there are no hints.
-    pub(super) zones: Vec<String>,
+    pub(super) zones: &'a [String],
     /// `hints.forNodes` names (`trafficDistribution: PreferSameNode`);
     /// empty when there are none.
-    pub(super) nodes: Vec<String>,
+    pub(super) nodes: &'a [String],
+}
+
+/// An endpoint's topology hints, one list of them non-empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Hints {
+    zones: Vec<String>,
+    nodes: Vec<String>,
 }
 
 /// One `EndpointSlice`, validated once however many Service ports use it.
+///
+/// Its endpoints are kept in columns, as the model keeps every slice: at
+/// 100k Services (2M endpoints) a list of endpoint structs (an address
+/// enum, a node name, hints) took ~50 bytes an endpoint, these ~6 (IPv4)
+/// or ~18 (IPv6) when no endpoint has a node name or hints.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceEndpoints {
     pub(super) ipv4: bool,
-    pub(super) endpoints: Vec<EndpointInfo>,
-    /// (name, protocol) -> target port.
+    /// Each endpoint's address, in order: 4 (IPv4) or 16 (IPv6) bytes.
+    addrs: Box<[u8]>,
+    /// Each endpoint's [`Conditions`] as bits ([`Conditions::bits`]).
+    conditions: Box<[u8]>,
+    /// Each endpoint's `nodeName`; empty when no endpoint has one.
+    node_names: Box<[Option<Box<str>>]>,
+    /// Each endpoint's hints; empty when no endpoint has any.
+    hints: Box<[Option<Box<Hints>>]>,
     /// (name, protocol, target port), each (name, protocol) once: a slice
     /// has a few ports, so a list is both smaller and faster than a map.
     pub(super) ports: Vec<(Box<str>, Protocol, u16)>,
+}
+
+impl Conditions {
+    const READY: u8 = 1;
+    const SERVING: u8 = 2;
+    const TERMINATING: u8 = 4;
+
+    fn bits(self) -> u8 {
+        let bit = |set: bool, bit: u8| if set { bit } else { 0 };
+        bit(self.ready, Self::READY)
+            | bit(self.serving, Self::SERVING)
+            | bit(self.terminating, Self::TERMINATING)
+    }
+
+    fn from_bits(bits: u8) -> Self {
+        Self {
+            ready: bits & Self::READY != 0,
+            serving: bits & Self::SERVING != 0,
+            terminating: bits & Self::TERMINATING != 0,
+        }
+    }
+}
+
+impl SliceEndpoints {
+    /// The endpoints, in the slice's order.
+    pub(super) fn endpoints(&self) -> impl Iterator<Item = EndpointInfo<'_>> {
+        let width = if self.ipv4 { 4 } else { 16 };
+        self.addrs
+            .chunks_exact(width)
+            .zip(self.conditions.iter())
+            .enumerate()
+            .map(move |(index, (addr, &conditions))| {
+                let addr = match <[u8; 4]>::try_from(addr) {
+                    Ok(octets) => IpAddr::from(octets),
+                    Err(_) => IpAddr::from(<[u8; 16]>::try_from(addr).unwrap_or_default()),
+                };
+                let hints = self.hints.get(index).and_then(Option::as_deref);
+                EndpointInfo {
+                    addr,
+                    node_name: self.node_names.get(index).and_then(Option::as_deref),
+                    conditions: Conditions::from_bits(conditions),
+                    zones: hints.map_or(&[], |hints| &hints.zones),
+                    nodes: hints.map_or(&[], |hints| &hints.nodes),
+                }
+            })
+    }
 }
 
 /// Slices grouped by the Service they belong to: (namespace, service name).
@@ -133,28 +198,29 @@ pub(super) fn parse_slice(
             return None;
         }
     };
-    Some(SliceEndpoints {
+    let mut parsed = SliceEndpoints {
         ipv4,
-        endpoints: endpoints(slice, ipv4, errors),
+        addrs: Box::default(),
+        conditions: Box::default(),
+        node_names: Box::default(),
+        hints: Box::default(),
         ports: slice_ports(slice, errors),
-    })
-    .map(|mut parsed| {
-        // Parsed slices are kept (`Incremental`): no spare capacity.
-        parsed.endpoints.shrink_to_fit();
-        parsed
-    })
+    };
+    endpoints(slice, &mut parsed, errors);
+    Some(parsed)
 }
 
 /// Validates every address, and keeps the first valid one of each endpoint:
 /// an endpoint's addresses are one pod and fungible (kube-proxy uses only
-/// the first), so taking all would weigh that pod more.
-fn endpoints(
-    slice: &EndpointSlice,
-    ipv4: bool,
-    errors: &mut Vec<ObjectError>,
-) -> Vec<EndpointInfo> {
+/// the first), so taking all would weigh that pod more. Fills the columns
+/// of `parsed` (of its family), each sized exactly: parsed slices are kept.
+fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Vec<ObjectError>) {
+    let ipv4 = parsed.ipv4;
     let family = family_name(ipv4);
-    let mut endpoints = Vec::new();
+    let mut addrs = Vec::new();
+    let mut conditions_of = Vec::new();
+    let mut node_names = Vec::new();
+    let mut hints_of = Vec::new();
     for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
         let mut first_valid = None;
         for text in &endpoint.addresses {
@@ -177,6 +243,10 @@ fn endpoints(
         let Some(addr) = first_valid else {
             continue;
         };
+        match addr {
+            IpAddr::V4(addr) => addrs.extend_from_slice(&addr.octets()),
+            IpAddr::V6(addr) => addrs.extend_from_slice(&addr.octets()),
+        }
         let conditions = endpoint.conditions.as_ref();
         // As kube-proxy reads them (endpointslicecache.go): a nil `ready`
         // or `serving` means true, a nil `terminating` means false.
@@ -185,28 +255,35 @@ fn endpoints(
             serving: conditions.and_then(|c| c.serving).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         };
+        conditions_of.push(conditions.bits());
         let hints = endpoint.hints.as_ref();
-        let zones = hints
+        let zones: Vec<String> = hints
             .and_then(|hints| hints.for_zones.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|zone| zone.name.clone())
             .collect();
-        let nodes = hints
+        let nodes: Vec<String> = hints
             .and_then(|hints| hints.for_nodes.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|node| node.name.clone())
             .collect();
-        endpoints.push(EndpointInfo {
-            addr,
-            node_name: endpoint.node_name.as_deref().map(Box::from),
-            conditions,
-            zones,
-            nodes,
-        });
+        node_names.push(endpoint.node_name.as_deref().map(Box::from));
+        hints_of.push(
+            (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(Hints { zones, nodes })),
+        );
     }
-    endpoints
+    parsed.addrs = addrs.into_boxed_slice();
+    parsed.conditions = conditions_of.into_boxed_slice();
+    // One column entry per endpoint, or none at all when no endpoint has
+    // one (so that equal slices are equal here).
+    if node_names.iter().any(Option::is_some) {
+        parsed.node_names = node_names.into_boxed_slice();
+    }
+    if hints_of.iter().any(Option::is_some) {
+        parsed.hints = hints_of.into_boxed_slice();
+    }
 }
 
 /// The slice's (name, protocol) -> port table. Ports without a number or of

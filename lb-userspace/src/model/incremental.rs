@@ -8,17 +8,16 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::endpoints::{SliceEndpoints, parse_slice, slice_service};
 use super::{
-    ENDPOINT_SLICE, Frontend, FrontendSpec, HealthCheck, Model, NodeContext, ObjectError,
-    ObjectKey, SERVICE, ServiceContext, ServiceOutput, claim_order, key_of, leave_contested,
-    service_output,
+    ClaimOrder, ENDPOINT_SLICE, Frontend, FrontendSpec, HealthCheck, Model, NodeContext,
+    ObjectError, ObjectKey, SERVICE, ServiceContext, ServiceOutput, ServiceRecord, key_of,
+    leave_contested, service_output,
 };
 
 /// One stored Service and what it asked for when last computed.
 struct ServiceEntry {
-    /// `None`: removed, to be forgotten at the next commit. Boxed: a
-    /// Service is ~820 bytes inline, and B-tree nodes of such entries
-    /// left that much unused in each free slot (~35 MiB at 100k).
-    service: Option<Box<Service>>,
+    /// `None`: removed, to be forgotten at the next commit. Boxed: B-tree
+    /// nodes leave each free slot's size unused.
+    service: Option<Box<ServiceRecord>>,
     /// Frontends it claims (served, or refused by a conflict).
     claims: Vec<Frontend>,
     health_check_port: Option<u16>,
@@ -121,12 +120,13 @@ impl Incremental {
                 ));
                 continue;
             }
+            let record = ServiceRecord::new(service);
             let stored = self
                 .services
                 .get(&key)
                 .and_then(|entry| entry.service.as_deref());
-            if stored != Some(service) {
-                self.upsert_service(service.clone());
+            if stored != Some(&record) {
+                self.upsert_record(key, record);
             }
         }
         let gone: Vec<ObjectKey> = self
@@ -174,19 +174,23 @@ impl Incremental {
         }
     }
 
-    /// Adds or replaces a Service.
-    pub fn upsert_service(&mut self, service: Service) {
-        let key = key_of(&service.metadata);
+    /// Adds or replaces a Service. Only what the model needs of it is
+    /// kept: the API object may be dropped.
+    pub fn upsert_service(&mut self, service: &Service) {
+        self.upsert_record(key_of(&service.metadata), ServiceRecord::new(service));
+    }
+
+    fn upsert_record(&mut self, key: ObjectKey, record: ServiceRecord) {
         if let Some(entry) = self.services.get_mut(&key) {
-            if entry.service.as_deref() == Some(&service) {
+            if entry.service.as_deref() == Some(&record) {
                 return;
             }
-            entry.service = Some(Box::new(service));
+            entry.service = Some(Box::new(record));
         } else {
             self.services.insert(
                 key.clone(),
                 ServiceEntry {
-                    service: Some(Box::new(service)),
+                    service: Some(Box::new(record)),
                     claims: Vec::new(),
                     health_check_port: None,
                     errors: Vec::new(),
@@ -350,7 +354,7 @@ impl Incremental {
         let output = self
             .services
             .get(key)
-            .and_then(|entry| self.output_of(entry));
+            .and_then(|entry| self.output_of(key, entry));
         let (old_claims, old_port) = self
             .services
             .get(key)
@@ -465,35 +469,43 @@ impl Incremental {
         }
     }
 
+    /// Where a stored Service comes in [`claim_order`](super::claim_order).
+    fn claim_order<'a>(&'a self, key: &'a ObjectKey) -> Option<ClaimOrder<'a>> {
+        self.services
+            .get(key)
+            .and_then(|entry| entry.service.as_deref())
+            .map(|record| record.claim_order(key))
+    }
+
     /// `None` for a removed Service.
-    fn output_of(&self, entry: &ServiceEntry) -> Option<ServiceOutput> {
-        let service = entry.service.as_deref()?;
-        let meta = &service.metadata;
-        if meta.name.is_none() {
+    fn output_of(&self, key: &ObjectKey, entry: &ServiceEntry) -> Option<ServiceOutput> {
+        let record = entry.service.as_deref()?;
+        let owner = (key.0.as_str(), key.1.as_str());
+        if !record.named {
             return Some(ServiceOutput {
-                errors: vec![ObjectError::for_object(
+                errors: vec![ObjectError::for_key(
                     SERVICE,
-                    meta,
-                    "missing metadata.name",
+                    owner,
+                    "missing metadata.name".to_owned(),
                 )],
                 ..ServiceOutput::default()
             });
         }
-        let owner = key_of(meta);
         let slices: Vec<&SliceEndpoints> = self
             .slices_of
-            .get(&owner)
+            .get(key)
             .into_iter()
             .flatten()
             .filter_map(|name| {
                 self.slices
-                    .get(&(owner.0.clone(), name.clone()))?
+                    .get(&(key.0.clone(), name.clone()))?
                     .parsed
                     .as_ref()
             })
             .collect();
         Some(service_output(
-            service,
+            record,
+            owner,
             &slices,
             &ServiceContext::new(&self.node),
         ))
@@ -510,27 +522,21 @@ impl Incremental {
         }
         self.services.retain(|_, entry| entry.service.is_some());
         let mut keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
-        let order = |key: &ObjectKey| {
-            self.services
-                .get(key)
-                .and_then(|entry| entry.service.as_deref())
-                .map(|service| claim_order(&service.metadata))
-        };
-        keys.sort_by(|a, b| order(a).cmp(&order(b)));
+        keys.sort_by(|a, b| self.claim_order(a).cmp(&self.claim_order(b)));
         self.frontends.clear();
         self.health_checks.clear();
         for key in &keys {
             let Some(entry) = self.services.get(key) else {
                 continue;
             };
-            let (Some(service), Some(mut output)) = (&entry.service, self.output_of(entry)) else {
+            let Some(mut output) = self.output_of(key, entry) else {
                 continue;
             };
             let claims: Vec<Frontend> = output.frontends.iter().map(|(f, _)| *f).collect();
             let port = output.health_check.as_ref().map(|check| check.port);
             leave_contested(
                 &mut output,
-                &service.metadata,
+                (&key.0, &key.1),
                 &self.frontends,
                 &self.health_checks,
             );

@@ -32,7 +32,7 @@ pub(super) struct Selection {
 /// policy) once.
 pub(super) struct Selector<'a> {
     slices: &'a [&'a SliceEndpoints],
-    parsed: &'a ParsedService<'a>,
+    parsed: &'a ParsedService,
     /// This node's name; empty: no endpoint is local.
     node_name: &'a str,
     /// This node's zone, if known.
@@ -45,7 +45,7 @@ impl<'a> Selector<'a> {
     /// `node_name` empty: no endpoint is local.
     pub(super) fn new(
         slices: &'a [&'a SliceEndpoints],
-        parsed: &'a ParsedService<'a>,
+        parsed: &'a ParsedService,
         node_name: &'a str,
         zone: Option<&'a str>,
     ) -> Self {
@@ -87,7 +87,7 @@ impl<'a> Selector<'a> {
     /// reused address, counts once, as a non-terminating one if either is
     /// (kube-proxy's `addEndpoints`).
     fn candidates(&self, port: usize, ipv4: bool) -> Vec<Candidate<'a>> {
-        let port = self.parsed.ports[port];
+        let port = &self.parsed.ports[port];
         let mut candidates: Vec<Candidate<'a>> = self
             .slices
             .iter()
@@ -99,16 +99,15 @@ impl<'a> Selector<'a> {
                     .find(|(name, proto, _)| **name == *port.name && *proto == port.proto)
                     .map(|(_, _, target)| *target)?;
                 let node_name = self.node_name;
-                Some(slice.endpoints.iter().map(move |endpoint| Candidate {
+                Some(slice.endpoints().map(move |endpoint| Candidate {
                     backend: Backend {
                         addr: endpoint.addr,
                         port: target,
-                        node_local: !node_name.is_empty()
-                            && endpoint.node_name.as_deref() == Some(node_name),
+                        node_local: !node_name.is_empty() && endpoint.node_name == Some(node_name),
                     },
                     conditions: endpoint.conditions,
-                    zones: &endpoint.zones,
-                    nodes: &endpoint.nodes,
+                    zones: endpoint.zones,
+                    nodes: endpoint.nodes,
                 }))
             })
             .flatten()
@@ -256,6 +255,9 @@ fn sorted_unique(backends: impl Iterator<Item = Backend>) -> Vec<Backend> {
     let mut backends: Vec<Backend> = backends.collect();
     backends.sort_unstable();
     backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    // Kept in the model's frontends: no spare capacity (a list collected
+    // from a filter doubles its way up, 16 places for 10 endpoints).
+    backends.shrink_to_fit();
     backends
 }
 

@@ -195,7 +195,7 @@ fn contested_frontend_goes_to_the_oldest_service() {
     // ends the same.
     let mut incremental = Incremental::new(NodeContext::default());
     for service in services.iter().rev() {
-        incremental.upsert_service(service.clone().build());
+        incremental.upsert_service(&service.clone().build());
         incremental.commit();
     }
     assert_eq!(incremental.model(), model);
@@ -434,7 +434,7 @@ fn objects_labelled_headless_or_for_another_proxy_are_none_of_ours() {
     // The incremental model, fed one object at a time, agrees.
     let mut incremental = Incremental::new(NodeContext::default());
     for service in services {
-        incremental.upsert_service(service.build());
+        incremental.upsert_service(&service.build());
     }
     for slice in [
         slice("web", "web-1"),

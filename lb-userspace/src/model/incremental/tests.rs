@@ -121,7 +121,7 @@ fn incremental_model_matches_full_build_after_every_change() {
                         let service = random_service(&mut rng);
                         services.insert(key_of(&service.metadata), service.clone());
                         if !via_snapshot {
-                            model.upsert_service(service);
+                            model.upsert_service(&service);
                         }
                     }
                     3 => {
