@@ -227,6 +227,8 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     /// `ICMPv6`.
     pub const ICMPV6: u8 = 58;
+    /// SCTP (RFC 9260).
+    pub const SCTP: u8 = 132;
 }
 
 /// Service key scopes.

@@ -430,6 +430,7 @@ fn run_flow(
     let l4_proto = match flow.protocol.as_deref() {
         None | Some("TCP") => proto::TCP,
         Some("UDP") => proto::UDP,
+        Some("SCTP") => proto::SCTP,
         Some(other) => panic!("{}: protocol {other}", flow.name),
     };
     let actual = ask(fx, maps, catalog, from, to, l4_proto);

@@ -465,6 +465,7 @@ fn protocol(number: u8) -> Option<Protocol> {
     match number {
         lb_common::proto::TCP => Some(Protocol::Tcp),
         lb_common::proto::UDP => Some(Protocol::Udp),
+        lb_common::proto::SCTP => Some(Protocol::Sctp),
         _ => None,
     }
 }
