@@ -320,6 +320,11 @@ fn translate<F: Family, const EGRESS: bool>(
     // SAFETY: the value is copied out at once.
     if let Some(frontend) = unsafe { lb::frontend::<F>(daddr, ports.dport_be, l4_proto) } {
         packet.frontend = *frontend;
+        if packet.frontend.flags & svc_flags::CLUSTER_IP != 0
+            && lb::off_cluster_source::<F>(saddr) != 0
+        {
+            packet.frontend.flags |= svc_flags::OFF_CLUSTER_SOURCE;
+        }
         packet.tcp_flags = tcp_flags;
         *F::packet_tuple(packet) = tuple;
         return Ok(GO_TO_BACKEND);
