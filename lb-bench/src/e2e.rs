@@ -126,7 +126,7 @@ impl Drop for Feed {
 
 /// The three end-to-end tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Test {
+pub(crate) enum Test {
     /// New TCP connections per second, one request each (`Connection: close`).
     ConnRate,
     /// Request latency on one kept-alive connection.
@@ -163,10 +163,10 @@ pub fn missing_tools() -> Vec<&'static str> {
 }
 
 /// One measurement's outcome.
-struct Sample {
+pub(crate) struct Sample {
     /// conn/s, or p50 in µs, or Gbit/s.
-    values: Vec<(&'static str, f64)>,
-    errors: u64,
+    pub(crate) values: Vec<(&'static str, f64)>,
+    pub(crate) errors: u64,
 }
 
 /// Samples of one contender x family x metric.
@@ -289,12 +289,12 @@ fn pinned(ns: &Netns, cpu: usize, program: &str) -> Command {
     }
 }
 
-struct Servers {
+pub(crate) struct Servers {
     _nginx: Daemon,
     _iperf: Daemon,
 }
 
-fn start_servers(topo: &Topology, work: &Path) -> anyhow::Result<Servers> {
+pub(crate) fn start_servers(topo: &Topology, work: &Path) -> anyhow::Result<Servers> {
     let dir = work.join("nginx");
     std::fs::create_dir_all(&dir)?;
     let d = dir.display();
@@ -330,7 +330,12 @@ fn start_servers(topo: &Topology, work: &Path) -> anyhow::Result<Servers> {
 }
 
 /// The address and port a client connects to for CONTENDER.
-fn target(cluster_last: u32, contender: Contender, family: Family, port: u16) -> (IpAddr, u16) {
+pub(crate) fn target(
+    cluster_last: u32,
+    contender: Contender,
+    family: Family,
+    port: u16,
+) -> (IpAddr, u16) {
     match contender {
         Contender::Direct => (
             real_endpoint(family, 0),
@@ -370,7 +375,7 @@ fn wait_http(
     wait_http_to(topo, target(0, contender, family, HTTP_PORT), timeout)
 }
 
-fn wait_http_to(
+pub(crate) fn wait_http_to(
     topo: &Topology,
     (addr, port): (IpAddr, u16),
     timeout: Duration,
@@ -639,7 +644,7 @@ fn unload_rules(topo: &Topology, rules: &mut Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn flush_conntrack(topo: &Topology) {
+pub(crate) fn flush_conntrack(topo: &Topology) {
     for contender in [Contender::Nftables, Contender::Iptables] {
         let _ = sys::output_with_timeout(
             topo.node(contender).command("conntrack").arg("-F"),
@@ -872,7 +877,7 @@ fn run_scale(
     }))
 }
 
-fn measure(
+pub(crate) fn measure(
     topo: &Topology,
     settings: &Settings,
     last: u32,

@@ -7,7 +7,8 @@
 //! lb-bench run ... --control-only --source kube    control plane, API server source
 //! lb-bench report --dir DIR [--publish DOCS_DIR]  markdown + SVG from DIR/*.json
 //! lb-bench manifests --services N --dir DIR      the run's manifests (profiling)
-//! lb-bench socklb --lb PATH [--json FILE]         socket-LB connects/s vs direct (root)
+//! lb-bench socklb --lb PATH [--json FILE] [--quick] socket-LB connects/s vs direct (root)
+//! lb-bench forward --lb PATH --json FILE [--quick]  --forward=stack vs redirect vs direct (root)
 //! ```
 
 // The stand-in API server of the kube source's tests, behind `--source kube`.
@@ -18,6 +19,7 @@
 )]
 mod api_server;
 mod e2e;
+mod forward;
 mod kube;
 mod lifecycle;
 mod report;
@@ -101,8 +103,29 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         secs: u32,
         /// Rounds (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// A smoke run: 10 and 1k Services, 1 s per measurement, 1 round
+        /// (overrides the three above).
+        #[arg(long)]
+        quick: bool,
+    },
+    /// `--forward=stack` against `--forward=redirect` against direct:
+    /// new connections/s and a request/response rate through a
+    /// `ClusterIP`, both families (root).
+    Forward {
+        /// The `lb` binary.
+        #[arg(long)]
+        lb: PathBuf,
+        /// Where to write the JSON results.
+        #[arg(long)]
+        json: PathBuf,
+        /// A smoke run: 1 round of 1 s measurements.
+        #[arg(long)]
+        quick: bool,
+        /// Services.
+        #[arg(long, default_value_t = 10)]
+        services: u32,
     },
     /// Internal: the client of `socklb` (run inside its cgroup).
     #[command(hide = true)]
@@ -183,14 +206,20 @@ fn main() -> anyhow::Result<()> {
             scales,
             secs,
             rounds,
+            quick,
         } => {
             sys::install_signal_handlers();
-            let result = socklb::run(&socklb::Settings {
-                lb,
-                scales,
-                secs,
-                rounds,
-            })?;
+            let settings = if quick {
+                socklb::Settings::quick(lb)
+            } else {
+                socklb::Settings {
+                    lb,
+                    scales,
+                    secs,
+                    rounds,
+                }
+            };
+            let result = socklb::run(&settings)?;
             let text = serde_json::to_string_pretty(&result)?;
             match json {
                 Some(path) => std::fs::write(&path, text)
@@ -199,6 +228,18 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Forward {
+            lb,
+            json,
+            quick,
+            services,
+        } => {
+            sys::install_signal_handlers();
+            write_json(
+                &json,
+                &forward::run(&forward::settings(lb, quick, services))?,
+            )
+        }
         Cmd::ConnectLoop { target, secs } => socklb::connect_loop(target, secs),
         Cmd::Report { dir, publish } => report::render(&dir, publish.as_deref()),
         Cmd::Manifests { services, dir } => {
@@ -206,4 +247,12 @@ fn main() -> anyhow::Result<()> {
             e2e::write_manifests(&rules::Cluster::new(services), &dir)
         }
     }
+}
+
+/// Writes VALUE to PATH, pretty-printed, and says so.
+fn write_json(path: &std::path::Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    eprintln!("[lb-bench] wrote {}", path.display());
+    Ok(())
 }

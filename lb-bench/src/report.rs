@@ -65,6 +65,8 @@ pub fn render(dir: &Path, publish: Option<&Path>) -> anyhow::Result<()> {
         "datapath": read_json(&dir.join("datapath.json")),
         "e2e": read_json(&dir.join("e2e.json")),
         "lifecycle": crate::lifecycle::read(dir),
+        "socklb": read_json(&dir.join("socklb.json")),
+        "forward": read_json(&dir.join("forward.json")),
     });
     if all["run"].is_null() {
         all["run"] = json!({});
@@ -168,7 +170,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn spread(summary: &Value, decimals: usize) -> String {
+pub(crate) fn spread(summary: &Value, decimals: usize) -> String {
     let median = summary["median"].as_f64();
     let (min, max) = (summary["min"].as_f64(), summary["max"].as_f64());
     let n = summary["n"]
@@ -286,6 +288,8 @@ fn markdown(all: &Value) -> String {
     e2e_section(&mut md, e2e);
     control_section(&mut md, e2e);
     crate::lifecycle::section(&mut md, &all["lifecycle"]);
+    crate::socklb::section(&mut md, &all["socklb"]);
+    crate::forward::section(&mut md, &all["forward"]);
     md.push_str(NOTES);
     md
 }

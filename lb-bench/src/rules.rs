@@ -118,6 +118,9 @@ pub struct Cluster {
     pub count: u32,
     /// Endpoint 0 (IPv4) replaced by the change test, by Service index.
     pub overrides: BTreeMap<u32, Ipv4Addr>,
+    /// Whose VIP range the Services take (`lb`'s; the forwarding A/B
+    /// runs a second agent in the nftables contender's node namespace).
+    pub vips: Contender,
 }
 
 impl Cluster {
@@ -125,6 +128,7 @@ impl Cluster {
         Self {
             count,
             overrides: BTreeMap::new(),
+            vips: Contender::Lb,
         }
     }
 
@@ -206,8 +210,8 @@ impl Cluster {
     }
 
     pub fn service_json(&self, i: u32) -> Value {
-        let v4 = vip(Contender::Lb, Family::V4, i).to_string();
-        let v6 = vip(Contender::Lb, Family::V6, i).to_string();
+        let v4 = vip(self.vips, Family::V4, i).to_string();
+        let v6 = vip(self.vips, Family::V6, i).to_string();
         json!({
             "apiVersion": "v1",
             "kind": "Service",

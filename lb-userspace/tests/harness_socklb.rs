@@ -379,6 +379,40 @@ fn udp_socket_of_a_removed_backend_is_ended() {
         return;
     }
     let (lab, _cgroup, mut client) = start("hostns");
+    udp_sockets_of_a_removed_backend_end(&lab, &mut client, "node");
+}
+
+/// With `--socket-lb=all` a pod's connected UDP socket is translated at
+/// the socket too, and `sock_diag` in the agent's namespace cannot see it:
+/// the agent ends it from inside the pod's namespace. A process in a pod
+/// namespace (the lab's client pod, in the test's child cgroup) keeps one
+/// socket per backend through the removal of be1: the be1 socket's next
+/// call fails, the be2 socket is untouched, a new socket reaches be2.
+/// Before the agent entered pod namespaces the be1 socket went on being
+/// answered by be1 (it still runs): this test failed.
+#[test]
+fn pod_udp_socket_of_a_removed_backend_is_ended_with_all() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: pod_udp_socket_of_a_removed_backend_is_ended_with_all")
+    {
+        return;
+    }
+    let (lab, cgroup, _node_client) = start("all");
+    let mut pod_client = SockClient::start(&cgroup, lab.client_ns());
+    let before = reason_count(&lab, "sock_translated");
+    udp_sockets_of_a_removed_backend_end(&lab, &mut pod_client, "pod");
+    assert!(
+        reason_count(&lab, "sock_translated") > before,
+        "the pod's sockets were not translated at the socket (the TC path served them)"
+    );
+}
+
+/// Through CLIENT (WHO: node or pod), for each family: one connected UDP
+/// socket per backend of `web`, be1 removed from the Service, the be1
+/// socket ended (`ECONNABORTED`, or `EDESTADDRREQ` for a send on the now
+/// unconnected socket: both say the socket was ended), the be2 socket
+/// untouched, a new socket on be2; be1 put back.
+fn udp_sockets_of_a_removed_backend_end(lab: &Lab, client: &mut SockClient, who: &str) {
     for family in Family::BOTH {
         let vip = web_vip(family);
         // One connected socket per backend (retry until both are held).
@@ -390,13 +424,13 @@ fn udp_socket_of_a_removed_backend_is_ended() {
             assert_eq!(
                 r["peer"],
                 addr_json(vip, DNS_PORT),
-                "{family:?} connected UDP getpeername: {r}"
+                "{who} {family:?} connected UDP getpeername: {r}"
             );
             let asked = client.call(&json!({"op": "udp_ask", "id": id}));
             assert_eq!(
                 asked["from"],
                 addr_json(vip, DNS_PORT),
-                "{family:?} recv source: {asked}"
+                "{who} {family:?} recv source: {asked}"
             );
             held.entry(backend_of(&asked)).or_insert(id);
             if held.len() == 2 {
@@ -406,13 +440,13 @@ fn udp_socket_of_a_removed_backend_is_ended() {
         assert_eq!(
             held.len(),
             2,
-            "{family:?}: no socket on each backend: {held:?}"
+            "{who} {family:?}: no socket on each backend: {held:?}"
         );
         let since = Instant::now();
         lab.write_manifest("web.json", &lab.web_file(&[("be2", true)]));
         lab.wait_programmed(since, &lab.web_expect(&["be2"]));
         wait_until(
-            &format!("{family:?}: the be1 socket ended"),
+            &format!("{who} {family:?}: the be1 socket ended"),
             Duration::from_secs(3),
             || {
                 let r = client.call(&json!({"op": "udp_ask", "id": held["be1"]}));
@@ -426,10 +460,10 @@ fn udp_socket_of_a_removed_backend_is_ended() {
         assert_eq!(
             backend_of(&r),
             "be2",
-            "{family:?}: the be2 socket was harmed: {r}"
+            "{who} {family:?}: the be2 socket was harmed: {r}"
         );
         let r = client.call(&json!({"op": "udp", "addr": vip.to_string(), "port": DNS_PORT}));
-        assert_eq!(backend_of(&r), "be2", "{family:?}: a new socket: {r}");
+        assert_eq!(backend_of(&r), "be2", "{who} {family:?}: a new socket: {r}");
         for id in held.values() {
             client.call(&json!({"op": "udp_close", "id": id}));
         }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: builds in release mode, runs the per-packet runner
 //! (`lb-userspace/examples/datapath_cost.rs`), the end-to-end and
-//! control-plane benchmarks (`lb-bench`) and the lifecycle phases under
+//! control-plane benchmarks, socket-level load balancing and the
+//! `--forward=stack` vs `redirect` A/B (`lb-bench`), the lifecycle phases under
 //! load (`lb-userspace/tests/harness_lifecycle*.rs`, run longer), then
 //! renders the report.
 //!
@@ -257,6 +258,30 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
             cmd.arg("--quick");
         }
         stage("e2e", cmd, &mut stages, &mut failed);
+    }
+    if wants("socklb") {
+        let mut cmd = Command::new(release.join("lb-bench"));
+        cmd.arg("socklb")
+            .arg("--lb")
+            .arg(release.join("lb"))
+            .arg("--json")
+            .arg(dir.join("socklb.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("socklb", cmd, &mut stages, &mut failed);
+    }
+    if wants("forward") {
+        let mut cmd = Command::new(release.join("lb-bench"));
+        cmd.arg("forward")
+            .arg("--lb")
+            .arg(release.join("lb"))
+            .arg("--json")
+            .arg(dir.join("forward.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("forward", cmd, &mut stages, &mut failed);
     }
 
     if wants("lifecycle") {

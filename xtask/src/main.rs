@@ -46,7 +46,8 @@ enum Task {
         /// docs/bench-results/.
         #[arg(long)]
         quick: bool,
-        /// Only these parts: datapath, e2e, lifecycle (comma-separated;
+        /// Only these parts: datapath, maglev, e2e, socklb, forward,
+        /// lifecycle (comma-separated;
         /// default all).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -74,127 +74,212 @@ impl SockFamily for V6 {
     }
 }
 
-/// What becomes of a `connect()` or `sendmsg()`.
-enum Forward<A> {
+/// What becomes of a `sock_addr` call.
+enum Outcome<A> {
     /// Not for a service (or not a socket we translate): as asked.
     Untouched,
-    /// To this backend address and port (network order).
+    /// Refused with this errno: `ECONNREFUSED` (no usable endpoint, or a
+    /// port the `ClusterIP` does not serve) or `EADDRINUSE` (bind guard).
+    Refuse(i32),
+    /// The call's address and port (network order) become these.
     To(A, u16),
-    /// Refused with `ECONNREFUSED`: no usable endpoint, or a port the
-    /// `ClusterIP` does not serve.
-    Refuse,
+}
+
+impl<A> Outcome<A> {
+    /// The same outcome with the address made a B.
+    #[inline(always)]
+    fn map<B>(self, f: impl FnOnce(A) -> B) -> Outcome<B> {
+        match self {
+            Self::Untouched => Outcome::Untouched,
+            Self::Refuse(errno) => Outcome::Refuse(errno),
+            Self::To(addr, port_be) => Outcome::To(f(addr), port_be),
+        }
+    }
+}
+
+/// The address of a `sock_addr` call as the context holds it.
+#[derive(Clone, Copy)]
+enum UserAddr {
+    /// An IPv4 socket's `user_ip4`.
+    V4(u32),
+    /// An IPv6 socket's `user_ip6` (IPv4-mapped ones included).
+    V6([u32; 4]),
+}
+
+impl UserAddr {
+    /// Reads it (`V6`: from `user_ip6`; 4-byte reads, the only width the
+    /// verifier allows there).
+    #[inline(always)]
+    fn read<const IS_V6: bool>(ctx: &SockAddrContext) -> Self {
+        let sa = ctx.sock_addr;
+        if IS_V6 {
+            // SAFETY: the context; 4-byte reads.
+            Self::V6(unsafe {
+                [
+                    read_volatile(&raw const (*sa).user_ip6[0]),
+                    read_volatile(&raw const (*sa).user_ip6[1]),
+                    read_volatile(&raw const (*sa).user_ip6[2]),
+                    read_volatile(&raw const (*sa).user_ip6[3]),
+                ]
+            })
+        } else {
+            // SAFETY: the context; a 4-byte read.
+            Self::V4(unsafe { read_volatile(&raw const (*sa).user_ip4) })
+        }
+    }
+
+    /// Writes it back (4-byte writes).
+    #[inline(always)]
+    fn write(self, ctx: &SockAddrContext) {
+        let sa = ctx.sock_addr;
+        // SAFETY: the context; 4-byte writes.
+        unsafe {
+            match self {
+                Self::V4(word) => write_volatile(&raw mut (*sa).user_ip4, word),
+                Self::V6(words) => {
+                    write_volatile(&raw mut (*sa).user_ip6[0], words[0]);
+                    write_volatile(&raw mut (*sa).user_ip6[1], words[1]);
+                    write_volatile(&raw mut (*sa).user_ip6[2], words[2]);
+                    write_volatile(&raw mut (*sa).user_ip6[3], words[3]);
+                }
+            }
+        }
+    }
+}
+
+/// The family-generic body of one kind of `sock_addr` call.
+trait SockCall {
+    /// The outcome for a call to `addr:port_be` of family F.
+    fn on<F: SockFamily>(
+        &self,
+        ctx: &SockAddrContext,
+        addr: F::Addr,
+        port_be: u16,
+    ) -> Outcome<F::Addr>;
+}
+
+/// Runs CALL on the context's address: an IPv4 socket's as IPv4, an IPv6
+/// socket's as IPv6, an IPv4-mapped one as IPv4 (written back still
+/// mapped); writes back what it translated to, or fails the call.
+#[inline(always)]
+fn on_call<const IS_V6: bool, C: SockCall>(ctx: &SockAddrContext, call: &C) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context; a 4-byte read.
+    let port_be = port_from_user(unsafe { read_volatile(&raw const (*sa).user_port) });
+    let outcome = match UserAddr::read::<IS_V6>(ctx) {
+        UserAddr::V4(word) => call
+            .on::<V4>(ctx, addr_from_word(word), port_be)
+            .map(|addr| UserAddr::V4(word_from_addr(addr))),
+        UserAddr::V6(words) if is_v4_mapped(words) => call
+            .on::<V4>(ctx, addr_from_word(words[3]), port_be)
+            .map(|addr| {
+                let mut mapped = words;
+                mapped[3] = word_from_addr(addr);
+                UserAddr::V6(mapped)
+            }),
+        UserAddr::V6(words) => call
+            .on::<V6>(ctx, addr6_from_words(words), port_be)
+            .map(|addr| UserAddr::V6(words_from_addr6(&addr))),
+    };
+    match outcome {
+        Outcome::Untouched => ALLOW,
+        Outcome::Refuse(errno) => refuse(errno),
+        Outcome::To(user, port_be) => {
+            user.write(ctx);
+            // SAFETY: the context; a 4-byte write.
+            unsafe { write_volatile(&raw mut (*sa).user_port, port_to_user(port_be)) };
+            ALLOW
+        }
+    }
+}
+
+/// The socket's protocol (`IPPROTO_TCP`, `IPPROTO_UDP`, ...).
+#[inline(always)]
+fn protocol(ctx: &SockAddrContext) -> u32 {
+    // SAFETY: the context; a 4-byte read.
+    unsafe { read_volatile(&raw const (*ctx.sock_addr).protocol) }
+}
+
+/// `connect()` / `sendmsg()`: to a chosen backend.
+struct Connect;
+
+impl SockCall for Connect {
+    #[inline(always)]
+    fn on<F: SockFamily>(
+        &self,
+        ctx: &SockAddrContext,
+        addr: F::Addr,
+        port_be: u16,
+    ) -> Outcome<F::Addr> {
+        let outcome = forward::<F>(ctx, addr, port_be, protocol(ctx));
+        if matches!(outcome, Outcome::To(..)) {
+            count_reason(reason::SOCK_TRANSLATED);
+        }
+        outcome
+    }
+}
+
+/// `getpeername()` / `recvmsg()`: the backend shows as the frontend.
+struct Reverse;
+
+impl SockCall for Reverse {
+    #[inline(always)]
+    fn on<F: SockFamily>(
+        &self,
+        ctx: &SockAddrContext,
+        addr: F::Addr,
+        port_be: u16,
+    ) -> Outcome<F::Addr> {
+        match reverse::<F>(ctx, addr, port_be) {
+            Some((addr, port_be)) => Outcome::To(addr, port_be),
+            None => Outcome::Untouched,
+        }
+    }
+}
+
+/// `bind()`: refused on an external frontend's port (bind guard).
+struct Bind;
+
+impl SockCall for Bind {
+    #[inline(always)]
+    fn on<F: SockFamily>(
+        &self,
+        ctx: &SockAddrContext,
+        addr: F::Addr,
+        port_be: u16,
+    ) -> Outcome<F::Addr> {
+        if bind_taken::<F>(ctx, addr, port_be, protocol(ctx)) {
+            Outcome::Refuse(EADDRINUSE)
+        } else {
+            Outcome::Untouched
+        }
+    }
 }
 
 /// `connect()` / `sendmsg()` on an IPv4 socket.
 #[inline(always)]
 pub(crate) fn forward4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context; 4-byte reads, as the verifier wants them.
-    let (ip, port, protocol) = unsafe {
-        (
-            read_volatile(&raw const (*sa).user_ip4),
-            read_volatile(&raw const (*sa).user_port),
-            read_volatile(&raw const (*sa).protocol),
-        )
-    };
-    match forward::<V4>(ctx, addr_from_word(ip), port_from_user(port), protocol) {
-        Forward::Untouched => ALLOW,
-        Forward::Refuse => refuse(ECONNREFUSED),
-        Forward::To(addr, port_be) => {
-            // SAFETY: the context; 4-byte writes.
-            unsafe {
-                write_volatile(&raw mut (*sa).user_ip4, word_from_addr(addr));
-                write_volatile(&raw mut (*sa).user_port, port_to_user(port_be));
-            }
-            count_reason(reason::SOCK_TRANSLATED);
-            ALLOW
-        }
-    }
+    on_call::<false, _>(ctx, &Connect)
 }
 
 /// `connect()` / `sendmsg()` on an IPv6 socket; an IPv4-mapped address is
 /// served from the IPv4 maps and stays mapped.
 #[inline(always)]
 pub(crate) fn forward6(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let words = read_ip6(ctx);
-    // SAFETY: the context; 4-byte reads.
-    let (port, protocol) = unsafe {
-        (
-            read_volatile(&raw const (*sa).user_port),
-            read_volatile(&raw const (*sa).protocol),
-        )
-    };
-    let port_be = port_from_user(port);
-    let to = if is_v4_mapped(words) {
-        match forward::<V4>(ctx, addr_from_word(words[3]), port_be, protocol) {
-            Forward::Untouched => return ALLOW,
-            Forward::Refuse => return refuse(ECONNREFUSED),
-            Forward::To(addr, port_be) => {
-                let mut mapped = words;
-                mapped[3] = word_from_addr(addr);
-                (mapped, port_be)
-            }
-        }
-    } else {
-        match forward::<V6>(ctx, addr6_from_words(words), port_be, protocol) {
-            Forward::Untouched => return ALLOW,
-            Forward::Refuse => return refuse(ECONNREFUSED),
-            Forward::To(addr, port_be) => (words_from_addr6(&addr), port_be),
-        }
-    };
-    write_ip6(ctx, to.0);
-    // SAFETY: the context; a 4-byte write.
-    unsafe { write_volatile(&raw mut (*sa).user_port, port_to_user(to.1)) };
-    count_reason(reason::SOCK_TRANSLATED);
-    ALLOW
+    on_call::<true, _>(ctx, &Connect)
 }
 
 /// `getpeername()` / `recvmsg()` on an IPv4 socket: the backend the
 /// socket was sent to shows as the frontend it asked for.
 #[inline(always)]
 pub(crate) fn reverse4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context; 4-byte reads.
-    let (ip, port) = unsafe {
-        (
-            read_volatile(&raw const (*sa).user_ip4),
-            read_volatile(&raw const (*sa).user_port),
-        )
-    };
-    if let Some((addr, port_be)) = reverse::<V4>(ctx, addr_from_word(ip), port_from_user(port)) {
-        // SAFETY: the context; 4-byte writes.
-        unsafe {
-            write_volatile(&raw mut (*sa).user_ip4, word_from_addr(addr));
-            write_volatile(&raw mut (*sa).user_port, port_to_user(port_be));
-        }
-    }
-    ALLOW
+    on_call::<false, _>(ctx, &Reverse)
 }
 
 /// `getpeername()` / `recvmsg()` on an IPv6 socket (IPv4-mapped included).
 #[inline(always)]
 pub(crate) fn reverse6(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let words = read_ip6(ctx);
-    // SAFETY: the context; a 4-byte read.
-    let port_be = port_from_user(unsafe { read_volatile(&raw const (*sa).user_port) });
-    let found = if is_v4_mapped(words) {
-        reverse::<V4>(ctx, addr_from_word(words[3]), port_be).map(|(addr, port_be)| {
-            let mut mapped = words;
-            mapped[3] = word_from_addr(addr);
-            (mapped, port_be)
-        })
-    } else {
-        reverse::<V6>(ctx, addr6_from_words(words), port_be)
-            .map(|(addr, port_be)| (words_from_addr6(&addr), port_be))
-    };
-    if let Some((words, port_be)) = found {
-        write_ip6(ctx, words);
-        // SAFETY: the context; a 4-byte write.
-        unsafe { write_volatile(&raw mut (*sa).user_port, port_to_user(port_be)) };
-    }
-    ALLOW
+    on_call::<true, _>(ctx, &Reverse)
 }
 
 /// Socket release: drops the reverse entry of a connected socket (its
@@ -244,43 +329,13 @@ pub(crate) fn release(ctx: &SockContext) -> i32 {
 /// `NodePort`'s traffic (`--socket-lb-bind-guard`).
 #[inline(always)]
 pub(crate) fn bind4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context; 4-byte reads.
-    let (ip, port, protocol) = unsafe {
-        (
-            read_volatile(&raw const (*sa).user_ip4),
-            read_volatile(&raw const (*sa).user_port),
-            read_volatile(&raw const (*sa).protocol),
-        )
-    };
-    if bind_taken::<V4>(ctx, addr_from_word(ip), port_from_user(port), protocol) {
-        return refuse(EADDRINUSE);
-    }
-    ALLOW
+    on_call::<false, _>(ctx, &Bind)
 }
 
 /// `bind()` on an IPv6 socket (IPv4-mapped addresses as IPv4).
 #[inline(always)]
 pub(crate) fn bind6(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    let words = read_ip6(ctx);
-    // SAFETY: the context; 4-byte reads.
-    let (port, protocol) = unsafe {
-        (
-            read_volatile(&raw const (*sa).user_port),
-            read_volatile(&raw const (*sa).protocol),
-        )
-    };
-    let port_be = port_from_user(port);
-    let taken = if is_v4_mapped(words) {
-        bind_taken::<V4>(ctx, addr_from_word(words[3]), port_be, protocol)
-    } else {
-        bind_taken::<V6>(ctx, addr6_from_words(words), port_be, protocol)
-    };
-    if taken {
-        return refuse(EADDRINUSE);
-    }
-    ALLOW
+    on_call::<true, _>(ctx, &Bind)
 }
 
 /// True when binding `addr:port_be` would take the port of an external
@@ -328,17 +383,17 @@ fn forward<F: SockFamily>(
     daddr: F::Addr,
     dport_be: u16,
     protocol: u32,
-) -> Forward<F::Addr> {
+) -> Outcome<F::Addr> {
     if !served_protocol(protocol) {
-        return Forward::Untouched;
+        return Outcome::Untouched;
     }
     let Some(config) = LB_SOCK_CFG_V1.get(0) else {
-        return Forward::Untouched;
+        return Outcome::Untouched;
     };
     // SAFETY: helper on the context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     if !translates(config, netns) {
-        return Forward::Untouched;
+        return Outcome::Untouched;
     }
     #[expect(clippy::cast_possible_truncation, reason = "TCP or UDP, checked above")]
     let l4_proto = protocol as u8;
@@ -360,18 +415,18 @@ fn forward<F: SockFamily>(
     let Some(frontend) = frontend else {
         // A port a `ClusterIP` does not serve: refused, as the TC path does.
         if lb::is_service_address::<F>(daddr) {
-            return Forward::Refuse;
+            return Outcome::Refuse(ECONNREFUSED);
         }
-        return Forward::Untouched;
+        return Outcome::Untouched;
     };
     if frontend.count == 0 {
-        return Forward::Refuse;
+        return Outcome::Refuse(ECONNREFUSED);
     }
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some((_, backend)) = choose::<F>(&frontend, lookup, dport_be, l4_proto, cookie, netns)
     else {
-        return Forward::Refuse;
+        return Outcome::Refuse(ECONNREFUSED);
     };
     let key = SockRevNatKey {
         cookie: cookie.to_ne_bytes(),
@@ -388,7 +443,7 @@ fn forward<F: SockFamily>(
     // Best effort (an LRU): without it the socket still reaches the
     // backend, only `getpeername()`/`recvmsg()` would show the backend.
     let _ = F::sock_revnat().insert(&key, &value, 0);
-    Forward::To(backend.addr, backend.port_be)
+    Outcome::To(backend.addr, backend.port_be)
 }
 
 /// The backend of a new connection: the namespace's affinity if it has a
@@ -480,33 +535,4 @@ fn refuse(errno: i32) -> i32 {
     // SAFETY: helper with a plain argument.
     unsafe { bpf_set_retval(-errno) };
     REFUSE
-}
-
-/// The four words of `user_ip6` (4-byte reads: the verifier allows no
-/// wider ones there).
-#[inline(always)]
-fn read_ip6(ctx: &SockAddrContext) -> [u32; 4] {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context; 4-byte reads.
-    unsafe {
-        [
-            read_volatile(&raw const (*sa).user_ip6[0]),
-            read_volatile(&raw const (*sa).user_ip6[1]),
-            read_volatile(&raw const (*sa).user_ip6[2]),
-            read_volatile(&raw const (*sa).user_ip6[3]),
-        ]
-    }
-}
-
-/// Writes the four words of `user_ip6`.
-#[inline(always)]
-fn write_ip6(ctx: &SockAddrContext, words: [u32; 4]) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context; 4-byte writes.
-    unsafe {
-        write_volatile(&raw mut (*sa).user_ip6[0], words[0]);
-        write_volatile(&raw mut (*sa).user_ip6[1], words[1]);
-        write_volatile(&raw mut (*sa).user_ip6[2], words[2]);
-        write_volatile(&raw mut (*sa).user_ip6[3], words[3]);
-    }
 }

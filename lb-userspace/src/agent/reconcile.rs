@@ -86,8 +86,12 @@ impl Hooks {
             datapath_config: None,
             health: HealthServers::default(),
             maglev: MaglevSync::new(config.capacities.maglev),
-            sockets: (config.socket_lb.mode != crate::datapath::sock::SockLbMode::Off)
-                .then(|| super::sockets::Reaper::new(&config.pin_path)),
+            sockets: (config.socket_lb.mode != crate::datapath::sock::SockLbMode::Off).then(|| {
+                super::sockets::Reaper::new(
+                    &config.pin_path,
+                    config.socket_lb.mode == crate::datapath::sock::SockLbMode::All,
+                )
+            }),
         }
     }
 }

@@ -14,6 +14,20 @@
 //! connected UDP sockets. TCP sockets are left alone: a TCP flow to an
 //! endpoint that left ends with a reset, and draining ones go on, as on
 //! the TC path.
+//!
+//! With `--socket-lb=all` pods' sockets are translated too, and
+//! `sock_diag` sees only the namespace of its netlink socket: the cookies
+//! not found in the agent's namespace are looked for in every other
+//! network namespace of the node (`net::netns`: `/run/netns` and
+//! `/proc/PID/ns/net`), from a thread that joined it. Chosen over a BPF
+//! socket iterator calling the `bpf_sock_destroy` kfunc: an iterator too
+//! walks only the namespace it was created in (so it would need the same
+//! `setns`), needs kernel 6.5, and would be a new program type to load,
+//! pin and upgrade; `sock_diag` works wherever `SOCK_DESTROY` does. The
+//! walk happens only after a sync that left a pod socket on a departed
+//! backend, and stops once every such socket is found. Socket cookies
+//! are unique across namespaces, so another namespace's socket is never
+//! taken for one of ours.
 
 use std::{
     collections::BTreeSet,
@@ -24,7 +38,11 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{Addr4, Addr6, SockRevNat, SockRevNatKey, backend_flags, map_names};
 
-use crate::{error::Causes, net::sockdiag, plan::DatapathState};
+use crate::{
+    error::Causes,
+    net::{netns, sockdiag},
+    plan::DatapathState,
+};
 
 /// One socket reverse-translation entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,13 +78,95 @@ pub(super) fn stale(entries: &[SockEntry], state: &DatapathState) -> BTreeSet<u6
 /// Destroys the node's connected UDP sockets whose backend left.
 pub(super) struct Reaper {
     pin_path: PathBuf,
+    /// `--socket-lb=all`: pods' namespaces hold translated sockets too.
+    pods: bool,
+    /// A namespace could not be entered already (warned once).
+    warned: std::sync::atomic::AtomicBool,
+}
+
+/// What one namespace's pass did.
+#[derive(Default)]
+struct Pass {
+    /// Cookies of the sockets found (destroyed or not).
+    found: BTreeSet<u64>,
+    destroyed: usize,
+}
+
+/// Destroys this thread's namespace's connected UDP sockets whose cookie
+/// is in `to_destroy`.
+fn destroy_here(to_destroy: &BTreeSet<u64>) -> Pass {
+    let mut pass = Pass::default();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let family = u8::try_from(family).unwrap_or_default();
+        let sockets = match sockdiag::connected_udp(family) {
+            Ok(sockets) => sockets,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list connected UDP sockets (sock_diag)");
+                continue;
+            }
+        };
+        for socket in sockets.iter().filter(|s| to_destroy.contains(&s.cookie)) {
+            pass.found.insert(socket.cookie);
+            match sockdiag::destroy(socket) {
+                Ok(()) => pass.destroyed += 1,
+                Err(error) => tracing::warn!(
+                    cookie = socket.cookie,
+                    peer = ?socket.peer,
+                    error = %Causes(&error),
+                    "cannot destroy a UDP socket whose backend left"
+                ),
+            }
+        }
+    }
+    pass
 }
 
 impl Reaper {
-    pub(super) fn new(pin_path: &Path) -> Self {
+    pub(super) fn new(pin_path: &Path, pods: bool) -> Self {
         Self {
             pin_path: pin_path.to_owned(),
+            pods,
+            warned: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Looks for the sockets of LEFT in the node's other namespaces until
+    /// all are found; the number destroyed.
+    fn destroy_in_pods(&self, mut left: BTreeSet<u64>) -> usize {
+        let mut destroyed = 0;
+        for ns in netns::others() {
+            if left.is_empty() {
+                break;
+            }
+            match netns::run_in(&ns.path, || destroy_here(&left)) {
+                Ok(pass) => {
+                    destroyed += pass.destroyed;
+                    left.retain(|c| !pass.found.contains(c));
+                }
+                // Gone meanwhile (a process or pod that ended): nothing
+                // of it to destroy.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::debug!(netns = %ns.path.display(), %error, "cannot enter a network namespace");
+                    if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(
+                            netns = %ns.path.display(),
+                            error = %Causes(&error),
+                            "cannot enter a pod network namespace to end its UDP sockets whose \
+                             backend left (needs CAP_SYS_ADMIN, CAP_SYS_PTRACE and the host's \
+                             PID namespace); such sockets keep their backend"
+                        );
+                    }
+                }
+            }
+        }
+        if !left.is_empty() {
+            tracing::debug!(
+                sockets = left.len(),
+                "sockets whose backend left not found (closed meanwhile)"
+            );
+        }
+        destroyed
     }
 
     /// After a sync that changed backends (STATE: what the maps now hold).
@@ -84,26 +184,12 @@ impl Reaper {
         if to_destroy.is_empty() {
             return;
         }
-        let mut destroyed = 0;
-        for family in [libc::AF_INET, libc::AF_INET6] {
-            let family = u8::try_from(family).unwrap_or_default();
-            let sockets = match sockdiag::connected_udp(family) {
-                Ok(sockets) => sockets,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot list connected UDP sockets (sock_diag)");
-                    continue;
-                }
-            };
-            for socket in sockets.iter().filter(|s| to_destroy.contains(&s.cookie)) {
-                match sockdiag::destroy(socket) {
-                    Ok(()) => destroyed += 1,
-                    Err(error) => tracing::warn!(
-                        cookie = socket.cookie,
-                        peer = ?socket.peer,
-                        error = %Causes(&error),
-                        "cannot destroy a UDP socket whose backend left"
-                    ),
-                }
+        let here = destroy_here(&to_destroy);
+        let mut destroyed = here.destroyed;
+        if self.pods {
+            let left: BTreeSet<u64> = to_destroy.difference(&here.found).copied().collect();
+            if !left.is_empty() {
+                destroyed += self.destroy_in_pods(left);
             }
         }
         self.forget(&entries, &to_destroy);

@@ -3,4 +3,5 @@
 
 pub mod ifaddrs;
 pub mod ifwatch;
+pub mod netns;
 pub mod sockdiag;
