@@ -259,26 +259,7 @@ fn every_outcome(fx: &mut Fixture, f: &Family) {
         assert_eq!(e["reason"], "reject");
         assert_eq!(e["candidates"].as_array().unwrap().len(), 0);
 
-        // SCTP: an INIT to the ClusterIP's SCTP port, translated to a
-        // candidate of that frontend (not the TCP one's).
-        let e = explain(
-            &fx.pin_path,
-            f.outsider,
-            &format!("{}/sctp", sock(f.vip, 3868)),
-        );
-        assert_eq!(
-            (&e["outcome"], &e["reason"]),
-            (&"translated".into(), &"nat_new".into()),
-            "{e}"
-        );
-        assert_eq!(e["candidates"].as_array().unwrap().len(), 3, "{e}");
-        let picked = e["backend"].as_str().unwrap();
-        assert!(
-            f.backends
-                .iter()
-                .any(|b| addrs(&[b])[0].to_string() == picked),
-            "{e}"
-        );
+        sctp_init_is_translated(fx, f);
 
         // Drop: a client outside the load balancer's source ranges.
         let e = explain(&fx.pin_path, f.outsider, &sock(f.lb_ip, 80));
@@ -318,6 +299,29 @@ fn every_outcome(fx: &mut Fixture, f: &Family) {
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(verify_checksums(&out).0.to_string(), vip);
     }
+}
+
+/// An SCTP INIT to the `ClusterIP`'s SCTP port: translated to a candidate
+/// of that frontend (not the TCP one's).
+fn sctp_init_is_translated(fx: &Fixture, f: &Family) {
+    let e = explain(
+        &fx.pin_path,
+        f.outsider,
+        &format!("{}/sctp", sock(f.vip, 3868)),
+    );
+    assert_eq!(
+        (&e["outcome"], &e["reason"]),
+        (&"translated".into(), &"nat_new".into()),
+        "{e}"
+    );
+    assert_eq!(e["candidates"].as_array().unwrap().len(), 3, "{e}");
+    let picked = e["backend"].as_str().unwrap();
+    assert!(
+        f.backends
+            .iter()
+            .any(|b| addrs(&[b])[0].to_string() == picked),
+        "{e}"
+    );
 }
 
 #[test]
