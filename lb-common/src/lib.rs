@@ -65,8 +65,9 @@ pub mod map_names {
     /// renumbered the reasons after it; V3: two more, `sock_translated` and
     /// `sock_refused`, so a V2 pin is too small; V4: more again,
     /// `drop_no_local_endpoint` and the topology ones from `pass_vlan` on;
-    /// V5: `reject_no_flow` and `drop_snat_exhausted`).
-    pub const REASONS: &str = "LB_REASONS_V5";
+    /// V5: `reject_no_flow` and `drop_snat_exhausted`; V6:
+    /// `nat_icmp_error` and `pass_frag_untracked`).
+    pub const REASONS: &str = "LB_REASONS_V6";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
     /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->
@@ -84,6 +85,11 @@ pub mod map_names {
     /// Maglev tables: row `r` is entries `r * M .. (r + 1) * M` (M: the
     /// global `maglev::TABLE_SIZE_GLOBAL`), each a backend id. Array of `u32`.
     pub const MAGLEV_TABLES: &str = "LB_MGLV_TBL_V1";
+    /// IPv4 fragments (LRU, not pinned: an entry lives as long as one
+    /// datagram's fragments are on their way): `Frag4Key` -> `FragEntry`.
+    pub const FRAG4: &str = "LB4_FRAG_V1";
+    /// IPv6 fragments (LRU, not pinned): `Frag6Key` -> `FragEntry`.
+    pub const FRAG6: &str = "LB6_FRAG_V1";
 }
 
 /// Maglev consistent hashing (`--lb-algorithm`, `--maglev-table-size`).
@@ -213,6 +219,13 @@ pub mod limits {
     pub const SOCK_REVNAT_ENTRIES: u32 = 1 << 18;
     /// Source-range prefixes per family, over all frontends.
     pub const SOURCE_RANGES: u32 = 1 << 14;
+    /// Fragmented datagrams tracked at once per family (an LRU, as
+    /// Cilium's `CILIUM_IPV4_FRAG_MAP_MAX_ENTRIES`): an entry is needed only
+    /// while one datagram's fragments cross the node (milliseconds), so
+    /// 8192 datagrams in flight is far above what a node sees; the oldest
+    /// go first. Preallocated: about 0.7 MiB (IPv4) and 0.9 MiB (IPv6),
+    /// elements (72 and 96 bytes with the kernel's header) and buckets.
+    pub const FRAG_ENTRIES: u32 = 8192;
     /// Highest backend slot number a service may use (slots 1..=this).
     pub const MAX_BACKENDS_PER_SERVICE: u16 = u16::MAX - 1;
 }
@@ -334,11 +347,15 @@ pub mod reason {
     pub const PASS_NO_SERVICE: u32 = 4;
     /// Header cut short at some layer: passed untouched.
     pub const PASS_TRUNCATED: u32 = 5;
-    /// IPv4 fragment or IPv6 fragment header: passed untouched.
+    /// A fragment the datapath does not translate: of a protocol other
+    /// than UDP, an IPv4 first fragment too short for the UDP header, an
+    /// IPv6 fragment header after other extension headers: passed
+    /// untouched (UDP fragments are translated, see `FragKey`).
     pub const PASS_FRAGMENT: u32 = 6;
     /// IPv6 extension header before L4: passed untouched.
     pub const PASS_EXT_HDR: u32 = 7;
-    /// L4 protocol other than TCP/UDP (ICMP included): passed.
+    /// L4 protocol other than TCP/UDP (ICMP included, but for errors about
+    /// translated flows: `NAT_ICMP_ERROR`): passed.
     pub const PASS_OTHER_PROTO: u32 = 8;
     /// IPv4 header with options (IHL > 5) or bad IHL: passed untouched.
     pub const PASS_IP_OPTIONS: u32 = 9;
@@ -354,7 +371,9 @@ pub mod reason {
     /// reset (TCP) or an ICMP port unreachable (UDP) sent back to the
     /// client.
     pub const REJECT: u32 = 14;
-    /// Building the reject failed: dropped.
+    /// Building the reject failed, or a refusal was due for an IPv6 first
+    /// fragment (its port unreachable would have to quote the Fragment
+    /// and UDP headers): dropped.
     pub const DROP_REJECT_FAILED: u32 = 15;
     /// Client outside the frontend's source ranges: dropped.
     pub const DROP_SOURCE_RANGE: u32 = 16;
@@ -404,8 +423,20 @@ pub mod reason {
     /// Source NAT needed but every candidate port was taken: dropped (the
     /// agent logs it, `lb_snat_exhausted_total`).
     pub const DROP_SNAT_EXHAUSTED: u32 = 29;
+    /// An ICMP / `ICMPv6` error (destination unreachable, fragmentation
+    /// needed / packet too big, time exceeded, parameter problem) about a
+    /// translated flow: its quoted packet and outer addresses translated
+    /// back, so the host it reaches finds its socket (path-MTU discovery
+    /// through a frontend).
+    pub const NAT_ICMP_ERROR: u32 = 30;
+    /// A UDP fragment other than the first of its datagram, whose first
+    /// fragment was not translated on this device: not service traffic,
+    /// or it overtook its first fragment, or its flow ended in between.
+    /// Passed untouched, no state created (a non-first fragment carries no
+    /// ports, so service traffic cannot be told from other traffic).
+    pub const PASS_FRAG_UNTRACKED: u32 = 31;
     /// Number of reasons (size of the `REASONS` array).
-    pub const COUNT: u32 = 30;
+    pub const COUNT: u32 = 32;
 
     /// Reason names for metrics and the CLI, indexed by reason number.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -439,6 +470,8 @@ pub mod reason {
         "drop_spoofed_source",
         "reject_no_flow",
         "drop_snat_exhausted",
+        "nat_icmp_error",
+        "pass_frag_untracked",
     ];
 }
 
@@ -642,6 +675,43 @@ pub type SourceRange4 = SourceRange<Addr4>;
 /// IPv6 source-range LPM data.
 pub type SourceRange6 = SourceRange<Addr6>;
 
+/// Fragment key over an address `A`: one datagram's fragments, as Cilium
+/// tracks them (`ipv4_frag_id`, `ipv6_frag_id`). Only the first fragment
+/// of a datagram carries its L4 header; the others are matched to its
+/// ports through this key, which every fragment of the datagram carries
+/// unchanged (before translation: the key is that of the fragments as
+/// they arrive).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey<A> {
+    /// Source address, network order.
+    pub saddr: A,
+    /// Destination address, network order.
+    pub daddr: A,
+    /// The datagram's identification as a number: IPv4's 16-bit header
+    /// field, IPv6's 32-bit Fragment header field.
+    pub id: u32,
+    /// IP protocol number of the datagram (`proto::UDP`).
+    pub proto: u8,
+    /// Zero.
+    pub _pad: [u8; 3],
+}
+/// IPv4 fragment key.
+pub type Frag4Key = FragKey<Addr4>;
+/// IPv6 fragment key.
+pub type Frag6Key = FragKey<Addr6>;
+
+/// Fragment value; the same for both families: the L4 ports of the
+/// datagram's first fragment (as it arrived, before translation).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragEntry {
+    /// Source port, network byte order.
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+}
+
 /// Node configuration written by the agent (array of one entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -804,6 +874,9 @@ const _: () = assert!(size_of::<SockRevNat6Key>() == 28);
 const _: () = assert!(size_of::<SockRevNat4>() == 12);
 const _: () = assert!(size_of::<SockRevNat6>() == 24);
 const _: () = assert!(size_of::<SockAffinityKey>() == 12);
+const _: () = assert!(size_of::<Frag4Key>() == 16);
+const _: () = assert!(size_of::<Frag6Key>() == 40);
+const _: () = assert!(size_of::<FragEntry>() == 4);
 // Keys and values holding addresses are 4-aligned (no padding added: every
 // size above is a multiple of 4), so that the eBPF side copies addresses
 // word by word instead of byte by byte.
@@ -813,12 +886,14 @@ const _: () = assert!(align_of::<Lb4RevNat>() == 4 && align_of::<Lb6RevNat>() ==
 const _: () = assert!(align_of::<Ct4Key>() == 4 && align_of::<Ct6Key>() == 4);
 const _: () = assert!(align_of::<Affinity4Key>() == 4 && align_of::<Affinity6Key>() == 4);
 const _: () = assert!(align_of::<SourceRange4>() == 4 && align_of::<SourceRange6>() == 4);
+const _: () = assert!(align_of::<Frag4Key>() == 4 && align_of::<Frag6Key>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, LbConfig, LbKey, LbService, LbStats,
-        MapAddr, RevNat, SockAffinityKey, SockConfig, SockRevNat, SockRevNatKey, SourceRange,
+        AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, FragEntry, FragKey, LbConfig, LbKey,
+        LbService, LbStats, MapAddr, RevNat, SockAffinityKey, SockConfig, SockRevNat,
+        SockRevNatKey, SourceRange,
     };
     // SAFETY: all are repr(C), Copy, with explicit padding: every bit
     // pattern is valid and no byte is uninitialised. The generic ones only
@@ -832,6 +907,8 @@ mod pod {
     unsafe impl<A: MapAddr> aya::Pod for SourceRange<A> {}
     unsafe impl<A: MapAddr> aya::Pod for SockRevNatKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for SockRevNat<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for FragKey<A> {}
+    unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for SockAffinityKey {}
     unsafe impl aya::Pod for SockConfig {}
     unsafe impl aya::Pod for LbService {}
@@ -880,6 +957,8 @@ mod tests {
             (reason::DROP_SPOOFED_SOURCE, "drop_spoofed_source"),
             (reason::REJECT_NO_FLOW, "reject_no_flow"),
             (reason::DROP_SNAT_EXHAUSTED, "drop_snat_exhausted"),
+            (reason::NAT_ICMP_ERROR, "nat_icmp_error"),
+            (reason::PASS_FRAG_UNTRACKED, "pass_frag_untracked"),
         ];
         assert_eq!(pairs.len(), reason::COUNT as usize);
         for (index, name) in pairs {

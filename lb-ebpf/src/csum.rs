@@ -18,6 +18,20 @@ impl CsumDiff {
         Self(self.0 + u64::from(!old) + u64::from(new))
     }
 
+    /// Adds the change of a 16-bit field (as it sits in the packet, read
+    /// natively): a checksum field inside a checksummed message, for one.
+    /// Its place in a 32-bit word does not matter once folded.
+    #[inline(always)]
+    pub(crate) fn half(self, old: u16, new: u16) -> Self {
+        Self(self.0 + u64::from(!old) + u64::from(new))
+    }
+
+    /// Adds another difference.
+    #[inline(always)]
+    pub(crate) fn add(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+
     /// Adds the change of a 4-byte field.
     #[inline(always)]
     pub(crate) fn bytes4(self, old: [u8; 4], new: [u8; 4]) -> Self {

@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Addr4, Addr6, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, LbConfig, LbKey, LbService,
-    RevNat, SourceRange, scope,
+    Addr4, Addr6, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, FragEntry, FragKey,
+    LbConfig, LbKey, LbService, RevNat, SourceRange, scope,
 };
 
 use crate::{
@@ -21,8 +21,9 @@ use crate::{
     hash::flow_hash,
     hdr::{Eth, Link, ipv4, ipv6},
     maps::{
-        LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_RNAT_V2, LB4_SRC_V1, LB4_SVC_V2,
-        LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
+        LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_FRAG_V1, LB4_RNAT_V2, LB4_SRC_V1,
+        LB4_SVC_V2, LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_FRAG_V1, LB6_RNAT_V2,
+        LB6_SRC_V1, LB6_SVC_V2,
     },
     reject,
     tc::Packet,
@@ -56,9 +57,11 @@ pub(crate) trait Family {
     const IS_V4: bool;
     /// Whether the frame starts with an Ethernet header.
     const ETHERNET: bool;
+    /// Offset of the IP header in the frame.
+    const L3_OFF: usize;
     /// Offset of the TCP/UDP header in the frame (the device's link layer
-    /// and the IP header without options or extension headers: packets
-    /// with them are passed untranslated).
+    /// and the IP header without options or extension headers, but for an
+    /// IPv6 Fragment header: packets with others are passed untranslated).
     const L4_OFF: usize;
     /// Bits in an address.
     const ADDR_BITS: u32;
@@ -72,6 +75,8 @@ pub(crate) trait Family {
     fn conntrack_new() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityEntry>;
     fn source_ranges() -> &'static LpmTrie<SourceRange<Self::Addr>, u8>;
+    /// The first fragments' ports (see `frag`).
+    fn fragments() -> &'static LruHashMap<FragKey<Self::Addr>, FragEntry>;
 
     /// `hash::flow_hash` of the tuple.
     fn flow_hash(tuple: &Tuple<Self::Addr>) -> u32;
@@ -166,14 +171,16 @@ pub(crate) fn placeholder_backend<A>(addr: A) -> Backend<A> {
 
 /// IPv4 on a device of link layer `L`.
 pub(crate) struct V4<L = Eth>(PhantomData<L>);
-/// IPv6 on a device of link layer `L`.
-pub(crate) struct V6<L = Eth>(PhantomData<L>);
+/// IPv6 on a device of link layer `L`, with `EXT` bytes of extension
+/// headers before L4: 0, or a Fragment header (`frag::V6Frag`).
+pub(crate) struct V6<L = Eth, const EXT: usize = 0>(PhantomData<L>);
 
 impl<L: Link> Family for V4<L> {
     type Addr = Addr4;
 
     const IS_V4: bool = true;
     const ETHERNET: bool = L::ETHERNET;
+    const L3_OFF: usize = L::L3_OFF;
     const L4_OFF: usize = L::L3_OFF + ipv4::HLEN;
     const ADDR_BITS: u32 = 32;
 
@@ -204,6 +211,10 @@ impl<L: Link> Family for V4<L> {
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRange<Addr4>, u8> {
         &LB4_SRC_V1
+    }
+    #[inline(always)]
+    fn fragments() -> &'static LruHashMap<FragKey<Addr4>, FragEntry> {
+        &LB4_FRAG_V1
     }
     #[inline(always)]
     fn flow_hash(t: &Tuple<Addr4>) -> u32 {
@@ -258,12 +269,13 @@ impl<L: Link> Family for V4<L> {
     }
 }
 
-impl<L: Link> Family for V6<L> {
+impl<L: Link, const EXT: usize> Family for V6<L, EXT> {
     type Addr = Addr6;
 
     const IS_V4: bool = false;
     const ETHERNET: bool = L::ETHERNET;
-    const L4_OFF: usize = L::L3_OFF + ipv6::HLEN;
+    const L3_OFF: usize = L::L3_OFF;
+    const L4_OFF: usize = L::L3_OFF + ipv6::HLEN + EXT;
     const ADDR_BITS: u32 = 128;
 
     #[inline(always)]
@@ -295,6 +307,10 @@ impl<L: Link> Family for V6<L> {
         &LB6_SRC_V1
     }
     #[inline(always)]
+    fn fragments() -> &'static LruHashMap<FragKey<Addr6>, FragEntry> {
+        &LB6_FRAG_V1
+    }
+    #[inline(always)]
     fn flow_hash(t: &Tuple<Addr6>) -> u32 {
         flow_hash(&t.saddr, &t.daddr, t.sport_be, t.dport_be, t.proto)
     }
@@ -324,6 +340,12 @@ impl<L: Link> Family for V6<L> {
     }
     #[inline(always)]
     fn reject(ctx: &TcContext) -> Result<Verdict, Verdict> {
+        // A first fragment's port unreachable would have to quote the
+        // Fragment header and the UDP header for the client's kernel to
+        // find its socket; the reply quotes the fixed header and 8 bytes.
+        if crate::frag::has_frag_header::<Self>(ctx) {
+            return Err(Verdict::drop(lb_common::reason::DROP_REJECT_FAILED));
+        }
         reject::reject6::<L>(ctx)
     }
     #[inline(always)]

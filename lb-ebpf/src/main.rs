@@ -39,11 +39,15 @@ mod ct;
 #[cfg(target_arch = "bpf")]
 mod family;
 #[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
 mod fwd;
 #[cfg(any(target_arch = "bpf", test))]
 mod hash;
 #[cfg(target_arch = "bpf")]
 mod hdr;
+#[cfg(target_arch = "bpf")]
+mod icmp_err;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Lb4Backend, Lb4Key,
-    Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService, LbStats, SockAffinityKey,
-    SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key, SourceRange4,
-    SourceRange6, limits, map_flags, reason,
+    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Frag4Key, Frag6Key,
+    FragEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService,
+    LbStats, SockAffinityKey, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
+    SourceRange4, SourceRange6, limits, map_flags, reason,
 };
 
 #[map]
@@ -76,12 +76,12 @@ pub(crate) static LB_CONFIG_V3: Array<LbConfig> = Array::pinned(1, 0);
 #[map]
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
-static LB_REASONS_V5: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+static LB_REASONS_V6: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V5.get_ptr_mut(reason) {
+    if let Some(counter) = LB_REASONS_V6.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }
@@ -138,3 +138,14 @@ pub(crate) static LB_REJECT_RL: LruHashMap<u32, crate::reject_guard::Bucket> =
 /// loader when it attaches; not pinned, each loaded object gets its own).
 #[map]
 pub(crate) static LB_IFACE_V1: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);
+
+/// The ports of fragmented datagrams' first fragments (see `frag`). Not
+/// pinned: an entry is needed for the milliseconds a datagram's fragments
+/// take to cross the node, so a new program may start with none. A common
+/// LRU: a datagram's fragments may be handled on different CPUs.
+#[map]
+pub(crate) static LB4_FRAG_V1: LruHashMap<Frag4Key, FragEntry> =
+    LruHashMap::with_max_entries(limits::FRAG_ENTRIES, 0);
+#[map]
+pub(crate) static LB6_FRAG_V1: LruHashMap<Frag6Key, FragEntry> =
+    LruHashMap::with_max_entries(limits::FRAG_ENTRIES, 0);

@@ -10,8 +10,9 @@
 //! SNAT, the refusal), and the verdict's reason, which [`finish`] hands
 //! back in `cb[0]` (`probe::ANSWER | reason`).
 //!
-//! The write sites are in `ct.rs` and `lb.rs` (conntrack, affinity) and
-//! `maps.rs` (counters); a new map write must check [`dry_run`] too.
+//! The write sites are in `ct.rs` and `lb.rs` (conntrack, affinity),
+//! `frag.rs` (first fragments' ports) and `maps.rs` (counters); a new map
+//! write must check [`dry_run`] too.
 
 use aya_ebpf::{
     EbpfContext as _, bindings::__sk_buff, macros::map, maps::PerCpuArray, programs::TcContext,

@@ -8,6 +8,7 @@ use lb_common::{Addr4, Addr6, CtEntry, LbService, ct_dir, ct_flags, proto, reaso
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, V4, V6, ct_key, placeholder_backend},
+    frag::{self, V6Frag},
     fwd,
     hdr::{
         Link,
@@ -19,7 +20,7 @@ use crate::{
             UDP_HLEN, UDP_LEN_OFF, sctp_as_tcp_flags,
         },
     },
-    lb,
+    icmp_err, lb,
     maps::{LB_PACKET, count_service},
     skb::{linearize_headers, ptr_at, read},
     verdict::{Verdict, decode_unit, encode_unit},
@@ -44,6 +45,11 @@ pub(crate) struct Packet {
     /// `ct::ANSWER_DUE`, `ct::ANSWERED`) on the tuple above; reset for
     /// every packet.
     pub(crate) answer: u32,
+    /// `frag::FIRST` for a first fragment going through the pipeline;
+    /// reset for every packet.
+    pub(crate) frag: u32,
+    /// The datagram's identification, for a fragment (see `frag`).
+    pub(crate) frag_id: u32,
 }
 
 /// `skb->pkt_type` of a frame for another host's MAC (`linux/if_packet.h`).
@@ -52,6 +58,13 @@ const PACKET_OTHERHOST: u32 = 3;
 /// The parse step found a frontend: `run` runs the to-backend step next.
 /// (Encoded verdicts have bit 62 set and never equal this.)
 const GO_TO_BACKEND: u64 = 1 << 63;
+/// The parse step found a UDP fragment other than the first: `run` runs
+/// `frag::later` next.
+const GO_TO_FRAG: u64 = (1 << 63) | 1;
+
+/// The parse step found an ICMP / `ICMPv6` packet: `run` hands it to
+/// `icmp_err`, a sibling subprogram (not under the parse step's frame).
+const GO_TO_ICMP: u64 = (1 << 63) | 1;
 
 /// The verdict on one packet at ingress (`EGRESS` false) or egress of a
 /// device of link layer `L`. Parse and lookups, then (for a frontend hit
@@ -102,6 +115,7 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
         return Ok(Verdict::pass(reason::PASS_NOT_IP));
     }
     packet.answer = 0;
+    packet.frag = 0;
     let mut code = if v4_packet {
         v4::<L, EGRESS>(ctx, packet)
     } else {
@@ -116,6 +130,13 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
             ct::answer::<V6<L>>(&packet.tuple6, packet.answer);
         }
     }
+    if code == GO_TO_ICMP {
+        code = if v4_packet {
+            icmp_err::error4::<L, EGRESS>(ctx)
+        } else {
+            icmp_err::error6::<L, EGRESS>(ctx)
+        };
+    }
     if !EGRESS && code == GO_TO_BACKEND {
         code = if v4_packet {
             to_backend_sub::<V4<L>>(ctx, packet)
@@ -123,10 +144,25 @@ fn try_run<L: Link, const EGRESS: bool>(ctx: &TcContext) -> Result<Verdict, Verd
             to_backend_sub::<V6<L>>(ctx, packet)
         };
     }
+    if code == GO_TO_FRAG {
+        code = if v4_packet {
+            frag::later::<V4<L>, EGRESS>(ctx, packet)
+        } else {
+            frag::later::<V6<L>, EGRESS>(ctx, packet)
+        };
+    }
     let verdict = Verdict::decode(code);
     let translated = verdict.reason == reason::NAT_NEW
         || verdict.reason == reason::NAT_ESTABLISHED
         || verdict.reason == reason::NAT_REPLY;
+    if translated && packet.frag & frag::FIRST != 0 {
+        // A first fragment: its datagram's later fragments follow it.
+        if v4_packet {
+            frag::record::<V4<L>>(packet);
+        } else {
+            frag::record::<V6<L>>(packet);
+        }
+    }
     // At egress the packet is already on its way out of its device.
     if !EGRESS && translated && fwd::redirect_enabled() {
         // `--forward=redirect`: forward it ourselves (see `fwd`); the stack
@@ -172,8 +208,22 @@ fn try_v4<L: Link, const EGRESS: bool>(
     if ip.version_ihl & 0x0f != 5 {
         return Err(Verdict::pass(reason::PASS_IP_OPTIONS));
     }
-    if u16::from_be(ip.frag_off_be) & ipv4::FRAG_MASK != 0 {
-        return Err(Verdict::pass(reason::PASS_FRAGMENT));
+    let frag_off = u16::from_be(ip.frag_off_be);
+    if frag_off & ipv4::FRAG_MASK != 0 {
+        // The protocol of a first fragment is checked in `translate`: a
+        // check here would have the compiler copy that whole step for it.
+        if frag_off & ipv4::FRAG_OFFSET_MASK != 0 {
+            if ip.proto != proto::UDP {
+                return Err(Verdict::pass(reason::PASS_FRAGMENT));
+            }
+            packet.frag_id = u32::from(u16::from_be(ip.id_be));
+            return Ok(later_fragment(&mut packet.tuple4, ip.saddr, ip.daddr));
+        }
+        packet.frag_id = u32::from(u16::from_be(ip.id_be));
+        packet.frag = frag::FIRST;
+    }
+    if ip.proto == proto::ICMP {
+        return Ok(GO_TO_ICMP);
     }
     let ip_total = u16::from_be(ip.tot_len_be);
     translate::<V4<L>, EGRESS>(ctx, ip.saddr, ip.daddr, ip.proto, ip_total, packet)
@@ -190,11 +240,11 @@ fn try_v6<L: Link, const EGRESS: bool>(
         return Err(Verdict::pass(reason::PASS_TRUNCATED));
     }
     let next = ip.next_hdr;
-    if next == ipv6::NEXTHDR_FRAGMENT {
-        return Err(Verdict::pass(reason::PASS_FRAGMENT));
-    }
     if ipv6::is_extension(next) {
         return Err(Verdict::pass(reason::PASS_EXT_HDR));
+    }
+    if next == proto::ICMPV6 {
+        return Ok(GO_TO_ICMP);
     }
     // As an IPv4 total length: the payload length does not count the fixed
     // header (0 stays 0: BIG TCP).
@@ -205,7 +255,45 @@ fn try_v6<L: Link, const EGRESS: bool>(
     } else {
         payload_len.saturating_add(ipv6::HLEN as u16)
     };
+    if next == ipv6::NEXTHDR_FRAGMENT {
+        let fh: ipv6::FragHdr = read(ctx, L::L3_OFF + ipv6::HLEN)?;
+        if fh.next_hdr != proto::UDP {
+            return Err(Verdict::pass(reason::PASS_FRAGMENT));
+        }
+        packet.frag_id = u32::from_be(fh.id_be);
+        let frag_off = u16::from_be(fh.frag_off_be);
+        if frag_off & ipv6::FRAG_OFFSET_MASK != 0 {
+            return Ok(later_fragment(&mut packet.tuple6, ip.saddr, ip.daddr));
+        }
+        // Offset 0: the UDP header follows. Without M, an atomic fragment
+        // (RFC 6946): a whole datagram, nothing to record.
+        if frag_off & ipv6::FRAG_MORE != 0 {
+            packet.frag = frag::FIRST;
+        }
+        return translate::<V6Frag<L>, EGRESS>(
+            ctx,
+            ip.saddr,
+            ip.daddr,
+            fh.next_hdr,
+            ip_total,
+            packet,
+        );
+    }
     translate::<V6<L>, EGRESS>(ctx, ip.saddr, ip.daddr, next, ip_total, packet)
+}
+
+/// Leaves a UDP fragment other than the first in the scratch for
+/// `frag::later` (its ports are not known yet).
+#[inline(always)]
+fn later_fragment<A: Copy>(tuple: &mut Tuple<A>, saddr: A, daddr: A) -> u64 {
+    *tuple = Tuple {
+        saddr,
+        daddr,
+        sport_be: 0,
+        dport_be: 0,
+        proto: proto::UDP,
+    };
+    GO_TO_FRAG
 }
 
 /// The L4 bytes the IP header declares (`total`: the IPv4 total length,
@@ -219,11 +307,10 @@ fn declared_l4_len<F: Family>(ctx: &TcContext, total: u16) -> Result<u32, Verdic
     let bad = Verdict::pass(reason::PASS_BAD_LENGTH);
     // SAFETY: the context of a TC program is an `__sk_buff`.
     let skb = unsafe { &*ctx.as_ptr().cast::<__sk_buff>() };
+    // The IP header and the extension headers before L4 (IPv6: a
+    // Fragment header), which the IP length counts too.
     #[expect(clippy::cast_possible_truncation, reason = "header offsets")]
-    let (l4_off, header) = (
-        F::L4_OFF as u32,
-        if F::IS_V4 { ipv4::HLEN } else { ipv6::HLEN } as u32,
-    );
+    let (l4_off, header) = (F::L4_OFF as u32, (F::L4_OFF - F::L3_OFF) as u32);
     let in_packet = skb.len.checked_sub(l4_off).ok_or(bad)?;
     if total == 0 {
         return if skb.gso_size != 0 {
@@ -273,9 +360,18 @@ fn translate<F: Family, const EGRESS: bool>(
 ) -> Result<u64, Verdict> {
     let l4_off = F::L4_OFF;
     let bad_length = Verdict::pass(reason::PASS_BAD_LENGTH);
+    // Read opaquely: known to the compiler, it would copy this whole step
+    // for first fragments (twice the code for the verifier to walk).
+    // SAFETY: a field of the per-CPU scratch.
+    let first_fragment =
+        unsafe { core::ptr::read_volatile(&raw const packet.frag) } & frag::FIRST != 0;
     // Lengths are checked once the L4 header is known to be there (a cut
     // header is `pass_truncated`).
     let tcp_flags = if l4_proto == proto::TCP {
+        // TCP is not translated in fragments (see `frag`).
+        if first_fragment {
+            return Err(Verdict::pass(reason::PASS_FRAGMENT));
+        }
         ptr_at::<[u8; TCP_HLEN]>(ctx, l4_off)?;
         let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
         // The data offset: at least the fixed header, within the segment.
@@ -292,11 +388,22 @@ fn translate<F: Family, const EGRESS: bool>(
         }
         let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
         let udp_len = u32::from(u16::from_be(read::<u16>(ctx, l4_off + UDP_LEN_OFF)?));
+        // A first fragment's UDP length is the whole datagram's: at least
+        // what this fragment carries.
+        let fits = if first_fragment {
+            udp_len >= l4_len
+        } else {
+            udp_len <= l4_len
+        };
         #[expect(clippy::cast_possible_truncation, reason = "8")]
-        if udp_len < UDP_HLEN as u32 || udp_len > l4_len {
+        if udp_len < UDP_HLEN as u32 || !fits {
             return Err(bad_length);
         }
         0
+    } else if first_fragment {
+        // SCTP is not translated in fragments either (its `CRC32c` covers
+        // the whole packet).
+        return Err(Verdict::pass(reason::PASS_FRAGMENT));
     } else if l4_proto == proto::SCTP {
         sctp_flags::<F>(ctx, ip_total)?
     } else {
@@ -310,6 +417,10 @@ fn translate<F: Family, const EGRESS: bool>(
         dport_be: ports.dport_be,
         proto: l4_proto,
     };
+    if first_fragment {
+        // For `frag::record` once translated.
+        *F::packet_tuple(packet) = tuple;
+    }
     if EGRESS {
         if let Some((entry, answered)) = reply_entry_of::<F>(&tuple, tcp_flags) {
             return from_backend::<F>(ctx, &tuple, entry, tcp_flags, answered, packet)
@@ -349,7 +460,7 @@ fn translate<F: Family, const EGRESS: bool>(
 /// The reply entry a packet matches: in the main map, or (a flow's first
 /// answer) in the map of new flows; with true when in the main map.
 #[inline(always)]
-fn reply_entry_of<F: Family>(
+pub(crate) fn reply_entry_of<F: Family>(
     tuple: &Tuple<F::Addr>,
     tcp_flags: u8,
 ) -> Option<(*mut CtEntry, bool)> {
@@ -439,9 +550,12 @@ fn to_backend<F: Family>(
         ))?;
     }
     decode_unit(if F::IS_V4 {
-        rewrite_to_backend::<F>(ctx, tuple, &flow)
+        rewrite_to_backend::<F, 0>(ctx, tuple, &flow)
+    } else if frag::has_frag_header::<F>(ctx) {
+        // An IPv6 first fragment: its UDP header after the Fragment header.
+        rewrite_to_backend_sub::<F, { ipv6::FRAG_HLEN }>(ctx, tuple, &flow)
     } else {
-        rewrite_to_backend_sub::<F>(ctx, tuple, &flow)
+        rewrite_to_backend_sub::<F, 0>(ctx, tuple, &flow)
     })?;
     count_service(frontend.rev_nat_id, ctx.len());
     Ok(Verdict::pass(if established {
@@ -451,10 +565,14 @@ fn to_backend<F: Family>(
     }))
 }
 
-/// DNAT (and SNAT) of a packet towards its flow's backend, with a scalar
-/// result (`encode_unit`).
+/// DNAT (and SNAT) of a packet towards its flow's backend (its L4 header
+/// `EXT` bytes after `F::L4_OFF`), with a scalar result (`encode_unit`).
 #[inline(always)]
-fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: &Flow<F>) -> u64 {
+fn rewrite_to_backend<F: Family, const EXT: usize>(
+    ctx: &TcContext,
+    tuple: &Tuple<F::Addr>,
+    flow: &Flow<F>,
+) -> u64 {
     let mut new = *tuple;
     new.daddr = flow.backend.addr;
     new.dport_be = flow.backend.port_be;
@@ -462,19 +580,19 @@ fn rewrite_to_backend<F: Family>(ctx: &TcContext, tuple: &Tuple<F::Addr>, flow: 
         new.saddr = flow.nat_addr;
         new.sport_be = flow.nat_port_be;
     }
-    encode_unit(xlate::rewrite::<F>(ctx, tuple, &new))
+    encode_unit(xlate::rewrite_at::<F, EXT>(ctx, tuple, &new))
 }
 
 /// `rewrite_to_backend` as a subprogram, for IPv6: inlined, its 16-byte
 /// addresses make the caller's frame too large for the verifier's 512-byte
 /// limit on the deepest call chain. (IPv4 inlines it: a call less.)
 #[inline(never)]
-fn rewrite_to_backend_sub<F: Family>(
+fn rewrite_to_backend_sub<F: Family, const EXT: usize>(
     ctx: &TcContext,
     tuple: &Tuple<F::Addr>,
     flow: &Flow<F>,
 ) -> u64 {
-    rewrite_to_backend::<F>(ctx, tuple, flow)
+    rewrite_to_backend::<F, EXT>(ctx, tuple, flow)
 }
 
 /// A packet matching a reply entry: restore the service address as source

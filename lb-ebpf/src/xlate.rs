@@ -77,7 +77,18 @@ pub(crate) fn rewrite<F: Family>(
     old: &Tuple<F::Addr>,
     new: &Tuple<F::Addr>,
 ) -> Result<(), Verdict> {
-    let l4_off = F::L4_OFF;
+    rewrite_at::<F, 0>(ctx, old, new)
+}
+
+/// `rewrite` of a packet whose L4 header is `EXT` bytes after
+/// `F::L4_OFF` (an IPv6 first fragment's, after the Fragment header).
+#[inline(always)]
+pub(crate) fn rewrite_at<F: Family, const EXT: usize>(
+    ctx: &TcContext,
+    old: &Tuple<F::Addr>,
+    new: &Tuple<F::Addr>,
+) -> Result<(), Verdict> {
+    let l4_off = F::L4_OFF + EXT;
     let csum = L4Csum::new(old.proto, l4_off);
     // Direct writes first: the checksum helpers invalidate packet pointers.
     let addr_diff = F::write_addrs(ctx, old, new)?;

@@ -139,16 +139,28 @@ fn ipv4_fragments_and_options_are_passed_untouched() {
     let Some(mut fx) = Fixture::new("ipv4_fragments_and_options_are_passed_untouched") else {
         return;
     };
-    fx.set_services(&[(frontend(VIP4, 53, Protocol::Udp), &addrs(&BACKENDS4))]);
-    let frame = Frame::udp("198.18.1.2:40000", "198.19.0.10:53").bytes();
-    // First fragment (MF set) and a later fragment (offset 185*8).
+    fx.set_services(&[
+        (frontend(VIP4, 53, Protocol::Udp), &addrs(&BACKENDS4)),
+        (frontend(VIP4, 80, Protocol::Tcp), &addrs(&BACKENDS4)),
+    ]);
+    // UDP fragments are translated (datapath_frag.rs), TCP ones are not: a
+    // first fragment (MF set) and a later fragment (offset 185*8).
+    let tcp = Frame::tcp("198.18.1.2:40000", "198.19.0.10:80", TCP_SYN).bytes();
     for frag in [0x2000_u16, 185] {
-        let mut input = frame.clone();
+        let mut input = tcp.clone();
         input[20..22].copy_from_slice(&frag.to_be_bytes());
         let (verdict, out) = fx.run(&input);
         assert_eq!((verdict, &out), (TC_ACT_OK, &input));
     }
     assert_eq!(fx.reason("pass_fragment"), 2);
+    // A later UDP fragment whose first was never seen: passed untouched.
+    let frame = Frame::udp("198.18.1.2:40000", "198.19.0.10:53").bytes();
+    let mut input = frame.clone();
+    input[20..22].copy_from_slice(&185_u16.to_be_bytes());
+    let (verdict, out) = fx.run(&input);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &input));
+    assert_eq!(fx.reason("pass_frag_untracked"), 1);
+    assert!(fx.conntrack().is_empty());
     // IHL 6 (an options word).
     let mut input = frame.clone();
     input[14] = 0x46;

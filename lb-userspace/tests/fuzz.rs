@@ -72,6 +72,7 @@ fn random_and_mutated_frames_keep_the_datapath_invariants() {
         "nat_new",
         "nat_established",
         "nat_reply",
+        "nat_icmp_error",
         "reject",
         "pass_no_service",
     ] {

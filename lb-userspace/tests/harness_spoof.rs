@@ -10,6 +10,10 @@
 //! port to the client's socket, as a raw frame on its own link. Both
 //! families. Privileged: root and bpffs.
 //!
+//! The same check guards ICMP errors about a flow (issue 12, "ICMP
+//! errors"): be2 forging a port unreachable from be1's address about the
+//! client's flow is dropped, be1's own is translated for the client.
+//!
 //! Run: `cargo test -p lb-userspace --test harness_spoof -- --nocapture`
 
 mod support;
@@ -17,7 +21,7 @@ mod support;
 use std::time::Duration;
 
 use support::clients::{UdpFlow, metric_value};
-use support::frames::Frame;
+use support::frames::{Frame, icmp_error};
 use support::lab::{DNS_PORT, Lab, vip};
 use support::netns::{in_netns, ns_command};
 use support::pins::require_privileged;
@@ -138,5 +142,82 @@ fn a_pod_cannot_send_as_a_backend() {
         "lb_datapath_packets_total{reason=\"drop_spoofed_source\"}",
     );
     assert_eq!(drops, Some(spoofed), "drops counted");
+    lab.assert_agent_alive();
+}
+
+/// The `/metrics` counter of datapath reason REASON in LAB's agent.
+fn reason_count(lab: &Lab, reason: &str) -> u64 {
+    let (status, metrics) =
+        support::clients::http_get(lab.node_ns(), support::process::metrics_addr(), "/metrics")
+            .expect("/metrics");
+    assert_eq!(status, 200);
+    metric_value(
+        &metrics,
+        &format!("lb_datapath_packets_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0)
+}
+
+#[test]
+fn a_pod_cannot_send_icmp_errors_as_a_backend() {
+    let _serial = serial();
+    if !require_privileged("harness_spoof icmp") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.write_manifest("web.yaml", &lab.web_file(&[("be1", true)]));
+    lab.start_agent();
+    lab.wait_programmed(std::time::Instant::now(), &lab.web_expect(&["be1"]));
+    let client = lab.client_ns().to_owned();
+    let client_addr = lab.topo.client.addr;
+    let be1 = lab.topo.backend("be1");
+    let attacker = lab.topo.backend("be2");
+    for family in Family::BOTH {
+        let v4 = family == Family::V4;
+        let to = vip(family, DNS_PORT);
+        let flow = UdpFlow::open(&client, to);
+        let answer = flow.ask(Duration::from_secs(1)).answer("the real reply");
+        assert_eq!(answer.backend, "be1");
+        // The client's datagram as it reached be1: the error's quote.
+        let quote = Frame::udp(
+            &flow.local().to_string(),
+            &be1.addr.sock(family, 8080).to_string(),
+        )
+        .bytes();
+        let unreachable = if v4 { (3, 3) } else { (1, 4) };
+        let error = icmp_error(
+            be1.addr.get(family),
+            client_addr.get(family),
+            unreachable,
+            [0; 4],
+            &quote[14..],
+        );
+        // be2 sends it as be1: dropped.
+        let (dropped, translated) = (
+            reason_count(&lab, "drop_spoofed_source"),
+            reason_count(&lab, "nat_icmp_error"),
+        );
+        let node_mac = mac_of(lab.node_ns(), &attacker.iface);
+        send_raw(attacker.ns(), &error[14..], v4, node_mac);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            reason_count(&lab, "drop_spoofed_source"),
+            dropped + 1,
+            "{family:?}: a forged error not dropped"
+        );
+        assert_eq!(reason_count(&lab, "nat_icmp_error"), translated);
+        let answer = flow.ask(Duration::from_secs(1)).answer("after the forgery");
+        assert_eq!(answer.backend, "be1");
+        // be1 sends the same error itself: translated for the client.
+        let node_mac = mac_of(lab.node_ns(), &be1.iface);
+        send_raw(be1.ns(), &error[14..], v4, node_mac);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            reason_count(&lab, "nat_icmp_error"),
+            translated + 1,
+            "{family:?}: be1's own error not translated"
+        );
+        assert_eq!(reason_count(&lab, "drop_spoofed_source"), dropped + 1);
+    }
     lab.assert_agent_alive();
 }

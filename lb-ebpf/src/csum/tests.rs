@@ -177,3 +177,39 @@ fn a_folded_difference_adds_as_the_unfolded_one() {
         "nothing added stays 0"
     );
 }
+
+/// A message whose checksum covers a field that is itself a checksum (an
+/// ICMP error quoting an IPv4 header): the outer checksum follows the
+/// inner one's change through `half`, at either half of a word, and
+/// `add` merges differences.
+#[test]
+fn nested_checksum_field_matches_a_full_recompute() {
+    let mut state = 0x1357_9bdf;
+    for _ in 0..2_000 {
+        // [outer check 2][pad 2][inner header 20]: the outer checksum covers all.
+        let mut msg = [0u8; 24];
+        for byte in &mut msg[4..] {
+            *byte = next(&mut state);
+        }
+        let inner = with_check(msg[4..].try_into().unwrap());
+        msg[4..].copy_from_slice(&inner);
+        msg[0..2].copy_from_slice(&[0, 0]);
+        let outer = full(&msg);
+        msg[0..2].copy_from_slice(&outer);
+        let mut rewritten = inner;
+        for byte in &mut rewritten[12..20] {
+            *byte = next(&mut state);
+        }
+        let addrs = CsumDiff::NONE
+            .bytes4(word_at(&inner, 12), word_at(&rewritten, 12))
+            .bytes4(word_at(&inner, 16), word_at(&rewritten, 16));
+        let new_check = addrs.apply(check_of(&inner));
+        rewritten[CHECK_OFF..CHECK_OFF + 2].copy_from_slice(&new_check.to_ne_bytes());
+        let outer_diff = CsumDiff::NONE.add(addrs).half(check_of(&inner), new_check);
+        let old_outer = u16::from_ne_bytes([msg[0], msg[1]]);
+        msg[4..].copy_from_slice(&rewritten);
+        msg[0..2].copy_from_slice(&outer_diff.apply(old_outer).to_ne_bytes());
+        assert_eq!(full(&rewritten), [0, 0]);
+        assert_eq!(full(&msg), [0, 0], "{msg:02x?}");
+    }
+}

@@ -52,6 +52,9 @@ pub(crate) const SADDR_OFF: usize = offset_of!(Ipv4Hdr, saddr);
 pub(crate) const DADDR_OFF: usize = offset_of!(Ipv4Hdr, daddr);
 /// Flags/fragment-offset bits that mark a fragment (MF or an offset).
 pub(crate) const FRAG_MASK: u16 = 0x3fff;
+/// The fragment offset bits (8-byte units): non-zero on every fragment but
+/// the first.
+pub(crate) const FRAG_OFFSET_MASK: u16 = 0x1fff;
 
 /// The pseudo-header of TCP/UDP checksums (RFC 793): source, destination,
 /// a zero byte, the protocol, the TCP/UDP length.

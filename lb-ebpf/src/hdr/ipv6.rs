@@ -44,6 +44,32 @@ pub(crate) const PSEUDO_LEN_LOW_OFF: usize = 34;
 pub(crate) const PSEUDO_NEXT_HDR_OFF: usize = 39;
 pub(crate) const PSEUDO_LEN: usize = 40;
 
+/// The Fragment header (RFC 8200 section 4.5).
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[allow(
+    dead_code,
+    reason = "the wire layout: fields that are never read still place the others"
+)]
+pub(crate) struct FragHdr {
+    /// Protocol of the fragmented datagram (or a further extension header).
+    pub(crate) next_hdr: u8,
+    /// Zero.
+    pub(crate) reserved: u8,
+    /// Offset (8-byte units, high 13 bits) and M flag (bit 0), network order.
+    pub(crate) frag_off_be: u16,
+    /// Identification of the datagram, network order.
+    pub(crate) id_be: u32,
+}
+
+/// Fragment header length.
+pub(crate) const FRAG_HLEN: usize = size_of::<FragHdr>();
+/// The fragment offset bits of `FragHdr::frag_off_be`: non-zero on every
+/// fragment but the first.
+pub(crate) const FRAG_OFFSET_MASK: u16 = 0xfff8;
+/// The M ("more fragments") flag of `FragHdr::frag_off_be`.
+pub(crate) const FRAG_MORE: u16 = 0x0001;
+
 /// Next-header values of extension headers.
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -69,4 +95,5 @@ pub(crate) fn is_extension(next: u8) -> bool {
         || next == NEXTHDR_SHIM6
 }
 
+const _: () = assert!(FRAG_HLEN == 8);
 const _: () = assert!(HLEN == 40 && SADDR_OFF == 8 && DADDR_OFF == 24 && HOP_LIMIT_OFF == 7);

@@ -409,3 +409,212 @@ pub(crate) fn assert_tcp_reset(reply: &[u8], offending: &[u8]) {
         );
     }
 }
+
+/// An ICMP (IPv4) or `ICMPv6` error frame from `src` to `dst`: type
+/// `icmp_type`, `code`, the 4 bytes after the checksum `rest` (the MTU of
+/// "fragmentation needed" / "packet too big"), then `quote` (the IP packet
+/// it is about, as much of it as the sender quotes); every checksum from
+/// scratch.
+pub(crate) fn icmp_error(
+    src: IpAddr,
+    dst: IpAddr,
+    (icmp_type, code): (u8, u8),
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0];
+    icmp.extend(rest);
+    icmp.extend(quote);
+    let mut frame = eth_header(src.is_ipv4());
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let csum = checksum(&icmp, 0);
+            icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+            let total = u16::try_from(20 + icmp.len()).unwrap();
+            let mut ip = vec![0x45, 0xc0];
+            ip.extend(total.to_be_bytes());
+            ip.extend([0, 0, 0, 0, 64, 1, 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let csum = checksum(&ip, 0);
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            frame.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let csum = checksum(&icmp, icmpv6_pseudo_sum(s.octets(), d.octets(), icmp.len()));
+            icmp[2..4].copy_from_slice(&csum.to_be_bytes());
+            frame.extend(ipv6_header(s.octets(), d.octets(), 58, icmp.len()));
+        }
+        _ => panic!("mixed families"),
+    }
+    frame.extend(icmp);
+    frame
+}
+
+/// The unfolded sum of the `ICMPv6` pseudo-header (RFC 4443 2.3).
+fn icmpv6_pseudo_sum(src: [u8; 16], dst: [u8; 16], len: usize) -> u32 {
+    let mut pseudo = Vec::new();
+    pseudo.extend(src);
+    pseudo.extend(dst);
+    pseudo.extend(u32::try_from(len).unwrap().to_be_bytes());
+    pseudo.extend([0, 0, 0, 58]);
+    u32::from(!checksum(&pseudo, 0))
+}
+
+/// Checks an ICMP / `ICMPv6` error frame's checksums from scratch (outer
+/// IPv4 header, ICMP message with the `ICMPv6` pseudo-header) and returns
+/// (outer source, outer destination, the quoted bytes).
+pub(crate) fn verify_icmp_error(frame: &[u8]) -> (IpAddr, IpAddr, Vec<u8>) {
+    if frame[12..14] == [0x08, 0x00] {
+        let ip = &frame[14..34];
+        assert_eq!(checksum(ip, 0), 0, "outer IPv4 header checksum wrong");
+        assert_eq!(ip[9], 1, "not ICMP");
+        let src = IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap());
+        let dst = IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap());
+        let icmp = &frame[34..];
+        assert_eq!(checksum(icmp, 0), 0, "ICMP checksum wrong");
+        (src, dst, icmp[8..].to_vec())
+    } else {
+        let ip = &frame[14..54];
+        assert_eq!(ip[6], 58, "not ICMPv6");
+        let s = <[u8; 16]>::try_from(&ip[8..24]).unwrap();
+        let d = <[u8; 16]>::try_from(&ip[24..40]).unwrap();
+        let icmp = &frame[54..];
+        let pseudo = icmpv6_pseudo_sum(s, d, icmp.len());
+        assert_eq!(checksum(icmp, pseudo), 0, "ICMPv6 checksum wrong");
+        (IpAddr::from(s), IpAddr::from(d), icmp[8..].to_vec())
+    }
+}
+
+/// FRAME (UDP) as IP fragments with identification ID: its L4 bytes cut
+/// at CUTS (offsets in the L4 bytes, multiples of 8, ascending), the
+/// first fragment carrying the UDP header. IPv4: MF and the offset in the
+/// header (checksum computed); IPv6: a Fragment header right after the
+/// fixed header, as Linux sends them.
+pub(crate) fn fragments(frame: &Frame, cuts: &[usize], id: u32) -> Vec<Vec<u8>> {
+    let l4 = frame.l4();
+    let mut bounds = vec![0];
+    bounds.extend(cuts);
+    bounds.push(l4.len());
+    bounds
+        .windows(2)
+        .map(|w| {
+            let (start, end) = (w[0], w[1]);
+            assert_eq!(start % 8, 0, "fragment offsets are multiples of 8");
+            let more = end < l4.len();
+            fragment(frame, start, &l4[start..end], more, id)
+        })
+        .collect()
+}
+
+/// One fragment of FRAME's datagram: CHUNK at OFFSET of the L4 bytes.
+pub(crate) fn fragment(frame: &Frame, offset: usize, chunk: &[u8], more: bool, id: u32) -> Vec<u8> {
+    let mut out = eth_header(frame.src.is_ipv4());
+    let units = u16::try_from(offset / 8).unwrap();
+    match (frame.src.ip(), frame.dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut ip = vec![0x45, 0];
+            ip.extend(u16::try_from(20 + chunk.len()).unwrap().to_be_bytes());
+            ip.extend(u16::try_from(id).unwrap().to_be_bytes());
+            ip.extend((units | if more { 0x2000 } else { 0 }).to_be_bytes());
+            ip.extend([64, frame.proto.number(), 0, 0]);
+            ip.extend(s.octets());
+            ip.extend(d.octets());
+            let csum = checksum(&ip, 0);
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            out.extend(ip);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            out.extend(ipv6_header(s.octets(), d.octets(), 44, 8 + chunk.len()));
+            out.extend([frame.proto.number(), 0]);
+            out.extend(((units << 3) | u16::from(more)).to_be_bytes());
+            out.extend(id.to_be_bytes());
+        }
+        _ => panic!("mixed families"),
+    }
+    out.extend(chunk);
+    out
+}
+
+/// One parsed fragment (`fragment`'s layout): addresses, identification,
+/// offset in the L4 bytes, more fragments, the fragment's data.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    pub(crate) id: u32,
+    pub(crate) offset: usize,
+    pub(crate) more: bool,
+    pub(crate) data: Vec<u8>,
+}
+
+/// Parses a fragment; checks the IPv4 header checksum and the lengths.
+pub(crate) fn parse_fragment(frame: &[u8]) -> Parsed {
+    let ether_type = u16::from_be_bytes([frame[12], frame[13]]);
+    if ether_type == 0x0800 {
+        let ip = &frame[14..34];
+        assert_eq!(checksum(ip, 0), 0, "IPv4 header checksum wrong");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+            frame.len() - 14
+        );
+        let flags = u16::from_be_bytes([ip[6], ip[7]]);
+        Parsed {
+            src: IpAddr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
+            dst: IpAddr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
+            id: u32::from(u16::from_be_bytes([ip[4], ip[5]])),
+            offset: usize::from(flags & 0x1fff) * 8,
+            more: flags & 0x2000 != 0,
+            data: frame[34..].to_vec(),
+        }
+    } else {
+        let ip = &frame[14..54];
+        assert_eq!(ip[6], 44, "no Fragment header");
+        assert_eq!(
+            usize::from(u16::from_be_bytes([ip[4], ip[5]])),
+            frame.len() - 54
+        );
+        let fh = &frame[54..62];
+        let off = u16::from_be_bytes([fh[2], fh[3]]);
+        Parsed {
+            src: IpAddr::from(<[u8; 16]>::try_from(&ip[8..24]).unwrap()),
+            dst: IpAddr::from(<[u8; 16]>::try_from(&ip[24..40]).unwrap()),
+            id: u32::from_be_bytes([fh[4], fh[5], fh[6], fh[7]]),
+            offset: usize::from(off >> 3) * 8,
+            more: off & 1 != 0,
+            data: frame[62..].to_vec(),
+        }
+    }
+}
+
+/// Reassembles FRAGMENTS (any order) as a receiver would: every fragment's
+/// addresses and identification agree, the pieces cover the datagram
+/// without gap; returns (source, destination, L4 bytes), the UDP checksum
+/// checked over the whole datagram.
+pub(crate) fn reassemble(fragments: &[Vec<u8>]) -> (IpAddr, IpAddr, Vec<u8>) {
+    let mut parts: Vec<Parsed> = fragments.iter().map(|f| parse_fragment(f)).collect();
+    parts.sort_by_key(|p| p.offset);
+    let (src, dst, id) = (parts[0].src, parts[0].dst, parts[0].id);
+    let mut l4 = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        assert_eq!(
+            (part.src, part.dst, part.id),
+            (src, dst, id),
+            "fragment {i}"
+        );
+        assert_eq!(part.offset, l4.len(), "fragment {i}: gap or overlap");
+        assert_eq!(part.more, i + 1 < parts.len(), "fragment {i}: MF/M flag");
+        l4.extend(&part.data);
+    }
+    assert_eq!(
+        usize::from(u16::from_be_bytes([l4[4], l4[5]])),
+        l4.len(),
+        "UDP length"
+    );
+    assert_eq!(
+        l4_checksum(src, dst, Protocol::Udp, &l4),
+        0,
+        "reassembled UDP checksum wrong"
+    );
+    (src, dst, l4)
+}

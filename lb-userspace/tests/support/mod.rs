@@ -7,7 +7,8 @@
 //! long-lived flows (`keepers`), a spoofed SYN flood (`flood`), what the
 //! lifecycle proofs share (`lifecycle`), and the two labs built from them:
 //! one node (`lab`, for `harness.rs`) and a two-node cluster (`cluster`,
-//! for `harness_services_*.rs`); for the `datapath*.rs` tests, the program
+//! for `harness_services_*.rs`), and a path with a small MTU in the middle
+//! (`pmtu`, for `harness_pmtu.rs`); for the `datapath*.rs` tests, the program
 //! under `BPF_PROG_TEST_RUN` (`prog_test`) and crafted frames (`frames`).
 //!
 //! Rules these helpers enforce for the tests that use them: everything
@@ -35,6 +36,7 @@ pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod overlay;
 pub(crate) mod pins;
+pub(crate) mod pmtu;
 pub(crate) mod process;
 pub(crate) mod prog_test;
 pub(crate) mod scenarios;

@@ -192,6 +192,16 @@ impl Fixture {
         self.run_with_ctx(lb_common::prog_names::TC_LB, frame, Some(&ctx))
     }
 
+    /// Runs `lb_tc` once on `frame` as a dry run (`skb->mark` is
+    /// `lb_common::probe::MARK`, as `lb explain` sends it): every step but
+    /// the map writes.
+    pub(crate) fn run_dry(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        // `mark` is the third 32-bit field of `struct __sk_buff`.
+        let mut ctx = [0u8; 192];
+        ctx[8..12].copy_from_slice(&lb_common::probe::MARK.to_ne_bytes());
+        self.run_with_ctx(lb_common::prog_names::TC_LB, frame, Some(&ctx))
+    }
+
     fn run_with_ctx(&mut self, name: &str, frame: &[u8], ctx: Option<&[u8]>) -> (u32, Vec<u8>) {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
