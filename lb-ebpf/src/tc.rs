@@ -64,7 +64,7 @@ const GO_TO_FRAG: u64 = (1 << 63) | 1;
 
 /// The parse step found an ICMP / `ICMPv6` packet: `run` hands it to
 /// `icmp_err`, a sibling subprogram (not under the parse step's frame).
-const GO_TO_ICMP: u64 = (1 << 63) | 1;
+const GO_TO_ICMP: u64 = (1 << 63) | 2;
 
 /// The verdict on one packet at ingress (`EGRESS` false) or egress of a
 /// device of link layer `L`. Parse and lookups, then (for a frontend hit
