@@ -240,6 +240,8 @@ pub mod proto {
     pub const ICMP: u8 = 1;
     /// `ICMPv6`.
     pub const ICMPV6: u8 = 58;
+    /// SCTP (RFC 9260).
+    pub const SCTP: u8 = 132;
 }
 
 /// Service key scopes.
@@ -267,6 +269,11 @@ pub mod svc_flags {
     /// while other nodes have some: new flows are dropped, not rejected
     /// (kube-proxy's `drop` verdict for that case).
     pub const NO_LOCAL_ENDPOINTS: u16 = 1 << 6;
+    /// Never in the map: set by the datapath on its copy of a `ClusterIP`
+    /// frontend when the packet's source is outside the cluster CIDRs
+    /// (`config_flags::CLUSTER_CIDR`), so that a flow to an endpoint on
+    /// another node is source-NATed as external traffic is.
+    pub const OFF_CLUSTER_SOURCE: u16 = 1 << 15;
 }
 
 /// `Backend::flags` bits: the endpoint's state for its frontend.
@@ -741,7 +748,17 @@ pub mod config_flags {
     /// live there). Unset (the default): the stack routes it, as after
     /// kube-proxy's DNAT.
     pub const FORWARD_REDIRECT: u32 = 1 << 0;
+    /// `--cluster-cidr` given: the source-range map holds the cluster's
+    /// pod CIDRs under rev-NAT id 0 (`CLUSTER_CIDR_REV_NAT`), and a
+    /// `ClusterIP` flow from outside them to an endpoint on another node
+    /// is source-NATed to the node (kube-proxy's cluster-CIDR
+    /// masquerade).
+    pub const CLUSTER_CIDR: u32 = 1 << 1;
 }
+
+/// The rev-NAT id under which the source-range map holds the cluster
+/// CIDRs (`config_flags::CLUSTER_CIDR`); never a frontend's.
+pub const CLUSTER_CIDR_REV_NAT: u32 = 0;
 
 /// Socket-level load balancing settings written by the agent (array of one
 /// entry). All zero: off.

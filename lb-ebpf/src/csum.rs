@@ -53,6 +53,12 @@ impl CsumDiff {
         diff
     }
 
+    /// Adds a difference already folded to a `__wsum`.
+    #[inline(always)]
+    pub(crate) fn add_wsum(self, wsum: u32) -> Self {
+        Self(self.0 + u64::from(wsum))
+    }
+
     /// The difference as the kernel's 32-bit `__wsum`.
     #[inline(always)]
     #[expect(

@@ -56,10 +56,19 @@ pub(crate) fn table<F: Family>(answered: bool) -> &'static LruHashMap<CtKey<F::A
     }
 }
 
-/// Lifetime of an entry after its last packet.
+/// True for the protocols tracked as connections (TCP, and SCTP whose
+/// chunks the parser reads as TCP flags, `l4::sctp_as_tcp_flags`); UDP
+/// flows have no handshake and no end.
+#[inline(always)]
+fn connected(l4_proto: u8) -> bool {
+    l4_proto == proto::TCP || l4_proto == proto::SCTP
+}
+
+/// Lifetime of an entry after its last packet (SCTP as TCP: heartbeats
+/// keep an idle association's entries fresh).
 #[inline(always)]
 fn lifetime_ns(l4_proto: u8, flags: u32, answered: bool) -> u64 {
-    if l4_proto != proto::TCP {
+    if !connected(l4_proto) {
         ct_timeout::UDP_NS
     } else if flags & ct_flags::CLOSING != 0 {
         ct_timeout::TCP_CLOSING_NS
@@ -89,18 +98,20 @@ pub(crate) fn usable(
 }
 
 /// True when a packet without a flow may open one: any UDP datagram, a TCP
-/// SYN without ACK, RST or FIN. Anything else creates no state.
+/// SYN without ACK, RST or FIN, an SCTP INIT. Anything else creates no
+/// state.
 #[inline(always)]
 pub(crate) fn opens(l4_proto: u8, tcp_flags: u8) -> bool {
-    l4_proto != proto::TCP || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+    !connected(l4_proto) || tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
 /// True when a packet from a backend may be the first answer of a flow: a
-/// SYN+ACK or a RST for TCP, any UDP datagram. Only those look in the map
-/// of new flows, so that other traffic pays no second lookup.
+/// SYN+ACK or a RST for TCP (SCTP: INIT ACK or ABORT), any UDP datagram.
+/// Only those look in the map of new flows, so that other traffic pays no
+/// second lookup.
 #[inline(always)]
 pub(crate) fn may_be_first_reply(l4_proto: u8, tcp_flags: u8) -> bool {
-    l4_proto != proto::TCP
+    !connected(l4_proto)
         || tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
         || tcp_flags & TCP_RST != 0
 }
@@ -286,7 +297,7 @@ fn established_flow<F: Family>(
     // the kernel's conntrack marks a flow assured.
     if !answered
         && flags & ct_flags::REPLIED != 0
-        && (tuple.proto != proto::TCP || tcp_flags & TCP_SYN == 0)
+        && (!connected(tuple.proto) || tcp_flags & TCP_SYN == 0)
     {
         return FOUND | SYNC_REPLY | PROMOTE;
     }

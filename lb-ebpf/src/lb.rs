@@ -1,11 +1,15 @@
 //! Service lookups: the frontend of a packet, its source ranges, session
 //! affinity and the choice of a backend.
 
-use lb_common::{AffinityEntry, Backend, LbService, backend_flags, reason, svc_flags};
+use lb_common::{
+    AffinityEntry, Backend, CLUSTER_CIDR_REV_NAT, LbService, backend_flags, config_flags, reason,
+    svc_flags,
+};
 
 use crate::{
     family::{Family, Tuple, affinity_key, source_range_key, svc_key},
     hash::slot_for,
+    maps::LB_CONFIG_V3,
     verdict::Verdict,
 };
 
@@ -39,6 +43,23 @@ pub(crate) fn source_allowed<F: Family>(frontend: &LbService, client: F::Addr) -
         || F::source_ranges()
             .get(&source_range_key::<F>(frontend.rev_nat_id, client))
             .is_some()
+}
+
+/// 1 when `--cluster-cidr` is set and `client` is in none of the cluster
+/// CIDRs (kept in the source-range map under `CLUSTER_CIDR_REV_NAT`),
+/// else 0. A subprogram: the parse step calls it for `ClusterIP` hits, and
+/// its key stays off the parse step's frame.
+#[inline(never)]
+pub(crate) fn off_cluster_source<F: Family>(client: F::Addr) -> u32 {
+    let Some(config) = LB_CONFIG_V3.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: map value pointer; one field read.
+    if unsafe { (*config).flags } & config_flags::CLUSTER_CIDR == 0 {
+        return 0;
+    }
+    let key = source_range_key::<F>(CLUSTER_CIDR_REV_NAT, client);
+    u32::from(F::source_ranges().get(&key).is_none())
 }
 
 /// True when `backend` is an entry of `frontend` (active or draining):

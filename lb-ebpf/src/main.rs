@@ -31,6 +31,8 @@
 )]
 
 #[cfg(any(target_arch = "bpf", test))]
+mod crc32c;
+#[cfg(any(target_arch = "bpf", test))]
 mod csum;
 #[cfg(target_arch = "bpf")]
 mod ct;

@@ -42,7 +42,8 @@ const ANSWERED_BIT: u32 = 1 << 16;
 
 /// Decides on source NAT for a new flow whose backend is in `flow`:
 /// hairpin flows (a backend sending to its own service) get the loopback
-/// address as source, external traffic to a backend on another node the
+/// address as source, external traffic (and off-cluster clients of a
+/// `ClusterIP`, with `--cluster-cidr`) to a backend on another node the
 /// node address (unless the frontend keeps the client address), a flow
 /// whose reply tuple another flow holds the client's own address. On SNAT,
 /// `flow` gets the address and a free port. Sets `flow.answered` when this
@@ -55,8 +56,12 @@ pub(crate) fn choose_source<F: Family>(
     flow: &mut Flow<F>,
 ) -> Result<(), Verdict> {
     let hairpin = flow.backend.addr == tuple.saddr;
-    let remote_external = frontend.flags & svc_flags::EXTERNAL != 0
+    // External traffic, or a `ClusterIP` reached from outside the cluster
+    // CIDRs (`svc_flags::OFF_CLUSTER_SOURCE`), to another node: its reply
+    // would not come back here without source NAT.
+    let remote_external = (frontend.flags & svc_flags::EXTERNAL != 0
         && frontend.flags & svc_flags::EXT_LOCAL == 0
+        || frontend.flags & svc_flags::OFF_CLUSTER_SOURCE != 0)
         && flow.backend.flags & backend_flags::LOCAL == 0;
     let own_source = !(hairpin || remote_external);
     if own_source {

@@ -16,7 +16,10 @@ use crate::{
         eth::{ETH_P_8021AD_BE, ETH_P_8021Q_BE, ETH_P_IP_BE, ETH_P_IPV6_BE, PROTO_OFF},
         ipv4::{self, Ipv4Hdr},
         ipv6::{self, Ipv6Hdr},
-        l4::{Ports, TCP_DOFF_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF, UDP_HLEN, UDP_LEN_OFF},
+        l4::{
+            Ports, SCTP_CHUNK_HLEN, SCTP_HLEN, TCP_DOFF_OFF, TCP_FLAGS_OFF, TCP_HLEN, UDP_CSUM_OFF,
+            UDP_HLEN, UDP_LEN_OFF, sctp_as_tcp_flags,
+        },
     },
     icmp_err, lb,
     maps::{LB_PACKET, count_service},
@@ -36,7 +39,8 @@ pub(crate) struct Packet {
     pub(crate) tuple6: Tuple<Addr6>,
     /// The frontend the packet is addressed to.
     pub(crate) frontend: LbService,
-    /// TCP flags (0 for UDP).
+    /// TCP flags (0 for UDP; SCTP: its first chunk read as TCP flags,
+    /// `l4::sctp_as_tcp_flags`).
     pub(crate) tcp_flags: u8,
     /// Non-zero when a reply asked for `ct::answer` (its TCP flags and
     /// `ct::ANSWER_DUE`, `ct::ANSWERED`) on the tuple above, or a client's
@@ -321,7 +325,23 @@ fn declared_l4_len<F: Family>(ctx: &impl Ctx, total: u16) -> Result<u32, Verdict
     Ok(declared)
 }
 
-/// Common TCP/UDP handling for both families: a frontend hit is handed
+/// Checks an SCTP packet's length (the common header and one chunk
+/// header, within what the IP header declares) and reads its first chunk
+/// as TCP flags. The checksum is not verified: the receiver does that, as
+/// for TCP and UDP.
+#[inline(always)]
+fn sctp_flags<F: Family>(ctx: &TcContext, ip_total: u16) -> Result<u8, Verdict> {
+    let l4_off = F::L4_OFF;
+    ptr_at::<[u8; SCTP_HLEN + SCTP_CHUNK_HLEN]>(ctx, l4_off)?;
+    let l4_len = declared_l4_len::<F>(ctx, ip_total)?;
+    #[expect(clippy::cast_possible_truncation, reason = "16")]
+    if l4_len < (SCTP_HLEN + SCTP_CHUNK_HLEN) as u32 {
+        return Err(Verdict::pass(reason::PASS_BAD_LENGTH));
+    }
+    Ok(sctp_as_tcp_flags(read::<u8>(ctx, l4_off + SCTP_HLEN)?))
+}
+
+/// Common TCP/UDP/SCTP handling for both families: a frontend hit is handed
 /// to the to-backend step through `packet`; replies, unserved ports of
 /// service addresses and everything else are finished here. At egress
 /// only replies are translated: frontends are translated where packets
@@ -380,7 +400,11 @@ fn translate<F: Family, const EGRESS: bool>(
         }
         0
     } else if first_fragment {
+        // SCTP is not translated in fragments either (its `CRC32c` covers
+        // the whole packet).
         return Err(Verdict::pass(reason::PASS_FRAGMENT));
+    } else if l4_proto == proto::SCTP {
+        sctp_flags::<F>(ctx, ip_total)?
     } else {
         return Err(Verdict::pass(reason::PASS_OTHER_PROTO));
     };
@@ -406,6 +430,11 @@ fn translate<F: Family, const EGRESS: bool>(
     // SAFETY: the value is copied out at once.
     if let Some(frontend) = unsafe { lb::frontend::<F>(daddr, ports.dport_be, l4_proto) } {
         packet.frontend = *frontend;
+        if packet.frontend.flags & svc_flags::CLUSTER_IP != 0
+            && lb::off_cluster_source::<F>(saddr) != 0
+        {
+            packet.frontend.flags |= svc_flags::OFF_CLUSTER_SOURCE;
+        }
         packet.tcp_flags = tcp_flags;
         *F::packet_tuple(packet) = tuple;
         return Ok(GO_TO_BACKEND);

@@ -15,15 +15,16 @@ use aya_ebpf::bindings::{BPF_F_IPV6, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use lb_common::{Addr4, Addr6, proto, reason};
 
 use crate::{
+    crc32c,
     csum::CsumDiff,
     ctx::Ctx,
     family::{Family, Tuple},
     hdr::{
         Link, ipv4, ipv6,
-        l4::{Ports, TCP_CSUM_OFF, UDP_CSUM_OFF},
+        l4::{Ports, SCTP_CSUM_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
     },
     skb::{read, write},
-    verdict::Verdict,
+    verdict::{Verdict, decode_unit, encode_unit},
 };
 
 /// Where the L4 checksum is and how to update it.
@@ -87,6 +88,26 @@ pub(crate) fn rewrite_at<F: Family, const EXT: usize>(
     let csum = L4Csum::new(old.proto, l4_off);
     // Direct writes first: the checksum helpers invalidate packet pointers.
     let addr_diff = F::write_addrs(ctx, old, new)?;
+    if old.proto == proto::SCTP {
+        // IPv4's header checksum covers its address change; IPv6's
+        // addresses count in `skb->csum` only.
+        let skb_diff = match addr_diff {
+            Some(diff) if !F::IS_V4 => diff.wsum(),
+            _ => 0,
+        };
+        return decode_unit(sctp_ports::<F>(
+            ctx,
+            ports_word(Ports {
+                sport_be: old.sport_be,
+                dport_be: old.dport_be,
+            }),
+            ports_word(Ports {
+                sport_be: new.sport_be,
+                dport_be: new.dport_be,
+            }),
+            skb_diff,
+        ));
+    }
     let ports_changed = old.sport_be != new.sport_be || old.dport_be != new.dport_be;
     let mut port_diff = CsumDiff::NONE;
     if ports_changed {
@@ -107,6 +128,67 @@ pub(crate) fn rewrite_at<F: Family, const EXT: usize>(
     if ports_changed {
         ctx.l4_csum_add(csum.off, u64::from(port_diff.wsum()), csum.flags)
             .map_err(rewrite_failed)?;
+    }
+    Ok(())
+}
+
+/// The port change of an SCTP packet (its addresses already written):
+/// the ports and the `CRC32c` updated for them (`crc32c`), and `skb->csum`
+/// (`CHECKSUM_COMPLETE`) for every byte changed, `skb_diff` being the
+/// IPv6 address change. A checksum field of 0 is left alone: it is one
+/// not computed yet (`CHECKSUM_PARTIAL`, a local sender over veth, which
+/// offers SCTP checksum offload), which is computed over the new ports
+/// when the packet leaves; a computed `CRC32c` is 0 once in 2^32 packets,
+/// which the receiver then drops and SCTP retransmits. A subprogram: its
+/// own small frame, off the to-backend chain's deepest one; scalar
+/// arguments and result (`encode_unit`).
+#[inline(never)]
+fn sctp_ports<F: Family>(ctx: &TcContext, old_ports: u32, new_ports: u32, skb_diff: u32) -> u64 {
+    encode_unit(try_sctp_ports::<F>(ctx, old_ports, new_ports, skb_diff))
+}
+
+#[inline(always)]
+fn try_sctp_ports<F: Family>(
+    ctx: &TcContext,
+    old_ports: u32,
+    new_ports: u32,
+    skb_diff: u32,
+) -> Result<(), Verdict> {
+    let l4_off = F::L4_OFF;
+    let mut diff = CsumDiff::NONE;
+    if old_ports != new_ports {
+        // The SCTP packet's length as the IP header declares it (the
+        // parser checked it against the packet; link padding is not part
+        // of it).
+        let len = if F::IS_V4 {
+            let l3_off = l4_off - ipv4::HLEN;
+            #[expect(clippy::cast_possible_truncation, reason = "20")]
+            u32::from(u16::from_be(read::<u16>(ctx, l3_off + ipv4::TOT_LEN_OFF)?))
+                .saturating_sub(ipv4::HLEN as u32)
+        } else {
+            let l3_off = l4_off - ipv6::HLEN;
+            u32::from(u16::from_be(read::<u16>(
+                ctx,
+                l3_off + ipv6::PAYLOAD_LEN_OFF,
+            )?))
+        };
+        let check: u32 = read(ctx, l4_off + SCTP_CSUM_OFF)?;
+        write(ctx, l4_off, new_ports)?;
+        diff = diff.word(old_ports, new_ports);
+        if check != 0 {
+            let delta =
+                crc32c::first_word_delta(old_ports.to_ne_bytes(), new_ports.to_ne_bytes(), len);
+            // The field holds the CRC little-endian.
+            let new_check = check ^ u32::from_ne_bytes(delta.to_le_bytes());
+            write(ctx, l4_off + SCTP_CSUM_OFF, new_check)?;
+            diff = diff.word(check, new_check);
+        }
+    }
+    let total = diff.add_wsum(skb_diff).wsum();
+    if total != 0 {
+        // SAFETY: the context of a TC program is an `__sk_buff`; fails,
+        // harmlessly, unless the skb is `CHECKSUM_COMPLETE`.
+        unsafe { bpf_csum_update(ctx.as_ptr().cast::<__sk_buff>(), total) };
     }
     Ok(())
 }

@@ -126,6 +126,18 @@ enum Command {
         /// to the `NodePort` from their own addresses rely on).
         #[arg(long)]
         source_ranges_strict: bool,
+        /// The cluster's pod CIDRs, comma-separated, of one or both
+        /// families (kube-proxy's `--cluster-cidr`): a `ClusterIP` flow
+        /// from outside them (an off-cluster client with a route to the
+        /// Service range) to an endpoint on another node gets the node's
+        /// address as source, so that the reply comes back. Unset: none.
+        #[arg(
+            long,
+            value_name = "CIDR[,CIDR]",
+            default_value = "",
+            env = "LB_CLUSTER_CIDR"
+        )]
+        cluster_cidr: node::ClusterCidrs,
         /// Socket-level load balancing (cgroup programs) for sockets of
         /// `hostns`: this network namespace only (the node's: pods keep the
         /// TC path), `all`: every namespace, `off`: none.
@@ -276,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hairpin_ipv4,
             hairpin_ipv6,
             source_ranges_strict,
+            cluster_cidr,
             socket_lb,
             cgroup_root,
             socket_lb_bind_guard,
@@ -293,6 +306,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 loopback6: hairpin_ipv6,
                 source_ranges_strict,
                 forward,
+                cluster_cidrs: cluster_cidr,
             };
             let source = source_spec(&source, node_name, kubeconfig)?;
             let attach: Vec<String> = attach.into_iter().filter(|s| !s.is_empty()).collect();

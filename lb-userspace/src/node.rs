@@ -58,6 +58,48 @@ pub struct NodeSettings {
     pub source_ranges_strict: bool,
     /// `--forward`.
     pub forward: ForwardMode,
+    /// `--cluster-cidr`: the cluster's pod CIDRs; a `ClusterIP` flow from
+    /// outside them to an endpoint on another node is source-NATed to the
+    /// node. Empty: no such source NAT.
+    pub cluster_cidrs: ClusterCidrs,
+}
+
+/// `--cluster-cidr`: comma-separated CIDRs of both families (kube-proxy's
+/// `--cluster-cidr`, dual-stack as `IPv4CIDR,IPv6CIDR`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterCidrs(pub Vec<(IpAddr, u8)>);
+
+/// A `--cluster-cidr` item that is not a CIDR.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a CIDR (ADDRESS/PREFIX)")]
+pub struct ClusterCidrError(String);
+
+impl FromStr for ClusterCidrs {
+    type Err = ClusterCidrError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                item.split_once('/')
+                    .and_then(|_| crate::model::parse_cidr(item))
+                    .ok_or_else(|| ClusterCidrError(item.to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+impl fmt::Display for ClusterCidrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|(ip, prefix)| format!("{ip}/{prefix}"))
+            .collect();
+        f.write_str(&items.join(","))
+    }
 }
 
 impl Default for NodeSettings {
@@ -71,6 +113,7 @@ impl Default for NodeSettings {
             loopback6: DEFAULT_LOOPBACK6,
             source_ranges_strict: false,
             forward: ForwardMode::Stack,
+            cluster_cidrs: ClusterCidrs::default(),
         }
     }
 }
@@ -208,6 +251,10 @@ pub fn datapath_config(settings: &NodeSettings, context: &NodeContext) -> LbConf
         flags: match settings.forward {
             ForwardMode::Stack => 0,
             ForwardMode::Redirect => config_flags::FORWARD_REDIRECT,
+        } | if settings.cluster_cidrs.0.is_empty() {
+            0
+        } else {
+            config_flags::CLUSTER_CIDR
         },
         ..LbConfig::default()
     };
@@ -354,5 +401,40 @@ mod tests {
         );
         assert_eq!(config.loopback4, DEFAULT_LOOPBACK4.octets());
         assert_eq!(config.loopback6, DEFAULT_LOOPBACK6.octets());
+    }
+
+    #[test]
+    fn cluster_cidrs_parse_both_families_or_name_the_bad_item() {
+        let cidrs: ClusterCidrs = "10.244.0.0/16, fd00:10:244::/56".parse().unwrap();
+        assert_eq!(
+            cidrs.0,
+            [
+                ("10.244.0.0".parse().unwrap(), 16),
+                ("fd00:10:244::".parse().unwrap(), 56)
+            ]
+        );
+        assert_eq!(cidrs.to_string(), "10.244.0.0/16,fd00:10:244::/56");
+        assert_eq!("".parse::<ClusterCidrs>().unwrap(), ClusterCidrs::default());
+        for bad in ["10.244.0.0", "10.244.0.0/33", "pods/16"] {
+            let error = bad.parse::<ClusterCidrs>().unwrap_err().to_string();
+            assert!(error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn cluster_cidrs_set_the_datapath_flag() {
+        let context = NodeContext::default();
+        let without = datapath_config(&NodeSettings::default(), &context);
+        assert_eq!(without.flags & config_flags::CLUSTER_CIDR, 0);
+        let settings = NodeSettings {
+            cluster_cidrs: "10.244.0.0/16".parse().unwrap(),
+            forward: ForwardMode::Redirect,
+            ..NodeSettings::default()
+        };
+        let with = datapath_config(&settings, &context);
+        assert_eq!(
+            with.flags,
+            config_flags::CLUSTER_CIDR | config_flags::FORWARD_REDIRECT
+        );
     }
 }

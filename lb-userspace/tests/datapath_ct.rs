@@ -18,7 +18,9 @@ use lb_common::{ct_dir, limits};
 use lb_userspace::datapath::loader::Capacities;
 use lb_userspace::model::{Frontend, FrontendKind, Protocol};
 
-use support::frames::{Frame, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, verify_checksums};
+use support::frames::{
+    Frame, SCTP_INIT, SCTP_INIT_ACK, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, verify_checksums,
+};
 use support::prog_test::{
     BACKENDS4, BACKENDS6, CtView, Fixture, NODE4, NODE6, TC_ACT_OK, TC_ACT_SHOT, VIP4, VIP6, addrs,
     frontend, node_config, refused, spec, translated,
@@ -41,6 +43,7 @@ fn first(client: SocketAddr, frontend: &Frontend) -> Frame {
     match frontend.proto {
         Protocol::Tcp => Frame::tcp(&client.to_string(), &dst, TCP_SYN),
         Protocol::Udp => Frame::udp(&client.to_string(), &dst),
+        Protocol::Sctp => Frame::sctp(&client.to_string(), &dst, SCTP_INIT),
     }
 }
 
@@ -91,6 +94,7 @@ fn answer(backend: SocketAddr, seen: SocketAddr, proto: Protocol) -> Frame {
     match proto {
         Protocol::Tcp => Frame::tcp(&backend.to_string(), &seen.to_string(), TCP_SYN | TCP_ACK),
         Protocol::Udp => Frame::udp(&backend.to_string(), &seen.to_string()),
+        Protocol::Sctp => Frame::sctp(&backend.to_string(), &seen.to_string(), SCTP_INIT_ACK),
     }
 }
 

@@ -5,8 +5,9 @@
 //! checksums themselves, and the conntrack/counter maps.
 //!
 //! This file: the node and external paths: `NodePort` source NAT and its
-//! reversal, node-local backends keeping the client's source, hairpin, and
-//! load-balancer source ranges.
+//! reversal, node-local backends keeping the client's source, hairpin,
+//! load-balancer source ranges, and `--cluster-cidr`: off-cluster clients
+//! of a `ClusterIP`.
 
 mod support;
 
@@ -138,4 +139,108 @@ fn source_ranges_admit_listed_clients_only() {
         assert_eq!(verdict, TC_ACT_SHOT);
     }
     assert_eq!(fx.reason("drop_source_range"), 2);
+}
+
+/// `--cluster-cidr` (issue 10 section 3): a client outside the cluster
+/// CIDRs reaching a `ClusterIP` (a static route to the Service range) with
+/// an endpoint on another node gets the node's address as source, as with
+/// kube-proxy's cluster-CIDR masquerade; a pod (inside them), a local
+/// endpoint, or no `--cluster-cidr` at all keep the client's source.
+#[test]
+fn off_cluster_client_of_a_cluster_ip_is_source_nated_to_remote_endpoints() {
+    let Some(mut fx) =
+        Fixture::new("off_cluster_client_of_a_cluster_ip_is_source_nated_to_remote_endpoints")
+    else {
+        return;
+    };
+    let cidrs: Vec<(IpAddr, u8)> = vec![
+        ("198.18.0.0".parse().unwrap(), 16),
+        ("fd00::".parse().unwrap(), 16),
+    ];
+    fx.maps.write_cluster_cidrs(&cidrs).unwrap();
+    let with_flag = lb_common::LbConfig {
+        flags: lb_common::config_flags::CLUSTER_CIDR,
+        ..node_config()
+    };
+    for (vip, node, pod, outside, backends) in [
+        (VIP4, NODE4, "198.18.1.2", "203.0.113.9", &BACKENDS4),
+        (VIP6, NODE6, "fd00:1::2", "2001:db8::9", &BACKENDS6),
+    ] {
+        let backends = addrs(backends);
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &backends))]);
+        let service = SocketAddr::new(vip.parse().unwrap(), 80);
+        let syn = |client: &str, port: u16| {
+            Frame::tcp(
+                &SocketAddr::new(client.parse().unwrap(), port).to_string(),
+                &service.to_string(),
+                TCP_SYN,
+            )
+        };
+
+        // Without the flag in the configuration: no source NAT (as before).
+        fx.maps.write_config(&node_config()).unwrap();
+        let plain = syn(outside, 41_000);
+        let (verdict, out) = fx.run(&plain.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, dst) = verify_checksums(&out);
+        assert_eq!(src, plain.src, "no --cluster-cidr: source kept");
+        assert!(backends.contains(&dst));
+
+        fx.maps.write_config(&with_flag).unwrap();
+        // A pod: inside the cluster CIDRs, source kept.
+        let from_pod = syn(pod, 41_001);
+        let (_, out) = fx.run(&from_pod.bytes());
+        assert_eq!(
+            verify_checksums(&out).0,
+            from_pod.src,
+            "a pod keeps its source"
+        );
+
+        // Off-cluster: the node's address and a port of the SNAT range.
+        let client = SocketAddr::new(outside.parse().unwrap(), 41_002);
+        let off = syn(outside, 41_002);
+        let (verdict, out) = fx.run(&off.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, backend) = verify_checksums(&out);
+        assert!(backends.contains(&backend));
+        assert_eq!(
+            src.ip(),
+            node.parse::<IpAddr>().unwrap(),
+            "source NAT to the node"
+        );
+        let pool = lb_common::SNAT_PORT_MIN..lb_common::SNAT_PORT_MIN + lb_common::SNAT_PORT_COUNT;
+        assert!(pool.contains(&src.port()), "port {}", src.port());
+        assert_eq!(out, off.with_dst(backend).with_src(src).bytes());
+        // The backend answers the node; the client gets the ClusterIP back.
+        let reply = Frame::tcp(&backend.to_string(), &src.to_string(), TCP_SYN | TCP_ACK);
+        let (verdict, out) = fx.run(&reply.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(verify_checksums(&out), (service, client));
+
+        // A local endpoint answers through this node anyway: source kept.
+        let mut local = spec(FrontendKind::ClusterIp, &backends[..1]);
+        local.backends[0].node_local = true;
+        fx.set_specs(&[(fe, local)]);
+        let to_local = syn(outside, 41_003);
+        let (_, out) = fx.run(&to_local.bytes());
+        assert_eq!(
+            verify_checksums(&out),
+            (to_local.src, backends[0]),
+            "a local endpoint keeps the client's source"
+        );
+    }
+    // Removing the CIDRs (an agent restarted without the flag) leaves
+    // nothing of them in the map.
+    fx.maps.write_cluster_cidrs(&[]).unwrap();
+    fx.maps.write_config(&with_flag).unwrap();
+    let fe = frontend(VIP4, 80, Protocol::Tcp);
+    fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &addrs(&BACKENDS4)))]);
+    let from_pod = Frame::tcp("198.18.1.2:41004", "198.19.0.10:80", TCP_SYN);
+    let (_, out) = fx.run(&from_pod.bytes());
+    assert_eq!(
+        verify_checksums(&out).0.ip(),
+        NODE4.parse::<IpAddr>().unwrap(),
+        "with the flag and no CIDRs every source is off-cluster"
+    );
 }

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
 use lb_userspace::plan;
 
-use support::frames::{Frame, TCP_ACK, TCP_PSH, TCP_SYN};
+use support::frames::{Frame, SCTP_DATA, SCTP_INIT, TCP_ACK, TCP_PSH, TCP_SYN};
 use support::prog_test::{
     BACKENDS4, BACKENDS6, Fixture, VIP4, VIP6, addrs, frontend, refused, spec, translated,
 };
@@ -70,6 +70,8 @@ fn packet(client: &str, sport: u16, frontend: &Frontend, first: bool) -> Frame {
         Protocol::Tcp if first => Frame::tcp(&src, &dst, TCP_SYN),
         Protocol::Tcp => Frame::tcp(&src, &dst, TCP_ACK | TCP_PSH),
         Protocol::Udp => Frame::udp(&src, &dst),
+        Protocol::Sctp if first => Frame::sctp(&src, &dst, SCTP_INIT),
+        Protocol::Sctp => Frame::sctp(&src, &dst, SCTP_DATA),
     }
 }
 

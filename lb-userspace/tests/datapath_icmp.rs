@@ -18,7 +18,7 @@ use lb_userspace::datapath::maps::CtRecord;
 use lb_userspace::model::{FrontendKind, Protocol};
 
 use support::frames::{
-    Frame, TCP_ACK, TCP_SYN, checksum, icmp_error, verify_checksums, verify_icmp_error,
+    Frame, SCTP_INIT, TCP_ACK, TCP_SYN, checksum, icmp_error, verify_checksums, verify_icmp_error,
 };
 use support::prog_test::{
     BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, VIP4, VIP6, addrs, frontend,
@@ -159,6 +159,7 @@ fn open_flow(fx: &mut Fixture, fam: &Family, proto: Protocol, sport: u16) -> (Fr
     let sent = match proto {
         Protocol::Tcp => Frame::tcp(&src, &dst, TCP_SYN),
         Protocol::Udp => Frame::udp(&src, &dst),
+        Protocol::Sctp => Frame::sctp(&src, &dst, SCTP_INIT),
     };
     let (verdict, out) = fx.run(&sent.bytes());
     assert_eq!(verdict, TC_ACT_OK);

@@ -170,6 +170,10 @@ fn every_outcome_on_both_families_and_nothing_changes() {
             frontend(f.node, 30080, Protocol::Tcp),
             spec(FrontendKind::NodePort, &addrs(&[f.remote_backend])),
         ));
+        specs.push((
+            frontend(f.vip, 3868, Protocol::Sctp),
+            spec(FrontendKind::ClusterIp, &backends),
+        ));
         let mut lb = spec(FrontendKind::LoadBalancer, &addrs(&[f.remote_backend]));
         lb.source_ranges = vec![(f.range.0.parse().unwrap(), f.range.1)];
         specs.push((frontend(f.lb_ip, 80, Protocol::Tcp), lb));
@@ -255,6 +259,8 @@ fn every_outcome(fx: &mut Fixture, f: &Family) {
         assert_eq!(e["reason"], "reject");
         assert_eq!(e["candidates"].as_array().unwrap().len(), 0);
 
+        sctp_init_is_translated(fx, f);
+
         // Drop: a client outside the load balancer's source ranges.
         let e = explain(&fx.pin_path, f.outsider, &sock(f.lb_ip, 80));
         assert_eq!(
@@ -293,6 +299,29 @@ fn every_outcome(fx: &mut Fixture, f: &Family) {
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(verify_checksums(&out).0.to_string(), vip);
     }
+}
+
+/// An SCTP INIT to the `ClusterIP`'s SCTP port: translated to a candidate
+/// of that frontend (not the TCP one's).
+fn sctp_init_is_translated(fx: &Fixture, f: &Family) {
+    let e = explain(
+        &fx.pin_path,
+        f.outsider,
+        &format!("{}/sctp", sock(f.vip, 3868)),
+    );
+    assert_eq!(
+        (&e["outcome"], &e["reason"]),
+        (&"translated".into(), &"nat_new".into()),
+        "{e}"
+    );
+    assert_eq!(e["candidates"].as_array().unwrap().len(), 3, "{e}");
+    let picked = e["backend"].as_str().unwrap();
+    assert!(
+        f.backends
+            .iter()
+            .any(|b| addrs(&[b])[0].to_string() == picked),
+        "{e}"
+    );
 }
 
 #[test]

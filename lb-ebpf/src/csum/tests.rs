@@ -156,6 +156,28 @@ fn wsum_known_answers() {
     assert_eq!(diff.wsum(), u32::MAX);
 }
 
+#[test]
+fn a_folded_difference_adds_as_the_unfolded_one() {
+    // Two changes of the header, applied as one difference built with
+    // `add_wsum` or as one built word by word, give the same checksum.
+    let old = with_check(HEADER);
+    let check = check_of(&old);
+    let first = CsumDiff::NONE.bytes4([192, 168, 0, 1], [10, 0, 0, 1]);
+    let second = CsumDiff::NONE.bytes4([192, 168, 0, 199], [10, 0, 0, 2]);
+    let both = CsumDiff::NONE
+        .bytes4([192, 168, 0, 1], [10, 0, 0, 1])
+        .bytes4([192, 168, 0, 199], [10, 0, 0, 2]);
+    assert_eq!(
+        first.add_wsum(second.wsum()).apply(check),
+        both.apply(check)
+    );
+    assert_eq!(
+        CsumDiff::NONE.add_wsum(0).wsum(),
+        0,
+        "nothing added stays 0"
+    );
+}
+
 /// A message whose checksum covers a field that is itself a checksum (an
 /// ICMP error quoting an IPv4 header): the outer checksum follows the
 /// inner one's change through `half`, at either half of a word, and

@@ -1,4 +1,4 @@
-//! TCP, UDP and ICMP / `ICMPv6` headers: the parts the datapath touches.
+//! TCP, UDP, SCTP and ICMP / `ICMPv6` headers: the parts the datapath touches.
 
 /// The ports of a TCP or UDP header, its first four bytes.
 #[repr(C)]
@@ -50,3 +50,36 @@ pub(crate) const ICMPV6_DEST_UNREACH: u8 = 1;
 pub(crate) const ICMPV6_PORT_UNREACH: u8 = 4;
 /// Bytes of the offending packet's L4 header quoted in an ICMP error.
 pub(crate) const ICMP_QUOTED_L4: usize = 8;
+
+/// SCTP common header length (ports, verification tag, checksum).
+pub(crate) const SCTP_HLEN: usize = 12;
+/// Offset of the SCTP checksum (`CRC32c`, little-endian).
+pub(crate) const SCTP_CSUM_OFF: usize = 8;
+/// Length of an SCTP chunk header (type, flags, length).
+pub(crate) const SCTP_CHUNK_HLEN: usize = 4;
+/// SCTP chunk types (RFC 9260 3.2) that open or close an association.
+pub(crate) const SCTP_INIT: u8 = 1;
+pub(crate) const SCTP_INIT_ACK: u8 = 2;
+pub(crate) const SCTP_ABORT: u8 = 6;
+pub(crate) const SCTP_SHUTDOWN: u8 = 7;
+pub(crate) const SCTP_SHUTDOWN_ACK: u8 = 8;
+pub(crate) const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
+
+/// An SCTP packet's first chunk read as the TCP flags of the segment that
+/// plays its part, so that conntrack tracks an association as it tracks a
+/// connection: INIT opens (SYN), INIT ACK is the first answer (SYN+ACK),
+/// ABORT resets (RST), the SHUTDOWN exchange closes (FIN), anything else
+/// belongs to an association (ACK). Only the first chunk counts: INIT,
+/// INIT ACK and SHUTDOWN COMPLETE must be alone in their packet
+/// (RFC 9260 6.10), and an ABORT bundled after data closes no later than
+/// the peer's own answer to it.
+#[inline(always)]
+pub(crate) fn sctp_as_tcp_flags(chunk_type: u8) -> u8 {
+    match chunk_type {
+        SCTP_INIT => TCP_SYN,
+        SCTP_INIT_ACK => TCP_SYN | TCP_ACK,
+        SCTP_ABORT => TCP_RST,
+        SCTP_SHUTDOWN | SCTP_SHUTDOWN_ACK | SCTP_SHUTDOWN_COMPLETE => TCP_FIN | TCP_ACK,
+        _ => TCP_ACK,
+    }
+}

@@ -570,9 +570,16 @@ impl Reconciler {
         if hooks.datapath_config == Some(config) {
             return;
         }
-        match lock(&self.maps).write_config(&config) {
+        let written = {
+            let mut maps = lock(&self.maps);
+            // The cluster CIDRs first: the flag that puts them to use comes
+            // with the configuration.
+            maps.write_cluster_cidrs(&hooks.node_settings.cluster_cidrs.0)
+                .and_then(|()| maps.write_config(&config))
+        };
+        match written {
             Ok(()) => {
-                tracing::info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, "node configuration written");
+                tracing::info!(node = %node.name, addresses = ?node.addresses, zone = ?node.zone, cluster_cidrs = %hooks.node_settings.cluster_cidrs, "node configuration written");
                 hooks.datapath_config = Some(config);
             }
             Err(error) => {

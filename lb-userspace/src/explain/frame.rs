@@ -1,5 +1,5 @@
-//! The crafted packet (Ethernet + IPv4/IPv6 + a TCP SYN or a UDP
-//! datagram, checksums right) and the reading of what the program left.
+//! The crafted packet (Ethernet + IPv4/IPv6 + a TCP SYN, a UDP datagram
+//! or an SCTP INIT, checksums right) and the reading of what the program left.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -9,6 +9,10 @@ use lb_common::proto;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+/// SCTP chunk types and the checksum's offset.
+const SCTP_INIT: u8 = 1;
+const SCTP_INIT_ACK: u8 = 2;
+const SCTP_CSUM_OFF: usize = 8;
 /// ICMP protocol numbers.
 const ICMP: u8 = 1;
 const ICMPV6: u8 = 58;
@@ -19,12 +23,16 @@ const ETH_LEN: usize = 14;
 /// A frame from `src` to `dst` (one family) over `l4_proto` (TCP: a bare
 /// SYN, the first packet of a connection, or for an `answer` (a backend's
 /// packet to its client) a SYN-ACK, the first answer, which the datapath
-/// takes for a flow answered or not; UDP: a small datagram).
+/// takes for a flow answered or not; UDP: a small datagram; SCTP: an
+/// INIT, for an `answer` an INIT ACK, which conntrack reads as TCP's SYN
+/// and SYN-ACK).
 pub(super) fn build(src: SocketAddr, dst: SocketAddr, l4_proto: u8, answer: bool) -> Vec<u8> {
     let mut l4 = Vec::with_capacity(32);
     l4.extend(src.port().to_be_bytes());
     l4.extend(dst.port().to_be_bytes());
-    if l4_proto == proto::TCP {
+    if l4_proto == proto::SCTP {
+        sctp_first_chunk(&mut l4, answer);
+    } else if l4_proto == proto::TCP {
         l4.extend(0x6c62_0001_u32.to_be_bytes()); // seq
         l4.extend(0_u32.to_be_bytes()); // ack
         l4.push(5 << 4);
@@ -36,13 +44,52 @@ pub(super) fn build(src: SocketAddr, dst: SocketAddr, l4_proto: u8, answer: bool
         l4.extend([0, 0]);
         l4.extend(*b"lbxp");
     }
+    if l4_proto == proto::SCTP {
+        let crc = crc32c(&l4);
+        l4[SCTP_CSUM_OFF..SCTP_CSUM_OFF + 4].copy_from_slice(&crc.to_le_bytes());
+        return frame_around(src, dst, l4_proto, &l4);
+    }
     let csum_off = if l4_proto == proto::TCP { 16 } else { 6 };
     let mut csum = checksum(&[&pseudo_header(src.ip(), dst.ip(), l4_proto, l4.len()), &l4]);
     if csum == 0 && l4_proto == proto::UDP {
         csum = 0xffff;
     }
     l4[csum_off..csum_off + 2].copy_from_slice(&csum.to_be_bytes());
+    frame_around(src, dst, l4_proto, &l4)
+}
 
+/// The rest of an SCTP packet after the ports (checksum zero): the
+/// verification tag and an INIT chunk (tag 0, as RFC 9260 requires), or
+/// for an `answer` an INIT ACK (without its state cookie: the datapath
+/// reads only the chunk type).
+fn sctp_first_chunk(l4: &mut Vec<u8>, answer: bool) {
+    l4.extend(if answer { 0x6c62_0001_u32 } else { 0 }.to_be_bytes());
+    l4.extend([0, 0, 0, 0]); // checksum
+    l4.push(if answer { SCTP_INIT_ACK } else { SCTP_INIT });
+    l4.push(0);
+    l4.extend(20_u16.to_be_bytes());
+    l4.extend(0x6c62_0002_u32.to_be_bytes()); // initiate tag
+    l4.extend(65_535_u32.to_be_bytes()); // a_rwnd
+    l4.extend(10_u16.to_be_bytes()); // outbound streams
+    l4.extend(10_u16.to_be_bytes()); // inbound streams
+    l4.extend(1_u32.to_be_bytes()); // initial TSN
+}
+
+/// `CRC32c` (RFC 9260 appendix A) of `bytes`, bit by bit: the few bytes of
+/// a crafted packet.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82f6_3b78 & 0_u32.wrapping_sub(crc & 1));
+        }
+    }
+    !crc
+}
+
+/// Ethernet and IP headers around the L4 bytes `l4`.
+fn frame_around(src: SocketAddr, dst: SocketAddr, l4_proto: u8, l4: &[u8]) -> Vec<u8> {
     let mut frame = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
     match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -119,7 +166,7 @@ pub(super) fn read(frame: &[u8]) -> Seen {
         return Seen::Other;
     };
     match l4_proto {
-        proto::TCP | proto::UDP if l4.len() >= 8 => Seen::Transport {
+        proto::TCP | proto::UDP | proto::SCTP if l4.len() >= 8 => Seen::Transport {
             src: SocketAddr::new(src, u16::from_be_bytes([l4[0], l4[1]])),
             dst: SocketAddr::new(dst, u16::from_be_bytes([l4[2], l4[3]])),
             reset: l4_proto == proto::TCP && l4.get(13).is_some_and(|f| f & TCP_RST != 0),
@@ -175,10 +222,28 @@ mod tests {
             ("10.0.0.2:40000", "172.30.0.41:53", proto::UDP),
             ("[fd00:10::2]:40000", "[fd00:172:30::41]:80", proto::TCP),
             ("[fd00:10::2]:40000", "[fd00:172:30::41]:53", proto::UDP),
+            ("10.0.0.2:40000", "172.30.0.41:3868", proto::SCTP),
+            ("[fd00:10::2]:40000", "[fd00:172:30::41]:3868", proto::SCTP),
         ] {
             let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
             let frame = build(src, dst, l4, false);
             let l4_off = if src.is_ipv4() { 34 } else { 54 };
+            if l4 == proto::SCTP {
+                let mut zeroed = frame[l4_off..].to_vec();
+                let field: [u8; 4] = zeroed[8..12].try_into().unwrap();
+                zeroed[8..12].fill(0);
+                assert_eq!(u32::from_le_bytes(field), crc32c(&zeroed), "CRC32c");
+                assert_eq!(frame[l4_off + 12], SCTP_INIT);
+                assert_eq!(
+                    read(&frame),
+                    Seen::Transport {
+                        src,
+                        dst,
+                        reset: false
+                    }
+                );
+                continue;
+            }
             if src.is_ipv4() {
                 assert_eq!(checksum(&[&frame[14..34]]), 0, "IPv4 header checksum");
             }
@@ -193,6 +258,11 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     }
 
     #[test]

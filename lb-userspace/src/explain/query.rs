@@ -13,7 +13,7 @@ pub struct Query {
     pub from: SocketAddr,
     /// Destination address and port.
     pub to: SocketAddr,
-    /// IP protocol number (`proto::TCP`, `proto::UDP`).
+    /// IP protocol number (`proto::TCP`, `proto::UDP`, `proto::SCTP`).
     pub l4_proto: u8,
     /// Interface the packet arrives on (its index); `None`: loopback.
     pub ifindex: Option<u32>,
@@ -33,11 +33,7 @@ impl Query {
         let l4_proto = match l4.to_ascii_lowercase().as_str() {
             "tcp" => proto::TCP,
             "udp" => proto::UDP,
-            "sctp" => {
-                return Err(bad(format!(
-                    "--to {to}: SCTP is not translated by this datapath (TCP and UDP only)"
-                )));
-            }
+            "sctp" => proto::SCTP,
             other => {
                 return Err(bad(format!(
                     "--to {to}: unknown protocol {other:?} (tcp, udp or sctp)"
@@ -91,11 +87,12 @@ mod tests {
         );
         let q = Query::parse("fd00::2", "[fd00:96::10]:53/udp").unwrap();
         assert_eq!(q.from.port(), DEFAULT_SOURCE_PORT);
+        let q = Query::parse("10.0.0.2", "172.30.0.41:3868/sctp").unwrap();
+        assert_eq!(q.l4_proto, proto::SCTP);
         for (from, to, says) in [
             ("10.0.0.2", "172.30.0.41", "a port is needed"),
             ("10.0.0.x", "172.30.0.41:80", "not an address"),
             ("10.0.0.2", "172.30.0.41:80/icmp", "unknown protocol"),
-            ("10.0.0.2", "172.30.0.41:80/sctp", "SCTP"),
             ("10.0.0.2", "[fd00::1]:80", "different address families"),
             ("10.0.0.2:0", "172.30.0.41:80", "port 0"),
         ] {

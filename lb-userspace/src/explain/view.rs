@@ -151,5 +151,9 @@ pub(super) fn frontend_view(
 }
 
 pub(super) fn protocol_name(l4: u8) -> &'static str {
-    if l4 == proto::TCP { "TCP" } else { "UDP" }
+    match l4 {
+        proto::TCP => "TCP",
+        proto::SCTP => "SCTP",
+        _ => "UDP",
+    }
 }

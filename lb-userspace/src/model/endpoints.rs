@@ -287,7 +287,7 @@ fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Ve
 }
 
 /// The slice's (name, protocol) -> port table. Ports without a number or of
-/// another protocol (SCTP) cannot match a frontend and are left out.
+/// another protocol cannot match a frontend and are left out.
 fn slice_ports(
     slice: &EndpointSlice,
     errors: &mut Vec<ObjectError>,

@@ -151,6 +151,7 @@ impl fmt::Display for FrontendKind {
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -160,6 +161,7 @@ impl Protocol {
         match self {
             Self::Tcp => 6,
             Self::Udp => 17,
+            Self::Sctp => 132,
         }
     }
 
@@ -169,6 +171,7 @@ impl Protocol {
         match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         }
     }
 
@@ -176,7 +179,7 @@ impl Protocol {
     ///
     /// # Errors
     ///
-    /// [`UnsupportedProtocol`] for anything but `TCP` and `UDP` (SCTP included).
+    /// [`UnsupportedProtocol`] for anything but `TCP`, `UDP` and `SCTP`.
     fn from_k8s(value: Option<&str>) -> Result<Self, UnsupportedProtocol> {
         value.map_or(Ok(Self::Tcp), str::parse)
     }
@@ -189,6 +192,7 @@ impl FromStr for Protocol {
         match value {
             "TCP" => Ok(Self::Tcp),
             "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
             other => Err(UnsupportedProtocol(other.to_owned())),
         }
     }
@@ -202,7 +206,7 @@ impl fmt::Display for Protocol {
 
 /// A protocol string the datapath cannot serve.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("protocol {0} is not supported (only TCP and UDP)")]
+#[error("protocol {0} is not supported (only TCP, UDP and SCTP)")]
 pub struct UnsupportedProtocol(pub String);
 
 /// What a frontend serves and for whom.

@@ -84,8 +84,16 @@ impl<'a> Selector<'a> {
     /// Every endpoint of the port's family, on the target port its own
     /// slice resolved for this port; one endpoint (address and port)
     /// listed twice, by two slices during a move or by two pods sharing a
-    /// reused address, counts once, as a non-terminating one if either is
-    /// (kube-proxy's `addEndpoints`).
+    /// reused address, counts once: as a non-terminating listing if there
+    /// is one (kube-proxy's `addEndpoints`: a non-terminating listing
+    /// replaces an earlier one, a terminating one never does), and of
+    /// several non-terminating ones as a ready one if there is one, then a
+    /// serving one. (kube-proxy keeps the one of the slice it reads last,
+    /// in Go's map order, "undefined" says its comment; its
+    /// `TestEndpointsMapFromESC` expects the ready listing, "if an endpoint
+    /// is marked ready, we add it", and a slice caught mid-move lists the
+    /// pod as it was, so the ready listing is the one the pod has now or
+    /// had last.)
     fn candidates(&self, port: usize, ipv4: bool) -> Vec<Candidate<'a>> {
         let port = &self.parsed.ports[port];
         let mut candidates: Vec<Candidate<'a>> = self
@@ -112,12 +120,14 @@ impl<'a> Selector<'a> {
             })
             .flatten()
             .collect();
-        // Stable: of two non-terminating ones, the first listed stays.
+        // Stable: of two listings alike, the first listed stays.
         candidates.sort_by_key(|candidate| {
             (
                 candidate.backend.addr,
                 candidate.backend.port,
                 candidate.conditions.terminating,
+                !candidate.conditions.ready,
+                !candidate.conditions.serving,
             )
         });
         candidates.dedup_by(|later, kept| {

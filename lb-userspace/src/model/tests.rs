@@ -252,12 +252,15 @@ fn missing_namespace_means_default() {
 #[test]
 fn protocol_numbers_names_and_parsing() {
     assert_eq!((Protocol::Tcp.number(), Protocol::Udp.number()), (6, 17));
+    assert_eq!(Protocol::Sctp.number(), 132);
     assert_eq!((Protocol::Tcp.name(), Protocol::Udp.name()), ("TCP", "UDP"));
+    assert_eq!(Protocol::Sctp.name(), "SCTP");
     assert_eq!(Protocol::from_k8s(None), Ok(Protocol::Tcp));
     assert_eq!(Protocol::from_k8s(Some("UDP")), Ok(Protocol::Udp));
+    assert_eq!(Protocol::from_k8s(Some("SCTP")), Ok(Protocol::Sctp));
     assert_eq!(
-        "SCTP".parse::<Protocol>(),
-        Err(UnsupportedProtocol("SCTP".into()))
+        "DCCP".parse::<Protocol>(),
+        Err(UnsupportedProtocol("DCCP".into()))
     );
     assert!(
         "tcp".parse::<Protocol>().is_err(),

@@ -368,10 +368,14 @@ fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], run: Run) -> Catalo
     }
     // The node's addresses as `--node-ip` (kube-proxy's test node IPs),
     // through the agent's own `node::context`.
+    // kube-proxy's fake proxier tells pods by the cluster CIDR 10.0.0.0/8
+    // (`NewDetectLocalByCIDR`): `--cluster-cidr` with it and its mirror.
+    let pods: IpAddr = "10.0.0.0".parse().unwrap();
     let settings = NodeSettings {
         name: group.node.name.clone(),
         addresses: addresses.clone(),
         zone: group.node.zone.clone(),
+        cluster_cidrs: node::ClusterCidrs(vec![(pods, 8), (mirror_ip(pods), 96 + 8)]),
         ..NodeSettings::default()
     };
     let mut context = node::context(&settings, &NodeContext::default());
@@ -387,6 +391,9 @@ fn apply(fx: &mut Fixture, group: &Group, objects: &[Value], run: Run) -> Catalo
     );
     let specs: Vec<_> = built.frontends.clone().into_iter().collect();
     fx.set_specs(&specs);
+    fx.maps
+        .write_cluster_cidrs(&settings.cluster_cidrs.0)
+        .expect("cluster CIDRs");
     fx.maps
         .write_config(&node::datapath_config(&settings, &context))
         .expect("config");
@@ -430,6 +437,7 @@ fn run_flow(
     let l4_proto = match flow.protocol.as_deref() {
         None | Some("TCP") => proto::TCP,
         Some("UDP") => proto::UDP,
+        Some("SCTP") => proto::SCTP,
         Some(other) => panic!("{}: protocol {other}", flow.name),
     };
     let actual = ask(fx, maps, catalog, from, to, l4_proto);

@@ -1,4 +1,4 @@
-//! Frames for `BPF_PROG_TEST_RUN`: Ethernet + IPv4/IPv6 + TCP/UDP built
+//! Frames for `BPF_PROG_TEST_RUN`: Ethernet + IPv4/IPv6 + TCP/UDP/SCTP built
 //! independently of the datapath, with checksums computed from scratch,
 //! and the checks of what the program sent back.
 
@@ -11,6 +11,12 @@ pub(crate) const TCP_ACK: u8 = 0x10;
 pub(crate) const TCP_PSH: u8 = 0x08;
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_RST: u8 = 0x04;
+/// SCTP chunk types (RFC 9260 3.2).
+pub(crate) const SCTP_DATA: u8 = 0;
+pub(crate) const SCTP_INIT: u8 = 1;
+pub(crate) const SCTP_INIT_ACK: u8 = 2;
+pub(crate) const SCTP_ABORT: u8 = 6;
+pub(crate) const SCTP_SHUTDOWN: u8 = 7;
 
 /// One frame's worth of headers, built with correct checksums.
 #[derive(Clone, Debug)]
@@ -18,6 +24,7 @@ pub(crate) struct Frame {
     pub(crate) src: SocketAddr,
     pub(crate) dst: SocketAddr,
     pub(crate) proto: Protocol,
+    /// TCP flags; for SCTP the type of the (one) chunk.
     pub(crate) tcp_flags: u8,
     /// UDP over IPv4 only: send a zero ("no") checksum.
     pub(crate) udp_zero_csum: bool,
@@ -45,6 +52,17 @@ impl Frame {
         }
     }
 
+    /// An SCTP packet with one chunk of type `chunk` (INIT: verification
+    /// tag 0 and an INIT's fixed fields; others: a tag and a payload).
+    pub(crate) fn sctp(src: &str, dst: &str, chunk: u8) -> Self {
+        Self {
+            proto: Protocol::Sctp,
+            tcp_flags: chunk,
+            payload: b"sctp data chunk!".to_vec(),
+            ..Self::tcp(src, dst, 0)
+        }
+    }
+
     pub(crate) fn with_dst(&self, dst: SocketAddr) -> Self {
         Self {
             dst,
@@ -64,10 +82,10 @@ impl Frame {
         Self {
             src: self.dst,
             dst: self.src,
-            tcp_flags: if self.proto == Protocol::Tcp {
-                TCP_SYN | TCP_ACK
-            } else {
-                0
+            tcp_flags: match self.proto {
+                Protocol::Tcp => TCP_SYN | TCP_ACK,
+                Protocol::Udp => 0,
+                Protocol::Sctp => SCTP_INIT_ACK,
             },
             ..self.clone()
         }
@@ -98,6 +116,31 @@ impl Frame {
                 let len = u16::try_from(8 + self.payload.len()).unwrap();
                 l4.extend(len.to_be_bytes());
                 l4.extend([0, 0]);
+            }
+            Protocol::Sctp => {
+                let tag = if self.tcp_flags == SCTP_INIT {
+                    0
+                } else {
+                    0x5c7f_0001_u32
+                };
+                l4.extend(tag.to_be_bytes());
+                l4.extend([0, 0, 0, 0]); // checksum
+                let chunk: Vec<u8> = if self.tcp_flags == SCTP_INIT {
+                    // initiate tag, a_rwnd, streams out/in, initial TSN
+                    [0x5c7f_0002_u32, 65_535, 0x000a_000a, 1]
+                        .iter()
+                        .flat_map(|w| w.to_be_bytes())
+                        .collect()
+                } else {
+                    self.payload.clone()
+                };
+                l4.push(self.tcp_flags);
+                l4.push(0);
+                l4.extend(u16::try_from(4 + chunk.len()).unwrap().to_be_bytes());
+                l4.extend(chunk);
+                let crc = crc32c(&l4);
+                l4[8..12].copy_from_slice(&crc.to_le_bytes());
+                return l4;
             }
         }
         l4.extend(&self.payload);
@@ -162,6 +205,32 @@ pub(crate) fn ipv6_header(src: [u8; 16], dst: [u8; 16], next: u8, payload_len: u
     ip
 }
 
+/// `CRC32c` of `bytes` from scratch, bit by bit (RFC 9260 appendix A:
+/// reflected Castagnoli polynomial, initial value all ones, complemented).
+pub(crate) fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 0 {
+                crc >> 1
+            } else {
+                (crc >> 1) ^ 0x82f6_3b78
+            };
+        }
+    }
+    !crc
+}
+
+/// Checks an SCTP packet's checksum: the `CRC32c` of the packet with the
+/// field zeroed, stored little-endian.
+pub(crate) fn assert_sctp_checksum(sctp: &[u8]) {
+    let mut zeroed = sctp.to_vec();
+    zeroed[8..12].fill(0);
+    let field = u32::from_le_bytes(sctp[8..12].try_into().unwrap());
+    assert_eq!(field, crc32c(&zeroed), "SCTP CRC32c wrong");
+}
+
 /// RFC 1071 Internet checksum over `data`, starting from `initial`.
 pub(crate) fn checksum(data: &[u8], initial: u32) -> u16 {
     let mut sum = initial;
@@ -221,8 +290,15 @@ pub(crate) fn verify_checksums(frame: &[u8]) -> (SocketAddr, SocketAddr) {
     let proto = match proto {
         6 => Protocol::Tcp,
         17 => Protocol::Udp,
+        132 => Protocol::Sctp,
         other => panic!("unexpected protocol {other}"),
     };
+    if proto == Protocol::Sctp {
+        assert_sctp_checksum(l4);
+        let sport = u16::from_be_bytes([l4[0], l4[1]]);
+        let dport = u16::from_be_bytes([l4[2], l4[3]]);
+        return (SocketAddr::new(src, sport), SocketAddr::new(dst, dport));
+    }
     let udp_zero = proto == Protocol::Udp && l4[6] == 0 && l4[7] == 0;
     if udp_zero {
         assert!(src.is_ipv4(), "IPv6 UDP must carry a checksum");

@@ -330,7 +330,7 @@ pub(crate) fn refused(fx: &mut Fixture, frame: &Frame, what: &str) {
     assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: not refused");
     match frame.proto {
         Protocol::Tcp => assert_tcp_reset(&out, &input),
-        Protocol::Udp => assert_port_unreachable(&out, &input),
+        Protocol::Udp | Protocol::Sctp => assert_port_unreachable(&out, &input),
     }
 }
 

@@ -195,6 +195,43 @@ pub(crate) trait FamilyOps: Send + Sync {
 }
 
 impl<F: MapFamily> FamilyMaps<F> {
+    /// Makes the cluster CIDRs of this family (`CLUSTER_CIDR_REV_NAT` in
+    /// the source-range map) exactly `cidrs` (CIDRs of the other family
+    /// are skipped).
+    pub(super) fn set_cluster_cidrs(&mut self, cidrs: &[(IpAddr, u8)]) -> Result<(), MapsError> {
+        let family = F::NAME;
+        let mut stale = Vec::new();
+        for item in self.ranges.keys() {
+            let key = item.map_err(access(format!("iterate {family} source ranges")))?;
+            if u32::from_be(key.data().rev_nat_id_be) == lb_common::CLUSTER_CIDR_REV_NAT {
+                stale.push(key);
+            }
+        }
+        for key in stale {
+            ignore_missing(self.ranges.remove(&key)).map_err(write_to(
+                F::SRC_RANGES,
+                format!("delete a {family} cluster CIDR"),
+            ))?;
+        }
+        for &(ip, prefix) in cidrs {
+            let Some(addr) = F::addr(ip) else {
+                continue;
+            };
+            let key = Key::new(
+                32 + u32::from(prefix),
+                SourceRange {
+                    rev_nat_id_be: lb_common::CLUSTER_CIDR_REV_NAT.to_be(),
+                    addr,
+                },
+            );
+            self.ranges.insert(&key, &1, 0).map_err(write_to(
+                F::SRC_RANGES,
+                format!("write cluster CIDR {ip}/{prefix}"),
+            ))?;
+        }
+        Ok(())
+    }
+
     /// Takes this family's maps out of `take` (by name).
     pub(super) fn build(
         take: &mut impl FnMut(&'static str) -> Result<Option<Map>, MapsError>,
@@ -267,6 +304,10 @@ where
         for item in self.ranges.keys() {
             let key = item.map_err(access(format!("iterate {family} source ranges")))?;
             let data = key.data();
+            // The cluster CIDRs are the agent's, not a frontend's.
+            if u32::from_be(data.rev_nat_id_be) == lb_common::CLUSTER_CIDR_REV_NAT {
+                continue;
+            }
             let prefix = u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(0);
             state.source_ranges.insert((
                 u32::from_be(data.rev_nat_id_be),

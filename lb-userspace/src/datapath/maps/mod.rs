@@ -313,6 +313,18 @@ impl Maps {
             .map_err(access("write node configuration"))
     }
 
+    /// Writes the cluster CIDRs (`--cluster-cidr`) the datapath tells
+    /// off-cluster clients of a `ClusterIP` by (with
+    /// `config_flags::CLUSTER_CIDR` in the configuration), replacing those
+    /// written before.
+    ///
+    /// # Errors
+    /// A map refused a write or a delete.
+    pub fn write_cluster_cidrs(&mut self, cidrs: &[(IpAddr, u8)]) -> Result<(), MapsError> {
+        self.v4.set_cluster_cidrs(cidrs)?;
+        self.v6.set_cluster_cidrs(cidrs)
+    }
+
     fn reset_stats(&mut self, rev_nat_id: u32) -> Result<(), MapsError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, io)| MapsError::Access {
             what: "count CPUs".into(),
@@ -465,6 +477,7 @@ fn protocol(number: u8) -> Option<Protocol> {
     match number {
         lb_common::proto::TCP => Some(Protocol::Tcp),
         lb_common::proto::UDP => Some(Protocol::Udp),
+        lb_common::proto::SCTP => Some(Protocol::Sctp),
         _ => None,
     }
 }

@@ -417,6 +417,52 @@ fn an_endpoint_listed_twice_counts_as_its_non_terminating_listing() {
 }
 
 #[test]
+fn an_endpoint_ready_in_one_slice_and_not_ready_in_another_is_used() {
+    // kube-proxy's TestEndpointsMapFromESC "2 slices, overlapping
+    // endpoints, some endpoints unready in 1 or both": a ready listing
+    // wins over a non-terminating not-ready one, whichever slice comes
+    // first; not ready in both stays not ready.
+    for (first, second) in [("web-1", "web-2"), ("web-2", "web-1")] {
+        let model = build_on(
+            [web("10.96.0.10")],
+            [
+                web_slice(first, IpFamily::V4)
+                    .endpoint(
+                        EndpointBuilder::new("10.244.1.3")
+                            .ready(false)
+                            .serving(false),
+                    )
+                    .endpoint(
+                        EndpointBuilder::new("10.244.1.6")
+                            .ready(false)
+                            .serving(false),
+                    ),
+                web_slice(second, IpFamily::V4)
+                    .endpoint(EndpointBuilder::new("10.244.1.3").up())
+                    .endpoint(
+                        EndpointBuilder::new("10.244.1.6")
+                            .ready(false)
+                            .serving(false),
+                    ),
+            ],
+            &node_a(),
+        );
+        assert_eq!(model.errors, []);
+        let spec = spec_of(&model, "10.96.0.10", 80, Protocol::Tcp);
+        assert_eq!(
+            spec.backends,
+            [be("10.244.1.3", 8080, false)],
+            "{first} first"
+        );
+        assert_eq!(
+            spec.not_ready,
+            [be("10.244.1.6", 8080, false)],
+            "{first} first"
+        );
+    }
+}
+
+#[test]
 fn terminating_endpoint_drains_while_others_serve() {
     let model = build_on(
         [web("10.96.0.10")],

@@ -130,7 +130,7 @@ fn duplicate_port_and_protocol_rejects_the_service() {
 }
 
 #[test]
-fn sctp_port_is_reported_and_only_that_port_skipped() {
+fn sctp_port_is_a_frontend_beside_tcp_on_the_same_number() {
     let model = build_plain(
         [ServiceBuilder::new("telco", "sig")
             .ips(["10.96.4.4"])
@@ -138,10 +138,29 @@ fn sctp_port_is_reported_and_only_that_port_skipped() {
             .port("tcp", 3868, "TCP", 3868)],
         [],
     );
+    assert!(error_lines(&model).is_empty(), "{:?}", error_lines(&model));
+    assert_eq!(
+        model.frontends.keys().copied().collect::<Vec<_>>(),
+        [
+            frontend("10.96.4.4", 3868, Protocol::Tcp),
+            frontend("10.96.4.4", 3868, Protocol::Sctp)
+        ]
+    );
+}
+
+#[test]
+fn unknown_protocol_is_reported_and_only_that_port_skipped() {
+    let model = build_plain(
+        [ServiceBuilder::new("telco", "sig")
+            .ips(["10.96.4.4"])
+            .port("dccp", 3868, "DCCP", 3868)
+            .port("tcp", 3868, "TCP", 3868)],
+        [],
+    );
     assert_eq!(
         error_lines(&model),
         [
-            r#"Service telco/sig: port "sctp" (3868): protocol SCTP is not supported (only TCP and UDP); port skipped"#
+            r#"Service telco/sig: port "dccp" (3868): protocol DCCP is not supported (only TCP, UDP and SCTP); port skipped"#
         ]
     );
     assert_eq!(
