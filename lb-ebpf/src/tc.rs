@@ -330,7 +330,7 @@ fn declared_l4_len<F: Family>(ctx: &impl Ctx, total: u16) -> Result<u32, Verdict
 /// as TCP flags. The checksum is not verified: the receiver does that, as
 /// for TCP and UDP.
 #[inline(always)]
-fn sctp_flags<F: Family>(ctx: &TcContext, ip_total: u16) -> Result<u8, Verdict> {
+fn sctp_flags<F: Family>(ctx: &impl Ctx, ip_total: u16) -> Result<u8, Verdict> {
     let l4_off = F::L4_OFF;
     ptr_at::<[u8; SCTP_HLEN + SCTP_CHUNK_HLEN]>(ctx, l4_off)?;
     let l4_len = declared_l4_len::<F>(ctx, ip_total)?;

@@ -17,7 +17,7 @@
 //!   ICMP (errors about flows are translated at TC, `icmp_err`), later
 //!   fragments (first fragments are translated and recorded as at TC, so
 //!   TC translates the rest), IP options and extension headers, other
-//!   protocols,
+//!   protocols than TCP, UDP and SCTP,
 //!   refusals (TC builds the ICMP error or reset), replies that are not
 //!   usable, traffic that is no service's;
 //! - drops (source ranges, spoofed replies, a failed rewrite) are drops.

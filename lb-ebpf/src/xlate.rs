@@ -143,13 +143,13 @@ pub(crate) fn rewrite_at<F: Family, const EXT: usize>(
 /// own small frame, off the to-backend chain's deepest one; scalar
 /// arguments and result (`encode_unit`).
 #[inline(never)]
-fn sctp_ports<F: Family>(ctx: &TcContext, old_ports: u32, new_ports: u32, skb_diff: u32) -> u64 {
+fn sctp_ports<F: Family>(ctx: &impl Ctx, old_ports: u32, new_ports: u32, skb_diff: u32) -> u64 {
     encode_unit(try_sctp_ports::<F>(ctx, old_ports, new_ports, skb_diff))
 }
 
 #[inline(always)]
 fn try_sctp_ports<F: Family>(
-    ctx: &TcContext,
+    ctx: &impl Ctx,
     old_ports: u32,
     new_ports: u32,
     skb_diff: u32,
@@ -186,9 +186,9 @@ fn try_sctp_ports<F: Family>(
     }
     let total = diff.add_wsum(skb_diff).wsum();
     if total != 0 {
-        // SAFETY: the context of a TC program is an `__sk_buff`; fails,
-        // harmlessly, unless the skb is `CHECKSUM_COMPLETE`.
-        unsafe { bpf_csum_update(ctx.as_ptr().cast::<__sk_buff>(), total) };
+        // At TC fails, harmlessly, unless the skb is `CHECKSUM_COMPLETE`;
+        // nothing at XDP.
+        ctx.csum_update(total);
     }
     Ok(())
 }
