@@ -44,10 +44,18 @@ pub mod map_names {
     pub const CT_NEW4: &str = "LB4_CT_NEW_V1";
     /// IPv6 flows the backend has not answered yet (as `CT_NEW4`).
     pub const CT_NEW6: &str = "LB6_CT_NEW_V1";
-    /// IPv4 session affinity (LRU): `Affinity4Key` -> `AffinityEntry`.
-    pub const AFFINITY4: &str = "LB4_AFF_V1";
-    /// IPv6 session affinity (LRU): `Affinity6Key` -> `AffinityEntry`.
-    pub const AFFINITY6: &str = "LB6_AFF_V1";
+    /// IPv4 session affinity (LRU): `Affinity4Key` -> `AffinityEntry` (V2:
+    /// keyed by the Service port's affinity group, not the frontend).
+    pub const AFFINITY4: &str = "LB4_AFF_V2";
+    /// IPv6 session affinity (LRU): `Affinity6Key` -> `AffinityEntry` (V2:
+    /// as `AFFINITY4`).
+    pub const AFFINITY6: &str = "LB6_AFF_V2";
+    /// IPv4 endpoint index: `Endpoint4Key` (frontend, endpoint) -> that
+    /// frontend's backend id for the endpoint; how an affinity entry
+    /// recorded through one frontend of a Service port is used by another.
+    pub const ENDPOINTS4: &str = "LB4_EP_V1";
+    /// IPv6 endpoint index: `Endpoint6Key` -> backend id (as `ENDPOINTS4`).
+    pub const ENDPOINTS6: &str = "LB6_EP_V1";
     /// IPv4 allowed source ranges (LPM trie): `SourceRange4` -> `u8`.
     pub const SRC_RANGES4: &str = "LB4_SRC_V1";
     /// IPv6 allowed source ranges (LPM trie): `SourceRange6` -> `u8`.
@@ -77,8 +85,9 @@ pub mod map_names {
     /// IPv6 socket reverse translation (LRU): `SockRevNat6Key` -> `SockRevNat6`.
     pub const SOCK_REVNAT6: &str = "LB6_SK_RNAT_V1";
     /// Session affinity of the node's sockets (LRU), per network namespace:
-    /// `SockAffinityKey` -> `AffinityEntry`.
-    pub const SOCK_AFFINITY: &str = "LB_SK_AFF_V1";
+    /// `SockAffinityKey` -> `AffinityEntry` (V2: keyed by the affinity
+    /// group, as `AFFINITY4`).
+    pub const SOCK_AFFINITY: &str = "LB_SK_AFF_V2";
     /// Maglev: rev-NAT id -> active table row + 1 (0: no table, the
     /// frontend's slots decide). Array of `u32`.
     pub const MAGLEV_REFS: &str = "LB_MGLV_REF_V1";
@@ -521,7 +530,10 @@ pub type Lb6Key = LbKey<Addr6>;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LbService {
-    /// Slot > 0: the backend id in that slot. Slot 0: zero.
+    /// Slot > 0: the backend id in that slot. Slot 0: the frontend's
+    /// session-affinity group (`AffinityKey::group`), shared by every
+    /// frontend of its Service port and family; never 0 with
+    /// `svc_flags::AFFINITY`, 0 without.
     pub backend_id: u32,
     /// Slot 0: number of backend slots. Slot > 0: zero.
     pub count: u16,
@@ -529,7 +541,8 @@ pub struct LbService {
     pub flags: u16,
     /// Slot 0: rev-NAT id of this frontend (also its stats index).
     pub rev_nat_id: u32,
-    /// Reserved for session affinity (seconds); zero.
+    /// Slot 0 with `svc_flags::AFFINITY`: the session-affinity timeout
+    /// (seconds). Otherwise zero.
     pub affinity_timeout_s: u32,
 }
 
@@ -633,14 +646,17 @@ pub struct LbStats {
     pub bytes: u64,
 }
 
-/// Session-affinity key over an address `A`.
+/// Session-affinity key over an address `A`: one per client and Service
+/// port (and family), whichever of its frontends the client uses, as
+/// kube-proxy's affinity sets are per Service port.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey<A> {
     /// Client address, network order.
     pub client: A,
-    /// Frontend (rev-NAT id) the affinity belongs to.
-    pub rev_nat_id: u32,
+    /// Affinity group of the Service port (`LbService::backend_id` of its
+    /// frontends' slot 0).
+    pub group: u32,
 }
 /// IPv4 session-affinity key.
 pub type Affinity4Key = AffinityKey<Addr4>;
@@ -651,13 +667,38 @@ pub type Affinity6Key = AffinityKey<Addr6>;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct AffinityEntry {
-    /// Backend the client was last sent to.
+    /// Backend the client was last sent to: the entry of the frontend it
+    /// came through; another frontend of the group finds its own entry for
+    /// the same endpoint in the endpoint index (`EndpointKey`).
     pub backend_id: u32,
     /// Zero.
     pub _pad: u32,
     /// `bpf_ktime_get_coarse_ns` of the client's last new flow to the frontend.
     pub last_used_ns: u64,
 }
+
+/// Endpoint-index key over an address `A`: a frontend and one of its
+/// endpoints, whose value is that frontend's backend id for the endpoint
+/// (written with every backend entry). The fields after `rev_nat_id` are
+/// those of the endpoint's `Backend`.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey<A> {
+    /// The frontend (rev-NAT id).
+    pub rev_nat_id: u32,
+    /// Endpoint address, network order.
+    pub addr: A,
+    /// Endpoint port, network byte order.
+    pub port_be: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Zero.
+    pub _pad: u8,
+}
+/// IPv4 endpoint-index key.
+pub type Endpoint4Key = EndpointKey<Addr4>;
+/// IPv6 endpoint-index key.
+pub type Endpoint6Key = EndpointKey<Addr6>;
 
 /// Source-range LPM data over an address `A` (after the trie's
 /// `prefix_len`): the frontend first (always matched in full: `prefix_len`
@@ -823,8 +864,9 @@ pub type SockRevNat6 = SockRevNat<Addr6>;
 pub struct SockAffinityKey {
     /// Network namespace cookie, native byte order.
     pub netns_cookie: [u8; 8],
-    /// Frontend (rev-NAT id; unique over both families).
-    pub rev_nat_id: u32,
+    /// Affinity group of the Service port and family (as
+    /// `AffinityKey::group`; the group includes the family).
+    pub group: u32,
 }
 
 /// First port of the range used for source NAT (on the node's address,
@@ -900,6 +942,8 @@ const _: () = assert!(size_of::<CtEntry>() == 48);
 const _: () = assert!(size_of::<Affinity4Key>() == 8);
 const _: () = assert!(size_of::<Affinity6Key>() == 20);
 const _: () = assert!(size_of::<AffinityEntry>() == 16);
+const _: () = assert!(size_of::<Endpoint4Key>() == 12);
+const _: () = assert!(size_of::<Endpoint6Key>() == 24);
 const _: () = assert!(size_of::<SourceRange4>() == 8);
 const _: () = assert!(size_of::<SourceRange6>() == 20);
 const _: () = assert!(size_of::<LbConfig>() == 48);
@@ -921,15 +965,16 @@ const _: () = assert!(align_of::<Lb4Backend>() == 4 && align_of::<Lb6Backend>() 
 const _: () = assert!(align_of::<Lb4RevNat>() == 4 && align_of::<Lb6RevNat>() == 4);
 const _: () = assert!(align_of::<Ct4Key>() == 4 && align_of::<Ct6Key>() == 4);
 const _: () = assert!(align_of::<Affinity4Key>() == 4 && align_of::<Affinity6Key>() == 4);
+const _: () = assert!(align_of::<Endpoint4Key>() == 4 && align_of::<Endpoint6Key>() == 4);
 const _: () = assert!(align_of::<SourceRange4>() == 4 && align_of::<SourceRange6>() == 4);
 const _: () = assert!(align_of::<Frag4Key>() == 4 && align_of::<Frag6Key>() == 4);
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, FragEntry, FragKey, LbConfig, LbKey,
-        LbService, LbStats, MapAddr, RevNat, SockAffinityKey, SockConfig, SockRevNat,
-        SockRevNatKey, SourceRange,
+        AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, EndpointKey, FragEntry, FragKey,
+        LbConfig, LbKey, LbService, LbStats, MapAddr, RevNat, SockAffinityKey, SockConfig,
+        SockRevNat, SockRevNatKey, SourceRange,
     };
     // SAFETY: all are repr(C), Copy, with explicit padding: every bit
     // pattern is valid and no byte is uninitialised. The generic ones only
@@ -940,6 +985,7 @@ mod pod {
     unsafe impl<A: MapAddr> aya::Pod for RevNat<A> {}
     unsafe impl<A: MapAddr> aya::Pod for CtKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: MapAddr> aya::Pod for EndpointKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for SourceRange<A> {}
     unsafe impl<A: MapAddr> aya::Pod for SockRevNatKey<A> {}
     unsafe impl<A: MapAddr> aya::Pod for SockRevNat<A> {}

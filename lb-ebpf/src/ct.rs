@@ -18,6 +18,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::LruHashMap};
 use lb_common::{
     Backend, CtEntry, CtKey, LbService, backend_flags, ct_dir, ct_flags, ct_timeout, proto, reason,
+    svc_flags,
 };
 
 use crate::{
@@ -362,7 +363,15 @@ fn new_flow<F: Family>(
 ) -> Result<(), Verdict> {
     // Chosen straight into `flow` (which holds a placeholder): a copy here
     // would take this frame over the verifier's stack budget.
-    let backend_id = lb::choose_backend_sub::<F>(tuple, frontend, now, &mut flow.backend);
+    // Affinity first, in a sibling subprogram of `choose_backend_sub`: the
+    // two frames are never on the stack together.
+    let mut backend_id = 0;
+    if frontend.flags & svc_flags::AFFINITY != 0 {
+        backend_id = lb::affinity_backend_sub::<F>(tuple, frontend, now, &mut flow.backend);
+    }
+    if backend_id == 0 {
+        backend_id = lb::choose_backend_sub::<F>(tuple, frontend, &mut flow.backend);
+    }
     if backend_id == 0 {
         return Err(Verdict::drop(reason::DROP_BACKEND_MISSING));
     }

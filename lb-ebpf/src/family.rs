@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Addr4, Addr6, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, FragEntry, FragKey,
-    LbConfig, LbKey, LbService, RevNat, SourceRange, scope,
+    Addr4, Addr6, AffinityEntry, AffinityKey, Backend, CtEntry, CtKey, EndpointKey, FragEntry,
+    FragKey, LbConfig, LbKey, LbService, RevNat, SourceRange, scope,
 };
 
 use crate::{
@@ -22,9 +22,9 @@ use crate::{
     hash::flow_hash,
     hdr::{Eth, Link, ipv4, ipv6},
     maps::{
-        LB4_AFF_V1, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_FRAG_V1, LB4_RNAT_V2, LB4_SRC_V1,
-        LB4_SVC_V2, LB6_AFF_V1, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_FRAG_V1, LB6_RNAT_V2,
-        LB6_SRC_V1, LB6_SVC_V2,
+        LB4_AFF_V2, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_EP_V1, LB4_FRAG_V1, LB4_RNAT_V2,
+        LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V2, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_EP_V1,
+        LB6_FRAG_V1, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
     },
     reject,
     tc::Packet,
@@ -75,6 +75,8 @@ pub(crate) trait Family {
     /// Flows the backend has not answered yet.
     fn conntrack_new() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry>;
     fn affinity() -> &'static LruHashMap<AffinityKey<Self::Addr>, AffinityEntry>;
+    /// (frontend, endpoint) -> that frontend's backend id.
+    fn endpoints() -> &'static HashMap<EndpointKey<Self::Addr>, u32>;
     fn source_ranges() -> &'static LpmTrie<SourceRange<Self::Addr>, u8>;
     /// The first fragments' ports (see `frag`).
     fn fragments() -> &'static LruHashMap<FragKey<Self::Addr>, FragEntry>;
@@ -136,10 +138,10 @@ pub(crate) fn ct_key<A: Copy>(t: &Tuple<A>, dir: u8) -> CtKey<A> {
     }
 }
 
-/// The affinity key of `client` towards the frontend `rev_nat_id`.
+/// The affinity key of `client` in the affinity group `group`.
 #[inline(always)]
-pub(crate) fn affinity_key<A>(client: A, rev_nat_id: u32) -> AffinityKey<A> {
-    AffinityKey { client, rev_nat_id }
+pub(crate) fn affinity_key<A>(client: A, group: u32) -> AffinityKey<A> {
+    AffinityKey { client, group }
 }
 
 /// Full-length LPM key: the frontend, then the client address.
@@ -207,7 +209,11 @@ impl<L: Link> Family for V4<L> {
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Addr4>, AffinityEntry> {
-        &LB4_AFF_V1
+        &LB4_AFF_V2
+    }
+    #[inline(always)]
+    fn endpoints() -> &'static HashMap<EndpointKey<Addr4>, u32> {
+        &LB4_EP_V1
     }
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRange<Addr4>, u8> {
@@ -301,7 +307,11 @@ impl<L: Link, const EXT: usize> Family for V6<L, EXT> {
     }
     #[inline(always)]
     fn affinity() -> &'static LruHashMap<AffinityKey<Addr6>, AffinityEntry> {
-        &LB6_AFF_V1
+        &LB6_AFF_V2
+    }
+    #[inline(always)]
+    fn endpoints() -> &'static HashMap<EndpointKey<Addr6>, u32> {
+        &LB6_EP_V1
     }
     #[inline(always)]
     fn source_ranges() -> &'static LpmTrie<SourceRange<Addr6>, u8> {

@@ -2,8 +2,8 @@
 //! affinity and the choice of a backend.
 
 use lb_common::{
-    AffinityEntry, Backend, CLUSTER_CIDR_REV_NAT, LbService, backend_flags, config_flags, reason,
-    svc_flags,
+    AffinityEntry, Backend, CLUSTER_CIDR_REV_NAT, EndpointKey, LbService, backend_flags,
+    config_flags, reason, svc_flags,
 };
 
 use crate::{
@@ -77,10 +77,9 @@ pub(crate) fn member_of<A>(backend: &Backend<A>, frontend: &LbService) -> bool {
 pub(crate) fn choose_backend_sub<F: Family>(
     tuple: &Tuple<F::Addr>,
     frontend: &LbService,
-    now: u64,
     out: &mut Backend<F::Addr>,
 ) -> u32 {
-    match choose_backend::<F>(tuple, frontend, now) {
+    match choose_backend::<F>(tuple, frontend) {
         Ok((id, backend)) => {
             *out = backend;
             id
@@ -89,39 +88,80 @@ pub(crate) fn choose_backend_sub<F: Family>(
     }
 }
 
-/// The backend for a new flow: the client's affinity if it has a live one,
-/// else its Maglev table's entry for the flow when it has one, else a
-/// slot chosen by the flow hash.
+/// The client's live affinity backend for `frontend` (id, 0: none; the
+/// backend in `out`), its timeout restarted. A leaf subprogram called
+/// next to `choose_backend_sub` (not from it): its frame is not added to
+/// that one's on the new-flow chain.
+#[inline(never)]
+pub(crate) fn affinity_backend_sub<F: Family>(
+    tuple: &Tuple<F::Addr>,
+    frontend: &LbService,
+    now: u64,
+    out: &mut Backend<F::Addr>,
+) -> u32 {
+    let key = affinity_key(tuple.saddr, frontend.backend_id);
+    let Some(entry) = F::affinity().get_ptr_mut(&key) else {
+        return 0;
+    };
+    // SAFETY: map value pointer; fields read once.
+    let (recorded, last_used_ns) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+    let timeout_ns = u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
+    if now.saturating_sub(last_used_ns) > timeout_ns {
+        return 0;
+    }
+    let Some((backend_id, backend)) = own_backend::<F>(recorded, frontend) else {
+        return 0;
+    };
+    // Each new connection restarts the timeout, as kube-proxy's
+    // `recent --set` does.
+    if !crate::probe::dry_run() {
+        // SAFETY: map value pointer.
+        unsafe { (*entry).last_used_ns = now };
+    }
+    *out = backend;
+    backend_id
+}
+
+/// `frontend`'s own usable backend for the endpoint of the backend
+/// `recorded` (an affinity entry's, possibly recorded through another
+/// frontend of the same group): the same entry when it is `frontend`'s,
+/// else the one the endpoint index names. `None` when the endpoint is
+/// not (or no longer) one of `frontend`'s, e.g. a remote endpoint at an
+/// `externalTrafficPolicy: Local` frontend, as kube-proxy's external
+/// chain jumps to local endpoints only.
+#[inline(always)]
+pub(crate) fn own_backend<F: Family>(
+    recorded: u32,
+    frontend: &LbService,
+) -> Option<(u32, Backend<F::Addr>)> {
+    // SAFETY: copied out at once.
+    let backend = *unsafe { F::backends().get(&recorded) }?;
+    let (id, backend) = if member_of(&backend, frontend) {
+        (recorded, backend)
+    } else {
+        let key = EndpointKey {
+            rev_nat_id: frontend.rev_nat_id,
+            addr: backend.addr,
+            port_be: backend.port_be,
+            proto: backend.proto,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once.
+        let id = *unsafe { F::endpoints().get(&key) }?;
+        // SAFETY: copied out at once.
+        (id, *unsafe { F::backends().get(&id) }?)
+    };
+    affinity_usable(&backend, frontend).then_some((id, backend))
+}
+
+/// The backend for a new flow without a live affinity (see
+/// `affinity_backend_sub`): its Maglev table's entry for the flow when it
+/// has one, else a slot chosen by the flow hash.
 #[inline(always)]
 fn choose_backend<F: Family>(
     tuple: &Tuple<F::Addr>,
     frontend: &LbService,
-    now: u64,
 ) -> Result<(u32, Backend<F::Addr>), Verdict> {
-    let affinity = frontend.flags & svc_flags::AFFINITY != 0;
-    if affinity {
-        let key = affinity_key(tuple.saddr, frontend.rev_nat_id);
-        if let Some(entry) = F::affinity().get_ptr_mut(&key) {
-            // SAFETY: map value pointer; fields read once.
-            let (backend_id, last_used_ns) =
-                unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
-            let timeout_ns = u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(last_used_ns) <= timeout_ns {
-                // SAFETY: the value is copied out at once.
-                if let Some(backend) = unsafe { F::backends().get(&backend_id) }
-                    && affinity_usable(backend, frontend)
-                {
-                    // Each new connection restarts the timeout, as
-                    // kube-proxy's `recent --set` does.
-                    if !crate::probe::dry_run() {
-                        // SAFETY: map value pointer.
-                        unsafe { (*entry).last_used_ns = now };
-                    }
-                    return Ok((backend_id, *backend));
-                }
-            }
-        }
-    }
     if let Some(picked) = crate::maglev::pick::<F>(tuple, frontend) {
         return Ok(picked);
     }
@@ -156,8 +196,8 @@ pub(crate) fn affinity_usable<A>(backend: &Backend<A>, frontend: &LbService) -> 
     member_of(backend, frontend) && backend.flags & backend_flags::TERMINATING == 0
 }
 
-/// Records the client's backend for session affinity, when the frontend
-/// has it (best effort: an LRU map).
+/// Records the client's backend for session affinity in the frontend's
+/// group, when the frontend has it (best effort: an LRU map).
 #[inline(always)]
 pub(crate) fn remember_affinity<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -171,7 +211,7 @@ pub(crate) fn remember_affinity<F: Family>(
             _pad: 0,
             last_used_ns: now,
         };
-        let key = affinity_key(tuple.saddr, frontend.rev_nat_id);
+        let key = affinity_key(tuple.saddr, frontend.backend_id);
         let _ = F::affinity().insert(&key, &affinity, 0);
     }
 }

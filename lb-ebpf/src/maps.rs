@@ -5,10 +5,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Frag4Key, Frag6Key,
-    FragEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat, LbConfig, LbService,
-    LbStats, SockAffinityKey, SockConfig, SockRevNat4, SockRevNat4Key, SockRevNat6, SockRevNat6Key,
-    SourceRange4, SourceRange6, limits, map_flags, reason,
+    Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Endpoint4Key, Endpoint6Key,
+    Frag4Key, Frag6Key, FragEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
+    LbConfig, LbService, LbStats, SockAffinityKey, SockConfig, SockRevNat4, SockRevNat4Key,
+    SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, limits, map_flags, reason,
 };
 
 #[map]
@@ -56,11 +56,19 @@ pub(crate) static LB6_CT_NEW_V1: LruHashMap<Ct6Key, CtEntry> = LruHashMap::pinne
     map_flags::NO_COMMON_LRU,
 );
 #[map]
-pub(crate) static LB4_AFF_V1: LruHashMap<Affinity4Key, AffinityEntry> =
+pub(crate) static LB4_AFF_V2: LruHashMap<Affinity4Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
 #[map]
-pub(crate) static LB6_AFF_V1: LruHashMap<Affinity6Key, AffinityEntry> =
+pub(crate) static LB6_AFF_V2: LruHashMap<Affinity6Key, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
+// The endpoint index: one entry per backend entry (sized with the backend
+// maps by the loader).
+#[map]
+pub(crate) static LB4_EP_V1: HashMap<Endpoint4Key, u32> =
+    HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
+#[map]
+pub(crate) static LB6_EP_V1: HashMap<Endpoint6Key, u32> =
+    HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
 #[map]
 pub(crate) static LB4_SRC_V1: LpmTrie<SourceRange4, u8> = LpmTrie::pinned(limits::SOURCE_RANGES, 0);
 #[map]
@@ -125,7 +133,7 @@ pub(crate) static LB6_SK_RNAT_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
     LruHashMap::pinned(limits::SOCK_REVNAT_ENTRIES, 0);
 /// Session affinity of the node's sockets, per network namespace.
 #[map]
-pub(crate) static LB_SK_AFF_V1: LruHashMap<SockAffinityKey, AffinityEntry> =
+pub(crate) static LB_SK_AFF_V2: LruHashMap<SockAffinityKey, AffinityEntry> =
     LruHashMap::pinned(limits::AFFINITY_ENTRIES, 0);
 
 /// Per-interface token buckets of the reject path (`reject_guard`; not

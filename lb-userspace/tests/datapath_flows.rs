@@ -6,7 +6,8 @@
 //! without endpoints for new flows refuses new flows only; a readiness flap
 //! keeps TCP flows where they are and moves UDP flows off an endpoint that
 //! no longer serves; a flow or an affinity entry is valid only while its
-//! backend is one of that frontend's, whatever other frontends share it.
+//! backend is one of that frontend's, whatever other frontends share it;
+//! session affinity is shared by the frontends of a Service port.
 
 mod support;
 
@@ -16,9 +17,10 @@ use std::net::SocketAddr;
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
 use lb_userspace::plan;
 
-use support::frames::{Frame, SCTP_DATA, SCTP_INIT, TCP_ACK, TCP_PSH, TCP_SYN};
+use support::frames::{Frame, SCTP_DATA, SCTP_INIT, TCP_ACK, TCP_PSH, TCP_SYN, verify_checksums};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, VIP4, VIP6, addrs, frontend, refused, spec, translated,
+    BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, VIP4, VIP6, addrs, frontend,
+    node_config, refused, spec, translated,
 };
 
 /// The families: service address, client address, backends.
@@ -337,4 +339,106 @@ fn backend_ids_keep_moving_forward_across_a_restart() {
     // The record is not a backend of any frontend.
     let state = maps.read_state().expect("read state");
     assert!(!state.backends.contains_key(&0));
+}
+
+/// The backend a new TCP flow from `client:sport` to `frontend` is sent to
+/// (its source may be translated too: external frontends to remote
+/// endpoints source-NAT).
+fn backend_of(fx: &mut Fixture, client: &str, sport: u16, frontend: &Frontend) -> SocketAddr {
+    let (verdict, out) = fx.run(&packet(client, sport, frontend, true).bytes());
+    assert_eq!(verdict, TC_ACT_OK, "{frontend}: not translated");
+    verify_checksums(&out).1
+}
+
+/// The frontends of one Service port (default/web, TCP) with
+/// `ClientIP` affinity: the `ClusterIP`, a `NodePort` and a load-balancer
+/// IP. With `local`, `externalTrafficPolicy: Local`: the external ones
+/// have only that (node-local) endpoint.
+fn sticky_port(
+    (vip, node, lb_ip): (&str, &str, &str),
+    endpoints: &[SocketAddr],
+    local: Option<SocketAddr>,
+) -> [(Frontend, FrontendSpec); 3] {
+    let sticky = |kind| {
+        let mut web = spec(kind, endpoints);
+        web.affinity_timeout_s = 600;
+        for endpoint in &mut web.backends {
+            endpoint.node_local = Some(SocketAddr::new(endpoint.addr, endpoint.port)) == local;
+        }
+        if kind != FrontendKind::ClusterIp && local.is_some() {
+            web.external_local = true;
+            web.backends.retain(|endpoint| endpoint.node_local);
+        }
+        web
+    };
+    [
+        (
+            frontend(vip, 80, Protocol::Tcp),
+            sticky(FrontendKind::ClusterIp),
+        ),
+        (
+            frontend(node, 30080, Protocol::Tcp),
+            sticky(FrontendKind::NodePort),
+        ),
+        (
+            frontend(lb_ip, 80, Protocol::Tcp),
+            sticky(FrontendKind::LoadBalancer),
+        ),
+    ]
+}
+
+/// Issue 10: one set of affinity clients per Service port and family, as
+/// kube-proxy's per-endpoint affinity sets in the port's chain, which
+/// every frontend of the port jumps to. A client stuck to an endpoint
+/// through the `ClusterIP` gets it through the `NodePort` and the
+/// load-balancer IP too: 3 endpoints and 20 new flows (20 source ports)
+/// per frontend, so a choice by the flow hash would show. With
+/// `externalTrafficPolicy: Local`, the external frontends have only the
+/// node-local endpoint and do not use a remote sticky one (kube-proxy's
+/// external chain for Local jumps to local endpoints' chains only); the
+/// client is then stuck to the local endpoint, which the `ClusterIP` has
+/// too (kube-proxy: the client is in both endpoints' sets and the first
+/// one listed wins; here the last choice does).
+#[test]
+fn affinity_is_shared_by_a_service_ports_frontends() {
+    let Some(mut fx) = Fixture::new("affinity_is_shared_by_a_service_ports_frontends") else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    let addresses = [(NODE4, "198.19.1.1"), (NODE6, "fd00:19::1")];
+    for ((vip, client, list), (node, lb_ip)) in FAMILIES.into_iter().zip(addresses) {
+        let endpoints = addrs(&list);
+        let port = (vip, node, lb_ip);
+        let [cluster_ip, node_port, lb] = sticky_port(port, &endpoints, None).map(|(f, _)| f);
+        fx.set_specs(&sticky_port(port, &endpoints, None));
+        let mut sport = 40000u16;
+        let mut next_backend = |fx: &mut Fixture, frontend: &Frontend| {
+            sport += 1;
+            backend_of(fx, client, sport, frontend)
+        };
+        let first = next_backend(&mut fx, &cluster_ip);
+        for frontend in [&cluster_ip, &node_port, &lb] {
+            let got: Vec<SocketAddr> = (0..20).map(|_| next_backend(&mut fx, frontend)).collect();
+            assert!(
+                got.iter().all(|b| *b == first),
+                "{frontend}: not the endpoint the client is stuck to ({first}): {got:?}"
+            );
+        }
+
+        // externalTrafficPolicy: Local, the node-local endpoint another one.
+        let local = *endpoints.iter().find(|e| **e != first).unwrap();
+        fx.set_specs(&sticky_port(port, &endpoints, Some(local)));
+        assert_eq!(
+            next_backend(&mut fx, &cluster_ip),
+            first,
+            "ClusterIP kept it"
+        );
+        for frontend in [&node_port, &lb, &cluster_ip] {
+            for _ in 0..20 {
+                let got = next_backend(&mut fx, frontend);
+                assert_eq!(got, local, "{frontend}: a remote sticky endpoint at Local");
+            }
+        }
+        fx.set_specs(&[]);
+    }
 }

@@ -413,6 +413,7 @@ fn spawn_swapper(s: Swapper) -> std::thread::JoinHandle<()> {
                         slots: set.iter().map(|(id, _)| *id).collect(),
                         flags: svc_flags::CLUSTER_IP,
                         affinity_timeout_s: 0,
+                        affinity_group: 0,
                     },
                 )]),
                 backends: s.backends.clone(),

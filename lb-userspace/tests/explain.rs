@@ -141,7 +141,7 @@ where
             let (k, v) = e.unwrap();
             format!(
                 "{:?}/{} -> {} @{}",
-                k.client, k.rev_nat_id, v.backend_id, v.last_used_ns
+                k.client, k.group, v.backend_id, v.last_used_ns
             )
         })
         .collect();

@@ -25,7 +25,7 @@ use crate::{
     hash::slot_for,
     lb,
     maps::{
-        LB_CONFIG_V3, LB_SK_AFF_V1, LB_SOCK_CFG_V1, LB4_SK_RNAT_V1, LB6_SK_RNAT_V1, count_reason,
+        LB_CONFIG_V3, LB_SK_AFF_V2, LB_SOCK_CFG_V1, LB4_SK_RNAT_V1, LB6_SK_RNAT_V1, count_reason,
     },
 };
 
@@ -458,24 +458,24 @@ fn choose<F: SockFamily>(
     netns: u64,
 ) -> Option<(u32, Backend<F::Addr>)> {
     let affinity = frontend.flags & svc_flags::AFFINITY != 0;
+    // Per Service port and family (the frontend's group), as the packet
+    // path's affinity.
     let key = SockAffinityKey {
         netns_cookie: netns.to_ne_bytes(),
-        rev_nat_id: frontend.rev_nat_id,
+        group: frontend.backend_id,
     };
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if affinity && let Some(entry) = LB_SK_AFF_V1.get_ptr_mut(&key) {
+    if affinity && let Some(entry) = LB_SK_AFF_V2.get_ptr_mut(&key) {
         // SAFETY: map value pointer; fields read once.
-        let (backend_id, last_used_ns) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
+        let (recorded, last_used_ns) = unsafe { ((*entry).backend_id, (*entry).last_used_ns) };
         let timeout_ns = u64::from(frontend.affinity_timeout_s) * 1_000_000_000;
         if now.saturating_sub(last_used_ns) <= timeout_ns
-            // SAFETY: copied out at once.
-            && let Some(backend) = unsafe { F::backends().get(&backend_id) }
-            && lb::affinity_usable(backend, frontend)
+            && let Some(own) = lb::own_backend::<F>(recorded, frontend)
         {
             // SAFETY: map value pointer.
             unsafe { (*entry).last_used_ns = now };
-            return Some((backend_id, *backend));
+            return Some(own);
         }
     }
     // SAFETY: helper without arguments.
@@ -491,7 +491,7 @@ fn choose<F: SockFamily>(
             _pad: 0,
             last_used_ns: now,
         };
-        let _ = LB_SK_AFF_V1.insert(&key, &entry, 0);
+        let _ = LB_SK_AFF_V2.insert(&key, &entry, 0);
     }
     Some(chosen)
 }

@@ -189,7 +189,7 @@ fn flag_of(map: &str) -> &'static str {
     match map {
         n::REVNAT4 | n::REVNAT6 => "--max-services",
         n::SERVICES4 | n::SERVICES6 => "--max-service-slots",
-        n::BACKENDS4 | n::BACKENDS6 => "--max-backends",
+        n::BACKENDS4 | n::BACKENDS6 | n::ENDPOINTS4 | n::ENDPOINTS6 => "--max-backends",
         n::SRC_RANGES4 | n::SRC_RANGES6 => "fixed size",
         _ => "?",
     }

@@ -157,7 +157,7 @@ impl Default for Capacities {
 impl Capacities {
     /// (map name, entries wanted) of every map these capacities size.
     #[must_use]
-    pub fn by_map(&self) -> [(&'static str, u32); 11] {
+    pub fn by_map(&self) -> [(&'static str, u32); 13] {
         use lb_common::map_names as n;
         [
             (n::SERVICES4, self.service_slots),
@@ -168,6 +168,9 @@ impl Capacities {
                 self.backends.saturating_add(super::maps::BACKEND_RECORDS4),
             ),
             (n::BACKENDS6, self.backends),
+            // One entry per backend entry.
+            (n::ENDPOINTS4, self.backends),
+            (n::ENDPOINTS6, self.backends),
             (n::REVNAT4, self.services),
             (n::REVNAT6, self.services),
             (n::CT4, self.ct_entries),

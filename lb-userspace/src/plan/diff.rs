@@ -85,6 +85,42 @@ fn frontend_flags(spec: &FrontendSpec) -> u16 {
     flags
 }
 
+/// The session-affinity group of a frontend (0 without affinity): one per
+/// Service port, protocol and family, so that a client keeps its endpoint
+/// whichever frontend of the port it uses, as kube-proxy's per-port
+/// affinity does. A hash of those (FNV-1a), not an allocated id: the same
+/// on every sync and after a restart with nothing to record. Two ports
+/// whose hashes collide share one entry per client; the datapath uses an
+/// entry only for an endpoint the frontend itself has, so a collision can
+/// only end a client's affinity early (one in 2^32 pairs of ports).
+#[must_use]
+pub(super) fn affinity_group(frontend: &Frontend, spec: &FrontendSpec) -> u32 {
+    const OFFSET: u32 = 0x811c_9dc5;
+    const PRIME: u32 = 0x0100_0193;
+    if spec.affinity_timeout_s == 0 {
+        return 0;
+    }
+    let service = &spec.service;
+    let family = if frontend.addr.is_ipv4() { 4 } else { 6 };
+    let mut hash = OFFSET;
+    let parts: [&[u8]; 5] = [
+        service.namespace.as_bytes(),
+        service.name.as_bytes(),
+        service.port_name.as_bytes(),
+        &[frontend.proto.number()],
+        &[family],
+    ];
+    for part in parts {
+        // Each part ends with a 0xff byte (never in a name), so that
+        // ("ab", "c") and ("a", "bc") differ.
+        for &byte in part.iter().chain(&[0xff]) {
+            hash ^= u32::from(byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+    }
+    hash.max(1)
+}
+
 /// Builds a plan in three buckets that are concatenated in order.
 pub(super) struct Planner<'a> {
     pub(super) current: &'a DatapathState,
@@ -190,10 +226,12 @@ impl<'a> Planner<'a> {
             }
         }
         let flags = frontend_flags(spec);
+        let group = affinity_group(frontend, spec);
         if existing.is_none_or(|state| {
             state.slots.len() != new_slots.len()
                 || state.flags != flags
                 || state.affinity_timeout_s != spec.affinity_timeout_s
+                || state.affinity_group != group
         }) {
             self.slots.push(Op::PutFrontend {
                 frontend: *frontend,
@@ -201,6 +239,7 @@ impl<'a> Planner<'a> {
                 rev_nat_id,
                 flags,
                 affinity_timeout_s: spec.affinity_timeout_s,
+                affinity_group: group,
             });
         }
         for index in new_slots.len()..old_slots.len() {

@@ -72,6 +72,9 @@ pub struct FrontendState {
     pub flags: u16,
     /// Session-affinity timeout (0: none).
     pub affinity_timeout_s: u32,
+    /// Session-affinity group (slot 0's `backend_id`): the same for every
+    /// frontend of a Service port and family; 0 without affinity.
+    pub affinity_group: u32,
 }
 
 /// A source-range entry: frontend rev-NAT id, prefix address, prefix length.
@@ -149,6 +152,8 @@ pub enum Op {
         rev_nat_id: u32,
         flags: u16,
         affinity_timeout_s: u32,
+        /// See `FrontendState::affinity_group`.
+        affinity_group: u32,
     },
     /// Allow a client prefix into a frontend.
     PutSourceRange(SourceRange),
@@ -288,11 +293,13 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 rev_nat_id,
                 flags,
                 affinity_timeout_s,
+                affinity_group,
             } => {
                 let entry = state.frontends.entry(*frontend).or_default();
                 entry.rev_nat_id = *rev_nat_id;
                 entry.flags = *flags;
                 entry.affinity_timeout_s = *affinity_timeout_s;
+                entry.affinity_group = *affinity_group;
                 entry.slots.resize(usize::from(*count), 0);
             }
             Op::PutSourceRange(range) => {

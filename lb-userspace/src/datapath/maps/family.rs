@@ -9,8 +9,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    Addr4, Addr6, Backend, CtEntry, CtKey, LbKey, LbService, MapAddr, RevNat, SourceRange,
-    map_names, scope, svc_flags,
+    Addr4, Addr6, Backend, CtEntry, CtKey, EndpointKey, LbKey, LbService, MapAddr, RevNat,
+    SourceRange, map_names, scope, svc_flags,
 };
 
 use super::{
@@ -41,6 +41,8 @@ pub(crate) trait MapFamily {
     /// The map of flows not answered yet.
     const CT_NEW: &'static str;
     const SRC_RANGES: &'static str;
+    /// The endpoint index (`lb_common::EndpointKey`).
+    const ENDPOINTS: &'static str;
     /// `ip` in the maps' form; `None` for an address of the other family.
     fn addr(ip: IpAddr) -> Option<Self::Addr>;
 }
@@ -60,6 +62,7 @@ impl MapFamily for V4 {
     const CT: &'static str = map_names::CT4;
     const CT_NEW: &'static str = map_names::CT_NEW4;
     const SRC_RANGES: &'static str = map_names::SRC_RANGES4;
+    const ENDPOINTS: &'static str = map_names::ENDPOINTS4;
     fn addr(ip: IpAddr) -> Option<Addr4> {
         match ip {
             IpAddr::V4(ip) => Some(ip.octets()),
@@ -78,6 +81,7 @@ impl MapFamily for V6 {
     const CT: &'static str = map_names::CT6;
     const CT_NEW: &'static str = map_names::CT_NEW6;
     const SRC_RANGES: &'static str = map_names::SRC_RANGES6;
+    const ENDPOINTS: &'static str = map_names::ENDPOINTS6;
     fn addr(ip: IpAddr) -> Option<Addr6> {
         match ip {
             IpAddr::V6(ip) => Some(ip.octets()),
@@ -95,6 +99,9 @@ pub(crate) struct FamilyMaps<F: MapFamily> {
     /// Flows not answered yet (`map_names::CT_NEW4`).
     pub(super) ct_new: HashMap<MapData, CtKey<F::Addr>, CtEntry>,
     ranges: LpmTrie<MapData, SourceRange<F::Addr>, u8>,
+    /// (frontend, endpoint) -> backend id, one entry per backend entry:
+    /// written and removed with it (see `lb_common::EndpointKey`).
+    endpoints: HashMap<MapData, EndpointKey<F::Addr>, u32>,
 }
 
 /// The address of `ip` for family `F`, or an error naming what was being
@@ -135,6 +142,17 @@ pub(super) fn backend_value<A: MapAddr>(addr: A, backend: BackendEntry) -> Backe
         proto: backend.key.proto.number(),
         flags: backend.flags,
         rev_nat_id: backend.key.rev_nat_id,
+    }
+}
+
+/// The endpoint-index key of a backend entry.
+pub(super) fn endpoint_key<A: MapAddr>(backend: &Backend<A>) -> EndpointKey<A> {
+    EndpointKey {
+        rev_nat_id: backend.rev_nat_id,
+        addr: backend.addr,
+        port_be: backend.port_be,
+        proto: backend.proto,
+        _pad: 0,
     }
 }
 
@@ -243,6 +261,7 @@ impl<F: MapFamily> FamilyMaps<F> {
             ct: typed(F::CT, take(F::CT)?, HashMap::try_from)?,
             ct_new: typed(F::CT_NEW, take(F::CT_NEW)?, HashMap::try_from)?,
             ranges: typed(F::SRC_RANGES, take(F::SRC_RANGES)?, LpmTrie::try_from)?,
+            endpoints: typed(F::ENDPOINTS, take(F::ENDPOINTS)?, HashMap::try_from)?,
         })
     }
 }
@@ -363,13 +382,29 @@ where
             std::net::SocketAddr::new(backend.key.addr, backend.key.port)
         );
         let addr = family_addr::<F>(backend.key.addr, &what)?;
+        let value = backend_value(addr, backend);
+        // The index entry first: sized as the backend map, it fits when the
+        // backend does, and an entry without its backend is never used.
+        self.endpoints
+            .insert(&endpoint_key(&value), &id, 0)
+            .map_err(write_to(F::ENDPOINTS, what.clone()))?;
         self.backends
-            .insert(&id, &backend_value(addr, backend), 0)
+            .insert(&id, &value, 0)
             .map_err(write_to(F::BACKENDS, what))
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
-        ignore_missing(self.backends.remove(&id)).map_err(access(format!("delete backend {id}")))
+        let what = format!("delete backend {id}");
+        if let Ok(value) = self.backends.get(&id, 0) {
+            let key = endpoint_key(&value);
+            // Only this backend's own entry: a newer backend of the same
+            // frontend and endpoint may have taken it over (written before
+            // this one is removed).
+            if self.endpoints.get(&key, 0).ok() == Some(id) {
+                ignore_missing(self.endpoints.remove(&key)).map_err(access(what.clone()))?;
+            }
+        }
+        ignore_missing(self.backends.remove(&id)).map_err(access(what))
     }
 
     fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
@@ -415,12 +450,20 @@ where
                 let (frontend, slot, value) = service_write(op)?;
                 Some((service_key(F::addr(frontend.addr)?, &frontend, slot), value))
             }),
-            BatchKind::Backends => batch_of(self.backends.map(), run, |op| match *op {
-                Op::PutBackend { id, backend } => {
-                    Some((id, backend_value(F::addr(backend.key.addr)?, backend)))
-                }
-                _ => None,
-            }),
+            BatchKind::Backends => {
+                let value = |op: &Op| match *op {
+                    Op::PutBackend { id, backend } => {
+                        Some((id, backend_value(F::addr(backend.key.addr)?, backend)))
+                    }
+                    _ => None,
+                };
+                // The index entries first (see `put_backend`); the backends
+                // whose entry was not written go one by one.
+                let indexed = batch_of(self.endpoints.map(), run, |op| {
+                    value(op).map(|(id, backend)| (endpoint_key(&backend), id))
+                });
+                batch_of(self.backends.map(), &run[..indexed], value)
+            }
             BatchKind::RevNats => batch_of(self.rev_nat.map(), run, |op| match *op {
                 Op::PutRevNat { id, frontend } => {
                     Some((id, rev_nat_value(F::addr(frontend.addr)?, frontend.port)))

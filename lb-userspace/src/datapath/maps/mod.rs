@@ -251,6 +251,7 @@ impl Maps {
                     slots,
                     flags: head.flags,
                     affinity_timeout_s: head.affinity_timeout_s,
+                    affinity_group: head.backend_id,
                 },
             );
         }

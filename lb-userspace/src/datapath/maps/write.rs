@@ -303,15 +303,17 @@ pub(super) fn service_write(op: &Op) -> Option<(Frontend, u16, LbService)> {
             rev_nat_id,
             flags,
             affinity_timeout_s,
+            affinity_group,
         } => Some((
             frontend,
             0,
             LbService {
+                // Slot 0's `backend_id` is the frontend's affinity group.
+                backend_id: affinity_group,
                 count,
                 flags,
                 rev_nat_id,
                 affinity_timeout_s,
-                ..LbService::default()
             },
         )),
         Op::PutMarker { addr } => Some((

@@ -8,7 +8,7 @@ use lb_common::{backend_flags, svc_flags};
 
 use crate::model::FrontendKind;
 use crate::plan::test_fixtures::{backend, converge, fe, spec};
-use crate::plan::{DatapathState, Op};
+use crate::plan::{DatapathState, Op, diff};
 
 #[test]
 fn new_service_writes_backends_then_slots_then_frontend() {
@@ -191,6 +191,7 @@ fn empty_service_has_zero_count() {
         rev_nat_id: 1,
         flags: svc_flags::CLUSTER_IP,
         affinity_timeout_s: 0,
+        affinity_group: 0,
     }));
 }
 
@@ -237,8 +238,10 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
             rev_nat_id: 1,
             flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
             affinity_timeout_s: 30,
+            affinity_group: state.frontends[&v4].affinity_group,
         }]
     );
+    assert_ne!(state.frontends[&v4].affinity_group, 0);
     web.affinity_timeout_s = 0;
     let ops = converge(&mut state, &BTreeMap::from([(v4, web)]));
     assert!(matches!(
@@ -298,4 +301,44 @@ fn terminating_backends_stay_without_slots_and_local_is_flagged() {
     web.terminating.clear();
     converge(&mut state, &BTreeMap::from([(v4, web)]));
     assert_eq!(state.backends.len(), 1);
+}
+
+#[test]
+fn frontends_of_a_service_port_and_family_share_one_affinity_group() {
+    let mut state = DatapathState::default();
+    let mut web = spec(&[("198.18.2.2", 8080)]);
+    web.affinity_timeout_s = 30;
+    let mut node_port = web.clone();
+    node_port.kind = FrontendKind::NodePort;
+    let mut other_port = web.clone();
+    other_port.service.port_name = "metrics".into();
+    let mut other_service = web.clone();
+    other_service.service.name = "api".into();
+    let (cluster_ip, np, v6) = (
+        fe("198.19.0.10", 80),
+        fe("198.18.0.1", 30080),
+        fe("fd00::10", 80),
+    );
+    let (metrics, api) = (fe("198.19.0.10", 9090), fe("198.19.0.11", 80));
+    let mut udp = fe("198.19.0.10", 80);
+    udp.proto = crate::model::Protocol::Udp;
+    let desired = BTreeMap::from([
+        (cluster_ip, web.clone()),
+        (np, node_port),
+        (v6, web.clone()),
+        (metrics, other_port),
+        (api, other_service),
+        (udp, web),
+    ]);
+    converge(&mut state, &desired);
+    let group = |f| state.frontends[&f].affinity_group;
+    assert_ne!(group(cluster_ip), 0);
+    assert_eq!(group(cluster_ip), group(np));
+    let others = [group(v6), group(metrics), group(api), group(udp)];
+    assert!(
+        others.iter().all(|g| *g != group(cluster_ip) && *g != 0),
+        "{others:?}"
+    );
+    // Read back from the maps' state, the group is kept: nothing to write.
+    assert!(diff(&state, &desired).ops.is_empty());
 }
