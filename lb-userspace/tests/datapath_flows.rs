@@ -12,7 +12,11 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use lb_common::{EndpointKey, map_names};
+use lb_userspace::datapath::{loader, maps::Maps};
 
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
 use lb_userspace::plan;
@@ -441,4 +445,96 @@ fn affinity_is_shared_by_a_service_ports_frontends() {
         }
         fx.set_specs(&[]);
     }
+}
+
+/// The endpoint index as pinned, both families: (frontend, endpoint
+/// address, port, protocol) -> backend id.
+fn endpoint_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
+    fn read<A: lb_common::MapAddr + Into<IpAddr>>(
+        fx: &Fixture,
+        name: &str,
+        out: &mut BTreeMap<(u32, IpAddr, u16, u8), u32>,
+    ) {
+        let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
+        let map: AyaHashMap<MapData, EndpointKey<A>, u32> =
+            AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+        for item in map.iter() {
+            let (key, id) = item.unwrap();
+            let endpoint = (key.rev_nat_id, key.addr.into(), u16::from_be(key.port_be));
+            out.insert((endpoint.0, endpoint.1, endpoint.2, key.proto), id);
+        }
+    }
+    let mut out = BTreeMap::new();
+    read::<[u8; 4]>(fx, map_names::ENDPOINTS4, &mut out);
+    read::<[u8; 16]>(fx, map_names::ENDPOINTS6, &mut out);
+    out
+}
+
+/// What the index must hold: one entry per backend entry.
+fn expected_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
+    let state = fx.maps.read_state().expect("read state");
+    state
+        .backends
+        .iter()
+        .map(|(id, b)| {
+            let k = b.key;
+            ((k.rev_nat_id, k.addr, k.port, k.proto.number()), *id)
+        })
+        .collect()
+}
+
+/// The endpoint index (affinity across a port's frontends) follows the
+/// backend entries through the agent's batched writes and removals, and an
+/// empty one is rebuilt from the pinned backends when the object is loaded
+/// again (an upgrade from an agent without it).
+#[test]
+fn endpoint_index_follows_the_backend_entries() {
+    let Some(mut fx) = Fixture::new("endpoint_index_follows_the_backend_entries") else {
+        return;
+    };
+    let sync = |fx: &mut Fixture, keep: usize| {
+        let mut desired = BTreeMap::new();
+        for ((vip, _, list), node) in FAMILIES.into_iter().zip([NODE4, NODE6]) {
+            let endpoints = &addrs(&list)[..keep];
+            // The ClusterIP and the NodePort.
+            desired.extend(
+                sticky_port((vip, node, vip), endpoints, None)
+                    .into_iter()
+                    .take(2),
+            );
+        }
+        let state = fx.maps.read_state().expect("read state");
+        let plan = plan::diff(&state, &desired);
+        fx.maps.apply_ops(&plan.ops, &mut |op, result| {
+            result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
+        });
+    };
+    sync(&mut fx, 3);
+    let full = expected_index(&fx);
+    assert_eq!(full.len(), 12, "2 families x 2 frontends x 3 endpoints");
+    assert_eq!(endpoint_index(&fx), full);
+    sync(&mut fx, 1);
+    assert_eq!(endpoint_index(&fx), expected_index(&fx));
+    assert_eq!(endpoint_index(&fx).len(), 4);
+    sync(&mut fx, 3);
+    assert_eq!(endpoint_index(&fx), expected_index(&fx));
+
+    // Emptied (as after an upgrade), then rebuilt by the next load.
+    fn clear<A: lb_common::MapAddr>(fx: &Fixture, name: &str) {
+        let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
+        let mut map: AyaHashMap<MapData, EndpointKey<A>, u32> =
+            AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+        let keys: Vec<_> = map.keys().map(Result::unwrap).collect();
+        for key in keys {
+            map.remove(&key).unwrap();
+        }
+    }
+    clear::<[u8; 4]>(&fx, map_names::ENDPOINTS4);
+    clear::<[u8; 16]>(&fx, map_names::ENDPOINTS6);
+    assert!(endpoint_index(&fx).is_empty());
+    let mut again = loader::load_with(&fx.pin_path, &loader::Capacities::default()).unwrap();
+    let _maps = Maps::from_ebpf(&mut again).unwrap();
+    let rebuilt = endpoint_index(&fx);
+    assert_eq!(rebuilt.len(), 12);
+    assert_eq!(rebuilt, expected_index(&fx));
 }

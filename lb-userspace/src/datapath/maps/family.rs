@@ -264,6 +264,30 @@ impl<F: MapFamily> FamilyMaps<F> {
             endpoints: typed(F::ENDPOINTS, take(F::ENDPOINTS)?, HashMap::try_from)?,
         })
     }
+
+    /// Fills an empty endpoint index from the backend map: pinned backends
+    /// of an agent that had no index (an upgrade) are not written again
+    /// by the plan, and without their index entries affinity would stay
+    /// per frontend for them.
+    pub(super) fn index_backends(&mut self) -> Result<(), MapsError> {
+        if self.endpoints.keys().next().is_some() {
+            return Ok(());
+        }
+        let mut entries = Vec::new();
+        for item in &self.backends {
+            let (id, value) = item.map_err(access(format!("iterate {} backends", F::NAME)))?;
+            // The next-id record (`next_id`) is no backend: protocol 0.
+            if protocol(value.proto).is_some() {
+                entries.push((endpoint_key(&value), id));
+            }
+        }
+        for (key, id) in entries {
+            self.endpoints
+                .insert(&key, &id, 0)
+                .map_err(write_to(F::ENDPOINTS, format!("index backend {id}")))?;
+        }
+        Ok(())
+    }
 }
 
 impl<F: MapFamily> FamilyOps for FamilyMaps<F>

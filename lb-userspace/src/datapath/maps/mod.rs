@@ -148,8 +148,14 @@ impl Maps {
     ///
     /// # Errors
     /// A map is missing or has another layout.
+    ///
+    /// The agent's way in: an empty endpoint index is filled from the
+    /// backend map here (see `FamilyMaps::index_backends`).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        Self::build(|name| Ok(ebpf.take_map(name)))
+        let mut maps = Self::build(|name| Ok(ebpf.take_map(name)))?;
+        maps.v4.index_backends()?;
+        maps.v6.index_backends()?;
+        Ok(maps)
     }
 
     /// Opens the maps pinned under `dir`.
