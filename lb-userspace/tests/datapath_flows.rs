@@ -447,6 +447,17 @@ fn affinity_is_shared_by_a_service_ports_frontends() {
     }
 }
 
+/// Removes every entry of the pinned endpoint index `name`.
+fn clear<A: lb_common::MapAddr>(fx: &Fixture, name: &str) {
+    let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
+    let mut map: AyaHashMap<MapData, EndpointKey<A>, u32> =
+        AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let keys: Vec<_> = map.keys().map(Result::unwrap).collect();
+    for key in keys {
+        map.remove(&key).unwrap();
+    }
+}
+
 /// The endpoint index as pinned, both families: (frontend, endpoint
 /// address, port, protocol) -> backend id.
 fn endpoint_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
@@ -458,7 +469,7 @@ fn endpoint_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
         let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
         let map: AyaHashMap<MapData, EndpointKey<A>, u32> =
             AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-        for item in map.iter() {
+        for item in &map {
             let (key, id) = item.unwrap();
             let endpoint = (key.rev_nat_id, key.addr.into(), u16::from_be(key.port_be));
             out.insert((endpoint.0, endpoint.1, endpoint.2, key.proto), id);
@@ -520,15 +531,6 @@ fn endpoint_index_follows_the_backend_entries() {
     assert_eq!(endpoint_index(&fx), expected_index(&fx));
 
     // Emptied (as after an upgrade), then rebuilt by the next load.
-    fn clear<A: lb_common::MapAddr>(fx: &Fixture, name: &str) {
-        let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
-        let mut map: AyaHashMap<MapData, EndpointKey<A>, u32> =
-            AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-        let keys: Vec<_> = map.keys().map(Result::unwrap).collect();
-        for key in keys {
-            map.remove(&key).unwrap();
-        }
-    }
     clear::<[u8; 4]>(&fx, map_names::ENDPOINTS4);
     clear::<[u8; 16]>(&fx, map_names::ENDPOINTS6);
     assert!(endpoint_index(&fx).is_empty());

@@ -1,7 +1,7 @@
 //! Session affinity (issue 3, behaviour 6): `sessionAffinity: ClientIP`
 //! sticks, expires after `timeoutSeconds`, and follows the Service when it
 //! is switched off and on again; it is shared by the frontends of a
-//! Service port (issue 10: ClusterIP and NodePort).
+//! Service port (issue 10: `ClusterIP` and `NodePort`).
 //!
 //! Runs on the two-node cluster of `support::cluster` (topology and address
 //! plan are described there): real TCP/UDP clients and servers, IPv4 and
@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::clients::{IO_TIMEOUT, assert_spread, assert_sticky, tcp_batch, tcp_once, udp_batch};
-use support::cluster::{Cluster, ready, service, vip};
+use support::cluster::{Cluster, Ep, ready, service, vip};
 use support::manifests::HTTP_DNS;
 use support::pins::require_privileged;
 use support::scenarios::Scenarios;
@@ -134,8 +134,13 @@ fn session_affinity_client_ip() {
         );
     }
 
-    // Issue 10: one set of affinity clients per Service port and family:
-    // the client stuck to an endpoint through the ClusterIP gets it through
+    node_port_shares_affinity(&mut lab, &client, &eps, &mut sc);
+    lab.finish(sc);
+}
+
+/// Issue 10: one set of affinity clients per Service port and family.
+fn node_port_shares_affinity(lab: &mut Cluster, client: &str, eps: &[Ep], sc: &mut Scenarios) {
+    // The client stuck to an endpoint through the ClusterIP gets it through
     // this node's NodePort too (and the other way round, as the NodePort's
     // connections refresh the same entry). End to end through both agents;
     // with per-frontend affinity the NodePort would stick to an endpoint of
@@ -143,17 +148,17 @@ fn session_affinity_client_ip() {
     // `affinity_is_shared_by_a_service_ports_frontends` is the strict one.
     let np = service("np-sticky", 31, "NodePort", &[HTTP_DNS[0].node(30085)])
         .session_affinity("ClientIP");
-    let file = lab.simple("np-sticky", np, &eps);
+    let file = lab.simple("np-sticky", np, eps);
     lab.apply("np-sticky.json", &file);
     for family in Family::BOTH {
         sc.run(
             &format!("{family:?} affinity shared by the ClusterIP and the NodePort"),
             || {
                 let what = format!("{family:?} np-sticky ClusterIP, TCP");
-                let first = assert_sticky(&what, &tcp_batch(&client, vip(31).sock(family, 80), 10));
+                let first = assert_sticky(&what, &tcp_batch(client, vip(31).sock(family, 80), 10));
                 let node_port = SocketAddr::new(lab.node_ip(0, family), 30085);
                 let what = format!("{family:?} np-sticky NodePort {node_port}, TCP");
-                let via_node_port = assert_sticky(&what, &tcp_batch(&client, node_port, 15));
+                let via_node_port = assert_sticky(&what, &tcp_batch(client, node_port, 15));
                 assert_eq!(
                     via_node_port, first,
                     "{what}: not the endpoint the client is stuck to through the ClusterIP"
@@ -161,5 +166,4 @@ fn session_affinity_client_ip() {
             },
         );
     }
-    lab.finish(sc);
 }
