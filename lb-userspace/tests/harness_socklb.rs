@@ -41,6 +41,12 @@ const NODE_PORT_DNS: u16 = 30053;
 /// and ingress IP) on be3 and be4; `empty`: a `ClusterIP` Service (.30)
 /// without endpoints.
 fn edge_and_empty(lab: &Lab) -> Manifest {
+    edge_and_empty_with(lab, false)
+}
+
+/// `edge_and_empty`, the edge Service with `sessionAffinity: ClientIP`
+/// when `sticky`.
+fn edge_and_empty_with(lab: &Lab, sticky: bool) -> Manifest {
     let ports = [
         sp("http", HTTP_PORT, "TCP", "8080").node(NODE_PORT_HTTP),
         sp("dns", DNS_PORT, "UDP", "8080").node(NODE_PORT_DNS),
@@ -54,6 +60,11 @@ fn edge_and_empty(lab: &Lab) -> Manifest {
     .external_ips(strings(external_ip()).iter().map(String::as_str))
     .ingress_ip(&lb_ip().v4.to_string())
     .ingress_ip(&lb_ip().v6.to_string());
+    let edge = if sticky {
+        edge.session_affinity("ClientIP")
+    } else {
+        edge
+    };
     let mut manifest = Manifest::default()
         .with(&edge.build())
         .with(&service("empty", "ClusterIP", &both(empty_vip()), &WEB_PORTS).build());
@@ -365,6 +376,58 @@ fn node_sockets_reach_every_frontend_at_the_socket() {
         0,
         "the TC path reverse-translated a reply"
     );
+}
+
+/// Issue 10: the node's sockets' affinity (per network namespace) is per
+/// Service port and family too: a socket of the node stuck to an endpoint
+/// of `edge` through its `ClusterIP` gets it through every other frontend
+/// of the port (the `NodePort` on the node address and on loopback, the
+/// external IP, the load-balancer IP). TCP picks a slot at random per
+/// `connect()`, so with affinity per frontend each of those 4 frontends
+/// would agree by chance 1 in 2 per family.
+#[test]
+fn node_sockets_share_affinity_across_a_ports_frontends() {
+    let _serial = serial();
+    if !require_privileged("harness_socklb: node_sockets_share_affinity_across_a_ports_frontends") {
+        return;
+    }
+    let (lab, _cgroup, mut client) = start("hostns");
+    lab.write_manifest("edge.json", &edge_and_empty_with(&lab, true));
+    for family in Family::BOTH {
+        let targets = targets(family);
+        let cluster_ip = &targets[1];
+        // Affinity takes effect once the agent has written the change:
+        // bounded retries until 10 connections in a row stick.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let first = loop {
+            let seen: std::collections::BTreeSet<String> = (0..10)
+                .map(|_| {
+                    let what = format!("{family:?} {} TCP", cluster_ip.what);
+                    assert_tcp(
+                        &mut client,
+                        &what,
+                        (cluster_ip.ip, cluster_ip.ports.0),
+                        EDGE,
+                    )
+                })
+                .collect();
+            if seen.len() == 1 {
+                break seen.into_iter().next().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{family:?}: ClusterIP affinity never took effect: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for t in &targets[2..] {
+            for _ in 0..5 {
+                let what = format!("{family:?} {} TCP, stuck to {first}", t.what);
+                let got = assert_tcp(&mut client, &what, (t.ip, t.ports.0), EDGE);
+                assert_eq!(got, first, "{what}: another endpoint");
+            }
+        }
+    }
 }
 
 /// A connected UDP socket whose backend leaves the Service is destroyed by
