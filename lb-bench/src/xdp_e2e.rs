@@ -9,6 +9,11 @@
 //! - `tc`: `lb agent --xdp=off` (`lb`'s node namespace),
 //! - `nftables`: kube-proxy's nftables `NodePort` shape (`nodeport_ruleset`),
 //! - `direct`: the client straight to the backend's address, routed.
+//! - `xdp-pass`: the client straight to a backend address routed through
+//!   the `xdp` node: not a Service, so `lb_xdp` and `lb_tc` pass it to the
+//!   stack. Against `direct` it measures what XDP on a veth costs before
+//!   the program decides anything (the veth's NAPI ring, and its copy of
+//!   every sender skb into an XDP buffer with 256 bytes of headroom).
 //!
 //! Native XDP on a veth sends `XDP_REDIRECT` frames to the peer, which
 //! takes them only with NAPI on (GRO, see `tests/harness_xdp.rs`); the
@@ -41,12 +46,22 @@ use crate::sys::{self, Daemon, Netns, TempDir};
 use crate::topo::{NODE_BACKEND_IF, NODE_CLIENT_IF, Topology, link_addr};
 
 /// The contenders: name, and whose node namespace carries it.
-const CONTENDERS: [(&str, Contender); 4] = [
+const CONTENDERS: [(&str, Contender); 5] = [
     ("xdp", Contender::Iptables),
     ("tc", Contender::Lb),
     ("nftables", Contender::Nftables),
     ("direct", Contender::Direct),
+    ("xdp-pass", Contender::Iptables),
 ];
+
+/// Samples by (contender, family, metric).
+type Series = std::collections::BTreeMap<(&'static str, &'static str, &'static str), Vec<f64>>;
+
+/// The backend address `xdp-pass` sends to (a host route through the
+/// `xdp` node; `direct` uses endpoint 0).
+fn pass_address(family: Family) -> IpAddr {
+    real_endpoint(family, ENDPOINTS - 1)
+}
 
 const NODEPORT_HTTP: u16 = 30080;
 const NODEPORT_UDP: u16 = 30090;
@@ -55,6 +70,9 @@ const UDP_TARGET: u16 = 9000;
 /// UDP payload: an 18-byte payload makes a 60-byte IPv4 frame (64 on a
 /// wire with its FCS, the classic small packet); IPv6 adds 20.
 const PAYLOAD: usize = 18;
+/// The UDP sender's CPU (and with it the whole forwarding path: a veth
+/// hands frames to its peer's queue on the sending CPU), `/proc/stat` label.
+const SENDER_CPU: &str = "cpu0";
 /// Datagrams per `sendmmsg`.
 const BATCH: libc::c_uint = 32;
 
@@ -364,14 +382,13 @@ fn start_agent(
     })
 }
 
-/// Where the client sends to for CONTENDER: the node's `NodePort`, or the
-/// backend (direct).
-fn target(contender: Contender, family: Family, tcp: bool) -> SocketAddr {
-    match contender {
-        Contender::Direct => SocketAddr::new(
-            real_endpoint(family, 0),
-            if tcp { HTTP_TARGET } else { UDP_TARGET },
-        ),
+/// Where the client sends to for contender NAME in CONTENDER's node: the
+/// node's `NodePort`, or the backend (direct, xdp-pass).
+fn target(name: &str, contender: Contender, family: Family, tcp: bool) -> SocketAddr {
+    let backend_port = if tcp { HTTP_TARGET } else { UDP_TARGET };
+    match (name, contender) {
+        ("xdp-pass", _) => SocketAddr::new(pass_address(family), backend_port),
+        (_, Contender::Direct) => SocketAddr::new(real_endpoint(family, 0), backend_port),
         _ => SocketAddr::new(
             link_addr(0x10, contender.index(), 1, family),
             if tcp { NODEPORT_HTTP } else { NODEPORT_UDP },
@@ -379,13 +396,14 @@ fn target(contender: Contender, family: Family, tcp: bool) -> SocketAddr {
     }
 }
 
-/// The machine's CPU time so far (`/proc/stat` `cpu` line), in ns:
-/// (softirq, busy = user + nice + system + irq + softirq).
-fn cpu_ns() -> (f64, f64) {
+/// CPU time so far of the `/proc/stat` line LABEL (`cpu`: the machine,
+/// `cpu0`: the sender's CPU), in ns: (softirq, busy = user + nice +
+/// system + irq + softirq).
+fn cpu_ns(label: &str) -> (f64, f64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let fields: Vec<f64> = text
         .lines()
-        .next()
+        .find(|line| line.split_whitespace().next() == Some(label))
         .unwrap_or_default()
         .split_whitespace()
         .skip(1)
@@ -556,10 +574,10 @@ fn bind_v6(socket: &UdpSocket, addr: SocketAddr) -> anyhow::Result<()> {
 fn measure_udp(
     topo: &Topology,
     secs: u32,
-    contender: Contender,
+    (name, contender): (&str, Contender),
     family: Family,
 ) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    let to = target(contender, family, false);
+    let to = target(name, contender, family, false);
     let (ready, stop) = (AtomicBool::new(false), AtomicBool::new(false));
     let rx_before = backend_rx(topo, contender)?;
     let xdp_before = if contender == Contender::Iptables {
@@ -572,11 +590,11 @@ fn measure_udp(
         while !ready.load(Ordering::SeqCst) && !receiver.is_finished() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let cpu_before = cpu_ns();
+        let cpu_before = (cpu_ns("cpu"), cpu_ns(SENDER_CPU));
         let started = Instant::now();
         let sent = topo.client.run_in(|| blast(to, secs));
         let elapsed = started.elapsed().as_secs_f64();
-        let cpu_after = cpu_ns();
+        let cpu_after = (cpu_ns("cpu"), cpu_ns(SENDER_CPU));
         // Let the queues drain into the sink.
         std::thread::sleep(Duration::from_millis(100));
         stop.store(true, Ordering::SeqCst);
@@ -587,7 +605,11 @@ fn measure_udp(
             sent,
             delivered,
             elapsed,
-            (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
+            (
+                cpu_after.0.0 - cpu_before.0.0,
+                cpu_after.1.0 - cpu_before.1.0,
+                cpu_after.1.1 - cpu_before.1.1,
+            ),
         )
     });
     let (sent, received) = (sent? as f64, received? as f64);
@@ -600,7 +622,8 @@ fn measure_udp(
         ("udp_sent_pps", sent / elapsed),
         ("udp_delivered_pps", received / elapsed),
         ("udp_softirq_ns_per_pkt", cpu.0 / forwarded),
-        ("udp_busy_ns_per_pkt", cpu.1 / forwarded),
+        ("udp_sender_cpu_softirq_ns_per_pkt", cpu.1 / forwarded),
+        ("udp_sender_cpu_busy_ns_per_pkt", cpu.2 / forwarded),
     ];
     if contender == Contender::Iptables {
         let redirects = xdp_redirects(topo.node(contender))? - xdp_before;
@@ -614,11 +637,11 @@ fn measure_udp(
 fn measure_tcp(
     topo: &Topology,
     settings: &Settings,
-    contender: Contender,
+    (name, contender): (&str, Contender),
     family: Family,
 ) -> anyhow::Result<Vec<(&'static str, f64)>> {
-    let to = target(contender, family, true);
-    let cpu_before = cpu_ns();
+    let to = target(name, contender, family, true);
+    let cpu_before = cpu_ns("cpu");
     let out = e2e::wrk(
         &topo.client,
         e2e::CLIENT_CPU,
@@ -634,7 +657,7 @@ fn measure_tcp(
         ],
         settings.secs,
     )?;
-    let cpu_after = cpu_ns();
+    let cpu_after = cpu_ns("cpu");
     let rate = e2e::wrk_value(&out, "Requests/sec:").context("no Requests/sec in wrk output")?;
     let conns = rate * f64::from(settings.secs);
     Ok(vec![
@@ -665,6 +688,29 @@ fn tune_links(topo: &Topology) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Per contender, family and metric: the summary, and the per-round
+/// ratios to `tc` and to `direct` (each from two measurements of the same
+/// round).
+fn results(series: &Series) -> Vec<Value> {
+    let mut results = Vec::new();
+    for ((name, family, metric), values) in series {
+        // Per-round ratios: each from two measurements of the same round.
+        let ratio = |other: &str| {
+            let base = series
+                .get(&(other, *family, *metric))
+                .cloned()
+                .unwrap_or_default();
+            let ratios: Vec<f64> = values.iter().zip(&base).map(|(v, b)| v / b).collect();
+            summary(&ratios)
+        };
+        results.push(json!({
+            "contender": name, "family": family, "metric": metric,
+            "summary": summary(values), "vs_tc": ratio("tc"), "vs_direct": ratio("direct"),
+        }));
+    }
+    results
 }
 
 /// Runs the stage; the result as JSON.
@@ -698,16 +744,27 @@ pub fn run(settings: &Settings) -> anyhow::Result<Value> {
             Duration::from_secs(30),
         )?;
     }
+    // xdp-pass: one backend address through the xdp node (longest match
+    // beats the endpoints' route via the direct node).
+    for family in Family::BOTH {
+        let (v, len) = if family == Family::V4 {
+            ("-4", 32)
+        } else {
+            ("-6", 128)
+        };
+        let via = link_addr(0x10, Contender::Iptables.index(), 1, family).to_string();
+        let dst = format!("{}/{len}", pass_address(family));
+        topo.client.ip(&[v, "route", "add", &dst, "via", &via])?;
+    }
     for (name, contender) in CONTENDERS {
         for family in Family::BOTH {
-            let to = target(contender, family, true);
+            let to = target(name, contender, family, true);
             e2e::wait_http_to(&topo, (to.ip(), to.port()), Duration::from_secs(60))
                 .with_context(|| format!("{name} {} never answered", family.name()))?;
         }
     }
     let load_before = sys::load_average();
-    let mut series: std::collections::BTreeMap<(&str, &str, &str), Vec<f64>> =
-        std::collections::BTreeMap::new();
+    let mut series = Series::new();
     for round in 0..settings.rounds {
         for family in Family::BOTH {
             for tcp in [false, true] {
@@ -718,9 +775,9 @@ pub fn run(settings: &Settings) -> anyhow::Result<Value> {
                     e2e::flush_conntrack(&topo);
                     sys::sleep(Duration::from_millis(300))?;
                     let sample = if tcp {
-                        measure_tcp(&topo, settings, contender, family)
+                        measure_tcp(&topo, settings, (name, contender), family)
                     } else {
-                        measure_udp(&topo, settings.secs, contender, family)
+                        measure_udp(&topo, settings.secs, (name, contender), family)
                     }
                     .with_context(|| {
                         format!(
@@ -747,22 +804,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Value> {
             }
         }
     }
-    let mut results = Vec::new();
-    for ((name, family, metric), values) in &series {
-        // Per-round ratios: each from two measurements of the same round.
-        let ratio = |other: &str| {
-            let base = series
-                .get(&(other, *family, *metric))
-                .cloned()
-                .unwrap_or_default();
-            let ratios: Vec<f64> = values.iter().zip(&base).map(|(v, b)| v / b).collect();
-            summary(&ratios)
-        };
-        results.push(json!({
-            "contender": name, "family": family, "metric": metric,
-            "summary": summary(values), "vs_tc": ratio("tc"), "vs_direct": ratio("direct"),
-        }));
-    }
+    let results = results(&series);
     Ok(json!({
         "rounds": settings.rounds,
         "secs": settings.secs,
@@ -791,8 +833,9 @@ pub fn section(md: &mut String, run: &Value) {
          contender. {} rounds of {} s, contenders rotated each round; median [min–max]. \
          UDP: one sender thread, {}-byte payloads with `sendmmsg`, pps = frames received \
          by the backend's link. TCP: wrk, {} connections, `Connection: close`. CPU: \
-         machine-wide `/proc/stat` over the measurement ({} CPUs, load {} before, {} after; \
-         other jobs included), per forwarded packet or connection; busy = user + system + \
+         `/proc/stat` over the measurement ({} CPUs, load {} before, {} after; other jobs \
+         included), per forwarded packet or connection, machine-wide or on the UDP sender's \
+         CPU (cpu0, where a veth runs the whole forwarding path); busy = user + system + \
          irq + softirq. `× tc`, `× direct`: medians of the per-round ratios.\n",
         run["rounds"],
         run["secs"],
@@ -811,9 +854,10 @@ pub fn section(md: &mut String, run: &Value) {
     };
     let _ = writeln!(
         md,
-        "| family | contender | UDP pps | × tc | × direct | softirq ns/pkt | busy ns/pkt | \
-         conn/s | × tc | × direct | softirq µs/conn | busy µs/conn |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| family | contender | UDP pps | × tc | × direct | softirq ns/pkt | sender CPU \
+         softirq ns/pkt | sender CPU busy ns/pkt | conn/s | × tc | × direct | softirq \
+         µs/conn | busy µs/conn |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let spread = crate::report::spread;
     for family in ["ipv4", "ipv6"] {
@@ -822,12 +866,19 @@ pub fn section(md: &mut String, run: &Value) {
             let conn = find(name, family, "conn_per_s");
             let _ = writeln!(
                 md,
-                "| {family} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {family} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 spread(&udp["summary"], 0),
                 spread(&udp["vs_tc"], 2),
                 spread(&udp["vs_direct"], 2),
                 spread(&find(name, family, "udp_softirq_ns_per_pkt")["summary"], 0),
-                spread(&find(name, family, "udp_busy_ns_per_pkt")["summary"], 0),
+                spread(
+                    &find(name, family, "udp_sender_cpu_softirq_ns_per_pkt")["summary"],
+                    0
+                ),
+                spread(
+                    &find(name, family, "udp_sender_cpu_busy_ns_per_pkt")["summary"],
+                    0
+                ),
                 spread(&conn["summary"], 0),
                 spread(&conn["vs_tc"], 2),
                 spread(&conn["vs_direct"], 2),
@@ -839,18 +890,21 @@ pub fn section(md: &mut String, run: &Value) {
             );
         }
     }
-    let redirects: Vec<String> = ["ipv4", "ipv6"]
+    let redirects: Vec<String> = ["xdp", "xdp-pass"]
         .iter()
-        .map(|family| {
-            format!(
-                "{family} {}",
-                spread(&find("xdp", family, "xdp_redirects_per_pkt")["summary"], 2)
-            )
+        .flat_map(|name| {
+            ["ipv4", "ipv6"].map(|family| {
+                format!(
+                    "{name} {family} {}",
+                    spread(&find(name, family, "xdp_redirects_per_pkt")["summary"], 2)
+                )
+            })
         })
         .collect();
     let _ = writeln!(
         md,
-        "\nXDP redirects per UDP packet received by the backend (≥ 1: XDP forwarded them): {}.\n",
+        "\nXDP redirects per UDP packet received by the backend (xdp ≥ 1: XDP forwarded \
+         them; xdp-pass 0: XDP passed them to the stack): {}.\n",
         redirects.join(", ")
     );
 }
