@@ -627,7 +627,13 @@ fn measure_udp(
     ];
     if contender == Contender::Iptables {
         let redirects = xdp_redirects(topo.node(contender))? - xdp_before;
-        values.push(("xdp_redirects_per_pkt", redirects / forwarded));
+        // The path itself, not a number: `xdp` must have been forwarded
+        // by XDP (one redirect per datagram), `xdp-pass` by the stack.
+        let per_packet = redirects / forwarded;
+        if (name == "xdp") != (per_packet >= 0.9) {
+            bail!("{name}: {per_packet:.2} XDP redirects per datagram reaching the backend");
+        }
+        values.push(("xdp_redirects_per_pkt", per_packet));
     }
     Ok(values)
 }
@@ -907,4 +913,38 @@ pub fn section(md: &mut String, run: &Value) {
          them; xdp-pass 0: XDP passed them to the stack): {}.\n",
         redirects.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_ruleset_has_kube_proxys_chains() {
+        let node: IpAddr = "198.18.18.1".parse().unwrap();
+        let rules = nodeport_ruleset(Family::V4, node);
+        assert!(rules.contains("add element ip kube-proxy nodeport-ips { 198.18.18.1 }"));
+        for (proto, port) in [("tcp", NODEPORT_HTTP), ("udp", NODEPORT_UDP)] {
+            assert!(rules.contains(&format!(
+                "service-nodeports {{ {proto} . {port} : goto external-bench/np/{proto}/"
+            )));
+            let dnats = rules
+                .lines()
+                .filter(|l| l.contains(&format!("meta l4proto {proto} dnat to 198.18.2.")))
+                .count();
+            assert_eq!(dnats, ENDPOINTS as usize, "{proto}: one DNAT per endpoint");
+        }
+        let v6 = nodeport_ruleset(Family::V6, "fd00:12::1".parse().unwrap());
+        assert!(v6.contains("dnat to [fd00:2::2]:9000"), "{v6}");
+    }
+
+    #[test]
+    fn targets() {
+        let xdp = target("xdp", Contender::Iptables, Family::V4, false);
+        assert_eq!(xdp, "198.18.19.1:30090".parse().unwrap());
+        let pass = target("xdp-pass", Contender::Iptables, Family::V4, true);
+        assert_eq!(pass, "198.18.2.11:8080".parse().unwrap());
+        let direct = target("direct", Contender::Direct, Family::V6, false);
+        assert_eq!(direct, "[fd00:2::2]:9000".parse().unwrap());
+    }
 }
