@@ -273,7 +273,7 @@ fn tool_versions() -> Value {
 /// contender is a /18 (see `rules.rs`).
 const MAX_E2E_SERVICES: u32 = (1 << 14) - 1;
 
-const CLIENT_CPU: usize = 0;
+pub(crate) const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
 
 /// PROGRAM in namespace NS, pinned to CPU with `taskset` when the machine
@@ -972,7 +972,7 @@ pub(crate) fn measure(
     }
 }
 
-fn wrk(client: &Netns, cpu: usize, args: &[&str], secs: u32) -> anyhow::Result<String> {
+pub(crate) fn wrk(client: &Netns, cpu: usize, args: &[&str], secs: u32) -> anyhow::Result<String> {
     let out = sys::output_with_timeout(
         pinned(client, cpu, "wrk").args(args),
         Duration::from_secs(u64::from(secs) + 20),
@@ -984,7 +984,7 @@ fn wrk(client: &Netns, cpu: usize, args: &[&str], secs: u32) -> anyhow::Result<S
 }
 
 /// The number after LABEL (`Requests/sec:   1234.5`).
-fn wrk_value(out: &str, label: &str) -> Option<f64> {
+pub(crate) fn wrk_value(out: &str, label: &str) -> Option<f64> {
     out.lines()
         .find_map(|line| line.trim().strip_prefix(label))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -1007,7 +1007,7 @@ fn wrk_percentile(out: &str, label: &str) -> Option<f64> {
 }
 
 /// Socket errors and non-2xx answers wrk reports.
-fn wrk_errors(out: &str) -> u64 {
+pub(crate) fn wrk_errors(out: &str) -> u64 {
     let mut total = 0;
     for line in out.lines() {
         let line = line.trim();

@@ -9,6 +9,7 @@
 //! lb-bench manifests --services N --dir DIR      the run's manifests (profiling)
 //! lb-bench socklb --lb PATH [--json FILE] [--quick] socket-LB connects/s vs direct (root)
 //! lb-bench forward --lb PATH --json FILE [--quick]  --forward=stack vs redirect vs direct (root)
+//! lb-bench xdp-e2e --lb PATH --json FILE [--quick]  XDP vs TC vs nftables vs direct, NodePort (root)
 //! ```
 
 // The stand-in API server of the kube source's tests, behind `--source kube`.
@@ -29,6 +30,7 @@ mod stats;
 mod sys;
 mod topo;
 mod xdp;
+mod xdp_e2e;
 
 use std::path::PathBuf;
 
@@ -128,6 +130,10 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         services: u32,
     },
+    /// XDP against TC against kube-proxy's nftables rules against direct:
+    /// small-UDP packets/s and new TCP connections/s through a `NodePort`,
+    /// both families, with softirq time per packet (root).
+    XdpE2e(xdp_e2e::Args),
     /// Internal: the client of `socklb` (run inside its cgroup).
     #[command(hide = true)]
     ConnectLoop {
@@ -147,6 +153,7 @@ enum Cmd {
     },
 }
 
+#[expect(clippy::too_many_lines, reason = "one arm per subcommand")]
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Cmd::Run {
@@ -241,6 +248,7 @@ fn main() -> anyhow::Result<()> {
                 &forward::run(&forward::settings(lb, quick, services))?,
             )
         }
+        Cmd::XdpE2e(args) => xdp_e2e::command(args),
         Cmd::ConnectLoop { target, secs } => socklb::connect_loop(target, secs),
         Cmd::Report { dir, publish } => report::render(&dir, publish.as_deref()),
         Cmd::Manifests { services, dir } => {

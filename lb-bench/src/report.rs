@@ -68,6 +68,7 @@ pub fn render(dir: &Path, publish: Option<&Path>) -> anyhow::Result<()> {
         "socklb": read_json(&dir.join("socklb.json")),
         "forward": read_json(&dir.join("forward.json")),
         "xdp": read_json(&dir.join("xdp.json")),
+        "xdp_e2e": read_json(&dir.join("xdp-e2e.json")),
     });
     if all["run"].is_null() {
         all["run"] = json!({});
@@ -287,6 +288,7 @@ fn markdown(all: &Value) -> String {
     targets(&mut md, dp, e2e);
     datapath_section(&mut md, dp);
     crate::xdp::section(&mut md, &all["xdp"]);
+    crate::xdp_e2e::section(&mut md, &all["xdp_e2e"]);
     e2e_section(&mut md, e2e);
     control_section(&mut md, e2e);
     crate::lifecycle::section(&mut md, &all["lifecycle"]);

@@ -33,7 +33,8 @@ pub struct Topology {
     pub nodes: Vec<Netns>,
 }
 
-fn link_addr(side: u8, k: u8, host: u8, family: Family) -> IpAddr {
+/// The address of HOST on link K of SIDE (0x10: client links, 0x20: backend links).
+pub(crate) fn link_addr(side: u8, k: u8, host: u8, family: Family) -> IpAddr {
     match family {
         Family::V4 => IpAddr::V4(Ipv4Addr::new(198, 18, side + k, host)),
         Family::V6 => IpAddr::V6(Ipv6Addr::new(

@@ -294,6 +294,18 @@ pub fn run_bench(root: &Path, quick: bool, only: &[String]) -> anyhow::Result<()
         }
         stage("forward", cmd, &mut stages, &mut failed);
     }
+    if wants("xdp-e2e") {
+        let mut cmd = Command::new(release.join("lb-bench"));
+        cmd.arg("xdp-e2e")
+            .arg("--lb")
+            .arg(release.join("lb"))
+            .arg("--json")
+            .arg(dir.join("xdp-e2e.json"));
+        if quick {
+            cmd.arg("--quick");
+        }
+        stage("xdp-e2e", cmd, &mut stages, &mut failed);
+    }
 
     if wants("lifecycle") {
         lifecycle_stage(root, quick, &dir, &mut stages, &mut failed);

@@ -46,7 +46,7 @@ enum Task {
         /// docs/bench-results/.
         #[arg(long)]
         quick: bool,
-        /// Only these parts: datapath, xdp, maglev, e2e, socklb, forward,
+        /// Only these parts: datapath, xdp, maglev, e2e, socklb, forward, xdp-e2e,
         /// lifecycle (comma-separated;
         /// default all).
         #[arg(long, value_delimiter = ',')]
