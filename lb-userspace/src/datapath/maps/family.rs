@@ -407,14 +407,17 @@ where
         );
         let addr = family_addr::<F>(backend.key.addr, &what)?;
         let value = backend_value(addr, backend);
-        // The index entry first: sized as the backend map, it fits when the
-        // backend does, and an entry without its backend is never used.
-        self.endpoints
-            .insert(&endpoint_key(&value), &id, 0)
-            .map_err(write_to(F::ENDPOINTS, what.clone()))?;
+        // The backend first: a full map is then named as the map
+        // `--max-backends` sizes. The index is sized alike and holds at
+        // most one entry per backend, so it has room when the backend had;
+        // until it is written, affinity through another frontend of the
+        // port just chooses afresh.
         self.backends
             .insert(&id, &value, 0)
-            .map_err(write_to(F::BACKENDS, what))
+            .map_err(write_to(F::BACKENDS, what.clone()))?;
+        self.endpoints
+            .insert(&endpoint_key(&value), &id, 0)
+            .map_err(write_to(F::ENDPOINTS, what))
     }
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
@@ -481,12 +484,14 @@ where
                     }
                     _ => None,
                 };
-                // The index entries first (see `put_backend`); the backends
-                // whose entry was not written go one by one.
-                let indexed = batch_of(self.endpoints.map(), run, |op| {
+                // The backends first, then the index entries of those
+                // written (see `put_backend`); the rest go one by one.
+                let written = batch_of(self.backends.map(), run, value);
+                let indexed = batch_of(self.endpoints.map(), &run[..written], |op| {
                     value(op).map(|(id, backend)| (endpoint_key(&backend), id))
                 });
-                batch_of(self.backends.map(), &run[..indexed], value)
+                // The one-by-one path rewrites the backend, then its index.
+                indexed.min(written)
             }
             BatchKind::RevNats => batch_of(self.rev_nat.map(), run, |op| match *op {
                 Op::PutRevNat { id, frontend } => {
