@@ -19,7 +19,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{
         __sk_buff, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup,
@@ -88,21 +88,7 @@ fn try_forward<F: Family>(ctx: &TcContext) -> Option<()> {
     // SAFETY: the context of a TC program is an `__sk_buff`.
     params.ifindex = unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex };
     F::fib_request(ctx, params)?;
-    // SAFETY: `params` is a properly sized, initialised lookup structure.
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_possible_wrap,
-        reason = "64 bytes"
-    )]
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            core::ptr::from_mut(params),
-            core::mem::size_of::<FibLookup>() as i32,
-            0,
-        )
-    };
-    let rc = u32::try_from(rc).ok()?;
+    let rc = fib_lookup(ctx, params, 0)?;
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return None;
     }
@@ -124,6 +110,32 @@ fn try_forward<F: Family>(ctx: &TcContext) -> Option<()> {
         unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) }
     };
     (action == i64::from(TC_ACT_REDIRECT)).then_some(())
+}
+
+/// `bpf_fib_lookup` of `params` with `flags`: the kernel's
+/// `BPF_FIB_LKUP_RET_*` code, `None` for an error (a negative return). The
+/// one call for forwarding, the reverse-path check and XDP.
+#[inline(always)]
+pub(crate) fn fib_lookup(
+    ctx: &impl EbpfContext,
+    params: &mut FibLookup,
+    flags: u32,
+) -> Option<u32> {
+    // SAFETY: `params` is a properly sized, initialised lookup structure.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "64 bytes"
+    )]
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            core::ptr::from_mut(params),
+            core::mem::size_of::<FibLookup>() as i32,
+            flags,
+        )
+    };
+    u32::try_from(rc).ok()
 }
 
 /// `Family::fib_request` of IPv4.
@@ -233,21 +245,7 @@ pub(crate) fn source_routed_back<F: Family>(ctx: &impl Ctx) -> u64 {
             &mut params.__bindgen_anon_4.ipv6_dst,
         );
     }
-    // SAFETY: `params` is a properly sized, initialised lookup structure.
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_possible_wrap,
-        reason = "64 bytes"
-    )]
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            core::ptr::from_mut(params),
-            core::mem::size_of::<FibLookup>() as i32,
-            FIB_SKIP_NEIGH,
-        )
-    };
-    let Ok(rc) = u32::try_from(rc) else {
+    let Some(rc) = fib_lookup(ctx, params, FIB_SKIP_NEIGH) else {
         return 1;
     };
     if rc == BPF_FIB_LKUP_RET_FWD_DISABLED {

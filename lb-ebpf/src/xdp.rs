@@ -29,9 +29,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
-    helpers::bpf_fib_lookup,
     macros::map,
     maps::{DevMapHash, PerCpuArray},
     programs::XdpContext,
@@ -42,7 +40,7 @@ use crate::{
     ct,
     ctx::Ctx,
     family::{Family, V4, V6},
-    frag,
+    frag, fwd,
     hdr::{
         Eth,
         eth::{
@@ -200,23 +198,9 @@ fn try_forward<F: Family>(ctx: &XdpContext) -> Option<u32> {
     {
         params.__bindgen_anon_1.tot_len = Ctx::len(ctx).saturating_sub(hdr_l3_off()) as u16;
     }
-    // SAFETY: `params` is a properly sized, initialised lookup structure.
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_possible_wrap,
-        reason = "64 bytes"
-    )]
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            core::ptr::from_mut(params),
-            core::mem::size_of::<FibLookup>() as i32,
-            0,
-        )
-    };
     // Anything but a complete answer (local delivery, no neighbour entry,
     // forwarding off, blackholes, MTU): the stack.
-    if u32::try_from(rc).ok()? != BPF_FIB_LKUP_RET_SUCCESS {
+    if fwd::fib_lookup(ctx, params, 0)? != BPF_FIB_LKUP_RET_SUCCESS {
         return None;
     }
     let out = params.ifindex;
