@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use crate::e2e::{self, Settings, Test};
 use crate::rules::{Cluster, Contender, Family, HTTP_PORT};
 use crate::stats::summary;
-use crate::sys::{self, Daemon, Netns, TempDir};
+use crate::sys::{self, Daemon, LbAgent, Netns, TempDir};
 use crate::topo::{NODE_BACKEND_IF, NODE_CLIENT_IF, Topology};
 
 /// The contenders of this stage: who serves the VIP, and under what name.
@@ -35,30 +35,6 @@ const CONTENDERS: [(Contender, &str); 3] = [
     (Contender::Nftables, "redirect"),
 ];
 
-/// An agent of this stage; stopped and its pins removed on drop.
-struct Agent {
-    daemon: Daemon,
-    node: String,
-    lb: PathBuf,
-    pins: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.daemon.stop(Duration::from_secs(5));
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", sys::netns_path(&self.node).display()))
-            .arg("--")
-            .arg(&self.lb)
-            .args(["cleanup", "--pin-path"])
-            .arg(&self.pins);
-        if let Err(error) = sys::cleanup_output(&mut cmd, Duration::from_secs(30)) {
-            eprintln!("[forward] warning: lb cleanup: {error:#}");
-        }
-        let _ = std::fs::remove_dir_all(&self.pins);
-    }
-}
-
 /// Starts an agent in NODE with `--forward=MODE` on the manifests of CLUSTER.
 fn start_agent(
     settings: &Settings,
@@ -66,7 +42,7 @@ fn start_agent(
     work: &Path,
     cluster: &Cluster,
     mode: &str,
-) -> anyhow::Result<Agent> {
+) -> anyhow::Result<LbAgent> {
     let dir = work.join(format!("manifests-{mode}"));
     std::fs::create_dir_all(&dir)?;
     e2e::write_manifests(cluster, &dir)?;
@@ -93,12 +69,13 @@ fn start_agent(
         &mut cmd,
         &work.join(format!("agent-{mode}.log")),
     )?;
-    Ok(Agent {
+    Ok(LbAgent::new(
+        "forward",
         daemon,
-        node: node.name().to_owned(),
-        lb: settings.lb.clone(),
+        node.name(),
+        &settings.lb,
         pins,
-    })
+    ))
 }
 
 /// The settings of a run: SERVICES Services, 5 rounds of 3 s

@@ -343,6 +343,48 @@ pub fn run_ok_within(cmd: &mut Command, timeout: Duration) -> anyhow::Result<Str
     Ok(out.stdout)
 }
 
+/// An `lb agent` a stage started in a node namespace: on drop it is
+/// stopped, `lb cleanup` detaches its programs from its pins, and the pin
+/// directory is removed.
+pub struct LbAgent {
+    daemon: Daemon,
+    /// The stage, for warnings (`[forward]`).
+    stage: &'static str,
+    node: String,
+    lb: PathBuf,
+    pins: PathBuf,
+}
+
+impl LbAgent {
+    /// STAGE's agent DAEMON, running in namespace NODE with pins at PINS;
+    /// LB is the binary that cleans up after it.
+    pub fn new(stage: &'static str, daemon: Daemon, node: &str, lb: &Path, pins: PathBuf) -> Self {
+        Self {
+            daemon,
+            stage,
+            node: node.to_owned(),
+            lb: lb.to_path_buf(),
+            pins,
+        }
+    }
+}
+
+impl Drop for LbAgent {
+    fn drop(&mut self) {
+        self.daemon.stop(Duration::from_secs(5));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns_path(&self.node).display()))
+            .arg("--")
+            .arg(&self.lb)
+            .args(["cleanup", "--pin-path"])
+            .arg(&self.pins);
+        if let Err(error) = cleanup_output(&mut cmd, Duration::from_secs(30)) {
+            eprintln!("[{}] warning: lb cleanup: {error:#}", self.stage);
+        }
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
 /// A long-running child process (server, agent) killed and reaped on drop.
 pub struct Daemon {
     child: Child,

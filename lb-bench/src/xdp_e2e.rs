@@ -43,7 +43,7 @@ use flood::{ETHTOOL_SGRO, ETHTOOL_STXCSUM, PAYLOAD, blast, cpu_ns, ethtool_set, 
 use crate::e2e;
 use crate::rules::{Contender, ENDPOINTS, Family, HTTP_TARGET, bracketed, real_endpoint, vip};
 use crate::stats::summary;
-use crate::sys::{self, Daemon, Netns, TempDir};
+use crate::sys::{self, Daemon, LbAgent, Netns, TempDir};
 mod flood;
 
 use crate::topo::{NODE_BACKEND_IF, NODE_CLIENT_IF, Topology, link_addr};
@@ -266,30 +266,6 @@ fn nodeport_ruleset(family: Family, node: IpAddr) -> String {
     out.join("\n") + "\n"
 }
 
-/// An agent of this stage; stopped and its pins removed on drop.
-struct Agent {
-    daemon: Daemon,
-    node: String,
-    lb: PathBuf,
-    pins: PathBuf,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.daemon.stop(Duration::from_secs(5));
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", sys::netns_path(&self.node).display()))
-            .arg("--")
-            .arg(&self.lb)
-            .args(["cleanup", "--pin-path"])
-            .arg(&self.pins);
-        if let Err(error) = sys::cleanup_output(&mut cmd, Duration::from_secs(30)) {
-            eprintln!("[xdp-e2e] warning: lb cleanup: {error:#}");
-        }
-        let _ = std::fs::remove_dir_all(&self.pins);
-    }
-}
-
 /// Starts `lb agent --xdp=MODE` in CONTENDER's node namespace.
 fn start_agent(
     settings: &Settings,
@@ -297,7 +273,7 @@ fn start_agent(
     work: &Path,
     contender: Contender,
     mode: &str,
-) -> anyhow::Result<Agent> {
+) -> anyhow::Result<LbAgent> {
     let node = topo.node(contender);
     let dir = work.join(format!("manifests-{mode}"));
     std::fs::create_dir_all(&dir)?;
@@ -335,12 +311,13 @@ fn start_agent(
         &mut cmd,
         &work.join(format!("agent-{mode}.log")),
     )?;
-    Ok(Agent {
+    Ok(LbAgent::new(
+        "xdp-e2e",
         daemon,
-        node: node.name().to_owned(),
-        lb: settings.lb.clone(),
+        node.name(),
+        &settings.lb,
         pins,
-    })
+    ))
 }
 
 /// Where the client sends to for contender NAME in CONTENDER's node: the
