@@ -660,6 +660,21 @@ impl Drop for Cluster {
                 node.name,
                 self.pins[i].lb_output(&["services"])
             );
+            // The verdict counters say where a lost packet went.
+            let reasons = self.metrics(i).map_or_else(
+                |e| format!("cannot read the metrics: {e}"),
+                |m| {
+                    m.lines()
+                        .filter(|l| l.contains("reason=") && !l.ends_with(" 0"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            );
+            let _ = writeln!(
+                text,
+                "======== {} verdict counters ========\n{reasons}",
+                node.name
+            );
             let _ = writeln!(
                 text,
                 "======== {} `lb conntrack` ========\n{}======== end of {} ========",

@@ -277,10 +277,15 @@ fn worker(shared: &Shared, t: usize, target: &Target, first: Instant, interval: 
                     } else {
                         "connect"
                     };
+                    // The local address names the flow in `lb conntrack`.
+                    let local = attempt
+                        .stream
+                        .local_addr()
+                        .map_or_else(|e| format!("local_addr: {e}"), |a| a.to_string());
                     (
                         Kind::Timeout,
                         false,
-                        Some(format!("{what}: timed out after {IO_TIMEOUT:?}")),
+                        Some(format!("{what} from {local}: timed out after {IO_TIMEOUT:?}")),
                     )
                 })
             } else {
