@@ -9,7 +9,9 @@
 //! range; the candidates of a flow are the same each time (its tuple and
 //! the node's seed), and a candidate whose reply entry is this very flow's
 //! is taken again, so a flow keeps its port for its life even when its
-//! service entry goes first.
+//! service entry goes first. A candidate that is a frontend's own port on
+//! the NAT address (a `NodePort` on the node address) is never taken: the
+//! backend's answer to it would be read as a new packet to that frontend.
 
 use lb_common::{
     CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, reason,
@@ -19,6 +21,7 @@ use lb_common::{
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
+    lb,
     maps::LB_CONFIG_V3,
     verdict::Verdict,
 };
@@ -121,9 +124,10 @@ pub(crate) fn choose_source<F: Family>(
 
 /// A source port for the flow `tuple` whose reply tuple is `reply` (backend
 /// to the NAT address; its port is probed): the first of the flow's
-/// candidates, from `start` on, whose reply tuple no live flow holds or
-/// this flow holds itself (`ANSWERED_BIT` set when that entry is in the
-/// main map). Returns 0 when none is. A subprogram: its own stack frame.
+/// candidates, from `start` on, that is no frontend on the NAT address and
+/// whose reply tuple no live flow holds or this flow holds itself
+/// (`ANSWERED_BIT` set when that entry is in the main map). Returns 0 when
+/// none is. A subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -142,12 +146,19 @@ fn snat_port<F: Family>(
             (start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port_be = (SNAT_PORT_MIN + offset).to_be();
         reply.dport_be = port_be;
+        attempt += 1;
+        // The ports of `NodePort`s (30000-32767 by default) lie in the
+        // range: the answer to node:30080 must not meet the frontend
+        // node:30080 (it would be refused as a stray packet to it).
+        // SAFETY: only the presence is used.
+        if unsafe { lb::frontend::<F>(reply.daddr, port_be, reply.proto) }.is_some() {
+            continue;
+        }
         match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
             _ => {}
         }
-        attempt += 1;
     }
     0
 }

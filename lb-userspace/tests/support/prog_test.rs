@@ -231,6 +231,19 @@ impl Fixture {
             .expect("known reason")
     }
 
+    /// Sets the node's SNAT seed (which `Maps::write_config` otherwise
+    /// keeps or draws at random), so that a test knows a flow's source
+    /// port candidates.
+    pub(crate) fn set_snat_seed(&mut self, seed: u32) {
+        let pin = self.pin_path.join(lb_common::map_names::CONFIG);
+        let data = MapData::from_pin(&pin).expect("open the pinned config map");
+        let mut config: aya::maps::Array<MapData, LbConfig> =
+            aya::maps::Array::try_from(Map::Array(data)).expect("an array of LbConfig");
+        let mut value = config.get(&0, 0).expect("the config");
+        value.snat_seed = seed;
+        config.set(0, &value, 0).expect("config write");
+    }
+
     pub(crate) fn conntrack(&self) -> Vec<CtRecord> {
         self.maps.conntrack().expect("conntrack")
     }
@@ -366,4 +379,39 @@ pub(crate) fn node_config() -> LbConfig {
         // Kept or chosen by `Maps::write_config`.
         snat_seed: 0,
     }
+}
+
+/// The datapath's flow hash (`lb-ebpf/src/hash.rs`), written out again:
+/// murmur3 steps over the address words, the ports, the protocol.
+pub(crate) fn flow_hash(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
+    fn mix(h: u32, word: u32) -> u32 {
+        let k = word
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+    fn finish(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let octets = |addr: SocketAddr| match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let (s, d) = (octets(src), octets(dst));
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let mut h = 0x5f1b_6c3d;
+    for i in (0..s.len()).step_by(4) {
+        h = mix(h, word(&s[i..]));
+        h = mix(h, word(&d[i..]));
+    }
+    let ports = (u32::from(src.port().to_be()) << 16) | u32::from(dst.port().to_be());
+    finish(mix(mix(h, ports), u32::from(proto)))
 }
