@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use lb_common::{EndpointKey, map_names};
+use lb_common::{EndpointKey, backend_flags, map_names};
 use lb_userspace::datapath::{loader, maps::Maps};
 
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
@@ -481,12 +481,14 @@ fn endpoint_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
     out
 }
 
-/// What the index must hold: one entry per backend entry.
+/// What the index must hold: one entry per backend entry of an affinity
+/// frontend (`backend_flags::INDEXED`).
 fn expected_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
     let state = fx.maps.read_state().expect("read state");
     state
         .backends
         .iter()
+        .filter(|(_, b)| b.flags & backend_flags::INDEXED != 0)
         .map(|(id, b)| {
             let k = b.key;
             ((k.rev_nat_id, k.addr, k.port, k.proto.number()), *id)
@@ -495,9 +497,11 @@ fn expected_index(fx: &Fixture) -> BTreeMap<(u32, IpAddr, u16, u8), u32> {
 }
 
 /// The endpoint index (affinity across a port's frontends) follows the
-/// backend entries through the agent's batched writes and removals, and an
-/// empty one is rebuilt from the pinned backends when the object is loaded
-/// again (an upgrade from an agent without it).
+/// backend entries of affinity frontends through the agent's batched
+/// writes and removals; a frontend without affinity has none (at 100k
+/// Services the index of every backend was a third of the first sync's
+/// map writes); and the pinned backends of an agent that indexed nothing
+/// (an upgrade) are rewritten and indexed by the next sync.
 #[test]
 fn endpoint_index_follows_the_backend_entries() {
     let Some(mut fx) = Fixture::new("endpoint_index_follows_the_backend_entries") else {
@@ -513,6 +517,11 @@ fn endpoint_index_follows_the_backend_entries() {
                     .into_iter()
                     .take(2),
             );
+            // A Service port without affinity on the same endpoints.
+            desired.insert(
+                frontend(vip, 81, Protocol::Tcp),
+                spec(FrontendKind::ClusterIp, endpoints),
+            );
         }
         let state = fx.maps.read_state().expect("read state");
         let plan = plan::diff(&state, &desired);
@@ -522,7 +531,12 @@ fn endpoint_index_follows_the_backend_entries() {
     };
     sync(&mut fx, 3);
     let full = expected_index(&fx);
-    assert_eq!(full.len(), 12, "2 families x 2 frontends x 3 endpoints");
+    assert_eq!(
+        full.len(),
+        12,
+        "2 families x 2 affinity frontends x 3 endpoints"
+    );
+    assert_eq!(fx.maps.read_state().unwrap().backends.len(), 18);
     assert_eq!(endpoint_index(&fx), full);
     sync(&mut fx, 1);
     assert_eq!(endpoint_index(&fx), expected_index(&fx));
@@ -530,13 +544,31 @@ fn endpoint_index_follows_the_backend_entries() {
     sync(&mut fx, 3);
     assert_eq!(endpoint_index(&fx), expected_index(&fx));
 
-    // Emptied (as after an upgrade), then rebuilt by the next load.
+    // An agent that indexed nothing: no index, no INDEXED bit. The next
+    // load leaves the maps as they are; the next sync rewrites the
+    // affinity frontends' backends, and indexes them.
     clear::<[u8; 4]>(&fx, map_names::ENDPOINTS4);
     clear::<[u8; 16]>(&fx, map_names::ENDPOINTS6);
-    assert!(endpoint_index(&fx).is_empty());
+    unmark_indexed::<[u8; 4]>(&fx, map_names::BACKENDS4);
+    unmark_indexed::<[u8; 16]>(&fx, map_names::BACKENDS6);
     let mut again = loader::load_with(&fx.pin_path, &loader::Capacities::default()).unwrap();
     let _maps = Maps::from_ebpf(&mut again).unwrap();
+    assert!(endpoint_index(&fx).is_empty());
+    sync(&mut fx, 3);
     let rebuilt = endpoint_index(&fx);
     assert_eq!(rebuilt.len(), 12);
     assert_eq!(rebuilt, expected_index(&fx));
+}
+
+/// Clears `backend_flags::INDEXED` in every entry of the pinned backend
+/// map `name` (as an agent from before the bit wrote them).
+fn unmark_indexed<A: lb_common::MapAddr>(fx: &Fixture, name: &str) {
+    let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
+    let mut map: AyaHashMap<MapData, u32, lb_common::Backend<A>> =
+        AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    let entries: Vec<_> = map.iter().map(Result::unwrap).collect();
+    for (id, mut backend) in entries {
+        backend.flags &= !backend_flags::INDEXED;
+        map.insert(&id, &backend, 0).unwrap();
+    }
 }

@@ -202,16 +202,22 @@ impl<'a> Planner<'a> {
             self.ranges_used.insert(range);
         }
 
+        // Only affinity looks a frontend's backend up by endpoint.
+        let indexed = if affinity_group(frontend, spec) == 0 {
+            0
+        } else {
+            backend_flags::INDEXED
+        };
         let wanted = truncate_backends(frontend, &spec.backends, &mut self.problems);
         let new_slots: Vec<u32> = wanted
             .iter()
             .filter_map(|backend| {
-                self.backend_id(frontend, rev_nat_id, backend, local_flag(backend))
+                self.backend_id(frontend, rev_nat_id, backend, local_flag(backend) | indexed)
             })
             .collect();
         // Draining backends stay in the backend map (their flows go on).
         for backend in spec.terminating.iter().chain(&spec.not_ready) {
-            let flags = draining_flags(spec, backend);
+            let flags = draining_flags(spec, backend) | indexed;
             let _ = self.backend_id(frontend, rev_nat_id, backend, flags);
         }
 

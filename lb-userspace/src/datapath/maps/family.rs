@@ -10,7 +10,7 @@ use aya::maps::{
 };
 use lb_common::{
     Addr4, Addr6, Backend, CtEntry, CtKey, EndpointKey, LbKey, LbService, MapAddr, RevNat,
-    SourceRange, map_names, scope, svc_flags,
+    SourceRange, backend_flags, map_names, scope, svc_flags,
 };
 
 use super::{
@@ -264,30 +264,6 @@ impl<F: MapFamily> FamilyMaps<F> {
             endpoints: typed(F::ENDPOINTS, take(F::ENDPOINTS)?, HashMap::try_from)?,
         })
     }
-
-    /// Fills an empty endpoint index from the backend map: pinned backends
-    /// of an agent that had no index (an upgrade) are not written again
-    /// by the plan, and without their index entries affinity would stay
-    /// per frontend for them.
-    pub(super) fn index_backends(&mut self) -> Result<(), MapsError> {
-        if self.endpoints.keys().next().is_some() {
-            return Ok(());
-        }
-        let mut entries = Vec::new();
-        for item in &self.backends {
-            let (id, value) = item.map_err(access(format!("iterate {} backends", F::NAME)))?;
-            // The next-id record (`next_id`) is no backend: protocol 0.
-            if protocol(value.proto).is_some() {
-                entries.push((endpoint_key(&value), id));
-            }
-        }
-        for (key, id) in entries {
-            self.endpoints
-                .insert(&key, &id, 0)
-                .map_err(write_to(F::ENDPOINTS, format!("index backend {id}")))?;
-        }
-        Ok(())
-    }
 }
 
 impl<F: MapFamily> FamilyOps for FamilyMaps<F>
@@ -411,10 +387,16 @@ where
         // `--max-backends` sizes. The index is sized alike and holds at
         // most one entry per backend, so it has room when the backend had;
         // until it is written, affinity through another frontend of the
-        // port just chooses afresh.
+        // port just chooses afresh. Only backends of affinity frontends
+        // are indexed (`backend_flags::INDEXED`); an entry left by
+        // affinity turned off is never looked up, and goes with its
+        // backend.
         self.backends
             .insert(&id, &value, 0)
             .map_err(write_to(F::BACKENDS, what.clone()))?;
+        if value.flags & backend_flags::INDEXED == 0 {
+            return Ok(());
+        }
         self.endpoints
             .insert(&endpoint_key(&value), &id, 0)
             .map_err(write_to(F::ENDPOINTS, what))
@@ -485,13 +467,23 @@ where
                     _ => None,
                 };
                 // The backends first, then the index entries of those
-                // written (see `put_backend`); the rest go one by one.
+                // written that have one (see `put_backend`); the rest go
+                // one by one.
                 let written = batch_of(self.backends.map(), run, value);
-                let indexed = batch_of(self.endpoints.map(), &run[..written], |op| {
+                let (at, to_index): (Vec<usize>, Vec<&Op>) = run[..written]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, op)| {
+                        value(op).is_some_and(|(_, b)| b.flags & backend_flags::INDEXED != 0)
+                    })
+                    .map(|(i, op)| (i, *op))
+                    .unzip();
+                let indexed = batch_of(self.endpoints.map(), &to_index, |op| {
                     value(op).map(|(id, backend)| (endpoint_key(&backend), id))
                 });
-                // The one-by-one path rewrites the backend, then its index.
-                indexed.min(written)
+                // The one-by-one path rewrites the backend, then its index,
+                // from the first whose index entry was not written.
+                at.get(indexed).copied().unwrap_or(written)
             }
             BatchKind::RevNats => batch_of(self.rev_nat.map(), run, |op| match *op {
                 Op::PutRevNat { id, frontend } => {

@@ -148,14 +148,8 @@ impl Maps {
     ///
     /// # Errors
     /// A map is missing or has another layout.
-    ///
-    /// The agent's way in: an empty endpoint index is filled from the
-    /// backend map here (see `FamilyMaps::index_backends`).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let mut maps = Self::build(|name| Ok(ebpf.take_map(name)))?;
-        maps.v4.index_backends()?;
-        maps.v6.index_backends()?;
-        Ok(maps)
+        Self::build(|name| Ok(ebpf.take_map(name)))
     }
 
     /// Opens the maps pinned under `dir`.

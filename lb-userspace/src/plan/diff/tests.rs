@@ -222,16 +222,26 @@ fn cluster_ips_are_marked_after_their_frontends_but_node_ports_are_not() {
     assert!(state.markers.is_empty());
 }
 
+/// Affinity on rewrites the frontend, and its backend with `INDEXED` (an
+/// endpoint-index entry, which only affinity reads); off, both without.
 #[test]
 fn flags_and_affinity_changes_rewrite_the_frontend() {
     let mut state = DatapathState::default();
     let v4 = fe("198.19.0.10", 80);
     let mut web = spec(&[("198.18.2.2", 8080)]);
     converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    let backend_flags_of =
+        |state: &DatapathState| -> Vec<u8> { state.backends.values().map(|b| b.flags).collect() };
+    assert_eq!(backend_flags_of(&state), [0], "no index without affinity");
     web.affinity_timeout_s = 30;
     let ops = converge(&mut state, &BTreeMap::from([(v4, web.clone())]));
+    assert!(matches!(
+        ops[0],
+        Op::PutBackend { backend, .. } if backend.flags == backend_flags::INDEXED
+    ));
+    assert_eq!(backend_flags_of(&state), [backend_flags::INDEXED]);
     assert_eq!(
-        ops,
+        ops[1..],
         [Op::PutFrontend {
             frontend: v4,
             count: 1,
@@ -246,11 +256,15 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
     let ops = converge(&mut state, &BTreeMap::from([(v4, web)]));
     assert!(matches!(
         ops[..],
-        [Op::PutFrontend {
-            flags: svc_flags::CLUSTER_IP,
-            ..
-        }]
+        [
+            Op::PutBackend { backend, .. },
+            Op::PutFrontend {
+                flags: svc_flags::CLUSTER_IP,
+                ..
+            }
+        ] if backend.flags == 0
     ));
+    assert_eq!(backend_flags_of(&state), [0]);
 }
 
 #[test]
