@@ -10,10 +10,21 @@
 //! the node's seed), and a candidate whose reply entry is this very flow's
 //! is taken again, so a flow keeps its port for its life even when its
 //! service entry goes first.
+//!
+//! A tuple whose flow closed less than `ct_timeout::TCP_TIME_WAIT_NS` ago
+//! is not free yet (`LINGERING`): the backend still holds it in
+//! `TIME_WAIT`, and a new connection's SYN on it, whose timestamps come
+//! from another clock (Linux offsets them per 4-tuple, and the client's
+//! tuple is another one), is answered with a bare ACK (PAWS) instead of a
+//! SYN+ACK half of the time: the client retransmits its SYN 1 s later.
+//! Such a candidate is taken only when none of the flow's candidates is
+//! free, as every closing one was before (rather than no port at all).
+//! The kernel's NAT does not reuse a tuple either while its conntrack
+//! entry sits in `TIME_WAIT` (120 s).
 
 use lb_common::{
-    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, reason,
-    svc_flags,
+    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, ct_timeout,
+    reason, svc_flags,
 };
 
 use crate::{
@@ -36,6 +47,10 @@ const OURS_NEW: u32 = 1;
 const OURS_ANSWERED: u32 = 2;
 /// `reply_holder`: another flow's live entry.
 const TAKEN: u32 = 3;
+/// `reply_holder`: another flow's entry, closed less than
+/// `ct_timeout::TCP_TIME_WAIT_NS` ago: the backend may still hold the
+/// tuple in `TIME_WAIT` (see the module comment).
+const LINGERING: u32 = 4;
 
 /// Marks a `snat_port` result whose reply entry is in the main map.
 const ANSWERED_BIT: u32 = 1 << 16;
@@ -73,6 +88,8 @@ pub(crate) fn choose_source<F: Family>(
             proto: tuple.proto,
         };
         let held = reply_holder::<F>(&reply, tuple, frontend.rev_nat_id, now);
+        // A closed flow's tuple (`LINGERING`) is the client's own choice:
+        // it keeps its address, as it did before.
         if held != TAKEN {
             flow.answered = held == OURS_ANSWERED;
             return Ok(());
@@ -123,7 +140,8 @@ pub(crate) fn choose_source<F: Family>(
 /// to the NAT address; its port is probed): the first of the flow's
 /// candidates, from `start` on, whose reply tuple no live flow holds or
 /// this flow holds itself (`ANSWERED_BIT` set when that entry is in the
-/// main map). Returns 0 when none is. A subprogram: its own stack frame.
+/// main map); else the first one a flow closed lately held (`LINGERING`).
+/// Returns 0 when none is. A subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -133,6 +151,7 @@ fn snat_port<F: Family>(
     start: u32,
 ) -> u32 {
     let mut attempt = 0u32;
+    let mut lingering = 0u32;
     while attempt < SNAT_ATTEMPTS {
         #[expect(
             clippy::cast_possible_truncation,
@@ -145,15 +164,17 @@ fn snat_port<F: Family>(
         match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
+            LINGERING if lingering == 0 => lingering = u32::from(port_be),
             _ => {}
         }
         attempt += 1;
     }
-    0
+    lingering
 }
 
 /// Who holds the reply tuple `reply` for the flow of `client` to the
-/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED` or `TAKEN`.
+/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED`, `TAKEN` or
+/// `LINGERING`.
 #[inline(always)]
 fn reply_holder<F: Family>(
     reply: &Tuple<F::Addr>,
@@ -184,9 +205,17 @@ fn holder_in<F: Family>(
     };
     // SAFETY: map value pointer, read in place.
     let entry = unsafe { &*entry };
-    // A closing flow's tuple is free for a new one (a new flow is a bare
-    // SYN, which starts a new flow on a closing entry: `ct::usable`).
-    if !ct::usable(entry, reply.proto, 0, now, answered) || entry.flags & ct_flags::CLOSING != 0 {
+    // A closing flow's tuple is free for a new flow (a new flow is a bare
+    // SYN, which starts a new flow on a closing entry: `ct::usable`) once
+    // the backend's `TIME_WAIT` is over; until then only when no other
+    // candidate is.
+    if entry.flags & ct_flags::CLOSING != 0 {
+        if now.saturating_sub(entry.last_seen_ns) < ct_timeout::TCP_TIME_WAIT_NS {
+            LINGERING
+        } else {
+            FREE
+        }
+    } else if !ct::usable(entry, reply.proto, 0, now, answered) {
         FREE
     } else if !ct::owned_by::<F>(entry, reply, client, rev_nat_id) {
         TAKEN
