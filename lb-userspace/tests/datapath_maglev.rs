@@ -34,7 +34,7 @@ use lb_userspace::{
 };
 
 use support::frames::{Frame, TCP_ACK, TCP_SYN, verify_checksums};
-use support::prog_test::{Fixture, TC_ACT_OK, VIP4, VIP6, addrs, frontend, spec};
+use support::prog_test::{Fixture, TC_ACT_OK, VIP4, VIP6, addrs, flow_hash, frontend, spec};
 
 /// A small table keeps the tests quick; any listed prime works the same.
 const M: u32 = 251;
@@ -59,42 +59,8 @@ fn fixture(what: &str, config: MaglevConfig) -> Option<Fixture> {
     )
 }
 
-/// The datapath's flow hash (`lb-ebpf/src/hash.rs`), written out again:
-/// murmur3 steps over the address words, the ports, the protocol.
-fn flow_hash(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
-    fn mix(h: u32, word: u32) -> u32 {
-        let k = word
-            .wrapping_mul(0xcc9e_2d51)
-            .rotate_left(15)
-            .wrapping_mul(0x1b87_3593);
-        (h ^ k)
-            .rotate_left(13)
-            .wrapping_mul(5)
-            .wrapping_add(0xe654_6b64)
-    }
-    fn finish(mut h: u32) -> u32 {
-        h ^= h >> 16;
-        h = h.wrapping_mul(0x85eb_ca6b);
-        h ^= h >> 13;
-        h = h.wrapping_mul(0xc2b2_ae35);
-        h ^ (h >> 16)
-    }
-    let octets = |addr: SocketAddr| match addr.ip() {
-        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    let (s, d) = (octets(src), octets(dst));
-    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-    let mut h = 0x5f1b_6c3d;
-    for i in (0..s.len()).step_by(4) {
-        h = mix(h, word(&s[i..]));
-        h = mix(h, word(&d[i..]));
-    }
-    let ports = (u32::from(src.port().to_be()) << 16) | u32::from(dst.port().to_be());
-    finish(mix(mix(h, ports), u32::from(proto)))
-}
-
-/// The replica above gives the datapath's own known answer (`hash.rs`).
+/// The replica (`support::prog_test::flow_hash`) gives the datapath's own
+/// known answer (`hash.rs`).
 #[test]
 fn flow_hash_replica_matches_the_datapath() {
     let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();

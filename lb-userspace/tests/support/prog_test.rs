@@ -10,12 +10,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData};
 use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use lb_common::{Addr4, Addr6, CtEntry, CtKey, LbConfig};
+use lb_common::{Addr4, Addr6, CtEntry, CtKey, LbConfig, SNAT_PORT_COUNT, SNAT_PORT_MIN};
 use lb_userspace::{
     datapath::{
         loader,
@@ -231,6 +231,16 @@ impl Fixture {
             .expect("known reason")
     }
 
+    /// The seed of the source NAT port candidates (`LbConfig::snat_seed`,
+    /// chosen by `Maps::write_config`), from the pinned configuration.
+    pub(crate) fn snat_seed(&self) -> u32 {
+        let data = MapData::from_pin(self.pin_path.join(lb_common::map_names::CONFIG))
+            .expect("pinned config");
+        let config: Array<MapData, LbConfig> =
+            Array::try_from(Map::Array(data)).expect("the config array");
+        config.get(&0, 0).expect("the configuration").snat_seed
+    }
+
     pub(crate) fn conntrack(&self) -> Vec<CtRecord> {
         self.maps.conntrack().expect("conntrack")
     }
@@ -366,4 +376,52 @@ pub(crate) fn node_config() -> LbConfig {
         // Kept or chosen by `Maps::write_config`.
         snat_seed: 0,
     }
+}
+
+/// The datapath's flow hash (`lb-ebpf/src/hash.rs`), written out again:
+/// murmur3 steps over the address words, the ports, the protocol.
+pub(crate) fn flow_hash(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
+    fn mix(h: u32, word: u32) -> u32 {
+        let k = word
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (h ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
+    }
+    fn finish(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let octets = |addr: SocketAddr| match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let (s, d) = (octets(src), octets(dst));
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let mut h = 0x5f1b_6c3d;
+    for i in (0..s.len()).step_by(4) {
+        h = mix(h, word(&s[i..]));
+        h = mix(h, word(&d[i..]));
+    }
+    let ports = (u32::from(src.port().to_be()) << 16) | u32::from(dst.port().to_be());
+    finish(mix(mix(h, ports), u32::from(proto)))
+}
+
+/// Source NAT candidate `attempt` (from 0) of the TCP flow `client` ->
+/// `frontend` under `seed`, as `lb-ebpf/src/snat.rs` probes them.
+pub(crate) fn snat_candidate(
+    seed: u32,
+    client: SocketAddr,
+    frontend: SocketAddr,
+    attempt: u32,
+) -> u16 {
+    let start = flow_hash(client, frontend, 6).wrapping_add(seed);
+    let offset = start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT);
+    SNAT_PORT_MIN + u16::try_from(offset).expect("below SNAT_PORT_COUNT")
 }
