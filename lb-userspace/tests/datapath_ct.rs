@@ -466,7 +466,7 @@ fn connect_and_close(
 
 /// Issue 13 (new TCP connections/s through a `NodePort` at a third of the
 /// direct path's, ~0.6% of them 1 s late): source NAT does not give the
-/// tuple of a flow that closed less than 61 s ago to a new flow. The
+/// tuple of a flow that closed less than 66 s ago to a new flow. The
 /// backend holds that tuple in `TIME_WAIT`; the new connection's SYN
 /// carries timestamps of another clock (Linux offsets them per 4-tuple),
 /// PAWS answers it with a bare ACK instead of a SYN+ACK half of the time,
@@ -497,7 +497,10 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
             "{what}: the test's replica of the candidates is the datapath's"
         );
 
-        // B's first candidate is A's closed tuple: B gets its second.
+        // 60 s later (the backend's TIME_WAIT, whose timer may fire 4 s
+        // late), B, whose first candidate is A's closed tuple, gets its
+        // second.
+        fx.age_conntrack(&any, 60);
         let b = client_with_first_candidate(seed, a, np, port, &[a]);
         let what = format!("{node_addr} B {b}");
         let seen_b = to_backend(&mut fx, &first(b, &fe), backend, &what);
@@ -513,11 +516,11 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
         let again = to_backend(&mut fx, &first(a, &fe), backend, &what);
         assert_eq!(again.port(), snat_candidate(seed, a, np, 2), "{what}");
 
-        // 62 s later the backend's TIME_WAIT is over: C, whose first
-        // candidate it is too, gets it.
+        // 67 s after A closed the backend's TIME_WAIT is over: C, whose
+        // first candidate it is too, gets it.
         fx.edit_conntrack(&|v| v.source == a || v.destination == again, &|_| None);
         fx.edit_conntrack(&|v| v.source == b || v.destination == seen_b, &|_| None);
-        fx.age_conntrack(&any, 62);
+        fx.age_conntrack(&any, 7);
         let c = client_with_first_candidate(seed, a, np, port, &[a, b]);
         let what = format!("{node_addr} C {c}");
         let seen_c = connect_and_close(&mut fx, c, &fe, backend, &what);
