@@ -30,6 +30,7 @@ use lb_common::{
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
+    lb,
     maps::LB_CONFIG_V3,
     verdict::Verdict,
 };
@@ -120,7 +121,19 @@ pub(crate) fn choose_source<F: Family>(
         proto: tuple.proto,
     };
     let start = F::flow_hash(tuple).wrapping_add(seed);
-    let port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, start);
+    let mut port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, start);
+    // A frontend's port on the NAT address (a `NodePort` of the node's,
+    // 30000-32767 by default): the flow's replies would be taken for new
+    // connections to that frontend. Then the candidates half the range
+    // away (out of the `NodePort` range; the same every time, so the flow
+    // keeps its port). Checked here, not per candidate: the probing
+    // loop's frame is the deepest call chain's, at the verifier's limit.
+    #[expect(clippy::cast_possible_truncation, reason = "the low 16 bits")]
+    // SAFETY: only the presence is used.
+    if port != 0 && unsafe { lb::frontend::<F>(nat_addr, port as u16, tuple.proto) }.is_some() {
+        let away = start.wrapping_add(u32::from(SNAT_PORT_COUNT / 2));
+        port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, away);
+    }
     if port == 0 {
         return Err(Verdict::drop(reason::DROP_SNAT_EXHAUSTED));
     }
