@@ -23,6 +23,7 @@ mod e2e;
 mod forward;
 mod kube;
 mod lifecycle;
+mod paired;
 mod report;
 mod rules;
 mod socklb;
@@ -108,8 +109,12 @@ enum Cmd {
         /// Rounds (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// A smoke run: 10 and 1k Services, 1 s per measurement, 1 round
-        /// (overrides the three above).
+        /// Seconds of interleaved socket/direct connects per family and
+        /// scale (`paired.rs`: the ratio with a 95% interval).
+        #[arg(long, default_value_t = 20)]
+        paired_secs: u32,
+        /// A smoke run: 10 and 1k Services, 1 s per measurement, 1 round,
+        /// 2 s interleaved (overrides the four above).
         #[arg(long)]
         quick: bool,
     },
@@ -134,6 +139,17 @@ enum Cmd {
     /// small-UDP packets/s and new TCP connections/s through a `NodePort`,
     /// both families, with softirq time per packet (root).
     XdpE2e(xdp_e2e::Args),
+    /// Internal: the interleaved client of `socklb` (run inside its
+    /// cgroup): connects to TARGET and VERSUS in turn, times each.
+    #[command(hide = true)]
+    ConnectPair {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        versus: std::net::SocketAddr,
+        #[arg(long)]
+        secs: u32,
+    },
     /// Internal: the client of `socklb` (run inside its cgroup).
     #[command(hide = true)]
     ConnectLoop {
@@ -214,6 +230,7 @@ fn main() -> anyhow::Result<()> {
             scales,
             secs,
             rounds,
+            paired_secs,
             quick,
         } => {
             sys::install_signal_handlers();
@@ -225,6 +242,7 @@ fn main() -> anyhow::Result<()> {
                     scales,
                     secs,
                     rounds,
+                    paired_secs,
                 }
             };
             let result = socklb::run(&settings)?;
@@ -250,6 +268,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::XdpE2e(args) => xdp_e2e::command(args),
         Cmd::ConnectLoop { target, secs } => socklb::connect_loop(target, secs),
+        Cmd::ConnectPair {
+            target,
+            versus,
+            secs,
+        } => paired::connect_pair(target, versus, secs),
         Cmd::Report { dir, publish } => report::render(&dir, publish.as_deref()),
         Cmd::Manifests { services, dir } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;

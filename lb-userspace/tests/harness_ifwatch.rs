@@ -1,7 +1,10 @@
 //! Interface discovery in the veth harness: the agent runs with
 //! `--attach-pattern 'h-*'` and no `--attach`, and a pod created after it
 //! started is served without a restart; a pod that goes away is forgotten
-//! (its link pin removed) and served again when it comes back.
+//! (its link pin removed) and served again when it comes back. With
+//! `--xdp=native --xdp-interfaces 'h-lat?'`, the late pod's device gets the
+//! XDP program when it appears (and again when it comes back), its pin
+//! goes with it, and no other device gets XDP.
 //!
 //! The agent runs with exactly the capabilities `deploy/daemonset.yaml`
 //! grants (and nothing else: `setpriv` empties the bounding set but for
@@ -31,12 +34,13 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use support::clients::{Conn, Outcome, http_get};
+use support::ethtool::{ETHTOOL_STXCSUM, ethtool_set};
 use support::manifests::{Cond, Manifest, ManifestDir, service, slice, sp, suffix};
-use support::netns::{sweep_stale_netns, unique_prefix};
+use support::netns::{ns_command, sweep_stale_netns, unique_prefix};
 use support::pins::{PinGuard, require_privileged};
 use support::process::{
     LogOnPanic, METRICS_ADDR, TempDir, daemonset_capabilities, lb_binary, metrics_addr,
-    output_with_timeout, require_tools, spawn_logged, wait_until, with_only,
+    output_with_timeout, require_tools, run_ok, spawn_logged, wait_until, with_only,
 };
 use support::servers::Servers;
 use support::topo::{Family, Pod, node_netns};
@@ -77,6 +81,20 @@ fn manifest(backends: &[&Pod], trigger: &str) -> Manifest {
         manifest = manifest.with(&slice);
     }
     manifest
+}
+
+/// Whether IFACE in NS has an XDP program (`ip -d link` shows `xdp`).
+fn has_xdp(ns: &str, iface: &str) -> bool {
+    run_ok(ns_command(ns, "ip").args(["-d", "link", "show", iface])).contains(" xdp")
+}
+
+/// Frames the XDP program saw, over all its actions.
+fn xdp_frames(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("lb_xdp_packets_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn http_status(node_ns: &str, path: &str) -> Result<u16, String> {
@@ -136,6 +154,10 @@ fn pods_created_after_the_agent_are_served() {
             manifests.source(),
             "--attach-pattern".into(),
             "h-*".into(),
+            // XDP on one device that does not exist yet (the late pod's).
+            "--xdp=native".into(),
+            "--xdp-interfaces".into(),
+            "h-lat?".into(),
             "--pin-path".into(),
             pin_path.display().to_string(),
             "--metrics-addr".into(),
@@ -188,6 +210,8 @@ fn pods_created_after_the_agent_are_served() {
 
     // A client pod and a backend pod created after the agent started.
     let late = Pod::wire(&node, &prefix, "late", "h-late", 9);
+    // Its frames meet XDP: full checksums (see support::ethtool).
+    ethtool_set(late.ns(), "eth0", ETHTOOL_STXCSUM, false);
     let be2 = Pod::wire(&node, &prefix, "be2", "h-be2", 3);
     let _be2_server = Servers::start(&[&be2], &[BACKEND_PORT]);
     manifests.write(
@@ -219,21 +243,40 @@ fn pods_created_after_the_agent_are_served() {
         served.iter().all(|n| n == "be1" || n == "be2"),
         "{served:?}"
     );
+    // XDP came to the late pod's device (the glob `h-lat?`) and saw its
+    // frames; not to h-be2, which only `--attach-pattern` names.
+    let xdp_pin = pins.path.join("links-xdp").join(&late.iface);
+    assert!(
+        xdp_pin.exists(),
+        "no {}:\n{}",
+        xdp_pin.display(),
+        show_log()
+    );
+    assert!(has_xdp(node.name(), &late.iface), "{}", show_log());
+    assert!(!has_xdp(node.name(), &be2.iface));
+    let (_, metrics) = http_get(node.name(), metrics_addr(), "/metrics").expect("GET /metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("lb_xdp_native{{device=\"{}\"}} 1", late.iface)),
+        "{metrics}"
+    );
+    assert!(xdp_frames(&metrics) > 0, "{metrics}");
 
     // The late pod goes away: forgotten; it comes back: served again.
     let late_pin = pins.path.join("links").join(&late.iface);
     drop(late);
     wait_until("h-late forgotten", STEP, || {
-        (!late_pin.exists())
+        (!late_pin.exists() && !xdp_pin.exists())
             .then_some(())
-            .ok_or_else(|| "pin still there".to_owned())
+            .ok_or_else(|| "a pin is still there".to_owned())
     });
     let late = Pod::wire(&node, &prefix, "late", "h-late", 9);
-    wait_until("h-late attached again", STEP, || {
-        late_pin
-            .exists()
+    ethtool_set(late.ns(), "eth0", ETHTOOL_STXCSUM, false);
+    wait_until("h-late attached again (TC and XDP)", STEP, || {
+        (late_pin.exists() && xdp_pin.exists() && has_xdp(node.name(), &late.iface))
             .then_some(())
-            .ok_or_else(|| "no pin".to_owned())
+            .ok_or_else(|| "no pin or no XDP".to_owned())
     });
     wait_until("the re-created pod is served", STEP, || {
         ask_vips(late.ns(), 4).map(drop)
@@ -243,6 +286,7 @@ fn pods_created_after_the_agent_are_served() {
     }
     let text = show_log();
     assert!(text.contains("attached to new interface"), "{text}");
+    assert!(text.contains("XDP on new interface"), "{text}");
 
     // Metrics: map occupancy, sync durations, and the programming latency
     // of the one slice change made after the agent started.

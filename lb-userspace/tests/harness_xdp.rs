@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use support::clients::{assert_nodeport_sources, assert_only, tcp_batch, udp_batch};
 use support::cluster::{Cluster, ready, service};
+use support::ethtool::{ETHTOOL_SGRO, ETHTOOL_STXCSUM, ethtool_set};
 use support::load::total_retransmits;
 use support::manifests::{HTTP_DNS, Manifest, sp};
 use support::netns::{in_netns, ns_command};
@@ -44,42 +45,6 @@ use support::process::{lb_binary, run_ok, wait_until};
 use support::serial;
 use support::servers::ClosingServer;
 use support::topo::Family;
-
-/// `SIOCETHTOOL` commands (`linux/ethtool.h`), on `struct ethtool_value`.
-const ETHTOOL_STXCSUM: u32 = 0x17;
-const ETHTOOL_SGRO: u32 = 0x2c;
-
-/// Sets an on/off device feature (`ETHTOOL_S*`) of IFACE in namespace NS.
-fn ethtool_set(ns: &str, iface: &str, cmd: u32, on: bool) {
-    #[repr(C)]
-    struct Value {
-        cmd: u32,
-        data: u32,
-    }
-    let name = iface.to_owned();
-    let rc = in_netns(ns, move || {
-        let mut value = Value {
-            cmd,
-            data: u32::from(on),
-        };
-        // SAFETY: a zeroed ifreq is valid.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-            *dst = libc::c_char::from_ne_bytes([*src]);
-        }
-        req.ifr_ifru.ifru_data = (&raw mut value).cast();
-        // SAFETY: plain socket(2), closed below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        // SAFETY: SIOCETHTOOL reads the ethtool_value `ifr_data` points at.
-        let rc = unsafe { libc::ioctl(fd, 0x8946, &raw mut req) };
-        let error = std::io::Error::last_os_error();
-        // SAFETY: our fd.
-        unsafe { libc::close(fd) };
-        (rc == 0).then_some(()).ok_or(error)
-    });
-    rc.unwrap_or_else(|e| panic!("ethtool cmd {cmd:#x} on {iface} in {ns}: {e}"));
-}
 
 /// The value of the sample LINE-PREFIX (`name{labels}`) in a `/metrics` text.
 fn sample(metrics: &str, prefix: &str) -> u64 {

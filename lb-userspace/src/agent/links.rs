@@ -12,7 +12,7 @@ use crate::{
         sock::{self, SockLbSettings, SockLbState},
         xdp,
     },
-    net::ifwatch::LinkEvent,
+    net::ifwatch::{self, IfWatchError, LinkEvent, Patterns},
     plan::DatapathState,
 };
 
@@ -67,20 +67,78 @@ pub(super) fn load_and_attach(
     Ok((ebpf, maps, (attachments, xdp_devices), state))
 }
 
+/// Which interfaces that appear get which program: TC for
+/// `--attach-pattern`, XDP for `--xdp-interfaces` (names or globs) unless
+/// `--xdp=off`.
+pub(super) struct LinkPolicy {
+    /// `--attach-pattern`.
+    pub(super) tc: Patterns,
+    /// `--xdp-interfaces` (empty when XDP is off).
+    pub(super) xdp: Patterns,
+    /// `--xdp`.
+    pub(super) xdp_mode: xdp::XdpMode,
+}
+
+impl LinkPolicy {
+    /// The policy of the agent's settings.
+    ///
+    /// # Errors
+    /// A pattern is empty or longer than an interface name.
+    pub(super) fn new(
+        attach_patterns: &[String],
+        xdp_settings: &xdp::XdpSettings,
+    ) -> Result<Self, IfWatchError> {
+        let xdp_entries = if xdp_settings.mode == xdp::XdpMode::Off {
+            Vec::new()
+        } else {
+            xdp_settings.interfaces.clone()
+        };
+        Ok(Self {
+            tc: Patterns::new(attach_patterns.iter().cloned())?,
+            xdp: Patterns::new(xdp_entries)?,
+            xdp_mode: xdp_settings.mode,
+        })
+    }
+
+    /// The interface watcher, reporting the interfaces of both kinds to
+    /// TX; none when there are none to watch.
+    ///
+    /// # Errors
+    /// The netlink subscription failed.
+    pub(super) fn watch(
+        &self,
+        tx: tokio::sync::mpsc::Sender<LinkEvent>,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, IfWatchError> {
+        let watched = self.tc.union(&self.xdp);
+        if watched.is_empty() {
+            return Ok(None);
+        }
+        ifwatch::spawn(watched, tx).map(Some)
+    }
+}
+
 /// Attaches to an interface that appeared; forgets one that went away
-/// (its TCX link died with it, so only the pin is left to remove).
+/// (its TCX and XDP links died with it, so only the pins are left to
+/// remove).
 pub(super) fn on_link_event(
     event: &LinkEvent,
+    policy: &LinkPolicy,
     ebpf: &mut aya::Ebpf,
     pin_path: &Path,
     shared: &Mutex<Shared>,
 ) {
+    if let LinkEvent::Added(iface) = event
+        && policy.xdp.matches(iface)
+    {
+        xdp_on_new_device(iface, policy.xdp_mode, ebpf, pin_path, shared);
+    }
     match event {
         LinkEvent::Added(iface) => {
-            if lock(shared)
-                .attachments
-                .iter()
-                .any(|(name, _)| name == iface)
+            if !policy.tc.matches(iface)
+                || lock(shared)
+                    .attachments
+                    .iter()
+                    .any(|(name, _)| name == iface)
             {
                 return;
             }
@@ -97,7 +155,26 @@ pub(super) fn on_link_event(
             }
         }
         LinkEvent::Removed(iface) => {
-            lock(shared).attachments.retain(|(name, _)| name != iface);
+            let had_xdp = {
+                let mut shared = lock(shared);
+                shared.attachments.retain(|(name, _)| name != iface);
+                let before = shared.xdp_devices.len();
+                shared.xdp_devices.retain(|(name, _)| name != iface);
+                shared.xdp_devices.len() != before
+            };
+            // Its devmap entry went with the device (the kernel's devmap
+            // notifier); the pinned XDP link is left.
+            if had_xdp {
+                match std::fs::remove_file(xdp::link_pin(pin_path, iface)) {
+                    Ok(()) => {
+                        tracing::info!(iface = %iface, "interface gone; XDP link pin removed");
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(iface = %iface, %error, "cannot remove the XDP link pin");
+                    }
+                }
+            }
             // The egress link died with the interface too.
             let _ = std::fs::remove_file(loader::egress_link_pin(pin_path, iface));
             let pin = pin_path.join("links").join(iface);
@@ -110,6 +187,43 @@ pub(super) fn on_link_event(
                     tracing::warn!(iface = %iface, %error, pin = %pin.display(), "cannot remove link pin");
                 }
             }
+        }
+    }
+}
+
+/// XDP on a device of `--xdp-interfaces` that appeared after the start
+/// (or came back): attached, made a redirect target when native, and
+/// shown in the status and metrics.
+fn xdp_on_new_device(
+    iface: &str,
+    mode: xdp::XdpMode,
+    ebpf: &mut aya::Ebpf,
+    pin_path: &Path,
+    shared: &Mutex<Shared>,
+) {
+    if lock(shared)
+        .xdp_devices
+        .iter()
+        .any(|(name, _)| name == iface)
+    {
+        return;
+    }
+    match xdp::attach(ebpf, iface, pin_path, mode) {
+        Ok(device_mode) => {
+            if device_mode == xdp::DeviceMode::Native
+                && let Err(error) = xdp::set_redirect_targets(ebpf, &[iface.to_owned()])
+            {
+                tracing::warn!(iface = %iface, error = %Causes(&error), "not an XDP redirect target");
+            }
+            tracing::info!(iface = %iface, xdp = device_mode.name(), "XDP on new interface");
+            lock(shared)
+                .xdp_devices
+                .push((iface.to_owned(), device_mode));
+        }
+        // Gone again already, or `--xdp=native` and a driver without it:
+        // the device stays with TC (if `--attach-pattern` has it).
+        Err(error) => {
+            tracing::warn!(iface = %iface, error = %Causes(&error), "cannot attach XDP to new interface");
         }
     }
 }

@@ -25,11 +25,11 @@ use crate::{
         maps::MapsError,
     },
     http,
-    net::ifwatch::{self, IfWatchError, Patterns},
+    net::ifwatch::IfWatchError,
     node::NodeSettings,
     source::{self, SourceError, SourceSpec, SourceUpdate},
 };
-use links::{Loaded, load_and_attach, on_link_event};
+use links::{LinkPolicy, Loaded, load_and_attach, on_link_event};
 use reconcile::{Desired, Hooks, MapsRead, Pending, Reconciler};
 
 /// What `lb agent` was asked to do.
@@ -101,7 +101,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Check every input before touching the kernel.
     let (tx, mut updates) = tokio::sync::mpsc::channel(4);
     let source_task = source::spawn(&config.source, tx)?;
-    let patterns = Patterns::new(config.attach_patterns.iter().cloned())?;
+    let link_policy = LinkPolicy::new(&config.attach_patterns, &config.xdp)?;
     for iface in &config.interfaces {
         if loader::if_index(iface).is_none() {
             return Err(LoadError::NoSuchInterface(iface.clone()).into());
@@ -155,11 +155,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
 
     let (link_tx, mut links) = tokio::sync::mpsc::channel(64);
-    let link_task = if patterns.is_empty() {
-        None
-    } else {
-        Some(ifwatch::spawn(patterns, link_tx)?)
-    };
+    let link_task = link_policy.watch(link_tx)?;
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signals)?;
@@ -179,7 +175,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }
     loop {
         tokio::select! {
-            Some(event) = links.recv() => on_link_event(&event, &mut ebpf, &config.pin_path, &shared),
+            Some(event) = links.recv() => {
+                on_link_event(&event, &link_policy, &mut ebpf, &config.pin_path, &shared);
+            }
             update = updates.recv() => {
                 let Some(update) = update else {
                     tracing::error!("source ended; keeping the last good state");

@@ -100,7 +100,7 @@ pub fn setup(
         }
         return Ok(devices);
     }
-    for iface in &settings.interfaces {
+    for iface in &present(&settings.interfaces) {
         let mode = attach(ebpf, iface, pin_path, settings.mode)?;
         tracing::info!(iface = %iface, xdp = mode.name(), "XDP");
         devices.push((iface.clone(), mode));
@@ -114,6 +114,33 @@ pub fn setup(
         .collect();
     set_redirect_targets(ebpf, &native)?;
     Ok(devices)
+}
+
+/// The devices of `--xdp-interfaces` there now: each name, and each glob
+/// matched against the node's interfaces. One not there yet is logged and
+/// left to the interface watcher, which attaches when it appears
+/// (`agent::links`): an uplink such as a bond may come up after the agent.
+fn present(entries: &[String]) -> Vec<String> {
+    let links = crate::net::ifwatch::list_links();
+    let mut devices: Vec<String> = Vec::new();
+    for entry in entries {
+        let mut matched = links
+            .values()
+            .filter(|name| crate::net::ifwatch::glob_match(entry, name))
+            .peekable();
+        if matched.peek().is_none() {
+            tracing::warn!(
+                device = %entry,
+                "no such device yet: XDP is attached when it appears"
+            );
+        }
+        for name in matched {
+            if !devices.contains(name) {
+                devices.push(name.clone());
+            }
+        }
+    }
+    devices
 }
 
 /// Directory of the XDP links' pins.

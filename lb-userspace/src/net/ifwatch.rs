@@ -60,6 +60,14 @@ impl Patterns {
         self.0.iter().any(|pattern| glob_match(pattern, name))
     }
 
+    /// The patterns of both.
+    #[must_use]
+    pub fn union(&self, other: &Self) -> Self {
+        let mut all = self.0.clone();
+        all.extend(other.0.iter().filter(|p| !self.0.contains(p)).cloned());
+        Self(all)
+    }
+
     /// No pattern at all.
     #[must_use]
     pub fn is_empty(&self) -> bool {
@@ -324,6 +332,15 @@ pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkMessage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_matches_what_either_matches_once() {
+        let tc = Patterns::new(["h-*".to_owned()]).unwrap();
+        let xdp = Patterns::new(["eth0".to_owned(), "h-*".to_owned()]).unwrap();
+        let both = tc.union(&xdp);
+        assert_eq!(both, Patterns(vec!["h-*".to_owned(), "eth0".to_owned()]));
+        assert!(both.matches("h-late") && both.matches("eth0") && !both.matches("eth1"));
+    }
 
     #[test]
     fn globs() {

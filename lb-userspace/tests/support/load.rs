@@ -285,7 +285,9 @@ fn worker(shared: &Shared, t: usize, target: &Target, first: Instant, interval: 
                     (
                         Kind::Timeout,
                         false,
-                        Some(format!("{what} from {local}: timed out after {IO_TIMEOUT:?}")),
+                        Some(format!(
+                            "{what} from {local}: timed out after {IO_TIMEOUT:?}"
+                        )),
                     )
                 })
             } else {

@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests, each once: network namespaces
 //! (`netns`), processes and files (`process`), bpffs, pins and the pinned
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
-//! clients and what they observed (`clients`), manifests (`manifests`),
+//! clients and what they observed (`clients`), device features (`ethtool`),
+//! manifests (`manifests`),
 //! named sub-scenarios (`scenarios`), the socket-LB cgroup and client
 //! (`sockclient`), steady load (`load`) and what it observed (`counts`),
 //! long-lived flows (`keepers`), a spoofed SYN flood (`flood`), what the
@@ -25,6 +26,7 @@ pub(crate) mod clients;
 pub(crate) mod cluster;
 pub(crate) mod conformance;
 pub(crate) mod counts;
+pub(crate) mod ethtool;
 pub(crate) mod flood;
 pub(crate) mod frames;
 pub(crate) mod fuzz;

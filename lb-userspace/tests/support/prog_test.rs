@@ -10,7 +10,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use aya::maps::{Array, HashMap as AyaHashMap, Map, MapData};
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions},
@@ -231,14 +231,17 @@ impl Fixture {
             .expect("known reason")
     }
 
-    /// The seed of the source NAT port candidates (`LbConfig::snat_seed`,
-    /// chosen by `Maps::write_config`), from the pinned configuration.
-    pub(crate) fn snat_seed(&self) -> u32 {
-        let data = MapData::from_pin(self.pin_path.join(lb_common::map_names::CONFIG))
-            .expect("pinned config");
-        let config: Array<MapData, LbConfig> =
-            Array::try_from(Map::Array(data)).expect("the config array");
-        config.get(&0, 0).expect("the configuration").snat_seed
+    /// Sets the node's SNAT seed (which `Maps::write_config` otherwise
+    /// keeps or draws at random), so that a test knows a flow's source
+    /// port candidates.
+    pub(crate) fn set_snat_seed(&mut self, seed: u32) {
+        let pin = self.pin_path.join(lb_common::map_names::CONFIG);
+        let data = MapData::from_pin(&pin).expect("open the pinned config map");
+        let mut config: aya::maps::Array<MapData, LbConfig> =
+            aya::maps::Array::try_from(Map::Array(data)).expect("an array of LbConfig");
+        let mut value = config.get(&0, 0).expect("the config");
+        value.snat_seed = seed;
+        config.set(0, &value, 0).expect("config write");
     }
 
     pub(crate) fn conntrack(&self) -> Vec<CtRecord> {

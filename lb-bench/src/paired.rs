@@ -1,0 +1,146 @@
+//! Interleaved A/B connect timing (`lb-bench connect-pair`), for a
+//! difference of about 1% that separate runs cannot show: on a shared
+//! 2-core machine two rates measured one after the other differ by ±20%
+//! from round to round, whatever the contenders. Here one process connects
+//! to A, then to B, then to A..., timing every `connect()`: both contenders
+//! meet the same machine state within microseconds of each other, so load
+//! that comes and goes slows both alike and cancels out of the ratio.
+//!
+//! The ratio is of typical connects: A's rate over B's is B's median
+//! connect time over A's. Sums would be ruled by a few stalls (a SYN
+//! dropped by a full accept queue costs its connect 1 s, a preemption
+//! tens of ms; either side meets them at random), which the report counts
+//! instead (connects over 100 ms). Every block of pairs gives a ratio of
+//! medians, and the 95% confidence interval comes from the spread of the
+//! block ratios (mean ± 1.96 standard errors). A first block warms both
+//! paths up and is not counted.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+/// Pairs per block.
+const BLOCK: usize = 500;
+
+/// One connect to TARGET (the backend resets it once accepted: a reset
+/// seen by `connect()` is a connection made); its duration.
+fn timed_connect(target: SocketAddr) -> anyhow::Result<Duration> {
+    let began = Instant::now();
+    match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
+        Ok(stream) => drop(stream),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(error) => return Err(error).with_context(|| format!("connect {target}")),
+    }
+    Ok(began.elapsed())
+}
+
+/// Mean and 95% confidence interval of SAMPLES (normal approximation;
+/// at least 2 samples, else the interval is the mean itself).
+#[must_use]
+pub fn mean_ci95(samples: &[f64]) -> (f64, f64, f64) {
+    #[expect(clippy::cast_precision_loss, reason = "a count of blocks")]
+    let n = samples.len() as f64;
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mean = samples.iter().sum::<f64>() / n;
+    if samples.len() < 2 {
+        return (mean, mean, mean);
+    }
+    let variance = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let half = 1.96 * (variance / n).sqrt();
+    (mean, mean - half, mean + half)
+}
+
+/// Connects slower than this are counted as stalls.
+const STALL: Duration = Duration::from_millis(100);
+
+/// The median of SAMPLES (sorted in place); NaN when empty.
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    match samples.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => samples[n / 2],
+        n => f64::midpoint(samples[n / 2 - 1], samples[n / 2]),
+    }
+}
+
+/// `lb-bench connect-pair`: alternates connects to A and B for SECS
+/// seconds (after one uncounted block); prints one JSON line: pairs, each
+/// side's median connect time and stalls, and A's rate over B's (the ratio
+/// of medians over all pairs, and the mean and 95% interval over blocks).
+///
+/// # Errors
+/// A connection failed.
+pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(u64::from(secs));
+    let mut block_ratios = Vec::new();
+    let (mut all_a, mut all_b) = (Vec::new(), Vec::new());
+    let mut started = None;
+    loop {
+        let (mut block_a, mut block_b) = (Vec::with_capacity(BLOCK), Vec::with_capacity(BLOCK));
+        for _ in 0..BLOCK {
+            block_a.push(timed_connect(a)?.as_secs_f64());
+            block_b.push(timed_connect(b)?.as_secs_f64());
+        }
+        // The first block warms up (route and socket caches, the map
+        // entries' cache lines); the clock starts after it.
+        let Some(start) = started else {
+            started = Some(Instant::now());
+            continue;
+        };
+        all_a.extend_from_slice(&block_a);
+        all_b.extend_from_slice(&block_b);
+        block_ratios.push(median(&mut block_b) / median(&mut block_a));
+        if start.elapsed() >= limit {
+            break;
+        }
+    }
+    let (mean, lo, hi) = mean_ci95(&block_ratios);
+    let stalls = |all: &[f64]| all.iter().filter(|&&t| t > STALL.as_secs_f64()).count();
+    let (stalls_a, stalls_b) = (stalls(&all_a), stalls(&all_b));
+    let (median_a, median_b) = (median(&mut all_a), median(&mut all_b));
+    let result: Value = json!({
+        "pairs": all_a.len(),
+        "a_median_us": median_a * 1e6,
+        "b_median_us": median_b * 1e6,
+        "a_stalls": stalls_a,
+        "b_stalls": stalls_b,
+        "ratio": median_b / median_a,
+        "blocks": block_ratios.len(),
+        "block_ratio_mean": mean,
+        "ci95": [lo, hi],
+    });
+    writeln!(std::io::stdout(), "{result}")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{mean_ci95, median};
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert!((median(&mut [3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+        assert!((median(&mut [4.0, 1.0, 3.0, 2.0]) - 2.5).abs() < 1e-12);
+        assert!(median(&mut []).is_nan());
+    }
+
+    #[test]
+    fn interval_of_constant_samples_is_the_value() {
+        assert_eq!(mean_ci95(&[1.0, 1.0, 1.0]), (1.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn interval_is_mean_plus_minus_1_96_standard_errors() {
+        // 0, 2, 4: mean 2, sample variance (4 + 0 + 4) / 2 = 4, n 3.
+        let (mean, lo, hi) = mean_ci95(&[0.0, 2.0, 4.0]);
+        let half = 1.96 * (4.0_f64 / 3.0).sqrt();
+        assert!((mean - 2.0).abs() < 1e-12);
+        assert!((lo - (2.0 - half)).abs() < 1e-12);
+        assert!((hi - (2.0 + half)).abs() < 1e-12);
+    }
+}
