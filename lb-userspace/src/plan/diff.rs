@@ -1,12 +1,12 @@
 //! The full plan: every desired frontend against the state, in make-before-
 //! break order, and the `Planner` the incremental plan shares.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use lb_common::{backend_flags, limits, svc_flags};
 
-use super::ids::{IdAllocator, IdsInUse};
+use super::ids::{IdAllocator, IdSet, IdsInUse};
 use super::{BackendEntry, BackendKey, DatapathState, FrontendState, Op, Plan, SourceRange};
 use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec};
 
@@ -137,8 +137,8 @@ pub(super) struct Planner<'a> {
     pub(super) new_backend_ids: HashMap<BackendKey, u32>,
     pub(super) backend_alloc: IdAllocator<'a>,
     pub(super) rev_nat_alloc: IdAllocator<'a>,
-    pub(super) backends_used: HashSet<u32>,
-    pub(super) rev_nats_used: HashSet<u32>,
+    pub(super) backends_used: IdSet,
+    pub(super) rev_nats_used: IdSet,
     pub(super) ranges_used: BTreeSet<SourceRange>,
 }
 
@@ -162,8 +162,8 @@ impl<'a> Planner<'a> {
                     .chain(current.frontends.values().map(|f| f.rev_nat_id)),
                 current.rev_nat_id_limit(),
             ),
-            backends_used: HashSet::with_capacity(current.backends.len()),
-            rev_nats_used: HashSet::with_capacity(current.rev_nats.len()),
+            backends_used: IdSet::default(),
+            rev_nats_used: IdSet::default(),
             ranges_used: BTreeSet::new(),
         }
     }
@@ -331,7 +331,7 @@ impl<'a> Planner<'a> {
             }
         }
         for (id, (addr, _)) in &self.current.rev_nats {
-            if !self.rev_nats_used.contains(id) {
+            if !self.rev_nats_used.contains(*id) {
                 self.tail.push(Op::DeleteRevNat {
                     id: *id,
                     addr: *addr,
@@ -339,7 +339,7 @@ impl<'a> Planner<'a> {
             }
         }
         for (id, entry) in &self.current.backends {
-            if !self.backends_used.contains(id) {
+            if !self.backends_used.contains(*id) {
                 self.tail.push(Op::DeleteBackend {
                     id: *id,
                     addr: entry.key.addr,

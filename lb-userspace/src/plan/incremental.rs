@@ -1,10 +1,10 @@
 //! The plan over the changed frontends only, and the index it needs.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::diff::{Planner, backend_allocator};
-use super::ids::{IdAllocator, IdsInUse};
+use super::ids::{IdAllocator, IdSet, IdsInUse};
 use super::{BackendKey, DatapathState, Op, Plan};
 use crate::model::{Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
 
@@ -139,8 +139,8 @@ pub fn diff_changes(
             IdsInUse::RevNats(&current.rev_nats),
             current.rev_nat_id_limit(),
         ),
-        backends_used: HashSet::new(),
-        rev_nats_used: HashSet::new(),
+        backends_used: IdSet::default(),
+        rev_nats_used: IdSet::default(),
         ranges_used: BTreeSet::new(),
     };
     for frontend in changes.keys() {
@@ -188,7 +188,7 @@ impl Planner<'_> {
         let mut freed_rev_nats = BTreeSet::new();
         for frontend in changes.keys() {
             if let Some(state) = self.current.frontends.get(frontend)
-                && !self.rev_nats_used.contains(&state.rev_nat_id)
+                && !self.rev_nats_used.contains(state.rev_nat_id)
                 && let Some((addr, _)) = self.current.rev_nats.get(&state.rev_nat_id)
                 && freed_rev_nats.insert(state.rev_nat_id)
             {
@@ -204,7 +204,7 @@ impl Planner<'_> {
                 continue;
             };
             for id in index.backends_of(state.rev_nat_id) {
-                if !self.backends_used.contains(&id)
+                if !self.backends_used.contains(id)
                     && let Some(entry) = self.current.backends.get(&id)
                 {
                     self.tail.push(Op::DeleteBackend {

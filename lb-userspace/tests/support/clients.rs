@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead as _, BufReader, ErrorKind, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::netns::in_netns;
@@ -228,6 +229,24 @@ fn tcp_request(to: SocketAddr, connect_timeout: Duration) -> Outcome {
     }
 }
 
+/// How many client ports UDP flows cycle through (`udp_client_port`).
+const UDP_CLIENT_PORTS: u32 = 8000;
+
+/// The client port of the next UDP flow of this test process: each flow
+/// its own, cycling over 20000-27999 (below Linux's ephemeral range, so no
+/// socket of the machine's own takes them). A flow that reused the port
+/// of one still live in the datapath's conntrack (60 s for UDP) through
+/// another frontend to the same endpoint would get its source port
+/// remapped, as the kernel's NAT remaps a clashing reply tuple (README
+/// "One client port, two frontends"), and a test asserting the client's
+/// own port would fail; the kernel's random ephemeral ports repeat about
+/// once in a few hundred flows.
+fn udp_client_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = NEXT.fetch_add(1, Ordering::Relaxed) % UDP_CLIENT_PORTS;
+    20_000 + u16::try_from(offset).expect("below 8000")
+}
+
 /// A UDP socket connected to a service address (the kernel drops replies
 /// from any other source, so an answer proves the reverse NAT).
 pub(crate) struct UdpFlow {
@@ -237,9 +256,19 @@ pub(crate) struct UdpFlow {
 }
 
 impl UdpFlow {
-    /// Creates the socket in the current thread's namespace.
+    /// Creates the socket in the current thread's namespace, on a client
+    /// port of its own (`udp_client_port`).
     fn connect(to: SocketAddr) -> io::Result<Self> {
-        let socket = UdpSocket::bind(Family::of(to).unspecified())?;
+        let mut bound = Err(io::Error::from(ErrorKind::AddrInUse));
+        for _ in 0..UDP_CLIENT_PORTS {
+            let mut local = Family::of(to).unspecified();
+            local.set_port(udp_client_port());
+            bound = UdpSocket::bind(local);
+            if bound.is_ok() {
+                break;
+            }
+        }
+        let socket = bound?;
         socket.connect(to)?;
         let local = socket.local_addr()?;
         Ok(Self {

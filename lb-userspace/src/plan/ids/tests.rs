@@ -30,3 +30,25 @@ fn new_ids_continue_after_the_highest_in_use() {
     );
     assert_eq!(state.frontends[&a].rev_nat_id, 2);
 }
+
+#[test]
+fn id_set_counts_each_id_once_at_any_size() {
+    let mut set = super::IdSet::default();
+    assert!(!set.contains(0) && !set.contains(u32::MAX));
+    for id in [
+        0,
+        1,
+        63,
+        64,
+        2_000_000,
+        super::IdSet::BITS - 1,
+        super::IdSet::BITS,
+        u32::MAX,
+    ] {
+        assert!(set.insert(id), "{id} is new");
+        assert!(!set.insert(id), "{id} again");
+        assert!(set.contains(id), "{id}");
+    }
+    assert_eq!(set.len(), 8);
+    assert!(!set.contains(2) && !set.contains(65) && !set.contains(super::IdSet::BITS + 1));
+}

@@ -15,6 +15,7 @@
 //!   what changed;
 //! - `reread`: reading one changed file again, parsing only the JSON
 //!   objects whose text changed;
+//! - `typed`: a JSON object read in one pass as a Service or a slice;
 //! - `events`: inotify, to see a change at once ([`DirEvents`]);
 //! - here: loading the whole directory, and the source's task.
 
@@ -25,6 +26,7 @@ mod reread;
 mod state;
 #[cfg(test)]
 mod testdir;
+mod typed;
 
 use std::io;
 use std::path::{Path, PathBuf};

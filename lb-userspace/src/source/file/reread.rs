@@ -6,7 +6,6 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -15,6 +14,7 @@ use super::Snapshot;
 use super::listing::ManifestFile;
 use super::parse::{ItemDefaults, Origin, add_object, file_error, load_file};
 use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord};
+use super::typed::{EitherObject, Typed};
 use crate::model::key_of;
 
 /// Reads one file again; JSON objects whose text hash `old` records are
@@ -191,36 +191,24 @@ fn read_json_object(
         read.objects.push((*record).clone());
         return;
     }
-    let head = serde_json::from_str::<JsonHead<'_>>(raw.get()).ok();
-    let api_version = head
-        .as_ref()
-        .and_then(|head| head.api_version.as_deref())
-        .or(defaults.map(|d| d.api_version));
-    let kind = head
-        .as_ref()
-        .and_then(|head| head.kind.as_deref())
-        .or(defaults.map(|d| d.kind));
-    let typed = match (api_version, kind) {
-        (Some("v1"), Some("Service")) => {
-            serde_json::from_str::<Service>(raw.get())
-                .ok()
-                .map(|service| {
-                    let key = key_of(&service.metadata);
-                    read.services.push(service);
-                    (ObjectKind::Service, key)
-                })
-        }
-        (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
-            serde_json::from_str::<EndpointSlice>(raw.get())
-                .ok()
-                .map(|slice| {
-                    let key = key_of(&slice.metadata);
-                    read.slices.push(slice);
-                    (ObjectKind::Slice, key)
-                })
-        }
-        _ => None,
+    let typed = match serde_json::from_str::<EitherObject>(raw.get()) {
+        Ok(object) => object.into_typed(defaults),
+        // Not one of the two kinds, or not valid as one: the general path
+        // below says what is wrong, with the field's path.
+        Err(_) => None,
     };
+    let typed = typed.map(|typed| match typed {
+        Typed::Service(service) => {
+            let key = key_of(&service.metadata);
+            read.services.push(service);
+            (ObjectKind::Service, key)
+        }
+        Typed::Slice(slice) => {
+            let key = key_of(&slice.metadata);
+            read.slices.push(slice);
+            (ObjectKind::Slice, key)
+        }
+    });
     if let Some((kind, key)) = typed {
         read.objects.push(ObjectRecord {
             kind,
@@ -254,4 +242,64 @@ fn read_json_object(
     read.services.extend(snapshot.services);
     read.slices.extend(snapshot.slices);
     read.errors.extend(snapshot.errors);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::file::listing::manifest_files;
+    use crate::source::file::testdir::TempDir;
+
+    fn read(dir: &TempDir) -> FileRead {
+        let files = manifest_files(&dir.0).expect("list");
+        read_file(&files[0], None)
+    }
+
+    /// An item the one-pass read cannot take is read by the general path,
+    /// whose error names the object and where it sits; the items around it
+    /// still load.
+    #[test]
+    fn a_malformed_list_item_is_an_error_naming_it() {
+        let dir = TempDir::new("reread-malformed");
+        dir.write(
+            "a.json",
+            r#"{"apiVersion":"v1","kind":"List","items":[
+                {"apiVersion":"v1","kind":"Service","metadata":{"name":"good","namespace":"shop"},"spec":{"ports":[{"port":80}]}},
+                {"apiVersion":"v1","kind":"Service","metadata":{"name":"bad","namespace":"shop"},"spec":{"ports":[{"port":"eighty"}]}},
+                {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"bad-a","namespace":"shop"},"addressType":"IPv4","endpoints":[{"addresses":"10.0.0.1"}]},
+                {"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"good-a","namespace":"shop"},"addressType":"IPv4","endpoints":[]}
+            ]}"#,
+        );
+        let read = read(&dir);
+        let errors: Vec<String> = read.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].starts_with("Service shop/bad: a.json: document 1 item 2: spec.ports[0].port: invalid type: string \"eighty\""),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with("EndpointSlice shop/bad-a: a.json: document 1 item 3: endpoints[0].addresses: invalid type: string"),
+            "{errors:?}"
+        );
+        assert_eq!(read.services.len(), 1);
+        assert_eq!(read.services[0].metadata.name.as_deref(), Some("good"));
+        assert_eq!(read.slices.len(), 1);
+        assert_eq!(read.slices[0].metadata.name.as_deref(), Some("good-a"));
+        assert_eq!(read.objects.len(), 2, "only what loaded is recorded");
+    }
+
+    /// A field of the other kind that does not fit is ignored, as
+    /// `k8s-openapi` ignores it: the object loads (by the general path).
+    #[test]
+    fn a_foreign_field_does_not_stop_an_object() {
+        let dir = TempDir::new("reread-foreign");
+        dir.write(
+            "a.json",
+            r#"{"apiVersion":"v1","kind":"Service","metadata":{"name":"web"},"spec":{"ports":[{"port":80}]},"endpoints":"not a list"}"#,
+        );
+        let read = read(&dir);
+        assert!(read.errors.is_empty(), "{:?}", read.errors);
+        assert_eq!(read.services.len(), 1);
+        assert_eq!(read.objects.len(), 1);
+    }
 }
