@@ -344,6 +344,15 @@ pub mod ct_timeout {
     pub const UDP_NS: u64 = 60 * 1_000_000_000;
     /// `last_seen_ns` is refreshed at most this often to save map writes.
     pub const REFRESH_NS: u64 = 1_000_000_000;
+    /// How long after its last packet a closed TCP flow's reply tuple is
+    /// not given to a new flow by source NAT (unless none of its candidate
+    /// ports is free): the backend holds the tuple in `TIME_WAIT` that
+    /// long (Linux: `TCP_TIMEWAIT_LEN`, 60 s, on a timer wheel level that
+    /// fires up to 4 s late at HZ=1000; plus the refresh granularity
+    /// above) and answers a new connection's SYN on it, whose timestamps
+    /// are not the old connection's, with a bare ACK instead of a SYN+ACK
+    /// half of the time (PAWS): a 1 s retransmission.
+    pub const TCP_TIME_WAIT_NS: u64 = 66 * 1_000_000_000;
 }
 
 /// Verdict reasons; index into the `REASONS` per-CPU array. A service

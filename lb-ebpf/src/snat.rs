@@ -12,10 +12,21 @@
 //! service entry goes first. A candidate that is a frontend's own port on
 //! the NAT address (a `NodePort` on the node address) is never taken: the
 //! backend's answer to it would be read as a new packet to that frontend.
+//!
+//! A tuple whose flow closed less than `ct_timeout::TCP_TIME_WAIT_NS` ago
+//! is not free yet (`LINGERING`): the backend still holds it in
+//! `TIME_WAIT`, and a new connection's SYN on it, whose timestamps come
+//! from another clock (Linux offsets them per 4-tuple, and the client's
+//! tuple is another one), is answered with a bare ACK (PAWS) instead of a
+//! SYN+ACK half of the time: the client retransmits its SYN 1 s later.
+//! Such a candidate is taken only when none of the flow's candidates is
+//! free, as every closing one was before (rather than no port at all).
+//! The kernel's NAT does not reuse a tuple either while its conntrack
+//! entry sits in `TIME_WAIT` (120 s).
 
 use lb_common::{
-    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, reason,
-    svc_flags,
+    CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, ct_timeout,
+    reason, svc_flags,
 };
 
 use crate::{
@@ -39,6 +50,10 @@ const OURS_NEW: u32 = 1;
 const OURS_ANSWERED: u32 = 2;
 /// `reply_holder`: another flow's live entry.
 const TAKEN: u32 = 3;
+/// `reply_holder`: another flow's entry, closed less than
+/// `ct_timeout::TCP_TIME_WAIT_NS` ago: the backend may still hold the
+/// tuple in `TIME_WAIT` (see the module comment).
+const LINGERING: u32 = 4;
 
 /// Marks a `snat_port` result whose reply entry is in the main map.
 const ANSWERED_BIT: u32 = 1 << 16;
@@ -76,6 +91,8 @@ pub(crate) fn choose_source<F: Family>(
             proto: tuple.proto,
         };
         let held = reply_holder::<F>(&reply, tuple, frontend.rev_nat_id, now);
+        // A closed flow's tuple (`LINGERING`) is the client's own choice:
+        // it keeps its address, as it did before.
         if held != TAKEN {
             flow.answered = held == OURS_ANSWERED;
             return Ok(());
@@ -126,8 +143,9 @@ pub(crate) fn choose_source<F: Family>(
 /// to the NAT address; its port is probed): the first of the flow's
 /// candidates, from `start` on, that is no frontend on the NAT address and
 /// whose reply tuple no live flow holds or this flow holds itself
-/// (`ANSWERED_BIT` set when that entry is in the main map). Returns 0 when
-/// none is. A subprogram: its own stack frame.
+/// (`ANSWERED_BIT` set when that entry is in the main map); else the first
+/// one a flow closed lately held (`LINGERING`). Returns 0 when none is. A
+/// subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -136,8 +154,13 @@ fn snat_port<F: Family>(
     now: u64,
     start: u32,
 ) -> u32 {
-    let mut attempt = 0u32;
-    while attempt < SNAT_ATTEMPTS {
+    // The attempts so far in the low 16 bits, the first lingering
+    // candidate's port (network order) in the high 16: one register for
+    // both (a variable more took the deepest call chain over the
+    // verifier's 512 bytes of stack).
+    let mut state = 0u32;
+    while state & 0xffff < SNAT_ATTEMPTS {
+        let attempt = state & 0xffff;
         #[expect(
             clippy::cast_possible_truncation,
             reason = "below SNAT_PORT_COUNT, a u16"
@@ -146,7 +169,7 @@ fn snat_port<F: Family>(
             (start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port_be = (SNAT_PORT_MIN + offset).to_be();
         reply.dport_be = port_be;
-        attempt += 1;
+        state += 1;
         // The ports of `NodePort`s (30000-32767 by default) lie in the
         // range: the answer to node:30080 must not meet the frontend
         // node:30080 (it would be refused as a stray packet to it).
@@ -157,14 +180,16 @@ fn snat_port<F: Family>(
         match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
+            LINGERING if state >> 16 == 0 => state |= u32::from(port_be) << 16,
             _ => {}
         }
     }
-    0
+    state >> 16
 }
 
 /// Who holds the reply tuple `reply` for the flow of `client` to the
-/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED` or `TAKEN`.
+/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED`, `TAKEN` or
+/// `LINGERING`.
 #[inline(always)]
 fn reply_holder<F: Family>(
     reply: &Tuple<F::Addr>,
@@ -195,9 +220,17 @@ fn holder_in<F: Family>(
     };
     // SAFETY: map value pointer, read in place.
     let entry = unsafe { &*entry };
-    // A closing flow's tuple is free for a new one (a new flow is a bare
-    // SYN, which starts a new flow on a closing entry: `ct::usable`).
-    if !ct::usable(entry, reply.proto, 0, now, answered) || entry.flags & ct_flags::CLOSING != 0 {
+    // A closing flow's tuple is free for a new flow (a new flow is a bare
+    // SYN, which starts a new flow on a closing entry: `ct::usable`) once
+    // the backend's `TIME_WAIT` is over; until then only when no other
+    // candidate is.
+    if entry.flags & ct_flags::CLOSING != 0 {
+        if now.saturating_sub(entry.last_seen_ns) < ct_timeout::TCP_TIME_WAIT_NS {
+            LINGERING
+        } else {
+            FREE
+        }
+    } else if !ct::usable(entry, reply.proto, 0, now, answered) {
         FREE
     } else if !ct::owned_by::<F>(entry, reply, client, rev_nat_id) {
         TAKEN

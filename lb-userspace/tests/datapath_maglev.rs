@@ -59,7 +59,8 @@ fn fixture(what: &str, config: MaglevConfig) -> Option<Fixture> {
     )
 }
 
-/// The replica above gives the datapath's own known answer (`hash.rs`).
+/// The replica (`support::prog_test::flow_hash`) gives the datapath's own
+/// known answer (`hash.rs`).
 #[test]
 fn flow_hash_replica_matches_the_datapath() {
     let src: SocketAddr = "10.0.0.1:40000".parse().unwrap();

@@ -490,7 +490,7 @@ fn check_answer(line: &str, local: SocketAddr, target: &Target) -> Result<(), St
 }
 
 /// `tcpi_total_retrans` of STREAM (SYN retransmissions included).
-fn total_retransmits(stream: &TcpStream) -> Option<u32> {
+pub(crate) fn total_retransmits(stream: &TcpStream) -> Option<u32> {
     // SAFETY: tcp_info is plain data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;

@@ -15,7 +15,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions},
 };
-use lb_common::{Addr4, Addr6, CtEntry, CtKey, LbConfig};
+use lb_common::{Addr4, Addr6, CtEntry, CtKey, LbConfig, SNAT_PORT_COUNT, SNAT_PORT_MIN};
 use lb_userspace::{
     datapath::{
         loader,
@@ -414,4 +414,17 @@ pub(crate) fn flow_hash(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
     }
     let ports = (u32::from(src.port().to_be()) << 16) | u32::from(dst.port().to_be());
     finish(mix(mix(h, ports), u32::from(proto)))
+}
+
+/// Source NAT candidate `attempt` (from 0) of the TCP flow `client` ->
+/// `frontend` under `seed`, as `lb-ebpf/src/snat.rs` probes them.
+pub(crate) fn snat_candidate(
+    seed: u32,
+    client: SocketAddr,
+    frontend: SocketAddr,
+    attempt: u32,
+) -> u16 {
+    let start = flow_hash(client, frontend, 6).wrapping_add(seed);
+    let offset = start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT);
+    SNAT_PORT_MIN + u16::try_from(offset).expect("below SNAT_PORT_COUNT")
 }

@@ -170,3 +170,73 @@ fn udp_server(name: &str, port: u16, stop: &AtomicBool, ready: &Ready) {
         }
     }
 }
+
+/// A TCP server on `[::]:PORT` in a pod's namespace that writes
+/// `NAME PORT PEER` to every connection and closes it at once: the server
+/// closes first, so the backend holds each connection's tuple in
+/// `TIME_WAIT`, as an HTTP server answering `Connection: close` does.
+/// Dropping it stops and joins its thread.
+pub(crate) struct ClosingServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ClosingServer {
+    /// Starts the server in POD's namespace and waits until it is bound.
+    pub(crate) fn start(pod: &Pod, port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (name, ns, flag) = (pod.name.clone(), pod.ns().to_owned(), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            enter_netns(&ns);
+            closing_server(&name, port, &flag, &ready_tx);
+        });
+        let server = Self {
+            stop,
+            thread: Some(thread),
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => server,
+            Ok(Err(e)) => panic!("closing server failed to start: {e}"),
+            Err(e) => panic!("closing server did not report readiness: {e}"),
+        }
+    }
+}
+
+impl Drop for ClosingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("warning: the closing server thread panicked");
+        }
+    }
+}
+
+fn closing_server(name: &str, port: u16, stop: &AtomicBool, ready: &Ready) {
+    let listener =
+        match TcpListener::bind(("::", port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(format!("{name}: tcp bind [::]:{port}: {e}")));
+                return;
+            }
+        };
+    let _ = ready.send(Ok(()));
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            // Dropped right after the write: the server's FIN goes first.
+            Ok((mut stream, peer)) => {
+                let _ = stream.write_all(reply(name, port, peer).as_bytes());
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => {
+                eprintln!("{name}: accept: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
