@@ -103,10 +103,15 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
     let stalls = |all: &[f64]| all.iter().filter(|&&t| t > STALL.as_secs_f64()).count();
     let (stalls_a, stalls_b) = (stalls(&all_a), stalls(&all_b));
     let (median_a, median_b) = (median(&mut all_a), median(&mut all_b));
+    // Sorted by `median`: the tenth and ninetieth percentiles, to show a
+    // distribution with two modes (two CPUs, two wake-up paths).
+    let tenth = |all: &[f64], p: usize| all.get(all.len() * p / 100).map_or(f64::NAN, |t| t * 1e6);
     let result: Value = json!({
         "pairs": all_a.len(),
         "a_median_us": median_a * 1e6,
         "b_median_us": median_b * 1e6,
+        "a_p10_p90_us": [tenth(&all_a, 10), tenth(&all_a, 90)],
+        "b_p10_p90_us": [tenth(&all_b, 10), tenth(&all_b, 90)],
         "a_stalls": stalls_a,
         "b_stalls": stalls_b,
         "ratio": median_b / median_a,
