@@ -83,16 +83,24 @@ fn reply(name: &str, port: u16, peer: SocketAddr) -> String {
     format!("{name} {port} {peer}\n")
 }
 
+/// A non-blocking listener on [::]:PORT; READY says whether there is one.
+fn listen(name: &str, port: u16, ready: &Ready) -> Option<TcpListener> {
+    match TcpListener::bind(("::", port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+        Ok(listener) => {
+            let _ = ready.send(Ok(()));
+            Some(listener)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("{name}: tcp bind [::]:{port}: {e}")));
+            None
+        }
+    }
+}
+
 fn tcp_server(name: &str, port: u16, stop: &Arc<AtomicBool>, ready: &Ready) {
-    let listener =
-        match TcpListener::bind(("::", port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = ready.send(Err(format!("{name}: tcp bind [::]:{port}: {e}")));
-                return;
-            }
-        };
-    let _ = ready.send(Ok(()));
+    let Some(listener) = listen(name, port, ready) else {
+        return;
+    };
     let mut connections: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
@@ -215,15 +223,9 @@ impl Drop for ClosingServer {
 }
 
 fn closing_server(name: &str, port: u16, stop: &AtomicBool, ready: &Ready) {
-    let listener =
-        match TcpListener::bind(("::", port)).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = ready.send(Err(format!("{name}: tcp bind [::]:{port}: {e}")));
-                return;
-            }
-        };
-    let _ = ready.send(Ok(()));
+    let Some(listener) = listen(name, port, ready) else {
+        return;
+    };
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             // Dropped right after the write: the server's FIN goes first.
