@@ -127,31 +127,14 @@ pub(super) fn on_link_event(
     pin_path: &Path,
     shared: &Mutex<Shared>,
 ) {
-    if let LinkEvent::Added(iface) = event
-        && policy.xdp.matches(iface)
-    {
-        xdp_on_new_device(iface, policy.xdp_mode, ebpf, pin_path, shared);
-    }
     match event {
         LinkEvent::Added(iface) => {
-            if !policy.tc.matches(iface)
-                || lock(shared)
-                    .attachments
-                    .iter()
-                    .any(|(name, _)| name == iface)
-            {
-                return;
+            // TC first: XDP passes what it does not handle on to TC.
+            if policy.tc.matches(iface) {
+                tc_on_new_device(iface, ebpf, pin_path, shared);
             }
-            let attached = loader::attach_iface(ebpf, iface, pin_path);
-            match attached {
-                Ok(how) => {
-                    tracing::info!(iface = %iface, attachment = ?how, "attached to new interface");
-                    lock(shared).attachments.push((iface.clone(), how));
-                }
-                // It may be gone again already; the removal event follows.
-                Err(error) => {
-                    tracing::warn!(iface = %iface, error = %Causes(&error), "cannot attach to new interface");
-                }
+            if policy.xdp.matches(iface) {
+                xdp_on_new_device(iface, policy.xdp_mode, ebpf, pin_path, shared);
             }
         }
         LinkEvent::Removed(iface) => {
@@ -162,31 +145,48 @@ pub(super) fn on_link_event(
                 shared.xdp_devices.retain(|(name, _)| name != iface);
                 shared.xdp_devices.len() != before
             };
-            // Its devmap entry went with the device (the kernel's devmap
-            // notifier); the pinned XDP link is left.
+            tracing::info!(iface = %iface, "interface gone");
+            // Its devmap entry went with the device too (the kernel's
+            // devmap notifier).
             if had_xdp {
-                match std::fs::remove_file(xdp::link_pin(pin_path, iface)) {
-                    Ok(()) => {
-                        tracing::info!(iface = %iface, "interface gone; XDP link pin removed");
-                    }
-                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(error) => {
-                        tracing::warn!(iface = %iface, %error, "cannot remove the XDP link pin");
-                    }
-                }
+                remove_link_pin(iface, &xdp::link_pin(pin_path, iface));
             }
             // The egress link died with the interface too.
             let _ = std::fs::remove_file(loader::egress_link_pin(pin_path, iface));
-            let pin = pin_path.join("links").join(iface);
-            match std::fs::remove_file(&pin) {
-                Ok(()) => tracing::info!(iface = %iface, "interface gone; link pin removed"),
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                    tracing::info!(iface = %iface, "interface gone");
-                }
-                Err(error) => {
-                    tracing::warn!(iface = %iface, %error, pin = %pin.display(), "cannot remove link pin");
-                }
-            }
+            remove_link_pin(iface, &loader::link_pin(pin_path, iface));
+        }
+    }
+}
+
+/// Removes the pin of a link that died with its interface IFACE.
+fn remove_link_pin(iface: &str, pin: &Path) {
+    match std::fs::remove_file(pin) {
+        Ok(()) => tracing::info!(iface = %iface, pin = %pin.display(), "link pin removed"),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(iface = %iface, %error, pin = %pin.display(), "cannot remove link pin");
+        }
+    }
+}
+
+/// TC on an `--attach-pattern` device that appeared after the start (or
+/// came back).
+fn tc_on_new_device(iface: &str, ebpf: &mut aya::Ebpf, pin_path: &Path, shared: &Mutex<Shared>) {
+    if lock(shared)
+        .attachments
+        .iter()
+        .any(|(name, _)| name == iface)
+    {
+        return;
+    }
+    match loader::attach_iface(ebpf, iface, pin_path) {
+        Ok(how) => {
+            tracing::info!(iface = %iface, attachment = ?how, "attached to new interface");
+            lock(shared).attachments.push((iface.to_owned(), how));
+        }
+        // It may be gone again already; the removal event follows.
+        Err(error) => {
+            tracing::warn!(iface = %iface, error = %Causes(&error), "cannot attach to new interface");
         }
     }
 }

@@ -406,7 +406,9 @@ pub fn if_index(iface: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
+/// The pin of `iface`'s TCX ingress link.
+#[must_use]
+pub fn link_pin(pin_path: &Path, iface: &str) -> PathBuf {
     pin_path.join("links").join(iface)
 }
 
