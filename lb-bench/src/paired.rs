@@ -22,12 +22,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
+use crate::stats::{mean_ci95, median, percentile};
+
 /// Pairs per block.
 const BLOCK: usize = 500;
 
 /// One connect to TARGET (the backend resets it once accepted: a reset
 /// seen by `connect()` is a connection made); its duration.
-fn timed_connect(target: SocketAddr) -> anyhow::Result<Duration> {
+pub(crate) fn timed_connect(target: SocketAddr) -> anyhow::Result<Duration> {
     let began = Instant::now();
     match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
         Ok(stream) => drop(stream),
@@ -37,36 +39,8 @@ fn timed_connect(target: SocketAddr) -> anyhow::Result<Duration> {
     Ok(began.elapsed())
 }
 
-/// Mean and 95% confidence interval of SAMPLES (normal approximation;
-/// at least 2 samples, else the interval is the mean itself).
-#[must_use]
-pub fn mean_ci95(samples: &[f64]) -> (f64, f64, f64) {
-    #[expect(clippy::cast_precision_loss, reason = "a count of blocks")]
-    let n = samples.len() as f64;
-    if samples.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let mean = samples.iter().sum::<f64>() / n;
-    if samples.len() < 2 {
-        return (mean, mean, mean);
-    }
-    let variance = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    let half = 1.96 * (variance / n).sqrt();
-    (mean, mean - half, mean + half)
-}
-
 /// Connects slower than this are counted as stalls.
 const STALL: Duration = Duration::from_millis(100);
-
-/// The median of SAMPLES (sorted in place); NaN when empty.
-fn median(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    match samples.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => samples[n / 2],
-        n => f64::midpoint(samples[n / 2 - 1], samples[n / 2]),
-    }
-}
 
 /// `lb-bench connect-pair`: alternates connects to A and B for SECS
 /// seconds (after one uncounted block); prints one JSON line: pairs, each
@@ -94,7 +68,7 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
         };
         all_a.extend_from_slice(&block_a);
         all_b.extend_from_slice(&block_b);
-        block_ratios.push(median(&mut block_b) / median(&mut block_a));
+        block_ratios.push(median(&block_b) / median(&block_a));
         if start.elapsed() >= limit {
             break;
         }
@@ -102,16 +76,15 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
     let (mean, lo, hi) = mean_ci95(&block_ratios);
     let stalls = |all: &[f64]| all.iter().filter(|&&t| t > STALL.as_secs_f64()).count();
     let (stalls_a, stalls_b) = (stalls(&all_a), stalls(&all_b));
-    let (median_a, median_b) = (median(&mut all_a), median(&mut all_b));
-    // Sorted by `median`: the tenth and ninetieth percentiles, to show a
-    // distribution with two modes (two CPUs, two wake-up paths).
-    let tenth = |all: &[f64], p: usize| all.get(all.len() * p / 100).map_or(f64::NAN, |t| t * 1e6);
+    let (median_a, median_b) = (median(&all_a), median(&all_b));
+    // To show a distribution with two modes (two CPUs, two wake-up paths).
+    let deciles = |all: &[f64]| [percentile(all, 10.0) * 1e6, percentile(all, 90.0) * 1e6];
     let result: Value = json!({
         "pairs": all_a.len(),
         "a_median_us": median_a * 1e6,
         "b_median_us": median_b * 1e6,
-        "a_p10_p90_us": [tenth(&all_a, 10), tenth(&all_a, 90)],
-        "b_p10_p90_us": [tenth(&all_b, 10), tenth(&all_b, 90)],
+        "a_p10_p90_us": deciles(&all_a),
+        "b_p10_p90_us": deciles(&all_b),
         "a_stalls": stalls_a,
         "b_stalls": stalls_b,
         "ratio": median_b / median_a,
@@ -121,31 +94,4 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
     });
     writeln!(std::io::stdout(), "{result}")?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{mean_ci95, median};
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert!((median(&mut [3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
-        assert!((median(&mut [4.0, 1.0, 3.0, 2.0]) - 2.5).abs() < 1e-12);
-        assert!(median(&mut []).is_nan());
-    }
-
-    #[test]
-    fn interval_of_constant_samples_is_the_value() {
-        assert_eq!(mean_ci95(&[1.0, 1.0, 1.0]), (1.0, 1.0, 1.0));
-    }
-
-    #[test]
-    fn interval_is_mean_plus_minus_1_96_standard_errors() {
-        // 0, 2, 4: mean 2, sample variance (4 + 0 + 4) / 2 = 4, n 3.
-        let (mean, lo, hi) = mean_ci95(&[0.0, 2.0, 4.0]);
-        let half = 1.96 * (4.0_f64 / 3.0).sqrt();
-        assert!((mean - 2.0).abs() < 1e-12);
-        assert!((lo - (2.0 - half)).abs() < 1e-12);
-        assert!((hi - (2.0 + half)).abs() < 1e-12);
-    }
 }

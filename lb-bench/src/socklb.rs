@@ -39,7 +39,7 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -619,16 +619,9 @@ pub fn connect_loop(target: SocketAddr, secs: u32) -> anyhow::Result<()> {
     let mut count: u64 = 0;
     let mut slowest = Duration::ZERO;
     loop {
-        // The backend resets each connection once it accepted it: a reset
-        // seen by `connect()` is a connection made.
-        let began = Instant::now();
-        match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
-            Ok(stream) => drop(stream),
-            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(error) => return Err(error).with_context(|| format!("connect {target}")),
-        }
+        // A reset seen by `connect()` is a connection made (`timed_connect`).
+        slowest = slowest.max(crate::paired::timed_connect(target)?);
         count += 1;
-        slowest = slowest.max(began.elapsed());
         if start.elapsed() >= limit {
             break;
         }

@@ -56,9 +56,42 @@ fn finite_or_null(value: f64) -> Value {
     }
 }
 
+/// Mean and 95% confidence interval of SAMPLES (normal approximation;
+/// at least 2 samples, else the interval is the mean itself).
+#[must_use]
+pub fn mean_ci95(samples: &[f64]) -> (f64, f64, f64) {
+    #[expect(clippy::cast_precision_loss, reason = "a count of blocks")]
+    let n = samples.len() as f64;
+    if samples.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mean = samples.iter().sum::<f64>() / n;
+    if samples.len() < 2 {
+        return (mean, mean, mean);
+    }
+    let variance = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let half = 1.96 * (variance / n).sqrt();
+    (mean, mean - half, mean + half)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interval_of_constant_samples_is_the_value() {
+        assert_eq!(mean_ci95(&[1.0, 1.0, 1.0]), (1.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn interval_is_mean_plus_minus_1_96_standard_errors() {
+        // 0, 2, 4: mean 2, sample variance (4 + 0 + 4) / 2 = 4, n 3.
+        let (mean, lo, hi) = mean_ci95(&[0.0, 2.0, 4.0]);
+        let half = 1.96 * (4.0_f64 / 3.0).sqrt();
+        assert!((mean - 2.0).abs() < 1e-12);
+        assert!((lo - (2.0 - half)).abs() < 1e-12);
+        assert!((hi - (2.0 + half)).abs() < 1e-12);
+    }
 
     #[test]
     fn percentiles_and_medians() {
