@@ -18,7 +18,7 @@ use lb_userspace::model::{FrontendKind, Protocol};
 use support::frames::{Frame, TCP_ACK, TCP_SYN, verify_checksums};
 use support::prog_test::{
     BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, TC_ACT_SHOT, VIP4, VIP6, addrs,
-    flow_hash, frontend, node_config, spec,
+    flow_hash, frontend, node_config, snat_candidate, spec,
 };
 
 #[test]
@@ -74,10 +74,6 @@ fn source_nat_never_takes_a_frontends_port_on_the_node_address() {
         return;
     };
     fx.maps.write_config(&node_config()).unwrap();
-    let (min, count) = (
-        u32::from(lb_common::SNAT_PORT_MIN),
-        u32::from(lb_common::SNAT_PORT_COUNT),
-    );
     for (node, client, backend) in [
         (NODE4, "198.18.9.2:45000", "198.18.12.2:8080"),
         (NODE6, "[fd00:9::2]:45000", "[fd00:12::2]:8080"),
@@ -89,9 +85,11 @@ fn source_nat_never_takes_a_frontends_port_on_the_node_address() {
         let client: SocketAddr = client.parse().unwrap();
         // The seed that makes the flow's first candidate 30080 (`snat.rs`:
         // candidate i is MIN + (hash + seed + 7919 i) mod COUNT).
-        let first = 30080 - min;
-        fx.set_snat_seed(first.wrapping_sub(flow_hash(client, node_port, 6)));
-        let second = u16::try_from((first + 7919) % count + min).unwrap();
+        let seed = (30080 - u32::from(lb_common::SNAT_PORT_MIN))
+            .wrapping_sub(flow_hash(client, node_port, 6));
+        assert_eq!(snat_candidate(seed, client, node_port, 0), 30080);
+        fx.set_snat_seed(seed);
+        let second = snat_candidate(seed, client, node_port, 1);
 
         let syn = Frame::tcp(&client.to_string(), &node_port.to_string(), TCP_SYN);
         let (verdict, out) = fx.run(&syn.bytes());
