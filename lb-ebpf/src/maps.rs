@@ -8,7 +8,8 @@ use lb_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Endpoint4Key, Endpoint6Key,
     Frag4Key, Frag6Key, FragEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
     LbConfig, LbService, LbStats, SockAffinityKey, SockConfig, SockRevNat4, SockRevNat4Key,
-    SockRevNat6, SockRevNat6Key, SourceRange4, SourceRange6, limits, map_flags, reason,
+    SockRevNat6, SockRevNat6Key, SockSlot4, SockSlot6, SourceRange4, SourceRange6, limits,
+    map_flags, reason,
 };
 
 #[map]
@@ -131,7 +132,13 @@ pub(crate) static LB4_SK_RNAT_V1: LruHashMap<SockRevNat4Key, SockRevNat4> =
 #[map]
 pub(crate) static LB6_SK_RNAT_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
     LruHashMap::pinned(limits::SOCK_REVNAT_ENTRIES, 0);
-/// Connected sockets with a reverse entry, per hash of their cookie (see
+/// Translated TCP connections' reverse translation, by cookie (see
+/// `lb_common::SockSlot`).
+#[map]
+pub(crate) static LB4_SK_SLOT_V1: Array<SockSlot4> = Array::pinned(limits::SOCK_SLOTS, 0);
+#[map]
+pub(crate) static LB6_SK_SLOT_V1: Array<SockSlot6> = Array::pinned(limits::SOCK_SLOTS, 0);
+/// Connected sockets with a reverse entry, per hash of their peer (see
 /// `sock::hooks::release`).
 #[map]
 pub(crate) static LB_SK_RNAT_CNT_V1: Array<u64> =

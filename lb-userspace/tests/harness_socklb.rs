@@ -19,6 +19,8 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use aya::maps::{Array, Map, MapData};
+use lb_common::{Addr4, Addr6, SockSlot};
 use serde_json::{Value, json};
 use support::clients::{http_get, metric_value};
 use support::lab::{DNS_PORT, HTTP_PORT, Lab, WEB_PORTS, web_vip};
@@ -596,6 +598,13 @@ fn hostns_all_bind_guard_and_release() {
         "IPv6 entries left after close"
     );
     assert_eq!(filter_count(&lab), 0, "filter counts left after close");
+    for family in Family::BOTH {
+        assert_eq!(
+            sock_slots_in_use(&lab, family),
+            0,
+            "{family:?} slots left after close"
+        );
+    }
 
     lab.kill_agent();
     let mut flags = agent_flags(&cgroup, "all");
@@ -698,50 +707,128 @@ fn off_and_no_cgroup2(
     );
 }
 
-/// A held connection through the `ClusterIP` has a reverse entry, counted
-/// in the release filter under its backend (`LB_SK_RNAT_CNT_V1`). A
+/// Where a held connection's reverse translation is expected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Held {
+    /// Its socket's slot (`LB4_SK_SLOT_V1`, `LB6_SK_SLOT_V1`).
+    Slot,
+    /// The reverse-translation map (`LB4_SK_RNAT_V1`, `LB6_SK_RNAT_V1`):
+    /// its slot was taken.
+    Map,
+}
+
+/// A cookie no socket has (cookies start at 1 and grow; the test's
+/// sockets are far past it): the test fills every slot with it to see the
+/// map take over.
+const FILLER_COOKIE: u64 = 1;
+
+/// A held TCP connection through the `ClusterIP` keeps its reverse
+/// translation in its slot, or in the map when every slot is taken (the
+/// test takes them), counted in the release filter under its backend. A
 /// socket connected straight to that backend meets the count when it is
-/// released, finds no entry of its own, and leaves the connection's entry
-/// and count alone; the connection's own release drops both.
+/// released, has nothing to drop, and leaves the connection's record and
+/// count alone; the connection's own release drops both.
 fn held_connection_and_the_release_filter(lab: &Lab, client: &mut SockClient) {
     for family in Family::BOTH {
-        let (vip, map) = (
-            web_vip(family),
-            ["LB4_SK_RNAT_V1", "LB6_SK_RNAT_V1"][usize::from(family == Family::V6)],
-        );
-        let held = client
-            .call(&json!({"op": "tcp_open", "id": 1, "addr": vip.to_string(), "port": HTTP_PORT}));
-        assert_eq!(
-            held["peer"],
-            addr_json(vip, HTTP_PORT),
-            "{family:?}: {held}"
-        );
-        assert_eq!(sock_entries(lab, map), 1, "{family:?}: held entry");
-        assert_eq!(filter_count(lab), 1, "{family:?}: held count");
-        let backend = lab
-            .topo
-            .backend_addrs(family, &[&backend_of(&held)])
-            .into_iter()
-            .next()
-            .expect("the backend's address");
-        let direct = client
-            .call(&json!({"op": "tcp", "addr": backend.ip().to_string(), "port": backend.port()}));
-        assert_eq!(
-            direct["peer"],
-            addr_json(backend.ip(), backend.port()),
-            "{family:?}: straight to the backend: {direct}"
-        );
-        assert_eq!(sock_entries(lab, map), 1, "{family:?}: entry after direct");
-        assert_eq!(filter_count(lab), 1, "{family:?}: count after direct");
-        let peer = client.call(&json!({"op": "tcp_peer", "id": 1}));
-        assert_eq!(
-            peer["peer"],
-            addr_json(vip, HTTP_PORT),
-            "{family:?}: {peer}"
-        );
-        client.call(&json!({"op": "tcp_close", "id": 1}));
-        assert_eq!(sock_entries(lab, map), 0, "{family:?}: entry after close");
-        assert_eq!(filter_count(lab), 0, "{family:?}: count after close");
+        held_connection_is_reversed(lab, client, family, Held::Slot);
+    }
+    for family in Family::BOTH {
+        fill_slots(lab, family, FILLER_COOKIE);
+        held_connection_is_reversed(lab, client, family, Held::Map);
+        fill_slots(lab, family, 0);
+    }
+}
+
+fn held_connection_is_reversed(lab: &Lab, client: &mut SockClient, family: Family, held: Held) {
+    let vip = web_vip(family);
+    let map = ["LB4_SK_RNAT_V1", "LB6_SK_RNAT_V1"][usize::from(family == Family::V6)];
+    let what = format!("{family:?} {held:?}");
+    let records = |lab: &Lab| (sock_slots_in_use(lab, family), sock_entries(lab, map));
+    let expected = match held {
+        Held::Slot => (1, 0),
+        Held::Map => (0, 1),
+    };
+    let open = client
+        .call(&json!({"op": "tcp_open", "id": 1, "addr": vip.to_string(), "port": HTTP_PORT}));
+    assert_eq!(open["peer"], addr_json(vip, HTTP_PORT), "{what}: {open}");
+    assert_eq!(records(lab), expected, "{what}: (slots, map entries) held");
+    assert_eq!(filter_count(lab), 1, "{what}: held count");
+    let backend = lab
+        .topo
+        .backend_addrs(family, &[&backend_of(&open)])
+        .into_iter()
+        .next()
+        .expect("the backend's address");
+    let direct = client
+        .call(&json!({"op": "tcp", "addr": backend.ip().to_string(), "port": backend.port()}));
+    assert_eq!(
+        direct["peer"],
+        addr_json(backend.ip(), backend.port()),
+        "{what}: straight to the backend: {direct}"
+    );
+    assert_eq!(records(lab), expected, "{what}: after the direct socket");
+    assert_eq!(
+        filter_count(lab),
+        1,
+        "{what}: count after the direct socket"
+    );
+    let peer = client.call(&json!({"op": "tcp_peer", "id": 1}));
+    assert_eq!(peer["peer"], addr_json(vip, HTTP_PORT), "{what}: {peer}");
+    client.call(&json!({"op": "tcp_close", "id": 1}));
+    assert_eq!(records(lab), (0, 0), "{what}: after close");
+    assert_eq!(filter_count(lab), 0, "{what}: count after close");
+}
+
+/// The cookies of FAMILY's socket slot table.
+fn slot_cookies(lab: &Lab, family: Family) -> Vec<u64> {
+    fn read<A: Copy + 'static>(path: &std::path::Path) -> Vec<u64>
+    where
+        SockSlot<A>: aya::Pod,
+    {
+        let data = MapData::from_pin(path).expect("the slot table's pin");
+        let table: Array<_, SockSlot<A>> = Array::try_from(Map::Array(data)).expect("an array");
+        table
+            .iter()
+            .map(|slot| slot.expect("a slot").cookie)
+            .collect()
+    }
+    match family {
+        Family::V4 => read::<Addr4>(&lab.pin_path().join("LB4_SK_SLOT_V1")),
+        Family::V6 => read::<Addr6>(&lab.pin_path().join("LB6_SK_SLOT_V1")),
+    }
+}
+
+/// Slots of FAMILY held by a socket (not free, not the test's filler).
+fn sock_slots_in_use(lab: &Lab, family: Family) -> usize {
+    slot_cookies(lab, family)
+        .into_iter()
+        .filter(|&cookie| cookie != 0 && cookie != FILLER_COOKIE)
+        .count()
+}
+
+/// Sets the cookie of every slot of FAMILY to COOKIE (0: frees them).
+fn fill_slots(lab: &Lab, family: Family, cookie: u64) {
+    fn fill<A: Copy + Default + 'static>(path: &std::path::Path, cookie: u64)
+    where
+        SockSlot<A>: aya::Pod,
+    {
+        let data = MapData::from_pin(path).expect("the slot table's pin");
+        let mut table: Array<_, SockSlot<A>> = Array::try_from(Map::Array(data)).expect("an array");
+        let slot = SockSlot {
+            cookie,
+            backend: A::default(),
+            frontend: A::default(),
+            backend_port_be: 0,
+            frontend_port_be: 0,
+            _pad: 0,
+        };
+        for index in 0..table.len() {
+            table.set(index, &slot, 0).expect("write a slot");
+        }
+    }
+    match family {
+        Family::V4 => fill::<Addr4>(&lab.pin_path().join("LB4_SK_SLOT_V1"), cookie),
+        Family::V6 => fill::<Addr6>(&lab.pin_path().join("LB6_SK_SLOT_V1"), cookie),
     }
 }
 

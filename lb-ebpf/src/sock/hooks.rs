@@ -11,12 +11,12 @@ use aya_ebpf::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns,
         bpf_set_retval,
     },
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{SockAddrContext, SockContext},
 };
 use lb_common::{
     Addr4, Addr6, AffinityEntry, Backend, LbService, SockAffinityKey, SockRevNat, SockRevNatKey,
-    reason, sock_flags, svc_flags,
+    SockSlot, limits, proto, reason, sock_flags, svc_flags,
 };
 
 use super::policy::{
@@ -30,7 +30,7 @@ use crate::{
     lb,
     maps::{
         LB_CONFIG_V3, LB_SK_AFF_V2, LB_SK_RNAT_CNT_V1, LB_SOCK_CFG_V1, LB4_SK_RNAT_V1,
-        LB6_SK_RNAT_V1, count_reason,
+        LB4_SK_SLOT_V1, LB6_SK_RNAT_V1, LB6_SK_SLOT_V1, count_reason,
     },
 };
 
@@ -53,6 +53,8 @@ const REFUSE: i32 = 0;
 trait SockFamily: Family {
     /// This family's socket reverse-translation map.
     fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Self::Addr>, SockRevNat<Self::Addr>>;
+    /// This family's TCP socket slots.
+    fn sock_slots() -> &'static Array<SockSlot<Self::Addr>>;
     /// True for the loopback addresses a `NodePort` is reached on.
     fn is_loopback(addr: &Self::Addr) -> bool;
     /// The address as one word, for `policy::filter_slot`.
@@ -63,6 +65,10 @@ impl SockFamily for V4 {
     #[inline(always)]
     fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Addr4>, SockRevNat<Addr4>> {
         &LB4_SK_RNAT_V1
+    }
+    #[inline(always)]
+    fn sock_slots() -> &'static Array<SockSlot<Addr4>> {
+        &LB4_SK_SLOT_V1
     }
     #[inline(always)]
     fn is_loopback(addr: &Addr4) -> bool {
@@ -78,6 +84,10 @@ impl SockFamily for V6 {
     #[inline(always)]
     fn sock_revnat() -> &'static LruHashMap<SockRevNatKey<Addr6>, SockRevNat<Addr6>> {
         &LB6_SK_RNAT_V1
+    }
+    #[inline(always)]
+    fn sock_slots() -> &'static Array<SockSlot<Addr6>> {
+        &LB6_SK_SLOT_V1
     }
     #[inline(always)]
     fn is_loopback(addr: &Addr6) -> bool {
@@ -334,19 +344,21 @@ pub(crate) fn reverse6(ctx: &SockAddrContext) -> i32 {
 pub(crate) fn release(ctx: &SockContext) -> i32 {
     let sk = ctx.sock;
     // SAFETY: the context; plain field reads.
-    let (family, port_be) = unsafe {
+    let (family, port_be, protocol) = unsafe {
         (
             read_volatile(&raw const (*sk).family),
             read_volatile(&raw const (*sk).dst_port),
+            read_volatile(&raw const (*sk).protocol),
         )
     };
     if port_be == 0 {
         return ALLOW;
     }
+    let tcp = protocol == u32::from(proto::TCP);
     if family == AF_INET {
         // SAFETY: the context; a 4-byte read.
         let ip = unsafe { read_volatile(&raw const (*sk).dst_ip4) };
-        release_peer::<V4>(ctx, addr_from_word(ip), port_be);
+        release_peer::<V4>(ctx, tcp, addr_from_word(ip), port_be);
     } else if family == AF_INET6 {
         // SAFETY: the context; 4-byte reads.
         let words = unsafe {
@@ -358,18 +370,19 @@ pub(crate) fn release(ctx: &SockContext) -> i32 {
             ]
         };
         if is_v4_mapped(words) {
-            release_peer::<V4>(ctx, addr_from_word(words[3]), port_be);
+            release_peer::<V4>(ctx, tcp, addr_from_word(words[3]), port_be);
         } else {
-            release_peer::<V6>(ctx, addr6_from_words(words), port_be);
+            release_peer::<V6>(ctx, tcp, addr6_from_words(words), port_be);
         }
     }
     ALLOW
 }
 
 /// Drops the reverse entry of a released socket connected to
-/// `addr:port_be`, if the filter says it may have one.
+/// `addr:port_be` (TCP: its slot first), if the filter says it may have
+/// one.
 #[inline(always)]
-fn release_peer<F: SockFamily>(ctx: &SockContext, addr: F::Addr, port_be: u16) {
+fn release_peer<F: SockFamily>(ctx: &SockContext, tcp: bool, addr: F::Addr, port_be: u16) {
     let slot = filter_slot(F::fold(&addr), port_be);
     let Some(counter) = LB_SK_RNAT_CNT_V1.get_ptr_mut(slot) else {
         return;
@@ -379,8 +392,8 @@ fn release_peer<F: SockFamily>(ctx: &SockContext, addr: F::Addr, port_be: u16) {
         return;
     }
     // SAFETY: helper on the context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }.to_ne_bytes();
-    if forget::<F>(cookie, addr, port_be) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if (tcp && free_slot::<F>(cookie)) || forget::<F>(cookie.to_ne_bytes(), addr, port_be) {
         count(counter, u64::MAX);
     }
 }
@@ -503,9 +516,12 @@ fn forward<F: SockFamily>(
         _pad: 0,
         rev_nat_id: frontend.rev_nat_id,
     };
-    // Best effort (an LRU): without it the socket still reaches the
+    // A TCP connection's own slot if it is free, else the map. Best
+    // effort (an LRU): without either the socket still reaches the
     // backend, only `getpeername()`/`recvmsg()` would show the backend.
-    if F::sock_revnat().insert(&key, &value, 0).is_ok()
+    let remembered = (l4_proto == proto::TCP && take_slot::<F>(cookie, daddr, dport_be, &backend))
+        || F::sock_revnat().insert(&key, &value, 0).is_ok();
+    if remembered
         && connected
         && let Some(counter) =
             LB_SK_RNAT_CNT_V1.get_ptr_mut(filter_slot(F::fold(&backend.addr), backend.port_be))
@@ -574,6 +590,11 @@ fn reverse<F: SockFamily>(
 ) -> Option<(F::Addr, u16)> {
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if protocol(ctx) == u32::from(proto::TCP)
+        && let Some(frontend) = slot_peer::<F>(cookie, addr, port_be)
+    {
+        return Some(frontend);
+    }
     let key = SockRevNatKey {
         cookie: cookie.to_ne_bytes(),
         addr,
@@ -583,6 +604,71 @@ fn reverse<F: SockFamily>(
     // SAFETY: copied out at once.
     let value = unsafe { F::sock_revnat().get(&key) }?;
     Some((value.addr, value.port_be))
+}
+
+/// The TCP socket slot of COOKIE (see `lb_common::SockSlot`).
+#[inline(always)]
+fn slot_of<F: SockFamily>(cookie: u64) -> Option<*mut SockSlot<F::Addr>> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the cookie's low bits index the table"
+    )]
+    let index = (cookie as u32) & (limits::SOCK_SLOTS - 1);
+    F::sock_slots().get_ptr_mut(index)
+}
+
+/// Records in COOKIE's slot that its socket asked for `daddr:dport_be` and
+/// was sent to BACKEND; false if another live socket holds the slot.
+#[inline(always)]
+fn take_slot<F: SockFamily>(
+    cookie: u64,
+    daddr: F::Addr,
+    dport_be: u16,
+    backend: &Backend<F::Addr>,
+) -> bool {
+    let Some(slot) = slot_of::<F>(cookie) else {
+        return false;
+    };
+    // SAFETY: an array element, valid while the program runs; the owner
+    // is read once, and written last.
+    unsafe {
+        let owner = read_volatile(&raw const (*slot).cookie);
+        if owner != 0 && owner != cookie {
+            return false;
+        }
+        (*slot).backend = backend.addr;
+        (*slot).frontend = daddr;
+        (*slot).backend_port_be = backend.port_be;
+        (*slot).frontend_port_be = dport_be;
+        write_volatile(&raw mut (*slot).cookie, cookie);
+    }
+    true
+}
+
+/// The frontend COOKIE's slot holds for a socket sent to `addr:port_be`.
+#[inline(always)]
+fn slot_peer<F: SockFamily>(cookie: u64, addr: F::Addr, port_be: u16) -> Option<(F::Addr, u16)> {
+    let slot = slot_of::<F>(cookie)?;
+    // SAFETY: an array element, copied out at once.
+    let slot = unsafe { *slot };
+    (slot.cookie == cookie && slot.backend == addr && slot.backend_port_be == port_be)
+        .then_some((slot.frontend, slot.frontend_port_be))
+}
+
+/// Frees COOKIE's slot if its socket holds it; true if it did.
+#[inline(always)]
+fn free_slot<F: SockFamily>(cookie: u64) -> bool {
+    let Some(slot) = slot_of::<F>(cookie) else {
+        return false;
+    };
+    // SAFETY: an array element, valid while the program runs.
+    unsafe {
+        if read_volatile(&raw const (*slot).cookie) != cookie {
+            return false;
+        }
+        write_volatile(&raw mut (*slot).cookie, 0);
+    }
+    true
 }
 
 /// Drops the reverse entry of `cookie` towards `addr:port_be`; true if
