@@ -24,6 +24,7 @@ mod forward;
 mod kube;
 mod lifecycle;
 mod paired;
+mod progstats;
 mod report;
 mod rules;
 mod socklb;

@@ -14,6 +14,14 @@
 //! medians, and the 95% confidence interval comes from the spread of the
 //! block ratios (mean ± 1.96 standard errors). A first block warms both
 //! paths up and is not counted.
+//!
+//! On a busy machine the connect times have two modes (a connect that is
+//! preempted or waits for a softirq elsewhere takes 2-3× longer), and a
+//! median sits in one or the other: a small shift in the mix moves the
+//! ratio of medians by several percent. So the report also gives what A
+//! costs more than B per connection, the median of the differences of
+//! each pair's two connects (made microseconds apart, nearly always in
+//! the same mode), with its interval over blocks as above.
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
@@ -27,12 +35,20 @@ use crate::stats::{mean_ci95, median, percentile};
 /// Pairs per block.
 const BLOCK: usize = 500;
 
-/// One connect to TARGET (the backend resets it once accepted: a reset
-/// seen by `connect()` is a connection made); its duration.
+/// One connect to TARGET and its close; its duration. Both sides close
+/// with a reset (linger 0): the backend resets once it has accepted (a
+/// reset seen by `connect()` is a connection made), and so does the
+/// client's close if it comes first. The close is then one packet either
+/// way, and no side keeps the connection in `TIME_WAIT`. (With a plain
+/// close, the client's FIN raced the backend's reset, and the connect
+/// times had two modes, ~15 and ~40 µs, whose mix moved the medians.)
 pub(crate) fn timed_connect(target: SocketAddr) -> anyhow::Result<Duration> {
     let began = Instant::now();
     match TcpStream::connect_timeout(&target, Duration::from_secs(3)) {
-        Ok(stream) => drop(stream),
+        Ok(stream) => {
+            crate::sys::linger_zero(&stream);
+            drop(stream);
+        }
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
         Err(error) => return Err(error).with_context(|| format!("connect {target}")),
     }
@@ -50,8 +66,12 @@ const STALL: Duration = Duration::from_millis(100);
 /// # Errors
 /// A connection failed.
 pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<()> {
+    // CPU 0 for the client, CPU 1 for the backend (`socklb::accept_loop`):
+    // neither waits for the other to be scheduled off its CPU.
+    crate::sys::pin_thread(0);
     let limit = Duration::from_secs(u64::from(secs));
     let mut block_ratios = Vec::new();
+    let mut block_extras = Vec::new();
     let (mut all_a, mut all_b) = (Vec::new(), Vec::new());
     let mut started = None;
     loop {
@@ -69,11 +89,14 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
         all_a.extend_from_slice(&block_a);
         all_b.extend_from_slice(&block_b);
         block_ratios.push(median(&block_b) / median(&block_a));
+        let differences: Vec<f64> = block_a.iter().zip(&block_b).map(|(a, b)| a - b).collect();
+        block_extras.push(median(&differences) * 1e6);
         if start.elapsed() >= limit {
             break;
         }
     }
     let (mean, lo, hi) = mean_ci95(&block_ratios);
+    let (extra, extra_lo, extra_hi) = mean_ci95(&block_extras);
     let stalls = |all: &[f64]| all.iter().filter(|&&t| t > STALL.as_secs_f64()).count();
     let (stalls_a, stalls_b) = (stalls(&all_a), stalls(&all_b));
     let (median_a, median_b) = (median(&all_a), median(&all_b));
@@ -91,6 +114,8 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
         "blocks": block_ratios.len(),
         "block_ratio_mean": mean,
         "ci95": [lo, hi],
+        "a_extra_us": extra,
+        "a_extra_us_ci95": [extra_lo, extra_hi],
     });
     writeln!(std::io::stdout(), "{result}")?;
     Ok(())

@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
+use crate::progstats::{ProgramNs, SockProgCost};
 use crate::stats::summary;
 use crate::sys::{Netns, TempDir, run_ok};
 
@@ -315,6 +316,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Value> {
     };
     let cgroup = Cgroup::create()?;
     let work = TempDir::new("lb-bench-socklb")?;
+    let _stats = crate::progstats::enable()?;
     let mut results = Vec::new();
     for &scale in &settings.scales {
         crate::sys::check_interrupted()?;
@@ -343,7 +345,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Value> {
         .arg(&cgroup.0);
         let agent = crate::sys::Daemon::spawn("lb agent", &mut cmd, &dir.join("agent.log"))?;
         let started = Instant::now();
-        let measured = measure_scale(&topo, &cgroup, settings, scale, started);
+        let measured = measure_scale(&topo, &cgroup, settings, (scale, &pins), started);
         drop(agent);
         let _ = crate::sys::cleanup_output(
             topo.node
@@ -409,7 +411,7 @@ fn measure_scale(
     topo: &Topology,
     cgroup: &Cgroup,
     settings: &Settings,
-    scale: u32,
+    (scale, pins): (u32, &Path),
     started: Instant,
 ) -> anyhow::Result<Value> {
     for contender in [Contender::NodeSocket, Contender::PodTc] {
@@ -426,6 +428,7 @@ fn measure_scale(
         let family = if v6 { "ipv6" } else { "ipv4" };
         let mut rates: std::collections::BTreeMap<&str, Vec<f64>> =
             std::collections::BTreeMap::new();
+        let mut program_ns = ProgramNs::default();
         // Each round in a rotated order, so that no contender always gets
         // the warmer (or the busier) part of a round.
         for round in 0..settings.rounds {
@@ -433,6 +436,8 @@ fn measure_scale(
             order.rotate_left(round % Contender::ALL.len());
             for contender in order {
                 crate::sys::check_interrupted()?;
+                let node = matches!(contender, Contender::NodeDirect | Contender::NodeSocket);
+                let before = node.then(|| SockProgCost::sample(pins)).transpose()?;
                 let rate = rate_of(
                     topo,
                     cgroup,
@@ -441,6 +446,10 @@ fn measure_scale(
                     settings.secs,
                 )?;
                 rates.entry(contender.name()).or_default().push(rate);
+                if let Some(before) = before {
+                    let cost = SockProgCost::sample(pins)?.since(&before);
+                    program_ns.push(contender.name(), &cost);
+                }
             }
         }
         let of = |c: Contender| rates.get(c.name()).cloned().unwrap_or_default();
@@ -471,14 +480,27 @@ fn measure_scale(
         )?;
         eprintln!(
             "[socklb] {scale} services {family}: interleaved, socket/direct {:.4}x \
-             (95% interval {}) over {} pairs; stalls socket {} direct {}",
+             (95% interval {}), socket's extra per connection {:.3} µs ({}) over {} pairs; \
+             stalls socket {} direct {}",
             paired["ratio"].as_f64().unwrap_or(f64::NAN),
             paired["ci95"],
+            paired["a_extra_us"].as_f64().unwrap_or(f64::NAN),
+            paired["a_extra_us_ci95"],
             paired["pairs"],
             paired["a_stalls"],
             paired["b_stalls"],
         );
+        let ns = |c: Contender, i| program_ns.median(c.name(), i);
+        eprintln!(
+            "[socklb] {scale} services {family}: socket programs, ns per run (BPF stats): \
+             direct connect {:.0} release {:.0}; ClusterIP connect {:.0} release {:.0}",
+            ns(Contender::NodeDirect, 0),
+            ns(Contender::NodeDirect, 1),
+            ns(Contender::NodeSocket, 0),
+            ns(Contender::NodeSocket, 1),
+        );
         let mut entry = json!({
+            "program_ns": program_ns.to_json(),
             "socket_vs_direct": summary(&socket_ratio),
             "tc_vs_direct": summary(&tc_ratio),
             "socket_vs_direct_interleaved": paired,
@@ -570,6 +592,8 @@ fn accept_loop(ns: &str, stop: &AtomicBool) {
     if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return;
     }
+    // Away from the client's CPU (`paired::connect_pair`).
+    crate::sys::pin_thread(1);
     let Ok(listener) = TcpListener::bind(("::", BACKEND_PORT)) else {
         return;
     };
@@ -585,20 +609,7 @@ fn accept_loop(ns: &str, stop: &AtomicBool) {
             // connection in TIME_WAIT, so the client's ports never meet
             // an old connection of theirs.
             Ok((stream, _)) => {
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: valid fd and option struct.
-                unsafe {
-                    libc::setsockopt(
-                        stream.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&raw const linger).cast(),
-                        libc::socklen_t::try_from(size_of::<libc::linger>()).unwrap_or(8),
-                    );
-                }
+                crate::sys::linger_zero(&stream);
                 drop(stream);
             }
             Err(_) => std::thread::sleep(Duration::from_millis(1)),
@@ -614,6 +625,8 @@ fn accept_loop(ns: &str, stop: &AtomicBool) {
 /// # Errors
 /// A connection failed.
 pub fn connect_loop(target: SocketAddr, secs: u32) -> anyhow::Result<()> {
+    // As `paired::connect_pair`.
+    crate::sys::pin_thread(0);
     let start = Instant::now();
     let limit = Duration::from_secs(u64::from(secs));
     let mut count: u64 = 0;

@@ -559,3 +559,35 @@ pub fn bpf_maps_memlock_kib(pid: u32) -> Option<u64> {
     }
     Some(bytes / 1024)
 }
+
+/// Pins the calling thread to CPU (when the machine has it).
+pub(crate) fn pin_thread(cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) <= cpu {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity
+    // only touch it and this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+/// Makes STREAM's close a reset (`SO_LINGER` 0): no `TIME_WAIT`.
+pub(crate) fn linger_zero(stream: &std::net::TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and option struct.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            libc::socklen_t::try_from(size_of::<libc::linger>()).unwrap_or(8),
+        );
+    }
+}

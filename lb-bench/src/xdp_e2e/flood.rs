@@ -72,24 +72,10 @@ pub(super) fn cpu_ns(label: &str) -> (f64, f64) {
     (get(6), get(0) + get(1) + get(2) + get(5) + get(6))
 }
 
-/// Pins the calling thread to CPU (when the machine has it).
-pub(super) fn pin_thread(cpu: usize) {
-    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) <= cpu {
-        return;
-    }
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity
-    // only touch it and this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
-    }
-}
-
 /// Blasts PAYLOAD-byte datagrams at TO with `sendmmsg` for SECS; the
 /// number the kernel took.
 pub(super) fn blast(to: SocketAddr, secs: u32) -> anyhow::Result<u64> {
-    pin_thread(0);
+    crate::sys::pin_thread(0);
     let bind: SocketAddr = match to {
         SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
         SocketAddr::V6(_) => "[::]:0".parse()?,
@@ -132,7 +118,7 @@ pub(super) fn blast(to: SocketAddr, secs: u32) -> anyhow::Result<u64> {
 /// Counts datagrams at the backend's UDP sink until STOP; READY is set
 /// once bound.
 pub(super) fn sink(ready: &AtomicBool, stop: &AtomicBool) -> anyhow::Result<u64> {
-    pin_thread(1);
+    crate::sys::pin_thread(1);
     let v4 = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, UDP_TARGET))?;
     // Dual-stack socket for IPv6 would collide with the IPv4 one: v6only.
     let v6 = {
