@@ -15,6 +15,7 @@
 //!   what changed;
 //! - `reread`: reading one changed file again, parsing only the JSON
 //!   objects whose text changed;
+//! - `split`: the items of a JSON list found by a byte scan, unparsed;
 //! - `typed`: a JSON object read in one pass as a Service or a slice;
 //! - `events`: inotify, to see a change at once ([`DirEvents`]);
 //! - here: loading the whole directory, and the source's task.
@@ -23,6 +24,7 @@ mod events;
 mod listing;
 mod parse;
 mod reread;
+mod split;
 mod state;
 #[cfg(test)]
 mod testdir;

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 use super::Snapshot;
 use super::listing::ManifestFile;
 use super::parse::{ItemDefaults, Origin, add_object, file_error, load_file};
+use super::split::split_list;
 use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord};
 use super::typed::{EitherObject, Typed};
 use crate::model::key_of;
@@ -54,12 +55,7 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
         .flat_map(|entry| &entry.objects)
         .filter_map(|record| Some((record.text_hash?, record)))
         .collect();
-    let mut read = FileRead {
-        objects: Vec::new(),
-        services: Vec::new(),
-        slices: Vec::new(),
-        errors: Vec::new(),
-    };
+    let mut read = FileRead::default();
     let text = match fs::read_to_string(&file.path) {
         Ok(text) => text,
         // Deleted since listed: the next look sees that.
@@ -70,7 +66,26 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             return read;
         }
     };
-    // Most files are one document, a list: then one pass finds its items.
+    // Most files are one document, a list: its items are found by a scan,
+    // and only those whose text is new are parsed (checked) at all. An
+    // item seen before was valid JSON; a new one that is not makes the
+    // whole file invalid, which the validating path below reports as such.
+    if let Some(list) = split_list(&text) {
+        let origin = Origin {
+            file: &file.name,
+            location: "document 1".to_owned(),
+        };
+        let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
+        let all_json = list.items.iter().enumerate().all(|(index, text)| {
+            let item = Item::new(text, defaults);
+            read_json_object(&item, &origin.item(index), &known, &mut read).is_ok()
+        });
+        if all_json {
+            return read;
+        }
+        read = FileRead::default();
+    }
+    // Validating: one pass finds the items of a list.
     if let Ok(JsonHead {
         api_version: Some(api_version),
         kind: Some(list_kind),
@@ -157,7 +172,7 @@ fn read_json_document(
         read_json_items(items, api_version, list_kind, origin, known, read);
         return;
     }
-    read_json_object(document, origin, None, known, read);
+    read_validated_object(&Item::new(document.get(), None), origin, known, read);
 }
 
 /// The items of a list, each with the list's defaults.
@@ -171,27 +186,68 @@ fn read_json_items(
 ) {
     let defaults = ItemDefaults::of_list(list_kind, api_version);
     for (index, item) in items.iter().enumerate() {
-        read_json_object(item, &origin.item(index), defaults, known, read);
+        let item = Item::new(item.get(), defaults);
+        read_validated_object(&item, &origin.item(index), known, read);
     }
 }
 
-fn read_json_object(
-    raw: &RawValue,
+/// An object's text as written, with the defaults of its list.
+struct Item<'a> {
+    text: &'a str,
+    /// [`item_hash`] of it.
+    hash: u64,
+    defaults: Option<ItemDefaults<'a>>,
+}
+
+impl<'a> Item<'a> {
+    fn new(text: &'a str, defaults: Option<ItemDefaults<'a>>) -> Self {
+        Self {
+            text,
+            hash: item_hash(defaults, text),
+            defaults,
+        }
+    }
+}
+
+/// What tells that an object (with its list's defaults) changed.
+fn item_hash(defaults: Option<ItemDefaults<'_>>, text: &str) -> u64 {
+    text_hash(&[
+        defaults.map_or("", |d| d.api_version).as_bytes(),
+        defaults.map_or("", |d| d.kind).as_bytes(),
+        text.as_bytes(),
+    ])
+}
+
+/// [`read_json_object`] of an object `serde_json` has checked already.
+fn read_validated_object(
+    item: &Item<'_>,
     origin: &Origin<'_>,
-    defaults: Option<ItemDefaults<'_>>,
     known: &HashMap<u64, &ObjectRecord>,
     read: &mut FileRead,
 ) {
-    let text_hash = text_hash(&[
-        defaults.map_or("", |d| d.api_version).as_bytes(),
-        defaults.map_or("", |d| d.kind).as_bytes(),
-        raw.get().as_bytes(),
-    ]);
+    if let Err(error) = read_json_object(item, origin, known, read) {
+        read.errors
+            .push(origin.error(&format!("not valid JSON: {error}")));
+    }
+}
+
+/// An object into READ: recorded if its text is known, else parsed (as a
+/// Service or slice, or by the general path with its reports).
+///
+/// # Errors
+/// The text is not JSON; nothing was added to READ.
+fn read_json_object(
+    item: &Item<'_>,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, &ObjectRecord>,
+    read: &mut FileRead,
+) -> Result<(), serde_json::Error> {
+    let (text_hash, defaults) = (item.hash, item.defaults);
     if let Some(record) = known.get(&text_hash) {
         read.objects.push((*record).clone());
-        return;
+        return Ok(());
     }
-    let typed = match serde_json::from_str::<EitherObject>(raw.get()) {
+    let typed = match serde_json::from_str::<EitherObject>(item.text) {
         Ok(object) => object.into_typed(defaults),
         // Not one of the two kinds, or not valid as one: the general path
         // below says what is wrong, with the field's path.
@@ -215,16 +271,12 @@ fn read_json_object(
             key,
             text_hash: Some(text_hash),
         });
-        return;
+        return Ok(());
     }
     // Not a plain Service or slice: the general path, with its reports.
+    let value = serde_json::from_str::<Value>(item.text)?;
     let mut snapshot = Snapshot::default();
-    match serde_json::from_str::<Value>(raw.get()) {
-        Ok(value) => add_object(&value, origin, defaults, &mut snapshot),
-        Err(error) => snapshot
-            .errors
-            .push(origin.error(&format!("not valid JSON: {error}"))),
-    }
+    add_object(&value, origin, defaults, &mut snapshot);
     for service in &snapshot.services {
         read.objects.push(ObjectRecord {
             kind: ObjectKind::Service,
@@ -242,6 +294,7 @@ fn read_json_object(
     read.services.extend(snapshot.services);
     read.slices.extend(snapshot.slices);
     read.errors.extend(snapshot.errors);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub(super) struct FileEntry {
 
 /// One file read again: its objects (those whose text did not change are
 /// only recorded, not parsed again) and errors.
+#[derive(Default)]
 pub(super) struct FileRead {
     pub(super) objects: Vec<ObjectRecord>,
     pub(super) services: Vec<Service>,
@@ -425,6 +426,64 @@ mod tests {
                 Some(changes)
             }
             SourceUpdate::Stale(reason) => panic!("stale: {reason}"),
+        }
+    }
+
+    /// An item of a known list whose new text is not JSON makes the whole
+    /// file invalid, as `serde_json` reading the whole file finds it: its
+    /// error naming the file, and none of the file's objects. Fixed, it
+    /// loads again.
+    #[test]
+    fn a_broken_item_in_a_known_list_makes_the_file_invalid_as_before() {
+        let dir = TempDir::new("dir-state-broken-item");
+        dir.write("a.json", &json_list(1, 3, None));
+        let mut state = DirState::new(dir.0.clone());
+        assert!(matches!(state.refresh(), Ok(Some(_))));
+        let good = json_list(1, 3, None);
+        for (what, broken) in [
+            (
+                "a missing quote",
+                good.replacen(r#""10.244.0.2"]"#, r#""10.244.0.2]"#, 1),
+            ),
+            (
+                "a bad literal",
+                good.replacen(r#""port":80"#, r#""port":8O"#, 1),
+            ),
+            (
+                "a raw newline in a string",
+                good.replacen(
+                    "svc-2-a",
+                    "svc-2\n-a
+",
+                    1,
+                ),
+            ),
+        ] {
+            assert_ne!(broken, good, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+            dir.write("a.json", &broken);
+            let Ok(Some(SourceUpdate::Changes(changes))) = state.refresh() else {
+                panic!("{what}: changes expected");
+            };
+            let serde_error = serde_json::Deserializer::from_str(&broken)
+                .into_iter::<&serde_json::value::RawValue>()
+                .find_map(Result::err)
+                .expect("not JSON");
+            let errors: Vec<String> = changes.errors.iter().map(ToString::to_string).collect();
+            assert_eq!(
+                errors,
+                [format!("File a.json: not valid JSON: {serde_error}")],
+                "{what}"
+            );
+            assert_eq!(changes.removed_services.len(), 3, "{what}");
+            assert_eq!(changes.removed_slices.len(), 3, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+            dir.write("a.json", &good);
+            let Ok(Some(SourceUpdate::Changes(changes))) = state.refresh() else {
+                panic!("{what}: changes expected");
+            };
+            assert!(changes.errors.is_empty(), "{what}: {:?}", changes.errors);
+            assert_eq!((changes.services.len(), changes.slices.len()), (3, 3));
         }
     }
 
