@@ -14,7 +14,7 @@ use super::Snapshot;
 use super::listing::ManifestFile;
 use super::parse::{ItemDefaults, Origin, add_object, file_error, load_file};
 use super::split::split_list;
-use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord};
+use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord, Record};
 use super::typed::{EitherObject, Typed};
 use crate::model::key_of;
 
@@ -37,10 +37,12 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
                     .iter()
                     .map(|slice| (ObjectKind::Slice, key_of(&slice.metadata))),
             )
-            .map(|(kind, key)| ObjectRecord {
-                kind,
-                key,
-                text_hash: None,
+            .map(|(kind, key)| {
+                Record::Read(ObjectRecord {
+                    kind,
+                    key,
+                    text_hash: None,
+                })
             })
             .collect();
         return FileRead {
@@ -50,10 +52,11 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             errors: snapshot.errors,
         };
     }
-    let known: HashMap<u64, &ObjectRecord> = old
+    // Text hash -> the old record's index.
+    let known: HashMap<u64, usize> = old
         .into_iter()
-        .flat_map(|entry| &entry.objects)
-        .filter_map(|record| Some((record.text_hash?, record)))
+        .flat_map(|entry| entry.objects.iter().enumerate())
+        .filter_map(|(index, record)| Some((record.text_hash?, index)))
         .collect();
     let mut read = FileRead::default();
     let text = match fs::read_to_string(&file.path) {
@@ -77,8 +80,8 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
         };
         let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
         let all_json = list.items.iter().enumerate().all(|(index, text)| {
-            let item = Item::new(text, defaults);
-            read_json_object(&item, &origin.item(index), &known, &mut read).is_ok()
+            let item = Item::new(text, defaults, Some(index));
+            read_json_object(&item, &origin, &known, &mut read).is_ok()
         });
         if all_json {
             return read;
@@ -158,7 +161,7 @@ struct JsonHead<'a> {
 fn read_json_document(
     document: &RawValue,
     origin: &Origin<'_>,
-    known: &HashMap<u64, &ObjectRecord>,
+    known: &HashMap<u64, usize>,
     read: &mut FileRead,
 ) {
     let head = serde_json::from_str::<JsonHead<'_>>(document.get()).ok();
@@ -172,7 +175,7 @@ fn read_json_document(
         read_json_items(items, api_version, list_kind, origin, known, read);
         return;
     }
-    read_validated_object(&Item::new(document.get(), None), origin, known, read);
+    read_validated_object(&Item::new(document.get(), None, None), origin, known, read);
 }
 
 /// The items of a list, each with the list's defaults.
@@ -181,13 +184,13 @@ fn read_json_items(
     api_version: &str,
     list_kind: &str,
     origin: &Origin<'_>,
-    known: &HashMap<u64, &ObjectRecord>,
+    known: &HashMap<u64, usize>,
     read: &mut FileRead,
 ) {
     let defaults = ItemDefaults::of_list(list_kind, api_version);
     for (index, item) in items.iter().enumerate() {
-        let item = Item::new(item.get(), defaults);
-        read_validated_object(&item, &origin.item(index), known, read);
+        let item = Item::new(item.get(), defaults, Some(index));
+        read_validated_object(&item, origin, known, read);
     }
 }
 
@@ -197,14 +200,17 @@ struct Item<'a> {
     /// [`item_hash`] of it.
     hash: u64,
     defaults: Option<ItemDefaults<'a>>,
+    /// Its place in the list, if in one.
+    index: Option<usize>,
 }
 
 impl<'a> Item<'a> {
-    fn new(text: &'a str, defaults: Option<ItemDefaults<'a>>) -> Self {
+    fn new(text: &'a str, defaults: Option<ItemDefaults<'a>>, index: Option<usize>) -> Self {
         Self {
             text,
             hash: item_hash(defaults, text),
             defaults,
+            index,
         }
     }
 }
@@ -222,29 +228,35 @@ fn item_hash(defaults: Option<ItemDefaults<'_>>, text: &str) -> u64 {
 fn read_validated_object(
     item: &Item<'_>,
     origin: &Origin<'_>,
-    known: &HashMap<u64, &ObjectRecord>,
+    known: &HashMap<u64, usize>,
     read: &mut FileRead,
 ) {
     if let Err(error) = read_json_object(item, origin, known, read) {
-        read.errors
-            .push(origin.error(&format!("not valid JSON: {error}")));
+        let item_origin = item.index.map(|index| origin.item(index));
+        read.errors.push(
+            item_origin
+                .as_ref()
+                .unwrap_or(origin)
+                .error(&format!("not valid JSON: {error}")),
+        );
     }
 }
 
 /// An object into READ: recorded if its text is known, else parsed (as a
-/// Service or slice, or by the general path with its reports).
+/// Service or slice, or by the general path with its reports). ORIGIN is
+/// where its document sits (the item's place is added).
 ///
 /// # Errors
 /// The text is not JSON; nothing was added to READ.
 fn read_json_object(
     item: &Item<'_>,
     origin: &Origin<'_>,
-    known: &HashMap<u64, &ObjectRecord>,
+    known: &HashMap<u64, usize>,
     read: &mut FileRead,
 ) -> Result<(), serde_json::Error> {
     let (text_hash, defaults) = (item.hash, item.defaults);
-    if let Some(record) = known.get(&text_hash) {
-        read.objects.push((*record).clone());
+    if let Some(index) = known.get(&text_hash) {
+        read.objects.push(Record::Kept(*index));
         return Ok(());
     }
     let typed = match serde_json::from_str::<EitherObject>(item.text) {
@@ -266,30 +278,36 @@ fn read_json_object(
         }
     });
     if let Some((kind, key)) = typed {
-        read.objects.push(ObjectRecord {
+        read.objects.push(Record::Read(ObjectRecord {
             kind,
             key,
             text_hash: Some(text_hash),
-        });
+        }));
         return Ok(());
     }
     // Not a plain Service or slice: the general path, with its reports.
     let value = serde_json::from_str::<Value>(item.text)?;
     let mut snapshot = Snapshot::default();
-    add_object(&value, origin, defaults, &mut snapshot);
+    let item_origin = item.index.map(|index| origin.item(index));
+    add_object(
+        &value,
+        item_origin.as_ref().unwrap_or(origin),
+        defaults,
+        &mut snapshot,
+    );
     for service in &snapshot.services {
-        read.objects.push(ObjectRecord {
+        read.objects.push(Record::Read(ObjectRecord {
             kind: ObjectKind::Service,
             key: key_of(&service.metadata),
             text_hash: None,
-        });
+        }));
     }
     for slice in &snapshot.slices {
-        read.objects.push(ObjectRecord {
+        read.objects.push(Record::Read(ObjectRecord {
             kind: ObjectKind::Slice,
             key: key_of(&slice.metadata),
             text_hash: None,
-        });
+        }));
     }
     read.services.extend(snapshot.services);
     read.slices.extend(snapshot.slices);

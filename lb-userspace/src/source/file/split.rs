@@ -81,6 +81,65 @@ pub(super) fn split_list(text: &str) -> Option<ListSplit<'_>> {
     })
 }
 
+/// Bytes that matter outside strings: quotes and brackets.
+const STRUCTURAL: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
+
+/// Where the string whose body starts at AT ends (after its closing quote).
+fn string_end(bytes: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let rest = bytes.get(at..)?;
+        // Most strings of a manifest are short: a plain loop finds their
+        // end sooner than setting up a vector search.
+        let found = match rest.iter().take(16).position(|&b| b == b'"' || b == b'\\') {
+            Some(found) => found,
+            None => memchr::memchr2(b'"', b'\\', rest)?,
+        };
+        at += found;
+        if bytes[at] == b'"' {
+            return Some(at + 1);
+        }
+        // An escape: the byte after the backslash is never the end
+        // (`\u` digits are neither a quote nor a backslash).
+        at += 2;
+    }
+}
+
+/// Where the object or array whose body starts at AT ends (after its
+/// closing bracket); `None` past [`MAX_DEPTH`].
+fn container_end(bytes: &[u8], mut at: usize) -> Option<usize> {
+    let mut depth = 1usize;
+    loop {
+        while !STRUCTURAL[usize::from(*bytes.get(at)?)] {
+            at += 1;
+        }
+        match bytes[at] {
+            b'"' => at = string_end(bytes, at + 1)?,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return None;
+                }
+                at += 1;
+            }
+            _ => {
+                depth -= 1;
+                at += 1;
+                if depth == 0 {
+                    return Some(at);
+                }
+            }
+        }
+    }
+}
+
 struct Scanner<'a> {
     text: &'a str,
     at: usize,
@@ -114,16 +173,8 @@ impl<'a> Scanner<'a> {
 
     /// From after an opening `"` to after its closing one.
     fn skip_string_body(&mut self) -> Option<()> {
-        loop {
-            let found = memchr::memchr2(b'"', b'\\', self.bytes().get(self.at..)?)?;
-            self.at += found;
-            if self.next()? == b'"' {
-                return Some(());
-            }
-            // An escape: the byte after the backslash is never the end
-            // (`\u` digits are neither a quote nor a backslash).
-            self.next()?;
-        }
+        self.at = string_end(self.bytes(), self.at)?;
+        Some(())
     }
 
     /// A string, quotes included.
@@ -139,27 +190,7 @@ impl<'a> Scanner<'a> {
     fn value(&mut self) -> Option<&'a str> {
         let start = self.at;
         match self.peek()? {
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                loop {
-                    match self.next()? {
-                        b'"' => self.skip_string_body()?,
-                        b'{' | b'[' => {
-                            depth += 1;
-                            if depth > MAX_DEPTH {
-                                return None;
-                            }
-                        }
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
+            b'{' | b'[' => self.at = container_end(self.bytes(), self.at + 1)?,
             b'"' => {
                 self.string()?;
             }

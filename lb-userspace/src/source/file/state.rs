@@ -30,6 +30,17 @@ pub(super) struct ObjectRecord {
     pub(super) text_hash: Option<u64>,
 }
 
+impl ObjectRecord {
+    /// What is left where a record was moved out.
+    fn moved() -> Self {
+        Self {
+            kind: ObjectKind::Service,
+            key: (String::new(), String::new()),
+            text_hash: None,
+        }
+    }
+}
+
 /// What the source remembers of one file.
 #[derive(Debug)]
 pub(super) struct FileEntry {
@@ -38,11 +49,20 @@ pub(super) struct FileEntry {
     errors: Vec<ObjectError>,
 }
 
+/// One object of a file read again.
+#[derive(Debug)]
+pub(super) enum Record {
+    /// The old entry's record at this index: the text did not change.
+    Kept(usize),
+    /// Read (parsed) now.
+    Read(ObjectRecord),
+}
+
 /// One file read again: its objects (those whose text did not change are
 /// only recorded, not parsed again) and errors.
 #[derive(Default)]
 pub(super) struct FileRead {
-    pub(super) objects: Vec<ObjectRecord>,
+    pub(super) objects: Vec<Record>,
     pub(super) services: Vec<Service>,
     pub(super) slices: Vec<EndpointSlice>,
     pub(super) errors: Vec<ObjectError>,
@@ -152,17 +172,20 @@ impl DirState {
         // counts stay, only they can involve a duplicate.
         let mut edited = Vec::new();
         for (file, stamp) in stale_files {
-            let read = read_file(file, self.files.get(&file.name));
             let old = self.files.remove(&file.name);
-            if let Some(ids) = old
-                .as_ref()
-                .and_then(|old| edited_in_place(&old.objects, &read.objects))
-            {
-                edited.extend(ids);
-            } else {
-                old_objects.extend(old.map(|old| old.objects).unwrap_or_default());
-                new_objects.extend(read.objects.iter().cloned());
-            }
+            let read = read_file(file, old.as_ref());
+            let old = old.map(|old| old.objects).unwrap_or_default();
+            let objects = match settle(old, read.objects) {
+                (objects, InPlace::Edited(ids)) => {
+                    edited.extend(ids);
+                    objects
+                }
+                (objects, InPlace::No(old)) => {
+                    old_objects.extend(old);
+                    new_objects.extend(objects.iter().cloned());
+                    objects
+                }
+            };
             changes.services.extend(read.services);
             changes.slices.extend(read.slices);
             if let Some(partial) = partial.as_mut() {
@@ -177,7 +200,7 @@ impl DirState {
                 file.name.clone(),
                 FileEntry {
                     stamp,
-                    objects: read.objects,
+                    objects,
                     errors: read.errors,
                 },
             );
@@ -297,27 +320,68 @@ fn definition_id(kind: ObjectKind, key: &ObjectKey) -> u64 {
     hasher.finish()
 }
 
-/// When `new` defines the same objects as `old` in the same order, the ones
-/// whose text changed (YAML: all); `None` when the objects differ.
-fn edited_in_place(
-    old: &[ObjectRecord],
-    new: &[ObjectRecord],
-) -> Option<Vec<(ObjectKind, ObjectKey)>> {
-    if old.len() != new.len()
-        || old
-            .iter()
-            .zip(new)
-            .any(|(old, new)| old.kind != new.kind || old.key != new.key)
-    {
-        return None;
+/// How a file read again relates to what it defined before.
+enum InPlace {
+    /// The same objects in the same order (the usual edit): the ones
+    /// whose text changed (YAML: all).
+    Edited(Vec<(ObjectKind, ObjectKey)>),
+    /// Other objects: the old records, for the definition counts.
+    No(Vec<ObjectRecord>),
+}
+
+/// A file's new records from NEW, the kept ones moved out of OLD (a file
+/// of 1,500 objects with one changed would otherwise copy 1,499 keys),
+/// and how they relate to OLD.
+fn settle(old: Vec<ObjectRecord>, new: Vec<Record>) -> (Vec<ObjectRecord>, InPlace) {
+    fn record<'a>(old: &'a [ObjectRecord], record: &'a Record) -> Option<&'a ObjectRecord> {
+        match record {
+            Record::Kept(index) => old.get(*index),
+            Record::Read(record) => Some(record),
+        }
     }
-    Some(
-        old.iter()
-            .zip(new)
-            .filter(|(old, new)| new.text_hash.is_none() || old.text_hash != new.text_hash)
-            .map(|(_, new)| (new.kind, new.key.clone()))
-            .collect(),
-    )
+    let in_place = old.len() == new.len()
+        && old.iter().zip(&new).all(|(was, now)| {
+            record(&old, now).is_some_and(|now| was.kind == now.kind && was.key == now.key)
+        });
+    if !in_place {
+        let records = new
+            .iter()
+            .filter_map(|new| record(&old, new).cloned())
+            .collect();
+        return (records, InPlace::No(old));
+    }
+    let edited = old
+        .iter()
+        .zip(&new)
+        .filter_map(|(was, now)| {
+            let now = record(&old, now)?;
+            (now.text_hash.is_none() || was.text_hash != now.text_hash)
+                .then(|| (now.kind, now.key.clone()))
+        })
+        .collect();
+    // Each old record moves once; one kept twice (the same text twice in
+    // the file) is copied the second time.
+    let mut moved = vec![false; old.len()];
+    let new: Vec<Record> = new
+        .into_iter()
+        .map(|new| match new {
+            Record::Kept(index) if moved[index] => Record::Read(old[index].clone()),
+            Record::Kept(index) => {
+                moved[index] = true;
+                Record::Kept(index)
+            }
+            read @ Record::Read(_) => read,
+        })
+        .collect();
+    let mut old = old;
+    let records = new
+        .into_iter()
+        .map(|new| match new {
+            Record::Kept(index) => std::mem::replace(&mut old[index], ObjectRecord::moved()),
+            Record::Read(record) => record,
+        })
+        .collect();
+    (records, InPlace::Edited(edited))
 }
 
 /// Objects of `old` that `new` no longer defines go to `changes` as removed.
@@ -427,6 +491,60 @@ mod tests {
             }
             SourceUpdate::Stale(reason) => panic!("stale: {reason}"),
         }
+    }
+
+    /// Kept records move into the new entry; the file relates to the old
+    /// one as before: an edit in place names the changed objects, a new
+    /// order or set hands the old records back; a record kept twice is
+    /// copied.
+    #[test]
+    fn settle_moves_kept_records_and_tells_an_edit_in_place() {
+        let record = |name: &str, hash: u64| ObjectRecord {
+            kind: ObjectKind::Slice,
+            key: ("ns".to_owned(), name.to_owned()),
+            text_hash: Some(hash),
+        };
+        let names = |records: &[ObjectRecord]| -> Vec<(String, Option<u64>)> {
+            records
+                .iter()
+                .map(|r| (r.key.1.clone(), r.text_hash))
+                .collect()
+        };
+        let (records, how) = settle(
+            vec![record("a", 1), record("b", 2)],
+            vec![Record::Kept(0), Record::Read(record("b", 3))],
+        );
+        assert_eq!(
+            names(&records),
+            [("a".into(), Some(1)), ("b".into(), Some(3))]
+        );
+        let InPlace::Edited(edited) = how else {
+            panic!("in place")
+        };
+        assert_eq!(edited, [(ObjectKind::Slice, ("ns".into(), "b".into()))]);
+
+        let (records, how) = settle(
+            vec![record("a", 1), record("a", 1)],
+            vec![Record::Kept(0), Record::Kept(0)],
+        );
+        assert_eq!(
+            names(&records),
+            [("a".into(), Some(1)), ("a".into(), Some(1))]
+        );
+        assert!(matches!(how, InPlace::Edited(edited) if edited.is_empty()));
+
+        let (records, how) = settle(
+            vec![record("a", 1), record("b", 2)],
+            vec![Record::Kept(1), Record::Kept(0)],
+        );
+        assert_eq!(
+            names(&records),
+            [("b".into(), Some(2)), ("a".into(), Some(1))]
+        );
+        let InPlace::No(old) = how else {
+            panic!("reordered")
+        };
+        assert_eq!(names(&old), [("a".into(), Some(1)), ("b".into(), Some(2))]);
     }
 
     /// An item of a known list whose new text is not JSON makes the whole
