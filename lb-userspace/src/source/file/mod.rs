@@ -38,7 +38,7 @@ use tracing::Instrument as _;
 
 pub use super::Snapshot;
 use super::{FILE_POLL_INTERVAL, SourceUpdate};
-pub use events::DirEvents;
+pub use events::{Changed, DirEvents};
 pub use listing::DirWatcher;
 use listing::manifest_files;
 use parse::load_file;
@@ -157,16 +157,28 @@ pub(super) fn spawn(
             let mut events = events;
             let mut dir_was_unreadable = false;
             loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    woke = async { events.as_mut()?.wait().await.err() }, if events.is_some() => {
-                        if let Some(error) = woke {
+                let changed = tokio::select! {
+                    _ = ticker.tick() => Changed::Anything,
+                    woke = async {
+                        match events.as_mut() {
+                            Some(events) => events.wait().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if events.is_some() => match woke {
+                        Ok(changed) => changed,
+                        Err(error) => {
                             tracing::warn!(%error, "inotify failed; polling only");
                             events = None;
+                            Changed::Anything
                         }
-                    }
-                }
-                let looked = state.refresh();
+                    },
+                };
+                // A file inotify names is looked at alone, not with a stat
+                // of every file.
+                let looked = match &changed {
+                    Changed::Files(names) => state.refresh_files(names),
+                    Changed::Anything => state.refresh(),
+                };
                 if looked.is_err() {
                     // Gone (or unreadable): a watch on a deleted
                     // directory never fires again; re-arm once it is back.

@@ -2,7 +2,9 @@
 //! look, as [`Changes`] (or the whole directory when a duplicate is
 //! involved).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io;
 use std::path::PathBuf;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -115,7 +117,23 @@ impl DirState {
     ///
     /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
     pub fn refresh(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
-        self.look(None)
+        self.look(None, None)
+    }
+
+    /// [`DirState::refresh`] where only the manifest files NAMES may have
+    /// changed (inotify says which): only they are looked at, not every
+    /// file of the directory. The whole directory when it has not been
+    /// read whole yet, when the last look failed, or when a named file
+    /// cannot be looked at.
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh_files(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(None, Some(names))
     }
 
     /// [`DirState::refresh`], but the objects of each file read are handed
@@ -129,16 +147,24 @@ impl DirState {
         &mut self,
         partial: &mut dyn FnMut(Changes),
     ) -> Result<Option<SourceUpdate>, FileSourceError> {
-        self.look(Some(partial))
+        self.look(Some(partial), None)
     }
 
+    /// What changed in the directory (only among NAMED, if given) since
+    /// the last look.
     fn look(
         &mut self,
         mut partial: Option<&mut dyn FnMut(Changes)>,
+        named: Option<&BTreeSet<String>>,
     ) -> Result<Option<SourceUpdate>, FileSourceError> {
         let started = std::time::Instant::now();
         let first = !self.sent;
-        let listing = match manifest_files(&self.dir) {
+        let named = named.filter(|_| !first && !self.failed && !self.snapshot_owed);
+        let listing = match named.map(|names| self.named_files(names)) {
+            Some(Some(listing)) => Ok(listing),
+            _ => manifest_files(&self.dir),
+        };
+        let listing = match listing {
             Ok(listing) => listing,
             Err(source) => {
                 self.failed = true;
@@ -148,7 +174,7 @@ impl DirState {
                 });
             }
         };
-        let (stale_files, gone) = self.stale_and_gone(&listing);
+        let (stale_files, gone) = self.stale_and_gone(&listing, named);
         if stale_files.is_empty()
             && gone.is_empty()
             && !first
@@ -237,11 +263,34 @@ impl DirState {
 }
 
 impl DirState {
+    /// The manifest files among NAMES that are there (as
+    /// [`manifest_files`] lists them); `None` when one cannot be looked
+    /// at (the whole listing then says why).
+    fn named_files(&self, names: &BTreeSet<String>) -> Option<Vec<ManifestFile>> {
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let path = self.dir.join(name);
+            match fs::metadata(&path) {
+                Ok(metadata) if metadata.is_file() => files.push(ManifestFile {
+                    name: name.clone(),
+                    path,
+                    metadata,
+                }),
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => return None,
+            }
+        }
+        Some(files)
+    }
+
     /// The listed files whose stamp changed (or that are new), and the
-    /// names of remembered files that are no longer listed.
+    /// names of remembered files that are no longer listed (of NAMED
+    /// only, when the listing is of those).
     fn stale_and_gone<'a>(
         &self,
         listing: &'a [ManifestFile],
+        named: Option<&BTreeSet<String>>,
     ) -> (Vec<(&'a ManifestFile, FileStamp)>, Vec<String>) {
         let mut stale_files = Vec::new();
         for file in listing {
@@ -259,6 +308,7 @@ impl DirState {
         let gone = self
             .files
             .keys()
+            .filter(|name| named.is_none_or(|named| named.contains(name.as_str())))
             .filter(|name| !listed.contains(name.as_str()))
             .cloned()
             .collect();
@@ -545,6 +595,56 @@ mod tests {
             panic!("reordered")
         };
         assert_eq!(names(&old), [("a".into(), Some(1)), ("b".into(), Some(2))]);
+    }
+
+    /// A look at the files inotify named sees their changes, additions
+    /// and removals, and nothing of the files it was not told about (no
+    /// stat of them), which the next look at everything finds.
+    #[test]
+    fn a_look_at_named_files_sees_only_them() {
+        let dir = TempDir::new("dir-state-named");
+        dir.write("a.json", &json_list(1, 2, None));
+        dir.write("b.json", &json_list(3, 4, None));
+        let mut state = DirState::new(dir.0.clone());
+        let names = |names: &[&str]| -> BTreeSet<String> {
+            names.iter().map(|name| (*name).to_owned()).collect()
+        };
+        // Not read whole yet: the first look is of everything anyway.
+        let Ok(Some(SourceUpdate::Changes(first))) = state.refresh_files(&names(&[])) else {
+            panic!("the first look sends");
+        };
+        assert_eq!(first.slices.len(), 4);
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("a.json", &json_list(1, 2, Some((1, "10.244.9.9"))));
+        dir.write("b.json", &json_list(3, 4, Some((3, "10.244.9.9"))));
+        let Ok(Some(SourceUpdate::Changes(edit))) = state.refresh_files(&names(&["a.json"])) else {
+            panic!("a.json changed");
+        };
+        assert_eq!(object_names(&edit.slices), ["svc-1-a"]);
+        assert!(matches!(state.refresh_files(&names(&["a.json"])), Ok(None)));
+        let Ok(Some(SourceUpdate::Changes(rest))) = state.refresh() else {
+            panic!("b.json changed");
+        };
+        assert_eq!(object_names(&rest.slices), ["svc-3-a"]);
+        // Added, removed, and named but not there: each as it is.
+        dir.write("c.json", &json_list(5, 5, None));
+        dir.remove("b.json");
+        let Ok(Some(SourceUpdate::Changes(moved))) =
+            state.refresh_files(&names(&["b.json", "c.json", "d.json"]))
+        else {
+            panic!("c.json added, b.json removed");
+        };
+        assert_eq!(object_names(&moved.slices), ["svc-5-a"]);
+        assert_eq!(moved.removed_slices.len(), 2, "{moved:?}");
+        assert_eq!(moved.removed_services.len(), 2, "{moved:?}");
+        assert!(matches!(state.refresh(), Ok(None)), "all seen");
+    }
+
+    fn object_names(slices: &[EndpointSlice]) -> Vec<&str> {
+        slices
+            .iter()
+            .filter_map(|slice| slice.metadata.name.as_deref())
+            .collect()
     }
 
     /// An item of a known list whose new text is not JSON makes the whole
