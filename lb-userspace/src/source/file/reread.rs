@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use super::Snapshot;
 use super::listing::ManifestFile;
 use super::parse::{ItemDefaults, Origin, add_object, file_error, load_file};
-use super::split::split_list;
+use super::split::{ListLayout, split_list, text_hash};
 use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord, Record};
 use super::typed::{EitherObject, Typed};
 use crate::model::key_of;
@@ -50,6 +50,7 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             services: snapshot.services,
             slices: snapshot.slices,
             errors: snapshot.errors,
+            layout: None,
         };
     }
     // Text hash -> the old record's index.
@@ -69,24 +70,11 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             return read;
         }
     };
-    // Most files are one document, a list: its items are found by a scan,
-    // and only those whose text is new are parsed (checked) at all. An
-    // item seen before was valid JSON; a new one that is not makes the
-    // whole file invalid, which the validating path below reports as such.
-    if let Some(list) = split_list(&text) {
-        let origin = Origin {
-            file: &file.name,
-            location: "document 1".to_owned(),
-        };
-        let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
-        let all_json = list.items.iter().enumerate().all(|(index, text)| {
-            let item = Item::new(text, defaults, Some(index));
-            read_json_object(&item, &origin, &known, &mut read).is_ok()
-        });
-        if all_json {
-            return read;
-        }
-        read = FileRead::default();
+    // Most files are one document, a list: its items are found without
+    // parsing them, and only those whose text is new are parsed at all.
+    let layout = old.and_then(|old| old.layout.as_ref());
+    if read_list(&text, &file.name, layout, &known, &mut read) {
+        return read;
     }
     // Validating: one pass finds the items of a list.
     if let Ok(JsonHead {
@@ -124,26 +112,61 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
     read
 }
 
-/// A fast 64-bit hash of `parts` (eight bytes per step), to tell whether an
-/// object's text changed: every object of a changed file is hashed, so
-/// `SipHash` would cost more than the rest of reading the file. Not meant to
-/// resist crafted collisions: whoever writes the directory controls the
-/// objects anyway.
-fn text_hash(parts: &[&[u8]]) -> u64 {
-    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mix = |hash: u64, word: u64| (hash ^ word).wrapping_mul(MULTIPLIER).rotate_left(29);
-    let mut hash: u64 = 0x243f_6a88_85a3_08d3;
-    for part in parts {
-        let (words, rest) = part.as_chunks::<8>();
-        for word in words {
-            hash = mix(hash, u64::from_le_bytes(*word));
-        }
-        for &byte in rest {
-            hash = mix(hash, u64::from(byte));
-        }
-        hash = mix(hash, part.len() as u64);
+/// The fast path: TEXT as one JSON list whose items are found by the last
+/// read's LAYOUT or a scan (not parsed); each item whose text is new is
+/// parsed into READ, the others recorded as kept. An item seen before was
+/// valid JSON; a new one that is not makes the whole file invalid: then
+/// false, with READ as it was, and the validating path reports it as such.
+fn read_list(
+    text: &str,
+    name: &str,
+    layout: Option<&ListLayout>,
+    known: &HashMap<u64, usize>,
+    read: &mut FileRead,
+) -> bool {
+    // The last read's layout finds the unchanged items without a scan.
+    let relocated = layout.and_then(|layout| {
+        let defaults = ItemDefaults::of_list(&layout.kind, &layout.api_version);
+        layout.relocate(text, |item| item_hash(defaults, item))
+    });
+    let split = relocated.or_else(|| {
+        let list = split_list(text)?;
+        let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
+        let hashes = list
+            .items
+            .iter()
+            .map(|item| item_hash(defaults, item))
+            .collect();
+        Some((list, hashes))
+    });
+    let Some((list, hashes)) = split else {
+        return false;
+    };
+    let origin = Origin {
+        file: name,
+        location: "document 1".to_owned(),
+    };
+    let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
+    let all_json = list
+        .items
+        .iter()
+        .zip(&hashes)
+        .enumerate()
+        .all(|(index, (text, hash))| {
+            let item = Item {
+                text,
+                hash: *hash,
+                defaults,
+                index: Some(index),
+            };
+            read_json_object(&item, &origin, known, read).is_ok()
+        });
+    if all_json {
+        read.layout = ListLayout::of(text, &list, &hashes);
+        return true;
     }
-    hash ^ (hash >> 32)
+    *read = FileRead::default();
+    false
 }
 
 /// The fields that say what a JSON object (or list) is.

@@ -140,6 +140,144 @@ fn container_end(bytes: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
+/// Items that may differ from the last read before a file is scanned
+/// whole instead (an insertion shifts every item after it).
+const MAX_RELOCATED_CHANGES: usize = 16;
+
+/// Where a list's items sat in a file's text, with their hashes: enough
+/// to find them again in the file's next text without scanning the ones
+/// that did not change (most of them, when one endpoint changed).
+#[derive(Debug)]
+pub(super) struct ListLayout {
+    pub(super) api_version: String,
+    pub(super) kind: String,
+    /// Length and hash of the text before the first item.
+    head: (usize, u64),
+    /// Length and hash of the text after the last item.
+    tail: (usize, u64),
+    /// Each item's start, length and hash (as the caller hashes items).
+    items: Vec<(u32, u32, u64)>,
+}
+
+impl ListLayout {
+    /// The layout of LIST in TEXT, its items hashed as HASHES; `None` for
+    /// an empty list (nothing to save) or a file beyond 4 GiB.
+    pub(super) fn of(text: &str, list: &ListSplit<'_>, hashes: &[u64]) -> Option<Self> {
+        let offset = |item: &str| item.as_ptr().addr() - text.as_ptr().addr();
+        let start = offset(list.items.first()?);
+        let final_item = list.items.last()?;
+        let end = offset(final_item) + final_item.len();
+        let items = list
+            .items
+            .iter()
+            .zip(hashes)
+            .map(|(item, hash)| {
+                Some((
+                    u32::try_from(offset(item)).ok()?,
+                    u32::try_from(item.len()).ok()?,
+                    *hash,
+                ))
+            })
+            .collect::<Option<_>>()?;
+        Some(Self {
+            api_version: list.api_version.clone(),
+            kind: list.kind.clone(),
+            head: (start, text_hash(&[text.get(..start)?.as_bytes()])),
+            tail: (text.len() - end, text_hash(&[text.get(end..)?.as_bytes()])),
+            items,
+        })
+    }
+
+    /// The list in TEXT, if TEXT is this layout's with some items changed
+    /// in place (same head and tail, as many items): each item's text and
+    /// hash (`item_hash`), an unchanged item found without a scan. Like
+    /// [`split_list`], the changed items are not checked. `None` for
+    /// anything else (the caller scans).
+    pub(super) fn relocate<'a>(
+        &self,
+        text: &'a str,
+        item_hash: impl Fn(&str) -> u64,
+    ) -> Option<(ListSplit<'a>, Vec<u64>)> {
+        let bytes = text.as_bytes();
+        let (head, head_hash) = self.head;
+        if text_hash(&[bytes.get(..head)?]) != head_hash {
+            return None;
+        }
+        let mut at = head;
+        let mut items = Vec::with_capacity(self.items.len());
+        let mut hashes = Vec::with_capacity(self.items.len());
+        let mut changed = 0;
+        for (index, &(_, len, hash)) in self.items.iter().enumerate() {
+            if index > 0 {
+                at = skip_ws(bytes, at);
+                if bytes.get(at) != Some(&b',') {
+                    return None;
+                }
+                at = skip_ws(bytes, at + 1);
+            }
+            if bytes.get(at) != Some(&b'{') {
+                return None;
+            }
+            let same = at + usize::try_from(len).ok()?;
+            let (end, hash) = match text.get(at..same) {
+                Some(item) if item_hash(item) == hash => (same, hash),
+                _ => {
+                    changed += 1;
+                    if changed > MAX_RELOCATED_CHANGES {
+                        return None;
+                    }
+                    let end = container_end(bytes, at + 1)?;
+                    (end, item_hash(text.get(at..end)?))
+                }
+            };
+            items.push(text.get(at..end)?);
+            hashes.push(hash);
+            at = end;
+        }
+        let (tail, tail_hash) = self.tail;
+        let rest = bytes.get(at..)?;
+        if rest.len() != tail || text_hash(&[rest]) != tail_hash {
+            return None;
+        }
+        let list = ListSplit {
+            api_version: self.api_version.clone(),
+            kind: self.kind.clone(),
+            items,
+        };
+        Some((list, hashes))
+    }
+}
+
+/// A fast 64-bit hash of `parts` (eight bytes per step), to tell whether an
+/// object's text changed: every object of a changed file is hashed, so
+/// `SipHash` would cost more than the rest of reading the file. Not meant to
+/// resist crafted collisions: whoever writes the directory controls the
+/// objects anyway.
+pub(super) fn text_hash(parts: &[&[u8]]) -> u64 {
+    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mix = |hash: u64, word: u64| (hash ^ word).wrapping_mul(MULTIPLIER).rotate_left(29);
+    let mut hash: u64 = 0x243f_6a88_85a3_08d3;
+    for part in parts {
+        let (words, rest) = part.as_chunks::<8>();
+        for word in words {
+            hash = mix(hash, u64::from_le_bytes(*word));
+        }
+        for &byte in rest {
+            hash = mix(hash, u64::from(byte));
+        }
+        hash = mix(hash, part.len() as u64);
+    }
+    hash ^ (hash >> 32)
+}
+
+/// After JSON whitespace from AT.
+fn skip_ws(bytes: &[u8], mut at: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = bytes.get(at) {
+        at += 1;
+    }
+    at
+}
+
 struct Scanner<'a> {
     text: &'a str,
     at: usize,
@@ -166,9 +304,7 @@ impl<'a> Scanner<'a> {
 
     /// JSON's whitespace, no more.
     fn skip_ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
-            self.at += 1;
-        }
+        self.at = skip_ws(self.bytes(), self.at);
     }
 
     /// From after an opening `"` to after its closing one.
@@ -344,6 +480,118 @@ mod tests {
         for end in 0..text.len() {
             assert_eq!(split_list(&text[..end]), None, "{}", &text[..end]);
         }
+    }
+
+    fn hash(item: &str) -> u64 {
+        text_hash(&[item.as_bytes()])
+    }
+
+    fn layout_of(text: &str) -> ListLayout {
+        let list = split_list(text).expect("a list");
+        let hashes: Vec<u64> = list.items.iter().map(|item| hash(item)).collect();
+        ListLayout::of(text, &list, &hashes).expect("a layout")
+    }
+
+    /// What a relocation found is what a scan finds, or a changed item
+    /// (which the caller parses) is not JSON. True when it found a list.
+    fn relocation_agrees(layout: &ListLayout, text: &str) -> bool {
+        let Some((list, hashes)) = layout.relocate(text, hash) else {
+            return false;
+        };
+        let fresh: Vec<u64> = list.items.iter().map(|item| hash(item)).collect();
+        assert_eq!(hashes, fresh, "{text}");
+        match split_list(text) {
+            Some(split) => assert_eq!(list, split, "{text}"),
+            None => assert!(
+                list.items
+                    .iter()
+                    .any(|item| serde_json::from_str::<IgnoredAny>(item).is_err()),
+                "relocated, but the scan refuses it with valid items: {text}"
+            ),
+        }
+        true
+    }
+
+    #[test]
+    fn a_changed_item_is_relocated_and_anything_else_is_scanned() {
+        let list = |items: &[&str], gap: &str| {
+            format!(
+                r#"{{"apiVersion":"v1","items":[{}],"kind":"List"}}"#,
+                items.join(&format!(",{gap}"))
+            )
+        };
+        let (a, b, c) = (SERVICE, r#"{"a":"}"}"#, r#"{"b":[1,{"c":"\""}]}"#);
+        let layout = layout_of(&list(&[a, b, c], ""));
+        let longer = r#"{"a":"}}}}","more":[[]]}"#;
+        for (what, text, relocated) in [
+            ("unchanged", list(&[a, b, c], ""), true),
+            ("one longer", list(&[a, longer, c], ""), true),
+            ("two shorter", list(&["{}", b, "{}"], ""), true),
+            ("spaced out", list(&[a, b, c], " \n"), true),
+            ("one more", list(&[a, b, c, "{}"], ""), false),
+            ("one fewer", list(&[a, c], ""), false),
+            (
+                "another head",
+                list(&[a, b, c], "").replace("v1", "v2"),
+                false,
+            ),
+            (
+                "another tail",
+                list(&[a, b, c], "").replace("List", "ServiceList"),
+                false,
+            ),
+            ("garbage after", list(&[a, b, c], "") + "x", false),
+            ("not an object", list(&[a, "[]", c], ""), false),
+        ] {
+            assert_eq!(relocation_agrees(&layout, &text), relocated, "{what}");
+        }
+    }
+
+    /// Random lists with items replaced (by valid or damaged ones),
+    /// added, removed or spaced out: a relocation always agrees with the
+    /// scan, and finds the list when items were only replaced.
+    #[test]
+    fn relocation_agrees_with_the_scan_on_random_edits() {
+        let mut rng = Rng(0x5eed_1234_abcd_0002);
+        let mut relocated = 0;
+        for _ in 0..2000 {
+            let mut items: Vec<String> = (0..=rng.below(6)).map(|_| object(&mut rng, 0)).collect();
+            let text = format!(
+                r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+                items.join(",")
+            );
+            let layout = layout_of(&text);
+            let edit = rng.below(5);
+            match edit {
+                0 | 1 => {
+                    let at = rng.below(items.len());
+                    items[at] = object(&mut rng, 0);
+                }
+                2 => {
+                    let at = rng.below(items.len());
+                    let mut damaged = items[at].clone().into_bytes();
+                    let byte = rng.below(damaged.len());
+                    damaged[byte] = b"{}[]\"\\, x"[rng.below(9)];
+                    items[at] = String::from_utf8(damaged).unwrap_or_else(|_| "{}".into());
+                }
+                3 => {
+                    let at = rng.below(items.len());
+                    items.remove(at);
+                }
+                _ => items.push(object(&mut rng, 0)),
+            }
+            let gap = if rng.below(4) == 0 { " , " } else { "," };
+            let text = format!(
+                r#"{{"apiVersion":"v1","kind":"List","items":[{}]}}"#,
+                items.join(gap)
+            );
+            let found = relocation_agrees(&layout, &text);
+            if edit < 2 && !items.is_empty() {
+                assert!(found, "an item replaced: {text}");
+                relocated += 1;
+            }
+        }
+        assert!(relocated > 500, "{relocated}");
     }
 
     /// A small deterministic generator (xorshift), so that the cases are

@@ -11,6 +11,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::listing::{FileStamp, ManifestFile, manifest_files};
 use super::reread::read_file;
+use super::split::ListLayout;
 use super::{FileSourceError, load_dir};
 use crate::model::{ObjectError, ObjectKey};
 use crate::source::{Changes, SourceUpdate};
@@ -49,6 +50,8 @@ pub(super) struct FileEntry {
     stamp: FileStamp,
     pub(super) objects: Vec<ObjectRecord>,
     errors: Vec<ObjectError>,
+    /// Where a JSON list's items sat, to find them again.
+    pub(super) layout: Option<ListLayout>,
 }
 
 /// One object of a file read again.
@@ -65,6 +68,8 @@ pub(super) enum Record {
 #[derive(Default)]
 pub(super) struct FileRead {
     pub(super) objects: Vec<Record>,
+    /// A JSON list's layout, when it was read by the fast path.
+    pub(super) layout: Option<ListLayout>,
     pub(super) services: Vec<Service>,
     pub(super) slices: Vec<EndpointSlice>,
     pub(super) errors: Vec<ObjectError>,
@@ -228,6 +233,7 @@ impl DirState {
                     stamp,
                     objects,
                     errors: read.errors,
+                    layout: read.layout,
                 },
             );
         }
