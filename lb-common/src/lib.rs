@@ -84,6 +84,12 @@ pub mod map_names {
     pub const SOCK_REVNAT4: &str = "LB4_SK_RNAT_V1";
     /// IPv6 socket reverse translation (LRU): `SockRevNat6Key` -> `SockRevNat6`.
     pub const SOCK_REVNAT6: &str = "LB6_SK_RNAT_V1";
+    /// Which released sockets may have a reverse entry to drop: an array
+    /// of `u64` counters indexed by a hash of the socket cookie, counting
+    /// the connected sockets with an entry whose cookie hashes there. A
+    /// socket whose counter is 0 has none, and its release touches neither
+    /// reverse-translation map.
+    pub const SOCK_REVNAT_FILTER: &str = "LB_SK_RNAT_CNT_V1";
     /// Session affinity of the node's sockets (LRU), per network namespace:
     /// `SockAffinityKey` -> `AffinityEntry` (V2: keyed by the affinity
     /// group, as `AFFINITY4`).
@@ -226,6 +232,11 @@ pub mod limits {
     /// socket and backend it was sent to; a connected socket's entry is
     /// removed when the socket is released.
     pub const SOCK_REVNAT_ENTRIES: u32 = 1 << 18;
+    /// Counters of the socket reverse-entry filter (`SOCK_REVNAT_FILTER`),
+    /// shared by both families: 256 KiB of `u64`, so that the filter stays
+    /// in the CPU's caches where the reverse-translation maps (4 MiB of
+    /// buckets each) do not.
+    pub const SOCK_REVNAT_FILTER_SLOTS: u32 = 1 << 15;
     /// Source-range prefixes per family, over all frontends.
     pub const SOURCE_RANGES: u32 = 1 << 14;
     /// Fragmented datagrams tracked at once per family (an LRU, as

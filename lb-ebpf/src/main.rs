@@ -14,6 +14,13 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![warn(unreachable_pub, unused_crate_dependencies)]
+// `BPF_XADD` for the socket filter's shared counters (`sock::hooks::count`):
+// the target has no compare-and-swap, so `core::sync::atomic` has no add.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    allow(internal_features, reason = "core_intrinsics, for atomic_xadd only")
+)]
 // Inlining is decided by hand here: what is a subprogram (`inline(never)`)
 // sets the stack frames the verifier adds up, and everything else must be
 // inlined into them (`inline(always)`) for the per-packet cost.
@@ -179,7 +186,7 @@ use aya_ebpf::{
     reason = "the macro hands the context over by value"
 )]
 fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::forward4(&ctx)
+    sock::connect4(&ctx)
 }
 
 /// `connect()` of an IPv6 socket (IPv4-mapped addresses included).
@@ -190,7 +197,7 @@ fn lb_sock_connect4(ctx: SockAddrContext) -> i32 {
     reason = "the macro hands the context over by value"
 )]
 fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
-    sock::forward6(&ctx)
+    sock::connect6(&ctx)
 }
 
 /// `sendmsg()` with an address on an unconnected IPv4 UDP socket.
@@ -201,7 +208,7 @@ fn lb_sock_connect6(ctx: SockAddrContext) -> i32 {
     reason = "the macro hands the context over by value"
 )]
 fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::forward4(&ctx)
+    sock::sendmsg4(&ctx)
 }
 
 /// `sendmsg()` with an address on an unconnected IPv6 UDP socket.
@@ -212,7 +219,7 @@ fn lb_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
     reason = "the macro hands the context over by value"
 )]
 fn lb_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock::forward6(&ctx)
+    sock::sendmsg6(&ctx)
 }
 
 /// The source `recvmsg()` reports on an IPv4 UDP socket: the frontend.

@@ -131,6 +131,11 @@ pub(crate) static LB4_SK_RNAT_V1: LruHashMap<SockRevNat4Key, SockRevNat4> =
 #[map]
 pub(crate) static LB6_SK_RNAT_V1: LruHashMap<SockRevNat6Key, SockRevNat6> =
     LruHashMap::pinned(limits::SOCK_REVNAT_ENTRIES, 0);
+/// Connected sockets with a reverse entry, per hash of their cookie (see
+/// `sock::hooks::release`).
+#[map]
+pub(crate) static LB_SK_RNAT_CNT_V1: Array<u64> =
+    Array::pinned(limits::SOCK_REVNAT_FILTER_SLOTS, 0);
 /// Session affinity of the node's sockets, per network namespace.
 #[map]
 pub(crate) static LB_SK_AFF_V2: LruHashMap<SockAffinityKey, AffinityEntry> =

@@ -575,6 +575,7 @@ fn hostns_all_bind_guard_and_release() {
         "the TC path should have served the pod"
     );
 
+    held_connection_and_the_release_filter(&lab, &mut node_client);
     // Connected sockets (TCP here) leave no reverse entry behind.
     for family in Family::BOTH {
         assert_tcp(
@@ -594,6 +595,7 @@ fn hostns_all_bind_guard_and_release() {
         0,
         "IPv6 entries left after close"
     );
+    assert_eq!(filter_count(&lab), 0, "filter counts left after close");
 
     lab.kill_agent();
     let mut flags = agent_flags(&cgroup, "all");
@@ -694,6 +696,80 @@ fn off_and_no_cgroup2(
         (web_vip(Family::V6), HTTP_PORT),
         WEB,
     );
+}
+
+/// A held connection through the `ClusterIP` has a reverse entry, counted
+/// in the release filter under its backend (`LB_SK_RNAT_CNT_V1`). A
+/// socket connected straight to that backend meets the count when it is
+/// released, finds no entry of its own, and leaves the connection's entry
+/// and count alone; the connection's own release drops both.
+fn held_connection_and_the_release_filter(lab: &Lab, client: &mut SockClient) {
+    for family in Family::BOTH {
+        let (vip, map) = (
+            web_vip(family),
+            ["LB4_SK_RNAT_V1", "LB6_SK_RNAT_V1"][usize::from(family == Family::V6)],
+        );
+        let held = client
+            .call(&json!({"op": "tcp_open", "id": 1, "addr": vip.to_string(), "port": HTTP_PORT}));
+        assert_eq!(
+            held["peer"],
+            addr_json(vip, HTTP_PORT),
+            "{family:?}: {held}"
+        );
+        assert_eq!(sock_entries(lab, map), 1, "{family:?}: held entry");
+        assert_eq!(filter_count(lab), 1, "{family:?}: held count");
+        let backend = lab
+            .topo
+            .backend_addrs(family, &[&backend_of(&held)])
+            .into_iter()
+            .next()
+            .expect("the backend's address");
+        let direct = client
+            .call(&json!({"op": "tcp", "addr": backend.ip().to_string(), "port": backend.port()}));
+        assert_eq!(
+            direct["peer"],
+            addr_json(backend.ip(), backend.port()),
+            "{family:?}: straight to the backend: {direct}"
+        );
+        assert_eq!(sock_entries(lab, map), 1, "{family:?}: entry after direct");
+        assert_eq!(filter_count(lab), 1, "{family:?}: count after direct");
+        let peer = client.call(&json!({"op": "tcp_peer", "id": 1}));
+        assert_eq!(
+            peer["peer"],
+            addr_json(vip, HTTP_PORT),
+            "{family:?}: {peer}"
+        );
+        client.call(&json!({"op": "tcp_close", "id": 1}));
+        assert_eq!(sock_entries(lab, map), 0, "{family:?}: entry after close");
+        assert_eq!(filter_count(lab), 0, "{family:?}: count after close");
+    }
+}
+
+/// The sum of the release filter's counters (`bpftool map dump`: each
+/// value as 8 little-endian hex bytes).
+fn filter_count(lab: &Lab) -> u64 {
+    let out = run_ok(
+        Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(lab.pin_path().join("LB_SK_RNAT_CNT_V1")),
+    );
+    let entries: Vec<Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpftool map dump: {e}"));
+    entries
+        .iter()
+        .map(|entry| {
+            let bytes: Vec<u8> = entry["value"]
+                .as_array()
+                .expect("value bytes")
+                .iter()
+                .map(|b| {
+                    let hex = b.as_str().expect("a hex byte");
+                    u8::from_str_radix(hex.trim_start_matches("0x"), 16).expect("a hex byte")
+                })
+                .collect();
+            u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+        })
+        .sum()
 }
 
 /// Entries in the pinned map NAME (`bpftool map dump`).

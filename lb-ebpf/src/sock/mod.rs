@@ -18,4 +18,6 @@ pub(crate) mod policy;
 mod hooks;
 
 #[cfg(target_arch = "bpf")]
-pub(crate) use hooks::{bind4, bind6, forward4, forward6, release, reverse4, reverse6};
+pub(crate) use hooks::{
+    bind4, bind6, connect4, connect6, release, reverse4, reverse6, sendmsg4, sendmsg6,
+};

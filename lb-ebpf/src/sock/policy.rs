@@ -5,7 +5,7 @@
 //! (`cargo test -p lb-ebpf`): `BPF_PROG_TEST_RUN` cannot run cgroup
 //! `sock_addr` programs, so what the harness does not reach is tested here.
 
-use lb_common::{SockConfig, proto, sock_flags};
+use lb_common::{SockConfig, limits, proto, sock_flags};
 
 /// True when a socket of the network namespace `netns_cookie` is to be
 /// translated under `config`.
@@ -118,6 +118,24 @@ pub(crate) fn slot_seed(protocol: u32, random: u32, socket_cookie: u64) -> u32 {
     }
 }
 
+/// The counter of the reverse-entry filter (`map_names::SOCK_REVNAT_FILTER`)
+/// for a connected socket's peer: its address words folded together
+/// (`fold_words`) and its port (network order). The peer, not the socket
+/// cookie: a release reads it from the socket, while asking for the
+/// cookie makes the kernel give the socket one (~0.2 µs) and most
+/// sockets released never had one.
+#[inline(always)]
+pub(crate) fn filter_slot(addr_fold: u32, port_be: u16) -> u32 {
+    cookie_hash((u64::from(addr_fold) << 16) | u64::from(port_be))
+        & (limits::SOCK_REVNAT_FILTER_SLOTS - 1)
+}
+
+/// The words of an address (as the context holds them) folded into one.
+#[inline(always)]
+pub(crate) fn fold_words(words: [u32; 4]) -> u32 {
+    words[0] ^ words[1] ^ words[2] ^ words[3]
+}
+
 /// murmur3's finaliser over the cookie's two halves.
 #[inline(always)]
 #[expect(
@@ -228,5 +246,29 @@ mod tests {
         }
         assert!(hits.iter().all(|&n| (800..1200).contains(&n)), "{hits:?}");
         assert!(served_protocol(tcp) && served_protocol(udp) && !served_protocol(1));
+    }
+
+    #[test]
+    fn filter_slots_cover_the_array_and_spread_neighbouring_peers() {
+        const { assert!(limits::SOCK_REVNAT_FILTER_SLOTS.is_power_of_two()) };
+        // Backends are neighbours: 64 pod addresses of one /26 times 64
+        // ports must not pile up in a few counters.
+        let mut seen = std::collections::BTreeMap::<u32, u32>::new();
+        for host in 0..64u8 {
+            for port in 8000..8064u16 {
+                let word = word_from_addr([10, 244, 1, host]);
+                let slot = filter_slot(word, port.to_be());
+                assert!(slot < limits::SOCK_REVNAT_FILTER_SLOTS);
+                *seen.entry(slot).or_default() += 1;
+            }
+        }
+        // 4096 into 32768: ~6% collide by chance; allow twice that.
+        assert!(seen.len() > 3600, "{} distinct slots", seen.len());
+        assert!(seen.values().all(|&n| n <= 3), "{:?}", seen.values().max());
+        // An IPv6 peer's words are folded: each word counts.
+        let v6 = words_from_addr6(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let mut other = v6;
+        other[1] ^= 1;
+        assert_ne!(fold_words(v6), fold_words(other));
     }
 }

@@ -6,6 +6,7 @@
 import errno, json, socket, sys, time
 
 udp_socks = {}
+tcp_socks = {}
 
 def fam(addr):
     return socket.AF_INET6 if ':' in addr else socket.AF_INET
@@ -34,6 +35,33 @@ def tcp(cmd):
         return err(e, t0)
     finally:
         s.close()
+
+def tcp_open(cmd):
+    # As tcp, but the connection stays open until tcp_close.
+    t0 = time.monotonic()
+    s = socket.socket(fam(cmd["addr"]), socket.SOCK_STREAM)
+    s.settimeout(cmd.get("timeout", 2.0))
+    try:
+        s.connect((cmd["addr"], cmd["port"]))
+        s.sendall(b"hi\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            answer += chunk
+    except OSError as e:
+        s.close()
+        return err(e, t0)
+    tcp_socks[cmd["id"]] = s
+    return {"peer": list(s.getpeername()[:2]), "answer": answer.decode().strip()}
+
+def tcp_peer(cmd):
+    return {"peer": list(tcp_socks[cmd["id"]].getpeername()[:2])}
+
+def tcp_close(cmd):
+    tcp_socks.pop(cmd["id"]).close()
+    return {}
 
 def udp(cmd):
     t0 = time.monotonic()
@@ -99,7 +127,8 @@ def bind(cmd):
     finally:
         s.close()
 
-OPS = {"tcp": tcp, "udp": udp, "udp_open": udp_open, "udp_ask": udp_ask,
+OPS = {"tcp": tcp, "tcp_open": tcp_open, "tcp_peer": tcp_peer, "tcp_close": tcp_close,
+       "udp": udp, "udp_open": udp_open, "udp_ask": udp_ask,
        "udp_close": udp_close, "tcp_loop": tcp_loop, "bind": bind}
 
 print(json.dumps({"ready": True}), flush=True)
