@@ -103,6 +103,9 @@ pub(crate) struct State {
     pub(crate) requests: Vec<String>,
     /// Bodies of the Events posted.
     events: Vec<Value>,
+    /// Per resource, the version [`ApiServer::gone`] compacted to: a
+    /// watch from an older one gets `410 Gone`, also one opened after.
+    compacted: BTreeMap<Res, u64>,
 }
 
 fn object_key(object: &Value) -> String {
@@ -252,6 +255,11 @@ impl ApiServer {
     pub(crate) fn gone(&self, res: Res) {
         let mut state = self.lock();
         state.history.retain(|write| write.res != res);
+        // A watcher that has listed but not opened its watch yet gets its
+        // 410 there, as from etcd's compaction.
+        state.rv += 1;
+        let rv = state.rv;
+        state.compacted.insert(res, rv);
         let _ = self.wire.send(Wire::Gone { res });
     }
 
@@ -651,7 +659,9 @@ async fn watch(
             })
             .max()
             .unwrap_or(0);
-        let compacted = oldest.is_none_or(|oldest| from + 1 < oldest) && newest_of_res > from;
+        let compacted = (oldest.is_none_or(|oldest| from + 1 < oldest) && newest_of_res > from)
+            || (query.contains_key("resourceVersion")
+                && state.compacted.get(&res).is_some_and(|at| from < *at));
         let backlog: Vec<Value> = state
             .history
             .iter()

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use lb_userspace::{
     model::{self, ObjectError},
-    source::kube::{EventReporter, node_context},
+    source::kube::{EventReporter, QUIET, node_context},
 };
 use serde_json::json;
 
@@ -241,6 +241,52 @@ async fn dual_stack_cluster_follows_list_and_watch() {
 
 /// An unreachable API server: the source says so (the agent keeps its maps
 /// and /readyz shows the reason), and catches up when it is back.
+/// A change after a quiet spell is handed on at once, not after the
+/// [`QUIET`] window a burst waits for: of a few lone changes (each after a
+/// pause longer than `QUIET`), the fastest reaches the agent's channel
+/// sooner than `QUIET` after the API server sent its watch event, which a
+/// source that waits `QUIET` after every change never does. The fastest,
+/// not each: on a loaded machine one of them may be scheduled late.
+#[tokio::test]
+async fn a_lone_change_is_sent_without_the_quiet_delay() {
+    let server = ApiServer::start(dual_stack_objects()).await;
+    let mut source = start_source(&server);
+    source.until(STEP, "initial lists", |_| true).await;
+    let mut times = Vec::new();
+    for i in 0..5u8 {
+        tokio::time::sleep(3 * QUIET).await;
+        let address = format!("198.18.7.{}", 2 + i);
+        let sent = Instant::now();
+        let version = server.apply(
+            Res::Slices,
+            slice(
+                "web-abc12",
+                "web",
+                "IPv4",
+                &[(&address, true)],
+                &[("http", 8080, "TCP")],
+            ),
+        );
+        let changes = source.next_changes(STEP, "a lone change").await;
+        times.push(sent.elapsed());
+        assert_eq!(
+            changes
+                .slices
+                .iter()
+                .map(|s| s.metadata.resource_version.clone())
+                .collect::<Vec<_>>(),
+            [Some(version.to_string())],
+            "the change, alone, in one update"
+        );
+    }
+    let fastest = times.iter().min().copied().unwrap_or(Duration::MAX);
+    eprintln!("watch event -> update, lone changes: {times:?}");
+    assert!(
+        fastest < QUIET,
+        "a lone change waited: fastest {fastest:?} of {times:?}, QUIET {QUIET:?}"
+    );
+}
+
 #[tokio::test]
 async fn unreachable_api_server_is_reported_and_recovered() {
     let server = ApiServer::start(dual_stack_objects()).await;

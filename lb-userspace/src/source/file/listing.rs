@@ -117,7 +117,8 @@ pub(super) fn manifest_files(dir: &Path) -> io::Result<Vec<ManifestFile>> {
     Ok(files)
 }
 
-fn is_manifest_name(name: &str) -> bool {
+/// A manifest by its name: `.yaml`, `.yml` or `.json`, not hidden.
+pub(super) fn is_manifest_name(name: &str) -> bool {
     !name.starts_with('.')
         && Path::new(name)
             .extension()

@@ -15,6 +15,7 @@
 //!   what changed;
 //! - `reread`: reading one changed file again, parsing only the JSON
 //!   objects whose text changed;
+//! - `split`: the items of a JSON list found by a byte scan, unparsed;
 //! - `typed`: a JSON object read in one pass as a Service or a slice;
 //! - `events`: inotify, to see a change at once ([`DirEvents`]);
 //! - here: loading the whole directory, and the source's task.
@@ -23,6 +24,7 @@ mod events;
 mod listing;
 mod parse;
 mod reread;
+mod split;
 mod state;
 #[cfg(test)]
 mod testdir;
@@ -36,7 +38,7 @@ use tracing::Instrument as _;
 
 pub use super::Snapshot;
 use super::{FILE_POLL_INTERVAL, SourceUpdate};
-pub use events::DirEvents;
+pub use events::{Changed, DirEvents};
 pub use listing::DirWatcher;
 use listing::manifest_files;
 use parse::load_file;
@@ -155,16 +157,28 @@ pub(super) fn spawn(
             let mut events = events;
             let mut dir_was_unreadable = false;
             loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    woke = async { events.as_mut()?.wait().await.err() }, if events.is_some() => {
-                        if let Some(error) = woke {
+                let changed = tokio::select! {
+                    _ = ticker.tick() => Changed::Anything,
+                    woke = async {
+                        match events.as_mut() {
+                            Some(events) => events.wait().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if events.is_some() => match woke {
+                        Ok(changed) => changed,
+                        Err(error) => {
                             tracing::warn!(%error, "inotify failed; polling only");
                             events = None;
+                            Changed::Anything
                         }
-                    }
-                }
-                let looked = state.refresh();
+                    },
+                };
+                // A file inotify names is looked at alone, not with a stat
+                // of every file.
+                let looked = match &changed {
+                    Changed::Files(names) => state.refresh_files(names),
+                    Changed::Anything => state.refresh(),
+                };
                 if looked.is_err() {
                     // Gone (or unreadable): a watch on a deleted
                     // directory never fires again; re-arm once it is back.

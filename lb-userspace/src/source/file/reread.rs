@@ -13,7 +13,8 @@ use serde_json::value::RawValue;
 use super::Snapshot;
 use super::listing::ManifestFile;
 use super::parse::{ItemDefaults, Origin, add_object, file_error, load_file};
-use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord};
+use super::split::{ListLayout, split_list, text_hash};
+use super::state::{FileEntry, FileRead, ObjectKind, ObjectRecord, Record};
 use super::typed::{EitherObject, Typed};
 use crate::model::key_of;
 
@@ -36,10 +37,12 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
                     .iter()
                     .map(|slice| (ObjectKind::Slice, key_of(&slice.metadata))),
             )
-            .map(|(kind, key)| ObjectRecord {
-                kind,
-                key,
-                text_hash: None,
+            .map(|(kind, key)| {
+                Record::Read(ObjectRecord {
+                    kind,
+                    key,
+                    text_hash: None,
+                })
             })
             .collect();
         return FileRead {
@@ -47,19 +50,16 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             services: snapshot.services,
             slices: snapshot.slices,
             errors: snapshot.errors,
+            layout: None,
         };
     }
-    let known: HashMap<u64, &ObjectRecord> = old
+    // Text hash -> the old record's index.
+    let known: HashMap<u64, usize> = old
         .into_iter()
-        .flat_map(|entry| &entry.objects)
-        .filter_map(|record| Some((record.text_hash?, record)))
+        .flat_map(|entry| entry.objects.iter().enumerate())
+        .filter_map(|(index, record)| Some((record.text_hash?, index)))
         .collect();
-    let mut read = FileRead {
-        objects: Vec::new(),
-        services: Vec::new(),
-        slices: Vec::new(),
-        errors: Vec::new(),
-    };
+    let mut read = FileRead::default();
     let text = match fs::read_to_string(&file.path) {
         Ok(text) => text,
         // Deleted since listed: the next look sees that.
@@ -70,7 +70,13 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             return read;
         }
     };
-    // Most files are one document, a list: then one pass finds its items.
+    // Most files are one document, a list: its items are found without
+    // parsing them, and only those whose text is new are parsed at all.
+    let layout = old.and_then(|old| old.layout.as_ref());
+    if read_list(&text, &file.name, layout, &known, &mut read) {
+        return read;
+    }
+    // Validating: one pass finds the items of a list.
     if let Ok(JsonHead {
         api_version: Some(api_version),
         kind: Some(list_kind),
@@ -106,26 +112,61 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
     read
 }
 
-/// A fast 64-bit hash of `parts` (eight bytes per step), to tell whether an
-/// object's text changed: every object of a changed file is hashed, so
-/// `SipHash` would cost more than the rest of reading the file. Not meant to
-/// resist crafted collisions: whoever writes the directory controls the
-/// objects anyway.
-fn text_hash(parts: &[&[u8]]) -> u64 {
-    const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mix = |hash: u64, word: u64| (hash ^ word).wrapping_mul(MULTIPLIER).rotate_left(29);
-    let mut hash: u64 = 0x243f_6a88_85a3_08d3;
-    for part in parts {
-        let (words, rest) = part.as_chunks::<8>();
-        for word in words {
-            hash = mix(hash, u64::from_le_bytes(*word));
-        }
-        for &byte in rest {
-            hash = mix(hash, u64::from(byte));
-        }
-        hash = mix(hash, part.len() as u64);
+/// The fast path: TEXT as one JSON list whose items are found by the last
+/// read's LAYOUT or a scan (not parsed); each item whose text is new is
+/// parsed into READ, the others recorded as kept. An item seen before was
+/// valid JSON; a new one that is not makes the whole file invalid: then
+/// false, with READ as it was, and the validating path reports it as such.
+fn read_list(
+    text: &str,
+    name: &str,
+    layout: Option<&ListLayout>,
+    known: &HashMap<u64, usize>,
+    read: &mut FileRead,
+) -> bool {
+    // The last read's layout finds the unchanged items without a scan.
+    let relocated = layout.and_then(|layout| {
+        let defaults = ItemDefaults::of_list(&layout.kind, &layout.api_version);
+        layout.relocate(text, |item| item_hash(defaults, item))
+    });
+    let split = relocated.or_else(|| {
+        let list = split_list(text)?;
+        let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
+        let hashes = list
+            .items
+            .iter()
+            .map(|item| item_hash(defaults, item))
+            .collect();
+        Some((list, hashes))
+    });
+    let Some((list, hashes)) = split else {
+        return false;
+    };
+    let origin = Origin {
+        file: name,
+        location: "document 1".to_owned(),
+    };
+    let defaults = ItemDefaults::of_list(&list.kind, &list.api_version);
+    let all_json = list
+        .items
+        .iter()
+        .zip(&hashes)
+        .enumerate()
+        .all(|(index, (text, hash))| {
+            let item = Item {
+                text,
+                hash: *hash,
+                defaults,
+                index: Some(index),
+            };
+            read_json_object(&item, &origin, known, read).is_ok()
+        });
+    if all_json {
+        read.layout = ListLayout::of(text, &list, &hashes);
+        return true;
     }
-    hash ^ (hash >> 32)
+    *read = FileRead::default();
+    false
 }
 
 /// The fields that say what a JSON object (or list) is.
@@ -143,7 +184,7 @@ struct JsonHead<'a> {
 fn read_json_document(
     document: &RawValue,
     origin: &Origin<'_>,
-    known: &HashMap<u64, &ObjectRecord>,
+    known: &HashMap<u64, usize>,
     read: &mut FileRead,
 ) {
     let head = serde_json::from_str::<JsonHead<'_>>(document.get()).ok();
@@ -157,7 +198,7 @@ fn read_json_document(
         read_json_items(items, api_version, list_kind, origin, known, read);
         return;
     }
-    read_json_object(document, origin, None, known, read);
+    read_validated_object(&Item::new(document.get(), None, None), origin, known, read);
 }
 
 /// The items of a list, each with the list's defaults.
@@ -166,32 +207,82 @@ fn read_json_items(
     api_version: &str,
     list_kind: &str,
     origin: &Origin<'_>,
-    known: &HashMap<u64, &ObjectRecord>,
+    known: &HashMap<u64, usize>,
     read: &mut FileRead,
 ) {
     let defaults = ItemDefaults::of_list(list_kind, api_version);
     for (index, item) in items.iter().enumerate() {
-        read_json_object(item, &origin.item(index), defaults, known, read);
+        let item = Item::new(item.get(), defaults, Some(index));
+        read_validated_object(&item, origin, known, read);
     }
 }
 
-fn read_json_object(
-    raw: &RawValue,
-    origin: &Origin<'_>,
-    defaults: Option<ItemDefaults<'_>>,
-    known: &HashMap<u64, &ObjectRecord>,
-    read: &mut FileRead,
-) {
-    let text_hash = text_hash(&[
+/// An object's text as written, with the defaults of its list.
+struct Item<'a> {
+    text: &'a str,
+    /// [`item_hash`] of it.
+    hash: u64,
+    defaults: Option<ItemDefaults<'a>>,
+    /// Its place in the list, if in one.
+    index: Option<usize>,
+}
+
+impl<'a> Item<'a> {
+    fn new(text: &'a str, defaults: Option<ItemDefaults<'a>>, index: Option<usize>) -> Self {
+        Self {
+            text,
+            hash: item_hash(defaults, text),
+            defaults,
+            index,
+        }
+    }
+}
+
+/// What tells that an object (with its list's defaults) changed.
+fn item_hash(defaults: Option<ItemDefaults<'_>>, text: &str) -> u64 {
+    text_hash(&[
         defaults.map_or("", |d| d.api_version).as_bytes(),
         defaults.map_or("", |d| d.kind).as_bytes(),
-        raw.get().as_bytes(),
-    ]);
-    if let Some(record) = known.get(&text_hash) {
-        read.objects.push((*record).clone());
-        return;
+        text.as_bytes(),
+    ])
+}
+
+/// [`read_json_object`] of an object `serde_json` has checked already.
+fn read_validated_object(
+    item: &Item<'_>,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, usize>,
+    read: &mut FileRead,
+) {
+    if let Err(error) = read_json_object(item, origin, known, read) {
+        let item_origin = item.index.map(|index| origin.item(index));
+        read.errors.push(
+            item_origin
+                .as_ref()
+                .unwrap_or(origin)
+                .error(&format!("not valid JSON: {error}")),
+        );
     }
-    let typed = match serde_json::from_str::<EitherObject>(raw.get()) {
+}
+
+/// An object into READ: recorded if its text is known, else parsed (as a
+/// Service or slice, or by the general path with its reports). ORIGIN is
+/// where its document sits (the item's place is added).
+///
+/// # Errors
+/// The text is not JSON; nothing was added to READ.
+fn read_json_object(
+    item: &Item<'_>,
+    origin: &Origin<'_>,
+    known: &HashMap<u64, usize>,
+    read: &mut FileRead,
+) -> Result<(), serde_json::Error> {
+    let (text_hash, defaults) = (item.hash, item.defaults);
+    if let Some(index) = known.get(&text_hash) {
+        read.objects.push(Record::Kept(*index));
+        return Ok(());
+    }
+    let typed = match serde_json::from_str::<EitherObject>(item.text) {
         Ok(object) => object.into_typed(defaults),
         // Not one of the two kinds, or not valid as one: the general path
         // below says what is wrong, with the field's path.
@@ -210,38 +301,41 @@ fn read_json_object(
         }
     });
     if let Some((kind, key)) = typed {
-        read.objects.push(ObjectRecord {
+        read.objects.push(Record::Read(ObjectRecord {
             kind,
             key,
             text_hash: Some(text_hash),
-        });
-        return;
+        }));
+        return Ok(());
     }
     // Not a plain Service or slice: the general path, with its reports.
+    let value = serde_json::from_str::<Value>(item.text)?;
     let mut snapshot = Snapshot::default();
-    match serde_json::from_str::<Value>(raw.get()) {
-        Ok(value) => add_object(&value, origin, defaults, &mut snapshot),
-        Err(error) => snapshot
-            .errors
-            .push(origin.error(&format!("not valid JSON: {error}"))),
-    }
+    let item_origin = item.index.map(|index| origin.item(index));
+    add_object(
+        &value,
+        item_origin.as_ref().unwrap_or(origin),
+        defaults,
+        &mut snapshot,
+    );
     for service in &snapshot.services {
-        read.objects.push(ObjectRecord {
+        read.objects.push(Record::Read(ObjectRecord {
             kind: ObjectKind::Service,
             key: key_of(&service.metadata),
             text_hash: None,
-        });
+        }));
     }
     for slice in &snapshot.slices {
-        read.objects.push(ObjectRecord {
+        read.objects.push(Record::Read(ObjectRecord {
             kind: ObjectKind::Slice,
             key: key_of(&slice.metadata),
             text_hash: None,
-        });
+        }));
     }
     read.services.extend(snapshot.services);
     read.slices.extend(snapshot.slices);
     read.errors.extend(snapshot.errors);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,13 +2,16 @@
 //! look, as [`Changes`] (or the whole directory when a duplicate is
 //! involved).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io;
 use std::path::PathBuf;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::listing::{FileStamp, ManifestFile, manifest_files};
 use super::reread::read_file;
+use super::split::ListLayout;
 use super::{FileSourceError, load_dir};
 use crate::model::{ObjectError, ObjectKey};
 use crate::source::{Changes, SourceUpdate};
@@ -30,18 +33,43 @@ pub(super) struct ObjectRecord {
     pub(super) text_hash: Option<u64>,
 }
 
+impl ObjectRecord {
+    /// What is left where a record was moved out.
+    fn moved() -> Self {
+        Self {
+            kind: ObjectKind::Service,
+            key: (String::new(), String::new()),
+            text_hash: None,
+        }
+    }
+}
+
 /// What the source remembers of one file.
 #[derive(Debug)]
 pub(super) struct FileEntry {
     stamp: FileStamp,
     pub(super) objects: Vec<ObjectRecord>,
     errors: Vec<ObjectError>,
+    /// Where a JSON list's items sat, to find them again.
+    pub(super) layout: Option<ListLayout>,
+}
+
+/// One object of a file read again.
+#[derive(Debug)]
+pub(super) enum Record {
+    /// The old entry's record at this index: the text did not change.
+    Kept(usize),
+    /// Read (parsed) now.
+    Read(ObjectRecord),
 }
 
 /// One file read again: its objects (those whose text did not change are
 /// only recorded, not parsed again) and errors.
+#[derive(Default)]
 pub(super) struct FileRead {
-    pub(super) objects: Vec<ObjectRecord>,
+    pub(super) objects: Vec<Record>,
+    /// A JSON list's layout, when it was read by the fast path.
+    pub(super) layout: Option<ListLayout>,
     pub(super) services: Vec<Service>,
     pub(super) slices: Vec<EndpointSlice>,
     pub(super) errors: Vec<ObjectError>,
@@ -94,7 +122,23 @@ impl DirState {
     ///
     /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
     pub fn refresh(&mut self) -> Result<Option<SourceUpdate>, FileSourceError> {
-        self.look(None)
+        self.look(None, None)
+    }
+
+    /// [`DirState::refresh`] where only the manifest files NAMES may have
+    /// changed (inotify says which): only they are looked at, not every
+    /// file of the directory. The whole directory when it has not been
+    /// read whole yet, when the last look failed, or when a named file
+    /// cannot be looked at.
+    ///
+    /// # Errors
+    ///
+    /// [`FileSourceError::ReadDir`] when the directory cannot be listed.
+    pub fn refresh_files(
+        &mut self,
+        names: &BTreeSet<String>,
+    ) -> Result<Option<SourceUpdate>, FileSourceError> {
+        self.look(None, Some(names))
     }
 
     /// [`DirState::refresh`], but the objects of each file read are handed
@@ -108,16 +152,24 @@ impl DirState {
         &mut self,
         partial: &mut dyn FnMut(Changes),
     ) -> Result<Option<SourceUpdate>, FileSourceError> {
-        self.look(Some(partial))
+        self.look(Some(partial), None)
     }
 
+    /// What changed in the directory (only among NAMED, if given) since
+    /// the last look.
     fn look(
         &mut self,
         mut partial: Option<&mut dyn FnMut(Changes)>,
+        named: Option<&BTreeSet<String>>,
     ) -> Result<Option<SourceUpdate>, FileSourceError> {
         let started = std::time::Instant::now();
         let first = !self.sent;
-        let listing = match manifest_files(&self.dir) {
+        let named = named.filter(|_| !first && !self.failed && !self.snapshot_owed);
+        let listing = match named.map(|names| self.named_files(names)) {
+            Some(Some(listing)) => Ok(listing),
+            _ => manifest_files(&self.dir),
+        };
+        let listing = match listing {
             Ok(listing) => listing,
             Err(source) => {
                 self.failed = true;
@@ -127,7 +179,7 @@ impl DirState {
                 });
             }
         };
-        let (stale_files, gone) = self.stale_and_gone(&listing);
+        let (stale_files, gone) = self.stale_and_gone(&listing, named);
         if stale_files.is_empty()
             && gone.is_empty()
             && !first
@@ -151,17 +203,20 @@ impl DirState {
         // counts stay, only they can involve a duplicate.
         let mut edited = Vec::new();
         for (file, stamp) in stale_files {
-            let read = read_file(file, self.files.get(&file.name));
             let old = self.files.remove(&file.name);
-            if let Some(ids) = old
-                .as_ref()
-                .and_then(|old| edited_in_place(&old.objects, &read.objects))
-            {
-                edited.extend(ids);
-            } else {
-                old_objects.extend(old.map(|old| old.objects).unwrap_or_default());
-                new_objects.extend(read.objects.iter().cloned());
-            }
+            let read = read_file(file, old.as_ref());
+            let old = old.map(|old| old.objects).unwrap_or_default();
+            let objects = match settle(old, read.objects) {
+                (objects, InPlace::Edited(ids)) => {
+                    edited.extend(ids);
+                    objects
+                }
+                (objects, InPlace::No(old)) => {
+                    old_objects.extend(old);
+                    new_objects.extend(objects.iter().cloned());
+                    objects
+                }
+            };
             changes.services.extend(read.services);
             changes.slices.extend(read.slices);
             if let Some(partial) = partial.as_mut() {
@@ -176,8 +231,9 @@ impl DirState {
                 file.name.clone(),
                 FileEntry {
                     stamp,
-                    objects: read.objects,
+                    objects,
                     errors: read.errors,
+                    layout: read.layout,
                 },
             );
         }
@@ -213,11 +269,34 @@ impl DirState {
 }
 
 impl DirState {
+    /// The manifest files among NAMES that are there (as
+    /// [`manifest_files`] lists them); `None` when one cannot be looked
+    /// at (the whole listing then says why).
+    fn named_files(&self, names: &BTreeSet<String>) -> Option<Vec<ManifestFile>> {
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let path = self.dir.join(name);
+            match fs::metadata(&path) {
+                Ok(metadata) if metadata.is_file() => files.push(ManifestFile {
+                    name: name.clone(),
+                    path,
+                    metadata,
+                }),
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => return None,
+            }
+        }
+        Some(files)
+    }
+
     /// The listed files whose stamp changed (or that are new), and the
-    /// names of remembered files that are no longer listed.
+    /// names of remembered files that are no longer listed (of NAMED
+    /// only, when the listing is of those).
     fn stale_and_gone<'a>(
         &self,
         listing: &'a [ManifestFile],
+        named: Option<&BTreeSet<String>>,
     ) -> (Vec<(&'a ManifestFile, FileStamp)>, Vec<String>) {
         let mut stale_files = Vec::new();
         for file in listing {
@@ -235,6 +314,7 @@ impl DirState {
         let gone = self
             .files
             .keys()
+            .filter(|name| named.is_none_or(|named| named.contains(name.as_str())))
             .filter(|name| !listed.contains(name.as_str()))
             .cloned()
             .collect();
@@ -296,27 +376,68 @@ fn definition_id(kind: ObjectKind, key: &ObjectKey) -> u64 {
     hasher.finish()
 }
 
-/// When `new` defines the same objects as `old` in the same order, the ones
-/// whose text changed (YAML: all); `None` when the objects differ.
-fn edited_in_place(
-    old: &[ObjectRecord],
-    new: &[ObjectRecord],
-) -> Option<Vec<(ObjectKind, ObjectKey)>> {
-    if old.len() != new.len()
-        || old
-            .iter()
-            .zip(new)
-            .any(|(old, new)| old.kind != new.kind || old.key != new.key)
-    {
-        return None;
+/// How a file read again relates to what it defined before.
+enum InPlace {
+    /// The same objects in the same order (the usual edit): the ones
+    /// whose text changed (YAML: all).
+    Edited(Vec<(ObjectKind, ObjectKey)>),
+    /// Other objects: the old records, for the definition counts.
+    No(Vec<ObjectRecord>),
+}
+
+/// A file's new records from NEW, the kept ones moved out of OLD (a file
+/// of 1,500 objects with one changed would otherwise copy 1,499 keys),
+/// and how they relate to OLD.
+fn settle(old: Vec<ObjectRecord>, new: Vec<Record>) -> (Vec<ObjectRecord>, InPlace) {
+    fn record<'a>(old: &'a [ObjectRecord], record: &'a Record) -> Option<&'a ObjectRecord> {
+        match record {
+            Record::Kept(index) => old.get(*index),
+            Record::Read(record) => Some(record),
+        }
     }
-    Some(
-        old.iter()
-            .zip(new)
-            .filter(|(old, new)| new.text_hash.is_none() || old.text_hash != new.text_hash)
-            .map(|(_, new)| (new.kind, new.key.clone()))
-            .collect(),
-    )
+    let in_place = old.len() == new.len()
+        && old.iter().zip(&new).all(|(was, now)| {
+            record(&old, now).is_some_and(|now| was.kind == now.kind && was.key == now.key)
+        });
+    if !in_place {
+        let records = new
+            .iter()
+            .filter_map(|new| record(&old, new).cloned())
+            .collect();
+        return (records, InPlace::No(old));
+    }
+    let edited = old
+        .iter()
+        .zip(&new)
+        .filter_map(|(was, now)| {
+            let now = record(&old, now)?;
+            (now.text_hash.is_none() || was.text_hash != now.text_hash)
+                .then(|| (now.kind, now.key.clone()))
+        })
+        .collect();
+    // Each old record moves once; one kept twice (the same text twice in
+    // the file) is copied the second time.
+    let mut moved = vec![false; old.len()];
+    let new: Vec<Record> = new
+        .into_iter()
+        .map(|new| match new {
+            Record::Kept(index) if moved[index] => Record::Read(old[index].clone()),
+            Record::Kept(index) => {
+                moved[index] = true;
+                Record::Kept(index)
+            }
+            read @ Record::Read(_) => read,
+        })
+        .collect();
+    let mut old = old;
+    let records = new
+        .into_iter()
+        .map(|new| match new {
+            Record::Kept(index) => std::mem::replace(&mut old[index], ObjectRecord::moved()),
+            Record::Read(record) => record,
+        })
+        .collect();
+    (records, InPlace::Edited(edited))
 }
 
 /// Objects of `old` that `new` no longer defines go to `changes` as removed.
@@ -425,6 +546,168 @@ mod tests {
                 Some(changes)
             }
             SourceUpdate::Stale(reason) => panic!("stale: {reason}"),
+        }
+    }
+
+    /// Kept records move into the new entry; the file relates to the old
+    /// one as before: an edit in place names the changed objects, a new
+    /// order or set hands the old records back; a record kept twice is
+    /// copied.
+    #[test]
+    fn settle_moves_kept_records_and_tells_an_edit_in_place() {
+        let record = |name: &str, hash: u64| ObjectRecord {
+            kind: ObjectKind::Slice,
+            key: ("ns".to_owned(), name.to_owned()),
+            text_hash: Some(hash),
+        };
+        let names = |records: &[ObjectRecord]| -> Vec<(String, Option<u64>)> {
+            records
+                .iter()
+                .map(|r| (r.key.1.clone(), r.text_hash))
+                .collect()
+        };
+        let (records, how) = settle(
+            vec![record("a", 1), record("b", 2)],
+            vec![Record::Kept(0), Record::Read(record("b", 3))],
+        );
+        assert_eq!(
+            names(&records),
+            [("a".into(), Some(1)), ("b".into(), Some(3))]
+        );
+        let InPlace::Edited(edited) = how else {
+            panic!("in place")
+        };
+        assert_eq!(edited, [(ObjectKind::Slice, ("ns".into(), "b".into()))]);
+
+        let (records, how) = settle(
+            vec![record("a", 1), record("a", 1)],
+            vec![Record::Kept(0), Record::Kept(0)],
+        );
+        assert_eq!(
+            names(&records),
+            [("a".into(), Some(1)), ("a".into(), Some(1))]
+        );
+        assert!(matches!(how, InPlace::Edited(edited) if edited.is_empty()));
+
+        let (records, how) = settle(
+            vec![record("a", 1), record("b", 2)],
+            vec![Record::Kept(1), Record::Kept(0)],
+        );
+        assert_eq!(
+            names(&records),
+            [("b".into(), Some(2)), ("a".into(), Some(1))]
+        );
+        let InPlace::No(old) = how else {
+            panic!("reordered")
+        };
+        assert_eq!(names(&old), [("a".into(), Some(1)), ("b".into(), Some(2))]);
+    }
+
+    /// A look at the files inotify named sees their changes, additions
+    /// and removals, and nothing of the files it was not told about (no
+    /// stat of them), which the next look at everything finds.
+    #[test]
+    fn a_look_at_named_files_sees_only_them() {
+        let dir = TempDir::new("dir-state-named");
+        dir.write("a.json", &json_list(1, 2, None));
+        dir.write("b.json", &json_list(3, 4, None));
+        let mut state = DirState::new(dir.0.clone());
+        let names = |names: &[&str]| -> BTreeSet<String> {
+            names.iter().map(|name| (*name).to_owned()).collect()
+        };
+        // Not read whole yet: the first look is of everything anyway.
+        let Ok(Some(SourceUpdate::Changes(first))) = state.refresh_files(&names(&[])) else {
+            panic!("the first look sends");
+        };
+        assert_eq!(first.slices.len(), 4);
+        std::thread::sleep(Duration::from_millis(20));
+        dir.write("a.json", &json_list(1, 2, Some((1, "10.244.9.9"))));
+        dir.write("b.json", &json_list(3, 4, Some((3, "10.244.9.9"))));
+        let Ok(Some(SourceUpdate::Changes(edit))) = state.refresh_files(&names(&["a.json"])) else {
+            panic!("a.json changed");
+        };
+        assert_eq!(object_names(&edit.slices), ["svc-1-a"]);
+        assert!(matches!(state.refresh_files(&names(&["a.json"])), Ok(None)));
+        let Ok(Some(SourceUpdate::Changes(rest))) = state.refresh() else {
+            panic!("b.json changed");
+        };
+        assert_eq!(object_names(&rest.slices), ["svc-3-a"]);
+        // Added, removed, and named but not there: each as it is.
+        dir.write("c.json", &json_list(5, 5, None));
+        dir.remove("b.json");
+        let Ok(Some(SourceUpdate::Changes(moved))) =
+            state.refresh_files(&names(&["b.json", "c.json", "d.json"]))
+        else {
+            panic!("c.json added, b.json removed");
+        };
+        assert_eq!(object_names(&moved.slices), ["svc-5-a"]);
+        assert_eq!(moved.removed_slices.len(), 2, "{moved:?}");
+        assert_eq!(moved.removed_services.len(), 2, "{moved:?}");
+        assert!(matches!(state.refresh(), Ok(None)), "all seen");
+    }
+
+    fn object_names(slices: &[EndpointSlice]) -> Vec<&str> {
+        slices
+            .iter()
+            .filter_map(|slice| slice.metadata.name.as_deref())
+            .collect()
+    }
+
+    /// An item of a known list whose new text is not JSON makes the whole
+    /// file invalid, as `serde_json` reading the whole file finds it: its
+    /// error naming the file, and none of the file's objects. Fixed, it
+    /// loads again.
+    #[test]
+    fn a_broken_item_in_a_known_list_makes_the_file_invalid_as_before() {
+        let dir = TempDir::new("dir-state-broken-item");
+        dir.write("a.json", &json_list(1, 3, None));
+        let mut state = DirState::new(dir.0.clone());
+        assert!(matches!(state.refresh(), Ok(Some(_))));
+        let good = json_list(1, 3, None);
+        for (what, broken) in [
+            (
+                "a missing quote",
+                good.replacen(r#""10.244.0.2"]"#, r#""10.244.0.2]"#, 1),
+            ),
+            (
+                "a bad literal",
+                good.replacen(r#""port":80"#, r#""port":8O"#, 1),
+            ),
+            (
+                "a raw newline in a string",
+                good.replacen(
+                    "svc-2-a",
+                    "svc-2\n-a
+",
+                    1,
+                ),
+            ),
+        ] {
+            assert_ne!(broken, good, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+            dir.write("a.json", &broken);
+            let Ok(Some(SourceUpdate::Changes(changes))) = state.refresh() else {
+                panic!("{what}: changes expected");
+            };
+            let serde_error = serde_json::Deserializer::from_str(&broken)
+                .into_iter::<&serde_json::value::RawValue>()
+                .find_map(Result::err)
+                .expect("not JSON");
+            let errors: Vec<String> = changes.errors.iter().map(ToString::to_string).collect();
+            assert_eq!(
+                errors,
+                [format!("File a.json: not valid JSON: {serde_error}")],
+                "{what}"
+            );
+            assert_eq!(changes.removed_services.len(), 3, "{what}");
+            assert_eq!(changes.removed_slices.len(), 3, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+            dir.write("a.json", &good);
+            let Ok(Some(SourceUpdate::Changes(changes))) = state.refresh() else {
+                panic!("{what}: changes expected");
+            };
+            assert!(changes.errors.is_empty(), "{what}: {:?}", changes.errors);
+            assert_eq!((changes.services.len(), changes.slices.len()), (3, 3));
         }
     }
 

@@ -5,10 +5,12 @@
 //!   until then what the lists bring goes to the agent in parts of 1000
 //!   objects marked `more_follow` (into its model, no sync), so that the
 //!   API objects of a large cluster are not all in memory at once.
-//! - Bursts are coalesced: after a change the source waits [`QUIET`] for
-//!   more (at most [`MAX_DELAY`] in all), and it sends the next update only
-//!   once the agent has taken the previous one, so a slow sync never queues
-//!   stale state. Several events on one object in a burst send it once.
+//! - A change after a quiet spell is sent at once (with the events read
+//!   along with it); bursts are coalesced: a change within [`QUIET`] of the
+//!   previous one waits until the burst has been quiet for [`QUIET`] (at
+//!   most [`MAX_DELAY`] in all). The next update is sent only once the agent
+//!   has taken the previous one, so a slow sync never queues stale state.
+//!   Several events on one object in a burst send it once.
 //! - The source keeps no objects, only the key and `resourceVersion` of
 //!   each one the agent holds: a re-list (after `410 Gone`, a reconnect)
 //!   sends what differs from that, removals of objects deleted while the
@@ -58,7 +60,8 @@ pub use events::{EventReporter, involved_object};
 pub use trigger::{TriggerTimes, parse_time};
 pub use watch::proxied_selector;
 
-/// After a change, wait this long for more before sending an update.
+/// A change this soon after the previous one is part of a burst: the
+/// update waits until no change came for this long.
 pub const QUIET: Duration = Duration::from_millis(20);
 /// A steady stream of changes still yields an update this often.
 pub const MAX_DELAY: Duration = Duration::from_millis(200);

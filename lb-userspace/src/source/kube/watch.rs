@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, pin::Pin, time::Duration};
 
-use futures::{Stream, StreamExt as _};
+use futures::{FutureExt as _, Stream, StreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -44,6 +44,11 @@ impl Kind {
 
 /// Objects of the first lists handed to the agent at a time.
 const FIRST_LIST_BATCH: usize = 1000;
+/// Signals already queued that are taken in a row before the loop looks
+/// at its deadline again.
+const DRAIN_LIMIT: usize = 256;
+/// How soon to look again when the agent has not taken the previous update.
+const AGENT_BUSY_RETRY: Duration = Duration::from_millis(1);
 
 type Signals = Pin<Box<dyn Stream<Item = (Kind, Result<Observed, watcher::Error>)> + Send>>;
 
@@ -114,6 +119,9 @@ struct Progress {
     stale_sent: Option<String>,
     /// A change not yet sent, since when.
     dirty_since: Option<Instant>,
+    /// When the last change was seen: one within [`QUIET`] of it is part
+    /// of a burst, and waits for more.
+    last_change: Option<Instant>,
     /// When to send it.
     deadline: Option<Instant>,
     /// The agent holds what was last sent: no stale reason since (and not
@@ -131,9 +139,29 @@ impl Progress {
             .all(|kind| self.listed.get(kind).copied().unwrap_or(false))
     }
 
+    /// A change seen at NOW: after a quiet spell it is due at once (a lone
+    /// change waits for nothing, and what arrived with it goes along);
+    /// within a burst the update waits until the burst has been quiet for
+    /// [`QUIET`], or [`MAX_DELAY`] after its first unsent change, so that a
+    /// storm cannot hold syncs back.
     fn mark_dirty(&mut self, now: Instant) {
+        let in_burst = self
+            .last_change
+            .is_some_and(|last| now.saturating_duration_since(last) < QUIET);
+        self.last_change = Some(now);
         let since = *self.dirty_since.get_or_insert(now);
-        self.deadline = Some((now + QUIET).min(since + MAX_DELAY));
+        let due = self.deadline.filter(|deadline| *deadline <= now);
+        self.deadline = Some(match due {
+            Some(due) => due,
+            None if in_burst => (now + QUIET).min(since + MAX_DELAY),
+            None => now,
+        });
+    }
+
+    /// What changed was taken for an update: nothing is due.
+    fn taken(&mut self) {
+        self.dirty_since = None;
+        self.deadline = None;
     }
 
     /// The stale reason to send now, if it is new.
@@ -219,30 +247,26 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
         tokio::select! {
             () = tx.closed() => return,
             signal = signals.next() => {
-                let Some((kind, item)) = signal else { return };
-                let change = item.map(|observed| trackers.observe(observed));
-                progress.apply(kind, change, Instant::now());
-                // The first lists go to the agent's model as they arrive
-                // (it syncs only at the complete update): at 100k Services
-                // the API objects of all of them would be ~1 GiB at once.
-                if !progress.first_sent && trackers.pending_objects() >= FIRST_LIST_BATCH {
-                    let mut part = trackers.take_changes();
-                    part.more_follow = true;
-                    if tx.send(SourceUpdate::Changes(part)).await.is_err() {
+                let Some(signal) = signal else { return };
+                if on_signal(signal, &mut trackers, &mut progress, tx).await.is_err() {
+                    return;
+                }
+                // What has already arrived goes into the same update (a
+                // few events read at once are one change); bounded, so
+                // that a storm still lets the deadline fire.
+                for _ in 0..DRAIN_LIMIT {
+                    let Some(signal) = signals.next().now_or_never() else { break };
+                    let Some(signal) = signal else { return };
+                    if on_signal(signal, &mut trackers, &mut progress, tx).await.is_err() {
                         return;
                     }
-                }
-                if let Some(reason) = progress.stale_update()
-                    && tx.send(SourceUpdate::Stale(reason)).await.is_err()
-                {
-                    return;
                 }
             }
             () = sleep_until(deadline) => {
                 // The agent has not taken the previous update yet: wait,
                 // and send what changed until then.
                 if tx.capacity() < tx.max_capacity() {
-                    progress.deadline = Some(Instant::now() + QUIET);
+                    progress.deadline = Some(Instant::now() + AGENT_BUSY_RETRY);
                     continue;
                 }
                 let changes = trackers.take_changes();
@@ -250,8 +274,7 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
                     warned_no_node = true;
                     tracing::warn!("no Node of this name; node addresses and zone are unknown");
                 }
-                progress.dirty_since = None;
-                progress.deadline = None;
+                progress.taken();
                 if no_changes(&changes) && progress.agent_current {
                     continue;
                 }
@@ -278,8 +301,41 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
     }
 }
 
+/// The agent's channel went away: the source ends.
+struct Closed;
+
+/// One watcher signal into the trackers and PROGRESS; sends the parts of
+/// the first lists and stale reasons as they come.
+async fn on_signal(
+    (kind, item): (Kind, Result<Observed, watcher::Error>),
+    trackers: &mut Trackers,
+    progress: &mut Progress,
+    tx: &mpsc::Sender<SourceUpdate>,
+) -> Result<(), Closed> {
+    let change = item.map(|observed| trackers.observe(observed));
+    progress.apply(kind, change, Instant::now());
+    // The first lists go to the agent's model as they arrive (it syncs
+    // only at the complete update): at 100k Services the API objects of
+    // all of them would be ~1 GiB at once.
+    if !progress.first_sent && trackers.pending_objects() >= FIRST_LIST_BATCH {
+        let mut part = trackers.take_changes();
+        part.more_follow = true;
+        tx.send(SourceUpdate::Changes(part))
+            .await
+            .map_err(|_| Closed)?;
+    }
+    if let Some(reason) = progress.stale_update() {
+        tx.send(SourceUpdate::Stale(reason))
+            .await
+            .map_err(|_| Closed)?;
+    }
+    Ok(())
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
+        // Due already: at once, not at the timer's next millisecond tick.
+        Some(deadline) if deadline <= Instant::now() => {}
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
@@ -332,5 +388,62 @@ mod tests {
         progress.recovered(Kind::Node, now);
         assert_eq!(progress.stale_update(), None);
         assert!(progress.deadline.is_some(), "recovery sends an update");
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A change after a quiet spell is due at once, with whatever arrives
+    /// before it goes; one within [`QUIET`] of the previous change waits
+    /// for the burst to end.
+    #[test]
+    fn a_lone_change_is_due_at_once_and_a_burst_waits() {
+        let mut progress = Progress::default();
+        let t0 = Instant::now();
+        progress.mark_dirty(t0);
+        assert_eq!(progress.deadline, Some(t0), "the first change: at once");
+        // Arrived with it, before the update went: still due at once.
+        progress.mark_dirty(t0 + MS / 10);
+        assert_eq!(progress.deadline, Some(t0));
+        progress.taken();
+        // The burst goes on: wait for it to be quiet.
+        progress.mark_dirty(t0 + 5 * MS);
+        assert_eq!(progress.deadline, Some(t0 + 5 * MS + QUIET));
+        progress.mark_dirty(t0 + 15 * MS);
+        assert_eq!(progress.deadline, Some(t0 + 15 * MS + QUIET));
+        progress.taken();
+        // Quiet for QUIET since the last change: the next one is lone.
+        let later = t0 + 15 * MS + QUIET;
+        progress.mark_dirty(later);
+        assert_eq!(progress.deadline, Some(later));
+        // A pending change that could not go yet (the agent was busy, a
+        // watch failed) and is overdue stays due.
+        progress.taken();
+        progress.deadline = Some(later + MS);
+        progress.dirty_since = Some(later + MS);
+        progress.mark_dirty(later + 3 * MS);
+        assert_eq!(progress.deadline, Some(later + MS));
+    }
+
+    /// A storm (a change every few milliseconds, never quiet) still gets
+    /// an update at most [`MAX_DELAY`] after its first unsent change.
+    #[test]
+    fn a_storm_is_sent_within_max_delay() {
+        let mut progress = Progress::default();
+        let t0 = Instant::now();
+        progress.mark_dirty(t0);
+        progress.taken();
+        let first_unsent = t0 + 5 * MS;
+        let mut now = first_unsent;
+        while now < t0 + 3 * MAX_DELAY {
+            progress.mark_dirty(now);
+            let deadline = progress.deadline.expect("a change is due");
+            assert!(deadline <= first_unsent + MAX_DELAY, "{:?}", deadline - t0);
+            assert!(deadline > now, "a burst waits");
+            if deadline <= now + 5 * MS {
+                break;
+            }
+            now += 5 * MS;
+        }
+        assert_eq!(progress.deadline, Some(first_unsent + MAX_DELAY));
     }
 }
