@@ -672,13 +672,17 @@ pub fn section(md: &mut String, socklb: &Value) {
          swing by ±20% on a shared machine, so the goal (socket ≥ 0.99× direct) is judged \
          on the interleaved column: one process connecting to the `ClusterIP` and to the \
          backend in turn, every connect timed, {} s per row; socket ÷ direct as the ratio of \
-         median connect times over all pairs, and the 95% interval from blocks of 500 pairs \
-         (`lb-bench/src/socklb.rs`, `paired.rs`).\n",
+         median connect times over all pairs, and the 95% interval from blocks of 500 pairs; \
+         `extra` is the median difference of the two connects of a pair (the socket path's \
+         cost per connection, robust to the two modes a busy machine gives connect times), \
+         with its interval. `programs` is the socket programs' own time per run (`connect` + \
+         `release`, ns, BPF run-time statistics) during the direct and the socket rounds \
+         (`lb-bench/src/socklb.rs`, `paired.rs`, `progstats.rs`).\n",
         socklb["seconds_per_round"], socklb["rounds"], socklb["paired_secs"],
     );
     let _ = writeln!(
         md,
-        "| Services | family | node direct | node → ClusterIP (socket) | × direct | interleaved × direct [95%] | pod direct | pod → ClusterIP (TC) | × direct |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| Services | family | node direct | node → ClusterIP (socket) | × direct | interleaved × direct [95%] | extra µs [95%] | programs ns, direct / socket | pod direct | pod → ClusterIP (TC) | × direct |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let cell = |v: &Value, d: usize| crate::report::spread(v, d);
     for scale in scales {
@@ -691,9 +695,27 @@ pub fn section(md: &mut String, socklb: &Value) {
                 paired["ci95"][0].as_f64().unwrap_or(f64::NAN),
                 paired["ci95"][1].as_f64().unwrap_or(f64::NAN),
             );
+            let extra = format!(
+                "{:.2} [{:.2}–{:.2}]",
+                paired["a_extra_us"].as_f64().unwrap_or(f64::NAN),
+                paired["a_extra_us_ci95"][0].as_f64().unwrap_or(f64::NAN),
+                paired["a_extra_us_ci95"][1].as_f64().unwrap_or(f64::NAN),
+            );
+            let ns = |contender: &str, kind: &str| {
+                f["program_ns"][contender][kind]["median"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+            };
+            let programs = format!(
+                "{:.0} + {:.0} / {:.0} + {:.0}",
+                ns("node_direct", "connect"),
+                ns("node_direct", "release"),
+                ns("node_clusterip_socket", "connect"),
+                ns("node_clusterip_socket", "release"),
+            );
             let _ = writeln!(
                 md,
-                "| {} | {family} | {} | {} | {} | {interleaved} | {} | {} | {} |",
+                "| {} | {family} | {} | {} | {} | {interleaved} | {extra} | {programs} | {} | {} | {} |",
                 scale["services"],
                 cell(&f["node_direct"], 0),
                 cell(&f["node_clusterip_socket"], 0),
