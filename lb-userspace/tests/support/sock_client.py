@@ -15,14 +15,17 @@ def err(e, t0):
     return {"error": errno.errorcode.get(e.errno, str(e.errno)) if getattr(e, "errno", None) else repr(e),
             "ms": (time.monotonic() - t0) * 1000}
 
-def tcp(cmd):
-    t0 = time.monotonic()
+def tcp_connect(cmd):
+    # A TCP connection to the command's address, "hi" sent and the answer
+    # line read: (socket, ms to connect, its peer right after the connect,
+    # answer). The caller closes it.
     s = socket.socket(fam(cmd["addr"]), socket.SOCK_STREAM)
     s.settimeout(cmd.get("timeout", 2.0))
     try:
+        t0 = time.monotonic()
         s.connect((cmd["addr"], cmd["port"]))
         ms = (time.monotonic() - t0) * 1000
-        peer = s.getpeername()[:2]
+        peer = list(s.getpeername()[:2])
         s.sendall(b"hi\n")
         answer = b""
         while not answer.endswith(b"\n"):
@@ -30,31 +33,29 @@ def tcp(cmd):
             if not chunk:
                 break
             answer += chunk
-        return {"peer": list(peer), "answer": answer.decode().strip(), "ms": ms}
+    except OSError:
+        s.close()
+        raise
+    return s, ms, peer, answer.decode().strip()
+
+def tcp(cmd):
+    t0 = time.monotonic()
+    try:
+        s, ms, peer, answer = tcp_connect(cmd)
     except OSError as e:
         return err(e, t0)
-    finally:
-        s.close()
+    s.close()
+    return {"peer": peer, "answer": answer, "ms": ms}
 
 def tcp_open(cmd):
     # As tcp, but the connection stays open until tcp_close.
     t0 = time.monotonic()
-    s = socket.socket(fam(cmd["addr"]), socket.SOCK_STREAM)
-    s.settimeout(cmd.get("timeout", 2.0))
     try:
-        s.connect((cmd["addr"], cmd["port"]))
-        s.sendall(b"hi\n")
-        answer = b""
-        while not answer.endswith(b"\n"):
-            chunk = s.recv(256)
-            if not chunk:
-                break
-            answer += chunk
+        s, _, peer, answer = tcp_connect(cmd)
     except OSError as e:
-        s.close()
         return err(e, t0)
     tcp_socks[cmd["id"]] = s
-    return {"peer": list(s.getpeername()[:2]), "answer": answer.decode().strip()}
+    return {"peer": peer, "answer": answer}
 
 def tcp_peer(cmd):
     return {"peer": list(tcp_socks[cmd["id"]].getpeername()[:2])}
