@@ -383,8 +383,7 @@ pub(crate) fn release(ctx: &SockContext) -> i32 {
 /// one.
 #[inline(always)]
 fn release_peer<F: SockFamily>(ctx: &SockContext, tcp: bool, addr: F::Addr, port_be: u16) {
-    let slot = filter_slot(F::fold(&addr), port_be);
-    let Some(counter) = LB_SK_RNAT_CNT_V1.get_ptr_mut(slot) else {
+    let Some(counter) = filter_counter::<F>(&addr, port_be) else {
         return;
     };
     // SAFETY: an array element, valid while the program runs.
@@ -523,8 +522,7 @@ fn forward<F: SockFamily>(
         || F::sock_revnat().insert(&key, &value, 0).is_ok();
     if remembered
         && connected
-        && let Some(counter) =
-            LB_SK_RNAT_CNT_V1.get_ptr_mut(filter_slot(F::fold(&backend.addr), backend.port_be))
+        && let Some(counter) = filter_counter::<F>(&backend.addr, backend.port_be)
     {
         count(counter, 1);
     }
@@ -682,6 +680,13 @@ fn forget<F: SockFamily>(cookie: [u8; 8], addr: F::Addr, port_be: u16) -> bool {
         _pad: 0,
     };
     F::sock_revnat().remove(&key).is_ok()
+}
+
+/// The release filter's counter of sockets connected to `addr:port_be`
+/// (see `release`).
+#[inline(always)]
+fn filter_counter<F: SockFamily>(addr: &F::Addr, port_be: u16) -> Option<*mut u64> {
+    LB_SK_RNAT_CNT_V1.get_ptr_mut(filter_slot(F::fold(addr), port_be))
 }
 
 /// Adds DELTA (`u64::MAX`: minus one) to the filter counter at COUNTER,
