@@ -44,9 +44,9 @@ impl SockProgCost {
     /// The pinned map or the program list could not be read.
     pub(crate) fn sample(pins: &Path) -> anyhow::Result<Self> {
         // The connect programs use the settings, the release program the
-        // filter: a program using either pinned map is the agent's. The
-        // release program of an agent without the filter is not found.
-        // (An agent of before the filter has only the first.)
+        // filter: a program using either pinned map is the agent's. (An
+        // agent of before the filter has only the settings: its release
+        // program is not found.)
         let mut map_ids = Vec::new();
         for name in [map_names::SOCK_CONFIG, map_names::SOCK_REVNAT_FILTER] {
             let path = pins.join(name);
@@ -87,23 +87,27 @@ impl SockProgCost {
         Ok(cost)
     }
 
-    /// Nanoseconds per run of each kind between EARLIER and self, as JSON
-    /// (`null` for a kind that did not run).
-    pub(crate) fn since(&self, earlier: &Self) -> Value {
+    /// Nanoseconds per run of each kind between EARLIER and self:
+    /// [connect, release], NaN for a kind that did not run.
+    pub(crate) fn since(&self, earlier: &Self) -> [f64; 2] {
         let per_run = |ns: u64, runs: u64| {
             #[expect(clippy::cast_precision_loss, reason = "a mean")]
-            (runs > 0).then(|| ns as f64 / runs as f64)
+            if runs > 0 {
+                ns as f64 / runs as f64
+            } else {
+                f64::NAN
+            }
         };
-        json!({
-            "connect_ns": per_run(
+        [
+            per_run(
                 self.connect_ns.saturating_sub(earlier.connect_ns),
                 self.connect_runs.saturating_sub(earlier.connect_runs),
             ),
-            "release_ns": per_run(
+            per_run(
                 self.release_ns.saturating_sub(earlier.release_ns),
                 self.release_runs.saturating_sub(earlier.release_runs),
             ),
-        })
+        ]
     }
 }
 
@@ -114,10 +118,10 @@ pub(crate) struct ProgramNs(BTreeMap<&'static str, [Vec<f64>; 2]>);
 
 impl ProgramNs {
     /// Adds one measurement of CONTENDER (`SockProgCost::since`).
-    pub(crate) fn push(&mut self, contender: &'static str, cost: &Value) {
+    pub(crate) fn push(&mut self, contender: &'static str, [connect_ns, release_ns]: [f64; 2]) {
         let [connect, release] = self.0.entry(contender).or_default();
-        connect.push(cost["connect_ns"].as_f64().unwrap_or(f64::NAN));
-        release.push(cost["release_ns"].as_f64().unwrap_or(f64::NAN));
+        connect.push(connect_ns);
+        release.push(release_ns);
     }
 
     /// The median of CONTENDER's connect (KIND 0) or release (1) samples.

@@ -448,7 +448,7 @@ fn measure_scale(
                 rates.entry(contender.name()).or_default().push(rate);
                 if let Some(before) = before {
                     let cost = SockProgCost::sample(pins)?.since(&before);
-                    program_ns.push(contender.name(), &cost);
+                    program_ns.push(contender.name(), cost);
                 }
             }
         }
