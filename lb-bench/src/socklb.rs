@@ -534,26 +534,43 @@ fn wait_reachable(
     )
 }
 
+/// Runs this binary with ARGS (an internal client subcommand) in NS, in
+/// CGROUP if given (else in this process's cgroup): the shell moves
+/// itself into the cgroup before it becomes the client, so that every
+/// socket of the client is the cgroup's. Its standard output.
+fn run_client(ns: &Netns, cgroup: Option<&Cgroup>, args: &[String]) -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    let cgroup_procs = cgroup.map_or_else(|| "/dev/null".into(), |c| c.0.join("cgroup.procs"));
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1" && ns="$2" exe="$3" && shift 3 && exec nsenter --net="/run/netns/$ns" -- "$exe" "$@""#)
+            .arg("sh")
+            .arg(cgroup_procs)
+            .arg(ns.name())
+            .arg(exe)
+            .args(args),
+    )
+}
+
 /// Connections per second the client made to TARGET in SECS (0: one),
-/// from NS, in CGROUP if given (else in this process's cgroup).
+/// from NS, in CGROUP if given.
 fn connect_rate(
     ns: &Netns,
     cgroup: Option<&Cgroup>,
     target: SocketAddr,
     secs: u32,
 ) -> anyhow::Result<f64> {
-    let exe = std::env::current_exe()?;
-    let cgroup_procs = cgroup.map_or_else(|| "/dev/null".into(), |c| c.0.join("cgroup.procs"));
-    let out = run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$1" && exec nsenter --net="/run/netns/$2" -- "$3" connect-loop --target "$4" --secs "$5""#)
-            .arg("sh")
-            .arg(cgroup_procs)
-            .arg(ns.name())
-            .arg(exe)
-            .arg(target.to_string())
-            .arg(secs.to_string()),
+    let out = run_client(
+        ns,
+        cgroup,
+        &[
+            "connect-loop".into(),
+            "--target".into(),
+            target.to_string(),
+            "--secs".into(),
+            secs.to_string(),
+        ],
     )?;
     out.trim()
         .parse()
@@ -568,18 +585,18 @@ fn connect_pair(
     targets: [SocketAddr; 2],
     secs: u32,
 ) -> anyhow::Result<Value> {
-    let exe = std::env::current_exe()?;
-    let out = run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$1" && exec nsenter --net="/run/netns/$2" -- "$3" connect-pair --target "$4" --versus "$5" --secs "$6""#)
-            .arg("sh")
-            .arg(cgroup.0.join("cgroup.procs"))
-            .arg(ns.name())
-            .arg(exe)
-            .arg(targets[0].to_string())
-            .arg(targets[1].to_string())
-            .arg(secs.to_string()),
+    let out = run_client(
+        ns,
+        Some(cgroup),
+        &[
+            "connect-pair".into(),
+            "--target".into(),
+            targets[0].to_string(),
+            "--versus".into(),
+            targets[1].to_string(),
+            "--secs".into(),
+            secs.to_string(),
+        ],
     )?;
     serde_json::from_str(out.trim()).with_context(|| format!("connect-pair said {out:?}"))
 }
