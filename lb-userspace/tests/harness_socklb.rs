@@ -779,22 +779,31 @@ fn held_connection_is_reversed(lab: &Lab, client: &mut SockClient, family: Famil
     assert_eq!(filter_count(lab), 0, "{what}: count after close");
 }
 
+/// FAMILY's socket slot table, opened from its pin.
+fn slot_table<A: Copy + 'static>(lab: &Lab, family: Family) -> Array<MapData, SockSlot<A>>
+where
+    SockSlot<A>: aya::Pod,
+{
+    let name = ["LB4_SK_SLOT_V1", "LB6_SK_SLOT_V1"][usize::from(family == Family::V6)];
+    let data = MapData::from_pin(lab.pin_path().join(name)).expect("the slot table's pin");
+    Array::try_from(Map::Array(data)).expect("an array")
+}
+
 /// The cookies of FAMILY's socket slot table.
 fn slot_cookies(lab: &Lab, family: Family) -> Vec<u64> {
-    fn read<A: Copy + 'static>(path: &std::path::Path) -> Vec<u64>
+    fn read<A: Copy + 'static>(lab: &Lab, family: Family) -> Vec<u64>
     where
         SockSlot<A>: aya::Pod,
     {
-        let data = MapData::from_pin(path).expect("the slot table's pin");
-        let table: Array<_, SockSlot<A>> = Array::try_from(Map::Array(data)).expect("an array");
+        let table = slot_table::<A>(lab, family);
         table
             .iter()
             .map(|slot| slot.expect("a slot").cookie)
             .collect()
     }
     match family {
-        Family::V4 => read::<Addr4>(&lab.pin_path().join("LB4_SK_SLOT_V1")),
-        Family::V6 => read::<Addr6>(&lab.pin_path().join("LB6_SK_SLOT_V1")),
+        Family::V4 => read::<Addr4>(lab, family),
+        Family::V6 => read::<Addr6>(lab, family),
     }
 }
 
@@ -808,12 +817,11 @@ fn sock_slots_in_use(lab: &Lab, family: Family) -> usize {
 
 /// Sets the cookie of every slot of FAMILY to COOKIE (0: frees them).
 fn fill_slots(lab: &Lab, family: Family, cookie: u64) {
-    fn fill<A: Copy + Default + 'static>(path: &std::path::Path, cookie: u64)
+    fn fill<A: Copy + Default + 'static>(lab: &Lab, family: Family, cookie: u64)
     where
         SockSlot<A>: aya::Pod,
     {
-        let data = MapData::from_pin(path).expect("the slot table's pin");
-        let mut table: Array<_, SockSlot<A>> = Array::try_from(Map::Array(data)).expect("an array");
+        let mut table = slot_table::<A>(lab, family);
         let slot = SockSlot {
             cookie,
             backend: A::default(),
@@ -827,8 +835,8 @@ fn fill_slots(lab: &Lab, family: Family, cookie: u64) {
         }
     }
     match family {
-        Family::V4 => fill::<Addr4>(&lab.pin_path().join("LB4_SK_SLOT_V1"), cookie),
-        Family::V6 => fill::<Addr6>(&lab.pin_path().join("LB6_SK_SLOT_V1"), cookie),
+        Family::V4 => fill::<Addr4>(lab, family, cookie),
+        Family::V6 => fill::<Addr6>(lab, family, cookie),
     }
 }
 
