@@ -72,27 +72,9 @@ async fn a_change_sends_only_the_changed_object() {
     // A burst of writes to one slice: each update carries it once.
     for i in 0..20u8 {
         let address = format!("198.18.6.{}", 2 + i % 3);
-        server.apply(
-            Res::Slices,
-            slice(
-                "web-abc12",
-                "web",
-                "IPv4",
-                &[(&address, true)],
-                &[("http", 8080, "TCP")],
-            ),
-        );
+        server.apply(Res::Slices, web_slice_one(&address));
     }
-    let last = server.apply(
-        Res::Slices,
-        slice(
-            "web-abc12",
-            "web",
-            "IPv4",
-            &[("198.18.6.9", true)],
-            &[("http", 8080, "TCP")],
-        ),
-    );
+    let last = server.apply(Res::Slices, web_slice_one("198.18.6.9"));
     loop {
         let changes = source.next_changes(STEP, "burst on one slice").await;
         assert_eq!(

@@ -257,16 +257,7 @@ async fn a_lone_change_is_sent_without_the_quiet_delay() {
         tokio::time::sleep(3 * QUIET).await;
         let address = format!("198.18.7.{}", 2 + i);
         let sent = Instant::now();
-        let version = server.apply(
-            Res::Slices,
-            slice(
-                "web-abc12",
-                "web",
-                "IPv4",
-                &[(&address, true)],
-                &[("http", 8080, "TCP")],
-            ),
-        );
+        let version = server.apply(Res::Slices, web_slice_one(&address));
         let changes = source.next_changes(STEP, "a lone change").await;
         times.push(sent.elapsed());
         assert_eq!(

@@ -102,6 +102,18 @@ fn external_name(name: &str) -> Value {
         "status": {"loadBalancer": {}}})
 }
 
+/// `web`'s IPv4 slice `web-abc12` with one ready endpoint ADDRESS on
+/// its `http` port: what a test writes again and again to make changes.
+pub(crate) fn web_slice_one(address: &str) -> Value {
+    slice(
+        "web-abc12",
+        "web",
+        "IPv4",
+        &[(address, true)],
+        &[("http", 8080, "TCP")],
+    )
+}
+
 /// A slice of SERVICE; ENDPOINTS are (address, ready).
 pub(crate) fn slice(
     name: &str,
