@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use lb_userspace::model::{Incremental, NodeContext};
 use lb_userspace::plan::{self, DatapathState, PlanIndex};
-use lb_userspace::source::{Changes, SourceUpdate, file::DirState};
+use lb_userspace::source::{SourceUpdate, file::DirState};
 
 /// The system allocator, counting the bytes alive and their peak.
 struct Counting;
@@ -132,21 +132,6 @@ fn phase<T>(name: &str, work: impl FnOnce() -> T) -> T {
     out
 }
 
-fn feed(model: &mut Incremental, changes: Changes) {
-    for key in &changes.removed_services {
-        model.remove_service(key);
-    }
-    for key in &changes.removed_slices {
-        model.remove_slice(key);
-    }
-    for slice in &changes.slices {
-        model.upsert_slice(slice);
-    }
-    for service in changes.services {
-        model.upsert_service(&service);
-    }
-}
-
 /// Rewrites one endpoint address of the first file of `dir` (temporary
 /// file + rename); `k` picks the address. Returns the file's name (what
 /// inotify tells the agent).
@@ -197,10 +182,10 @@ fn main() {
     let mut source = DirState::new(&dir);
     phase("read + feed the model", || {
         let rest = source
-            .refresh_streaming(&mut |part| feed(&mut model, part))
+            .refresh_streaming(&mut |part| drop(part.feed(&mut model)))
             .expect("read dir");
         if let Some(SourceUpdate::Changes(rest)) = rest {
-            feed(&mut model, rest);
+            drop(rest.feed(&mut model));
         }
     });
     let changes_first = phase("model commit", || model.commit());
@@ -234,7 +219,7 @@ fn main() {
             panic!("the change is seen as changes");
         };
         reads.push(started.elapsed().as_secs_f64() * 1000.0);
-        feed(&mut model, update);
+        drop(update.feed(&mut model));
         let touched = model.commit();
         let mut plan = plan::diff_changes(&state, &mut index, model.frontends(), &touched);
         index.note_applied(&state, &plan.ops);

@@ -113,30 +113,17 @@ pub(super) struct Pending {
 impl Pending {
     /// Puts changes into the model (not yet committed); returns the
     /// source's errors.
-    pub(super) fn feed(&mut self, mut changes: Changes) -> Vec<model::ObjectError> {
-        let model = &mut self.desired.model;
-        for key in &changes.removed_services {
-            model.remove_service(key);
-        }
-        for key in &changes.removed_slices {
-            model.remove_slice(key);
-        }
-        for slice in &changes.slices {
-            model.upsert_slice(slice);
-        }
-        // Each API object is dropped once the model has what it needs.
-        for service in std::mem::take(&mut changes.services) {
-            model.upsert_service(&service);
-        }
-        if let Some(node) = changes.node {
+    pub(super) fn feed(&mut self, changes: Changes) -> Vec<model::ObjectError> {
+        let fed = changes.feed(&mut self.desired.model);
+        if let Some(node) = fed.node {
             self.desired.node = node.into_node();
         }
         let network_programming = self
             .hooks
             .trigger_times
-            .take_changed(&changes.slices, &changes.removed_slices);
+            .take_changed(fed.triggers, &fed.removed_slices);
         self.hooks.pending_trigger_times.extend(network_programming);
-        changes.errors
+        fed.errors
     }
 }
 

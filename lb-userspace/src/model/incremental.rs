@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::endpoints::{SliceEndpoints, parse_slice, slice_service};
+use super::endpoints::{SliceEndpoints, slice_service};
+use super::prepared::{PreparedService, PreparedSlice, SliceEntry};
 use super::{
     ClaimOrder, ENDPOINT_SLICE, Frontend, FrontendSpec, HealthCheck, Model, NodeContext,
     ObjectError, ObjectKey, SERVICE, ServiceContext, ServiceOutput, ServiceRecord, key_of,
@@ -22,17 +23,6 @@ struct ServiceEntry {
     claims: Vec<Frontend>,
     health_check_port: Option<u16>,
     /// Its own errors, a conflict with another Service included.
-    errors: Vec<ObjectError>,
-}
-
-/// One stored `EndpointSlice`, reduced to what the model uses.
-struct SliceEntry {
-    /// `metadata.resourceVersion` (API objects): the same version is the
-    /// same object, so a snapshot need not parse it again.
-    resource_version: Option<String>,
-    /// The Service it belongs to (service-name label); `None`: not ours.
-    service: Option<String>,
-    parsed: Option<SliceEndpoints>,
     errors: Vec<ObjectError>,
 }
 
@@ -180,6 +170,11 @@ impl Incremental {
         self.upsert_record(key_of(&service.metadata), ServiceRecord::new(service));
     }
 
+    /// As [`Incremental::upsert_service`], parsed already.
+    pub fn upsert_prepared_service(&mut self, service: PreparedService) {
+        self.upsert_record(service.key, service.record);
+    }
+
     fn upsert_record(&mut self, key: ObjectKey, record: ServiceRecord) {
         if let Some(entry) = self.services.get_mut(&key) {
             if entry.service.as_deref() == Some(&record) {
@@ -211,36 +206,32 @@ impl Incremental {
     /// Adds or replaces an `EndpointSlice`.
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         let key = key_of(&slice.metadata);
-        let resource_version = slice.metadata.resource_version.clone();
-        if self.trust_resource_versions
+        if self.same_version(&key, slice.metadata.resource_version.as_ref()) {
+            return;
+        }
+        self.upsert_slice_entry(key, SliceEntry::new(slice));
+    }
+
+    /// As [`Incremental::upsert_slice`], parsed already.
+    pub fn upsert_prepared_slice(&mut self, slice: PreparedSlice) {
+        if self.same_version(&slice.key, slice.entry.resource_version.as_ref()) {
+            return;
+        }
+        self.upsert_slice_entry(slice.key, slice.entry);
+    }
+
+    /// The stored slice `key` has `resource_version`, and versions are
+    /// trusted: the object did not change.
+    fn same_version(&self, key: &ObjectKey, resource_version: Option<&String>) -> bool {
+        self.trust_resource_versions
             && resource_version.is_some()
             && self
                 .slices
-                .get(&key)
-                .is_some_and(|old| old.resource_version == resource_version)
-        {
-            return;
-        }
-        let service = slice_service(&slice.metadata).map(str::to_owned);
-        let mut errors = Vec::new();
-        let parsed = match &service {
-            None => None,
-            Some(_) if slice.metadata.name.is_none() => {
-                errors.push(ObjectError::for_object(
-                    ENDPOINT_SLICE,
-                    &slice.metadata,
-                    "missing metadata.name",
-                ));
-                None
-            }
-            Some(_) => parse_slice(slice, &mut errors),
-        };
-        let entry = SliceEntry {
-            resource_version,
-            service,
-            parsed,
-            errors,
-        };
+                .get(key)
+                .is_some_and(|old| old.resource_version.as_ref() == resource_version)
+    }
+
+    fn upsert_slice_entry(&mut self, key: ObjectKey, entry: SliceEntry) {
         if let Some(old) = self.slices.get_mut(&key)
             && old.service == entry.service
             && old.parsed == entry.parsed

@@ -26,6 +26,7 @@
 
 mod endpoints;
 mod incremental;
+mod prepared;
 mod select;
 mod service;
 #[cfg(test)]
@@ -44,6 +45,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use endpoints::{EndpointIndex, SliceEndpoints};
 pub use incremental::{FrontendChanges, Incremental};
+pub use prepared::{PreparedService, PreparedSlice, SliceTrigger};
 use select::Selector;
 use service::{ParsedService, PlannedFrontend, parse_service};
 pub use service::{parse_cidr, prefix_contains};
@@ -55,6 +57,8 @@ pub(crate) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Label the `EndpointSlice` controller sets to tie a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// `EndpointSlice` annotation: when the change behind this version happened.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Namespace of an object that names none, as `kubectl apply` would place it.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given (3 hours).

@@ -10,7 +10,9 @@ use k8s_openapi::api::{
 };
 use tokio::sync::mpsc;
 
-use crate::model::{ObjectError, ObjectKey};
+use crate::model::{
+    Incremental, ObjectError, ObjectKey, PreparedService, PreparedSlice, SliceTrigger,
+};
 
 pub mod file;
 pub mod kube;
@@ -49,6 +51,74 @@ pub struct Changes {
     pub more_follow: bool,
     /// This agent's own Node object, when it changed (kube source); `None`:
     /// the node stays as the previous update left it.
+    pub node: Option<NodeChange>,
+    /// Services added or replaced, parsed already ([`Changes::prepare`]).
+    pub prepared_services: Vec<PreparedService>,
+    /// `EndpointSlices` added or replaced, parsed already.
+    pub prepared_slices: Vec<PreparedSlice>,
+}
+
+impl Changes {
+    /// Parses `services` and `slices` into what the model keeps of them
+    /// and drops the API objects. A source whose objects are made on a
+    /// thread of its own calls this there: the objects are then allocated
+    /// and freed on one thread, and the agent's loop only files the
+    /// records (see `model::prepared`).
+    pub fn prepare(&mut self) {
+        self.prepared_services.extend(
+            self.services
+                .drain(..)
+                .map(|service| PreparedService::new(&service)),
+        );
+        self.prepared_slices.extend(
+            self.slices
+                .drain(..)
+                .map(|slice| PreparedSlice::new(&slice)),
+        );
+    }
+
+    /// Puts the changes into `model` (not committed), each API object
+    /// dropped once the model has what it needs; returns the rest.
+    pub fn feed(self, model: &mut Incremental) -> Fed {
+        for key in &self.removed_services {
+            model.remove_service(key);
+        }
+        for key in &self.removed_slices {
+            model.remove_slice(key);
+        }
+        let mut triggers: Vec<SliceTrigger> = self.slices.iter().map(SliceTrigger::of).collect();
+        for slice in self.slices {
+            model.upsert_slice(&slice);
+        }
+        for mut slice in self.prepared_slices {
+            triggers.push(slice.take_trigger());
+            model.upsert_prepared_slice(slice);
+        }
+        for service in self.services {
+            model.upsert_service(&service);
+        }
+        for service in self.prepared_services {
+            model.upsert_prepared_service(service);
+        }
+        Fed {
+            triggers,
+            removed_slices: self.removed_slices,
+            errors: self.errors,
+            node: self.node,
+        }
+    }
+}
+
+/// What [`Changes::feed`] leaves for the agent besides the model.
+#[derive(Debug)]
+pub struct Fed {
+    /// The trigger times of the slices added or replaced.
+    pub triggers: Vec<SliceTrigger>,
+    /// The keys of the slices removed.
+    pub removed_slices: Vec<ObjectKey>,
+    /// [`Changes::errors`].
+    pub errors: Vec<ObjectError>,
+    /// [`Changes::node`].
     pub node: Option<NodeChange>,
 }
 
@@ -124,5 +194,87 @@ pub fn spawn(
     match spec {
         SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
         SourceSpec::File(dir) => Ok(file::spawn(dir, tx)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NodeContext, TRIGGER_TIME_ANNOTATION};
+    use crate::testing::{IpFamily, ServiceBuilder, SliceBuilder};
+
+    /// A Service with a slice per family, a slice of an unknown address
+    /// type (an error), a slice of no Service and one with a trigger time.
+    fn changes() -> Changes {
+        let mut triggered = SliceBuilder::for_service("prod", "api", IpFamily::V6)
+            .port("http", 8080, "TCP")
+            .addresses(["fd00::7"])
+            .build();
+        triggered.metadata.annotations = Some(
+            [(
+                TRIGGER_TIME_ANNOTATION.to_owned(),
+                "2026-12-01T00:00:00Z".to_owned(),
+            )]
+            .into(),
+        );
+        Changes {
+            services: vec![
+                ServiceBuilder::cluster_ip("prod", "api")
+                    .ips(["10.96.0.10", "fd00:96::10"])
+                    .families(["IPv4", "IPv6"])
+                    .port("http", 80, "TCP", 8080)
+                    .build(),
+            ],
+            slices: vec![
+                SliceBuilder::for_service("prod", "api", IpFamily::V4)
+                    .port("http", 8080, "TCP")
+                    .addresses(["10.0.0.1", "10.0.0.2"])
+                    .build(),
+                triggered,
+                SliceBuilder::for_service("prod", "api", IpFamily::V4)
+                    .name("api-odd")
+                    .address_type("AppleTalk")
+                    .build(),
+                SliceBuilder::for_service("prod", "custom", IpFamily::V4)
+                    .without_service()
+                    .addresses(["10.0.0.9"])
+                    .build(),
+            ],
+            ..Changes::default()
+        }
+    }
+
+    #[test]
+    fn prepared_changes_feed_the_model_as_the_api_objects_do() {
+        let mut direct = Incremental::new(NodeContext::default());
+        let fed_direct = changes().feed(&mut direct);
+        direct.commit();
+
+        let mut prepared_changes = changes();
+        prepared_changes.prepare();
+        assert!(prepared_changes.services.is_empty() && prepared_changes.slices.is_empty());
+        assert_eq!(prepared_changes.prepared_services.len(), 1);
+        assert_eq!(prepared_changes.prepared_slices.len(), 4);
+        let mut prepared = Incremental::new(NodeContext::default());
+        let fed_prepared = prepared_changes.feed(&mut prepared);
+        prepared.commit();
+
+        assert_eq!(prepared.frontends(), direct.frontends());
+        assert_eq!(prepared.frontends().len(), 2, "{:?}", prepared.frontends());
+        let backends: usize = prepared
+            .frontends()
+            .values()
+            .map(|spec| spec.backends.len())
+            .sum();
+        assert_eq!(backends, 3);
+        assert_eq!(prepared.errors(), direct.errors());
+        assert_eq!(prepared.errors().len(), 1, "{:?}", prepared.errors());
+        assert_eq!(fed_prepared.triggers, fed_direct.triggers);
+        let times: Vec<_> = fed_prepared
+            .triggers
+            .iter()
+            .filter_map(|t| t.time.as_deref())
+            .collect();
+        assert_eq!(times, ["2026-12-01T00:00:00Z"]);
     }
 }

@@ -128,11 +128,17 @@ pub(super) fn spawn(
     // (and in the channel) at once.
     let first_tx = tx.clone();
     let first_span = span.clone();
+    // The objects are parsed into the model's records here, on the thread
+    // that made them (`Changes::prepare`).
     let first = tokio::task::spawn_blocking(move || {
         let _entered = first_span.enter();
-        let first = state.refresh_streaming(&mut |part| {
+        let mut first = state.refresh_streaming(&mut |mut part| {
+            part.prepare();
             let _ = first_tx.blocking_send(SourceUpdate::Changes(part));
         });
+        if let Ok(Some(SourceUpdate::Changes(last))) = &mut first {
+            last.prepare();
+        }
         (state, first)
     });
     let dir = dir.to_owned();

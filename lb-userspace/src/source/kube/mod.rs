@@ -73,7 +73,7 @@ pub const HEADLESS_LABEL: &str = crate::model::HEADLESS_LABEL;
 /// Label of the node's topology zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// `EndpointSlice` annotation: when the change behind this version happened.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub const TRIGGER_TIME_ANNOTATION: &str = crate::model::TRIGGER_TIME_ANNOTATION;
 /// `reportingController` of the Events the agent raises.
 pub const EVENT_CONTROLLER: &str = "lb-agent";
 /// Reason of the Event raised on an invalid object.

@@ -6,6 +6,7 @@ use k8s_openapi::{api::discovery::v1::EndpointSlice, jiff::Timestamp};
 use kube::ResourceExt as _;
 
 use super::TRIGGER_TIME_ANNOTATION;
+use crate::model::SliceTrigger;
 
 /// Turns `EndpointSlice` trigger-time annotations into network programming
 /// latencies, as kube-proxy does: each distinct annotation value of a slice
@@ -57,7 +58,7 @@ impl TriggerTimes {
     /// changes instead of snapshots.
     pub fn take_changed(
         &mut self,
-        slices: &[EndpointSlice],
+        slices: impl IntoIterator<Item = SliceTrigger>,
         removed: &[crate::model::ObjectKey],
     ) -> Vec<SystemTime> {
         for (namespace, name) in removed {
@@ -70,20 +71,17 @@ impl TriggerTimes {
         }
         let mut fresh = Vec::new();
         for slice in slices {
-            let key = (
-                slice.metadata.namespace.clone().unwrap_or_default(),
-                slice.metadata.name.clone().unwrap_or_default(),
-            );
-            let Some(value) = slice.annotations().get(TRIGGER_TIME_ANNOTATION) else {
+            let key = (slice.namespace, slice.name);
+            let Some(value) = slice.time else {
                 self.seen.remove(&key);
                 continue;
             };
-            if self.seen.get(&key) != Some(value)
-                && let Some(time) = parse_time(value).filter(|t| *t >= self.started)
+            if self.seen.get(&key) != Some(&value)
+                && let Some(time) = parse_time(&value).filter(|t| *t >= self.started)
             {
                 fresh.push(time);
             }
-            self.seen.insert(key, value.clone());
+            self.seen.insert(key, value);
         }
         fresh
     }
