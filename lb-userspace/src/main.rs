@@ -389,6 +389,7 @@ fn source_spec(
         return Ok(SourceSpec::Kube(KubeSourceConfig {
             node_name,
             kubeconfig,
+            prepare_first_lists: true,
         }));
     }
     let dir = source

@@ -187,13 +187,46 @@ pub const FILE_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// # Errors
 /// The source cannot start at all (for `file:`, the directory is unusable;
 /// for `kube`, no node name or cluster configuration).
-pub fn spawn(
-    spec: &SourceSpec,
-    tx: mpsc::Sender<SourceUpdate>,
-) -> Result<tokio::task::JoinHandle<()>, SourceError> {
+pub fn spawn(spec: &SourceSpec, tx: mpsc::Sender<SourceUpdate>) -> Result<SourceTask, SourceError> {
     match spec {
         SourceSpec::Kube(config) => Ok(kube::spawn(config, tx)?),
-        SourceSpec::File(dir) => Ok(file::spawn(dir, tx)?),
+        SourceSpec::File(dir) => Ok(SourceTask {
+            task: file::spawn(dir, tx)?,
+            runtime: None,
+        }),
+    }
+}
+
+/// A running source: its task, and the runtime of its own it runs on, if
+/// any (the kube source: its HTTP and JSON work then runs beside the
+/// agent's loop, not on it). Dropped or aborted, the source stops.
+#[derive(Debug)]
+pub struct SourceTask {
+    task: tokio::task::JoinHandle<()>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl SourceTask {
+    fn on_runtime(task: tokio::task::JoinHandle<()>, runtime: tokio::runtime::Runtime) -> Self {
+        Self {
+            task,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Stops the source.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for SourceTask {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Without waiting: this may run on another runtime's thread.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 

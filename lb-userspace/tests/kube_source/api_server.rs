@@ -93,7 +93,7 @@ enum Wire {
 #[derive(Default)]
 pub(crate) struct State {
     rv: u64,
-    objects: BTreeMap<Res, BTreeMap<String, Value>>,
+    objects: BTreeMap<Res, BTreeMap<String, Stored>>,
     history: Vec<Write>,
     /// Refuse every connection (close it unanswered).
     down: bool,
@@ -106,6 +106,30 @@ pub(crate) struct State {
     /// Per resource, the version [`ApiServer::gone`] compacted to: a
     /// watch from an older one gets `410 Gone`, also one opened after.
     compacted: BTreeMap<Res, u64>,
+}
+
+/// One stored object, and its text as a list item (without `kind` and
+/// `apiVersion`, as lists carry items), made once when it is written: a
+/// page of a list is then a join of texts. (Serializing each page's
+/// objects anew made this server, not the client under test, what a
+/// 100k-object list waited for.)
+struct Stored {
+    object: Value,
+    item: String,
+}
+
+impl Stored {
+    fn new(object: Value) -> Self {
+        let mut item = object.clone();
+        if let Some(map) = item.as_object_mut() {
+            map.remove("kind");
+            map.remove("apiVersion");
+        }
+        Self {
+            item: item.to_string(),
+            object,
+        }
+    }
 }
 
 fn object_key(object: &Value) -> String {
@@ -178,7 +202,8 @@ impl ApiServer {
             .objects
             .entry(res)
             .or_default()
-            .insert(object_key(&object), object.clone());
+            .insert(object_key(&object), Stored::new(object.clone()))
+            .map(|stored| stored.object);
         let kind = if previous.is_some() {
             "MODIFIED"
         } else {
@@ -205,7 +230,8 @@ impl ApiServer {
             .entry(res)
             .or_default()
             .remove(&format!("{namespace}/{name}"))
-            .expect("object to delete exists");
+            .expect("object to delete exists")
+            .object;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let write = Write {
             res,
@@ -241,7 +267,7 @@ impl ApiServer {
             .objects
             .entry(res)
             .or_default()
-            .insert(object_key(&object), object);
+            .insert(object_key(&object), Stored::new(object));
     }
 
     pub(crate) fn bookmark(&self, res: Res) {
@@ -401,7 +427,10 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
 }
 
 async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
+    respond_text(stream, status, &body.to_string()).await
+}
+
+async fn respond_text(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -509,7 +538,7 @@ async fn serve(
                 .objects
                 .get(&res)
                 .and_then(|objects| objects.get(&key))
-                .cloned();
+                .map(|stored| stored.object.clone());
             if let Some(object) = found {
                 respond(&mut stream, "200 OK", &object).await
             } else {
@@ -556,7 +585,7 @@ async fn list(
         let state = state.lock().unwrap_or_else(PoisonError::into_inner);
         list_page(&state, res, query)
     };
-    respond(stream, "200 OK", &body).await
+    respond_text(stream, "200 OK", &body).await
 }
 
 /// One page of a list, as the API server pages it: at most `limit` items
@@ -569,7 +598,7 @@ async fn list(
 /// between pages also reaches the client through the watch it starts from
 /// that version, as with the real one. Tokens are `VERSION/KEY`, the key
 /// of the last item sent; the client treats them as opaque.
-fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> Value {
+fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> String {
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
@@ -592,17 +621,11 @@ fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> Value
         .map(|objects| objects.range((from, std::ops::Bound::Unbounded)))
         .into_iter()
         .flatten()
-        .filter(|(_, o)| selected(o, query));
+        .filter(|(_, stored)| selected(&stored.object, query));
     let mut items = Vec::new();
     let mut last_key = None;
-    for (key, object) in selected_objects.by_ref().take(limit) {
-        // Items in a list carry no kind/apiVersion, as the API sends them.
-        let mut object = object.clone();
-        if let Some(map) = object.as_object_mut() {
-            map.remove("kind");
-            map.remove("apiVersion");
-        }
-        items.push(object);
+    for (key, stored) in selected_objects.by_ref().take(limit) {
+        items.push(stored.item.as_str());
         last_key = Some(key.clone());
     }
     let mut metadata = json!({"resourceVersion": rv.to_string()});
@@ -612,7 +635,13 @@ fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> Value
         metadata["continue"] = json!(format!("{rv}/{key}"));
     }
     let (api_version, kind, _) = res.kinds();
-    json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": items})
+    let head = json!({"kind": kind, "apiVersion": api_version, "metadata": metadata}).to_string();
+    // The head without its closing brace, then the items.
+    format!(
+        "{},\"items\":[{}]}}",
+        head.strip_suffix('}').unwrap_or(&head),
+        items.join(",")
+    )
 }
 
 async fn chunk(stream: &mut TcpStream, line: &Value) -> std::io::Result<()> {
@@ -651,7 +680,7 @@ async fn watch(
             .get(&res)
             .into_iter()
             .flat_map(BTreeMap::values)
-            .filter_map(|o| {
+            .filter_map(|Stored { object: o, .. }| {
                 o["metadata"]["resourceVersion"]
                     .as_str()?
                     .parse::<u64>()

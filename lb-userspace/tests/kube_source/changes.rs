@@ -3,9 +3,12 @@
 
 use std::{collections::BTreeSet, sync::PoisonError, time::Duration};
 
-use lb_userspace::source::{
-    self,
-    kube::{node_context, proxied_selector},
+use lb_userspace::{
+    model,
+    source::{
+        self,
+        kube::{node_context, proxied_selector},
+    },
 };
 use serde_json::json;
 
@@ -325,4 +328,51 @@ async fn a_long_list_is_read_page_by_page() {
         lists[1..].iter().all(|r| r.contains("continue=")),
         "{lists:#?}"
     );
+}
+
+/// Started as the agent starts it, the source hands the parts of the first
+/// lists over as the model's records, parsed on its own thread; the
+/// complete update after them carries the rest as API objects. Fed to a
+/// model, they give every Service's frontend.
+#[tokio::test]
+async fn the_first_lists_come_as_records_when_asked() {
+    const COUNT: usize = 1_203;
+    let names: Vec<String> = (0..COUNT).map(|i| format!("svc-{i:04}")).collect();
+    let ips: Vec<String> = (0..COUNT)
+        .map(|i| format!("10.96.{}.{}", i / 250, i % 250 + 1))
+        .collect();
+    let mut objects = vec![(Res::Nodes, node(&[("InternalIP", "198.18.0.1")]))];
+    for (name, ip) in names.iter().zip(&ips) {
+        objects.push((
+            Res::Services,
+            service(&Svc {
+                name,
+                cluster_ips: &[ip.as_str()],
+                ..Svc::default()
+            }),
+        ));
+    }
+    let server = ApiServer::start(objects).await;
+    let mut source = start_source_preparing(&server);
+    let mut model = model::Incremental::new(model::NodeContext::default());
+    let mut prepared_parts = 0;
+    loop {
+        let changes = source.next_changes(STEP, "the first lists").await;
+        if !changes.more_follow {
+            drop(changes.feed(&mut model));
+            break;
+        }
+        assert!(
+            changes.services.is_empty() && changes.prepared_services.len() >= 999,
+            "a part of records: {} objects, {} records",
+            changes.services.len(),
+            changes.prepared_services.len()
+        );
+        prepared_parts += 1;
+        drop(changes.feed(&mut model));
+    }
+    assert_eq!(prepared_parts, 1);
+    model.commit();
+    assert_eq!(model.frontends().len(), COUNT);
+    assert!(model.errors().is_empty(), "{:?}", model.errors());
 }

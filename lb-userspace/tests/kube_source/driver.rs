@@ -25,7 +25,7 @@ use crate::api_server::ApiServer;
 
 pub(crate) struct Source {
     rx: mpsc::Receiver<SourceUpdate>,
-    task: tokio::task::JoinHandle<()>,
+    task: source::SourceTask,
     /// The state the updates so far add up to, as the agent holds it.
     pub(crate) held: Held,
 }
@@ -42,14 +42,29 @@ impl ApiServer {
         KubeSourceConfig {
             node_name: NODE.to_owned(),
             kubeconfig: Some(self.kubeconfig().to_owned()),
+            // The tests look at the objects the source sends.
+            prepare_first_lists: false,
         }
     }
 }
 
 pub(crate) fn start_source(server: &ApiServer) -> Source {
+    start_source_with(server.source_config())
+}
+
+/// As the agent starts it: the first lists' parts come as the model's
+/// records.
+pub(crate) fn start_source_preparing(server: &ApiServer) -> Source {
+    start_source_with(KubeSourceConfig {
+        prepare_first_lists: true,
+        ..server.source_config()
+    })
+}
+
+fn start_source_with(config: KubeSourceConfig) -> Source {
     // The agent's channel size.
     let (tx, rx) = mpsc::channel(4);
-    let task = source::spawn(&SourceSpec::Kube(server.source_config()), tx).expect("source starts");
+    let task = source::spawn(&SourceSpec::Kube(config), tx).expect("source starts");
     Source {
         rx,
         task,

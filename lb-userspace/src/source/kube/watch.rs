@@ -248,7 +248,7 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
             () = tx.closed() => return,
             signal = signals.next() => {
                 let Some(signal) = signal else { return };
-                if on_signal(signal, &mut trackers, &mut progress, tx).await.is_err() {
+                if on_signal(signal, &mut trackers, &mut progress, tx, config.prepare_first_lists).await.is_err() {
                     return;
                 }
                 // What has already arrived goes into the same update (a
@@ -257,7 +257,7 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
                 for _ in 0..DRAIN_LIMIT {
                     let Some(signal) = signals.next().now_or_never() else { break };
                     let Some(signal) = signal else { return };
-                    if on_signal(signal, &mut trackers, &mut progress, tx).await.is_err() {
+                    if on_signal(signal, &mut trackers, &mut progress, tx, config.prepare_first_lists).await.is_err() {
                         return;
                     }
                 }
@@ -311,6 +311,7 @@ async fn on_signal(
     trackers: &mut Trackers,
     progress: &mut Progress,
     tx: &mpsc::Sender<SourceUpdate>,
+    prepare: bool,
 ) -> Result<(), Closed> {
     let change = item.map(|observed| trackers.observe(observed));
     progress.apply(kind, change, Instant::now());
@@ -320,6 +321,9 @@ async fn on_signal(
     if !progress.first_sent && trackers.pending_objects() >= FIRST_LIST_BATCH {
         let mut part = trackers.take_changes();
         part.more_follow = true;
+        if prepare {
+            part.prepare();
+        }
         tx.send(SourceUpdate::Changes(part))
             .await
             .map_err(|_| Closed)?;
