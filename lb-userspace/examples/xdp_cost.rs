@@ -403,6 +403,7 @@ fn main() -> anyhow::Result<()> {
 
 fn run(pin_path: &Path, quick: bool) -> anyhow::Result<Value> {
     let mut ebpf = loader::load(pin_path)?;
+    xdp::load(&mut ebpf)?;
     {
         let floor: &mut Xdp = ebpf
             .program_mut(names::FLOOR)

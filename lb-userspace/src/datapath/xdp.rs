@@ -100,6 +100,7 @@ pub fn setup(
         }
         return Ok(devices);
     }
+    load(ebpf)?;
     for iface in &present(&settings.interfaces) {
         let mode = attach(ebpf, iface, pin_path, settings.mode)?;
         tracing::info!(iface = %iface, xdp = mode.name(), "XDP");
@@ -163,8 +164,10 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoadError> {
     })
 }
 
-/// Loads the XDP program of a loaded object (the verifier sees it on every
-/// load, attached or not, so a program it refuses is found by any test).
+/// Loads the XDP program of a loaded object: [`setup`] does when `--xdp`
+/// uses it (its verification is ~0.5 s of a start), and the datapath
+/// tests' fixture on every load, so that a program the verifier refuses
+/// is found by any of them.
 ///
 /// # Errors
 /// The object lacks it or the kernel refuses it.

@@ -20,6 +20,7 @@ use lb_userspace::{
     datapath::{
         loader,
         maps::{CtRecord, Maps},
+        xdp,
     },
     model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol, ServiceRef},
     plan,
@@ -106,7 +107,11 @@ impl Fixture {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut ebpf = match loader::load_with(&pin_path, capacities) {
+        let loaded = loader::load_with(&pin_path, capacities).and_then(|mut ebpf| {
+            xdp::load(&mut ebpf)?;
+            Ok(ebpf)
+        });
+        let mut ebpf = match loaded {
             Ok(ebpf) => ebpf,
             Err(error) => {
                 let _ = loader::cleanup(&pin_path, &[]);
