@@ -2,11 +2,11 @@
 //! them, apart from the model, so that a source's own thread can do the
 //! parsing and drop the objects.
 //!
-//! At 100k Services the file source's first read allocates ~20M small API
-//! object parts on its thread; when the agent's loop parsed and dropped
-//! them, every free went back across threads into the one malloc arena the
-//! reading thread was allocating from, and the two threads spent much of
-//! the read waiting on its lock.
+//! At 100k Services the file source's first read allocates millions of
+//! small API object parts on its thread; when the agent's loop parsed and
+//! dropped them, every free went back across threads into the one malloc
+//! arena the reading thread was allocating from, and the two threads
+//! spent much of the read waiting on its lock.
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
