@@ -3,9 +3,7 @@
 use std::{collections::HashMap, str::FromStr as _, time::SystemTime};
 
 use k8s_openapi::{api::discovery::v1::EndpointSlice, jiff::Timestamp};
-use kube::ResourceExt as _;
 
-use super::TRIGGER_TIME_ANNOTATION;
 use crate::model::SliceTrigger;
 
 /// Turns `EndpointSlice` trigger-time annotations into network programming
@@ -32,20 +30,13 @@ impl TriggerTimes {
     pub fn take_new(&mut self, slices: &[EndpointSlice]) -> Vec<SystemTime> {
         let mut fresh = Vec::new();
         let mut current = HashMap::with_capacity(slices.len());
-        for slice in slices {
-            let Some(value) = slice.annotations().get(TRIGGER_TIME_ANNOTATION) else {
+        for slice in slices.iter().map(SliceTrigger::of) {
+            let Some(value) = slice.time else {
                 continue;
             };
-            let key = (
-                slice.metadata.namespace.clone().unwrap_or_default(),
-                slice.metadata.name.clone().unwrap_or_default(),
-            );
-            if self.seen.get(&key) != Some(value)
-                && let Some(time) = parse_time(value).filter(|t| *t >= self.started)
-            {
-                fresh.push(time);
-            }
-            current.insert(key, value.clone());
+            let key = (slice.namespace, slice.name);
+            fresh.extend(self.fresh_time(&key, &value));
+            current.insert(key, value);
         }
         self.seen = current;
         fresh
@@ -76,14 +67,19 @@ impl TriggerTimes {
                 self.seen.remove(&key);
                 continue;
             };
-            if self.seen.get(&key) != Some(&value)
-                && let Some(time) = parse_time(&value).filter(|t| *t >= self.started)
-            {
-                fresh.push(time);
-            }
+            fresh.extend(self.fresh_time(&key, &value));
             self.seen.insert(key, value);
         }
         fresh
+    }
+
+    /// The time of VALUE, the trigger-time annotation of slice KEY, when
+    /// it is not the value seen last and not from before the start.
+    fn fresh_time(&self, key: &(String, String), value: &str) -> Option<SystemTime> {
+        if self.seen.get(key).map(String::as_str) == Some(value) {
+            return None;
+        }
+        parse_time(value).filter(|time| *time >= self.started)
     }
 }
 
@@ -98,6 +94,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
+    use crate::model::TRIGGER_TIME_ANNOTATION;
 
     fn slice(name: &str, trigger: Option<&str>) -> EndpointSlice {
         EndpointSlice {
