@@ -195,7 +195,7 @@ fn pods_created_after_the_agent_are_served() {
         .env("RUST_LOG", "info");
     let mut agent = spawn_logged(&mut cmd, &log_path);
     let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let guard = LogOnPanic(log_path.clone());
+    let guard = LogOnPanic::new(log_path.clone());
     wait_until("agent ready", STEP, || {
         if let Ok(Some(status)) = agent.0.try_wait() {
             panic!("the agent exited ({status}):\n{}", show_log());

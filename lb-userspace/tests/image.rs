@@ -389,7 +389,7 @@ fn the_unpacked_image_runs_the_agent_until_ready() {
     manifests.write("web.json", &web);
     let pins = PinGuard::new(TAG, ns.name());
     let log = unpacked.bundle.0.join("agent.log");
-    let _log = LogOnPanic(log.clone());
+    let _log = LogOnPanic::new(log.clone());
     let mut cmd = ns_command(ns.name(), unpacked.lb());
     // No socket programs: they would attach to the machine's cgroup root.
     cmd.arg("agent")

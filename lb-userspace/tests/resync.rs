@@ -72,7 +72,7 @@ impl Node {
             .arg(&pins.path);
         let agent = spawn_logged(&mut cmd, &log);
         let node = Self {
-            _log: LogOnPanic(log),
+            _log: LogOnPanic::new(log),
             _agent: agent,
             pins,
             ns,

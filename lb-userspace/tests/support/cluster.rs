@@ -320,6 +320,7 @@ impl Cluster {
     /// [`Cluster::new`] with extra flags for the agents (ARGS\[i\]: node
     /// i's; missing: none).
     pub(crate) fn new_with_args(what: &str, args: Vec<Vec<String>>) -> Self {
+        super::panics::remember();
         require_tools(&["ip", "nsenter"]);
         sweep_stale_netns(TAG);
         sweep_stale_pins(PIN_TAG);
@@ -684,5 +685,6 @@ impl Drop for Cluster {
             );
             eprintln!("{text}");
         }
+        eprintln!("{}", super::panics::recap());
     }
 }

@@ -194,7 +194,7 @@ impl Lab {
             _servers: servers,
             topo,
             manifests,
-            _log_on_panic: LogOnPanic(log.clone()),
+            _log_on_panic: LogOnPanic::new(log.clone()),
             log,
             _work: work,
         }

@@ -3,7 +3,8 @@
 //! maps (`pins`), addresses and pods (`topo`), backend servers (`servers`),
 //! clients and what they observed (`clients`), device features (`ethtool`),
 //! manifests (`manifests`),
-//! named sub-scenarios (`scenarios`), the socket-LB cgroup and client
+//! named sub-scenarios (`scenarios`), the failure said again after the
+//! logs (`panics`), the socket-LB cgroup and client
 //! (`sockclient`), steady load (`load`) and what it observed (`counts`),
 //! long-lived flows (`keepers`), a spoofed SYN flood (`flood`), what the
 //! lifecycle proofs share (`lifecycle`), and the two labs built from them:
@@ -37,6 +38,7 @@ pub(crate) mod load;
 pub(crate) mod manifests;
 pub(crate) mod netns;
 pub(crate) mod overlay;
+pub(crate) mod panics;
 pub(crate) mod pins;
 pub(crate) mod pmtu;
 pub(crate) mod process;
@@ -53,5 +55,6 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 /// timing honest and their logs readable.
 pub(crate) fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
+    panics::remember();
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -332,7 +332,7 @@ impl PmtuLab {
             _server: server,
             namespaces,
             manifests,
-            _log_on_panic: LogOnPanic(log.clone()),
+            _log_on_panic: LogOnPanic::new(log.clone()),
             log,
             _work: work,
         };

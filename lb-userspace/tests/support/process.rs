@@ -201,15 +201,23 @@ pub(crate) fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Res
 }
 
 /// Prints the agent log at PATH if the test panics while this is alive.
-pub(crate) struct LogOnPanic(pub(crate) PathBuf);
+pub(crate) struct LogOnPanic(PathBuf);
+
+impl LogOnPanic {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        super::panics::remember();
+        Self(path)
+    }
+}
 
 impl Drop for LogOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "======== agent log ({}) ========\n{}\n======== end of agent log ========",
+                "======== agent log ({}) ========\n{}\n======== end of agent log ========\n{}",
                 self.0.display(),
-                std::fs::read_to_string(&self.0).unwrap_or_default()
+                std::fs::read_to_string(&self.0).unwrap_or_default(),
+                super::panics::recap()
             );
         }
     }
