@@ -19,8 +19,9 @@ use super::typed::{EitherObject, Typed};
 use crate::model::key_of;
 
 /// Reads one file again; JSON objects whose text hash `old` records are
-/// recorded without being parsed.
-pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRead {
+/// recorded without being parsed. With PREPARE the plain JSON objects come
+/// as the model's records (see [`FileRead::prepare`]).
+pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>, prepare: bool) -> FileRead {
     let is_json = Path::new(&file.name)
         .extension()
         .is_some_and(|extension| extension == "json");
@@ -50,7 +51,7 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
             services: snapshot.services,
             slices: snapshot.slices,
             errors: snapshot.errors,
-            layout: None,
+            ..FileRead::default()
         };
     }
     // Text hash -> the old record's index.
@@ -59,7 +60,7 @@ pub(super) fn read_file(file: &ManifestFile, old: Option<&FileEntry>) -> FileRea
         .flat_map(|entry| entry.objects.iter().enumerate())
         .filter_map(|(index, record)| Some((record.text_hash?, index)))
         .collect();
-    let mut read = FileRead::default();
+    let mut read = FileRead::new(prepare);
     let text = match fs::read_to_string(&file.path) {
         Ok(text) => text,
         // Deleted since listed: the next look sees that.
@@ -291,12 +292,12 @@ fn read_json_object(
     let typed = typed.map(|typed| match typed {
         Typed::Service(service) => {
             let key = key_of(&service.metadata);
-            read.services.push(service);
+            read.add_service(service);
             (ObjectKind::Service, key)
         }
         Typed::Slice(slice) => {
             let key = key_of(&slice.metadata);
-            read.slices.push(slice);
+            read.add_slice(slice);
             (ObjectKind::Slice, key)
         }
     });
@@ -346,7 +347,7 @@ mod tests {
 
     fn read(dir: &TempDir) -> FileRead {
         let files = manifest_files(&dir.0).expect("list");
-        read_file(&files[0], None)
+        read_file(&files[0], None, false)
     }
 
     /// An item the one-pass read cannot take is read by the general path,

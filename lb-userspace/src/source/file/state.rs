@@ -13,7 +13,7 @@ use super::listing::{FileStamp, ManifestFile, manifest_files};
 use super::reread::read_file;
 use super::split::ListLayout;
 use super::{FileSourceError, load_dir};
-use crate::model::{ObjectError, ObjectKey};
+use crate::model::{ObjectError, ObjectKey, PreparedService, PreparedSlice};
 use crate::source::{Changes, SourceUpdate};
 
 /// Which of the two kinds an object is.
@@ -72,7 +72,67 @@ pub(super) struct FileRead {
     pub(super) layout: Option<ListLayout>,
     pub(super) services: Vec<Service>,
     pub(super) slices: Vec<EndpointSlice>,
+    /// The plain objects of a read that prepares them ([`Self::prepare`]).
+    pub(super) prepared_services: Vec<PreparedService>,
+    pub(super) prepared_slices: Vec<PreparedSlice>,
     pub(super) errors: Vec<ObjectError>,
+    /// Each plain object parsed into its record as soon as it is read
+    /// (`Changes::prepare` one by one), not once the whole file is: at
+    /// 100k Services a file's objects outgrew the CPU's caches, and turning
+    /// them into records afterwards spent most of its time waiting on
+    /// memory.
+    pub(super) prepare: bool,
+}
+
+impl FileRead {
+    /// A read that keeps its objects as API objects, or with PREPARE as
+    /// the model's records.
+    pub(super) fn new(prepare: bool) -> Self {
+        Self {
+            prepare,
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn add_service(&mut self, service: Service) {
+        if self.prepare {
+            self.prepared_services.push(PreparedService::new(&service));
+        } else {
+            self.services.push(service);
+        }
+    }
+
+    pub(super) fn add_slice(&mut self, slice: EndpointSlice) {
+        if self.prepare {
+            self.prepared_slices.push(PreparedSlice::new(&slice));
+        } else {
+            self.slices.push(slice);
+        }
+    }
+
+    /// Moves the objects read into CHANGES; returns the file's errors.
+    fn hand_over(&mut self, changes: &mut Changes) -> Vec<ObjectError> {
+        changes.services.append(&mut self.services);
+        changes.slices.append(&mut self.slices);
+        changes
+            .prepared_services
+            .append(&mut self.prepared_services);
+        changes.prepared_slices.append(&mut self.prepared_slices);
+        std::mem::take(&mut self.errors)
+    }
+}
+
+/// The objects of CHANGES (taken out), as a part of a streamed read that
+/// more parts follow.
+fn take_objects(changes: &mut Changes) -> Changes {
+    Changes {
+        services: std::mem::take(&mut changes.services),
+        slices: std::mem::take(&mut changes.slices),
+        prepared_services: std::mem::take(&mut changes.prepared_services),
+        prepared_slices: std::mem::take(&mut changes.prepared_slices),
+        more_follow: true,
+        ..Changes::default()
+    }
 }
 
 /// Follows a manifest directory file by file: a change re-reads only the
@@ -204,9 +264,10 @@ impl DirState {
         let mut edited = Vec::new();
         for (file, stamp) in stale_files {
             let old = self.files.remove(&file.name);
-            let read = read_file(file, old.as_ref());
+            // The first read, streamed to the agent, hands over records.
+            let mut read = read_file(file, old.as_ref(), partial.is_some());
             let old = old.map(|old| old.objects).unwrap_or_default();
-            let objects = match settle(old, read.objects) {
+            let objects = match settle(old, std::mem::take(&mut read.objects)) {
                 (objects, InPlace::Edited(ids)) => {
                     edited.extend(ids);
                     objects
@@ -217,22 +278,16 @@ impl DirState {
                     objects
                 }
             };
-            changes.services.extend(read.services);
-            changes.slices.extend(read.slices);
+            let errors = read.hand_over(&mut changes);
             if let Some(partial) = partial.as_mut() {
-                partial(Changes {
-                    services: std::mem::take(&mut changes.services),
-                    slices: std::mem::take(&mut changes.slices),
-                    more_follow: true,
-                    ..Changes::default()
-                });
+                partial(take_objects(&mut changes));
             }
             self.files.insert(
                 file.name.clone(),
                 FileEntry {
                     stamp,
                     objects,
-                    errors: read.errors,
+                    errors,
                     layout: read.layout,
                 },
             );
@@ -499,6 +554,83 @@ mod tests {
             other => panic!("expected the owed snapshot, got {other:?}"),
         }
         assert!(matches!(state.refresh(), Ok(None)), "paid: no more");
+    }
+
+    /// The streamed first read hands the plain JSON objects over as the
+    /// model's records, parsed as each is read, and the rest (YAML, an
+    /// item only the general path takes) as API objects; fed as the agent
+    /// feeds them, they build the model the whole directory builds, with
+    /// the same errors.
+    #[test]
+    fn the_streamed_first_read_hands_over_records_that_build_the_same_model() {
+        let dir = TempDir::new("dir-state-streamed");
+        dir.write("a.json", &json_list(1, 4, Some((2, "not-an-ip"))));
+        // `port` as a string: not a plain slice, the general path reports it.
+        let odd = json_list(5, 6, None).replacen(
+            r#""ports":[{"port":80}],"endpoints""#,
+            r#""ports":[{"port":"80"}],"endpoints""#,
+            1,
+        );
+        dir.write("b.json", &odd);
+        dir.write(
+            "c.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: svc-7, namespace: ns}\nspec: {clusterIP: 10.96.0.7, ports: [{port: 80}]}\n",
+        );
+        let mut state = DirState::new(&dir.0);
+        let mut parts = Vec::new();
+        let last = state
+            .refresh_streaming(&mut |part| parts.push(part))
+            .expect("refresh");
+        let plain = &parts[0];
+        assert_eq!(
+            (plain.services.len(), plain.slices.len()),
+            (0, 0),
+            "a.json's objects come as records"
+        );
+        assert_eq!(
+            (plain.prepared_services.len(), plain.prepared_slices.len()),
+            (4, 4)
+        );
+        assert_eq!(
+            parts[2].services.len(),
+            1,
+            "c.yaml's Service as it was read"
+        );
+
+        let node = model::NodeContext::default();
+        let mut model = model::Incremental::new(node.clone());
+        let mut errors = Vec::new();
+        for mut part in parts {
+            part.prepare();
+            errors.extend(part.feed(&mut model).errors);
+        }
+        let Some(SourceUpdate::Changes(mut last)) = last else {
+            panic!("the first read ends with changes");
+        };
+        last.prepare();
+        errors.extend(last.feed(&mut model).errors);
+        model.commit();
+        let snapshot = load_dir(&dir.0).expect("load");
+        let expected = model::build(&snapshot.services, &snapshot.slices, &node);
+        assert_eq!(model.model(), expected);
+        let mut file_errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let mut expected_errors: Vec<String> =
+            snapshot.errors.iter().map(ToString::to_string).collect();
+        file_errors.sort();
+        expected_errors.sort();
+        assert!(
+            expected_errors.iter().any(|e| e.contains("b.json")),
+            "the general path reports b.json's odd port: {expected_errors:?}"
+        );
+        assert_eq!(file_errors, expected_errors);
+        assert!(
+            expected
+                .errors
+                .iter()
+                .any(|e| e.to_string().contains("not-an-ip")),
+            "the bad address is reported by the model: {:?}",
+            expected.errors
+        );
     }
 
     /// A JSON list of Services `first..=last`, each with one slice whose
