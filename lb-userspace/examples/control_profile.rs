@@ -180,11 +180,18 @@ fn main() {
     let total_cpu = cpu_ms();
     let mut model = Incremental::new(NodeContext::default());
     let mut source = DirState::new(&dir);
+    // As the agent's file source reads and its loop feeds: the plain
+    // objects come as records, the rest prepared per part (on one thread
+    // here).
     phase("read + feed the model", || {
         let rest = source
-            .refresh_streaming(&mut |part| drop(part.feed(&mut model)))
+            .refresh_streaming(&mut |mut part| {
+                part.prepare();
+                drop(part.feed(&mut model));
+            })
             .expect("read dir");
-        if let Some(SourceUpdate::Changes(rest)) = rest {
+        if let Some(SourceUpdate::Changes(mut rest)) = rest {
+            rest.prepare();
             drop(rest.feed(&mut model));
         }
     });
