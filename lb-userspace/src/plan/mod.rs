@@ -266,6 +266,11 @@ fn repack_if_grown<K: Ord, V>(map: &mut BTreeMap<K, V>, len_before: usize) {
 }
 
 fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op>) {
+    // The frontend the last slot op went to: a frontend's slot ops come
+    // one after another, and looking its entry up again for each was a
+    // third of a first sync's apply at 100k Services. The ops that change
+    // the frontends otherwise let it go first.
+    let mut current: Option<(Frontend, &mut FrontendState)> = None;
     for op in ops {
         match op {
             Op::PutBackend { id, backend } => {
@@ -280,12 +285,16 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 slot,
                 backend_id,
             } => {
-                let entry = state.frontends.entry(*frontend).or_default();
+                let entry = match current.take() {
+                    Some((known, entry)) if known == *frontend => entry,
+                    _ => state.frontends.entry(*frontend).or_default(),
+                };
                 let index = usize::from(*slot) - 1;
                 if entry.slots.len() <= index {
                     entry.slots.resize(index + 1, 0);
                 }
                 entry.slots[index] = *backend_id;
+                current = Some((*frontend, entry));
             }
             Op::PutFrontend {
                 frontend,
@@ -295,6 +304,7 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 affinity_timeout_s,
                 affinity_group,
             } => {
+                current = None;
                 let entry = state.frontends.entry(*frontend).or_default();
                 entry.rev_nat_id = *rev_nat_id;
                 entry.flags = *flags;
@@ -315,11 +325,13 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 state.markers.remove(addr);
             }
             Op::DeleteSlot { frontend, slot } => {
+                current = None;
                 if let Some(entry) = state.frontends.get_mut(frontend) {
                     entry.slots.truncate(usize::from(*slot) - 1);
                 }
             }
             Op::DeleteFrontend { frontend } => {
+                current = None;
                 state.frontends.remove(frontend);
             }
             Op::DeleteRevNat { id, .. } => {
