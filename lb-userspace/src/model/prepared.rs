@@ -91,13 +91,26 @@ impl SliceTrigger {
         Self {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
-            time: meta
-                .annotations
-                .as_ref()
-                .and_then(|annotations| annotations.get(super::TRIGGER_TIME_ANNOTATION))
-                .cloned(),
+            time: trigger_annotation(slice).cloned(),
         }
     }
+
+    /// `slice`'s when it has the annotation: a slice without one (every
+    /// slice of a manifest directory) costs no copy of its names.
+    #[must_use]
+    pub fn of_annotated(slice: &EndpointSlice) -> Option<Self> {
+        trigger_annotation(slice)?;
+        Some(Self::of(slice))
+    }
+}
+
+/// The trigger-time annotation of `slice`, if any.
+fn trigger_annotation(slice: &EndpointSlice) -> Option<&String> {
+    slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(super::TRIGGER_TIME_ANNOTATION)
 }
 
 impl SliceEntry {

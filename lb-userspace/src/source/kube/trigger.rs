@@ -30,11 +30,16 @@ impl TriggerTimes {
     pub fn take_new(&mut self, slices: &[EndpointSlice]) -> Vec<SystemTime> {
         let mut fresh = Vec::new();
         let mut current = HashMap::with_capacity(slices.len());
-        for slice in slices.iter().map(SliceTrigger::of) {
-            let Some(value) = slice.time else {
+        for slice in slices.iter().filter_map(SliceTrigger::of_annotated) {
+            let SliceTrigger {
+                namespace,
+                name,
+                time: Some(value),
+            } = slice
+            else {
                 continue;
             };
-            let key = (slice.namespace, slice.name);
+            let key = (namespace, name);
             fresh.extend(self.fresh_time(&key, &value));
             current.insert(key, value);
         }
