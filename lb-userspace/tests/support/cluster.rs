@@ -685,6 +685,6 @@ impl Drop for Cluster {
             );
             eprintln!("{text}");
         }
-        eprintln!("{}", super::panics::recap());
+        eprint!("{}", super::panics::recap());
     }
 }

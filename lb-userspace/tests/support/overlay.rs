@@ -348,7 +348,7 @@ impl Drop for OverlayLab {
                     std::fs::read_to_string(log).unwrap_or_default()
                 );
             }
-            eprintln!("{}", super::panics::recap());
+            eprint!("{}", super::panics::recap());
         }
     }
 }

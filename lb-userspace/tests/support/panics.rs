@@ -24,8 +24,8 @@ pub(crate) fn remember() {
     });
 }
 
-/// The last panic on this thread as a closing block for a failure dump,
-/// or nothing when none was remembered.
+/// The last panic on this thread as a closing block for a failure dump
+/// (ending in a newline), or nothing when none was remembered.
 pub(crate) fn recap() -> String {
     LAST.with(|last| last.borrow().clone())
         .map(|message| format!("======== the failure, again ========\n{message}\n"))

@@ -213,7 +213,7 @@ impl LogOnPanic {
 impl Drop for LogOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!(
+            eprint!(
                 "======== agent log ({}) ========\n{}\n======== end of agent log ========\n{}",
                 self.0.display(),
                 std::fs::read_to_string(&self.0).unwrap_or_default(),
