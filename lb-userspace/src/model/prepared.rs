@@ -87,20 +87,25 @@ impl SliceTrigger {
     /// `slice`'s.
     #[must_use]
     pub fn of(slice: &EndpointSlice) -> Self {
-        let meta = &slice.metadata;
-        Self {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone().unwrap_or_default(),
-            time: trigger_annotation(slice).cloned(),
-        }
+        Self::with_time(slice, trigger_annotation(slice).cloned())
     }
 
     /// `slice`'s when it has the annotation: a slice without one (every
     /// slice of a manifest directory) costs no copy of its names.
     #[must_use]
     pub fn of_annotated(slice: &EndpointSlice) -> Option<Self> {
-        trigger_annotation(slice)?;
-        Some(Self::of(slice))
+        let time = trigger_annotation(slice)?.clone();
+        Some(Self::with_time(slice, Some(time)))
+    }
+
+    /// `slice`'s names with TIME.
+    fn with_time(slice: &EndpointSlice, time: Option<String>) -> Self {
+        let meta = &slice.metadata;
+        Self {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            time,
+        }
     }
 }
 
