@@ -826,3 +826,26 @@ fn e2e_plot(e2e: &Value, path: &Path) -> anyhow::Result<()> {
         &series,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::NOTES;
+
+    /// A full run rewrites `docs/benchmarks.md` from its results and
+    /// `notes.md`: prose edited in the published file by hand would be lost
+    /// by the next run, so the published file must end with the notes as
+    /// they are, and hand-taken measurements go to the journal.
+    #[test]
+    fn published_report_ends_with_the_notes_and_points_to_the_journal() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let published = std::fs::read_to_string(root.join("docs/benchmarks.md")).unwrap();
+        assert!(
+            published.ends_with(NOTES),
+            "docs/benchmarks.md was edited by hand after its notes; edit \
+             lb-bench/src/notes.md (prose) or docs/benchmarks-journal.md \
+             (measurements taken by hand) and copy the notes over"
+        );
+        assert!(NOTES.contains("docs/benchmarks-journal.md"));
+        assert!(root.join("docs/benchmarks-journal.md").is_file());
+    }
+}
