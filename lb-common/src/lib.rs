@@ -19,10 +19,11 @@ use core::mem::size_of;
 /// A layout change to a pinned map bumps the suffix so an old pin is not
 /// reused with a new layout.
 pub mod map_names {
-    /// IPv4 services: `Lb4Key` -> `LbService`.
-    pub const SERVICES4: &str = "LB4_SVC_V2";
+    /// IPv4 services: `Lb4Key` -> `LbService` (V3: a frontend's first
+    /// `limits::INLINE_SLOTS` slots are in its slot 0 entry).
+    pub const SERVICES4: &str = "LB4_SVC_V3";
     /// IPv6 services: `Lb6Key` -> `LbService`.
-    pub const SERVICES6: &str = "LB6_SVC_V2";
+    pub const SERVICES6: &str = "LB6_SVC_V3";
     /// IPv4 backends: backend id -> `Lb4Backend` (V3: a backend entry
     /// belongs to one frontend, `Backend::rev_nat_id`).
     pub const BACKENDS4: &str = "LB4_BE_V3";
@@ -204,9 +205,18 @@ pub mod limits {
     /// of one port take 100k per family.
     pub const DEFAULT_SERVICES: u32 = 1 << 17;
     /// Default service map entries per family (`--max-service-slots`): one
-    /// per frontend, one per backend slot of each frontend and one per
-    /// `ClusterIP` (its marker). 100k Services x (1 + 10 + 1) = 1.2M.
+    /// per frontend, one per backend slot of each frontend beyond its
+    /// first [`INLINE_SLOTS`] (those are in the frontend's own entry) and
+    /// one per `ClusterIP` (its marker). 100k Services x (1 + 1) = 200k,
+    /// with room for 1.8M slots of frontends with many backends.
     pub const MAX_SERVICE_SLOTS: u32 = 1 << 21;
+    /// Backend slots held in a frontend's own service entry (slot 0,
+    /// `LbService::slots`): a frontend with at most this many backends is
+    /// one entry, and choosing its backend is no lookup of its own. At
+    /// 100k Services x 10 endpoints that is 200k entries per family
+    /// instead of 1.2M to write on a cold start (the kernel's per-element
+    /// cost of a hash map, ~1-2 us, was the largest part of it).
+    pub const INLINE_SLOTS: usize = 12;
     /// Bound of `--max-backends` (backend map entries per family). Not a
     /// bound of the ids: they are handed out by the agent, not an array
     /// index, over `1..=MAX_BACKEND_ID`.
@@ -566,7 +576,8 @@ pub type Lb6Key = LbKey<Addr6>;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LbService {
-    /// Slot > 0: the backend id in that slot. Slot 0: the frontend's
+    /// Slot > `limits::INLINE_SLOTS`: the backend id in that slot (those
+    /// up to it are in slot 0's `slots`). Slot 0: the frontend's
     /// session-affinity group (`AffinityKey::group`), shared by every
     /// frontend of its Service port and family; never 0 with
     /// `svc_flags::AFFINITY`, 0 without.
@@ -580,6 +591,9 @@ pub struct LbService {
     /// Slot 0 with `svc_flags::AFFINITY`: the session-affinity timeout
     /// (seconds). Otherwise zero.
     pub affinity_timeout_s: u32,
+    /// Slot 0: the backend ids of slots 1 to `limits::INLINE_SLOTS`
+    /// (those up to `count`; the rest zero). Otherwise zero.
+    pub slots: [u32; limits::INLINE_SLOTS],
 }
 
 /// Backend over an address `A`: one endpoint of one frontend. A flow or
@@ -998,7 +1012,7 @@ pub mod xdp {
 
 const _: () = assert!(size_of::<Lb4Key>() == 12);
 const _: () = assert!(size_of::<Lb6Key>() == 24);
-const _: () = assert!(size_of::<LbService>() == 16);
+const _: () = assert!(size_of::<LbService>() == 16 + 4 * limits::INLINE_SLOTS);
 const _: () = assert!(size_of::<Lb4Backend>() == 12);
 const _: () = assert!(size_of::<Lb6Backend>() == 24);
 const _: () = assert!(size_of::<Lb4RevNat>() == 8);

@@ -23,8 +23,8 @@ use crate::{
     hdr::{Eth, Link, ipv4, ipv6},
     maps::{
         LB4_AFF_V2, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_EP_V1, LB4_FRAG_V1, LB4_RNAT_V2,
-        LB4_SRC_V1, LB4_SVC_V2, LB6_AFF_V2, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_EP_V1,
-        LB6_FRAG_V1, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V2,
+        LB4_SRC_V1, LB4_SVC_V3, LB6_AFF_V2, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_EP_V1,
+        LB6_FRAG_V1, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V3,
     },
     reject,
     tc::Packet,
@@ -189,7 +189,7 @@ impl<L: Link> Family for V4<L> {
 
     #[inline(always)]
     fn services() -> &'static HashMap<LbKey<Addr4>, LbService> {
-        &LB4_SVC_V2
+        &LB4_SVC_V3
     }
     #[inline(always)]
     fn backends() -> &'static HashMap<u32, Backend<Addr4>> {
@@ -287,7 +287,7 @@ impl<L: Link, const EXT: usize> Family for V6<L, EXT> {
 
     #[inline(always)]
     fn services() -> &'static HashMap<LbKey<Addr6>, LbService> {
-        &LB6_SVC_V2
+        &LB6_SVC_V3
     }
     #[inline(always)]
     fn backends() -> &'static HashMap<u32, Backend<Addr6>> {

@@ -3,7 +3,7 @@
 
 use lb_common::{
     AffinityEntry, Backend, CLUSTER_CIDR_REV_NAT, EndpointKey, LbService, backend_flags,
-    config_flags, reason, svc_flags,
+    config_flags, limits, reason, svc_flags,
 };
 
 use crate::{
@@ -166,23 +166,31 @@ fn choose_backend<F: Family>(
         return Ok(picked);
     }
     let slot = slot_for(F::flow_hash(tuple), frontend.count);
-    slot_backend::<F>(tuple.daddr, tuple.dport_be, tuple.proto, slot)
+    slot_backend::<F>(frontend, tuple.daddr, tuple.dport_be, tuple.proto, slot)
         .ok_or(Verdict::drop(reason::DROP_BACKEND_MISSING))
 }
 
-/// The backend in slot `slot` of the frontend `daddr:dport_be/l4_proto`
-/// (id and value), `None` when the slot or its backend is missing. Also
+/// The backend in slot `slot` of FRONTEND, whose key is
+/// `daddr:dport_be/l4_proto` (id and value), `None` when the slot or its
+/// backend is missing. Slots up to `limits::INLINE_SLOTS` are in the
+/// frontend's own entry; those after it have entries of their own. Also
 /// used by the socket programs, which pick the slot their own way.
 #[inline(always)]
 pub(crate) fn slot_backend<F: Family>(
+    frontend: &LbService,
     daddr: F::Addr,
     dport_be: u16,
     l4_proto: u8,
     slot: u16,
 ) -> Option<(u32, Backend<F::Addr>)> {
-    let slot_key = svc_key(daddr, dport_be, slot, l4_proto);
-    // SAFETY: the value is copied out at once.
-    let backend_id = unsafe { F::services().get(&slot_key) }?.backend_id;
+    let backend_id = match usize::from(slot).checked_sub(1) {
+        Some(index) if index < limits::INLINE_SLOTS => *frontend.slots.get(index)?,
+        _ => {
+            let slot_key = svc_key(daddr, dport_be, slot, l4_proto);
+            // SAFETY: the value is copied out at once.
+            unsafe { F::services().get(&slot_key) }?.backend_id
+        }
+    };
     // SAFETY: the value is copied out at once.
     let backend = unsafe { F::backends().get(&backend_id) }?;
     Some((backend_id, *backend))

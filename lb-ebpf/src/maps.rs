@@ -13,10 +13,10 @@ use lb_common::{
 };
 
 #[map]
-pub(crate) static LB4_SVC_V2: HashMap<Lb4Key, LbService> =
+pub(crate) static LB4_SVC_V3: HashMap<Lb4Key, LbService> =
     HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub(crate) static LB6_SVC_V2: HashMap<Lb6Key, LbService> =
+pub(crate) static LB6_SVC_V3: HashMap<Lb6Key, LbService> =
     HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
 pub(crate) static LB4_BE_V3: HashMap<u32, Lb4Backend> =

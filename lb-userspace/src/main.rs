@@ -101,9 +101,10 @@ enum Command {
         #[arg(long, default_value_t = lb_common::limits::DEFAULT_SERVICES,
               value_parser = clap::value_parser!(u32).range(1..i64::from(lb_common::limits::MAX_FRONTENDS)))]
         max_services: u32,
-        /// Service map entries per family: one per frontend, one per backend
-        /// slot of each frontend, one per `ClusterIP`. Default: 100k Services
-        /// x 10 endpoints, +75%.
+        /// Service map entries per family: one per frontend, one per
+        /// `ClusterIP`, one per backend slot of a frontend after its first 12
+        /// (those are in its own entry). Default: 100k Services x 10
+        /// endpoints, and room for 1.8M more slots.
         #[arg(long, default_value_t = lb_common::limits::MAX_SERVICE_SLOTS,
               value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
         max_service_slots: u32,

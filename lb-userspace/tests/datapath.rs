@@ -169,6 +169,55 @@ fn flows_spread_over_every_backend_and_stick() {
     }
 }
 
+/// A frontend keeps its first `INLINE_SLOTS` slots in its own entry and
+/// the rest in entries of their own: with 16 backends new flows reach all
+/// of them, and once it shrinks to 13 none reaches a removed one (its
+/// count and its last slot entries were rewritten and deleted). 400 flows
+/// over 16 backends miss one with probability ~1e-10.
+#[test]
+fn flows_reach_inline_and_own_entry_slots_alike() {
+    let Some(mut fx) = Fixture::new("flows_reach_inline_and_own_entry_slots_alike") else {
+        return;
+    };
+    assert_eq!(
+        lb_common::limits::INLINE_SLOTS,
+        12,
+        "16 backends span both kinds"
+    );
+    for (vip, client, backend_of) in [
+        (
+            VIP4,
+            "198.18.1.2",
+            (|i| format!("198.18.{}.2:8080", 10 + i)) as fn(usize) -> String,
+        ),
+        (VIP6, "fd00:1::2", |i| {
+            format!("[fd00:{:x}::2]:8080", 0x10 + i)
+        }),
+    ] {
+        let all: Vec<SocketAddr> = (0..16).map(|i| backend_of(i).parse().unwrap()).collect();
+        // New flows each round (other source ports): none meets an entry
+        // of the round before.
+        for (round, backends) in [&all[..], &all[..13]].into_iter().enumerate() {
+            fx.set_services(&[(frontend(vip, 80, Protocol::Tcp), backends)]);
+            let mut chosen = BTreeMap::new();
+            let first = 20000 + 1000 * u16::try_from(round).unwrap();
+            for sport in first..first + 400 {
+                let src = SocketAddr::new(client.parse().unwrap(), sport);
+                let dst = SocketAddr::new(vip.parse().unwrap(), 80);
+                let frame = Frame::tcp(&src.to_string(), &dst.to_string(), TCP_SYN);
+                let (verdict, out) = fx.run(&frame.bytes());
+                assert_eq!(verdict, TC_ACT_OK);
+                let (_, backend) = verify_checksums(&out);
+                *chosen.entry(backend).or_insert(0) += 1;
+            }
+            let reached: Vec<SocketAddr> = chosen.keys().copied().collect();
+            let mut want = backends.to_vec();
+            want.sort_unstable();
+            assert_eq!(reached, want, "{vip}: flows per backend {chosen:?}");
+        }
+    }
+}
+
 #[test]
 fn established_flow_keeps_backend_until_it_is_removed() {
     let Some(mut fx) = Fixture::new("established_flow_keeps_backend_until_it_is_removed") else {

@@ -138,7 +138,7 @@ fn write_service(dir: &ManifestDir, name: &str, vip: &str) {
 }
 
 #[test]
-fn a_slot_deleted_behind_the_agents_back_is_restored_by_the_resync() {
+fn a_slot_lost_behind_the_agents_back_is_restored_by_the_resync() {
     if !require_privileged("resync repairs drift") {
         return;
     }
@@ -147,17 +147,26 @@ fn a_slot_deleted_behind_the_agents_back_is_restored_by_the_resync() {
     assert_eq!(slots.len(), 2, "two endpoints, two slots: {slots:?}");
     let repairs_before = node.metric("lb_map_drift_repairs_total");
 
-    // Someone (a stray `bpftool map delete`, a bug) removes slot 2.
+    // Someone (a stray `bpftool map update`, a bug) zeroes slot 2 (a
+    // small frontend's slots are in its own entry).
     let mut maps = Maps::open_pinned(&node.pins.path).expect("open pinned maps");
     let vip: IpAddr = VIP.parse().unwrap();
     let state = maps.read_state().expect("read the maps");
-    let frontend = *state
+    let (frontend, held) = state
         .frontends
-        .keys()
-        .find(|f| f.addr == vip)
+        .iter()
+        .find(|(f, _)| f.addr == vip)
         .expect("the frontend");
-    maps.apply_op(&Op::DeleteSlot { frontend, slot: 2 })
-        .expect("delete slot 2");
+    maps.apply_op(&Op::PutFrontend {
+        frontend: *frontend,
+        count: 2,
+        rev_nat_id: held.rev_nat_id,
+        flags: held.flags,
+        affinity_timeout_s: held.affinity_timeout_s,
+        affinity_group: held.affinity_group,
+        inline: vec![slots[0], 0].into(),
+    })
+    .expect("zero slot 2");
     // (The maps read back show an empty slot as backend id 0.)
     assert_eq!(node.slots(VIP), Some(vec![slots[0], 0]), "slot 2 is gone");
 
@@ -185,7 +194,7 @@ fn writes_that_keep_failing_are_retried_and_make_readyz_503() {
     let retries_before = node.metric("lb_sync_retries_total");
     // Freeze the IPv4 service map: every write from user space fails
     // (EPERM) from now on, the program's lookups still work.
-    let map = node.pins.path.join("LB4_SVC_V2");
+    let map = node.pins.path.join("LB4_SVC_V3");
     let mut freeze = Command::new("bpftool");
     freeze.args(["map", "freeze", "pinned"]).arg(&map);
     let out = output_with_timeout(&mut freeze, Duration::from_secs(10)).expect("run bpftool");

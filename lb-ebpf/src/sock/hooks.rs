@@ -593,7 +593,13 @@ fn choose<F: SockFamily>(
         unsafe { bpf_get_prandom_u32() },
         cookie,
     );
-    let chosen = lb::slot_backend::<F>(daddr, dport_be, l4_proto, slot_for(seed, frontend.count))?;
+    let chosen = lb::slot_backend::<F>(
+        frontend,
+        daddr,
+        dport_be,
+        l4_proto,
+        slot_for(seed, frontend.count),
+    )?;
     if affinity {
         let entry = AffinityEntry {
             backend_id: chosen.0,

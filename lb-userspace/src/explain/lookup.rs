@@ -140,10 +140,14 @@ impl<A: MapFamily> Tables<A> {
         };
         let mut backends = Vec::with_capacity(usize::from(value.count));
         for slot in 1..=value.count {
-            let Some(slot_value) = get(&self.services, &key(slot), A::SERVICES)? else {
-                continue;
+            // The first slots are in the frontend's own entry.
+            let id = match value.slots.get(usize::from(slot) - 1) {
+                Some(id) => *id,
+                None => match get(&self.services, &key(slot), A::SERVICES)? {
+                    Some(slot_value) => slot_value.backend_id,
+                    None => continue,
+                },
             };
-            let id = slot_value.backend_id;
             if backends.iter().any(|b: &BackendView| b.id == id) {
                 continue;
             }

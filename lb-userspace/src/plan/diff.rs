@@ -222,7 +222,10 @@ impl<'a> Planner<'a> {
         }
 
         let old_slots = existing.map_or(&[][..], |state| &state.slots[..]);
-        for (index, id) in new_slots.iter().enumerate() {
+        // The first slots are in the frontend's own entry: a change there
+        // is a write of it (below); the others have entries of their own.
+        let inline = &new_slots[..new_slots.len().min(limits::INLINE_SLOTS)];
+        for (index, id) in new_slots.iter().enumerate().skip(limits::INLINE_SLOTS) {
             if old_slots.get(index) != Some(id) {
                 self.slots.push(Op::PutSlot {
                     frontend: *frontend,
@@ -235,6 +238,7 @@ impl<'a> Planner<'a> {
         let group = affinity_group(frontend, spec);
         if existing.is_none_or(|state| {
             state.slots.len() != new_slots.len()
+                || state.slots[..inline.len()] != *inline
                 || state.flags != flags
                 || state.affinity_timeout_s != spec.affinity_timeout_s
                 || state.affinity_group != group
@@ -246,9 +250,10 @@ impl<'a> Planner<'a> {
                 flags,
                 affinity_timeout_s: spec.affinity_timeout_s,
                 affinity_group: group,
+                inline: inline.into(),
             });
         }
-        for index in new_slots.len()..old_slots.len() {
+        for index in new_slots.len().max(limits::INLINE_SLOTS)..old_slots.len() {
             self.tail.push(Op::DeleteSlot {
                 frontend: *frontend,
                 slot: slot_number(index),
@@ -315,7 +320,7 @@ impl<'a> Planner<'a> {
     /// Removes a frontend that is no longer wanted, then its slots.
     pub(super) fn remove_frontend(&mut self, frontend: Frontend, state: &FrontendState) {
         self.tail.push(Op::DeleteFrontend { frontend });
-        for index in 0..state.slots.len() {
+        for index in limits::INLINE_SLOTS..state.slots.len() {
             self.tail.push(Op::DeleteSlot {
                 frontend,
                 slot: slot_number(index),

@@ -139,7 +139,8 @@ pub enum Op {
     PutBackend { id: u32, backend: BackendEntry },
     /// Insert rev-NAT `id` for `frontend` (and zero its counters).
     PutRevNat { id: u32, frontend: Frontend },
-    /// Point `slot` (>= 1) of `frontend` at `backend_id`.
+    /// Point `slot` (> `lb_common::limits::INLINE_SLOTS`) of `frontend` at
+    /// `backend_id`.
     PutSlot {
         frontend: Frontend,
         slot: u16,
@@ -154,6 +155,10 @@ pub enum Op {
         affinity_timeout_s: u32,
         /// See `FrontendState::affinity_group`.
         affinity_group: u32,
+        /// The backend ids of its first slots, up to
+        /// `lb_common::limits::INLINE_SLOTS` (`count` of them at most):
+        /// they are in slot 0's entry, slots after them have their own.
+        inline: Box<[u32]>,
     },
     /// Allow a client prefix into a frontend.
     PutSourceRange(SourceRange),
@@ -163,7 +168,7 @@ pub enum Op {
     DeleteSourceRange(SourceRange),
     /// Remove the service-address mark of `addr`.
     DeleteMarker { addr: IpAddr },
-    /// Remove `slot` (>= 1) of `frontend`.
+    /// Remove `slot` (> `lb_common::limits::INLINE_SLOTS`) of `frontend`.
     DeleteSlot { frontend: Frontend, slot: u16 },
     /// Remove slot 0 of `frontend`.
     DeleteFrontend { frontend: Frontend },
@@ -303,6 +308,7 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 flags,
                 affinity_timeout_s,
                 affinity_group,
+                inline: inline_ids,
             } => {
                 current = None;
                 let entry = state.frontends.entry(*frontend).or_default();
@@ -311,6 +317,8 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 entry.affinity_timeout_s = *affinity_timeout_s;
                 entry.affinity_group = *affinity_group;
                 entry.slots.resize(usize::from(*count), 0);
+                let inline = inline_ids.len().min(entry.slots.len());
+                entry.slots[..inline].copy_from_slice(&inline_ids[..inline]);
             }
             Op::PutSourceRange(range) => {
                 state.source_ranges.insert(*range);

@@ -2,7 +2,7 @@
 //! `BPF_MAP_UPDATE_BATCH`es where it does not, and never a write that refers
 //! to one that failed.
 
-use lb_common::{LbService, svc_flags};
+use lb_common::{LbService, limits, svc_flags};
 
 use super::{Maps, MapsError, family::FamilyOps, marker};
 use crate::{model::Frontend, plan::Op};
@@ -198,6 +198,17 @@ impl Failed {
                 format!("write slot 0 of {frontend}"),
                 "its rev-NAT entry or one of its slots could not be written".to_owned(),
             ),
+            Op::PutFrontend {
+                frontend,
+                ref inline,
+                ..
+            } => {
+                let backend_id = inline.iter().find(|id| self.backend_ids.contains(id))?;
+                (
+                    format!("write slot 0 of {frontend}"),
+                    format!("backend {backend_id} could not be written"),
+                )
+            }
             _ => return None,
         };
         Some(MapsError::Unwritable { what, because })
@@ -304,18 +315,26 @@ pub(super) fn service_write(op: &Op) -> Option<(Frontend, u16, LbService)> {
             flags,
             affinity_timeout_s,
             affinity_group,
-        } => Some((
-            frontend,
-            0,
-            LbService {
-                // Slot 0's `backend_id` is the frontend's affinity group.
-                backend_id: affinity_group,
-                count,
-                flags,
-                rev_nat_id,
-                affinity_timeout_s,
-            },
-        )),
+            ref inline,
+        } => {
+            let mut slots = [0; limits::INLINE_SLOTS];
+            for (slot, id) in slots.iter_mut().zip(inline.iter()) {
+                *slot = *id;
+            }
+            Some((
+                frontend,
+                0,
+                LbService {
+                    // Slot 0's `backend_id` is the frontend's affinity group.
+                    backend_id: affinity_group,
+                    count,
+                    flags,
+                    rev_nat_id,
+                    affinity_timeout_s,
+                    slots,
+                },
+            ))
+        }
         Op::PutMarker { addr } => Some((
             marker(addr),
             0,

@@ -4,22 +4,28 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use lb_common::limits::INLINE_SLOTS;
 use lb_common::{backend_flags, svc_flags};
 
 use crate::model::FrontendKind;
 use crate::plan::test_fixtures::{backend, converge, fe, spec};
 use crate::plan::{DatapathState, Op, diff};
 
-#[test]
-fn new_service_writes_backends_then_slots_then_frontend() {
-    let mut state = DatapathState::default();
-    let desired = BTreeMap::from([(
-        fe("198.19.0.10", 80),
-        spec(&[("198.18.2.2", 8080), ("198.18.3.2", 8080)]),
-    )]);
-    let ops = converge(&mut state, &desired);
-    let kinds: Vec<_> = ops
-        .iter()
+/// `count` backends 198.18.<2..>.2:8080.
+fn backends(count: usize) -> Vec<(String, u16)> {
+    (0..count)
+        .map(|index| (format!("198.18.{}.2", index + 2), 8080))
+        .collect()
+}
+
+/// A spec of BACKENDS (as `backends` makes them).
+fn spec_of(backends: &[(String, u16)]) -> crate::model::FrontendSpec {
+    let pairs: Vec<(&str, u16)> = backends.iter().map(|(a, p)| (a.as_str(), *p)).collect();
+    spec(&pairs)
+}
+
+fn kinds(ops: &[Op]) -> Vec<&'static str> {
+    ops.iter()
         .map(|op| match op {
             Op::PutRevNat { .. } => "revnat",
             Op::PutBackend { .. } => "backend",
@@ -28,12 +34,54 @@ fn new_service_writes_backends_then_slots_then_frontend() {
             Op::PutMarker { .. } => "marker",
             _ => "other",
         })
-        .collect();
+        .collect()
+}
+
+/// A frontend's first slots are in its own entry: a small Service is its
+/// backends, then one write of the frontend naming them.
+#[test]
+fn new_small_service_writes_backends_then_the_frontend_with_its_slots() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let desired = BTreeMap::from([(v4, spec_of(&backends(2)))]);
+    let ops = converge(&mut state, &desired);
     assert_eq!(
-        kinds,
-        [
-            "revnat", "backend", "backend", "slot", "slot", "frontend", "marker"
-        ]
+        kinds(&ops),
+        ["revnat", "backend", "backend", "frontend", "marker"]
+    );
+    let slots = &state.frontends[&v4].slots;
+    assert!(
+        ops.iter().any(
+            |op| matches!(op, Op::PutFrontend { count: 2, inline, .. } if **inline == **slots)
+        ),
+        "{ops:?}"
+    );
+}
+
+/// Slots after the inline ones have entries of their own, written before
+/// the frontend that counts them.
+#[test]
+fn new_large_service_writes_backends_then_its_other_slots_then_frontend() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let desired = BTreeMap::from([(v4, spec_of(&backends(INLINE_SLOTS + 2)))]);
+    let ops = converge(&mut state, &desired);
+    let mut want = vec!["revnat"];
+    want.extend(["backend"; INLINE_SLOTS + 2]);
+    want.extend(["slot", "slot", "frontend", "marker"]);
+    assert_eq!(kinds(&ops), want);
+    let slot_numbers: Vec<u16> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutSlot { slot, .. } => Some(*slot),
+            _ => None,
+        })
+        .collect();
+    let first_own = u16::try_from(INLINE_SLOTS).unwrap() + 1;
+    assert_eq!(slot_numbers, [first_own, first_own + 1]);
+    assert!(
+        ops.iter()
+            .any(|op| matches!(op, Op::PutFrontend { inline, .. } if inline.len() == INLINE_SLOTS))
     );
 }
 
@@ -59,34 +107,83 @@ fn ids_are_stable_across_changes() {
     // The removed backend goes last, after every slot write.
     let last = ops.last().unwrap();
     assert!(matches!(last, Op::DeleteBackend { .. }), "{ops:?}");
-    // A frontend whose count did not change is not rewritten.
-    assert!(!ops.iter().any(|op| matches!(op, Op::PutFrontend { .. })));
+    // Its slots are inline: the frontend is rewritten naming the new ones,
+    // and the untouched frontend is not.
+    let slots = &state.frontends[&v4].slots;
+    let rewritten: Vec<_> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutFrontend {
+                frontend, inline, ..
+            } => Some((*frontend, inline.to_vec())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rewritten, [(v4, slots.clone())], "{ops:?}");
+    assert!(!ops.iter().any(|op| matches!(op, Op::PutSlot { .. })));
+}
+
+/// Past the inline slots, a changed backend is one slot write, and the
+/// frontend (same count, same inline slots) is not rewritten.
+#[test]
+fn a_changed_slot_past_the_inline_ones_is_one_slot_write() {
+    let mut state = DatapathState::default();
+    let v4 = fe("198.19.0.10", 80);
+    let mut list = backends(INLINE_SLOTS + 2);
+    converge(&mut state, &BTreeMap::from([(v4, spec_of(&list))]));
+    list[INLINE_SLOTS + 1] = ("198.18.200.2".to_owned(), 8080);
+    let ops = converge(&mut state, &BTreeMap::from([(v4, spec_of(&list))]));
+    assert_eq!(kinds(&ops), ["backend", "slot", "other"], "{ops:?}");
+    assert!(matches!(ops[1], Op::PutSlot { slot, .. } if usize::from(slot) == INLINE_SLOTS + 2));
 }
 
 #[test]
 fn shrinking_writes_count_before_deleting_slots() {
     let mut state = DatapathState::default();
     let v4 = fe("198.19.0.10", 80);
-    let mut desired = BTreeMap::from([(
-        v4,
-        spec(&[
-            ("198.18.2.2", 8080),
-            ("198.18.3.2", 8080),
-            ("198.18.4.2", 8080),
-        ]),
-    )]);
+    let list = backends(INLINE_SLOTS + 3);
+    let mut desired = BTreeMap::from([(v4, spec_of(&list))]);
     converge(&mut state, &desired);
-    desired.insert(v4, spec(&[("198.18.2.2", 8080)]));
+    desired.insert(v4, spec_of(&list[..=INLINE_SLOTS]));
     let ops = converge(&mut state, &desired);
     let frontend_at = ops
         .iter()
-        .position(|op| matches!(op, Op::PutFrontend { count: 1, .. }))
+        .position(|op| matches!(op, Op::PutFrontend { count, .. } if usize::from(*count) == INLINE_SLOTS + 1))
         .unwrap();
-    let first_delete = ops
+    let deleted: Vec<(usize, u16)> = ops
         .iter()
-        .position(|op| matches!(op, Op::DeleteSlot { .. }))
-        .unwrap();
-    assert!(frontend_at < first_delete, "{ops:?}");
+        .enumerate()
+        .filter_map(|(at, op)| match op {
+            Op::DeleteSlot { slot, .. } => Some((at, *slot)),
+            _ => None,
+        })
+        .collect();
+    // Slots INLINE + 2 and + 3 had entries of their own; the inline ones
+    // never do.
+    let first_gone = u16::try_from(INLINE_SLOTS).unwrap() + 2;
+    assert_eq!(
+        deleted.iter().map(|(_, slot)| *slot).collect::<Vec<_>>(),
+        [first_gone, first_gone + 1]
+    );
+    assert!(deleted.iter().all(|(at, _)| frontend_at < *at), "{ops:?}");
+    // Down to the inline slots: the last slot entry goes; within them,
+    // no slot entry is deleted.
+    desired.insert(v4, spec_of(&list[..INLINE_SLOTS]));
+    let ops = converge(&mut state, &desired);
+    let deleted: Vec<&Op> = ops
+        .iter()
+        .filter(|op| matches!(op, Op::DeleteSlot { .. }))
+        .collect();
+    assert!(
+        matches!(deleted[..], [Op::DeleteSlot { slot, .. }] if usize::from(*slot) == INLINE_SLOTS + 1),
+        "{ops:?}"
+    );
+    desired.insert(v4, spec_of(&list[..1]));
+    let ops = converge(&mut state, &desired);
+    assert!(
+        !ops.iter().any(|op| matches!(op, Op::DeleteSlot { .. })),
+        "{ops:?}"
+    );
 }
 
 #[test]
@@ -192,6 +289,7 @@ fn empty_service_has_zero_count() {
         flags: svc_flags::CLUSTER_IP,
         affinity_timeout_s: 0,
         affinity_group: 0,
+        inline: Box::default(),
     }));
 }
 
@@ -249,6 +347,7 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
             flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
             affinity_timeout_s: 30,
             affinity_group: state.frontends[&v4].affinity_group,
+            inline: state.frontends[&v4].slots.clone().into(),
         }]
     );
     assert_ne!(state.frontends[&v4].affinity_group, 0);
