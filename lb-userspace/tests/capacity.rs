@@ -328,3 +328,55 @@ fn a_full_backend_map_leaves_out_whole_frontends() {
     lab.assert_log_names_the_last_two();
     assert_maps_hold_the_first(&lab.pins.path);
 }
+
+/// A map left pinned by an agent of another layout version of it (the
+/// service map was `LB4_SVC_V2` before its frontends held their first
+/// slots) is unpinned once the programs are attached, so that it does not
+/// hold kernel memory until `lb cleanup`; a pin of no map of this build is
+/// left alone.
+#[test]
+fn a_map_pinned_by_another_layout_version_is_unpinned() {
+    if !require_privileged("a_map_pinned_by_another_layout_version_is_unpinned") {
+        return;
+    }
+    let lab = Lab::new();
+    std::fs::create_dir_all(&lab.pins.path).expect("pin directory");
+    for name in ["LB4_SVC_V2", "LB9_OTHER_V1"] {
+        let pin = lab.pins.path.join(name);
+        let mut create = std::process::Command::new("bpftool");
+        create.args(["map", "create"]).arg(&pin).args([
+            "type", "hash", "key", "4", "value", "4", "entries", "4", "name", name,
+        ]);
+        let out = support::process::output_with_timeout(&mut create, Duration::from_secs(10))
+            .expect("run bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool map create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let agent = lab.start_agent("--max-services", 64);
+    let start = Instant::now();
+    while !lab.log_text().contains("synced") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the agent did not sync:\n{}",
+            lab.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !lab.pins.path.join("LB4_SVC_V2").exists(),
+        "{}",
+        lab.log_text()
+    );
+    assert!(lab.pins.path.join("LB4_SVC_V3").exists());
+    assert!(lab.pins.path.join("LB9_OTHER_V1").exists());
+    assert!(
+        lab.log_text()
+            .contains("removed the pin of a map of another layout version"),
+        "{}",
+        lab.log_text()
+    );
+    drop(agent);
+}

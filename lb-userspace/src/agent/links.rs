@@ -34,6 +34,8 @@ pub(super) fn load_and_attach(
     xdp_settings: &xdp::XdpSettings,
 ) -> Result<Loaded, AgentError> {
     let mut ebpf = loader::load_with(pin_path, capacities)?;
+    // Before `Maps` takes its maps out of the object.
+    let map_names = loader::map_names(&ebpf);
     let maps = Maps::from_ebpf(&mut ebpf)?;
     let mut attachments = Vec::new();
     for iface in interfaces {
@@ -62,6 +64,9 @@ pub(super) fn load_and_attach(
             "socket-level load balancing is not available: the node's own sockets are not \
              translated; the TC path serves everything else"
         ),
+    }
+    for pin in loader::remove_superseded_pins(pin_path, &map_names) {
+        tracing::info!(pin, "removed the pin of a map of another layout version");
     }
     let state = maps.read_state()?;
     Ok((ebpf, maps, (attachments, xdp_devices), state))

@@ -253,6 +253,60 @@ pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadE
     Ok(ebpf)
 }
 
+/// Unpins the maps of another layout version of a map this object has
+/// (`LB4_SVC_V2` when it has `LB4_SVC_V3`: the suffix changes with the
+/// layout): left by an agent of another version, they would hold kernel
+/// memory (a service map at 100k Services, ~100 MiB) until `lb cleanup`.
+/// Called once the programs are in their links: a program of the other
+/// version still attached somewhere keeps its own reference to its maps,
+/// so only the pins go. CURRENT: the names of the object's maps ([`map_names`]
+/// of it before any is taken out). Returns the names unpinned.
+pub fn remove_superseded_pins(pin_path: &Path, current: &[String]) -> Vec<String> {
+    let current: Vec<&str> = current.iter().map(String::as_str).collect();
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pin_path) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str() else {
+            continue;
+        };
+        if entry.path().is_dir() || !superseded(name, &current) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => removed.push(name.to_owned()),
+            Err(error) => tracing::warn!(pin = name, %error, "cannot remove a superseded pin"),
+        }
+    }
+    removed
+}
+
+/// The names of the object's maps (all of them while none is taken out).
+#[must_use]
+pub fn map_names(ebpf: &Ebpf) -> Vec<String> {
+    ebpf.maps().map(|(name, _)| name.to_owned()).collect()
+}
+
+/// True when NAME is `BASE_V<n>` and CURRENT has `BASE_V<m>` with m != n.
+fn superseded(name: &str, current: &[&str]) -> bool {
+    let Some((base, version)) = versioned(name) else {
+        return false;
+    };
+    current.iter().any(|other| {
+        versioned(other).is_some_and(|(other_base, other_version)| {
+            other_base == base && other_version != version
+        })
+    })
+}
+
+/// (`BASE`, `N`) of a name `BASE_V<N>`.
+fn versioned(name: &str) -> Option<(&str, &str)> {
+    let (base, version) = name.rsplit_once("_V")?;
+    (!version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())).then_some((base, version))
+}
+
 /// Loads the TC programs, each on a thread of its own: the verifier
 /// spends ~0.5 s on each of the two ingress programs, which is most of an
 /// agent's start at 10k Services, and they are verified side by side.
@@ -801,4 +855,26 @@ pub fn all_interfaces() -> Vec<String> {
         libc::if_freenameindex(list);
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::superseded;
+
+    #[test]
+    fn a_pin_is_superseded_only_by_another_version_of_its_own_map() {
+        let current = ["LB4_SVC_V3", "LB_CONFIG_V3", "LB4_CT_V4", "LB_SCRATCH"];
+        assert!(superseded("LB4_SVC_V2", &current));
+        assert!(superseded("LB4_SVC_V4", &current), "a newer agent's too");
+        assert!(superseded("LB4_CT_V3", &current));
+        assert!(!superseded("LB4_SVC_V3", &current), "the map itself");
+        assert!(!superseded("LB6_SVC_V2", &current), "another base");
+        assert!(!superseded("LB4_SVC", &current), "no version");
+        assert!(!superseded("LB4_SVC_Vx", &current), "not a version");
+        assert!(
+            !superseded("LB_SCRATCH_V1", &current),
+            "no versioned map of that base"
+        );
+        assert!(!superseded("links", &current));
+    }
 }
