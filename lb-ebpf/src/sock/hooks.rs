@@ -477,8 +477,11 @@ fn forward<F: SockFamily>(
     #[expect(clippy::cast_possible_truncation, reason = "TCP or UDP, checked above")]
     let l4_proto = protocol as u8;
     let mut lookup = daddr;
-    // SAFETY: copied out at once.
-    let mut frontend = unsafe { lb::frontend::<F>(daddr, dport_be, l4_proto) }.copied();
+    // Read in place, not copied (64 bytes with its inline slots): an
+    // update of the map replaces the element, and the one read stays whole
+    // while the program runs (RCU).
+    // SAFETY: read in place while the program runs (above).
+    let mut frontend = unsafe { lb::frontend::<F>(daddr, dport_be, l4_proto) };
     // A `NodePort` on loopback: served as on the (first) node address.
     if frontend.is_none()
         && F::is_loopback(&daddr)
@@ -487,8 +490,8 @@ fn forward<F: SockFamily>(
         let node = F::node_addr(node);
         if !F::is_unspecified(&node) {
             lookup = node;
-            // SAFETY: copied out at once.
-            frontend = unsafe { lb::frontend::<F>(node, dport_be, l4_proto) }.copied();
+            // SAFETY: read in place while the program runs (above).
+            frontend = unsafe { lb::frontend::<F>(node, dport_be, l4_proto) };
         }
     }
     let Some(frontend) = frontend else {
@@ -510,7 +513,7 @@ fn forward<F: SockFamily>(
     } else {
         None
     };
-    let Some((_, backend)) = choose::<F>(&frontend, lookup, dport_be, l4_proto, cookie, netns)
+    let Some((_, backend)) = choose::<F>(frontend, lookup, dport_be, l4_proto, cookie, netns)
     else {
         return Outcome::Refuse(ECONNREFUSED);
     };
