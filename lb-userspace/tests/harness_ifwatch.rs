@@ -291,12 +291,13 @@ fn pods_created_after_the_agent_are_served() {
     // Metrics: map occupancy, sync durations, and the programming latency
     // of the one slice change made after the agent started.
     let (_, metrics) = http_get(node.name(), metrics_addr(), "/metrics").expect("GET /metrics");
-    // Services: slot 0, two backend slots and the ClusterIP's marker.
+    // Services: slot 0 (holding both backend slots) and the ClusterIP's
+    // marker.
     let names = lb_common::map_names::SERVICES4;
     let expected = [
-        format!("lb_map_entries{{map=\"{names}\"}} 4"),
+        format!("lb_map_entries{{map=\"{names}\"}} 2"),
         format!(
-            "lb_map_entries{{map=\"{}\"}} 4",
+            "lb_map_entries{{map=\"{}\"}} 2",
             lb_common::map_names::SERVICES6
         ),
         format!(

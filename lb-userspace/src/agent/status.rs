@@ -67,8 +67,12 @@ pub fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
     use lb_common::map_names;
     let (mut svc4, mut svc6, mut be4, mut be6, mut rnat4, mut rnat6) = (0, 0, 0, 0, 0, 0);
     for (frontend, fs) in &state.frontends {
-        // Slot 0 (the frontend) plus one entry per backend slot.
-        let entries = 1 + fs.slots.len();
+        // Slot 0 (the frontend, with its first slots) plus one entry per
+        // backend slot after those.
+        let entries = 1 + fs
+            .slots
+            .len()
+            .saturating_sub(lb_common::limits::INLINE_SLOTS);
         if frontend.addr.is_ipv4() {
             svc4 += entries;
         } else {
@@ -104,4 +108,36 @@ pub fn map_occupancy(state: &DatapathState) -> Vec<(&'static str, usize)> {
         (map_names::REVNAT4, rnat4),
         (map_names::REVNAT6, rnat6),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::map_occupancy;
+    use crate::model::{Frontend, Protocol};
+    use crate::plan::{DatapathState, FrontendState};
+
+    /// A frontend is one service entry with its first `INLINE_SLOTS` slots,
+    /// plus one per slot after them; a marker is one more.
+    #[test]
+    fn service_entries_count_only_the_slots_past_the_inline_ones() {
+        let inline = lb_common::limits::INLINE_SLOTS;
+        let frontend = |last: u8| Frontend {
+            addr: std::net::IpAddr::from([198, 19, 0, last]),
+            port: 80,
+            proto: Protocol::Tcp,
+        };
+        let with_slots = |count: usize| FrontendState {
+            slots: vec![1; count],
+            ..FrontendState::default()
+        };
+        let mut state = DatapathState::default();
+        state.frontends.insert(frontend(1), with_slots(2));
+        state.frontends.insert(frontend(2), with_slots(inline + 2));
+        state.markers.insert(frontend(1).addr);
+        let services4 = map_occupancy(&state)
+            .into_iter()
+            .find(|(map, _)| *map == lb_common::map_names::SERVICES4)
+            .map(|(_, entries)| entries);
+        assert_eq!(services4, Some(1 + (1 + 2) + 1));
+    }
 }
