@@ -18,7 +18,7 @@ use support::{
     clients::{http_get, metric_value},
     netns::{Netns, unique_prefix},
     pins::{PinGuard, require_privileged, sweep_stale_pins},
-    process::{ChildGuard, TempDir, lb_binary, metrics_addr},
+    process::{ChildGuard, TempDir, lb_binary, metrics_addr, output_with_timeout, wait_until},
 };
 
 const SERVICES: u32 = 6;
@@ -347,8 +347,7 @@ fn a_map_pinned_by_another_layout_version_is_unpinned() {
         create.args(["map", "create"]).arg(&pin).args([
             "type", "hash", "key", "4", "value", "4", "entries", "4", "name", name,
         ]);
-        let out = support::process::output_with_timeout(&mut create, Duration::from_secs(10))
-            .expect("run bpftool");
+        let out = output_with_timeout(&mut create, Duration::from_secs(10)).expect("run bpftool");
         assert!(
             out.status.success(),
             "bpftool map create {name}: {}",
@@ -356,15 +355,14 @@ fn a_map_pinned_by_another_layout_version_is_unpinned() {
         );
     }
     let agent = lab.start_agent("--max-services", 64);
-    let start = Instant::now();
-    while !lab.log_text().contains("synced") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the agent did not sync:\n{}",
-            lab.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the agent syncs", Duration::from_secs(20), || {
+        let log = lab.log_text();
+        if log.contains("synced") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
     assert!(
         !lab.pins.path.join("LB4_SVC_V2").exists(),
         "{}",
