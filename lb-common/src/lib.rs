@@ -596,6 +596,18 @@ pub struct LbService {
     pub slots: [u32; limits::INLINE_SLOTS],
 }
 
+impl LbService {
+    /// The backend id of slot SLOT (>= 1) of this frontend (slot 0's
+    /// value) when the slot is one of its inline ones; `None` for a slot
+    /// with an entry of its own (past `limits::INLINE_SLOTS`) and for 0.
+    #[inline]
+    #[must_use]
+    pub fn inline_slot(&self, slot: u16) -> Option<u32> {
+        let index = usize::from(slot).checked_sub(1)?;
+        self.slots.get(index).copied()
+    }
+}
+
 /// Backend over an address `A`: one endpoint of one frontend. A flow or
 /// an affinity entry naming it is valid only for that frontend, so an
 /// endpoint shared by two frontends has an entry (and an id) in each.
@@ -1086,7 +1098,22 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::reason;
+    use super::{LbService, limits, reason};
+
+    /// Slots 1 to `INLINE_SLOTS` are read from the frontend's own value;
+    /// slot 0 (the frontend itself) and later slots are not.
+    #[test]
+    fn inline_slots_are_the_first_ones() {
+        let mut frontend = LbService::default();
+        for (index, id) in frontend.slots.iter_mut().enumerate() {
+            *id = 100 + u32::try_from(index).unwrap();
+        }
+        let last = u16::try_from(limits::INLINE_SLOTS).unwrap();
+        assert_eq!(frontend.inline_slot(0), None);
+        assert_eq!(frontend.inline_slot(1), Some(100));
+        assert_eq!(frontend.inline_slot(last), Some(100 + u32::from(last) - 1));
+        assert_eq!(frontend.inline_slot(last + 1), None);
+    }
 
     /// Each reason number names its own metric: the agent zips `NAMES`
     /// with the indices, so a renumbering must move the names with it.

@@ -3,7 +3,7 @@
 
 use lb_common::{
     AffinityEntry, Backend, CLUSTER_CIDR_REV_NAT, EndpointKey, LbService, backend_flags,
-    config_flags, limits, reason, svc_flags,
+    config_flags, reason, svc_flags,
 };
 
 use crate::{
@@ -183,13 +183,12 @@ pub(crate) fn slot_backend<F: Family>(
     l4_proto: u8,
     slot: u16,
 ) -> Option<(u32, Backend<F::Addr>)> {
-    let backend_id = match usize::from(slot).checked_sub(1) {
-        Some(index) if index < limits::INLINE_SLOTS => *frontend.slots.get(index)?,
-        _ => {
-            let slot_key = svc_key(daddr, dport_be, slot, l4_proto);
-            // SAFETY: the value is copied out at once.
-            unsafe { F::services().get(&slot_key) }?.backend_id
-        }
+    let backend_id = if let Some(id) = frontend.inline_slot(slot) {
+        id
+    } else {
+        let slot_key = svc_key(daddr, dport_be, slot, l4_proto);
+        // SAFETY: the value is copied out at once.
+        unsafe { F::services().get(&slot_key) }?.backend_id
     };
     // SAFETY: the value is copied out at once.
     let backend = unsafe { F::backends().get(&backend_id) }?;

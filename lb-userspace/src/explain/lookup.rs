@@ -141,8 +141,8 @@ impl<A: MapFamily> Tables<A> {
         let mut backends = Vec::with_capacity(usize::from(value.count));
         for slot in 1..=value.count {
             // The first slots are in the frontend's own entry.
-            let id = match value.slots.get(usize::from(slot) - 1) {
-                Some(id) => *id,
+            let id = match value.inline_slot(slot) {
+                Some(id) => id,
                 None => match get(&self.services, &key(slot), A::SERVICES)? {
                     Some(slot_value) => slot_value.backend_id,
                     None => continue,

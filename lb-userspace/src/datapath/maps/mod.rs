@@ -242,9 +242,9 @@ impl Maps {
             // Slots beyond the count are leftovers of an interrupted apply:
             // leaving them out of the state makes the next diff delete them.
             let slots = (1..=head.count)
-                .map(|slot| match head.slots.get(usize::from(slot) - 1) {
-                    Some(inline) => *inline,
-                    None => known.get(&slot).copied().unwrap_or(0),
+                .map(|slot| {
+                    head.inline_slot(slot)
+                        .unwrap_or_else(|| known.get(&slot).copied().unwrap_or(0))
                 })
                 .collect();
             state.frontends.insert(
