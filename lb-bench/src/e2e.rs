@@ -827,6 +827,19 @@ fn run_scale(
             crate::stats::percentile(&apply, 50.0),
             crate::stats::percentile(&apply, 99.0),
         );
+        // Which changes the tail is made of (a p99 over 100 samples is the
+        // second-slowest one): by their place after the start.
+        let mut slowest: Vec<(usize, f64)> = poll_inclusive.iter().copied().enumerate().collect();
+        slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let named: Vec<String> = slowest
+            .iter()
+            .take(3)
+            .map(|(k, value)| format!("change {k}: {value:.1} ms"))
+            .collect();
+        eprintln!(
+            "[e2e] {count} services: slowest changes: {}",
+            named.join(", ")
+        );
     }
     let pid = agent.daemon.pid();
     let vmhwm = proc_status_kib(pid, "VmHWM");
