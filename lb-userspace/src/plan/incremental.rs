@@ -1,5 +1,6 @@
 //! The plan over the changed frontends only, and the index it needs.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -30,8 +31,33 @@ impl PlanIndex {
         // index needs nothing from `desired` itself.
         let _ = desired;
         let mut ids_of: HashMap<u32, Vec<u32>> = HashMap::with_capacity(state.frontends.len());
+        // A frontend's ids are handed out together, so in id order they
+        // come in runs: one lookup and one allocation of the right size per
+        // run, not per id (~0.1 s at 100k Services, on the loop after the
+        // first sync).
+        let mut run: Vec<u32> = Vec::new();
+        let mut owner = None;
+        let mut file_run = |owner: u32, run: &mut Vec<u32>| {
+            match ids_of.entry(owner) {
+                Entry::Vacant(vacant) => {
+                    vacant.insert(run.clone());
+                }
+                Entry::Occupied(mut occupied) => occupied.get_mut().extend_from_slice(run),
+            }
+            run.clear();
+        };
         for (id, entry) in &state.backends {
-            ids_of.entry(entry.key.rev_nat_id).or_default().push(*id);
+            let rev_nat_id = entry.key.rev_nat_id;
+            if owner != Some(rev_nat_id) {
+                if let Some(previous) = owner {
+                    file_run(previous, &mut run);
+                }
+                owner = Some(rev_nat_id);
+            }
+            run.push(*id);
+        }
+        if let Some(last) = owner {
+            file_run(last, &mut run);
         }
         for ids in ids_of.values_mut() {
             ids.shrink_to_fit();

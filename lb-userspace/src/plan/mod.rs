@@ -190,8 +190,10 @@ pub struct Plan {
 /// Applies `plan` to `state` the way the maps would change: used by tests
 /// and as the agent's cache of what it wrote.
 pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
-    let sizes = StateSizes::of(state);
-    apply_ops(state, ops);
+    let mut sizes = StateSizes::of(state);
+    let mut new_backends = NewBackends::for_state(state, ops);
+    apply_ops(state, ops, &mut new_backends);
+    new_backends.finish(state, &mut sizes);
     sizes.repack_grown(state);
 }
 
@@ -214,15 +216,65 @@ pub(crate) fn apply_owned_in_chunks(
     mut ops: Vec<Op>,
     chunk: usize,
 ) -> StateSizes {
-    let sizes = StateSizes::of(state);
+    let mut sizes = StateSizes::of(state);
+    let mut new_backends = NewBackends::for_state(state, &ops);
     // Last op first, so that the applied ones are cut off the end.
     ops.reverse();
     while !ops.is_empty() {
         let applied = ops.split_off(ops.len().saturating_sub(chunk.max(1)));
         ops.shrink_to_fit();
-        apply_ops(state, applied.iter().rev());
+        apply_ops(state, applied.iter().rev(), &mut new_backends);
     }
+    new_backends.finish(state, &mut sizes);
     sizes
+}
+
+/// The backends put into a state that had none (a first sync), collected
+/// and made into its map at once. Their ids come in ascending order, and a
+/// B-tree built from sorted entries has full nodes in one pass; inserted
+/// one by one, the 2M backends of 100k Services left every node half
+/// full, and the repack that rebuilt them ran on the agent's loop after
+/// the sync (~0.2 s there, before the next change could be taken).
+struct NewBackends {
+    /// The backends put so far, while the state's map is empty.
+    collected: Option<Vec<(u32, BackendEntry)>>,
+    /// Whether the state's map was made of them.
+    built: bool,
+}
+
+impl NewBackends {
+    /// Collecting when `state` has no backends yet; room for those of `ops`.
+    fn for_state(state: &DatapathState, ops: &[Op]) -> Self {
+        let collected = state.backends.is_empty().then(|| {
+            let puts = ops
+                .iter()
+                .filter(|op| matches!(op, Op::PutBackend { .. }))
+                .count();
+            Vec::with_capacity(puts)
+        });
+        Self {
+            collected,
+            built: false,
+        }
+    }
+
+    /// Makes what was collected the map `backends`, empty until then (a
+    /// later entry of an id wins, as an insert does).
+    fn flush(&mut self, backends: &mut BTreeMap<u32, BackendEntry>) {
+        if let Some(collected) = self.collected.take() {
+            debug_assert!(backends.is_empty());
+            *backends = collected.into_iter().collect();
+            self.built = true;
+        }
+    }
+
+    /// Flushes into `state`; a map made here needs no repack.
+    fn finish(mut self, state: &mut DatapathState, sizes: &mut StateSizes) {
+        self.flush(&mut state.backends);
+        if self.built {
+            sizes.backends = state.backends.len();
+        }
+    }
 }
 
 /// How many entries a state's maps held before an apply.
@@ -270,7 +322,11 @@ fn repack_if_grown<K: Ord, V>(map: &mut BTreeMap<K, V>, len_before: usize) {
     }
 }
 
-fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op>) {
+fn apply_ops<'a>(
+    state: &mut DatapathState,
+    ops: impl IntoIterator<Item = &'a Op>,
+    new_backends: &mut NewBackends,
+) {
     // The frontend the last slot op went to: a frontend's slot ops come
     // one after another, and looking its entry up again for each was a
     // third of a first sync's apply at 100k Services. The ops that change
@@ -279,7 +335,12 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
     for op in ops {
         match op {
             Op::PutBackend { id, backend } => {
-                state.backends.insert(*id, *backend);
+                match &mut new_backends.collected {
+                    Some(collected) => collected.push((*id, *backend)),
+                    None => {
+                        state.backends.insert(*id, *backend);
+                    }
+                }
                 state.next_backend_id = state.next_backend_id.max(id.saturating_add(1));
             }
             Op::PutRevNat { id, frontend } => {
@@ -346,6 +407,9 @@ fn apply_ops<'a>(state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op
                 state.rev_nats.remove(id);
             }
             Op::DeleteBackend { id, .. } => {
+                // Not in a first sync's plan; should one come, what was
+                // collected goes into the map first.
+                new_backends.flush(&mut state.backends);
                 state.backends.remove(id);
             }
         }

@@ -105,3 +105,76 @@ fn diff_of_changes_matches_full_diff() {
         }
     }
 }
+
+/// Backends put into an empty state are collected and built at once:
+/// the result is the map one insert per op makes, with an id put twice
+/// (the later entry wins) and a delete among the puts, in one go and in
+/// chunks; the index over it names each frontend's ids.
+#[test]
+fn backends_put_into_an_empty_state_are_the_map_inserts_make() {
+    use crate::plan::{BackendEntry, BackendKey, Op};
+    let entry = |rev_nat_id: u32, last_octet: u8, flags: u8| BackendEntry {
+        key: BackendKey {
+            rev_nat_id,
+            addr: [198, 18, 2, last_octet].into(),
+            port: 8080,
+            proto: Protocol::Tcp,
+        },
+        flags,
+    };
+    let v4 = "198.18.2.1".parse().unwrap();
+    let ops = vec![
+        Op::PutBackend {
+            id: 3,
+            backend: entry(1, 3, 0),
+        },
+        Op::PutBackend {
+            id: 1,
+            backend: entry(1, 1, 0),
+        },
+        Op::PutBackend {
+            id: 4,
+            backend: entry(2, 4, 0),
+        },
+        Op::PutBackend {
+            id: 3,
+            backend: entry(1, 3, 1),
+        },
+        Op::DeleteBackend { id: 1, addr: v4 },
+        Op::PutBackend {
+            id: 7,
+            backend: entry(1, 7, 0),
+        },
+    ];
+    let expected: BTreeMap<u32, BackendEntry> = [
+        (3, entry(1, 3, 1)),
+        (4, entry(2, 4, 0)),
+        (7, entry(1, 7, 0)),
+    ]
+    .into();
+    let mut whole = DatapathState::default();
+    apply_to_state(&mut whole, &ops);
+    assert_eq!(whole.backends, expected);
+    assert_eq!(whole.next_backend_id, 8);
+    for chunk in 1..=ops.len() {
+        let mut chunked = DatapathState::default();
+        apply_owned_in_chunks(&mut chunked, ops.clone(), chunk).repack_grown(&mut chunked);
+        assert_eq!(chunked.backends, expected, "chunks of {chunk}");
+    }
+    // Without the delete: only puts, the first sync's case.
+    let puts: Vec<Op> = ops
+        .iter()
+        .filter(|op| matches!(op, Op::PutBackend { .. }))
+        .cloned()
+        .collect();
+    let mut fresh = DatapathState::default();
+    apply_to_state(&mut fresh, &puts);
+    let mut with_one = expected.clone();
+    with_one.insert(1, entry(1, 1, 0));
+    assert_eq!(fresh.backends, with_one);
+    let index = PlanIndex::new(&fresh, &BTreeMap::new());
+    assert_eq!(
+        index.entries(),
+        BTreeMap::from([(1, vec![1, 3, 7]), (2, vec![4])])
+    );
+}
