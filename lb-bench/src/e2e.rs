@@ -428,6 +428,9 @@ impl Agent {
             }
             match self.lines.recv_timeout(left.min(Duration::from_millis(50))) {
                 Ok((at, line)) => {
+                    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+                        eprintln!("[agent] {line}");
+                    }
                     note(at, &line);
                     self.tail.push(line.clone());
                     if self.tail.len() > 20 {
