@@ -195,8 +195,8 @@ fn main() {
             drop(rest.feed(&mut model));
         }
     });
-    let changes_first = phase("model commit", || model.commit());
-    drop(changes_first);
+    // As the agent's first sync: the plan over everything needs no changes.
+    phase("model commit", || model.commit_for_full_plan());
     let mut state = DatapathState::default();
     let mut plan = phase("plan (diff over everything)", || {
         plan::diff(&state, model.frontends())

@@ -356,13 +356,14 @@ impl Reconciler {
             self.pending.desired.node.as_ref(),
             !self.pending.hooks.node_name.is_empty(),
         );
-        let mut changes = self.pending.desired.model.commit();
-        if self.pending.desired.plan_index.is_none() {
-            // A plan over everything does not read them; on a first sync
-            // they are every frontend (~70 MiB at 100k Services), alive
-            // through the plan and the writes otherwise.
-            changes = model::FrontendChanges::new();
-        }
+        // A plan over everything does not read the changes; on a first
+        // sync they would be every frontend (~70 MiB at 100k Services).
+        let changes = if self.pending.desired.plan_index.is_none() {
+            self.pending.desired.model.commit_for_full_plan();
+            model::FrontendChanges::new()
+        } else {
+            self.pending.desired.model.commit()
+        };
         self.write_node_config(&node);
         let hooks = &mut self.pending.hooks;
         hooks

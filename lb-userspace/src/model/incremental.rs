@@ -291,6 +291,28 @@ impl Incremental {
     pub fn commit(&mut self) -> FrontendChanges {
         let len_before = self.frontends.len();
         let changes = self.commit_dirty();
+        self.repack_if_grown(len_before);
+        changes
+    }
+
+    /// [`commit`](Self::commit) for a caller that plans over every
+    /// frontend next and so needs no changes (a first sync, or one after
+    /// a failed write). When most Services are to be recomputed anyway, a
+    /// pass over all of them without measuring what changed costs less:
+    /// on a first sync at 100k Services the changes are 200k entries, each
+    /// looked up twice more, and thrown away.
+    pub fn commit_for_full_plan(&mut self) {
+        if self.all_dirty || 2 * self.dirty.len() >= self.services.len() {
+            let len_before = self.frontends.len();
+            self.recompute_all(None);
+            self.repack_if_grown(len_before);
+        } else {
+            let _ = self.commit();
+        }
+    }
+
+    /// Rebuilds the frontends' B-tree when a commit more than doubled it.
+    fn repack_if_grown(&mut self, len_before: usize) {
         // A commit that more than doubled the frontends (the first) filled
         // the B-tree one insert at a time, which leaves its nodes half to
         // two thirds full (~170-byte entries, 200k of them at 100k
@@ -298,7 +320,6 @@ impl Incremental {
         if self.frontends.len() > 2 * len_before + 1024 {
             self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
         }
-        changes
     }
 
     fn commit_dirty(&mut self) -> FrontendChanges {
@@ -318,10 +339,10 @@ impl Incremental {
             // Services done so far stay done; the full pass recomputes all
             // of them, measured against the frontends before this commit.
             let before = Self::restore(std::mem::take(&mut self.frontends), changes);
-            return self.recompute_all(&before);
+            return self.recompute_all(Some(&before));
         }
         let before = std::mem::take(&mut self.frontends);
-        self.recompute_all(&before)
+        self.recompute_all(Some(&before))
     }
 
     /// The frontends as they were, from the current ones and the changes.
@@ -503,8 +524,11 @@ impl Incremental {
     }
 
     /// Every Service in claim order (oldest first), as [`build`](super::build)
-    /// does; the changes are measured against `before`.
-    fn recompute_all(&mut self, before: &BTreeMap<Frontend, FrontendSpec>) -> FrontendChanges {
+    /// does; the changes are measured against `before` (none without it).
+    fn recompute_all(
+        &mut self,
+        before: Option<&BTreeMap<Frontend, FrontendSpec>>,
+    ) -> FrontendChanges {
         self.all_dirty = false;
         self.dirty.clear();
         let keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
@@ -551,6 +575,9 @@ impl Incremental {
             }
         }
         let mut changes = FrontendChanges::new();
+        let Some(before) = before else {
+            return changes;
+        };
         for (frontend, spec) in before {
             if self.frontends.get(frontend) != Some(spec) {
                 changes.insert(*frontend, Some(spec.clone()));
