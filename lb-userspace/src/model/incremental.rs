@@ -278,10 +278,14 @@ impl Incremental {
     }
 
     fn forget_error(&mut self, error: &ObjectError) {
-        if let Some(count) = self.errors.get_mut(error) {
+        Self::forget_error_in(&mut self.errors, error);
+    }
+
+    fn forget_error_in(errors: &mut BTreeMap<ObjectError, u32>, error: &ObjectError) {
+        if let Some(count) = errors.get_mut(error) {
             *count -= 1;
             if *count == 0 {
-                self.errors.remove(error);
+                errors.remove(error);
             }
         }
     }
@@ -481,12 +485,21 @@ impl Incremental {
         }
     }
 
-    /// Where a stored Service comes in [`claim_order`](super::claim_order).
-    fn claim_order<'a>(&'a self, key: &'a ObjectKey) -> Option<ClaimOrder<'a>> {
-        self.services
-            .get(key)
-            .and_then(|entry| entry.service.as_deref())
-            .map(|record| record.claim_order(key))
+    /// Whether the claim counts are what the Services' entries claim (a
+    /// stale count would send every later commit down the full pass).
+    #[cfg(test)]
+    fn claims_match_entries(&self) -> bool {
+        let mut frontends: HashMap<Frontend, u32> = HashMap::new();
+        let mut ports: HashMap<u16, u32> = HashMap::new();
+        for entry in self.services.values() {
+            for frontend in &entry.claims {
+                *frontends.entry(*frontend).or_default() += 1;
+            }
+            if let Some(port) = entry.health_check_port {
+                *ports.entry(port).or_default() += 1;
+            }
+        }
+        frontends == self.frontend_claims && ports == self.port_claims
     }
 
     /// `None` for a removed Service.
@@ -531,13 +544,28 @@ impl Incremental {
     ) -> FrontendChanges {
         self.all_dirty = false;
         self.dirty.clear();
-        let keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
-        for key in &keys {
-            self.unclaim(key);
+        // Every Service claims again below: what they all claimed goes at
+        // once (only Services claim frontends and ports).
+        self.frontend_claims.clear();
+        self.port_claims.clear();
+        for entry in self.services.values_mut() {
+            entry.claims.clear();
+            entry.health_check_port = None;
+            for error in std::mem::take(&mut entry.errors) {
+                Self::forget_error_in(&mut self.errors, &error);
+            }
         }
         self.services.retain(|_, entry| entry.service.is_some());
-        let mut keys: Vec<ObjectKey> = self.services.keys().cloned().collect();
-        keys.sort_by(|a, b| self.claim_order(a).cmp(&self.claim_order(b)));
+        // Each Service's place computed once, not at every comparison (a
+        // lookup of both keys each time: ~1.7M at 100k Services). Stable:
+        // equal places keep the keys' order.
+        let mut order: Vec<(ClaimOrder<'_>, &ObjectKey)> = self
+            .services
+            .iter()
+            .filter_map(|(key, entry)| Some((entry.service.as_deref()?.claim_order(key), key)))
+            .collect();
+        order.sort_by(|a, b| a.0.cmp(&b.0));
+        let keys: Vec<ObjectKey> = order.into_iter().map(|(_, key)| key.clone()).collect();
         self.frontends.clear();
         self.health_checks.clear();
         for key in &keys {

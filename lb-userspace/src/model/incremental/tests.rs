@@ -168,6 +168,7 @@ fn incremental_model_matches_full_build_after_every_change() {
             };
             let expected = build(&services, &slices, &node);
             assert_eq!(model.model(), expected, "seed {seed} step {step}");
+            assert!(model.claims_match_entries(), "seed {seed} step {step}");
             if for_full_plan {
                 previous = expected.frontends;
                 continue;
