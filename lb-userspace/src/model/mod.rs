@@ -526,14 +526,22 @@ fn service_output(
     let Some(parsed) = &record.parsed else {
         return output;
     };
-    let mut selector = Selector::new(slices, parsed, context.node_name, context.zone);
-    for PlannedFrontend {
-        frontend,
-        kind,
-        port,
-    } in parsed.frontends(&context.node_addrs)
+    let selector = Selector::new(slices, parsed, context.node_name, context.zone);
+    let planned = parsed.frontends(&context.node_addrs);
+    let wanted: Vec<(usize, bool, FrontendKind)> = planned
+        .iter()
+        .map(|planned| (planned.port, planned.frontend.addr.is_ipv4(), planned.kind))
+        .collect();
+    let selections = selector.select_each(&wanted);
+    for (
+        PlannedFrontend {
+            frontend,
+            kind,
+            port,
+        },
+        selection,
+    ) in planned.into_iter().zip(selections)
     {
-        let selection = selector.select(port, frontend.addr.is_ipv4(), kind);
         let spec = parsed.spec(
             ServiceRef {
                 namespace: namespace.to_owned(),

@@ -2,7 +2,7 @@
 //! `CategorizeEndpoints`): traffic policy, zone hints, readiness, and the
 //! terminating or not ready ones that only drain.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use super::endpoints::{Conditions, SliceEndpoints};
 use super::service::ParsedService;
@@ -37,8 +37,6 @@ pub(super) struct Selector<'a> {
     node_name: &'a str,
     /// This node's zone, if known.
     zone: Option<&'a str>,
-    /// (port index, IPv4, local policy) -> selection.
-    cache: HashMap<(usize, bool, bool), Selection>,
 }
 
 impl<'a> Selector<'a> {
@@ -54,31 +52,52 @@ impl<'a> Selector<'a> {
             parsed,
             node_name,
             zone,
-            cache: HashMap::new(),
         }
     }
 
-    pub(super) fn select(&mut self, port: usize, ipv4: bool, kind: FrontendKind) -> Selection {
+    /// The selection of each frontend in WANTED (port index, IPv4, kind),
+    /// in order. Frontends of one port, family and traffic policy (a
+    /// `NodePort` on every node address) share one: it is made once, and
+    /// the later ones get a copy. (A `ClusterIP`-only Service has one
+    /// frontend per port and family: a cache that kept a copy of each for
+    /// a second one that never came cost a hash and a copy per frontend.)
+    pub(super) fn select_each(&self, wanted: &[(usize, bool, FrontendKind)]) -> Vec<Selection> {
+        let keys: Vec<(usize, bool, bool)> = wanted
+            .iter()
+            .map(|&(port, ipv4, kind)| (port, ipv4, self.local(kind)))
+            .collect();
+        let mut selections: Vec<Option<Selection>> = vec![None; keys.len()];
+        for (index, &(port, ipv4, local)) in keys.iter().enumerate() {
+            if selections[index].is_some() {
+                continue;
+            }
+            // Hints only narrow the Cluster policy's endpoints; they are
+            // used whenever they are there, whatever the Service asks for
+            // (kube-proxy reads only the hints, which the EndpointSlice
+            // controller writes for `trafficDistribution` or topology mode).
+            let here = (!local).then_some(Here {
+                node: self.node_name,
+                zone: self.zone,
+            });
+            let selection = select(&self.candidates(port, ipv4), local, here);
+            for later in index + 1..keys.len() {
+                if keys[later] == keys[index] {
+                    selections[later] = Some(selection.clone());
+                }
+            }
+            selections[index] = Some(selection);
+        }
+        selections.into_iter().flatten().collect()
+    }
+
+    /// Whether a frontend of KIND uses the Service's Local traffic policy.
+    fn local(&self, kind: FrontendKind) -> bool {
         let policies = self.parsed.policies;
-        let local = if kind.is_external() {
+        if kind.is_external() {
             policies.external_local
         } else {
             policies.internal_local
-        };
-        if let Some(selection) = self.cache.get(&(port, ipv4, local)) {
-            return selection.clone();
         }
-        // Hints only narrow the Cluster policy's endpoints; they are
-        // used whenever they are there, whatever the Service asks for
-        // (kube-proxy reads only the hints, which the EndpointSlice
-        // controller writes for `trafficDistribution` or topology mode).
-        let here = (!local).then_some(Here {
-            node: self.node_name,
-            zone: self.zone,
-        });
-        let selection = select(&self.candidates(port, ipv4), local, here);
-        self.cache.insert((port, ipv4, local), selection.clone());
-        selection
     }
 
     /// Every endpoint of the port's family, on the target port its own
@@ -172,13 +191,10 @@ struct Here<'a> {
 /// is given (`topologyModeFromHints`); of those the ready ones, or when none
 /// is ready (anywhere in the policy's set) the serving and terminating ones.
 fn select(candidates: &[Candidate<'_>], local: bool, here: Option<Here<'_>>) -> Selection {
-    let pool: Vec<&Candidate<'_>> = candidates
+    let in_pool = |candidate: &&Candidate<'_>| !local || candidate.backend.node_local;
+    let ready: Vec<&Candidate<'_>> = candidates
         .iter()
-        .filter(|candidate| !local || candidate.backend.node_local)
-        .collect();
-    let ready: Vec<&Candidate<'_>> = pool
-        .iter()
-        .copied()
+        .filter(in_pool)
         .filter(|candidate| candidate.conditions.ready)
         .collect();
     let close = here.map_or_else(Vec::new, |here| close_by_hints(&ready, here));
@@ -187,12 +203,15 @@ fn select(candidates: &[Candidate<'_>], local: bool, here: Option<Here<'_>>) -> 
     } else if !ready.is_empty() {
         ready
     } else {
-        pool.iter()
-            .copied()
+        candidates
+            .iter()
+            .filter(in_pool)
             .filter(|candidate| candidate.conditions.serving && candidate.conditions.terminating)
             .collect()
     };
-    let backends = sorted_unique(chosen.iter().map(|candidate| candidate.backend));
+    // The candidates are sorted, one per address and port (`candidates`),
+    // so every list taken from them in their order is too.
+    let backends: Vec<Backend> = chosen.iter().map(|candidate| candidate.backend).collect();
     // kube-proxy's `hasEndpoints`: usable endpoints anywhere, this node
     // or not.
     let no_local_endpoints = local
@@ -206,33 +225,35 @@ fn select(candidates: &[Candidate<'_>], local: bool, here: Option<Here<'_>>) -> 
             .binary_search_by(|other| (other.addr, other.port).cmp(&(backend.addr, backend.port)))
             .is_ok()
     };
-    let terminating = sorted_unique(
-        pool.iter()
-            .filter(|candidate| candidate.conditions.terminating)
+    // Usually every endpoint of the pool is chosen, and none is left for
+    // the lists below (one search in the backends per endpoint and list
+    // was a tenth of a first commit).
+    let all_chosen = backends.len() == candidates.iter().filter(in_pool).count();
+    let others = |keep: fn(&Conditions) -> bool| -> Vec<Backend> {
+        if all_chosen {
+            return Vec::new();
+        }
+        let mut kept: Vec<Backend> = candidates
+            .iter()
+            .filter(in_pool)
+            .filter(|candidate| keep(&candidate.conditions))
             .map(|candidate| candidate.backend)
-            .filter(|backend| !in_backends(backend)),
-    );
-    // Still in the slice but taking no new flows: established flows to
-    // them go on, as kube-proxy never clears TCP conntrack.
-    let not_ready = sorted_unique(
-        pool.iter()
-            .filter(|candidate| !candidate.conditions.terminating)
-            .map(|candidate| candidate.backend)
-            .filter(|backend| !in_backends(backend)),
-    );
-    // kube-proxy's UDP cleanup keeps flows to serving endpoints only
-    // (`IsServing`).
-    let not_serving = sorted_unique(
-        pool.iter()
-            .filter(|candidate| !candidate.conditions.serving && !candidate.conditions.ready)
-            .map(|candidate| candidate.backend)
-            .filter(|backend| !in_backends(backend)),
-    );
+            .filter(|backend| !in_backends(backend))
+            .collect();
+        // Kept in the model's frontends: no spare capacity (a list
+        // collected from a filter doubles its way up).
+        kept.shrink_to_fit();
+        kept
+    };
     Selection {
+        terminating: others(|conditions| conditions.terminating),
+        // Still in the slice but taking no new flows: established flows to
+        // them go on, as kube-proxy never clears TCP conntrack.
+        not_ready: others(|conditions| !conditions.terminating),
+        // kube-proxy's UDP cleanup keeps flows to serving endpoints only
+        // (`IsServing`).
+        not_serving: others(|conditions| !conditions.serving && !conditions.ready),
         backends,
-        terminating,
-        not_ready,
-        not_serving,
         no_local_endpoints,
     }
 }
@@ -257,18 +278,6 @@ fn close_by_hints<'c>(ready: &[&'c Candidate<'c>], here: Here<'_>) -> Vec<&'c Ca
     by(|candidate| candidate.nodes, Some(here.node))
         .or_else(|| by(|candidate| candidate.zones, here.zone))
         .unwrap_or_default()
-}
-
-/// Sorted, one per address and port (one endpoint listed by two slices,
-/// during a slice migration, counts once).
-fn sorted_unique(backends: impl Iterator<Item = Backend>) -> Vec<Backend> {
-    let mut backends: Vec<Backend> = backends.collect();
-    backends.sort_unstable();
-    backends.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
-    // Kept in the model's frontends: no spare capacity (a list collected
-    // from a filter doubles its way up, 16 places for 10 endpoints).
-    backends.shrink_to_fit();
-    backends
 }
 
 #[cfg(test)]
