@@ -516,16 +516,18 @@ impl Incremental {
                 ..ServiceOutput::default()
             });
         }
+        // One key to look each slice up with, its name rewritten in place
+        // (not two strings made and freed per slice).
+        let mut slice_key: ObjectKey = (key.0.clone(), String::new());
         let slices: Vec<&SliceEndpoints> = self
             .slices_of
             .get(key)
             .into_iter()
             .flatten()
             .filter_map(|name| {
-                self.slices
-                    .get(&(key.0.clone(), name.clone()))?
-                    .parsed
-                    .as_ref()
+                slice_key.1.clear();
+                slice_key.1.push_str(name);
+                self.slices.get(&slice_key)?.parsed.as_ref()
             })
             .collect();
         Some(service_output(
