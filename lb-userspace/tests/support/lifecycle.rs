@@ -211,6 +211,24 @@ pub(crate) fn conntrack(lab: &Cluster) -> Value {
     json!({"ipv4": entries("ipv4"), "ipv6": entries("ipv6"), "capacity_per_family": capacity})
 }
 
+/// Node 1's datapath drops so far, by reason (those counted at all), from
+/// its agent's metrics: what a failed new connection may have met.
+pub(crate) fn drops(lab: &Cluster) -> Value {
+    let Ok(text) = lab.metrics(NODE1) else {
+        return Value::Null;
+    };
+    let counts: serde_json::Map<String, Value> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("lb_datapath_packets_total{reason=\"drop_")?;
+            let (reason, value) = rest.split_once("\"} ")?;
+            let value: u64 = value.trim().parse().ok()?;
+            (value > 0).then(|| (format!("drop_{reason}"), json!(value)))
+        })
+        .collect();
+    Value::Object(counts)
+}
+
 /// What the phase WHAT must not have seen: a failed new connection, a
 /// long-lived flow that did not answer from its backend every time, a
 /// rate below 95% of the one asked for (then the test did not prove what
