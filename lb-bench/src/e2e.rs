@@ -428,7 +428,7 @@ impl Agent {
             }
             match self.lines.recv_timeout(left.min(Duration::from_millis(50))) {
                 Ok((at, line)) => {
-                    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+                    if sys::debug_output() {
                         eprintln!("[agent] {line}");
                     }
                     note(at, &line);

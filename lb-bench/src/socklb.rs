@@ -664,7 +664,7 @@ pub fn connect_loop(target: SocketAddr, secs: u32) -> anyhow::Result<()> {
     };
     let mut stdout = std::io::stdout();
     writeln!(stdout, "{rate}")?;
-    if std::env::var_os("LB_BENCH_DEBUG").is_some() {
+    if crate::sys::debug_output() {
         eprintln!("{count} connections, slowest {slowest:?}");
     }
     Ok(())
