@@ -117,6 +117,17 @@ pub(crate) fn may_be_first_reply(l4_proto: u8, tcp_flags: u8) -> bool {
         || tcp_flags & TCP_RST != 0
 }
 
+/// True when the entry, in the map of new flows and not closing, is of a
+/// TCP (or SCTP) flow whose first packet came more than
+/// `ct_timeout::TCP_UNCONFIRMED_HOLD_NS` ago: its client has not
+/// confirmed it since (see `snat`).
+#[inline(always)]
+pub(crate) fn unconfirmed_for_long(entry: &CtEntry, l4_proto: u8, now: u64) -> bool {
+    connected(l4_proto)
+        && entry.flags & ct_flags::CLOSING == 0
+        && now.saturating_sub(entry.created_ns) > ct_timeout::TCP_UNCONFIRMED_HOLD_NS
+}
+
 /// Flags an entry gains from this packet.
 #[inline(always)]
 fn flags_from_tcp(tcp_flags: u8) -> u32 {
@@ -591,6 +602,39 @@ fn end_closed_in<F: Family>(
     if current.flags & ct_flags::CLOSING == 0 && usable(current, reply.proto, 0, now, answered) {
         return;
     }
+    remove_flow::<F>(map, key, reply, current);
+}
+
+/// Ends the flow whose reply entry in the map of new flows is on `reply`
+/// (the reply tuple source NAT gives a new flow) if it is one
+/// `unconfirmed_for_long`: its service and reply entries are deleted, so
+/// that a late packet of the old client is not sent on the new flow's
+/// tuple. A subprogram: its own stack frame, a scalar result (0).
+#[inline(never)]
+pub(crate) fn end_unconfirmed<F: Family>(reply: &Tuple<F::Addr>, now: u64) -> u64 {
+    let key = ct_key(reply, ct_dir::REPLY);
+    let map = F::conntrack_new();
+    if let Some(entry) = map.get_ptr(&key) {
+        // SAFETY: map value pointer, read in place.
+        let current = unsafe { &*entry };
+        if unconfirmed_for_long(current, reply.proto, now) {
+            remove_flow::<F>(map, &key, reply, current);
+        }
+    }
+    0
+}
+
+/// Deletes the flow whose reply entry `current` is in `map` under `key`
+/// (tuple `reply`): its service entry, if it still is that flow's, then
+/// the reply entry. A flow's two entries are in the same map (`promote`
+/// moves both).
+#[inline(always)]
+fn remove_flow<F: Family>(
+    map: &LruHashMap<CtKey<F::Addr>, CtEntry>,
+    key: &CtKey<F::Addr>,
+    reply: &Tuple<F::Addr>,
+    current: &CtEntry,
+) {
     let (rev_nat_id, backend_id) = (current.rev_nat_id, current.backend_id);
     // The flow's service key, as in `answer`: the client's own address and
     // port (the NAT ones when source-NATed) to the frontend.

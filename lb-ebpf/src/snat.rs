@@ -23,6 +23,15 @@
 //! free, as every closing one was before (rather than no port at all).
 //! The kernel's NAT does not reuse a tuple either while its conntrack
 //! entry sits in `TIME_WAIT` (120 s).
+//!
+//! A tuple held by a TCP flow its client has not confirmed for
+//! `ct_timeout::TCP_UNCONFIRMED_HOLD_NS` (`UNCONFIRMED`: a spoofed SYN's,
+//! whose answer went nowhere) is taken on the same terms as a lingering
+//! one, and that flow ends (`ct::end_unconfirmed`): a SYN flood through a
+//! `NodePort` would otherwise hold a port per flooded flow for a minute
+//! and leave new connections none. Should the backend still hold the old
+//! tuple half-open, the new SYN meets it out of window: the backend's
+//! ACK, the client's reset, and the client's SYN again 1 s later.
 
 use lb_common::{
     CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, ct_timeout,
@@ -55,8 +64,16 @@ const TAKEN: u32 = 3;
 /// tuple in `TIME_WAIT` (see the module comment).
 const LINGERING: u32 = 4;
 
+/// `reply_holder`: another flow's entry in the map of new flows, a TCP
+/// flow its client has not confirmed for
+/// `ct_timeout::TCP_UNCONFIRMED_HOLD_NS` (see the module comment).
+const UNCONFIRMED: u32 = 5;
+
 /// Marks a `snat_port` result whose reply entry is in the main map.
 const ANSWERED_BIT: u32 = 1 << 16;
+/// Marks a `snat_port` result that no live flow left free: a `LINGERING`
+/// or `UNCONFIRMED` candidate (the latter's flow must end).
+const FALLBACK_BIT: u32 = 1 << 17;
 
 /// Decides on source NAT for a new flow whose backend is in `flow`:
 /// hairpin flows (a backend sending to its own service) get the loopback
@@ -92,8 +109,9 @@ pub(crate) fn choose_source<F: Family>(
         };
         let held = reply_holder::<F>(&reply, tuple, frontend.rev_nat_id, now);
         // A closed flow's tuple (`LINGERING`) is the client's own choice:
-        // it keeps its address, as it did before.
-        if held != TAKEN {
+        // it keeps its address, as it did before. A flow that may still be
+        // confirmed holds it (`UNCONFIRMED`): this one is source-NATed.
+        if held != TAKEN && held != UNCONFIRMED {
             flow.answered = held == OURS_ANSWERED;
             return Ok(());
         }
@@ -132,6 +150,10 @@ pub(crate) fn choose_source<F: Family>(
         reason = "the port is the low 16 bits"
     )]
     let port_be = port as u16;
+    if port & FALLBACK_BIT != 0 && !crate::probe::dry_run() {
+        reply.dport_be = port_be;
+        let _ = ct::end_unconfirmed::<F>(&reply, now);
+    }
     flow.nat_port_be = port_be;
     flow.nat_addr = nat_addr;
     flow.snat = true;
@@ -144,7 +166,8 @@ pub(crate) fn choose_source<F: Family>(
 /// candidates, from `start` on, that is no frontend on the NAT address and
 /// whose reply tuple no live flow holds or this flow holds itself
 /// (`ANSWERED_BIT` set when that entry is in the main map); else the first
-/// one a flow closed lately held (`LINGERING`). Returns 0 when none is. A
+/// one a flow closed lately or an unconfirmed flow holds (`LINGERING`,
+/// `UNCONFIRMED`; `FALLBACK_BIT` set). Returns 0 when none is. A
 /// subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
@@ -154,10 +177,10 @@ fn snat_port<F: Family>(
     now: u64,
     start: u32,
 ) -> u32 {
-    // The attempts so far in the low 16 bits, the first lingering
-    // candidate's port (network order) in the high 16: one register for
-    // both (a variable more took the deepest call chain over the
-    // verifier's 512 bytes of stack).
+    // The attempts so far in the low 16 bits, the first lingering or
+    // unconfirmed candidate's port (network order) in the high 16: one
+    // register for both (a variable more took the deepest call chain over
+    // the verifier's 512 bytes of stack).
     let mut state = 0u32;
     while state & 0xffff < SNAT_ATTEMPTS {
         let attempt = state & 0xffff;
@@ -180,16 +203,20 @@ fn snat_port<F: Family>(
         match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
-            LINGERING if state >> 16 == 0 => state |= u32::from(port_be) << 16,
+            LINGERING | UNCONFIRMED if state >> 16 == 0 => state |= u32::from(port_be) << 16,
             _ => {}
         }
     }
-    state >> 16
+    if state >> 16 == 0 {
+        0
+    } else {
+        state >> 16 | FALLBACK_BIT
+    }
 }
 
 /// Who holds the reply tuple `reply` for the flow of `client` to the
-/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED`, `TAKEN` or
-/// `LINGERING`.
+/// frontend `rev_nat_id`: `FREE`, `OURS_NEW`, `OURS_ANSWERED`, `TAKEN`,
+/// `LINGERING` or `UNCONFIRMED`.
 #[inline(always)]
 fn reply_holder<F: Family>(
     reply: &Tuple<F::Addr>,
@@ -233,7 +260,11 @@ fn holder_in<F: Family>(
     } else if !ct::usable(entry, reply.proto, 0, now, answered) {
         FREE
     } else if !ct::owned_by::<F>(entry, reply, client, rev_nat_id) {
-        TAKEN
+        if !answered && ct::unconfirmed_for_long(entry, reply.proto, now) {
+            UNCONFIRMED
+        } else {
+            TAKEN
+        }
     } else if answered {
         OURS_ANSWERED
     } else {

@@ -9,7 +9,8 @@
 //! does not evict answered flows; a direct connection to a backend from
 //! the port of a closing flow to it ends that flow; source NAT keeps a
 //! lately closed flow's tuple from new flows for the backend's
-//! `TIME_WAIT`. Time is moved by rewriting the entries' `last_seen_ns` in
+//! `TIME_WAIT`, and gives a flow unconfirmed for a second's to a new flow
+//! that has no other. Time is moved by rewriting the entries' `last_seen_ns` in
 //! the pinned maps.
 
 mod support;
@@ -550,6 +551,97 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
         );
         fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
+        fx.edit_conntrack(&any, &|_| None);
+    }
+}
+
+/// A spoofed SYN flood through a `NodePort` held a source port per
+/// flooded flow for a minute and left new connections none
+/// (`harness_lifecycle_flood` failed on a faster machine): source NAT now
+/// gives a new flow none of whose candidates is free the tuple of a TCP
+/// flow its client has not confirmed for a second
+/// (`ct_timeout::TCP_UNCONFIRMED_HOLD_NS`), answered by the backend or
+/// not, and that flow ends: its entries go, so that a late segment of its
+/// client is refused rather than sent on the new flow's tuple. A younger
+/// unconfirmed flow keeps its tuple (the new flow is dropped, as before),
+/// and a confirmed one keeps it at any age.
+#[test]
+fn snat_takes_the_tuple_of_a_flow_unconfirmed_for_a_second() {
+    let Some(mut fx) = Fixture::new("snat_takes_unconfirmed_tuple") else {
+        return;
+    };
+    fx.maps.write_config(&node_config()).unwrap();
+    let snat_seed = 0x5eed_0014;
+    fx.set_snat_seed(snat_seed);
+    for ((_, _, client, backend), node_addr) in FAMILIES.iter().zip([NODE4, NODE6]) {
+        let backend: SocketAddr = backend.parse().unwrap();
+        let fe = frontend(node_addr, 30080, Protocol::Tcp);
+        fx.set_specs(&[(fe, spec(FrontendKind::NodePort, &[backend]))]);
+        let np = SocketAddr::new(fe.addr, fe.port);
+        let d = sock(client, 47000);
+        // Each of D's 32 candidates held by a flow of its own: the first
+        // confirmed (SYN, SYN+ACK, ACK), the second answered by the
+        // backend but never confirmed (a spoofed SYN's fate), the rest
+        // unanswered.
+        let mut holders = Vec::new();
+        for attempt in 0..32 {
+            let held = snat_candidate(snat_seed, d, np, attempt);
+            let holder = client_with_first_candidate(snat_seed, d, np, held, &holders);
+            let what = format!("{node_addr} holder of candidate {attempt}");
+            let syn = first(holder, &fe);
+            let seen = to_backend(&mut fx, &syn, backend, &what);
+            assert_eq!(seen.port(), held, "{what}");
+            if attempt < 2 {
+                let syn_ack = answer(backend, seen, Protocol::Tcp);
+                reply_restored(&mut fx, &syn_ack, np, holder, &what);
+            }
+            if attempt == 0 {
+                to_backend(&mut fx, &flags(&syn, TCP_ACK), backend, &what);
+            }
+            holders.push(holder);
+        }
+        let entries_of =
+            |fx: &Fixture, client: SocketAddr| fx.edit_conntrack(&|v| v.source == client, &Some);
+
+        // Just opened: none is taken, D is dropped.
+        let exhausted = fx.reason("drop_snat_exhausted");
+        let (verdict, _) = fx.run(&first(d, &fe).bytes());
+        assert_eq!(verdict, TC_ACT_SHOT, "{node_addr} D: dropped");
+        assert_eq!(fx.reason("drop_snat_exhausted"), exhausted + 1);
+
+        // Two seconds later D gets its second candidate: the first is the
+        // confirmed flow's.
+        fx.age_conntrack(&any, 2);
+        let what = format!("{node_addr} D {d}");
+        let seen_d = to_backend(&mut fx, &first(d, &fe), backend, &what);
+        assert_eq!(seen_d.port(), snat_candidate(snat_seed, d, np, 1), "{what}");
+        assert_eq!(fx.reason("drop_snat_exhausted"), exhausted + 1, "{what}");
+        reply_restored(
+            &mut fx,
+            &answer(backend, seen_d, Protocol::Tcp),
+            np,
+            d,
+            &what,
+        );
+        assert_eq!(entries_of(&fx, holders[1]), 0, "{what}: holder 1 ended");
+        assert_eq!(entries_of(&fx, holders[0]), 1, "{what}: confirmed kept");
+        assert_eq!(entries_of(&fx, holders[2]), 1, "{what}: others kept");
+        // The ended flow's late ACK opens nothing and does not reach the
+        // backend on D's tuple: it is refused.
+        let rejected = fx.reason("reject_no_flow");
+        let late_ack = flags(&first(holders[1], &fe), TCP_ACK);
+        refused(&mut fx, &late_ack, &format!("{what}: holder 1's late ACK"));
+        assert_eq!(fx.reason("reject_no_flow"), rejected + 1, "{what}");
+        // The confirmed flow goes on, on its own tuple.
+        let what = format!("{node_addr} holder 0");
+        let seen = to_backend(
+            &mut fx,
+            &flags(&first(holders[0], &fe), TCP_ACK),
+            backend,
+            &what,
+        );
+        assert_eq!(seen.port(), snat_candidate(snat_seed, d, np, 0), "{what}");
+        fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
     }
 }
