@@ -77,6 +77,9 @@ pub mod map_names {
     /// V5: `reject_no_flow` and `drop_snat_exhausted`; V6:
     /// `nat_icmp_error` and `pass_frag_untracked`).
     pub const REASONS: &str = "LB_REASONS_V6";
+    /// Per-CPU counters of what a packet did beside its verdict, indexed
+    /// by `event::*`.
+    pub const EVENTS: &str = "LB_EVENTS_V1";
     /// Socket-level load balancing settings (array of one `SockConfig`).
     pub const SOCK_CONFIG: &str = "LB_SOCK_CFG_V1";
     /// IPv4 socket reverse translation (LRU): `SockRevNat4Key` ->
@@ -538,6 +541,21 @@ pub mod reason {
         "nat_icmp_error",
         "pass_frag_untracked",
     ];
+}
+
+/// What a packet did beside its verdict (a packet has one reason, and
+/// `reason::*` counts each packet once); index into the `EVENTS` per-CPU
+/// array.
+pub mod event {
+    /// A new flow's source NAT found none of its candidate ports free and
+    /// took the tuple of a TCP flow its client had not confirmed for
+    /// `ct_timeout::TCP_UNCONFIRMED_HOLD_NS`, and that flow ended (a SYN
+    /// flood through a `NodePort` is the likely cause).
+    pub const SNAT_TOOK_UNCONFIRMED: u32 = 0;
+    /// Number of events (size of the `EVENTS` array).
+    pub const COUNT: u32 = 1;
+    /// Event names for metrics, indexed by event number.
+    pub const NAMES: [&str; COUNT as usize] = ["snat_took_unconfirmed"];
 }
 
 /// An IPv4 address, network order.

@@ -609,19 +609,22 @@ fn end_closed_in<F: Family>(
 /// (the reply tuple source NAT gives a new flow) if it is one
 /// `unconfirmed_for_long`: its service and reply entries are deleted, so
 /// that a late packet of the old client is not sent on the new flow's
-/// tuple. A subprogram: its own stack frame, a scalar result (0).
+/// tuple. A subprogram: its own stack frame, a scalar result (1 when a
+/// flow ended).
 #[inline(never)]
 pub(crate) fn end_unconfirmed<F: Family>(reply: &Tuple<F::Addr>, now: u64) -> u64 {
     let key = ct_key(reply, ct_dir::REPLY);
     let map = F::conntrack_new();
-    if let Some(entry) = map.get_ptr(&key) {
-        // SAFETY: map value pointer, read in place.
-        let current = unsafe { &*entry };
-        if unconfirmed_for_long(current, reply.proto, now) {
-            remove_flow::<F>(map, &key, reply, current);
-        }
+    let Some(entry) = map.get_ptr(&key) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, read in place.
+    let current = unsafe { &*entry };
+    if !unconfirmed_for_long(current, reply.proto, now) {
+        return 0;
     }
-    0
+    remove_flow::<F>(map, &key, reply, current);
+    1
 }
 
 /// Deletes the flow whose reply entry `current` is in `map` under `key`

@@ -8,7 +8,7 @@ use lb_common::{
     Affinity4Key, Affinity6Key, AffinityEntry, Ct4Key, Ct6Key, CtEntry, Endpoint4Key, Endpoint6Key,
     Frag4Key, Frag6Key, FragEntry, Lb4Backend, Lb4Key, Lb4RevNat, Lb6Backend, Lb6Key, Lb6RevNat,
     LbConfig, LbService, LbStats, SockAffinityKey, SockConfig, SockRevNat4, SockRevNat4Key,
-    SockRevNat6, SockRevNat6Key, SockSlot4, SockSlot6, SourceRange4, SourceRange6, limits,
+    SockRevNat6, SockRevNat6Key, SockSlot4, SockSlot6, SourceRange4, SourceRange6, event, limits,
     map_flags, reason,
 };
 
@@ -86,6 +86,17 @@ pub(crate) static LB_CONFIG_V3: Array<LbConfig> = Array::pinned(1, 0);
 static LB_SVC_STATS_V1: PerCpuArray<LbStats> = PerCpuArray::pinned(limits::MAX_FRONTENDS, 0);
 #[map]
 static LB_REASONS_V6: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+#[map]
+static LB_EVENTS_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
+
+/// Counts one `event` (beside the packet's verdict).
+#[inline(always)]
+pub(crate) fn count_event(event: u32) {
+    if let Some(counter) = LB_EVENTS_V1.get_ptr_mut(event) {
+        // SAFETY: per-CPU slot; no other writer on this CPU while we run.
+        unsafe { *counter += 1 };
+    }
+}
 
 /// Counts one packet for `reason`.
 #[inline(always)]

@@ -35,14 +35,14 @@
 
 use lb_common::{
     CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, ct_timeout,
-    reason, svc_flags,
+    event, reason, svc_flags,
 };
 
 use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
     lb,
-    maps::LB_CONFIG_V3,
+    maps::{LB_CONFIG_V3, count_event},
     verdict::Verdict,
 };
 
@@ -152,7 +152,9 @@ pub(crate) fn choose_source<F: Family>(
     let port_be = port as u16;
     if port & FALLBACK_BIT != 0 && !crate::probe::dry_run() {
         reply.dport_be = port_be;
-        let _ = ct::end_unconfirmed::<F>(&reply, now);
+        if ct::end_unconfirmed::<F>(&reply, now) != 0 {
+            count_event(event::SNAT_TOOK_UNCONFIRMED);
+        }
     }
     flow.nat_port_be = port_be;
     flow.nat_addr = nat_addr;

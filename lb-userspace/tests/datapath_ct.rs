@@ -605,9 +605,11 @@ fn snat_takes_the_tuple_of_a_flow_unconfirmed_for_a_second() {
 
         // Just opened: none is taken, D is dropped.
         let exhausted = fx.reason("drop_snat_exhausted");
+        let took = took_unconfirmed(&fx);
         let (verdict, _) = fx.run(&first(d, &fe).bytes());
         assert_eq!(verdict, TC_ACT_SHOT, "{node_addr} D: dropped");
         assert_eq!(fx.reason("drop_snat_exhausted"), exhausted + 1);
+        assert_eq!(took_unconfirmed(&fx), took, "{node_addr} D: nothing taken");
 
         // Two seconds later D gets its second candidate: the first is the
         // confirmed flow's.
@@ -616,6 +618,7 @@ fn snat_takes_the_tuple_of_a_flow_unconfirmed_for_a_second() {
         let seen_d = to_backend(&mut fx, &first(d, &fe), backend, &what);
         assert_eq!(seen_d.port(), snat_candidate(snat_seed, d, np, 1), "{what}");
         assert_eq!(fx.reason("drop_snat_exhausted"), exhausted + 1, "{what}");
+        assert_eq!(took_unconfirmed(&fx), took + 1, "{what}: counted once");
         reply_restored(
             &mut fx,
             &answer(backend, seen_d, Protocol::Tcp),
@@ -644,6 +647,15 @@ fn snat_takes_the_tuple_of_a_flow_unconfirmed_for_a_second() {
         fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
     }
+}
+
+/// The `snat_took_unconfirmed` event counter.
+fn took_unconfirmed(fx: &Fixture) -> u64 {
+    let events = fx.maps.event_counts().expect("events");
+    let found = events
+        .iter()
+        .find(|(name, _)| *name == "snat_took_unconfirmed");
+    found.expect("the event is counted").1
 }
 
 /// Item 6: a TCP flow the backend has not answered lives 60 s after its

@@ -27,7 +27,7 @@ use serde_json::json;
 use support::flood;
 use support::keepers::{Keepers, flows_json, flows_text};
 use support::lifecycle::{
-    HTTP_NODE_PORT, NODE1, Plan, cluster, conntrack, drops, long_lived, targets, verdict,
+    HTTP_NODE_PORT, NODE1, Plan, cluster, conntrack, drops, events, long_lived, targets, verdict,
 };
 use support::load::Load;
 use support::pins::require_privileged;
@@ -62,12 +62,14 @@ fn syn_flood_against_a_nodeport_under_load() {
     std::thread::sleep(plan.warm);
     let ct_after = conntrack(&lab);
     let node_drops = drops(&lab);
+    let node_events = events(&lab);
     let load = load.stop();
     let flows = keepers.stop();
     lab.assert_agents_alive();
     let text = format!(
         "flood: {} SYNs ({} refused by the kernel) in {:?}, {:.0}/s, seed {:#x}; conntrack \
-         {ct_before} -> {ct_flood} (end of flood) -> {ct_after}; node 1's drops {node_drops}\n\
+         {ct_before} -> {ct_flood} (end of flood) -> {ct_after}; node 1's drops {node_drops}, \
+         events {node_events}\n\
          new connections: {}\
          long-lived flows:\n{}",
         report.sent,
@@ -83,7 +85,7 @@ fn syn_flood_against_a_nodeport_under_load() {
                   "secs": report.elapsed.as_secs_f64(), "pps": report.rate()},
         "load": load.json(), "flows": flows_json(&flows),
         "conntrack_before": ct_before, "conntrack_end_of_flood": ct_flood,
-        "conntrack_after": ct_after, "node1_drops": node_drops,
+        "conntrack_after": ct_after, "node1_drops": node_drops, "node1_events": node_events,
     });
     let mut violations: Vec<String> = flows
         .iter()

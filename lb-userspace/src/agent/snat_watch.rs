@@ -1,7 +1,9 @@
 //! Says when the datapath ran out of SNAT ports: the drop counter
-//! `drop_snat_exhausted` is read every `EVERY` and a rise is logged once
-//! per check, so a flood of drops is one line every ten seconds, never
-//! silence and never a line per packet.
+//! `drop_snat_exhausted` and the event counter `snat_took_unconfirmed`
+//! (a new flow took the tuple of a flow unconfirmed for a second) are read
+//! every `EVERY`, and a rise of either is logged once per check, so a
+//! flood is one line every ten seconds, never silence and never a line
+//! per packet.
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,50 +26,67 @@ pub(super) fn spawn(maps: Option<Arc<Maps>>) {
 /// How often the counter is read (and so at most how often it is logged).
 const EVERY: Duration = Duration::from_secs(10);
 
-/// The drop counter's last reading.
+/// The counters' last readings.
 #[derive(Debug, Default)]
 struct SnatWatch {
-    last: Option<u64>,
+    exhausted: Reading,
+    took_unconfirmed: Reading,
 }
 
 impl SnatWatch {
-    /// Reads the counter; warns when it rose since the last reading (the
-    /// first reading after a start only sets the baseline: the pinned
-    /// counter may hold drops an earlier agent already logged).
+    /// Reads the counters; warns for each that rose since the last
+    /// reading (the first reading after a start only sets the baseline:
+    /// the pinned counters may hold what an earlier agent already logged).
     fn check(&mut self, maps: &Maps) {
-        let Ok(reasons) = maps.reason_counts() else {
-            return;
+        let count = |counts: &[(&str, u64)], name: &str| {
+            counts.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
         };
-        let Some(now) = reasons
-            .iter()
-            .find(|(name, _)| *name == "drop_snat_exhausted")
-            .map(|(_, count)| *count)
-        else {
-            return;
-        };
-        if let Some(drops) = self.rise(now) {
+        if let Ok(reasons) = maps.reason_counts()
+            && let Some(now) = count(&reasons, "drop_snat_exhausted")
+            && let Some(drops) = self.exhausted.rise(now)
+        {
             tracing::warn!(
                 drops,
                 total = now,
                 "new flows dropped: no free SNAT port towards their backend (lb_snat_exhausted_total)"
             );
         }
+        if let Ok(events) = maps.event_counts()
+            && let Some(now) = count(&events, "snat_took_unconfirmed")
+            && let Some(taken) = self.took_unconfirmed.rise(now)
+        {
+            tracing::warn!(
+                taken,
+                total = now,
+                "new flows with no free SNAT port took the tuples of flows unconfirmed for a \
+                 second (a SYN flood?); those flows ended \
+                 (lb_datapath_events_total{{event=\"snat_took_unconfirmed\"}})"
+            );
+        }
     }
+}
 
+/// One counter's last reading.
+#[derive(Debug, Default)]
+struct Reading {
+    last: Option<u64>,
+}
+
+impl Reading {
     /// Records `now`; the rise since the last reading, when there is one.
     fn rise(&mut self, now: u64) -> Option<u64> {
         let last = self.last.replace(now)?;
-        now.checked_sub(last).filter(|drops| *drops > 0)
+        now.checked_sub(last).filter(|rise| *rise > 0)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::SnatWatch;
+    use super::Reading;
 
     #[test]
     fn only_a_rise_after_the_baseline_is_reported() {
-        let mut watch = SnatWatch::default();
+        let mut watch = Reading::default();
         assert_eq!(watch.rise(5), None, "the first reading is the baseline");
         assert_eq!(watch.rise(5), None);
         assert_eq!(watch.rise(9), Some(4));

@@ -256,6 +256,15 @@ fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mu
             ByLabel::counters("reason", reasons),
         );
     }
+    if let Ok(events) = maps.event_counts()
+        && !events.is_empty()
+    {
+        registry.register(
+            "lb_datapath_events",
+            "What packets did beside their verdict, by event (snat_took_unconfirmed: a new flow with no free SNAT port took the tuple of a flow its client had not confirmed for a second, which ended)",
+            ByLabel::counters("event", events),
+        );
+    }
     let stats: Vec<_> = frontend_ids
         .iter()
         .filter_map(|(frontend, id)| Some((*frontend, maps.service_stats(*id).ok()?)))

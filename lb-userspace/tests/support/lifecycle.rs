@@ -229,6 +229,25 @@ pub(crate) fn drops(lab: &Cluster) -> Value {
     Value::Object(counts)
 }
 
+/// Node 1's datapath events so far (those counted at all), from its
+/// agent's metrics: `snat_took_unconfirmed` says source NAT gave new
+/// flows the tuples of flooded ones.
+pub(crate) fn events(lab: &Cluster) -> Value {
+    let Ok(text) = lab.metrics(NODE1) else {
+        return Value::Null;
+    };
+    let counts: serde_json::Map<String, Value> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("lb_datapath_events_total{event=\"")?;
+            let (event, value) = rest.split_once("\"} ")?;
+            let value: u64 = value.trim().parse().ok()?;
+            (value > 0).then(|| (event.to_owned(), json!(value)))
+        })
+        .collect();
+    Value::Object(counts)
+}
+
 /// What the phase WHAT must not have seen: a failed new connection, a
 /// long-lived flow that did not answer from its backend every time, a
 /// rate below 95% of the one asked for (then the test did not prove what

@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuValues},
 };
-use lb_common::{CtEntry, LbConfig, LbStats, ct_dir, map_names, reason};
+use lb_common::{CtEntry, LbConfig, LbStats, ct_dir, event, map_names, reason};
 
 use crate::{
     model::{Frontend, Protocol},
@@ -84,6 +84,9 @@ pub struct Maps {
     v6: FamilyMaps<V6>,
     svc_stats: PerCpuArray<MapData, LbStats>,
     reasons: PerCpuArray<MapData, u64>,
+    /// `None`: the pins of an agent from before the map (a CLI run
+    /// during an upgrade).
+    events: Option<PerCpuArray<MapData, u64>>,
     config: Array<MapData, LbConfig>,
     maglev: super::maglev::MaglevMaps,
 }
@@ -178,6 +181,11 @@ impl Maps {
             v6: FamilyMaps::build(&mut take)?,
             svc_stats: typed(n::SVC_STATS, take(n::SVC_STATS)?, PerCpuArray::try_from)?,
             reasons: typed(n::REASONS, take(n::REASONS)?, PerCpuArray::try_from)?,
+            events: take(n::EVENTS)
+                .ok()
+                .flatten()
+                .map(|map| typed(n::EVENTS, Some(map), PerCpuArray::try_from))
+                .transpose()?,
             config: typed(n::CONFIG, take(n::CONFIG)?, Array::try_from)?,
             maglev: super::maglev::MaglevMaps::new(
                 typed(n::MAGLEV_REFS, take(n::MAGLEV_REFS)?, Array::try_from)?,
@@ -393,6 +401,25 @@ impl Maps {
                 .reasons
                 .get(&index, 0)
                 .map_err(access(format!("read reason counter {name}")))?;
+            out.push((name, values.iter().sum()));
+        }
+        Ok(out)
+    }
+
+    /// The datapath's event counters (summed over CPUs), by name; none
+    /// when the pins have no events map.
+    ///
+    /// # Errors
+    /// The events map could not be read.
+    pub fn event_counts(&self) -> Result<Vec<(&'static str, u64)>, MapsError> {
+        let Some(events) = &self.events else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(event::NAMES.len());
+        for (index, name) in (0u32..).zip(event::NAMES) {
+            let values = events
+                .get(&index, 0)
+                .map_err(access(format!("read event counter {name}")))?;
             out.push((name, values.iter().sum()));
         }
         Ok(out)
