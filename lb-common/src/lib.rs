@@ -387,15 +387,17 @@ pub mod ct_timeout {
     /// are not the old connection's, with a bare ACK instead of a SYN+ACK
     /// half of the time (PAWS): a 1 s retransmission.
     pub const TCP_TIME_WAIT_NS: u64 = 66 * 1_000_000_000;
-    /// How long after its first SYN a TCP flow the client has not
-    /// confirmed (no ACK after the backend's answer: still in the map of
-    /// new flows) keeps its source-NAT tuple from a new flow none of whose
-    /// candidates is free. After that the new flow takes the tuple and the
+    /// How long after its first SYN a TCP (or SCTP) flow the client has
+    /// not confirmed (no ACK from it: still in the map of new flows,
+    /// answered by the backend or not) keeps its source-NAT tuple from a
+    /// new flow none of whose candidates is free. After that the new flow takes the tuple and the
     /// old flow ends, as Linux's conntrack drops entries not yet assured
     /// first when its table is full (`early_drop`): else a spoofed SYN
     /// flood holds a port per flooded flow for the 60 s of
     /// `TCP_UNANSWERED_NS`, and new connections are dropped. A real client
-    /// confirms within a round trip.
+    /// confirms within a round trip; one whose ACK was lost sends it again
+    /// after the backend's SYN+ACK retransmission (1 s), and is reset if
+    /// its tuple was taken meanwhile (docs/ARCHITECTURE.md).
     pub const TCP_UNCONFIRMED_HOLD_NS: u64 = 1_000_000_000;
 }
 

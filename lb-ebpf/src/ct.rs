@@ -620,7 +620,9 @@ pub(crate) fn end_unconfirmed<F: Family>(reply: &Tuple<F::Addr>, now: u64) -> u6
     };
     // SAFETY: map value pointer, read in place.
     let current = unsafe { &*entry };
-    if !unconfirmed_for_long(current, reply.proto, now) {
+    if !usable(current, reply.proto, 0, now, false)
+        || !unconfirmed_for_long(current, reply.proto, now)
+    {
         return 0;
     }
     remove_flow::<F>(map, &key, reply, current);

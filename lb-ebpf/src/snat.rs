@@ -24,14 +24,17 @@
 //! The kernel's NAT does not reuse a tuple either while its conntrack
 //! entry sits in `TIME_WAIT` (120 s).
 //!
-//! A tuple held by a TCP flow its client has not confirmed for
+//! A tuple held by a TCP (or SCTP) flow its client has not confirmed for
 //! `ct_timeout::TCP_UNCONFIRMED_HOLD_NS` (`UNCONFIRMED`: a spoofed SYN's,
-//! whose answer went nowhere) is taken on the same terms as a lingering
-//! one, and that flow ends (`ct::end_unconfirmed`): a SYN flood through a
-//! `NodePort` would otherwise hold a port per flooded flow for a minute
-//! and leave new connections none. Should the backend still hold the old
-//! tuple half-open, the new SYN meets it out of window: the backend's
-//! ACK, the client's reset, and the client's SYN again 1 s later.
+//! whose answer went nowhere; Linux would say not assured) is taken on
+//! the same terms as a lingering one, and that flow ends
+//! (`ct::end_unconfirmed`): a SYN flood through a `NodePort` would
+//! otherwise hold a port per flooded flow for a minute and leave new
+//! connections none. Should the backend still hold the old tuple
+//! half-open, the new SYN is out of its window: it answers with a bare
+//! ACK, which matches no answered flow and reaches the node's stack, whose
+//! reset ends the half-open connection; the client's SYN 1 s later opens
+//! the new one.
 
 use lb_common::{
     CtKey, LbService, SNAT_PORT_COUNT, SNAT_PORT_MIN, backend_flags, ct_dir, ct_flags, ct_timeout,
@@ -71,9 +74,14 @@ const UNCONFIRMED: u32 = 5;
 
 /// Marks a `snat_port` result whose reply entry is in the main map.
 const ANSWERED_BIT: u32 = 1 << 16;
-/// Marks a `snat_port` result that no live flow left free: a `LINGERING`
-/// or `UNCONFIRMED` candidate (the latter's flow must end).
-const FALLBACK_BIT: u32 = 1 << 17;
+/// Marks a `snat_port` result that is an `UNCONFIRMED` candidate: its
+/// flow must end.
+const UNCONFIRMED_BIT: u32 = 1 << 17;
+/// `snat_port`'s state: the first fallback candidate is `UNCONFIRMED`
+/// (not `LINGERING`).
+const PICKED_UNCONFIRMED: u32 = 1 << 15;
+/// `snat_port`'s state: the attempts so far.
+const ATTEMPTS_MASK: u32 = 0xff;
 
 /// Decides on source NAT for a new flow whose backend is in `flow`:
 /// hairpin flows (a backend sending to its own service) get the loopback
@@ -150,7 +158,7 @@ pub(crate) fn choose_source<F: Family>(
         reason = "the port is the low 16 bits"
     )]
     let port_be = port as u16;
-    if port & FALLBACK_BIT != 0 && !crate::probe::dry_run() {
+    if port & UNCONFIRMED_BIT != 0 && !crate::probe::dry_run() {
         reply.dport_be = port_be;
         if ct::end_unconfirmed::<F>(&reply, now) != 0 {
             count_event(event::SNAT_TOOK_UNCONFIRMED);
@@ -169,8 +177,8 @@ pub(crate) fn choose_source<F: Family>(
 /// whose reply tuple no live flow holds or this flow holds itself
 /// (`ANSWERED_BIT` set when that entry is in the main map); else the first
 /// one a flow closed lately or an unconfirmed flow holds (`LINGERING`,
-/// `UNCONFIRMED`; `FALLBACK_BIT` set). Returns 0 when none is. A
-/// subprogram: its own stack frame.
+/// `UNCONFIRMED`; `UNCONFIRMED_BIT` set for the latter). Returns 0 when
+/// none is. A subprogram: its own stack frame.
 #[inline(never)]
 fn snat_port<F: Family>(
     tuple: &Tuple<F::Addr>,
@@ -179,13 +187,14 @@ fn snat_port<F: Family>(
     now: u64,
     start: u32,
 ) -> u32 {
-    // The attempts so far in the low 16 bits, the first lingering or
-    // unconfirmed candidate's port (network order) in the high 16: one
-    // register for both (a variable more took the deepest call chain over
-    // the verifier's 512 bytes of stack).
+    // The attempts so far in the low 8 bits, whether the first fallback
+    // is unconfirmed in bit 15, the first lingering or unconfirmed
+    // candidate's port (network order) in the high 16: one register for
+    // all (a variable more took the deepest call chain over the
+    // verifier's 512 bytes of stack).
     let mut state = 0u32;
-    while state & 0xffff < SNAT_ATTEMPTS {
-        let attempt = state & 0xffff;
+    while state & ATTEMPTS_MASK < SNAT_ATTEMPTS {
+        let attempt = state & ATTEMPTS_MASK;
         #[expect(
             clippy::cast_possible_truncation,
             reason = "below SNAT_PORT_COUNT, a u16"
@@ -205,14 +214,17 @@ fn snat_port<F: Family>(
         match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
-            LINGERING | UNCONFIRMED if state >> 16 == 0 => state |= u32::from(port_be) << 16,
+            LINGERING if state >> 16 == 0 => state |= u32::from(port_be) << 16,
+            UNCONFIRMED if state >> 16 == 0 => {
+                state |= u32::from(port_be) << 16 | PICKED_UNCONFIRMED;
+            }
             _ => {}
         }
     }
-    if state >> 16 == 0 {
-        0
+    if state & PICKED_UNCONFIRMED != 0 {
+        state >> 16 | UNCONFIRMED_BIT
     } else {
-        state >> 16 | FALLBACK_BIT
+        state >> 16
     }
 }
 

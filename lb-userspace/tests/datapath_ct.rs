@@ -543,12 +543,14 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
             assert_eq!(source.port(), held, "{what}");
         }
         let what = format!("{node_addr} D {d}");
+        let took = took_unconfirmed(&fx);
         let seen_d = to_backend(&mut fx, &first(d, &fe), backend, &what);
         assert_eq!(
             seen_d.port(),
             port,
             "{what}: no free candidate: the closed one"
         );
+        assert_eq!(took_unconfirmed(&fx), took, "{what}: no flow ended");
         fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
         fx.edit_conntrack(&any, &|_| None);
@@ -562,9 +564,10 @@ fn snat_keeps_a_lately_closed_tuple_from_new_flows() {
 /// flow its client has not confirmed for a second
 /// (`ct_timeout::TCP_UNCONFIRMED_HOLD_NS`), answered by the backend or
 /// not, and that flow ends: its entries go, so that a late segment of its
-/// client is refused rather than sent on the new flow's tuple. A younger
-/// unconfirmed flow keeps its tuple (the new flow is dropped, as before),
-/// and a confirmed one keeps it at any age.
+/// client is refused rather than sent on the new flow's tuple; each take
+/// is counted (`snat_took_unconfirmed`). A younger unconfirmed flow keeps
+/// its tuple (the new flow is dropped, as before), and so does a confirmed
+/// one (two seconds old here).
 #[test]
 fn snat_takes_the_tuple_of_a_flow_unconfirmed_for_a_second() {
     let Some(mut fx) = Fixture::new("snat_takes_unconfirmed_tuple") else {
@@ -644,6 +647,24 @@ fn snat_takes_the_tuple_of_a_flow_unconfirmed_for_a_second() {
             &what,
         );
         assert_eq!(seen.port(), snat_candidate(snat_seed, d, np, 0), "{what}");
+        // E has D's candidates (a first candidate decides them all): the
+        // first is confirmed, the second D's young flow, the third an
+        // unanswered flow two seconds old, which E takes.
+        let mut used = holders.clone();
+        used.push(d);
+        let e = client_with_first_candidate(
+            snat_seed,
+            d,
+            np,
+            snat_candidate(snat_seed, d, np, 0),
+            &used,
+        );
+        let what = format!("{node_addr} E {e}");
+        let seen_e = to_backend(&mut fx, &first(e, &fe), backend, &what);
+        assert_eq!(seen_e.port(), snat_candidate(snat_seed, d, np, 2), "{what}");
+        assert_eq!(took_unconfirmed(&fx), took + 2, "{what}: counted");
+        assert_eq!(entries_of(&fx, holders[2]), 0, "{what}: holder 2 ended");
+        assert_eq!(entries_of(&fx, d), 1, "{what}: D kept");
         fx.set_specs(&[]);
         fx.edit_conntrack(&any, &|_| None);
     }

@@ -181,11 +181,12 @@ impl Maps {
             v6: FamilyMaps::build(&mut take)?,
             svc_stats: typed(n::SVC_STATS, take(n::SVC_STATS)?, PerCpuArray::try_from)?,
             reasons: typed(n::REASONS, take(n::REASONS)?, PerCpuArray::try_from)?,
-            events: take(n::EVENTS)
-                .ok()
-                .flatten()
-                .map(|map| typed(n::EVENTS, Some(map), PerCpuArray::try_from))
-                .transpose()?,
+            // A missing pin is tolerated (an agent from before the map);
+            // any other failure is not.
+            events: match take(n::EVENTS) {
+                Err(MapsError::OpenPin { .. }) => None,
+                map => Some(typed(n::EVENTS, map?, PerCpuArray::try_from)?),
+            },
             config: typed(n::CONFIG, take(n::CONFIG)?, Array::try_from)?,
             maglev: super::maglev::MaglevMaps::new(
                 typed(n::MAGLEV_REFS, take(n::MAGLEV_REFS)?, Array::try_from)?,
