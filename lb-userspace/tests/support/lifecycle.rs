@@ -214,35 +214,30 @@ pub(crate) fn conntrack(lab: &Cluster) -> Value {
 /// Node 1's datapath drops so far, by reason (those counted at all), from
 /// its agent's metrics: what a failed new connection may have met.
 pub(crate) fn drops(lab: &Cluster) -> Value {
-    let Ok(text) = lab.metrics(NODE1) else {
-        return Value::Null;
-    };
-    let counts: serde_json::Map<String, Value> = text
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix("lb_datapath_packets_total{reason=\"drop_")?;
-            let (reason, value) = rest.split_once("\"} ")?;
-            let value: u64 = value.trim().parse().ok()?;
-            (value > 0).then(|| (format!("drop_{reason}"), json!(value)))
-        })
-        .collect();
-    Value::Object(counts)
+    nonzero_counts(lab, "lb_datapath_packets_total{reason=\"", "drop_")
 }
 
 /// Node 1's datapath events so far (those counted at all), from its
 /// agent's metrics: `snat_took_unconfirmed` says source NAT gave new
 /// flows the tuples of flooded ones.
 pub(crate) fn events(lab: &Cluster) -> Value {
+    nonzero_counts(lab, "lb_datapath_events_total{event=\"", "")
+}
+
+/// The nonzero series of node 1's metrics that start with SERIES (up to
+/// the label's opening quote) and whose label value starts with LABEL, by
+/// label value.
+fn nonzero_counts(lab: &Cluster, series: &str, label: &str) -> Value {
     let Ok(text) = lab.metrics(NODE1) else {
         return Value::Null;
     };
     let counts: serde_json::Map<String, Value> = text
         .lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("lb_datapath_events_total{event=\"")?;
-            let (event, value) = rest.split_once("\"} ")?;
+            let rest = line.strip_prefix(series)?.strip_prefix(label)?;
+            let (name, value) = rest.split_once("\"} ")?;
             let value: u64 = value.trim().parse().ok()?;
-            (value > 0).then(|| (event.to_owned(), json!(value)))
+            (value > 0).then(|| (format!("{label}{name}"), json!(value)))
         })
         .collect();
     Value::Object(counts)
