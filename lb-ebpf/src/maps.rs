@@ -92,16 +92,19 @@ static LB_EVENTS_V1: PerCpuArray<u64> = PerCpuArray::pinned(event::COUNT, 0);
 /// Counts one `event` (beside the packet's verdict).
 #[inline(always)]
 pub(crate) fn count_event(event: u32) {
-    if let Some(counter) = LB_EVENTS_V1.get_ptr_mut(event) {
-        // SAFETY: per-CPU slot; no other writer on this CPU while we run.
-        unsafe { *counter += 1 };
-    }
+    add_one(&LB_EVENTS_V1, event);
 }
 
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub(crate) fn count_reason(reason: u32) {
-    if let Some(counter) = LB_REASONS_V6.get_ptr_mut(reason) {
+    add_one(&LB_REASONS_V6, reason);
+}
+
+/// Adds one to this CPU's counter `index` of `counters`.
+#[inline(always)]
+fn add_one(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; no other writer on this CPU while we run.
         unsafe { *counter += 1 };
     }

@@ -124,6 +124,23 @@ fn typed<T>(
     convert(map).map_err(|source| MapsError::Layout { name, source })
 }
 
+/// The per-CPU counters of `map`, one per name in `names` (by index),
+/// each summed over the CPUs; `kind` names them in errors.
+fn summed_counters(
+    map: &PerCpuArray<MapData, u64>,
+    names: &[&'static str],
+    kind: &str,
+) -> Result<Vec<(&'static str, u64)>, MapsError> {
+    let mut out = Vec::with_capacity(names.len());
+    for (index, &name) in (0u32..).zip(names) {
+        let values = map
+            .get(&index, 0)
+            .map_err(access(format!("read {kind} counter {name}")))?;
+        out.push((name, values.iter().sum()));
+    }
+    Ok(out)
+}
+
 fn access(what: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
     let what = what.into();
     move |source| MapsError::Access { what, source }
@@ -396,15 +413,7 @@ impl Maps {
     /// # Errors
     /// The reasons map could not be read.
     pub fn reason_counts(&self) -> Result<Vec<(&'static str, u64)>, MapsError> {
-        let mut out = Vec::with_capacity(reason::NAMES.len());
-        for (index, name) in (0u32..).zip(reason::NAMES) {
-            let values = self
-                .reasons
-                .get(&index, 0)
-                .map_err(access(format!("read reason counter {name}")))?;
-            out.push((name, values.iter().sum()));
-        }
-        Ok(out)
+        summed_counters(&self.reasons, &reason::NAMES, "reason")
     }
 
     /// The datapath's event counters (summed over CPUs), by name; none
@@ -413,17 +422,10 @@ impl Maps {
     /// # Errors
     /// The events map could not be read.
     pub fn event_counts(&self) -> Result<Vec<(&'static str, u64)>, MapsError> {
-        let Some(events) = &self.events else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::with_capacity(event::NAMES.len());
-        for (index, name) in (0u32..).zip(event::NAMES) {
-            let values = events
-                .get(&index, 0)
-                .map_err(access(format!("read event counter {name}")))?;
-            out.push((name, values.iter().sum()));
+        match &self.events {
+            Some(events) => summed_counters(events, &event::NAMES, "event"),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
     }
 
     /// Every conntrack entry of both families.
