@@ -493,7 +493,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Whether PROGRAM is on PATH.
 /// Whether `LB_BENCH_DEBUG` is set: runs then show what they would
 /// otherwise only sum up (the agent's log lines, a socket client's slowest
 /// connection).
@@ -501,6 +500,7 @@ pub(crate) fn debug_output() -> bool {
     std::env::var_os("LB_BENCH_DEBUG").is_some()
 }
 
+/// Whether PROGRAM is on PATH.
 pub fn have_program(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))

@@ -390,9 +390,10 @@ pub mod ct_timeout {
     /// How long after its first SYN a TCP (or SCTP) flow the client has
     /// not confirmed (no ACK from it: still in the map of new flows,
     /// answered by the backend or not) keeps its source-NAT tuple from a
-    /// new flow none of whose candidates is free. After that the new flow takes the tuple and the
-    /// old flow ends, as Linux's conntrack drops entries not yet assured
-    /// first when its table is full (`early_drop`): else a spoofed SYN
+    /// new flow none of whose candidates is free. After that the new flow
+    /// takes the tuple and the old flow ends, as Linux's conntrack drops
+    /// entries not yet assured first when its table is full
+    /// (`early_drop`): else a spoofed SYN
     /// flood holds a port per flooded flow for the 60 s of
     /// `TCP_UNANSWERED_NS`, and new connections are dropped. A real client
     /// confirms within a round trip; one whose ACK was lost sends it again
