@@ -311,6 +311,12 @@ fn versioned(name: &str) -> Option<(&str, &str)> {
 /// spends ~0.5 s on each of the two ingress programs, which is most of an
 /// agent's start at 10k Services, and they are verified side by side.
 /// (The XDP program is loaded by `xdp::setup`, when `--xdp` uses it.)
+///
+/// The verifying threads run at [`VERIFIER_NICE`]: during a start they
+/// share the cores with the source's first read, which a large cluster's
+/// start waits for longer than for the programs (at 100k Services the
+/// read takes seconds, the verification ~1 s of CPU). Niced, they take
+/// what the read leaves instead of two thirds of both cores.
 fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     for name in TC_PROGRAMS {
         program_named(ebpf, name)?;
@@ -326,7 +332,10 @@ fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         let loads: Vec<_> = programs
             .into_iter()
             .map(|(name, program)| {
-                let load = scope.spawn(move || program.load());
+                let load = scope.spawn(move || {
+                    lower_own_priority(VERIFIER_NICE);
+                    program.load()
+                });
                 (name, load)
             })
             .collect();
@@ -338,6 +347,34 @@ fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         }
         Ok(())
     })
+}
+
+/// The nice value of the threads that verify the TC programs. Nice values
+/// weigh threads within their CPU cgroup (the agent's pod, or its systemd
+/// service with the CPU controller on), so this yields to the agent's own
+/// busier threads; at 10 a thread still gets ~10% of a core that a
+/// nice-0 thread keeps busy, so the load ends even on a busy host.
+const VERIFIER_NICE: i32 = 10;
+
+/// Raises the calling thread's nice value to NICE, if lower (Linux keeps
+/// one per thread; a thread it starts inherits it). Raising one's own nice
+/// value needs no privilege; should it fail anyway, the thread runs as it
+/// was.
+fn lower_own_priority(nice: i32) {
+    // SAFETY: gettid has no arguments and cannot fail.
+    let tid = unsafe { libc::gettid() };
+    let Ok(tid) = libc::id_t::try_from(tid) else {
+        return;
+    };
+    // SAFETY: plain syscalls on the calling thread's own id (-1 from
+    // getpriority is also a valid nice value: then NICE is set anyway).
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } >= nice {
+        return;
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot lower the verifier's priority");
+    }
 }
 
 /// The TC programs the agent attaches: ingress and egress, for Ethernet
@@ -859,7 +896,27 @@ pub fn all_interfaces() -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::superseded;
+    use super::{VERIFIER_NICE, lower_own_priority, superseded};
+
+    fn own_nice() -> i32 {
+        // SAFETY: gettid cannot fail.
+        let tid = libc::id_t::try_from(unsafe { libc::gettid() }).expect("a positive id");
+        // SAFETY: reads the calling thread's own nice value.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }
+    }
+
+    #[test]
+    fn a_verifying_thread_is_niced_and_the_thread_that_started_it_is_not() {
+        let before = own_nice();
+        let niced = std::thread::spawn(|| {
+            lower_own_priority(VERIFIER_NICE);
+            own_nice()
+        })
+        .join()
+        .expect("the thread ran");
+        assert_eq!(niced, VERIFIER_NICE.max(before));
+        assert_eq!(own_nice(), before, "only the calling thread");
+    }
 
     #[test]
     fn a_pin_is_superseded_only_by_another_version_of_its_own_map() {
