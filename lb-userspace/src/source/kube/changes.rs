@@ -40,7 +40,10 @@ pub(super) struct Tracker<K> {
     pub(super) sent: HashMap<ObjectKey, Option<String>>,
     /// Key -> the object's newest state not yet sent (`None`: deleted).
     pending: HashMap<ObjectKey, Option<K>>,
-    /// During a (re-)list: the keys listed so far.
+    /// During a re-list: the keys listed so far, so that what it does not
+    /// name is removed at its end. `None` during a first list (nothing held
+    /// or pending, so nothing to remove: at 100k Services the set cost
+    /// ~0.2 s of the list's one thread) and between lists.
     listing: Option<HashSet<ObjectKey>>,
 }
 
@@ -59,7 +62,8 @@ impl<K: Resource> Tracker<K> {
     fn observe(&mut self, event: watcher::Event<K>) -> Change {
         match event {
             watcher::Event::Init => {
-                self.listing = Some(HashSet::new());
+                let holds_any = !self.sent.is_empty() || !self.pending.is_empty();
+                self.listing = holds_any.then(HashSet::new);
                 Change::Listing
             }
             watcher::Event::InitApply(object) => {
@@ -274,5 +278,22 @@ mod tests {
         }
         assert_eq!(taken(&mut tracker), (vec![], vec!["a".into(), "d".into()]));
         assert!(tracker.sent.is_empty());
+    }
+
+    #[test]
+    fn a_list_restarted_before_anything_was_sent_drops_what_it_no_longer_names() {
+        use watcher::Event::{Init, InitApply, InitDone};
+        let mut tracker = Tracker::<Service>::default();
+        tracker.observe(Init);
+        // A first list has nothing to remove, so it keeps no key set.
+        assert!(tracker.listing.is_none());
+        // It fails after one object; the watcher lists again, without it.
+        tracker.observe(InitApply(versioned("a", 1)));
+        tracker.observe(Init);
+        assert!(tracker.listing.is_some());
+        for event in [InitApply(versioned("b", 2)), InitDone] {
+            tracker.observe(event);
+        }
+        assert_eq!(taken(&mut tracker), (vec!["b@2".into()], vec![]));
     }
 }
