@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::service::parse_ip_sloppy;
+use super::listed::{EndpointView as _, SliceView};
 use super::{
     ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, for_another_proxy, is_ipv4,
     namespace_of, object_key,
@@ -182,17 +182,17 @@ pub(super) fn slice_service(meta: &ObjectMeta) -> Option<&str> {
 /// A named slice of a Service, validated; `None` when it has nothing to
 /// serve (FQDN slices, or an unknown address type, reported).
 pub(super) fn parse_slice(
-    slice: &EndpointSlice,
+    slice: &impl SliceView,
     errors: &mut Vec<ObjectError>,
 ) -> Option<SliceEndpoints> {
-    let ipv4 = match slice.address_type.as_str() {
+    let ipv4 = match slice.address_type() {
         "IPv4" => true,
         "IPv6" => false,
         "FQDN" => return None,
         other => {
             errors.push(ObjectError::for_object(
                 ENDPOINT_SLICE,
-                &slice.metadata,
+                slice.metadata(),
                 format!("addressType {other:?} is not IPv4, IPv6 or FQDN"),
             ));
             return None;
@@ -214,28 +214,28 @@ pub(super) fn parse_slice(
 /// an endpoint's addresses are one pod and fungible (kube-proxy uses only
 /// the first), so taking all would weigh that pod more. Fills the columns
 /// of `parsed` (of its family), each sized exactly: parsed slices are kept.
-fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Vec<ObjectError>) {
+fn endpoints(slice: &impl SliceView, parsed: &mut SliceEndpoints, errors: &mut Vec<ObjectError>) {
     let ipv4 = parsed.ipv4;
     let family = family_name(ipv4);
     let mut addrs = Vec::new();
     let mut conditions_of = Vec::new();
     let mut node_names = Vec::new();
     let mut hints_of = Vec::new();
-    for endpoint in slice.endpoints.as_deref().unwrap_or_default() {
+    for endpoint in slice.endpoints() {
         let mut first_valid = None;
-        for text in &endpoint.addresses {
-            match parse_ip_sloppy(text) {
-                Some(addr) if is_ipv4(addr) == ipv4 => {
+        for address in endpoint.addresses() {
+            match address {
+                Ok(addr) if is_ipv4(addr) == ipv4 => {
                     first_valid.get_or_insert(addr);
                 }
-                Some(addr) => errors.push(ObjectError::for_object(
+                Ok(addr) => errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
-                    &slice.metadata,
+                    slice.metadata(),
                     format!("address {addr} is not {family} like the slice's addressType; address skipped"),
                 )),
-                None => errors.push(ObjectError::for_object(
+                Err(text) => errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
-                    &slice.metadata,
+                    slice.metadata(),
                     format!("address {text:?} is not an IP address; address skipped"),
                 )),
             }
@@ -247,7 +247,7 @@ fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Ve
             IpAddr::V4(addr) => addrs.extend_from_slice(&addr.octets()),
             IpAddr::V6(addr) => addrs.extend_from_slice(&addr.octets()),
         }
-        let conditions = endpoint.conditions.as_ref();
+        let conditions = endpoint.conditions();
         // As kube-proxy reads them (endpointslicecache.go): a nil `ready`
         // or `serving` means true, a nil `terminating` means false.
         let conditions = Conditions {
@@ -256,7 +256,7 @@ fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Ve
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         };
         conditions_of.push(conditions.bits());
-        let hints = endpoint.hints.as_ref();
+        let hints = endpoint.hints();
         let zones: Vec<String> = hints
             .and_then(|hints| hints.for_zones.as_deref())
             .unwrap_or_default()
@@ -269,7 +269,7 @@ fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Ve
             .iter()
             .map(|node| node.name.clone())
             .collect();
-        node_names.push(endpoint.node_name.as_deref().map(Box::from));
+        node_names.push(endpoint.node_name().map(Box::from));
         hints_of.push(
             (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(Hints { zones, nodes })),
         );
@@ -289,7 +289,7 @@ fn endpoints(slice: &EndpointSlice, parsed: &mut SliceEndpoints, errors: &mut Ve
 /// The slice's (name, protocol) -> port table. Ports without a number or of
 /// another protocol cannot match a frontend and are left out.
 fn slice_ports(
-    slice: &EndpointSlice,
+    slice: &impl SliceView,
     errors: &mut Vec<ObjectError>,
 ) -> Vec<(Box<str>, Protocol, u16)> {
     let mut ports: Vec<(Box<str>, Protocol, u16)> = Vec::new();
@@ -298,7 +298,7 @@ fn slice_ports(
         port,
         protocol,
         ..
-    } in slice.ports.as_deref().unwrap_or_default()
+    } in slice.ports()
     {
         let name = name.clone().unwrap_or_default();
         let (Some(number), Ok(proto)) = (port, Protocol::from_k8s(protocol.as_deref())) else {
@@ -307,7 +307,7 @@ fn slice_ports(
         let Some(number) = u16::try_from(*number).ok().filter(|&number| number != 0) else {
             errors.push(ObjectError::for_object(
                 ENDPOINT_SLICE,
-                &slice.metadata,
+                slice.metadata(),
                 format!("port {name:?} number {number} is outside 1..=65535; port skipped"),
             ));
             continue;
@@ -318,7 +318,7 @@ fn slice_ports(
         {
             errors.push(ObjectError::for_object(
                 ENDPOINT_SLICE,
-                &slice.metadata,
+                slice.metadata(),
                 format!("port {name:?}/{proto} is listed twice; the first is used"),
             ));
             continue;

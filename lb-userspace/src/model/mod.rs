@@ -26,6 +26,7 @@
 
 mod endpoints;
 mod incremental;
+mod listed;
 mod prepared;
 mod select;
 mod service;
@@ -45,6 +46,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use endpoints::{EndpointIndex, SliceEndpoints};
 pub use incremental::{FrontendChanges, Incremental};
+pub use listed::ListedSlice;
 pub use prepared::{PreparedService, PreparedSlice, SliceTrigger};
 use select::Selector;
 use service::{ParsedService, PlannedFrontend, parse_service};

@@ -11,7 +11,10 @@
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
 use super::endpoints::{SliceEndpoints, parse_slice, slice_service};
+use super::listed::{ListedSlice, SliceView};
 use super::{ENDPOINT_SLICE, ObjectError, ObjectKey, ServiceRecord, key_of};
 
 /// A Service as the model keeps it: its key and its parsed record.
@@ -23,7 +26,7 @@ pub struct PreparedService {
 
 /// An `EndpointSlice` as the model keeps it, with the trigger-time
 /// annotation the agent's latency metric reads.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PreparedSlice {
     pub(super) key: ObjectKey,
     pub(super) entry: SliceEntry,
@@ -44,7 +47,7 @@ pub struct SliceTrigger {
 }
 
 /// One stored `EndpointSlice`, reduced to what the model uses.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SliceEntry {
     /// `metadata.resourceVersion` (API objects): the same version is the
     /// same object, so a snapshot need not parse it again.
@@ -70,10 +73,21 @@ impl PreparedSlice {
     /// Parses and validates `slice` (its errors are kept with it).
     #[must_use]
     pub fn new(slice: &EndpointSlice) -> Self {
+        Self::of(slice)
+    }
+
+    /// As [`PreparedSlice::new`], from the form the kube source lists.
+    #[must_use]
+    pub fn listed(slice: &ListedSlice) -> Self {
+        Self::of(slice)
+    }
+
+    fn of(slice: &impl SliceView) -> Self {
+        let meta = slice.metadata();
         Self {
-            key: key_of(&slice.metadata),
+            key: key_of(meta),
             entry: SliceEntry::new(slice),
-            trigger: SliceTrigger::of(slice),
+            trigger: SliceTrigger::with_time(meta, trigger_annotation(meta).cloned()),
         }
     }
 
@@ -87,20 +101,22 @@ impl SliceTrigger {
     /// `slice`'s.
     #[must_use]
     pub fn of(slice: &EndpointSlice) -> Self {
-        Self::with_time(slice, trigger_annotation(slice).cloned())
+        Self::with_time(
+            &slice.metadata,
+            trigger_annotation(&slice.metadata).cloned(),
+        )
     }
 
     /// `slice`'s when it has the annotation: a slice without one (every
     /// slice of a manifest directory) costs no copy of its names.
     #[must_use]
     pub fn of_annotated(slice: &EndpointSlice) -> Option<Self> {
-        let time = trigger_annotation(slice)?.clone();
-        Some(Self::with_time(slice, Some(time)))
+        let time = trigger_annotation(&slice.metadata)?.clone();
+        Some(Self::with_time(&slice.metadata, Some(time)))
     }
 
-    /// `slice`'s names with TIME.
-    fn with_time(slice: &EndpointSlice, time: Option<String>) -> Self {
-        let meta = &slice.metadata;
+    /// The names in META with TIME.
+    fn with_time(meta: &ObjectMeta, time: Option<String>) -> Self {
         Self {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
@@ -109,25 +125,24 @@ impl SliceTrigger {
     }
 }
 
-/// The trigger-time annotation of `slice`, if any.
-fn trigger_annotation(slice: &EndpointSlice) -> Option<&String> {
-    slice
-        .metadata
-        .annotations
+/// The trigger-time annotation in a slice's META, if any.
+fn trigger_annotation(meta: &ObjectMeta) -> Option<&String> {
+    meta.annotations
         .as_ref()?
         .get(super::TRIGGER_TIME_ANNOTATION)
 }
 
 impl SliceEntry {
-    pub(super) fn new(slice: &EndpointSlice) -> Self {
-        let service = slice_service(&slice.metadata).map(str::to_owned);
+    pub(super) fn new(slice: &impl SliceView) -> Self {
+        let meta = slice.metadata();
+        let service = slice_service(meta).map(str::to_owned);
         let mut errors = Vec::new();
         let parsed = match &service {
             None => None,
-            Some(_) if slice.metadata.name.is_none() => {
+            Some(_) if meta.name.is_none() => {
                 errors.push(ObjectError::for_object(
                     ENDPOINT_SLICE,
-                    &slice.metadata,
+                    meta,
                     "missing metadata.name",
                 ));
                 None
@@ -135,7 +150,7 @@ impl SliceEntry {
             Some(_) => parse_slice(slice, &mut errors),
         };
         Self {
-            resource_version: slice.metadata.resource_version.clone(),
+            resource_version: meta.resource_version.clone(),
             service,
             parsed,
             errors,

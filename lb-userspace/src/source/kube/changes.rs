@@ -10,7 +10,7 @@ use k8s_openapi::api::{
 use kube::{Resource, runtime::watcher};
 
 use super::{Changes, NodeChange};
-use crate::model::{ObjectKey, key_of};
+use crate::model::{ListedSlice, ObjectKey, PreparedSlice, key_of};
 
 /// What one watcher item means for the source.
 pub(super) enum Change {
@@ -29,7 +29,7 @@ pub(super) enum Change {
 )]
 pub(super) enum Observed {
     Services(watcher::Event<Service>),
-    Slices(watcher::Event<EndpointSlice>),
+    Slices(watcher::Event<ListedSlice>),
     Node(watcher::Event<Node>),
 }
 
@@ -152,7 +152,7 @@ impl<K: Resource> Tracker<K> {
 #[derive(Default)]
 pub(super) struct Trackers {
     services: Tracker<Service>,
-    slices: Tracker<EndpointSlice>,
+    slices: Tracker<ListedSlice>,
     pub(super) node: Tracker<Node>,
 }
 
@@ -170,24 +170,39 @@ impl Trackers {
         self.services.pending() + self.slices.pending() + self.node.pending()
     }
 
-    /// Everything not yet sent, as one update.
-    pub(super) fn take_changes(&mut self) -> Changes {
+    /// Everything not yet sent, as one update; PREPARED: with the objects
+    /// parsed into the model's records ([`Changes::prepare`]).
+    pub(super) fn take_changes(&mut self, prepared: bool) -> Changes {
         let (services, removed_services) = self.services.take();
-        let (slices, removed_slices) = self.slices.take();
+        let (listed, removed_slices) = self.slices.take();
+        let (slices, prepared_slices) = if prepared {
+            (
+                Vec::new(),
+                listed.iter().map(PreparedSlice::listed).collect(),
+            )
+        } else {
+            let slices = listed.into_iter().map(EndpointSlice::from).collect();
+            (slices, Vec::new())
+        };
         let (mut nodes, removed_nodes) = self.node.take();
         let node = match nodes.pop() {
             Some(node) => Some(NodeChange::Set(Box::new(node))),
             None if !removed_nodes.is_empty() => Some(NodeChange::Removed),
             None => None,
         };
-        Changes {
+        let mut changes = Changes {
             services,
             removed_services,
             slices,
             removed_slices,
             node,
+            prepared_slices,
             ..Changes::default()
+        };
+        if prepared {
+            changes.prepare();
         }
+        changes
     }
 }
 

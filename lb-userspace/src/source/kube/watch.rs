@@ -20,7 +20,7 @@ use super::{
     HEADLESS_LABEL, KubeSourceConfig, MAX_DELAY, PROBE_INTERVAL, QUIET, SourceUpdate, client,
     with_causes,
 };
-use crate::model::SERVICE_PROXY_NAME_LABEL;
+use crate::model::{ListedSlice, SERVICE_PROXY_NAME_LABEL};
 
 /// The three watched resources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -95,7 +95,7 @@ fn watch_all(client: &Client, node_name: &str) -> Signals {
         Observed::Services,
     );
     let slices = watch(
-        Api::<EndpointSlice>::all(client.clone()),
+        Api::<ListedSlice>::all(client.clone()),
         proxied,
         Kind::Slices,
         Observed::Slices,
@@ -269,7 +269,7 @@ pub(super) async fn run(config: &KubeSourceConfig, tx: &mpsc::Sender<SourceUpdat
                     progress.deadline = Some(Instant::now() + AGENT_BUSY_RETRY);
                     continue;
                 }
-                let changes = trackers.take_changes();
+                let changes = trackers.take_changes(false);
                 if trackers.node.sent.is_empty() && !warned_no_node {
                     warned_no_node = true;
                     tracing::warn!("no Node of this name; node addresses and zone are unknown");
@@ -319,11 +319,8 @@ async fn on_signal(
     // only at the complete update): at 100k Services the API objects of
     // all of them would be ~1 GiB at once.
     if !progress.first_sent && trackers.pending_objects() >= FIRST_LIST_BATCH {
-        let mut part = trackers.take_changes();
+        let mut part = trackers.take_changes(prepare);
         part.more_follow = true;
-        if prepare {
-            part.prepare();
-        }
         tx.send(SourceUpdate::Changes(part))
             .await
             .map_err(|_| Closed)?;
