@@ -178,82 +178,62 @@ pub(super) trait EndpointView {
     fn node_name(&self) -> Option<&str>;
 }
 
-impl SliceView for EndpointSlice {
-    type Endpoint = Endpoint;
+/// The views of both forms: their fields have the same names and types,
+/// except the addresses, which ADDRESSES reads from an endpoint.
+macro_rules! views {
+    ($slice:ty, $endpoint:ty, $addresses:path) => {
+        impl SliceView for $slice {
+            type Endpoint = $endpoint;
 
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
 
-    fn address_type(&self) -> &str {
-        &self.address_type
-    }
+            fn address_type(&self) -> &str {
+                &self.address_type
+            }
 
-    fn endpoints(&self) -> &[Endpoint] {
-        self.endpoints.as_deref().unwrap_or_default()
-    }
+            fn endpoints(&self) -> &[$endpoint] {
+                self.endpoints.as_deref().unwrap_or_default()
+            }
 
-    fn ports(&self) -> &[EndpointPort] {
-        self.ports.as_deref().unwrap_or_default()
-    }
+            fn ports(&self) -> &[EndpointPort] {
+                self.ports.as_deref().unwrap_or_default()
+            }
+        }
+
+        impl EndpointView for $endpoint {
+            fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>> {
+                $addresses(self)
+            }
+
+            fn conditions(&self) -> Option<&EndpointConditions> {
+                self.conditions.as_ref()
+            }
+
+            fn hints(&self) -> Option<&EndpointHints> {
+                self.hints.as_ref()
+            }
+
+            fn node_name(&self) -> Option<&str> {
+                self.node_name.as_deref()
+            }
+        }
+    };
 }
 
-impl EndpointView for Endpoint {
-    fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>> {
-        self.addresses
-            .iter()
-            .map(|text| parse_ip_sloppy(text).ok_or(text.as_str()))
-    }
+views!(EndpointSlice, Endpoint, api_addresses);
+views!(ListedSlice, ListedEndpoint, listed_addresses);
 
-    fn conditions(&self) -> Option<&EndpointConditions> {
-        self.conditions.as_ref()
-    }
-
-    fn hints(&self) -> Option<&EndpointHints> {
-        self.hints.as_ref()
-    }
-
-    fn node_name(&self) -> Option<&str> {
-        self.node_name.as_deref()
-    }
+fn api_addresses(endpoint: &Endpoint) -> impl Iterator<Item = Result<IpAddr, &str>> {
+    endpoint
+        .addresses
+        .iter()
+        .map(|text| parse_ip_sloppy(text).ok_or(text.as_str()))
 }
 
-impl SliceView for ListedSlice {
-    type Endpoint = ListedEndpoint;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn address_type(&self) -> &str {
-        &self.address_type
-    }
-
-    fn endpoints(&self) -> &[ListedEndpoint] {
-        self.endpoints.as_deref().unwrap_or_default()
-    }
-
-    fn ports(&self) -> &[EndpointPort] {
-        self.ports.as_deref().unwrap_or_default()
-    }
-}
-
-impl EndpointView for ListedEndpoint {
-    fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>> {
-        self.addresses.iter().map(ListedAddress::get)
-    }
-
-    fn conditions(&self) -> Option<&EndpointConditions> {
-        self.conditions.as_ref()
-    }
-
-    fn hints(&self) -> Option<&EndpointHints> {
-        self.hints.as_ref()
-    }
-
-    fn node_name(&self) -> Option<&str> {
-        self.node_name.as_deref()
-    }
+fn listed_addresses(endpoint: &ListedEndpoint) -> impl Iterator<Item = Result<IpAddr, &str>> {
+    endpoint.addresses.iter().map(ListedAddress::get)
 }
 
 #[cfg(test)]
