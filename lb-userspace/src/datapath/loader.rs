@@ -356,23 +356,18 @@ fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
 /// nice-0 thread keeps busy, so the load ends even on a busy host.
 const VERIFIER_NICE: i32 = 10;
 
-/// Raises the calling thread's nice value to NICE, if lower (Linux keeps
-/// one per thread; a thread it starts inherits it). Raising one's own nice
-/// value needs no privilege; should it fail anyway, the thread runs as it
-/// was.
+/// Raises the calling thread's nice value to NICE, if lower. Linux keeps
+/// one per thread (`who` 0 is the calling thread, not the process), and a
+/// thread it starts inherits it. Raising one's own nice value needs no
+/// privilege; should it fail anyway, the thread runs as it was.
 fn lower_own_priority(nice: i32) {
-    // SAFETY: gettid has no arguments and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    let Ok(tid) = libc::id_t::try_from(tid) else {
-        return;
-    };
-    // SAFETY: plain syscalls on the calling thread's own id (-1 from
-    // getpriority is also a valid nice value: then NICE is set anyway).
-    if unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) } >= nice {
+    // SAFETY: plain syscalls on the calling thread (-1 from getpriority is
+    // also a valid nice value: then NICE is set anyway).
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } >= nice {
         return;
     }
     // SAFETY: as above.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
         tracing::debug!(error = %io::Error::last_os_error(), "cannot lower the verifier's priority");
     }
 }
@@ -899,10 +894,8 @@ mod tests {
     use super::{VERIFIER_NICE, lower_own_priority, superseded};
 
     fn own_nice() -> i32 {
-        // SAFETY: gettid cannot fail.
-        let tid = libc::id_t::try_from(unsafe { libc::gettid() }).expect("a positive id");
         // SAFETY: reads the calling thread's own nice value.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
     }
 
     #[test]

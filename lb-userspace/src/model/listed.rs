@@ -19,7 +19,10 @@ use serde::Deserialize;
 use super::service::parse_ip_sloppy;
 
 /// An `EndpointSlice` reduced to what the model reads. Read as leniently
-/// as `k8s-openapi` reads one: a field missing or `null` is its default.
+/// as `k8s-openapi` reads what an API server sends: a field missing or
+/// `null` is its default. Unlike `k8s-openapi` it does not check
+/// `apiVersion` and `kind` (the watch asked for slices) and refuses a key
+/// given twice (no API server writes one).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ListedSlice {
@@ -160,7 +163,8 @@ impl From<ListedSlice> for EndpointSlice {
     }
 }
 
-/// What the model reads of a slice, from either form.
+/// What the model reads of a slice, from either form (each method reads
+/// the field of its name; a missing list is empty).
 pub(super) trait SliceView {
     type Endpoint: EndpointView;
     fn metadata(&self) -> &ObjectMeta;
@@ -169,7 +173,8 @@ pub(super) trait SliceView {
     fn ports(&self) -> &[EndpointPort];
 }
 
-/// What the model reads of an endpoint, from either form.
+/// What the model reads of an endpoint, from either form (each method
+/// reads the field of its name).
 pub(super) trait EndpointView {
     /// Each address, parsed, or the text that is not one.
     fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>>;
@@ -268,7 +273,7 @@ mod tests {
                     "hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "node-a"}]},
                 },
                 {"addresses": [addresses[0]]},
-                {"addresses": ["fd00::\u{31}"], "conditions": {}},
+                {"addresses": ["fd00::1"], "conditions": {}},
             ],
             "ports": [
                 {"name": "http", "port": 8080, "protocol": "TCP"},
@@ -320,6 +325,25 @@ mod tests {
         // Not vacuous: the first one has parsed endpoints and errors.
         let (api, _) = both(&slice_json("IPv4", &["10.0.0.1", "not-an-ip"]));
         assert!(api.entry.parsed.is_some() && !api.entry.errors.is_empty());
+    }
+
+    #[test]
+    fn an_escaped_address_is_read_as_its_text() {
+        // serde_json hands an escaped string over as a copy, not the page.
+        let text = r#"{"metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "web"}},
+                       "addressType": "IPv4",
+                       "endpoints": [{"addresses": ["10.0.0.\u0031", "10.0.0.\u0078"]}]}"#;
+        let api: EndpointSlice = serde_json::from_str(text).expect("an EndpointSlice");
+        let listed: ListedSlice = serde_json::from_str(text).expect("a listed slice");
+        let addresses = &listed.endpoints.as_deref().unwrap_or_default()[0].addresses;
+        assert_eq!(
+            *addresses,
+            [
+                ListedAddress::Ip("10.0.0.1".parse().expect("an address")),
+                ListedAddress::Invalid("10.0.0.x".into()),
+            ]
+        );
+        assert_eq!(PreparedSlice::listed(&listed), PreparedSlice::new(&api));
     }
 
     #[test]

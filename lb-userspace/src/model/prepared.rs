@@ -10,7 +10,6 @@
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::endpoints::{SliceEndpoints, parse_slice, slice_service};
@@ -26,7 +25,8 @@ pub struct PreparedService {
 
 /// An `EndpointSlice` as the model keeps it, with the trigger-time
 /// annotation the agent's latency metric reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub struct PreparedSlice {
     pub(super) key: ObjectKey,
     pub(super) entry: SliceEntry,
@@ -47,7 +47,8 @@ pub struct SliceTrigger {
 }
 
 /// One stored `EndpointSlice`, reduced to what the model uses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
+#[cfg_attr(test, derive(PartialEq, Eq))]
 pub(super) struct SliceEntry {
     /// `metadata.resourceVersion` (API objects): the same version is the
     /// same object, so a snapshot need not parse it again.

@@ -39,7 +39,9 @@ pub struct Changes {
     pub services: Vec<Service>,
     /// Services removed.
     pub removed_services: Vec<ObjectKey>,
-    /// `EndpointSlices` added or replaced.
+    /// `EndpointSlices` added or replaced. The kube source fills only the
+    /// fields the model reads (it watches them as
+    /// [`ListedSlice`](crate::model::ListedSlice)s).
     pub slices: Vec<EndpointSlice>,
     /// `EndpointSlices` removed.
     pub removed_slices: Vec<ObjectKey>,
