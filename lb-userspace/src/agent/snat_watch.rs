@@ -7,7 +7,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::datapath::maps::Maps;
+use crate::datapath::maps::{Maps, named_count};
 
 /// Watches the counter for as long as the agent runs, through the agent's
 /// read-only handle on the maps (none: nothing to watch).
@@ -38,11 +38,8 @@ impl SnatWatch {
     /// reading (the first reading after a start only sets the baseline:
     /// the pinned counters may hold what an earlier agent already logged).
     fn check(&mut self, maps: &Maps) {
-        let count = |counts: &[(&str, u64)], name: &str| {
-            counts.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
-        };
         if let Ok(reasons) = maps.reason_counts()
-            && let Some(now) = count(&reasons, "drop_snat_exhausted")
+            && let Some(now) = named_count(&reasons, "drop_snat_exhausted")
             && let Some(drops) = self.exhausted.rise(now)
         {
             tracing::warn!(
@@ -52,7 +49,7 @@ impl SnatWatch {
             );
         }
         if let Ok(events) = maps.event_counts()
-            && let Some(now) = count(&events, "snat_took_unconfirmed")
+            && let Some(now) = named_count(&events, "snat_took_unconfirmed")
             && let Some(taken) = self.took_unconfirmed.rise(now)
         {
             tracing::warn!(

@@ -17,7 +17,10 @@ use prometheus_client::{
 
 use crate::{
     agent::{Shared, lock},
-    datapath::{capacity::CapacityStatus, maps::Maps},
+    datapath::{
+        capacity::CapacityStatus,
+        maps::{Maps, named_count},
+    },
     model::Frontend,
 };
 
@@ -239,15 +242,12 @@ fn xdp_metrics(
 /// Counters read from the maps at scrape time.
 fn datapath_metrics(maps: &Maps, frontend_ids: &[(Frontend, u32)], registry: &mut Registry) {
     if let Ok(reasons) = maps.reason_counts() {
-        if let Some((_, drops)) = reasons
-            .iter()
-            .find(|(name, _)| *name == "drop_snat_exhausted")
-        {
+        if let Some(drops) = named_count(&reasons, "drop_snat_exhausted") {
             counter(
                 registry,
                 "lb_snat_exhausted",
                 "New flows dropped because every candidate SNAT port towards their backend was taken",
-                *drops,
+                drops,
             );
         }
         registry.register(

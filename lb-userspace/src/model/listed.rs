@@ -23,7 +23,7 @@ use super::service::parse_ip_sloppy;
 /// `null` is its default. Unlike `k8s-openapi` it does not check
 /// `apiVersion` and `kind` (the watch asked for slices) and refuses a key
 /// given twice (no API server writes one).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ListedSlice {
     /// `metadata`.
@@ -39,7 +39,7 @@ pub struct ListedSlice {
 }
 
 /// An endpoint reduced to what the model reads.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ListedEndpoint {
     /// `addresses`, each parsed.

@@ -141,6 +141,16 @@ fn summed_counters(
     Ok(out)
 }
 
+/// The count named `name` in `counts`, as [`Maps::reason_counts`] and
+/// [`Maps::event_counts`] give them.
+#[must_use]
+pub fn named_count(counts: &[(&str, u64)], name: &str) -> Option<u64> {
+    counts
+        .iter()
+        .find(|(counted, _)| *counted == name)
+        .map(|(_, count)| *count)
+}
+
 fn access(what: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
     let what = what.into();
     move |source| MapsError::Access { what, source }
