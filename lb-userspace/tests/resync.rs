@@ -12,7 +12,10 @@ mod support;
 
 use std::{net::IpAddr, process::Command, time::Duration};
 
-use lb_userspace::{datapath::maps::Maps, plan::Op};
+use lb_userspace::{
+    datapath::maps::Maps,
+    plan::{FrontendWrite, Op},
+};
 use support::{
     clients::{http_get, metric_value},
     manifests::{Cond, Manifest, ManifestDir, service, slice, sp},
@@ -157,7 +160,7 @@ fn a_slot_lost_behind_the_agents_back_is_restored_by_the_resync() {
         .iter()
         .find(|(f, _)| f.addr == vip)
         .expect("the frontend");
-    maps.apply_op(&Op::PutFrontend {
+    maps.apply_op(&Op::PutFrontend(Box::new(FrontendWrite {
         frontend: *frontend,
         count: 2,
         rev_nat_id: held.rev_nat_id,
@@ -165,7 +168,7 @@ fn a_slot_lost_behind_the_agents_back_is_restored_by_the_resync() {
         affinity_timeout_s: held.affinity_timeout_s,
         affinity_group: held.affinity_group,
         inline: vec![slots[0], 0].into(),
-    })
+    })))
     .expect("zero slot 2");
     // (The maps read back show an empty slot as backend id 0.)
     assert_eq!(node.slots(VIP), Some(vec![slots[0], 0]), "slot 2 is gone");

@@ -98,10 +98,11 @@ impl Shortfall {
             _ => return false,
         }
         match *op {
-            Op::PutSlot { frontend, .. }
-            | Op::PutFrontend { frontend, .. }
-            | Op::PutRevNat { frontend, .. } => {
+            Op::PutSlot { frontend, .. } | Op::PutRevNat { frontend, .. } => {
                 self.frontends.insert(frontend);
+            }
+            Op::PutFrontend(ref write) => {
+                self.frontends.insert(write.frontend);
             }
             Op::PutMarker { addr } => {
                 self.addrs.insert(addr);
@@ -151,12 +152,10 @@ impl Shortfall {
         }
         if !self.rev_nat_ids.is_empty() {
             frontends.extend(ops.iter().filter_map(|op| match *op {
-                Op::PutRevNat { id, frontend }
-                | Op::PutFrontend {
-                    rev_nat_id: id,
-                    frontend,
-                    ..
-                } if self.rev_nat_ids.contains(&id) => Some(frontend),
+                Op::PutRevNat { id, frontend } if self.rev_nat_ids.contains(&id) => Some(frontend),
+                Op::PutFrontend(ref write) if self.rev_nat_ids.contains(&write.rev_nat_id) => {
+                    Some(write.frontend)
+                }
                 _ => None,
             }));
         }

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use lb_common::{backend_flags, limits, svc_flags};
 
 use super::ids::{IdAllocator, IdSet, IdsInUse};
-use super::{BackendEntry, BackendKey, DatapathState, FrontendState, Op, Plan, SourceRange};
+use super::{
+    BackendEntry, BackendKey, DatapathState, FrontendState, FrontendWrite, Op, Plan, SourceRange,
+};
 use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec};
 
 /// Computes the plan that turns `current` into `desired`.
@@ -243,7 +245,7 @@ impl<'a> Planner<'a> {
                 || state.affinity_timeout_s != spec.affinity_timeout_s
                 || state.affinity_group != group
         }) {
-            self.slots.push(Op::PutFrontend {
+            self.slots.push(Op::PutFrontend(Box::new(FrontendWrite {
                 frontend: *frontend,
                 count: u16::try_from(new_slots.len()).unwrap_or(u16::MAX),
                 rev_nat_id,
@@ -251,7 +253,7 @@ impl<'a> Planner<'a> {
                 affinity_timeout_s: spec.affinity_timeout_s,
                 affinity_group: group,
                 inline: inline.into(),
-            });
+            })));
         }
         for index in new_slots.len().max(limits::INLINE_SLOTS)..old_slots.len() {
             self.tail.push(Op::DeleteSlot {

@@ -327,7 +327,7 @@ impl Maps {
             Op::DeleteRevNat { id, addr } => self.family(addr).delete_rev_nat(id),
             Op::DeleteBackend { id, addr } => self.family(addr).delete_backend(id),
             // Written above: `service_write` covers the three.
-            Op::PutSlot { .. } | Op::PutFrontend { .. } | Op::PutMarker { .. } => Ok(()),
+            Op::PutSlot { .. } | Op::PutFrontend(_) | Op::PutMarker { .. } => Ok(()),
         }
     }
 

@@ -5,7 +5,10 @@
 use lb_common::{LbService, limits, svc_flags};
 
 use super::{Maps, MapsError, family::FamilyOps, marker};
-use crate::{model::Frontend, plan::Op};
+use crate::{
+    model::Frontend,
+    plan::{FrontendWrite, Op},
+};
 
 impl Maps {
     /// Applies `ops` in order, telling `on_result` how each went.
@@ -194,18 +197,17 @@ impl Failed {
                     return None;
                 }
             }
-            Op::PutFrontend { frontend, .. } if self.frontends.contains(&frontend) => (
-                format!("write slot 0 of {frontend}"),
+            Op::PutFrontend(ref write) if self.frontends.contains(&write.frontend) => (
+                format!("write slot 0 of {}", write.frontend),
                 "its rev-NAT entry or one of its slots could not be written".to_owned(),
             ),
-            Op::PutFrontend {
-                frontend,
-                ref inline,
-                ..
-            } => {
-                let backend_id = inline.iter().find(|id| self.backend_ids.contains(id))?;
+            Op::PutFrontend(ref write) => {
+                let backend_id = write
+                    .inline
+                    .iter()
+                    .find(|id| self.backend_ids.contains(id))?;
                 (
-                    format!("write slot 0 of {frontend}"),
+                    format!("write slot 0 of {}", write.frontend),
                     format!("backend {backend_id} could not be written"),
                 )
             }
@@ -247,9 +249,7 @@ impl RunClass {
             Op::PutBackend { .. } | Op::PutRevNat { .. } | Op::PutSourceRange(_) => {
                 Self::IndependentPuts
             }
-            Op::PutSlot { .. } | Op::PutFrontend { .. } | Op::PutMarker { .. } => {
-                Self::ServiceWrites
-            }
+            Op::PutSlot { .. } | Op::PutFrontend(_) | Op::PutMarker { .. } => Self::ServiceWrites,
             _ => Self::Single,
         }
     }
@@ -273,9 +273,13 @@ impl BatchTarget {
     /// Where `op` goes as part of a batch, if it can be batched.
     fn of(op: &Op) -> Option<Self> {
         match op {
-            Op::PutSlot { frontend, .. } | Op::PutFrontend { frontend, .. } => {
+            Op::PutSlot { frontend, .. } => {
                 Some(Self::new(frontend.addr.is_ipv4(), BatchKind::Services))
             }
+            Op::PutFrontend(write) => Some(Self::new(
+                write.frontend.addr.is_ipv4(),
+                BatchKind::Services,
+            )),
             Op::PutMarker { addr } => Some(Self::new(addr.is_ipv4(), BatchKind::Services)),
             Op::PutBackend { backend, .. } => {
                 Some(Self::new(backend.key.addr.is_ipv4(), BatchKind::Backends))
@@ -308,15 +312,16 @@ pub(super) fn service_write(op: &Op) -> Option<(Frontend, u16, LbService)> {
                 ..LbService::default()
             },
         )),
-        Op::PutFrontend {
-            frontend,
-            count,
-            rev_nat_id,
-            flags,
-            affinity_timeout_s,
-            affinity_group,
-            ref inline,
-        } => {
+        Op::PutFrontend(ref write) => {
+            let FrontendWrite {
+                frontend,
+                count,
+                rev_nat_id,
+                flags,
+                affinity_timeout_s,
+                affinity_group,
+                ref inline,
+            } = **write;
             let mut slots = [0; limits::INLINE_SLOTS];
             for (slot, id) in slots.iter_mut().zip(inline.iter()) {
                 *slot = *id;

@@ -9,7 +9,7 @@ use lb_common::{backend_flags, svc_flags};
 
 use crate::model::FrontendKind;
 use crate::plan::test_fixtures::{backend, converge, fe, spec};
-use crate::plan::{DatapathState, Op, diff};
+use crate::plan::{DatapathState, FrontendWrite, Op, diff};
 
 /// `count` backends 198.18.<2..>.2:8080.
 fn backends(count: usize) -> Vec<(String, u16)> {
@@ -30,7 +30,7 @@ fn kinds(ops: &[Op]) -> Vec<&'static str> {
             Op::PutRevNat { .. } => "revnat",
             Op::PutBackend { .. } => "backend",
             Op::PutSlot { .. } => "slot",
-            Op::PutFrontend { .. } => "frontend",
+            Op::PutFrontend(_) => "frontend",
             Op::PutMarker { .. } => "marker",
             _ => "other",
         })
@@ -52,7 +52,7 @@ fn new_small_service_writes_backends_then_the_frontend_with_its_slots() {
     let slots = &state.frontends[&v4].slots;
     assert!(
         ops.iter().any(
-            |op| matches!(op, Op::PutFrontend { count: 2, inline, .. } if **inline == **slots)
+            |op| matches!(op, Op::PutFrontend(write) if write.count == 2 && *write.inline == **slots)
         ),
         "{ops:?}"
     );
@@ -81,7 +81,7 @@ fn new_large_service_writes_backends_then_its_other_slots_then_frontend() {
     assert_eq!(slot_numbers, [first_own, first_own + 1]);
     assert!(
         ops.iter()
-            .any(|op| matches!(op, Op::PutFrontend { inline, .. } if inline.len() == INLINE_SLOTS))
+            .any(|op| matches!(op, Op::PutFrontend(write) if write.inline.len() == INLINE_SLOTS))
     );
 }
 
@@ -113,9 +113,7 @@ fn ids_are_stable_across_changes() {
     let rewritten: Vec<_> = ops
         .iter()
         .filter_map(|op| match op {
-            Op::PutFrontend {
-                frontend, inline, ..
-            } => Some((*frontend, inline.to_vec())),
+            Op::PutFrontend(write) => Some((write.frontend, write.inline.to_vec())),
             _ => None,
         })
         .collect();
@@ -148,7 +146,7 @@ fn shrinking_writes_count_before_deleting_slots() {
     let ops = converge(&mut state, &desired);
     let frontend_at = ops
         .iter()
-        .position(|op| matches!(op, Op::PutFrontend { count, .. } if usize::from(*count) == INLINE_SLOTS + 1))
+        .position(|op| matches!(op, Op::PutFrontend(write) if usize::from(write.count) == INLINE_SLOTS + 1))
         .unwrap();
     let deleted: Vec<(usize, u16)> = ops
         .iter()
@@ -282,7 +280,7 @@ fn empty_service_has_zero_count() {
     let mut state = DatapathState::default();
     let desired = BTreeMap::from([(fe("198.19.0.10", 80), spec(&[]))]);
     let ops = converge(&mut state, &desired);
-    assert!(ops.contains(&Op::PutFrontend {
+    assert!(ops.contains(&Op::PutFrontend(Box::new(FrontendWrite {
         frontend: fe("198.19.0.10", 80),
         count: 0,
         rev_nat_id: 1,
@@ -290,7 +288,7 @@ fn empty_service_has_zero_count() {
         affinity_timeout_s: 0,
         affinity_group: 0,
         inline: Box::default(),
-    }));
+    }))));
 }
 
 #[test]
@@ -309,7 +307,7 @@ fn cluster_ips_are_marked_after_their_frontends_but_node_ports_are_not() {
         .unwrap();
     let last_frontend = ops
         .iter()
-        .rposition(|op| matches!(op, Op::PutFrontend { .. }))
+        .rposition(|op| matches!(op, Op::PutFrontend(_)))
         .unwrap();
     assert!(marker > last_frontend, "{ops:?}");
     assert_eq!(
@@ -340,7 +338,7 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
     assert_eq!(backend_flags_of(&state), [backend_flags::INDEXED]);
     assert_eq!(
         ops[1..],
-        [Op::PutFrontend {
+        [Op::PutFrontend(Box::new(FrontendWrite {
             frontend: v4,
             count: 1,
             rev_nat_id: 1,
@@ -348,7 +346,7 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
             affinity_timeout_s: 30,
             affinity_group: state.frontends[&v4].affinity_group,
             inline: state.frontends[&v4].slots.clone().into(),
-        }]
+        }))]
     );
     assert_ne!(state.frontends[&v4].affinity_group, 0);
     web.affinity_timeout_s = 0;
@@ -357,11 +355,8 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
         ops[..],
         [
             Op::PutBackend { backend, .. },
-            Op::PutFrontend {
-                flags: svc_flags::CLUSTER_IP,
-                ..
-            }
-        ] if backend.flags == 0
+            Op::PutFrontend(ref write)
+        ] if backend.flags == 0 && write.flags == svc_flags::CLUSTER_IP
     ));
     assert_eq!(backend_flags_of(&state), [0]);
 }
@@ -380,14 +375,14 @@ fn source_ranges_go_in_before_the_flag_and_out_after_it() {
         .unwrap();
     let frontend = ops
         .iter()
-        .position(|op| matches!(op, Op::PutFrontend { flags, .. } if flags & svc_flags::SOURCE_RANGES != 0))
+        .position(|op| matches!(op, Op::PutFrontend(write) if write.flags & svc_flags::SOURCE_RANGES != 0))
         .unwrap();
     assert!(range < frontend);
     spec_lb.source_ranges.clear();
     let ops = converge(&mut state, &BTreeMap::from([(lb, spec_lb)]));
     let frontend = ops
         .iter()
-        .position(|op| matches!(op, Op::PutFrontend { .. }))
+        .position(|op| matches!(op, Op::PutFrontend(_)))
         .unwrap();
     let removed = ops
         .iter()
