@@ -4,7 +4,9 @@
 //! (its link pin removed) and served again when it comes back. With
 //! `--xdp=native --xdp-interfaces 'h-lat?'`, the late pod's device gets the
 //! XDP program when it appears (and again when it comes back), its pin
-//! goes with it, and no other device gets XDP.
+//! goes with it, and no other device gets XDP. A tun device that comes
+//! later gets the programs for devices without an Ethernet header, which
+//! the agent verifies only then (none of its devices needed them before).
 //!
 //! The agent runs with exactly the capabilities `deploy/daemonset.yaml`
 //! grants (and nothing else: `setpriv` empties the bounding set but for
@@ -52,6 +54,8 @@ const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 /// How long each step may take.
 const STEP: Duration = Duration::from_secs(5);
+/// The ingress program for devices without an Ethernet header.
+const LB_TC_L3: &str = lb_common::prog_names::TC_LB_L3;
 
 /// The dual-stack `web` Service and its slices with BACKENDS; TRIGGER is
 /// the slices' last-change trigger time annotation.
@@ -205,6 +209,16 @@ fn pods_created_after_the_agent_are_served() {
             code => Err(format!("HTTP {code}")),
         }
     });
+    // Devices there at the start are attached by the interface watcher's
+    // first scan, which may come just after the first sync.
+    for pod in [&client, &be1] {
+        let pin = pins.path.join("links").join(&pod.iface);
+        wait_until(&format!("{} attached", pod.iface), STEP, || {
+            pin.exists()
+                .then_some(())
+                .ok_or_else(|| format!("no {}", pin.display()))
+        });
+    }
     let names = ask_vips(client.ns(), 4).expect("the client reaches the VIPs");
     assert!(names.iter().all(|n| n == "be1"), "{names:?}");
 
@@ -262,6 +276,33 @@ fn pods_created_after_the_agent_are_served() {
         "{metrics}"
     );
     assert!(xdp_frames(&metrics) > 0, "{metrics}");
+
+    // A device without an Ethernet header (tun) that matches the pattern:
+    // the agent started with Ethernet devices only and verified only their
+    // programs; it verifies the L3 pair now, and attaches it.
+    assert!(!show_log().contains(LB_TC_L3), "{}", show_log());
+    run_ok(
+        node.command("ip")
+            .args(["tuntap", "add", "dev", "h-tun", "mode", "tun"]),
+    );
+    run_ok(node.command("ip").args(["link", "set", "h-tun", "up"]));
+    for dir in ["links", "links-egress"] {
+        let pin = pins.path.join(dir).join("h-tun");
+        wait_until(&format!("h-tun attached ({dir})"), STEP, || {
+            pin.exists()
+                .then_some(())
+                .ok_or_else(|| format!("no {}", pin.display()))
+        });
+    }
+    let verified = show_log()
+        .lines()
+        .filter(|line| line.contains("TC programs verified"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert!(
+        verified.len() == 2 && verified[1].contains(LB_TC_L3),
+        "{verified:?}"
+    );
 
     // The late pod goes away: forgotten; it comes back: served again.
     let late_pin = pins.path.join("links").join(&late.iface);

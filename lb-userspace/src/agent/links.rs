@@ -3,7 +3,7 @@
 
 use std::{path::Path, sync::Mutex};
 
-use super::{AgentError, Shared, lock};
+use super::{AgentConfig, AgentError, Shared, lock};
 use crate::error::Causes;
 use crate::{
     datapath::{
@@ -26,14 +26,36 @@ pub(super) type Loaded = (
     DatapathState,
 );
 
-pub(super) fn load_and_attach(
+/// Loads and attaches (verifier, map creation: hundreds of milliseconds)
+/// on a blocking thread.
+pub(super) fn spawn_load(
+    config: &AgentConfig,
+    policy: &LinkPolicy,
+) -> tokio::task::JoinHandle<Result<Loaded, AgentError>> {
+    let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
+    let interfaces = config.interfaces.clone();
+    let link_kinds = start_link_kinds(&interfaces, policy);
+    let socket_lb = config.socket_lb.clone();
+    let xdp = config.xdp.clone();
+    tokio::task::spawn_blocking(move || {
+        load_and_attach(
+            &pin_path,
+            &capacities,
+            (&interfaces, &link_kinds),
+            &socket_lb,
+            &xdp,
+        )
+    })
+}
+
+fn load_and_attach(
     pin_path: &Path,
     capacities: &loader::Capacities,
-    interfaces: &[String],
+    (interfaces, link_kinds): (&[String], &[loader::LinkKind]),
     socket_lb: &SockLbSettings,
     xdp_settings: &xdp::XdpSettings,
 ) -> Result<Loaded, AgentError> {
-    let mut ebpf = loader::load_with(pin_path, capacities)?;
+    let mut ebpf = loader::load_for(pin_path, capacities, link_kinds)?;
     // Before `Maps` takes its maps out of the object.
     let map_names = loader::map_names(&ebpf);
     let maps = Maps::from_ebpf(&mut ebpf)?;
@@ -70,6 +92,24 @@ pub(super) fn load_and_attach(
     }
     let state = maps.read_state()?;
     Ok((ebpf, maps, (attachments, xdp_devices), state))
+}
+
+/// The link kinds whose TC programs the load verifies: Ethernet always
+/// (most devices that come later are: pods' veths), L3 when a device the
+/// agent attaches at its start needs it (one of `--attach`, or one there
+/// already that `--attach-pattern` matches); otherwise once one comes.
+fn start_link_kinds(interfaces: &[String], policy: &LinkPolicy) -> Vec<loader::LinkKind> {
+    let present = ifwatch::list_links().into_values();
+    let needs_l3 = interfaces
+        .iter()
+        .cloned()
+        .chain(present.filter(|name| policy.tc.matches(name)))
+        .any(|iface| loader::link_kind(&iface) == Some(loader::LinkKind::L3));
+    let mut kinds = vec![loader::LinkKind::Ethernet];
+    if needs_l3 {
+        kinds.push(loader::LinkKind::L3);
+    }
+    kinds
 }
 
 /// Which interfaces that appear get which program: TC for

@@ -29,7 +29,7 @@ use crate::{
     node::NodeSettings,
     source::{self, SourceError, SourceSpec, SourceUpdate},
 };
-use links::{LinkPolicy, Loaded, load_and_attach, on_link_event};
+use links::{LinkPolicy, Loaded, on_link_event};
 use reconcile::{Desired, Hooks, MapsRead, Pending, Reconciler};
 
 /// What `lb agent` was asked to do.
@@ -120,18 +120,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     }));
     tokio::spawn(http::serve(listener, Arc::clone(&shared)));
 
-    // Load and attach (verifier, map creation: hundreds of milliseconds) on
-    // another thread, while the first objects from the source go into the
-    // model here.
-    let loading = {
-        let (pin_path, capacities) = (config.pin_path.clone(), config.capacities);
-        let interfaces = config.interfaces.clone();
-        let socket_lb = config.socket_lb.clone();
-        let xdp = config.xdp.clone();
-        tokio::task::spawn_blocking(move || {
-            load_and_attach(&pin_path, &capacities, &interfaces, &socket_lb, &xdp)
-        })
-    };
+    // Load and attach on another thread, while the first objects from the
+    // source go into the model here.
+    let loading = links::spawn_load(&config, &link_policy);
     let mut pending = pending_and_node_health(&config);
     let (loaded, first_update) = prefeed(loading, &mut updates, &mut pending).await;
     let (mut ebpf, maps, (attachments, xdp_devices), state) = loaded?;

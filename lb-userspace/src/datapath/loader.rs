@@ -213,7 +213,8 @@ pub fn load(pin_path: &Path) -> Result<Ebpf, LoadError> {
 }
 
 /// Loads the object with its maps pinned under `pin_path` (reusing pins)
-/// and sized by `capacities`.
+/// and sized by `capacities`, and verifies the TC programs of every link
+/// kind.
 ///
 /// A pinned map of another size is kept, entries and all, with a warning:
 /// resizing would mean dropping what it holds (the conntrack entries of
@@ -223,6 +224,22 @@ pub fn load(pin_path: &Path) -> Result<Ebpf, LoadError> {
 /// # Errors
 /// No object, no bpffs, or the kernel refused the object.
 pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadError> {
+    load_for(pin_path, capacities, &[LinkKind::Ethernet, LinkKind::L3])
+}
+
+/// [`load_with`], verifying only the TC programs of the link kinds in
+/// KINDS (those of the devices the agent attaches at its start): on a node
+/// of Ethernet devices only, the L3 pair is ~0.8 s of CPU that a start
+/// spends beside its first read for nothing. [`attach_iface`] verifies
+/// another kind's programs when a device of it comes.
+///
+/// # Errors
+/// No object, no bpffs, or the kernel refused the object.
+pub fn load_for(
+    pin_path: &Path,
+    capacities: &Capacities,
+    kinds: &[LinkKind],
+) -> Result<Ebpf, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
@@ -249,7 +266,8 @@ pub fn load_with(pin_path: &Path, capacities: &Capacities) -> Result<Ebpf, LoadE
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|source| LoadError::Load { source })?;
-    load_tc_programs(&mut ebpf)?;
+    let names: Vec<&'static str> = kinds.iter().copied().flat_map(tc_programs).collect();
+    load_tc_programs(&mut ebpf, &names)?;
     Ok(ebpf)
 }
 
@@ -307,25 +325,27 @@ fn versioned(name: &str) -> Option<(&str, &str)> {
     (!version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())).then_some((base, version))
 }
 
-/// Loads the TC programs, each on a thread of its own: the verifier
-/// spends ~0.5 s on each of the two ingress programs, which is most of an
-/// agent's start at 10k Services, and they are verified side by side.
-/// (The XDP program is loaded by `xdp::setup`, when `--xdp` uses it.)
+/// Loads the TC programs NAMES that are not loaded yet, each on a thread
+/// of its own: the verifier spends ~0.5 s on each ingress program, which
+/// is most of an agent's start at 10k Services, and they are verified side
+/// by side. (The XDP program is loaded by `xdp::setup`, when `--xdp` uses
+/// it.)
 ///
 /// The verifying threads run at [`VERIFIER_NICE`]: during a start they
 /// share the cores with the source's first read, which a large cluster's
 /// start waits for longer than for the programs (at 100k Services the
 /// read takes seconds, the verification ~1 s of CPU). Niced, they take
 /// what the read leaves instead of two thirds of both cores.
-fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    for name in TC_PROGRAMS {
+fn load_tc_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadError> {
+    for name in names {
         program_named(ebpf, name)?;
     }
     let programs: Vec<(&'static str, &mut SchedClassifier)> = ebpf
         .programs_mut()
         .filter_map(|(name, program)| {
-            let name = TC_PROGRAMS.into_iter().find(|wanted| *wanted == name)?;
-            Some((name, <&mut SchedClassifier>::try_from(program).ok()?))
+            let name = names.iter().copied().find(|wanted| *wanted == name)?;
+            let program = <&mut SchedClassifier>::try_from(program).ok()?;
+            program.fd().is_err().then_some((name, program))
         })
         .collect();
     std::thread::scope(|scope| {
@@ -339,11 +359,16 @@ fn load_tc_programs(ebpf: &mut Ebpf) -> Result<(), LoadError> {
                 (name, load)
             })
             .collect();
+        let mut verified = Vec::new();
         for (name, load) in loads {
             let loaded = load
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             loaded.map_err(|source| LoadError::Program { name, source })?;
+            verified.push(name);
+        }
+        if !verified.is_empty() {
+            tracing::info!(programs = ?verified, "TC programs verified");
         }
         Ok(())
     })
@@ -372,14 +397,14 @@ fn lower_own_priority(nice: i32) {
     }
 }
 
-/// The TC programs the agent attaches: ingress and egress, for Ethernet
-/// devices and for devices without an Ethernet header.
-const TC_PROGRAMS: [&str; 4] = [
-    prog_names::TC_LB,
-    prog_names::TC_LB_L3,
-    prog_names::TC_LB_EGRESS,
-    prog_names::TC_LB_L3_EGRESS,
-];
+/// The TC programs the agent attaches to a device of KIND: ingress, then
+/// egress.
+fn tc_programs(kind: LinkKind) -> [&'static str; 2] {
+    match kind {
+        LinkKind::Ethernet => [prog_names::TC_LB, prog_names::TC_LB_EGRESS],
+        LinkKind::L3 => [prog_names::TC_LB_L3, prog_names::TC_LB_L3_EGRESS],
+    }
+}
 
 /// The size to create map `name` with: `wanted`, or the size of the map
 /// already pinned under that name (kept, see [`load_with`]).
@@ -556,10 +581,9 @@ pub fn attach_iface(
             source: "not Ethernet nor a known L3 device (IPIP, ip6tnl, GRE, WireGuard, tun)".into(),
         });
     };
-    let (ingress, egress) = match kind {
-        LinkKind::Ethernet => (prog_names::TC_LB, prog_names::TC_LB_EGRESS),
-        LinkKind::L3 => (prog_names::TC_LB_L3, prog_names::TC_LB_L3_EGRESS),
-    };
+    let [ingress, egress] = tc_programs(kind);
+    // The first device of its kind when the start had none (~0.5 s).
+    load_tc_programs(ebpf, &[ingress, egress])?;
     accept_local_sources(iface);
     let how = attach_hook(
         program_named(ebpf, ingress)?,
