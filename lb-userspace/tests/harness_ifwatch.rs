@@ -209,16 +209,19 @@ fn pods_created_after_the_agent_are_served() {
             code => Err(format!("HTTP {code}")),
         }
     });
+    let wait_attached = |pods: [&Pod; 2]| {
+        for pod in pods {
+            let pin = pins.path.join("links").join(&pod.iface);
+            wait_until(&format!("{} attached", pod.iface), STEP, || {
+                pin.exists()
+                    .then_some(())
+                    .ok_or_else(|| format!("no {}", pin.display()))
+            });
+        }
+    };
     // Devices there at the start are attached by the interface watcher's
     // first scan, which may come just after the first sync.
-    for pod in [&client, &be1] {
-        let pin = pins.path.join("links").join(&pod.iface);
-        wait_until(&format!("{} attached", pod.iface), STEP, || {
-            pin.exists()
-                .then_some(())
-                .ok_or_else(|| format!("no {}", pin.display()))
-        });
-    }
+    wait_attached([&client, &be1]);
     let names = ask_vips(client.ns(), 4).expect("the client reaches the VIPs");
     assert!(names.iter().all(|n| n == "be1"), "{names:?}");
 
@@ -232,14 +235,7 @@ fn pods_created_after_the_agent_are_served() {
         "web.json",
         &manifest(&[&be1, &be2], &Timestamp::now().to_string()),
     );
-    for pod in [&late, &be2] {
-        let pin = pins.path.join("links").join(&pod.iface);
-        wait_until(&format!("{} attached", pod.iface), STEP, || {
-            pin.exists()
-                .then_some(())
-                .ok_or_else(|| format!("no {}", pin.display()))
-        });
-    }
+    wait_attached([&late, &be2]);
     let mut served = Vec::new();
     wait_until(
         "the late pod reaches both backends over both families",

@@ -374,24 +374,15 @@ fn apply_ops<'a>(
                 current = Some((*frontend, entry));
             }
             Op::PutFrontend(write) => {
-                let FrontendWrite {
-                    frontend,
-                    count,
-                    rev_nat_id,
-                    flags,
-                    affinity_timeout_s,
-                    affinity_group,
-                    inline: inline_ids,
-                } = &**write;
                 current = None;
-                let entry = state.frontends.entry(*frontend).or_default();
-                entry.rev_nat_id = *rev_nat_id;
-                entry.flags = *flags;
-                entry.affinity_timeout_s = *affinity_timeout_s;
-                entry.affinity_group = *affinity_group;
-                entry.slots.resize(usize::from(*count), 0);
-                let inline = inline_ids.len().min(entry.slots.len());
-                entry.slots[..inline].copy_from_slice(&inline_ids[..inline]);
+                let entry = state.frontends.entry(write.frontend).or_default();
+                entry.rev_nat_id = write.rev_nat_id;
+                entry.flags = write.flags;
+                entry.affinity_timeout_s = write.affinity_timeout_s;
+                entry.affinity_group = write.affinity_group;
+                entry.slots.resize(usize::from(write.count), 0);
+                let inline = write.inline.len().min(entry.slots.len());
+                entry.slots[..inline].copy_from_slice(&write.inline[..inline]);
             }
             Op::PutSourceRange(range) => {
                 state.source_ranges.insert(*range);

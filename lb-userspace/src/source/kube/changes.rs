@@ -285,49 +285,59 @@ mod tests {
         (applied, removed)
     }
 
+    fn observe_all(
+        tracker: &mut Tracker<Service>,
+        events: impl IntoIterator<Item = watcher::Event<Service>>,
+    ) {
+        for event in events {
+            tracker.observe(event);
+        }
+    }
+
     #[test]
     fn a_burst_sends_each_object_once_and_a_relist_only_the_difference() {
         use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
         let mut tracker = Tracker::<Service>::default();
-        for event in [
-            Init,
-            InitApply(versioned("a", 1)),
-            InitApply(versioned("b", 2)),
-            InitDone,
-        ] {
-            tracker.observe(event);
-        }
+        observe_all(
+            &mut tracker,
+            [
+                Init,
+                InitApply(versioned("a", 1)),
+                InitApply(versioned("b", 2)),
+                InitDone,
+            ],
+        );
         assert_eq!(
             taken(&mut tracker),
             (vec!["a@1".into(), "b@2".into()], vec![])
         );
         // A burst: the newest state of each object, once; an object added
         // and deleted within it is not sent at all.
-        for event in [
-            Apply(versioned("a", 3)),
-            Apply(versioned("a", 4)),
-            Delete(versioned("b", 5)),
-            Apply(versioned("c", 6)),
-            Delete(versioned("c", 7)),
-        ] {
-            tracker.observe(event);
-        }
+        observe_all(
+            &mut tracker,
+            [
+                Apply(versioned("a", 3)),
+                Apply(versioned("a", 4)),
+                Delete(versioned("b", 5)),
+                Apply(versioned("c", 6)),
+                Delete(versioned("c", 7)),
+            ],
+        );
         assert_eq!(taken(&mut tracker), (vec!["a@4".into()], vec!["b".into()]));
         // A re-list: unchanged objects are not sent again.
-        for event in [
-            Init,
-            InitApply(versioned("a", 4)),
-            InitApply(versioned("d", 8)),
-            InitDone,
-        ] {
-            tracker.observe(event);
-        }
+        observe_all(
+            &mut tracker,
+            [
+                Init,
+                InitApply(versioned("a", 4)),
+                InitApply(versioned("d", 8)),
+                InitDone,
+            ],
+        );
         assert_eq!(taken(&mut tracker), (vec!["d@8".into()], vec![]));
         // A re-list that no longer names what was sent, nor a change not
         // yet sent: all of it is removed.
-        for event in [Apply(versioned("d", 9)), Init, InitDone] {
-            tracker.observe(event);
-        }
+        observe_all(&mut tracker, [Apply(versioned("d", 9)), Init, InitDone]);
         assert_eq!(taken(&mut tracker), (vec![], vec!["a".into(), "d".into()]));
         assert!(tracker.sent.is_empty());
     }
@@ -343,9 +353,7 @@ mod tests {
         tracker.observe(InitApply(versioned("a", 1)));
         tracker.observe(Init);
         assert!(tracker.listing.is_some());
-        for event in [InitApply(versioned("b", 2)), InitDone] {
-            tracker.observe(event);
-        }
+        observe_all(&mut tracker, [InitApply(versioned("b", 2)), InitDone]);
         assert_eq!(taken(&mut tracker), (vec!["b@2".into()], vec![]));
     }
 
@@ -356,15 +364,16 @@ mod tests {
     fn a_first_lists_objects_are_replaced_and_deleted_by_later_events() {
         use watcher::Event::{Apply, Delete, Init, InitApply, InitDone};
         let mut tracker = Tracker::<Service>::default();
-        for event in [
-            Init,
-            InitApply(versioned("a", 1)),
-            InitApply(versioned("b", 2)),
-            InitApply(versioned("c", 3)),
-            InitDone,
-        ] {
-            tracker.observe(event);
-        }
+        observe_all(
+            &mut tracker,
+            [
+                Init,
+                InitApply(versioned("a", 1)),
+                InitApply(versioned("b", 2)),
+                InitApply(versioned("c", 3)),
+                InitDone,
+            ],
+        );
         assert_eq!(tracker.pending(), 3);
         assert!(tracker.pending.is_empty(), "listed, not filed by key");
         tracker.observe(Apply(versioned("a", 4)));
@@ -374,14 +383,15 @@ mod tests {
             (vec!["a@4".into(), "c@3".into()], vec![])
         );
         // Sent: a re-list names them by their versions, and sends nothing.
-        for event in [
-            Init,
-            InitApply(versioned("a", 4)),
-            InitApply(versioned("c", 3)),
-            InitDone,
-        ] {
-            tracker.observe(event);
-        }
+        observe_all(
+            &mut tracker,
+            [
+                Init,
+                InitApply(versioned("a", 4)),
+                InitApply(versioned("c", 3)),
+                InitDone,
+            ],
+        );
         assert_eq!(taken(&mut tracker), (vec![], vec![]));
     }
 }
