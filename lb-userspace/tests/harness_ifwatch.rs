@@ -209,14 +209,17 @@ fn pods_created_after_the_agent_are_served() {
             code => Err(format!("HTTP {code}")),
         }
     });
+    let wait_pinned = |dir: &str, iface: &str| {
+        let pin = pins.path.join(dir).join(iface);
+        wait_until(&format!("{iface} attached ({dir})"), STEP, || {
+            pin.exists()
+                .then_some(())
+                .ok_or_else(|| format!("no {}", pin.display()))
+        });
+    };
     let wait_attached = |pods: [&Pod; 2]| {
         for pod in pods {
-            let pin = pins.path.join("links").join(&pod.iface);
-            wait_until(&format!("{} attached", pod.iface), STEP, || {
-                pin.exists()
-                    .then_some(())
-                    .ok_or_else(|| format!("no {}", pin.display()))
-            });
+            wait_pinned("links", &pod.iface);
         }
     };
     // Devices there at the start are attached by the interface watcher's
@@ -283,12 +286,7 @@ fn pods_created_after_the_agent_are_served() {
     );
     run_ok(node.command("ip").args(["link", "set", "h-tun", "up"]));
     for dir in ["links", "links-egress"] {
-        let pin = pins.path.join(dir).join("h-tun");
-        wait_until(&format!("h-tun attached ({dir})"), STEP, || {
-            pin.exists()
-                .then_some(())
-                .ok_or_else(|| format!("no {}", pin.display()))
-        });
+        wait_pinned(dir, "h-tun");
     }
     let verified = show_log()
         .lines()
