@@ -24,11 +24,13 @@ pub mod map_names {
     pub const SERVICES4: &str = "LB4_SVC_V3";
     /// IPv6 services: `Lb6Key` -> `LbService`.
     pub const SERVICES6: &str = "LB6_SVC_V3";
-    /// IPv4 backends: backend id -> `Lb4Backend` (V3: a backend entry
-    /// belongs to one frontend, `Backend::rev_nat_id`).
-    pub const BACKENDS4: &str = "LB4_BE_V3";
-    /// IPv6 backends: backend id -> `Lb6Backend` (V3: as `BACKENDS4`).
-    pub const BACKENDS6: &str = "LB6_BE_V3";
+    /// IPv4 backends: an array of `Lb4Backend` indexed by the backend id
+    /// (`backend_index`), mapped into the agent's memory (V3: a backend
+    /// entry belongs to one frontend, `Backend::rev_nat_id`; V4: an array,
+    /// not a hash map; an entry with rev-NAT id 0 is none).
+    pub const BACKENDS4: &str = "LB4_BE_V4";
+    /// IPv6 backends: an array of `Lb6Backend` (as `BACKENDS4`).
+    pub const BACKENDS6: &str = "LB6_BE_V4";
     /// IPv4 reverse NAT: rev-NAT id -> `Lb4RevNat`.
     pub const REVNAT4: &str = "LB4_RNAT_V2";
     /// IPv6 reverse NAT: rev-NAT id -> `Lb6RevNat`.
@@ -186,6 +188,9 @@ pub mod map_flags {
     pub const NO_PREALLOC: u32 = 1;
     /// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, no shared lock on insert.
     pub const NO_COMMON_LRU: u32 = 2;
+    /// `BPF_F_MMAPABLE`: an array the agent maps into its memory and
+    /// writes with plain stores (the backend arrays: no syscall per entry).
+    pub const MMAPABLE: u32 = 1 << 10;
 }
 
 /// Id spaces and map capacities (entries). Frontends are VIP:port/proto
@@ -220,18 +225,16 @@ pub mod limits {
     /// instead of 1.2M to write on a cold start (the kernel's per-element
     /// cost of a hash map, ~1-2 us, was the largest part of it).
     pub const INLINE_SLOTS: usize = 12;
-    /// Bound of `--max-backends` (backend map entries per family). Not a
-    /// bound of the ids: they are handed out by the agent, not an array
-    /// index, over `1..=MAX_BACKEND_ID`.
+    /// Bound of `--max-backends` (backend array entries per family).
     pub const MAX_BACKENDS: u32 = 1 << 22;
-    /// Largest backend id. Ids only move forward (wrapping after this), so
-    /// that an id is not handed out again while a conntrack or affinity
-    /// entry may still name it.
-    pub const MAX_BACKEND_ID: u32 = u32::MAX - 1;
+    /// The bit an IPv6 backend's id has and an IPv4 backend's has not:
+    /// each family hands out its own ids, and an id's other bits are its
+    /// entry's index in its family's backend array (`backend_index`).
+    pub const BACKEND_ID_V6: u32 = 1 << 31;
     /// Default backend map entries per family (`--max-backends`): one per
     /// endpoint (address, port, protocol) of each frontend, so a `NodePort`
     /// Service takes one per endpoint for its `ClusterIP` and one for each
-    /// node address (plus one, in the IPv4 map, recording the next id).
+    /// node address (plus one in each array, recording the next id).
     pub const DEFAULT_BACKENDS: u32 = 1 << 21;
     /// Default conntrack entries per family (an LRU: the oldest go first).
     pub const DEFAULT_CT_ENTRIES: u32 = 1 << 18;
@@ -569,7 +572,10 @@ pub type Addr6 = [u8; 16];
 /// The address types of the per-family maps: [`Addr4`] and [`Addr6`], and
 /// nothing else (sealed): the layouts of the generic map types are asserted
 /// for these two only.
-pub trait MapAddr: Copy + 'static + sealed::Sealed {}
+pub trait MapAddr:
+    Copy + Eq + Default + AsRef<[u8]> + AsMut<[u8]> + 'static + sealed::Sealed
+{
+}
 impl MapAddr for Addr4 {}
 impl MapAddr for Addr6 {}
 
@@ -639,6 +645,14 @@ impl LbService {
     }
 }
 
+/// The index of backend `id`'s entry in its family's backend array: the
+/// id without its family bit (`limits::BACKEND_ID_V6`).
+#[must_use]
+#[inline]
+pub const fn backend_index(id: u32) -> u32 {
+    id & !limits::BACKEND_ID_V6
+}
+
 /// Backend over an address `A`: one endpoint of one frontend. A flow or
 /// an affinity entry naming it is valid only for that frontend, so an
 /// endpoint shared by two frontends has an entry (and an id) in each.
@@ -653,7 +667,8 @@ pub struct Backend<A> {
     pub proto: u8,
     /// `backend_flags::*`: its state for that frontend.
     pub flags: u8,
-    /// The frontend (rev-NAT id) this entry belongs to; never 0.
+    /// The frontend (rev-NAT id) this entry belongs to; 0 in an entry
+    /// that holds no backend (cleared, or a record).
     pub rev_nat_id: u32,
 }
 /// IPv4 backend.

@@ -278,8 +278,7 @@ fn established_flow<F: Family>(
     if !usable(unsafe { &*entry }, tuple.proto, tcp_flags, now, answered) {
         return 0;
     }
-    // SAFETY: the value is copied out at once.
-    let Some(backend) = (unsafe { F::backends().get(&backend_id) }) else {
+    let Some(backend) = F::backend(backend_id) else {
         return 0;
     };
     if !lb::member_of(backend, frontend) {

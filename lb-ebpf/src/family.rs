@@ -22,8 +22,8 @@ use crate::{
     hash::flow_hash,
     hdr::{Eth, Link, ipv4, ipv6},
     maps::{
-        LB4_AFF_V2, LB4_BE_V3, LB4_CT_NEW_V1, LB4_CT_V4, LB4_EP_V1, LB4_FRAG_V1, LB4_RNAT_V2,
-        LB4_SRC_V1, LB4_SVC_V3, LB6_AFF_V2, LB6_BE_V3, LB6_CT_NEW_V1, LB6_CT_V4, LB6_EP_V1,
+        LB4_AFF_V2, LB4_BE_V4, LB4_CT_NEW_V1, LB4_CT_V4, LB4_EP_V1, LB4_FRAG_V1, LB4_RNAT_V2,
+        LB4_SRC_V1, LB4_SVC_V3, LB6_AFF_V2, LB6_BE_V4, LB6_CT_NEW_V1, LB6_CT_V4, LB6_EP_V1,
         LB6_FRAG_V1, LB6_RNAT_V2, LB6_SRC_V1, LB6_SVC_V3,
     },
     reject,
@@ -69,7 +69,10 @@ pub(crate) trait Family {
 
     // This family's maps (see `maps`).
     fn services() -> &'static HashMap<LbKey<Self::Addr>, LbService>;
-    fn backends() -> &'static HashMap<u32, Backend<Self::Addr>>;
+    /// The backend entry of `id` (cleared entries included: a cleared
+    /// one has rev-NAT id 0, which no frontend has, so `lb::member_of`
+    /// refuses it).
+    fn backend(id: u32) -> Option<&'static Backend<Self::Addr>>;
     fn rev_nats() -> &'static HashMap<u32, RevNat<Self::Addr>>;
     fn conntrack() -> &'static LruHashMap<CtKey<Self::Addr>, CtEntry>;
     /// Flows the backend has not answered yet.
@@ -192,8 +195,8 @@ impl<L: Link> Family for V4<L> {
         &LB4_SVC_V3
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Backend<Addr4>> {
-        &LB4_BE_V3
+    fn backend(id: u32) -> Option<&'static Backend<Addr4>> {
+        LB4_BE_V4.get(lb_common::backend_index(id))
     }
     #[inline(always)]
     fn rev_nats() -> &'static HashMap<u32, RevNat<Addr4>> {
@@ -290,8 +293,8 @@ impl<L: Link, const EXT: usize> Family for V6<L, EXT> {
         &LB6_SVC_V3
     }
     #[inline(always)]
-    fn backends() -> &'static HashMap<u32, Backend<Addr6>> {
-        &LB6_BE_V3
+    fn backend(id: u32) -> Option<&'static Backend<Addr6>> {
+        LB6_BE_V4.get(lb_common::backend_index(id))
     }
     #[inline(always)]
     fn rev_nats() -> &'static HashMap<u32, RevNat<Addr6>> {

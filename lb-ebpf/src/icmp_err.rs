@@ -410,9 +410,12 @@ where
         // Towards the backend: the quote went frontend -> client (a reply
         // as translated).
         // SAFETY: map value, fields read in place.
-        let (backend_id, flags) = unsafe { ((*entry).backend_id, (*entry).flags) };
-        // SAFETY: the value is read in place at once.
-        let backend = unsafe { F::backends().get(&backend_id) }.ok_or(none)?;
+        let (backend_id, rev_nat_id, flags) =
+            unsafe { ((*entry).backend_id, (*entry).rev_nat_id, (*entry).flags) };
+        // A cleared entry (rev-NAT id 0) is no longer the flow's backend.
+        let backend = F::backend(backend_id)
+            .filter(|backend| backend.rev_nat_id == rev_nat_id)
+            .ok_or(none)?;
         new.inner.saddr = backend.addr;
         new.inner.sport_be = backend.port_be;
         if flags & ct_flags::SNAT != 0 {

@@ -134,8 +134,7 @@ pub(crate) fn own_backend<F: Family>(
     recorded: u32,
     frontend: &LbService,
 ) -> Option<(u32, Backend<F::Addr>)> {
-    // SAFETY: copied out at once.
-    let backend = *unsafe { F::backends().get(&recorded) }?;
+    let backend = *F::backend(recorded)?;
     let (id, backend) = if member_of(&backend, frontend) {
         (recorded, backend)
     } else {
@@ -148,8 +147,7 @@ pub(crate) fn own_backend<F: Family>(
         };
         // SAFETY: copied out at once.
         let id = *unsafe { F::endpoints().get(&key) }?;
-        // SAFETY: copied out at once.
-        (id, *unsafe { F::backends().get(&id) }?)
+        (id, *F::backend(id)?)
     };
     affinity_usable(&backend, frontend).then_some((id, backend))
 }
@@ -190,9 +188,10 @@ pub(crate) fn slot_backend<F: Family>(
         // SAFETY: the value is copied out at once.
         unsafe { F::services().get(&slot_key) }?.backend_id
     };
-    // SAFETY: the value is copied out at once.
-    let backend = unsafe { F::backends().get(&backend_id) }?;
-    Some((backend_id, *backend))
+    let backend = F::backend(backend_id)?;
+    // A slot names a backend written before it and cleared after it, but
+    // an apply interrupted between the two leaves a cleared entry named.
+    member_of(backend, frontend).then_some((backend_id, *backend))
 }
 
 /// True when an affinity entry naming `backend` may take a new

@@ -41,8 +41,7 @@ pub(crate) fn pick<F: Family>(
     let index =
         u64::from(row_plus_one - 1) * u64::from(size) + u64::from(F::flow_hash(tuple) % size);
     let backend_id = *LB_MGLV_TBL_V1.get(u32::try_from(index).ok()?)?;
-    // SAFETY: the value is copied out at once.
-    let backend = unsafe { F::backends().get(&backend_id) }?;
+    let backend = F::backend(backend_id)?;
     if !member_of(backend, frontend) || backend.flags & backend_flags::TERMINATING != 0 {
         return None;
     }

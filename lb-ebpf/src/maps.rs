@@ -19,11 +19,11 @@ pub(crate) static LB4_SVC_V3: HashMap<Lb4Key, LbService> =
 pub(crate) static LB6_SVC_V3: HashMap<Lb6Key, LbService> =
     HashMap::pinned(limits::MAX_SERVICE_SLOTS, map_flags::NO_PREALLOC);
 #[map]
-pub(crate) static LB4_BE_V3: HashMap<u32, Lb4Backend> =
-    HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
+pub(crate) static LB4_BE_V4: Array<Lb4Backend> =
+    Array::pinned(limits::DEFAULT_BACKENDS + 1, map_flags::MMAPABLE);
 #[map]
-pub(crate) static LB6_BE_V3: HashMap<u32, Lb6Backend> =
-    HashMap::pinned(limits::MAX_BACKENDS, map_flags::NO_PREALLOC);
+pub(crate) static LB6_BE_V4: Array<Lb6Backend> =
+    Array::pinned(limits::DEFAULT_BACKENDS + 1, map_flags::MMAPABLE);
 #[map]
 pub(crate) static LB4_RNAT_V2: HashMap<u32, Lb4RevNat> =
     HashMap::pinned(limits::MAX_FRONTENDS, map_flags::NO_PREALLOC);

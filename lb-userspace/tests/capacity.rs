@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use lb_common::map_names;
 use lb_userspace::{datapath::maps::Maps, model::Protocol};
 use serde_json::{Value, json};
 use support::{
@@ -310,7 +311,7 @@ fn a_full_backend_map_leaves_out_whole_frontends() {
     let mut agent = lab.start_agent("--max-backends", room);
     assert_names_the_last_two(&lab.unfit_reason(&mut agent));
     let metrics = lab.metrics();
-    for map in ["LB4_BE_V3", "LB6_BE_V3"] {
+    for map in [map_names::BACKENDS4, map_names::BACKENDS6] {
         let capacity = format!("lb_map_capacity{{map=\"{map}\"}}");
         assert_eq!(
             metric_value(&metrics, &capacity),

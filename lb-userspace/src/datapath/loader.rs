@@ -162,12 +162,16 @@ impl Capacities {
         [
             (n::SERVICES4, self.service_slots),
             (n::SERVICES6, self.service_slots),
-            // One more: the next-backend-id record (`maps::BACKEND_RECORDS4`).
+            // One more each: the next-backend-id record
+            // (`maps::BACKEND_RECORDS`).
             (
                 n::BACKENDS4,
-                self.backends.saturating_add(super::maps::BACKEND_RECORDS4),
+                self.backends.saturating_add(super::maps::BACKEND_RECORDS),
             ),
-            (n::BACKENDS6, self.backends),
+            (
+                n::BACKENDS6,
+                self.backends.saturating_add(super::maps::BACKEND_RECORDS),
+            ),
             // One entry per backend entry.
             (n::ENDPOINTS4, self.backends),
             (n::ENDPOINTS6, self.backends),

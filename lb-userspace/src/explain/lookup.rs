@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, MapData, MapError};
 use lb_common::{
     Addr4, Addr6, Backend, CtEntry, CtKey, LbKey, LbService, MapAddr, RevNat, backend_flags,
     ct_dir, map_names, scope,
@@ -23,6 +23,8 @@ pub(super) trait MapFamily: MapAddr {
     const REVNAT: &'static str;
     const CT: &'static str;
     const CT_NEW: &'static str;
+    /// The family bit of its backend ids (`limits::BACKEND_ID_V6`).
+    const BACKEND_ID_BIT: u32;
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
 }
@@ -33,6 +35,7 @@ impl MapFamily for Addr4 {
     const REVNAT: &'static str = map_names::REVNAT4;
     const CT: &'static str = map_names::CT4;
     const CT_NEW: &'static str = map_names::CT_NEW4;
+    const BACKEND_ID_BIT: u32 = 0;
     fn from_ip(ip: IpAddr) -> Option<Self> {
         match ip {
             IpAddr::V4(a) => Some(a.octets()),
@@ -50,6 +53,7 @@ impl MapFamily for Addr6 {
     const REVNAT: &'static str = map_names::REVNAT6;
     const CT: &'static str = map_names::CT6;
     const CT_NEW: &'static str = map_names::CT_NEW6;
+    const BACKEND_ID_BIT: u32 = lb_common::limits::BACKEND_ID_V6;
     fn from_ip(ip: IpAddr) -> Option<Self> {
         match ip {
             IpAddr::V6(a) => Some(a.octets()),
@@ -64,17 +68,18 @@ impl MapFamily for Addr6 {
 /// One family's maps, opened from their pins (handles of our own).
 pub(super) struct Tables<A: MapFamily> {
     services: HashMap<MapData, LbKey<A>, LbService>,
-    backends: HashMap<MapData, u32, Backend<A>>,
+    /// Indexed by the backend id without its family bit.
+    backends: Array<MapData, Backend<A>>,
     rev_nat: HashMap<MapData, u32, RevNat<A>>,
     ct: HashMap<MapData, CtKey<A>, CtEntry>,
     /// Flows the backend has not answered yet.
     ct_new: HashMap<MapData, CtKey<A>, CtEntry>,
 }
 
-fn open<K: aya::Pod, V: aya::Pod>(
+fn open<M: TryFrom<aya::maps::Map, Error = MapError>>(
     dir: &Path,
     name: &'static str,
-) -> Result<HashMap<MapData, K, V>, ExplainError> {
+) -> Result<M, ExplainError> {
     let path = dir.join(name);
     let failed = |source: MapError| ExplainError::Map {
         map: name,
@@ -83,7 +88,7 @@ fn open<K: aya::Pod, V: aya::Pod>(
     };
     let data = MapData::from_pin(&path).map_err(failed)?;
     let map = aya::maps::Map::from_map_data(data).map_err(failed)?;
-    HashMap::try_from(map).map_err(failed)
+    M::try_from(map).map_err(failed)
 }
 
 /// `get`, with "no such key" as `None` and every other failure an error.
@@ -151,8 +156,8 @@ impl<A: MapFamily> Tables<A> {
             if backends.iter().any(|b: &BackendView| b.id == id) {
                 continue;
             }
-            if let Some(backend) = get(&self.backends, &id, A::BACKENDS)? {
-                backends.push(view(id, &backend));
+            if let Some(backend) = self.backend(id)? {
+                backends.push(backend);
             }
         }
         Ok(Some(FrontendEntry { value, backends }))
@@ -192,9 +197,20 @@ impl<A: MapFamily> Tables<A> {
         Ok(Some((entry, frontend)))
     }
 
-    /// The backend of id `id`, if the map has it.
+    /// The backend of id `id`, if the array has it (a cleared entry, rev-NAT
+    /// id 0, is none).
     pub(super) fn backend(&self, id: u32) -> Result<Option<BackendView>, ExplainError> {
-        Ok(get(&self.backends, &id, A::BACKENDS)?.map(|b| view(id, &b)))
+        if id & lb_common::limits::BACKEND_ID_V6 != A::BACKEND_ID_BIT {
+            return Ok(None);
+        }
+        match self.backends.get(&lb_common::backend_index(id), 0) {
+            Ok(backend) if backend.rev_nat_id != 0 => Ok(Some(view(id, &backend))),
+            Ok(_) | Err(MapError::OutOfBounds { .. }) => Ok(None),
+            Err(source) => Err(ExplainError::Read {
+                map: A::BACKENDS,
+                source,
+            }),
+        }
     }
 }
 

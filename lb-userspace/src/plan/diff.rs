@@ -35,13 +35,57 @@ pub(super) fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
     ids
 }
 
-/// The backend id allocator of a plan over `state`: ids only move forward.
-pub(super) fn backend_allocator(state: &DatapathState) -> IdAllocator<'_> {
-    IdAllocator::starting_at(
-        IdsInUse::Backends(&state.backends),
-        state.next_backend_id,
-        limits::MAX_BACKEND_ID,
-    )
+/// The backend id allocators of a plan over `state`, one per family: ids
+/// only move forward, each family's over its own range (its backend
+/// array's indexes, an IPv6 id with `limits::BACKEND_ID_V6` set).
+pub(super) fn backend_allocator(state: &DatapathState) -> BackendAllocator<'_> {
+    let max = state.backend_index_limit();
+    let family = |bit: u32, floor: u32| FamilyIds {
+        ids: IdAllocator::starting_at(
+            IdsInUse::Backends(&state.backends),
+            floor,
+            (bit | 1)..=(bit | max),
+        ),
+        past_the_end: bit | max.saturating_add(1),
+    };
+    BackendAllocator {
+        v4: family(0, state.next_backend_id.v4),
+        v6: family(limits::BACKEND_ID_V6, state.next_backend_id.v6),
+    }
+}
+
+/// A plan's backend id allocators, one per family.
+#[derive(Debug)]
+pub(super) struct BackendAllocator<'a> {
+    v4: FamilyIds<'a>,
+    v6: FamilyIds<'a>,
+}
+
+/// One family's backend ids.
+#[derive(Debug)]
+struct FamilyIds<'a> {
+    ids: IdAllocator<'a>,
+    /// The next id past the array's end (see `BackendAllocator::allocate`).
+    past_the_end: u32,
+}
+
+impl BackendAllocator<'_> {
+    /// A new id for a backend at `addr`, from its family's range. When the
+    /// range is used up, an id past the array's end: its write is refused
+    /// as a full map's (`MapsError::Full`, as a hash map refuses an
+    /// insert), so that the frontends naming it stay out whole and the
+    /// Services left out are named, never served in part.
+    pub(super) fn allocate(&mut self, addr: IpAddr) -> Option<u32> {
+        let family = match addr {
+            IpAddr::V4(_) => &mut self.v4,
+            IpAddr::V6(_) => &mut self.v6,
+        };
+        family.ids.allocate().or_else(|| {
+            let id = family.past_the_end;
+            family.past_the_end = id.checked_add(1)?;
+            Some(id)
+        })
+    }
 }
 
 fn local_flag(backend: &Backend) -> u8 {
@@ -137,7 +181,7 @@ pub(super) struct Planner<'a> {
     pub(super) known_backend_ids: &'a HashMap<BackendKey, u32>,
     /// Ids allocated by this plan.
     pub(super) new_backend_ids: HashMap<BackendKey, u32>,
-    pub(super) backend_alloc: IdAllocator<'a>,
+    pub(super) backend_alloc: BackendAllocator<'a>,
     pub(super) rev_nat_alloc: IdAllocator<'a>,
     pub(super) backends_used: IdSet,
     pub(super) rev_nats_used: IdSet,
@@ -288,7 +332,7 @@ impl<'a> Planner<'a> {
         {
             *id
         } else {
-            let Some(id) = self.backend_alloc.allocate() else {
+            let Some(id) = self.backend_alloc.allocate(backend.addr) else {
                 self.problems
                     .push(format!("{frontend}: no free backend id for {backend}"));
                 return None;

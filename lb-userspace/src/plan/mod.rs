@@ -15,9 +15,13 @@
 //! A backend entry belongs to one frontend (its rev-NAT id is part of the
 //! entry), so that the datapath accepts a flow or an affinity entry only
 //! while its backend is one of *that* frontend's: an endpoint behind two
-//! frontends has two entries, two ids. Backend ids only move forward
-//! ([`DatapathState::next_backend_id`]): an id freed is not handed out
-//! again while a conntrack or affinity entry may still name it.
+//! frontends has two entries, two ids. A backend id is its entry's index
+//! in its family's backend array (an IPv6 id with
+//! `limits::BACKEND_ID_V6` set). Ids only move forward
+//! ([`DatapathState::next_backend_id`]), wrapping at the array's end: an
+//! id freed is handed out again only after all the others, and a stale
+//! conntrack or affinity entry naming it then is refused by the
+//! datapath unless the new backend is of the same frontend.
 //!
 //! Where each part lives: this file holds the state and op types and
 //! [`apply_to_state`]; `diff` plans over all frontends ([`diff()`]),
@@ -93,14 +97,18 @@ pub struct DatapathState {
     pub markers: BTreeSet<IpAddr>,
     /// Allowed client prefixes per frontend.
     pub source_ranges: BTreeSet<SourceRange>,
-    /// Backend ids below this were handed out already: new ones start here
-    /// (0: after the highest id in `backends`). Read back from the maps it
+    /// Per family, backend ids below this were handed out already: new
+    /// ones start here (0: after the family's highest id in `backends`). Read back from the maps it
     /// is what `Maps::apply_ops` recorded there (or the highest id + 1
     /// without a record); should a record be lost, the datapath's
     /// per-frontend check still keeps a stale entry naming an id handed out
     /// again off every other frontend's backends. Not an entry of the
     /// maps' frontends or backends: equality leaves it out.
-    pub next_backend_id: u32,
+    pub next_backend_id: BackendIdFloors,
+    /// Largest backend index the backend arrays hold (`--max-backends`;
+    /// index 0 is a record, see `datapath::maps`); 0: the default
+    /// (`limits::DEFAULT_BACKENDS`). Not an entry: equality leaves it out.
+    pub backend_index_max: u32,
     /// Largest rev-NAT id the maps can count (the per-service stats map is
     /// sized from `--max-services`, see `loader::Capacities`); 0: the whole
     /// id space (`limits::MAX_FRONTENDS - 1`). Not an entry: equality
@@ -108,7 +116,38 @@ pub struct DatapathState {
     pub rev_nat_id_max: u32,
 }
 
+/// Per family, the backend id new ones start from
+/// (`DatapathState::next_backend_id`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendIdFloors {
+    /// IPv4 ids.
+    pub v4: u32,
+    /// IPv6 ids (`limits::BACKEND_ID_V6` set).
+    pub v6: u32,
+}
+
+impl BackendIdFloors {
+    /// The floor of `id`'s family.
+    pub fn of_mut(&mut self, id: u32) -> &mut u32 {
+        if id & lb_common::limits::BACKEND_ID_V6 == 0 {
+            &mut self.v4
+        } else {
+            &mut self.v6
+        }
+    }
+}
+
 impl DatapathState {
+    /// Largest backend index to hand out in each family.
+    #[must_use]
+    pub fn backend_index_limit(&self) -> u32 {
+        if self.backend_index_max == 0 {
+            lb_common::limits::DEFAULT_BACKENDS
+        } else {
+            self.backend_index_max
+        }
+    }
+
     /// Largest rev-NAT id to hand out.
     #[must_use]
     pub fn rev_nat_id_limit(&self) -> u32 {
@@ -352,7 +391,8 @@ fn apply_ops<'a>(
                         state.backends.insert(*id, *backend);
                     }
                 }
-                state.next_backend_id = state.next_backend_id.max(id.saturating_add(1));
+                let floor = state.next_backend_id.of_mut(*id);
+                *floor = (*floor).max(id.saturating_add(1));
             }
             Op::PutRevNat { id, frontend } => {
                 state.rev_nats.insert(*id, (frontend.addr, frontend.port));

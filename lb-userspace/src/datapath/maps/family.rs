@@ -10,11 +10,13 @@ use aya::maps::{
 };
 use lb_common::{
     Addr4, Addr6, Backend, CtEntry, CtKey, EndpointKey, LbKey, LbService, MapAddr, RevNat,
-    SourceRange, backend_flags, map_names, scope, svc_flags,
+    SourceRange, backend_flags, limits::BACKEND_ID_V6, map_names, scope, svc_flags,
 };
 
 use super::{
-    CtRecord, MapsError, access, ct_record, ignore_missing, protocol, typed,
+    CtRecord, MapsError, access,
+    backend_array::BackendArray,
+    ct_record, ignore_missing, protocol, typed,
     write::{BatchKind, service_write},
     write_to,
 };
@@ -30,9 +32,8 @@ pub(crate) trait MapFamily {
     type Addr: MapAddr + Into<IpAddr>;
     /// `IPv4` or `IPv6`, for messages.
     const NAME: &'static str;
-    /// Entries of the backend map that are records, not backends (see
-    /// `next_id`).
-    const BACKEND_RECORDS: u32;
+    /// The family bit of its backend ids (`limits::BACKEND_ID_V6`).
+    const BACKEND_ID_BIT: u32;
     /// The family's map names.
     const SERVICES: &'static str;
     const BACKENDS: &'static str;
@@ -55,7 +56,7 @@ pub(crate) struct V6;
 impl MapFamily for V4 {
     type Addr = Addr4;
     const NAME: &'static str = "IPv4";
-    const BACKEND_RECORDS: u32 = super::BACKEND_RECORDS4;
+    const BACKEND_ID_BIT: u32 = 0;
     const SERVICES: &'static str = map_names::SERVICES4;
     const BACKENDS: &'static str = map_names::BACKENDS4;
     const REVNAT: &'static str = map_names::REVNAT4;
@@ -74,7 +75,7 @@ impl MapFamily for V4 {
 impl MapFamily for V6 {
     type Addr = Addr6;
     const NAME: &'static str = "IPv6";
-    const BACKEND_RECORDS: u32 = 0;
+    const BACKEND_ID_BIT: u32 = lb_common::limits::BACKEND_ID_V6;
     const SERVICES: &'static str = map_names::SERVICES6;
     const BACKENDS: &'static str = map_names::BACKENDS6;
     const REVNAT: &'static str = map_names::REVNAT6;
@@ -93,7 +94,9 @@ impl MapFamily for V6 {
 /// The per-family maps of one family.
 pub(crate) struct FamilyMaps<F: MapFamily> {
     pub(super) services: HashMap<MapData, LbKey<F::Addr>, LbService>,
-    pub(super) backends: HashMap<MapData, u32, Backend<F::Addr>>,
+    /// Indexed by the backend id without its family bit; entry 0 is a
+    /// record (see `next_id`).
+    pub(super) backends: BackendArray<F::Addr>,
     pub(super) rev_nat: HashMap<MapData, u32, RevNat<F::Addr>>,
     pub(super) ct: HashMap<MapData, CtKey<F::Addr>, CtEntry>,
     /// Flows not answered yet (`map_names::CT_NEW4`).
@@ -102,6 +105,19 @@ pub(crate) struct FamilyMaps<F: MapFamily> {
     /// (frontend, endpoint) -> backend id, one entry per backend entry:
     /// written and removed with it (see `lb_common::EndpointKey`).
     endpoints: HashMap<MapData, EndpointKey<F::Addr>, u32>,
+}
+
+/// The index in family `F`'s backend array of backend `id`, or an error
+/// naming what was being done when `id` is the other family's.
+fn backend_index<F: MapFamily>(id: u32, what: &str) -> Result<u32, MapsError> {
+    if id & BACKEND_ID_V6 == F::BACKEND_ID_BIT {
+        Ok(lb_common::backend_index(id))
+    } else {
+        Err(MapsError::Unwritable {
+            what: what.to_owned(),
+            because: format!("backend id {id:#x} is not an {} id", F::NAME),
+        })
+    }
 }
 
 /// The address of `ip` for family `F`, or an error naming what was being
@@ -256,7 +272,7 @@ impl<F: MapFamily> FamilyMaps<F> {
     ) -> Result<Self, MapsError> {
         Ok(Self {
             services: typed(F::SERVICES, take(F::SERVICES)?, HashMap::try_from)?,
-            backends: typed(F::BACKENDS, take(F::BACKENDS)?, HashMap::try_from)?,
+            backends: BackendArray::new(F::BACKENDS, take(F::BACKENDS)?)?,
             rev_nat: typed(F::REVNAT, take(F::REVNAT)?, HashMap::try_from)?,
             ct: typed(F::CT, take(F::CT)?, HashMap::try_from)?,
             ct_new: typed(F::CT_NEW, take(F::CT_NEW)?, HashMap::try_from)?,
@@ -283,7 +299,7 @@ where
         .filter_map(|(name, map)| {
             let entries = map.info().ok()?.max_entries();
             let records = if name == F::BACKENDS {
-                F::BACKEND_RECORDS
+                super::BACKEND_RECORDS
             } else {
                 0
             };
@@ -334,8 +350,8 @@ where
                 prefix,
             ));
         }
-        for item in &self.backends {
-            let (id, value) = item.map_err(access(format!("iterate {family} backends")))?;
+        self.backends.for_each(|index, value| {
+            let id = index | F::BACKEND_ID_BIT;
             if let Some(proto) = protocol(value.proto) {
                 let key = BackendKey {
                     rev_nat_id: value.rev_nat_id,
@@ -346,7 +362,7 @@ where
                 let flags = value.flags;
                 state.backends.insert(id, BackendEntry { key, flags });
             }
-        }
+        })?;
         for item in &self.rev_nat {
             let (id, value) = item.map_err(access(format!("iterate {family} rev-NAT")))?;
             state
@@ -391,9 +407,13 @@ where
         // are indexed (`backend_flags::INDEXED`); an entry left by
         // affinity turned off is never looked up, and goes with its
         // backend.
-        self.backends
-            .insert(&id, &value, 0)
-            .map_err(write_to(F::BACKENDS, what.clone()))?;
+        let index = backend_index::<F>(id, &what)?;
+        if !self.backends.set(index, &value)? {
+            return Err(MapsError::Full {
+                map: F::BACKENDS,
+                what,
+            });
+        }
         if value.flags & backend_flags::INDEXED == 0 {
             return Ok(());
         }
@@ -404,7 +424,8 @@ where
 
     fn delete_backend(&mut self, id: u32) -> Result<(), MapsError> {
         let what = format!("delete backend {id}");
-        if let Ok(value) = self.backends.get(&id, 0) {
+        let index = backend_index::<F>(id, &what)?;
+        if let Some(value) = self.backends.get(index)? {
             let key = endpoint_key(&value);
             // Only this backend's own entry: a newer backend of the same
             // frontend and endpoint may have taken it over (written before
@@ -413,7 +434,7 @@ where
                 ignore_missing(self.endpoints.remove(&key)).map_err(access(what.clone()))?;
             }
         }
-        ignore_missing(self.backends.remove(&id)).map_err(access(what))
+        self.backends.clear(index)
     }
 
     fn put_rev_nat(&mut self, id: u32, frontend: Frontend) -> Result<(), MapsError> {
@@ -466,10 +487,22 @@ where
                     }
                     _ => None,
                 };
-                // The backends first, then the index entries of those
-                // written that have one (see `put_backend`); the rest go
-                // one by one.
-                let written = batch_of(self.backends.map(), run, value);
+                // The backends first (stored in place, up to the first
+                // that is not this family's or past the array's end),
+                // then the index entries of those written that have one
+                // (see `put_backend`); the rest go one by one.
+                let written = run
+                    .iter()
+                    .take_while(|op| {
+                        value(op).is_some_and(|(id, backend)| {
+                            id & BACKEND_ID_V6 == F::BACKEND_ID_BIT
+                                && self
+                                    .backends
+                                    .set(lb_common::backend_index(id), &backend)
+                                    .unwrap_or(false)
+                        })
+                    })
+                    .count();
                 let (at, to_index): (Vec<usize>, Vec<&Op>) = run[..written]
                     .iter()
                     .enumerate()

@@ -5,9 +5,10 @@
 //! `write` applies a plan (ordering, batches, writes left out after a
 //! failure); this file opens the maps and holds what both families share.
 
+mod backend_array;
 mod family;
 mod next_id;
-pub(crate) use next_id::BACKEND_RECORDS4;
+pub(crate) use next_id::BACKEND_RECORDS;
 mod write;
 
 use std::{net::IpAddr, path::Path};
@@ -48,6 +49,24 @@ pub enum MapsError {
         /// Underlying error.
         #[source]
         source: MapError,
+    },
+    /// A backend array is not the mappable array of entries this agent
+    /// expects.
+    #[error("map {name}: {what}")]
+    Shape {
+        /// Map name.
+        name: &'static str,
+        /// What is unexpected about it.
+        what: &'static str,
+    },
+    /// A backend array could not be mapped into memory.
+    #[error("cannot map {name} into memory")]
+    Mmap {
+        /// Map name.
+        name: &'static str,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
     },
     /// A write found its map full: what did not fit, named in the error.
     #[error("{what}: map {map} is full")]
@@ -261,11 +280,14 @@ impl Maps {
         for family in self.families() {
             family.read_into(&mut state, &mut entries)?;
         }
-        state.next_backend_id = state
+        state.next_backend_id = self.next_backend_ids(&state.backends);
+        // Backend ids index the backend arrays, sized at load.
+        state.backend_index_max = self
+            .v4
             .backends
-            .last_key_value()
-            .map_or(0, |(id, _)| id.saturating_add(1))
-            .max(self.recorded_next_backend_id());
+            .entries()
+            .min(self.v6.backends.entries())
+            .saturating_sub(BACKEND_RECORDS);
         // Rev-NAT ids index the per-service stats, sized at load.
         state.rev_nat_id_max = self
             .svc_stats

@@ -155,7 +155,7 @@ fn backends_put_into_an_empty_state_are_the_map_inserts_make() {
     let mut whole = DatapathState::default();
     apply_to_state(&mut whole, &ops);
     assert_eq!(whole.backends, expected);
-    assert_eq!(whole.next_backend_id, 8);
+    assert_eq!(whole.next_backend_id.v4, 8);
     for chunk in 1..=ops.len() {
         let mut chunked = DatapathState::default();
         apply_owned_in_chunks(&mut chunked, ops.clone(), chunk).repack_grown(&mut chunked);
