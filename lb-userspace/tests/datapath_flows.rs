@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use lb_common::{EndpointKey, backend_flags, map_names};
+use lb_common::{EndpointKey, backend_flags, limits::BACKEND_ID_V6, map_names};
 use lb_userspace::datapath::{loader, maps::Maps};
 
 use lb_userspace::model::{Backend, Frontend, FrontendKind, FrontendSpec, Protocol};
@@ -23,8 +23,8 @@ use lb_userspace::plan;
 
 use support::frames::{Frame, SCTP_DATA, SCTP_INIT, TCP_ACK, TCP_PSH, TCP_SYN, verify_checksums};
 use support::prog_test::{
-    BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, VIP4, VIP6, addrs, frontend,
-    node_config, refused, spec, translated,
+    BACKENDS4, BACKENDS6, Fixture, NODE4, NODE6, TC_ACT_OK, TC_ACT_SHOT, VIP4, VIP6, addrs,
+    frontend, node_config, refused, spec, translated,
 };
 
 /// The families: service address, client address, backends.
@@ -306,43 +306,119 @@ fn stale_entry_never_lands_on_another_frontends_backend() {
 
 /// Issue 9, item 3: backend ids written by the agent's path
 /// (`Maps::apply_ops`) keep moving forward across a restart (the state read
-/// back from the pins), also past an id freed at the top.
+/// back from the pins), also past an id freed at the top, in each family's
+/// range of its own (an IPv6 id has `limits::BACKEND_ID_V6`; each
+/// family's backend array keeps its own record of the next id).
 #[test]
 fn backend_ids_keep_moving_forward_across_a_restart() {
     let Some(mut fx) = Fixture::new("backend_ids_keep_moving_forward_across_a_restart") else {
         return;
     };
     let maps = &mut fx.maps;
-    let fe = frontend(VIP4, 80, Protocol::Tcp);
-    let mut sync = |backends: &[SocketAddr]| {
-        let desired = BTreeMap::from([(fe, spec(FrontendKind::ClusterIp, backends))]);
-        // A fresh read each time: what an agent starts from after a restart.
-        let state = maps.read_state().expect("read state");
-        let plan = plan::diff(&state, &desired);
-        maps.apply_ops(&plan.ops, &mut |op, result| {
-            result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
-        });
-        let state = maps.read_state().expect("read state");
-        state.frontends[&fe].slots.clone()
-    };
-    let [b0, b1, b2] = [0, 1, 2].map(|i| addrs(&BACKENDS4)[i]);
-    let ids = sync(&[b0, b1]);
-    let highest = *ids.iter().max().unwrap();
-    // The highest id is freed, then a new endpoint comes.
-    sync(&[b0]);
-    let ids = sync(&[b0, b2]);
-    assert!(
-        ids.iter().max().unwrap() > &highest,
-        "an id freed at the top was handed out again: {ids:?} (highest was {highest})"
-    );
-    // Back in the slice: another new id, not its old one.
-    let before = *ids.iter().max().unwrap();
-    sync(&[b0]);
-    let ids = sync(&[b0, b1]);
-    assert!(ids.iter().max().unwrap() > &before, "{ids:?}");
-    // The record is not a backend of any frontend.
+    for (vip, _, list) in FAMILIES {
+        let fe = frontend(vip, 80, Protocol::Tcp);
+        let mut sync = |backends: &[SocketAddr]| {
+            let desired = BTreeMap::from([(fe, spec(FrontendKind::ClusterIp, backends))]);
+            // A fresh read each time: what an agent starts from after a
+            // restart.
+            let state = maps.read_state().expect("read state");
+            let plan = plan::diff(&state, &desired);
+            maps.apply_ops(&plan.ops, &mut |op, result| {
+                result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
+            });
+            let state = maps.read_state().expect("read state");
+            state.frontends[&fe].slots.clone()
+        };
+        let [b0, b1, b2] = [0, 1, 2].map(|i| addrs(&list)[i]);
+        let ids = sync(&[b0, b1]);
+        let family_bit = if b0.is_ipv6() { BACKEND_ID_V6 } else { 0 };
+        assert!(
+            ids.iter().all(|id| id & BACKEND_ID_V6 == family_bit),
+            "{vip}: {ids:x?}"
+        );
+        let highest = *ids.iter().max().unwrap();
+        // The highest id is freed, then a new endpoint comes.
+        sync(&[b0]);
+        let ids = sync(&[b0, b2]);
+        assert!(
+            ids.iter().max().unwrap() > &highest,
+            "{vip}: an id freed at the top was handed out again: {ids:?} (highest was {highest})"
+        );
+        // Back in the slice: another new id, not its old one.
+        let before = *ids.iter().max().unwrap();
+        sync(&[b0]);
+        let ids = sync(&[b0, b1]);
+        assert!(ids.iter().max().unwrap() > &before, "{vip}: {ids:?}");
+        sync(&[]);
+    }
+    // The records are not backends of any frontend.
     let state = maps.read_state().expect("read state");
-    assert!(!state.backends.contains_key(&0));
+    assert!(!state.backends.contains_key(&0) && !state.backends.contains_key(&BACKEND_ID_V6));
+}
+
+/// A backend entry is cleared in place (its rev-NAT id only: the address
+/// stays in the array, see `datapath::maps`). A slot left naming it (as
+/// an apply interrupted between the slot's write and the backend's
+/// removal leaves one) must send nothing to the old address: the
+/// conntrack entry of the flow it served no longer holds, and a new flow
+/// finds no backend (`drop_backend_missing`).
+#[test]
+fn a_cleared_backend_entry_is_never_used() {
+    let Some(mut fx) = Fixture::new("a_cleared_backend_entry_is_never_used") else {
+        return;
+    };
+    for (vip, client, list) in FAMILIES {
+        let gone = addrs(&list)[0];
+        for (proto, sport) in [(Protocol::Tcp, 45000), (Protocol::Udp, 45100)] {
+            let what = format!("{vip} {proto}");
+            let fe = frontend(vip, 80, proto);
+            fx.set_specs(&[(fe, spec(FrontendKind::ClusterIp, &[gone]))]);
+            let first = packet(client, sport, &fe, true);
+            assert_eq!(translated(&mut fx, &first, &what), gone);
+            let id = fx.maps.read_state().expect("state").frontends[&fe].slots[0];
+            let delete = [plan::Op::DeleteBackend {
+                id,
+                addr: gone.ip(),
+            }];
+            fx.maps.apply_ops(&delete, &mut |op, result| {
+                result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
+            });
+            let state = fx.maps.read_state().expect("state");
+            assert_eq!(state.frontends[&fe].slots, [id], "{what}: the slot stays");
+            assert!(
+                !state.backends.contains_key(&id),
+                "{what}: read back as gone"
+            );
+            let missing = fx.reason("drop_backend_missing");
+            // The established flow: its conntrack entry no longer holds. A
+            // TCP segment that cannot open a connection is refused (a
+            // reset, as without any entry); a UDP datagram is a new flow,
+            // which finds no backend.
+            let follow = packet(client, sport, &fe, false);
+            if proto == Protocol::Tcp {
+                refused(&mut fx, &follow, &format!("{what}: the established flow"));
+            }
+            let new_flows = if proto == Protocol::Tcp {
+                vec![packet(client, sport + 1, &fe, true)]
+            } else {
+                vec![follow, packet(client, sport + 1, &fe, true)]
+            };
+            for frame in &new_flows {
+                let (verdict, out) = fx.run(&frame.bytes());
+                assert_eq!(
+                    (verdict, out),
+                    (TC_ACT_SHOT, frame.bytes()),
+                    "{what}: a new flow was not dropped untouched"
+                );
+            }
+            assert_eq!(
+                fx.reason("drop_backend_missing"),
+                missing + new_flows.len() as u64,
+                "{what}"
+            );
+            fx.set_specs(&[]);
+        }
+    }
 }
 
 /// The backend a new TCP flow from `client:sport` to `frontend` is sent to
@@ -549,8 +625,7 @@ fn endpoint_index_follows_the_backend_entries() {
     // affinity frontends' backends, and indexes them.
     clear::<[u8; 4]>(&fx, map_names::ENDPOINTS4);
     clear::<[u8; 16]>(&fx, map_names::ENDPOINTS6);
-    unmark_indexed::<[u8; 4]>(&fx, map_names::BACKENDS4);
-    unmark_indexed::<[u8; 16]>(&fx, map_names::BACKENDS6);
+    unmark_indexed(&mut fx);
     let mut again = loader::load_with(&fx.pin_path, &loader::Capacities::default()).unwrap();
     let _maps = Maps::from_ebpf(&mut again).unwrap();
     assert!(endpoint_index(&fx).is_empty());
@@ -560,15 +635,30 @@ fn endpoint_index_follows_the_backend_entries() {
     assert_eq!(rebuilt, expected_index(&fx));
 }
 
-/// Clears `backend_flags::INDEXED` in every entry of the pinned backend
-/// map `name` (as an agent from before the bit wrote them).
-fn unmark_indexed<A: lb_common::MapAddr>(fx: &Fixture, name: &str) {
-    let data = MapData::from_pin(fx.pin_path.join(name)).unwrap();
-    let mut map: AyaHashMap<MapData, u32, lb_common::Backend<A>> =
-        AyaHashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-    let entries: Vec<_> = map.iter().map(Result::unwrap).collect();
-    for (id, mut backend) in entries {
-        backend.flags &= !backend_flags::INDEXED;
-        map.insert(&id, &backend, 0).unwrap();
-    }
+/// Clears `backend_flags::INDEXED` in every backend entry (as an agent
+/// from before the bit wrote them), through the agent's own writes.
+fn unmark_indexed(fx: &mut Fixture) {
+    let state = fx.maps.read_state().unwrap();
+    let ops: Vec<plan::Op> = state
+        .backends
+        .iter()
+        .map(|(id, entry)| plan::Op::PutBackend {
+            id: *id,
+            backend: plan::BackendEntry {
+                flags: entry.flags & !backend_flags::INDEXED,
+                ..*entry
+            },
+        })
+        .collect();
+    fx.maps.apply_ops(&ops, &mut |op, result| {
+        result.unwrap_or_else(|error| panic!("{op:?}: {error}"));
+    });
+    assert!(
+        fx.maps
+            .read_state()
+            .unwrap()
+            .backends
+            .values()
+            .all(|entry| entry.flags & backend_flags::INDEXED == 0)
+    );
 }
