@@ -1,8 +1,12 @@
-//! A family's backend array (`map_names::BACKENDS4`, `BACKENDS6`), mapped
-//! into the agent's memory (`BPF_F_MMAPABLE`) and written with plain
-//! stores: a first sync at 100k Services writes 2M backends, which as hash
-//! map inserts were ~0.7 µs of kernel time each, as `BPF_MAP_UPDATE_BATCH`
-//! into an array ~80 ns, and as stores a few.
+//! A family's backend array (`map_names::BACKENDS4`, `BACKENDS6`), written
+//! with plain stores through a mapping of the entries concerned
+//! (`BPF_F_MMAPABLE`): a first sync at 100k Services writes 2M backends,
+//! which as hash map inserts were ~0.7 µs of kernel time each, as
+//! `BPF_MAP_UPDATE_BATCH` into an array ~80 ns, and as stores a few.
+//!
+//! Only the pages a write or a read needs are mapped, and only while it
+//! runs: mapped pages count in the agent's RSS (the whole arrays are 80
+//! MiB at the default `--max-backends`, whatever the cluster's size).
 //!
 //! An entry is rewritten in place while programs may read it, so no write
 //! lets a packet see a mix of two backends: an entry is valid while its
@@ -14,10 +18,7 @@
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
-    sync::{
-        OnceLock,
-        atomic::{AtomicU8, AtomicU32, Ordering, fence},
-    },
+    sync::atomic::{AtomicU8, AtomicU32, Ordering, fence},
 };
 
 use aya::maps::{Array, IterableMap as _, Map, MapData};
@@ -25,11 +26,10 @@ use lb_common::{Backend, MapAddr, map_flags};
 
 use super::MapsError;
 
-/// One family's backend array. It is mapped into memory at its first
-/// write and stays so; reads before that (a read-only handle's, a start's
-/// read of pinned maps) map it only while they iterate, or look one entry
-/// up by syscall, so that a handle that only reads does not hold a second
-/// mapping (its pages count in the agent's RSS once per mapping).
+/// Entries a read maps at a time (1 MiB of IPv6 entries).
+const READ_CHUNK: u32 = 1 << 15;
+
+/// One family's backend array.
 pub(crate) struct BackendArray<A: MapAddr> {
     array: Array<MapData, Backend<A>>,
     name: &'static str,
@@ -38,50 +38,21 @@ pub(crate) struct BackendArray<A: MapAddr> {
     /// Bytes from one entry to the next (the kernel rounds the value size
     /// up to 8).
     stride: usize,
-    /// Bytes mapped: all entries, rounded up to pages.
-    len: usize,
-    written: OnceLock<Mapping>,
 }
 
-/// A mapping of a backend array's entries.
-struct Mapping {
+/// A mapping of the pages holding some entries of a backend array,
+/// unmapped when dropped.
+struct Window {
     base: NonNull<u8>,
     len: usize,
+    /// Offset in the array of the mapping's first byte.
+    offset: usize,
 }
 
-// SAFETY: the mapping is owned by the value (unmapped on drop) and only
-// read and written through `read_volatile`, `write_volatile` and atomics;
-// an entry is written by one thread at a time (its family's writer).
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(map: &MapData, len: usize) -> std::io::Result<Self> {
-        // SAFETY: a shared mapping of the map's fd at offset 0 (the
-        // values, index 0 first); `len` covers all entries, rounded to
-        // pages as the kernel allows.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let base = NonNull::new(base.cast::<u8>()).ok_or(std::io::ErrorKind::AddrNotAvailable)?;
-        Ok(Self { base, len })
-    }
-}
-
-impl Drop for Mapping {
+impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, of `len` bytes, unmapped once.
+        // SAFETY: the mapping made in `BackendArray::window`, of `len`
+        // bytes, unmapped once.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.len);
         }
@@ -104,16 +75,11 @@ impl<A: MapAddr> BackendArray<A> {
                 what: "not mappable (BPF_F_MMAPABLE)",
             });
         }
-        let entries = info.max_entries();
-        let stride = size_of::<Backend<A>>().next_multiple_of(8);
-        let len = (entries as usize * stride).next_multiple_of(page_size());
         Ok(Self {
             array,
             name,
-            entries,
-            stride,
-            len,
-            written: OnceLock::new(),
+            entries: info.max_entries(),
+            stride: size_of::<Backend<A>>().next_multiple_of(8),
         })
     }
 
@@ -127,40 +93,52 @@ impl<A: MapAddr> BackendArray<A> {
         self.entries
     }
 
-    fn mapping(&self) -> Result<Mapping, MapsError> {
-        Mapping::new(self.map(), self.len).map_err(|source| MapsError::Mmap {
+    /// Maps the pages holding entries `first..=last` (both below
+    /// `entries`).
+    fn window(&self, first: u32, last: u32) -> Result<Window, MapsError> {
+        let page = page_size();
+        let offset = (first as usize * self.stride) / page * page;
+        let end = ((last as usize + 1) * self.stride).next_multiple_of(page);
+        let len = end - offset;
+        let failed = |source| MapsError::Mmap {
             name: self.name,
             source,
-        })
-    }
-
-    /// The mapping writes go through, made at the first.
-    fn for_writes(&self) -> Result<&Mapping, MapsError> {
-        if let Some(mapping) = self.written.get() {
-            return Ok(mapping);
+        };
+        let file_offset = libc::off_t::try_from(offset)
+            .map_err(|_| failed(std::io::ErrorKind::InvalidInput.into()))?;
+        // SAFETY: a shared mapping of the map's fd: its values, from the
+        // page-aligned `offset` on, `len` bytes that the array holds
+        // (`last` is below `entries`; the kernel checks it too).
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.map().fd().as_fd().as_raw_fd(),
+                file_offset,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(failed(std::io::Error::last_os_error()));
         }
-        let mapping = self.mapping()?;
-        Ok(self.written.get_or_init(|| mapping))
+        let base = NonNull::new(base.cast::<u8>())
+            .ok_or_else(|| failed(std::io::ErrorKind::AddrNotAvailable.into()))?;
+        Ok(Window { base, len, offset })
     }
 
-    fn slot(&self, mapping: &Mapping, index: u32) -> Option<*mut Backend<A>> {
-        (index < self.entries).then(|| {
-            // SAFETY: in bounds (checked above), aligned (the stride is a
-            // multiple of 8, the mapping page-aligned).
-            unsafe { mapping.base.as_ptr().add(index as usize * self.stride) }.cast()
-        })
+    /// Entry `index`'s place in `window`, which maps it.
+    fn slot(&self, window: &Window, index: u32) -> *mut Backend<A> {
+        let at = index as usize * self.stride - window.offset;
+        debug_assert!(at + self.stride <= window.len);
+        // SAFETY: in the window (the callers map the entries they touch),
+        // aligned (the stride is a multiple of 8, the offset of a page).
+        unsafe { window.base.as_ptr().add(at) }.cast()
     }
 
     /// The entry at `index` as stored (a cleared one included); `None`
     /// past the end.
     pub(crate) fn raw(&self, index: u32) -> Result<Option<Backend<A>>, MapsError> {
-        if let Some(mapping) = self.written.get() {
-            // SAFETY: a valid slot of the mapping; every bit pattern is a
-            // `Backend` (plain integers and byte arrays).
-            return Ok(self
-                .slot(mapping, index)
-                .map(|slot| unsafe { slot.read_volatile() }));
-        }
         match self.array.get(&index, 0) {
             Ok(backend) => Ok(Some(backend)),
             Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(None),
@@ -178,67 +156,103 @@ impl<A: MapAddr> BackendArray<A> {
 
     /// Calls `each` with every valid entry and its index, in order.
     pub(crate) fn for_each(&self, mut each: impl FnMut(u32, Backend<A>)) -> Result<(), MapsError> {
-        let own;
-        let mapping = if let Some(mapping) = self.written.get() {
-            mapping
-        } else {
-            own = self.mapping()?;
-            &own
-        };
-        for index in 0..self.entries {
-            if let Some(slot) = self.slot(mapping, index) {
-                // SAFETY: as in `raw`.
-                let backend = unsafe { slot.read_volatile() };
+        let mut first = 0;
+        while first < self.entries {
+            let last = first.saturating_add(READ_CHUNK - 1).min(self.entries - 1);
+            let window = self.window(first, last)?;
+            for index in first..=last {
+                // SAFETY: a slot of the window; every bit pattern is a
+                // `Backend` (plain integers and byte arrays).
+                let backend = unsafe { self.slot(&window, index).read_volatile() };
                 if backend.rev_nat_id != 0 {
                     each(index, backend);
                 }
             }
+            first = last + 1;
         }
         Ok(())
     }
 
-    /// Writes `value` at `index`, so that no reader sees a mix of the old
-    /// and new entries (see the module's note); `false` past the end.
+    /// Writes `value` at `index`; `false` past the end.
     pub(crate) fn set(&self, index: u32, value: &Backend<A>) -> Result<bool, MapsError> {
-        let Some(slot) = self.slot(self.for_writes()?, index) else {
-            return Ok(false);
+        self.set_all(&[(index, *value)], |entry| Some(*entry))
+            .map(|written| written == 1)
+    }
+
+    /// Writes the entries `entry` gives for `items`, in order, up to the
+    /// first it gives none for or whose index is past the end, through one
+    /// window; how many were written.
+    pub(crate) fn set_all<T>(
+        &self,
+        items: &[T],
+        entry: impl Fn(&T) -> Option<(u32, Backend<A>)>,
+    ) -> Result<usize, MapsError> {
+        let writable = || {
+            items
+                .iter()
+                .map_while(|item| entry(item).filter(|(index, _)| *index < self.entries))
         };
-        // SAFETY: a valid slot; its fields are written one by one through
-        // their own pointers (the rev-NAT id and flags as atomics: they
-        // are read by programs on other CPUs while written).
-        unsafe {
-            let old = slot.read_volatile();
-            let rev_nat = AtomicU32::from_ptr(&raw mut (*slot).rev_nat_id);
-            if old.rev_nat_id == value.rev_nat_id
-                && old.addr == value.addr
-                && old.port_be == value.port_be
-                && old.proto == value.proto
-            {
-                AtomicU8::from_ptr(&raw mut (*slot).flags).store(value.flags, Ordering::Release);
-                return Ok(true);
-            }
-            if old.rev_nat_id != 0 {
-                rev_nat.store(0, Ordering::Release);
-                fence(Ordering::Release);
-            }
-            (&raw mut (*slot).addr).write_volatile(value.addr);
-            (&raw mut (*slot).port_be).write_volatile(value.port_be);
-            (&raw mut (*slot).proto).write_volatile(value.proto);
-            (&raw mut (*slot).flags).write_volatile(value.flags);
-            fence(Ordering::Release);
-            rev_nat.store(value.rev_nat_id, Ordering::Release);
+        let Some((first, last)) = writable().fold(None, |span, (index, _)| match span {
+            None => Some((index, index)),
+            Some((first, last)) => Some((index.min(first), index.max(last))),
+        }) else {
+            return Ok(0);
+        };
+        let window = self.window(first, last)?;
+        let mut written = 0;
+        for (index, value) in writable() {
+            // SAFETY: a slot of the window, which maps `first..=last`.
+            unsafe { store(self.slot(&window, index), &value) };
+            written += 1;
         }
-        Ok(true)
+        Ok(written)
     }
 
     /// Clears the entry at `index`: its rev-NAT id only (see the module's
     /// note).
     pub(crate) fn clear(&self, index: u32) -> Result<(), MapsError> {
-        if let Some(slot) = self.slot(self.for_writes()?, index) {
-            // SAFETY: a valid slot; the id is stored as an atomic.
-            unsafe { AtomicU32::from_ptr(&raw mut (*slot).rev_nat_id) }.store(0, Ordering::Release);
+        if index < self.entries {
+            let window = self.window(index, index)?;
+            // SAFETY: a slot of the window; the id is stored as an atomic
+            // (programs on other CPUs read it meanwhile).
+            unsafe { AtomicU32::from_ptr(&raw mut (*self.slot(&window, index)).rev_nat_id) }
+                .store(0, Ordering::Release);
         }
         Ok(())
+    }
+}
+
+/// Writes `value` into `slot` so that no reader sees a mix of the old and
+/// new entries (see the module's note).
+///
+/// # Safety
+/// `slot` is a mapped entry of a backend array, written by no other
+/// thread meanwhile.
+unsafe fn store<A: MapAddr>(slot: *mut Backend<A>, value: &Backend<A>) {
+    // SAFETY: the caller's; the fields are written one by one through
+    // their own pointers (the rev-NAT id and flags as atomics: programs on
+    // other CPUs read them meanwhile).
+    unsafe {
+        let old = slot.read_volatile();
+        let rev_nat = AtomicU32::from_ptr(&raw mut (*slot).rev_nat_id);
+        if old.rev_nat_id == value.rev_nat_id
+            && old.addr == value.addr
+            && old.port_be == value.port_be
+            && old.proto == value.proto
+        {
+            AtomicU8::from_ptr(&raw mut (*slot).flags).store(value.flags, Ordering::Release);
+            return;
+        }
+        if old.rev_nat_id != 0 {
+            rev_nat.store(0, Ordering::Release);
+            fence(Ordering::Release);
+        }
+        (&raw mut (*slot).addr).write_volatile(value.addr);
+        (&raw mut (*slot).port_be).write_volatile(value.port_be);
+        (&raw mut (*slot).proto).write_volatile(value.proto);
+        (&raw mut (*slot).flags).write_volatile(value.flags);
+        fence(Ordering::Release);
+        rev_nat.store(value.rev_nat_id, Ordering::Release);
     }
 }
 

@@ -488,21 +488,17 @@ where
                     _ => None,
                 };
                 // The backends first (stored in place, up to the first
-                // that is not this family's or past the array's end),
+                // that is not this family's or is past the array's end),
                 // then the index entries of those written that have one
                 // (see `put_backend`); the rest go one by one.
-                let written = run
-                    .iter()
-                    .take_while(|op| {
-                        value(op).is_some_and(|(id, backend)| {
-                            id & BACKEND_ID_V6 == F::BACKEND_ID_BIT
-                                && self
-                                    .backends
-                                    .set(lb_common::backend_index(id), &backend)
-                                    .unwrap_or(false)
-                        })
+                let written = self
+                    .backends
+                    .set_all(run, |op| {
+                        value(op)
+                            .filter(|(id, _)| id & BACKEND_ID_V6 == F::BACKEND_ID_BIT)
+                            .map(|(id, backend)| (lb_common::backend_index(id), backend))
                     })
-                    .count();
+                    .unwrap_or(0);
                 let (at, to_index): (Vec<usize>, Vec<&Op>) = run[..written]
                     .iter()
                     .enumerate()
