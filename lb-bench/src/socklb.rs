@@ -469,27 +469,7 @@ fn measure_scale(
             median(Contender::PodTc),
             crate::stats::median(&tc_ratio),
         );
-        let paired = connect_pair(
-            &topo.node,
-            cgroup,
-            [
-                target(Contender::NodeSocket, scale, v6)?,
-                target(Contender::NodeDirect, scale, v6)?,
-            ],
-            settings.paired_secs,
-        )?;
-        eprintln!(
-            "[socklb] {scale} services {family}: interleaved, socket/direct {:.4}x \
-             (95% interval {}), socket's extra per connection {:.3} µs ({}) over {} pairs; \
-             stalls socket {} direct {}",
-            paired["ratio"].as_f64().unwrap_or(f64::NAN),
-            paired["ci95"],
-            paired["a_extra_us"].as_f64().unwrap_or(f64::NAN),
-            paired["a_extra_us_ci95"],
-            paired["pairs"],
-            paired["a_stalls"],
-            paired["b_stalls"],
-        );
+        let (paired, control) = interleaved(topo, cgroup, settings, scale, v6)?;
         let ns = |c: Contender, i| program_ns.median(c.name(), i);
         eprintln!(
             "[socklb] {scale} services {family}: socket programs, ns per run (BPF stats): \
@@ -504,6 +484,7 @@ fn measure_scale(
             "socket_vs_direct": summary(&socket_ratio),
             "tc_vs_direct": summary(&tc_ratio),
             "socket_vs_direct_interleaved": paired,
+            "direct_vs_direct_interleaved": control,
         });
         for contender in Contender::ALL {
             entry[contender.name()] = summary(&of(contender));
@@ -511,6 +492,54 @@ fn measure_scale(
         out[family] = entry;
     }
     Ok(out)
+}
+
+/// The interleaved measurements at SCALE over one family (`paired.rs`):
+/// the socket path against the direct connect, and the direct connect
+/// against itself (the control); printed, and their JSON.
+fn interleaved(
+    topo: &Topology,
+    cgroup: &Cgroup,
+    settings: &Settings,
+    scale: u32,
+    v6: bool,
+) -> anyhow::Result<(Value, Value)> {
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    let paired = connect_pair(
+        &topo.node,
+        cgroup,
+        [
+            target(Contender::NodeSocket, scale, v6)?,
+            target(Contender::NodeDirect, scale, v6)?,
+        ],
+        settings.paired_secs,
+    )?;
+    // The measurement's own bias: the direct connect against itself,
+    // whose extra should be 0 within its interval (see `paired.rs`).
+    let direct = target(Contender::NodeDirect, scale, v6)?;
+    let control = connect_pair(
+        &topo.node,
+        cgroup,
+        [direct, direct],
+        settings.paired_secs.div_ceil(4),
+    )?;
+    eprintln!(
+        "[socklb] {scale} services {family}: interleaved, socket/direct {:.4}x by the extra \
+         (95% interval {}; ratio of medians {:.4}x), socket's extra per connection {:.3} µs \
+         ({}) over {} pairs; stalls socket {} direct {}; control, direct against itself: \
+         {:.3} µs ({})",
+        paired["rate_ratio"].as_f64().unwrap_or(f64::NAN),
+        paired["rate_ratio_ci95"],
+        paired["ratio"].as_f64().unwrap_or(f64::NAN),
+        paired["a_extra_us"].as_f64().unwrap_or(f64::NAN),
+        paired["a_extra_us_ci95"],
+        paired["pairs"],
+        paired["a_stalls"],
+        paired["b_stalls"],
+        control["a_extra_us"].as_f64().unwrap_or(f64::NAN),
+        control["a_extra_us_ci95"],
+    );
+    Ok((paired, control))
 }
 
 /// Waits until CONTENDER makes a connection to TARGET.
@@ -687,37 +716,41 @@ pub fn section(md: &mut String, socklb: &Value) {
          client process per measurement, {} s each, {} rounds with the four contenders rotated; \
          medians [min–max]; `×` is the median of the per-round ratios [min–max]. Those rounds \
          swing by ±20% on a shared machine, so the goal (socket ≥ 0.99× direct) is judged \
-         on the interleaved column: one process connecting to the `ClusterIP` and to the \
-         backend in turn, every connect timed, {} s per row; socket ÷ direct as the ratio of \
-         median connect times over all pairs, and the 95% interval from blocks of 500 pairs; \
-         `extra` is the median difference of the two connects of a pair (the socket path's \
-         cost per connection, robust to the two modes a busy machine gives connect times), \
-         with its interval. `programs` is the socket programs' own time per run (`connect` + \
+         on the interleaved columns: one process connecting to the `ClusterIP` and to the \
+         backend in turn (which comes first alternates from pair to pair), every connect \
+         timed, {} s per row; `extra` is the median difference of the two connects of a pair \
+         (the socket path's cost per connection, robust to the two modes a busy machine gives \
+         connect times), with its 95% interval from blocks of 500 pairs; `interleaved × \
+         direct` is the rate that extra makes (the direct connects' mean time over that plus \
+         the extra); `control` is the extra of the direct connect against itself (a quarter \
+         as long), the measurement's own bias, which should be 0 within its interval. \
+         `programs` is the socket programs' own time per run (`connect` + \
          `release`, ns, BPF run-time statistics) during the direct and the socket rounds \
          (`lb-bench/src/socklb.rs`, `paired.rs`, `progstats.rs`).\n",
         socklb["seconds_per_round"], socklb["rounds"], socklb["paired_secs"],
     );
     let _ = writeln!(
         md,
-        "| Services | family | node direct | node → ClusterIP (socket) | × direct | interleaved × direct [95%] | extra µs [95%] | programs ns, direct / socket | pod direct | pod → ClusterIP (TC) | × direct |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| Services | family | node direct | node → ClusterIP (socket) | × direct | interleaved × direct [95%] | extra µs [95%] | control µs [95%] | programs ns, direct / socket | pod direct | pod → ClusterIP (TC) | × direct |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let cell = |v: &Value, d: usize| crate::report::spread(v, d);
     for scale in scales {
         for family in ["ipv4", "ipv6"] {
             let f = &scale[family];
             let paired = &f["socket_vs_direct_interleaved"];
-            let interleaved = format!(
-                "{:.3} [{:.3}–{:.3}]",
-                paired["ratio"].as_f64().unwrap_or(f64::NAN),
-                paired["ci95"][0].as_f64().unwrap_or(f64::NAN),
-                paired["ci95"][1].as_f64().unwrap_or(f64::NAN),
-            );
-            let extra = format!(
-                "{:.2} [{:.2}–{:.2}]",
-                paired["a_extra_us"].as_f64().unwrap_or(f64::NAN),
-                paired["a_extra_us_ci95"][0].as_f64().unwrap_or(f64::NAN),
-                paired["a_extra_us_ci95"][1].as_f64().unwrap_or(f64::NAN),
-            );
+            let interval = |value: &Value, key: &str, digits: usize| {
+                let at = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+                let range = &value[format!("{key}_ci95")];
+                format!(
+                    "{:.digits$} [{:.digits$}–{:.digits$}]",
+                    at(&value[key]),
+                    at(&range[0]),
+                    at(&range[1]),
+                )
+            };
+            let interleaved = interval(paired, "rate_ratio", 3);
+            let extra = interval(paired, "a_extra_us", 2);
+            let control = interval(&f["direct_vs_direct_interleaved"], "a_extra_us", 2);
             let ns = |contender: &str, kind: &str| {
                 f["program_ns"][contender][kind]["median"]
                     .as_f64()
@@ -732,7 +765,7 @@ pub fn section(md: &mut String, socklb: &Value) {
             );
             let _ = writeln!(
                 md,
-                "| {} | {family} | {} | {} | {} | {interleaved} | {extra} | {programs} | {} | {} | {} |",
+                "| {} | {family} | {} | {} | {} | {interleaved} | {extra} | {control} | {programs} | {} | {} | {} |",
                 scale["services"],
                 cell(&f["node_direct"], 0),
                 cell(&f["node_clusterip_socket"], 0),
