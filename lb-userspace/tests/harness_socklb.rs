@@ -16,11 +16,12 @@
 mod support;
 
 use std::net::IpAddr;
+use std::ops::Range;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, Map, MapData};
-use lb_common::{Addr4, Addr6, SockSlot};
+use lb_common::{Addr4, Addr6, SockSlot, limits};
 use serde_json::{Value, json};
 use support::clients::{http_get, metric_value};
 use support::lab::{DNS_PORT, HTTP_PORT, Lab, WEB_PORTS, web_vip};
@@ -601,7 +602,7 @@ fn hostns_all_bind_guard_and_release() {
     for family in Family::BOTH {
         assert_eq!(
             sock_slots_in_use(&lab, family),
-            0,
+            [0, 0],
             "{family:?} slots left after close"
         );
     }
@@ -710,10 +711,13 @@ fn off_and_no_cgroup2(
 /// Where a held connection's reverse translation is expected.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Held {
-    /// Its socket's slot (`LB4_SK_SLOT_V1`, `LB6_SK_SLOT_V1`).
-    Slot,
+    /// Its socket's near slot (`LB4_SK_SLOT_V1`, `LB6_SK_SLOT_V1`: among
+    /// the first `SOCK_NEAR_SLOTS`).
+    NearSlot,
+    /// Its far slot (past them): the test took every near slot.
+    FarSlot,
     /// The reverse-translation map (`LB4_SK_RNAT_V1`, `LB6_SK_RNAT_V1`):
-    /// its slot was taken.
+    /// its slots were taken.
     Map,
 }
 
@@ -723,19 +727,23 @@ enum Held {
 const FILLER_COOKIE: u64 = 1;
 
 /// A held TCP connection through the `ClusterIP` keeps its reverse
-/// translation in its slot, or in the map when every slot is taken (the
-/// test takes them), counted in the release filter under its backend. A
+/// translation in its near slot, in its far slot when every near slot is
+/// taken, or in the map when every slot is (the test takes them), counted
+/// in the release filter under its backend. A
 /// socket connected straight to that backend meets the count when it is
 /// released, has nothing to drop, and leaves the connection's record and
 /// count alone; the connection's own release drops both.
 fn held_connection_and_the_release_filter(lab: &Lab, client: &mut SockClient) {
     for family in Family::BOTH {
-        held_connection_is_reversed(lab, client, family, Held::Slot);
+        held_connection_is_reversed(lab, client, family, Held::NearSlot);
     }
+    let near = limits::SOCK_NEAR_SLOTS;
     for family in Family::BOTH {
-        fill_slots(lab, family, FILLER_COOKIE);
+        fill_slots(lab, family, FILLER_COOKIE, 0..near);
+        held_connection_is_reversed(lab, client, family, Held::FarSlot);
+        fill_slots(lab, family, FILLER_COOKIE, 0..limits::SOCK_SLOTS);
         held_connection_is_reversed(lab, client, family, Held::Map);
-        fill_slots(lab, family, 0);
+        fill_slots(lab, family, 0, 0..limits::SOCK_SLOTS);
     }
 }
 
@@ -743,15 +751,23 @@ fn held_connection_is_reversed(lab: &Lab, client: &mut SockClient, family: Famil
     let vip = web_vip(family);
     let map = ["LB4_SK_RNAT_V1", "LB6_SK_RNAT_V1"][usize::from(family == Family::V6)];
     let what = format!("{family:?} {held:?}");
-    let records = |lab: &Lab| (sock_slots_in_use(lab, family), sock_entries(lab, map));
+    let records = |lab: &Lab| {
+        let [near, far] = sock_slots_in_use(lab, family);
+        (near, far, sock_entries(lab, map))
+    };
     let expected = match held {
-        Held::Slot => (1, 0),
-        Held::Map => (0, 1),
+        Held::NearSlot => (1, 0, 0),
+        Held::FarSlot => (0, 1, 0),
+        Held::Map => (0, 0, 1),
     };
     let open = client
         .call(&json!({"op": "tcp_open", "id": 1, "addr": vip.to_string(), "port": HTTP_PORT}));
     assert_eq!(open["peer"], addr_json(vip, HTTP_PORT), "{what}: {open}");
-    assert_eq!(records(lab), expected, "{what}: (slots, map entries) held");
+    assert_eq!(
+        records(lab),
+        expected,
+        "{what}: (near slots, far slots, map entries) held"
+    );
     assert_eq!(filter_count(lab), 1, "{what}: held count");
     let backend = lab
         .topo
@@ -775,7 +791,7 @@ fn held_connection_is_reversed(lab: &Lab, client: &mut SockClient, family: Famil
     let peer = client.call(&json!({"op": "tcp_peer", "id": 1}));
     assert_eq!(peer["peer"], addr_json(vip, HTTP_PORT), "{what}: {peer}");
     client.call(&json!({"op": "tcp_close", "id": 1}));
-    assert_eq!(records(lab), (0, 0), "{what}: after close");
+    assert_eq!(records(lab), (0, 0, 0), "{what}: after close");
     assert_eq!(filter_count(lab), 0, "{what}: count after close");
 }
 
@@ -807,18 +823,27 @@ fn slot_cookies(lab: &Lab, family: Family) -> Vec<u64> {
     }
 }
 
-/// Slots of FAMILY held by a socket (not free, not the test's filler).
-fn sock_slots_in_use(lab: &Lab, family: Family) -> usize {
-    slot_cookies(lab, family)
-        .into_iter()
-        .filter(|&cookie| cookie != 0 && cookie != FILLER_COOKIE)
-        .count()
+/// Near and far slots of FAMILY held by a socket (not free, not the
+/// test's filler).
+fn sock_slots_in_use(lab: &Lab, family: Family) -> [usize; 2] {
+    let near = usize::try_from(limits::SOCK_NEAR_SLOTS).expect("a slot count");
+    let mut in_use = [0, 0];
+    for (index, cookie) in slot_cookies(lab, family).into_iter().enumerate() {
+        if cookie != 0 && cookie != FILLER_COOKIE {
+            in_use[usize::from(index >= near)] += 1;
+        }
+    }
+    in_use
 }
 
-/// Sets the cookie of every slot of FAMILY to COOKIE (0: frees them).
-fn fill_slots(lab: &Lab, family: Family, cookie: u64) {
-    fn fill<A: Copy + Default + 'static>(lab: &Lab, family: Family, cookie: u64)
-    where
+/// Sets the cookie of FAMILY's slots at INDICES to COOKIE (0: frees them).
+fn fill_slots(lab: &Lab, family: Family, cookie: u64, indices: Range<u32>) {
+    fn fill<A: Copy + Default + 'static>(
+        lab: &Lab,
+        family: Family,
+        cookie: u64,
+        indices: Range<u32>,
+    ) where
         SockSlot<A>: aya::Pod,
     {
         let mut table = slot_table::<A>(lab, family);
@@ -830,13 +855,13 @@ fn fill_slots(lab: &Lab, family: Family, cookie: u64) {
             frontend_port_be: 0,
             _pad: 0,
         };
-        for index in 0..table.len() {
+        for index in indices {
             table.set(index, &slot, 0).expect("write a slot");
         }
     }
     match family {
-        Family::V4 => fill::<Addr4>(lab, family, cookie),
-        Family::V6 => fill::<Addr6>(lab, family, cookie),
+        Family::V4 => fill::<Addr4>(lab, family, cookie, indices),
+        Family::V6 => fill::<Addr6>(lab, family, cookie, indices),
     }
 }
 

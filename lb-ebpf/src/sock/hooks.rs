@@ -16,13 +16,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr4, Addr6, AffinityEntry, Backend, LbService, SockAffinityKey, SockRevNat, SockRevNatKey,
-    SockSlot, limits, proto, reason, sock_flags, svc_flags,
+    SockSlot, proto, reason, sock_flags, svc_flags,
 };
 
 use super::policy::{
     addr_from_word, addr6_from_words, filter_slot, fold_words, is_loopback4, is_loopback6,
-    is_v4_mapped, port_from_user, port_to_user, served_protocol, slot_seed, translates,
-    word_from_addr, words_from_addr6,
+    is_v4_mapped, port_from_user, port_to_user, served_protocol, slot_seed, socket_slots,
+    translates, word_from_addr, words_from_addr6,
 };
 use crate::{
     family::{Family, V4, V6},
@@ -392,10 +392,11 @@ fn release_peer<F: SockFamily>(ctx: &SockContext, tcp: bool, addr: F::Addr, port
     }
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if tcp && let Some(slot) = SlotClaim::<F>::read(cookie).filter(|slot| slot.owner == cookie) {
+    if tcp && let Some(slot) = held_slot::<F>(cookie) {
         // Counted out before the slot's store (see `forward`).
         count(counter, u64::MAX);
-        slot.free();
+        // SAFETY: an array element, valid while the program runs.
+        unsafe { write_volatile(&raw mut (*slot).cookie, 0) };
     } else if forget::<F>(cookie.to_ne_bytes(), addr, port_be) {
         count(counter, u64::MAX);
     }
@@ -506,10 +507,11 @@ fn forward<F: SockFamily>(
     }
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // Read before the choice: a new cookie's slot is rarely in the CPU's
-    // caches, and the read's miss then overlaps the lookups.
+    // Claimed before the choice: when the near slot is taken, the far
+    // one is rarely in the CPU's caches, and the read's miss then overlaps
+    // the lookups.
     let slot = if l4_proto == proto::TCP {
-        SlotClaim::<F>::read(cookie)
+        SlotClaim::<F>::claim(cookie)
     } else {
         None
     };
@@ -542,11 +544,15 @@ fn forward<F: SockFamily>(
     if let Some(counter) = counter {
         count(counter, 1);
     }
-    // A TCP connection's own slot if it is free, else the map. Best
+    // A TCP connection's own slot if one is free, else the map. Best
     // effort (an LRU): without either the socket still reaches the
     // backend, only `getpeername()`/`recvmsg()` would show the backend.
-    let remembered = slot.is_some_and(|slot| slot.take(cookie, daddr, dport_be, &backend))
-        || F::sock_revnat().insert(&key, &value, 0).is_ok();
+    let remembered = if let Some(slot) = slot {
+        slot.record(cookie, daddr, dport_be, &backend);
+        true
+    } else {
+        F::sock_revnat().insert(&key, &value, 0).is_ok()
+    };
     if !remembered && let Some(counter) = counter {
         count(counter, u64::MAX);
     }
@@ -639,43 +645,54 @@ fn reverse<F: SockFamily>(
     Some((value.addr, value.port_be))
 }
 
-/// The TCP socket slot of COOKIE (see `lb_common::SockSlot`).
+/// The slot at INDEX of this family's table and its holder's cookie
+/// (0: free), read once.
 #[inline(always)]
-fn slot_of<F: SockFamily>(cookie: u64) -> Option<*mut SockSlot<F::Addr>> {
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the cookie's low bits index the table"
-    )]
-    let index = (cookie as u32) & (limits::SOCK_SLOTS - 1);
-    F::sock_slots().get_ptr_mut(index)
+fn slot_at<F: SockFamily>(index: u32) -> Option<(*mut SockSlot<F::Addr>, u64)> {
+    let slot = F::sock_slots().get_ptr_mut(index)?;
+    // SAFETY: an array element, valid while the program runs.
+    let owner = unsafe { read_volatile(&raw const (*slot).cookie) };
+    Some((slot, owner))
 }
 
-/// A TCP socket slot (see `lb_common::SockSlot`) and the cookie of its
-/// holder when it was read (0: free).
+/// The slot the socket COOKIE holds (`policy::socket_slots`), if any.
+#[inline(always)]
+fn held_slot<F: SockFamily>(cookie: u64) -> Option<*mut SockSlot<F::Addr>> {
+    let [near, far] = socket_slots(cookie);
+    match slot_at::<F>(near) {
+        Some((slot, owner)) if owner == cookie => Some(slot),
+        _ => slot_at::<F>(far).and_then(|(slot, owner)| (owner == cookie).then_some(slot)),
+    }
+}
+
+/// A TCP socket slot (see `lb_common::SockSlot`) free for a socket, or
+/// already its own.
 struct SlotClaim<F: SockFamily> {
     /// The slot, an array element valid while the program runs.
     slot: *mut SockSlot<F::Addr>,
-    /// Its holder's cookie, read once.
-    owner: u64,
 }
 
 impl<F: SockFamily> SlotClaim<F> {
-    /// COOKIE's slot and its holder.
+    /// The first of COOKIE's two slots that is free or its own; none when
+    /// other live sockets hold both. Read without a lock: two sockets
+    /// whose cookies share a slot (1 024 or 65 536 apart) would have to
+    /// connect within the same few instructions for both to take it, and
+    /// the loser would only lose its reverse translation.
     #[inline(always)]
-    fn read(cookie: u64) -> Option<Self> {
-        let slot = slot_of::<F>(cookie)?;
-        // SAFETY: an array element, valid while the program runs.
-        let owner = unsafe { read_volatile(&raw const (*slot).cookie) };
-        Some(Self { slot, owner })
+    fn claim(cookie: u64) -> Option<Self> {
+        let usable = |(slot, owner): (*mut SockSlot<F::Addr>, u64)| {
+            (owner == 0 || owner == cookie).then_some(Self { slot })
+        };
+        let [near, far] = socket_slots(cookie);
+        slot_at::<F>(near)
+            .and_then(usable)
+            .or_else(|| slot_at::<F>(far).and_then(usable))
     }
 
     /// Records that the socket COOKIE asked for `daddr:dport_be` and was
-    /// sent to BACKEND; false if another live socket holds the slot.
+    /// sent to BACKEND.
     #[inline(always)]
-    fn take(self, cookie: u64, daddr: F::Addr, dport_be: u16, backend: &Backend<F::Addr>) -> bool {
-        if self.owner != 0 && self.owner != cookie {
-            return false;
-        }
+    fn record(self, cookie: u64, daddr: F::Addr, dport_be: u16, backend: &Backend<F::Addr>) {
         let slot = self.slot;
         // SAFETY: an array element, valid while the program runs; the
         // owner is written last.
@@ -686,21 +703,13 @@ impl<F: SockFamily> SlotClaim<F> {
             (*slot).frontend_port_be = dport_be;
             write_volatile(&raw mut (*slot).cookie, cookie);
         }
-        true
-    }
-
-    /// Frees the slot (its holder's socket is being released).
-    #[inline(always)]
-    fn free(self) {
-        // SAFETY: an array element, valid while the program runs.
-        unsafe { write_volatile(&raw mut (*self.slot).cookie, 0) };
     }
 }
 
 /// The frontend COOKIE's slot holds for a socket sent to `addr:port_be`.
 #[inline(always)]
 fn slot_peer<F: SockFamily>(cookie: u64, addr: F::Addr, port_be: u16) -> Option<(F::Addr, u16)> {
-    let slot = slot_of::<F>(cookie)?;
+    let slot = held_slot::<F>(cookie)?;
     // SAFETY: an array element, copied out at once.
     let slot = unsafe { *slot };
     (slot.cookie == cookie && slot.backend == addr && slot.backend_port_be == port_be)

@@ -130,6 +130,23 @@ pub(crate) fn filter_slot(addr_fold: u32, port_be: u16) -> u32 {
         & (limits::SOCK_REVNAT_FILTER_SLOTS - 1)
 }
 
+/// The two slots (`lb_common::SockSlot`) a TCP socket with COOKIE may
+/// hold, in the order they are tried: its near slot among the table's
+/// first `SOCK_NEAR_SLOTS`, then its far one among all `SOCK_SLOTS` (the
+/// same slot when the cookie's low 16 bits are below `SOCK_NEAR_SLOTS`).
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the cookie's low bits index the table"
+)]
+pub(crate) fn socket_slots(cookie: u64) -> [u32; 2] {
+    let low = cookie as u32;
+    [
+        low & (limits::SOCK_NEAR_SLOTS - 1),
+        low & (limits::SOCK_SLOTS - 1),
+    ]
+}
+
 /// The words of an address (as the context holds them) folded into one.
 #[inline(always)]
 pub(crate) fn fold_words(words: [u32; 4]) -> u32 {
@@ -246,6 +263,24 @@ mod tests {
         }
         assert!(hits.iter().all(|&n| (800..1200).contains(&n)), "{hits:?}");
         assert!(served_protocol(tcp) && served_protocol(udp) && !served_protocol(1));
+    }
+
+    /// Neighbouring cookies take neighbouring near slots, which wrap
+    /// inside the table's first `SOCK_NEAR_SLOTS`; the far slot is the
+    /// cookie's place in the whole table; both are in the table.
+    #[test]
+    fn a_socket_tries_its_near_slot_then_its_far_one() {
+        let near = u64::from(limits::SOCK_NEAR_SLOTS);
+        assert_eq!(socket_slots(5), [5, 5]);
+        assert_eq!(socket_slots(near + 5), [5, limits::SOCK_NEAR_SLOTS + 5]);
+        assert_eq!(socket_slots(near * 3 + 6)[0], socket_slots(near + 5)[0] + 1);
+        let wrapped = u64::from(limits::SOCK_SLOTS) + near + 5;
+        assert_eq!(socket_slots(wrapped), socket_slots(near + 5));
+        for cookie in [0, 1, near - 1, near, u64::MAX, 0x1234_5678_9abc_def0] {
+            let [first, second] = socket_slots(cookie);
+            assert!(first < limits::SOCK_NEAR_SLOTS && second < limits::SOCK_SLOTS);
+            assert_eq!(second % limits::SOCK_NEAR_SLOTS, first, "{cookie:#x}");
+        }
     }
 
     #[test]
