@@ -264,9 +264,10 @@ pub mod limits {
     /// reverse-translation map (1.5 MiB for IPv4, 3 MiB for IPv6).
     pub const SOCK_SLOTS: u32 = 1 << 16;
     /// The first slots of each table, tried first (`SockSlot`): 24 KiB
-    /// (IPv4) and 48 KiB (IPv6), which stay in the CPU's first-level
-    /// cache, where a sweep over the whole table misses it on every new
-    /// cache line (measured: ~0.07 µs per translated `connect()`).
+    /// (IPv4) and 48 KiB (IPv6), small enough to stay in the caches
+    /// nearest the CPU (the first-level one holds the IPv4 slots), where a
+    /// sweep over the whole table misses them on every new cache line
+    /// (docs/benchmarks-journal.md, session 17).
     pub const SOCK_NEAR_SLOTS: u32 = 1 << 10;
     /// Source-range prefixes per family, over all frontends.
     pub const SOURCE_RANGES: u32 = 1 << 14;

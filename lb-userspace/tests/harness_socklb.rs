@@ -25,7 +25,7 @@ use lb_common::{Addr4, Addr6, SockSlot, limits};
 use serde_json::{Value, json};
 use support::clients::{http_get, metric_value};
 use support::lab::{DNS_PORT, HTTP_PORT, Lab, WEB_PORTS, web_vip};
-use support::manifests::{Cond, Manifest, service, slice, sp, suffix};
+use support::manifests::{Cond, Manifest, SvcPort, service, slice, sp, suffix};
 use support::pins::require_privileged;
 use support::process::{daemonset_capabilities, metrics_addr, require_tools, run_ok, wait_until};
 use support::serial;
@@ -42,7 +42,8 @@ const NODE_PORT_DNS: u16 = 30053;
 
 /// `edge`: a dual-stack `LoadBalancer` Service (`ClusterIP` .20, external IP
 /// and ingress IP) on be3 and be4; `empty`: a `ClusterIP` Service (.30)
-/// without endpoints.
+/// without endpoints; `closed`: a `ClusterIP` Service (.40) whose endpoint,
+/// be3, listens on none of its ports (be3 refuses the connection).
 fn edge_and_empty(lab: &Lab) -> Manifest {
     edge_and_empty_with(lab, false)
 }
@@ -70,7 +71,8 @@ fn edge_and_empty_with(lab: &Lab, sticky: bool) -> Manifest {
     };
     let mut manifest = Manifest::default()
         .with(&edge.build())
-        .with(&service("empty", "ClusterIP", &both(empty_vip()), &WEB_PORTS).build());
+        .with(&service("empty", "ClusterIP", &both(empty_vip()), &WEB_PORTS).build())
+        .with(&service("closed", "ClusterIP", &both(closed_vip()), &CLOSED_PORTS).build());
     let slice_ports = [("http", 8080, "TCP"), ("dns", 8080, "UDP")];
     for family in Family::BOTH {
         let eps = ["be3", "be4"]
@@ -89,6 +91,13 @@ fn edge_and_empty_with(lab: &Lab, sticky: bool) -> Manifest {
                 family,
                 &slice_ports,
                 [],
+            ))
+            .with(&slice(
+                "closed",
+                &format!("closed-{}", suffix(family)),
+                family,
+                &[("http", CLOSED_TARGET_PORT, "TCP")],
+                [Cond::ready_if(true).endpoint(lab.topo.backend("be3").addr.get(family))],
             ));
     }
     manifest
@@ -105,6 +114,16 @@ fn lb_ip() -> Dual {
 fn empty_vip() -> Dual {
     Dual::service(0, 0x96, 0x30)
 }
+
+fn closed_vip() -> Dual {
+    Dual::service(0, 0x96, 0x40)
+}
+
+/// A port no backend listens on.
+const CLOSED_TARGET_PORT: u16 = 8181;
+
+/// `closed`'s one port, to `CLOSED_TARGET_PORT`.
+const CLOSED_PORTS: [SvcPort; 1] = [sp("http", HTTP_PORT, "TCP", "8181")];
 
 fn both(d: Dual) -> [IpAddr; 2] {
     [IpAddr::V4(d.v4), IpAddr::V6(d.v6)]
@@ -579,6 +598,7 @@ fn hostns_all_bind_guard_and_release() {
     );
 
     held_connection_and_the_release_filter(&lab, &mut node_client);
+    refused_connection_frees_its_slot(&lab, &mut node_client);
     // Connected sockets (TCP here) leave no reverse entry behind.
     for family in Family::BOTH {
         assert_tcp(
@@ -747,6 +767,33 @@ fn held_connection_and_the_release_filter(lab: &Lab, client: &mut SockClient) {
     }
 }
 
+/// A connection through the `ClusterIP` that the backend refuses takes a
+/// slot and a count at `connect()`, and its release frees both: after a
+/// non-blocking `connect()` (the client's timeout) the socket still names
+/// its peer; after a blocking one the kernel disconnects it, clearing the
+/// peer's port, and the release finds the peer in the slot.
+fn refused_connection_frees_its_slot(lab: &Lab, client: &mut SockClient) {
+    for family in Family::BOTH {
+        for (how, timeout) in [("non-blocking", json!(2.0)), ("blocking", Value::Null)] {
+            let vip = closed_vip().get(family);
+            let r = client.call(&json!({"op": "tcp", "addr": vip.to_string(),
+                                        "port": HTTP_PORT, "timeout": timeout}));
+            let what = format!("{family:?}, {how} connect()");
+            assert_eq!(r["error"], "ECONNREFUSED", "{what}: {r}");
+            assert_eq!(
+                sock_slots_in_use(lab, family),
+                [0, 0],
+                "{what}: slots held after a refused connection"
+            );
+            assert_eq!(
+                filter_count(lab),
+                0,
+                "{what}: counts after a refused connection"
+            );
+        }
+    }
+}
+
 fn held_connection_is_reversed(lab: &Lab, client: &mut SockClient, family: Family, held: Held) {
     let vip = web_vip(family);
     let map = ["LB4_SK_RNAT_V1", "LB6_SK_RNAT_V1"][usize::from(family == Family::V6)];
@@ -755,14 +802,19 @@ fn held_connection_is_reversed(lab: &Lab, client: &mut SockClient, family: Famil
         let [near, far] = sock_slots_in_use(lab, family);
         (near, far, sock_entries(lab, map))
     };
-    let expected = match held {
-        Held::NearSlot => (1, 0, 0),
-        Held::FarSlot => (0, 1, 0),
-        Held::Map => (0, 0, 1),
-    };
     let open = client
         .call(&json!({"op": "tcp_open", "id": 1, "addr": vip.to_string(), "port": HTTP_PORT}));
     assert_eq!(open["peer"], addr_json(vip, HTTP_PORT), "{what}: {open}");
+    let cookie = open["cookie"].as_u64().expect("the socket's cookie");
+    // A cookie whose far slot is among the near ones (1 in 64) finds it
+    // taken with them.
+    let far_is_near = cookie % u64::from(limits::SOCK_SLOTS) < u64::from(limits::SOCK_NEAR_SLOTS);
+    let expected = match held {
+        Held::NearSlot => (1, 0, 0),
+        Held::FarSlot if far_is_near => (0, 0, 1),
+        Held::FarSlot => (0, 1, 0),
+        Held::Map => (0, 0, 1),
+    };
     assert_eq!(
         records(lab),
         expected,

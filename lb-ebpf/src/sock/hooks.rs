@@ -351,10 +351,13 @@ pub(crate) fn release(ctx: &SockContext) -> i32 {
             read_volatile(&raw const (*sk).protocol),
         )
     };
+    let tcp = protocol == u32::from(proto::TCP);
     if port_be == 0 {
+        if tcp {
+            release_without_peer(ctx, family);
+        }
         return ALLOW;
     }
-    let tcp = protocol == u32::from(proto::TCP);
     if family == AF_INET {
         // SAFETY: the context; a 4-byte read.
         let ip = unsafe { read_volatile(&raw const (*sk).dst_ip4) };
@@ -376,6 +379,41 @@ pub(crate) fn release(ctx: &SockContext) -> i32 {
         }
     }
     ALLOW
+}
+
+/// Frees the slot of a TCP socket released without a peer. A `connect()`
+/// that fails (refused, timed out) disconnects the socket, which clears
+/// its peer's port, so its release cannot find the peer the filter counts
+/// it under; its slot, if it took one, names that peer. Asking for the
+/// cookie gives one to a socket that had none (a listener, a socket that
+/// never connected): tens of nanoseconds, on sockets that are rare here.
+/// An IPv6 socket's record may be in either family's table (an
+/// IPv4-mapped peer's is in the IPv4 one).
+#[inline(always)]
+fn release_without_peer(ctx: &SockContext, family: u32) {
+    // SAFETY: helper on the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let v6_freed = family == AF_INET6 && free_held_slot::<V6>(cookie);
+    if !v6_freed && (family == AF_INET || family == AF_INET6) {
+        free_held_slot::<V4>(cookie);
+    }
+}
+
+/// Frees the slot COOKIE holds, counting it out of the filter under the
+/// backend it names; false if it holds none.
+#[inline(always)]
+fn free_held_slot<F: SockFamily>(cookie: u64) -> bool {
+    let Some(slot) = held_slot::<F>(cookie) else {
+        return false;
+    };
+    // SAFETY: an array element, valid while the program runs.
+    let (backend, port_be) = unsafe { ((*slot).backend, (*slot).backend_port_be) };
+    if let Some(counter) = filter_counter::<F>(&backend, port_be) {
+        count(counter, u64::MAX);
+    }
+    // SAFETY: as above.
+    unsafe { write_volatile(&raw mut (*slot).cookie, 0) };
+    true
 }
 
 /// Drops the reverse entry of a released socket connected to
@@ -675,9 +713,11 @@ struct SlotClaim<F: SockFamily> {
 impl<F: SockFamily> SlotClaim<F> {
     /// The first of COOKIE's two slots that is free or its own; none when
     /// other live sockets hold both. Read without a lock: two sockets
-    /// whose cookies share a slot (1 024 or 65 536 apart) would have to
-    /// connect within the same few instructions for both to take it, and
-    /// the loser would only lose its reverse translation.
+    /// whose cookies share a slot (1 024 or 65 536 apart; the kernel hands
+    /// cookies out to each CPU in batches, so two CPUs' new sockets can
+    /// meet) that connect at the same moment, between this read and the
+    /// record's store, can both take it; the loser only loses its reverse
+    /// translation (its `getpeername()` shows the backend).
     #[inline(always)]
     fn claim(cookie: u64) -> Option<Self> {
         let usable = |(slot, owner): (*mut SockSlot<F::Addr>, u64)| {

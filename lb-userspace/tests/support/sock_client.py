@@ -55,7 +55,9 @@ def tcp_open(cmd):
     except OSError as e:
         return err(e, t0)
     tcp_socks[cmd["id"]] = s
-    return {"peer": peer, "answer": answer}
+    # SO_COOKIE (57): which slots the socket programs may have used.
+    cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 57, 8), "little")
+    return {"peer": peer, "answer": answer, "cookie": cookie}
 
 def tcp_peer(cmd):
     return {"peer": list(tcp_socks[cmd["id"]].getpeername()[:2])}
