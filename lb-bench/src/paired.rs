@@ -2,7 +2,7 @@
 //! difference of about 1% that separate runs cannot show: on a shared
 //! 2-core machine two rates measured one after the other differ by ±20%
 //! from round to round, whatever the contenders. Here one process connects
-//! to A, then to B, then to A..., timing every `connect()`: both contenders
+//! to A and B in pairs (A B, B A, A B, ...), timing every `connect()`: both contenders
 //! meet the same machine state within microseconds of each other, so load
 //! that comes and goes slows both alike and cancels out of the ratio.
 //!

@@ -738,7 +738,8 @@ pub fn section(md: &mut String, socklb: &Value) {
         for family in ["ipv4", "ipv6"] {
             let f = &scale[family];
             let paired = &f["socket_vs_direct_interleaved"];
-            // "—" for results from before a column existed.
+            // "—" for results from before a column existed (or none
+            // measured: every connect of a side stalled).
             let interval = |value: &Value, key: &str, digits: usize| {
                 let at = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
                 let range = &value[format!("{key}_ci95")];
