@@ -116,7 +116,7 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
     }
     let (mean, lo, hi) = mean_ci95(&block_ratios);
     let (extra, extra_lo, extra_hi) = mean_ci95(&block_extras);
-    let stalls = |all: &[f64]| all.iter().filter(|&&t| t > STALL.as_secs_f64()).count();
+    let stalls = |all: &[f64]| all.iter().filter(|&&t| is_stall(t)).count();
     let (stalls_a, stalls_b) = (stalls(&all_a), stalls(&all_b));
     let (median_a, median_b) = (median(&all_a), median(&all_b));
     // What the extra makes of a rate: B's mean connect time (without the
@@ -149,13 +149,14 @@ pub fn connect_pair(a: SocketAddr, b: SocketAddr, secs: u32) -> anyhow::Result<(
     Ok(())
 }
 
-/// The mean of the connect times ALL (seconds) under `STALL`.
+/// Whether a connect of T seconds counts as a stall.
+fn is_stall(t: f64) -> bool {
+    t > STALL.as_secs_f64()
+}
+
+/// The mean of the connect times ALL (seconds) but the stalls.
 fn mean_without_stalls(all: &[f64]) -> f64 {
-    let kept: Vec<f64> = all
-        .iter()
-        .copied()
-        .filter(|&t| t <= STALL.as_secs_f64())
-        .collect();
+    let kept: Vec<f64> = all.iter().copied().filter(|&t| !is_stall(t)).collect();
     #[expect(clippy::cast_precision_loss, reason = "a count of connects")]
     let n = kept.len() as f64;
     kept.iter().sum::<f64>() / n

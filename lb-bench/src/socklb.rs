@@ -505,18 +505,15 @@ fn interleaved(
     v6: bool,
 ) -> anyhow::Result<(Value, Value)> {
     let family = if v6 { "ipv6" } else { "ipv4" };
+    let direct = target(Contender::NodeDirect, scale, v6)?;
     let paired = connect_pair(
         &topo.node,
         cgroup,
-        [
-            target(Contender::NodeSocket, scale, v6)?,
-            target(Contender::NodeDirect, scale, v6)?,
-        ],
+        [target(Contender::NodeSocket, scale, v6)?, direct],
         settings.paired_secs,
     )?;
     // The measurement's own bias: the direct connect against itself,
     // whose extra should be 0 within its interval (see `paired.rs`).
-    let direct = target(Contender::NodeDirect, scale, v6)?;
     let control = connect_pair(
         &topo.node,
         cgroup,

@@ -393,13 +393,15 @@ pub(crate) fn release(ctx: &SockContext) -> i32 {
 fn release_without_peer(ctx: &SockContext, family: u32) {
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let v6_freed = family == AF_INET6 && free_held_slot::<V6>(cookie);
-    if !v6_freed && (family == AF_INET || family == AF_INET6) {
+    if family == AF_INET6 && free_held_slot::<V6>(cookie) {
+        return;
+    }
+    if family == AF_INET || family == AF_INET6 {
         free_held_slot::<V4>(cookie);
     }
 }
 
-/// Frees the slot COOKIE holds, counting it out of the filter under the
+/// Frees the slot COOKIE holds, counted out of the filter under the
 /// backend it names; false if it holds none.
 #[inline(always)]
 fn free_held_slot<F: SockFamily>(cookie: u64) -> bool {
@@ -408,12 +410,19 @@ fn free_held_slot<F: SockFamily>(cookie: u64) -> bool {
     };
     // SAFETY: an array element, valid while the program runs.
     let (backend, port_be) = unsafe { ((*slot).backend, (*slot).backend_port_be) };
-    if let Some(counter) = filter_counter::<F>(&backend, port_be) {
+    free_slot(slot, filter_counter::<F>(&backend, port_be));
+    true
+}
+
+/// Frees SLOT, its holder counted out of the filter at COUNTER first (see
+/// `forward`).
+#[inline(always)]
+fn free_slot<A>(slot: *mut SockSlot<A>, counter: Option<*mut u64>) {
+    if let Some(counter) = counter {
         count(counter, u64::MAX);
     }
-    // SAFETY: as above.
+    // SAFETY: an array element, valid while the program runs.
     unsafe { write_volatile(&raw mut (*slot).cookie, 0) };
-    true
 }
 
 /// Drops the reverse entry of a released socket connected to
@@ -431,10 +440,7 @@ fn release_peer<F: SockFamily>(ctx: &SockContext, tcp: bool, addr: F::Addr, port
     // SAFETY: helper on the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if tcp && let Some(slot) = held_slot::<F>(cookie) {
-        // Counted out before the slot's store (see `forward`).
-        count(counter, u64::MAX);
-        // SAFETY: an array element, valid while the program runs.
-        unsafe { write_volatile(&raw mut (*slot).cookie, 0) };
+        free_slot(slot, Some(counter));
     } else if forget::<F>(cookie.to_ne_bytes(), addr, port_be) {
         count(counter, u64::MAX);
     }
