@@ -45,7 +45,7 @@ use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
     lb,
-    maps::{LB_CONFIG_V3, count_event},
+    maps::{LB_CONFIG_V3, LB_PACKET, count_event},
     verdict::Verdict,
 };
 
@@ -77,11 +77,6 @@ const ANSWERED_BIT: u32 = 1 << 16;
 /// Marks a `snat_port` result that is an `UNCONFIRMED` candidate: its
 /// flow must end.
 const UNCONFIRMED_BIT: u32 = 1 << 17;
-/// `snat_port`'s state: the first fallback candidate is `UNCONFIRMED`
-/// (not `LINGERING`).
-const PICKED_UNCONFIRMED: u32 = 1 << 15;
-/// `snat_port`'s state: the attempts so far.
-const ATTEMPTS_MASK: u32 = 0xff;
 
 /// Decides on source NAT for a new flow whose backend is in `flow`:
 /// hairpin flows (a backend sending to its own service) get the loopback
@@ -187,14 +182,19 @@ fn snat_port<F: Family>(
     now: u64,
     start: u32,
 ) -> u32 {
-    // The attempts so far in the low 8 bits, whether the first fallback
-    // is unconfirmed in bit 15, the first lingering or unconfirmed
-    // candidate's port (network order) in the high 16: one register for
-    // all (a variable more took the deepest call chain over the
-    // verifier's 512 bytes of stack).
-    let mut state = 0u32;
-    while state & ATTEMPTS_MASK < SNAT_ATTEMPTS {
-        let attempt = state & ATTEMPTS_MASK;
+    // The first lingering or unconfirmed candidate's port (network order,
+    // `UNCONFIRMED_BIT` set for the latter) is kept in the per-CPU scratch,
+    // whose contents the verifier does not track: held in a register, it
+    // made the states of each attempt three (none, lingering, unconfirmed),
+    // and the 32 attempts were two thirds of `lb_tc`'s verification.
+    let Some(packet) = LB_PACKET.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch of this run; the field is this function's.
+    let fallback = unsafe { &mut (*packet).snat_fallback };
+    *fallback = 0;
+    let mut attempt = 0u32;
+    while attempt < SNAT_ATTEMPTS {
         #[expect(
             clippy::cast_possible_truncation,
             reason = "below SNAT_PORT_COUNT, a u16"
@@ -202,30 +202,39 @@ fn snat_port<F: Family>(
         let offset =
             (start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port_be = (SNAT_PORT_MIN + offset).to_be();
-        reply.dport_be = port_be;
-        state += 1;
-        // The ports of `NodePort`s (30000-32767 by default) lie in the
-        // range: the answer to node:30080 must not meet the frontend
-        // node:30080 (it would be refused as a stray packet to it).
-        // SAFETY: only the presence is used.
-        if unsafe { lb::frontend::<F>(reply.daddr, port_be, reply.proto) }.is_some() {
-            continue;
-        }
-        match reply_holder::<F>(reply, tuple, rev_nat_id, now) {
+        attempt += 1;
+        match candidate_holder::<F>(reply, port_be, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
-            LINGERING if state >> 16 == 0 => state |= u32::from(port_be) << 16,
-            UNCONFIRMED if state >> 16 == 0 => {
-                state |= u32::from(port_be) << 16 | PICKED_UNCONFIRMED;
-            }
+            LINGERING if *fallback == 0 => *fallback = u32::from(port_be),
+            UNCONFIRMED if *fallback == 0 => *fallback = u32::from(port_be) | UNCONFIRMED_BIT,
             _ => {}
         }
     }
-    if state & PICKED_UNCONFIRMED != 0 {
-        state >> 16 | UNCONFIRMED_BIT
-    } else {
-        state >> 16
+    *fallback
+}
+
+/// `reply_holder` of the candidate port `port_be` (put into `reply`),
+/// `TAKEN` when it is a frontend's. A subprogram: the keys of its lookups
+/// live in its own frame, gone when it returns, so that the verifier meets
+/// each attempt of `snat_port` with the few states its result makes.
+#[inline(never)]
+fn candidate_holder<F: Family>(
+    reply: &mut Tuple<F::Addr>,
+    port_be: u16,
+    client: &Tuple<F::Addr>,
+    rev_nat_id: u32,
+    now: u64,
+) -> u32 {
+    reply.dport_be = port_be;
+    // The ports of `NodePort`s (30000-32767 by default) lie in the
+    // range: the answer to node:30080 must not meet the frontend
+    // node:30080 (it would be refused as a stray packet to it).
+    // SAFETY: only the presence is used.
+    if unsafe { lb::frontend::<F>(reply.daddr, port_be, reply.proto) }.is_some() {
+        return TAKEN;
     }
+    reply_holder::<F>(reply, client, rev_nat_id, now)
 }
 
 /// Who holds the reply tuple `reply` for the flow of `client` to the
