@@ -358,21 +358,33 @@ fn load_tc_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadE
             .map(|(name, program)| {
                 let load = scope.spawn(move || {
                     lower_own_priority(VERIFIER_NICE);
-                    program.load()
+                    program.load()?;
+                    // The verifier's work (what a start waits for); the
+                    // kernel reports it from 5.16 on.
+                    Ok(program
+                        .info()
+                        .ok()
+                        .and_then(|info| info.verified_instruction_count()))
                 });
                 (name, load)
             })
             .collect();
         let mut verified = Vec::new();
+        let mut instructions = Vec::new();
         for (name, load) in loads {
-            let loaded = load
+            let loaded: Result<Option<u32>, aya::programs::ProgramError> = load
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            loaded.map_err(|source| LoadError::Program { name, source })?;
+            let count = loaded.map_err(|source| LoadError::Program { name, source })?;
             verified.push(name);
+            instructions.extend(count);
         }
         if !verified.is_empty() {
-            tracing::info!(programs = ?verified, "TC programs verified");
+            tracing::info!(
+                programs = ?verified,
+                verified_instructions = ?instructions,
+                "TC programs verified"
+            );
         }
         Ok(())
     })
