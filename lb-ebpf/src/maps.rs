@@ -136,6 +136,12 @@ pub(crate) static LB_SCRATCH: PerCpuArray<[u8; crate::reject::SCRATCH_LEN]> =
 #[map]
 pub(crate) static LB_PACKET: PerCpuArray<crate::tc::Packet> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU scratch: `snat::snat_port`'s fallback candidate, in a map
+/// because the verifier does not track a map value's contents (see there;
+/// not pinned: private to one loaded program).
+#[map]
+pub(crate) static LB_SNAT_FALLBACK: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Socket-level load balancing settings (see `sock`).
 #[map]
 pub(crate) static LB_SOCK_CFG_V1: Array<SockConfig> = Array::pinned(1, 0);

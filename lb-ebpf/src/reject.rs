@@ -88,7 +88,7 @@ fn csum_add(data: *const u8, len: u32, seed: u32) -> Result<u32, Verdict> {
     u32::try_from(sum).map_err(failed)
 }
 
-/// The scratch buffer, zeroed up to `len`, with the reply's Ethernet header
+/// The scratch buffer, zeroed whole, with the reply's Ethernet header
 /// (MAC addresses swapped) and the quote of the packet at `quote_off`.
 #[inline(always)]
 fn start_reply<L: Link>(

@@ -45,7 +45,7 @@ use crate::{
     ct::{self, Flow},
     family::{Family, Tuple, ct_key},
     lb,
-    maps::{LB_CONFIG_V3, LB_PACKET, count_event},
+    maps::{LB_CONFIG_V3, LB_SNAT_FALLBACK, count_event},
     verdict::Verdict,
 };
 
@@ -183,16 +183,17 @@ fn snat_port<F: Family>(
     start: u32,
 ) -> u32 {
     // The first lingering or unconfirmed candidate's port (network order,
-    // `UNCONFIRMED_BIT` set for the latter) is kept in the per-CPU scratch,
-    // whose contents the verifier does not track: held in a register, it
-    // made the states of each attempt three (none, lingering, unconfirmed),
-    // and the 32 attempts were two thirds of `lb_tc`'s verification.
-    let Some(packet) = LB_PACKET.get_ptr_mut(0) else {
+    // `UNCONFIRMED_BIT` set for the latter) is kept in a per-CPU map value,
+    // whose contents the verifier does not track (volatile, so that LLVM
+    // keeps it there): held in a register, it made the states of each
+    // attempt three (none, lingering, unconfirmed), and the 32 attempts
+    // were two thirds of `lb_tc`'s verification.
+    let Some(fallback) = LB_SNAT_FALLBACK.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: per-CPU scratch of this run; the field is this function's.
-    let fallback = unsafe { &mut (*packet).snat_fallback };
-    *fallback = 0;
+    // SAFETY: this function's per-CPU scratch (no program nests on a
+    // CPU), reset before it is read.
+    unsafe { fallback.write_volatile(0) };
     let mut attempt = 0u32;
     while attempt < SNAT_ATTEMPTS {
         #[expect(
@@ -203,15 +204,22 @@ fn snat_port<F: Family>(
             (start.wrapping_add(attempt.wrapping_mul(7919)) % u32::from(SNAT_PORT_COUNT)) as u16;
         let port_be = (SNAT_PORT_MIN + offset).to_be();
         attempt += 1;
-        match candidate_holder::<F>(reply, port_be, tuple, rev_nat_id, now) {
+        let keep = match candidate_holder::<F>(reply, port_be, tuple, rev_nat_id, now) {
             FREE | OURS_NEW => return u32::from(port_be),
             OURS_ANSWERED => return u32::from(port_be) | ANSWERED_BIT,
-            LINGERING if *fallback == 0 => *fallback = u32::from(port_be),
-            UNCONFIRMED if *fallback == 0 => *fallback = u32::from(port_be) | UNCONFIRMED_BIT,
-            _ => {}
+            LINGERING => u32::from(port_be),
+            UNCONFIRMED => u32::from(port_be) | UNCONFIRMED_BIT,
+            _ => continue,
+        };
+        // SAFETY: as above.
+        unsafe {
+            if fallback.read_volatile() == 0 {
+                fallback.write_volatile(keep);
+            }
         }
     }
-    *fallback
+    // SAFETY: as above.
+    unsafe { fallback.read_volatile() }
 }
 
 /// `reply_holder` of the candidate port `port_be` (put into `reply`),

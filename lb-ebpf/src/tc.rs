@@ -51,8 +51,6 @@ pub(crate) struct Packet {
     pub(crate) frag: u32,
     /// The datagram's identification, for a fragment (see `frag`).
     pub(crate) frag_id: u32,
-    /// `snat::snat_port`'s fallback candidate (see there).
-    pub(crate) snat_fallback: u32,
 }
 
 /// `skb->pkt_type` of a frame for another host's MAC (`linux/if_packet.h`).

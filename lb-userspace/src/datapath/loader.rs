@@ -330,7 +330,7 @@ fn versioned(name: &str) -> Option<(&str, &str)> {
 }
 
 /// Loads the TC programs NAMES that are not loaded yet, each on a thread
-/// of its own: the verifier's walk of each ingress program (~206k
+/// of its own: the verifier's walk of each ingress program (~203k
 /// instructions for `lb_tc`) is most of an agent's start at 10k Services,
 /// and they are verified side by side. (The XDP program is loaded by `xdp::setup`, when `--xdp` uses
 /// it.)
