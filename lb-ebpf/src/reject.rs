@@ -8,6 +8,8 @@
 //! small for it next to the rest of the program), checksummed there, and
 //! written over the packet after the skb is resized to the reply's length.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
@@ -34,6 +36,7 @@ use crate::{
     skb::read,
     tcp_reset,
     verdict::{TC_ACT_REDIRECT, Verdict},
+    zeroed::zeroed_in_place,
 };
 
 /// Quoted bytes of the offending packet: its IP header and 8 bytes of L4.
@@ -70,8 +73,6 @@ const _: () = assert!(REPLY4_LEN <= 110 && REPLY6_LEN <= 110);
 const _: () = assert!(RESET4_LEN <= 110 && RESET6_LEN <= 110);
 const _: () = assert!(PSEUDO6_OFF >= REPLY6_LEN && PSEUDO6_OFF.is_multiple_of(4));
 const _: () = assert!(PSEUDO6_OFF + ipv6::PSEUDO_LEN <= SCRATCH_LEN);
-// `start_reply` zeroes the buffer a word at a time.
-const _: () = assert!(SCRATCH_LEN.is_multiple_of(8));
 const _: () = assert!(RESET_QUOTE_OFF >= RESET6_LEN && RESET_PSEUDO_OFF.is_multiple_of(4));
 
 #[inline(always)]
@@ -97,23 +98,20 @@ fn start_reply<L: Link>(
     quote_off: usize,
     quote_len: usize,
 ) -> Result<&'static mut [u8; SCRATCH_LEN], Verdict> {
-    let buf = LB_SCRATCH
+    let slot = LB_SCRATCH
         .get_ptr_mut(0)
         .ok_or(Verdict::drop(reason::DROP_REJECT_FAILED))?;
-    // SAFETY: per-CPU map value of SCRATCH_LEN bytes, used by this run only.
-    let buf = unsafe { &mut *buf };
-    // Word stores: LLVM turns a loop of byte stores into a call of a
-    // byte-by-byte `memset` subprogram, which the verifier walks a byte
-    // at a time at each of its call sites.
+    // Zeroed in words (`zeroed_in_place`): a loop of byte stores became a
+    // byte-by-byte `memset` subprogram, which the verifier walked a byte at
+    // a time at each of its call sites.
     #[expect(clippy::cast_ptr_alignment, reason = "a map value is 8-aligned")]
-    let words = buf.as_mut_ptr().cast::<u64>();
-    let mut i = 0;
-    while i < SCRATCH_LEN / 8 {
-        // SAFETY: `i` words are inside the buffer (its length is a multiple
-        // of 8, checked at compile time); a map value is 8-aligned.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
-        i += 1;
-    }
+    let words = slot.cast::<MaybeUninit<[u32; SCRATCH_LEN / 4]>>();
+    // SAFETY: per-CPU map value of SCRATCH_LEN bytes, used by this run only;
+    // zero words are valid bytes.
+    let buf = unsafe {
+        zeroed_in_place(&mut *words);
+        &mut *slot
+    };
     if L::ETHERNET {
         load_exact(
             ctx,

@@ -303,7 +303,7 @@ fn session_affinity_sticks_then_expires() {
 /// waits for (on two cores, beside the first read), stays within a budget:
 /// `lb_tc` took 476,768 verified instructions while `snat::snat_port` kept
 /// its fallback candidate in a register and looked each candidate up
-/// inline (two thirds of it in those 32 attempts), 203,023 after, on
+/// inline (two thirds of it in those 32 attempts), 203,331 after, on
 /// Linux 6.18 (the count depends on the kernel's verifier). The kernel's
 /// limit is 1M. A kernel before 5.16 does not report the count: the test
 /// fails there, as privileged tests do without a kernel feature.
