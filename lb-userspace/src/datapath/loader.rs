@@ -332,8 +332,8 @@ fn versioned(name: &str) -> Option<(&str, &str)> {
 /// Loads the TC programs NAMES that are not loaded yet, each on a thread
 /// of its own: the verifier's walk of each ingress program (~203k
 /// instructions for `lb_tc`) is most of an agent's start at 10k Services,
-/// and they are verified side by side. (The XDP program is loaded by `xdp::setup`, when `--xdp` uses
-/// it.)
+/// and they are verified side by side. (The XDP program is loaded by
+/// `xdp::setup`, when `--xdp` uses it.)
 ///
 /// The verifying threads run at [`VERIFIER_NICE`]: during a start they
 /// share the cores with the source's first read, which a large cluster's
@@ -377,7 +377,7 @@ fn load_tc_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), LoadE
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             let count = loaded.map_err(|source| LoadError::Program { name, source })?;
             verified.push(name);
-            instructions.extend(count);
+            instructions.extend(count.map(|count| (name, count)));
         }
         if !verified.is_empty() {
             tracing::info!(
