@@ -12,6 +12,7 @@ pub mod agent;
 pub mod datapath;
 pub mod error;
 pub mod explain;
+pub mod fast_hash;
 pub mod http;
 pub mod maglev;
 pub mod model;

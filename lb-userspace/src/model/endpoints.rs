@@ -1,7 +1,7 @@
 //! `EndpointSlice`s validated and parsed once into a compact form, and
 //! grouped by the Service they belong to.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
@@ -12,6 +12,7 @@ use super::{
     ENDPOINT_SLICE, ObjectError, Protocol, SERVICE_NAME_LABEL, for_another_proxy, is_ipv4,
     namespace_of, object_key,
 };
+use crate::fast_hash::FastHashMap;
 
 /// An endpoint's conditions, with Kubernetes' defaults applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +118,7 @@ impl SliceEndpoints {
 
 /// Slices grouped by the Service they belong to: (namespace, service name).
 pub(super) struct EndpointIndex {
-    by_service: HashMap<(String, String), Vec<SliceEndpoints>>,
+    by_service: FastHashMap<(String, String), Vec<SliceEndpoints>>,
 }
 
 impl EndpointIndex {
@@ -126,7 +127,8 @@ impl EndpointIndex {
         ordered.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
 
         let mut seen = BTreeSet::new();
-        let mut by_service: HashMap<(String, String), Vec<SliceEndpoints>> = HashMap::new();
+        let mut by_service: FastHashMap<(String, String), Vec<SliceEndpoints>> =
+            FastHashMap::default();
         for slice in ordered {
             let meta = &slice.metadata;
             let Some(service) = slice_service(meta) else {

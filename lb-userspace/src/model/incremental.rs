@@ -1,7 +1,7 @@
 //! [`Incremental`]: the model kept up to date object by object, so that a
 //! change costs what the Services it touches cost.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -13,6 +13,7 @@ use super::{
     ObjectError, ObjectKey, SERVICE, ServiceContext, ServiceOutput, ServiceRecord, key_of,
     leave_contested, service_output,
 };
+use crate::fast_hash::{FastHashMap, FastHashSet};
 
 /// One stored Service and what it asked for when last computed.
 struct ServiceEntry {
@@ -51,14 +52,14 @@ pub type FrontendChanges = BTreeMap<Frontend, Option<FrontendSpec>>;
 pub struct Incremental {
     node: NodeContext,
     services: BTreeMap<ObjectKey, ServiceEntry>,
-    slices: HashMap<ObjectKey, SliceEntry>,
+    slices: FastHashMap<ObjectKey, SliceEntry>,
     /// (namespace, service name) -> names of its slices, in name order: a
     /// sorted list, as a Service has a few slices (a B-tree set was a node
     /// of ~290 bytes for each Service).
-    slices_of: HashMap<ObjectKey, Vec<String>>,
+    slices_of: FastHashMap<ObjectKey, Vec<String>>,
     /// How many Services claim each frontend / health check port.
-    frontend_claims: HashMap<Frontend, u32>,
-    port_claims: HashMap<u16, u32>,
+    frontend_claims: FastHashMap<Frontend, u32>,
+    port_claims: FastHashMap<u16, u32>,
     frontends: BTreeMap<Frontend, FrontendSpec>,
     health_checks: BTreeMap<u16, HealthCheck>,
     /// Every current error with the number of objects reporting it.
@@ -83,10 +84,10 @@ impl Incremental {
         Self {
             node,
             services: BTreeMap::new(),
-            slices: HashMap::new(),
-            slices_of: HashMap::new(),
-            frontend_claims: HashMap::new(),
-            port_claims: HashMap::new(),
+            slices: FastHashMap::default(),
+            slices_of: FastHashMap::default(),
+            frontend_claims: FastHashMap::default(),
+            port_claims: FastHashMap::default(),
             frontends: BTreeMap::new(),
             health_checks: BTreeMap::new(),
             errors: BTreeMap::new(),
@@ -136,7 +137,7 @@ impl Incremental {
         for key in &gone {
             self.remove_service(key);
         }
-        let mut present = HashSet::new();
+        let mut present = FastHashSet::default();
         for slice in slices {
             // Slices of no Service are none of ours (and no duplicates).
             if slice_service(&slice.metadata).is_none() {
@@ -391,9 +392,10 @@ impl Incremental {
         let new_port = output
             .as_ref()
             .and_then(|output| output.health_check.as_ref().map(|check| check.port));
-        let others = |claims: &HashMap<Frontend, u32>, frontend: &Frontend, mine: &[Frontend]| {
-            claims.get(frontend).copied().unwrap_or(0) > u32::from(mine.contains(frontend))
-        };
+        let others =
+            |claims: &FastHashMap<Frontend, u32>, frontend: &Frontend, mine: &[Frontend]| {
+                claims.get(frontend).copied().unwrap_or(0) > u32::from(mine.contains(frontend))
+            };
         let ports_contested = [old_port, new_port].into_iter().flatten().any(|port| {
             self.port_claims.get(&port).copied().unwrap_or(0) > u32::from(old_port == Some(port))
         });
@@ -497,8 +499,8 @@ impl Incremental {
     /// stale count would send every later commit down the full pass).
     #[cfg(test)]
     fn claims_match_entries(&self) -> bool {
-        let mut frontends: HashMap<Frontend, u32> = HashMap::new();
-        let mut ports: HashMap<u16, u32> = HashMap::new();
+        let mut frontends: FastHashMap<Frontend, u32> = FastHashMap::default();
+        let mut ports: FastHashMap<u16, u32> = FastHashMap::default();
         for entry in self.services.values() {
             for frontend in &entry.claims {
                 *frontends.entry(*frontend).or_default() += 1;

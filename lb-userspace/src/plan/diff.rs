@@ -1,7 +1,7 @@
 //! The full plan: every desired frontend against the state, in make-before-
 //! break order, and the `Planner` the incremental plan shares.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use lb_common::{backend_flags, limits, svc_flags};
@@ -10,6 +10,7 @@ use super::ids::{IdAllocator, IdSet, IdsInUse};
 use super::{
     BackendEntry, BackendKey, DatapathState, FrontendState, FrontendWrite, Op, Plan, SourceRange,
 };
+use crate::fast_hash::{FastHashMap, map_with_capacity};
 use crate::model::{Backend, Frontend, FrontendKind, FrontendSpec};
 
 /// Computes the plan that turns `current` into `desired`.
@@ -27,8 +28,8 @@ pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>)
 
 /// Backend ids by frontend, address, port and protocol (of two entries
 /// with one key, the higher id).
-pub(super) fn backend_ids(state: &DatapathState) -> HashMap<BackendKey, u32> {
-    let mut ids = HashMap::with_capacity(state.backends.len());
+pub(super) fn backend_ids(state: &DatapathState) -> FastHashMap<BackendKey, u32> {
+    let mut ids = map_with_capacity(state.backends.len());
     for (id, entry) in &state.backends {
         ids.insert(entry.key, *id);
     }
@@ -178,9 +179,9 @@ pub(super) struct Planner<'a> {
     pub(super) tail: Vec<Op>,
     pub(super) problems: Vec<String>,
     /// Ids of the backends in the maps (of the frontends planned, at least).
-    pub(super) known_backend_ids: &'a HashMap<BackendKey, u32>,
+    pub(super) known_backend_ids: &'a FastHashMap<BackendKey, u32>,
     /// Ids allocated by this plan.
-    pub(super) new_backend_ids: HashMap<BackendKey, u32>,
+    pub(super) new_backend_ids: FastHashMap<BackendKey, u32>,
     pub(super) backend_alloc: BackendAllocator<'a>,
     pub(super) rev_nat_alloc: IdAllocator<'a>,
     pub(super) backends_used: IdSet,
@@ -189,7 +190,7 @@ pub(super) struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    fn new(current: &'a DatapathState, backend_ids: &'a HashMap<BackendKey, u32>) -> Self {
+    fn new(current: &'a DatapathState, backend_ids: &'a FastHashMap<BackendKey, u32>) -> Self {
         Self {
             current,
             head: Vec::new(),
@@ -198,7 +199,7 @@ impl<'a> Planner<'a> {
             problems: Vec::new(),
             // Reuse the id of an identical backend of the same frontend.
             known_backend_ids: backend_ids,
-            new_backend_ids: HashMap::new(),
+            new_backend_ids: FastHashMap::default(),
             backend_alloc: backend_allocator(current),
             rev_nat_alloc: IdAllocator::new(
                 current

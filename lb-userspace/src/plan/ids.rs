@@ -1,10 +1,11 @@
 //! Backend and rev-NAT id allocation.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use super::BackendEntry;
+use crate::fast_hash::FastHashSet;
 
 /// The ids in use before a plan: a set, or the keys of a state's map.
 #[derive(Debug)]
@@ -127,7 +128,7 @@ impl<'a> IdAllocator<'a> {
 #[derive(Debug, Default)]
 pub(super) struct IdSet {
     words: Vec<u64>,
-    high: HashSet<u32>,
+    high: FastHashSet<u32>,
     len: usize,
 }
 

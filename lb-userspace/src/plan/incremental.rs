@@ -1,12 +1,13 @@
 //! The plan over the changed frontends only, and the index it needs.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::diff::{Planner, backend_allocator};
 use super::ids::{IdAllocator, IdSet, IdsInUse};
 use super::{BackendKey, DatapathState, Op, Plan};
+use crate::fast_hash::{FastHashMap, map_with_capacity};
 use crate::model::{Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protocol};
 
 /// What a plan over only the changed frontends needs beyond the state:
@@ -20,7 +21,7 @@ use crate::model::{Frontend, FrontendChanges, FrontendKind, FrontendSpec, Protoc
 /// (and a full [`diff`](super::diff())).
 #[derive(Debug, Default)]
 pub struct PlanIndex {
-    ids_of: HashMap<u32, Vec<u32>>,
+    ids_of: FastHashMap<u32, Vec<u32>>,
 }
 
 impl PlanIndex {
@@ -30,7 +31,7 @@ impl PlanIndex {
         // Every entry of the state is one of a desired frontend's: the
         // index needs nothing from `desired` itself.
         let _ = desired;
-        let mut ids_of: HashMap<u32, Vec<u32>> = HashMap::with_capacity(state.frontends.len());
+        let mut ids_of: FastHashMap<u32, Vec<u32>> = map_with_capacity(state.frontends.len());
         // A frontend's ids are handed out together, so in id order they
         // come in runs: one lookup and one allocation of the right size per
         // run, not per id (~0.1 s at 100k Services, on the loop after the
@@ -123,8 +124,8 @@ fn known_backend_ids(
     current: &DatapathState,
     index: &PlanIndex,
     changes: &FrontendChanges,
-) -> HashMap<BackendKey, u32> {
-    let mut known = HashMap::new();
+) -> FastHashMap<BackendKey, u32> {
+    let mut known = FastHashMap::default();
     for frontend in changes.keys() {
         let Some(state) = current.frontends.get(frontend) else {
             continue;
@@ -159,7 +160,7 @@ pub fn diff_changes(
         tail: Vec::new(),
         problems: Vec::new(),
         known_backend_ids: &known,
-        new_backend_ids: HashMap::new(),
+        new_backend_ids: FastHashMap::default(),
         backend_alloc: backend_allocator(current),
         rev_nat_alloc: IdAllocator::over(
             IdsInUse::RevNats(&current.rev_nats),

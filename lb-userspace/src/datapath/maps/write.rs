@@ -6,6 +6,7 @@ use lb_common::{LbService, limits, svc_flags};
 
 use super::{Maps, MapsError, family::FamilyOps, marker};
 use crate::{
+    fast_hash::FastHashSet,
     model::Frontend,
     plan::{FrontendWrite, Op},
 };
@@ -159,9 +160,9 @@ impl Outcomes<'_> {
 #[derive(Default)]
 struct Failed {
     /// New backends not in the backend map.
-    backend_ids: std::collections::HashSet<u32>,
+    backend_ids: FastHashSet<u32>,
     /// Frontends with a failed slot or rev-NAT write.
-    frontends: std::collections::HashSet<Frontend>,
+    frontends: FastHashSet<Frontend>,
 }
 
 impl Failed {

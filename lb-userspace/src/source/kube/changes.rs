@@ -1,8 +1,6 @@
 //! What the agent holds of each resource (keys and versions only) and
 //! what changed since the last update.
 
-use std::collections::{HashMap, HashSet};
-
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -10,6 +8,7 @@ use k8s_openapi::api::{
 use kube::{Resource, runtime::watcher};
 
 use super::{Changes, NodeChange};
+use crate::fast_hash::{FastHashMap, FastHashSet};
 use crate::model::{ListedSlice, ObjectKey, PreparedSlice, key_of};
 
 /// What one watcher item means for the source.
@@ -37,14 +36,14 @@ pub(super) enum Observed {
 /// `resourceVersion` only), and what changed since the last update.
 pub(super) struct Tracker<K> {
     /// Key -> `resourceVersion` of each object sent.
-    pub(super) sent: HashMap<ObjectKey, Option<String>>,
+    pub(super) sent: FastHashMap<ObjectKey, Option<String>>,
     /// Key -> the object's newest state not yet sent (`None`: deleted).
-    pending: HashMap<ObjectKey, Option<K>>,
+    pending: FastHashMap<ObjectKey, Option<K>>,
     /// During a re-list: the keys listed so far, so that what it does not
     /// name is removed at its end. `None` during a first list (nothing held
     /// or pending, so nothing to remove: at 100k Services the set cost
     /// ~0.2 s of the list's one thread) and between lists.
-    listing: Option<HashSet<ObjectKey>>,
+    listing: Option<FastHashSet<ObjectKey>>,
     /// A first list's objects not yet sent, in the order listed. A first
     /// list names each key once and the agent holds nothing to compare
     /// them with, so they are not filed by key (a key made, hashed and
@@ -59,8 +58,8 @@ pub(super) struct Tracker<K> {
 impl<K: Resource> Default for Tracker<K> {
     fn default() -> Self {
         Self {
-            sent: HashMap::new(),
-            pending: HashMap::new(),
+            sent: FastHashMap::default(),
+            pending: FastHashMap::default(),
             listing: None,
             first_list: Vec::new(),
             first_listing: false,
@@ -75,7 +74,7 @@ impl<K: Resource> Tracker<K> {
             watcher::Event::Init => {
                 self.file_first_list();
                 let holds_any = !self.sent.is_empty() || !self.pending.is_empty();
-                self.listing = holds_any.then(HashSet::new);
+                self.listing = holds_any.then(FastHashSet::default);
                 self.first_listing = !holds_any;
                 Change::Listing
             }
