@@ -13,7 +13,7 @@ use super::{
     ObjectError, ObjectKey, SERVICE, ServiceContext, ServiceOutput, ServiceRecord, key_of,
     leave_contested, service_output,
 };
-use crate::fast_hash::{FastHashMap, FastHashSet};
+use crate::fast_hash::{FastHashMap, FastHashSet, map_with_capacity};
 
 /// One stored Service and what it asked for when last computed.
 struct ServiceEntry {
@@ -303,8 +303,10 @@ impl Incremental {
     /// whose spec changed, with their previous spec.
     pub fn commit(&mut self) -> FrontendChanges {
         let len_before = self.frontends.len();
-        let changes = self.commit_dirty();
-        self.repack_if_grown(len_before);
+        let (changes, full_pass) = self.commit_dirty();
+        if !full_pass {
+            self.repack_if_grown(len_before);
+        }
         changes
     }
 
@@ -316,26 +318,25 @@ impl Incremental {
     /// looked up twice more, and thrown away.
     pub fn commit_for_full_plan(&mut self) {
         if self.all_dirty || 2 * self.dirty.len() >= self.services.len() {
-            let len_before = self.frontends.len();
             self.recompute_all(None);
-            self.repack_if_grown(len_before);
         } else {
             let _ = self.commit();
         }
     }
 
-    /// Rebuilds the frontends' B-tree when a commit more than doubled it.
+    /// Rebuilds the frontends' B-tree when a commit's Service by Service
+    /// path more than doubled it (a full pass builds it full).
     fn repack_if_grown(&mut self, len_before: usize) {
-        // A commit that more than doubled the frontends (the first) filled
-        // the B-tree one insert at a time, which leaves its nodes half to
-        // two thirds full (~170-byte entries, 200k of them at 100k
-        // Services); rebuilt from its sorted entries, the nodes are full.
+        // Filled one insert at a time, a B-tree's nodes are half to two
+        // thirds full (~170-byte entries, 200k of them at 100k Services);
+        // rebuilt from its sorted entries, the nodes are full.
         if self.frontends.len() > 2 * len_before + 1024 {
             self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
         }
     }
 
-    fn commit_dirty(&mut self) -> FrontendChanges {
+    /// The changes, and whether they took a full pass.
+    fn commit_dirty(&mut self) -> (FrontendChanges, bool) {
         if !self.all_dirty {
             let dirty = std::mem::take(&mut self.dirty);
             let mut changes = FrontendChanges::new();
@@ -347,15 +348,15 @@ impl Incremental {
                 }
             }
             if !contested {
-                return changes;
+                return (changes, false);
             }
             // Services done so far stay done; the full pass recomputes all
             // of them, measured against the frontends before this commit.
             let before = Self::restore(std::mem::take(&mut self.frontends), changes);
-            return self.recompute_all(Some(&before));
+            return (self.recompute_all(Some(&before)), true);
         }
         let before = std::mem::take(&mut self.frontends);
-        self.recompute_all(Some(&before))
+        (self.recompute_all(Some(&before)), true)
     }
 
     /// The frontends as they were, from the current ones and the changes.
@@ -588,6 +589,24 @@ impl Incremental {
             })
             .collect();
         order.sort_by(|a, b| a.0.cmp(&b.0));
+        // The frontends are collected in claim order and made into their
+        // B-tree at the end, from sorted entries, which fills its nodes.
+        // Inserted one by one in claim order (not key order), the 200k of
+        // 100k Services left the nodes half full and were rebuilt after:
+        // the inserts and the rebuild were ~40% of a first sync's commit.
+        // Until then, which Service serves a frontend is found through
+        // `served` (its place in `accepted`). Room for as many as before,
+        // or one per Service on a first pass.
+        let room = [
+            self.frontends.len(),
+            before.map_or(0, BTreeMap::len),
+            order.len(),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or_default();
+        let mut accepted: Vec<(Frontend, FrontendSpec)> = Vec::with_capacity(room);
+        let mut served: FastHashMap<Frontend, usize> = map_with_capacity(room);
         self.frontends.clear();
         self.health_checks.clear();
         for (_, key, record, claimed) in order {
@@ -597,7 +616,7 @@ impl Incremental {
             leave_contested(
                 &mut output,
                 (&key.0, &key.1),
-                &self.frontends,
+                |frontend| served.get(frontend).map(|&at| &accepted[at].1.service),
                 &self.health_checks,
             );
             for error in &output.errors {
@@ -609,7 +628,10 @@ impl Incremental {
             if let Some(port) = port {
                 *self.port_claims.entry(port).or_default() += 1;
             }
-            self.frontends.extend(output.frontends);
+            for (frontend, spec) in output.frontends {
+                served.insert(frontend, accepted.len());
+                accepted.push((frontend, spec));
+            }
             if let Some(check) = output.health_check {
                 self.health_checks.insert(check.port, check);
             }
@@ -617,6 +639,11 @@ impl Incremental {
             *claimed.health_check_port = port;
             *claimed.errors = output.errors;
         }
+        // Freed first, so that the tree can take its memory.
+        drop(served);
+        // A frontend given twice by one Service: the later wins, as an
+        // insert would have it (the sort is stable).
+        self.frontends = accepted.into_iter().collect();
         self.services = services;
         let mut changes = FrontendChanges::new();
         let Some(before) = before else {

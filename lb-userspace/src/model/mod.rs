@@ -421,7 +421,12 @@ pub fn build(services: &[Service], slices: &[EndpointSlice], node: &NodeContext)
         let slices: Vec<&SliceEndpoints> = endpoints.of(namespace, name).iter().collect();
         let record = ServiceRecord::new(service);
         let mut output = service_output(&record, (namespace, name), &slices, &context);
-        leave_contested(&mut output, (namespace, name), &frontends, &health_checks);
+        leave_contested(
+            &mut output,
+            (namespace, name),
+            |frontend| frontends.get(frontend).map(|spec| &spec.service),
+            &health_checks,
+        );
         errors.extend(output.errors);
         frontends.extend(output.frontends);
         if let Some(check) = output.health_check {
@@ -587,23 +592,23 @@ type ClaimOrder<'a> = (bool, Option<&'a Time>, (&'a str, Option<&'a str>));
 /// this Service (a Warning Event with the kube source) and skipped; the
 /// rest of the Service is served. (kube-proxy has no rule here: whichever
 /// Service its sync writes last overwrites the rule.)
-fn leave_contested(
+/// `owner_of` names the Service serving a frontend already, if any.
+fn leave_contested<'a>(
     output: &mut ServiceOutput,
     (namespace, name): (&str, &str),
-    frontends: &BTreeMap<Frontend, FrontendSpec>,
+    owner_of: impl Fn(&Frontend) -> Option<&'a ServiceRef>,
     health_checks: &BTreeMap<u16, HealthCheck>,
 ) {
     let errors = &mut output.errors;
     output.frontends.retain(|(frontend, _)| {
-        let Some(owner) = frontends.get(frontend) else {
+        let Some(owner) = owner_of(frontend) else {
             return true;
         };
         errors.push(ObjectError::for_key(
             SERVICE,
             (namespace, name),
             format!(
-                "frontend {frontend} is also claimed by Service {}, which is older and serves it; frontend skipped",
-                owner.service
+                "frontend {frontend} is also claimed by Service {owner}, which is older and serves it; frontend skipped",
             ),
         ));
         false
