@@ -302,12 +302,28 @@ impl Incremental {
     /// Recomputes what changed since the last commit; returns the frontends
     /// whose spec changed, with their previous spec.
     pub fn commit(&mut self) -> FrontendChanges {
-        let len_before = self.frontends.len();
-        let (changes, full_pass) = self.commit_dirty();
-        if !full_pass {
-            self.repack_if_grown(len_before);
+        if !self.all_dirty {
+            let len_before = self.frontends.len();
+            let dirty = std::mem::take(&mut self.dirty);
+            let mut changes = FrontendChanges::new();
+            let mut contested = false;
+            for key in &dirty {
+                if !self.recompute(key, &mut changes) {
+                    contested = true;
+                    break;
+                }
+            }
+            if !contested {
+                self.repack_if_grown(len_before);
+                return changes;
+            }
+            // Services done so far stay done; the full pass recomputes all
+            // of them, measured against the frontends before this commit.
+            let before = Self::restore(std::mem::take(&mut self.frontends), changes);
+            return self.recompute_all(Some(&before));
         }
-        changes
+        let before = std::mem::take(&mut self.frontends);
+        self.recompute_all(Some(&before))
     }
 
     /// [`commit`](Self::commit) for a caller that plans over every
@@ -324,8 +340,8 @@ impl Incremental {
         }
     }
 
-    /// Rebuilds the frontends' B-tree when a commit's Service by Service
-    /// path more than doubled it (a full pass builds it full).
+    /// Rebuilds the frontends' B-tree when the Service by Service path of
+    /// a commit more than doubled it (a full pass builds it full).
     fn repack_if_grown(&mut self, len_before: usize) {
         // Filled one insert at a time, a B-tree's nodes are half to two
         // thirds full (~170-byte entries, 200k of them at 100k Services);
@@ -333,30 +349,6 @@ impl Incremental {
         if self.frontends.len() > 2 * len_before + 1024 {
             self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
         }
-    }
-
-    /// The changes, and whether they took a full pass.
-    fn commit_dirty(&mut self) -> (FrontendChanges, bool) {
-        if !self.all_dirty {
-            let dirty = std::mem::take(&mut self.dirty);
-            let mut changes = FrontendChanges::new();
-            let mut contested = false;
-            for key in &dirty {
-                if !self.recompute(key, &mut changes) {
-                    contested = true;
-                    break;
-                }
-            }
-            if !contested {
-                return (changes, false);
-            }
-            // Services done so far stay done; the full pass recomputes all
-            // of them, measured against the frontends before this commit.
-            let before = Self::restore(std::mem::take(&mut self.frontends), changes);
-            return (self.recompute_all(Some(&before)), true);
-        }
-        let before = std::mem::take(&mut self.frontends);
-        (self.recompute_all(Some(&before)), true)
     }
 
     /// The frontends as they were, from the current ones and the changes.
@@ -607,6 +599,7 @@ impl Incremental {
         .unwrap_or_default();
         let mut accepted: Vec<(Frontend, FrontendSpec)> = Vec::with_capacity(room);
         let mut served: FastHashMap<Frontend, usize> = map_with_capacity(room);
+        // The old tree goes now, not when the new one replaces it.
         self.frontends.clear();
         self.health_checks.clear();
         for (_, key, record, claimed) in order {
