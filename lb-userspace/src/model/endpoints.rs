@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{EndpointHints, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::listed::{EndpointView as _, SliceView};
@@ -68,6 +68,27 @@ pub(super) struct SliceEndpoints {
     /// (name, protocol, target port), each (name, protocol) once: a slice
     /// has a few ports, so a list is both smaller and faster than a map.
     pub(super) ports: Vec<(Box<str>, Protocol, u16)>,
+}
+
+impl Hints {
+    /// The names in HINTS; `None` when there are none.
+    fn of(hints: &EndpointHints) -> Option<Box<Self>> {
+        let zones: Vec<String> = hints
+            .for_zones
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|zone| zone.name.clone())
+            .collect();
+        let nodes: Vec<String> = hints
+            .for_nodes
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|node| node.name.clone())
+            .collect();
+        (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(Self { zones, nodes }))
+    }
 }
 
 impl Conditions {
@@ -219,11 +240,17 @@ pub(super) fn parse_slice(
 fn endpoints(slice: &impl SliceView, parsed: &mut SliceEndpoints, errors: &mut Vec<ObjectError>) {
     let ipv4 = parsed.ipv4;
     let family = family_name(ipv4);
-    let mut addrs = Vec::new();
-    let mut conditions_of = Vec::new();
+    let endpoints = slice.endpoints();
+    let width = if ipv4 { 4 } else { 16 };
+    // Sized for every endpoint at once: the columns are kept, and growing
+    // them was three copies a slice.
+    let mut addrs = Vec::with_capacity(endpoints.len() * width);
+    let mut conditions_of = Vec::with_capacity(endpoints.len());
+    // One entry per endpoint, or none at all while no endpoint has one (so
+    // that equal slices are equal here).
     let mut node_names = Vec::new();
     let mut hints_of = Vec::new();
-    for endpoint in slice.endpoints() {
+    for endpoint in endpoints {
         let mut first_valid = None;
         for address in endpoint.addresses() {
             match address {
@@ -249,6 +276,7 @@ fn endpoints(slice: &impl SliceView, parsed: &mut SliceEndpoints, errors: &mut V
             IpAddr::V4(addr) => addrs.extend_from_slice(&addr.octets()),
             IpAddr::V6(addr) => addrs.extend_from_slice(&addr.octets()),
         }
+        let index = conditions_of.len();
         let conditions = endpoint.conditions();
         // As kube-proxy reads them (endpointslicecache.go): a nil `ready`
         // or `serving` means true, a nil `terminating` means false.
@@ -258,34 +286,25 @@ fn endpoints(slice: &impl SliceView, parsed: &mut SliceEndpoints, errors: &mut V
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
         };
         conditions_of.push(conditions.bits());
-        let hints = endpoint.hints();
-        let zones: Vec<String> = hints
-            .and_then(|hints| hints.for_zones.as_deref())
-            .unwrap_or_default()
-            .iter()
-            .map(|zone| zone.name.clone())
-            .collect();
-        let nodes: Vec<String> = hints
-            .and_then(|hints| hints.for_nodes.as_deref())
-            .unwrap_or_default()
-            .iter()
-            .map(|node| node.name.clone())
-            .collect();
-        node_names.push(endpoint.node_name().map(Box::from));
-        hints_of.push(
-            (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(Hints { zones, nodes })),
-        );
+        push_sparse(&mut node_names, index, endpoint.node_name().map(Box::from));
+        push_sparse(&mut hints_of, index, endpoint.hints().and_then(Hints::of));
     }
     parsed.addrs = addrs.into_boxed_slice();
     parsed.conditions = conditions_of.into_boxed_slice();
-    // One column entry per endpoint, or none at all when no endpoint has
-    // one (so that equal slices are equal here).
-    if node_names.iter().any(Option::is_some) {
-        parsed.node_names = node_names.into_boxed_slice();
+    parsed.node_names = node_names.into_boxed_slice();
+    parsed.hints = hints_of.into_boxed_slice();
+}
+
+/// Puts VALUE as entry INDEX of COLUMN, a column that stays empty until a
+/// value is given (and then holds `None` for the entries before it).
+pub(super) fn push_sparse<T>(column: &mut Vec<Option<T>>, index: usize, value: Option<T>) {
+    if column.is_empty() {
+        if value.is_none() {
+            return;
+        }
+        column.resize_with(index, || None);
     }
-    if hints_of.iter().any(Option::is_some) {
-        parsed.hints = hints_of.into_boxed_slice();
-    }
+    column.push(value);
 }
 
 /// The slice's (name, protocol) -> port table. Ports without a number or of

@@ -15,7 +15,9 @@ use k8s_openapi::api::discovery::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+use super::endpoints::push_sparse;
 use super::service::parse_ip_sloppy;
 
 /// An `EndpointSlice` reduced to what the model reads. Read as leniently
@@ -32,25 +34,11 @@ pub struct ListedSlice {
     /// `addressType`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub address_type: String,
-    /// `endpoints`.
-    pub endpoints: Option<Vec<ListedEndpoint>>,
+    /// `endpoints`, in columns.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub endpoints: ListedEndpoints,
     /// `ports`.
     pub ports: Option<Vec<EndpointPort>>,
-}
-
-/// An endpoint reduced to what the model reads.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ListedEndpoint {
-    /// `addresses`, each parsed.
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub addresses: ListedAddresses,
-    /// `conditions`.
-    pub conditions: Option<EndpointConditions>,
-    /// `hints`.
-    pub hints: Option<EndpointHints>,
-    /// `nodeName`.
-    pub node_name: Option<String>,
 }
 
 fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
@@ -61,49 +49,218 @@ where
     Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
 }
 
-/// An endpoint's addresses, the first in place: the API allows several
-/// and has only ever written one, and a vector for it was an allocation per
-/// endpoint (2M at 100k Services, made and freed on the list's thread).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ListedAddresses {
-    /// The first address.
-    first: Option<ListedAddress>,
-    /// Any others, in order.
-    rest: Vec<ListedAddress>,
+/// A listed slice's endpoints, in columns. At 100k Services the first list
+/// reads 2M endpoints: a struct apiece (~130 bytes with its room for
+/// addresses, hints and a node name), in a vector that grew by copying,
+/// was a good part of what the list's one thread allocated and copied.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ListedEndpoints {
+    /// Every endpoint's `addresses`, each parsed, one endpoint's after
+    /// another's.
+    addresses: Vec<ListedAddress>,
+    /// Where each endpoint's addresses end in `addresses`; empty while
+    /// every endpoint has exactly one (as every endpoint an API server
+    /// writes has).
+    ends: Vec<usize>,
+    /// Each endpoint's `conditions` (one entry per endpoint).
+    conditions: Vec<Option<EndpointConditions>>,
+    /// Each endpoint's `hints`; empty while no endpoint has any.
+    hints: Vec<Option<EndpointHints>>,
+    /// Each endpoint's `nodeName`; empty while no endpoint has one.
+    node_names: Vec<Option<String>>,
 }
 
-impl ListedAddresses {
-    /// The addresses in order.
-    pub fn iter(&self) -> impl Iterator<Item = &ListedAddress> {
-        self.first.iter().chain(&self.rest)
+/// One endpoint's fields besides its addresses (already in the columns).
+struct EndpointFields {
+    addresses: usize,
+    conditions: Option<EndpointConditions>,
+    hints: Option<EndpointHints>,
+    node_name: Option<String>,
+}
+
+impl ListedEndpoints {
+    /// How many endpoints there are.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.conditions.len()
+    }
+
+    /// Whether there are none.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.conditions.is_empty()
+    }
+
+    /// Endpoint INDEX's addresses.
+    fn addresses_of(&self, index: usize) -> &[ListedAddress] {
+        let range = if self.ends.is_empty() {
+            index..index + 1
+        } else {
+            let start = index.checked_sub(1).map_or(0, |before| self.ends[before]);
+            start..self.ends[index]
+        };
+        self.addresses.get(range).unwrap_or_default()
+    }
+
+    /// The endpoints, in order.
+    fn iter(&self) -> impl ExactSizeIterator<Item = ListedEndpoint<'_>> {
+        (0..self.len()).map(|index| ListedEndpoint {
+            columns: self,
+            index,
+        })
+    }
+
+    /// Adds the endpoint whose addresses were the last ones added.
+    fn push(&mut self, fields: EndpointFields) {
+        let index = self.len();
+        if !self.ends.is_empty() || fields.addresses != 1 {
+            if self.ends.is_empty() {
+                // Every endpoint before this one had one address.
+                self.ends.extend(1..=index);
+            }
+            self.ends.push(self.addresses.len());
+        }
+        self.conditions.push(fields.conditions);
+        push_sparse(&mut self.hints, index, fields.hints);
+        push_sparse(&mut self.node_names, index, fields.node_name);
     }
 }
 
-impl<'de> Deserialize<'de> for ListedAddresses {
+/// One endpoint of [`ListedEndpoints`].
+#[derive(Clone, Copy)]
+pub(super) struct ListedEndpoint<'a> {
+    columns: &'a ListedEndpoints,
+    index: usize,
+}
+
+impl<'de> Deserialize<'de> for ListedEndpoints {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Addresses;
-        impl<'de> serde::de::Visitor<'de> for Addresses {
-            type Value = ListedAddresses;
+        struct Endpoints;
+        impl<'de> Visitor<'de> for Endpoints {
+            type Value = ListedEndpoints;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a list of address strings")
+                f.write_str("a list of endpoints")
             }
 
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<ListedAddresses, A::Error> {
-                let first = seq.next_element()?;
-                let mut rest = Vec::new();
-                if first.is_some() {
-                    while let Some(address) = seq.next_element()? {
-                        rest.push(address);
-                    }
-                }
-                Ok(ListedAddresses { first, rest })
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListedEndpoints, A::Error> {
+                let mut columns = ListedEndpoints {
+                    addresses: Vec::with_capacity(8),
+                    conditions: Vec::with_capacity(8),
+                    ..ListedEndpoints::default()
+                };
+                while seq.next_element_seed(EndpointInto(&mut columns))?.is_some() {}
+                Ok(columns)
             }
         }
-        deserializer.deserialize_seq(Addresses)
+        deserializer.deserialize_seq(Endpoints)
+    }
+}
+
+/// The keys of an endpoint the model reads.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum EndpointKey {
+    Addresses,
+    Conditions,
+    Hints,
+    NodeName,
+    #[serde(other)]
+    Other,
+}
+
+/// Reads one endpoint into the columns.
+struct EndpointInto<'c>(&'c mut ListedEndpoints);
+
+impl<'de> DeserializeSeed<'de> for EndpointInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EndpointInto<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an endpoint")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        fn once<T, E: serde::de::Error>(
+            slot: &mut Option<T>,
+            value: T,
+            key: &'static str,
+        ) -> Result<(), E> {
+            if slot.replace(value).is_some() {
+                return Err(E::duplicate_field(key));
+            }
+            Ok(())
+        }
+        let columns = self.0;
+        let (mut addresses, mut conditions, mut hints, mut node_name) = (None, None, None, None);
+        while let Some(key) = map.next_key()? {
+            match key {
+                EndpointKey::Addresses => {
+                    let added = map.next_value_seed(Addresses(&mut columns.addresses))?;
+                    once(&mut addresses, added, "addresses")?;
+                }
+                EndpointKey::Conditions => once(&mut conditions, map.next_value()?, "conditions")?,
+                EndpointKey::Hints => once(&mut hints, map.next_value()?, "hints")?,
+                EndpointKey::NodeName => once(&mut node_name, map.next_value()?, "nodeName")?,
+                EndpointKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        columns.push(EndpointFields {
+            addresses: addresses.unwrap_or(0),
+            conditions: conditions.flatten(),
+            hints: hints.flatten(),
+            node_name: node_name.flatten(),
+        });
+        Ok(())
+    }
+}
+
+/// Reads an endpoint's `addresses` (`null` is none) onto the end of the
+/// column; the value is how many there were.
+struct Addresses<'c>(&'c mut Vec<ListedAddress>);
+
+impl<'de> DeserializeSeed<'de> for Addresses<'_> {
+    type Value = usize;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Addresses<'_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of address strings")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<usize, E> {
+        Ok(0)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<usize, E> {
+        Ok(0)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let before = self.0.len();
+        while let Some(address) = seq.next_element()? {
+            self.0.push(address);
+        }
+        Ok(self.0.len() - before)
     }
 }
 
@@ -181,29 +338,28 @@ impl From<ListedSlice> for EndpointSlice {
     /// The slice with what the model reads; an address that parsed is
     /// written as the model reads it (`010.0.0.1` as `10.0.0.1`).
     fn from(slice: ListedSlice) -> Self {
-        let endpoints = slice.endpoints.map(|endpoints| {
-            endpoints
-                .into_iter()
-                .map(|endpoint| Endpoint {
-                    addresses: endpoint
-                        .addresses
-                        .iter()
-                        .map(|address| match address.get() {
-                            Ok(addr) => addr.to_string(),
-                            Err(text) => text.to_owned(),
-                        })
-                        .collect(),
-                    conditions: endpoint.conditions,
-                    hints: endpoint.hints,
-                    node_name: endpoint.node_name,
-                    ..Endpoint::default()
-                })
-                .collect()
-        });
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .map(|endpoint| Endpoint {
+                addresses: endpoint
+                    .listed_addresses()
+                    .iter()
+                    .map(|address| match address.get() {
+                        Ok(addr) => addr.to_string(),
+                        Err(text) => text.to_owned(),
+                    })
+                    .collect(),
+                conditions: endpoint.conditions().cloned(),
+                hints: endpoint.hints().cloned(),
+                node_name: endpoint.node_name().map(str::to_owned),
+                ..Endpoint::default()
+            })
+            .collect();
         Self {
             metadata: slice.metadata,
             address_type: slice.address_type,
-            endpoints,
+            endpoints: Some(endpoints),
             ports: slice.ports,
         }
     }
@@ -212,10 +368,9 @@ impl From<ListedSlice> for EndpointSlice {
 /// What the model reads of a slice, from either form (each method reads
 /// the field of its name; a missing list is empty).
 pub(super) trait SliceView {
-    type Endpoint: EndpointView;
     fn metadata(&self) -> &ObjectMeta;
     fn address_type(&self) -> &str;
-    fn endpoints(&self) -> &[Self::Endpoint];
+    fn endpoints(&self) -> impl ExactSizeIterator<Item = impl EndpointView>;
     fn ports(&self) -> &[EndpointPort];
 }
 
@@ -229,62 +384,84 @@ pub(super) trait EndpointView {
     fn node_name(&self) -> Option<&str>;
 }
 
-/// The views of both forms: their fields have the same names and types,
-/// except the addresses, which ADDRESSES reads from an endpoint.
-macro_rules! views {
-    ($slice:ty, $endpoint:ty, $addresses:path) => {
-        impl SliceView for $slice {
-            type Endpoint = $endpoint;
+impl SliceView for EndpointSlice {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
 
-            fn metadata(&self) -> &ObjectMeta {
-                &self.metadata
-            }
+    fn address_type(&self) -> &str {
+        &self.address_type
+    }
 
-            fn address_type(&self) -> &str {
-                &self.address_type
-            }
+    fn endpoints(&self) -> impl ExactSizeIterator<Item = impl EndpointView> {
+        self.endpoints.as_deref().unwrap_or_default().iter()
+    }
 
-            fn endpoints(&self) -> &[$endpoint] {
-                self.endpoints.as_deref().unwrap_or_default()
-            }
-
-            fn ports(&self) -> &[EndpointPort] {
-                self.ports.as_deref().unwrap_or_default()
-            }
-        }
-
-        impl EndpointView for $endpoint {
-            fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>> {
-                $addresses(self)
-            }
-
-            fn conditions(&self) -> Option<&EndpointConditions> {
-                self.conditions.as_ref()
-            }
-
-            fn hints(&self) -> Option<&EndpointHints> {
-                self.hints.as_ref()
-            }
-
-            fn node_name(&self) -> Option<&str> {
-                self.node_name.as_deref()
-            }
-        }
-    };
+    fn ports(&self) -> &[EndpointPort] {
+        self.ports.as_deref().unwrap_or_default()
+    }
 }
 
-views!(EndpointSlice, Endpoint, api_addresses);
-views!(ListedSlice, ListedEndpoint, listed_addresses);
+impl EndpointView for &Endpoint {
+    fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>> {
+        self.addresses
+            .iter()
+            .map(|text| parse_ip_sloppy(text).ok_or(&**text))
+    }
 
-fn api_addresses(endpoint: &Endpoint) -> impl Iterator<Item = Result<IpAddr, &str>> {
-    endpoint
-        .addresses
-        .iter()
-        .map(|text| parse_ip_sloppy(text).ok_or(text.as_str()))
+    fn conditions(&self) -> Option<&EndpointConditions> {
+        self.conditions.as_ref()
+    }
+
+    fn hints(&self) -> Option<&EndpointHints> {
+        self.hints.as_ref()
+    }
+
+    fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
+    }
 }
 
-fn listed_addresses(endpoint: &ListedEndpoint) -> impl Iterator<Item = Result<IpAddr, &str>> {
-    endpoint.addresses.iter().map(ListedAddress::get)
+impl SliceView for ListedSlice {
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn address_type(&self) -> &str {
+        &self.address_type
+    }
+
+    fn endpoints(&self) -> impl ExactSizeIterator<Item = impl EndpointView> {
+        self.endpoints.iter()
+    }
+
+    fn ports(&self) -> &[EndpointPort] {
+        self.ports.as_deref().unwrap_or_default()
+    }
+}
+
+impl<'a> ListedEndpoint<'a> {
+    fn listed_addresses(&self) -> &'a [ListedAddress] {
+        self.columns.addresses_of(self.index)
+    }
+}
+
+impl EndpointView for ListedEndpoint<'_> {
+    fn addresses(&self) -> impl Iterator<Item = Result<IpAddr, &str>> {
+        self.listed_addresses().iter().map(ListedAddress::get)
+    }
+
+    fn conditions(&self) -> Option<&EndpointConditions> {
+        self.columns.conditions.get(self.index)?.as_ref()
+    }
+
+    fn hints(&self) -> Option<&EndpointHints> {
+        self.columns.hints.get(self.index)?.as_ref()
+    }
+
+    fn node_name(&self) -> Option<&str> {
+        self.columns.node_names.get(self.index)?.as_deref()
+    }
 }
 
 #[cfg(test)]
@@ -366,6 +543,16 @@ mod tests {
             json!({"metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "web"}},
                    "addressType": "IPv4", "endpoints": [{"addresses": []}, {"addresses": ["10.0.0.1"]}]}),
             json!({"metadata": null, "addressType": "IPv4"}),
+            // Columns filled late: the first endpoint with other than one
+            // address, a node name or hints after endpoints without.
+            json!({"metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "endpoints": [
+                {"addresses": ["10.0.0.1"]},
+                {"addresses": ["10.0.0.2"], "nodeName": "node-b"},
+                {"addresses": ["not-an-ip", "10.0.0.3"], "conditions": {"ready": false}},
+                {"addresses": ["10.0.0.4"], "hints": {"forZones": [{"name": "z2"}]}},
+                {"addresses": ["10.0.0.5"], "conditions": null, "nodeName": null},
+            ]}),
         ] {
             let (api, listed) = both(&json);
             assert_eq!(listed, api, "{json}");
@@ -383,9 +570,9 @@ mod tests {
                        "endpoints": [{"addresses": ["10.0.0.\u0031", "10.0.0.\u0078"]}]}"#;
         let api: EndpointSlice = serde_json::from_str(text).expect("an EndpointSlice");
         let listed: ListedSlice = serde_json::from_str(text).expect("a listed slice");
-        let addresses = &listed.endpoints.as_deref().unwrap_or_default()[0].addresses;
+        let first = listed.endpoints.iter().next().expect("an endpoint");
         assert_eq!(
-            addresses.iter().collect::<Vec<_>>(),
+            first.listed_addresses().iter().collect::<Vec<_>>(),
             [
                 &ListedAddress::Ip("10.0.0.1".parse().expect("an address")),
                 &ListedAddress::Invalid("10.0.0.x".into()),
@@ -412,6 +599,24 @@ mod tests {
                 "{json}"
             );
         }
+    }
+
+    #[test]
+    fn an_endpoint_key_given_twice_is_refused() {
+        for key in ["addresses", "conditions", "hints", "nodeName"] {
+            let text = format!(
+                r#"{{"addressType": "IPv4", "endpoints": [{{"{key}": null, "{key}": null}}]}}"#
+            );
+            let error = serde_json::from_str::<ListedSlice>(&text).expect_err(&text);
+            assert!(error.to_string().contains("duplicate field"), "{error}");
+        }
+        // The same keys once each are read.
+        let listed: ListedSlice = serde_json::from_str(
+            r#"{"addressType": "IPv4", "endpoints": [{"addresses": null, "conditions": null,
+                "hints": null, "nodeName": null, "zone": "z1"}]}"#,
+        )
+        .expect("a listed slice");
+        assert_eq!(listed.endpoints.len(), 1);
     }
 
     #[test]
