@@ -73,20 +73,11 @@ pub(super) struct SliceEndpoints {
 impl Hints {
     /// The names in HINTS; `None` when there are none.
     fn of(hints: &EndpointHints) -> Option<Box<Self>> {
-        let zones: Vec<String> = hints
-            .for_zones
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .map(|zone| zone.name.clone())
-            .collect();
-        let nodes: Vec<String> = hints
-            .for_nodes
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .map(|node| node.name.clone())
-            .collect();
+        fn names<T>(list: Option<&[T]>, name: impl Fn(&T) -> &String) -> Vec<String> {
+            list.unwrap_or_default().iter().map(name).cloned().collect()
+        }
+        let zones = names(hints.for_zones.as_deref(), |zone| &zone.name);
+        let nodes = names(hints.for_nodes.as_deref(), |node| &node.name);
         (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(Self { zones, nodes }))
     }
 }

@@ -384,21 +384,28 @@ pub(super) trait EndpointView {
     fn node_name(&self) -> Option<&str>;
 }
 
-impl SliceView for EndpointSlice {
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
+/// The methods both forms answer from their fields of the same names.
+macro_rules! fields_of_both_forms {
+    () => {
+        fn metadata(&self) -> &ObjectMeta {
+            &self.metadata
+        }
 
-    fn address_type(&self) -> &str {
-        &self.address_type
-    }
+        fn address_type(&self) -> &str {
+            &self.address_type
+        }
+
+        fn ports(&self) -> &[EndpointPort] {
+            self.ports.as_deref().unwrap_or_default()
+        }
+    };
+}
+
+impl SliceView for EndpointSlice {
+    fields_of_both_forms!();
 
     fn endpoints(&self) -> impl ExactSizeIterator<Item = impl EndpointView> {
         self.endpoints.as_deref().unwrap_or_default().iter()
-    }
-
-    fn ports(&self) -> &[EndpointPort] {
-        self.ports.as_deref().unwrap_or_default()
     }
 }
 
@@ -423,20 +430,10 @@ impl EndpointView for &Endpoint {
 }
 
 impl SliceView for ListedSlice {
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn address_type(&self) -> &str {
-        &self.address_type
-    }
+    fields_of_both_forms!();
 
     fn endpoints(&self) -> impl ExactSizeIterator<Item = impl EndpointView> {
         self.endpoints.iter()
-    }
-
-    fn ports(&self) -> &[EndpointPort] {
-        self.ports.as_deref().unwrap_or_default()
     }
 }
 
