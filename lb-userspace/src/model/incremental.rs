@@ -11,7 +11,7 @@ use super::prepared::{PreparedService, PreparedSlice, SliceEntry};
 use super::{
     ClaimOrder, ENDPOINT_SLICE, Frontend, FrontendSpec, HealthCheck, Model, NodeContext,
     ObjectError, ObjectKey, SERVICE, ServiceContext, ServiceOutput, ServiceRecord, key_of,
-    leave_contested, service_output,
+    leave_contested, repack_if_grown, service_output,
 };
 use crate::fast_hash::{FastHashMap, FastHashSet, map_with_capacity};
 
@@ -314,7 +314,9 @@ impl Incremental {
                 }
             }
             if !contested {
-                self.repack_if_grown(len_before);
+                // The Service by Service path inserts one at a time (a full
+                // pass builds the tree full).
+                repack_if_grown(&mut self.frontends, len_before);
                 return changes;
             }
             // Services done so far stay done; the full pass recomputes all
@@ -337,17 +339,6 @@ impl Incremental {
             self.recompute_all(None);
         } else {
             let _ = self.commit();
-        }
-    }
-
-    /// Rebuilds the frontends' B-tree when the Service by Service path of
-    /// a commit more than doubled it (a full pass builds it full).
-    fn repack_if_grown(&mut self, len_before: usize) {
-        // Filled one insert at a time, a B-tree's nodes are half to two
-        // thirds full (~170-byte entries, 200k of them at 100k Services);
-        // rebuilt from its sorted entries, the nodes are full.
-        if self.frontends.len() > 2 * len_before + 1024 {
-            self.frontends = std::mem::take(&mut self.frontends).into_iter().collect();
         }
     }
 

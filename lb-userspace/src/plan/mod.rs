@@ -37,7 +37,7 @@ mod test_fixtures;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::model::{Frontend, Protocol};
+use crate::model::{Frontend, Protocol, REPACK_MIN, repack_if_grown};
 
 pub use diff::diff;
 pub use incremental::{PlanIndex, diff_changes};
@@ -355,20 +355,6 @@ impl StateSizes {
         if state.markers.len() > 2 * self.markers + REPACK_MIN {
             state.markers = std::mem::take(&mut state.markers).into_iter().collect();
         }
-    }
-}
-
-/// Growth below which a map is left as its inserts made it.
-const REPACK_MIN: usize = 1024;
-
-/// Rebuilds `map` with full nodes when one apply more than doubled it (the
-/// first sync). Ids and frontends come in ascending order, and a B-tree
-/// filled that way splits every node in half: at 100k Services the 2M
-/// backends took ~100 MiB where full nodes take ~55. Built from sorted
-/// entries, the nodes are full; a later insert splits only its node.
-fn repack_if_grown<K: Ord, V>(map: &mut BTreeMap<K, V>, len_before: usize) {
-    if map.len() > 2 * len_before + REPACK_MIN {
-        *map = std::mem::take(map).into_iter().collect();
     }
 }
 
