@@ -557,9 +557,11 @@ fn start_agent(
             }
         })?;
     let cpu_ms = sys::proc_cpu_ms(agent.daemon.pid());
+    let minor_faults = sys::proc_minor_faults(agent.daemon.pid());
     let cold = json!({
         "start_to_maps_written_ms": ms(synced_at - spawned),
         "cpu_ms_at_maps_written": cpu_ms,
+        "minor_faults_at_maps_written": minor_faults,
         "load_average": sys::load_average(),
         "start_to_attached_ms": attached_at.map(|at| ms(at - spawned)),
         "sync_ms": sync_ms,
@@ -678,12 +680,13 @@ fn run_scale(
     );
     let (mut agent, cold) = start_agent(topo, settings, &feed, count)?;
     eprintln!(
-        "[e2e]   lb: maps written {:.0} ms after start (sync itself {:.1} ms; agent CPU time until then {:.0} ms; load average {})",
+        "[e2e]   lb: maps written {:.0} ms after start (sync itself {:.1} ms; agent CPU time until then {:.0} ms, minor page faults {}; load average {})",
         cold["start_to_maps_written_ms"]
             .as_f64()
             .unwrap_or(f64::NAN),
         cold["sync_ms"].as_f64().unwrap_or(f64::NAN),
         cold["cpu_ms_at_maps_written"].as_f64().unwrap_or(f64::NAN),
+        cold["minor_faults_at_maps_written"],
         sys::load_average().unwrap_or_default(),
     );
     let mut rules = if settings.control_only {

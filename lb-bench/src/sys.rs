@@ -525,13 +525,9 @@ pub fn load_average() -> Option<String> {
 /// milliseconds (`/proc/PID/stat`): on a machine shared with other work a
 /// wall-clock time measures the others too, this does not.
 pub fn proc_cpu_ms(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name, which may hold spaces: state is field 3,
-    // utime and stime are fields 14 and 15.
-    let rest = &text[text.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let fields = proc_stat(pid)?;
+    let utime: f64 = fields.get(13)?.parse().ok()?;
+    let stime: f64 = fields.get(14)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks <= 0 {
@@ -539,6 +535,30 @@ pub fn proc_cpu_ms(pid: u32) -> Option<f64> {
     }
     #[expect(clippy::cast_precision_loss, reason = "ticks per second: 100")]
     Some((utime + stime) * 1000.0 / ticks as f64)
+}
+
+/// Minor page faults of process PID so far, all threads (`/proc/PID/stat`):
+/// pages it touched for the first time, each zeroed by the kernel. Unlike
+/// a time, the same run gives the same count on a busy or a slow machine,
+/// so that a change to how the agent uses memory shows in one run.
+pub fn proc_minor_faults(pid: u32) -> Option<u64> {
+    proc_stat(pid)?.get(9)?.parse().ok()
+}
+
+/// The fields of `/proc/PID/stat`, numbered from 0 as `man 5 proc` numbers
+/// them from 1 (`fields[13]` is field 14, utime).
+fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: it ends at the last ')'.
+    let (head, rest) = text.rsplit_once(')')?;
+    let pid_field = head.split_whitespace().next()?;
+    Some(
+        [pid_field, "(comm)"]
+            .into_iter()
+            .chain(rest.split_whitespace())
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 /// Kernel memory of the BPF maps process PID holds open (the `memlock`
@@ -596,5 +616,37 @@ pub(crate) fn linger_zero(stream: &std::net::TcpStream) {
             (&raw const linger).cast(),
             libc::socklen_t::try_from(size_of::<libc::linger>()).unwrap_or(8),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages touched for the first time are counted as minor faults, and
+    /// the fields around the count are the ones `proc_cpu_ms` reads.
+    #[test]
+    fn minor_faults_count_fresh_pages() {
+        let pid = std::process::id();
+        let fields = proc_stat(pid).expect("/proc/self/stat");
+        assert_eq!(fields[0], pid.to_string());
+        assert!(matches!(fields[2].as_str(), "R" | "S"), "{fields:?}");
+        let before = proc_minor_faults(pid).expect("minflt");
+        // 64 MiB, mapped on its own (above glibc's mmap threshold), so
+        // that each of its 16384 pages faults once when written.
+        let pages = 16_384;
+        let mut block = vec![0u8; pages * 4096];
+        for page in block.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&block);
+        let after = proc_minor_faults(pid).expect("minflt");
+        // With transparent huge pages always on, a fault maps 2 MiB (512
+        // pages); elsewhere (`madvise`, `never`) one page.
+        let huge = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|mode| mode.contains("[always]"));
+        let faults = if huge { pages / 512 } else { pages } as u64;
+        assert!(after - before >= faults / 2, "{before} -> {after}");
+        assert!(proc_cpu_ms(pid).is_some_and(|ms| ms >= 0.0));
     }
 }
