@@ -556,12 +556,11 @@ fn start_agent(
                 attached_at = Some(at);
             }
         })?;
-    let cpu_ms = sys::proc_cpu_ms(agent.daemon.pid());
-    let minor_faults = sys::proc_minor_faults(agent.daemon.pid());
+    let counters = sys::proc_counters(agent.daemon.pid());
     let cold = json!({
         "start_to_maps_written_ms": ms(synced_at - spawned),
-        "cpu_ms_at_maps_written": cpu_ms,
-        "minor_faults_at_maps_written": minor_faults,
+        "cpu_ms_at_maps_written": counters.as_ref().map(|c| c.cpu_ms),
+        "minor_faults_at_maps_written": counters.as_ref().map(|c| c.minor_faults),
         "load_average": sys::load_average(),
         "start_to_attached_ms": attached_at.map(|at| ms(at - spawned)),
         "sync_ms": sync_ms,

@@ -521,44 +521,45 @@ pub fn load_average() -> Option<String> {
     text.split_whitespace().next().map(str::to_owned)
 }
 
-/// CPU time process PID has used so far, all threads, user and system, in
-/// milliseconds (`/proc/PID/stat`): on a machine shared with other work a
-/// wall-clock time measures the others too, this does not.
-pub fn proc_cpu_ms(pid: u32) -> Option<f64> {
-    let fields = proc_stat(pid)?;
-    let utime: f64 = fields.get(13)?.parse().ok()?;
-    let stime: f64 = fields.get(14)?.parse().ok()?;
+/// What `/proc/PID/stat` counts for a process so far, all threads.
+#[derive(Debug, PartialEq)]
+pub struct ProcCounters {
+    /// CPU time, user and system, in milliseconds: on a machine shared with
+    /// other work a wall-clock time measures the others too, this does not.
+    pub cpu_ms: f64,
+    /// Minor page faults: pages touched for the first time, each zeroed by
+    /// the kernel. Unlike a time, the same run gives the same count on a
+    /// busy or a slow machine, so that a change to how the agent uses
+    /// memory shows in one run.
+    pub minor_faults: u64,
+}
+
+/// Process PID's counters, from one read of `/proc/PID/stat`.
+pub fn proc_counters(pid: u32) -> Option<ProcCounters> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    parse_stat(&text, ticks)
+}
+
+/// The counters of one `/proc/PID/stat` line, its times in clock TICKS.
+fn parse_stat(text: &str, ticks: libc::c_long) -> Option<ProcCounters> {
     if ticks <= 0 {
         return None;
     }
+    // The command name (field 2) may hold spaces and ')': it ends at the
+    // last ')'. After it, field N of `man 5 proc` is `fields[N - 3]`.
+    let fields: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3);
+    let minor_faults = field(10)?.parse().ok()?;
+    let utime: f64 = field(14)?.parse().ok()?;
+    let stime: f64 = field(15)?.parse().ok()?;
     #[expect(clippy::cast_precision_loss, reason = "ticks per second: 100")]
-    Some((utime + stime) * 1000.0 / ticks as f64)
-}
-
-/// Minor page faults of process PID so far, all threads (`/proc/PID/stat`):
-/// pages it touched for the first time, each zeroed by the kernel. Unlike
-/// a time, the same run gives the same count on a busy or a slow machine,
-/// so that a change to how the agent uses memory shows in one run.
-pub fn proc_minor_faults(pid: u32) -> Option<u64> {
-    proc_stat(pid)?.get(9)?.parse().ok()
-}
-
-/// The fields of `/proc/PID/stat`, numbered from 0 as `man 5 proc` numbers
-/// them from 1 (`fields[13]` is field 14, utime).
-fn proc_stat(pid: u32) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces: it ends at the last ')'.
-    let (head, rest) = text.rsplit_once(')')?;
-    let pid_field = head.split_whitespace().next()?;
-    Some(
-        [pid_field, "(comm)"]
-            .into_iter()
-            .chain(rest.split_whitespace())
-            .map(str::to_owned)
-            .collect(),
-    )
+    let cpu_ms = (utime + stime) * 1000.0 / ticks as f64;
+    Some(ProcCounters {
+        cpu_ms,
+        minor_faults,
+    })
 }
 
 /// Kernel memory of the BPF maps process PID holds open (the `memlock`
@@ -623,15 +624,28 @@ pub(crate) fn linger_zero(stream: &std::net::TcpStream) {
 mod tests {
     use super::*;
 
-    /// Pages touched for the first time are counted as minor faults, and
-    /// the fields around the count are the ones `proc_cpu_ms` reads.
+    /// Each counter is read from its own field, after a command name that
+    /// holds a space and a ')'.
+    #[test]
+    fn counters_come_from_their_fields() {
+        let line = "4242 (lb agent) x) S 1 4242 4242 0 -1 4194560 19822 7 0 0 \
+                    731 69 0 0 20 0 5 0 123 1000 100 18446744073709551615\n";
+        assert_eq!(
+            parse_stat(line, 100),
+            Some(ProcCounters {
+                cpu_ms: 8000.0,
+                minor_faults: 19822,
+            })
+        );
+        assert_eq!(parse_stat(line, 0), None);
+        assert_eq!(parse_stat("4242 (lb", 100), None);
+    }
+
+    /// Pages touched for the first time are counted as minor faults.
     #[test]
     fn minor_faults_count_fresh_pages() {
         let pid = std::process::id();
-        let fields = proc_stat(pid).expect("/proc/self/stat");
-        assert_eq!(fields[0], pid.to_string());
-        assert!(matches!(fields[2].as_str(), "R" | "S"), "{fields:?}");
-        let before = proc_minor_faults(pid).expect("minflt");
+        let before = proc_counters(pid).expect("/proc/self/stat");
         // 64 MiB, mapped on its own (above glibc's mmap threshold), so
         // that each of its 16384 pages faults once when written.
         let pages = 16_384;
@@ -640,13 +654,16 @@ mod tests {
             page[0] = 1;
         }
         std::hint::black_box(&block);
-        let after = proc_minor_faults(pid).expect("minflt");
+        let after = proc_counters(pid).expect("/proc/self/stat");
         // With transparent huge pages always on, a fault maps 2 MiB (512
         // pages); elsewhere (`madvise`, `never`) one page.
         let huge = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
             .is_ok_and(|mode| mode.contains("[always]"));
         let faults = if huge { pages / 512 } else { pages } as u64;
-        assert!(after - before >= faults / 2, "{before} -> {after}");
-        assert!(proc_cpu_ms(pid).is_some_and(|ms| ms >= 0.0));
+        assert!(
+            after.minor_faults - before.minor_faults >= faults / 2,
+            "{before:?} -> {after:?}"
+        );
+        assert!(after.cpu_ms >= before.cpu_ms);
     }
 }
