@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::endpoints::push_sparse;
-use super::service::parse_ip_sloppy;
+use super::address::parse_ip_sloppy;
 
 /// An `EndpointSlice` reduced to what the model reads. Read as leniently
 /// as `k8s-openapi` reads what an API server sends: a field missing or

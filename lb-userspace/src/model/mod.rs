@@ -24,6 +24,7 @@
 //! picks a frontend's backends from them, and `incremental` keeps the
 //! model up to date object by object ([`Incremental`]).
 
+mod address;
 mod endpoints;
 mod incremental;
 mod listed;

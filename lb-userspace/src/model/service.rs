@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
+use super::address::parse_ip_sloppy;
 use super::select::Selection;
 use super::{
     DEFAULT_AFFINITY_TIMEOUT_S, Frontend, FrontendKind, FrontendSpec, MAX_AFFINITY_TIMEOUT_S,
@@ -573,29 +574,6 @@ pub fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
             Some((IpAddr::V6(Ipv6Addr::from(u128::from(addr) & mask)), len))
         }
     }
-}
-
-/// An address as kube-proxy's `ParseIPSloppy` reads it (cluster IPs,
-/// external and ingress IPs, endpoint addresses, source ranges): IPv4
-/// octets may carry leading zeros (decimal, not octal), which the API
-/// server accepted before Kubernetes 1.22; anything else as Rust parses it.
-pub(super) fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
-    if let Ok(addr) = text.parse::<IpAddr>() {
-        return Some(addr);
-    }
-    let mut octets = [0u8; 4];
-    let mut parts = text.split('.');
-    for octet in &mut octets {
-        let part = parts.next()?;
-        if part.is_empty() || !part.bytes().all(|byte| byte.is_ascii_digit()) {
-            return None;
-        }
-        *octet = part.parse().ok()?;
-    }
-    parts
-        .next()
-        .is_none()
-        .then_some(IpAddr::V4(Ipv4Addr::from(octets)))
 }
 
 /// `healthCheckNodePort`, if set and valid.
