@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::core::ObjectList;
-use lb_userspace::model::{ListedSlice, PreparedService, PreparedSlice};
+use lb_userspace::model::{ListedService, ListedSlice, PreparedService, PreparedSlice};
 use serde_json::{Value, json};
 
 /// Slices (and Services) per page: kube-rs's watcher lists 500 at a time.
@@ -118,6 +118,33 @@ fn service_json(i: u32) -> Value {
 }
 
 /// A page as kube-rs reads it: text, parsed with `serde_json::from_str`.
+/// SERVICE as an API server serves one applied with kubectl: the
+/// last-applied copy of it in an annotation, labels, the fields each
+/// manager set.
+fn service_in_a_cluster(mut service: Value, i: u32) -> Value {
+    let applied = service.to_string();
+    let meta = &mut service["metadata"];
+    meta["uid"] = json!(format!("0d9b7a31-5e2c-4f6a-8b1d-{i:012x}"));
+    meta["creationTimestamp"] = json!("2026-12-01T10:00:00Z");
+    meta["labels"] = json!({"app": format!("svc-{i}"), "tier": "web"});
+    meta["annotations"] = json!({"kubectl.kubernetes.io/last-applied-configuration": applied});
+    meta["managedFields"] = json!([{"manager": "kubectl-client-side-apply", "operation": "Update",
+        "apiVersion": "v1", "time": "2026-12-01T10:00:00Z", "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}},
+                           "f:labels": {".": {}, "f:app": {}, "f:tier": {}}},
+            "f:spec": {"f:internalTrafficPolicy": {}, "f:ipFamilies": {}, "f:ipFamilyPolicy": {},
+                       "f:ports": {".": {}, "k:{\"port\":80,\"protocol\":\"TCP\"}": {
+                           ".": {}, "f:name": {}, "f:port": {}, "f:protocol": {}, "f:targetPort": {}}},
+                       "f:selector": {}, "f:sessionAffinity": {}, "f:type": {}}}}]);
+    let spec = &mut service["spec"];
+    spec["selector"] = json!({"app": format!("svc-{i}")});
+    spec["sessionAffinity"] = json!("None");
+    spec["internalTrafficPolicy"] = json!("Cluster");
+    service["status"] = json!({"loadBalancer": {}});
+    service
+}
+
 fn page(kind: &str, items: &[Value]) -> String {
     serde_json::to_string(&json!({
         "apiVersion": "v1", "kind": kind,
@@ -164,6 +191,12 @@ fn main() -> anyhow::Result<()> {
         "ServiceList",
         &(0..PAGE).map(service_json).collect::<Vec<_>>(),
     );
+    let cluster_services = page(
+        "ServiceList",
+        &(0..PAGE)
+            .map(|i| service_in_a_cluster(service_json(i), i))
+            .collect::<Vec<_>>(),
+    );
 
     timed("slices parsed", rounds, || {
         let list: ObjectList<ListedSlice> = serde_json::from_str(&slices).unwrap_or_else(|e| {
@@ -188,13 +221,21 @@ fn main() -> anyhow::Result<()> {
         drop(list);
         drop(std::hint::black_box(prepared));
     });
-    timed("services parsed + prepared", rounds, || {
-        let list: ObjectList<Service> = serde_json::from_str(&services).unwrap_or_else(|e| {
-            panic!("page: {e}");
+    for (label, page) in [
+        ("services parsed + prepared", &services),
+        ("cluster services parsed + prepared", &cluster_services),
+    ] {
+        timed(label, rounds, || {
+            let list: ObjectList<ListedService> = serde_json::from_str(page).unwrap_or_else(|e| {
+                panic!("page: {e}");
+            });
+            let prepared: Vec<PreparedService> = list
+                .items
+                .into_iter()
+                .map(|service| PreparedService::new(&Service::from(service)))
+                .collect();
+            drop(std::hint::black_box(prepared));
         });
-        let prepared: Vec<PreparedService> = list.items.iter().map(PreparedService::new).collect();
-        drop(list);
-        drop(std::hint::black_box(prepared));
-    });
+    }
     Ok(())
 }

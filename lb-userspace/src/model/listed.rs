@@ -21,6 +21,9 @@ use super::endpoints::push_sparse;
 
 mod de;
 mod meta;
+mod service;
+
+pub use service::ListedService;
 
 /// An `EndpointSlice` reduced to what the model reads. Read as leniently
 /// as `k8s-openapi` reads what an API server sends: a field missing or

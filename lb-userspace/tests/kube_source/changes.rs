@@ -282,7 +282,8 @@ async fn a_long_list_is_read_page_by_page() {
         Res::Services,
         service(&Svc {
             name: "svc-0000",
-            labels: json!({"tier": "changed"}),
+            type_: "NodePort",
+            ports: &[("http", 80, "TCP", 8080, Some(30080))],
             ..Svc::default()
         }),
     );
@@ -299,10 +300,8 @@ async fn a_long_list_is_read_page_by_page() {
             held.services.len() == COUNT - 1
                 && held.services.iter().any(|s| {
                     s.metadata.name.as_deref() == Some("svc-0000")
-                        && s.metadata
-                            .labels
-                            .as_ref()
-                            .is_some_and(|l| l.get("tier").is_some())
+                        && s.spec.as_ref().and_then(|spec| spec.type_.as_deref())
+                            == Some("NodePort")
                 })
         })
         .await;

@@ -1,13 +1,13 @@
-//! A listed slice's `metadata`, reduced to what the model and the watch
+//! A listed object's `metadata`, reduced to what the model and the watch
 //! read of it.
 //!
-//! An API server's slice carries more metadata than the model reads: a
+//! An API server's objects carry more metadata than the model reads: a
 //! `uid`, a `creationTimestamp`, `generateName`, `ownerReferences`, the
 //! `managedFields` (the largest: a tree of every field set, each node a
-//! map), the managed-by label and every label of its Service. Read into
-//! `k8s-openapi`'s `ObjectMeta`, each was allocated, checked and freed on
-//! the list's one thread (a third of a slice's instructions, as a cluster
-//! writes them); here they are skipped.
+//! map), labels, and for a Service applied with kubectl a copy of it in an
+//! annotation. Read into `k8s-openapi`'s `ObjectMeta`, each was allocated,
+//! checked and freed on the list's one thread (a third of a slice's
+//! instructions, as a cluster writes them); here they are skipped.
 
 use std::collections::BTreeMap;
 
@@ -20,69 +20,91 @@ use crate::model::{
 };
 
 /// The labels the model reads (the Service a slice belongs to, and the
-/// two that hand it to another proxy); no other label is kept.
+/// two that hand a Service or slice to another proxy); no other label is
+/// kept.
 const KEPT_LABELS: &[&str] = &[SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL];
 
-/// The annotations the agent reads (the network programming latency's).
+/// The annotations the agent reads (a slice's, for the network programming
+/// latency).
 const KEPT_ANNOTATIONS: &[&str] = &[TRIGGER_TIME_ANNOTATION];
 
-/// Reads `metadata` (`null` is the default) keeping only `name`,
-/// `namespace`, `resourceVersion` (which the watch reads too), and the
-/// labels and annotations above. These are read as `k8s-openapi` reads
+/// Reads a slice's `metadata` (`null` is the default) keeping only
+/// `name`, `namespace`, `resourceVersion` (which the watch reads too), and
+/// the labels and annotations above. These are read as `k8s-openapi` reads
 /// them (`null` is unset, a key given twice is read twice and the last one
 /// counts); the fields not kept are not checked.
 pub(super) fn listed_meta<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<ObjectMeta, D::Error> {
-    Option::<ListedMeta>::deserialize(deserializer)
-        .map(|meta| meta.map(|meta| meta.0).unwrap_or_default())
+    deserializer.deserialize_option(MetaOf { created: false })
 }
 
-struct ListedMeta(ObjectMeta);
+/// As [`listed_meta`], for a Service: its `creationTimestamp` is kept too
+/// (the model's claim order).
+pub(super) fn listed_service_meta<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ObjectMeta, D::Error> {
+    deserializer.deserialize_option(MetaOf { created: true })
+}
 
-/// The keys of `metadata` that are kept.
+/// Reads `metadata`; CREATED: keeping `creationTimestamp`.
+struct MetaOf {
+    created: bool,
+}
+
+/// The keys of `metadata` that may be kept.
 #[derive(Deserialize)]
 #[serde(field_identifier, rename_all = "camelCase")]
 enum MetaKey {
     Name,
     Namespace,
     ResourceVersion,
+    CreationTimestamp,
     Labels,
     Annotations,
     #[serde(other)]
     Other,
 }
 
-impl<'de> Deserialize<'de> for ListedMeta {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Meta;
-        impl<'de> Visitor<'de> for Meta {
-            type Value = ListedMeta;
+impl<'de> Visitor<'de> for MetaOf {
+    type Value = ObjectMeta;
 
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("object metadata")
-            }
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("object metadata")
+    }
 
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<ListedMeta, M::Error> {
-                let mut meta = ObjectMeta::default();
-                while let Some(key) = map.next_key()? {
-                    match key {
-                        MetaKey::Name => meta.name = map.next_value()?,
-                        MetaKey::Namespace => meta.namespace = map.next_value()?,
-                        MetaKey::ResourceVersion => meta.resource_version = map.next_value()?,
-                        MetaKey::Labels => meta.labels = map.next_value_seed(Kept(KEPT_LABELS))?,
-                        MetaKey::Annotations => {
-                            meta.annotations = map.next_value_seed(Kept(KEPT_ANNOTATIONS))?;
-                        }
-                        MetaKey::Other => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
+    fn visit_none<E: Error>(self) -> Result<ObjectMeta, E> {
+        Ok(ObjectMeta::default())
+    }
+
+    fn visit_unit<E: Error>(self) -> Result<ObjectMeta, E> {
+        Ok(ObjectMeta::default())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<ObjectMeta, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<ObjectMeta, M::Error> {
+        let mut meta = ObjectMeta::default();
+        while let Some(key) = map.next_key()? {
+            match key {
+                MetaKey::Name => meta.name = map.next_value()?,
+                MetaKey::Namespace => meta.namespace = map.next_value()?,
+                MetaKey::ResourceVersion => meta.resource_version = map.next_value()?,
+                MetaKey::CreationTimestamp if self.created => {
+                    meta.creation_timestamp = map.next_value()?;
                 }
-                Ok(ListedMeta(meta))
+                MetaKey::Labels => meta.labels = map.next_value_seed(Kept(KEPT_LABELS))?,
+                MetaKey::Annotations => {
+                    meta.annotations = map.next_value_seed(Kept(KEPT_ANNOTATIONS))?;
+                }
+                MetaKey::CreationTimestamp | MetaKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
             }
         }
-        deserializer.deserialize_map(Meta)
+        Ok(meta)
     }
 }
 

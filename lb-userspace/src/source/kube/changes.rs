@@ -9,7 +9,7 @@ use kube::{Resource, runtime::watcher};
 
 use super::{Changes, NodeChange};
 use crate::fast_hash::{FastHashMap, FastHashSet};
-use crate::model::{ListedSlice, ObjectKey, PreparedSlice, key_of};
+use crate::model::{ListedService, ListedSlice, ObjectKey, PreparedSlice, key_of};
 
 /// What one watcher item means for the source.
 pub(super) enum Change {
@@ -27,7 +27,7 @@ pub(super) enum Change {
     reason = "one item at a time, moved into the tracker at once; a box buys nothing"
 )]
 pub(super) enum Observed {
-    Services(watcher::Event<Service>),
+    Services(watcher::Event<ListedService>),
     Slices(watcher::Event<ListedSlice>),
     Node(watcher::Event<Node>),
 }
@@ -187,7 +187,7 @@ impl<K: Resource> Tracker<K> {
 /// One tracker per watched resource.
 #[derive(Default)]
 pub(super) struct Trackers {
-    services: Tracker<Service>,
+    services: Tracker<ListedService>,
     slices: Tracker<ListedSlice>,
     pub(super) node: Tracker<Node>,
 }
@@ -210,6 +210,7 @@ impl Trackers {
     /// parsed into the model's records ([`Changes::prepare`]).
     pub(super) fn take_changes(&mut self, prepared: bool) -> Changes {
         let (services, removed_services) = self.services.take();
+        let services = services.into_iter().map(Service::from).collect();
         let (listed, removed_slices) = self.slices.take();
         let (slices, prepared_slices) = if prepared {
             (

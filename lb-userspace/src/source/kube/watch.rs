@@ -20,7 +20,7 @@ use super::{
     HEADLESS_LABEL, KubeSourceConfig, MAX_DELAY, PROBE_INTERVAL, QUIET, SourceUpdate, client,
     with_causes,
 };
-use crate::model::{ListedSlice, SERVICE_PROXY_NAME_LABEL};
+use crate::model::{ListedService, ListedSlice, SERVICE_PROXY_NAME_LABEL};
 
 /// The three watched resources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -89,7 +89,7 @@ fn watch_all(client: &Client, node_name: &str) -> Signals {
     }
     let proxied = watcher::Config::default().labels(&proxied_selector());
     let services = watch(
-        Api::<Service>::all(client.clone()),
+        Api::<ListedService>::all(client.clone()),
         proxied.clone(),
         Kind::Services,
         Observed::Services,
