@@ -7,6 +7,8 @@
 //! `zone`), all allocated, parsed again into the model's record, then
 //! freed, on the list's one thread. Here an address is parsed straight from
 //! the page's text and the fields the model does not read are skipped.
+//! Services are listed likewise, with only the metadata the model reads
+//! ([`ListedService`]).
 
 use std::net::IpAddr;
 
