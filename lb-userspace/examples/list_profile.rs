@@ -154,6 +154,11 @@ fn page(kind: &str, items: &[Value]) -> String {
     .unwrap_or_default()
 }
 
+/// PAGE read as kube-rs reads a list.
+fn list<T: serde::de::DeserializeOwned + Clone>(page: &str) -> ObjectList<T> {
+    serde_json::from_str(page).unwrap_or_else(|e| panic!("page: {e}"))
+}
+
 /// Runs STEP ROUNDS times over a page of PAGE objects; prints ns per object.
 /// Only the steps whose label starts with `--only`'s value, if given.
 fn timed(label: &str, rounds: u32, mut step: impl FnMut()) {
@@ -199,9 +204,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     timed("slices parsed", rounds, || {
-        let list: ObjectList<ListedSlice> = serde_json::from_str(&slices).unwrap_or_else(|e| {
-            panic!("page: {e}");
-        });
+        let list: ObjectList<ListedSlice> = list(&slices);
         drop(std::hint::black_box(list));
     });
     for (label, page) in [
@@ -209,9 +212,7 @@ fn main() -> anyhow::Result<()> {
         ("cluster slices parsed + prepared", &cluster_slices),
     ] {
         timed(label, rounds, || {
-            let list: ObjectList<ListedSlice> = serde_json::from_str(page).unwrap_or_else(|e| {
-                panic!("page: {e}");
-            });
+            let list: ObjectList<ListedSlice> = list(page);
             let prepared: Vec<PreparedSlice> =
                 list.items.iter().map(PreparedSlice::listed).collect();
             drop(list);
@@ -223,9 +224,7 @@ fn main() -> anyhow::Result<()> {
         ("cluster services parsed + prepared", &cluster_services),
     ] {
         timed(label, rounds, || {
-            let list: ObjectList<ListedService> = serde_json::from_str(page).unwrap_or_else(|e| {
-                panic!("page: {e}");
-            });
+            let list: ObjectList<ListedService> = list(page);
             let prepared: Vec<PreparedService> = list
                 .items
                 .into_iter()
