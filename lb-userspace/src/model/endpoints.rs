@@ -104,6 +104,11 @@ impl Conditions {
 }
 
 impl SliceEndpoints {
+    /// How many endpoints [`endpoints`](Self::endpoints) gives.
+    pub(super) fn len(&self) -> usize {
+        self.conditions.len()
+    }
+
     /// The endpoints, in the slice's order.
     pub(super) fn endpoints(&self) -> impl Iterator<Item = EndpointInfo<'_>> {
         let width = if self.ipv4 { 4 } else { 16 };
