@@ -330,7 +330,7 @@ fn populate(maps: &mut Maps) -> anyhow::Result<()> {
                 service: ServiceRef {
                     namespace: "default".into(),
                     name: "bench".into(),
-                    port_name: String::new(),
+                    port_name: "".into(),
                 },
                 kind: FrontendKind::NodePort,
                 backends: vec![Backend {

@@ -57,8 +57,8 @@ impl HealthServers {
                 (
                     check.port,
                     Answer {
-                        namespace: check.service.namespace.clone(),
-                        name: check.service.name.clone(),
+                        namespace: check.service.namespace.to_string(),
+                        name: check.service.name.to_string(),
                         local_endpoints: check.local_endpoints,
                     },
                 )

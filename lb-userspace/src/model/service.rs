@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 
@@ -18,7 +19,7 @@ use super::{
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServicePortSpec {
     /// Empty when unnamed; matched against the slice ports' names.
-    pub(super) name: Box<str>,
+    pub(super) name: Arc<str>,
     port: u16,
     pub(super) proto: Protocol,
     /// For `NodePort` and `LoadBalancer` Services, when allocated and valid.

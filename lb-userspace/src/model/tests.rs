@@ -141,13 +141,13 @@ fn contested_frontend_goes_to_the_first_service_by_namespace_and_name() {
         model.frontends[&frontend("10.96.0.10", 80, Protocol::Tcp)]
             .service
             .name,
-        "zeta"
+        "zeta".into()
     );
     assert_eq!(
         model.frontends[&frontend("10.96.0.10", 81, Protocol::Tcp)]
             .service
             .name,
-        "alpha"
+        "alpha".into()
     );
 
     services.reverse();
@@ -245,7 +245,7 @@ fn missing_namespace_means_default() {
             .addresses(["10.244.0.1"])],
     );
     let spec = &model.frontends[&frontend("10.96.0.10", 80, Protocol::Tcp)];
-    assert_eq!(spec.service.namespace, "default");
+    assert_eq!(&*spec.service.namespace, "default");
     assert_eq!(spec.backends, backends(&[("10.244.0.1", 80)]));
 }
 
@@ -379,7 +379,7 @@ fn health_checks_are_sorted_by_port_and_need_local_policy_and_a_valid_port() {
         model
             .health_checks
             .iter()
-            .map(|check| (check.port, check.service.name.as_str()))
+            .map(|check| (check.port, &*check.service.name))
             .collect::<Vec<_>>(),
         [(31000, "z"), (32000, "vvvvv")]
     );
@@ -388,7 +388,7 @@ fn health_checks_are_sorted_by_port_and_need_local_policy_and_a_valid_port() {
         model
             .frontends
             .values()
-            .any(|spec| spec.service.name == "wwww")
+            .any(|spec| &*spec.service.name == "wwww")
     );
 }
 

@@ -26,7 +26,7 @@ pub(super) fn spec(backends: &[(&str, u16)]) -> FrontendSpec {
         service: ServiceRef {
             namespace: "default".into(),
             name: "web".into(),
-            port_name: String::new(),
+            port_name: "".into(),
         },
         kind: FrontendKind::ClusterIp,
         backends: backends

@@ -57,7 +57,7 @@ pub(crate) fn spec(kind: FrontendKind, backends: &[SocketAddr]) -> FrontendSpec 
         service: ServiceRef {
             namespace: "default".into(),
             name: "web".into(),
-            port_name: String::new(),
+            port_name: "".into(),
         },
         kind,
         backends,

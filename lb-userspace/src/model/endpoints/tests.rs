@@ -49,7 +49,7 @@ fn named_target_port_resolves_per_slice() {
         model.frontends[&frontend("10.96.0.20", 9090, Protocol::Tcp)]
             .service
             .port_name,
-        "metrics"
+        "metrics".into()
     );
 }
 

@@ -109,7 +109,7 @@ fn external_traffic_policy_local_without_local_endpoints_has_no_backends() {
             service: ServiceRef {
                 namespace: "shop".into(),
                 name: "web".into(),
-                port_name: String::new(),
+                port_name: "".into(),
             },
             port: 32000,
             local_endpoints: [0, 0],
