@@ -360,10 +360,10 @@ impl Incremental {
     /// frontend or health check port with another Service (before or after),
     /// where only a full pass in claim order decides.
     fn recompute(&mut self, key: &ObjectKey, changes: &mut FrontendChanges) -> bool {
-        let output = self
-            .services
-            .get(key)
-            .and_then(|entry| Some(self.output_of(key, entry.service.as_deref()?)));
+        let output = self.services.get(key).and_then(|entry| {
+            let context = ServiceContext::new(&self.node);
+            Some(self.output_of(key, entry.service.as_deref()?, &context))
+        });
         let (old_claims, old_port) = self
             .services
             .get(key)
@@ -497,7 +497,12 @@ impl Incremental {
     }
 
     /// What the Service with `key` and `record` serves and reports.
-    fn output_of(&self, key: &ObjectKey, record: &ServiceRecord) -> ServiceOutput {
+    fn output_of(
+        &self,
+        key: &ObjectKey,
+        record: &ServiceRecord,
+        context: &ServiceContext<'_>,
+    ) -> ServiceOutput {
         let owner = (key.0.as_str(), key.1.as_str());
         if !record.named {
             return ServiceOutput {
@@ -523,7 +528,7 @@ impl Incremental {
                 self.slices.get(&slice_key)?.parsed.as_ref()
             })
             .collect();
-        service_output(record, owner, &slices, &ServiceContext::new(&self.node))
+        service_output(record, owner, &slices, context)
     }
 
     /// Every Service in claim order (oldest first), as [`build`](super::build)
@@ -593,8 +598,10 @@ impl Incremental {
         // The old tree goes now, not when the new one replaces it.
         self.frontends.clear();
         self.health_checks.clear();
+        // Made once for the pass (its node addresses are a set).
+        let context = ServiceContext::new(&self.node);
         for (_, key, record, claimed) in order {
-            let mut output = self.output_of(key, record);
+            let mut output = self.output_of(key, record, &context);
             let claims: Vec<Frontend> = output.frontends.iter().map(|(f, _)| *f).collect();
             let port = output.health_check.as_ref().map(|check| check.port);
             leave_contested(
