@@ -14,7 +14,7 @@ use std::{net::IpAddr, process::Command, time::Duration};
 
 use lb_userspace::{
     datapath::maps::Maps,
-    plan::{FrontendWrite, Op},
+    plan::{FrontendWrite, InlineSlots, Op},
 };
 use support::{
     clients::{http_get, metric_value},
@@ -167,7 +167,7 @@ fn a_slot_lost_behind_the_agents_back_is_restored_by_the_resync() {
         flags: held.flags,
         affinity_timeout_s: held.affinity_timeout_s,
         affinity_group: held.affinity_group,
-        inline: vec![slots[0], 0].into(),
+        inline: InlineSlots::from(&[slots[0], 0][..]),
     })))
     .expect("zero slot 2");
     // (The maps read back show an empty slot as backend id 0.)

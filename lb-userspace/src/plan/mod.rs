@@ -225,7 +225,43 @@ pub struct FrontendWrite {
     /// The backend ids of its first slots, up to
     /// `lb_common::limits::INLINE_SLOTS` (`count` of them at most): they
     /// are in slot 0's entry, slots after them have their own.
-    pub inline: Box<[u32]>,
+    pub inline: InlineSlots,
+}
+
+/// Up to `lb_common::limits::INLINE_SLOTS` backend ids, held in place: a
+/// first sync writes every frontend, and an allocation of its own for
+/// each list was 200k more at 100k Services. Reads as a slice.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct InlineSlots {
+    ids: [u32; lb_common::limits::INLINE_SLOTS],
+    len: u8,
+}
+
+const _: () = assert!(lb_common::limits::INLINE_SLOTS <= u8::MAX as usize);
+
+impl std::ops::Deref for InlineSlots {
+    type Target = [u32];
+
+    fn deref(&self) -> &[u32] {
+        &self.ids[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for InlineSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl From<&[u32]> for InlineSlots {
+    /// The first `INLINE_SLOTS` of `ids` (the rest are not inline).
+    fn from(ids: &[u32]) -> Self {
+        let mut slots = Self::default();
+        let len = ids.len().min(slots.ids.len());
+        slots.ids[..len].copy_from_slice(&ids[..len]);
+        slots.len = u8::try_from(len).unwrap_or(u8::MAX);
+        slots
+    }
 }
 
 /// The plan, and what could not be planned.

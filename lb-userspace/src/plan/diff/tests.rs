@@ -9,7 +9,7 @@ use lb_common::{backend_flags, svc_flags};
 
 use crate::model::FrontendKind;
 use crate::plan::test_fixtures::{backend, converge, fe, spec};
-use crate::plan::{DatapathState, FrontendWrite, Op, diff};
+use crate::plan::{DatapathState, FrontendWrite, InlineSlots, Op, diff};
 
 /// `count` backends 198.18.<2..>.2:8080.
 fn backends(count: usize) -> Vec<(String, u16)> {
@@ -287,7 +287,7 @@ fn empty_service_has_zero_count() {
         flags: svc_flags::CLUSTER_IP,
         affinity_timeout_s: 0,
         affinity_group: 0,
-        inline: Box::default(),
+        inline: InlineSlots::default(),
     }))));
 }
 
@@ -345,7 +345,7 @@ fn flags_and_affinity_changes_rewrite_the_frontend() {
             flags: svc_flags::CLUSTER_IP | svc_flags::AFFINITY,
             affinity_timeout_s: 30,
             affinity_group: state.frontends[&v4].affinity_group,
-            inline: state.frontends[&v4].slots.clone().into(),
+            inline: state.frontends[&v4].slots[..].into(),
         }))]
     );
     assert_ne!(state.frontends[&v4].affinity_group, 0);
