@@ -230,7 +230,9 @@ pub struct FrontendWrite {
 
 /// Up to `lb_common::limits::INLINE_SLOTS` backend ids, held in place: a
 /// first sync writes every frontend, and an allocation of its own for
-/// each list was 200k more at 100k Services. Reads as a slice.
+/// each list was 200k more at 100k Services. Reads as a slice. The ids
+/// past `len` are always 0 (only `From` and `Default` make one), so the
+/// derived equality is the slices'.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct InlineSlots {
     ids: [u32; lb_common::limits::INLINE_SLOTS],
