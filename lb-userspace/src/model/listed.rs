@@ -23,7 +23,9 @@ use super::endpoints::push_sparse;
 
 mod de;
 mod meta;
+pub mod proto;
 mod service;
+mod wire;
 
 pub use service::ListedService;
 

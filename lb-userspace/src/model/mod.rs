@@ -48,7 +48,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use endpoints::{EndpointIndex, SliceEndpoints};
 pub use incremental::{FrontendChanges, Incremental};
-pub use listed::{ListedService, ListedSlice};
+pub use listed::{ListedService, ListedSlice, proto as protobuf};
 pub use prepared::{PreparedService, PreparedSlice, SliceTrigger};
 use select::Selector;
 use service::{ParsedService, PlannedFrontend, parse_service};

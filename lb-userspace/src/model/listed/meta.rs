@@ -22,11 +22,12 @@ use crate::model::{
 /// The labels the model reads (the Service a slice belongs to, and the
 /// two that hand a Service or slice to another proxy); no other label is
 /// kept.
-const KEPT_LABELS: &[&str] = &[SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL];
+pub(super) const KEPT_LABELS: &[&str] =
+    &[SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL];
 
 /// The annotations the agent reads (a slice's, for the network programming
 /// latency).
-const KEPT_ANNOTATIONS: &[&str] = &[TRIGGER_TIME_ANNOTATION];
+pub(super) const KEPT_ANNOTATIONS: &[&str] = &[TRIGGER_TIME_ANNOTATION];
 
 /// Reads a slice's `metadata` (`null` is the default) keeping only
 /// `name`, `namespace`, `resourceVersion` (which the watch reads too), and
