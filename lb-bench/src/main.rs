@@ -13,6 +13,8 @@
 //! ```
 
 // The stand-in API server of the kube source's tests, behind `--source kube`.
+#[path = "../../lb-userspace/tests/kube_source/api_protobuf.rs"]
+mod api_protobuf;
 #[path = "../../lb-userspace/tests/kube_source/api_server.rs"]
 #[expect(
     dead_code,

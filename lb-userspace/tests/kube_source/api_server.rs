@@ -17,6 +17,8 @@ use std::{
 };
 
 use serde_json::{Value, json};
+
+use crate::api_protobuf;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -99,6 +101,8 @@ pub(crate) struct State {
     down: bool,
     /// Delay before answering a list.
     list_delay: BTreeMap<Res, Duration>,
+    /// Answer lists in JSON even to a client that accepts protobuf.
+    json_only: bool,
     /// `METHOD path?query` of every request.
     pub(crate) requests: Vec<String>,
     /// Bodies of the Events posted.
@@ -116,17 +120,25 @@ pub(crate) struct State {
 struct Stored {
     object: Value,
     item: String,
+    /// The item's protobuf message (Services and slices only).
+    item_protobuf: Vec<u8>,
 }
 
 impl Stored {
-    fn new(object: Value) -> Self {
+    fn new(res: Res, object: Value) -> Self {
         let mut item = object.clone();
         if let Some(map) = item.as_object_mut() {
             map.remove("kind");
             map.remove("apiVersion");
         }
+        let item_protobuf = match res {
+            Res::Services => api_protobuf::message(api_protobuf::SERVICE, &item),
+            Res::Slices => api_protobuf::message(api_protobuf::ENDPOINT_SLICE, &item),
+            Res::Nodes => Vec::new(),
+        };
         Self {
             item: item.to_string(),
+            item_protobuf,
             object,
         }
     }
@@ -202,7 +214,7 @@ impl ApiServer {
             .objects
             .entry(res)
             .or_default()
-            .insert(object_key(&object), Stored::new(object.clone()))
+            .insert(object_key(&object), Stored::new(res, object.clone()))
             .map(|stored| stored.object);
         let kind = if previous.is_some() {
             "MODIFIED"
@@ -267,7 +279,7 @@ impl ApiServer {
             .objects
             .entry(res)
             .or_default()
-            .insert(object_key(&object), Stored::new(object));
+            .insert(object_key(&object), Stored::new(res, object));
     }
 
     pub(crate) fn bookmark(&self, res: Res) {
@@ -299,6 +311,12 @@ impl ApiServer {
         if down {
             self.drop_watches();
         }
+    }
+
+    /// Answers lists in JSON even to a client that accepts protobuf (as
+    /// an API server of a type without protobuf, or a proxy, does).
+    pub(crate) fn set_json_only(&self, json_only: bool) {
+        self.lock().json_only = json_only;
     }
 
     pub(crate) fn set_list_delay(&self, res: Res, delay: Duration) {
@@ -349,7 +367,12 @@ struct Request {
     path: String,
     query: BTreeMap<String, String>,
     body: Vec<u8>,
+    /// The client accepts `application/vnd.kubernetes.protobuf`.
+    accepts_protobuf: bool,
 }
+
+/// What a client that can read protobuf asks for, and gets.
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
 
 fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
@@ -396,11 +419,17 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
     let mut first = lines.next().unwrap_or("").split_whitespace();
     let method = first.next().unwrap_or("").to_owned();
     let target = first.next().unwrap_or("").to_owned();
-    let length: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
+    let header = |name: &str| {
+        lines
+            .clone()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let accepts_protobuf = header("accept").is_some_and(|accept| accept.contains(PROTOBUF));
     let mut body = buf[head_end..].to_vec();
     while body.len() < length {
         let n = stream.read(&mut chunk).await?;
@@ -423,6 +452,7 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
         path: path.to_owned(),
         query,
         body,
+        accepts_protobuf,
     }))
 }
 
@@ -431,12 +461,21 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &Value) -> std::io:
 }
 
 async fn respond_text(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
+    respond_bytes(stream, status, "application/json", body.as_bytes()).await
+}
+
+async fn respond_bytes(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
+    stream.write_all(body).await?;
     stream.shutdown().await
 }
 
@@ -513,7 +552,11 @@ async fn serve(
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join("&")
-    );
+    ) + if request.accepts_protobuf {
+        " (protobuf)"
+    } else {
+        ""
+    };
     state
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -529,7 +572,14 @@ async fn serve(
         {
             watch(stream, state, wire, res, &request.query).await
         }
-        ("GET", Some(res)) => list(&mut stream, state, res, &request.query).await,
+        ("GET", Some(res)) => {
+            let json_only = state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .json_only;
+            let protobuf = request.accepts_protobuf && res != Res::Nodes && !json_only;
+            list(&mut stream, state, res, &request.query, protobuf).await
+        }
         ("GET", None) if named_object(&request.path).is_some() => {
             let (res, key) = named_object(&request.path).expect("checked");
             let found = state
@@ -571,6 +621,7 @@ async fn list(
     state: &Mutex<State>,
     res: Res,
     query: &BTreeMap<String, String>,
+    protobuf: bool,
 ) -> std::io::Result<()> {
     let delay = state
         .lock()
@@ -583,9 +634,14 @@ async fn list(
     }
     let body = {
         let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-        list_page(&state, res, query)
+        list_page(&state, res, query, protobuf)
     };
-    respond_text(stream, "200 OK", &body).await
+    let content_type = if protobuf {
+        PROTOBUF
+    } else {
+        "application/json"
+    };
+    respond_bytes(stream, "200 OK", content_type, &body).await
 }
 
 /// One page of a list, as the API server pages it: at most `limit` items
@@ -598,7 +654,7 @@ async fn list(
 /// between pages also reaches the client through the watch it starts from
 /// that version, as with the real one. Tokens are `VERSION/KEY`, the key
 /// of the last item sent; the client treats them as opaque.
-fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> String {
+fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>, protobuf: bool) -> Vec<u8> {
     let limit: usize = query
         .get("limit")
         .and_then(|l| l.parse().ok())
@@ -625,7 +681,7 @@ fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> Strin
     let mut items = Vec::new();
     let mut last_key = None;
     for (key, stored) in selected_objects.by_ref().take(limit) {
-        items.push(stored.item.as_str());
+        items.push(stored);
         last_key = Some(key.clone());
     }
     let mut metadata = json!({"resourceVersion": rv.to_string()});
@@ -635,13 +691,19 @@ fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>) -> Strin
         metadata["continue"] = json!(format!("{rv}/{key}"));
     }
     let (api_version, kind, _) = res.kinds();
+    if protobuf {
+        let items: Vec<&[u8]> = items.iter().map(|s| s.item_protobuf.as_slice()).collect();
+        return api_protobuf::list(api_version, kind, &metadata, &items);
+    }
     let head = json!({"kind": kind, "apiVersion": api_version, "metadata": metadata}).to_string();
+    let items: Vec<&str> = items.iter().map(|s| s.item.as_str()).collect();
     // The head without its closing brace, then the items.
     format!(
         "{},\"items\":[{}]}}",
         head.strip_suffix('}').unwrap_or(&head),
         items.join(",")
     )
+    .into_bytes()
 }
 
 async fn chunk(stream: &mut TcpStream, line: &Value) -> std::io::Result<()> {

@@ -27,6 +27,7 @@
 //! - `changes`: what one update carries, re-lists, the label selector,
 //!   the source's log span, a list of several pages.
 
+mod api_protobuf;
 mod api_server;
 mod changes;
 mod driver;
