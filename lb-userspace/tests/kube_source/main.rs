@@ -3,7 +3,8 @@
 //! The server (`api_server`) speaks the Kubernetes list and watch protocol
 //! over plain HTTP on 127.0.0.1 as the real API server does: a list answers
 //! with the items and the list's `resourceVersion`, page by page with
-//! `limit` and `continue` (kube-rs asks for 500 at a time); a watch streams one JSON
+//! `limit` and `continue` (the source asks for 500 at a time), in protobuf
+//! (`api_protobuf`) to a client that accepts it, else in JSON; a watch streams one JSON
 //! event per chunk (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, and an
 //! `ERROR` with a `410 Gone` Status that forces a re-list), from the
 //! requested resource version on. It honours field and label selectors (an
@@ -37,7 +38,10 @@ use std::time::{Duration, Instant};
 
 use lb_userspace::{
     model::{self, ObjectError},
-    source::kube::{EventReporter, QUIET, node_context},
+    source::{
+        Snapshot,
+        kube::{EventReporter, QUIET, node_context},
+    },
 };
 use serde_json::json;
 
@@ -321,6 +325,55 @@ async fn unreachable_at_start_is_stale_without_snapshot() {
 /// Node has one `InternalIP`.
 #[tokio::test]
 async fn single_stack_ipv4_cluster() {
+    let server = ApiServer::start(ipv4_cluster()).await;
+    let mut source = start_source(&server);
+    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
+    expect_ipv4_cluster(&snapshot);
+    // Services and slices were listed as protobuf, as kube-proxy lists
+    // them; the Node (kube-runtime's watcher) as JSON.
+    let lists: Vec<String> = server
+        .lock()
+        .requests
+        .iter()
+        .filter(|r| r.starts_with("GET ") && !r.contains("watch=true"))
+        .cloned()
+        .collect();
+    for (path, protobuf) in [
+        ("/api/v1/services?", true),
+        ("/apis/discovery.k8s.io/v1/endpointslices?", true),
+        ("/api/v1/nodes?", false),
+    ] {
+        assert!(
+            lists
+                .iter()
+                .any(|r| r.starts_with(&format!("GET {path}"))
+                    && r.ends_with(" (protobuf)") == protobuf),
+            "{path}: {lists:#?}"
+        );
+    }
+}
+
+/// An API server that answers lists in JSON although protobuf was asked
+/// for (as a proxy in front of it may): read as JSON, to the same state.
+#[tokio::test]
+async fn lists_answered_in_json_are_read_as_json() {
+    let server = ApiServer::start(ipv4_cluster()).await;
+    server.set_json_only(true);
+    let mut source = start_source(&server);
+    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
+    expect_ipv4_cluster(&snapshot);
+    assert!(
+        server
+            .lock()
+            .requests
+            .iter()
+            .any(|r| r.ends_with(" (protobuf)")),
+        "protobuf was asked for"
+    );
+}
+
+/// An IPv4-only cluster (a Service without `clusterIPs`, a `NodePort`).
+fn ipv4_cluster() -> Vec<(Res, serde_json::Value)> {
     let mut web = service(&Svc {
         cluster_ips: &["198.19.0.10"],
         families: &["IPv4"],
@@ -329,7 +382,7 @@ async fn single_stack_ipv4_cluster() {
     });
     // As older API servers send it: no clusterIPs.
     web["spec"].as_object_mut().unwrap().remove("clusterIPs");
-    let server = ApiServer::start(vec![
+    vec![
         (Res::Services, web),
         (
             Res::Services,
@@ -364,11 +417,11 @@ async fn single_stack_ipv4_cluster() {
             ),
         ),
         (Res::Nodes, node(&[("InternalIP", "198.18.0.1")])),
-    ])
-    .await;
-    let mut source = start_source(&server);
-    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
-    let f = frontends(&snapshot);
+    ]
+}
+
+fn expect_ipv4_cluster(snapshot: &Snapshot) {
+    let f = frontends(snapshot);
     expect(
         &f,
         "198.19.0.10:443/TCP",

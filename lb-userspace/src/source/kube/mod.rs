@@ -1,5 +1,6 @@
-//! The Kubernetes source: kube-rs watchers for Services, `EndpointSlice`s
-//! and the agent's own Node, forwarded to the agent as [`Changes`].
+//! The Kubernetes source: watchers for Services, `EndpointSlice`s (listed
+//! as protobuf, as kube-proxy lists them) and the agent's own Node,
+//! forwarded to the agent as [`Changes`].
 //!
 //! - The first update is sent only once all three resources are listed;
 //!   until then what the lists bring goes to the agent in parts of 1000
@@ -29,6 +30,8 @@
 //! Where each concern lives:
 //! - `watch`: the watchers, coalescing, stale reasons and probes (the
 //!   source's task);
+//! - `listwatch`: list-then-watch of Services and slices, their lists read
+//!   as protobuf;
 //! - `changes`: what the agent holds and what changed since, per resource;
 //! - `events`: Kubernetes Events on invalid objects;
 //! - `trigger`: `EndpointSlice` trigger times as programming latencies;
@@ -36,6 +39,7 @@
 
 mod changes;
 mod events;
+mod listwatch;
 mod trigger;
 mod watch;
 

@@ -16,6 +16,7 @@ use kube::{
 use tokio::{sync::mpsc, time::Instant};
 
 use super::changes::{Change, Observed, Trackers, no_changes};
+use super::listwatch;
 use super::{
     HEADLESS_LABEL, KubeSourceConfig, MAX_DELAY, PROBE_INTERVAL, QUIET, SourceUpdate, client,
     with_causes,
@@ -63,46 +64,39 @@ pub fn proxied_selector() -> String {
     format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
 }
 
-/// One watcher per resource, merged into one stream.
+/// One watcher per resource, merged into one stream: Services and
+/// slices listed as protobuf ([`listwatch`]), the Node by kube-runtime.
 fn watch_all(client: &Client, node_name: &str) -> Signals {
-    fn watch<K>(
-        api: Api<K>,
-        config: watcher::Config,
+    fn signals<K>(
+        events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
         kind: Kind,
         wrap: fn(watcher::Event<K>) -> Observed,
     ) -> Signals
     where
-        K: Resource<DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
+        K: Resource<DynamicType = ()> + Send + 'static,
     {
-        let stream = watcher(api, config)
+        let stream = events
             .default_backoff()
             // Never read, and a good part of each object's size.
             .modify(|object| object.managed_fields_mut().clear())
             .map(move |item| (kind, item.map(wrap)));
         Box::pin(stream)
     }
-    let proxied = watcher::Config::default().labels(&proxied_selector());
-    let services = watch(
-        Api::<ListedService>::all(client.clone()),
-        proxied.clone(),
+    let services = signals(
+        listwatch::watcher::<ListedService>(client.clone(), proxied_selector()),
         Kind::Services,
         Observed::Services,
     );
-    let slices = watch(
-        Api::<ListedSlice>::all(client.clone()),
-        proxied,
+    let slices = signals(
+        listwatch::watcher::<ListedSlice>(client.clone(), proxied_selector()),
         Kind::Slices,
         Observed::Slices,
     );
-    let node = watch(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&node_selector(node_name)),
+    let node = signals(
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&node_selector(node_name)),
+        ),
         Kind::Node,
         Observed::Node,
     );

@@ -1,0 +1,285 @@
+//! The watcher of Services and `EndpointSlice`s: kube-runtime's
+//! list-then-watch, with the lists read as protobuf.
+//!
+//! kube-proxy asks the API server for protobuf; kube-rs reads only JSON.
+//! At 100k Services the first list is 300k objects, and reading their
+//! JSON was most of the list's time on the source's one thread. This is
+//! kube-runtime's `watcher` state machine (the same events, errors and
+//! backoff by the caller's `default_backoff`), with its pages asked for as
+//! `application/vnd.kubernetes.protobuf, application/json`: an API server
+//! that answers a page in JSON (a proxy, an aggregated API) is read as
+//! JSON. The watch that follows stays JSON (kube-rs's): its events are few.
+
+use std::fmt::Debug;
+
+use futures::{Stream, StreamExt as _, stream::BoxStream};
+use http_body_util::BodyExt as _;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use kube::{
+    Api, Client, Resource, ResourceExt as _,
+    api::{ListParams, WatchEvent, WatchParams},
+    core::{ObjectList, Status},
+    runtime::watcher::{Error, Event},
+};
+use serde::de::DeserializeOwned;
+
+use crate::model::protobuf::{self, ListPage, WireError};
+use crate::model::{ListedService, ListedSlice};
+
+/// What the API server is asked for: protobuf, else JSON.
+const ACCEPTED: &str = "application/vnd.kubernetes.protobuf, application/json";
+/// Objects per page, as kube-runtime's watcher and client-go's pager.
+const PAGE_SIZE: u32 = 500;
+/// A watch that sends nothing (not even a bookmark) for longer than the
+/// timeout it asked for plus this is taken as dead, as kube-runtime does.
+const IDLE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+/// The watch's server-side timeout, kube-runtime's default.
+const WATCH_TIMEOUT_SECS: u32 = 290;
+
+/// A listed resource whose list pages can be read from protobuf.
+pub(super) trait ProtobufList:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    /// Reads a list body in the API server's protobuf.
+    fn read_page(body: &[u8]) -> Result<ListPage<Self>, WireError>;
+}
+
+impl ProtobufList for ListedService {
+    fn read_page(body: &[u8]) -> Result<ListPage<Self>, WireError> {
+        protobuf::service_list(body)
+    }
+}
+
+impl ProtobufList for ListedSlice {
+    fn read_page(body: &[u8]) -> Result<ListPage<Self>, WireError> {
+        protobuf::slice_list(body)
+    }
+}
+
+/// Where the watcher is (kube-runtime's states, minus streaming lists).
+enum Phase<K> {
+    /// Nothing listed: the next step starts a list.
+    Empty,
+    /// Listing: the page's objects not yet sent, and where the next page
+    /// starts (`None` after the last, whose version is then known).
+    Page {
+        objects: std::vec::IntoIter<K>,
+        continue_token: Option<String>,
+        version: Option<String>,
+    },
+    /// Listed at a version: the next step starts the watch from it.
+    Listed { version: String },
+    /// Watching.
+    Watching {
+        version: String,
+        stream: BoxStream<'static, kube::Result<WatchEvent<K>>>,
+    },
+}
+
+struct Watcher<K: ProtobufList> {
+    api: Api<K>,
+    client: Client,
+    labels: String,
+    phase: Phase<K>,
+}
+
+/// List-then-watch of K (all namespaces) with LABELS, as kube-runtime's
+/// `watcher` with `Config::default().labels(LABELS)`.
+pub(super) fn watcher<K: ProtobufList>(
+    client: Client,
+    labels: String,
+) -> impl Stream<Item = Result<Event<K>, Error>> + Send {
+    let watcher = Watcher {
+        api: Api::<K>::all(client.clone()),
+        client,
+        labels,
+        phase: Phase::Empty,
+    };
+    futures::stream::unfold(watcher, |mut watcher| async move {
+        let item = watcher.step().await;
+        Some((item, watcher))
+    })
+}
+
+impl<K: ProtobufList> Watcher<K> {
+    /// Steps until there is something to send.
+    async fn step(&mut self) -> Result<Event<K>, Error> {
+        loop {
+            if let Some(item) = self.step_once().await {
+                return item;
+            }
+        }
+    }
+
+    async fn step_once(&mut self) -> Option<Result<Event<K>, Error>> {
+        match &mut self.phase {
+            Phase::Empty => {
+                self.phase = Phase::Page {
+                    objects: Vec::new().into_iter(),
+                    continue_token: None,
+                    version: None,
+                };
+                Some(Ok(Event::Init))
+            }
+            Phase::Page {
+                objects,
+                continue_token,
+                version,
+            } => {
+                if let Some(object) = objects.next() {
+                    return Some(Ok(Event::InitApply(object)));
+                }
+                if continue_token.is_none()
+                    && let Some(version) = version.take()
+                {
+                    self.phase = Phase::Listed { version };
+                    return Some(Ok(Event::InitDone));
+                }
+                let token = continue_token.take();
+                match list_page::<K>(&self.client, &self.labels, token).await {
+                    Ok(page)
+                        if page.resource_version.is_none() && page.continue_token.is_none() =>
+                    {
+                        self.phase = Phase::Empty;
+                        Some(Err(Error::NoResourceVersion))
+                    }
+                    Ok(page) => {
+                        self.phase = Phase::Page {
+                            objects: page.items.into_iter(),
+                            continue_token: page.continue_token,
+                            version: page.resource_version,
+                        };
+                        None
+                    }
+                    Err(error) => {
+                        self.phase = Phase::Empty;
+                        Some(Err(Error::InitialListFailed(error)))
+                    }
+                }
+            }
+            Phase::Listed { version } => {
+                let params = WatchParams {
+                    label_selector: Some(self.labels.clone()),
+                    timeout: Some(WATCH_TIMEOUT_SECS),
+                    bookmarks: true,
+                    ..WatchParams::default()
+                };
+                match self.api.watch(&params, version).await {
+                    Ok(stream) => {
+                        let version = std::mem::take(version);
+                        self.phase = Phase::Watching {
+                            version,
+                            stream: stream.boxed(),
+                        };
+                        None
+                    }
+                    Err(error) => Some(Err(Error::WatchStartFailed(error))),
+                }
+            }
+            Phase::Watching { version, stream } => {
+                let idle = std::time::Duration::from_secs(WATCH_TIMEOUT_SECS.into()) + IDLE_MARGIN;
+                let event = tokio::time::timeout(idle, stream.next())
+                    .await
+                    .unwrap_or(None);
+                match event {
+                    Some(Ok(WatchEvent::Added(object) | WatchEvent::Modified(object))) => {
+                        Some(self.seen(object).map(Event::Apply))
+                    }
+                    Some(Ok(WatchEvent::Deleted(object))) => {
+                        Some(self.seen(object).map(Event::Delete))
+                    }
+                    Some(Ok(WatchEvent::Bookmark(bookmark))) => {
+                        *version = bookmark.metadata.resource_version;
+                        None
+                    }
+                    Some(Ok(WatchEvent::Error(status))) => {
+                        if status.code == 410 {
+                            self.phase = Phase::Empty;
+                        }
+                        Some(Err(Error::WatchError(status.boxed())))
+                    }
+                    Some(Err(error)) => Some(Err(Error::WatchFailed(error))),
+                    // Ended (its timeout, or idle): watch again from where it was.
+                    None => {
+                        let version = std::mem::take(version);
+                        self.phase = Phase::Listed { version };
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// OBJECT came by the watch: its version is where a restarted watch
+    /// resumes (none: re-list, as kube-runtime does).
+    fn seen(&mut self, object: K) -> Result<K, Error> {
+        let Some(seen) = object.resource_version().filter(|v| !v.is_empty()) else {
+            self.phase = Phase::Empty;
+            return Err(Error::NoResourceVersion);
+        };
+        if let Phase::Watching { version, .. } = &mut self.phase {
+            *version = seen;
+        }
+        Ok(object)
+    }
+}
+
+/// One page of the list of K with LABELS, from the continue token (the
+/// first page without one).
+async fn list_page<K: ProtobufList>(
+    client: &Client,
+    labels: &str,
+    continue_token: Option<String>,
+) -> kube::Result<ListPage<K>> {
+    let params = ListParams {
+        label_selector: Some(labels.to_owned()),
+        limit: Some(PAGE_SIZE),
+        continue_token,
+        ..ListParams::default()
+    };
+    let url = K::url_path(&(), None);
+    let mut request = kube::core::Request::new(url)
+        .list(&params)
+        .map_err(kube::Error::BuildRequest)?;
+    request
+        .headers_mut()
+        .insert(ACCEPT, HeaderValue::from_static(ACCEPTED));
+    let response = client.send(request.map(kube::client::Body::from)).await?;
+    let status = response.status();
+    let is_protobuf = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/vnd.kubernetes.protobuf"));
+    let body = response.into_body().collect().await?.to_bytes();
+    if status.is_client_error() || status.is_server_error() {
+        return Err(kube::Error::Api(
+            failure(&body, is_protobuf, status.as_u16()).boxed(),
+        ));
+    }
+    if is_protobuf {
+        return K::read_page(&body).map_err(|error| kube::Error::Service(Box::new(error)));
+    }
+    let list: ObjectList<K> = serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
+    Ok(ListPage {
+        items: list.items,
+        resource_version: list.metadata.resource_version.filter(|v| !v.is_empty()),
+        continue_token: list.metadata.continue_.filter(|c| !c.is_empty()),
+    })
+}
+
+/// The `Status` of a failed request's BODY, as kube-rs makes it of a body
+/// that is none.
+fn failure(body: &[u8], is_protobuf: bool, code: u16) -> Status {
+    let read = if is_protobuf {
+        protobuf::status(body)
+            .ok()
+            .map(|status| Status::failure(&status.message, &status.reason).with_code(status.code))
+    } else {
+        serde_json::from_slice::<Status>(body).ok()
+    };
+    read.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        Status::failure(text.trim(), "Failed to parse error data").with_code(code)
+    })
+}
