@@ -201,6 +201,10 @@ fn bytes_field(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
 /// Seconds since the epoch of RFC 3339 TEXT in UTC (`...Z`; fractions of
 /// a second dropped, as `meta.v1.Time` keeps whole seconds).
 fn epoch_seconds(text: &str) -> i64 {
+    assert!(
+        text.ends_with('Z'),
+        "the stand-in writes UTC times only: {text:?}"
+    );
     let number = |range: std::ops::Range<usize>| -> i64 {
         text.get(range)
             .and_then(|digits| digits.parse().ok())

@@ -103,6 +103,8 @@ pub(crate) struct State {
     list_delay: BTreeMap<Res, Duration>,
     /// Answer lists in JSON even to a client that accepts protobuf.
     json_only: bool,
+    /// Cut every protobuf list body short (a body the client refuses).
+    garble_protobuf: bool,
     /// `METHOD path?query` of every request.
     pub(crate) requests: Vec<String>,
     /// Bodies of the Events posted.
@@ -317,6 +319,12 @@ impl ApiServer {
     /// an API server of a type without protobuf, or a proxy, does).
     pub(crate) fn set_json_only(&self, json_only: bool) {
         self.lock().json_only = json_only;
+    }
+
+    /// Cuts every protobuf list body in half: a body the client cannot
+    /// read.
+    pub(crate) fn set_garble_protobuf(&self, garble: bool) {
+        self.lock().garble_protobuf = garble;
     }
 
     pub(crate) fn set_list_delay(&self, res: Res, delay: Duration) {
@@ -634,7 +642,11 @@ async fn list(
     }
     let body = {
         let state = state.lock().unwrap_or_else(PoisonError::into_inner);
-        list_page(&state, res, query, protobuf)
+        let mut body = list_page(&state, res, query, protobuf);
+        if protobuf && state.garble_protobuf {
+            body.truncate(body.len() / 2);
+        }
+        body
     };
     let content_type = if protobuf {
         PROTOBUF

@@ -372,6 +372,33 @@ async fn lists_answered_in_json_are_read_as_json() {
     );
 }
 
+/// A protobuf page the source cannot read is asked for again in JSON:
+/// the list goes on to the same state.
+#[tokio::test]
+async fn a_protobuf_page_that_cannot_be_read_is_asked_for_in_json() {
+    let server = ApiServer::start(ipv4_cluster()).await;
+    server.set_garble_protobuf(true);
+    let mut source = start_source(&server);
+    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
+    expect_ipv4_cluster(&snapshot);
+    let requests = server.lock().requests.clone();
+    for path in [
+        "/api/v1/services?",
+        "/apis/discovery.k8s.io/v1/endpointslices?",
+    ] {
+        let lists: Vec<&String> = requests
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET {path}")) && !r.contains("watch=true"))
+            .collect();
+        assert!(
+            lists.len() == 2
+                && lists[0].ends_with(" (protobuf)")
+                && !lists[1].ends_with(" (protobuf)"),
+            "one page, asked for again in JSON: {lists:#?}"
+        );
+    }
+}
+
 /// An IPv4-only cluster (a Service without `clusterIPs`, a `NodePort`).
 fn ipv4_cluster() -> Vec<(Res, serde_json::Value)> {
     let mut web = service(&Svc {

@@ -1,7 +1,8 @@
 //! Services and `EndpointSlice`s read from the API server's protobuf, as
 //! kube-proxy asks for them (`application/vnd.kubernetes.protobuf`): the
-//! same [`ListedService`] and [`ListedSlice`] the JSON gives, with the same
-//! fields kept.
+//! same [`ListedService`] and [`ListedSlice`] the JSON gives, with every
+//! field the model reads (a Service's `status.conditions`, which it does
+//! not, are left out).
 //!
 //! A JSON page is mostly spent tokenizing: every key compared, every
 //! skipped value still scanned. Protobuf names fields by number and skips
@@ -147,13 +148,30 @@ fn push_str(list: &mut Option<Vec<String>>, text: &str) {
 }
 
 /// Reads a map entry of strings into MAP when its key is one of KEPT.
+/// Another entry is skipped unread (not even checked for UTF-8: a large
+/// annotation such as kubectl's last-applied copy costs nothing).
 fn kept_entry(
     bytes: &[u8],
     kept: &[&'static str],
     map: &mut Option<BTreeMap<String, String>>,
 ) -> Result<(), WireError> {
-    let (key, value) = entry(bytes)?;
-    if let Some(name) = kept.iter().find(|name| **name == key) {
+    let mut fields = Fields::new(bytes, "map entry");
+    let (mut name, mut value) = (None, None);
+    while let Some((field, item)) = fields.next_field()? {
+        match field {
+            1 => {
+                let key = fields.bytes(field, item)?;
+                name = kept.iter().find(|name| name.as_bytes() == key);
+            }
+            2 => value = Some(item),
+            _ => {}
+        }
+    }
+    if let Some(name) = name {
+        let value = match value {
+            Some(value) => fields.str(2, value)?,
+            None => "",
+        };
         map.get_or_insert_with(BTreeMap::new)
             .insert((*name).to_owned(), value.to_owned());
     }

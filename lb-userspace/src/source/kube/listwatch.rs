@@ -8,7 +8,8 @@
 //! backoff by the caller's `default_backoff`), with its pages asked for as
 //! `application/vnd.kubernetes.protobuf, application/json`: an API server
 //! that answers a page in JSON (a proxy, an aggregated API) is read as
-//! JSON. The watch that follows stays JSON (kube-rs's): its events are few.
+//! JSON, and so is a protobuf page this reader refuses (asked for again in
+//! JSON). The watch that follows stays JSON (kube-rs's): its events are few.
 
 use std::fmt::Debug;
 
@@ -23,16 +24,21 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
+use super::with_causes;
 use crate::model::protobuf::{self, ListPage, WireError};
 use crate::model::{ListedService, ListedSlice};
 
+/// The API server's protobuf.
+const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
 /// What the API server is asked for: protobuf, else JSON.
 const ACCEPTED: &str = "application/vnd.kubernetes.protobuf, application/json";
+/// What a page the protobuf reader refused is asked for again in.
+const JSON: &str = "application/json";
 /// Objects per page, as kube-runtime's watcher and client-go's pager.
 const PAGE_SIZE: u32 = 500;
 /// A watch that sends nothing (not even a bookmark) for longer than the
 /// timeout it asked for plus this is taken as dead, as kube-runtime does.
-const IDLE_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+const IDLE_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// The watch's server-side timeout, kube-runtime's default.
 const WATCH_TIMEOUT_SECS: u32 = 290;
 
@@ -225,7 +231,9 @@ impl<K: ProtobufList> Watcher<K> {
 }
 
 /// One page of the list of K with LABELS, from the continue token (the
-/// first page without one).
+/// first page without one). A protobuf page this reader refuses (a
+/// string that is not UTF-8, a field of an unexpected type) is asked for
+/// again in JSON, which kube-rs reads as it always did: the list goes on.
 async fn list_page<K: ProtobufList>(
     client: &Client,
     labels: &str,
@@ -237,35 +245,68 @@ async fn list_page<K: ProtobufList>(
         continue_token,
         ..ListParams::default()
     };
-    let url = K::url_path(&(), None);
+    let page = fetch(client, K::url_path(&(), None), &params, ACCEPTED).await?;
+    if page.is_protobuf {
+        match K::read_page(&page.body) {
+            Ok(read) => return Ok(read),
+            Err(error) => {
+                let error = with_causes(&error);
+                tracing::warn!(
+                    resource = %K::kind(&()),
+                    %error,
+                    "a protobuf list page could not be read; asking for it in JSON"
+                );
+            }
+        }
+    }
+    let json = if page.is_protobuf {
+        fetch(client, K::url_path(&(), None), &params, JSON).await?
+    } else {
+        page
+    };
+    let list: ObjectList<K> =
+        serde_json::from_slice(&json.body).map_err(kube::Error::SerdeError)?;
+    Ok(ListPage {
+        items: list.items,
+        resource_version: list.metadata.resource_version.filter(|v| !v.is_empty()),
+        continue_token: list.metadata.continue_.filter(|c| !c.is_empty()),
+    })
+}
+
+/// A list page's body, and whether it is protobuf.
+struct Fetched {
+    body: bytes::Bytes,
+    is_protobuf: bool,
+}
+
+/// GETs the list at URL with PARAMS, accepting ACCEPT; a failure status
+/// is an error, as kube-rs makes it.
+async fn fetch(
+    client: &Client,
+    url: String,
+    params: &ListParams,
+    accept: &'static str,
+) -> kube::Result<Fetched> {
     let mut request = kube::core::Request::new(url)
-        .list(&params)
+        .list(params)
         .map_err(kube::Error::BuildRequest)?;
     request
         .headers_mut()
-        .insert(ACCEPT, HeaderValue::from_static(ACCEPTED));
+        .insert(ACCEPT, HeaderValue::from_static(accept));
     let response = client.send(request.map(kube::client::Body::from)).await?;
     let status = response.status();
     let is_protobuf = response
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/vnd.kubernetes.protobuf"));
+        .is_some_and(|value| value.starts_with(PROTOBUF));
     let body = response.into_body().collect().await?.to_bytes();
     if status.is_client_error() || status.is_server_error() {
         return Err(kube::Error::Api(
             failure(&body, is_protobuf, status.as_u16()).boxed(),
         ));
     }
-    if is_protobuf {
-        return K::read_page(&body).map_err(|error| kube::Error::Service(Box::new(error)));
-    }
-    let list: ObjectList<K> = serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
-    Ok(ListPage {
-        items: list.items,
-        resource_version: list.metadata.resource_version.filter(|v| !v.is_empty()),
-        continue_token: list.metadata.continue_.filter(|c| !c.is_empty()),
-    })
+    Ok(Fetched { body, is_protobuf })
 }
 
 /// The `Status` of a failed request's BODY, as kube-rs makes it of a body

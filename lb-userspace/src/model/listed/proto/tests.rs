@@ -281,6 +281,28 @@ fn a_body_that_cannot_be_read_is_refused_with_why() {
     let bad_name = Message::default().message(1, &Message::default().bytes(1, b"\xff\xfe"));
     let err = slice_list(&list_of(&[bad_name], "7", "", "EndpointSliceList")).unwrap_err();
     assert_eq!(err, WireError::NotUtf8("ObjectMeta"));
+    let bad_kept_label = Message::default().message(
+        1,
+        &Message::default().message(
+            11,
+            &Message::default()
+                .str(1, "kubernetes.io/service-name")
+                .bytes(2, b"\xff"),
+        ),
+    );
+    let err = slice_list(&list_of(&[bad_kept_label], "7", "", "EndpointSliceList")).unwrap_err();
+    assert_eq!(err, WireError::NotUtf8("map entry"));
+    // An annotation not kept is skipped unread, whatever its bytes.
+    let odd_annotation = Message::default().message(
+        1,
+        &Message::default().str(1, "web").message(
+            12,
+            &Message::default().bytes(1, b"note\xff").bytes(2, b"\xfe"),
+        ),
+    );
+    let page = slice_list(&list_of(&[odd_annotation], "7", "", "EndpointSliceList"))
+        .expect("an unread annotation is not checked");
+    assert_eq!(page.items[0].metadata.annotations, None);
     let varint_address = Message::default().message(2, &Message::default().int(1, 7));
     let err = slice_list(&list_of(&[varint_address], "7", "", "EndpointSliceList")).unwrap_err();
     assert!(
