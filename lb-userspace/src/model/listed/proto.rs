@@ -112,12 +112,12 @@ fn list<T>(
 ) -> Result<ListPage<T>, WireError> {
     let envelope = envelope(body)?;
     expect_kind(envelope.kind, kind)?;
+    let mut fields = Fields::new(envelope.raw, kind);
     let mut page = ListPage {
-        items: Vec::new(),
+        items: Vec::with_capacity(fields.count(2)),
         resource_version: None,
         continue_token: None,
     };
-    let mut fields = Fields::new(envelope.raw, kind);
     while let Some((field, value)) = fields.next_field()? {
         match field {
             1 => {
@@ -414,17 +414,20 @@ fn ingress(bytes: &[u8]) -> Result<LoadBalancerIngress, WireError> {
 }
 
 fn slice(bytes: &[u8]) -> Result<ListedSlice, WireError> {
+    let mut fields = Fields::new(bytes, "EndpointSlice");
+    // Sized at once (an endpoint has one address, as an API server writes
+    // them); grown from empty they were copied as they grew.
+    let endpoints = fields.count(2);
     let mut slice = ListedSlice {
         metadata: ObjectMeta::default(),
         address_type: String::new(),
         endpoints: ListedEndpoints {
-            addresses: Vec::with_capacity(8),
-            conditions: Vec::with_capacity(8),
+            addresses: Vec::with_capacity(endpoints),
+            conditions: Vec::with_capacity(endpoints),
             ..ListedEndpoints::default()
         },
         ports: None,
     };
-    let mut fields = Fields::new(bytes, "EndpointSlice");
     while let Some((field, value)) = fields.next_field()? {
         match field {
             1 => slice.metadata = object_meta(fields.bytes(field, value)?, false)?,

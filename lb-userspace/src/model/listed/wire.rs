@@ -71,6 +71,13 @@ impl<'a> Fields<'a> {
     }
 
     fn varint(&mut self) -> Result<u64, WireError> {
+        // Most varints (keys, lengths, booleans) are one byte.
+        if let Some((&byte, rest)) = self.rest.split_first()
+            && byte < 0x80
+        {
+            self.rest = rest;
+            return Ok(u64::from(byte));
+        }
         let mut value = 0u64;
         for (index, &byte) in self.rest.iter().enumerate().take(10) {
             value |= u64::from(byte & 0x7f) << (7 * index);
@@ -124,6 +131,17 @@ impl<'a> Fields<'a> {
             }
         };
         Ok(Some((field, value)))
+    }
+
+    /// How many fields numbered FIELD the rest of the message has (to
+    /// size a repeated field's vector at once; 0 when it cannot be read).
+    pub(super) fn count(&self, field: u32) -> usize {
+        let mut ahead = Fields::new(self.rest, self.message);
+        let mut count = 0;
+        while let Ok(Some((number, _))) = ahead.next_field() {
+            count += usize::from(number == field);
+        }
+        count
     }
 
     fn wrong(&self, field: u32, value: Value<'_>, expected: &'static str) -> WireError {

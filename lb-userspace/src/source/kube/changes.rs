@@ -79,6 +79,11 @@ impl<K: Resource> Tracker<K> {
                 Change::Listing
             }
             watcher::Event::InitApply(object) if self.first_listing => {
+                if self.first_list.capacity() == 0 {
+                    // Taken at FIRST_LIST_BATCH objects (or at the list's
+                    // end): sized once instead of copied as it grows.
+                    self.first_list.reserve(super::watch::FIRST_LIST_BATCH + 1);
+                }
                 self.first_list.push(object);
                 Change::Listing
             }

@@ -44,7 +44,7 @@ impl Kind {
 }
 
 /// Objects of the first lists handed to the agent at a time.
-const FIRST_LIST_BATCH: usize = 1000;
+pub(super) const FIRST_LIST_BATCH: usize = 1000;
 /// Signals already queued that are taken in a row before the loop looks
 /// at its deadline again.
 const DRAIN_LIMIT: usize = 256;
