@@ -9,7 +9,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt as _,
+    Api, Client, ResourceExt as _,
     api::ListParams,
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -67,21 +67,18 @@ pub fn proxied_selector() -> String {
 /// One watcher per resource, merged into one stream: Services and
 /// slices listed as protobuf ([`listwatch`]), the Node by kube-runtime.
 fn watch_all(client: &Client, node_name: &str) -> Signals {
-    fn signals<K>(
+    fn signals<K: Send + 'static>(
         events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
         kind: Kind,
         wrap: fn(watcher::Event<K>) -> Observed,
-    ) -> Signals
-    where
-        K: Resource<DynamicType = ()> + Send + 'static,
-    {
+    ) -> Signals {
         let stream = events
             .default_backoff()
-            // Never read, and a good part of each object's size.
-            .modify(|object| object.managed_fields_mut().clear())
             .map(move |item| (kind, item.map(wrap)));
         Box::pin(stream)
     }
+    // The listed forms keep no managed fields (nor any other metadata the
+    // model does not read).
     let services = signals(
         listwatch::watcher::<ListedService>(client.clone(), proxied_selector()),
         Kind::Services,
@@ -96,7 +93,9 @@ fn watch_all(client: &Client, node_name: &str) -> Signals {
         watcher(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&node_selector(node_name)),
-        ),
+        )
+        // Never read, and a good part of the Node's size.
+        .modify(|node| node.managed_fields_mut().clear()),
         Kind::Node,
         Observed::Node,
     );
