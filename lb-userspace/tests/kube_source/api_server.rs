@@ -332,6 +332,12 @@ impl ApiServer {
     }
 
     pub(crate) fn lists(&self, res: Res) -> usize {
+        self.list_requests(res).len()
+    }
+
+    /// The list requests of RES in order (` (protobuf)` at the end of one
+    /// that accepted protobuf).
+    pub(crate) fn list_requests(&self, res: Res) -> Vec<String> {
         let path = match res {
             Res::Services => "/api/v1/services",
             Res::Slices => "/apis/discovery.k8s.io/v1/endpointslices",
@@ -341,7 +347,8 @@ impl ApiServer {
             .requests
             .iter()
             .filter(|r| r.starts_with(&format!("GET {path}?")) && !r.contains("watch=true"))
-            .count()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn posted_events(&self) -> Vec<Value> {

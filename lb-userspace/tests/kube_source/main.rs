@@ -326,29 +326,18 @@ async fn unreachable_at_start_is_stale_without_snapshot() {
 #[tokio::test]
 async fn single_stack_ipv4_cluster() {
     let server = ApiServer::start(ipv4_cluster()).await;
-    let mut source = start_source(&server);
-    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
-    expect_ipv4_cluster(&snapshot);
+    source_reaches_ipv4_cluster(&server).await;
     // Services and slices were listed as protobuf, as kube-proxy lists
     // them; the Node (kube-runtime's watcher) as JSON.
-    let lists: Vec<String> = server
-        .lock()
-        .requests
-        .iter()
-        .filter(|r| r.starts_with("GET ") && !r.contains("watch=true"))
-        .cloned()
-        .collect();
-    for (path, protobuf) in [
-        ("/api/v1/services?", true),
-        ("/apis/discovery.k8s.io/v1/endpointslices?", true),
-        ("/api/v1/nodes?", false),
+    for (res, protobuf) in [
+        (Res::Services, true),
+        (Res::Slices, true),
+        (Res::Nodes, false),
     ] {
+        let lists = server.list_requests(res);
         assert!(
-            lists
-                .iter()
-                .any(|r| r.starts_with(&format!("GET {path}"))
-                    && r.ends_with(" (protobuf)") == protobuf),
-            "{path}: {lists:#?}"
+            !lists.is_empty() && lists.iter().all(|r| r.ends_with(" (protobuf)") == protobuf),
+            "{res:?}: {lists:#?}"
         );
     }
 }
@@ -359,16 +348,11 @@ async fn single_stack_ipv4_cluster() {
 async fn lists_answered_in_json_are_read_as_json() {
     let server = ApiServer::start(ipv4_cluster()).await;
     server.set_json_only(true);
-    let mut source = start_source(&server);
-    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
-    expect_ipv4_cluster(&snapshot);
+    source_reaches_ipv4_cluster(&server).await;
+    let lists = server.list_requests(Res::Slices);
     assert!(
-        server
-            .lock()
-            .requests
-            .iter()
-            .any(|r| r.ends_with(" (protobuf)")),
-        "protobuf was asked for"
+        lists.len() == 1 && lists[0].ends_with(" (protobuf)"),
+        "protobuf asked for once, the JSON answer read: {lists:#?}"
     );
 }
 
@@ -378,18 +362,9 @@ async fn lists_answered_in_json_are_read_as_json() {
 async fn a_protobuf_page_that_cannot_be_read_is_asked_for_in_json() {
     let server = ApiServer::start(ipv4_cluster()).await;
     server.set_garble_protobuf(true);
-    let mut source = start_source(&server);
-    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
-    expect_ipv4_cluster(&snapshot);
-    let requests = server.lock().requests.clone();
-    for path in [
-        "/api/v1/services?",
-        "/apis/discovery.k8s.io/v1/endpointslices?",
-    ] {
-        let lists: Vec<&String> = requests
-            .iter()
-            .filter(|r| r.starts_with(&format!("GET {path}")) && !r.contains("watch=true"))
-            .collect();
+    source_reaches_ipv4_cluster(&server).await;
+    for res in [Res::Services, Res::Slices] {
+        let lists = server.list_requests(res);
         assert!(
             lists.len() == 2
                 && lists[0].ends_with(" (protobuf)")
@@ -397,6 +372,13 @@ async fn a_protobuf_page_that_cannot_be_read_is_asked_for_in_json() {
             "one page, asked for again in JSON: {lists:#?}"
         );
     }
+}
+
+/// A source started against SERVER reaches [`ipv4_cluster`]'s state.
+async fn source_reaches_ipv4_cluster(server: &ApiServer) {
+    let mut source = start_source(server);
+    let (snapshot, _) = source.until(STEP, "initial lists", |_| true).await;
+    expect_ipv4_cluster(&snapshot);
 }
 
 /// An IPv4-only cluster (a Service without `clusterIPs`, a `NodePort`).
