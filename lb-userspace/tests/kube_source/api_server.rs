@@ -588,12 +588,14 @@ async fn serve(
             watch(stream, state, wire, res, &request.query).await
         }
         ("GET", Some(res)) => {
-            let json_only = state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .json_only;
-            let protobuf = request.accepts_protobuf && res != Res::Nodes && !json_only;
-            list(&mut stream, state, res, &request.query, protobuf).await
+            list(
+                &mut stream,
+                state,
+                res,
+                &request.query,
+                request.accepts_protobuf,
+            )
+            .await
         }
         ("GET", None) if named_object(&request.path).is_some() => {
             let (res, key) = named_object(&request.path).expect("checked");
@@ -636,7 +638,7 @@ async fn list(
     state: &Mutex<State>,
     res: Res,
     query: &BTreeMap<String, String>,
-    protobuf: bool,
+    accepts_protobuf: bool,
 ) -> std::io::Result<()> {
     let delay = state
         .lock()
@@ -647,13 +649,14 @@ async fn list(
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let body = {
+    let (body, protobuf) = {
         let state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let protobuf = accepts_protobuf && res != Res::Nodes && !state.json_only;
         let mut body = list_page(&state, res, query, protobuf);
         if protobuf && state.garble_protobuf {
             body.truncate(body.len() / 2);
         }
-        body
+        (body, protobuf)
     };
     let content_type = if protobuf {
         PROTOBUF

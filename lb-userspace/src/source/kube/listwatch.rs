@@ -245,7 +245,8 @@ async fn list_page<K: ProtobufList>(
         continue_token,
         ..ListParams::default()
     };
-    let page = fetch(client, K::url_path(&(), None), &params, ACCEPTED).await?;
+    let url = K::url_path(&(), None);
+    let page = fetch(client, &url, &params, ACCEPTED).await?;
     if page.is_protobuf {
         match K::read_page(&page.body) {
             Ok(read) => return Ok(read),
@@ -260,7 +261,7 @@ async fn list_page<K: ProtobufList>(
         }
     }
     let json = if page.is_protobuf {
-        fetch(client, K::url_path(&(), None), &params, JSON).await?
+        fetch(client, &url, &params, JSON).await?
     } else {
         page
     };
@@ -283,7 +284,7 @@ struct Fetched {
 /// is an error, as kube-rs makes it.
 async fn fetch(
     client: &Client,
-    url: String,
+    url: &str,
     params: &ListParams,
     accept: &'static str,
 ) -> kube::Result<Fetched> {
