@@ -416,8 +416,12 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>> {
-    let mut buf = Vec::new();
+/// Reads the next request on STREAM; BUF holds what was read beyond the
+/// previous one. `None`: the client closed the connection.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<Request>> {
     let mut chunk = [0u8; 4096];
     let head_end = loop {
         if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -445,14 +449,15 @@ async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Request>
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let accepts_protobuf = header("accept").is_some_and(|accept| accept.contains(PROTOBUF));
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < length {
+    while buf.len() < head_end + length {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            break;
+            return Ok(None);
         }
-        body.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(&chunk[..n]);
     }
+    let body = buf[head_end..head_end + length].to_vec();
+    buf.drain(..head_end + length);
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let query = query
         .split('&')
@@ -485,13 +490,14 @@ async fn respond_bytes(
     content_type: &str,
     body: &[u8],
 ) -> std::io::Result<()> {
+    // The connection stays open for the client's next request, as an API
+    // server's does (HTTP/1.1).
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.shutdown().await
+    stream.write_all(body).await
 }
 
 /// Whether OBJECT is in the selection of QUERY: `fieldSelector` (only
@@ -546,17 +552,43 @@ fn named_object(path: &str) -> Option<(Res, String)> {
     }
 }
 
+/// Answers the requests on STREAM, one after another, until the client
+/// closes it or a watch takes it over (a watch's answer ends with the
+/// connection). While the server is down, a request is not answered: its
+/// connection is closed.
 async fn serve(
     mut stream: TcpStream,
     state: &Mutex<State>,
     wire: &broadcast::Sender<Wire>,
 ) -> std::io::Result<()> {
-    if state.lock().unwrap_or_else(PoisonError::into_inner).down {
-        return Ok(());
+    let mut buf = Vec::new();
+    loop {
+        if state.lock().unwrap_or_else(PoisonError::into_inner).down {
+            return Ok(());
+        }
+        let Some(request) = read_request(&mut stream, &mut buf).await? else {
+            return Ok(());
+        };
+        log_request(state, &request);
+        if is_watch(&request) {
+            let res = Res::from_path(&request.path).expect("a watch names a resource");
+            return watch(stream, state, wire, res, &request.query).await;
+        }
+        answer(&mut stream, state, request).await?;
     }
-    let Some(request) = read_request(&mut stream).await? else {
-        return Ok(());
-    };
+}
+
+fn is_watch(request: &Request) -> bool {
+    request.method == "GET"
+        && Res::from_path(&request.path).is_some()
+        && request
+            .query
+            .get("watch")
+            .is_some_and(|w| w == "true" || w == "1")
+}
+
+/// Keeps REQUEST's `METHOD path?query` line.
+fn log_request(state: &Mutex<State>, request: &Request) {
     let line = format!(
         "{} {}?{}",
         request.method,
@@ -577,25 +609,17 @@ async fn serve(
         .unwrap_or_else(PoisonError::into_inner)
         .requests
         .push(line);
-    let res = Res::from_path(&request.path);
-    match (request.method.as_str(), res) {
-        ("GET", Some(res))
-            if request
-                .query
-                .get("watch")
-                .is_some_and(|w| w == "true" || w == "1") =>
-        {
-            watch(stream, state, wire, res, &request.query).await
-        }
+}
+
+/// Answers REQUEST, which is not a watch.
+async fn answer(
+    stream: &mut TcpStream,
+    state: &Mutex<State>,
+    request: Request,
+) -> std::io::Result<()> {
+    match (request.method.as_str(), Res::from_path(&request.path)) {
         ("GET", Some(res)) => {
-            list(
-                &mut stream,
-                state,
-                res,
-                &request.query,
-                request.accepts_protobuf,
-            )
-            .await
+            list(stream, state, res, &request.query, request.accepts_protobuf).await
         }
         ("GET", None) if named_object(&request.path).is_some() => {
             let (res, key) = named_object(&request.path).expect("checked");
@@ -607,12 +631,12 @@ async fn serve(
                 .and_then(|objects| objects.get(&key))
                 .map(|stored| stored.object.clone());
             if let Some(object) = found {
-                respond(&mut stream, "200 OK", &object).await
+                respond(stream, "200 OK", &object).await
             } else {
                 let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                     "status": "Failure", "reason": "NotFound", "code": 404,
                     "message": format!("{key} not found")});
-                respond(&mut stream, "404 Not Found", &status).await
+                respond(stream, "404 Not Found", &status).await
             }
         }
         ("POST", None) if request.path.ends_with("/events") => {
@@ -622,13 +646,13 @@ async fn serve(
                 .unwrap_or_else(PoisonError::into_inner)
                 .events
                 .push(body.clone());
-            respond(&mut stream, "201 Created", &body).await
+            respond(stream, "201 Created", &body).await
         }
         _ => {
             let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                 "status": "Failure", "reason": "NotFound", "code": 404,
                 "message": format!("the server could not find {}", request.path)});
-            respond(&mut stream, "404 Not Found", &status).await
+            respond(stream, "404 Not Found", &status).await
         }
     }
 }
