@@ -28,6 +28,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{KEPT_ANNOTATIONS, KEPT_LABELS};
+/// Protobuf bytes for tests, field by field.
+#[cfg(test)]
+pub(crate) use super::wire::write;
 use super::wire::{Fields, envelope};
 pub use super::wire::{MAGIC, WireError};
 use super::{EndpointFields, ListedAddress, ListedEndpoints, ListedService, ListedSlice};
@@ -121,20 +124,46 @@ fn list<T>(
     while let Some((field, value)) = fields.next_field()? {
         match field {
             1 => {
-                let mut meta = Fields::new(fields.bytes(field, value)?, "ListMeta");
-                while let Some((field, value)) = meta.next_field()? {
-                    match field {
-                        2 => page.resource_version = non_empty(meta.str(field, value)?),
-                        3 => page.continue_token = non_empty(meta.str(field, value)?),
-                        _ => {}
-                    }
-                }
+                (page.resource_version, page.continue_token) =
+                    list_meta(fields.bytes(field, value)?)?;
             }
             2 => page.items.push(item(fields.bytes(field, value)?)?),
             _ => {}
         }
     }
     Ok(page)
+}
+
+/// A list's `metadata` (`meta.v1.ListMeta`): its resource version and
+/// continue token.
+fn list_meta(bytes: &[u8]) -> Result<(Option<String>, Option<String>), WireError> {
+    let (mut version, mut continue_token) = (None, None);
+    let mut meta = Fields::new(bytes, "ListMeta");
+    while let Some((field, value)) = meta.next_field()? {
+        match field {
+            2 => version = non_empty(meta.str(field, value)?),
+            3 => continue_token = non_empty(meta.str(field, value)?),
+            _ => {}
+        }
+    }
+    Ok((version, continue_token))
+}
+
+/// Where the list page in BODY says the next page starts (`None` on the
+/// last), read ahead of its items: the next page can be asked for before
+/// this one is read. The page's kind is checked when it is read.
+///
+/// # Errors
+/// When BODY is not a list in the API server's protobuf.
+pub fn continue_token(body: &[u8]) -> Result<Option<String>, WireError> {
+    let envelope = envelope(body)?;
+    let mut fields = Fields::new(envelope.raw, "list");
+    while let Some((field, value)) = fields.next_field()? {
+        if field == 1 {
+            return Ok(list_meta(fields.bytes(field, value)?)?.1);
+        }
+    }
+    Ok(None)
 }
 
 /// A string field that Go leaves out of its JSON when empty.

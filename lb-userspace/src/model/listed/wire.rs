@@ -246,12 +246,12 @@ pub(super) fn envelope(body: &[u8]) -> Result<Envelope<'_>, WireError> {
 }
 
 #[cfg(test)]
-pub(super) mod write {
+pub(crate) mod write {
     //! Protobuf bytes for the tests, field by field.
 
     /// A message being written.
     #[derive(Default)]
-    pub(in crate::model::listed) struct Message(pub(in crate::model::listed) Vec<u8>);
+    pub(crate) struct Message(pub(crate) Vec<u8>);
 
     impl Message {
         fn varint(&mut self, mut value: u64) {
@@ -265,7 +265,7 @@ pub(super) mod write {
         }
 
         /// FIELD as a varint.
-        pub(in crate::model::listed) fn int(mut self, field: u32, value: i64) -> Self {
+        pub(crate) fn int(mut self, field: u32, value: i64) -> Self {
             self.varint(u64::from(field) << 3);
             #[expect(clippy::cast_sign_loss, reason = "protobuf sign-extends")]
             self.varint(value as u64);
@@ -273,7 +273,7 @@ pub(super) mod write {
         }
 
         /// FIELD as length-delimited BYTES.
-        pub(in crate::model::listed) fn bytes(mut self, field: u32, bytes: &[u8]) -> Self {
+        pub(crate) fn bytes(mut self, field: u32, bytes: &[u8]) -> Self {
             self.varint(u64::from(field) << 3 | 2);
             self.varint(bytes.len() as u64);
             self.0.extend_from_slice(bytes);
@@ -281,23 +281,23 @@ pub(super) mod write {
         }
 
         /// FIELD as a string.
-        pub(in crate::model::listed) fn str(self, field: u32, text: &str) -> Self {
+        pub(crate) fn str(self, field: u32, text: &str) -> Self {
             self.bytes(field, text.as_bytes())
         }
 
         /// FIELD as a message.
-        pub(in crate::model::listed) fn message(self, field: u32, message: &Self) -> Self {
+        pub(crate) fn message(self, field: u32, message: &Self) -> Self {
             self.bytes(field, &message.0)
         }
 
         /// A map entry of FIELD.
-        pub(in crate::model::listed) fn entry(self, field: u32, key: &str, value: &str) -> Self {
+        pub(crate) fn entry(self, field: u32, key: &str, value: &str) -> Self {
             let entry = Self::default().str(1, key).str(2, value);
             self.message(field, &entry)
         }
 
         /// MESSAGE in the API server's envelope, named KIND.
-        pub(in crate::model::listed) fn enveloped(&self, api_version: &str, kind: &str) -> Vec<u8> {
+        pub(crate) fn enveloped(&self, api_version: &str, kind: &str) -> Vec<u8> {
             let type_meta = Self::default().str(1, api_version).str(2, kind);
             let unknown = Self::default()
                 .message(1, &type_meta)

@@ -10,6 +10,12 @@
 //! that answers a page in JSON (a proxy, an aggregated API) is read as
 //! JSON, and so is a protobuf page this reader refuses (asked for again in
 //! JSON). The watch that follows stays JSON (kube-rs's): its events are few.
+//!
+//! Each page's successor is asked for as soon as the page has come (its
+//! continue token is read ahead of its items), so the API server makes
+//! and sends the next page while this one is read: the list is bound by
+//! the slower of the two rather than their sum. One page is ahead at
+//! most.
 
 use std::fmt::Debug;
 
@@ -23,6 +29,8 @@ use kube::{
     runtime::watcher::{Error, Event},
 };
 use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use super::with_causes;
 use crate::model::protobuf::{self, ListPage, WireError};
@@ -72,6 +80,8 @@ enum Phase<K> {
         objects: std::vec::IntoIter<K>,
         continue_token: Option<String>,
         version: Option<String>,
+        /// The next page, already asked for.
+        ahead: Option<Asked>,
     },
     /// Listed at a version: the next step starts the watch from it.
     Listed { version: String },
@@ -124,6 +134,7 @@ impl<K: ProtobufList> Watcher<K> {
                     objects: Vec::new().into_iter(),
                     continue_token: None,
                     version: None,
+                    ahead: None,
                 };
                 Some(Ok(Event::Init))
             }
@@ -131,6 +142,7 @@ impl<K: ProtobufList> Watcher<K> {
                 objects,
                 continue_token,
                 version,
+                ahead,
             } => {
                 if let Some(object) = objects.next() {
                     return Some(Ok(Event::InitApply(object)));
@@ -141,27 +153,11 @@ impl<K: ProtobufList> Watcher<K> {
                     self.phase = Phase::Listed { version };
                     return Some(Ok(Event::InitDone));
                 }
-                let token = continue_token.take();
-                match list_page::<K>(&self.client, &self.labels, token).await {
-                    Ok(page)
-                        if page.resource_version.is_none() && page.continue_token.is_none() =>
-                    {
-                        self.phase = Phase::Empty;
-                        Some(Err(Error::NoResourceVersion))
-                    }
-                    Ok(page) => {
-                        self.phase = Phase::Page {
-                            objects: page.items.into_iter(),
-                            continue_token: page.continue_token,
-                            version: page.resource_version,
-                        };
-                        None
-                    }
-                    Err(error) => {
-                        self.phase = Phase::Empty;
-                        Some(Err(Error::InitialListFailed(error)))
-                    }
-                }
+                let asked = match ahead.take() {
+                    Some(asked) => asked,
+                    None => ask::<K>(&self.client, &self.labels, continue_token.take()),
+                };
+                self.page_came(list_page::<K>(&self.client, &self.labels, asked).await)
             }
             Phase::Listed { version } => {
                 let params = WatchParams {
@@ -216,6 +212,32 @@ impl<K: ProtobufList> Watcher<K> {
         }
     }
 
+    /// What a list page that came (or failed) makes of the state.
+    fn page_came(
+        &mut self,
+        page: kube::Result<(ListPage<K>, Option<Asked>)>,
+    ) -> Option<Result<Event<K>, Error>> {
+        match page {
+            Ok((page, _)) if page.resource_version.is_none() && page.continue_token.is_none() => {
+                self.phase = Phase::Empty;
+                Some(Err(Error::NoResourceVersion))
+            }
+            Ok((page, ahead)) => {
+                self.phase = Phase::Page {
+                    objects: page.items.into_iter(),
+                    continue_token: page.continue_token,
+                    version: page.resource_version,
+                    ahead,
+                };
+                None
+            }
+            Err(error) => {
+                self.phase = Phase::Empty;
+                Some(Err(Error::InitialListFailed(error)))
+            }
+        }
+    }
+
     /// OBJECT came by the watch: its version is where a restarted watch
     /// resumes (none: re-list, as kube-runtime does).
     fn seen(&mut self, object: K) -> Result<K, Error> {
@@ -230,27 +252,78 @@ impl<K: ProtobufList> Watcher<K> {
     }
 }
 
-/// One page of the list of K with LABELS, from the continue token (the
-/// first page without one). A protobuf page this reader refuses (a
-/// string that is not UTF-8, a field of an unexpected type) is asked for
-/// again in JSON, which kube-rs reads as it always did: the list goes on.
-async fn list_page<K: ProtobufList>(
-    client: &Client,
-    labels: &str,
+/// A list page asked for: the request runs on a task of its own, so that
+/// it goes out and its answer is taken in while the page before is read.
+/// Dropped, it is abandoned.
+struct Asked {
+    /// Where the page starts (`None`: the first page).
     continue_token: Option<String>,
-) -> kube::Result<ListPage<K>> {
-    let params = ListParams {
+    task: JoinHandle<kube::Result<Fetched>>,
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The parameters of the list with LABELS from `continue_token`.
+fn list_params(labels: &str, continue_token: Option<String>) -> ListParams {
+    ListParams {
         label_selector: Some(labels.to_owned()),
         limit: Some(PAGE_SIZE),
         continue_token,
         ..ListParams::default()
+    }
+}
+
+/// Asks for the page of the list of K with LABELS that starts at
+/// `continue_token` (the first without one), in protobuf or JSON.
+fn ask<K: ProtobufList>(client: &Client, labels: &str, continue_token: Option<String>) -> Asked {
+    let client = client.clone();
+    let params = list_params(labels, continue_token.clone());
+    let task = tokio::spawn(
+        async move { fetch(&client, &K::url_path(&(), None), &params, ACCEPTED).await }
+            .in_current_span(),
+    );
+    Asked {
+        continue_token,
+        task,
+    }
+}
+
+/// The page ASKED for, read, with its successor already asked for when
+/// it is protobuf and not the last. A protobuf page this reader refuses
+/// (a string that is not UTF-8, a field of an unexpected type) is asked
+/// for again in JSON, which kube-rs reads as it always did: the list goes
+/// on (one page at a time from there, as a JSON page's token is known
+/// only once it is read).
+async fn list_page<K: ProtobufList>(
+    client: &Client,
+    labels: &str,
+    mut asked: Asked,
+) -> kube::Result<(ListPage<K>, Option<Asked>)> {
+    let page = match (&mut asked.task).await {
+        Ok(fetched) => fetched?,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => return Err(kube::Error::Service(error.into())),
     };
-    let url = K::url_path(&(), None);
-    let page = fetch(client, &url, &params, ACCEPTED).await?;
+    let params = list_params(labels, asked.continue_token.take());
     if page.is_protobuf {
+        let ahead = match protobuf::continue_token(&page.body) {
+            Ok(Some(next)) => {
+                let ahead = ask::<K>(client, labels, Some(next));
+                // The request goes out through the client's tasks on this
+                // thread: let them run before the page is read.
+                tokio::task::yield_now().await;
+                Some(ahead)
+            }
+            Ok(None) | Err(_) => None,
+        };
         match K::read_page(&page.body) {
-            Ok(read) => return Ok(read),
+            Ok(read) => return Ok((read, ahead)),
             Err(error) => {
+                drop(ahead);
                 let error = with_causes(&error);
                 tracing::warn!(
                     resource = %K::kind(&()),
@@ -261,17 +334,18 @@ async fn list_page<K: ProtobufList>(
         }
     }
     let json = if page.is_protobuf {
-        fetch(client, &url, &params, JSON).await?
+        fetch(client, &K::url_path(&(), None), &params, JSON).await?
     } else {
         page
     };
     let list: ObjectList<K> =
         serde_json::from_slice(&json.body).map_err(kube::Error::SerdeError)?;
-    Ok(ListPage {
+    let page = ListPage {
         items: list.items,
         resource_version: list.metadata.resource_version.filter(|v| !v.is_empty()),
         continue_token: list.metadata.continue_.filter(|c| !c.is_empty()),
-    })
+    };
+    Ok((page, None))
 }
 
 /// A list page's body, and whether it is protobuf.
@@ -324,4 +398,96 @@ fn failure(body: &[u8], is_protobuf: bool, code: u16) -> Status {
         let text = String::from_utf8_lossy(body);
         Status::failure(text.trim(), "Failed to parse error data").with_code(code)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::protobuf::write::Message;
+
+    /// A list page of slices named NAMES, continued at NEXT.
+    fn slice_page(names: &[&str], next: Option<&str>) -> Vec<u8> {
+        let meta = Message::default().str(2, "7").str(3, next.unwrap_or(""));
+        let mut list = Message::default().message(1, &meta);
+        for name in names {
+            let slice = Message::default()
+                .message(1, &Message::default().str(1, name).str(3, "shop"))
+                .str(4, "IPv4");
+            list = list.message(2, &slice);
+        }
+        list.enveloped("discovery.k8s.io/v1", "EndpointSliceList")
+    }
+
+    /// A client whose API server answers every list with the page its
+    /// continue token names (in protobuf), keeping each request's URI.
+    fn paged_client(
+        pages: Vec<(Option<&'static str>, Vec<u8>)>,
+    ) -> (Client, Arc<Mutex<Vec<String>>>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&asked);
+        let service = tower::service_fn(move |request: hyper::Request<kube::client::Body>| {
+            let uri = request.uri().to_string();
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(uri.clone());
+            let body = pages
+                .iter()
+                .find(|(token, _)| match token {
+                    Some(token) => uri.contains(&format!("continue={token}")),
+                    None => !uri.contains("continue="),
+                })
+                .map(|(_, body)| body.clone())
+                .expect("a page for every token");
+            async move {
+                hyper::Response::builder()
+                    .header(CONTENT_TYPE, PROTOBUF)
+                    .body(kube::client::Body::from(body))
+            }
+        });
+        (Client::new(service, "default"), asked)
+    }
+
+    fn name(event: Option<Result<Event<ListedSlice>, Error>>) -> String {
+        match event {
+            Some(Ok(Event::InitApply(slice))) => slice.metadata.name.unwrap_or_default(),
+            other => panic!("expected a listed slice, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_next_page_is_asked_for_while_this_one_is_read() {
+        let (client, asked) = paged_client(vec![
+            (None, slice_page(&["a", "b"], Some("after-b"))),
+            (Some("after-b"), slice_page(&["c", "d"], Some("after-d"))),
+            (Some("after-d"), slice_page(&["e"], None)),
+        ]);
+        let requests = || asked.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let mut events = std::pin::pin!(watcher::<ListedSlice>(client, "app=web".into()));
+        assert!(matches!(events.next().await, Some(Ok(Event::Init))));
+        assert_eq!(name(events.next().await), "a");
+        // The first page is being read (its second slice not yet taken):
+        // the second is asked for already, and only it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while requests().len() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let seen = requests();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[1].contains("continue=after-b"), "{seen:?}");
+        assert!(seen.iter().all(|uri| uri.contains("limit=500")), "{seen:?}");
+        for expected in ["b", "c", "d", "e"] {
+            assert_eq!(name(events.next().await), expected);
+        }
+        assert!(matches!(events.next().await, Some(Ok(Event::InitDone))));
+        let seen = requests();
+        assert_eq!(
+            seen.len(),
+            3,
+            "the last page asks for none after it: {seen:?}"
+        );
+        assert!(seen[2].contains("continue=after-d"), "{seen:?}");
+    }
 }

@@ -101,6 +101,11 @@ fn a_slice_reads_as_its_json_does() {
     let page = slice_list(&body).expect("a slice list");
     assert_eq!(page.resource_version.as_deref(), Some("77"));
     assert_eq!(page.continue_token.as_deref(), Some("77/shop/web-abc"));
+    assert_eq!(
+        continue_token(&body).expect("read ahead").as_deref(),
+        Some("77/shop/web-abc"),
+        "the token read ahead of the items is the page's"
+    );
     let [listed] = <[ListedSlice; 1]>::try_from(page.items).expect("one slice");
 
     let conditions = |ready: Option<bool>| {
@@ -189,6 +194,7 @@ fn a_service_reads_as_its_json_does() {
     let page = service_list(&body).expect("a Service list");
     assert_eq!(page.resource_version.as_deref(), Some("90"));
     assert_eq!(page.continue_token, None, "an empty token is the last page");
+    assert_eq!(continue_token(&body).expect("read ahead"), None);
     let [listed] = <[ListedService; 1]>::try_from(page.items).expect("one Service");
 
     let from_json: ListedService = serde_json::from_value(json!({
@@ -269,6 +275,11 @@ fn a_body_that_cannot_be_read_is_refused_with_why() {
     assert_eq!(
         slice_list(br#"{"kind":"EndpointSliceList"}"#).unwrap_err(),
         WireError::NoMagic
+    );
+    assert_eq!(
+        continue_token(br#"{"metadata":{"continue":"x"}}"#).unwrap_err(),
+        WireError::NoMagic,
+        "no token is read ahead of a JSON page"
     );
     assert_eq!(
         service_list(&body).unwrap_err(),
