@@ -66,9 +66,12 @@ pub struct Incremental {
     errors: BTreeMap<ObjectError, u32>,
     /// Duplicates found by the last [`Incremental::reset`].
     duplicates: Vec<ObjectError>,
-    /// Services to recompute at the next commit.
+    /// Services to recompute at the next commit (none kept while
+    /// `all_dirty`).
     dirty: BTreeSet<ObjectKey>,
-    /// Everything is recomputed at the next commit.
+    /// Everything is recomputed at the next commit: a new model (whose
+    /// first objects, 300k at 100k Services, then go in without being
+    /// noted one by one), or a new node.
     all_dirty: bool,
     /// Objects come from the API server, where an unchanged
     /// `metadata.resourceVersion` means an unchanged object; a slice whose
@@ -93,7 +96,7 @@ impl Incremental {
             errors: BTreeMap::new(),
             duplicates: Vec::new(),
             dirty: BTreeSet::new(),
-            all_dirty: false,
+            all_dirty: true,
             trust_resource_versions: false,
         }
     }
@@ -190,9 +193,13 @@ impl Incremental {
                 return;
             }
             entry.service = Some(Box::new(record));
+            self.mark_dirty(key);
         } else {
+            if !self.all_dirty {
+                self.dirty.insert(key.clone());
+            }
             self.services.insert(
-                key.clone(),
+                key,
                 ServiceEntry {
                     service: Some(Box::new(record)),
                     claims: Vec::new(),
@@ -201,14 +208,20 @@ impl Incremental {
                 },
             );
         }
-        self.dirty.insert(key);
+    }
+
+    /// The Service KEY is to be recomputed at the next commit.
+    fn mark_dirty(&mut self, key: ObjectKey) {
+        if !self.all_dirty {
+            self.dirty.insert(key);
+        }
     }
 
     /// Removes a Service, if present.
     pub fn remove_service(&mut self, key: &ObjectKey) {
         if let Some(entry) = self.services.get_mut(key) {
             entry.service = None;
-            self.dirty.insert(key.clone());
+            self.mark_dirty(key.clone());
         }
     }
 
@@ -255,11 +268,13 @@ impl Incremental {
         }
         if let Some(service) = &entry.service {
             let owner = (key.0.clone(), service.clone());
-            let names = self.slices_of.entry(owner.clone()).or_default();
+            if !self.all_dirty {
+                self.dirty.insert(owner.clone());
+            }
+            let names = self.slices_of.entry(owner).or_default();
             if let Err(at) = names.binary_search(&key.1) {
                 names.insert(at, key.1.clone());
             }
-            self.dirty.insert(owner);
         }
         self.slices.insert(key, entry);
     }
@@ -282,7 +297,7 @@ impl Incremental {
                     self.slices_of.remove(&owner);
                 }
             }
-            self.dirty.insert(owner);
+            self.mark_dirty(owner);
         }
     }
 
