@@ -68,8 +68,12 @@ impl Write {
     /// entering its selection is `ADDED`, one leaving it `DELETED`, as the
     /// API server's watch cache sends them.
     fn seen_by(&self, query: &BTreeMap<String, String>) -> Option<Value> {
-        let now = selected(&self.object, query);
-        let before = self.previous.as_ref().is_some_and(|p| selected(p, query));
+        let selector = Selector::of(query);
+        let now = selector.selects(&Selectable::of(&self.object));
+        let before = self
+            .previous
+            .as_ref()
+            .is_some_and(|p| selector.selects(&Selectable::of(p)));
         let (kind, object) = match (self.kind, before, now) {
             ("DELETED", _, true) => ("DELETED", &self.object),
             (_, true, true) => (self.kind, &self.object),
@@ -124,6 +128,11 @@ struct Stored {
     item: String,
     /// The item's protobuf message (Services and slices only).
     item_protobuf: Vec<u8>,
+    /// What selectors read of it, taken out once (looking them up in
+    /// the JSON for every page was most of this server's time).
+    selectable: Selectable,
+    /// `metadata.resourceVersion`.
+    rv: u64,
 }
 
 impl Stored {
@@ -141,6 +150,11 @@ impl Stored {
         Self {
             item: item.to_string(),
             item_protobuf,
+            selectable: Selectable::of(&object),
+            rv: object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|rv| rv.parse().ok())
+                .unwrap_or(0),
             object,
         }
     }
@@ -500,35 +514,79 @@ async fn respond_bytes(
     stream.write_all(body).await
 }
 
-/// Whether OBJECT is in the selection of QUERY: `fieldSelector` (only
-/// `metadata.name=NAME`, the one the source uses) and `labelSelector`
-/// (`key`, `!key`, `key=value`, `key!=value`, comma-separated).
-fn selected(object: &Value, query: &BTreeMap<String, String>) -> bool {
-    let by_name = match query
-        .get("fieldSelector")
-        .and_then(|s| s.strip_prefix("metadata.name="))
-    {
-        Some(name) => object["metadata"]["name"].as_str() == Some(name),
-        None => true,
-    };
-    let labels = &object["metadata"]["labels"];
-    let by_labels = query.get("labelSelector").is_none_or(|selector| {
-        selector
-            .split(',')
+/// What a selector reads of an object: its name and labels.
+#[derive(Debug, Default)]
+struct Selectable {
+    name: String,
+    labels: BTreeMap<String, String>,
+}
+
+impl Selectable {
+    fn of(object: &Value) -> Self {
+        let metadata = &object["metadata"];
+        let labels = metadata["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+            .collect();
+        Self {
+            name: metadata["name"].as_str().unwrap_or_default().to_owned(),
+            labels,
+        }
+    }
+}
+
+/// A request's `fieldSelector` (only `metadata.name=NAME`, the one the
+/// source uses) and `labelSelector` (`key`, `!key`, `key=value`,
+/// `key!=value`, comma-separated), read once per request.
+struct Selector<'a> {
+    name: Option<&'a str>,
+    labels: Vec<Requirement<'a>>,
+}
+
+enum Requirement<'a> {
+    Present(&'a str),
+    Absent(&'a str),
+    Equal(&'a str, &'a str),
+    NotEqual(&'a str, &'a str),
+}
+
+impl<'a> Selector<'a> {
+    fn of(query: &'a BTreeMap<String, String>) -> Self {
+        let name = query
+            .get("fieldSelector")
+            .and_then(|s| s.strip_prefix("metadata.name="));
+        let labels = query
+            .get("labelSelector")
+            .into_iter()
+            .flat_map(|selector| selector.split(','))
             .filter(|r| !r.is_empty())
-            .all(|requirement| {
+            .map(|requirement| {
                 if let Some(key) = requirement.strip_prefix('!') {
-                    labels.get(key).is_none()
+                    Requirement::Absent(key)
                 } else if let Some((key, value)) = requirement.split_once("!=") {
-                    labels[key].as_str() != Some(value)
+                    Requirement::NotEqual(key, value)
                 } else if let Some((key, value)) = requirement.split_once('=') {
-                    labels[key].as_str() == Some(value.trim_start_matches('='))
+                    Requirement::Equal(key, value.trim_start_matches('='))
                 } else {
-                    labels.get(requirement).is_some()
+                    Requirement::Present(requirement)
                 }
             })
-    });
-    by_name && by_labels
+            .collect();
+        Self { name, labels }
+    }
+
+    fn selects(&self, object: &Selectable) -> bool {
+        let label = |key: &str| object.labels.get(key).map(String::as_str);
+        self.name.is_none_or(|name| object.name == name)
+            && self.labels.iter().all(|requirement| match *requirement {
+                Requirement::Present(key) => label(key).is_some(),
+                Requirement::Absent(key) => label(key).is_none(),
+                Requirement::Equal(key, value) => label(key) == Some(value),
+                Requirement::NotEqual(key, value) => label(key) != Some(value),
+            })
+    }
 }
 
 /// `GET` of one object: (resource, `namespace/name`).
@@ -717,13 +775,14 @@ fn list_page(state: &State, res: Res, query: &BTreeMap<String, String>, protobuf
         Some(key) => std::ops::Bound::Excluded(key),
         None => std::ops::Bound::Unbounded,
     };
+    let selector = Selector::of(query);
     let mut selected_objects = state
         .objects
         .get(&res)
         .map(|objects| objects.range((from, std::ops::Bound::Unbounded)))
         .into_iter()
         .flatten()
-        .filter(|(_, stored)| selected(&stored.object, query));
+        .filter(|(_, stored)| selector.selects(&stored.selectable));
     let mut items = Vec::new();
     let mut last_key = None;
     for (key, stored) in selected_objects.by_ref().take(limit) {
@@ -788,12 +847,7 @@ async fn watch(
             .get(&res)
             .into_iter()
             .flat_map(BTreeMap::values)
-            .filter_map(|Stored { object: o, .. }| {
-                o["metadata"]["resourceVersion"]
-                    .as_str()?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .map(|stored| stored.rv)
             .max()
             .unwrap_or(0);
         let compacted = (oldest.is_none_or(|oldest| from + 1 < oldest) && newest_of_res > from)
