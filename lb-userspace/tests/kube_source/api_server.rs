@@ -191,12 +191,16 @@ impl ApiServer {
         let task = {
             let (state, wire) = (Arc::clone(&state), wire.clone());
             tokio::spawn(async move {
+                // The connections go with the server: dropping this task
+                // (the server) drops them, open watches included.
+                let mut connections = tokio::task::JoinSet::new();
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
+                    while connections.try_join_next().is_some() {}
                     let (state, wire) = (Arc::clone(&state), wire.clone());
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         let _ = serve(stream, &state, &wire).await;
                     });
                 }
@@ -514,11 +518,12 @@ async fn respond_bytes(
     stream.write_all(body).await
 }
 
-/// What a selector reads of an object: its name and labels.
+/// What a selector reads of an object: its name and labels (a label
+/// whose value is not a string is present, and equal to no value).
 #[derive(Debug, Default)]
 struct Selectable {
-    name: String,
-    labels: BTreeMap<String, String>,
+    name: Option<String>,
+    labels: BTreeMap<String, Option<String>>,
 }
 
 impl Selectable {
@@ -528,10 +533,10 @@ impl Selectable {
             .as_object()
             .into_iter()
             .flatten()
-            .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+            .map(|(key, value)| (key.clone(), value.as_str().map(str::to_owned)))
             .collect();
         Self {
-            name: metadata["name"].as_str().unwrap_or_default().to_owned(),
+            name: metadata["name"].as_str().map(str::to_owned),
             labels,
         }
     }
@@ -578,13 +583,14 @@ impl<'a> Selector<'a> {
     }
 
     fn selects(&self, object: &Selectable) -> bool {
-        let label = |key: &str| object.labels.get(key).map(String::as_str);
-        self.name.is_none_or(|name| object.name == name)
+        let value_of = |key: &str| object.labels.get(key).and_then(Option::as_deref);
+        self.name
+            .is_none_or(|name| object.name.as_deref() == Some(name))
             && self.labels.iter().all(|requirement| match *requirement {
-                Requirement::Present(key) => label(key).is_some(),
-                Requirement::Absent(key) => label(key).is_none(),
-                Requirement::Equal(key, value) => label(key) == Some(value),
-                Requirement::NotEqual(key, value) => label(key) != Some(value),
+                Requirement::Present(key) => object.labels.contains_key(key),
+                Requirement::Absent(key) => !object.labels.contains_key(key),
+                Requirement::Equal(key, value) => value_of(key) == Some(value),
+                Requirement::NotEqual(key, value) => value_of(key) != Some(value),
             })
     }
 }
@@ -621,28 +627,29 @@ async fn serve(
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
-        if state.lock().unwrap_or_else(PoisonError::into_inner).down {
-            return Ok(());
-        }
         let Some(request) = read_request(&mut stream, &mut buf).await? else {
             return Ok(());
         };
+        // Checked for each request: a connection opened before the server
+        // went down gets no answer either.
+        if state.lock().unwrap_or_else(PoisonError::into_inner).down {
+            return Ok(());
+        }
         log_request(state, &request);
-        if is_watch(&request) {
-            let res = Res::from_path(&request.path).expect("a watch names a resource");
+        if let Some(res) = watched(&request) {
             return watch(stream, state, wire, res, &request.query).await;
         }
         answer(&mut stream, state, request).await?;
     }
 }
 
-fn is_watch(request: &Request) -> bool {
-    request.method == "GET"
-        && Res::from_path(&request.path).is_some()
-        && request
-            .query
-            .get("watch")
-            .is_some_and(|w| w == "true" || w == "1")
+/// The resource REQUEST watches, if it is a watch.
+fn watched(request: &Request) -> Option<Res> {
+    let watch = request
+        .query
+        .get("watch")
+        .is_some_and(|w| w == "true" || w == "1");
+    Res::from_path(&request.path).filter(|_| request.method == "GET" && watch)
 }
 
 /// Keeps REQUEST's `METHOD path?query` line.
