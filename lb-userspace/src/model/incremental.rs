@@ -48,7 +48,8 @@ pub type FrontendChanges = BTreeMap<Frontend, Option<FrontendSpec>>;
 /// frontend or health check port (whose outcome depends on the claim order
 /// of all Services), or the node changes, it recomputes everything.
 ///
-/// Slices are kept only in their parsed, compact form.
+/// Slices are kept only in their parsed, compact form. A new model's first
+/// commit computes every Service (as [`build`](super::build) does).
 pub struct Incremental {
     node: NodeContext,
     services: BTreeMap<ObjectKey, ServiceEntry>,
@@ -81,7 +82,7 @@ pub struct Incremental {
 }
 
 impl Incremental {
-    /// An empty model for `node`.
+    /// An empty model for `node`; its first commit computes everything.
     #[must_use]
     pub fn new(node: NodeContext) -> Self {
         Self {
@@ -193,11 +194,9 @@ impl Incremental {
                 return;
             }
             entry.service = Some(Box::new(record));
-            self.mark_dirty(key);
+            self.mark_dirty(&key);
         } else {
-            if !self.all_dirty {
-                self.dirty.insert(key.clone());
-            }
+            self.mark_dirty(&key);
             self.services.insert(
                 key,
                 ServiceEntry {
@@ -211,9 +210,9 @@ impl Incremental {
     }
 
     /// The Service KEY is to be recomputed at the next commit.
-    fn mark_dirty(&mut self, key: ObjectKey) {
+    fn mark_dirty(&mut self, key: &ObjectKey) {
         if !self.all_dirty {
-            self.dirty.insert(key);
+            self.dirty.insert(key.clone());
         }
     }
 
@@ -221,7 +220,7 @@ impl Incremental {
     pub fn remove_service(&mut self, key: &ObjectKey) {
         if let Some(entry) = self.services.get_mut(key) {
             entry.service = None;
-            self.mark_dirty(key.clone());
+            self.mark_dirty(key);
         }
     }
 
@@ -268,9 +267,7 @@ impl Incremental {
         }
         if let Some(service) = &entry.service {
             let owner = (key.0.clone(), service.clone());
-            if !self.all_dirty {
-                self.dirty.insert(owner.clone());
-            }
+            self.mark_dirty(&owner);
             let names = self.slices_of.entry(owner).or_default();
             if let Err(at) = names.binary_search(&key.1) {
                 names.insert(at, key.1.clone());
@@ -297,7 +294,7 @@ impl Incremental {
                     self.slices_of.remove(&owner);
                 }
             }
-            self.mark_dirty(owner);
+            self.mark_dirty(&owner);
         }
     }
 

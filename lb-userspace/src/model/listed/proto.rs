@@ -123,10 +123,11 @@ fn list<T>(
     };
     while let Some((field, value)) = fields.next_field()? {
         match field {
-            1 => {
-                (page.resource_version, page.continue_token) =
-                    list_meta(fields.bytes(field, value)?)?;
-            }
+            1 => list_meta(
+                fields.bytes(field, value)?,
+                &mut page.resource_version,
+                &mut page.continue_token,
+            )?,
             2 => page.items.push(item(fields.bytes(field, value)?)?),
             _ => {}
         }
@@ -134,36 +135,46 @@ fn list<T>(
     Ok(page)
 }
 
-/// A list's `metadata` (`meta.v1.ListMeta`): its resource version and
-/// continue token.
-fn list_meta(bytes: &[u8]) -> Result<(Option<String>, Option<String>), WireError> {
-    let (mut version, mut continue_token) = (None, None);
+/// Reads a list's `metadata` (`meta.v1.ListMeta`) into its resource
+/// version and continue token. (A message sent twice is merged, as Go
+/// merges it: a field read later replaces one read before.)
+fn list_meta(
+    bytes: &[u8],
+    version: &mut Option<String>,
+    continue_token: &mut Option<String>,
+) -> Result<(), WireError> {
     let mut meta = Fields::new(bytes, "ListMeta");
     while let Some((field, value)) = meta.next_field()? {
         match field {
-            2 => version = non_empty(meta.str(field, value)?),
-            3 => continue_token = non_empty(meta.str(field, value)?),
+            2 => *version = non_empty(meta.str(field, value)?),
+            3 => *continue_token = non_empty(meta.str(field, value)?),
             _ => {}
         }
     }
-    Ok((version, continue_token))
+    Ok(())
 }
 
 /// Where the list page in BODY says the next page starts (`None` on the
-/// last), read ahead of its items: the next page can be asked for before
-/// this one is read. The page's kind is checked when it is read.
+/// last), read ahead of its items (skipped by their lengths): the next
+/// page can be asked for before this one is read. The page's kind is
+/// checked when it is read.
 ///
 /// # Errors
 /// When BODY is not a list in the API server's protobuf.
 pub fn continue_token(body: &[u8]) -> Result<Option<String>, WireError> {
     let envelope = envelope(body)?;
+    let (mut version, mut continue_token) = (None, None);
     let mut fields = Fields::new(envelope.raw, "list");
     while let Some((field, value)) = fields.next_field()? {
         if field == 1 {
-            return Ok(list_meta(fields.bytes(field, value)?)?.1);
+            list_meta(
+                fields.bytes(field, value)?,
+                &mut version,
+                &mut continue_token,
+            )?;
         }
     }
-    Ok(None)
+    Ok(continue_token)
 }
 
 /// A string field that Go leaves out of its JSON when empty.

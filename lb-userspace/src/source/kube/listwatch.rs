@@ -11,11 +11,11 @@
 //! JSON, and so is a protobuf page this reader refuses (asked for again in
 //! JSON). The watch that follows stays JSON (kube-rs's): its events are few.
 //!
-//! Each page's successor is asked for as soon as the page has come (its
-//! continue token is read ahead of its items), so the API server makes
-//! and sends the next page while this one is read: the list is bound by
-//! the slower of the two rather than their sum. One page is ahead at
-//! most.
+//! Each protobuf page's successor is asked for as soon as the page has
+//! come (its continue token is read ahead of its items), so the API
+//! server makes and sends the next page while this one is read: the list
+//! is bound by the slower of the two rather than their sum. One page is
+//! ahead at most.
 
 use std::fmt::Debug;
 
@@ -296,8 +296,8 @@ fn ask<K: ProtobufList>(client: &Client, labels: &str, continue_token: Option<St
 /// it is protobuf and not the last. A protobuf page this reader refuses
 /// (a string that is not UTF-8, a field of an unexpected type) is asked
 /// for again in JSON, which kube-rs reads as it always did: the list goes
-/// on (one page at a time from there, as a JSON page's token is known
-/// only once it is read).
+/// on (the page after a JSON page is asked for once the JSON is read, as
+/// its token is known only then; in protobuf again).
 async fn list_page<K: ProtobufList>(
     client: &Client,
     labels: &str,
@@ -306,9 +306,10 @@ async fn list_page<K: ProtobufList>(
     let page = match (&mut asked.task).await {
         Ok(fetched) => fetched?,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled: only the runtime shutting down does that (an `Asked`
+        // is aborted only when dropped).
         Err(error) => return Err(kube::Error::Service(error.into())),
     };
-    let params = list_params(labels, asked.continue_token.take());
     if page.is_protobuf {
         let ahead = match protobuf::continue_token(&page.body) {
             Ok(Some(next)) => {
@@ -321,6 +322,8 @@ async fn list_page<K: ProtobufList>(
             Ok(None) | Err(_) => None,
         };
         match K::read_page(&page.body) {
+            // (The token read ahead is the page's: both readers take the
+            // last one sent.)
             Ok(read) => return Ok((read, ahead)),
             Err(error) => {
                 drop(ahead);
@@ -334,6 +337,7 @@ async fn list_page<K: ProtobufList>(
         }
     }
     let json = if page.is_protobuf {
+        let params = list_params(labels, asked.continue_token.take());
         fetch(client, &K::url_path(&(), None), &params, JSON).await?
     } else {
         page
@@ -402,52 +406,84 @@ fn failure(body: &[u8], is_protobuf: bool, code: u16) -> Status {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex, PoisonError};
     use std::time::Duration;
 
     use super::*;
     use crate::model::protobuf::write::Message;
 
-    /// A list page of slices named NAMES, continued at NEXT.
-    fn slice_page(names: &[&str], next: Option<&str>) -> Vec<u8> {
+    /// A slice's message named NAME (`None`: a name that is not UTF-8,
+    /// which the protobuf reader refuses).
+    fn slice(name: Option<&str>) -> Message {
+        let meta = match name {
+            Some(name) => Message::default().str(1, name),
+            None => Message::default().bytes(1, b"\xff"),
+        };
+        Message::default()
+            .message(1, &meta.str(3, "shop"))
+            .str(4, "IPv4")
+    }
+
+    /// A list page of SLICES, continued at NEXT.
+    fn slice_page(slices: &[Message], next: Option<&str>) -> Vec<u8> {
         let meta = Message::default().str(2, "7").str(3, next.unwrap_or(""));
         let mut list = Message::default().message(1, &meta);
-        for name in names {
-            let slice = Message::default()
-                .message(1, &Message::default().str(1, name).str(3, "shop"))
-                .str(4, "IPv4");
-            list = list.message(2, &slice);
+        for slice in slices {
+            list = list.message(2, slice);
         }
         list.enveloped("discovery.k8s.io/v1", "EndpointSliceList")
     }
 
-    /// A client whose API server answers every list with the page its
-    /// continue token names (in protobuf), keeping each request's URI.
-    fn paged_client(
-        pages: Vec<(Option<&'static str>, Vec<u8>)>,
+    fn named(names: &[&str], next: Option<&str>) -> Vec<u8> {
+        let slices: Vec<Message> = names.iter().map(|name| slice(Some(name))).collect();
+        slice_page(&slices, next)
+    }
+
+    /// An answer: status, content type, body.
+    type Answer = (u16, &'static str, Vec<u8>);
+
+    /// A client whose API server answers each request (its URI and
+    /// `Accept`) with ANSWER, keeping `URI [ACCEPT]` of each.
+    fn client_of(
+        answer: impl Fn(&str, &str) -> Answer + Send + Sync + 'static,
     ) -> (Client, Arc<Mutex<Vec<String>>>) {
         let asked = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::clone(&asked);
+        let answer = Arc::new(answer);
         let service = tower::service_fn(move |request: hyper::Request<kube::client::Body>| {
             let uri = request.uri().to_string();
+            let accept = request
+                .headers()
+                .get(ACCEPT)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
             log.lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .push(uri.clone());
-            let body = pages
-                .iter()
-                .find(|(token, _)| match token {
-                    Some(token) => uri.contains(&format!("continue={token}")),
-                    None => !uri.contains("continue="),
-                })
-                .map(|(_, body)| body.clone())
-                .expect("a page for every token");
+                .push(format!("{uri} [{accept}]"));
+            let (status, content_type, body) = answer(&uri, &accept);
             async move {
                 hyper::Response::builder()
-                    .header(CONTENT_TYPE, PROTOBUF)
+                    .status(status)
+                    .header(CONTENT_TYPE, content_type)
                     .body(kube::client::Body::from(body))
             }
         });
         (Client::new(service, "default"), asked)
+    }
+
+    /// The page of PAGES whose continue token URI names, in protobuf.
+    fn page_for(uri: &str, pages: &[(Option<&str>, Vec<u8>)]) -> Answer {
+        let body = pages
+            .iter()
+            .find(|(token, _)| match token {
+                Some(token) => uri.contains(&format!("continue={token}")),
+                None => !uri.contains("continue="),
+            })
+            .map(|(_, body)| body.clone())
+            .expect("a page for every token");
+        (200, PROTOBUF, body)
     }
 
     fn name(event: Option<Result<Event<ListedSlice>, Error>>) -> String {
@@ -457,37 +493,132 @@ mod tests {
         }
     }
 
+    fn requests(asked: &Mutex<Vec<String>>) -> Vec<String> {
+        asked.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     #[tokio::test]
     async fn the_next_page_is_asked_for_while_this_one_is_read() {
-        let (client, asked) = paged_client(vec![
-            (None, slice_page(&["a", "b"], Some("after-b"))),
-            (Some("after-b"), slice_page(&["c", "d"], Some("after-d"))),
-            (Some("after-d"), slice_page(&["e"], None)),
-        ]);
-        let requests = || asked.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let pages = [
+            (None, named(&["a", "b"], Some("after-b"))),
+            (Some("after-b"), named(&["c", "d"], Some("after-d"))),
+            (Some("after-d"), named(&["e"], None)),
+        ];
+        let (client, asked) = client_of(move |uri, _| page_for(uri, &pages));
         let mut events = std::pin::pin!(watcher::<ListedSlice>(client, "app=web".into()));
         assert!(matches!(events.next().await, Some(Ok(Event::Init))));
         assert_eq!(name(events.next().await), "a");
         // The first page is being read (its second slice not yet taken):
         // the second is asked for already, and only it.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while requests().len() < 2 && tokio::time::Instant::now() < deadline {
+        while requests(&asked).len() < 2 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let seen = requests();
+        let seen = requests(&asked);
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[1].contains("continue=after-b"), "{seen:?}");
-        assert!(seen.iter().all(|uri| uri.contains("limit=500")), "{seen:?}");
+        assert!(
+            seen.iter()
+                .all(|line| line.contains("limit=500") && line.ends_with(&format!("[{ACCEPTED}]"))),
+            "{seen:?}"
+        );
         for expected in ["b", "c", "d", "e"] {
             assert_eq!(name(events.next().await), expected);
         }
         assert!(matches!(events.next().await, Some(Ok(Event::InitDone))));
-        let seen = requests();
+        let seen = requests(&asked);
         assert_eq!(
             seen.len(),
             3,
             "the last page asks for none after it: {seen:?}"
         );
         assert!(seen[2].contains("continue=after-d"), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_page_refused_while_the_next_is_asked_for_is_read_in_json() {
+        // The second page's token is readable, one of its slices is not:
+        // the page after it, asked for already, is abandoned, the second
+        // is asked for again in JSON, and the list goes on from there.
+        let pages = [
+            (None, named(&["a", "b"], Some("after-b"))),
+            (
+                Some("after-b"),
+                slice_page(&[slice(Some("c")), slice(None)], Some("after-d")),
+            ),
+            (Some("after-d"), named(&["e"], None)),
+        ];
+        let items = ["c", "d"].map(|name| {
+            serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "addressType": "IPv4", "endpoints": [],
+            })
+        });
+        let json = serde_json::json!({
+            "kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+            "metadata": {"resourceVersion": "7", "continue": "after-d"},
+            "items": items,
+        })
+        .to_string();
+        let (client, asked) = client_of(move |uri, accept| {
+            if accept == JSON {
+                assert!(uri.contains("continue=after-b"), "{uri}");
+                return (200, "application/json", json.clone().into_bytes());
+            }
+            page_for(uri, &pages)
+        });
+        let events = watcher::<ListedSlice>(client, "app=web".into());
+        let events: Vec<_> = events.take(7).collect().await;
+        let mut events = events.into_iter();
+        assert!(matches!(events.next(), Some(Ok(Event::Init))));
+        for expected in ["a", "b", "c", "d", "e"] {
+            assert_eq!(name(events.next()), expected);
+        }
+        assert!(matches!(events.next(), Some(Ok(Event::InitDone))));
+        let seen = requests(&asked);
+        let json_asked = seen
+            .iter()
+            .filter(|line| line.ends_with(&format!("[{JSON}]")))
+            .count();
+        assert_eq!(json_asked, 1, "{seen:?}");
+        let last = seen.last().expect("requests");
+        assert!(
+            last.contains("continue=after-d") && last.ends_with(&format!("[{ACCEPTED}]")),
+            "the page after the JSON one is asked for in protobuf again: {seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_page_that_fails_lists_again_from_the_start() {
+        let pages = [
+            (None, named(&["a", "b"], Some("after-b"))),
+            (Some("after-b"), named(&["c"], None)),
+        ];
+        let failed = AtomicBool::new(false);
+        let (client, _) = client_of(move |uri, _| {
+            if uri.contains("continue=after-b") && !failed.swap(true, Ordering::Relaxed) {
+                return (500, "text/plain", b"etcd is away".to_vec());
+            }
+            page_for(uri, &pages)
+        });
+        let events = watcher::<ListedSlice>(client, "app=web".into());
+        let events: Vec<_> = events.take(10).collect().await;
+        let mut events = events.into_iter();
+        assert!(matches!(events.next(), Some(Ok(Event::Init))));
+        // The second page failed while the first was read: the first
+        // page's slices, then the error, then a new list from its start.
+        assert_eq!(name(events.next()), "a");
+        assert_eq!(name(events.next()), "b");
+        match events.next() {
+            Some(Err(Error::InitialListFailed(error))) => {
+                assert!(error.to_string().contains("etcd is away"), "{error}");
+            }
+            other => panic!("expected the list's error, got {other:?}"),
+        }
+        assert!(matches!(events.next(), Some(Ok(Event::Init))));
+        for expected in ["a", "b", "c"] {
+            assert_eq!(name(events.next()), expected);
+        }
+        assert!(matches!(events.next(), Some(Ok(Event::InitDone))));
     }
 }
