@@ -296,6 +296,16 @@ pub(crate) mod write {
             self.message(field, &entry)
         }
 
+        /// A list: its `ListMeta` (VERSION and `continue_token`), then ITEMS.
+        pub(crate) fn list(items: &[Self], version: &str, continue_token: &str) -> Self {
+            let meta = Self::default().str(2, version).str(3, continue_token);
+            items
+                .iter()
+                .fold(Self::default().message(1, &meta), |list, item| {
+                    list.message(2, item)
+                })
+        }
+
         /// MESSAGE in the API server's envelope, named KIND.
         pub(crate) fn enveloped(&self, api_version: &str, kind: &str) -> Vec<u8> {
             let type_meta = Self::default().str(1, api_version).str(2, kind);

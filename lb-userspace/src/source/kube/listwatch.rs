@@ -427,12 +427,8 @@ mod tests {
 
     /// A list page of SLICES, continued at NEXT.
     fn slice_page(slices: &[Message], next: Option<&str>) -> Vec<u8> {
-        let meta = Message::default().str(2, "7").str(3, next.unwrap_or(""));
-        let mut list = Message::default().message(1, &meta);
-        for slice in slices {
-            list = list.message(2, slice);
-        }
-        list.enveloped("discovery.k8s.io/v1", "EndpointSliceList")
+        Message::list(slices, "7", next.unwrap_or(""))
+            .enveloped("discovery.k8s.io/v1", "EndpointSliceList")
     }
 
     fn named(names: &[&str], next: Option<&str>) -> Vec<u8> {

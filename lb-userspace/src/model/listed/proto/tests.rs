@@ -51,12 +51,7 @@ fn meta_json(name: &str, created: bool) -> serde_json::Value {
 }
 
 fn list_of(items: &[Message], rv: &str, continue_token: &str, kind: &str) -> Vec<u8> {
-    let mut list =
-        Message::default().message(1, &Message::default().str(2, rv).str(3, continue_token));
-    for item in items {
-        list = list.message(2, item);
-    }
-    list.enveloped("v1", kind)
+    Message::list(items, rv, continue_token).enveloped("v1", kind)
 }
 
 /// An endpoint as Go writes it: every field but the pointers that are nil.
