@@ -5,6 +5,7 @@
 //! the HTTP server shows.
 
 mod links;
+mod piecewise;
 mod reconcile;
 mod snat_watch;
 mod sockets;

@@ -9,11 +9,15 @@ use std::{
 };
 
 use super::{
-    AgentConfig, Shared, lock,
+    AgentConfig, Shared, lock, piecewise,
     timers::{Due, SyncTimers, UNREADY_AFTER_FAILURES},
 };
 use crate::{
-    datapath::{capacity::Shortfall, maglev::MaglevSync, maps::Maps},
+    datapath::{
+        capacity::Shortfall,
+        maglev::MaglevSync,
+        maps::{Maps, MapsError},
+    },
     error::Causes,
     http::healthcheck::HealthServers,
     model,
@@ -380,27 +384,47 @@ impl Reconciler {
         let mut state = lock(&state);
         let desired = &mut self.pending.desired;
         let frontends = desired.model.frontends();
-        let mut plan = match &mut desired.plan_index {
-            Some(index) => plan::diff_changes(&state, index, frontends, changes),
-            None => plan::diff(&state, frontends),
+        let mut shortfall = Shortfall::default();
+        let piecewise = (desired.plan_index.is_none() && piecewise::suits(&state))
+            .then(|| {
+                piecewise::plan_and_write(
+                    &mut state,
+                    frontends,
+                    &mut lock(&self.maps),
+                    &mut |op, error| note_failure(&mut shortfall, op, error),
+                )
+            })
+            .flatten();
+        let (plan, applied) = if let Some(done) = piecewise {
+            done
+        } else {
+            let mut plan = match &mut desired.plan_index {
+                Some(index) => plan::diff_changes(&state, index, frontends, changes),
+                None => plan::diff(&state, frontends),
+            };
+            let applied = apply_plan(
+                &mut plan,
+                &mut lock(&self.maps),
+                &mut state,
+                desired,
+                &mut shortfall,
+            );
+            (plan, applied)
         };
         for problem in &plan.problems {
             tracing::warn!(%problem, "frontend not fully programmed");
         }
-        let mut shortfall = Shortfall::default();
-        let had_ops = !plan.ops.is_empty();
-        // Before the writes: a successful `apply_plan` uses the ops up.
-        let backends_changed = plan
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }));
-        let (writes, mut failures, sizes) = apply_plan(
-            &mut plan,
-            &mut lock(&self.maps),
-            &mut state,
-            desired,
-            &mut shortfall,
-        );
+        if !plan.problems.is_empty() {
+            // Left-out frontends are retried by a plan over everything.
+            desired.plan_index = None;
+        }
+        let Applied {
+            writes,
+            mut failures,
+            sizes,
+            had_ops,
+            backends_changed,
+        } = applied;
         // After the plan: a table names only backends already written.
         let maglev = self.pending.hooks.maglev.sync(
             &state,
@@ -577,49 +601,73 @@ impl Reconciler {
     }
 }
 
+/// What writing a plan did.
+#[derive(Debug, Default)]
+pub(super) struct Applied {
+    pub(super) writes: u64,
+    pub(super) failures: u64,
+    /// The sizes to repack the state with once the plan is dropped (when
+    /// every write succeeded).
+    pub(super) sizes: Option<plan::StateSizes>,
+    /// The plan had ops.
+    pub(super) had_ops: bool,
+    /// It put or deleted backends.
+    pub(super) backends_changed: bool,
+}
+
+/// Takes a failed write: full maps are summed up after the writes, naming
+/// the Services; other failures are logged one by one.
+fn note_failure(shortfall: &mut Shortfall, op: &Op, error: &MapsError) {
+    if !shortfall.note(op, error) {
+        tracing::error!(error = %Causes(error), ?op, "map write failed");
+    }
+}
+
 /// Writes the plan; keeps the state (and the plan index) in step with what
-/// the maps now hold. Returns (writes, failures, and the sizes to repack the
-/// state with once the plan is dropped). The ops are used up when they
-/// were all written (left in the plan when some failed).
+/// the maps now hold. The ops are used up when they were all written (left
+/// in the plan when some failed).
 fn apply_plan(
     plan: &mut plan::Plan,
     maps: &mut Maps,
     state: &mut DatapathState,
     desired: &mut Desired,
     shortfall: &mut Shortfall,
-) -> (u64, u64, Option<plan::StateSizes>) {
-    let mut writes = 0u64;
-    let mut failures = 0u64;
+) -> Applied {
+    let mut applied = Applied {
+        had_ops: !plan.ops.is_empty(),
+        backends_changed: plan
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. })),
+        ..Applied::default()
+    };
     maps.apply_ops(&plan.ops, &mut |op, result| match result {
-        Ok(()) => writes += 1,
+        Ok(()) => applied.writes += 1,
         Err(error) => {
-            failures += 1;
-            // Full maps are summed up after the writes, naming the Services.
-            if !shortfall.note(op, &error) {
-                tracing::error!(error = %Causes(&error), ?op, "map write failed");
-            }
+            applied.failures += 1;
+            note_failure(shortfall, op, &error);
         }
     });
-    let mut sizes = None;
-    if failures == 0 {
+    if applied.failures == 0 {
         if let Some(index) = &mut desired.plan_index {
             index.note_applied(state, &plan.ops);
         }
-        sizes = Some(plan::apply_owned_to_state(
+        applied.sizes = Some(plan::apply_owned_to_state(
             state,
             std::mem::take(&mut plan.ops),
         ));
-        if !plan.problems.is_empty() {
-            // Left-out frontends are retried by a plan over everything.
-            desired.plan_index = None;
-        }
     } else {
         desired.plan_index = None;
-        // Re-read what really is in the maps; the next sync retries.
-        match maps.read_state() {
-            Ok(read) => *state = read,
-            Err(error) => tracing::error!(error = %Causes(&error), "cannot read the maps back"),
-        }
+        read_back(maps, state);
     }
-    (writes, failures, sizes)
+    applied
+}
+
+/// After a failed write: the state becomes what really is in the maps (the
+/// next sync retries).
+pub(super) fn read_back(maps: &Maps, state: &mut DatapathState) {
+    match maps.read_state() {
+        Ok(read) => *state = read,
+        Err(error) => tracing::error!(error = %Causes(&error), "cannot read the maps back"),
+    }
 }

@@ -39,7 +39,7 @@ use std::net::IpAddr;
 
 use crate::model::{Frontend, Protocol, REPACK_MIN, repack_if_grown};
 
-pub use diff::diff;
+pub use diff::{diff, diff_in_pieces};
 pub use incremental::{PlanIndex, diff_changes};
 
 /// A backend as stored in the backend maps: one endpoint of one frontend.
@@ -138,6 +138,16 @@ impl BackendIdFloors {
 }
 
 impl DatapathState {
+    /// No entry of any map: what a cold start's freshly made maps hold.
+    #[must_use]
+    pub fn has_no_entries(&self) -> bool {
+        self.frontends.is_empty()
+            && self.backends.is_empty()
+            && self.rev_nats.is_empty()
+            && self.markers.is_empty()
+            && self.source_ranges.is_empty()
+    }
+
     /// Largest backend index to hand out in each family.
     #[must_use]
     pub fn backend_index_limit(&self) -> u32 {
@@ -278,11 +288,9 @@ pub struct Plan {
 /// Applies `plan` to `state` the way the maps would change: used by tests
 /// and as the agent's cache of what it wrote.
 pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
-    let mut sizes = StateSizes::of(state);
-    let mut new_backends = NewBackends::for_state(state, ops);
-    apply_ops(state, ops, &mut new_backends);
-    new_backends.finish(state, &mut sizes);
-    sizes.repack_grown(state);
+    let mut applier = PieceApplier::new(state, backend_puts(ops));
+    applier.apply(state, ops);
+    applier.finish(state).repack_grown(state);
 }
 
 /// [`apply_to_state`] for the agent, which has written `ops` and no longer
@@ -304,17 +312,60 @@ pub(crate) fn apply_owned_in_chunks(
     mut ops: Vec<Op>,
     chunk: usize,
 ) -> StateSizes {
-    let mut sizes = StateSizes::of(state);
-    let mut new_backends = NewBackends::for_state(state, &ops);
+    let mut applier = PieceApplier::new(state, backend_puts(&ops));
     // Last op first, so that the applied ones are cut off the end.
     ops.reverse();
     while !ops.is_empty() {
-        let applied = ops.split_off(ops.len().saturating_sub(chunk.max(1)));
+        let done = ops.split_off(ops.len().saturating_sub(chunk.max(1)));
         ops.shrink_to_fit();
-        apply_ops(state, applied.iter().rev(), &mut new_backends);
+        apply_ops(state, done.iter().rev(), &mut applier.new_backends);
     }
-    new_backends.finish(state, &mut sizes);
-    sizes
+    applier.finish(state)
+}
+
+/// How many backends `ops` put.
+fn backend_puts(ops: &[Op]) -> usize {
+    ops.iter()
+        .filter(|op| matches!(op, Op::PutBackend { .. }))
+        .count()
+}
+
+/// Applies a plan to the state piece after piece, each as it is written:
+/// the pieces one after another change the state as [`apply_to_state`]
+/// changes it with them all (a first sync's pieces come back from the
+/// writes while the rest is planned, see [`diff_in_pieces`]). The grown
+/// maps are not repacked: the caller does that with the sizes `finish`
+/// returns, once the pieces are gone.
+#[derive(Debug)]
+pub struct PieceApplier {
+    /// The state's sizes before the first piece.
+    sizes: StateSizes,
+    /// New backends, collected while the state had none.
+    new_backends: NewBackends,
+}
+
+impl PieceApplier {
+    /// Before the first piece applied to `state`; `backend_puts` is about
+    /// how many backends the pieces put (room is made for them).
+    #[must_use]
+    pub fn new(state: &DatapathState, backend_puts: usize) -> Self {
+        Self {
+            sizes: StateSizes::of(state),
+            new_backends: NewBackends::for_state(state, backend_puts),
+        }
+    }
+
+    /// Applies the next piece.
+    pub fn apply(&mut self, state: &mut DatapathState, ops: &[Op]) {
+        apply_ops(state, ops, &mut self.new_backends);
+    }
+
+    /// After the last piece: the sizes to repack `state` with.
+    #[must_use = "repack the grown maps with StateSizes::repack_grown"]
+    pub fn finish(mut self, state: &mut DatapathState) -> StateSizes {
+        self.new_backends.finish(state, &mut self.sizes);
+        self.sizes
+    }
 }
 
 /// The backends put into a state that had none (a first sync), collected
@@ -323,6 +374,7 @@ pub(crate) fn apply_owned_in_chunks(
 /// one by one, the 2M backends of 100k Services left every node half
 /// full, and the repack that rebuilt them ran on the agent's loop after
 /// the sync (~0.2 s there, before the next change could be taken).
+#[derive(Debug)]
 struct NewBackends {
     /// The backends put so far, while the state's map is empty.
     collected: Option<Vec<(u32, BackendEntry)>>,
@@ -331,15 +383,9 @@ struct NewBackends {
 }
 
 impl NewBackends {
-    /// Collecting when `state` has no backends yet; room for those of `ops`.
-    fn for_state(state: &DatapathState, ops: &[Op]) -> Self {
-        let collected = state.backends.is_empty().then(|| {
-            let puts = ops
-                .iter()
-                .filter(|op| matches!(op, Op::PutBackend { .. }))
-                .count();
-            Vec::with_capacity(puts)
-        });
+    /// Collecting when `state` has no backends yet, with room for `puts`.
+    fn for_state(state: &DatapathState, puts: usize) -> Self {
+        let collected = state.backends.is_empty().then(|| Vec::with_capacity(puts));
         Self {
             collected,
             built: false,

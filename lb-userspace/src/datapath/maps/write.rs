@@ -31,6 +31,26 @@ impl Maps {
     /// frontends that do not fit stay out whole, and a frontend already
     /// there keeps its last complete entry.
     pub fn apply_ops(&mut self, ops: &[Op], on_result: &mut dyn FnMut(&Op, Result<(), MapsError>)) {
+        self.apply_ops_on(Threads::PerMap, ops, on_result);
+    }
+
+    /// [`apply_ops`](Self::apply_ops) on the calling thread alone: for a
+    /// caller that keeps the other core busy itself (a cold start's plan,
+    /// written in pieces while the rest is planned).
+    pub fn apply_ops_on_this_thread(
+        &mut self,
+        ops: &[Op],
+        on_result: &mut dyn FnMut(&Op, Result<(), MapsError>),
+    ) {
+        self.apply_ops_on(Threads::This, ops, on_result);
+    }
+
+    fn apply_ops_on(
+        &mut self,
+        threads: Threads,
+        ops: &[Op],
+        on_result: &mut dyn FnMut(&Op, Result<(), MapsError>),
+    ) {
         // First, so that the record has its entry before the backends fill
         // the map, and an id is recorded as used before any entry names it.
         self.record_next_backend_id(ops);
@@ -53,7 +73,7 @@ impl Maps {
                     self.apply_one(op, on_result);
                 }
             } else {
-                self.apply_run(run, on_result);
+                self.apply_run(run, threads, on_result);
             }
             start = end;
         }
@@ -61,7 +81,7 @@ impl Maps {
 
     /// Writes a run of reorderable ops: batches per map (in parallel when
     /// large), then what cannot be batched and what a batch left, one by one.
-    fn apply_run(&mut self, run: &[Op], on_result: &mut Outcomes<'_>) {
+    fn apply_run(&mut self, run: &[Op], threads: Threads, on_result: &mut Outcomes<'_>) {
         const PARALLEL_FROM: usize = 4096;
         let mut groups: [Vec<&Op>; BatchTarget::ALL.len()] = Default::default();
         let mut singles = Vec::new();
@@ -77,7 +97,7 @@ impl Maps {
         }
         let mut written = [0usize; BatchTarget::ALL.len()];
         let this = &*self;
-        if run.len() >= PARALLEL_FROM {
+        if threads == Threads::PerMap && run.len() >= PARALLEL_FROM {
             // One thread per map that has writes (a run holds one kind of
             // map, so in practice the IPv4 and the IPv6 one).
             std::thread::scope(|scope| {
@@ -139,6 +159,15 @@ impl Maps {
         };
         family.update_batch(target.kind, run)
     }
+}
+
+/// Where the batches of a large run are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Threads {
+    /// Each map's on a thread of its own.
+    PerMap,
+    /// All on the calling thread.
+    This,
 }
 
 /// The results of one `apply_ops`, and what failed so far.

@@ -450,3 +450,159 @@ fn frontends_of_a_service_port_and_family_share_one_affinity_group() {
     // Read back from the maps' state, the group is kept: nothing to write.
     assert!(diff(&state, &desired).ops.is_empty());
 }
+
+/// `count` frontends of both families, of 1 to `INLINE_SLOTS + 3`
+/// backends, every third with a terminating backend and a source range.
+fn varied(count: usize) -> BTreeMap<crate::model::Frontend, crate::model::FrontendSpec> {
+    (0..count)
+        .map(|index| {
+            let addr = if index % 2 == 0 {
+                format!("198.19.1.{index}")
+            } else {
+                format!("fd00::1:{index:x}")
+            };
+            let mut web = spec_of(&backends(1 + index % (INLINE_SLOTS + 3)));
+            if index % 3 == 0 {
+                web.terminating = vec![backend("198.18.200.2", 8080)];
+                web.kind = FrontendKind::LoadBalancer;
+                let range = if index % 2 == 0 {
+                    "198.18.1.0"
+                } else {
+                    "fd00::"
+                };
+                web.source_ranges = vec![(range.parse().unwrap(), 24)];
+            }
+            (fe(&addr, 80), web)
+        })
+        .collect()
+}
+
+/// The frontend an op writes for, by the rev-NAT ids of `state`'s.
+fn written_for(op: &Op, state: &DatapathState) -> Option<crate::model::Frontend> {
+    let by_id = |id: u32| {
+        state
+            .frontends
+            .iter()
+            .find(|(_, entry)| entry.rev_nat_id == id)
+            .map(|(frontend, _)| *frontend)
+    };
+    match op {
+        Op::PutRevNat { frontend, .. } | Op::PutSlot { frontend, .. } => Some(*frontend),
+        Op::PutFrontend(write) => Some(write.frontend),
+        Op::PutBackend { backend, .. } => by_id(backend.key.rev_nat_id),
+        Op::PutSourceRange((id, _, _)) => by_id(*id),
+        _ => None,
+    }
+}
+
+/// A first sync's plan in pieces: the plan's writes, each frontend's in
+/// one piece and in their order, and the same state once all are applied.
+#[test]
+fn pieces_hold_the_plans_writes_with_each_frontend_whole() {
+    let desired = varied(40);
+    let empty = DatapathState::default();
+    let whole = diff(&empty, &desired);
+    let mut pieces = Vec::new();
+    let problems = crate::plan::diff_in_pieces(&empty, &desired, 9, &mut |piece| {
+        pieces.push(piece);
+    });
+    assert_eq!(problems, whole.problems);
+    assert!(pieces.len() > 10, "{} pieces", pieces.len());
+    for piece in &pieces[..pieces.len() - 1] {
+        assert!(piece.len() >= 9, "a piece of {}", piece.len());
+    }
+    let debug = |ops: &[Op]| {
+        let mut ops: Vec<String> = ops.iter().map(|op| format!("{op:?}")).collect();
+        ops.sort();
+        ops
+    };
+    assert_eq!(debug(&pieces.concat()), debug(&whole.ops));
+
+    let mut applier = crate::plan::PieceApplier::new(&empty, 0);
+    let mut state = empty.clone();
+    for piece in &pieces {
+        applier.apply(&mut state, piece);
+    }
+    applier.finish(&mut state).repack_grown(&mut state);
+    let mut want = empty.clone();
+    crate::plan::apply_to_state(&mut want, &whole.ops);
+    assert_eq!(state, want);
+    assert_eq!(state.next_backend_id, want.next_backend_id);
+
+    // Each frontend's writes in one piece, its frontend entry after the
+    // rest of them.
+    let mut piece_of = BTreeMap::new();
+    for (at, piece) in pieces.iter().enumerate() {
+        let mut done = BTreeSet::new();
+        for op in piece {
+            let Some(frontend) = written_for(op, &state) else {
+                continue;
+            };
+            assert_eq!(*piece_of.entry(frontend).or_insert(at), at, "{op:?}");
+            assert!(!done.contains(&frontend), "{op:?} after its frontend");
+            if matches!(op, Op::PutFrontend(_)) {
+                done.insert(frontend);
+            }
+        }
+    }
+    assert_eq!(piece_of.len(), desired.len());
+
+    // An address's marker after every frontend of the address.
+    let ops = pieces.concat();
+    let mut marked = BTreeSet::new();
+    for (at, op) in ops.iter().enumerate() {
+        if let Op::PutMarker { addr } = op {
+            marked.insert(*addr);
+            let later = ops[at..]
+                .iter()
+                .find(|op| matches!(op, Op::PutFrontend(write) if write.frontend.addr == *addr));
+            assert!(later.is_none(), "{later:?} after the marker of {addr}");
+        }
+    }
+    let cluster_ips: BTreeSet<IpAddr> = desired
+        .iter()
+        .filter(|(_, spec)| spec.kind == FrontendKind::ClusterIp)
+        .map(|(frontend, _)| frontend.addr)
+        .collect();
+    assert_eq!(marked, cluster_ips);
+}
+
+/// Against a state that holds entries, the removals come in the last piece,
+/// and the pieces still bring the state where the plan brings it.
+#[test]
+fn pieces_end_with_the_removals() {
+    let mut state = DatapathState::default();
+    converge(&mut state, &varied(12));
+    let mut desired = varied(20);
+    desired.retain(|frontend, _| frontend.addr.is_ipv4());
+    let whole = diff(&state, &desired);
+    let mut pieces = Vec::new();
+    let _ = crate::plan::diff_in_pieces(&state, &desired, 4, &mut |piece| pieces.push(piece));
+    let last = pieces.last().unwrap();
+    let removals = |ops: &[Op]| {
+        ops.iter()
+            .filter(|op| {
+                matches!(
+                    op,
+                    Op::DeleteFrontend { .. }
+                        | Op::DeleteSlot { .. }
+                        | Op::DeleteBackend { .. }
+                        | Op::DeleteRevNat { .. }
+                        | Op::DeleteSourceRange(_)
+                        | Op::DeleteMarker { .. }
+                )
+            })
+            .count()
+    };
+    assert!(removals(last) > 0);
+    assert_eq!(removals(&pieces.concat()), removals(last));
+    assert_eq!(removals(&whole.ops), removals(last));
+    let mut applier = crate::plan::PieceApplier::new(&state, 0);
+    let mut by_pieces = state.clone();
+    for piece in &pieces {
+        applier.apply(&mut by_pieces, piece);
+    }
+    applier.finish(&mut by_pieces).repack_grown(&mut by_pieces);
+    crate::plan::apply_to_state(&mut state, &whole.ops);
+    assert_eq!(by_pieces, state);
+}
