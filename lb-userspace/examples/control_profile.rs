@@ -9,7 +9,8 @@
 //! Runs the agent's pipeline on the file source as `lb agent` does on its
 //! first sync (the first read file by file into the model, the commit, the
 //! plan over everything, the plan applied to the agent's state, the plan
-//! index), then N endpoint changes (one address of one file rewritten, as
+//! index; the agent plans and applies a cold start's plan in pieces while
+//! they are written, here one after the other), then N endpoint changes (one address of one file rewritten, as
 //! `lb-bench` does, and looked at as inotify names it; their times, and of
 //! those the source's re-read of the file). For each phase: CPU time (user + system), the heap
 //! alive after it and its peak during it (a counting allocator, as

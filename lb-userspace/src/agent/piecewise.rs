@@ -21,8 +21,7 @@ use crate::{
     plan::{self, DatapathState, Op, PieceApplier, Plan},
 };
 
-/// Ops per piece: ~2.5 MiB of them, ~5k frontends of 10 endpoints; the
-/// loop waits at most about one piece's writes at the end.
+/// Ops per piece: ~2.5 MiB of them, ~5k frontends of 10 endpoints.
 const PIECE_OPS: usize = 1 << 16;
 
 /// A written piece, back from the writes' thread.
@@ -37,6 +36,35 @@ struct WrittenPiece {
 /// with no entries.
 pub(super) fn suits(state: &DatapathState) -> bool {
     state.has_no_entries()
+}
+
+/// The loop's side: the written pieces taken back, counted and applied.
+struct TakenBack<'a> {
+    on_failure: &'a mut dyn FnMut(&Op, &MapsError),
+    to_state: PieceApplier,
+    applied: Applied,
+    /// The ops of the pieces from the first with a failure on.
+    kept: Vec<Op>,
+    /// Pieces sent to the writes' thread, and taken back from it.
+    sent: usize,
+    returned: usize,
+}
+
+impl TakenBack<'_> {
+    fn take(&mut self, piece: WrittenPiece, state: &mut DatapathState) {
+        self.returned += 1;
+        self.applied.writes += piece.writes;
+        for (op, error) in &piece.failed {
+            (self.on_failure)(op, error);
+        }
+        self.applied.failures += piece.failed.len() as u64;
+        if self.applied.failures == 0 {
+            self.to_state.apply(state, &piece.ops);
+        } else {
+            // The state is read back; these name what did not fit.
+            self.kept.extend(piece.ops);
+        }
+    }
 }
 
 /// Plans `desired` against `state` (which [`suits`]) and writes it piece
@@ -59,26 +87,16 @@ pub(super) fn plan_and_write(
         .values()
         .map(|spec| spec.backends.len() + spec.terminating.len() + spec.not_ready.len())
         .sum();
-    let mut to_state = PieceApplier::new(state, backend_puts);
-    let mut applied = Applied::default();
-    let mut kept = Vec::new();
-    let mut take = |piece: WrittenPiece| {
-        applied.writes += piece.writes;
-        for (op, error) in &piece.failed {
-            on_failure(op, error);
-        }
-        applied.failures += piece.failed.len() as u64;
-        if applied.failures == 0 {
-            to_state.apply(state, &piece.ops);
-        } else {
-            // The state is read back below; these name what did not fit.
-            kept.extend(piece.ops);
-        }
+    let mut back = TakenBack {
+        on_failure,
+        to_state: PieceApplier::new(state, backend_puts),
+        applied: Applied::default(),
+        kept: Vec::new(),
+        sent: 0,
+        returned: 0,
     };
-    let (mut had_ops, mut backends_changed) = (false, false);
     let problems = std::thread::scope(|scope| {
-        // One piece queued while one is written: the loop plans at most
-        // two pieces ahead of the writes.
+        // One piece queued while one is written.
         let (to_writes, pieces) = mpsc::sync_channel::<Vec<Op>>(1);
         let (to_loop, written) = mpsc::channel::<WrittenPiece>();
         let maps = &mut *maps;
@@ -106,17 +124,20 @@ pub(super) fn plan_and_write(
             return None;
         }
         let problems = plan::diff_in_pieces(&planned_against, desired, PIECE_OPS, &mut |ops| {
-            had_ops = true;
-            backends_changed |= ops.iter().any(|op| matches!(op, Op::PutBackend { .. }));
+            back.sent += 1;
+            back.applied.had_ops = true;
+            back.applied.backends_changed |= ops
+                .iter()
+                .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }));
             let mut ops = ops;
             loop {
                 match to_writes.try_send(ops) {
                     Ok(()) => break,
                     // Both places taken: apply a written piece meanwhile.
-                    Err(mpsc::TrySendError::Full(back)) => {
-                        ops = back;
+                    Err(mpsc::TrySendError::Full(unsent)) => {
+                        ops = unsent;
                         match written.recv() {
-                            Ok(piece) => take(piece),
+                            Ok(piece) => back.take(piece, state),
                             // The thread is gone (a panic, which the scope
                             // raises again).
                             Err(mpsc::RecvError) => return,
@@ -126,19 +147,33 @@ pub(super) fn plan_and_write(
                 }
             }
             while let Ok(piece) = written.try_recv() {
-                take(piece);
+                back.take(piece, state);
             }
         });
         drop(to_writes);
+        // The last piece is the markers (and removals, none on empty
+        // maps): the backends' B-tree is built while it is written.
+        while back.returned + 1 < back.sent {
+            let Ok(piece) = written.recv() else { break };
+            back.take(piece, state);
+        }
+        back.to_state.build_backends(state);
         for piece in written {
-            take(piece);
+            back.take(piece, state);
         }
         Some(problems)
     })?;
-    applied.had_ops = had_ops;
-    applied.backends_changed = backends_changed;
+    let TakenBack {
+        to_state,
+        mut applied,
+        kept,
+        ..
+    } = back;
+    // Also after a failure: should the maps not be read back, the state
+    // still holds the backends its frontends name.
+    let sizes = to_state.finish(state);
     if applied.failures == 0 {
-        applied.sizes = Some(to_state.finish(state));
+        applied.sizes = Some(sizes);
     } else {
         read_back(maps, state);
     }

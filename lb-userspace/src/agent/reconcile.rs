@@ -453,7 +453,8 @@ impl Reconciler {
             );
         }
         // After a plan over everything, index what was written, once the ops
-        // are gone (on a first sync they are the largest allocation).
+        // are gone (a plan over everything written at once, onto pinned
+        // maps, is the largest allocation of its sync).
         let plan_complete = failures == 0 && plan.problems.is_empty();
         let retry_in = self
             .timers

@@ -29,17 +29,17 @@ pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>)
 /// [`diff`], handed to `sink` in pieces as it is planned, so that a piece
 /// can be written while the next is planned: each piece holds every write
 /// of the frontends planned since the one before (their new backends, rev-
-/// NAT entries and source ranges first, then their slots and frontends,
-/// then the address's marker once all its frontends are in), `piece_ops`
-/// or a few more; the last holds what is left and the removals. Returns
-/// the plan's problems.
+/// NAT entries and source ranges first, then their slots and frontends),
+/// `piece_ops` or a few more; the last holds the markers and the removals.
+/// Returns the plan's problems.
 ///
 /// The pieces one after another are as make-before-break as [`diff`]'s
 /// plan, whose writes they are in another order: a frontend's writes are
 /// never split between two pieces and refer to nothing of another
 /// frontend's (a backend entry and a source range belong to one rev-NAT
-/// id), an address's marker follows its frontends (the frontends are
-/// ordered by address first), and whatever removes comes last.
+/// id); the markers come after every frontend, as in [`diff`] (a marker
+/// only rejects a `ClusterIP`'s unserved ports: when the service map is
+/// full, the frontends get its room first), and whatever removes last.
 pub fn diff_in_pieces(
     current: &DatapathState,
     desired: &BTreeMap<Frontend, FrontendSpec>,
@@ -48,23 +48,8 @@ pub fn diff_in_pieces(
 ) -> Vec<String> {
     let backend_ids = backend_ids(current);
     let mut planner = Planner::new(current, &backend_ids);
-    let mut frontends = desired.iter().peekable();
-    let mut cluster_ip = false;
-    while let Some((frontend, spec)) = frontends.next() {
+    for (frontend, spec) in desired {
         planner.frontend(frontend, spec);
-        cluster_ip |= spec.kind == FrontendKind::ClusterIp;
-        if frontends
-            .peek()
-            .is_some_and(|(next, _)| next.addr == frontend.addr)
-        {
-            continue;
-        }
-        // The address's last frontend.
-        if std::mem::take(&mut cluster_ip) && !current.markers.contains(&frontend.addr) {
-            planner.slots.push(Op::PutMarker {
-                addr: frontend.addr,
-            });
-        }
         if planner.head.len() + planner.slots.len() >= piece_ops {
             let mut piece = Vec::with_capacity(planner.head.len() + planner.slots.len());
             piece.append(&mut planner.head);
@@ -72,10 +57,16 @@ pub fn diff_in_pieces(
             sink(piece);
         }
     }
-    planner.removals(desired);
-    if !current.markers.is_empty() {
-        planner.unwanted_markers(&cluster_ips(desired));
+    // What is left of the frontends' writes goes first, on its own: the
+    // last piece is then only markers and removals, which the caller can
+    // write while it does what the frontends' writes must be done for.
+    if !(planner.head.is_empty() && planner.slots.is_empty()) {
+        let mut piece = std::mem::take(&mut planner.head);
+        piece.append(&mut planner.slots);
+        sink(piece);
     }
+    planner.removals(desired);
+    planner.markers(desired);
     let Plan { ops, problems } = planner.finish();
     if !ops.is_empty() {
         sink(ops);
@@ -408,16 +399,15 @@ impl<'a> Planner<'a> {
     /// kube-proxy does. Node, load-balancer and external IPs are not marked:
     /// they may be real hosts' addresses serving other ports themselves.
     fn markers(&mut self, desired: &BTreeMap<Frontend, FrontendSpec>) {
-        let wanted = cluster_ips(desired);
+        let wanted: BTreeSet<IpAddr> = desired
+            .iter()
+            .filter(|(_, spec)| spec.kind == FrontendKind::ClusterIp)
+            .map(|(frontend, _)| frontend.addr)
+            .collect();
         for addr in wanted.difference(&self.current.markers) {
             self.slots.push(Op::PutMarker { addr: *addr });
         }
-        self.unwanted_markers(&wanted);
-    }
-
-    /// Removes the markers of addresses not in `wanted`.
-    fn unwanted_markers(&mut self, wanted: &BTreeSet<IpAddr>) {
-        for addr in self.current.markers.difference(wanted) {
+        for addr in self.current.markers.difference(&wanted) {
             self.tail.push(Op::DeleteMarker { addr: *addr });
         }
     }
@@ -473,15 +463,6 @@ impl<'a> Planner<'a> {
             problems: self.problems,
         }
     }
-}
-
-/// The addresses of `desired`'s `ClusterIP` frontends: those marked.
-fn cluster_ips(desired: &BTreeMap<Frontend, FrontendSpec>) -> BTreeSet<IpAddr> {
-    desired
-        .iter()
-        .filter(|(_, spec)| spec.kind == FrontendKind::ClusterIp)
-        .map(|(frontend, _)| frontend.addr)
-        .collect()
 }
 
 /// Slot number for a 0-based index (slot 0 is the frontend).

@@ -294,8 +294,8 @@ pub fn apply_to_state(state: &mut DatapathState, ops: &[Op]) {
 }
 
 /// [`apply_to_state`] for the agent, which has written `ops` and no longer
-/// needs them: they are freed as they are applied (the first sync's are
-/// the largest allocation, ~180 MiB at 100k Services, and the state grows
+/// needs them: they are freed as they are applied (a plan over everything
+/// is ~180 MiB at 100k Services, and the state grows
 /// by about as much), and the grown maps are not repacked: the caller does
 /// that with the sizes returned, once the rest of the plan is gone (a
 /// repack copies a map's entries once more).
@@ -358,6 +358,13 @@ impl PieceApplier {
     /// Applies the next piece.
     pub fn apply(&mut self, state: &mut DatapathState, ops: &[Op]) {
         apply_ops(state, ops, &mut self.new_backends);
+    }
+
+    /// Makes the new backends collected so far the state's map now (those
+    /// of later pieces are inserted into it): for a caller waiting for a
+    /// last piece of other writes, the markers and removals.
+    pub fn build_backends(&mut self, state: &mut DatapathState) {
+        self.new_backends.flush(&mut state.backends);
     }
 
     /// After the last piece: the sizes to repack `state` with.

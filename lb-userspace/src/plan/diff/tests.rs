@@ -451,11 +451,12 @@ fn frontends_of_a_service_port_and_family_share_one_affinity_group() {
     assert!(diff(&state, &desired).ops.is_empty());
 }
 
-/// `count` frontends of both families, of 1 to `INLINE_SLOTS + 3`
-/// backends, every third with a terminating backend and a source range.
+/// `count` addresses of both families, each with a frontend of 1 to
+/// `INLINE_SLOTS + 3` backends (every third a load balancer's, with a
+/// terminating backend and a source range) and a `NodePort` one.
 fn varied(count: usize) -> BTreeMap<crate::model::Frontend, crate::model::FrontendSpec> {
     (0..count)
-        .map(|index| {
+        .flat_map(|index| {
             let addr = if index % 2 == 0 {
                 format!("198.19.1.{index}")
             } else {
@@ -472,7 +473,9 @@ fn varied(count: usize) -> BTreeMap<crate::model::Frontend, crate::model::Fronte
                 };
                 web.source_ranges = vec![(range.parse().unwrap(), 24)];
             }
-            (fe(&addr, 80), web)
+            let mut other = spec_of(&backends(2));
+            other.kind = FrontendKind::NodePort;
+            [(fe(&addr, 80), web), (fe(&addr, 8443), other)]
         })
         .collect()
 }
@@ -508,7 +511,8 @@ fn pieces_hold_the_plans_writes_with_each_frontend_whole() {
     });
     assert_eq!(problems, whole.problems);
     assert!(pieces.len() > 10, "{} pieces", pieces.len());
-    for piece in &pieces[..pieces.len() - 1] {
+    // All but the frontends' last and the markers.
+    for piece in &pieces[..pieces.len() - 2] {
         assert!(piece.len() >= 9, "a piece of {}", piece.len());
     }
     let debug = |ops: &[Op]| {
@@ -529,36 +533,61 @@ fn pieces_hold_the_plans_writes_with_each_frontend_whole() {
     assert_eq!(state, want);
     assert_eq!(state.next_backend_id, want.next_backend_id);
 
-    // Each frontend's writes in one piece, its frontend entry after the
-    // rest of them.
+    // Each frontend's writes in one piece, in their order: its rev-NAT
+    // entry and the backends its slots name before them, its frontend
+    // entry last.
     let mut piece_of = BTreeMap::new();
     for (at, piece) in pieces.iter().enumerate() {
         let mut done = BTreeSet::new();
+        let mut put = BTreeSet::new();
         for op in piece {
             let Some(frontend) = written_for(op, &state) else {
                 continue;
             };
             assert_eq!(*piece_of.entry(frontend).or_insert(at), at, "{op:?}");
             assert!(!done.contains(&frontend), "{op:?} after its frontend");
-            if matches!(op, Op::PutFrontend(_)) {
-                done.insert(frontend);
+            match op {
+                Op::PutBackend { id, .. } => {
+                    put.insert(*id);
+                }
+                Op::PutSlot { backend_id, .. } => assert!(put.contains(backend_id), "{op:?}"),
+                Op::PutFrontend(write) => {
+                    assert!(write.inline.iter().all(|id| put.contains(id)), "{op:?}");
+                    assert!(
+                        piece.iter().any(|other| matches!(
+                            other,
+                            Op::PutRevNat { id, .. } if *id == write.rev_nat_id
+                        )),
+                        "{op:?}"
+                    );
+                    done.insert(frontend);
+                }
+                _ => {}
             }
         }
     }
     assert_eq!(piece_of.len(), desired.len());
 
-    // An address's marker after every frontend of the address.
-    let ops = pieces.concat();
-    let mut marked = BTreeSet::new();
-    for (at, op) in ops.iter().enumerate() {
-        if let Op::PutMarker { addr } = op {
-            marked.insert(*addr);
-            let later = ops[at..]
-                .iter()
-                .find(|op| matches!(op, Op::PutFrontend(write) if write.frontend.addr == *addr));
-            assert!(later.is_none(), "{later:?} after the marker of {addr}");
-        }
-    }
+    // The markers last, on their own, as in the plan: every frontend gets
+    // the service map's room before them.
+    let (last, frontends) = pieces.split_last().unwrap();
+    assert!(
+        last.iter().all(|op| matches!(op, Op::PutMarker { .. })),
+        "{last:?}"
+    );
+    assert!(
+        frontends
+            .concat()
+            .iter()
+            .all(|op| !matches!(op, Op::PutMarker { .. }))
+    );
+    let marked: BTreeSet<IpAddr> = last
+        .iter()
+        .filter_map(|op| match op {
+            Op::PutMarker { addr } => Some(*addr),
+            _ => None,
+        })
+        .collect();
     let cluster_ips: BTreeSet<IpAddr> = desired
         .iter()
         .filter(|(_, spec)| spec.kind == FrontendKind::ClusterIp)
