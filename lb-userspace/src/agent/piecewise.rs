@@ -48,6 +48,8 @@ struct TakenBack<'a> {
     /// Pieces sent to the writes' thread, and taken back from it.
     sent: usize,
     returned: usize,
+    /// The last piece sent puts backends.
+    last_puts_backends: bool,
 }
 
 impl TakenBack<'_> {
@@ -94,6 +96,7 @@ pub(super) fn plan_and_write(
         kept: Vec::new(),
         sent: 0,
         returned: 0,
+        last_puts_backends: false,
     };
     let problems = std::thread::scope(|scope| {
         // One piece queued while one is written.
@@ -126,9 +129,9 @@ pub(super) fn plan_and_write(
         let problems = plan::diff_in_pieces(&planned_against, desired, PIECE_OPS, &mut |ops| {
             back.sent += 1;
             back.applied.had_ops = true;
-            back.applied.backends_changed |= ops
-                .iter()
-                .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }));
+            back.last_puts_backends = ops.iter().any(|op| matches!(op, Op::PutBackend { .. }));
+            back.applied.backends_changed |= back.last_puts_backends
+                || ops.iter().any(|op| matches!(op, Op::DeleteBackend { .. }));
             let mut ops = ops;
             loop {
                 match to_writes.try_send(ops) {
@@ -151,13 +154,17 @@ pub(super) fn plan_and_write(
             }
         });
         drop(to_writes);
-        // The last piece is the markers (and removals, none on empty
-        // maps): the backends' B-tree is built while it is written.
+        // The last piece is the markers when there are any (and the
+        // removals, none on empty maps): the backends' B-tree is built
+        // while it is written. Not before a last piece that puts backends
+        // (no `ClusterIP`s): they would go into the tree one by one.
         while back.returned + 1 < back.sent {
             let Ok(piece) = written.recv() else { break };
             back.take(piece, state);
         }
-        back.to_state.build_backends(state);
+        if !back.last_puts_backends {
+            back.to_state.build_backends(state);
+        }
         for piece in written {
             back.take(piece, state);
         }

@@ -30,8 +30,9 @@ pub fn diff(current: &DatapathState, desired: &BTreeMap<Frontend, FrontendSpec>)
 /// can be written while the next is planned: each piece holds every write
 /// of the frontends planned since the one before (their new backends, rev-
 /// NAT entries and source ranges first, then their slots and frontends),
-/// `piece_ops` or a few more; the last holds the markers and the removals.
-/// Returns the plan's problems.
+/// `piece_ops` or a few more (the frontends' last piece: what is left);
+/// then, when there are any, the markers and the removals in a piece of
+/// their own. Returns the plan's problems.
 ///
 /// The pieces one after another are as make-before-break as [`diff`]'s
 /// plan, whose writes they are in another order: a frontend's writes are

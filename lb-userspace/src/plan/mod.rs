@@ -361,8 +361,8 @@ impl PieceApplier {
     }
 
     /// Makes the new backends collected so far the state's map now (those
-    /// of later pieces are inserted into it): for a caller waiting for a
-    /// last piece of other writes, the markers and removals.
+    /// of later pieces are inserted into it one by one): for a caller
+    /// waiting for a last piece that puts none, the markers and removals.
     pub fn build_backends(&mut self, state: &mut DatapathState) {
         self.new_backends.flush(&mut state.backends);
     }

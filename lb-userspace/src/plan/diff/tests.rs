@@ -635,3 +635,34 @@ fn pieces_end_with_the_removals() {
     crate::plan::apply_to_state(&mut state, &whole.ops);
     assert_eq!(by_pieces, state);
 }
+
+/// The backends' B-tree built before the last piece (as the agent does
+/// while the markers are written) leaves the state the plan would, also
+/// when that piece puts backends (no `ClusterIP`, so no markers).
+#[test]
+fn backends_built_before_the_last_piece_give_the_plans_state() {
+    let mut without_markers = varied(10);
+    for spec in without_markers.values_mut() {
+        if spec.kind == FrontendKind::ClusterIp {
+            spec.kind = FrontendKind::NodePort;
+        }
+    }
+    for desired in [varied(10), without_markers] {
+        let empty = DatapathState::default();
+        let mut pieces = Vec::new();
+        let _ = crate::plan::diff_in_pieces(&empty, &desired, 9, &mut |piece| pieces.push(piece));
+        let (last, before) = pieces.split_last().unwrap();
+        let mut applier = crate::plan::PieceApplier::new(&empty, 0);
+        let mut state = empty.clone();
+        for piece in before {
+            applier.apply(&mut state, piece);
+        }
+        applier.build_backends(&mut state);
+        applier.apply(&mut state, last);
+        applier.finish(&mut state).repack_grown(&mut state);
+        let mut want = empty.clone();
+        crate::plan::apply_to_state(&mut want, &diff(&empty, &desired).ops);
+        assert_eq!(state, want);
+        assert_eq!(state.next_backend_id, want.next_backend_id);
+    }
+}
