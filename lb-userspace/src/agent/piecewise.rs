@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::mpsc;
 
-use super::reconcile::{Applied, read_back};
+use super::reconcile::{Applied, changes_backends, read_back};
 use crate::{
     datapath::maps::{Maps, MapsError},
     model::{Frontend, FrontendSpec},
@@ -130,8 +130,7 @@ pub(super) fn plan_and_write(
             back.sent += 1;
             back.applied.had_ops = true;
             back.last_puts_backends = ops.iter().any(|op| matches!(op, Op::PutBackend { .. }));
-            back.applied.backends_changed |= back.last_puts_backends
-                || ops.iter().any(|op| matches!(op, Op::DeleteBackend { .. }));
+            back.applied.backends_changed |= changes_backends(&ops);
             let mut ops = ops;
             loop {
                 match to_writes.try_send(ops) {

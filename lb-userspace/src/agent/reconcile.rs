@@ -385,16 +385,16 @@ impl Reconciler {
         let desired = &mut self.pending.desired;
         let frontends = desired.model.frontends();
         let mut shortfall = Shortfall::default();
-        let piecewise = (desired.plan_index.is_none() && piecewise::suits(&state))
-            .then(|| {
-                piecewise::plan_and_write(
-                    &mut state,
-                    frontends,
-                    &mut lock(&self.maps),
-                    &mut |op, error| note_failure(&mut shortfall, op, error),
-                )
-            })
-            .flatten();
+        let piecewise = if desired.plan_index.is_none() && piecewise::suits(&state) {
+            piecewise::plan_and_write(
+                &mut state,
+                frontends,
+                &mut lock(&self.maps),
+                &mut |op, error| note_failure(&mut shortfall, op, error),
+            )
+        } else {
+            None
+        };
         let (plan, applied) = if let Some(done) = piecewise {
             done
         } else {
@@ -616,6 +616,12 @@ pub(super) struct Applied {
     pub(super) backends_changed: bool,
 }
 
+/// Whether `ops` put or delete backends (the socket reaper then looks).
+pub(super) fn changes_backends(ops: &[Op]) -> bool {
+    ops.iter()
+        .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. }))
+}
+
 /// Takes a failed write: full maps are summed up after the writes, naming
 /// the Services; other failures are logged one by one.
 fn note_failure(shortfall: &mut Shortfall, op: &Op, error: &MapsError) {
@@ -636,10 +642,7 @@ fn apply_plan(
 ) -> Applied {
     let mut applied = Applied {
         had_ops: !plan.ops.is_empty(),
-        backends_changed: plan
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::PutBackend { .. } | Op::DeleteBackend { .. })),
+        backends_changed: changes_backends(&plan.ops),
         ..Applied::default()
     };
     maps.apply_ops(&plan.ops, &mut |op, result| match result {
