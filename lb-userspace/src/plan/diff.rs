@@ -52,19 +52,14 @@ pub fn diff_in_pieces(
     for (frontend, spec) in desired {
         planner.frontend(frontend, spec);
         if planner.head.len() + planner.slots.len() >= piece_ops {
-            let mut piece = Vec::with_capacity(planner.head.len() + planner.slots.len());
-            piece.append(&mut planner.head);
-            piece.append(&mut planner.slots);
-            sink(piece);
+            sink(planner.take_frontend_writes());
         }
     }
     // What is left of the frontends' writes goes first, on its own: the
     // last piece is then only markers and removals, which the caller can
     // write while it does what the frontends' writes must be done for.
     if !(planner.head.is_empty() && planner.slots.is_empty()) {
-        let mut piece = std::mem::take(&mut planner.head);
-        piece.append(&mut planner.slots);
-        sink(piece);
+        sink(planner.take_frontend_writes());
     }
     planner.removals(desired);
     planner.markers(desired);
@@ -453,6 +448,16 @@ impl<'a> Planner<'a> {
                 });
             }
         }
+    }
+
+    /// The frontends' writes planned so far, heads then slots, taken out
+    /// (into a vector of their size: the planner's own keep their room for
+    /// the next frontends).
+    fn take_frontend_writes(&mut self) -> Vec<Op> {
+        let mut writes = Vec::with_capacity(self.head.len() + self.slots.len());
+        writes.append(&mut self.head);
+        writes.append(&mut self.slots);
+        writes
     }
 
     pub(super) fn finish(self) -> Plan {

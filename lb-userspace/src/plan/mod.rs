@@ -318,7 +318,7 @@ pub(crate) fn apply_owned_in_chunks(
     while !ops.is_empty() {
         let done = ops.split_off(ops.len().saturating_sub(chunk.max(1)));
         ops.shrink_to_fit();
-        apply_ops(state, done.iter().rev(), &mut applier.new_backends);
+        applier.apply(state, done.iter().rev());
     }
     applier.finish(state)
 }
@@ -356,7 +356,7 @@ impl PieceApplier {
     }
 
     /// Applies the next piece.
-    pub fn apply(&mut self, state: &mut DatapathState, ops: &[Op]) {
+    pub fn apply<'a>(&mut self, state: &mut DatapathState, ops: impl IntoIterator<Item = &'a Op>) {
         apply_ops(state, ops, &mut self.new_backends);
     }
 
